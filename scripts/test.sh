@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test suite, from a fresh machine: set-up, services, lint, pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh convert,dev
+bash scripts/ensure_services.sh
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,95 @@
+"""The metadata file of a model repository: what the pipeline needs to know about the models.
+
+`convertation.build_repository` writes it to ``<repository>/chest_screening/metadata.json``
+(Triton ignores extra files in a model folder); the pipeline reads it for the
+preprocessing target, labels, severity order, thresholds and the demo flag.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from services.core.labels import FINDING_LABELS, SEVERITY_ORDER
+
+METADATA_SCHEMA_VERSION = 1
+ENSEMBLE_NAME = "chest_screening"
+ENCODER_NAME = "ct_clip_encoder"
+BINARY_HEAD_NAME = "binary_head"
+MULTILABEL_HEAD_NAME = "multilabel_head"
+METADATA_RELATIVE_PATH = Path(ENSEMBLE_NAME) / "metadata.json"
+
+
+class WeightFile(BaseModel):
+    """One built weight file and where its numbers came from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str  # Triton model name, e.g. "ct_clip_encoder"
+    path: str  # relative to the repository root, e.g. "ct_clip_encoder/1/model.onnx"
+    sha256: str
+    source: str  # "demo: seeded (seed=0)" or the checkpoint path it was converted from
+    source_sha256: str | None = None  # sha256 of the checkpoint, when converted from one
+
+
+class ModelMetadata(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = METADATA_SCHEMA_VERSION
+    demo: bool
+    flavour: str  # python | onnxruntime | tensorrt
+    created_at: str
+    # Preprocessing target (DESIGN.md section 3). A tiny test repository keeps the
+    # field of view (shape x spacing) and shrinks the shape.
+    target_shape: tuple[int, int, int] = (240, 480, 480)
+    target_spacing_mm: tuple[float, float, float] = (1.5, 0.75, 0.75)
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    embedding_dim: int = 512
+    ctvit_config: dict = Field(default_factory=dict)
+    labels: list[str] = Field(default_factory=lambda: list(FINDING_LABELS))
+    severity_order: list[str] = Field(default_factory=lambda: list(SEVERITY_ORDER))
+    pathology_threshold: float = 0.5
+    finding_thresholds: dict[str, float] = Field(
+        default_factory=lambda: {label: 0.5 for label in FINDING_LABELS}
+    )
+    weights: list[WeightFile] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _labels_consistent(self) -> ModelMetadata:
+        if sorted(self.labels) != sorted(self.severity_order):
+            raise ValueError("labels and severity_order must hold the same findings")
+        unknown = set(self.finding_thresholds) - set(self.labels)
+        if unknown:
+            raise ValueError(f"thresholds for unknown findings: {sorted(unknown)}")
+        return self
+
+    @property
+    def model_version(self) -> str:
+        """A short, stable identifier of the weights (first 12 hex of the encoder's sha256)."""
+        for weight in self.weights:
+            if weight.model == ENCODER_NAME:
+                return ("demo-" if self.demo else "") + weight.sha256[:12]
+        return "demo" if self.demo else "unknown"
+
+
+def metadata_path(repository: Path) -> Path:
+    return Path(repository) / METADATA_RELATIVE_PATH
+
+
+def read_metadata(repository: Path) -> ModelMetadata:
+    path = metadata_path(repository)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no model metadata at {path}: build the repository with "
+            "`python -m convertation.build_repository` (see README)"
+        )
+    return ModelMetadata.model_validate_json(path.read_text())
+
+
+def write_metadata(repository: Path, metadata: ModelMetadata) -> Path:
+    path = metadata_path(repository)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metadata.model_dump(mode="json"), indent=2) + "\n")
+    return path

@@ -1,0 +1,35 @@
+"""A CT volume in patient geometry: the hand-off from DICOM reading to preprocessing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Volume:
+    """Hounsfield units of one series on a regular grid, with its patient geometry (DICOM LPS).
+
+    ``hu[k, r, c]`` is slice ``k`` (sorted by increasing position along
+    ``slice_normal``), row ``r`` and column ``c`` of that slice's pixel data.
+    """
+
+    hu: np.ndarray  # float32, shape (slices, rows, columns)
+    row_cosine: np.ndarray  # (3,) LPS direction of increasing column index (IOP[0:3])
+    column_cosine: np.ndarray  # (3,) LPS direction of increasing row index (IOP[3:6])
+    slice_normal: np.ndarray  # (3,) LPS direction of increasing slice index
+    spacing_mm: tuple[float, float, float]  # (between slices, between rows, between columns)
+    origin_mm: np.ndarray  # (3,) LPS position of voxel [0, 0, 0]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.hu.shape)  # type: ignore[return-value]
+
+    @property
+    def extent_mm(self) -> tuple[float, float, float]:
+        return tuple(float(n * s) for n, s in zip(self.hu.shape, self.spacing_mm))  # type: ignore[return-value]
+
+    def axis_directions(self) -> np.ndarray:
+        """3x3 matrix whose row ``i`` is the LPS direction of array axis ``i``."""
+        return np.stack([self.slice_normal, self.column_cosine, self.row_cosine]).astype(np.float64)
