@@ -50,7 +50,7 @@ class QualitySettings(_Section):
 
 class ChestCheckSettings(_Section):
     min_coverage_mm: float = 80.0
-    detector: Literal["lung_air"] = "lung_air"
+    detector: str = "lung_air"  # a name registered in services.core.body_part
     lung_min_extent_fraction: float = 0.3
     lung_min_area_fraction: float = 0.02
 
@@ -88,6 +88,8 @@ class StorageSettings(_Section):
 
 class RabbitMQSettings(_Section):
     host: str = "127.0.0.1"
+    # Every exchange and queue name starts with this (tests and parallel stacks use their own).
+    queue_prefix: str = Field(default="cts", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     port: int = 5672
     username: str = "guest"
     password: str = "guest"

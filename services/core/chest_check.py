@@ -1,0 +1,195 @@
+"""Is this a chest CT? DICOM metadata and an image-based detector, both recorded as evidence.
+
+Verdict rules (first match wins):
+
+1. not CT                                    -> refused;
+2. coverage along the body axis < min        -> refused (a chest needs ``min_coverage_mm``);
+3. the images show no lungs                  -> refused, whatever the tags say: the model
+   would be asked about lungs that are not in the volume;
+4. lungs, and the tags say chest or nothing  -> accepted;
+5. lungs, but the tags name another part     -> accepted, with the conflict in the evidence.
+
+Why rule 5 accepts: tags are typed or inherited from a protocol by people and scanners
+(an "ABDOMEN" protocol extended to the chest, a "HEAD" default left on a chest scan), while
+the image check measures what is actually in the volume: lungs across a chest-sized part of
+the series. Refusing such a study would silently skip screening a real chest, which is the
+costlier error for a screening service; accepting it with the conflict written in the report
+lets a person see and correct the label. Rule 3 is the safe side of the same argument:
+without lungs in the images, no tag can make the model's answer meaningful.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+
+from services.core.body_part import create_detector
+from services.core.body_part.base import BodyPartDetector, ImageAssessment
+from services.core.config import ChestCheckSettings
+from services.core.dicom.instances import CT_IMAGE_STORAGE, Series, Study, tag_value
+from services.core.schemas import ChestCheckEvidence
+from services.core.volume import Volume
+
+__all__ = [
+    "BodyPartDetector",
+    "ImageAssessment",
+    "MetadataAssessment",
+    "assess_metadata",
+    "check_chest",
+    "decide",
+]
+
+# BodyPartExamined values are compared with everything but letters removed, upper case.
+CHEST_BODY_PART = re.compile(r"CHEST|THORA|LUNG|TORSO|WHOLEBODY|RIBS?$|STERNUM|MEDIASTIN|PLEURA")
+NON_CHEST_BODY_PARTS = {
+    "HEAD", "BRAIN", "SKULL", "HEADNECK", "NECK", "FACE", "SINUS", "ORBIT", "EAR", "IAC",
+    "ABDOMEN", "ABD", "PELVIS", "ABDOMENPELVIS", "ABDPELVIS", "KIDNEY", "LIVER", "PANCREAS",
+    "PROSTATE", "BLADDER", "COLON", "HIP", "KNEE", "LEG", "ARM", "HAND", "FOOT", "ANKLE",
+    "WRIST", "ELBOW", "SHOULDER", "EXTREMITY", "LOWEREXTREMITY", "UPPEREXTREMITY",
+    "CSPINE", "LSPINE", "SSPINE", "TMJ", "JAW",
+}  # fmt: skip
+CHEST_WORDS = re.compile(
+    r"chest|thora|lung|pulmo|\bctpa\b|brust|t[oó]rax|грудн|легк|лёгк|\bогк\b|торак",
+    re.IGNORECASE,
+)
+NON_CHEST_WORDS = re.compile(
+    r"\bhead\b|brain|skull|cran|neuro|sinus|orbit|\babd|abdom|pelvi|\bhip\b|knee|ankle|wrist"
+    r"|головн|мозг|череп|брюшн|живот|\bтаз|почк",
+    re.IGNORECASE,
+)
+DESCRIPTION_TAGS = (
+    "StudyDescription",
+    "SeriesDescription",
+    "ProtocolName",
+    "RequestedProcedureDescription",
+    "PerformedProcedureStepDescription",
+)
+
+
+@dataclass(frozen=True)
+class MetadataAssessment:
+    verdict: bool | None  # True: the tags say chest; False: another part; None: nothing either way
+    evidence: list[str] = field(default_factory=list)
+    non_chest_terms: list[str] = field(default_factory=list)
+
+
+def check_chest(
+    study: Study,
+    series: Series,
+    volume: Volume,
+    settings: ChestCheckSettings,
+    detector: BodyPartDetector | None = None,
+) -> ChestCheckEvidence:
+    """Both halves of the chest check on the selected series, and the verdict."""
+    detector = detector if detector is not None else create_detector(settings)
+    metadata = assess_metadata(study, series)
+    image = detector.assess(volume)
+    coverage_mm = float(volume.extent_mm[0])
+    is_chest, reason = decide(series.modality, metadata, image, coverage_mm, settings)
+    image_evidence: dict[str, float | int | str] = {"summary": image.summary, **image.evidence}
+    return ChestCheckEvidence(
+        is_chest=is_chest,
+        reason=reason,
+        metadata_verdict=metadata.verdict,
+        metadata_evidence=metadata.evidence,
+        image_verdict=image.is_chest,
+        image_detector=detector.name,
+        image_evidence=image_evidence,
+        coverage_mm=round(coverage_mm, 1),
+    )
+
+
+def decide(
+    modality: str,
+    metadata: MetadataAssessment,
+    image: ImageAssessment,
+    coverage_mm: float,
+    settings: ChestCheckSettings,
+) -> tuple[bool, str]:
+    """The verdict rules of the module docstring, as (is_chest, reason)."""
+    if modality != "CT":
+        return False, f"not a CT series (modality {modality or 'missing'})"
+    if coverage_mm < settings.min_coverage_mm:
+        return False, (
+            f"not a chest CT: the series covers {coverage_mm:.0f} mm along the body axis, "
+            f"less than the {settings.min_coverage_mm:.0f} mm a chest needs; images: {image.summary}"
+        )
+    if not image.is_chest:
+        if metadata.verdict is True:
+            return False, (
+                "not a chest CT: the tags say chest but the images do not show lungs across "
+                f"the series ({image.summary})"
+            )
+        return False, (
+            f"not a chest CT: the images do not show lungs across the series ({image.summary})"
+        )
+    if metadata.verdict is True:
+        return True, f"chest CT: the tags say chest and the images show lungs ({image.summary})"
+    if metadata.verdict is None:
+        return True, (f"chest CT by image: {image.summary}; the tags name no body part either way")
+    terms = ", ".join(metadata.non_chest_terms)
+    return True, (
+        f"chest CT by image: {image.summary}; conflict: the tags say {terms}. Accepted because "
+        "the images show lungs across the series; please check the study's labels"
+    )
+
+
+def assess_metadata(study: Study, series: Series) -> MetadataAssessment:
+    """Read what the tags say about the body part; every tag consulted goes into evidence."""
+    header = series.first_header
+    evidence: list[str] = [f"Modality {series.modality or 'missing'}"]
+    if series.sop_class_uid:
+        kind = (
+            "CT Image Storage" if series.sop_class_uid == CT_IMAGE_STORAGE else series.sop_class_uid
+        )
+        evidence.append(f"SOP class {kind}")
+    chest_terms: list[str] = []
+    non_chest_terms: list[str] = []
+
+    body_part = series.body_part_examined
+    if body_part:
+        normalised = re.sub(r"[^A-Z]", "", body_part.upper())
+        if CHEST_BODY_PART.search(normalised):
+            chest_terms.append(f"BodyPartExamined {body_part}")
+        elif normalised in NON_CHEST_BODY_PARTS:
+            non_chest_terms.append(f"BodyPartExamined {body_part}")
+        else:
+            evidence.append(f"BodyPartExamined {body_part} (names no specific part)")
+    else:
+        evidence.append("BodyPartExamined absent")
+
+    for keyword, text in _descriptions(study, header):
+        if CHEST_WORDS.search(text):
+            chest_terms.append(f"{keyword} '{text}'")
+        elif NON_CHEST_WORDS.search(text):
+            non_chest_terms.append(f"{keyword} '{text}'")
+
+    # A description naming the chest wins over another part elsewhere: chest-abdomen-pelvis
+    # protocols name both, and they do contain the chest.
+    if chest_terms:
+        verdict: bool | None = True
+    elif non_chest_terms:
+        verdict = False
+    else:
+        verdict = None
+    evidence.extend(f"chest: {term}" for term in chest_terms)
+    evidence.extend(f"not chest: {term}" for term in non_chest_terms)
+    return MetadataAssessment(verdict=verdict, evidence=evidence, non_chest_terms=non_chest_terms)
+
+
+def _descriptions(study: Study, header: Dataset) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    for keyword in DESCRIPTION_TAGS:
+        value = tag_value(header, keyword)
+        text = str(value).strip() if value is not None else ""
+        if keyword == "StudyDescription" and not text:
+            text = study.study_description
+        if text:
+            found.append((keyword, text))
+    for item in tag_value(header, "ProcedureCodeSequence", []) or []:
+        meaning = str(tag_value(item, "CodeMeaning", "")).strip()
+        if meaning:
+            found.append(("ProcedureCodeSequence", meaning))
+    return found
