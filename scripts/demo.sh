@@ -5,6 +5,7 @@
 # Usage: scripts/demo.sh [OUTPUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export ORT_DISABLE_TELEMETRY=1  # onnxruntime >= 1.31 sends telemetry otherwise
 output_dir="${1:-output}"
 repository="model_repository_running"
 

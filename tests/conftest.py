@@ -24,3 +24,31 @@ def reference_dir() -> Path:
     if not REFERENCE.is_dir():
         pytest.fail(f"the shared reference data is missing: expected {REFERENCE}")
     return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def tiny_model_repository(tmp_path_factory) -> Path:
+    """A demo model repository of the tiny CTViT config, built once per session (seconds).
+
+    Target shape (24, 40, 40) at (15, 9, 9) mm: the contract's field of view, coarse voxels.
+    """
+    import subprocess
+    import sys
+
+    repository = tmp_path_factory.mktemp("tiny_model_repository")
+    command = [
+        sys.executable,
+        "-m",
+        "convertation.build_repository",
+        "--output",
+        str(repository),
+        "--flavour",
+        "python",
+        "--demo",
+        "--ctvit-config",
+        str(PROJECT_ROOT / "tests" / "data" / "ctvit_tiny.json"),
+    ]
+    completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    if completed.returncode != 0:
+        pytest.fail(f"building the tiny model repository failed:\n{completed.stderr[-4000:]}")
+    return repository

@@ -28,7 +28,7 @@ class Volume:
 
     @property
     def extent_mm(self) -> tuple[float, float, float]:
-        return tuple(float(n * s) for n, s in zip(self.hu.shape, self.spacing_mm))  # type: ignore[return-value]
+        return tuple(float(n * s) for n, s in zip(self.hu.shape, self.spacing_mm, strict=True))  # type: ignore[return-value]
 
     def axis_directions(self) -> np.ndarray:
         """3x3 matrix whose row ``i`` is the LPS direction of array axis ``i``."""

@@ -189,10 +189,23 @@ def _read_header(path: Path) -> Dataset | None:
         return None
     if not isinstance(header, Dataset) or len(header) == 0:
         return None
+    if _image_size_unreadable(header):
+        # pydicom parses values lazily: a damaged Rows/Columns (unknown VR, odd length) only
+        # raises when read, and would otherwise stop the whole input far from this file.
+        logger.debug("damaged image attributes in DICOM {}", Path(path).name)
+        return None
     if _pixel_data_cut_off(header, file_size - pixel_data_at):
         logger.debug("truncated DICOM {}", Path(path).name)
         return None
     return header
+
+
+def _image_size_unreadable(header: Dataset) -> bool:
+    """True when Rows or Columns is present but its value cannot be read as a number."""
+    return any(
+        keyword in header and _int_or_none(tag_value(header, keyword)) is None
+        for keyword in ("Rows", "Columns")
+    )
 
 
 def _pixel_data_cut_off(header: Dataset, bytes_left: int) -> bool:
@@ -210,8 +223,8 @@ def _pixel_data_cut_off(header: Dataset, bytes_left: int) -> bool:
         return False
     try:
         expected = (
-            int(header.Rows)
-            * int(header.Columns)
+            int(tag_value(header, "Rows"))
+            * int(tag_value(header, "Columns"))
             * int(tag_value(header, "SamplesPerPixel", 1) or 1)
             * int(tag_value(header, "BitsAllocated", 16) or 16)
             // 8

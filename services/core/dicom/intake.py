@@ -17,10 +17,13 @@ that carries the tags the pipeline needs.
 
 from __future__ import annotations
 
+import lzma
 import os
 import re
 import stat
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -41,6 +44,8 @@ RATIO_CHECK_MIN_BYTES = 1024 * 1024
 # Tags a file without a preamble must carry to be taken for a DICOM image.
 REQUIRED_TAGS_WITHOUT_PREAMBLE = ("Modality", "Rows", "Columns")
 MAX_PROBLEMS_LISTED = 20
+# What the zipfile module raises for a damaged archive besides BadZipFile.
+ZIP_STRUCTURE_ERRORS = (zipfile.BadZipFile, EOFError, ValueError, struct.error)
 _SAFE_NAME = re.compile(r"[^\w.\- ]+", re.UNICODE)
 
 
@@ -230,12 +235,16 @@ def _collect_archive(archive_path: Path, collector: _Collector, depth: int) -> N
         )
     try:
         archive = zipfile.ZipFile(archive_path)
-    except zipfile.BadZipFile as error:
-        raise IntakeError(
-            f"{name} is not a readable zip archive (truncated or corrupt: {error})"
-        ) from error
     except OSError as error:
         raise IntakeError(f"cannot open {name}: {error}") from error
+    except NotImplementedError as error:  # e.g. "zip file version 15.5"
+        raise IntakeError(f"{name} uses a zip feature that is not supported ({error})") from error
+    except ZIP_STRUCTURE_ERRORS as error:
+        # A damaged central directory surfaces as any of these (a name that is not UTF-8
+        # despite its flag raises UnicodeDecodeError, a short record struct.error).
+        raise IntakeError(
+            f"{name} is not a readable zip archive (truncated or corrupt: {_error_text(error)})"
+        ) from error
     with archive:
         members = [info for info in archive.infolist() if not info.is_dir()]
         if not members:
@@ -344,12 +353,18 @@ def _extract_member(
     except RuntimeError as error:  # e.g. "File ... is encrypted, password required"
         destination.unlink(missing_ok=True)
         raise IntakeError(f"{archive_name}: cannot extract {info.filename!r}: {error}") from error
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+    except (*ZIP_STRUCTURE_ERRORS, OSError, zlib.error, lzma.LZMAError) as error:
+        # zlib.error / LZMAError: the compressed stream itself is damaged.
         destination.unlink(missing_ok=True)
         raise IntakeError(
-            f"{archive_name} is truncated or corrupt (member {info.filename!r}: {error})"
+            f"{archive_name} is truncated or corrupt (member {info.filename!r}: "
+            f"{_error_text(error)})"
         ) from error
     return destination
+
+
+def _error_text(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _safe_basename(member_name: str) -> str:

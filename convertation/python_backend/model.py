@@ -1,0 +1,112 @@
+"""Triton python-backend model that runs the ONNX graph beside it with onnxruntime.
+
+`convertation.build_repository` copies this one file into every non-ensemble model of
+the python flavour (``<model>/1/model.py`` next to ``<model>/1/model.onnx``). The
+tensor names come from the model's config.pbtxt and are checked against the ONNX
+session, so the same file serves the encoder and both heads.
+
+Runs inside Triton's python-backend stub, whose interpreter must see numpy < 2 and
+onnxruntime (see services/triton/local_server.py for how the environment is set).
+Optional config parameters: ``onnx_filename`` (default model.onnx) and
+``intra_op_num_threads`` (default 0: onnxruntime's choice).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+DEFAULT_ONNX_FILENAME = "model.onnx"
+
+
+def _parameters(model_config: dict[str, Any]) -> dict[str, str]:
+    return {
+        key: value.get("string_value", "")
+        for key, value in model_config.get("parameters", {}).items()
+    }
+
+
+def _check_names(kind: str, configured: list[str], in_graph: list[str], path: Path) -> None:
+    missing = sorted(set(configured) - set(in_graph))
+    if missing:
+        raise pb_utils.TritonModelException(
+            f"{kind} {missing} of config.pbtxt are not in {path.name} (graph has {in_graph})"
+        )
+
+
+class TritonPythonModel:
+    """One onnxruntime session; requests batched by Triton run as one session call."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        model_config = json.loads(args["model_config"])
+        parameters = _parameters(model_config)
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        onnx_path = version_dir / parameters.get("onnx_filename", DEFAULT_ONNX_FILENAME)
+        if not onnx_path.is_file():
+            raise pb_utils.TritonModelException(f"ONNX file not found: {onnx_path}")
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(parameters.get("intra_op_num_threads", "0") or 0)
+        self.session = ort.InferenceSession(
+            str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self.input_names = [item["name"] for item in model_config["input"]]
+        self.output_names = [item["name"] for item in model_config["output"]]
+        _check_names(
+            "inputs", self.input_names, [i.name for i in self.session.get_inputs()], onnx_path
+        )
+        _check_names(
+            "outputs", self.output_names, [o.name for o in self.session.get_outputs()], onnx_path
+        )
+        self.output_dtypes = {
+            item["name"]: pb_utils.triton_string_to_numpy(item["data_type"])
+            for item in model_config["output"]
+        }
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        try:
+            return self._execute_batch(requests)
+        except Exception as error:  # one failed batch must not take the model down
+            message = f"{type(error).__name__}: {error}"
+            return [
+                pb_utils.InferenceResponse(error=pb_utils.TritonError(message)) for _ in requests
+            ]
+
+    def _execute_batch(self, requests: list[Any]) -> list[Any]:
+        # Dynamic batching hands several requests at once: run them as one batch.
+        per_request = [
+            {
+                name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+                for name in self.input_names
+            }
+            for request in requests
+        ]
+        sizes = [arrays[self.input_names[0]].shape[0] for arrays in per_request]
+        feed = {
+            name: np.ascontiguousarray(np.concatenate([arrays[name] for arrays in per_request]))
+            for name in self.input_names
+        }
+        results = self.session.run(self.output_names, feed)
+        responses = []
+        start = 0
+        for size in sizes:
+            tensors = [
+                pb_utils.Tensor(
+                    name,
+                    np.ascontiguousarray(
+                        result[start : start + size], dtype=self.output_dtypes[name]
+                    ),
+                )
+                for name, result in zip(self.output_names, results, strict=True)
+            ]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            start += size
+        return responses
+
+    def finalize(self) -> None:
+        self.session = None

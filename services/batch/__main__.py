@@ -1,0 +1,159 @@
+"""Screen a folder of studies: ``python -m services.batch INPUT OUTPUT_DIR``.
+
+INPUT is a folder whose top-level entries (zips, folders, DICOM files) are one input
+each, or a single zip. A folder holding only loose non-zip files (one series copied off
+a CD) is one input. Writes OUTPUT_DIR/output.xlsx, warnings_and_errors.txt and
+json/*.json. Failed studies are rows, so the exit code is 0 whenever the run itself
+worked; it is 2 for usage errors and a missing model repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from loguru import logger
+from tqdm import tqdm
+
+from services.core.config import Settings, load_settings
+from services.core.findings import ThresholdError, resolve_thresholds
+from services.core.inference import create_backend
+from services.core.inference.onnxruntime_backend import ModelRepositoryError
+from services.core.pipeline import process_input
+from services.core.reports import write_reports
+from services.core.schemas import StudyReport
+
+USAGE_ERROR = 2
+ZIP_SUFFIX = ".zip"
+
+
+def list_inputs(input_path: Path) -> list[Path]:
+    """The inputs of a run: one zip/file, each top-level entry of a folder, or the folder itself."""
+    if input_path.is_file():
+        return [input_path]
+    entries = sorted(entry for entry in input_path.iterdir() if not entry.name.startswith("."))
+    loose_series = entries and all(
+        entry.is_file() and entry.suffix.lower() != ZIP_SUFFIX for entry in entries
+    )
+    if loose_series:
+        return [input_path]
+    return entries
+
+
+def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.batch",
+        description="Screen chest CT studies (zips, folders, DICOM files) and write the report.",
+    )
+    parser.add_argument("input", type=Path, help="folder of studies, or one zip")
+    parser.add_argument("output_dir", type=Path, help="where output.xlsx and the rest go")
+    parser.add_argument(
+        "--model-repository",
+        type=Path,
+        help="model repository (default: inference.model_repository of the config)",
+    )
+    parser.add_argument(
+        "--save-model-input",
+        type=Path,
+        metavar="DIR",
+        help="also save each study's model input as DIR/<input name>.npy",
+    )
+    parser.add_argument("--config", type=Path, help="config file (default: configs/config.yaml)")
+    return parser.parse_args(argv)
+
+
+def _settings(arguments: argparse.Namespace) -> Settings:
+    settings = load_settings(arguments.config)
+    if arguments.model_repository is not None:
+        inference = settings.inference.model_copy(
+            update={
+                "backend": "onnxruntime",
+                "model_repository": arguments.model_repository.resolve(),
+            }
+        )
+        settings = settings.model_copy(update={"inference": inference})
+    return settings
+
+
+def _configure_logging(level: str) -> None:
+    # Log lines go through tqdm so they do not tear the progress bar.
+    logger.remove()
+    logger.add(lambda message: tqdm.write(message, end="", file=sys.stderr), level=level.upper())
+
+
+def summary_line(
+    reports: Sequence[StudyReport], n_inputs: int, output_dir: Path, seconds: float
+) -> str:
+    statuses = Counter(report.processing_status.value for report in reports)
+    demo = (
+        " (DEMO weights: probabilities mean nothing)"
+        if any(r.demo_weights for r in reports)
+        else ""
+    )
+    return (
+        f"{len(reports)} studies from {n_inputs} inputs in {seconds:.1f} s: "
+        f"{statuses.get('Success', 0)} Success, {statuses.get('Failure', 0)} Failure; "
+        f"report {output_dir / 'output.xlsx'}{demo}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = _parse_arguments(argv)
+    try:
+        settings = _settings(arguments)
+    except Exception as error:  # noqa: BLE001 - a bad config is a usage error with its reason
+        print(f"error: invalid configuration: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    _configure_logging(settings.logging.level)
+    if not arguments.input.exists():
+        print(f"error: input not found: {arguments.input}", file=sys.stderr)
+        return USAGE_ERROR
+    if arguments.output_dir.exists() and not arguments.output_dir.is_dir():
+        print(f"error: output is not a folder: {arguments.output_dir}", file=sys.stderr)
+        return USAGE_ERROR
+    inputs = list_inputs(arguments.input)
+    if not inputs:
+        print(f"error: no inputs in {arguments.input}", file=sys.stderr)
+        return USAGE_ERROR
+
+    try:
+        backend = create_backend(settings)
+    except ModelRepositoryError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    try:
+        resolve_thresholds(backend.metadata, settings.inference)
+    except ThresholdError as error:
+        print(f"error: {error}", file=sys.stderr)
+        backend.close()
+        return USAGE_ERROR
+
+    started = time.perf_counter()
+    reports: list[StudyReport] = []
+    try:
+        with tqdm(inputs, desc="studies", unit="input", file=sys.stderr) as bar:
+            for input_path in bar:
+                reports.extend(
+                    process_input(
+                        input_path,
+                        backend=backend,
+                        settings=settings,
+                        display_name=str(input_path),
+                        save_model_input_dir=arguments.save_model_input,
+                    )
+                )
+                failed = sum(not report.succeeded for report in reports)
+                bar.set_postfix(success=len(reports) - failed, failure=failed)
+    finally:
+        backend.close()
+    write_reports(reports, arguments.output_dir)
+    print(summary_line(reports, len(inputs), arguments.output_dir, time.perf_counter() - started))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Embedded inference: the encoder and both heads as ONNX Runtime sessions in this process.
+
+Reads the same model repository Triton serves (``<model>/1/model.onnx`` of
+ct_clip_encoder, binary_head and multilabel_head, plus the metadata), so both
+backends run identical graphs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# onnxruntime >= 1.30 ships telemetry on Linux too: on import it writes a session file to
+# the temporary folder and a device id and event store under ~/.cache, and tries to upload
+# to Microsoft. A screening service must not phone home; the switch only works when set
+# before onnxruntime initialises, hence before the import.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from loguru import logger  # noqa: E402
+
+from services.core.config import InferenceSettings
+from services.core.inference.base import ModelOutputs
+from services.core.model_metadata import (
+    BINARY_HEAD_NAME,
+    ENCODER_NAME,
+    MULTILABEL_HEAD_NAME,
+    ModelMetadata,
+    metadata_path,
+    read_metadata,
+)
+
+ONNX_RELATIVE_PATH = Path("1") / "model.onnx"
+BUILD_HINT = (
+    "build it with `python -m convertation.build_repository --output {repository} --demo` "
+    "(demo weights) or convert real weights as the README describes"
+)
+# Preferred output names; when a graph has none of them its first output is used.
+EMBEDDING_OUTPUTS = ("embedding",)
+PATHOLOGY_OUTPUTS = ("pathology_probability", "probabilities", "probability")
+FINDING_OUTPUTS = ("finding_probabilities", "probabilities", "probability")
+
+
+class ModelRepositoryError(FileNotFoundError):
+    """The model repository is missing or incomplete."""
+
+
+def onnx_paths(repository: Path) -> dict[str, Path]:
+    return {
+        name: Path(repository) / name / ONNX_RELATIVE_PATH
+        for name in (ENCODER_NAME, BINARY_HEAD_NAME, MULTILABEL_HEAD_NAME)
+    }
+
+
+def check_repository(repository: Path) -> None:
+    """Raise ModelRepositoryError naming every missing file and how to build them."""
+    repository = Path(repository)
+    hint = BUILD_HINT.format(repository=repository)
+    if not repository.is_dir():
+        raise ModelRepositoryError(f"model repository {repository} does not exist: {hint}")
+    required = [metadata_path(repository), *onnx_paths(repository).values()]
+    missing = [str(path.relative_to(repository)) for path in required if not path.is_file()]
+    if missing:
+        raise ModelRepositoryError(
+            f"model repository {repository} is incomplete (missing {', '.join(missing)}): {hint}"
+        )
+
+
+def session_options(intra_op_threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = max(int(intra_op_threads), 0)
+    options.inter_op_num_threads = 1
+    # The encoder runs the same shapes every time: reuse the planned memory layout.
+    options.enable_mem_pattern = True
+    options.enable_cpu_mem_arena = True
+    options.log_severity_level = 3
+    return options
+
+
+def _providers() -> list[str]:
+    available = ort.get_available_providers()
+    preferred = [p for p in ("CUDAExecutionProvider",) if p in available]
+    return [*preferred, "CPUExecutionProvider"]
+
+
+def _output_name(session: ort.InferenceSession, preferred: tuple[str, ...]) -> str:
+    names = [output.name for output in session.get_outputs()]
+    for name in preferred:
+        if name in names:
+            return name
+    return names[0]
+
+
+def _fixed_batch(session: ort.InferenceSession) -> int | None:
+    batch = session.get_inputs()[0].shape[0]
+    return batch if isinstance(batch, int) else None
+
+
+def pathology_column(output: np.ndarray) -> np.ndarray:
+    """P(pathology) per study: index 1 of a two-class softmax, or a single probability."""
+    output = np.asarray(output, dtype=np.float32)
+    if output.ndim == 2 and output.shape[1] == 2:
+        return output[:, 1]
+    if output.ndim == 2 and output.shape[1] == 1:
+        return output[:, 0]
+    if output.ndim == 1:
+        return output
+    raise ValueError(f"unexpected binary head output shape {output.shape}")
+
+
+class OnnxRuntimeBackend:
+    """The InferenceBackend that runs the three ONNX graphs with onnxruntime."""
+
+    name = "onnxruntime"
+
+    def __init__(self, repository: Path, settings: InferenceSettings) -> None:
+        self.repository = Path(repository)
+        check_repository(self.repository)
+        self.metadata: ModelMetadata = read_metadata(self.repository)
+        options = session_options(settings.onnx_intra_op_threads)
+        providers = _providers()
+        paths = onnx_paths(self.repository)
+        self._sessions = {
+            name: ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            for name, path in paths.items()
+        }
+        self._encoder_output = _output_name(self._sessions[ENCODER_NAME], EMBEDDING_OUTPUTS)
+        self._pathology_output = _output_name(self._sessions[BINARY_HEAD_NAME], PATHOLOGY_OUTPUTS)
+        self._finding_output = _output_name(self._sessions[MULTILABEL_HEAD_NAME], FINDING_OUTPUTS)
+        logger.info(
+            "onnxruntime backend ready: repository {}, flavour {}, demo {}, providers {}",
+            self.repository,
+            self.metadata.flavour,
+            self.metadata.demo,
+            providers,
+        )
+
+    def _run(self, model: str, output: str, array: np.ndarray) -> np.ndarray:
+        session = self._sessions[model]
+        input_name = session.get_inputs()[0].name
+        fixed = _fixed_batch(session)
+        if fixed is None or fixed == array.shape[0]:
+            return session.run([output], {input_name: array})[0]
+        if fixed != 1:
+            raise ValueError(f"{model} takes batches of {fixed}, got {array.shape[0]}")
+        # A graph exported with batch 1 runs the batch one study at a time.
+        parts = [
+            session.run([output], {input_name: array[i : i + 1]})[0] for i in range(len(array))
+        ]
+        return np.concatenate(parts)
+
+    def infer(self, volume: np.ndarray) -> ModelOutputs:
+        expected = (1, *self.metadata.target_shape)
+        if volume.ndim != 5 or tuple(volume.shape[1:]) != expected:
+            raise ValueError(
+                f"model input must be [B, {', '.join(map(str, expected))}], got {volume.shape}"
+            )
+        volume = np.ascontiguousarray(volume, dtype=np.float32)
+        embedding = self._run(ENCODER_NAME, self._encoder_output, volume).astype(np.float32)
+        pathology = self._run(BINARY_HEAD_NAME, self._pathology_output, embedding)
+        findings = self._run(MULTILABEL_HEAD_NAME, self._finding_output, embedding)
+        findings = np.asarray(findings, dtype=np.float32).reshape(len(volume), -1)
+        if findings.shape[1] != len(self.metadata.labels):
+            raise ValueError(
+                f"multilabel head returned {findings.shape[1]} findings, "
+                f"metadata lists {len(self.metadata.labels)}"
+            )
+        return ModelOutputs(
+            embedding=embedding,
+            pathology_probability=pathology_column(pathology),
+            finding_probabilities=findings,
+        )
+
+    def close(self) -> None:
+        self._sessions.clear()

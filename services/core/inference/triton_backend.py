@@ -1,0 +1,290 @@
+"""Inference on a Triton Inference Server over gRPC: the ``chest_screening`` ensemble.
+
+The ensemble takes ``volume`` float32 ``[B, 1, D, H, W]`` and returns ``embedding``
+``[B, dim]``, ``pathology_probability`` ``[B, 1]`` and ``finding_probabilities``
+``[B, n_labels]``. The model metadata (labels, thresholds, demo flag) is read from the
+model repository folder the server serves, so both sides agree on what the numbers mean.
+
+A full study is 221 MB as float32. When the server runs on this machine the volume goes
+through POSIX shared memory (the request carries only a region name); otherwise it travels
+in the gRPC request, whose size limit is raised for that. Unreachable server, deadline or
+overload -> ``TransientBackendError``: the caller retries later, the study is fine.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.utils.shared_memory as system_shm
+from loguru import logger
+from tritonclient.utils import InferenceServerException
+
+from services.core.config import InferenceSettings
+from services.core.inference.base import ModelOutputs, TransientBackendError
+from services.core.model_metadata import ModelMetadata, read_metadata
+
+INPUT_NAME = "volume"
+OUTPUT_NAMES = ("embedding", "pathology_probability", "finding_probabilities")
+# gRPC's default receive limit is 4 MiB; a study is 221 MB. 2**31 - 1 is gRPC's maximum.
+GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+# gRPC status codes after which the same request may succeed later.
+TRANSIENT_STATUSES = frozenset(
+    {
+        "StatusCode.UNAVAILABLE",
+        "StatusCode.DEADLINE_EXCEEDED",
+        "StatusCode.RESOURCE_EXHAUSTED",
+        "StatusCode.ABORTED",
+        "StatusCode.CANCELLED",
+    }
+)
+
+
+@dataclass
+class TransferStats:
+    """Bytes moved between this client and the server, by path."""
+
+    requests: int = 0
+    grpc_request_bytes: int = 0  # tensor bytes inside gRPC requests
+    shared_memory_bytes: int = 0  # tensor bytes written to shared memory regions
+    response_bytes: int = 0  # output tensor bytes received
+    seconds: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, *, grpc: int = 0, shm: int = 0, response: int = 0, seconds: float = 0.0) -> None:
+        with self._lock:
+            self.requests += 1
+            self.grpc_request_bytes += grpc
+            self.shared_memory_bytes += shm
+            self.response_bytes += response
+            self.seconds += seconds
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "requests": self.requests,
+            "grpc_request_bytes": self.grpc_request_bytes,
+            "shared_memory_bytes": self.shared_memory_bytes,
+            "response_bytes": self.response_bytes,
+            "seconds": round(self.seconds, 4),
+        }
+
+
+def url_host(url: str) -> str:
+    """The host part of ``host:port`` (``[::1]:8001`` included)."""
+    if url.startswith("["):
+        return url[: url.index("]") + 1]
+    return url.rsplit(":", 1)[0] if ":" in url else url
+
+
+def choose_transport(configured: str, url: str) -> str:
+    """``shared_memory`` or ``grpc``; ``auto`` picks shared memory for a server on this host."""
+    if configured == "auto":
+        return "shared_memory" if url_host(url) in LOCAL_HOSTS else "grpc"
+    return configured
+
+
+def is_transient(error: InferenceServerException) -> bool:
+    return str(error.status()) in TRANSIENT_STATUSES
+
+
+def pathology_vector(array: np.ndarray) -> np.ndarray:
+    """``[B]`` from the ensemble's ``[B, 1]`` (or a two-class ``[B, 2]``: index 1)."""
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 2 and array.shape[1] in (1, 2):
+        return array[:, -1]
+    if array.ndim == 1:
+        return array
+    raise ValueError(f"unexpected pathology_probability shape {array.shape}")
+
+
+class TritonBackend:
+    """The InferenceBackend that sends each batch to Triton's ``chest_screening`` ensemble."""
+
+    name = "triton"
+
+    def __init__(
+        self, settings: InferenceSettings, *, ready_timeout_s: float | None = None
+    ) -> None:
+        self.settings = settings
+        self.url = settings.triton_url
+        self.model_name = settings.triton_model
+        self.timeout_s = float(settings.triton_timeout_s)
+        self.metadata: ModelMetadata = read_metadata(settings.model_repository)
+        self.transport = choose_transport(settings.triton_transport, self.url)
+        self.stats = TransferStats()
+        self._client = grpcclient.InferenceServerClient(
+            self.url,
+            channel_args=[
+                ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 20_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.max_pings_without_data", 0),
+                # After a server restart, reconnect within seconds (gRPC's default backoff
+                # grows to two minutes).
+                ("grpc.initial_reconnect_backoff_ms", 500),
+                ("grpc.max_reconnect_backoff_ms", 5000),
+            ],
+        )
+        self.wait_until_ready(self.timeout_s if ready_timeout_s is None else ready_timeout_s)
+        if self.transport == "shared_memory" and not self._shared_memory_works():
+            if settings.triton_transport == "shared_memory":
+                raise RuntimeError(
+                    f"Triton at {self.url} cannot read this host's shared memory "
+                    "(set inference.triton_transport to grpc or auto)"
+                )
+            logger.warning("Triton at {} cannot use shared memory: falling back to gRPC", self.url)
+            self.transport = "grpc"
+        logger.info(
+            "triton backend ready: {} model {}, transport {}, demo weights {}",
+            self.url,
+            self.model_name,
+            self.transport,
+            self.metadata.demo,
+        )
+
+    # -- readiness -------------------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        try:
+            return bool(
+                self._client.is_server_ready(client_timeout=5)
+                and self._client.is_model_ready(self.model_name, client_timeout=5)
+            )
+        except InferenceServerException:
+            return False
+
+    def wait_until_ready(self, timeout_s: float) -> None:
+        """Poll until the server and the ensemble are ready; TransientBackendError on timeout."""
+        deadline = time.monotonic() + timeout_s
+        delay = 0.2
+        while not self.is_ready():
+            if time.monotonic() + delay > deadline:
+                raise TransientBackendError(
+                    f"Triton at {self.url} (model {self.model_name}) not ready after {timeout_s:.0f} s"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _shared_memory_works(self) -> bool:
+        """Register a one-page region: fails when the server cannot see this host's /dev/shm."""
+        name = f"cts_probe_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        region = system_shm.create_shared_memory_region(name, "/" + name, 4096, create_only=True)
+        try:
+            self._client.register_system_shared_memory(name, "/" + name, 4096)
+            self._client.unregister_system_shared_memory(name)
+            return True
+        except InferenceServerException as error:
+            logger.debug("shared memory probe failed: {}", error)
+            return False
+        finally:
+            system_shm.destroy_shared_memory_region(region)
+
+    # -- inference -------------------------------------------------------------------------
+
+    def _outputs(self) -> list[grpcclient.InferRequestedOutput]:
+        return [grpcclient.InferRequestedOutput(name) for name in OUTPUT_NAMES]
+
+    def _check_input(self, volume: np.ndarray) -> np.ndarray:
+        expected = (1, *self.metadata.target_shape)
+        if volume.ndim != 5 or tuple(volume.shape[1:]) != expected:
+            raise ValueError(
+                f"model input must be [B, {', '.join(map(str, expected))}], got {volume.shape}"
+            )
+        return np.ascontiguousarray(volume, dtype=np.float32)
+
+    def _send(self, inputs: list[grpcclient.InferInput]) -> Any:
+        try:
+            return self._client.infer(
+                self.model_name,
+                inputs,
+                outputs=self._outputs(),
+                client_timeout=self.timeout_s,
+            )
+        except InferenceServerException as error:
+            if is_transient(error):
+                raise TransientBackendError(f"Triton at {self.url}: {error}") from error
+            raise
+
+    def _infer_grpc(self, volume: np.ndarray) -> Any:
+        tensor = grpcclient.InferInput(INPUT_NAME, list(volume.shape), "FP32")
+        tensor.set_data_from_numpy(volume)
+        started = time.perf_counter()
+        result = self._send([tensor])
+        self.stats.add(
+            grpc=volume.nbytes,
+            response=_response_bytes(result),
+            seconds=time.perf_counter() - started,
+        )
+        return result
+
+    def _infer_shared_memory(self, volume: np.ndarray) -> Any:
+        # One region per request: concurrent requests never share one, and nothing outlives
+        # the call (unregistered and unlinked in `finally`, whatever happened).
+        name = f"cts_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+        key = "/" + name
+        started = time.perf_counter()
+        region = system_shm.create_shared_memory_region(name, key, volume.nbytes, create_only=True)
+        registered = False
+        try:
+            system_shm.set_shared_memory_region(region, [volume])
+            try:
+                self._client.register_system_shared_memory(name, key, volume.nbytes)
+            except InferenceServerException as error:
+                if is_transient(error):
+                    raise TransientBackendError(f"Triton at {self.url}: {error}") from error
+                raise
+            registered = True
+            tensor = grpcclient.InferInput(INPUT_NAME, list(volume.shape), "FP32")
+            tensor.set_shared_memory(name, volume.nbytes)
+            result = self._send([tensor])
+        finally:
+            if registered:
+                try:
+                    self._client.unregister_system_shared_memory(name)
+                except InferenceServerException as error:
+                    # The server went away; it drops its mapping when it restarts.
+                    logger.warning("could not unregister shared memory {}: {}", name, error)
+            system_shm.destroy_shared_memory_region(region)
+        self.stats.add(
+            shm=volume.nbytes,
+            response=_response_bytes(result),
+            seconds=time.perf_counter() - started,
+        )
+        return result
+
+    def infer(self, volume: np.ndarray) -> ModelOutputs:
+        volume = self._check_input(volume)
+        if self.transport == "shared_memory":
+            result = self._infer_shared_memory(volume)
+        else:
+            result = self._infer_grpc(volume)
+        batch = volume.shape[0]
+        embedding = np.asarray(result.as_numpy("embedding"), dtype=np.float32).reshape(batch, -1)
+        findings = np.asarray(result.as_numpy("finding_probabilities"), dtype=np.float32)
+        findings = findings.reshape(batch, -1)
+        if findings.shape[1] != len(self.metadata.labels):
+            raise ValueError(
+                f"Triton returned {findings.shape[1]} findings, metadata lists "
+                f"{len(self.metadata.labels)}"
+            )
+        return ModelOutputs(
+            embedding=embedding,
+            pathology_probability=pathology_vector(result.as_numpy("pathology_probability")),
+            finding_probabilities=findings,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _response_bytes(result: Any) -> int:
+    return sum(int(result.as_numpy(name).nbytes) for name in OUTPUT_NAMES)

@@ -1,0 +1,351 @@
+"""CT-CLIP model input from a Volume (DESIGN.md section 3), in numpy only.
+
+The contract, step by step: reorient to SLP+ (axis 0 toward superior, axis 1 toward
+the patient's left, axis 2 toward posterior), clip to the HU window, resize
+trilinearly with ``align_corners=False`` semantics to the target spacing (new size
+``int(n * spacing / target)``), divide by 1000, centre crop / pad to the target
+shape with -1.
+
+Speed and memory: trilinear interpolation is separable, so it runs as three 1D
+passes. Cropping after the resize only drops output samples, so each pass computes
+just the samples the crop keeps, and the last pass writes straight into the padded
+output. Clipping and scaling commute with gathering samples, so they happen on the
+gathered chunks of the first pass (no full-size clipped copy). The pass that
+shrinks the data most runs first, and every pass works in chunks that bound the
+temporaries.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.core.volume import Volume
+
+HU_SCALE = 1000.0
+PAD_VALUE = -1.0
+# LPS coordinate index of the direction each SLP+ axis must run toward:
+# axis 0 -> superior (+z, index 2), axis 1 -> left (+x, index 0), axis 2 -> posterior (+y, 1).
+SLP_LPS_COMPONENTS: tuple[int, int, int] = (2, 0, 1)
+# Temporaries of one chunk stay around this many elements (float32: 32 MB).
+_CHUNK_ELEMENTS = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PreprocessingTarget:
+    """What the model expects: shape (D, H, W), spacing in mm per axis, HU window."""
+
+    shape: tuple[int, int, int] = (240, 480, 480)
+    spacing_mm: tuple[float, float, float] = (1.5, 0.75, 0.75)
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    """One axis of the resize + crop/pad: which resized samples are kept and where they go."""
+
+    n_in: int
+    n_resized: int
+    keep_start: int  # first resized sample kept by the centre crop
+    keep_count: int  # resized samples kept
+    out_start: int  # where the kept samples land in the output (centre pad)
+    n_out: int  # output length along this axis
+
+
+@dataclass(frozen=True)
+class Reorientation:
+    """How array axes map onto SLP+: ``slp = hu.transpose(permutation)`` then flip ``flips``."""
+
+    permutation: tuple[int, int, int]
+    flips: tuple[bool, bool, bool]
+
+
+def slp_reorientation(axis_directions: np.ndarray) -> Reorientation:
+    """The axis permutation and flips that bring an array to SLP+.
+
+    ``axis_directions[i]`` is the LPS direction of array axis ``i``. Each SLP+ axis takes
+    the array axis best aligned with its anatomical direction; for oblique scans the
+    permutation maximising the total alignment wins, so every axis is used exactly once.
+    """
+    directions = np.asarray(axis_directions, dtype=np.float64)
+    if directions.shape != (3, 3) or not np.all(np.isfinite(directions)):
+        raise ValueError(f"axis directions must be a finite 3x3 matrix, got {directions.shape}")
+    best: tuple[float, tuple[int, int, int]] | None = None
+    for permutation in itertools.permutations(range(3)):
+        alignment = sum(
+            abs(directions[source, SLP_LPS_COMPONENTS[target]])
+            for target, source in enumerate(permutation)
+        )
+        if best is None or alignment > best[0] + 1e-9:
+            best = (alignment, permutation)  # type: ignore[assignment]
+    assert best is not None
+    permutation = best[1]
+    flips = tuple(
+        bool(directions[source, SLP_LPS_COMPONENTS[target]] < 0)
+        for target, source in enumerate(permutation)
+    )
+    return Reorientation(permutation=permutation, flips=flips)  # type: ignore[arg-type]
+
+
+def reorient_to_slp(volume: Volume) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A view of ``volume.hu`` in SLP+ order and the spacing of its axes (no copy)."""
+    plan = slp_reorientation(volume.axis_directions())
+    view = volume.hu.transpose(plan.permutation)
+    flip_axes = tuple(axis for axis, flip in enumerate(plan.flips) if flip)
+    if flip_axes:
+        view = np.flip(view, axis=flip_axes)
+    spacing = tuple(float(volume.spacing_mm[source]) for source in plan.permutation)
+    return view, spacing  # type: ignore[return-value]
+
+
+def resized_shape(
+    shape: Sequence[int], spacing_mm: Sequence[float], target_spacing_mm: Sequence[float]
+) -> tuple[int, ...]:
+    """``int(n * spacing / target)`` per axis, as the reference preprocessing truncates."""
+    return tuple(
+        int(n * spacing / target)
+        for n, spacing, target in zip(shape, spacing_mm, target_spacing_mm, strict=True)
+    )
+
+
+def crop_pad_plan(n_in: int, n_resized: int, n_out: int) -> AxisPlan:
+    """Centre crop (start ``max((n - t) // 2, 0)``) or pad (before ``(t - n) // 2``)."""
+    keep_start = max((n_resized - n_out) // 2, 0)
+    out_start = max((n_out - n_resized) // 2, 0)
+    keep_count = min(n_resized, n_out)
+    return AxisPlan(n_in, n_resized, keep_start, keep_count, out_start, n_out)
+
+
+def linear_sample_weights(
+    n_in: int, n_resized: int, keep_start: int = 0, keep_count: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Neighbour indices and upper weight of 1D linear resizing, ``align_corners=False``.
+
+    Output sample ``j`` reads source position ``(j + 0.5) * n_in / n_resized - 0.5``,
+    clamped at 0; its upper neighbour is clamped to ``n_in - 1``. Only samples
+    ``keep_start .. keep_start + keep_count - 1`` are returned.
+    """
+    if n_in < 1 or n_resized < 1:
+        raise ValueError(f"cannot resize {n_in} samples to {n_resized}")
+    count = n_resized - keep_start if keep_count is None else keep_count
+    destination = np.arange(keep_start, keep_start + count, dtype=np.float64)
+    source = np.maximum((destination + 0.5) * (n_in / n_resized) - 0.5, 0.0)
+    lower = np.minimum(np.floor(source).astype(np.int64), n_in - 1)
+    upper = np.minimum(lower + 1, n_in - 1)
+    upper_weight = (source - lower).astype(np.float32)
+    return lower, upper, upper_weight
+
+
+def _chunk_length(shape: Sequence[int], chunk_axis: int) -> int:
+    per_index = int(np.prod([n for axis, n in enumerate(shape) if axis != chunk_axis]))
+    return max(1, _CHUNK_ELEMENTS // max(per_index, 1))
+
+
+def _resample_axis(
+    source: np.ndarray,
+    axis: int,
+    plan: AxisPlan,
+    destination: np.ndarray,
+    *,
+    clip: tuple[float, float] | None = None,
+    scale: float | None = None,
+) -> None:
+    """Write the kept samples of a 1D linear resize of ``source`` along ``axis`` into ``destination``.
+
+    ``destination`` has ``plan.keep_count`` samples along ``axis`` and the source's size
+    elsewhere. ``clip`` and ``scale`` apply to the source samples before weighting (both
+    commute with picking samples, so no full-size clipped copy is made).
+    """
+    lower, upper, upper_weight = linear_sample_weights(
+        plan.n_in, plan.n_resized, plan.keep_start, plan.keep_count
+    )
+    weight_shape = [1, 1, 1]
+    weight_shape[axis] = -1
+    upper_weight = upper_weight.reshape(weight_shape)
+    chunk_axis = 0 if axis != 0 else 1
+    step = _chunk_length(destination.shape, chunk_axis)
+    for start in range(0, source.shape[chunk_axis], step):
+        window = [slice(None)] * 3
+        window[chunk_axis] = slice(start, start + step)
+        chunk = source[tuple(window)]
+        low = np.take(chunk, lower, axis=axis).astype(np.float32, copy=False)
+        high = np.take(chunk, upper, axis=axis).astype(np.float32, copy=False)
+        if clip is not None:
+            np.clip(low, clip[0], clip[1], out=low)
+            np.clip(high, clip[0], clip[1], out=high)
+        # low + w * (high - low): one multiply, two adds, in place.
+        np.subtract(high, low, out=high)
+        np.multiply(high, upper_weight, out=high)
+        np.add(low, high, out=low)
+        if scale is not None:
+            np.multiply(low, np.float32(scale), out=low)
+        destination[tuple(window)] = low
+
+
+def _resized(shape: Sequence[int], plans: Sequence[AxisPlan], axes: Sequence[int]) -> list[int]:
+    """``shape`` with the kept sample count of ``axes`` in place of their input length."""
+    return [plans[axis].keep_count if axis in axes else n for axis, n in enumerate(shape)]
+
+
+def _fill_outside(array: np.ndarray, block: tuple[slice, ...], value: float) -> None:
+    """Set every element of ``array`` outside ``block`` (one slice per axis) to ``value``."""
+    for axis, window in enumerate(block):
+        before = [slice(None)] * array.ndim
+        after = [slice(None)] * array.ndim
+        before[axis] = slice(0, window.start)
+        after[axis] = slice(window.stop, None)
+        array[tuple(before)] = value
+        array[tuple(after)] = value
+
+
+def resample_crop_pad(
+    array: np.ndarray,
+    plans: Sequence[AxisPlan],
+    *,
+    clip: tuple[float, float] | None = None,
+    scale: float | None = None,
+    pad_value: float = PAD_VALUE,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Trilinear resize (``align_corners=False``) then centre crop / pad, fused.
+
+    Axes are resampled one at a time, the one that shrinks the data most first; axes
+    whose size does not change are not touched (linear resizing to the same size is
+    the identity). The result goes into ``out`` (any view of the right shape, e.g. a
+    transposed one) or into a new C-contiguous float32 array, which is returned.
+    """
+    if array.ndim != 3 or len(plans) != 3:
+        raise ValueError(f"expected a 3D array and three axis plans, got {array.shape}")
+    for axis, plan in enumerate(plans):
+        if plan.n_in != array.shape[axis]:
+            raise ValueError(f"axis {axis}: plan for {plan.n_in} samples, array has {array.shape}")
+    resampled_axes = [
+        axis
+        for axis, plan in enumerate(plans)
+        if not (plan.n_resized == plan.n_in and plan.keep_count == plan.n_in)
+    ]
+    # Identity axes only need cropping; do it first as a free view.
+    current = array[
+        tuple(
+            slice(plan.keep_start, plan.keep_start + plan.keep_count)
+            if axis not in resampled_axes
+            else slice(None)
+            for axis, plan in enumerate(plans)
+        )
+    ]
+    resampled_axes.sort(key=lambda axis: plans[axis].keep_count / plans[axis].n_in)
+
+    output_shape = tuple(plan.n_out for plan in plans)
+    if out is None:
+        output = np.empty(output_shape, dtype=np.float32)
+    elif out.shape != output_shape or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 {output_shape}, got {out.dtype} {out.shape}")
+    else:
+        output = out
+    placement = tuple(slice(plan.out_start, plan.out_start + plan.keep_count) for plan in plans)
+    # Only the padding is filled now: the kept block is written by the last pass, so its
+    # pages are not touched (not even allocated) while the larger intermediates live.
+    _fill_outside(output, placement, pad_value)
+    if not resampled_axes:
+        block = np.asarray(current, dtype=np.float32)
+        if clip is not None:
+            block = np.clip(block, clip[0], clip[1])
+        output[placement] = block if scale is None else block * np.float32(scale)
+        return output
+
+    first_axis, later_axes = resampled_axes[0], resampled_axes[1:]
+    kept = output[placement]
+    if not later_axes:
+        _resample_axis(current, first_axis, plans[first_axis], kept, clip=clip, scale=scale)
+        return output
+    # The first pass shrinks the data most; the later passes run slab by slab along its
+    # axis (they never mix samples across it), so no second full-size intermediate exists.
+    shape = list(current.shape)
+    shape[first_axis] = plans[first_axis].keep_count
+    intermediate = np.empty(shape, dtype=np.float32)
+    _resample_axis(current, first_axis, plans[first_axis], intermediate, clip=clip, scale=scale)
+    del current
+    step = _chunk_length(_resized(shape, plans, later_axes), first_axis)
+    for start in range(0, shape[first_axis], step):
+        window = [slice(None)] * 3
+        window[first_axis] = slice(start, start + step)
+        slab = intermediate[tuple(window)]
+        for index, axis in enumerate(later_axes):
+            if index == len(later_axes) - 1:
+                destination = kept[tuple(window)]
+            else:
+                destination = np.empty(_resized(slab.shape, plans, [axis]), dtype=np.float32)
+            _resample_axis(slab, axis, plans[axis], destination)
+            slab = destination
+    return output
+
+
+def resize_trilinear(array: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
+    """Plain trilinear resize, as ``torch.nn.functional.interpolate(size=..., align_corners=False)``."""
+    plans = [crop_pad_plan(n, m, m) for n, m in zip(array.shape, new_shape, strict=True)]
+    return resample_crop_pad(array, plans)
+
+
+def preprocess_array(
+    slp: np.ndarray, spacing_mm: Sequence[float], target: PreprocessingTarget
+) -> np.ndarray:
+    """SLP+ HU array -> model input volume (D, H, W) float32 in [-1, 1], as DESIGN.md section 3."""
+    new_shape = resized_shape(slp.shape, spacing_mm, target.spacing_mm)
+    if min(new_shape) < 1:
+        raise ValueError(
+            f"volume {slp.shape} at spacing {tuple(spacing_mm)} mm is too small to resample"
+        )
+    plans = [
+        crop_pad_plan(n, m, t) for n, m, t in zip(slp.shape, new_shape, target.shape, strict=True)
+    ]
+    return resample_crop_pad(slp, plans, clip=target.hu_window, scale=1.0 / HU_SCALE)
+
+
+def preprocess_volume(volume: Volume, target: PreprocessingTarget) -> np.ndarray:
+    """Volume in any orientation -> model input volume (D, H, W) float32.
+
+    Same result as ``preprocess_array(*reorient_to_slp(volume), target)``, computed in the
+    volume's own memory order: reading a transposed view of a 600-slice study is slow
+    (every sample a cache miss), so the passes read the stored layout (flipped axes are
+    only read backwards) and the last pass writes into a transposed view of the output.
+    """
+    orientation = slp_reorientation(volume.axis_directions())
+    permutation = orientation.permutation  # SLP axis t reads array axis permutation[t]
+    slp_shape = [volume.hu.shape[source] for source in permutation]
+    slp_spacing = [float(volume.spacing_mm[source]) for source in permutation]
+    new_shape = resized_shape(slp_shape, slp_spacing, target.spacing_mm)
+    if min(new_shape) < 1:
+        raise ValueError(
+            f"volume {tuple(slp_shape)} at spacing {tuple(slp_spacing)} mm is too small to resample"
+        )
+    slp_plans = [
+        crop_pad_plan(n, m, t) for n, m, t in zip(slp_shape, new_shape, target.shape, strict=True)
+    ]
+    native_plans: list[AxisPlan] = [slp_plans[0]] * 3
+    for slp_axis, source in enumerate(permutation):
+        native_plans[source] = slp_plans[slp_axis]
+    flipped = tuple(
+        source for source, flip in zip(permutation, orientation.flips, strict=True) if flip
+    )
+    native = np.flip(volume.hu, axis=flipped) if flipped else volume.hu
+    output = np.empty(target.shape, dtype=np.float32)
+    # Axis ``source`` of this view is SLP axis t with permutation[t] == source.
+    output_in_native_order = output.transpose(np.argsort(permutation))
+    resample_crop_pad(
+        native,
+        native_plans,
+        clip=target.hu_window,
+        scale=1.0 / HU_SCALE,
+        out=output_in_native_order,
+    )
+    return output
+
+
+def to_model_input(volumes: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """Stack (D, H, W) volumes into the model's ``[B, 1, D, H, W]`` float32 batch."""
+    if isinstance(volumes, np.ndarray) and volumes.ndim == 3:
+        volumes = [volumes]
+    return np.ascontiguousarray(np.stack(list(volumes))[:, None], dtype=np.float32)

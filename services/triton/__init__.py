@@ -1,0 +1,1 @@
+"""Local Triton Inference Server launcher (the tritonserver of the nvidia-pytriton wheel)."""

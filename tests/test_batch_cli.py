@@ -1,0 +1,180 @@
+"""The batch CLI: inputs, outputs, saved model inputs, exit codes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from openpyxl import load_workbook
+from pydicom.uid import generate_uid
+
+from services.batch.__main__ import list_inputs
+from services.core.pipeline import model_input_file_name
+from services.core.schemas import REPORT_COLUMNS
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CHEST = "chest_ct_lung_dx_a0002"
+
+
+def _run(*arguments: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "services.batch", *map(str, arguments)],
+        cwd=cwd or PROJECT_ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _rows(output: Path) -> list[dict]:
+    rows = list(load_workbook(output / "output.xlsx")["report"].iter_rows(values_only=True))
+    return [dict(zip(rows[0], row, strict=True)) for row in rows[1:]]
+
+
+def _copy_as_new_study(source: Path, destination: Path, seed: str) -> None:
+    """The same images under new Study/Series/SOP Instance UIDs: a second study."""
+    destination.mkdir(parents=True)
+    study_uid = generate_uid(entropy_srcs=[seed, "study"])
+    series_uid = generate_uid(entropy_srcs=[seed, "series"])
+    for path in sorted(source.glob("*.dcm")):
+        dataset = pydicom.dcmread(path)
+        dataset.StudyInstanceUID = study_uid
+        dataset.SeriesInstanceUID = series_uid
+        dataset.SOPInstanceUID = generate_uid(entropy_srcs=[seed, path.name])
+        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+        dataset.save_as(destination / path.name, enforce_file_format=True)
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def test_each_top_level_entry_is_one_input(tmp_path):
+    for name in ("b.zip", "a_folder", "c.dcm", ".DS_Store"):
+        target = tmp_path / name
+        target.mkdir() if name == "a_folder" else target.write_bytes(b"x")
+    assert [p.name for p in list_inputs(tmp_path)] == ["a_folder", "b.zip", "c.dcm"]
+
+
+def test_a_folder_of_loose_slices_is_one_input(tmp_path):
+    for index in range(3):
+        (tmp_path / f"IM{index}").write_bytes(b"x")
+    assert list_inputs(tmp_path) == [tmp_path]
+    single = tmp_path / "IM0"
+    assert list_inputs(single) == [single]
+
+
+@pytest.mark.parametrize(
+    ("name", "index", "count", "expected"),
+    [
+        ("study1.zip", 0, 1, "study1.npy"),
+        ("study1.ZIP", 1, 2, "study1_1.npy"),
+        ("folder", 0, 1, "folder.npy"),
+        ("slice 7.dcm", 0, 1, "slice_7.npy"),
+        ("../odd/../name?.zip", 0, 1, "name.npy"),
+    ],
+)
+def test_model_input_file_names(name, index, count, expected):
+    assert model_input_file_name(name, index, count) == expected
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_folder_run_writes_reports_and_model_inputs(fixtures_dir, tiny_model_repository, tmp_path):
+    inputs = tmp_path / "inputs"
+    two_studies = inputs / "two_studies"
+    shutil.copytree(fixtures_dir / CHEST, two_studies / "first")
+    _copy_as_new_study(fixtures_dir / CHEST, two_studies / "second", seed="cli-test")
+    with zipfile.ZipFile(inputs / "mr.zip", "w") as handle:
+        for path in sorted((fixtures_dir / "mr_brain_t1").iterdir()):
+            handle.write(path, f"mr/{path.name}")
+    (inputs / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    output, saved = tmp_path / "output", tmp_path / "model_inputs"
+
+    completed = _run(
+        inputs, output, "--model-repository", tiny_model_repository, "--save-model-input", saved
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary = completed.stdout.strip().splitlines()[-1]
+    assert summary.startswith("3 studies from 2 inputs")
+    assert "2 Success, 1 Failure" in summary and "DEMO" in summary
+
+    rows = _rows(output)
+    assert tuple(rows[0])[:7] == REPORT_COLUMNS
+    assert [row["processing_status"] for row in rows] == ["Failure", "Success", "Success"]
+    assert {row["path_to_study"] for row in rows} == {str(inputs / "mr.zip"), str(two_studies)}
+    assert len({row["study_uid"] for row in rows}) == 3
+    # Identical images in both studies: identical model inputs and probabilities.
+    assert rows[1]["probability_of_pathology"] == pytest.approx(rows[2]["probability_of_pathology"])
+    assert sorted(p.name for p in saved.iterdir()) == ["two_studies_0.npy", "two_studies_1.npy"]
+    first, second = (np.load(saved / f"two_studies_{i}.npy") for i in (0, 1))
+    assert first.shape == (1, 1, 24, 40, 40) and first.dtype == np.float32
+    np.testing.assert_array_equal(first, second)
+    assert len(list((output / "json").glob("*.json"))) == 3
+    text = (output / "warnings_and_errors.txt").read_text()
+    assert "no CT series: modality MR" in text
+
+
+def test_single_zip_and_loose_folder_inputs(fixtures_dir, tiny_model_repository, tmp_path):
+    archive = tmp_path / "chest.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as handle:
+        for path in sorted((fixtures_dir / CHEST).iterdir()):
+            handle.write(path, path.name)
+    for source, name in ((archive, "zip"), (fixtures_dir / CHEST, "folder")):
+        output = tmp_path / f"output_{name}"
+        completed = _run(source, output, "--model-repository", tiny_model_repository)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        (row,) = _rows(output)
+        assert row["processing_status"] == "Success" and row["path_to_study"] == str(source)
+
+
+def test_missing_model_repository_is_a_usage_error(fixtures_dir, tmp_path):
+    missing = tmp_path / "no_repository"
+    completed = _run(fixtures_dir / CHEST, tmp_path / "out", "--model-repository", missing)
+    assert completed.returncode == 2
+    assert "does not exist" in completed.stderr
+    assert "convertation.build_repository" in completed.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_incomplete_model_repository_names_the_missing_files(
+    fixtures_dir, tiny_model_repository, tmp_path
+):
+    repository = tmp_path / "repository"
+    shutil.copytree(tiny_model_repository, repository)
+    (repository / "binary_head" / "1" / "model.onnx").unlink()
+    completed = _run(fixtures_dir / CHEST, tmp_path / "out", "--model-repository", repository)
+    assert completed.returncode == 2
+    assert "binary_head/1/model.onnx" in completed.stderr
+
+
+def test_missing_input_and_bad_config_are_usage_errors(
+    fixtures_dir, tiny_model_repository, tmp_path
+):
+    completed = _run(tmp_path / "nowhere", tmp_path / "out")
+    assert completed.returncode == 2 and "input not found" in completed.stderr
+
+    config = tmp_path / "config.yaml"
+    config.write_text("inference:\n  finding_thresholds: {'Lung nodules': 0.4}\n")
+    completed = _run(
+        fixtures_dir / CHEST,
+        tmp_path / "out",
+        "--model-repository",
+        tiny_model_repository,
+        "--config",
+        config,
+    )
+    assert completed.returncode == 2
+    assert "unknown findings ['Lung nodules']" in completed.stderr
+
+    completed = _run(fixtures_dir / CHEST)
+    assert completed.returncode == 2 and "usage:" in completed.stderr

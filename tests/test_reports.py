@@ -1,0 +1,150 @@
+"""The report files read back: xlsx columns and cell types, warnings file, JSON per study."""
+
+from __future__ import annotations
+
+import json
+
+from openpyxl import load_workbook
+
+from services.core.labels import FINDING_LABELS
+from services.core.reports import (
+    ABOUT_SHEET,
+    DEMO_NOTICE,
+    REPORT_SHEET,
+    finding_column,
+    report_columns,
+    write_reports,
+)
+from services.core.schemas import (
+    REPORT_COLUMNS,
+    FindingResult,
+    ModelInfo,
+    ProcessingStatus,
+    StudyReport,
+)
+
+PATIENT_NAME = "DOE^JANE"
+
+
+def _success(demo: bool = True) -> StudyReport:
+    findings = [
+        FindingResult(label=label, probability=i / 40, threshold=0.5, positive=i / 40 >= 0.5)
+        for i, label in enumerate(FINDING_LABELS)
+    ]
+    return StudyReport(
+        path_to_study=f"incoming/{PATIENT_NAME}.zip",
+        study_uid="1.2.3.4",
+        series_uid="1.2.3.4.5",
+        probability_of_pathology=0.8125,
+        pathology=1,
+        processing_status=ProcessingStatus.SUCCESS,
+        time_of_processing=12.5,
+        most_dangerous_pathology_type="Lymphadenopathy",
+        warnings=["uneven slice spacing"],
+        findings=findings,
+        model=ModelInfo(
+            version="demo-abcdef012345", demo=demo, backend="onnxruntime", flavour="python"
+        ),
+        demo_weights=demo,
+    )
+
+
+def _failure() -> StudyReport:
+    return StudyReport(
+        path_to_study="incoming/head.zip",
+        study_uid="9.8.7",
+        processing_status=ProcessingStatus.FAILURE,
+        time_of_processing=0.75,
+        failure_reason="not a chest CT: BodyPartExamined HEAD",
+        warnings=["gantry tilt 12 degrees"],
+    )
+
+
+def _rows(path):
+    sheet = load_workbook(path)[REPORT_SHEET]
+    rows = list(sheet.iter_rows(values_only=True))
+    header, body = list(rows[0]), rows[1:]
+    return header, [dict(zip(header, row, strict=True)) for row in body]
+
+
+def test_xlsx_columns_start_with_the_customers_seven(tmp_path):
+    files = write_reports([_success(), _failure()], tmp_path)
+    header, rows = _rows(files.xlsx)
+    assert tuple(header[:7]) == REPORT_COLUMNS
+    assert header[7] == "most_dangerous_pathology_type"
+    assert header[8 : 8 + len(FINDING_LABELS)] == [
+        finding_column(label) for label in FINDING_LABELS
+    ]
+    assert header == report_columns()
+    assert len(rows) == 2
+
+
+def test_xlsx_cell_types(tmp_path):
+    files = write_reports([_success(), _failure()], tmp_path)
+    _, (success, failure) = _rows(files.xlsx)
+    assert isinstance(success["path_to_study"], str)
+    assert success["study_uid"] == "1.2.3.4" and success["series_uid"] == "1.2.3.4.5"
+    assert isinstance(success["probability_of_pathology"], float)
+    assert 0.0 <= success["probability_of_pathology"] <= 1.0
+    assert success["pathology"] == 1 and isinstance(success["pathology"], int)
+    assert success["processing_status"] == "Success"
+    assert success["time_of_processing"] == 12.5
+    assert success["most_dangerous_pathology_type"] == "Lymphadenopathy"
+    assert success[finding_column("Cancer")] == 19 / 40
+    assert success["warnings"] == "uneven slice spacing"
+    assert success["model_version"] == "demo-abcdef012345"
+    assert success["demo_weights"] == 1
+    assert success["notice"] == DEMO_NOTICE
+
+    assert failure["processing_status"] == "Failure"
+    assert isinstance(failure["time_of_processing"], float)
+    for empty in ("series_uid", "probability_of_pathology", "pathology", "model_version"):
+        assert failure[empty] is None
+    assert failure["most_dangerous_pathology_type"] is None
+    assert failure[finding_column("Cancer")] is None
+    assert failure["failure_reason"] == "not a chest CT: BodyPartExamined HEAD"
+
+
+def test_demo_notice_is_visible_only_with_demo_weights(tmp_path):
+    demo = write_reports([_success(demo=True)], tmp_path / "demo")
+    about = dict(load_workbook(demo.xlsx)[ABOUT_SHEET].iter_rows(values_only=True))
+    assert about["demo_weights"] == 1 and about["notice"] == DEMO_NOTICE
+    assert "DEMO WEIGHTS" in demo.warnings.read_text()
+
+    real = write_reports([_success(demo=False)], tmp_path / "real")
+    _, (row,) = _rows(real.xlsx)
+    assert row["demo_weights"] == 0 and row["notice"] is None
+    about = dict(load_workbook(real.xlsx)[ABOUT_SHEET].iter_rows(values_only=True))
+    assert about["demo_weights"] == 0 and "notice" not in about
+    assert "DEMO WEIGHTS" not in real.warnings.read_text()
+
+
+def test_warnings_file_lists_every_study_with_reasons(tmp_path):
+    files = write_reports([_success(), _failure()], tmp_path)
+    text = files.warnings.read_text()
+    assert "incoming/head.zip" in text and "study_uid: 9.8.7" in text
+    assert "status: Failure" in text and "status: Success" in text
+    assert "failure: not a chest CT: BodyPartExamined HEAD" in text
+    assert "warning: gantry tilt 12 degrees" in text
+    assert "warning: uneven slice spacing" in text
+
+
+def test_one_json_per_study_round_trips_without_patient_data_in_names(tmp_path):
+    reports = [_success(), _failure()]
+    files = write_reports(reports, tmp_path)
+    assert len(files.json_files) == 2
+    assert sorted(p.name for p in (tmp_path / "json").iterdir()) == sorted(
+        p.name for p in files.json_files
+    )
+    for path, report in zip(files.json_files, reports, strict=True):
+        assert PATIENT_NAME.split("^")[0] not in path.name
+        assert report.study_uid not in path.name
+        assert StudyReport.model_validate_json(path.read_text()) == report
+        assert json.loads(path.read_text())["processing_status"] == report.processing_status.value
+
+
+def test_empty_report_list_still_writes_valid_files(tmp_path):
+    files = write_reports([], tmp_path)
+    header, rows = _rows(files.xlsx)
+    assert tuple(header[:7]) == REPORT_COLUMNS and rows == []
+    assert files.json_files == []
