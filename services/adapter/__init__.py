@@ -1,0 +1,1 @@
+"""RabbitMQ worker: consumes StudyTasks, screens them with Triton, replies with StudyResults."""

@@ -1,0 +1,1 @@
+"""Gradio web UI of the stack: uploads studies, queues them, shows results."""

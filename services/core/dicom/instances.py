@@ -178,24 +178,28 @@ def read_studies(files: Iterable[Path], summary: IntakeSummary) -> list[Study]:
 
 
 def _read_header(path: Path) -> Dataset | None:
-    """The header of one file, or None when it cannot be parsed or its pixel data is cut off."""
+    """The header of one file, or None when it cannot be parsed or its pixel data is cut off.
+
+    The debug lines do not name the file: names inside an input may hold patient names, and
+    the report lists the unreadable files anyway.
+    """
     try:
         with open(path, "rb") as handle:
             header = pydicom.dcmread(handle, stop_before_pixels=True, force=True)
             pixel_data_at = handle.tell()
             file_size = os.fstat(handle.fileno()).st_size
     except Exception as error:  # noqa: BLE001 - a broken file is counted, never fatal
-        logger.debug("unreadable DICOM {}: {}", Path(path).name, type(error).__name__)
+        logger.debug("unreadable DICOM file: {}", type(error).__name__)
         return None
     if not isinstance(header, Dataset) or len(header) == 0:
         return None
     if _image_size_unreadable(header):
         # pydicom parses values lazily: a damaged Rows/Columns (unknown VR, odd length) only
         # raises when read, and would otherwise stop the whole input far from this file.
-        logger.debug("damaged image attributes in DICOM {}", Path(path).name)
+        logger.debug("DICOM file with damaged Rows/Columns")
         return None
     if _pixel_data_cut_off(header, file_size - pixel_data_at):
-        logger.debug("truncated DICOM {}", Path(path).name)
+        logger.debug("DICOM file cut off before the end of its pixel data")
         return None
     return header
 
@@ -218,7 +222,7 @@ def _pixel_data_cut_off(header: Dataset, bytes_left: int) -> bool:
     if "Rows" not in header or "Columns" not in header:
         return False
     meta = getattr(header, "file_meta", None)
-    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    syntax = str(tag_value(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
     if syntax and syntax not in UNCOMPRESSED_SYNTAXES:
         return False
     try:
@@ -310,7 +314,7 @@ def sop_class_uid(header: Dataset) -> str:
     value = _text(tag_value(header, "SOPClassUID"))
     if not value:
         meta = getattr(header, "file_meta", None)
-        value = _text(meta.get("MediaStorageSOPClassUID")) if meta is not None else ""
+        value = _text(tag_value(meta, "MediaStorageSOPClassUID")) if meta is not None else ""
     return value
 
 

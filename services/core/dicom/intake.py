@@ -29,7 +29,6 @@ from pathlib import Path, PurePosixPath
 
 import pydicom
 from loguru import logger
-from pydicom.errors import InvalidDicomError
 
 from services.core.config import IntakeSettings
 from services.core.schemas import IntakeSummary
@@ -202,9 +201,11 @@ def classify_file(path: Path, head: bytes | None = None) -> str:
     if has_preamble:
         try:
             meta = pydicom.filereader.read_file_meta_info(path)
-        except (InvalidDicomError, OSError, ValueError, EOFError):
+            # Values are parsed lazily: a damaged element raises here, not above.
+            sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
+        except Exception:  # noqa: BLE001 - a file meta that does not parse is not DICOM
             return "other"
-        if str(meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS:
+        if sop_class == DICOMDIR_SOP_CLASS:
             return "dicomdir"
         return "dicom"
     if path.name.upper() == "DICOMDIR":

@@ -171,13 +171,18 @@ def _shared_geometry(instances: list[Instance]) -> _SeriesGeometry:
             f"mixed orientations in one series: {int(differs.sum())} of {len(instances)} images "
             "are not parallel to the others"
         )
-    sizes = {(int(inst.header.Rows), int(inst.header.Columns)) for inst in instances}
+    sizes = {
+        (int(tag_value(inst.header, "Rows")), int(tag_value(inst.header, "Columns")))
+        for inst in instances
+    }  # read_studies drops files whose Rows/Columns cannot be read
     if len(sizes) > 1:
         listed = ", ".join(f"{r}x{c}" for r, c in sorted(sizes))
         raise SeriesDataError(f"mixed image sizes in one series: {listed}")
     try:
+        # tag_value: a damaged element raises only when read (unknown VR, odd length).
         spacings = np.asarray(
-            [[float(v) for v in inst.header.PixelSpacing] for inst in instances], dtype=np.float64
+            [[float(v) for v in tag_value(inst.header, "PixelSpacing")] for inst in instances],
+            dtype=np.float64,
         )
     except (TypeError, ValueError) as error:
         raise SeriesDataError(f"invalid PixelSpacing: {error}") from error
@@ -334,9 +339,10 @@ def _ensure_transfer_syntax(dataset: Dataset) -> None:
 
 def _transfer_syntax_name(header: Dataset) -> str | None:
     meta = getattr(header, "file_meta", None)
-    if meta is None or "TransferSyntaxUID" not in meta:
+    value = tag_value(meta, "TransferSyntaxUID") if meta is not None else None
+    if not value:
         return None
-    uid = UID(str(meta.TransferSyntaxUID))
+    uid = UID(str(value))
     return str(uid.name) if uid.name != str(uid) else str(uid)
 
 

@@ -248,11 +248,7 @@ class TritonBackend:
             result = self._send([tensor])
         finally:
             if registered:
-                try:
-                    self._client.unregister_system_shared_memory(name)
-                except InferenceServerException as error:
-                    # The server went away; it drops its mapping when it restarts.
-                    logger.warning("could not unregister shared memory {}: {}", name, error)
+                self._unregister(name)
             system_shm.destroy_shared_memory_region(region)
         self.stats.add(
             shm=volume.nbytes,
@@ -260,6 +256,22 @@ class TritonBackend:
             seconds=time.perf_counter() - started,
         )
         return result
+
+    def _unregister(self, name: str, attempts: int = 8) -> None:
+        """Unregister a region; the server may still hold it for a moment after answering
+        ("currently in use"), so retry briefly before giving up."""
+        delay = 0.01
+        for attempt in range(attempts):
+            try:
+                self._client.unregister_system_shared_memory(name)
+                return
+            except InferenceServerException as error:
+                if is_transient(error) or attempt == attempts - 1:
+                    # Server gone (it forgets regions when it restarts) or stuck: say so.
+                    logger.warning("could not unregister shared memory {}: {}", name, error)
+                    return
+                time.sleep(delay)
+                delay *= 2
 
     def infer(self, volume: np.ndarray) -> ModelOutputs:
         volume = self._check_input(volume)

@@ -1,0 +1,66 @@
+"""``python -m services.adapter``: one RabbitMQ worker that screens studies with Triton.
+
+Settings come from configs/config.yaml and CTS__ environment overrides (the inference
+backend is forced to Triton unless ``--backend`` says otherwise). Stops cleanly on SIGTERM
+or Ctrl-C: the study in progress is finished (up to ``--drain-timeout``) or given back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from loguru import logger
+
+from services.adapter.worker import Adapter, default_adapter_id
+from services.core.config import load_settings
+
+
+def _parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m services.adapter", description=__doc__)
+    parser.add_argument("--config", type=Path, default=None, help="default: configs/config.yaml")
+    parser.add_argument("--adapter-id", default=None, help="name in logs and results")
+    parser.add_argument(
+        "--backend",
+        choices=("triton", "onnxruntime"),
+        default="triton",
+        help="inference backend (default triton; onnxruntime runs the models in-process)",
+    )
+    parser.add_argument(
+        "--health-file",
+        type=Path,
+        default=Path("/tmp/cts-adapter.alive"),
+        help="touched every few seconds while the I/O loop runs (container health check)",
+    )
+    parser.add_argument("--drain-timeout", type=float, default=60.0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = _parse_arguments(argv)
+    settings = load_settings(arguments.config)
+    settings.inference.backend = arguments.backend
+    logger.remove()
+    logger.add(sys.stderr, level=settings.logging.level)
+    adapter = Adapter(
+        settings,
+        adapter_id=arguments.adapter_id or default_adapter_id(),
+        health_file=arguments.health_file,
+        drain_timeout_s=arguments.drain_timeout,
+    )
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        logger.info("signal {} received: stopping", signum)
+        adapter.request_stop()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    adapter.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Preview images of the model input: what the model saw, for the study's detail view.
+
+The model input is CT-CLIP's SLP+ volume scaled to [-1, 1] (HU / 1000): axis 0 runs toward
+superior, axis 1 toward the patient's left, axis 2 toward posterior. Images follow the
+radiological convention: axial slices with anterior at the top and the patient's left on
+the image's right; the coronal slice with superior at the top.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# Display window in HU: lungs and soft tissue both visible.
+WINDOW_HU = (-1000.0, 400.0)
+AXIAL_POSITIONS = (0.3, 0.5, 0.7)  # fractions of the superior-inferior extent
+MIN_PREVIEW_PIXELS = 256  # tiny test inputs are scaled up (nearest neighbour) to this
+
+
+def to_display(model_values: np.ndarray) -> np.ndarray:
+    """uint8 grey levels of model-input values (HU / 1000) in the display window."""
+    hu = np.asarray(model_values, dtype=np.float32) * 1000.0
+    low, high = WINDOW_HU
+    scaled = (np.clip(hu, low, high) - low) / (high - low)
+    return np.round(scaled * 255.0).astype(np.uint8)
+
+
+def axial_slice(volume_slp: np.ndarray, fraction: float) -> np.ndarray:
+    """Rows run anterior -> posterior, columns patient right -> left."""
+    index = min(int(fraction * volume_slp.shape[0]), volume_slp.shape[0] - 1)
+    return volume_slp[index].T
+
+
+def coronal_slice(volume_slp: np.ndarray, fraction: float = 0.5) -> np.ndarray:
+    """Rows run superior -> inferior, columns patient right -> left."""
+    index = min(int(fraction * volume_slp.shape[2]), volume_slp.shape[2] - 1)
+    return np.flipud(volume_slp[:, :, index])
+
+
+def preview_images(model_input: np.ndarray) -> dict[str, np.ndarray]:
+    """{name: uint8 image} for one study's model input ``[1, 1, D, H, W]`` or ``[D, H, W]``."""
+    volume = np.asarray(model_input)
+    while volume.ndim > 3:
+        volume = volume[0]
+    images = {
+        f"axial_{int(round(fraction * 100)):02d}": to_display(axial_slice(volume, fraction))
+        for fraction in AXIAL_POSITIONS
+    }
+    images["coronal_50"] = to_display(coronal_slice(volume))
+    return images
+
+
+def _upscale(image: np.ndarray) -> Image.Image:
+    picture = Image.fromarray(np.ascontiguousarray(image))
+    factor = max(1, -(-MIN_PREVIEW_PIXELS // max(image.shape)))
+    if factor > 1:
+        picture = picture.resize(
+            (image.shape[1] * factor, image.shape[0] * factor), Image.Resampling.NEAREST
+        )
+    return picture
+
+
+def write_previews(model_input: np.ndarray, directory: Path, prefix: str) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, image in preview_images(model_input).items():
+        path = directory / f"{prefix}_{name}.png"
+        _upscale(image).save(path, format="PNG", optimize=True)
+        paths.append(path)
+    return paths

@@ -1,0 +1,1 @@
+"""RabbitMQ messaging of the stack: message schemas, queue topology, connections."""

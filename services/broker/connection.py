@@ -1,0 +1,330 @@
+"""RabbitMQ plumbing shared by adapters, frontends and scripts (pika, blocking adapter).
+
+pika connections are not thread-safe: each thread owns its connection. Everything that
+publishes uses publisher confirms and persistent messages, so ``publish_*`` returning
+means the broker has the message on disk.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pika
+import pika.exceptions
+from loguru import logger
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+
+from services.broker.schemas import (
+    CONTENT_TYPE,
+    TASK_ROUTING_KEY,
+    MessageError,
+    QueueTopology,
+    StudyProgress,
+    StudyResult,
+    StudyTask,
+    _Message,
+    decode_message,
+    encode_message,
+)
+from services.core.config import RabbitMQSettings
+
+PERSISTENT = pika.DeliveryMode.Persistent
+TRANSIENT = pika.DeliveryMode.Transient
+
+# What a lost or refused connection looks like; callers reconnect on these.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    pika.exceptions.AMQPConnectionError,
+    pika.exceptions.AMQPChannelError,
+    pika.exceptions.StreamLostError,
+    ConnectionError,
+    OSError,
+)
+
+
+class PublishError(RuntimeError):
+    """The broker did not take the message (no queue for it, or a negative confirm)."""
+
+
+def connection_parameters(
+    settings: RabbitMQSettings, *, name: str, heartbeat_s: int | None = None
+) -> pika.ConnectionParameters:
+    return pika.ConnectionParameters(
+        host=settings.host,
+        port=settings.port,
+        virtual_host=settings.virtual_host,
+        credentials=pika.PlainCredentials(settings.username, settings.password),
+        heartbeat=settings.heartbeat_s if heartbeat_s is None else heartbeat_s,
+        blocked_connection_timeout=300,
+        connection_attempts=1,
+        socket_timeout=10,
+        client_properties={"connection_name": name},
+    )
+
+
+def backoff_delays(initial_s: float = 0.5, maximum_s: float = 30.0) -> Any:
+    """0.5, 1, 2, 4, ... seconds, capped: how long to wait before each reconnection."""
+    delay = initial_s
+    while True:
+        yield delay
+        delay = min(delay * 2, maximum_s)
+
+
+def connect(
+    settings: RabbitMQSettings,
+    *,
+    name: str,
+    stop: threading.Event | None = None,
+    give_up_after_s: float | None = None,
+) -> BlockingConnection:
+    """Connect, retrying with exponential backoff until ``stop`` is set or time runs out."""
+    deadline = None if give_up_after_s is None else time.monotonic() + give_up_after_s
+    for delay in backoff_delays():
+        try:
+            return BlockingConnection(connection_parameters(settings, name=name))
+        except pika.exceptions.ProbableAuthenticationError:
+            raise  # wrong credentials do not fix themselves
+        except CONNECTION_ERRORS as error:
+            if stop is not None and stop.is_set():
+                raise
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise
+            logger.warning(
+                "RabbitMQ at {}:{} not reachable ({}); retrying in {:.1f} s",
+                settings.host,
+                settings.port,
+                type(error).__name__,
+                delay,
+            )
+            if stop is not None:
+                if stop.wait(delay):
+                    raise
+            else:
+                time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def declare_topology(channel: BlockingChannel, topology: QueueTopology) -> None:
+    """Exchanges and queues of the task path; idempotent (same names, same arguments)."""
+    channel.exchange_declare(topology.dead_letter_exchange, exchange_type="fanout", durable=True)
+    channel.queue_declare(topology.dead_letter_queue, durable=True)
+    channel.queue_bind(topology.dead_letter_queue, topology.dead_letter_exchange)
+    channel.exchange_declare(topology.task_exchange, exchange_type="direct", durable=True)
+    channel.queue_declare(
+        topology.task_queue, durable=True, arguments=topology.task_queue_arguments()
+    )
+    channel.queue_bind(topology.task_queue, topology.task_exchange, routing_key=TASK_ROUTING_KEY)
+
+
+def declare_reply_queue(channel: BlockingChannel, topology: QueueTopology, frontend_id: str) -> str:
+    """A durable reply queue for one frontend: results wait there while the frontend restarts."""
+    name = topology.reply_queue(frontend_id)
+    channel.queue_declare(name, durable=True, arguments=topology.reply_queue_arguments())
+    return name
+
+
+def message_properties(
+    message: _Message,
+    *,
+    correlation_id: str | None,
+    reply_to: str | None = None,
+    persistent: bool = True,
+    message_id: str | None = None,
+) -> pika.BasicProperties:
+    return pika.BasicProperties(
+        content_type=CONTENT_TYPE,
+        type=type(message).__name__,
+        delivery_mode=PERSISTENT if persistent else TRANSIENT,
+        correlation_id=correlation_id,
+        reply_to=reply_to,
+        message_id=message_id,
+        timestamp=int(time.time()),
+        headers={"schema_version": message.schema_version},
+    )
+
+
+def _publish(
+    channel: BlockingChannel,
+    *,
+    exchange: str,
+    routing_key: str,
+    body: bytes,
+    properties: pika.BasicProperties,
+    mandatory: bool,
+) -> None:
+    # On a channel in confirm mode basic_publish waits for the broker's ack.
+    try:
+        channel.basic_publish(
+            exchange=exchange,
+            routing_key=routing_key,
+            body=body,
+            properties=properties,
+            mandatory=mandatory,
+        )
+    except pika.exceptions.UnroutableError as error:
+        raise PublishError(f"no queue takes messages for {routing_key!r}") from error
+    except pika.exceptions.NackError as error:
+        raise PublishError(f"the broker refused the message for {routing_key!r}") from error
+
+
+def publish_task(channel: BlockingChannel, topology: QueueTopology, task: StudyTask) -> None:
+    """Queue a task (channel must be in confirm mode)."""
+    _publish(
+        channel,
+        exchange=topology.task_exchange,
+        routing_key=TASK_ROUTING_KEY,
+        body=encode_message(task),
+        properties=message_properties(
+            task,
+            correlation_id=task.reply_correlation_id,
+            reply_to=task.reply_to,
+            message_id=task.task_id,
+        ),
+        mandatory=True,
+    )
+
+
+def publish_reply(
+    channel: BlockingChannel,
+    message: StudyResult | StudyProgress,
+    *,
+    reply_to: str,
+    correlation_id: str | None,
+    persistent: bool = True,
+) -> None:
+    """Send a result (persistent, confirmed) or progress (transient) to a reply queue."""
+    _publish(
+        channel,
+        exchange="",
+        routing_key=reply_to,
+        body=encode_message(message),
+        properties=message_properties(
+            message, correlation_id=correlation_id, persistent=persistent
+        ),
+        mandatory=True,
+    )
+
+
+def delivery_count(properties: pika.BasicProperties) -> int:
+    """How many times the broker has handed this message out before (quorum queue header)."""
+    headers = properties.headers or {}
+    try:
+        return int(headers.get("x-delivery-count", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def submit_task(settings: RabbitMQSettings, task: StudyTask, *, name: str = "cts-submit") -> None:
+    """One confirmed publish on a short-lived connection (uploads are rare; an idle blocking
+    connection would miss its heartbeats)."""
+    topology = QueueTopology.from_settings(settings)
+    connection = connect(settings, name=name, give_up_after_s=10)
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        declare_topology(channel, topology)
+        publish_task(channel, topology, task)
+    finally:
+        _close_quietly(connection)
+
+
+def queued_task_count(settings: RabbitMQSettings) -> int:
+    """Tasks waiting in the task queue (not counting the ones adapters hold)."""
+    topology = QueueTopology.from_settings(settings)
+    connection = connect(settings, name="cts-queue-depth", give_up_after_s=10)
+    try:
+        channel = connection.channel()
+        declare_topology(channel, topology)
+        frame = channel.queue_declare(topology.task_queue, passive=True)
+        return int(frame.method.message_count)
+    finally:
+        _close_quietly(connection)
+
+
+def _close_quietly(connection: BlockingConnection) -> None:
+    try:
+        if connection.is_open:
+            connection.close()
+    except CONNECTION_ERRORS:
+        pass
+
+
+ReplyHandler = Callable[[StudyResult | StudyProgress], None]
+
+
+class ReplyListener(threading.Thread):
+    """Consumes one reply queue in a background thread and hands each message to ``handler``.
+
+    A message is acked after the handler returns, so a crash of the listener leaves it in the
+    queue. Reconnects with backoff when the broker goes away.
+    """
+
+    def __init__(
+        self,
+        settings: RabbitMQSettings,
+        frontend_id: str,
+        handler: ReplyHandler,
+        *,
+        name: str = "reply-listener",
+    ) -> None:
+        super().__init__(name=name, daemon=True)
+        self._settings = settings
+        self._topology = QueueTopology.from_settings(settings)
+        self._frontend_id = frontend_id
+        self.queue_name = self._topology.reply_queue(frontend_id)
+        self._handler = handler
+        self._stop_event = threading.Event()
+        self.ready = threading.Event()  # set once the reply queue exists
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop_event.set()
+        self.join(timeout_s)
+
+    def run(self) -> None:
+        delays = backoff_delays()
+        while not self._stop_event.is_set():
+            connection = None
+            try:
+                connection = connect(self._settings, name=self.name, stop=self._stop_event)
+                channel = connection.channel()
+                declare_reply_queue(channel, self._topology, self._frontend_id)
+                channel.basic_qos(prefetch_count=50)
+                channel.basic_consume(self.queue_name, self._on_message)
+                self.ready.set()
+                delays = backoff_delays()
+                while not self._stop_event.is_set():
+                    connection.process_data_events(time_limit=0.5)
+            except CONNECTION_ERRORS as error:
+                if self._stop_event.is_set():
+                    break
+                delay = next(delays)
+                logger.warning("reply listener lost RabbitMQ ({}); retry in {:.1f} s", error, delay)
+                self._stop_event.wait(delay)
+            finally:
+                if connection is not None:
+                    _close_quietly(connection)
+
+    def _on_message(
+        self,
+        channel: BlockingChannel,
+        method: Any,
+        properties: pika.BasicProperties,
+        body: bytes,
+    ) -> None:
+        try:
+            message = decode_message(body, type_name=properties.type)
+        except MessageError as error:
+            logger.error("dropping an unreadable reply: {}", error)
+            channel.basic_ack(method.delivery_tag)
+            return
+        if not isinstance(message, StudyResult | StudyProgress):
+            logger.error("dropping a {} on a reply queue", type(message).__name__)
+            channel.basic_ack(method.delivery_tag)
+            return
+        try:
+            self._handler(message)
+        except Exception:  # the handler's bug must not kill the listener
+            logger.exception("reply handler failed for task {}", message.task_id)
+        channel.basic_ack(method.delivery_tag)

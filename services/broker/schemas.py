@@ -1,0 +1,234 @@
+"""Messages and queue topology of the stack: the contract between frontends, adapters and
+any other system that submits studies (DESIGN.md section 5).
+
+Everything that travels through RabbitMQ is one of the pydantic models below, serialised
+as JSON (``content_type=application/json``) with the model's name in the AMQP ``type``
+property and ``schema_version`` in the body. Studies travel **by reference**: a task names a
+file or folder relative to the shared storage root, never the bytes themselves.
+
+Topology (``<p>`` is ``rabbitmq.queue_prefix``, ``cts`` by default)::
+
+    publisher --(routing key "study")--> exchange <p>.tasks (direct, durable)
+        --> queue <p>.tasks (quorum, x-delivery-limit, dead-letters to <p>.dead-letter)
+            --> adapters (manual ack, prefetch_count)
+    exchange <p>.dead-letter (fanout) --> queue <p>.tasks.dead-letter (classic, durable)
+    adapter --(default exchange, routing key = task.reply_to)--> reply queue of the submitter
+        (frontends declare <p>.replies.<frontend id>; any durable queue works)
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
+
+from services.core.schemas import StudyReport
+
+BROKER_SCHEMA_VERSION = 1
+CONTENT_TYPE = "application/json"
+TASK_ROUTING_KEY = "study"
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def new_task_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # A consumer refuses a version it does not know instead of guessing what fields mean.
+    schema_version: Literal[1] = BROKER_SCHEMA_VERSION
+
+
+def _check_safe_id(value: str) -> str:
+    # Task ids become file and folder names under storage/: no separators, no dots.
+    if not _SAFE_ID.match(value):
+        raise ValueError("must be 1-64 characters of letters, digits, '_' or '-'")
+    return value
+
+
+class StudyTask(_Message):
+    """A request to screen one study (a zip, a folder of DICOM files or one DICOM file)."""
+
+    task_id: str = Field(default_factory=new_task_id)
+    # Echoed in every progress and result message; the AMQP correlation_id carries it too.
+    correlation_id: str | None = None
+    # POSIX path relative to the storage root, e.g. "uploads/<task_id>/study.zip".
+    study_path: str
+    original_filename: str
+    submitted_at: datetime = Field(default_factory=utc_now)
+    # Queue that receives progress and the result (default exchange); None: result only stored.
+    reply_to: str | None = None
+    submitted_by: str | None = None  # free text: frontend id, system name
+
+    @field_validator("task_id")
+    @classmethod
+    def _safe_task_id(cls, value: str) -> str:
+        return _check_safe_id(value)
+
+    @field_validator("study_path")
+    @classmethod
+    def _relative_inside_storage(cls, value: str) -> str:
+        path = PurePosixPath(value)
+        if not value or path.is_absolute() or ".." in path.parts or "\\" in value:
+            raise ValueError("study_path must be a relative path inside the storage root")
+        return path.as_posix()
+
+    @property
+    def reply_correlation_id(self) -> str:
+        return self.correlation_id or self.task_id
+
+    def resolve_study_path(self, storage_root: Path) -> Path:
+        """The study on this machine; refuses anything that escapes the storage root."""
+        root = Path(storage_root).resolve()
+        resolved = (root / self.study_path).resolve()
+        if not resolved.is_relative_to(root):
+            raise ValueError(f"study_path {self.study_path!r} leaves the storage root")
+        return resolved
+
+
+class StudyProgress(_Message):
+    """Where an adapter is with a task; transient (not persisted), for the UI only."""
+
+    task_id: str
+    correlation_id: str | None = None
+    stage: str  # "started", a pipeline stage name, "retrying"
+    fraction: float = Field(ge=0.0, le=1.0)
+    message: str = ""
+    adapter_id: str = ""
+    at: datetime = Field(default_factory=utc_now)
+
+
+class TaskStatus(str, Enum):
+    # The pipeline ran: reports hold one row per study found (a study may still be a Failure
+    # row, e.g. "not a chest CT").
+    COMPLETED = "completed"
+    # The task could not be processed (unreadable task, crash, too many deliveries): reports
+    # hold one Failure row with the reason, so the customer's table still gets a row.
+    FAILED = "failed"
+
+
+class ResultFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str  # "xlsx" | "warnings" | "json" | "preview"
+    path: str  # relative to the storage root
+    description: str = ""
+
+
+class StudyResult(_Message):
+    """The outcome of one task, sent to ``reply_to`` and stored as
+    ``storage/results/<task_id>.json`` (the same document)."""
+
+    task_id: str
+    correlation_id: str | None = None
+    status: TaskStatus
+    reports: list[StudyReport] = Field(default_factory=list)
+    files: list[ResultFile] = Field(default_factory=list)
+    error: str | None = None
+    original_filename: str = ""
+    study_path: str = ""
+    adapter_id: str = ""
+    attempt: int = 1  # which delivery of the task produced this result
+    started_at: datetime | None = None
+    finished_at: datetime = Field(default_factory=utc_now)
+    seconds: float = 0.0  # wall time of the task in the adapter
+
+    def files_of_kind(self, kind: str) -> list[ResultFile]:
+        return [item for item in self.files if item.kind == kind]
+
+
+MESSAGE_TYPES: dict[str, type[_Message]] = {
+    "StudyTask": StudyTask,
+    "StudyProgress": StudyProgress,
+    "StudyResult": StudyResult,
+}
+
+
+class MessageError(ValueError):
+    """A message body that is not a valid message of the expected type."""
+
+
+def encode_message(message: _Message) -> bytes:
+    return message.model_dump_json().encode("utf-8")
+
+
+def decode_message(
+    body: bytes, expected: type[_Message] | None = None, type_name: str | None = None
+) -> Any:
+    """Parse a body into the model named by ``type_name`` (the AMQP type property) or ``expected``."""
+    model = expected
+    if type_name is not None:
+        model = MESSAGE_TYPES.get(type_name)
+        if model is None:
+            raise MessageError(f"unknown message type {type_name!r}")
+        if expected is not None and model is not expected:
+            raise MessageError(f"expected a {expected.__name__}, got a {type_name}")
+    if model is None:
+        raise MessageError("the message type is unknown: set the AMQP 'type' property")
+    try:
+        return model.model_validate_json(body)
+    except ValueError as error:
+        raise MessageError(f"invalid {model.__name__}: {error}") from error
+
+
+class QueueTopology(BaseModel):
+    """Names and arguments of every exchange and queue; one prefix keeps stacks apart."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prefix: str = Field(default="cts", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    # An adapter processes a task at most this many times; the next delivery is given up
+    # (Failure result, dead-lettered). The broker's x-delivery-limit backs this up.
+    max_deliveries: int = Field(default=3, ge=1)
+    # Reply queues of frontends that never come back disappear after this idle time.
+    reply_queue_expires_ms: int = 7 * 24 * 3600 * 1000
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def task_exchange(self) -> str:
+        return f"{self.prefix}.tasks"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def task_queue(self) -> str:
+        return f"{self.prefix}.tasks"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.prefix}.dead-letter"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.prefix}.tasks.dead-letter"
+
+    def reply_queue(self, frontend_id: str) -> str:
+        return f"{self.prefix}.replies.{_check_safe_id(frontend_id)}"
+
+    def task_queue_arguments(self) -> dict[str, Any]:
+        return {
+            "x-queue-type": "quorum",
+            # Deliveries beyond the adapter's own limit: the adapter died on every one of them.
+            "x-delivery-limit": self.max_deliveries,
+            "x-dead-letter-exchange": self.dead_letter_exchange,
+        }
+
+    def reply_queue_arguments(self) -> dict[str, Any]:
+        return {"x-expires": self.reply_queue_expires_ms}
+
+    @classmethod
+    def from_settings(cls, rabbitmq: Any) -> QueueTopology:
+        return cls(prefix=rabbitmq.queue_prefix, max_deliveries=rabbitmq.max_deliveries)

@@ -1,0 +1,69 @@
+"""Where the stack keeps studies and results on the shared storage volume.
+
+    <root>/uploads/<task_id>/<file>      what a frontend received (tasks point here)
+    <root>/results/<task_id>.json        the StudyResult, exactly as sent to reply_to
+    <root>/results/<task_id>/            output.xlsx, warnings_and_errors.txt, json/, previews/
+
+A result file is written atomically (temporary file + rename): a reader sees the whole
+document or none, and its presence means the task is finished (adapters republish it
+instead of recomputing when a task is redelivered).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from services.broker.schemas import StudyResult
+
+UPLOADS_DIR = "uploads"
+RESULTS_DIR = "results"
+
+
+def result_json_path(storage_root: Path, task_id: str) -> Path:
+    return Path(storage_root) / RESULTS_DIR / f"{task_id}.json"
+
+
+def result_files_dir(storage_root: Path, task_id: str) -> Path:
+    return Path(storage_root) / RESULTS_DIR / task_id
+
+
+def upload_dir(storage_root: Path, task_id: str) -> Path:
+    return Path(storage_root) / UPLOADS_DIR / task_id
+
+
+def relative_to_storage(storage_root: Path, path: Path) -> str:
+    return Path(path).resolve().relative_to(Path(storage_root).resolve()).as_posix()
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def store_result(storage_root: Path, result: StudyResult) -> Path:
+    path = result_json_path(storage_root, result.task_id)
+    write_atomically(path, result.model_dump_json(indent=2).encode("utf-8"))
+    return path
+
+
+def load_result(storage_root: Path, task_id: str) -> StudyResult | None:
+    """The stored result of a task, or None when there is none (or it is unreadable)."""
+    path = result_json_path(storage_root, task_id)
+    try:
+        return StudyResult.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        # A result written by an incompatible version: recompute rather than crash.
+        return None

@@ -1,0 +1,86 @@
+"""``python -m services.frontend``: the web UI of the stack (Gradio), on 127.0.0.1:7860 unless
+configured (frontend.host / frontend.port, or CTS__FRONTEND__HOST / CTS__FRONTEND__PORT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+# No telemetry from a hospital network (and these machines have no internet anyway).
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from loguru import logger  # noqa: E402
+
+from services.broker.storage import RESULTS_DIR  # noqa: E402
+from services.core.config import load_settings  # noqa: E402
+from services.frontend.service import SESSIONS_DIR, FrontendService  # noqa: E402
+
+
+def parse_auth(auth: str | None) -> tuple[str, str] | None:
+    """``user:password`` -> (user, password); None keeps the page open."""
+    if not auth:
+        return None
+    user, separator, password = auth.partition(":")
+    if not separator or not user or not password:
+        raise ValueError("frontend.auth must look like 'user:password'")
+    return user, password
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.frontend", description=__doc__)
+    parser.add_argument("--config", type=Path, default=None, help="default: configs/config.yaml")
+    arguments = parser.parse_args(argv)
+    settings = load_settings(arguments.config)
+    logger.remove()
+    logger.add(sys.stderr, level=settings.logging.level)
+
+    root = settings.storage.root
+    # Gradio keeps uploads here until the study is queued (then they are moved next to it,
+    # on the same file system); refused leftovers are swept after a day (see app.py).
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(root / "frontend" / "incoming"))
+    from services.frontend.app import build_app
+
+    service = FrontendService(settings)
+    service.start()
+    app = build_app(service)
+    app.launch(
+        server_name=settings.frontend.host,
+        server_port=settings.frontend.port,
+        auth=parse_auth(settings.frontend.auth),
+        max_file_size=f"{settings.frontend.max_upload_mb}mb",
+        # Only results and session files are served; uploads never leave the server.
+        allowed_paths=[str(root / RESULTS_DIR), str(root / SESSIONS_DIR)],
+        blocked_paths=[str(root / "uploads"), str(root / "frontend" / "browser_state_secret")],
+        prevent_thread_lock=True,
+        quiet=True,
+        footer_links=[],
+    )
+    logger.info(
+        "frontend {} on http://{}:{} (reply queue {})",
+        service.instance_id,
+        settings.frontend.host,
+        settings.frontend.port,
+        service.reply_queue,
+    )
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        logger.info("signal {} received: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    stop.wait()
+    app.close()
+    service.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Messages and queue topology on the real RabbitMQ broker (127.0.0.1:5672, guest/guest).
+
+Every test uses its own queue prefix and deletes what it declared.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pika
+import pika.exceptions
+import pytest
+
+from services.broker.connection import (
+    PublishError,
+    ReplyListener,
+    connect,
+    declare_reply_queue,
+    declare_topology,
+    delivery_count,
+    publish_reply,
+    publish_task,
+    queued_task_count,
+    submit_task,
+)
+from services.broker.schemas import (
+    BROKER_SCHEMA_VERSION,
+    MessageError,
+    QueueTopology,
+    StudyProgress,
+    StudyResult,
+    StudyTask,
+    TaskStatus,
+    decode_message,
+    encode_message,
+)
+from services.core.config import RabbitMQSettings
+from services.core.schemas import ProcessingStatus, StudyReport
+
+pytestmark = pytest.mark.rabbitmq
+
+
+# -- pure message logic -------------------------------------------------------------------
+
+
+def test_task_round_trip_keeps_every_field() -> None:
+    task = StudyTask(
+        study_path="uploads/abc/study.zip",
+        original_filename="study.zip",
+        reply_to="cts.replies.frontend1",
+        submitted_by="pacs-bridge",
+    )
+    decoded = decode_message(encode_message(task), type_name="StudyTask")
+    assert decoded == task
+    assert decoded.schema_version == BROKER_SCHEMA_VERSION
+    assert decoded.reply_correlation_id == task.task_id  # no explicit correlation id
+
+
+@pytest.mark.parametrize(
+    "study_path", ["/etc/passwd", "../outside.zip", "uploads/../../x.zip", "", "a\\b.zip"]
+)
+def test_task_refuses_paths_outside_storage(study_path: str) -> None:
+    with pytest.raises(ValueError, match="storage root"):
+        StudyTask(study_path=study_path, original_filename="x.zip")
+
+
+@pytest.mark.parametrize("task_id", ["../x", "a/b", "", "x" * 65, ".hidden"])
+def test_task_refuses_ids_that_are_not_safe_file_names(task_id: str) -> None:
+    with pytest.raises(ValueError):
+        StudyTask(task_id=task_id, study_path="uploads/a.zip", original_filename="a.zip")
+
+
+def test_unknown_schema_version_and_type_are_refused() -> None:
+    body = encode_message(StudyTask(study_path="uploads/a.zip", original_filename="a.zip"))
+    newer = body.replace(b'"schema_version":1', b'"schema_version":2')
+    with pytest.raises(MessageError, match="StudyTask"):
+        decode_message(newer, StudyTask)
+    with pytest.raises(MessageError, match="unknown message type"):
+        decode_message(body, type_name="SomethingElse")
+    with pytest.raises(MessageError, match="expected a StudyTask"):
+        decode_message(body, StudyTask, type_name="StudyResult")
+    with pytest.raises(MessageError):
+        decode_message(b"not json", StudyTask)
+
+
+def test_resolve_study_path_stays_inside_the_root(tmp_path) -> None:
+    task = StudyTask(study_path="uploads/t1/study.zip", original_filename="study.zip")
+    assert task.resolve_study_path(tmp_path) == (tmp_path / "uploads/t1/study.zip").resolve()
+    # A symlink inside storage that points outside is refused as well.
+    (tmp_path / "uploads").mkdir()
+    (tmp_path / "uploads" / "escape").symlink_to("/etc")
+    sneaky = StudyTask(study_path="uploads/escape/passwd", original_filename="x")
+    with pytest.raises(ValueError, match="leaves the storage root"):
+        sneaky.resolve_study_path(tmp_path)
+
+
+def test_topology_names_follow_the_prefix() -> None:
+    topology = QueueTopology(prefix="site-a", max_deliveries=4)
+    assert topology.task_exchange == "site-a.tasks"
+    assert topology.task_queue == "site-a.tasks"
+    assert topology.dead_letter_exchange == "site-a.dead-letter"
+    assert topology.dead_letter_queue == "site-a.tasks.dead-letter"
+    assert topology.reply_queue("frontend7") == "site-a.replies.frontend7"
+    arguments = topology.task_queue_arguments()
+    assert arguments["x-queue-type"] == "quorum"
+    assert arguments["x-delivery-limit"] == 4
+    assert arguments["x-dead-letter-exchange"] == "site-a.dead-letter"
+    with pytest.raises(ValueError):
+        topology.reply_queue("../x")
+
+
+# -- the real broker ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings() -> Iterator[RabbitMQSettings]:
+    prefix = f"test-broker-{uuid.uuid4().hex[:10]}"
+    broker = RabbitMQSettings(queue_prefix=prefix, max_deliveries=2, heartbeat_s=30)
+    yield broker
+    delete_everything(broker, reply_ids=["frontend-a", "frontend-b"])
+
+
+def delete_everything(settings: RabbitMQSettings, reply_ids: list[str]) -> None:
+    topology = QueueTopology.from_settings(settings)
+    connection = connect(settings, name="test cleanup", give_up_after_s=10)
+    try:
+        channel = connection.channel()
+        queues = [topology.task_queue, topology.dead_letter_queue]
+        queues += [topology.reply_queue(reply_id) for reply_id in reply_ids]
+        for queue in queues:
+            channel.queue_delete(queue)
+        for exchange in (topology.task_exchange, topology.dead_letter_exchange):
+            channel.exchange_delete(exchange)
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def channel(settings: RabbitMQSettings):
+    connection = connect(settings, name="test", give_up_after_s=10)
+    channel = connection.channel()
+    channel.confirm_delivery()
+    declare_topology(channel, QueueTopology.from_settings(settings))
+    yield channel
+    if connection.is_open:
+        connection.close()
+
+
+def get_one(channel, queue: str, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        method, properties, body = channel.basic_get(queue)
+        if method is not None:
+            return method, properties, body
+        time.sleep(0.05)
+    raise AssertionError(f"nothing arrived in {queue} within {timeout_s} s")
+
+
+def test_task_is_persistent_confirmed_and_carries_its_properties(settings, channel) -> None:
+    topology = QueueTopology.from_settings(settings)
+    task = StudyTask(
+        study_path="uploads/t/study.zip",
+        original_filename="study.zip",
+        reply_to=topology.reply_queue("frontend-a"),
+    )
+    publish_task(channel, topology, task)  # returns only after the broker's confirm
+    method, properties, body = get_one(channel, topology.task_queue)
+    channel.basic_ack(method.delivery_tag)
+    assert properties.delivery_mode == pika.DeliveryMode.Persistent.value
+    assert properties.type == "StudyTask"
+    assert properties.content_type == "application/json"
+    assert properties.correlation_id == task.task_id
+    assert properties.reply_to == task.reply_to
+    assert properties.message_id == task.task_id
+    assert properties.headers["schema_version"] == BROKER_SCHEMA_VERSION
+    assert decode_message(body, StudyTask, type_name=properties.type) == task
+    assert delivery_count(properties) == 0
+
+
+def test_task_queue_is_a_durable_quorum_queue(settings, channel) -> None:
+    topology = QueueTopology.from_settings(settings)
+    frame = channel.queue_declare(topology.task_queue, passive=True)
+    assert frame.method.queue == topology.task_queue
+    # Declaring it as anything else is refused by the broker: the arguments are what we say.
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+        channel.queue_declare(
+            topology.task_queue, durable=True, arguments={"x-queue-type": "classic"}
+        )
+    assert refused.value.reply_code == 406
+
+
+def test_message_returned_too_often_goes_to_the_dead_letter_queue(settings, channel) -> None:
+    topology = QueueTopology.from_settings(settings)
+    task = StudyTask(study_path="uploads/t/crash.zip", original_filename="crash.zip")
+    publish_task(channel, topology, task)
+    counts = []
+    for _ in range(settings.max_deliveries + 1):
+        method, properties, _body = get_one(channel, topology.task_queue)
+        counts.append(delivery_count(properties))
+        channel.basic_nack(method.delivery_tag, requeue=True)  # as if the worker died
+    assert counts == list(range(settings.max_deliveries + 1))
+    method, properties, body = get_one(channel, topology.dead_letter_queue)
+    channel.basic_ack(method.delivery_tag)
+    assert decode_message(body, StudyTask) == task
+    assert properties.headers["x-first-death-reason"] == "delivery_limit"
+    assert channel.queue_declare(topology.task_queue, passive=True).method.message_count == 0
+
+
+def test_rejected_message_goes_to_the_dead_letter_queue(settings, channel) -> None:
+    topology = QueueTopology.from_settings(settings)
+    channel.basic_publish(topology.task_exchange, "study", b"{not a task")
+    method, _properties, _body = get_one(channel, topology.task_queue)
+    channel.basic_reject(method.delivery_tag, requeue=False)
+    _method, properties, body = get_one(channel, topology.dead_letter_queue)
+    assert body == b"{not a task"
+    assert properties.headers["x-first-death-reason"] == "rejected"
+
+
+def make_result(task_id: str) -> StudyResult:
+    return StudyResult(
+        task_id=task_id,
+        correlation_id=task_id,
+        status=TaskStatus.COMPLETED,
+        reports=[
+            StudyReport(
+                path_to_study="study.zip",
+                study_uid="1.2.3",
+                series_uid="1.2.3.4",
+                probability_of_pathology=0.25,
+                pathology=0,
+                processing_status=ProcessingStatus.SUCCESS,
+                time_of_processing=1.5,
+            )
+        ],
+    )
+
+
+def test_replies_reach_only_the_frontend_that_asked(settings, channel) -> None:
+    topology = QueueTopology.from_settings(settings)
+    queue_a = declare_reply_queue(channel, topology, "frontend-a")
+    queue_b = declare_reply_queue(channel, topology, "frontend-b")
+    result = make_result("task-for-a")
+    publish_reply(channel, result, reply_to=queue_a, correlation_id="task-for-a")
+    method, properties, body = get_one(channel, queue_a)
+    channel.basic_ack(method.delivery_tag)
+    assert properties.correlation_id == "task-for-a"
+    assert properties.delivery_mode == pika.DeliveryMode.Persistent.value
+    assert decode_message(body, type_name=properties.type) == result
+    assert channel.queue_declare(queue_b, passive=True).method.message_count == 0
+
+
+def test_reply_to_a_missing_queue_is_reported(settings, channel) -> None:
+    with pytest.raises(PublishError, match="no queue"):
+        publish_reply(
+            channel,
+            make_result("t"),
+            reply_to=f"{settings.queue_prefix}.replies.nobody",
+            correlation_id="t",
+        )
+
+
+def test_reply_listener_hands_results_and_progress_to_the_handler(settings, channel) -> None:
+    received: list[StudyResult | StudyProgress] = []
+    arrived = threading.Event()
+
+    def handler(message: StudyResult | StudyProgress) -> None:
+        received.append(message)
+        if isinstance(message, StudyResult):
+            arrived.set()
+
+    listener = ReplyListener(settings, "frontend-b", handler)
+    listener.start()
+    try:
+        assert listener.ready.wait(15)
+        progress = StudyProgress(task_id="t-b", stage="inference", fraction=0.5)
+        publish_reply(
+            channel, progress, reply_to=listener.queue_name, correlation_id="t-b", persistent=False
+        )
+        publish_reply(
+            channel, make_result("t-b"), reply_to=listener.queue_name, correlation_id="t-b"
+        )
+        assert arrived.wait(15)
+    finally:
+        listener.stop()
+    assert not listener.is_alive()
+    assert [type(message).__name__ for message in received] == ["StudyProgress", "StudyResult"]
+    assert received[1].reports[0].probability_of_pathology == 0.25
+    # Acked: nothing is left for the next start of this frontend.
+    assert channel.queue_declare(listener.queue_name, passive=True).method.message_count == 0
+
+
+def test_submit_task_and_queue_depth(settings) -> None:
+    assert queued_task_count(settings) == 0
+    for index in range(3):
+        submit_task(settings, StudyTask(study_path=f"uploads/{index}.zip", original_filename="x"))
+    assert queued_task_count(settings) == 3
+
+
+def test_wrong_credentials_fail_fast() -> None:
+    wrong = RabbitMQSettings(username="nobody", password="wrong")
+    with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+        connect(wrong, name="test wrong credentials", give_up_after_s=30)

