@@ -17,6 +17,7 @@ from loguru import logger
 
 from services.adapter.worker import Adapter, default_adapter_id
 from services.core.config import load_settings
+from services.core.logging_setup import configure_logging
 
 
 def _parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -43,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = _parse_arguments(argv)
     settings = load_settings(arguments.config)
     settings.inference.backend = arguments.backend
-    logger.remove()
-    logger.add(sys.stderr, level=settings.logging.level)
+    configure_logging(settings.logging.level)
     adapter = Adapter(
         settings,
         adapter_id=arguments.adapter_id or default_adapter_id(),

@@ -16,13 +16,13 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from loguru import logger
 from tqdm import tqdm
 
 from services.core.config import Settings, load_settings
 from services.core.findings import ThresholdError, resolve_thresholds
 from services.core.inference import create_backend
 from services.core.inference.onnxruntime_backend import ModelRepositoryError
+from services.core.logging_setup import configure_logging
 from services.core.pipeline import process_input
 from services.core.reports import write_reports
 from services.core.schemas import StudyReport
@@ -81,8 +81,7 @@ def _settings(arguments: argparse.Namespace) -> Settings:
 
 def _configure_logging(level: str) -> None:
     # Log lines go through tqdm so they do not tear the progress bar.
-    logger.remove()
-    logger.add(lambda message: tqdm.write(message, end="", file=sys.stderr), level=level.upper())
+    configure_logging(level, lambda message: tqdm.write(message, end="", file=sys.stderr))
 
 
 def summary_line(

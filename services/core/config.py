@@ -45,7 +45,9 @@ class QualitySettings(_Section):
 
     spacing_tolerance_fraction: float = 0.1
     max_missing_slices_percent: float = 20.0  # above this the study fails
-    max_gantry_tilt_degrees: float = 30.0  # above this the study fails
+    # above this the study fails; kept below acos(min_axial_cosine) = 25.8 deg so that a
+    # steeper tilt is refused by one rule (not axial), not by two that disagree
+    max_gantry_tilt_degrees: float = 25.0
 
 
 class ChestCheckSettings(_Section):
@@ -65,7 +67,10 @@ class InferenceSettings(_Section):
     model_repository: Path = PROJECT_ROOT / "model_repository_running"
     triton_url: str = "127.0.0.1:8001"
     triton_model: str = "chest_screening"
-    triton_timeout_s: float = 120.0
+    triton_timeout_s: float = 120.0  # one request to Triton; a timeout is retried
+    # How long one study may wait for an unavailable (or always timing out) model server
+    # before it becomes a Failure row; below RabbitMQ's consumer_timeout (30 min).
+    model_server_wait_limit_s: float = 1200.0
     triton_transport: Literal["grpc", "shared_memory", "auto"] = "auto"
     onnx_intra_op_threads: int = 0  # 0: onnxruntime picks (all cores)
     pathology_threshold: float | None = None  # None: the repository's default

@@ -332,7 +332,9 @@ def prepare_studies(
             report.stage_seconds = dict(study_clock.seconds)
             report.time_of_processing = round(sum(study_clock.seconds.values()), 4)
             if model_input is None:
-                logger.info("{} study {}: Failure ({})", tag, index, report.failure_reason)
+                # The reason may name files inside the input (patient names): it goes to the
+                # report only.
+                logger.info("{} study {}: Failure (reason in the report)", tag, index)
             yield PreparedStudy(
                 report=report,
                 model_input=model_input,

@@ -19,6 +19,7 @@ from loguru import logger  # noqa: E402
 
 from services.broker.storage import RESULTS_DIR  # noqa: E402
 from services.core.config import load_settings  # noqa: E402
+from services.core.logging_setup import configure_logging  # noqa: E402
 from services.frontend.service import SESSIONS_DIR, FrontendService  # noqa: E402
 
 
@@ -37,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=None, help="default: configs/config.yaml")
     arguments = parser.parse_args(argv)
     settings = load_settings(arguments.config)
-    logger.remove()
-    logger.add(sys.stderr, level=settings.logging.level)
+    configure_logging(settings.logging.level)
 
     root = settings.storage.root
     # Gradio keeps uploads here until the study is queued (then they are moved next to it,
