@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# Build the TensorRT plan of a classification head (binary or multilabel) from its ONNX file
-# (run on the GPU that serves it: a plan is specific to the GPU model and TensorRT version).
+# Build the TensorRT plan of a classification head (binary or multilabel) from its ONNX file.
 #
 #   bash convertation/head/convert2trt.sh HEAD_ONNX OUTPUT_PLAN [EMBEDDING_DIM]
 #
@@ -13,28 +12,4 @@ if [[ $# -lt 2 || $# -gt 3 ]]; then
   echo "usage: $0 HEAD_ONNX OUTPUT_PLAN [EMBEDDING_DIM]" >&2
   exit 2
 fi
-onnx="$1"
-plan="$2"
-embedding_dim="${3:-512}"
-trtexec="${TRTEXEC:-trtexec}"
-
-if ! command -v "$trtexec" >/dev/null 2>&1; then
-  echo "trtexec not found (install TensorRT, or use NVIDIA's Triton/TensorRT container)" >&2
-  exit 127
-fi
-[[ -f "$onnx" ]] || { echo "ONNX file not found: $onnx" >&2; exit 1; }
-
-shape() { echo "embedding:${1}x${embedding_dim}"; }
-precision=()
-[[ "${TRT_PRECISION:-fp16}" == "fp16" ]] && precision=(--fp16)
-
-# shellcheck disable=SC2086  # TRTEXEC_EXTRA_ARGS is a list of flags
-"$trtexec" \
-  --onnx="$onnx" \
-  --saveEngine="$plan" \
-  --minShapes="$(shape 1)" \
-  --optShapes="$(shape 4)" \
-  --maxShapes="$(shape 8)" \
-  "${precision[@]}" \
-  ${TRTEXEC_EXTRA_ARGS:-}
-echo "wrote $plan"
+exec bash "$(dirname "$0")/../trt_plan.sh" "$1" "$2" embedding "${3:-512}" 1 4 8
