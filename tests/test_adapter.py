@@ -332,9 +332,11 @@ def test_non_chest_study_malformed_message_and_missing_file(
     assert head.reports[0].processing_status is ProcessingStatus.FAILURE
     assert "not a chest CT" in head.reports[0].failure_reason
     assert {item.kind for item in head.files} >= {"xlsx", "warnings"}
-    # A task whose study is missing fails (acked, not retried) with a Failure row.
+    # A task whose study is missing is retried max_deliveries times, then fails with a
+    # Failure row and goes to the dead letters.
     assert missing.status is TaskStatus.FAILED
     assert "not in the shared storage" in missing.error
+    assert missing.attempt == settings.rabbitmq.max_deliveries
     assert missing.reports[0].path_to_study == "gone.zip"
     assert missing.reports[0].processing_status is ProcessingStatus.FAILURE
 
@@ -347,10 +349,20 @@ def test_non_chest_study_malformed_message_and_missing_file(
             dead.append(got[2])
     finally:
         connection.close()
-    # Exactly the two malformed messages were dead-lettered.
-    assert len(dead) == 2
+    # Exactly the two malformed messages and the task without its study were dead-lettered.
+    assert len(dead) == 3
     assert dead[0] == b"\x00 definitely not a task"
     assert json.loads(dead[1])["schema_version"] == 99
+    assert json.loads(dead[2])["task_id"] == missing_id
+    # The submitter heard of the unreadable messages too (it gave a reply_to).
+    unreadable = [
+        m
+        for m in client.messages
+        if isinstance(m, StudyResult) and m.status is TaskStatus.FAILED and m.task_id != missing_id
+    ]
+    assert len(unreadable) == 2
+    assert {m.task_id for m in unreadable} >= {"bad-version"}
+    assert all("could not be read" in (m.error or "") for m in unreadable)
 
 
 def test_stored_result_is_republished_not_recomputed(

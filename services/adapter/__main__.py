@@ -8,6 +8,7 @@ or Ctrl-C: the study in progress is finished (up to ``--drain-timeout``) or give
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from types import FrameType
 
 from loguru import logger
 
+from services.adapter.leftovers import use_own_temp_dir
 from services.adapter.worker import Adapter, default_adapter_id
 from services.core.config import load_settings
 from services.core.logging_setup import configure_logging
@@ -58,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    adapter.run()
+    # Unpacked studies go to a folder of this process: if it is killed mid-study, the
+    # other adapters find and remove them (services/adapter/leftovers.py).
+    temp_dir = use_own_temp_dir()
+    try:
+        adapter.run()
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
     return 0
 
 

@@ -29,6 +29,16 @@ class AdapterStopping(TransientBackendError):
     """The adapter is shutting down while a study waits for Triton: give the task back."""
 
 
+class StudyNotFoundError(FileNotFoundError):
+    """The task's study is not in the shared storage (yet): the task is retried a bounded
+    number of times (another adapter, or a slow shared volume, may see it) and then failed."""
+
+
+class ModelServerWaitExceeded(RuntimeError):
+    """The model server stayed unavailable for longer than the study may wait: the study
+    fails with this reason instead of holding its worker (and its queue slot) forever."""
+
+
 def backoff(initial_s: float = 1.0, maximum_s: float = 30.0) -> Iterator[float]:
     delay = initial_s
     while True:
@@ -41,7 +51,11 @@ class RetryingBackend:
 
     The study is neither failed nor given back to the queue (that would count as a
     delivery): the worker thread simply waits, and the pika I/O thread keeps the broker
-    connection alive meanwhile. Only a shutdown ends the wait (AdapterStopping).
+    connection alive meanwhile. A shutdown ends the wait (AdapterStopping); so does
+    ``wait_limit_s`` (ModelServerWaitExceeded, the study fails): a request that times out
+    every time (inference.triton_timeout_s) or a server that never comes back must not
+    hold the study forever. Keep the limit under RabbitMQ's consumer_timeout (30 min by
+    default), after which the broker would take the unacked task back.
     """
 
     def __init__(
@@ -50,16 +64,21 @@ class RetryingBackend:
         stop: threading.Event,
         on_retry: Callable[[str], None] | None = None,
         maximum_delay_s: float = 30.0,
+        wait_limit_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._backend = backend
         self._stop = stop
         self._on_retry = on_retry
         self._maximum_delay_s = maximum_delay_s
+        self._wait_limit_s = wait_limit_s
+        self._clock = clock
         self.name = backend.name
         self.metadata = backend.metadata
         self.retries = 0
 
     def infer(self, volume: np.ndarray) -> ModelOutputs:
+        first_failure: float | None = None
         for delay in backoff(maximum_s=self._maximum_delay_s):
             if self._stop.is_set():
                 raise AdapterStopping("the adapter is stopping")
@@ -69,6 +88,15 @@ class RetryingBackend:
                 raise
             except TransientBackendError as error:
                 self.retries += 1
+                now = self._clock()
+                first_failure = now if first_failure is None else first_failure
+                waited = now - first_failure
+                if self._wait_limit_s is not None and waited + delay > self._wait_limit_s:
+                    raise ModelServerWaitExceeded(
+                        f"the model server was unavailable for {waited:.0f} s; a study waits "
+                        f"at most {self._wait_limit_s:.0f} s "
+                        f"(inference.model_server_wait_limit_s); last error: {error}"
+                    ) from error
                 logger.warning("model server unavailable ({}); retrying in {:.0f} s", error, delay)
                 if self._on_retry is not None:
                     self._on_retry(f"model server unavailable, retrying in {delay:.0f} s")
@@ -167,7 +195,8 @@ def run_task(
     """Screen the task's study and write its files; errors of the study become a FAILED result.
 
     TransientBackendError (and AdapterStopping) propagate: the study is fine, the model
-    server is not, and the caller gives the task back instead of failing it.
+    server is not, and the caller gives the task back instead of failing it. So does
+    StudyNotFoundError: the caller retries the task a bounded number of times.
     """
     from services.core.pipeline import process_input
 
@@ -202,7 +231,7 @@ def run_task(
     try:
         study_path = task.resolve_study_path(storage_root)
         if not study_path.exists():
-            raise FileNotFoundError(
+            raise StudyNotFoundError(
                 f"the study {task.study_path!r} is not in the shared storage "
                 "(was it uploaded to the same storage volume?)"
             )
@@ -222,8 +251,8 @@ def run_task(
             ResultFile(kind="preview", path=relative_to_storage(storage_root, path))
             for path in previews
         )
-    except TransientBackendError:
-        raise
+    except (TransientBackendError, StudyNotFoundError):
+        raise  # the caller retries these (the study may be fine)
     except Exception as error:  # an error of this study: report it, do not retry it
         logger.exception("task {} failed", task.task_id)
         return failed_result(

@@ -8,19 +8,30 @@ touched on the I/O thread.
 
 Delivery rules (see services/broker/schemas.py for the topology):
 
-* malformed message -> rejected without requeue -> dead-letter queue;
+* malformed message -> a FAILED result to its ``reply_to`` (when it has one; not stored,
+  since its task id cannot be trusted), then rejected without requeue -> dead-letter queue;
 * a stored result exists for the task (a redelivery after a crash between storing and
   acking) -> that result is republished, nothing is recomputed;
 * delivery number > max_deliveries (the adapter died on every earlier attempt) -> a FAILED
   result, then rejected -> dead-letter queue;
-* the model server is unavailable -> the worker waits and retries (RetryingBackend);
+* the study file is missing from the shared storage -> given back (after a short wait) up
+  to max_deliveries attempts, then a FAILED result and the dead-letter queue;
+* the model server is unavailable -> the worker waits and retries (RetryingBackend), up to
+  inference.model_server_wait_limit_s, then the study is a Failure row;
 * any other error of the study -> a FAILED result, acked (retrying would fail again).
+
+A result is stored before it is published and acked, and stored once (the first stored
+result of a task is the one every later delivery republishes). When the broker connection
+drops while studies are in progress, their workers finish and store first; the adapter
+consumes again only when they are done, so it never holds more studies than
+``prefetch_count`` (memory is budgeted per study).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import socket
 import threading
@@ -34,7 +45,19 @@ import pika.exceptions
 from loguru import logger
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
-from services.adapter.processing import AdapterStopping, RetryingBackend, failed_result, run_task
+from services.adapter.leftovers import (
+    SWEEP_INTERVAL_S,
+    sweep_shared_memory,
+    sweep_temp_dirs,
+    temp_base,
+)
+from services.adapter.processing import (
+    AdapterStopping,
+    RetryingBackend,
+    StudyNotFoundError,
+    failed_result,
+    run_task,
+)
 from services.broker.connection import (
     CONNECTION_ERRORS,
     PublishError,
@@ -50,14 +73,22 @@ from services.broker.schemas import (
     StudyProgress,
     StudyResult,
     StudyTask,
+    TaskStatus,
+    check_safe_id,
     decode_message,
+    new_task_id,
 )
-from services.broker.storage import load_result, store_result
+from services.broker.storage import load_result, store_result_once
 from services.core.config import Settings
 from services.core.inference import create_backend
 from services.core.inference.base import InferenceBackend, TransientBackendError
+from services.core.schemas import ProcessingStatus, StudyReport
 
 HEALTH_INTERVAL_S = 5.0
+# A study missing from the shared storage is given back after this wait: a shared volume
+# may show a new file late, and another adapter may mount it properly.
+MISSING_STUDY_RETRY_DELAY_S = 2.0
+UNREADABLE_TASK_NAME = "(unreadable task message)"
 
 
 def default_adapter_id() -> str:
@@ -86,6 +117,7 @@ class Adapter:
         self._backend: InferenceBackend | None = None
         self._stop = threading.Event()
         self._in_flight: set[int] = set()  # delivery tags being processed (I/O thread only)
+        self._workers: set[threading.Thread] = set()  # study threads, of any connection
         self._last_health = 0.0
         self.processed = 0  # results published and acked (for tests and logs)
 
@@ -105,10 +137,13 @@ class Adapter:
         if backend is None:
             return
         self._backend = backend
+        threading.Thread(target=self._sweep_leftovers, name="sweep", daemon=True).start()
         delays = backoff_delays()
         try:
             while not self._stop.is_set():
                 try:
+                    if not self._wait_for_workers():
+                        break
                     self._consume()
                     delays = backoff_delays()
                 except CONNECTION_ERRORS as error:
@@ -133,6 +168,38 @@ class Adapter:
                 self._touch_health()
                 self._stop.wait(delay)
         return None
+
+    def _sweep_leftovers(self) -> None:
+        """Now and every minute: remove what adapters killed mid-study left behind (their
+        unpacked studies, their shared memory; see services/adapter/leftovers.py)."""
+        uses_shared_memory = getattr(self._backend, "transport", None) == "shared_memory"
+        while True:
+            try:
+                sweep_temp_dirs(temp_base())
+                if uses_shared_memory:
+                    sweep_shared_memory(self.settings.inference.triton_url)
+            except Exception:  # noqa: BLE001 - housekeeping must never stop the adapter
+                logger.exception("sweeping the leftovers of dead adapters failed")
+            if self._stop.wait(SWEEP_INTERVAL_S):
+                return
+
+    def _wait_for_workers(self) -> bool:
+        """Let the studies of a lost connection finish (and store their results) before
+        taking new tasks; False if the adapter is stopping meanwhile."""
+        self._workers = {worker for worker in self._workers if worker.is_alive()}
+        if self._workers:
+            logger.info(
+                "waiting for {} study(ies) of the lost connection to finish", len(self._workers)
+            )
+        while self._workers:
+            for worker in list(self._workers):
+                worker.join(1.0)
+                if not worker.is_alive():
+                    self._workers.discard(worker)
+            self._touch_health()
+            if self._stop.is_set():
+                return False
+        return True
 
     def _touch_health(self) -> None:
         if self.health_file is None:
@@ -208,6 +275,7 @@ class Adapter:
         except MessageError as error:
             # The reason is logged, not the body: it may hold anything.
             logger.error("dead-lettering a malformed task message ({} bytes): {}", len(body), error)
+            self._reply_unreadable(channel, properties, body, error)
             channel.basic_reject(tag, requeue=False)
             return
         attempt = delivery_count(properties) + 1
@@ -223,7 +291,7 @@ class Adapter:
             )
             logger.error("task {}: {}", task.task_id, reason)
             result = failed_result(task, reason, adapter_id=self.adapter_id, attempt=attempt)
-            store_result(self.storage_root, result)
+            result = store_result_once(self.storage_root, result)
             self._publish_result(channel, task, result)
             channel.basic_reject(tag, requeue=False)  # to the dead-letter queue, for a human
             return
@@ -236,6 +304,7 @@ class Adapter:
             name=f"study-{task.task_id[:8]}",
             daemon=True,
         )
+        self._workers.add(worker)
         worker.start()
 
     # -- the worker thread -----------------------------------------------------------------
@@ -260,6 +329,7 @@ class Adapter:
             self._stop,
             on_retry=lambda message: progress("retrying", 0.5, message),
             maximum_delay_s=self.retry_maximum_delay_s,
+            wait_limit_s=self.settings.inference.model_server_wait_limit_s,
         )
         try:
             result = run_task(
@@ -279,6 +349,27 @@ class Adapter:
             logger.warning("task {} given back: {}", task.task_id, error)
             self._call_on_io_thread(connection, functools.partial(self._give_back, channel, tag))
             return
+        except StudyNotFoundError as error:
+            if attempt < self.topology.max_deliveries:
+                # Not the error text: the path may carry a file name with a patient's name.
+                logger.warning(
+                    "task {} (attempt {}): study not in the shared storage; giving it back",
+                    task.task_id,
+                    attempt,
+                )
+                self._stop.wait(MISSING_STUDY_RETRY_DELAY_S)  # a stop gives it back at once
+                self._call_on_io_thread(
+                    connection, functools.partial(self._give_back, channel, tag)
+                )
+                return
+            reason = f"{error} (tried {attempt} times)"
+            logger.error("task {}: study not in the shared storage, given up", task.task_id)
+            result = failed_result(task, reason, adapter_id=self.adapter_id, attempt=attempt)
+            result = store_result_once(self.storage_root, result)
+            self._call_on_io_thread(
+                connection, functools.partial(self._publish_and_reject, channel, task, result, tag)
+            )
+            return
         except Exception as error:  # a bug outside the pipeline's own error handling
             logger.exception("task {} failed unexpectedly", task.task_id)
             result = failed_result(
@@ -288,8 +379,9 @@ class Adapter:
                 attempt=attempt,
             )
         # Stored before it is published and acked: if this process dies in between, the
-        # redelivered task finds the result and republishes it.
-        store_result(self.storage_root, result)
+        # redelivered task finds the result and republishes it. If another delivery of the
+        # task stored first, that result is the one published (one result per task).
+        result = store_result_once(self.storage_root, result)
         transfer = getattr(self._backend, "stats", None)  # TritonBackend: bytes by transport
         logger.info(
             "task {} finished: {} in {:.1f} s ({} report(s)); model server transfers so far: {}",
@@ -338,6 +430,53 @@ class Adapter:
         channel.basic_ack(tag)
         self.processed += 1
 
+    def _publish_and_reject(
+        self, channel: BlockingChannel, task: StudyTask, result: StudyResult, tag: int
+    ) -> None:
+        """A poison task: its Failure result to the submitter, the message to the dead letters."""
+        self._in_flight.discard(tag)
+        if not channel.is_open:
+            return
+        self._publish_result(channel, task, result)
+        channel.basic_reject(tag, requeue=False)
+        self.processed += 1
+
+    def _reply_unreadable(
+        self,
+        channel: BlockingChannel,
+        properties: pika.BasicProperties,
+        body: bytes,
+        error: MessageError,
+    ) -> None:
+        """Tell the submitter (AMQP reply_to) that its message could not be read at all."""
+        if not properties.reply_to:
+            return
+        task_id = unreadable_task_id(body, properties)
+        reason = f"the task message could not be read: {error}"
+        result = StudyResult(
+            task_id=task_id,
+            correlation_id=properties.correlation_id or task_id,
+            status=TaskStatus.FAILED,
+            reports=[
+                StudyReport(
+                    path_to_study=UNREADABLE_TASK_NAME,
+                    processing_status=ProcessingStatus.FAILURE,
+                    failure_reason=reason,
+                )
+            ],
+            error=reason,
+            adapter_id=self.adapter_id,
+        )
+        try:
+            publish_reply(
+                channel,
+                result,
+                reply_to=properties.reply_to,
+                correlation_id=properties.correlation_id or task_id,
+            )
+        except PublishError as publish_error:
+            logger.warning("failure of an unreadable task not delivered: {}", publish_error)
+
     def _give_back(self, channel: BlockingChannel, tag: int) -> None:
         self._in_flight.discard(tag)
         if channel.is_open:
@@ -364,3 +503,24 @@ class Adapter:
                 correlation_id=task.reply_correlation_id,
                 persistent=False,
             )
+
+
+def unreadable_task_id(body: bytes, properties: pika.BasicProperties) -> str:
+    """The id a submitter can match the failure of an unreadable message with: the body's
+    ``task_id`` if the body is a JSON object that has a valid one, else the AMQP
+    correlation_id or message_id, else a new id."""
+    candidates: list[object] = []
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        document = None
+    if isinstance(document, dict):
+        candidates.append(document.get("task_id"))
+    candidates.extend([properties.correlation_id, properties.message_id])
+    for candidate in candidates:
+        if isinstance(candidate, str):
+            try:
+                return check_safe_id(candidate)
+            except ValueError:
+                continue
+    return "unreadable-" + new_task_id()

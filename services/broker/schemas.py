@@ -51,7 +51,7 @@ class _Message(BaseModel):
     schema_version: Literal[1] = BROKER_SCHEMA_VERSION
 
 
-def _check_safe_id(value: str) -> str:
+def check_safe_id(value: str) -> str:
     # Task ids become file and folder names under storage/: no separators, no dots.
     if not _SAFE_ID.match(value):
         raise ValueError("must be 1-64 characters of letters, digits, '_' or '-'")
@@ -75,7 +75,7 @@ class StudyTask(_Message):
     @field_validator("task_id")
     @classmethod
     def _safe_task_id(cls, value: str) -> str:
-        return _check_safe_id(value)
+        return check_safe_id(value)
 
     @field_validator("study_path")
     @classmethod
@@ -216,7 +216,7 @@ class QueueTopology(BaseModel):
         return f"{self.prefix}.tasks.dead-letter"
 
     def reply_queue(self, frontend_id: str) -> str:
-        return f"{self.prefix}.replies.{_check_safe_id(frontend_id)}"
+        return f"{self.prefix}.replies.{check_safe_id(frontend_id)}"
 
     def task_queue_arguments(self) -> dict[str, Any]:
         return {

@@ -6,7 +6,10 @@
 
 A result file is written atomically (temporary file + rename): a reader sees the whole
 document or none, and its presence means the task is finished (adapters republish it
-instead of recomputing when a task is redelivered).
+instead of recomputing when a task is redelivered). Adapters store with
+:func:`store_result_once`: when two of them finished the same task (a redelivery while the
+first was still working, e.g. after a broker restart), the first stored result stays the
+task's one result and both publish that same document.
 """
 
 from __future__ import annotations
@@ -55,6 +58,35 @@ def store_result(storage_root: Path, result: StudyResult) -> Path:
     path = result_json_path(storage_root, result.task_id)
     write_atomically(path, result.model_dump_json(indent=2).encode("utf-8"))
     return path
+
+
+def store_result_once(storage_root: Path, result: StudyResult) -> StudyResult:
+    """Store ``result`` unless the task already has one; return the task's stored result.
+
+    The document is written to a temporary file and hard-linked to its final name: the link
+    fails if the name exists, so exactly one writer wins even between processes and hosts
+    sharing the volume (NFS and local file systems create links atomically).
+    """
+    path = result_json_path(storage_root, result.task_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(result.model_dump_json(indent=2).encode("utf-8"))
+            stream.flush()
+            os.fsync(stream.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            existing = load_result(storage_root, result.task_id)
+            if existing is not None:
+                return existing
+            # An unreadable leftover (an incompatible version): this result replaces it.
+            os.replace(temporary, path)
+            return result
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    return result
 
 
 def load_result(storage_root: Path, task_id: str) -> StudyResult | None:

@@ -20,6 +20,7 @@ import shutil
 import socket
 import threading
 import uuid
+import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -110,6 +111,22 @@ def frontend_instance_id(host: str, port: int) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", raw).strip("-")[:64] or f"frontend-{port}"
 
 
+def human_bytes(count: int) -> str:
+    if count >= 1024**3:
+        return f"{count / 1024**3:.1f} GB"
+    return f"{count / 1024**2:.1f} MB"
+
+
+def declared_unpacked_bytes(path: Path) -> int | None:
+    """The unpacked size a zip declares for its members (its central directory, read
+    without unpacking); None if it is not a readable zip -- the worker then reports why."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return sum(member.file_size for member in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+
+
 def is_session_token(value: object) -> bool:
     return isinstance(value, str) and bool(_SESSION_TOKEN.match(value))
 
@@ -196,6 +213,7 @@ class FrontendService:
         """
         outcome = SubmitOutcome()
         limit_bytes = self.settings.frontend.max_upload_mb * 1024 * 1024
+        unpacked_limit = self.settings.intake.max_uncompressed_bytes
         zips: list[Path] = []
         loose: list[Path] = []
         for path in files:
@@ -209,9 +227,26 @@ class FrontendService:
                     f"{name}: {size / 1024**2:.0f} MB is over the {self.settings.frontend.max_upload_mb} MB limit"
                 )
             elif name.lower().endswith(ZIP_SUFFIX):
-                zips.append(path)
+                unpacked = declared_unpacked_bytes(path)
+                if unpacked is not None and unpacked > unpacked_limit:
+                    # Refused here, not after a worker unpacked gigabytes: the adapter's
+                    # intake would refuse it anyway (same setting).
+                    outcome.refused.append(
+                        f"{name}: {human_bytes(unpacked)} unpacked is over the "
+                        f"{human_bytes(unpacked_limit)} limit per study "
+                        "(intake.max_uncompressed_bytes)"
+                    )
+                else:
+                    zips.append(path)
             else:
                 loose.append(path)
+        loose_bytes = sum(path.stat().st_size for path in loose)
+        if loose_bytes > unpacked_limit:
+            outcome.refused.append(
+                f"{len(loose)} DICOM files: {human_bytes(loose_bytes)} together is over the "
+                f"{human_bytes(unpacked_limit)} limit per study (intake.max_uncompressed_bytes)"
+            )
+            loose = []
         groups: list[list[Path]] = [[path] for path in zips] + ([loose] if loose else [])
         if not groups:
             return outcome

@@ -124,9 +124,15 @@ class TritonBackend:
             channel_args=[
                 ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
-                ("grpc.keepalive_time_ms", 30_000),
+                # Triton's gRPC server (its defaults) counts a ping as a strike when no call
+                # is open, or when it comes less than 5 minutes after the previous one while
+                # no data flows, and after two strikes closes the connection (GOAWAY
+                # "too_many_pings": seen in idle adapters with 30-second pings; by the same
+                # rule a request computing for more than ~90 s could be cut). Ping rarely,
+                # and only during calls.
+                ("grpc.keepalive_time_ms", 330_000),
                 ("grpc.keepalive_timeout_ms", 20_000),
-                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.keepalive_permit_without_calls", 0),
                 ("grpc.http2.max_pings_without_data", 0),
                 # After a server restart, reconnect within seconds (gRPC's default backoff
                 # grows to two minutes).

@@ -1,0 +1,635 @@
+"""Helpers of the fault-injection suite (tests/test_fault_suite.py). Not a test module.
+
+* :class:`LocalStack` starts the real local stack with ``start.sh`` and then breaks it:
+  kill -9 or freeze (SIGSTOP) a service, crash Triton, stop the frontend, and launch a
+  service again exactly as ``start.sh`` did (same command line, environment, working
+  directory, own session, same log file; the pid file is updated so ``stop.sh`` still
+  stops everything).
+* :class:`TaskClient` is the submitting system of the README: it copies a study into the
+  shared storage, publishes a StudyTask as plain JSON and reads its own reply queue. It
+  reconnects when the broker restarts, and keeps every reply it ever read.
+* :func:`count_outcome` turns what reached the user (replies, or the page) and what is in
+  ``storage/results`` into the suite's table row: sent, results, lost, duplicated.
+* :func:`restart_rabbitmq` restarts the system RabbitMQ and always leaves it running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import openpyxl
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+from stack_support import PROJECT_ROOT, wait_for
+
+from services.broker.connection import CONNECTION_ERRORS, connect
+from services.broker.schemas import (
+    QueueTopology,
+    StudyProgress,
+    StudyResult,
+    decode_message,
+)
+from services.broker.storage import load_result, result_files_dir
+from services.core.config import RabbitMQSettings
+
+RABBITMQCTL_TIMEOUT_S = 120
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    """How start.sh launched one service, read from /proc while it ran."""
+
+    name: str
+    pid: int
+    argv: list[str]
+    environment: dict[str, str]
+    cwd: str
+    child: subprocess.Popen[bytes] | None = None  # set when this module launched it
+
+
+def _read_process(pid: int) -> tuple[list[str], dict[str, str], str]:
+    proc = Path(f"/proc/{pid}")
+    argv = [part.decode() for part in proc.joinpath("cmdline").read_bytes().split(b"\0") if part]
+    environment = {}
+    for entry in proc.joinpath("environ").read_bytes().split(b"\0"):
+        key, separator, value = entry.decode(errors="replace").partition("=")
+        if separator:
+            environment[key] = value
+    return argv, environment, os.readlink(proc / "cwd")
+
+
+def process_alive(pid: int) -> bool:
+    """Running or stopped, not gone and not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def group_members(group_id: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[2]) == group_id:
+            members.append(int(entry.name))
+    return members
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@dataclass
+class StackPorts:
+    frontend: int
+    triton_http: int
+    triton_grpc: int
+    triton_metrics: int
+
+
+class LocalStack:
+    """The stack of ``start.sh --local`` on this test's storage, prefix and ports."""
+
+    def __init__(
+        self, *, repository: Path, storage: Path, prefix: str, ports: StackPorts, adapters: int
+    ) -> None:
+        self.repository = repository
+        self.storage = storage
+        self.prefix = prefix
+        self.ports = ports
+        self.adapter_names = [f"adapter-{index}" for index in range(1, adapters + 1)]
+        self.run_dir = storage / "run"
+        self.log_dir = storage / "logs"
+        self.services: dict[str, Service] = {}
+        self.launched_groups: set[int] = set()  # every service process group, relaunches too
+        # Start.sh is run without any CTS__ variable of the caller: its options decide.
+        self.environment = {
+            key: value for key, value in os.environ.items() if not key.startswith("CTS__")
+        }
+
+    @property
+    def broker(self) -> RabbitMQSettings:
+        return RabbitMQSettings(queue_prefix=self.prefix)
+
+    @property
+    def frontend_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.frontend}/"
+
+    # start / stop ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        command = [
+            "bash",
+            str(PROJECT_ROOT / "start.sh"),
+            "--local",
+            "--adapters",
+            str(len(self.adapter_names)),
+            "--model-repository",
+            str(self.repository),
+            "--storage",
+            str(self.storage),
+            "--queue-prefix",
+            self.prefix,
+            "--frontend-port",
+            str(self.ports.frontend),
+            "--triton-http-port",
+            str(self.ports.triton_http),
+            "--triton-grpc-port",
+            str(self.ports.triton_grpc),
+            "--triton-metrics-port",
+            str(self.ports.triton_metrics),
+        ]
+        started = subprocess.run(
+            command,
+            cwd=PROJECT_ROOT,
+            env=self.environment,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if started.returncode != 0:
+            raise RuntimeError(f"start.sh failed:\n{started.stdout}\n{started.stderr}")
+        for pid_file in sorted(self.run_dir.glob("*.pid")):
+            pid = int(pid_file.read_text())
+            argv, environment, cwd = _read_process(pid)
+            self.services[pid_file.stem] = Service(pid_file.stem, pid, argv, environment, cwd)
+            self.launched_groups.add(pid)
+        expected = {"triton", "frontend", *self.adapter_names}
+        if set(self.services) != expected:
+            raise RuntimeError(f"start.sh started {sorted(self.services)}, not {sorted(expected)}")
+
+    def stop(self) -> subprocess.CompletedProcess[str]:
+        # Thaw anything a failed test left frozen, or stop.sh would wait for it in vain.
+        for service in self.services.values():
+            self._signal_group(service, signal.SIGCONT)
+        stopped = subprocess.run(
+            ["bash", str(PROJECT_ROOT / "stop.sh"), "--storage", str(self.storage)],
+            cwd=PROJECT_ROOT,
+            env=self.environment,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        for service in self.services.values():
+            if service.child is not None:
+                service.child.wait(timeout=30)  # reap what this module launched
+        return stopped
+
+    # faults ------------------------------------------------------------------------------
+
+    def leftover_processes(self) -> list[int]:
+        """Processes of any service group this stack ever had (tritonserver's stubs too)."""
+        return sorted(pid for group in self.launched_groups for pid in group_members(group))
+
+    def pid(self, name: str) -> int:
+        return self.services[name].pid
+
+    def alive(self, name: str) -> bool:
+        service = self.services[name]
+        if service.child is not None and service.child.poll() is not None:
+            return False
+        return process_alive(service.pid)
+
+    def _signal_group(self, service: Service, signum: int) -> None:
+        # start.sh runs each service in its own session: the group is the service and its
+        # children (tritonserver and the python backend stubs for Triton).
+        with suppress(ProcessLookupError):
+            os.killpg(service.pid, signum)
+
+    def kill(self, name: str) -> None:
+        """kill -9: no clean-up runs in the service; waits until it is gone."""
+        service = self.services[name]
+        self._signal_group(service, signal.SIGKILL)
+        if service.child is not None:
+            service.child.wait(timeout=30)
+        wait_for(lambda: not group_members(service.pid), 30, f"{name} to die")
+
+    def freeze(self, name: str) -> None:
+        self._signal_group(self.services[name], signal.SIGSTOP)
+
+    def thaw(self, name: str) -> None:
+        self._signal_group(self.services[name], signal.SIGCONT)
+
+    @contextmanager
+    def frozen(self, name: str) -> Iterator[None]:
+        """The service (all its processes) stopped by SIGSTOP; always thawed on exit."""
+        self.freeze(name)
+        try:
+            yield
+        finally:
+            self.thaw(name)
+
+    def crash_triton(self) -> None:
+        """kill -9 Triton (server, backend stubs, launcher) and remove what a crash leaves
+        behind: the stubs' shared-memory regions and the launcher's backend folder."""
+        service = self.services["triton"]
+        leftovers: set[Path] = set()
+        for pid in group_members(service.pid):
+            try:
+                maps = Path(f"/proc/{pid}/maps").read_text()
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for line in maps.splitlines():
+                parts = line.split(maxsplit=5)  # address perms offset dev inode path
+                path = parts[5] if len(parts) == 6 else ""
+                if path.startswith("/dev/shm/triton_python_backend_shm_region_"):
+                    leftovers.add(Path(path.removesuffix(" (deleted)")))
+            executable = argv[0].decode(errors="replace")
+            if "/cts-tritonserver-" in executable:
+                workdir = executable.split("/backends/")[0]
+                leftovers.add(Path(workdir))
+        self.kill("triton")
+        for path in leftovers:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+    def terminate(self, name: str, timeout_s: float = 90.0) -> None:
+        """SIGTERM, as stop.sh sends it; waits until the service has exited."""
+        service = self.services[name]
+        try:
+            os.kill(service.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        if service.child is not None:
+            service.child.wait(timeout=timeout_s)
+        wait_for(lambda: not process_alive(service.pid), timeout_s, f"{name} to exit")
+
+    def launch(self, name: str) -> None:
+        """Start a service again exactly as start.sh did; waits until it serves."""
+        service = self.services[name]
+        if self.alive(name):
+            raise RuntimeError(f"{name} is still running")
+        log = (self.log_dir / f"{name}.log").open("ab")
+        try:
+            child = subprocess.Popen(
+                service.argv,
+                cwd=service.cwd,
+                env=service.environment,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # as start.sh's setsid
+            )
+        finally:
+            log.close()
+        service.pid = child.pid
+        service.child = child
+        self.launched_groups.add(child.pid)
+        # Reap it as soon as it exits: a zombie still answers `kill -0`, and stop.sh would
+        # wait its full timeout for a service that is long gone.
+        threading.Thread(target=child.wait, name=f"reap-{name}", daemon=True).start()
+        (self.run_dir / f"{name}.pid").write_text(f"{child.pid}\n")
+        if name == "triton":
+            url = f"http://127.0.0.1:{self.ports.triton_http}/v2/health/ready"
+            wait_for(lambda: self._serving(name, lambda: http_ok(url)), 180, "Triton ready")
+        elif name == "frontend":
+            wait_for(
+                lambda: self._serving(name, lambda: http_ok(self.frontend_url)),
+                180,
+                "the frontend",
+            )
+
+    def _serving(self, name: str, probe: Callable[[], bool]) -> bool:
+        if not self.alive(name):
+            raise AssertionError(f"{name} exited: see {self.log_dir / (name + '.log')}")
+        return probe()
+
+    def heal(self) -> None:
+        """Bring every service back (after a test that failed half way)."""
+        for service in self.services.values():
+            self._signal_group(service, signal.SIGCONT)
+        if not self.alive("triton"):
+            self.crash_triton()  # its stubs may have outlived it
+            self.launch("triton")
+        for name in (*self.adapter_names, "frontend"):
+            if not self.alive(name):
+                self.launch(name)
+
+
+# -- the broker ------------------------------------------------------------------------------
+
+
+def rabbitmq_reachable(settings: RabbitMQSettings) -> bool:
+    try:
+        connection = connect(settings, name="fault suite probe", give_up_after_s=0)
+    except CONNECTION_ERRORS:
+        return False
+    connection.close()
+    return True
+
+
+def ensure_rabbitmq_running(settings: RabbitMQSettings, timeout_s: float = 120.0) -> None:
+    """start_app if the node runs without its application, rabbitmq-server if the node is
+    down; then wait until clients can connect."""
+    if rabbitmq_reachable(settings):
+        return
+    started = subprocess.run(
+        ["rabbitmqctl", "start_app"], capture_output=True, text=True, timeout=RABBITMQCTL_TIMEOUT_S
+    )
+    if started.returncode != 0:
+        subprocess.run(["rabbitmq-server", "-detached"], capture_output=True, timeout=60)
+    wait_for(lambda: rabbitmq_reachable(settings), timeout_s, "RabbitMQ to accept clients", 1.0)
+
+
+def rabbitmqctl(*arguments: str) -> str:
+    done = subprocess.run(
+        ["rabbitmqctl", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=RABBITMQCTL_TIMEOUT_S,
+        check=True,
+    )
+    return done.stdout
+
+
+@dataclass
+class QueueState:
+    ready: int
+    unacknowledged: int
+    consumers: int
+
+
+def queue_state(name: str) -> QueueState | None:
+    listing = rabbitmqctl(
+        "list_queues", "-q", "--no-table-headers", "name", "messages_ready",
+        "messages_unacknowledged", "consumers",
+    )  # fmt: skip
+    for line in listing.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 4 and parts[0] == name:
+            return QueueState(int(parts[1]), int(parts[2]), int(parts[3]))
+    return None
+
+
+def consumers_of(settings: RabbitMQSettings, queue: str) -> int:
+    connection = connect(settings, name="fault suite probe", give_up_after_s=10)
+    try:
+        return connection.channel().queue_declare(queue, passive=True).method.consumer_count
+    except pika.exceptions.ChannelClosedByBroker:
+        return 0
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def drain_queue(settings: RabbitMQSettings, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
+    connection = connect(settings, name="fault suite drain", give_up_after_s=10)
+    taken = []
+    try:
+        channel = connection.channel()
+        while True:
+            method, properties, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return taken
+            taken.append((properties, body))
+    finally:
+        connection.close()
+
+
+# -- the submitting system -------------------------------------------------------------------
+
+
+@dataclass
+class SentStudy:
+    task_id: str
+    name: str  # original_filename, unique within a scenario
+    kind: str  # "chest", "head", "poison"
+
+
+@dataclass
+class TaskClient:
+    """Submits tasks and reads replies like any foreign system (plain pika, documented JSON)."""
+
+    settings: RabbitMQSettings
+    storage: Path
+    reply_queue: str
+    results: dict[str, list[StudyResult]] = field(default_factory=dict)
+    progress: list[StudyProgress] = field(default_factory=list)
+    _connection: pika.BlockingConnection | None = None
+    _channel_handle: BlockingChannel | None = None
+
+    def _channel(self) -> BlockingChannel:
+        if self._connection is None or not self._connection.is_open:
+            self._connection = connect(self.settings, name="fault suite client", give_up_after_s=90)
+            self._channel_handle = self._connection.channel()
+            self._channel_handle.confirm_delivery()
+            self._channel_handle.queue_declare(self.reply_queue, durable=True)
+        assert self._channel_handle is not None
+        return self._channel_handle
+
+    def _retrying(self, action: Callable[[], object]) -> object:
+        for _ in range(30):
+            try:
+                return action()
+            except CONNECTION_ERRORS:
+                self._connection = None  # the broker restarted: connect again
+                time.sleep(1.0)
+        raise AssertionError("the broker stayed unreachable for the test client")
+
+    def publish(self, body: bytes, *, correlation_id: str | None, message_type: str) -> None:
+        topology = QueueTopology(prefix=self.settings.queue_prefix)
+
+        def send() -> None:
+            self._channel().basic_publish(
+                exchange=topology.task_exchange,
+                routing_key="study",
+                body=body,
+                properties=pika.BasicProperties(
+                    content_type="application/json",
+                    type=message_type,
+                    delivery_mode=pika.DeliveryMode.Persistent,
+                    reply_to=self.reply_queue,
+                    correlation_id=correlation_id,
+                ),
+                mandatory=True,
+            )
+
+        self._retrying(send)
+
+    def submit(self, study: Path | None, name: str, kind: str) -> SentStudy:
+        """Copy the study into the shared storage (None: a task whose file is missing) and
+        queue its task."""
+        task_id = uuid.uuid4().hex
+        relative = f"uploads/{task_id}/{name}"
+        if study is not None:
+            target = self.storage / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(study, target)
+        body = {
+            "schema_version": 1,
+            "task_id": task_id,
+            "correlation_id": task_id,
+            "study_path": relative,
+            "original_filename": name,
+            "reply_to": self.reply_queue,
+            "submitted_by": "fault-suite",
+        }
+        self.publish(json.dumps(body).encode(), correlation_id=task_id, message_type="StudyTask")
+        return SentStudy(task_id, name, kind)
+
+    def submit_unreadable(self, body: bytes, name: str) -> SentStudy:
+        """A message that is not a StudyTask; its reply comes under ``task_id``."""
+        task_id = uuid.uuid4().hex
+        self.publish(body, correlation_id=task_id, message_type="StudyTask")
+        return SentStudy(task_id, name, "poison")
+
+    def poll(self) -> None:
+        def take_all() -> None:
+            channel = self._channel()
+            while True:
+                method, properties, body = channel.basic_get(self.reply_queue, auto_ack=True)
+                if method is None:
+                    return
+                message = decode_message(body, type_name=properties.type)
+                if isinstance(message, StudyResult):
+                    self.results.setdefault(message.task_id, []).append(message)
+                else:
+                    self.progress.append(message)
+
+        self._retrying(take_all)
+
+    def wait_for_results(self, sent: list[SentStudy], timeout_s: float) -> None:
+        def all_arrived() -> bool:
+            self.poll()
+            return all(study.task_id in self.results for study in sent)
+
+        wait_for(all_arrived, timeout_s, "every result on the reply queue", interval_s=0.25)
+
+    def settle(self, seconds: float = 3.0) -> None:
+        """Keep reading for a while: a duplicate would come now, if at all."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.poll()
+            time.sleep(0.25)
+
+    def result(self, task_id: str) -> StudyResult:
+        return self.results[task_id][0]
+
+    def close(self) -> None:
+        if self._connection is not None and self._connection.is_open:
+            self._connection.close()
+
+
+# -- counting --------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    scenario: str
+    sent: int
+    results: int  # tasks with at least one result where the user looks
+    lost: int  # tasks without a result where the user looks, or without a stored result
+    duplicated: int  # extra copies where the user looks, or extra report rows
+    note: str = ""
+
+    def cells(self) -> list[str]:
+        return [
+            self.scenario,
+            str(self.sent),
+            str(self.results),
+            str(self.lost),
+            str(self.duplicated),
+        ]
+
+
+def report_rows(storage: Path, task_id: str) -> int:
+    """Rows of the task's report table (results/<task_id>/output.xlsx)."""
+    xlsx = result_files_dir(storage, task_id) / "output.xlsx"
+    if not xlsx.is_file():
+        return 0
+    sheet = openpyxl.load_workbook(xlsx, read_only=True).active
+    return sum(1 for row in sheet.iter_rows(min_row=2, values_only=True) if any(row))
+
+
+def count_outcome(
+    scenario: str,
+    sent: list[SentStudy],
+    seen: Counter[str],
+    storage: Path,
+    *,
+    stored_expected: Callable[[SentStudy], bool] = lambda study: True,
+    note: str = "",
+) -> Outcome:
+    """``seen``: how many final results of each task id reached the user."""
+    lost = duplicated = 0
+    for study in sent:
+        copies = seen.get(study.task_id, 0)
+        lost += copies == 0
+        duplicated += max(copies - 1, 0)
+        if stored_expected(study):
+            stored = load_result(storage, study.task_id)
+            if stored is None:
+                lost += copies > 0  # a result the user saw must be in storage too
+            elif stored.reports and stored.files:
+                # One row per study in the task's own report table (single-study zips).
+                duplicated += max(report_rows(storage, study.task_id) - len(stored.reports), 0)
+    unexpected = set(seen) - {study.task_id for study in sent}
+    duplicated += sum(seen[task_id] for task_id in unexpected)
+    results = sum(1 for study in sent if seen.get(study.task_id, 0) > 0)
+    return Outcome(scenario, len(sent), results, lost, duplicated, note)
+
+
+def format_table(outcomes: list[Outcome]) -> str:
+    header = ["scenario", "studies sent", "results", "lost", "duplicated"]
+    rows = [header, *(outcome.cells() for outcome in outcomes)]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    lines = []
+    for index, row in enumerate(rows):
+        lines.append(" | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+        if index == 0:
+            lines.append("-+-".join("-" * width for width in widths))
+    notes = [f"  {outcome.scenario}: {outcome.note}" for outcome in outcomes if outcome.note]
+    return "\n".join(lines + (["notes:", *notes] if notes else []))
+
+
+@contextmanager
+def rabbitmq_restarted(settings: RabbitMQSettings) -> Iterator[Callable[[], None]]:
+    """``rabbitmqctl stop_app``; the body runs while the broker is down and may call the
+    yielded function to start it again early; it is started on exit whatever happened."""
+    rabbitmqctl("stop_app")
+    state = {"up": False}
+
+    def start_again() -> None:
+        if not state["up"]:
+            rabbitmqctl("start_app")
+            state["up"] = True
+        ensure_rabbitmq_running(settings)
+
+    try:
+        yield start_again
+    finally:
+        try:
+            start_again()
+        finally:
+            ensure_rabbitmq_running(settings)

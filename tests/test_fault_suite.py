@@ -1,0 +1,656 @@
+"""Nothing lost, nothing duplicated: faults injected into the real local stack.
+
+One stack for the module, started by ``./start.sh --local`` (the system RabbitMQ, Triton
+from the nvidia-pytriton wheel serving the tiny demo repository, two adapters, the Gradio
+frontend) and stopped by ``./stop.sh``. Each scenario sends several real studies (the chest
+CT and the head CT fixtures, each under its own task id), breaks something on purpose, then
+counts the final results of every task where the user sees them (the reply queue, or the
+page for the frontend scenario) and in ``storage/results``: exactly one each.
+
+To make "while a study is in progress" certain rather than a race, some scenarios freeze
+Triton (SIGSTOP of its process group): the adapters then sit in the middle of a study,
+inside the model request, until Triton is thawed (SIGCONT). No product code waits on
+purpose; a frozen server is one more fault the stack must survive.
+
+The table "scenario | studies sent | results | lost | duplicated" is printed at the end of
+the run (terminal summary).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+import uuid
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import openpyxl
+import pytest
+from fault_support import (
+    LocalStack,
+    Outcome,
+    SentStudy,
+    StackPorts,
+    TaskClient,
+    consumers_of,
+    count_outcome,
+    drain_queue,
+    ensure_rabbitmq_running,
+    format_table,
+    queue_state,
+    rabbitmq_restarted,
+)
+from playwright.sync_api import expect, sync_playwright
+from stack_support import delete_topology, free_ports, wait_for, zip_directory
+
+from services.adapter.leftovers import (
+    abandoned_regions,
+    sweep_shared_memory,
+    sweep_temp_dirs,
+    temp_base,
+    use_own_temp_dir,
+)
+from services.adapter.processing import ModelServerWaitExceeded, RetryingBackend
+from services.adapter.worker import unreadable_task_id
+from services.broker.connection import connect
+from services.broker.schemas import QueueTopology, StudyResult, StudyTask, TaskStatus
+from services.broker.storage import load_result, store_result_once
+from services.core.config import RabbitMQSettings, load_settings
+from services.core.inference.base import ModelOutputs, TransientBackendError
+from services.core.schemas import ProcessingStatus
+from services.frontend.service import FrontendService, frontend_instance_id
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton, pytest.mark.slow]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+TRITON_OUTAGE_S = 60.0
+RESULT_TIMEOUT_S = 120.0
+
+
+# -- the table ------------------------------------------------------------------------------
+
+
+class _TablePrinter:
+    """Prints the scenario table in pytest's terminal summary (with -q too)."""
+
+    def __init__(self, outcomes: list[Outcome]) -> None:
+        self.outcomes = outcomes
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:  # noqa: ANN001 - pytest's type
+        if not self.outcomes:
+            return
+        terminalreporter.write_sep("=", "fault suite: nothing lost, nothing duplicated")
+        for line in format_table(self.outcomes).splitlines():
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="module")
+def outcomes(request: pytest.FixtureRequest) -> Iterator[list[Outcome]]:
+    rows: list[Outcome] = []
+    request.config.pluginmanager.register(_TablePrinter(rows), f"fault-suite-table-{id(rows)}")
+    yield rows
+    print("\n" + format_table(rows))  # also in the captured output (-s, -rA)
+
+
+# -- the stack ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zips(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("fault-zips")
+    return {
+        "chest": zip_directory(fixtures_dir / "chest_ct_lung_dx_a0002", folder / "chest.zip"),
+        "head": zip_directory(fixtures_dir / "head_ct_gantry_tilt", folder / "head.zip"),
+    }
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tiny_model_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalStack]:
+    frontend, http, grpc, metrics = free_ports(4)
+    prefix = f"test-fault-{uuid.uuid4().hex[:10]}"
+    local = LocalStack(
+        repository=tiny_model_repository,
+        storage=tmp_path_factory.mktemp("fault-stack") / "storage",
+        prefix=prefix,
+        ports=StackPorts(frontend, http, grpc, metrics),
+        adapters=2,
+    )
+    ensure_rabbitmq_running(local.broker)
+    try:
+        local.start()
+        yield local
+    finally:
+        ensure_rabbitmq_running(local.broker)  # whatever a scenario did to it
+        stopped = local.stop()
+        frontend_queue = QueueTopology(prefix=prefix).reply_queue(
+            frontend_instance_id("127.0.0.1", frontend)
+        )
+        delete_topology(local.broker, [frontend_queue])
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert list(local.run_dir.glob("*.pid")) == []
+    # Relaunched services included, nothing of this stack outlives stop.sh.
+    assert local.leftover_processes() == []
+
+
+@pytest.fixture
+def healthy_stack(stack: LocalStack) -> LocalStack:
+    """Every service up and connected before a scenario starts."""
+    ensure_rabbitmq_running(stack.broker)
+    stack.heal()
+    topology = QueueTopology(prefix=stack.prefix)
+    wait_for(
+        lambda: consumers_of(stack.broker, topology.task_queue) == len(stack.adapter_names),
+        120,
+        "both adapters consuming",
+        interval_s=0.5,
+    )
+    return stack
+
+
+@pytest.fixture
+def client(healthy_stack: LocalStack) -> Iterator[TaskClient]:
+    reply_queue = f"{healthy_stack.prefix}.replies.fault-{uuid.uuid4().hex[:8]}"
+    task_client = TaskClient(healthy_stack.broker, healthy_stack.storage, reply_queue)
+    task_client.poll()  # declares the reply queue before any task names it
+    yield task_client
+    task_client.close()
+    ensure_rabbitmq_running(healthy_stack.broker)
+    connection = connect(healthy_stack.broker, name="fault suite cleanup", give_up_after_s=30)
+    try:
+        connection.channel().queue_delete(reply_queue)
+    finally:
+        connection.close()
+
+
+def result_counter(client: TaskClient) -> Counter[str]:
+    return Counter({task_id: len(copies) for task_id, copies in client.results.items()})
+
+
+def assert_screened(client: TaskClient, sent: list[SentStudy]) -> None:
+    """Chests are Success rows, heads are Failure rows 'not a chest CT' (not an outage)."""
+    for study in sent:
+        result = client.result(study.task_id)
+        if study.kind == "poison":
+            continue
+        assert result.status is TaskStatus.COMPLETED, (study.name, result.error)
+        report = result.reports[0]
+        if study.kind == "chest":
+            assert report.processing_status is ProcessingStatus.SUCCESS, report.failure_reason
+        else:
+            assert report.processing_status is ProcessingStatus.FAILURE
+            assert "not a chest CT" in (report.failure_reason or "")
+
+
+def assert_nothing_lost_or_duplicated(outcome: Outcome, outcomes: list[Outcome]) -> None:
+    outcomes.append(outcome)
+    assert (outcome.lost, outcome.duplicated) == (0, 0), outcome
+    assert outcome.results == outcome.sent
+
+
+def wait_for_adapters_in_inference(client: TaskClient, sent: list[SentStudy], count: int) -> dict:
+    """{adapter id: task id} once ``count`` adapters have started the model request."""
+    ours = {study.task_id for study in sent}
+
+    def holders() -> dict[str, str] | None:
+        client.poll()
+        found = {
+            message.adapter_id: message.task_id
+            for message in client.progress
+            if message.stage == "inference" and message.task_id in ours
+        }
+        return found if len(found) >= count else None
+
+    return wait_for(holders, 60, f"{count} adapters inside the model request", interval_s=0.2)
+
+
+# -- scenarios --------------------------------------------------------------------------------
+
+
+def test_poison_tasks_are_dead_lettered_with_a_failure_result(
+    healthy_stack: LocalStack,
+    client: TaskClient,
+    zips: dict[str, Path],
+    outcomes: list[Outcome],
+) -> None:
+    stack = healthy_stack
+    topology = QueueTopology(prefix=stack.prefix)
+    drain_queue(stack.broker, topology.dead_letter_queue)  # only this scenario's letters
+    sent = [
+        client.submit(zips["chest"], "poison-chest-1.zip", "chest"),
+        client.submit_unreadable(b'{"schema_version": 1, "task_id": ', "unreadable JSON"),
+        client.submit(zips["head"], "poison-head-1.zip", "head"),
+        client.submit(None, "poison-missing.zip", "poison"),  # valid task, no file
+        client.submit(zips["chest"], "poison-chest-2.zip", "chest"),
+    ]
+    client.wait_for_results(sent, RESULT_TIMEOUT_S)
+    client.settle()
+    unreadable, missing = client.result(sent[1].task_id), client.result(sent[3].task_id)
+
+    # Malformed: failed at once (first delivery), the submitter is told under its own id.
+    assert unreadable.status is TaskStatus.FAILED
+    assert "could not be read" in unreadable.error
+    assert unreadable.reports[0].processing_status is ProcessingStatus.FAILURE
+    assert load_result(stack.storage, sent[1].task_id) is None  # its id cannot be trusted
+    # Missing study: tried max_deliveries times (bounded), then failed with the reason.
+    assert missing.status is TaskStatus.FAILED
+    assert "not in the shared storage" in missing.error
+    assert missing.attempt == stack.broker.max_deliveries
+    assert load_result(stack.storage, sent[3].task_id) == missing
+    assert_screened(client, sent)
+    # Both poison messages, and nothing else, wait in the dead-letter queue for a human.
+    dead = drain_queue(stack.broker, topology.dead_letter_queue)
+    assert len(dead) == 2
+    assert dead[0][1] == b'{"schema_version": 1, "task_id": '
+    assert json.loads(dead[1][1])["task_id"] == sent[3].task_id
+    assert queue_state(topology.task_queue).ready == 0
+
+    outcome = count_outcome(
+        "poison tasks (malformed JSON, missing study file)",
+        sent,
+        result_counter(client),
+        stack.storage,
+        stored_expected=lambda study: study is not sent[1],
+        note=(
+            "malformed: dead-lettered on the 1st delivery; missing file: "
+            f"{missing.attempt} tries, then dead-lettered; both got a Failure result"
+        ),
+    )
+    assert_nothing_lost_or_duplicated(outcome, outcomes)
+
+
+def test_adapter_killed_mid_study_is_redelivered_and_finished_by_another(
+    healthy_stack: LocalStack,
+    client: TaskClient,
+    zips: dict[str, Path],
+    outcomes: list[Outcome],
+) -> None:
+    stack = healthy_stack
+    with stack.frozen("triton"):
+        sent = [
+            client.submit(zips["chest"], "kill-chest-1.zip", "chest"),
+            client.submit(zips["chest"], "kill-chest-2.zip", "chest"),
+            client.submit(zips["head"], "kill-head-1.zip", "head"),
+            client.submit(zips["chest"], "kill-chest-3.zip", "chest"),
+            client.submit(zips["head"], "kill-head-2.zip", "head"),
+        ]
+        holders = wait_for_adapters_in_inference(client, sent, 2)
+        victim = sorted(holders)[0]
+        survivor = next(name for name in holders if name != victim)
+        victim_task = holders[victim]
+        victim_pid = stack.pid(victim)
+        victim_temp = Path(tempfile.gettempdir()) / f"cts-adapter-{victim_pid}"
+        assert list(victim_temp.glob("cts-intake-*/files/*"))  # its study, unpacked
+        stack.kill(victim)  # kill -9 while its study waits for the model
+    client.wait_for_results(sent, RESULT_TIMEOUT_S)
+    client.settle()
+
+    redelivered = client.result(victim_task)
+    assert redelivered.status is TaskStatus.COMPLETED
+    assert redelivered.adapter_id == survivor
+    assert redelivered.attempt == 2  # the broker's redelivery, not a copy
+    assert_screened(client, sent)
+    assert load_result(stack.storage, victim_task) == redelivered
+    stack.launch(victim)  # back to two adapters
+    # The killed adapter could remove neither its unpacked study (patient data in the temp
+    # folder) nor the shared memory of its model request (221 MB of RAM with the full-size
+    # model): the adapters sweep both.
+    wait_for(
+        lambda: (
+            not (Path(tempfile.gettempdir()) / f"cts-adapter-{victim_pid}").exists()
+            and not list(Path("/dev/shm").glob(f"cts_{victim_pid}_*"))
+        ),
+        90,
+        "the killed adapter's leftovers swept",
+    )
+
+    outcome = count_outcome(
+        "kill -9 an adapter mid-study",
+        sent,
+        result_counter(client),
+        stack.storage,
+        note=f"{victim} killed inside the model request; {survivor} finished it (attempt 2)",
+    )
+    assert_nothing_lost_or_duplicated(outcome, outcomes)
+
+
+def test_rabbitmq_restart_with_studies_queued_and_in_flight(
+    healthy_stack: LocalStack,
+    client: TaskClient,
+    zips: dict[str, Path],
+    outcomes: list[Outcome],
+) -> None:
+    stack = healthy_stack
+    topology = QueueTopology(prefix=stack.prefix)
+    frontend_queue = topology.reply_queue(frontend_instance_id("127.0.0.1", stack.ports.frontend))
+    with stack.frozen("triton"):
+        sent = [
+            client.submit(zips["head"], "mq-head-1.zip", "head"),
+            client.submit(zips["head"], "mq-head-2.zip", "head"),
+            *(client.submit(zips["chest"], f"mq-chest-{n}.zip", "chest") for n in range(1, 5)),
+        ]
+        # The heads finish (no model needed) and their results wait, unread, in the reply
+        # queue; both adapters then hold a chest (in flight) and two chests are queued.
+        wait_for(
+            lambda: all(load_result(stack.storage, s.task_id) for s in sent[:2]),
+            60,
+            "both head results stored",
+        )
+        wait_for(
+            lambda: (
+                (state := queue_state(topology.task_queue)) is not None
+                and (state.ready, state.unacknowledged) == (2, 2)
+            ),
+            60,
+            "two chests in flight and two queued",
+            interval_s=1.0,
+        )
+        with rabbitmq_restarted(stack.broker) as start_rabbitmq:
+            stack.thaw("triton")
+            # The studies in flight finish while the broker is down: stored, not yet sent.
+            wait_for(
+                lambda: sum(load_result(stack.storage, s.task_id) is not None for s in sent) == 4,
+                60,
+                "the two chests in flight finished and stored",
+            )
+            start_rabbitmq()
+    # Everyone reconnects: both adapters and the frontend's reply listener.
+    wait_for(lambda: consumers_of(stack.broker, topology.task_queue) == 2, 120, "adapters back")
+    wait_for(lambda: consumers_of(stack.broker, frontend_queue) == 1, 120, "frontend back")
+    client.wait_for_results(sent, RESULT_TIMEOUT_S)
+    client.settle()
+
+    assert_screened(client, sent)
+    outcome = count_outcome(
+        "restart RabbitMQ (2 in flight, 2 queued)",
+        sent,
+        result_counter(client),
+        stack.storage,
+        note=(
+            "2 results waited in the durable reply queue over the restart; the 2 studies in "
+            "flight finished while it was down and were republished from storage"
+        ),
+    )
+    assert_nothing_lost_or_duplicated(outcome, outcomes)
+
+
+def test_triton_down_for_a_minute_mid_run_fails_no_study(
+    healthy_stack: LocalStack,
+    client: TaskClient,
+    zips: dict[str, Path],
+    outcomes: list[Outcome],
+) -> None:
+    stack = healthy_stack
+    with stack.frozen("triton"):
+        sent = [
+            *(client.submit(zips["chest"], f"triton-chest-{n}.zip", "chest") for n in range(1, 5)),
+            client.submit(zips["head"], "triton-head-1.zip", "head"),
+        ]
+        wait_for_adapters_in_inference(client, sent, 2)
+        stack.crash_triton()  # kill -9 while both adapters wait for it
+    outage_started = time.monotonic()
+    while time.monotonic() - outage_started < TRITON_OUTAGE_S:
+        client.poll()
+        time.sleep(1.0)
+    retrying = {m.task_id for m in client.progress if m.stage == "retrying"}
+    stack.launch("triton")  # the same command, the same ports
+    client.wait_for_results(sent, RESULT_TIMEOUT_S + 60)
+    client.settle()
+
+    assert len(retrying) >= 2  # both studies in flight waited for the server
+    assert_screened(client, sent)  # no Failure row because of the outage
+    assert all(client.result(s.task_id).attempt == 1 for s in sent)  # held, not redelivered
+    outcome = count_outcome(
+        f"Triton down {TRITON_OUTAGE_S:.0f} s mid-run",
+        sent,
+        result_counter(client),
+        stack.storage,
+        note=f"Triton killed (-9) with 2 studies in flight; {len(retrying)} studies retried",
+    )
+    assert_nothing_lost_or_duplicated(outcome, outcomes)
+
+
+def test_frontend_restart_keeps_every_result_on_the_page(
+    healthy_stack: LocalStack,
+    zips: dict[str, Path],
+    tmp_path: Path,
+    outcomes: list[Outcome],
+) -> None:
+    stack = healthy_stack
+    names = ["fe-head-1.zip", "fe-head-2.zip", "fe-chest-1.zip", "fe-chest-2.zip", "fe-chest-3.zip"]
+    uploads = []
+    for name in names:
+        upload = tmp_path / "browser" / name
+        upload.parent.mkdir(parents=True, exist_ok=True)
+        upload.write_bytes(zips["head" if "head" in name else "chest"].read_bytes())
+        uploads.append(str(upload))
+    sessions_before = set((stack.storage / "sessions").glob("*.json"))
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+            page.goto(stack.frontend_url)
+            with stack.frozen("triton"):
+                page.locator("#uploads input[type=file]").set_input_files(uploads)
+                expect(page.locator("#uploads table tr")).to_have_count(5, timeout=30_000)
+                page.locator("#submit").click()
+                expect(page.locator("#upload-message")).to_contain_text(
+                    "Queued 5 studies", timeout=30_000
+                )
+                # The heads are done and shown; the chests wait inside the model request.
+                wait_for(
+                    lambda: page.locator("#status-table").inner_text().count("done") == 2,
+                    60,
+                    "the two heads done on the page",
+                    interval_s=0.5,
+                )
+                stack.terminate("frontend")
+            (session_file,) = set((stack.storage / "sessions").glob("*.json")) - sessions_before
+            task_ids = [task["task_id"] for task in json.loads(session_file.read_text())["tasks"]]
+            assert len(task_ids) == 5
+            # Triton is back; the chests finish while the frontend is down.
+            wait_for(
+                lambda: all(load_result(stack.storage, task_id) for task_id in task_ids),
+                RESULT_TIMEOUT_S,
+                "every result stored while the frontend is down",
+            )
+            stack.launch("frontend")
+            page.reload()
+            wait_for(
+                lambda: page.locator("#status-table").inner_text().count("done") == 5,
+                60,
+                "all five done after the reload",
+                interval_s=0.5,
+            )
+            results_text = page.locator("#results-table").inner_text()
+            page.locator("#session-xlsx-button").click()
+            link = page.locator("#session-xlsx a").first
+            expect(link).to_be_visible(timeout=30_000)
+            with page.expect_download() as download_info:
+                link.click()
+            xlsx = tmp_path / "session.xlsx"
+            download_info.value.save_as(xlsx)
+        finally:
+            browser.close()
+
+    # What the user sees: each study once on the page and once in the downloaded report.
+    on_page = Counter(
+        name
+        for line in results_text.splitlines()
+        for name in names
+        if re.search(re.escape(name), line)
+    )
+    sheet = openpyxl.load_workbook(xlsx).active
+    in_report = Counter(row[0] for row in sheet.iter_rows(min_row=2, values_only=True) if row[0])
+    assert set(in_report) == set(names)
+    seen = Counter({task_id: 0 for task_id in task_ids})
+    by_name = {
+        load_result(stack.storage, task_id).original_filename: task_id for task_id in task_ids
+    }
+    for name, task_id in by_name.items():
+        seen[task_id] = max(on_page[name], in_report[name])
+    sent = [
+        SentStudy(task_id, name, "head" if "head" in name else "chest")
+        for name, task_id in by_name.items()
+    ]
+    outcome = count_outcome(
+        "restart the frontend mid-run (browser)",
+        sent,
+        seen,
+        stack.storage,
+        note="2 results shown before the restart, 3 arrived while it was down; page reloaded",
+    )
+    assert_nothing_lost_or_duplicated(outcome, outcomes)
+    assert all(on_page[name] == 1 for name in names), on_page
+
+
+# -- the pieces behind it (pure logic) ------------------------------------------------------------
+
+
+class _DownBackend:
+    """A model server that is never there."""
+
+    name = "down"
+    metadata = None
+
+    def infer(self, volume: np.ndarray) -> ModelOutputs:
+        raise TransientBackendError("unavailable")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_study_waits_for_the_model_server_only_up_to_its_limit() -> None:
+    class ClockedStop(threading.Event):
+        """A stop event whose waits move a fake clock instead of sleeping."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.now = 0.0
+
+        def wait(self, timeout: float | None = None) -> bool:
+            self.now += 4.0
+            return False
+
+    stop = ClockedStop()
+    retrying = RetryingBackend(
+        _DownBackend(), stop, maximum_delay_s=0.0, wait_limit_s=10.0, clock=lambda: stop.now
+    )
+    with pytest.raises(ModelServerWaitExceeded, match="model_server_wait_limit_s"):
+        retrying.infer(np.zeros((1, 1), dtype=np.float32))
+    assert retrying.retries == 4  # failures after 0, 4 and 8 s are retried; after 12 s: over
+
+
+def test_only_regions_of_dead_adapters_are_swept(tmp_path: Path) -> None:
+    (port,) = free_ports(1)  # no Triton there: the files are swept all the same
+    for name in ("cts_111_0123456789ab", "cts_probe_111_01234567", "cts_222_0123456789ab"):
+        (tmp_path / name).write_bytes(b"\0" * 16)
+    (tmp_path / "triton_python_backend_shm_region_1").write_bytes(b"")  # not ours
+    (tmp_path / "cts_111_notaregion").write_bytes(b"")
+    alive = {222}.__contains__
+    assert abandoned_regions(["cts_111_0123456789ab", "cts_222_0123456789ab"], alive) == [
+        "cts_111_0123456789ab"
+    ]
+    removed = sweep_shared_memory(f"127.0.0.1:{port}", shm_dir=tmp_path, alive=alive)
+    assert removed == ["cts_111_0123456789ab", "cts_probe_111_01234567"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cts_111_notaregion",
+        "cts_222_0123456789ab",
+        "triton_python_backend_shm_region_1",
+    ]
+
+
+def test_an_adapter_keeps_its_temporary_files_apart_and_dead_ones_are_swept(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "cts-adapter-111" / "cts-intake-x" / "files").mkdir(parents=True)
+    (tmp_path / "cts-adapter-111" / "cts-intake-x" / "files" / "slice.dcm").write_bytes(b"x")
+    (tmp_path / "cts-adapter-222").mkdir()
+    (tmp_path / "cts-intake-other").mkdir()  # not an adapter's folder: left alone
+    alive = {222}.__contains__
+    assert sweep_temp_dirs(tmp_path, alive) == ["cts-adapter-111"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cts-adapter-222", "cts-intake-other"]
+    before = tempfile.tempdir
+    try:
+        own = use_own_temp_dir(tmp_path)
+        assert own.name == f"cts-adapter-{os.getpid()}"
+        assert Path(tempfile.mkdtemp(prefix="cts-intake-")).parent == own
+        assert temp_base() == tmp_path
+        sweep_temp_dirs(tmp_path)  # the real check: pid 222 is gone here, this one is not
+        assert own.is_dir() and not (tmp_path / "cts-adapter-222").exists()
+    finally:
+        tempfile.tempdir = before
+
+
+def test_the_first_stored_result_of_a_task_stays_its_only_result(tmp_path: Path) -> None:
+    first = StudyResult(task_id="task-1", status=TaskStatus.COMPLETED, adapter_id="a", attempt=1)
+    second = StudyResult(task_id="task-1", status=TaskStatus.COMPLETED, adapter_id="b", attempt=2)
+    assert store_result_once(tmp_path, first) == first
+    assert store_result_once(tmp_path, second) == first  # the second writer publishes the first
+    assert load_result(tmp_path, "task-1") == first
+    assert [p.name for p in (tmp_path / "results").iterdir()] == ["task-1.json"]  # no temp left
+    # An unreadable leftover is replaced rather than kept forever.
+    (tmp_path / "results" / "task-2.json").write_text("{not json")
+    third = StudyResult(task_id="task-2", status=TaskStatus.FAILED, error="x")
+    assert store_result_once(tmp_path, third) == third
+    assert load_result(tmp_path, "task-2") == third
+
+
+def test_an_unreadable_task_is_answered_under_an_id_the_submitter_knows() -> None:
+    import pika
+
+    task = StudyTask(study_path="uploads/x/y.zip", original_filename="y.zip")
+    properties = pika.BasicProperties(correlation_id="corr-1", message_id="msg-1")
+    body = task.model_dump_json().replace('"schema_version":1', '"schema_version":9').encode()
+    assert unreadable_task_id(body, properties) == task.task_id
+    assert unreadable_task_id(b"\x00garbage", properties) == "corr-1"
+    assert unreadable_task_id(b"[]", pika.BasicProperties(message_id="msg-1")) == "msg-1"
+    generated = unreadable_task_id(b"{}", pika.BasicProperties(correlation_id="../../etc"))
+    assert generated.startswith("unreadable-") and "/" not in generated
+
+
+def test_a_study_too_big_to_unpack_is_refused_at_upload(tmp_path: Path) -> None:
+    """The upload is refused from the zip's own directory, before any worker unpacks it."""
+    settings = load_settings(environ={})
+    settings.storage.root = tmp_path / "storage"
+    settings.rabbitmq.queue_prefix = f"test-fault-limits-{uuid.uuid4().hex[:8]}"
+    settings.frontend.max_upload_mb = 1
+    settings.intake.max_uncompressed_bytes = 2 * 1024 * 1024
+    bomb = tmp_path / "in" / "bomb.zip"  # 3 MB of zeros deflate to a few KB
+    small = tmp_path / "in" / "small.zip"
+    bomb.parent.mkdir()
+    for path, size in ((bomb, 3 * 1024 * 1024), (small, 1000)):
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("study/slice.dcm", b"\0" * size)
+    assert bomb.stat().st_size < 1024 * 1024  # under the upload limit: only unpacking is big
+    service = FrontendService(settings, instance_id="fault-limits")
+    token = service.new_session_token()
+    try:
+        outcome = service.submit_uploads(token, [bomb, small])
+    finally:
+        delete_topology(settings.rabbitmq)
+    assert [task.original_filename for task in outcome.submitted] == ["small.zip"]
+    assert (
+        "bomb.zip: 3.0 MB unpacked is over the 2.0 MB limit per study "
+        "(intake.max_uncompressed_bytes)" in outcome.message
+    )
+    assert bomb.exists() and not small.exists()  # the refused file was not moved to storage
+    assert [task.original_filename for task in service.session(token).tasks] == ["small.zip"]
+
+
+def test_rabbitmq_is_up_after_the_suite() -> None:
+    """Later tests and other developers share the system broker."""
+    settings = RabbitMQSettings()
+    ensure_rabbitmq_running(settings)
+    connection = connect(settings, name="fault suite final check", give_up_after_s=10)
+    connection.close()
