@@ -19,6 +19,7 @@ and ``to_visual_latent.weight``) so that a CT-CLIP checkpoint loads with
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -203,10 +204,14 @@ class CosineSimAttention(nn.Module):
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         # CT-CLIP normalises only the query input: keys and values come from the raw tokens.
-        keys, values = self.to_kv(x).chunk(2, dim=-1)
+        # Keys and values are two products with the halves of to_kv's weight (the same
+        # numbers as chunking one product): the exported graph then has no Split copying
+        # the (tokens x 2 * inner) result apart.
+        key_weight, value_weight = self.to_kv.weight.chunk(2, dim=0)
+        keys, values = F.linear(x, key_weight), F.linear(x, value_weight)
         queries = self.to_q(self.norm(x))
-        q = F.normalize(self._split_heads(queries), dim=-1) * (self.q_scale * ATTENTION_SCALE)
-        k = F.normalize(self._split_heads(keys), dim=-1) * self.k_scale
+        q = l2_normalise(self._split_heads(queries)) * (self.q_scale * ATTENTION_SCALE)
+        k = l2_normalise(self._split_heads(keys)) * self.k_scale
         similarity = q @ k.transpose(-1, -2)
         if bias is not None:
             similarity = similarity + bias
@@ -215,23 +220,57 @@ class CosineSimAttention(nn.Module):
         return self.to_out(attended)
 
 
+def l2_normalise(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """``F.normalize(x, dim=-1)`` without its explicit broadcast (an Expand in the graph)."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
+
+
+def gelu(x: Tensor) -> Tensor:
+    """Exact (erf) GELU, written in the order onnxruntime's GeluFusion recognises.
+
+    ``F.gelu`` exports as ``x * (0.5 * (1 + erf(x / sqrt 2)))``, which onnxruntime leaves as
+    five elementwise passes over the feed-forward's largest tensor; this order becomes one
+    fused Gelu kernel. Same function, rounding differences only (~1e-7).
+    """
+    return (x * 0.5) * (torch.erf(x / math.sqrt(2.0)) + 1.0)
+
+
 class GEGLU(nn.Module):
     """Gated GELU: the second half of the features, through GELU, gates the first half."""
 
     def forward(self, x: Tensor) -> Tensor:
         value, gate = x.chunk(2, dim=-1)
-        return F.gelu(gate) * value
+        return gelu(gate) * value
 
 
-def geglu_feed_forward(dim: int, inner_dim: int) -> nn.Sequential:
-    # Index layout (0 norm, 1 in, 2 GEGLU, 3 dropout, 4 out) matches CT-CLIP's keys.
-    return nn.Sequential(
-        nn.LayerNorm(dim),
-        nn.Linear(dim, inner_dim * 2, bias=False),
-        GEGLU(),
-        nn.Dropout(0.0),
-        nn.Linear(inner_dim, dim, bias=False),
-    )
+class GegluFeedForward(nn.Sequential):
+    """CT-CLIP's feed-forward: LayerNorm -> Linear(dim, 2 * inner) -> GEGLU -> Linear(inner, dim).
+
+    The index layout (0 norm, 1 in, 2 GEGLU, 3 dropout, 4 out) matches CT-CLIP's keys. The
+    forward pass multiplies by the value and gate halves of the input weight separately
+    (the same numbers as splitting one product), so the exported graph does not copy the
+    (tokens x 2 * inner) product apart with a Split.
+    """
+
+    def __init__(self, dim: int, inner_dim: int) -> None:
+        super().__init__(
+            nn.LayerNorm(dim),
+            nn.Linear(dim, inner_dim * 2, bias=False),
+            GEGLU(),
+            nn.Dropout(0.0),
+            nn.Linear(inner_dim, dim, bias=False),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        norm, project_in, _, dropout, project_out = self
+        hidden = norm(x)
+        value_weight, gate_weight = project_in.weight.chunk(2, dim=0)
+        gated = gelu(F.linear(hidden, gate_weight)) * F.linear(hidden, value_weight)
+        return project_out(dropout(gated))
+
+
+def geglu_feed_forward(dim: int, inner_dim: int) -> GegluFeedForward:
+    return GegluFeedForward(dim, inner_dim)
 
 
 class FactorisedTransformer(nn.Module):
@@ -315,7 +354,7 @@ class CosineSimQuantiser(nn.Module):
     def codes(self, tokens: Tensor) -> Tensor:
         """Index of the nearest codebook vector for every token ``[..., dim] -> [...]``."""
         codebook = F.normalize(self._codebook.embed[0], dim=-1)
-        return (F.normalize(tokens, dim=-1) @ codebook.t()).argmax(dim=-1)
+        return (l2_normalise(tokens) @ codebook.t()).argmax(dim=-1)
 
     def forward(self, tokens: Tensor) -> Tensor:
         return F.embedding(self.codes(tokens), self._codebook.embed[0])

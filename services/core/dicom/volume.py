@@ -7,6 +7,7 @@ few slices, never all the data sets at once.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,9 @@ from services.core.volume import Volume
 ORIENTATION_TOLERANCE = 1e-3  # per IOP component: beyond this two images are not parallel
 PIXEL_SPACING_TOLERANCE = 1e-3  # relative
 TILT_WARNING_DEGREES = 0.5
+# Uncompressed little-endian transfer syntaxes (UID -> implicit VR), read without pydicom.
+NATIVE_LITTLE_ENDIAN_SYNTAXES = {"1.2.840.10008.1.2": True, "1.2.840.10008.1.2.1": False}
+PIXEL_DATA_TAG_BYTES = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 
 
 class SeriesDataError(Exception):
@@ -270,15 +274,25 @@ def _read_hu(
     else:
         sources, weights = geometry.regular_grid(stack.positions_mm, stack.spacing_mm)
     hu = np.empty((sources.size, shared.rows, shared.columns), dtype=np.float32)
-    cache: dict[int, np.ndarray] = {}
+    # One raw buffer for the whole series: a fresh 0.5 MB allocation per slice costs more
+    # in page faults than reading the slice.
+    raw_buffer = bytearray()
     rescale_missing = 0
+    if stack.regular:
+        # Every slice is decoded straight into its place in the volume.
+        for index, instance in enumerate(kept):
+            rescale_missing += 0 if _decode_slice(instance, shared, hu[index], raw_buffer) else 1
+        return hu, rescale_missing
+
+    cache: dict[int, np.ndarray] = {}
 
     def slice_hu(index: int) -> np.ndarray:
         nonlocal rescale_missing
         if index not in cache:
             for old in [key for key in cache if key < index - 1]:
                 del cache[old]  # the plan only moves forward: older slices are done
-            values, had_rescale = _decode_slice(kept[index], shared)
+            values = np.empty((shared.rows, shared.columns), dtype=np.float32)
+            had_rescale = _decode_slice(kept[index], shared, values, raw_buffer)
             rescale_missing += 0 if had_rescale else 1
             cache[index] = values
         return cache[index]
@@ -294,19 +308,31 @@ def _read_hu(
     return hu, rescale_missing
 
 
-def _decode_slice(instance: Instance, shared: _SeriesGeometry) -> tuple[np.ndarray, bool]:
-    """HU of one image: stored value x RescaleSlope + RescaleIntercept, as float32."""
+def _decode_slice(
+    instance: Instance, shared: _SeriesGeometry, out: np.ndarray, raw_buffer: bytearray
+) -> bool:
+    """HU of one image into ``out``: stored value x RescaleSlope + RescaleIntercept (float32).
+
+    Returns whether the image had both rescale tags.
+    """
     name = instance.path.name
+    dataset: Dataset = instance.header  # read_studies read every tag before the pixel data
     try:
-        dataset = pydicom.dcmread(instance.path, force=True)
-        _ensure_transfer_syntax(dataset)
-        pixels = dataset.pixel_array
-    except Exception as error:  # noqa: BLE001 - any decoder failure is a data error
-        syntax = _transfer_syntax_name(instance.header) or "unknown transfer syntax"
-        detail = " ".join(str(error).split())  # decoder messages span lines
-        raise SeriesDataError(
-            f"cannot decode the pixel data of {name} ({syntax}): {type(error).__name__}: {detail}"
-        ) from error
+        pixels = read_native_pixels(instance, shared.rows, shared.columns, raw_buffer)
+    except OSError:
+        pixels = None  # the general path below reports the problem
+    if pixels is None:
+        try:
+            dataset = pydicom.dcmread(instance.path, force=True)
+            _ensure_transfer_syntax(dataset)
+            pixels = dataset.pixel_array
+        except Exception as error:  # noqa: BLE001 - any decoder failure is a data error
+            syntax = _transfer_syntax_name(instance.header) or "unknown transfer syntax"
+            detail = " ".join(str(error).split())  # decoder messages span lines
+            raise SeriesDataError(
+                f"cannot decode the pixel data of {name} ({syntax}): "
+                f"{type(error).__name__}: {detail}"
+            ) from error
     if pixels.shape != (shared.rows, shared.columns):
         raise SeriesDataError(
             f"{name}: pixel data of shape {pixels.shape}, expected one "
@@ -315,12 +341,82 @@ def _decode_slice(instance: Instance, shared: _SeriesGeometry) -> tuple[np.ndarr
     slope = _float(tag_value(dataset, "RescaleSlope"))
     intercept = _float(tag_value(dataset, "RescaleIntercept"))
     had_rescale = slope is not None and intercept is not None
-    values = pixels.astype(np.float32)
+    np.copyto(out, pixels, casting="unsafe")
     if slope is not None and slope != 1.0:
-        values *= np.float32(slope)
+        out *= np.float32(slope)
     if intercept:
-        values += np.float32(intercept)
-    return values, had_rescale
+        out += np.float32(intercept)
+    return had_rescale
+
+
+def read_native_pixels(
+    instance: Instance, rows: int, columns: int, buffer: bytearray | None = None
+) -> np.ndarray | None:
+    """The stored values of an uncompressed little-endian image, read straight from its file.
+
+    Parsing a whole file again with pydicom for its pixels took most of load_volume's time
+    (read_studies has already parsed every header). Scanners write the pixel data as the
+    last element, so it is read from the end of the file, but only after checking that the
+    bytes before it are the PixelData tag with exactly the expected length. Anything else
+    (compressed or big-endian data, multi-frame or colour images, trailing elements,
+    odd headers) returns None and takes pydicom's general path. The values are what
+    pydicom's ``pixel_array`` returns, unused high bits corrected as it does.
+
+    With ``buffer`` the bytes are read into it (grown as needed) and the result is a view
+    of it, valid until the buffer is used again.
+    """
+    header = instance.header
+    meta = getattr(header, "file_meta", None)
+    syntax = str(tag_value(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
+    implicit_vr = NATIVE_LITTLE_ENDIAN_SYNTAXES.get(syntax)
+    if implicit_vr is None or instance.n_frames != 1:
+        return None
+    bits_allocated = _int(tag_value(header, "BitsAllocated"))
+    bits_stored = _int(tag_value(header, "BitsStored")) or bits_allocated
+    representation = _int(tag_value(header, "PixelRepresentation")) or 0
+    samples = _int(tag_value(header, "SamplesPerPixel")) or 1
+    if bits_allocated not in (8, 16, 32) or samples != 1 or representation not in (0, 1):
+        return None
+    if not 0 < bits_stored <= bits_allocated:
+        return None
+    signed = representation == 1
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits_allocated // 8}")
+    n_bytes = rows * columns * dtype.itemsize
+    value_length = n_bytes + n_bytes % 2  # element values have even lengths
+    element_header = 8 if implicit_vr else 12
+    size = element_header + value_length
+    raw = bytearray(size) if buffer is None else buffer
+    if len(raw) < size:
+        raw.extend(bytes(size - len(raw)))
+    view = memoryview(raw)[:size]
+    with open(instance.path, "rb") as handle:
+        start = os.fstat(handle.fileno()).st_size - size
+        if start < 0:
+            return None
+        handle.seek(start)
+        if handle.readinto(view) != size:
+            return None
+    if not _is_pixel_data_element(bytes(view[:element_header]), value_length, implicit_vr):
+        return None
+    pixels = np.frombuffer(raw, dtype=dtype, count=rows * columns, offset=element_header)
+    pixels = pixels.reshape(rows, columns)
+    if bits_stored < bits_allocated:
+        # Ignore the unused high bits, sign-extending signed values (PS3.5 8.1.1).
+        shift = bits_allocated - bits_stored
+        np.left_shift(pixels, shift, out=pixels)
+        np.right_shift(pixels, shift, out=pixels)
+    return pixels
+
+
+def _is_pixel_data_element(head: bytes, value_length: int, implicit_vr: bool) -> bool:
+    """True when ``head`` is the PixelData element's tag (and VR) with ``value_length``."""
+    if head[:4] != PIXEL_DATA_TAG_BYTES:
+        return False
+    if implicit_vr:
+        return int.from_bytes(head[4:8], "little") == value_length
+    if head[4:6] not in (b"OW", b"OB") or head[6:8] != b"\x00\x00":
+        return False
+    return int.from_bytes(head[8:12], "little") == value_length
 
 
 def _ensure_transfer_syntax(dataset: Dataset) -> None:
@@ -344,6 +440,11 @@ def _transfer_syntax_name(header: Dataset) -> str | None:
         return None
     uid = UID(str(value))
     return str(uid.name) if uid.name != str(uid) else str(uid)
+
+
+def _int(value: object) -> int | None:
+    number = _float(value)
+    return int(number) if number is not None and number.is_integer() else None
 
 
 def _float(value: object) -> float | None:

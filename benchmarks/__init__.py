@@ -1,0 +1,1 @@
+"""Benchmarks of the screening pipeline: ``python -m benchmarks.run`` (see README.md here)."""
