@@ -165,6 +165,7 @@ def report(status: ProcessingStatus, probability: float | None) -> StudyReport:
         if probability
         else [],
         demo_weights=True,
+        failure_reason=None if probability else "not a chest CT: no lungs",
     )
 
 
@@ -217,8 +218,13 @@ def test_progress_and_results_reach_the_session(
     assert task_views[0].fraction == 1.0
 
     table = views.results_frame(task_views)
-    assert list(table.columns) == [*REPORT_COLUMNS, "most_dangerous_pathology_type"]
+    assert list(table.columns) == [
+        *REPORT_COLUMNS,
+        "most_dangerous_pathology_type",
+        "failure_reason",
+    ]
     assert table["processing_status"].tolist() == ["Success", "Failure"]
+    assert table["failure_reason"].tolist() == ["", "not a chest CT: no lungs"]
     assert table["probability_of_pathology"].tolist()[0] == 0.75
     assert views.status_frame(task_views)["status"].tolist() == ["done", "FAILED"]
     chart = views.findings_frame(task_views[0], 0)

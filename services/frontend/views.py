@@ -10,7 +10,8 @@ from services.core.schemas import REPORT_COLUMNS, StudyReport
 from services.frontend.service import TaskState, TaskView
 
 STATUS_COLUMNS = ("study file", "status", "progress", "details", "submitted (UTC)")
-RESULT_COLUMNS = (*REPORT_COLUMNS, "most_dangerous_pathology_type")
+# The customer's columns, then what a radiologist asks next: what is worst, or why it failed.
+RESULT_COLUMNS = (*REPORT_COLUMNS, "most_dangerous_pathology_type", "failure_reason")
 STATE_LABELS = {
     TaskState.QUEUED: "queued",
     TaskState.PROCESSING: "processing",
@@ -115,7 +116,7 @@ def detail_markdown(view: TaskView, index: int) -> str:
         + "\n".join(
             f"| {column} | {_cell(report, column)} |"
             for column in RESULT_COLUMNS
-            if column != "path_to_study"
+            if column not in ("path_to_study", "failure_reason")
         )
     )
     if report.failure_reason:
