@@ -326,3 +326,34 @@ def test_nested_zips_beyond_the_depth_limit(fixtures_dir: Path, tmp_path: Path) 
     archive.write_bytes(_nest("slice.dcm", payload, levels=4))
     with pytest.raises(IntakeError, match="nested more than 3 levels"):
         collect_dicom_files(archive, tmp_path / "w", IntakeSettings(max_nesting_depth=3))
+
+
+# --- members inflated in parallel -------------------------------------------------------
+
+
+def test_many_members_are_extracted_whole_and_in_order(fixtures_dir: Path, tmp_path: Path) -> None:
+    sources = _chest_files(fixtures_dir)
+    archive = _zip(tmp_path / "study.zip", {f"s/{p.name}": p.read_bytes() for p in sources})
+    result = collect_dicom_files(archive, tmp_path / "w", LIMITS)
+    assert len(result.dicom_files) == len(sources)
+    for extracted, source in zip(result.dicom_files, sources, strict=True):
+        assert extracted.name.endswith(source.name)
+        assert extracted.read_bytes() == source.read_bytes()
+
+
+def test_a_lying_member_among_many_stops_the_archive(tmp_path: Path) -> None:
+    """Several threads extract; the one member whose size lies is still caught exactly."""
+    members = {f"m{i:02d}.bin": os.urandom(200_000) for i in range(12)}
+    archive = _zip(tmp_path / "liar.zip", members, compression=zipfile.ZIP_STORED)
+    data = bytearray(archive.read_bytes())
+    central = -1
+    for _ in range(7):  # the central directory record of the 7th member
+        central = data.find(b"PK\x01\x02", central + 1)
+    data[central + 24 : central + 28] = (1000).to_bytes(4, "little")
+    archive.write_bytes(bytes(data))
+    work_dir = tmp_path / "w"
+    with pytest.raises(IntakeError, match=r"member .m06\.bin.: (Bad CRC|.*declared)"):
+        collect_dicom_files(archive, work_dir, LIMITS)
+    written = {p.name: p.stat().st_size for p in work_dir.rglob("*") if p.is_file()}
+    assert not any(name.endswith("m06.bin") for name in written)  # the partial file is gone
+    assert all(size == 200_000 for size in written.values())  # no other member was cut short

@@ -31,6 +31,10 @@ class IntakeSettings(_Section):
     max_files: int = 20_000
     max_compression_ratio: float = 200.0
     max_nesting_depth: int = 3
+    # Voxels of one series' volume (rows x columns x slices), checked from the headers before
+    # any pixel is read: 450 M is about 1700 slices of 512x512, within a 3 GB worker budget
+    # (about 1.6 bytes of memory per byte of the float32 volume).
+    max_series_voxels: int = 450_000_000
 
 
 class SeriesSelectionSettings(_Section):

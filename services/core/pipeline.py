@@ -209,7 +209,9 @@ def _prepare_one_study(
 
     with clock.stage("volume"):
         try:
-            volume, quality, volume_warnings = load_volume(series, settings.quality)
+            volume, quality, volume_warnings = load_volume(
+                series, settings.quality, max_voxels=settings.intake.max_series_voxels
+            )
         except SeriesDataError as error:
             # The quality findings gathered before the failure explain it: keep them.
             warnings.extend(error.warnings)

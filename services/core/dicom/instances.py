@@ -10,6 +10,7 @@ import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -29,28 +30,81 @@ UNCOMPRESSED_SYNTAXES = {
     "1.2.840.10008.1.2.1",  # explicit VR little endian
     "1.2.840.10008.1.2.2",  # explicit VR big endian
 }
+# Every top-level tag the pipeline reads from a header. read_studies parses only these:
+# a scanner's header holds hundreds of elements (private vendor blocks, dose and
+# reference sequences) whose parsing cost more than the rest of the header stage.
+# Sequence items are read in full. A tag read anywhere through ``tag_value`` or
+# ``Instance.header`` must be listed here (tests/test_header_tags.py checks it).
+HEADER_KEYWORDS: tuple[str, ...] = (
+    "SpecificCharacterSet",  # needed to decode every text value
+    "ImageType",
+    "SOPClassUID",
+    "StudyDate",
+    "SeriesDate",
+    "StudyTime",
+    "SeriesTime",
+    "AccessionNumber",
+    "Modality",
+    "Manufacturer",
+    "StationName",
+    "StudyDescription",
+    "ProcedureCodeSequence",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "ProtocolName",
+    "GantryDetectorTilt",
+    "ConvolutionKernel",
+    "PatientPosition",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "StudyID",
+    "SeriesNumber",
+    "InstanceNumber",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "FrameOfReferenceUID",
+    "SamplesPerPixel",
+    "NumberOfFrames",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+    "RescaleIntercept",
+    "RescaleSlope",
+    "RequestedProcedureDescription",
+    "PerformedProcedureStepDescription",
+)
 
 
 @dataclass
 class Instance:
-    """One DICOM file: its path and its header (read with stop_before_pixels)."""
+    """One DICOM file: its path and its header (the HEADER_KEYWORDS tags, no pixel data).
+
+    The parsed values are cached: sorting, selection and geometry ask for them many times
+    per file, and pydicom converts a value again on every access. The header is not
+    changed after reading, so the cache cannot go stale.
+    """
 
     path: Path
     header: Dataset
 
-    @property
+    @cached_property
     def instance_number(self) -> int | None:
         return _int_or_none(tag_value(self.header, "InstanceNumber"))
 
-    @property
+    @cached_property
     def position(self) -> np.ndarray | None:
         return _vector(tag_value(self.header, "ImagePositionPatient"), 3)
 
-    @property
+    @cached_property
     def orientation(self) -> np.ndarray | None:
         return _vector(tag_value(self.header, "ImageOrientationPatient"), 6)
 
-    @property
+    @cached_property
     def n_frames(self) -> int:
         return _int_or_none(tag_value(self.header, "NumberOfFrames")) or 1
 
@@ -185,7 +239,9 @@ def _read_header(path: Path) -> Dataset | None:
     """
     try:
         with open(path, "rb") as handle:
-            header = pydicom.dcmread(handle, stop_before_pixels=True, force=True)
+            header = pydicom.dcmread(
+                handle, stop_before_pixels=True, force=True, specific_tags=_HEADER_TAGS
+            )
             pixel_data_at = handle.tell()
             file_size = os.fstat(handle.fileno()).st_size
     except Exception as error:  # noqa: BLE001 - a broken file is counted, never fatal
@@ -202,6 +258,9 @@ def _read_header(path: Path) -> Dataset | None:
         logger.debug("DICOM file cut off before the end of its pixel data")
         return None
     return header
+
+
+_HEADER_TAGS = [pydicom.datadict.tag_for_keyword(keyword) for keyword in HEADER_KEYWORDS]
 
 
 def _image_size_unreadable(header: Dataset) -> bool:

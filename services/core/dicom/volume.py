@@ -53,13 +53,14 @@ class _SeriesGeometry:
 
 
 def load_volume(
-    series: Series, settings: QualitySettings
+    series: Series, settings: QualitySettings, *, max_voxels: int | None = None
 ) -> tuple[Volume, QualityReport, list[str]]:
     """Read, order and check the slices of ``series``; HU volume, quality report, warnings.
 
     Raises SeriesDataError when the series cannot be a volume: missing geometry tags, mixed
     orientations or image sizes, too many missing slices, too much gantry tilt, pixel data
-    that cannot be decoded.
+    that cannot be decoded, or a volume of more than ``max_voxels`` voxels
+    (intake.max_series_voxels), which is decided from the headers before any pixel is read.
     """
     instances = series.instances
     if len(instances) < 2:
@@ -85,6 +86,11 @@ def load_volume(
     tilt_tag = _float(tag_value(kept[0].header, "GantryDetectorTilt"))
 
     warnings = _quality_warnings(series, stack, tilt, tilt_tag, len(instances))
+    too_large = series_size_error(
+        shared.rows, shared.columns, max(stack.n_slices, stack.expected_slices), max_voxels
+    )
+    if too_large:
+        raise SeriesDataError(too_large, warnings)
     if stack.missing_percent > settings.max_missing_slices_percent:
         raise SeriesDataError(
             f"{stack.missing_slices} of {stack.expected_slices} slice positions are missing "
@@ -144,6 +150,21 @@ def load_volume(
         len(warnings),
     )
     return volume, report, warnings
+
+
+def series_size_error(rows: int, columns: int, slices: int, max_voxels: int | None) -> str | None:
+    """The reason to refuse a rows x columns x slices volume above ``max_voxels``, or None.
+
+    The float32 volume and its preprocessing copies grow with the voxel count; one huge
+    series (thousands of thin slices) must fail with a reason rather than exhaust a worker.
+    """
+    voxels = rows * columns * slices
+    if max_voxels is None or voxels <= max_voxels:
+        return None
+    return (
+        f"the series is too large: {rows}x{columns} pixels x {slices} slices = "
+        f"{voxels:,} voxels, above the {max_voxels:,} limit (intake.max_series_voxels)"
+    )
 
 
 def _shared_geometry(instances: list[Instance]) -> _SeriesGeometry:
