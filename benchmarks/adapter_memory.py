@@ -42,6 +42,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from services.core.config import load_settings  # noqa: E402
+from services.triton.local_server import free_local_ports  # noqa: E402
 
 TARGET_PEAK_BYTES = 3 * 1024**3
 MIB = 1024**2
@@ -53,22 +54,6 @@ def status_bytes(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise KeyError(field)
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports on 127.0.0.1."""
-    import socket
-
-    handles = []
-    try:
-        for _ in range(count):
-            handle = socket.socket()
-            handle.bind(("127.0.0.1", 0))
-            handles.append(handle)
-        return [handle.getsockname()[1] for handle in handles]
-    finally:
-        for handle in handles:
-            handle.close()
 
 
 # -- the study ---------------------------------------------------------------------------------
@@ -201,7 +186,7 @@ def measure(arguments: argparse.Namespace, folder: Path) -> dict[str, object]:
     ]
     server = None
     if arguments.backend == "triton":
-        http, grpc, metrics = free_ports(3)
+        http, grpc, metrics = free_local_ports(3)
         server = LocalTritonServer(
             arguments.repository,
             http_port=http,

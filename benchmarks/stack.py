@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from services.broker.schemas import QueueTopology, StudyResult, StudyTask, decod
 from services.core.config import Settings, load_settings
 from services.core.inference.onnxruntime_backend import OnnxRuntimeBackend
 from services.core.pipeline import process_input
-from services.triton.local_server import LocalTritonServer
+from services.triton.local_server import LocalTritonServer, free_local_ports
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = PROJECT_ROOT / "tests" / "data" / "ctvit_tiny.json"
@@ -81,16 +80,6 @@ def build_tiny_repository(output: Path) -> Path:
         capture_output=True,
     )
     return output
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for handle in sockets:
-        handle.bind(("127.0.0.1", 0))
-    ports = [handle.getsockname()[1] for handle in sockets]
-    for handle in sockets:
-        handle.close()
-    return ports
 
 
 def embedded_mode(study: Path, repository: Path, runs: int, burst: int) -> LatencyThroughput:
@@ -178,7 +167,7 @@ def stack_mode(
         workdir = Path(folder)
         storage = workdir / "storage"
         prefix = f"bench-{uuid.uuid4().hex[:8]}"
-        http, grpc, metrics = _free_ports(3)
+        http, grpc, metrics = free_local_ports(3)
         environment = {
             **os.environ,
             "CTS__STORAGE__ROOT": str(storage),

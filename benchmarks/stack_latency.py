@@ -35,21 +35,9 @@ from services.broker.schemas import QueueTopology, StudyResult, StudyTask, decod
 from services.core.config import load_settings  # noqa: E402
 from services.core.inference.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 from services.core.pipeline import process_input  # noqa: E402
-from services.triton.local_server import LocalTritonServer  # noqa: E402
+from services.triton.local_server import LocalTritonServer, free_local_ports  # noqa: E402
 
 DEFAULT_STUDY = PROJECT_ROOT.parent / "shared" / "fixtures" / "dicom" / "chest_ct_lung_dx_a0002"
-
-
-def free_ports(count: int) -> list[int]:
-    import socket
-
-    handles = [socket.socket() for _ in range(count)]
-    for handle in handles:
-        handle.bind(("127.0.0.1", 0))
-    ports = [handle.getsockname()[1] for handle in handles]
-    for handle in handles:
-        handle.close()
-    return ports
 
 
 def zip_study(source: Path, target: Path) -> Path:
@@ -95,7 +83,7 @@ def through_stack(
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     settings.rabbitmq.queue_prefix = prefix
     topology = QueueTopology.from_settings(settings.rabbitmq)
-    http, grpc, metrics = free_ports(3)
+    http, grpc, metrics = free_local_ports(3)
     environment = {
         **os.environ,
         "CTS__STORAGE__ROOT": str(storage),

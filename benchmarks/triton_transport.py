@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 from services.core.config import InferenceSettings  # noqa: E402
 from services.core.inference.triton_backend import TritonBackend  # noqa: E402
 from services.core.model_metadata import ModelMetadata, write_metadata  # noqa: E402
-from services.triton.local_server import LocalTritonServer  # noqa: E402
+from services.triton.local_server import LocalTritonServer, free_local_ports  # noqa: E402
 
 SHAPE = (240, 480, 480)
 STAND_IN_MODEL = '''
@@ -71,16 +70,6 @@ instance_group [ { kind: KIND_CPU count: 1 } ]
 """
 
 
-def free_ports(count: int) -> list[int]:
-    handles = [socket.socket() for _ in range(count)]
-    for handle in handles:
-        handle.bind(("127.0.0.1", 0))
-    ports = [handle.getsockname()[1] for handle in handles]
-    for handle in handles:
-        handle.close()
-    return ports
-
-
 def stand_in_repository(root: Path) -> Path:
     model = root / "chest_screening"
     (model / "1").mkdir(parents=True)
@@ -105,7 +94,7 @@ def main() -> int:
     report: dict[str, object] = {"volume_bytes": volume.nbytes, "runs": arguments.runs}
     with tempfile.TemporaryDirectory(prefix="cts-transport-") as temporary:
         repository = stand_in_repository(Path(temporary) / "repository")
-        http, grpc, metrics = free_ports(3)
+        http, grpc, metrics = free_local_ports(3)
         with LocalTritonServer(
             repository,
             http_port=http,

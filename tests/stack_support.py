@@ -3,7 +3,6 @@ waiting, broker clean-up. Not a test module."""
 
 from __future__ import annotations
 
-import socket
 import time
 import zipfile
 from collections.abc import Callable
@@ -16,20 +15,6 @@ from services.core.config import RabbitMQSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports on 127.0.0.1 (held open together so none repeats)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            handle = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            handle.bind(("127.0.0.1", 0))
-            sockets.append(handle)
-        return [handle.getsockname()[1] for handle in sockets]
-    finally:
-        for handle in sockets:
-            handle.close()
 
 
 def zip_directory(source: Path, target: Path) -> Path:

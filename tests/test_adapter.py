@@ -23,7 +23,6 @@ import pytest
 from stack_support import (
     PROJECT_ROOT,
     delete_topology,
-    free_ports,
     wait_for,
     zip_directory,
 )
@@ -44,7 +43,7 @@ from services.core.inference.onnxruntime_backend import OnnxRuntimeBackend
 from services.core.inference.triton_backend import TritonBackend
 from services.core.pipeline import process_input
 from services.core.schemas import ProcessingStatus
-from services.triton.local_server import LocalTritonServer
+from services.triton.local_server import LocalTritonServer, free_local_ports
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton]
 
@@ -59,7 +58,7 @@ def tiny_repository(tiny_model_repository: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def triton(tiny_repository: Path, tmp_path_factory) -> Iterator[LocalTritonServer]:
-    http, grpc, metrics = free_ports(3)
+    http, grpc, metrics = free_local_ports(3)
     log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
     server = LocalTritonServer(
         tiny_repository, http_port=http, grpc_port=grpc, metrics_port=metrics, log_file=log
@@ -441,7 +440,7 @@ def test_unavailable_triton_is_waited_for_not_failed(
     """Triton goes away after the adapter started: the study waits (heartbeats continue,
     nothing is redelivered) and completes when a server is back on the same port."""
     # A server of this test's own, so the module's server stays up for the other tests.
-    http, grpc, metrics = free_ports(3)
+    http, grpc, metrics = free_local_ports(3)
     settings.inference.triton_url = f"127.0.0.1:{grpc}"
     server = LocalTritonServer(
         tiny_repository,
@@ -524,7 +523,7 @@ def test_triton_backend_transports_agree_and_clean_up(
 def test_triton_backend_reports_an_unreachable_server_as_transient(settings: Settings) -> None:
     from services.core.inference.base import TransientBackendError
 
-    (port,) = free_ports(1)
+    (port,) = free_local_ports(1)
     inference = settings.inference.model_copy(update={"triton_url": f"127.0.0.1:{port}"})
     with pytest.raises(TransientBackendError, match="not ready"):
         TritonBackend(inference, ready_timeout_s=1)

@@ -48,7 +48,7 @@ from fault_support import (
     rabbitmq_restarted,
 )
 from playwright.sync_api import expect, sync_playwright
-from stack_support import delete_topology, free_ports, wait_for, zip_directory
+from stack_support import delete_topology, wait_for, zip_directory
 
 from services.adapter.leftovers import (
     abandoned_regions,
@@ -66,6 +66,7 @@ from services.core.config import RabbitMQSettings, load_settings
 from services.core.inference.base import ModelOutputs, TransientBackendError
 from services.core.schemas import ProcessingStatus
 from services.frontend.service import FrontendService, frontend_instance_id
+from services.triton.local_server import free_local_ports
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton, pytest.mark.slow]
 
@@ -116,7 +117,7 @@ def zips(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 def stack(
     tiny_model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalStack]:
-    frontend, http, grpc, metrics = free_ports(4)
+    frontend, http, grpc, metrics = free_local_ports(4)
     prefix = f"test-fault-{uuid.uuid4().hex[:10]}"
     local = LocalStack(
         repository=tiny_model_repository,
@@ -552,7 +553,7 @@ def test_a_study_waits_for_the_model_server_only_up_to_its_limit() -> None:
 
 
 def test_only_regions_of_dead_adapters_are_swept(tmp_path: Path) -> None:
-    (port,) = free_ports(1)  # no Triton there: the files are swept all the same
+    (port,) = free_local_ports(1)  # no Triton there: the files are swept all the same
     for name in ("cts_111_0123456789ab", "cts_probe_111_01234567", "cts_222_0123456789ab"):
         (tmp_path / name).write_bytes(b"\0" * 16)
     (tmp_path / "triton_python_backend_shm_region_1").write_bytes(b"")  # not ours

@@ -19,7 +19,6 @@ from playwright.sync_api import Page, expect, sync_playwright
 from stack_support import (
     PROJECT_ROOT,
     delete_topology,
-    free_ports,
     wait_for,
     zip_directory,
 )
@@ -29,6 +28,7 @@ from services.broker.schemas import QueueTopology
 from services.core.config import RabbitMQSettings
 from services.core.schemas import REPORT_COLUMNS
 from services.frontend.service import frontend_instance_id
+from services.triton.local_server import free_local_ports
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton, pytest.mark.browser, pytest.mark.slow]
 
@@ -93,7 +93,7 @@ def test_stack_from_start_to_stop(
         fixtures_dir / "chest_ct_lung_dx_a0002", tmp_path / "upload" / "chest.zip"
     )
     head = zip_directory(fixtures_dir / "head_ct_gantry_tilt", tmp_path / "upload" / "head.zip")
-    frontend_port, http_port, grpc_port, metrics_port = free_ports(4)
+    frontend_port, http_port, grpc_port, metrics_port = free_local_ports(4)
     prefix = f"test-e2e-{uuid.uuid4().hex[:10]}"
     broker = RabbitMQSettings(queue_prefix=prefix)
     environment = {key: value for key, value in os.environ.items() if not key.startswith("CTS__")}

@@ -26,7 +26,7 @@ from services.core.model_metadata import (
     MULTILABEL_HEAD_NAME,
     read_metadata,
 )
-from services.triton.local_server import LocalTritonServer, TritonServerError
+from services.triton.local_server import LocalTritonServer, TritonServerError, free_local_ports
 
 pytestmark = pytest.mark.triton
 
@@ -35,20 +35,6 @@ TINY_CONFIG = PROJECT_ROOT / "tests" / "data" / "ctvit_tiny.json"
 MODELS = (ENCODER_NAME, BINARY_HEAD_NAME, MULTILABEL_HEAD_NAME, ENSEMBLE_NAME)
 OUTPUTS = ("embedding", "pathology_probability", "finding_probabilities")
 READY_TIMEOUT_S = 120.0
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports on 127.0.0.1 (held open together so none repeats)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            handle = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            handle.bind(("127.0.0.1", 0))
-            sockets.append(handle)
-        return [handle.getsockname()[1] for handle in sockets]
-    finally:
-        for handle in sockets:
-            handle.close()
 
 
 def grpc_client(url: str) -> grpcclient.InferenceServerClient:
@@ -73,7 +59,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repository: Path, tmp_path_factory: pytest.TempPathFactory):
-    http, grpc, metrics = free_ports(3)
+    http, grpc, metrics = free_local_ports(3)
     log_file = tmp_path_factory.mktemp("triton_log") / "tritonserver.log"
     with LocalTritonServer(
         repository,
@@ -184,7 +170,7 @@ def test_a_model_that_cannot_load_fails_the_start_with_its_reason(
     (broken / BINARY_HEAD_NAME / "1" / "model.py").write_text(
         (repository / BINARY_HEAD_NAME / "1" / "model.py").read_text()
     )  # but no model.onnx
-    http, grpc, metrics = free_ports(3)
+    http, grpc, metrics = free_local_ports(3)
     server = LocalTritonServer(
         broken,
         http_port=http,
@@ -199,7 +185,7 @@ def test_a_model_that_cannot_load_fails_the_start_with_its_reason(
 
 
 def test_cli_serves_until_sigterm_and_cleans_up(repository: Path, tmp_path: Path) -> None:
-    http, grpc, metrics = free_ports(3)
+    http, grpc, metrics = free_local_ports(3)
     log_file = tmp_path / "cli.log"
     process = subprocess.Popen(
         [
