@@ -13,8 +13,6 @@ Peak memory is measured two ways and the larger is reported:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import os
 import platform
@@ -149,26 +147,3 @@ def cpu_seconds() -> float:
     """User + system CPU time of this process so far (all threads)."""
     times = os.times()
     return times.user + times.system
-
-
-M_TRIM_THRESHOLD = -1  # glibc mallopt parameters
-M_MMAP_MAX = -4
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory in the process instead of returning it to the kernel.
-
-    On this virtual machine the first touch of fresh memory costs about a second per GB.
-    The benchmark interleaves the baselines' large allocations with the pipeline's; without
-    this, whichever stage runs after a large free pays for the others' pages. The same as
-    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` in the environment. False where the C
-    library is not glibc.
-    """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False

@@ -18,7 +18,8 @@ import sys
 import tempfile
 import time
 import uuid
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +117,7 @@ class _StackClient:
         self.channel.confirm_delivery()
         declare_topology(self.channel, self.topology)
         self.channel.queue_declare(self.reply_queue, durable=True)
+        self.results: dict[str, StudyResult] = {}
 
     def submit(self) -> str:
         task_id = uuid.uuid4().hex
@@ -132,23 +134,35 @@ class _StackClient:
         return task_id
 
     def wait(self, task_ids: set[str], timeout_s: float = 600.0) -> dict[str, float]:
-        """perf_counter time at which each task's result arrived."""
+        """perf_counter time at which each task's result arrived.
+
+        Results are pushed by the broker to a consumer (no polling: a basic_get loop costs
+        the broker and this process CPU that the measured stack would be missing)."""
         arrived: dict[str, float] = {}
         deadline = time.monotonic() + timeout_s
-        while len(arrived) < len(task_ids):
+        for method, properties, body in self.channel.consume(
+            self.reply_queue, auto_ack=True, inactivity_timeout=1.0
+        ):
+            if method is not None:
+                message = decode_message(body, type_name=properties.type)
+                if isinstance(message, StudyResult) and message.task_id in task_ids:
+                    report = message.reports[0] if message.reports else None
+                    if report is None or report.processing_status.value != "Success":
+                        raise RuntimeError(f"stack: {message.error or report}")
+                    arrived[message.task_id] = time.perf_counter()
+                    self.results[message.task_id] = message
+            if len(arrived) == len(task_ids):
+                break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(task_ids) - len(arrived)} results did not arrive")
-            method, properties, body = self.channel.basic_get(self.reply_queue, auto_ack=True)
-            if method is None:
-                time.sleep(0.005)
-                continue
-            message = decode_message(body, type_name=properties.type)
-            if isinstance(message, StudyResult) and message.task_id in task_ids:
-                report = message.reports[0] if message.reports else None
-                if report is None or report.processing_status.value != "Success":
-                    raise RuntimeError(f"stack: {message.error or report}")
-                arrived[message.task_id] = time.perf_counter()
+        self.channel.cancel()
         return arrived
+
+    def latency(self) -> float:
+        """Submit one task and wait for its result: seconds from submit to result."""
+        started = time.perf_counter()
+        task_id = self.submit()
+        return self.wait({task_id})[task_id] - started
 
     def close(self) -> None:
         if not self.channel.is_open:
@@ -160,9 +174,12 @@ class _StackClient:
         self.connection.close()
 
 
-def stack_mode(
-    study: Path, repository: Path, adapters: int, runs: int, burst: int
-) -> LatencyThroughput:
+@contextmanager
+def running_stack(
+    study: Path, repository: Path, adapters: int, environment: dict[str, str] | None = None
+) -> Iterator[_StackClient]:
+    """A local Triton and ``adapters`` adapter processes on free ports with a private queue
+    prefix and storage folder, warmed up (one task per adapter); removed on exit."""
     with tempfile.TemporaryDirectory(prefix="cts-bench-stack-", dir=study.parent) as folder:
         workdir = Path(folder)
         storage = workdir / "storage"
@@ -170,6 +187,7 @@ def stack_mode(
         http, grpc, metrics = free_local_ports(3)
         environment = {
             **os.environ,
+            **(environment or {}),
             "CTS__STORAGE__ROOT": str(storage),
             "CTS__RABBITMQ__QUEUE_PREFIX": prefix,
             "CTS__INFERENCE__MODEL_REPOSITORY": str(repository),
@@ -208,14 +226,17 @@ def stack_mode(
             stack.callback(client.close)
             # Warm-up: one task per adapter, so every adapter has connected and loaded.
             client.wait({client.submit() for _ in range(adapters)})
-            latencies = []
-            for _ in range(runs):
-                started = time.perf_counter()
-                task_id = client.submit()
-                latencies.append(client.wait({task_id})[task_id] - started)
-            started = time.perf_counter()
-            arrived = client.wait({client.submit() for _ in range(burst)})
-            burst_seconds = max(arrived.values()) - started
+            yield client
+
+
+def stack_mode(
+    study: Path, repository: Path, adapters: int, runs: int, burst: int
+) -> LatencyThroughput:
+    with running_stack(study, repository, adapters) as client:
+        latencies = [client.latency() for _ in range(runs)]
+        started = time.perf_counter()
+        arrived = client.wait({client.submit() for _ in range(burst)})
+        burst_seconds = max(arrived.values()) - started
     label = f"stack, {adapters} adapter{'s' if adapters > 1 else ''}"
     return LatencyThroughput(label, latencies, burst, burst_seconds)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pika
 import pytest
+import tritonclient.grpc as grpcclient
 from stack_support import (
     PROJECT_ROOT,
     delete_topology,
@@ -483,41 +484,108 @@ def test_unavailable_triton_is_waited_for_not_failed(
     assert result.attempt == 1  # never redelivered: the connection survived the wait
 
 
+def registered_regions(url: str) -> list[str]:
+    """The shared-memory regions the server at ``url`` has registered, asked by a new client."""
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        return list(client.get_system_shared_memory_status(as_json=True).get("regions", {}))
+    finally:
+        client.close()
+
+
+def own_shm_files() -> list[str]:
+    return [name for name in os.listdir("/dev/shm") if name.startswith(f"cts_{os.getpid()}_")]
+
+
 def test_triton_backend_transports_agree_and_clean_up(
     settings: Settings, tiny_repository: Path
 ) -> None:
     shape = (2, 1, *OnnxRuntimeBackend(tiny_repository, settings.inference).metadata.target_shape)
     volume = np.random.default_rng(7).uniform(-1, 1, shape).astype(np.float32)
-    outputs = {}
+    other = np.random.default_rng(8).uniform(-1, 1, shape).astype(np.float32)
+    outputs, second = {}, {}
     for transport in ("grpc", "shared_memory"):
         inference = settings.inference.model_copy(update={"triton_transport": transport})
         backend = TritonBackend(inference)
         assert backend.transport == transport
         outputs[transport] = backend.infer(volume)
+        second[transport] = backend.infer(other)  # a reused region holds the new input
         stats = backend.stats.as_dict()
-        # Nothing stays registered on the server.
-        assert len(backend._client.get_system_shared_memory_status().regions) == 0
-        backend.close()
         if transport == "grpc":
-            assert (
-                stats["grpc_request_bytes"] == volume.nbytes and stats["shared_memory_bytes"] == 0
-            )
+            assert stats["grpc_request_bytes"] == 2 * volume.nbytes
+            assert stats["shared_memory_bytes"] == 0 and stats["regions_registered"] == 0
         else:
-            assert (
-                stats["shared_memory_bytes"] == volume.nbytes and stats["grpc_request_bytes"] == 0
-            )
-    leftovers = [name for name in os.listdir("/dev/shm") if name.startswith(f"cts_{os.getpid()}_")]
-    assert leftovers == []
+            assert stats["shared_memory_bytes"] == 2 * volume.nbytes
+            assert stats["grpc_request_bytes"] == 0
+            # One region, registered once, reused for the second request.
+            assert stats["regions_registered"] == 1
+            assert len(registered_regions(inference.triton_url)) == 1
+            assert len(own_shm_files()) == 1
+        backend.close()
+        # Nothing stays registered on the server, nothing stays in /dev/shm.
+        assert registered_regions(inference.triton_url) == []
+    assert own_shm_files() == []
+    for results in (outputs, second):
+        np.testing.assert_allclose(
+            results["grpc"].finding_probabilities,
+            results["shared_memory"].finding_probabilities,
+            atol=1e-6,
+        )
+    assert not np.allclose(
+        outputs["grpc"].embedding, second["grpc"].embedding
+    )  # the inputs differ, so must the outputs
+    local = OnnxRuntimeBackend(tiny_repository, settings.inference)
     np.testing.assert_allclose(
-        outputs["grpc"].finding_probabilities,
-        outputs["shared_memory"].finding_probabilities,
-        atol=1e-6,
+        local.infer(volume).pathology_probability,
+        outputs["grpc"].pathology_probability,
+        atol=1e-5,
     )
-    local = OnnxRuntimeBackend(tiny_repository, settings.inference).infer(volume)
     np.testing.assert_allclose(
-        local.pathology_probability, outputs["grpc"].pathology_probability, atol=1e-5
+        local.infer(other).pathology_probability,
+        second["shared_memory"].pathology_probability,
+        atol=1e-5,
     )
     assert outputs["grpc"].embedding.shape == (2, backend.metadata.embedding_dim)
+
+
+def test_triton_backend_registers_its_region_again_after_a_server_restart(
+    settings: Settings, tiny_repository: Path, tmp_path: Path
+) -> None:
+    """A restarted server has forgotten the adapter's reused region: the next request
+    registers it again instead of failing."""
+    http, grpc, metrics = free_local_ports(3)
+    inference = settings.inference.model_copy(
+        update={"triton_url": f"127.0.0.1:{grpc}", "triton_transport": "shared_memory"}
+    )
+
+    def server(log: str) -> LocalTritonServer:
+        return LocalTritonServer(
+            tiny_repository,
+            http_port=http,
+            grpc_port=grpc,
+            metrics_port=metrics,
+            log_file=tmp_path / log,
+        )
+
+    shape = (1, 1, *OnnxRuntimeBackend(tiny_repository, settings.inference).metadata.target_shape)
+    volume = np.random.default_rng(3).uniform(-1, 1, shape).astype(np.float32)
+    first_server = server("first.log")
+    first_server.start()
+    try:
+        backend = TritonBackend(inference)
+        before = backend.infer(volume)
+    finally:
+        first_server.stop()
+    with server("second.log"):
+        assert registered_regions(inference.triton_url) == []  # the new server knows none
+        backend.wait_until_ready(60)
+        after = backend.infer(volume)
+        assert backend.stats.regions_registered == 2
+        assert len(registered_regions(inference.triton_url)) == 1
+        backend.close()
+        assert registered_regions(inference.triton_url) == []
+    np.testing.assert_allclose(after.embedding, before.embedding, atol=1e-6)
+    assert own_shm_files() == []
 
 
 def test_triton_backend_reports_an_unreachable_server_as_transient(settings: Settings) -> None:

@@ -20,6 +20,7 @@ from services.adapter.leftovers import use_own_temp_dir
 from services.adapter.worker import Adapter, default_adapter_id
 from services.core.config import load_settings
 from services.core.logging_setup import configure_logging
+from services.core.process_memory import apply_memory_settings
 
 
 def _parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(arguments.config)
     settings.inference.backend = arguments.backend
     configure_logging(settings.logging.level)
+    apply_memory_settings(settings.memory)
     adapter = Adapter(
         settings,
         adapter_id=arguments.adapter_id or default_adapter_id(),

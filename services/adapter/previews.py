@@ -67,6 +67,7 @@ def write_previews(model_input: np.ndarray, directory: Path, prefix: str) -> lis
     paths = []
     for name, image in preview_images(model_input).items():
         path = directory / f"{prefix}_{name}.png"
-        _upscale(image).save(path, format="PNG", optimize=True)
+        # Pillow's optimize=True made the four files 3% smaller for 0.35 s of CPU per study.
+        _upscale(image).save(path, format="PNG")
         paths.append(path)
     return paths

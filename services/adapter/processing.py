@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -211,15 +212,26 @@ def run_task(
     previews: list[Path] = []
     finished_studies = 0
 
+    # Previews are drawn on a second thread while the model request is in flight: the
+    # adapter has nothing else to do then, so they add nothing to the study's latency.
+    preview_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="previews")
+    pending_previews: list[Future[list[Path]]] = []
+
     def on_model_input(volume: np.ndarray) -> None:
         study_number = finished_studies + 1
         report_progress("inference", 0.6, f"running the model on study {study_number}")
-        try:
-            previews.extend(
-                write_previews(volume, output_dir / PREVIEWS_DIR, f"study{study_number}")
+        pending_previews.append(
+            preview_writer.submit(
+                write_previews, volume, output_dir / PREVIEWS_DIR, f"study{study_number}"
             )
-        except OSError as error:  # previews are a convenience, never a reason to fail
-            logger.warning("task {}: previews not written: {}", task.task_id, error)
+        )
+
+    def collect_previews() -> None:
+        for future in pending_previews:
+            try:
+                previews.extend(future.result())
+            except OSError as error:  # previews are a convenience, never a reason to fail
+                logger.warning("task {}: previews not written: {}", task.task_id, error)
 
     def on_study_finished(report: StudyReport) -> None:
         nonlocal finished_studies
@@ -247,6 +259,7 @@ def run_task(
             raise RuntimeError("the pipeline returned no report")
         report_progress("writing", 0.9, "writing the report files")
         files = _result_files(storage_root, output_dir, reports)
+        collect_previews()
         files.extend(
             ResultFile(kind="preview", path=relative_to_storage(storage_root, path))
             for path in previews
@@ -262,6 +275,8 @@ def run_task(
             attempt=attempt,
             started_at=started,
         )
+    finally:
+        preview_writer.shutdown(wait=True)
     return StudyResult(
         task_id=task.task_id,
         correlation_id=task.reply_correlation_id,

@@ -24,6 +24,7 @@ from services.core.inference import create_backend
 from services.core.inference.onnxruntime_backend import ModelRepositoryError
 from services.core.logging_setup import configure_logging
 from services.core.pipeline import process_input
+from services.core.process_memory import apply_memory_settings
 from services.core.reports import write_reports
 from services.core.schemas import StudyReport
 
@@ -108,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: invalid configuration: {error}", file=sys.stderr)
         return USAGE_ERROR
     _configure_logging(settings.logging.level)
+    apply_memory_settings(settings.memory)
     if not arguments.input.exists():
         print(f"error: input not found: {arguments.input}", file=sys.stderr)
         return USAGE_ERROR

@@ -120,6 +120,16 @@ class LoggingSettings(_Section):
     level: str = "INFO"
 
 
+class MemorySettings(_Section):
+    """How the batch and adapter processes treat memory they free (glibc only)."""
+
+    # Keep freed memory in the process for the next study instead of returning it to the
+    # kernel: every study allocates the same few hundred MB again, and on virtual machines
+    # the first touch of fresh pages costs about a second per GB. The resident size then
+    # stays at the largest study's peak (see benchmarks/README.md).
+    keep_freed_memory: bool = True
+
+
 class Settings(_Section):
     intake: IntakeSettings = Field(default_factory=IntakeSettings)
     series_selection: SeriesSelectionSettings = Field(default_factory=SeriesSelectionSettings)
@@ -130,6 +140,7 @@ class Settings(_Section):
     rabbitmq: RabbitMQSettings = Field(default_factory=RabbitMQSettings)
     frontend: FrontendSettings = Field(default_factory=FrontendSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    memory: MemorySettings = Field(default_factory=MemorySettings)
 
 
 def _apply_env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:

@@ -289,7 +289,7 @@ def build_zip_damaged_deflate_stream(source: Source, workspace: Path) -> Path:
     path = _input(workspace, "damaged_stream.zip")
     path.write_bytes(_chest_zip_bytes(source, workspace))
     data = bytearray(path.read_bytes())
-    data[b.first_member_data_offset(path)] = 0xFF  # BFINAL 1, BTYPE 11: "invalid block type"
+    data[b.first_member_data_offset(path)] = 0xFF  # BFINAL 1, BTYPE 11: an invalid block type
     path.write_bytes(bytes(data))
     return path
 
@@ -838,7 +838,8 @@ KINDS: tuple[Kind, ...] = (
     Kind("encrypted_zip", "password-protected members (PKWARE cipher)", build_encrypted_zip,
          (failure("encrypted"),)),
     Kind("zip_damaged_deflate_stream", "a member's deflate stream damaged",
-         build_zip_damaged_deflate_stream, (failure("truncated or corrupt", "invalid block type"),)),
+         build_zip_damaged_deflate_stream,
+         (failure("truncated or corrupt", "compressed data is damaged"),)),
     Kind("zip_invalid_utf8_name", "a member name flagged UTF-8 that is not",
          build_zip_invalid_utf8_name, (failure("not a readable zip archive", "utf-8"),)),
     Kind("zip_unsupported_version", "a member that needs zip version 15.5",
