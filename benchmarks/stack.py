@@ -40,6 +40,7 @@ class LatencyThroughput:
     latencies_s: list[float]
     burst: int
     burst_seconds: float
+    cpu_busy: float = 0.0  # machine-wide share of all cores busy during the burst, 0..1
 
     @property
     def p50_s(self) -> float:
@@ -83,6 +84,19 @@ def build_tiny_repository(output: Path) -> Path:
     return output
 
 
+def cpu_times() -> tuple[float, float]:
+    """(busy, total) jiffies of all cores since boot, from /proc/stat."""
+    fields = [float(value) for value in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal
+    return total - idle, total
+
+
+def busy_share(before: tuple[float, float], after: tuple[float, float]) -> float:
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return busy / total if total > 0 else 0.0
+
+
 def embedded_mode(study: Path, repository: Path, runs: int, burst: int) -> LatencyThroughput:
     settings = load_settings(environ={})
     settings.inference.model_repository = repository
@@ -99,10 +113,11 @@ def embedded_mode(study: Path, repository: Path, runs: int, burst: int) -> Laten
 
     one()  # warm-up
     latencies = [one() for _ in range(runs)]
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), cpu_times()
     for _ in range(burst):
         one()
-    return LatencyThroughput("embedded", latencies, burst, time.perf_counter() - started)
+    seconds, cpu = time.perf_counter() - started, busy_share(cpu_before, cpu_times())
+    return LatencyThroughput("embedded", latencies, burst, seconds, cpu)
 
 
 class _StackClient:
@@ -234,11 +249,12 @@ def stack_mode(
 ) -> LatencyThroughput:
     with running_stack(study, repository, adapters) as client:
         latencies = [client.latency() for _ in range(runs)]
-        started = time.perf_counter()
+        started, cpu_before = time.perf_counter(), cpu_times()
         arrived = client.wait({client.submit() for _ in range(burst)})
+        cpu = busy_share(cpu_before, cpu_times())
         burst_seconds = max(arrived.values()) - started
     label = f"stack, {adapters} adapter{'s' if adapters > 1 else ''}"
-    return LatencyThroughput(label, latencies, burst, burst_seconds)
+    return LatencyThroughput(label, latencies, burst, burst_seconds, cpu)
 
 
 def _stop(processes: list[subprocess.Popen[bytes]]) -> None:

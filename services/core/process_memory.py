@@ -5,7 +5,12 @@ the next study gets fresh pages and pays their first touch again: on the virtual
 this stack runs on that is about a second per GB, several tenths of a second per study.
 Keeping freed memory in the process (no mmap for large blocks, no trimming of the heap)
 lets the next study reuse the pages of the previous one. The same as starting the process
-with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>``.
+with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large> MALLOC_ARENA_MAX=1``.
+
+One arena for every thread: the adapter runs each study on a new thread, and glibc serves
+a large block for a thread of its own arena with mmap whatever M_MMAP_MAX says (its heaps
+are at most 64 MB), then unmaps it when freed. Measured on a 300-slice study run on a new
+thread each time: preprocessing 0.49-0.53 s instead of 0.29-0.36 s on the main thread.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from services.core.config import MemorySettings
 # glibc's mallopt parameter numbers (malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
+M_ARENA_MAX = -8
 TRIM_THRESHOLD_BYTES = 2**31 - 1  # the largest value mallopt takes
 
 
@@ -30,8 +36,13 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(
-            libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+        return all(
+            libc.mallopt(parameter, value)
+            for parameter, value in (
+                (M_ARENA_MAX, 1),
+                (M_MMAP_MAX, 0),
+                (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
+            )
         )
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
