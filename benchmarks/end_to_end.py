@@ -2,11 +2,13 @@
 
     .venv/bin/python -m benchmarks.end_to_end STUDY.zip [--runs N] [--repository DIR]
 
-``benchmarks.run`` starts it twice: with glibc's default malloc and with freed memory kept
-in the process (``MALLOC_MMAP_MAX_=0``, a high ``MALLOC_TRIM_THRESHOLD_``). On this virtual
-machine the first touch of fresh memory costs about a second per GB, and by default every
-large numpy array (the 300 MB volume, the preprocessing buffers) is fresh memory from the
-kernel, study after study; with the setting the next study reuses the pages.
+``benchmarks.run`` starts it alternately with ``memory.keep_freed_memory`` off (glibc's
+default malloc) and on (the default: freed memory kept in the process, see
+services/core/process_memory.py), through the same setting the batch and the adapters
+apply. On virtual machines the first touch of fresh memory costs about a second per GB,
+and by default every large numpy array (the 300 MB volume, the preprocessing buffers) is
+fresh memory from the kernel, study after study; with the setting the next study reuses
+the pages.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 from loguru import logger
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-KEEP_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 * 2**30)}
+# glibc reads these at start-up; the comparison must come from the setting alone.
+MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     from services.core.config import load_settings
     from services.core.inference.onnxruntime_backend import OnnxRuntimeBackend
     from services.core.pipeline import process_input
+    from services.core.process_memory import apply_memory_settings
 
     settings = load_settings()
+    apply_memory_settings(settings.memory)  # as the batch and the adapters do
     if arguments.repository is not None:
         settings.inference.model_repository = arguments.repository.resolve()
     backend = OnnxRuntimeBackend(settings.inference.model_repository, settings.inference)
@@ -57,9 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_in_subprocess(
     study: Path, runs: int, *, keep_freed_memory: bool, repository: Path | None = None
 ) -> dict:
-    environment = {key: value for key, value in os.environ.items() if key not in KEEP_FREED_MEMORY}
-    if keep_freed_memory:
-        environment.update(KEEP_FREED_MEMORY)
+    environment = {key: value for key, value in os.environ.items() if key not in MALLOC_VARIABLES}
+    environment["CTS__MEMORY__KEEP_FREED_MEMORY"] = "true" if keep_freed_memory else "false"
     command = [sys.executable, "-m", "benchmarks.end_to_end", str(study), "--runs", str(runs)]
     if repository is not None:
         command += ["--repository", str(repository)]

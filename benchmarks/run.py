@@ -287,42 +287,43 @@ def _quantisation_rows(repository: Path, model_input: np.ndarray, settings: Sett
 def _fresh_process_rows(
     arguments: argparse.Namespace, studies: dict[str, Path], repository: Path
 ) -> list[str]:
-    """process_input in fresh processes, glibc's default malloc vs freed memory kept."""
+    """process_input in fresh processes, memory.keep_freed_memory off and on, alternating."""
     runs = 2 if arguments.quick else 4
     rounds = 1 if arguments.quick else 2
-    rows = []
-    for keep in (False, True):
-        label = (
-            "end to end, fresh process, freed memory kept (MALLOC_MMAP_MAX_=0)"
-            if keep
-            else "end to end, fresh process, default malloc"
-        )
-        cells = []
-        for spec in (STUDY_300, STUDY_600):
-            if spec.name not in studies:
-                cells.append("-")
-                continue
-            print(f"end to end: {spec.name}, keep freed memory {keep} ...", flush=True)
-            first, later = [], []
-            for _ in range(rounds):
+    first: dict[tuple[bool, str], list[float]] = {}
+    later: dict[tuple[bool, str], list[float]] = {}
+    for spec in (STUDY_300, STUDY_600):
+        if spec.name not in studies:
+            continue
+        for round_number in range(rounds):
+            order = (False, True) if round_number % 2 == 0 else (True, False)
+            for keep in order:
+                print(f"end to end: {spec.name}, keep freed memory {keep} ...", flush=True)
                 result = run_in_subprocess(
                     studies[spec.name].resolve(),
                     runs,
                     keep_freed_memory=keep,
                     repository=repository,
                 )
-                first.append(result["seconds"][0])
-                later.extend(result["seconds"][1:])
-            cells.append(
-                f"{statistics.median(later):.2f} s (first study {statistics.median(first):.2f} s)"
-            )
+                first.setdefault((keep, spec.name), []).append(result["seconds"][0])
+                later.setdefault((keep, spec.name), []).extend(result["seconds"][1:])
+    rows = []
+    for keep in (False, True):
+        cells = [
+            f"{statistics.median(later[keep, spec.name]):.2f} s "
+            f"(first study {statistics.median(first[keep, spec.name]):.2f} s)"
+            if (keep, spec.name) in later
+            else "-"
+            for spec in (STUDY_300, STUDY_600)
+        ]
         rows.append(
             _row(
-                label,
+                "end to end, fresh process, memory.keep_freed_memory: "
+                + ("true (the default)" if keep else "false (glibc's default malloc)"),
                 *cells,
                 "",
-                f"{rounds} processes x {runs} studies: median of the later studies "
-                "(a long-running batch or adapter), and of the first",
+                f"{rounds} processes each, alternating, x {runs} studies: median of the later "
+                "studies (a long-running batch or adapter), and of the first",
             )
         )
     return rows
