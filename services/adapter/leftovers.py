@@ -7,7 +7,8 @@ An adapter killed mid-study (kill -9, the OOM killer) runs none of its clean-up:
   data -- would stay in the system temp folder. Each adapter process therefore keeps its
   temporary files under ``<tmp>/cts-adapter-<pid>/`` (:func:`use_own_temp_dir`);
 * **its shared-memory region**: an adapter beside Triton passes each model input through
-  ``/dev/shm/cts_<pid>_<hex>`` (see TritonBackend) and removes it when the request ends;
+  ``/dev/shm/cts_<pid>_<hex>`` (see TritonBackend), reused from study to study and removed
+  when the adapter stops;
   after a kill it stays (RAM: 221 MB for a full-size input) and may stay registered in
   Triton, which then keeps it mapped.
 
@@ -33,7 +34,7 @@ from tritonclient.utils import InferenceServerException
 SHM_DIR = Path("/dev/shm")
 SWEEP_INTERVAL_S = 60.0
 TEMP_DIR_PREFIX = "cts-adapter-"
-# Names TritonBackend gives its regions: cts_<pid>_<12 hex> per request, and
+# Names TritonBackend gives its regions: cts_<pid>_<12 hex> (reused by its requests), and
 # cts_probe_<pid>_<8 hex> for the start-up probe.
 REGION_NAME = re.compile(r"^cts_(?:probe_)?(?P<pid>[0-9]+)_[0-9a-f]{8,32}$")
 TEMP_DIR_NAME = re.compile(r"^" + re.escape(TEMP_DIR_PREFIX) + r"(?P<pid>[0-9]+)$")
