@@ -64,9 +64,20 @@ def test_compose_file_is_valid(compose_file: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("compose_file", COMPOSE_FILES)
 def test_compose_refuses_to_start_without_credentials(compose_file: str, tmp_path: Path) -> None:
+    # Neither credential: refused, naming one of them (compose-go reports whichever it
+    # interpolates first, and the order is not fixed).
     completed = run_compose(compose_file, ["config", "-q"], dict(REMOTE), tmp_path)
     assert completed.returncode != 0
-    assert "CTS_RABBITMQ_USER" in completed.stderr
+    assert "CTS_RABBITMQ_USER" in completed.stderr or "CTS_RABBITMQ_PASSWORD" in completed.stderr
+    # Either one alone: refused, naming the one that is missing.
+    for present, missing in (
+        ("CTS_RABBITMQ_USER", "CTS_RABBITMQ_PASSWORD"),
+        ("CTS_RABBITMQ_PASSWORD", "CTS_RABBITMQ_USER"),
+    ):
+        environment = {**REMOTE, present: CREDENTIALS[present]}
+        completed = run_compose(compose_file, ["config", "-q"], environment, tmp_path)
+        assert completed.returncode != 0
+        assert missing in completed.stderr
 
 
 @pytest.mark.parametrize("compose_file", COMPOSE_FILES)
