@@ -53,7 +53,8 @@ RATIO_CHECK_MIN_BYTES = 1024 * 1024
 REQUIRED_TAGS_WITHOUT_PREAMBLE = ("Modality", "Rows", "Columns")
 MAX_PROBLEMS_LISTED = 20
 # Members are inflated by this many threads: zlib and ISA-L release the GIL while they
-# inflate, which is most of the intake time of a deflate zip. Every member is still streamed and counted.
+# inflate, which is most of the intake time of a deflate zip. Every member is still
+# streamed and counted.
 EXTRACT_THREADS = 2
 # What the zipfile module raises for a damaged archive besides BadZipFile.
 ZIP_STRUCTURE_ERRORS = (zipfile.BadZipFile, EOFError, ValueError, struct.error)

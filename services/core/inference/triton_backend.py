@@ -108,11 +108,11 @@ def is_transient(error: InferenceServerException) -> bool:
 
 
 def is_unknown_region(error: InferenceServerException) -> bool:
-    """The server does not know the shared-memory region (it restarted since registering)."""
+    """The server does not know the shared-memory region (it restarted since registering).
+    Triton says "Unable to find shared memory region" (the wheel's server) or "Unable to
+    find system shared memory region" (newer releases)."""
     message = str(error.message() or "").lower()
-    return "shared memory region" in message and (
-        "unable to find" in message or "not registered" in message or "not found" in message
-    )
+    return "unable to find" in message and "shared memory region" in message
 
 
 @dataclass
@@ -324,8 +324,6 @@ class TritonBackend:
         try:
             self._client.register_system_shared_memory(region.name, region.key, region.nbytes)
         except InferenceServerException as error:
-            if "already" in str(error.message() or "").lower():
-                return  # registered by an earlier attempt whose answer was lost
             if is_transient(error):
                 raise TransientBackendError(f"Triton at {self.url}: {error}") from error
             raise
