@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from services.core.body_part.bpr_scores import (
     cut_outlier_tails,
+    evidence_for_volume,
     interpret,
     remove_background,
     smooth_scores,
@@ -29,6 +30,7 @@ from services.core.body_part.bpr_settings import (
     inference_settings_json,
     missing_landmarks,
 )
+from services.core.volume import Volume
 
 HEIGHT_MM = {
     "pelvis_start": 0, "femur_end": 60, "pelvis_end": 150, "L5": 170, "L4": 205, "L3": 240,
@@ -251,3 +253,47 @@ def test_demo_table_is_labelled_and_complete():
     assert demo.demo and missing_landmarks(demo, InterpretationRules()) == []
     evidence = interpret([-1.5, -1.2], [0.0, 300.0], demo)
     assert evidence.demo and any("DEMO" in warning for warning in evidence.warnings)
+
+
+# ----------------------------------------------------------------------------- a whole volume
+
+
+def _height_coded_volume(*, head_first: bool) -> Volume:
+    """330 mm .. 660 mm of body in 1.5 mm slices, each slice's HU value coding its height."""
+    heights = np.arange(330.0, 661.0, 1.5)
+    hu = np.broadcast_to((heights - 1000.0)[:, None, None], (heights.size, 64, 64))
+    normal = np.array([0.0, 0.0, 1.0])
+    if head_first:
+        hu, normal = hu[::-1], -normal
+    return Volume(
+        hu=np.ascontiguousarray(hu, dtype=np.float32),
+        row_cosine=np.array([1.0, 0.0, 0.0]),
+        column_cosine=np.array([0.0, 1.0, 0.0]),
+        slice_normal=normal,
+        spacing_mm=(1.5, 2.0, 2.0),
+        origin_mm=np.zeros(3),
+    )
+
+
+def _decode_height_scorer(batches: list[int]):
+    """A stand-in network: reads the height back from the centre pixel, scores it."""
+
+    def score(slices: np.ndarray) -> np.ndarray:
+        assert slices.dtype == np.float32 and slices.shape[1:] == (1, 128, 128)
+        batches.append(slices.shape[0])
+        hu = (slices[:, 0, 64, 64].astype(np.float64) + 1.0) * 2500 / 2 - 1000
+        return raw_score(hu + 1000.0)[:, None]
+
+    return score
+
+
+@pytest.mark.parametrize("head_first", [False, True])
+def test_evidence_for_a_volume_scores_a_few_slices_feet_to_head(head_first):
+    batches: list[int] = []
+    volume = _height_coded_volume(head_first=head_first)
+    evidence = evidence_for_volume(volume, _decode_height_scorer(batches), SETTINGS)
+    assert batches == [5]  # 330 mm of scan, 80 mm apart at most: 5 slices
+    assert evidence.positions_mm[0] == 0.0 and evidence.positions_mm[-1] == pytest.approx(330.0)
+    assert evidence.body_part == "CHEST" and evidence.chest_fully_covered is True
+    assert evidence.reversed_order is False and evidence.slope_plausible is True
+    assert evidence.lowest_score == pytest.approx(330 / EYES_MM * 100, abs=0.05)

@@ -24,14 +24,25 @@ Steps (after bpreg's ``Scores`` and ``BodyPartExaminedTag``, rewritten):
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from services.core.body_part.bpr_input import (
+    DEFAULT_MAX_SLICES,
+    DEFAULT_SLICE_SPACING_MM,
+    bpr_input,
+    select_slices,
+)
 from services.core.body_part.bpr_settings import (
     BprInferenceSettings,
     InterpretationRules,
 )
+from services.core.volume import Volume
+
+# Network input [n, 1, 128, 128] float32 -> raw scores [n, 1] (onnxruntime, Triton, ...).
+SliceScorer = Callable[[np.ndarray], np.ndarray]
 
 BACKGROUND_DECIMALS = 2
 # Weights below this (about 6 sigma away) do not count as neighbours in the local fit.
@@ -301,3 +312,22 @@ def interpret(
         warnings=warnings,
         demo=settings.demo,
     )
+
+
+def evidence_for_volume(
+    volume: Volume,
+    score_slices: SliceScorer,
+    settings: BprInferenceSettings,
+    *,
+    spacing_mm: float = DEFAULT_SLICE_SPACING_MM,
+    max_slices: int | None = DEFAULT_MAX_SLICES,
+    rules: InterpretationRules | None = None,
+) -> BodyPartEvidence:
+    """Select slices, build their network input, score them and interpret the scores."""
+    selection = select_slices(volume, spacing_mm=spacing_mm, max_slices=max_slices)
+    scores = np.asarray(score_slices(bpr_input(volume, selection.indices)))
+    if scores.size != selection.indices.size:
+        raise ValueError(
+            f"the scorer gave {scores.size} scores for {selection.indices.size} slices"
+        )
+    return interpret(scores, selection.positions_mm, settings, rules)
