@@ -292,7 +292,7 @@ def test_evidence_for_a_volume_scores_a_few_slices_feet_to_head(head_first):
     batches: list[int] = []
     volume = _height_coded_volume(head_first=head_first)
     evidence = evidence_for_volume(volume, _decode_height_scorer(batches), SETTINGS)
-    assert batches == [5]  # 330 mm of scan, 80 mm apart at most: 5 slices
+    assert batches == [4]  # 330 mm of scan: 5 slices 80 mm apart, capped at 4
     assert evidence.positions_mm[0] == 0.0 and evidence.positions_mm[-1] == pytest.approx(330.0)
     assert evidence.body_part == "CHEST" and evidence.chest_fully_covered is True
     assert evidence.reversed_order is False and evidence.slope_plausible is True

@@ -11,9 +11,10 @@ with the slices ordered feet to head.
 How it is computed: after the clip everything is linear and separable. Along one in-plane axis
 the blur (with its reflected borders) followed by the resize is one matrix ``resize @ blur`` of
 shape [new size, old size]; the crop keeps some of its rows, a flipped axis reverses its
-columns. A slice is then ``A_i @ clip(slice) @ A_j^T``: two matrix products per slice, run by
-BLAS on a few slices at a time, with no full-size intermediate. The rows of both matrices sum
-to one, so the affine rescale to [-1, 1] commutes with them and is applied to the small result.
+columns. A slice is then ``A_i @ clip(slice) @ A_j^T``: two matrix products, run by BLAS on a
+few slices at a time, each matrix cut into row bands that read only the columns they need
+(the matrices have a few taps per row). The rows of both matrices sum to one, so the affine
+rescale to [-1, 1] commutes with them and is applied to the small result.
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ REFERENCE_DOWNSCALING = 0.25
 BLUR_TRUNCATE = 3.0
 # Slices clipped and multiplied at once: the clipped copy of a 512 x 512 chunk stays ~8 MiB.
 SLICES_PER_CHUNK = 8
-# The network costs ~10 GFLOP per slice (0.16 s on the 2-core CPU here), so only a few
-# slices are scored: at most 80 mm apart, at most 5 per series, ends included.
+# The network costs ~10 GFLOP per slice (about 0.16 s on the 2-core CPU here, where the CT-CLIP
+# encoder takes 3.7-5 s), so only a few slices are scored: at most 80 mm apart and at most 4
+# per series, the ends included. The covered landmarks depend only on the end slices.
 DEFAULT_SLICE_SPACING_MM = 80.0
-DEFAULT_MAX_SLICES = 5
+DEFAULT_MAX_SLICES = 4
 # Round (extent / spacing) down when it is this close to a whole number.
 SPACING_SLACK = 1e-6
 # The operators are banded (a few taps per output sample): multiplying 8-row bands by the
