@@ -1,0 +1,1 @@
+"""Training and evaluation of the heads on frozen CT-CLIP embeddings (see README.md)."""

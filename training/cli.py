@@ -1,0 +1,138 @@
+"""``python -m training {train,evaluate}``: argument parsing and one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+TRAIN_HELP = """Train a head on frozen CT-CLIP embeddings.
+
+EMBEDDINGS: parquet with name, embedding (list of floats), status (rows other than Success are
+skipped and counted). LABELS: CSV in the CT-RATE layout, VolumeName + one 0/1 column per
+finding; rows match by VolumeName == name (a .nii/.nii.gz suffix on either side is ignored).
+binary: target = any finding, focal loss with class-balanced sampling; multilabel: one output
+per finding column, BCE with per-label positive weights. Early stopping on the validation
+AUROC; --trials N > 1 runs a seeded optuna TPE search whose first trial is the seed design.
+Writes RUN_DIR/head.pt, head.json, train.log, split.json, validation.npz."""
+
+EVALUATE_HELP = """Evaluate a trained head with bootstrap 95%% CIs.
+
+Held-out rows: every matched row of EMBEDDINGS whose name is not a training or validation row
+in RUN_DIR/split.json. On the training file that leaves the rows of --test-fraction; on
+another file (e.g. CT-RATE's validation set) it is every row. Decision thresholds are chosen
+on the run's validation rows (Youden's J, or the highest threshold reaching
+--target-sensitivity) and written back into RUN_DIR/head.json. Writes DIR/metrics.json,
+report.md, roc.png, pr.png and predictions.csv."""
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser(
+        "train",
+        help="train a head",
+        description=TRAIN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--task", choices=("binary", "multilabel"), required=True)
+    train.add_argument("--embeddings", type=Path, required=True, metavar="EMBEDDINGS")
+    train.add_argument("--labels", type=Path, required=True, metavar="LABELS")
+    train.add_argument("--output", type=Path, required=True, metavar="RUN_DIR")
+    train.add_argument("--trials", type=int, default=1, help="optuna trials (1: seed design only)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--val-fraction", type=_fraction, default=0.2, help="default 0.2")
+    train.add_argument(
+        "--test-fraction",
+        type=_fraction,
+        default=0.0,
+        help="rows held out for `evaluate` on the same file (default 0)",
+    )
+    train.add_argument("--max-epochs", type=int, default=200)
+    train.add_argument("--patience", type=int, default=20, help="epochs without a gain")
+    train.add_argument("--batch-size", type=int, default=64)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="evaluate a trained head",
+        description=EVALUATE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument("--run", type=Path, required=True, metavar="RUN_DIR")
+    evaluate.add_argument("--embeddings", type=Path, required=True, metavar="EMBEDDINGS")
+    evaluate.add_argument("--labels", type=Path, required=True, metavar="LABELS")
+    evaluate.add_argument("--output", type=Path, required=True, metavar="DIR")
+    evaluate.add_argument("--target-sensitivity", type=float, help="instead of Youden's J")
+    evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    evaluate.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "train":
+        from training.train import TrainOptions, train
+
+        train(
+            TrainOptions(
+                task=args.task,
+                embeddings=args.embeddings,
+                labels=args.labels,
+                output=args.output,
+                trials=args.trials,
+                seed=args.seed,
+                validation_fraction=args.val_fraction,
+                test_fraction=args.test_fraction,
+                max_epochs=args.max_epochs,
+                patience=args.patience,
+                batch_size=args.batch_size,
+            )
+        )
+    else:
+        from training.evaluate import EvaluateOptions, evaluate
+
+        evaluate(
+            EvaluateOptions(
+                run=args.run,
+                embeddings=args.embeddings,
+                labels=args.labels,
+                output=args.output,
+                target_sensitivity=args.target_sensitivity,
+                seed=args.seed,
+                resamples=args.resamples,
+            )
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """0 on success, 2 with a one-line ``error: ...`` on stderr for unusable input."""
+    args = build_parser().parse_args(argv)
+    # Checked before torch and pandas are imported: a typo costs no seconds.
+    for kind in ("embeddings", "labels"):
+        path = getattr(args, kind)
+        if not path.is_file():
+            print(f"error: {kind} file not found: {path}", file=sys.stderr)
+            return 2
+    from convertation.checkpoints import CheckpointError
+    from training.data import TrainingInputError
+
+    try:
+        _run(args)
+    except (TrainingInputError, CheckpointError) as error:
+        message = str(error).splitlines()[0]
+    except ValidationError as error:
+        first = error.errors()[0]
+        message = f"--{'-'.join(str(part) for part in first['loc'])}: {first['msg']}"
+    else:
+        return 0
+    print(f"error: {message}", file=sys.stderr)
+    return 2
