@@ -18,7 +18,7 @@ per finding column, BCE with per-label positive weights. Early stopping on the v
 AUROC; --trials N > 1 runs a seeded optuna TPE search whose first trial is the seed design.
 Writes RUN_DIR/head.pt, head.json, train.log, split.json, validation.npz."""
 
-EVALUATE_HELP = """Evaluate a trained head with bootstrap 95%% CIs.
+EVALUATE_HELP = """Evaluate a trained head with bootstrap 95% CIs.
 
 Held-out rows: every matched row of EMBEDDINGS whose name is not a training or validation row
 in RUN_DIR/split.json. On the training file that leaves the rows of --test-fraction; on
@@ -36,7 +36,10 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Train and evaluate the heads on CT-CLIP embeddings (training/README.md).",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
@@ -131,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         message = str(error).splitlines()[0]
     except ValidationError as error:
         first = error.errors()[0]
-        message = f"--{'-'.join(str(part) for part in first['loc'])}: {first['msg']}"
+        option = "-".join(str(part) for part in first["loc"]).replace("_", "-")
+        message = f"--{option}: {first['msg']}"
     else:
         return 0
     print(f"error: {message}", file=sys.stderr)
