@@ -20,14 +20,12 @@ from loguru import logger
 from pydantic import BaseModel
 from torch import nn
 
+from convertation.errors import CheckpointError
+
 NESTING_KEYS = ("state_dict", "model")
 TORCH_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin"}
 # Tensors in a module's state dict that inference does not read: a checkpoint may lack them.
 OPTIONAL_SUFFIXES = ("num_batches_tracked",)
-
-
-class CheckpointError(Exception):
-    """A checkpoint cannot be read or does not fit the module (the message names the key)."""
 
 
 class LoadSummary(BaseModel):

@@ -15,6 +15,8 @@ import torch
 from loguru import logger
 from torch import nn
 
+from convertation.errors import OnnxExportError
+
 OPSET = 18
 # One file only, so the protobuf limit applies. The full CT-CLIP encoder is ~0.72 GB.
 MAX_SINGLE_FILE_BYTES = 2**31 - 1
@@ -23,10 +25,6 @@ MAX_SINGLE_FILE_BYTES = 2**31 - 1
 # The exporter's op registry warns once per torchvision op when torchvision is absent (it is:
 # torchvision has no CPU build here, and none of these models uses it).
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-
-
-class OnnxExportError(RuntimeError):
-    pass
 
 
 def export_module(
@@ -40,8 +38,8 @@ def export_module(
     """Export ``module(example_input)`` with a dynamic first (batch) axis to ``output``.
 
     The dynamo exporter is used: the legacy TorchScript exporter crashed on the full CT-CLIP
-    encoder (DESIGN.md section 7). ``example_input`` must have a batch of at least 2, or
-    torch.export would specialise the batch axis to its size.
+    encoder. ``example_input`` must have a batch of at least 2, or torch.export would
+    specialise the batch axis to its size.
     """
     if example_input.shape[0] < 2:
         raise ValueError("the example input needs a batch of at least 2 for a dynamic batch")

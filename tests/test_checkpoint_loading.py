@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +12,10 @@ import pytest
 import torch
 from loguru import logger
 
-from convertation.checkpoints import (
-    CheckpointError,
-    find_prefix,
-    load_strict,
-    read_checkpoint,
-)
-from convertation.vit.ctvit import CTClipImageEncoder, read_encoder_config
+from convertation.checkpoints import find_prefix, load_strict, read_checkpoint
+from convertation.errors import CheckpointError, EncoderConfigError
+from convertation.vit.ctvit import CTClipImageEncoder
+from convertation.vit.ctvit_config import read_encoder_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PATCH_WEIGHT = "visual_transformer.to_patch_emb.2.weight"
@@ -89,6 +87,43 @@ def test_cli_refuses_an_unknown_prefix_and_names_a_key(tmp_path, small_config, r
     result = run_export_cli(small_config, tmp_path / "renamed.pt", tmp_path / "out.onnx")
     assert result.returncode != 0
     assert "missing key 'visual_transformer." in result.stderr
+
+
+def test_cli_failure_is_one_line_without_a_traceback(tmp_path, small_config, reference_state):
+    # torch's refusal of a pickled object spans several lines; the CLI reports one.
+    torch.save({"model": reference_state, "hook": Path("x")}, tmp_path / "object.pt")
+    result = run_export_cli(small_config, tmp_path / "object.pt", tmp_path / "out.onnx")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "object.pt" in line]
+    assert line.startswith("error: cannot read checkpoint object.pt: ")
+
+
+def test_cli_names_an_impossible_encoder_config(tmp_path, small_config):
+    document = json.loads(small_config.read_text())
+    document["ctvit"]["patch_size"] = document["ctvit"]["image_size"] + 1
+    (tmp_path / "config.json").write_text(json.dumps(document))
+    result = run_export_cli(tmp_path / "config.json", tmp_path / "absent.pt", tmp_path / "x.onnx")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert str(tmp_path / "config.json") in line and "not a multiple of patch_size" in line
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("{not json", "Expecting property name"),
+        ('{"ctvit": {"dim": 8}}', "expected keys 'ctvit' and 'dim_latent'"),
+        ('{"ctvit": {"dim": 8}, "dim_latent": 4}', "codebook_size"),
+    ],
+)
+def test_unreadable_encoder_configs_raise_encoder_config_error(tmp_path, content, problem):
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(EncoderConfigError, match=problem):
+        read_encoder_config(tmp_path / "config.json")
+    with pytest.raises(EncoderConfigError, match="absent.json"):
+        read_encoder_config(tmp_path / "absent.json")
 
 
 def test_cli_exports_a_nested_prefixed_checkpoint(tmp_path, small_config, reference_state):

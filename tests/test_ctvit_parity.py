@@ -10,13 +10,8 @@ import torch
 
 from convertation.checkpoints import load_strict, read_checkpoint
 from convertation.onnx_export import run_onnx
-from convertation.vit.ctvit import (
-    FULL_CTVIT_CONFIG,
-    FULL_DIM_LATENT,
-    CTClipImageEncoder,
-    build_demo_encoder,
-    read_encoder_config,
-)
+from convertation.vit.ctvit import CTClipImageEncoder, build_demo_encoder
+from convertation.vit.ctvit_config import FULL_CTVIT_CONFIG, FULL_DIM_LATENT, read_encoder_config
 from convertation.vit.export import export_encoder_onnx
 
 TOLERANCE = 1e-4

@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 
-from convertation.checkpoints import CheckpointError
+from convertation.errors import CheckpointError
 from convertation.head.export import (
     BINARY_FILE,
     MULTILABEL_FILE,

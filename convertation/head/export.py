@@ -14,10 +14,9 @@ import sys
 from pathlib import Path
 
 import torch
-from loguru import logger
 from torch import nn
 
-from convertation.checkpoints import CheckpointError
+from convertation.errors import ConversionError, report_cli_failure
 from convertation.head.heads import (
     EMBEDDING_DIM,
     BinaryHead,
@@ -78,12 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             binary = load_binary_head(args.binary_head, args.embedding_dim)
             multilabel = load_multilabel_head(args.multilabel_head, args.embedding_dim)
-    except CheckpointError as error:
-        logger.error("cannot load a head: {}", error)
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    export_binary_head_onnx(binary, args.output_dir / BINARY_FILE)
-    export_multilabel_head_onnx(multilabel, args.output_dir / MULTILABEL_FILE)
+        export_binary_head_onnx(binary, args.output_dir / BINARY_FILE)
+        export_multilabel_head_onnx(multilabel, args.output_dir / MULTILABEL_FILE)
+    except ConversionError as error:
+        return report_cli_failure(error)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The two MLP heads on the CT-CLIP embedding (DESIGN.md section 4) and their probability wrappers.
+"""The two MLP heads on the CT-CLIP embedding and their probability wrappers.
 
 State-dict keys (what a head checkpoint must hold; see `load_binary_head`):
 
@@ -104,6 +104,8 @@ def build_demo_heads(embedding_dim: int, seed: int) -> tuple[BinaryHead, Multila
         with torch.no_grad():
             for module in binary.modules():
                 if isinstance(module, nn.BatchNorm1d):
+                    # Present: BatchNorm1d tracks running statistics unless told not to.
+                    assert module.running_mean is not None and module.running_var is not None
                     module.running_mean.normal_(0, 0.05)
                     module.running_var.uniform_(0.5, 1.5)
                     module.weight.uniform_(0.8, 1.2)

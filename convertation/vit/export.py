@@ -20,16 +20,11 @@ import torch
 from loguru import logger
 from torch import Tensor, nn
 
-from convertation.checkpoints import CheckpointError, load_strict, read_checkpoint
+from convertation.checkpoints import load_strict, read_checkpoint
+from convertation.errors import ConversionError, OnnxExportError, report_cli_failure
 from convertation.onnx_export import export_module, run_onnx
-from convertation.vit.ctvit import (
-    FULL_CTVIT_CONFIG,
-    FULL_DIM_LATENT,
-    CTClipImageEncoder,
-    CTViTConfig,
-    build_demo_encoder,
-    read_encoder_config,
-)
+from convertation.vit.ctvit import CTClipImageEncoder, build_demo_encoder
+from convertation.vit.ctvit_config import CTViTConfig, encoder_config_or_full
 
 INPUT_NAME = "volume"
 OUTPUT_NAME = "embedding"
@@ -41,6 +36,8 @@ class _EncoderWithFrozenBias(nn.Module):
     The bias depends on the weights only; computing it in the graph would cost an MLP over
     (h*w)^2 token pairs per volume (~177 GFLOP for the full model).
     """
+
+    spatial_bias: Tensor
 
     def __init__(self, encoder: CTClipImageEncoder) -> None:
         super().__init__()
@@ -75,7 +72,7 @@ def export_encoder_onnx(encoder: CTClipImageEncoder, output: Path, *, check: boo
         (embedding,) = run_onnx(path, {INPUT_NAME: probe.astype(np.float32)})
         norm = float(np.linalg.norm(embedding))
         if embedding.shape != (1, encoder.dim_latent) or not abs(norm - 1) < 1e-3:
-            raise RuntimeError(
+            raise OnnxExportError(
                 f"onnxruntime check failed: shape {embedding.shape}, norm {norm:.4f}"
             )
         logger.info("onnxruntime loads and runs {}", path.name)
@@ -99,21 +96,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    if args.ctvit_config is not None:
-        config, dim_latent = read_encoder_config(args.ctvit_config)
-    else:
-        config, dim_latent = FULL_CTVIT_CONFIG, FULL_DIM_LATENT
     started = time.perf_counter()
     try:
+        config, dim_latent = encoder_config_or_full(args.ctvit_config)
         if args.checkpoint is not None:
             encoder = load_encoder(config, dim_latent, args.checkpoint)
         else:
             encoder = build_demo_encoder(config, dim_latent, args.demo_seed)
-    except CheckpointError as error:
-        logger.error("cannot load {}: {}", args.checkpoint, error)
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    export_encoder_onnx(encoder, args.output, check=not args.no_check)
+        export_encoder_onnx(encoder, args.output, check=not args.no_check)
+    except ConversionError as error:
+        return report_cli_failure(error)
     logger.info("encoder exported in {:.1f} s", time.perf_counter() - started)
     return 0
 
