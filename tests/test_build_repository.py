@@ -16,18 +16,11 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from convertation.build_repository import (
-    Flavour,
-    ModelSet,
-    build_repository,
-    demo_models,
-    main,
-    model_configs,
-    sha256_of,
-    target_spacing_for,
-)
+from convertation.build_repository import build_repository, main, target_spacing_for
+from convertation.model_sources import ModelSet, demo_models, sha256_of
 from convertation.python_backend import TEMPLATE_MODEL_PY
-from convertation.triton_config import render_config
+from convertation.triton_config import Flavour, config_text, flavour_header, model_configs
+from convertation.vit.ctvit_config import FULL_CTVIT_CONFIG, FULL_DIM_LATENT
 from services.core.labels import FINDING_LABELS, SEVERITY_ORDER
 from services.core.model_metadata import (
     BINARY_HEAD_NAME,
@@ -39,6 +32,7 @@ from services.core.model_metadata import (
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = PROJECT_ROOT / "tests" / "data" / "ctvit_tiny.json"
+COMMITTED_REPOSITORY = PROJECT_ROOT / "model_repository_running"
 TINY_DOCUMENT = json.loads(TINY_CONFIG.read_text())
 TINY_SHAPE = tuple(TINY_DOCUMENT["input_shape"][2:])  # (D, H, W)
 TINY_EMBEDDING = TINY_DOCUMENT["dim_latent"]
@@ -99,12 +93,25 @@ def test_spacing_keeps_the_contract_field_of_view() -> None:
 
 def test_rendered_config_round_trips_through_the_protobuf() -> None:
     configs = model_configs(Flavour.ONNXRUNTIME, (240, 480, 480), 512)
-    text = render_config(configs[ENCODER_NAME], header="a header\nover two lines")
+    text = config_text(configs[ENCODER_NAME], header="a header\nover two lines")
     parsed = text_format.Parse(text, model_config_pb2.ModelConfig())
     assert parsed.name == ENCODER_NAME
     assert list(parsed.input[0].dims) == [1, 240, 480, 480]
     assert list(parsed.output[0].dims) == [512]
     assert text.startswith("# a header\n# over two lines\n")
+    assert parsed == configs[ENCODER_NAME]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_committed_configs_are_what_the_builder_writes(name: str) -> None:
+    """model_repository_running/*/config.pbtxt are tracked: they must not drift from the code.
+
+    Regenerate them with `python -m convertation.build_repository --output
+    model_repository_running --flavour python --demo` (the full CT-CLIP shape).
+    """
+    configs = model_configs(Flavour.PYTHON, FULL_CTVIT_CONFIG.volume_shape, FULL_DIM_LATENT)
+    expected = config_text(configs[name], header=flavour_header(Flavour.PYTHON))
+    assert (COMMITTED_REPOSITORY / name / "config.pbtxt").read_text() == expected
 
 
 # --------------------------------------------------------------------------- every flavour
@@ -409,6 +416,28 @@ def test_wrong_checkpoint_fails_with_a_clear_error(tmp_path: Path, tiny_models: 
     assert main(arguments) == 1
     missing = tmp_path / "missing.pt"
     assert main([*arguments[:3], str(missing), *arguments[4:]]) == 1
+    assert not (tmp_path / "repo" / ENSEMBLE_NAME / "metadata.json").exists()
+
+
+def test_cli_failure_is_one_line_naming_the_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing.pt"
+    checkpoints = ["--encoder-checkpoint", str(missing), "--binary-head", str(missing)]
+    checkpoints += ["--multilabel-head", str(missing)]
+    assert main(["--output", str(tmp_path / "repo"), *checkpoints]) == 1
+    assert capsys.readouterr().err == f"error: checkpoint for {ENCODER_NAME} not found: {missing}\n"
+
+    impossible = tmp_path / "impossible.json"
+    document = json.loads(TINY_CONFIG.read_text())
+    document["ctvit"]["image_size"] = 41  # not a multiple of the patch size
+    del document["input_shape"]
+    impossible.write_text(json.dumps(document))
+    demo = ["--output", str(tmp_path / "repo"), "--demo", "--ctvit-config", str(impossible)]
+    assert main(demo) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: cannot read the CTViT config {impossible}: ")
+    assert "image_size 41 is not a multiple of patch_size 10" in line
     assert not (tmp_path / "repo" / ENSEMBLE_NAME / "metadata.json").exists()
 
 
