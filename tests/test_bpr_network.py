@@ -22,7 +22,7 @@ from convertation.bpr.loading import (
     write_demo_model_folder,
 )
 from convertation.bpr.network import BodyPartRegressionNet, demo_state_dict, expected_shapes
-from convertation.checkpoints import CheckpointError
+from convertation.errors import CheckpointError
 from convertation.onnx_export import run_onnx
 from services.core.body_part.bpr_settings import demo_inference_settings, inference_settings_json
 

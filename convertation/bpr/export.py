@@ -23,18 +23,13 @@ from loguru import logger
 
 from convertation.bpr.loading import load_bpr_model, write_demo_model_folder
 from convertation.bpr.network import INPUT_CHANNELS, INPUT_SIZE, BodyPartRegressionNet
-from convertation.checkpoints import CheckpointError
+from convertation.errors import ConversionError, OnnxExportError, report_cli_failure
 from convertation.onnx_export import export_module, run_onnx
 
 INPUT_NAME = "slices"
 OUTPUT_NAME = "scores"
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCH = 2
-EXIT_FAILED = 1
-
-
-class BprExportError(RuntimeError):
-    """The exported graph does not reproduce the torch network."""
 
 
 def example_slices(batch: int, seed: int = 0) -> torch.Tensor:
@@ -53,7 +48,7 @@ def export_bpr_onnx(network: BodyPartRegressionNet, output: Path) -> float:
     (got,) = run_onnx(output, {INPUT_NAME: slices.numpy()})
     difference = float(np.max(np.abs(got - expected)))
     if got.shape != expected.shape or difference > PARITY_TOLERANCE:
-        raise BprExportError(
+        raise OnnxExportError(
             f"onnxruntime scores differ from torch by {difference:.2e} "
             f"(shape {got.shape} vs {expected.shape}; tolerance {PARITY_TOLERANCE})"
         )
@@ -74,10 +69,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
@@ -87,9 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                 source = write_demo_model_folder(args.demo_folder or Path(scratch), args.demo_seed)
             loaded = load_bpr_model(source)
             export_bpr_onnx(loaded.network, args.output)
-    except (CheckpointError, BprExportError) as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        return EXIT_FAILED
+    except ConversionError as error:
+        return report_cli_failure(error)
     return 0
 
 

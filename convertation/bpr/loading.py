@@ -25,7 +25,8 @@ from loguru import logger
 from pydantic import ValidationError
 
 from convertation.bpr.network import BodyPartRegressionNet, demo_state_dict
-from convertation.checkpoints import CheckpointError, load_strict, read_checkpoint
+from convertation.checkpoints import load_strict, read_checkpoint
+from convertation.errors import CheckpointError
 from services.core.body_part.bpr_settings import (
     BprInferenceSettings,
     InterpretationRules,
