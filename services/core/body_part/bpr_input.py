@@ -39,9 +39,10 @@ REFERENCE_DOWNSCALING = 0.25
 BLUR_TRUNCATE = 3.0
 # Slices clipped and multiplied at once: the clipped copy of a 512 x 512 chunk stays ~8 MiB.
 SLICES_PER_CHUNK = 8
-# The network costs ~10 GFLOP per slice (about 0.16 s on the 2-core CPU here, where the CT-CLIP
-# encoder takes 3.7-5 s), so only a few slices are scored: at most 80 mm apart and at most 4
-# per series, the ends included. The covered landmarks depend only on the end slices.
+# The network costs ~10 GFLOP per slice (4 slices took 0.12-0.7 s in onnxruntime on the shared
+# 2-core CPU here, where the CT-CLIP encoder takes 3.7-5 s), so only a few slices are scored:
+# at most 80 mm apart, at most 4 per series, the ends included. The covered landmarks depend
+# only on the end slices.
 DEFAULT_SLICE_SPACING_MM = 80.0
 DEFAULT_MAX_SLICES = 4
 # Round (extent / spacing) down when it is this close to a whole number.
