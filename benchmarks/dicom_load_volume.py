@@ -17,12 +17,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from services.batch.sample_studies import write_ct_series
 from services.core.body_part import create_detector
 from services.core.config import ChestCheckSettings, QualitySettings
-from services.core.dicom.series import read_studies
-from services.core.dicom.volume import load_volume
+from services.core.dicom import load_volume, read_studies
 from services.core.schemas import IntakeSummary
 
 

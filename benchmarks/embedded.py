@@ -22,22 +22,20 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-
 from benchmarks.measure import StageRecorder, peak_rss_mib, reset_peak_rss, rss_mib
 from benchmarks.reference import preprocess_with_torch, read_series_plainly
 from services.core.chest_check import check_chest
 from services.core.config import Settings
-from services.core.dicom.intake import collect_dicom_files
-from services.core.dicom.series import read_studies, select_series
-from services.core.dicom.volume import load_volume
+from services.core.dicom import load_volume, read_studies, select_series
 from services.core.findings import resolve_thresholds
 from services.core.inference.base import ModelOutputs
+from services.core.inference.base import pathology_probabilities as pathology_column
 from services.core.inference.onnxruntime_backend import (
     OnnxRuntimeBackend,
     onnx_paths,
-    pathology_column,
     session_options,
 )
+from services.core.intake import collect_dicom_files
 from services.core.model_metadata import (
     BINARY_HEAD_NAME,
     ENCODER_NAME,

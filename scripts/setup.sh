@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 extras="${1:-convert,dev}"
 
 # Triton's python-backend stub loads the *system* libpython, so the venv is built
-# from the system interpreter when there is one (DESIGN.md section 5).
+# from the system interpreter when there is one (docs/ARCHITECTURE.md, "Facts about the machines").
 python_bin="${CTS_PYTHON:-}"
 if [ -z "$python_bin" ]; then
   for candidate in /usr/bin/python3.11 /usr/bin/python3 python3; do

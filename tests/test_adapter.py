@@ -28,7 +28,7 @@ from stack_support import (
     zip_directory,
 )
 
-from services.adapter.worker import Adapter
+from services.adapter.consumer import Adapter
 from services.broker.connection import connect, declare_topology, publish_task
 from services.broker.schemas import (
     QueueTopology,
@@ -589,77 +589,15 @@ def test_triton_backend_registers_its_region_again_after_a_server_restart(
 
 
 def test_triton_backend_reports_an_unreachable_server_as_transient(settings: Settings) -> None:
-    from services.core.inference.base import TransientBackendError
+    from services.core.errors import ModelServerUnavailable
 
     (port,) = free_local_ports(1)
     inference = settings.inference.model_copy(update={"triton_url": f"127.0.0.1:{port}"})
-    with pytest.raises(TransientBackendError, match="not ready"):
+    with pytest.raises(ModelServerUnavailable, match="not ready"):
         TritonBackend(inference, ready_timeout_s=1)
 
 
 # -- pure logic ------------------------------------------------------------------------------
-
-
-def test_preview_orientation_follows_the_radiological_convention() -> None:
-    from services.adapter.previews import axial_slice, coronal_slice, preview_images
-
-    # SLP+ volume: axis 0 toward superior, 1 toward the patient's left, 2 toward posterior.
-    volume = np.full((10, 20, 30), -1.0, dtype=np.float32)
-    volume[5, 18, 2] = 1.0  # far left, anterior, mid-height
-    axial = axial_slice(volume, 0.5)
-    assert axial.shape == (30, 20)  # rows: anterior -> posterior, columns: right -> left
-    assert np.unravel_index(np.argmax(axial), axial.shape) == (2, 18)
-    volume[:] = -1.0
-    volume[9, 18, 15] = 1.0  # top (most superior) slice, far left
-    coronal = coronal_slice(volume, 0.5)
-    assert np.unravel_index(np.argmax(coronal), coronal.shape) == (0, 18)  # superior at the top
-    images = preview_images(volume[None, None])
-    assert set(images) == {"axial_30", "axial_50", "axial_70", "coronal_50"}
-    assert all(image.dtype == np.uint8 for image in images.values())
-
-
-def test_transport_choice_and_output_shapes() -> None:
-    from services.core.inference.triton_backend import choose_transport, pathology_vector, url_host
-
-    assert url_host("127.0.0.1:8001") == "127.0.0.1"
-    assert url_host("[::1]:8001") == "[::1]"
-    assert choose_transport("auto", "localhost:8001") == "shared_memory"
-    assert choose_transport("auto", "triton:8001") == "grpc"
-    assert choose_transport("grpc", "127.0.0.1:8001") == "grpc"
-    np.testing.assert_allclose(pathology_vector(np.array([[0.2], [0.7]])), [0.2, 0.7], rtol=1e-6)
-    np.testing.assert_allclose(pathology_vector(np.array([[0.8, 0.2]])), [0.2], rtol=1e-6)
-
-
-def test_retrying_backend_waits_through_transient_errors_and_stops_on_request() -> None:
-    from services.adapter.processing import AdapterStopping, RetryingBackend
-    from services.core.inference.base import ModelOutputs, TransientBackendError
-
-    class FlakyBackend:  # a stand-in for Triton: fails twice, then answers
-        name = "flaky"
-        metadata = None
-
-        def __init__(self) -> None:
-            self.calls = 0
-
-        def infer(self, volume: np.ndarray) -> ModelOutputs:
-            self.calls += 1
-            if self.calls <= 2:
-                raise TransientBackendError("unavailable")
-            return ModelOutputs(volume, volume[:, 0], volume)
-
-        def close(self) -> None:
-            pass
-
-    stop = threading.Event()
-    notes: list[str] = []
-    flaky = FlakyBackend()
-    retrying = RetryingBackend(flaky, stop, on_retry=notes.append, maximum_delay_s=0.01)
-    outputs = retrying.infer(np.ones((1, 2), dtype=np.float32))
-    assert flaky.calls == 3 and retrying.retries == 2 and len(notes) == 2
-    assert outputs.pathology_probability.tolist() == [1.0]
-    stop.set()
-    with pytest.raises(AdapterStopping):
-        RetryingBackend(FlakyBackend(), stop, maximum_delay_s=0.01).infer(np.ones((1, 2)))
 
 
 def close_connections_named(name: str) -> int:

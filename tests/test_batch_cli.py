@@ -16,7 +16,7 @@ from openpyxl import load_workbook
 from pydicom.uid import generate_uid
 
 from services.batch.__main__ import list_inputs
-from services.core.pipeline import model_input_file_name
+from services.batch.model_input_files import model_input_file_name
 from services.core.schemas import REPORT_COLUMNS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

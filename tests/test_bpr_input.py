@@ -3,11 +3,13 @@ semantics, orientation invariance, crop / pad, and the choice of slices to score
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+
+# scipy is not a runtime dependency (a dev one): the test compares against its gaussian_filter.
+from scipy import ndimage  # noqa: E402
+from volume_support import load_fixture_volume
 
 from services.core.body_part.bpr_input import (
     OUTPUT_SIZE,
@@ -18,43 +20,16 @@ from services.core.body_part.bpr_input import (
     select_slices,
     slice_positions_mm,
 )
-from services.core.config import Settings
 from services.core.volume import Volume
-
-# The DICOM modules are being renamed (uncommitted when this test was written); the test
-# loads the fixture through whichever layout the tree has. Drop the fallback once it lands.
-try:
-    from services.core.dicom.headers import read_studies
-    from services.core.dicom.series_selection import select_series
-    from services.core.dicom.volume_builder import load_volume
-    from services.core.intake import collect_dicom_files
-except ImportError:
-    from services.core.dicom.intake import collect_dicom_files  # type: ignore[no-redef]
-    from services.core.dicom.series import read_studies, select_series  # type: ignore[no-redef]
-    from services.core.dicom.volume import load_volume  # type: ignore[no-redef]
-
-# scipy is not a runtime dependency; the test compares against its gaussian_filter.
-ndimage = pytest.importorskip("scipy.ndimage", reason="scipy (the blur's reference) is missing")
 
 CHEST = "chest_ct_lung_dx_a0002"
 REFERENCE_TOLERANCE = 1e-3
 EXACT_TOLERANCE = 1e-5
 
 
-def _load_volume(folder: Path, work_dir: Path) -> Volume:
-    """The pipeline's loading path: intake, headers, series selection, volume."""
-    settings = Settings()
-    intake = collect_dicom_files(folder, work_dir, settings.intake)
-    (study,) = read_studies(intake.dicom_files, intake.summary)
-    selection = select_series(study, settings.series_selection)
-    assert selection.selected is not None, selection.failure_reason
-    volume, _quality, _warnings = load_volume(selection.selected, settings.quality)
-    return volume
-
-
 @pytest.fixture(scope="module")
 def chest(fixtures_dir, tmp_path_factory) -> Volume:
-    return _load_volume(fixtures_dir / CHEST, tmp_path_factory.mktemp("work"))
+    return load_fixture_volume(fixtures_dir / CHEST, tmp_path_factory.mktemp("work"))
 
 
 def _volume(hu: np.ndarray, spacing: tuple[float, float, float], directions=None) -> Volume:

@@ -12,8 +12,7 @@ from services.core.body_part import LungAirDetector, available_detectors, create
 from services.core.body_part.base import BodyPartDetector, ImageAssessment
 from services.core.chest_check import MetadataAssessment, check_chest, decide
 from services.core.config import ChestCheckSettings, QualitySettings, SeriesSelectionSettings
-from services.core.dicom.series import Series, Study, read_studies, select_series
-from services.core.dicom.volume import load_volume
+from services.core.dicom import Series, Study, load_volume, read_studies, select_series
 from services.core.schemas import IntakeSummary
 from services.core.volume import Volume
 

@@ -33,3 +33,12 @@ def test_unknown_keys_are_rejected(tmp_path: Path):
     bad.write_text("rabbitmq:\n  hots: typo\n")
     with pytest.raises(ValidationError, match="hots"):
         load_settings(bad, environ={})
+
+
+def test_the_config_file_is_generated_from_the_defaults():
+    """configs/config.yaml is the defaults of services/core/config.py, written out: one place."""
+    from services.core.config import Settings, default_config_yaml
+
+    committed = (PROJECT_ROOT / "configs" / "config.yaml").read_text()
+    assert committed == default_config_yaml(), "run: python -m services.core.config --write"
+    assert load_settings(PROJECT_ROOT / "configs" / "config.yaml", environ={}) == Settings()

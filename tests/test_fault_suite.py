@@ -19,10 +19,8 @@ the run (terminal summary).
 from __future__ import annotations
 
 import json
-import os
 import re
 import tempfile
-import threading
 import time
 import uuid
 import zipfile
@@ -30,7 +28,6 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import openpyxl
 import pytest
 from fault_support import (
@@ -50,20 +47,10 @@ from fault_support import (
 from playwright.sync_api import expect, sync_playwright
 from stack_support import delete_topology, wait_for, zip_directory
 
-from services.adapter.leftovers import (
-    abandoned_regions,
-    sweep_shared_memory,
-    sweep_temp_dirs,
-    temp_base,
-    use_own_temp_dir,
-)
-from services.adapter.processing import ModelServerWaitExceeded, RetryingBackend
-from services.adapter.worker import unreadable_task_id
 from services.broker.connection import connect
-from services.broker.schemas import QueueTopology, StudyResult, StudyTask, TaskStatus
-from services.broker.storage import load_result, store_result_once
+from services.broker.schemas import QueueTopology, TaskStatus
+from services.broker.storage import load_result
 from services.core.config import RabbitMQSettings, load_settings
-from services.core.inference.base import ModelOutputs, TransientBackendError
 from services.core.schemas import ProcessingStatus
 from services.frontend.service import FrontendService, frontend_instance_id
 from services.triton.local_server import free_local_ports
@@ -516,108 +503,6 @@ def test_frontend_restart_keeps_every_result_on_the_page(
 
 
 # -- the pieces behind it (pure logic) ------------------------------------------------------------
-
-
-class _DownBackend:
-    """A model server that is never there."""
-
-    name = "down"
-    metadata = None
-
-    def infer(self, volume: np.ndarray) -> ModelOutputs:
-        raise TransientBackendError("unavailable")
-
-    def close(self) -> None:
-        pass
-
-
-def test_a_study_waits_for_the_model_server_only_up_to_its_limit() -> None:
-    class ClockedStop(threading.Event):
-        """A stop event whose waits move a fake clock instead of sleeping."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.now = 0.0
-
-        def wait(self, timeout: float | None = None) -> bool:
-            self.now += 4.0
-            return False
-
-    stop = ClockedStop()
-    retrying = RetryingBackend(
-        _DownBackend(), stop, maximum_delay_s=0.0, wait_limit_s=10.0, clock=lambda: stop.now
-    )
-    with pytest.raises(ModelServerWaitExceeded, match="model_server_wait_limit_s"):
-        retrying.infer(np.zeros((1, 1), dtype=np.float32))
-    assert retrying.retries == 4  # failures after 0, 4 and 8 s are retried; after 12 s: over
-
-
-def test_only_regions_of_dead_adapters_are_swept(tmp_path: Path) -> None:
-    (port,) = free_local_ports(1)  # no Triton there: the files are swept all the same
-    for name in ("cts_111_0123456789ab", "cts_probe_111_01234567", "cts_222_0123456789ab"):
-        (tmp_path / name).write_bytes(b"\0" * 16)
-    (tmp_path / "triton_python_backend_shm_region_1").write_bytes(b"")  # not ours
-    (tmp_path / "cts_111_notaregion").write_bytes(b"")
-    alive = {222}.__contains__
-    assert abandoned_regions(["cts_111_0123456789ab", "cts_222_0123456789ab"], alive) == [
-        "cts_111_0123456789ab"
-    ]
-    removed = sweep_shared_memory(f"127.0.0.1:{port}", shm_dir=tmp_path, alive=alive)
-    assert removed == ["cts_111_0123456789ab", "cts_probe_111_01234567"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "cts_111_notaregion",
-        "cts_222_0123456789ab",
-        "triton_python_backend_shm_region_1",
-    ]
-
-
-def test_an_adapter_keeps_its_temporary_files_apart_and_dead_ones_are_swept(
-    tmp_path: Path,
-) -> None:
-    (tmp_path / "cts-adapter-111" / "cts-intake-x" / "files").mkdir(parents=True)
-    (tmp_path / "cts-adapter-111" / "cts-intake-x" / "files" / "slice.dcm").write_bytes(b"x")
-    (tmp_path / "cts-adapter-222").mkdir()
-    (tmp_path / "cts-intake-other").mkdir()  # not an adapter's folder: left alone
-    alive = {222}.__contains__
-    assert sweep_temp_dirs(tmp_path, alive) == ["cts-adapter-111"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cts-adapter-222", "cts-intake-other"]
-    before = tempfile.tempdir
-    try:
-        own = use_own_temp_dir(tmp_path)
-        assert own.name == f"cts-adapter-{os.getpid()}"
-        assert Path(tempfile.mkdtemp(prefix="cts-intake-")).parent == own
-        assert temp_base() == tmp_path
-        sweep_temp_dirs(tmp_path)  # the real check: pid 222 is gone here, this one is not
-        assert own.is_dir() and not (tmp_path / "cts-adapter-222").exists()
-    finally:
-        tempfile.tempdir = before
-
-
-def test_the_first_stored_result_of_a_task_stays_its_only_result(tmp_path: Path) -> None:
-    first = StudyResult(task_id="task-1", status=TaskStatus.COMPLETED, adapter_id="a", attempt=1)
-    second = StudyResult(task_id="task-1", status=TaskStatus.COMPLETED, adapter_id="b", attempt=2)
-    assert store_result_once(tmp_path, first) == first
-    assert store_result_once(tmp_path, second) == first  # the second writer publishes the first
-    assert load_result(tmp_path, "task-1") == first
-    assert [p.name for p in (tmp_path / "results").iterdir()] == ["task-1.json"]  # no temp left
-    # An unreadable leftover is replaced rather than kept forever.
-    (tmp_path / "results" / "task-2.json").write_text("{not json")
-    third = StudyResult(task_id="task-2", status=TaskStatus.FAILED, error="x")
-    assert store_result_once(tmp_path, third) == third
-    assert load_result(tmp_path, "task-2") == third
-
-
-def test_an_unreadable_task_is_answered_under_an_id_the_submitter_knows() -> None:
-    import pika
-
-    task = StudyTask(study_path="uploads/x/y.zip", original_filename="y.zip")
-    properties = pika.BasicProperties(correlation_id="corr-1", message_id="msg-1")
-    body = task.model_dump_json().replace('"schema_version":1', '"schema_version":9').encode()
-    assert unreadable_task_id(body, properties) == task.task_id
-    assert unreadable_task_id(b"\x00garbage", properties) == "corr-1"
-    assert unreadable_task_id(b"[]", pika.BasicProperties(message_id="msg-1")) == "msg-1"
-    generated = unreadable_task_id(b"{}", pika.BasicProperties(correlation_id="../../etc"))
-    assert generated.startswith("unreadable-") and "/" not in generated
 
 
 def test_a_study_too_big_to_unpack_is_refused_at_upload(tmp_path: Path) -> None:

@@ -12,9 +12,8 @@ import pytest
 
 from services.batch.sample_studies import write_ct_series
 from services.core.config import QualitySettings
-from services.core.dicom import geometry
-from services.core.dicom.series import Series, read_studies
-from services.core.dicom.volume import SeriesDataError, load_volume
+from services.core.dicom import Series, geometry, load_volume, read_studies
+from services.core.errors import SeriesDataError
 from services.core.schemas import IntakeSummary
 
 QUALITY = QualitySettings()
@@ -367,3 +366,50 @@ def test_malformed_rescale_and_thickness_are_tolerated(tmp_path: Path) -> None:
     assert series.effective_thickness() == pytest.approx(2.0)  # from the positions
     _, _, warnings = load_volume(series, QUALITY)
     assert any("missing or invalid on 1 of 20 images" in w for w in warnings)
+
+
+# --- one definition each: orientation grouping, localizers --------------------------------
+
+
+def test_orientation_grouping_is_one_rule_for_selection_and_volume(tmp_path: Path) -> None:
+    """Series.orientation() (selection) and load_volume agree on the series' orientation.
+
+    Five images share orientation A; fifteen share B up to jitter below the tolerance, in
+    five values that differ at the 4th decimal (three images each). Grouping at 4 decimals
+    (as selection once did) found A the most common (5 > 3) and disagreed with the
+    volume's grouping at 3 decimals (B, 15 images).
+    """
+    a = np.array([1.0, 0.0, 0.0, 0.0, 0.99, -0.141])
+    b = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+    rows = [a] * 5 + [b + [0, 0, 0, 0, 0, 1e-4 * (i % 5)] for i in range(15)]
+    chosen = geometry.most_common_orientation(np.stack(rows))
+    assert np.allclose(chosen, b, atol=geometry.ORIENTATION_TOLERANCE)
+
+    _, paths = _write(tmp_path, n=20)
+    for path, row in zip(paths, rows, strict=True):
+        _edit(path, ImageOrientationPatient=[float(v) for v in row])
+    series = _series_of(paths)
+    assert np.allclose(series.orientation(), b, atol=geometry.ORIENTATION_TOLERANCE)
+    with pytest.raises(SeriesDataError, match="mixed orientations in one series: 5 of 20"):
+        load_volume(series, QUALITY)  # A is the odd one out for the volume too
+
+
+@pytest.mark.parametrize(
+    "localizer_type", ["LOCALIZER", "SCOUT", "TOPOGRAM", "SURVIEW", "SCANOGRAM"]
+)
+def test_every_localizer_image_type_is_one_definition(tmp_path: Path, localizer_type: str) -> None:
+    """Selection rejects a localizer and the header-only duplicate check skips it, for every
+    vendor's ImageType (the duplicate check once knew three of the five)."""
+    from services.core.config import SeriesSelectionSettings
+    from services.core.dicom import select_series
+    from services.core.dicom.volume_builder import header_duplicate_notes
+
+    _, paths = _write(tmp_path, n=20)
+    for path in paths:
+        _edit(path, ImageType=["ORIGINAL", "PRIMARY", localizer_type])
+    _edit(paths[1], ImagePositionPatient=pydicom.dcmread(paths[0]).ImagePositionPatient)
+    (study,) = read_studies(sorted(paths), IntakeSummary())
+    assert study.series[0].is_localizer
+    selection = select_series(study, SeriesSelectionSettings())
+    assert selection.selected is None and "localizer" in (selection.failure_reason or "")
+    assert header_duplicate_notes(study) == []

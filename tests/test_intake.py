@@ -14,14 +14,9 @@ import pydicom
 import pytest
 
 from services.core.config import IntakeSettings, QualitySettings, SeriesSelectionSettings
-from services.core.dicom.intake import (
-    IntakeError,
-    _open_member,
-    classify_file,
-    collect_dicom_files,
-)
-from services.core.dicom.series import read_studies, select_series
-from services.core.dicom.volume import load_volume
+from services.core.dicom import load_volume, read_studies, select_series
+from services.core.intake import IntakeError, classify_file, collect_dicom_files
+from services.core.intake.zip_archive import _open_member
 
 LIMITS = IntakeSettings()
 

@@ -44,9 +44,10 @@ from corpus.kinds import (
 )
 from loguru import logger
 
+from services.batch.model_input_files import ModelInputSaver
 from services.core.config import Settings, load_settings
 from services.core.inference.onnxruntime_backend import OnnxRuntimeBackend
-from services.core.pipeline import WORK_DIR_PREFIX, process_input
+from services.core.pipeline import WORK_DIR_PREFIX, PipelineEvents, process_input
 from services.core.schemas import StudyReport
 
 KINDS_BY_ID = {kind.id: kind for kind in KINDS}
@@ -68,7 +69,9 @@ class Worker:
             input_path,
             backend=self.backend,
             settings=self.settings,
-            save_model_input_dir=model_input_dir,
+            events=PipelineEvents()
+            if model_input_dir is None
+            else ModelInputSaver(model_input_dir, input_path),
         )
         self.inputs_processed += 1
         return reports

@@ -11,8 +11,8 @@ from pydicom.uid import ImplicitVRLittleEndian
 
 from services.batch.sample_studies import write_ct_series
 from services.core.config import QualitySettings
-from services.core.dicom.series import read_studies
-from services.core.dicom.volume import load_volume, read_native_pixels
+from services.core.dicom import load_volume, read_studies
+from services.core.dicom.pixel_data import read_native_pixels
 from services.core.schemas import IntakeSummary
 
 

@@ -9,10 +9,10 @@ import pytest
 
 from services.core.config import InferenceSettings, Settings
 from services.core.inference import create_backend
+from services.core.inference.base import pathology_probabilities
 from services.core.inference.onnxruntime_backend import (
     ModelRepositoryError,
     OnnxRuntimeBackend,
-    pathology_column,
     session_options,
 )
 from services.core.labels import FINDING_LABELS
@@ -77,8 +77,8 @@ def test_session_options_follow_the_settings():
 
 
 def test_pathology_column_reads_every_head_layout():
-    np.testing.assert_allclose(pathology_column(np.array([[0.3], [0.6]])), [0.3, 0.6])
-    np.testing.assert_allclose(pathology_column(np.array([[0.7, 0.3]])), [0.3])
-    np.testing.assert_allclose(pathology_column(np.array([0.4])), [0.4])
+    np.testing.assert_allclose(pathology_probabilities(np.array([[0.3], [0.6]])), [0.3, 0.6])
+    np.testing.assert_allclose(pathology_probabilities(np.array([[0.7, 0.3]])), [0.3])
+    np.testing.assert_allclose(pathology_probabilities(np.array([0.4])), [0.4])
     with pytest.raises(ValueError, match="unexpected binary head output"):
-        pathology_column(np.zeros((1, 3)))
+        pathology_probabilities(np.zeros((1, 3)))

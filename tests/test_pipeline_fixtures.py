@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from openpyxl import load_workbook
 
+from services.batch.model_input_files import ModelInputSaver
 from services.core.config import InferenceSettings, Settings
 from services.core.inference.onnxruntime_backend import OnnxRuntimeBackend
 from services.core.labels import FINDING_LABELS
@@ -269,7 +270,7 @@ def test_model_input_is_the_preprocessed_chest(fixtures_dir, backend, tmp_path):
         backend=backend,
         settings=Settings(),
         display_name="chest",
-        save_model_input_dir=tmp_path,
+        events=ModelInputSaver(tmp_path, fixtures_dir / CHEST),
     )
     assert report.succeeded and report.path_to_study == "chest"
     saved = np.load(tmp_path / f"{CHEST}.npy")

@@ -9,11 +9,8 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from volume_support import load_fixture_volume
 
-from services.core.config import Settings
-from services.core.dicom.intake import collect_dicom_files
-from services.core.dicom.series import read_studies, select_series
-from services.core.dicom.volume import load_volume
 from services.core.preprocessing import (
     PreprocessingTarget,
     crop_pad_plan,
@@ -191,20 +188,9 @@ def test_model_input_is_batched_float32():
 # --------------------------------------------------------------------------- real DICOM
 
 
-def _load_volume(folder: Path, work_dir: Path) -> Volume:
-    """The pipeline's loading path: intake, headers, series selection, volume."""
-    settings = Settings()
-    intake = collect_dicom_files(folder, work_dir, settings.intake)
-    (study,) = read_studies(intake.dicom_files, intake.summary)
-    selection = select_series(study, settings.series_selection)
-    assert selection.selected is not None, selection.failure_reason
-    volume, _quality, _warnings = load_volume(selection.selected, settings.quality)
-    return volume
-
-
 @pytest.fixture(scope="module")
 def chest_model_input(fixtures_dir, tmp_path_factory) -> np.ndarray:
-    volume = _load_volume(fixtures_dir / CHEST, tmp_path_factory.mktemp("work"))
+    volume = load_fixture_volume(fixtures_dir / CHEST, tmp_path_factory.mktemp("work"))
     return preprocess_volume(volume, FULL_TARGET)
 
 
@@ -290,7 +276,7 @@ def test_same_anatomy_in_any_orientation_gives_the_same_tensor(
     variant, chest_model_input, fixtures_dir, tmp_path
 ):
     folder = _write_variant(fixtures_dir / CHEST, tmp_path / variant, **VARIANTS[variant])
-    volume = _load_volume(folder, tmp_path / "work")
+    volume = load_fixture_volume(folder, tmp_path / "work")
     if variant != "shuffled_instance_numbers":  # the variant really is stored differently
         assert not np.allclose(volume.axis_directions()[1:], [[0, 1, 0], [1, 0, 0]])
     got = preprocess_volume(volume, FULL_TARGET)

@@ -17,9 +17,8 @@ from services.core.config import (
     QualitySettings,
     SeriesSelectionSettings,
 )
-from services.core.dicom.intake import IntakeError, collect_dicom_files
-from services.core.dicom.series import read_studies, select_series
-from services.core.dicom.volume import load_volume
+from services.core.dicom import load_volume, read_studies, select_series
+from services.core.intake import IntakeError, collect_dicom_files
 from services.core.schemas import IntakeSummary
 from services.core.volume import Volume
 

@@ -10,9 +10,8 @@ import pytest
 
 from services.batch.sample_studies import write_ct_series
 from services.core.config import IntakeSettings, SeriesSelectionSettings
-from services.core.dicom.instances import Series
-from services.core.dicom.intake import collect_dicom_files
-from services.core.dicom.series import kernel_kind, read_studies, select_series
+from services.core.dicom import Series, kernel_kind, read_studies, select_series
+from services.core.intake import collect_dicom_files
 from services.core.schemas import IntakeSummary
 
 SETTINGS = SeriesSelectionSettings()

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from services.core.config import InferenceSettings, IntakeSettings, QualitySettings, Settings
-from services.core.dicom.series import read_studies, select_series
-from services.core.dicom.volume import SeriesDataError, load_volume, series_size_error
+from services.core.dicom import load_volume, read_studies, select_series
+from services.core.dicom.volume_builder import series_size_error
+from services.core.errors import SeriesDataError
 from services.core.inference.onnxruntime_backend import OnnxRuntimeBackend
 from services.core.pipeline import process_input
 from services.core.schemas import IntakeSummary

@@ -5,7 +5,7 @@ name), ``study_uid``, ``embedding`` (list of floats), ``status`` and ``failure_r
 whose status is not ``Success`` are skipped and counted; so are names that occur on more than
 one successful row (an input holding several studies: which one a label means is unknown).
 
-Labels (DESIGN.md section 10): ``VolumeName`` and one 0/1 column per finding. A row matches
+Labels (docs/ARCHITECTURE.md, Contracts): ``VolumeName`` and one 0/1 column per finding. A row matches
 an embedding when ``VolumeName`` equals ``name`` once a ``.nii.gz``/``.nii`` suffix is removed
 from both, so either side may carry the suffix.
 """
@@ -198,7 +198,7 @@ def load_matched(embeddings_path: Path, labels_path: Path) -> MatchedData:
 
 
 def any_finding(labels: np.ndarray) -> np.ndarray:
-    """The binary target of DESIGN.md section 10: pathology when any finding is 1."""
+    """The binary target of docs/ARCHITECTURE.md, Contracts: pathology when any finding is 1."""
     return (labels.max(axis=1) > 0).astype(np.int8)
 
 

@@ -71,7 +71,7 @@ DEFAULT_FOCAL_GAMMA = 2.0
 
 
 def seed_hyperparameters(task: Task, **schedule: int) -> Hyperparameters:
-    """The seed heads of DESIGN.md section 4 with the default optimiser settings."""
+    """The seed heads of docs/ARCHITECTURE.md, Contracts with the default optimiser settings."""
     seed = SEED_BINARY_ARCHITECTURE if task == "binary" else SEED_MULTILABEL_ARCHITECTURE
     return Hyperparameters(
         hidden_sizes=seed.hidden_sizes,

@@ -11,9 +11,9 @@ A trained head lives in a *run folder* written by ``python -m training train``:
 it). `export_trained_head_onnx` writes the same graph interface as
 `convertation.head.export` (``embedding`` -> ``pathology_probability`` [batch, 1] or
 ``finding_probabilities`` [batch, n]) and can lay a multilabel head's outputs onto the
-deployed label list (DESIGN.md section 4).
+deployed label list (docs/ARCHITECTURE.md, Contracts).
 
-The seed heads of DESIGN.md section 4 are `SEED_BINARY_ARCHITECTURE` and
+The seed heads of docs/ARCHITECTURE.md, Contracts are `SEED_BINARY_ARCHITECTURE` and
 `SEED_MULTILABEL_ARCHITECTURE`: their state-dict keys are those of
 `convertation.head.heads.BinaryHead` / `MultilabelHead`, so a seed checkpoint loads here too.
 """

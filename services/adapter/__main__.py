@@ -16,8 +16,8 @@ from types import FrameType
 
 from loguru import logger
 
-from services.adapter.leftovers import use_own_temp_dir
-from services.adapter.worker import Adapter, default_adapter_id
+from services.adapter.consumer import Adapter, default_adapter_id
+from services.adapter.housekeeping import use_own_temp_dir
 from services.core.config import load_settings
 from services.core.logging_setup import configure_logging
 from services.core.process_memory import apply_memory_settings
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     # Unpacked studies go to a folder of this process: if it is killed mid-study, the
-    # other adapters find and remove them (services/adapter/leftovers.py).
+    # other adapters find and remove them (services/adapter/housekeeping.py).
     temp_dir = use_own_temp_dir()
     try:
         adapter.run()

@@ -18,12 +18,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from services.batch.model_input_files import ModelInputSaver
 from services.core.config import Settings, load_settings
-from services.core.findings import ThresholdError, resolve_thresholds
+from services.core.errors import ConfigurationError
+from services.core.findings import resolve_thresholds
 from services.core.inference import create_backend
-from services.core.inference.onnxruntime_backend import ModelRepositoryError
 from services.core.logging_setup import configure_logging
-from services.core.pipeline import process_input
+from services.core.pipeline import PipelineEvents, process_input
 from services.core.process_memory import apply_memory_settings
 from services.core.reports import write_reports
 from services.core.schemas import StudyReport
@@ -101,6 +102,12 @@ def summary_line(
     )
 
 
+def _events(save_model_input: Path | None, input_path: Path) -> PipelineEvents:
+    if save_model_input is None:
+        return PipelineEvents()
+    return ModelInputSaver(save_model_input, input_path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = _parse_arguments(argv)
     try:
@@ -123,12 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         backend = create_backend(settings)
-    except ModelRepositoryError as error:
+    except ConfigurationError as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
     try:
         resolve_thresholds(backend.metadata, settings.inference)
-    except ThresholdError as error:
+    except ConfigurationError as error:
         print(f"error: {error}", file=sys.stderr)
         backend.close()
         return USAGE_ERROR
@@ -144,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         backend=backend,
                         settings=settings,
                         display_name=str(input_path),
-                        save_model_input_dir=arguments.save_model_input,
+                        events=_events(arguments.save_model_input, input_path),
                     )
                 )
                 failed = sum(not report.succeeded for report in reports)

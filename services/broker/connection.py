@@ -16,11 +16,12 @@ import pika
 import pika.exceptions
 from loguru import logger
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+from tenacity import stop_when_event_set
 
+from services.broker.errors import MessageError, PublishError
 from services.broker.schemas import (
     CONTENT_TYPE,
     TASK_ROUTING_KEY,
-    MessageError,
     QueueTopology,
     StudyProgress,
     StudyResult,
@@ -30,6 +31,8 @@ from services.broker.schemas import (
     encode_message,
 )
 from services.core.config import RabbitMQSettings
+from services.core.errors import WorkInterrupted
+from services.core.retry import log_retry, retrying
 
 PERSISTENT = pika.DeliveryMode.Persistent
 TRANSIENT = pika.DeliveryMode.Transient
@@ -42,10 +45,6 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
     OSError,
 )
-
-
-class PublishError(RuntimeError):
-    """The broker did not take the message (no queue for it, or a negative confirm)."""
 
 
 def connection_parameters(
@@ -64,14 +63,6 @@ def connection_parameters(
     )
 
 
-def backoff_delays(initial_s: float = 0.5, maximum_s: float = 30.0) -> Any:
-    """0.5, 1, 2, 4, ... seconds, capped: how long to wait before each reconnection."""
-    delay = initial_s
-    while True:
-        yield delay
-        delay = min(delay * 2, maximum_s)
-
-
 def connect(
     settings: RabbitMQSettings,
     *,
@@ -79,31 +70,24 @@ def connect(
     stop: threading.Event | None = None,
     give_up_after_s: float | None = None,
 ) -> BlockingConnection:
-    """Connect, retrying with exponential backoff until ``stop`` is set or time runs out."""
-    deadline = None if give_up_after_s is None else time.monotonic() + give_up_after_s
-    for delay in backoff_delays():
-        try:
-            return BlockingConnection(connection_parameters(settings, name=name))
-        except pika.exceptions.ProbableAuthenticationError:
-            raise  # wrong credentials do not fix themselves
-        except CONNECTION_ERRORS as error:
-            if stop is not None and stop.is_set():
-                raise
-            if deadline is not None and time.monotonic() + delay > deadline:
-                raise
-            logger.warning(
-                "RabbitMQ at {}:{} not reachable ({}); retrying in {:.1f} s",
-                settings.host,
-                settings.port,
-                type(error).__name__,
-                delay,
-            )
-            if stop is not None:
-                if stop.wait(delay):
-                    raise
-            else:
-                time.sleep(delay)
-    raise AssertionError("unreachable")
+    """Connect, retrying with exponential backoff until ``stop`` is set or time runs out.
+
+    Wrong credentials are not retried (they do not fix themselves). A stop requested while
+    waiting raises WorkInterrupted; otherwise the last connection error is raised.
+    """
+
+    def retriable(error: BaseException) -> bool:
+        return isinstance(error, CONNECTION_ERRORS) and not isinstance(
+            error, pika.exceptions.ProbableAuthenticationError
+        )
+
+    return retrying(
+        retry_on=retriable,
+        give_up_after_s=give_up_after_s,
+        stop_event=stop,
+        stop=stop_when_event_set(stop) if stop is not None else None,
+        before_sleep=log_retry(f"connecting to RabbitMQ at {settings.host}:{settings.port}"),
+    )(BlockingConnection, connection_parameters(settings, name=name))
 
 
 def declare_topology(channel: BlockingChannel, topology: QueueTopology) -> None:
@@ -283,28 +267,33 @@ class ReplyListener(threading.Thread):
         self.join(timeout_s)
 
     def run(self) -> None:
-        delays = backoff_delays()
-        while not self._stop_event.is_set():
-            connection = None
-            try:
-                connection = connect(self._settings, name=self.name, stop=self._stop_event)
-                channel = connection.channel()
-                declare_reply_queue(channel, self._topology, self._frontend_id)
-                channel.basic_qos(prefetch_count=50)
-                channel.basic_consume(self.queue_name, self._on_message)
-                self.ready.set()
-                delays = backoff_delays()
-                while not self._stop_event.is_set():
-                    connection.process_data_events(time_limit=0.5)
-            except CONNECTION_ERRORS as error:
-                if self._stop_event.is_set():
-                    break
-                delay = next(delays)
-                logger.warning("reply listener lost RabbitMQ ({}); retry in {:.1f} s", error, delay)
-                self._stop_event.wait(delay)
-            finally:
-                if connection is not None:
-                    _close_quietly(connection)
+        try:
+            retrying(
+                retry_on=CONNECTION_ERRORS,
+                stop_event=self._stop_event,
+                stop=stop_when_event_set(self._stop_event),
+                before_sleep=log_retry("the reply listener's RabbitMQ connection"),
+            )(self._listen)
+        except WorkInterrupted:
+            pass  # stopped while waiting to reconnect
+        except CONNECTION_ERRORS:
+            pass  # stopped after a failed attempt
+
+    def _listen(self) -> None:
+        """Consume the reply queue until stopped; a lost connection raises."""
+        connection = None
+        try:
+            connection = connect(self._settings, name=self.name, stop=self._stop_event)
+            channel = connection.channel()
+            declare_reply_queue(channel, self._topology, self._frontend_id)
+            channel.basic_qos(prefetch_count=50)
+            channel.basic_consume(self.queue_name, self._on_message)
+            self.ready.set()
+            while not self._stop_event.is_set():
+                connection.process_data_events(time_limit=0.5)
+        finally:
+            if connection is not None:
+                _close_quietly(connection)
 
     def _on_message(
         self,

@@ -1,5 +1,5 @@
 """Messages and queue topology of the stack: the contract between frontends, adapters and
-any other system that submits studies (DESIGN.md section 5).
+any other system that submits studies (docs/ARCHITECTURE.md).
 
 Everything that travels through RabbitMQ is one of the pydantic models below, serialised
 as JSON (``content_type=application/json``) with the model's name in the AMQP ``type``
@@ -23,13 +23,14 @@ import uuid
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from services.broker.errors import MessageError
 from services.core.schemas import StudyReport
 
-BROKER_SCHEMA_VERSION = 1
+BROKER_SCHEMA_VERSION: Final = 1
 CONTENT_TYPE = "application/json"
 TASK_ROUTING_KEY = "study"
 
@@ -156,10 +157,6 @@ MESSAGE_TYPES: dict[str, type[_Message]] = {
 }
 
 
-class MessageError(ValueError):
-    """A message body that is not a valid message of the expected type."""
-
-
 def encode_message(message: _Message) -> bytes:
     return message.model_dump_json().encode("utf-8")
 
@@ -195,22 +192,18 @@ class QueueTopology(BaseModel):
     # Reply queues of frontends that never come back disappear after this idle time.
     reply_queue_expires_ms: int = 7 * 24 * 3600 * 1000
 
-    @computed_field  # type: ignore[prop-decorator]
     @property
     def task_exchange(self) -> str:
         return f"{self.prefix}.tasks"
 
-    @computed_field  # type: ignore[prop-decorator]
     @property
     def task_queue(self) -> str:
         return f"{self.prefix}.tasks"
 
-    @computed_field  # type: ignore[prop-decorator]
     @property
     def dead_letter_exchange(self) -> str:
         return f"{self.prefix}.dead-letter"
 
-    @computed_field  # type: ignore[prop-decorator]
     @property
     def dead_letter_queue(self) -> str:
         return f"{self.prefix}.tasks.dead-letter"

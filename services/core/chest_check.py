@@ -24,11 +24,13 @@ import re
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 
 from services.core.body_part import create_detector
 from services.core.body_part.base import BodyPartDetector, ImageAssessment
 from services.core.config import ChestCheckSettings
-from services.core.dicom.instances import CT_IMAGE_STORAGE, Series, Study, tag_value
+from services.core.dicom.objects import Series, Study
+from services.core.dicom.values import tag_value, text, uid_name
 from services.core.schemas import ChestCheckEvidence
 from services.core.volume import Volume
 
@@ -141,10 +143,7 @@ def assess_metadata(study: Study, series: Series) -> MetadataAssessment:
     header = series.first_header
     evidence: list[str] = [f"Modality {series.modality or 'missing'}"]
     if series.sop_class_uid:
-        kind = (
-            "CT Image Storage" if series.sop_class_uid == CT_IMAGE_STORAGE else series.sop_class_uid
-        )
-        evidence.append(f"SOP class {kind}")
+        evidence.append(f"SOP class {uid_name(series.sop_class_uid)}")
     chest_terms: list[str] = []
     non_chest_terms: list[str] = []
 
@@ -160,11 +159,11 @@ def assess_metadata(study: Study, series: Series) -> MetadataAssessment:
     else:
         evidence.append("BodyPartExamined absent")
 
-    for keyword, text in _descriptions(study, header):
-        if CHEST_WORDS.search(text):
-            chest_terms.append(f"{keyword} '{text}'")
-        elif NON_CHEST_WORDS.search(text):
-            non_chest_terms.append(f"{keyword} '{text}'")
+    for keyword, description in _descriptions(study, header):
+        if CHEST_WORDS.search(description):
+            chest_terms.append(f"{keyword} '{description}'")
+        elif NON_CHEST_WORDS.search(description):
+            non_chest_terms.append(f"{keyword} '{description}'")
 
     # A description naming the chest wins over another part elsewhere: chest-abdomen-pelvis
     # protocols name both, and they do contain the chest.
@@ -182,14 +181,14 @@ def assess_metadata(study: Study, series: Series) -> MetadataAssessment:
 def _descriptions(study: Study, header: Dataset) -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
     for keyword in DESCRIPTION_TAGS:
-        value = tag_value(header, keyword)
-        text = str(value).strip() if value is not None else ""
-        if keyword == "StudyDescription" and not text:
-            text = study.study_description
-        if text:
-            found.append((keyword, text))
-    for item in tag_value(header, "ProcedureCodeSequence", []) or []:
-        meaning = str(tag_value(item, "CodeMeaning", "")).strip()
+        value = text(tag_value(header, keyword))
+        if keyword == "StudyDescription" and not value:
+            value = study.study_description
+        if value:
+            found.append((keyword, value))
+    codes = tag_value(header, "ProcedureCodeSequence")
+    for item in codes if isinstance(codes, Sequence) else []:
+        meaning = text(tag_value(item, "CodeMeaning"))
         if meaning:
             found.append(("ProcedureCodeSequence", meaning))
     return found

@@ -1,14 +1,18 @@
-"""One configuration for every service: `configs/config.yaml`, validated by pydantic.
+"""One configuration for every service, validated by pydantic; the defaults live here only.
 
+``configs/config.yaml`` is generated from these models (``python -m services.core.config
+--write``; a test checks it is current), so a deployment copies it and edits what it needs.
 Environment variables override any leaf: ``CTS__<SECTION>__<KEY>=value`` (double
-underscores between levels, case-insensitive), e.g. ``CTS__RABBITMQ__HOST=broker``
-or ``CTS__INFERENCE__BACKEND=triton``. Values are parsed as YAML scalars, so
-``CTS__INTAKE__MAX_FILES=5000`` is an int and ``CTS__FRONTEND__AUTH=null`` is None.
+underscores between levels, case-insensitive), e.g. ``CTS__RABBITMQ__HOST=broker``. Values
+are parsed as YAML scalars, so ``CTS__INTAKE__MAX_FILES=5000`` is an int and
+``CTS__FRONTEND__AUTH=null`` is None. Relative paths are relative to the project root.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,61 +28,72 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class IntakeSettings(_Section):
-    """Limits that protect a worker from hostile or broken archives."""
-
-    max_uncompressed_bytes: int = 8 * 1024**3
-    max_files: int = 20_000
-    max_compression_ratio: float = 200.0
-    max_nesting_depth: int = 3
-    # Voxels of one series' volume (rows x columns x slices), checked from the headers before
-    # any pixel is read: 450 M is about 1700 slices of 512x512, within a 3 GB worker budget
-    # (about 1.6 bytes of memory per byte of the float32 volume).
-    max_series_voxels: int = 450_000_000
-
-
-class SeriesSelectionSettings(_Section):
-    min_slices: int = 20
-    min_slice_thickness_mm: float = 0.5
-    max_slice_thickness_mm: float = 5.0
-    min_axial_cosine: float = 0.9
-
-
-class QualitySettings(_Section):
-    """Thresholds above which a data-quality finding becomes a warning."""
-
-    spacing_tolerance_fraction: float = 0.1
-    max_missing_slices_percent: float = 20.0  # above this the study fails
-    # above this the study fails; kept below acos(min_axial_cosine) = 25.8 deg so that a
-    # steeper tilt is refused by one rule (not axial), not by two that disagree
-    max_gantry_tilt_degrees: float = 25.0
-
-
-class ChestCheckSettings(_Section):
-    min_coverage_mm: float = 80.0
-    detector: str = "lung_air"  # a name registered in services.core.body_part
-    lung_min_extent_fraction: float = 0.3
-    lung_min_area_fraction: float = 0.02
-
-
 def _resolve(path: Path) -> Path:
     """Relative paths in the config are relative to the project root, not the working directory."""
     return path if path.is_absolute() else PROJECT_ROOT / path
 
 
+class IntakeSettings(_Section):
+    """Limits that protect a worker from hostile or broken archives."""
+
+    max_uncompressed_bytes: int = Field(8 * 1024**3, description="unpacked bytes per input")
+    max_files: int = Field(20_000, description="files per input, archives included")
+    max_compression_ratio: float = Field(200.0, description="zip-bomb guard, per archive member")
+    max_nesting_depth: int = Field(3, description="archives inside archives")
+    # 450 M is about 1700 slices of 512x512, within a 3 GB worker budget (about 1.6 bytes
+    # of memory per byte of the float32 volume).
+    max_series_voxels: int = Field(
+        450_000_000,
+        description="rows x columns x slices of one series, checked before pixels are read",
+    )
+
+
+class SeriesSelectionSettings(_Section):
+    min_slices: int = Field(20, description="fewer images: not a usable volume")
+    min_slice_thickness_mm: float = Field(0.5, description="preferred range of slice thickness")
+    max_slice_thickness_mm: float = 5.0
+    min_axial_cosine: float = Field(0.9, description="|slice normal . z| of an axial series")
+
+
+class QualitySettings(_Section):
+    """Thresholds above which a data-quality finding becomes a warning or a failure."""
+
+    spacing_tolerance_fraction: float = Field(
+        0.1, description="a gap off the nominal spacing by more than this is uneven"
+    )
+    max_missing_slices_percent: float = Field(20.0, description="more missing: Failure")
+    # Kept below acos(min_axial_cosine) = 25.8 degrees so that a steeper tilt is refused by
+    # one rule (not axial), not by two that disagree.
+    max_gantry_tilt_degrees: float = Field(25.0, description="more tilt: Failure")
+
+
+class ChestCheckSettings(_Section):
+    min_coverage_mm: float = Field(80.0, description="a chest needs this much along the body")
+    detector: str = Field("lung_air", description="image detector (services/core/body_part)")
+    lung_min_extent_fraction: float = Field(0.3, description="slices that must show lungs")
+    lung_min_area_fraction: float = Field(0.02, description="lung area / body area on a slice")
+
+
 class InferenceSettings(_Section):
-    backend: Literal["onnxruntime", "triton"] = "onnxruntime"
-    model_repository: Path = PROJECT_ROOT / "model_repository_running"
+    backend: Literal["onnxruntime", "triton"] = Field(
+        "onnxruntime", description="onnxruntime (embedded) | triton (stack)"
+    )
+    model_repository: Path = Field(Path("model_repository_running"), validate_default=True)
     triton_url: str = "127.0.0.1:8001"
     triton_model: str = "chest_screening"
-    triton_timeout_s: float = 120.0  # one request to Triton; a timeout is retried
-    # How long one study may wait for an unavailable (or always timing out) model server
-    # before it becomes a Failure row; below RabbitMQ's consumer_timeout (30 min).
-    model_server_wait_limit_s: float = 1200.0
-    triton_transport: Literal["grpc", "shared_memory", "auto"] = "auto"
-    onnx_intra_op_threads: int = 0  # 0: onnxruntime picks (all cores)
-    pathology_threshold: float | None = None  # None: the repository's default
-    finding_thresholds: dict[str, float] = Field(default_factory=dict)
+    triton_timeout_s: float = Field(120.0, description="one request; a timeout is retried...")
+    # Below RabbitMQ's consumer_timeout (30 min), after which the broker takes the task back.
+    model_server_wait_limit_s: float = Field(
+        1200.0, description="...until the study has waited this long: Failure row"
+    )
+    triton_transport: Literal["grpc", "shared_memory", "auto"] = Field(
+        "auto", description="auto: shared memory when Triton is on this host"
+    )
+    onnx_intra_op_threads: int = Field(0, description="0: onnxruntime uses every core")
+    pathology_threshold: float | None = Field(None, description="null: the repository's default")
+    finding_thresholds: dict[str, float] = Field(
+        default_factory=dict, description='e.g. {"Lung nodule": 0.4}'
+    )
 
     @field_validator("model_repository")
     @classmethod
@@ -87,7 +102,9 @@ class InferenceSettings(_Section):
 
 
 class StorageSettings(_Section):
-    root: Path = PROJECT_ROOT / "storage"
+    root: Path = Field(
+        Path("storage"), validate_default=True, description="shared by frontends and adapters"
+    )
 
     @field_validator("root")
     @classmethod
@@ -97,23 +114,26 @@ class StorageSettings(_Section):
 
 class RabbitMQSettings(_Section):
     host: str = "127.0.0.1"
-    # Every exchange and queue name starts with this (tests and parallel stacks use their own).
-    queue_prefix: str = Field(default="cts", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    queue_prefix: str = Field(
+        "cts",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="exchanges and queues are <prefix>.tasks, ... (tests use their own)",
+    )
     port: int = 5672
-    username: str = "guest"
-    password: str = "guest"
+    username: str = Field("guest", description="set CTS__RABBITMQ__USERNAME in deployment")
+    password: str = Field("guest", description="set CTS__RABBITMQ__PASSWORD in deployment")
     virtual_host: str = "/"
-    prefetch_count: int = 1
+    prefetch_count: int = Field(1, description="studies an adapter holds at once")
     heartbeat_s: int = 60
-    max_deliveries: int = 3
-    max_queue_depth: int = 200
+    max_deliveries: int = Field(3, description="then a Failure result and the dead letters")
+    max_queue_depth: int = Field(200, description="uploads are refused above this")
 
 
 class FrontendSettings(_Section):
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="0.0.0.0 serves the whole network")
     port: int = 7860
     max_upload_mb: int = 2048
-    auth: str | None = None  # "user:password" turns on Gradio authentication
+    auth: str | None = Field(None, description='"user:password" turns on authentication')
 
 
 class LoggingSettings(_Section):
@@ -123,11 +143,11 @@ class LoggingSettings(_Section):
 class MemorySettings(_Section):
     """How the batch and adapter processes treat memory they free (glibc only)."""
 
-    # Keep freed memory in the process for the next study instead of returning it to the
-    # kernel: every study allocates the same few hundred MB again, and on virtual machines
-    # the first touch of fresh pages costs about a second per GB. The resident size then
-    # stays at the largest study's peak (see benchmarks/README.md).
-    keep_freed_memory: bool = True
+    # Every study allocates the same few hundred MB again, and on virtual machines the first
+    # touch of fresh pages costs about a second per GB (see benchmarks/README.md).
+    keep_freed_memory: bool = Field(
+        True, description="reuse freed memory for the next study (resident size stays at peak)"
+    )
 
 
 class Settings(_Section):
@@ -161,9 +181,67 @@ def load_settings(
     path: Path | str | None = None, environ: dict[str, str] | None = None
 ) -> Settings:
     """Read the YAML file (if present), apply ``CTS__`` overrides, validate."""
-    config_path = Path(path or os.environ.get("CTS_CONFIG", DEFAULT_CONFIG_PATH))
+    config_path = Path(path or os.environ.get("CTS_CONFIG") or DEFAULT_CONFIG_PATH)
     data: dict[str, Any] = {}
     if config_path.exists():
         data = yaml.safe_load(config_path.read_text()) or {}
     data = _apply_env_overrides(data, dict(os.environ if environ is None else environ))
     return Settings.model_validate(data)
+
+
+# -- the generated configs/config.yaml ----------------------------------------------------
+
+YAML_HEADER = """\
+# One configuration for every service, generated from services/core/config.py (the one
+# place the defaults live): `python -m services.core.config --write`. Copy it and edit what
+# your deployment needs. Any leaf can be overridden from the environment:
+# CTS__<SECTION>__<KEY>=value (e.g. CTS__RABBITMQ__HOST=broker).
+# Relative paths are relative to the project root.
+"""
+COMMENT_COLUMN = 40
+
+
+def _yaml_scalar(value: object) -> str:
+    if isinstance(value, Path):
+        value = value.as_posix()
+    return (
+        yaml.safe_dump(value, default_flow_style=True, width=1000)
+        .strip()
+        .removesuffix("...")
+        .strip()
+    )
+
+
+def default_config_yaml() -> str:
+    """configs/config.yaml: every setting with its default and its description."""
+    lines = [YAML_HEADER.rstrip()]
+    for section_name, section_field in Settings.model_fields.items():
+        section_type = section_field.annotation
+        assert isinstance(section_type, type) and issubclass(section_type, BaseModel)
+        lines.append("")
+        lines.append(f"{section_name}:")
+        for name, field in section_type.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            entry = f"  {name}: {_yaml_scalar(default)}"
+            if field.description:
+                entry = f"{entry.ljust(COMMENT_COLUMN - 1)} # {field.description}"
+            lines.append(entry)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.core.config", description=__doc__)
+    parser.add_argument(
+        "--write", action="store_true", help=f"write {DEFAULT_CONFIG_PATH} (default: print it)"
+    )
+    arguments = parser.parse_args(argv)
+    text = default_config_yaml()
+    if arguments.write:
+        DEFAULT_CONFIG_PATH.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,12 +12,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from services.core.config import InferenceSettings
+from services.core.errors import ThresholdError
 from services.core.model_metadata import ModelMetadata
 from services.core.schemas import FindingResult
 
-
-class ThresholdError(ValueError):
-    """The configured thresholds do not fit the model (unknown finding, value outside 0..1)."""
+__all__ = ["ThresholdError", "Thresholds", "resolve_thresholds"]
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The 20 findings in model output order and their severity order (DESIGN.md section 4)."""
+"""The 20 findings in model output order and their severity order (docs/ARCHITECTURE.md, Contracts)."""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ class ModelMetadata(BaseModel):
     demo: bool
     flavour: str  # python | onnxruntime | tensorrt
     created_at: str
-    # Preprocessing target (DESIGN.md section 3). A tiny test repository keeps the
+    # Preprocessing target (docs/ARCHITECTURE.md, Contracts). A tiny test repository keeps the
     # field of view (shape x spacing) and shrinks the shape.
     target_shape: tuple[int, int, int] = (240, 480, 480)
     target_spacing_mm: tuple[float, float, float] = (1.5, 0.75, 0.75)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 REPORT_SCHEMA_VERSION = 1
 
-# The customer's table (DESIGN.md section 6): these seven columns, in this order, first.
+# The customer's table (docs/ARCHITECTURE.md, Contracts): these seven columns, in this order, first.
 REPORT_COLUMNS: tuple[str, ...] = (
     "path_to_study",
     "study_uid",

@@ -24,11 +24,17 @@ class Volume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(int(n) for n in self.hu.shape)  # type: ignore[return-value]
+        slices, rows, columns = self.hu.shape
+        return (int(slices), int(rows), int(columns))
 
     @property
     def extent_mm(self) -> tuple[float, float, float]:
-        return tuple(float(n * s) for n, s in zip(self.hu.shape, self.spacing_mm, strict=True))  # type: ignore[return-value]
+        slices, rows, columns = self.shape
+        return (
+            slices * self.spacing_mm[0],
+            rows * self.spacing_mm[1],
+            columns * self.spacing_mm[2],
+        )
 
     def axis_directions(self) -> np.ndarray:
         """3x3 matrix whose row ``i`` is the LPS direction of array axis ``i``."""

@@ -20,7 +20,8 @@ from loguru import logger  # noqa: E402
 from services.broker.storage import RESULTS_DIR  # noqa: E402
 from services.core.config import load_settings  # noqa: E402
 from services.core.logging_setup import configure_logging  # noqa: E402
-from services.frontend.service import SESSIONS_DIR, FrontendService  # noqa: E402
+from services.frontend.service import FrontendService  # noqa: E402
+from services.frontend.sessions import SESSIONS_DIR  # noqa: E402
 
 
 def parse_auth(auth: str | None) -> tuple[str, str] | None:

@@ -1,33 +1,22 @@
-"""What the web UI does, without the UI: accept uploads, queue tasks, follow their progress,
-keep every browser session's studies on disk.
+"""What the web UI does, without the UI: queue uploads, follow their progress and results,
+list every browser session's studies.
 
-Storage (next to the adapters' ``uploads/`` and ``results/``)::
-
-    <root>/sessions/<session token>.json     the session's tasks, in submission order
-    <root>/sessions/<session token>/         files made for that session (its xlsx)
-    <root>/frontend/browser_state_secret     key of the browser-side session token
-
-A browser keeps only its random session token (gr.BrowserState, localStorage); the rest is
-on the server, so a page reload or a frontend restart shows the same studies, and results
-that arrived while the frontend was down are read from ``results/<task_id>.json``.
+Uploads are checked by uploads.py and recorded per browser session by sessions.py;
+results that arrived while the frontend was down are read from ``results/<task_id>.json``.
 """
 
 from __future__ import annotations
 
 import re
-import secrets
 import shutil
 import socket
 import threading
 import uuid
-import zipfile
 from dataclasses import dataclass, field
-from datetime import datetime
 from enum import Enum
 from pathlib import Path
 
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field
 
 from services.broker.connection import ReplyListener, queued_task_count, submit_task
 from services.broker.schemas import (
@@ -38,15 +27,31 @@ from services.broker.schemas import (
     TaskStatus,
     utc_now,
 )
-from services.broker.storage import load_result, upload_dir, write_atomically
+from services.broker.storage import load_result, upload_dir
 from services.core.config import Settings
 from services.core.model_metadata import read_metadata
 from services.core.reports import write_xlsx
+from services.frontend.sessions import (
+    SessionRecord,
+    SessionStore,
+    SessionTask,
+    is_session_token,
+    new_session_token,
+)
+from services.frontend.uploads import is_zip_group, plan_uploads, safe_file_name
 
-SESSIONS_DIR = "sessions"
-FRONTEND_DIR = "frontend"
-ZIP_SUFFIX = ".zip"
-_SESSION_TOKEN = re.compile(r"^[0-9a-f]{32}$")
+__all__ = [
+    "FrontendService",
+    "SessionRecord",
+    "SessionTask",
+    "SubmitOutcome",
+    "TaskState",
+    "TaskView",
+    "frontend_instance_id",
+    "is_session_token",
+    "safe_file_name",
+    "session_summary",
+]
 
 
 class TaskState(str, Enum):
@@ -54,20 +59,6 @@ class TaskState(str, Enum):
     PROCESSING = "processing"
     DONE = "done"
     FAILED = "failed"
-
-
-class SessionTask(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    task_id: str
-    original_filename: str
-    submitted_at: datetime
-
-
-class SessionRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    tasks: list[SessionTask] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -98,37 +89,10 @@ class SubmitOutcome:
         return "\n\n".join(lines) or "Nothing to submit: choose .zip or .dcm files first."
 
 
-def safe_file_name(name: str) -> str:
-    """A file name without folders or odd characters (it becomes part of a storage path)."""
-    base = Path(name.replace("\\", "/")).name
-    cleaned = re.sub(r"[^\w.\-]+", "_", base).strip("._")
-    return cleaned[:120] or "upload"
-
-
 def frontend_instance_id(host: str, port: int) -> str:
     """Stable across restarts of the same frontend, distinct between frontends."""
     raw = f"{socket.gethostname()}-{port}"
     return re.sub(r"[^A-Za-z0-9_-]+", "-", raw).strip("-")[:64] or f"frontend-{port}"
-
-
-def human_bytes(count: int) -> str:
-    if count >= 1024**3:
-        return f"{count / 1024**3:.1f} GB"
-    return f"{count / 1024**2:.1f} MB"
-
-
-def declared_unpacked_bytes(path: Path) -> int | None:
-    """The unpacked size a zip declares for its members (its central directory, read
-    without unpacking); None if it is not a readable zip -- the worker then reports why."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return sum(member.file_size for member in archive.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return None
-
-
-def is_session_token(value: object) -> bool:
-    return isinstance(value, str) and bool(_SESSION_TOKEN.match(value))
 
 
 class FrontendService:
@@ -144,7 +108,7 @@ class FrontendService:
         self._progress: dict[str, StudyProgress] = {}
         self._results: dict[str, StudyResult] = {}
         self._listener: ReplyListener | None = None
-        (self.storage_root / SESSIONS_DIR).mkdir(parents=True, exist_ok=True)
+        self.sessions = SessionStore(self.storage_root)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -176,32 +140,13 @@ class FrontendService:
 
     @staticmethod
     def new_session_token() -> str:
-        return uuid.uuid4().hex
+        return new_session_token()
 
     def browser_state_secret(self) -> str:
-        """The key that encrypts the session token in the browser; kept so tokens survive restarts."""
-        path = self.storage_root / FRONTEND_DIR / "browser_state_secret"
-        if not path.exists():
-            write_atomically(path, secrets.token_urlsafe(32).encode())
-            path.chmod(0o600)
-        return path.read_text().strip()
-
-    def _session_path(self, token: str) -> Path:
-        if not is_session_token(token):
-            raise ValueError("invalid session token")
-        return self.storage_root / SESSIONS_DIR / f"{token}.json"
+        return self.sessions.browser_state_secret()
 
     def session(self, token: str) -> SessionRecord:
-        try:
-            return SessionRecord.model_validate_json(self._session_path(token).read_bytes())
-        except (FileNotFoundError, ValueError):
-            return SessionRecord()
-
-    def _append_to_session(self, token: str, tasks: list[SessionTask]) -> None:
-        with self._lock:
-            record = self.session(token)
-            record.tasks.extend(tasks)
-            write_atomically(self._session_path(token), record.model_dump_json(indent=2).encode())
+        return self.sessions.read(token)
 
     # -- uploads ---------------------------------------------------------------------------
 
@@ -212,42 +157,9 @@ class FrontendService:
         stays in the upload folder. Refused files stay where they are, for a retry.
         """
         outcome = SubmitOutcome()
-        limit_bytes = self.settings.frontend.max_upload_mb * 1024 * 1024
-        unpacked_limit = self.settings.intake.max_uncompressed_bytes
-        zips: list[Path] = []
-        loose: list[Path] = []
-        for path in files:
-            path = Path(path)
-            size = path.stat().st_size if path.exists() else 0
-            name = path.name
-            if not path.is_file():
-                outcome.refused.append(f"{name}: the upload did not arrive, please try again")
-            elif size > limit_bytes:
-                outcome.refused.append(
-                    f"{name}: {size / 1024**2:.0f} MB is over the {self.settings.frontend.max_upload_mb} MB limit"
-                )
-            elif name.lower().endswith(ZIP_SUFFIX):
-                unpacked = declared_unpacked_bytes(path)
-                if unpacked is not None and unpacked > unpacked_limit:
-                    # Refused here, not after a worker unpacked gigabytes: the adapter's
-                    # intake would refuse it anyway (same setting).
-                    outcome.refused.append(
-                        f"{name}: {human_bytes(unpacked)} unpacked is over the "
-                        f"{human_bytes(unpacked_limit)} limit per study "
-                        "(intake.max_uncompressed_bytes)"
-                    )
-                else:
-                    zips.append(path)
-            else:
-                loose.append(path)
-        loose_bytes = sum(path.stat().st_size for path in loose)
-        if loose_bytes > unpacked_limit:
-            outcome.refused.append(
-                f"{len(loose)} DICOM files: {human_bytes(loose_bytes)} together is over the "
-                f"{human_bytes(unpacked_limit)} limit per study (intake.max_uncompressed_bytes)"
-            )
-            loose = []
-        groups: list[list[Path]] = [[path] for path in zips] + ([loose] if loose else [])
+        plan = plan_uploads(files, self.settings)
+        outcome.refused.extend(plan.refused)
+        groups = plan.groups
         if not groups:
             return outcome
         try:
@@ -270,13 +182,13 @@ class FrontendService:
             if task is not None:
                 outcome.submitted.append(task)
         if outcome.submitted:
-            self._append_to_session(token, outcome.submitted)
+            self.sessions.append(token, outcome.submitted)
         return outcome
 
     def _submit_group(self, group: list[Path], outcome: SubmitOutcome) -> SessionTask | None:
         task_id = uuid.uuid4().hex
         folder = upload_dir(self.storage_root, task_id)
-        if len(group) == 1 and group[0].name.lower().endswith(ZIP_SUFFIX):
+        if is_zip_group(group):
             original = group[0].name
             target = folder / safe_file_name(original)
             study_path = target
@@ -364,7 +276,7 @@ class FrontendService:
         if not reports:
             return None
         stamp = utc_now().strftime("%Y%m%d-%H%M%S")
-        path = self.storage_root / SESSIONS_DIR / token / f"screening_{stamp}.xlsx"
+        path = self.sessions.files_dir(token) / f"screening_{stamp}.xlsx"
         return write_xlsx(reports, path)
 
     def demo_weights_in_use(self, views: list[TaskView] | None = None) -> bool:

@@ -15,6 +15,13 @@ import numpy as np
 
 DUPLICATE_TOLERANCE_MM = 0.01  # positions closer than this are the same slice position
 MIN_SPACING_MM = 0.05  # below this a "spacing" is numerical noise, not a slice distance
+# Two ImageOrientationPatient values are the same orientation when every component agrees
+# within this; orientations are grouped by rounding to ORIENTATION_DECIMALS (same scale).
+ORIENTATION_TOLERANCE = 1e-3
+ORIENTATION_DECIMALS = 3
+# A direction (or the cross product of two orientation vectors) shorter than this is
+# degenerate: e.g. ImageOrientationPatient with parallel row and column vectors.
+MIN_DIRECTION_NORM = 1e-6
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,7 @@ class StackAnalysis:
 
 def unit(vector: np.ndarray) -> np.ndarray:
     norm = float(np.linalg.norm(vector))
-    if norm < 1e-9:
+    if norm < MIN_DIRECTION_NORM:
         raise ValueError("zero-length direction vector")
     return np.asarray(vector, dtype=np.float64) / norm
 
@@ -78,6 +85,21 @@ def slice_normal(orientation: Sequence[float] | np.ndarray) -> np.ndarray:
     """Unit normal of the image plane: row direction x column direction (DICOM LPS)."""
     values = np.asarray(orientation, dtype=np.float64)
     return unit(np.cross(values[:3], values[3:6]))
+
+
+def most_common_orientation(orientations: np.ndarray) -> np.ndarray:
+    """The orientation most images share, after rounding to ORIENTATION_DECIMALS.
+
+    ``orientations`` is ``[n, 6]``; the result is one of its rows (not the rounded value),
+    the first of the most common group, so that ties resolve in file order.
+    """
+    rows = np.asarray(orientations, dtype=np.float64)
+    keys = [tuple(np.round(row, ORIENTATION_DECIMALS)) for row in rows]
+    counts: dict[tuple, int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    best = max(counts, key=lambda key: counts[key])  # first key reaching the highest count
+    return rows[keys.index(best)]
 
 
 def positions_along(normal: np.ndarray, image_positions: np.ndarray) -> np.ndarray:

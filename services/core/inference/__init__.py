@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from services.core.inference.base import InferenceBackend, ModelOutputs, TransientBackendError
+from services.core.inference.base import InferenceBackend, ModelOutputs
 
 if TYPE_CHECKING:
     from services.core.config import Settings
 
-__all__ = ["InferenceBackend", "ModelOutputs", "TransientBackendError", "create_backend"]
+__all__ = ["InferenceBackend", "ModelOutputs", "create_backend"]
 
 
 def create_backend(settings: Settings) -> InferenceBackend:

@@ -19,6 +19,48 @@ class ModelOutputs:
     finding_probabilities: np.ndarray  # float32 [B, n_labels], in metadata.labels order
 
 
+def checked_model_input(volume: np.ndarray, metadata: ModelMetadata) -> np.ndarray:
+    """The model input as a contiguous float32 ``[B, 1, D, H, W]``; ValueError otherwise."""
+    expected = (1, *metadata.target_shape)
+    if volume.ndim != 5 or tuple(volume.shape[1:]) != expected:
+        raise ValueError(
+            f"model input must be [B, {', '.join(map(str, expected))}], got {volume.shape}"
+        )
+    return np.ascontiguousarray(volume, dtype=np.float32)
+
+
+def pathology_probabilities(output: np.ndarray) -> np.ndarray:
+    """P(pathology) per study: index 1 of a two-class softmax, or a single probability."""
+    output = np.asarray(output, dtype=np.float32)
+    if output.ndim == 2 and output.shape[1] in (1, 2):
+        return output[:, -1]
+    if output.ndim == 1:
+        return output
+    raise ValueError(f"unexpected binary head output shape {output.shape}")
+
+
+def model_outputs(
+    embedding: np.ndarray,
+    pathology: np.ndarray,
+    findings: np.ndarray,
+    *,
+    batch: int,
+    metadata: ModelMetadata,
+) -> ModelOutputs:
+    """ModelOutputs from the three raw outputs of a batch, checked against the metadata."""
+    finding_rows = np.asarray(findings, dtype=np.float32).reshape(batch, -1)
+    if finding_rows.shape[1] != len(metadata.labels):
+        raise ValueError(
+            f"the model returned {finding_rows.shape[1]} findings, its metadata lists "
+            f"{len(metadata.labels)}"
+        )
+    return ModelOutputs(
+        embedding=np.asarray(embedding, dtype=np.float32).reshape(batch, -1),
+        pathology_probability=pathology_probabilities(pathology),
+        finding_probabilities=finding_rows,
+    )
+
+
 class InferenceBackend(Protocol):
     """Runs the CT-CLIP encoder and both heads.
 
@@ -32,7 +74,3 @@ class InferenceBackend(Protocol):
     def infer(self, volume: np.ndarray) -> ModelOutputs: ...
 
     def close(self) -> None: ...
-
-
-class TransientBackendError(RuntimeError):
-    """The model server is unreachable or overloaded: retry later, the study is fine."""

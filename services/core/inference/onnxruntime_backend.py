@@ -21,7 +21,8 @@ import onnxruntime as ort  # noqa: E402
 from loguru import logger  # noqa: E402
 
 from services.core.config import InferenceSettings
-from services.core.inference.base import ModelOutputs
+from services.core.errors import ModelRepositoryError
+from services.core.inference.base import ModelOutputs, checked_model_input, model_outputs
 from services.core.model_metadata import (
     BINARY_HEAD_NAME,
     ENCODER_NAME,
@@ -40,10 +41,6 @@ BUILD_HINT = (
 EMBEDDING_OUTPUTS = ("embedding",)
 PATHOLOGY_OUTPUTS = ("pathology_probability", "probabilities", "probability")
 FINDING_OUTPUTS = ("finding_probabilities", "probabilities", "probability")
-
-
-class ModelRepositoryError(FileNotFoundError):
-    """The model repository is missing or incomplete."""
 
 
 def onnx_paths(repository: Path) -> dict[str, Path]:
@@ -99,18 +96,6 @@ def _fixed_batch(session: ort.InferenceSession) -> int | None:
     return batch if isinstance(batch, int) else None
 
 
-def pathology_column(output: np.ndarray) -> np.ndarray:
-    """P(pathology) per study: index 1 of a two-class softmax, or a single probability."""
-    output = np.asarray(output, dtype=np.float32)
-    if output.ndim == 2 and output.shape[1] == 2:
-        return output[:, 1]
-    if output.ndim == 2 and output.shape[1] == 1:
-        return output[:, 0]
-    if output.ndim == 1:
-        return output
-    raise ValueError(f"unexpected binary head output shape {output.shape}")
-
-
 class OnnxRuntimeBackend:
     """The InferenceBackend that runs the three ONNX graphs with onnxruntime."""
 
@@ -153,25 +138,12 @@ class OnnxRuntimeBackend:
         return np.concatenate(parts)
 
     def infer(self, volume: np.ndarray) -> ModelOutputs:
-        expected = (1, *self.metadata.target_shape)
-        if volume.ndim != 5 or tuple(volume.shape[1:]) != expected:
-            raise ValueError(
-                f"model input must be [B, {', '.join(map(str, expected))}], got {volume.shape}"
-            )
-        volume = np.ascontiguousarray(volume, dtype=np.float32)
+        volume = checked_model_input(volume, self.metadata)
         embedding = self._run(ENCODER_NAME, self._encoder_output, volume).astype(np.float32)
         pathology = self._run(BINARY_HEAD_NAME, self._pathology_output, embedding)
         findings = self._run(MULTILABEL_HEAD_NAME, self._finding_output, embedding)
-        findings = np.asarray(findings, dtype=np.float32).reshape(len(volume), -1)
-        if findings.shape[1] != len(self.metadata.labels):
-            raise ValueError(
-                f"multilabel head returned {findings.shape[1]} findings, "
-                f"metadata lists {len(self.metadata.labels)}"
-            )
-        return ModelOutputs(
-            embedding=embedding,
-            pathology_probability=pathology_column(pathology),
-            finding_probabilities=findings,
+        return model_outputs(
+            embedding, pathology, findings, batch=len(volume), metadata=self.metadata
         )
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ model repository folder the server serves, so both sides agree on what the numbe
 A full study is 221 MB as float32. When the server runs on this machine the volume goes
 through POSIX shared memory (the request carries only a region name); otherwise it travels
 in the gRPC request, whose size limit is raised for that. Unreachable server, deadline or
-overload -> ``TransientBackendError``: the caller retries later, the study is fine.
+overload -> ``ModelServerUnavailable``: the caller retries later, the study is fine.
 
 Shared-memory regions are registered once and reused from study to study: a fresh 221 MB
 region per request cost a registration round trip and, on virtual machines, the first
@@ -23,25 +23,29 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as system_shm
 from loguru import logger
+from tenacity import stop_after_attempt
 from tritonclient.utils import InferenceServerException
 
 from services.core.config import InferenceSettings
-from services.core.inference.base import ModelOutputs, TransientBackendError
+from services.core.errors import ModelServerUnavailable
+from services.core.inference.base import ModelOutputs, checked_model_input, model_outputs
+from services.core.inference.triton_transport import TransferStats, choose_transport
 from services.core.model_metadata import ModelMetadata, read_metadata
+from services.core.retry import retrying
 
 INPUT_NAME = "volume"
 OUTPUT_NAMES = ("embedding", "pathology_probability", "finding_probabilities")
 # gRPC's default receive limit is 4 MiB; a study is 221 MB. 2**31 - 1 is gRPC's maximum.
 GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
 MAX_IDLE_REGIONS = 2
-LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+UNREGISTER_ATTEMPTS = 8
 # gRPC status codes after which the same request may succeed later.
 TRANSIENT_STATUSES = frozenset(
     {
@@ -52,55 +56,6 @@ TRANSIENT_STATUSES = frozenset(
         "StatusCode.CANCELLED",
     }
 )
-
-
-@dataclass
-class TransferStats:
-    """Bytes moved between this client and the server, by path."""
-
-    requests: int = 0
-    regions_registered: int = 0  # shared-memory registrations (reused regions count once)
-    grpc_request_bytes: int = 0  # tensor bytes inside gRPC requests
-    shared_memory_bytes: int = 0  # tensor bytes written to shared memory regions
-    response_bytes: int = 0  # output tensor bytes received
-    seconds: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, *, grpc: int = 0, shm: int = 0, response: int = 0, seconds: float = 0.0) -> None:
-        with self._lock:
-            self.requests += 1
-            self.grpc_request_bytes += grpc
-            self.shared_memory_bytes += shm
-            self.response_bytes += response
-            self.seconds += seconds
-
-    def add_registration(self) -> None:
-        with self._lock:
-            self.regions_registered += 1
-
-    def as_dict(self) -> dict[str, float]:
-        return {
-            "requests": self.requests,
-            "regions_registered": self.regions_registered,
-            "grpc_request_bytes": self.grpc_request_bytes,
-            "shared_memory_bytes": self.shared_memory_bytes,
-            "response_bytes": self.response_bytes,
-            "seconds": round(self.seconds, 4),
-        }
-
-
-def url_host(url: str) -> str:
-    """The host part of ``host:port`` (``[::1]:8001`` included)."""
-    if url.startswith("["):
-        return url[: url.index("]") + 1]
-    return url.rsplit(":", 1)[0] if ":" in url else url
-
-
-def choose_transport(configured: str, url: str) -> str:
-    """``shared_memory`` or ``grpc``; ``auto`` picks shared memory for a server on this host."""
-    if configured == "auto":
-        return "shared_memory" if url_host(url) in LOCAL_HOSTS else "grpc"
-    return configured
 
 
 def is_transient(error: InferenceServerException) -> bool:
@@ -126,16 +81,6 @@ class SharedMemoryRegion:
     @property
     def key(self) -> str:
         return "/" + self.name
-
-
-def pathology_vector(array: np.ndarray) -> np.ndarray:
-    """``[B]`` from the ensemble's ``[B, 1]`` (or a two-class ``[B, 2]``: index 1)."""
-    array = np.asarray(array, dtype=np.float32)
-    if array.ndim == 2 and array.shape[1] in (1, 2):
-        return array[:, -1]
-    if array.ndim == 1:
-        return array
-    raise ValueError(f"unexpected pathology_probability shape {array.shape}")
 
 
 class TritonBackend:
@@ -207,16 +152,18 @@ class TritonBackend:
             return False
 
     def wait_until_ready(self, timeout_s: float) -> None:
-        """Poll until the server and the ensemble are ready; TransientBackendError on timeout."""
-        deadline = time.monotonic() + timeout_s
-        delay = 0.2
-        while not self.is_ready():
-            if time.monotonic() + delay > deadline:
-                raise TransientBackendError(
-                    f"Triton at {self.url} (model {self.model_name}) not ready after {timeout_s:.0f} s"
+        """Poll until the server and the ensemble are ready; ModelServerUnavailable on timeout."""
+
+        def check() -> None:
+            if not self.is_ready():
+                raise ModelServerUnavailable(
+                    f"Triton at {self.url} (model {self.model_name}) not ready after "
+                    f"{timeout_s:.0f} s"
                 )
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+
+        retrying(
+            retry_on=ModelServerUnavailable, initial_s=0.2, maximum_s=5.0, give_up_after_s=timeout_s
+        )(check)
 
     def _shared_memory_works(self) -> bool:
         """Register a one-page region: fails when the server cannot see this host's /dev/shm."""
@@ -237,14 +184,6 @@ class TritonBackend:
     def _outputs(self) -> list[grpcclient.InferRequestedOutput]:
         return [grpcclient.InferRequestedOutput(name) for name in OUTPUT_NAMES]
 
-    def _check_input(self, volume: np.ndarray) -> np.ndarray:
-        expected = (1, *self.metadata.target_shape)
-        if volume.ndim != 5 or tuple(volume.shape[1:]) != expected:
-            raise ValueError(
-                f"model input must be [B, {', '.join(map(str, expected))}], got {volume.shape}"
-            )
-        return np.ascontiguousarray(volume, dtype=np.float32)
-
     def _send(self, inputs: list[grpcclient.InferInput]) -> Any:
         try:
             return self._client.infer(
@@ -255,7 +194,7 @@ class TritonBackend:
             )
         except InferenceServerException as error:
             if is_transient(error):
-                raise TransientBackendError(f"Triton at {self.url}: {error}") from error
+                raise ModelServerUnavailable(f"Triton at {self.url}: {error}") from error
             raise
 
     def _infer_grpc(self, volume: np.ndarray) -> Any:
@@ -308,7 +247,7 @@ class TritonBackend:
             for index, region in enumerate(self._idle_regions):
                 if region.nbytes == nbytes:
                     return self._idle_regions.pop(index)
-        # Named after this process: if it is killed, services/adapter/leftovers.py finds
+        # Named after this process: if it is killed, services/adapter/housekeeping.py finds
         # the region by its pid and removes it.
         name = f"cts_{os.getpid()}_{uuid.uuid4().hex[:12]}"
         handle = system_shm.create_shared_memory_region(name, "/" + name, nbytes, create_only=True)
@@ -325,7 +264,7 @@ class TritonBackend:
             self._client.register_system_shared_memory(region.name, region.key, region.nbytes)
         except InferenceServerException as error:
             if is_transient(error):
-                raise TransientBackendError(f"Triton at {self.url}: {error}") from error
+                raise ModelServerUnavailable(f"Triton at {self.url}: {error}") from error
             raise
         self.stats.add_registration()
 
@@ -342,41 +281,39 @@ class TritonBackend:
         finally:
             system_shm.destroy_shared_memory_region(region.handle)
 
-    def _unregister(self, name: str, attempts: int = 8) -> None:
+    def _unregister(self, name: str) -> None:
         """Unregister a region; the server may still hold it for a moment after answering
         ("currently in use"), so retry briefly before giving up."""
-        delay = 0.01
-        for attempt in range(attempts):
+
+        def attempt() -> None:
             try:
                 self._client.unregister_system_shared_memory(name)
-                return
             except InferenceServerException as error:
-                if is_transient(error) or attempt == attempts - 1:
-                    # Server gone (it forgets regions when it restarts) or stuck: say so.
-                    logger.warning("could not unregister shared memory {}: {}", name, error)
-                    return
-                time.sleep(delay)
-                delay *= 2
+                if is_transient(error):  # the server is gone: retrying here cannot help
+                    raise ModelServerUnavailable(str(error)) from error
+                raise
+
+        try:
+            retrying(
+                retry_on=InferenceServerException,
+                initial_s=0.01,
+                maximum_s=1.0,
+                stop=stop_after_attempt(UNREGISTER_ATTEMPTS),
+            )(attempt)
+        except (InferenceServerException, ModelServerUnavailable) as error:
+            # Server gone (it forgets regions when it restarts) or stuck: say so.
+            logger.warning("could not unregister shared memory {}: {}", name, error)
 
     def infer(self, volume: np.ndarray) -> ModelOutputs:
-        volume = self._check_input(volume)
+        volume = checked_model_input(volume, self.metadata)
         if self.transport == "shared_memory":
             result = self._infer_shared_memory(volume)
         else:
             result = self._infer_grpc(volume)
-        batch = volume.shape[0]
-        embedding = np.asarray(result.as_numpy("embedding"), dtype=np.float32).reshape(batch, -1)
-        findings = np.asarray(result.as_numpy("finding_probabilities"), dtype=np.float32)
-        findings = findings.reshape(batch, -1)
-        if findings.shape[1] != len(self.metadata.labels):
-            raise ValueError(
-                f"Triton returned {findings.shape[1]} findings, metadata lists "
-                f"{len(self.metadata.labels)}"
-            )
-        return ModelOutputs(
-            embedding=embedding,
-            pathology_probability=pathology_vector(result.as_numpy("pathology_probability")),
-            finding_probabilities=findings,
+        return model_outputs(
+            *(result.as_numpy(name) for name in OUTPUT_NAMES),
+            batch=volume.shape[0],
+            metadata=self.metadata,
         )
 
     def close(self) -> None:

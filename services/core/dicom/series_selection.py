@@ -26,33 +26,33 @@ import math
 import re
 from dataclasses import dataclass, field
 
-import numpy as np
-import pydicom.uid
+from pydicom.uid import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    MultiFrameSingleBitSecondaryCaptureImageStorage,
+    MultiFrameTrueColorSecondaryCaptureImageStorage,
+    SecondaryCaptureImageStorage,
+)
 
 from services.core.config import SeriesSelectionSettings
-from services.core.dicom.instances import (
-    CT_IMAGE_STORAGE,
-    ENHANCED_CT_IMAGE_STORAGE,
-    LEGACY_ENHANCED_CT_IMAGE_STORAGE,
-    SECONDARY_CAPTURE_PREFIX,
-    Instance,
-    Series,
-    Study,
-    read_studies,
-)
+from services.core.dicom import geometry
+from services.core.dicom.objects import Series, Study
+from services.core.dicom.values import uid_name
 from services.core.schemas import SeriesDecision
 
-__all__ = [
-    "Instance",
-    "Series",
-    "SeriesSelection",
-    "Study",
-    "kernel_kind",
-    "read_studies",
-    "select_series",
-]
-
-LOCALIZER_IMAGE_TYPES = {"LOCALIZER", "SCOUT", "TOPOGRAM", "SURVIEW", "SCANOGRAM"}
+SECONDARY_CAPTURE_CLASSES = frozenset(
+    {
+        SecondaryCaptureImageStorage,
+        MultiFrameSingleBitSecondaryCaptureImageStorage,
+        MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+        MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+        MultiFrameTrueColorSecondaryCaptureImageStorage,
+    }
+)
+MULTI_FRAME_CT_CLASSES = frozenset({EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage})
 DOSE_IMAGE_TYPES = {"DOSE_INFO", "DOSE", "PATIENT_INFO", "RESULTS", "SCREEN SAVE"}
 # Dose-report screens by description. Never plain "dose": "LOW DOSE CHEST" is exactly the
 # screening series this service exists for.
@@ -134,12 +134,12 @@ def reject_reason(series: Series, settings: SeriesSelectionSettings) -> _Rejecti
     if series.modality != "CT":
         return _Rejection("not_ct", f"modality {series.modality or 'missing'}, not CT")
     image_type = set(series.image_type)
-    if image_type & LOCALIZER_IMAGE_TYPES or LOCALIZER_DESCRIPTION.search(series.description):
+    if series.is_localizer or LOCALIZER_DESCRIPTION.search(series.description):
         return _Rejection(
             "localizer",
             f"localizer (scout) image: ImageType {_image_type_text(series)}",
         )
-    is_secondary_capture = series.sop_class_uid.startswith(SECONDARY_CAPTURE_PREFIX)
+    is_secondary_capture = series.sop_class_uid in SECONDARY_CAPTURE_CLASSES
     is_derived_secondary = "DERIVED" in image_type and "SECONDARY" in image_type
     is_dose = bool(image_type & DOSE_IMAGE_TYPES) or bool(
         DOSE_DESCRIPTION.search(series.description)
@@ -155,11 +155,11 @@ def reject_reason(series: Series, settings: SeriesSelectionSettings) -> _Rejecti
             f"derived or secondary-capture images ({_sop_text(series)}, "
             f"ImageType {_image_type_text(series)})",
         )
-    if series.sop_class_uid in (ENHANCED_CT_IMAGE_STORAGE, LEGACY_ENHANCED_CT_IMAGE_STORAGE) or any(
+    if series.sop_class_uid in MULTI_FRAME_CT_CLASSES or any(
         inst.n_frames > 1 for inst in series.instances
     ):
         return _Rejection("multiframe", "multi-frame (Enhanced CT) images are not supported yet")
-    if series.sop_class_uid and series.sop_class_uid != CT_IMAGE_STORAGE:
+    if series.sop_class_uid and series.sop_class_uid != CTImageStorage:
         return _Rejection("secondary", f"not a CT image ({_sop_text(series)})")
     if series.n_images == 1:
         return _Rejection("single", "a single image (localizer or key image), not a volume")
@@ -170,11 +170,11 @@ def reject_reason(series: Series, settings: SeriesSelectionSettings) -> _Rejecti
         return _Rejection(
             "geometry", "images without ImagePositionPatient: cannot order the slices"
         )
-    normal = np.cross(orientation[:3], orientation[3:])
-    norm = float(np.linalg.norm(normal))
-    if norm < 1e-6:
+    try:
+        normal = geometry.slice_normal(orientation)
+    except ValueError:
         return _Rejection("geometry", "invalid ImageOrientationPatient (parallel row and column)")
-    axial_cosine = abs(float(normal[2])) / norm
+    axial_cosine = abs(float(normal[2]))
     if axial_cosine < settings.min_axial_cosine:
         plane = "sagittal" if abs(normal[0]) >= abs(normal[1]) else "coronal"
         return _Rejection(
@@ -343,7 +343,7 @@ def _image_type_text(series: Series) -> str:
 def _sop_text(series: Series) -> str:
     if not series.sop_class_uid:
         return "no SOP class"
-    return str(pydicom.uid.UID(series.sop_class_uid).name)
+    return uid_name(series.sop_class_uid)
 
 
 def _mm(value: float | None) -> str:

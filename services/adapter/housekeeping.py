@@ -1,4 +1,8 @@
-"""What an adapter killed in the middle of a study leaves behind, and the sweep that removes it.
+"""Housekeeping of an adapter: its health file, and the sweep of what dead adapters left.
+
+The health file is touched every few seconds while the I/O loop runs; a container health
+check (services/adapter/healthcheck.py) reads its age.
+
 
 An adapter killed mid-study (kill -9, the OOM killer) runs none of its clean-up:
 
@@ -24,6 +28,8 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -31,6 +37,7 @@ import tritonclient.grpc as grpcclient
 from loguru import logger
 from tritonclient.utils import InferenceServerException
 
+HEALTH_INTERVAL_S = 5.0
 SHM_DIR = Path("/dev/shm")
 SWEEP_INTERVAL_S = 60.0
 TEMP_DIR_PREFIX = "cts-adapter-"
@@ -40,6 +47,37 @@ REGION_NAME = re.compile(r"^cts_(?:probe_)?(?P<pid>[0-9]+)_[0-9a-f]{8,32}$")
 TEMP_DIR_NAME = re.compile(r"^" + re.escape(TEMP_DIR_PREFIX) + r"(?P<pid>[0-9]+)$")
 
 PidAlive = Callable[[int], bool]
+
+
+class HealthFile:
+    """Touched at most every HEALTH_INTERVAL_S while the adapter is alive (None: no file)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._last = 0.0
+
+    def touch(self) -> None:
+        if self.path is None:
+            return
+        now = time.monotonic()
+        if now - self._last >= HEALTH_INTERVAL_S:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
+            self._last = now
+
+
+def sweep_leftovers_forever(stop: threading.Event, triton_url: str, *, shared_memory: bool) -> None:
+    """Now and every SWEEP_INTERVAL_S until ``stop``: remove what adapters killed mid-study
+    left behind (their unpacked studies; their shared memory when this adapter uses it)."""
+    while True:
+        try:
+            sweep_temp_dirs(temp_base())
+            if shared_memory:
+                sweep_shared_memory(triton_url)
+        except Exception:  # noqa: BLE001 - housekeeping must never stop the adapter
+            logger.exception("sweeping the leftovers of dead adapters failed")
+        if stop.wait(SWEEP_INTERVAL_S):
+            return
 
 
 def pid_alive(pid: int) -> bool:

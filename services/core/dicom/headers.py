@@ -1,7 +1,9 @@
-"""DICOM headers grouped into studies and series (headers only; pixel data is read later).
+"""Reading DICOM headers (only the tags the pipeline uses) and grouping them into studies.
 
-These are DICOM domain objects, kept apart from any model code: a Series knows its tags
-and files, nothing about tensors.
+``read_studies`` is the step between intake (a list of candidate files) and series
+selection: every file's header is parsed once, broken and non-image files are counted,
+and the images are grouped by StudyInstanceUID and SeriesInstanceUID (derived
+deterministically when an anonymiser blanked them).
 """
 
 from __future__ import annotations
@@ -9,27 +11,30 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
-import numpy as np
 import pydicom
 from loguru import logger
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from services.core.dicom.objects import Instance, Series, Study
+from services.core.dicom.values import (
+    float_or_none,
+    int_or_none,
+    sop_class_uid,
+    tag_value,
+    text,
+    text_values,
+    transfer_syntax_uid,
+    uid_name,
+)
 from services.core.schemas import IntakeSummary
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-LEGACY_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
-SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"  # SC and the multi-frame SC classes
 MAX_UNREADABLE_LISTED = 5
-UNCOMPRESSED_SYNTAXES = {
-    "1.2.840.10008.1.2",  # implicit VR little endian
-    "1.2.840.10008.1.2.1",  # explicit VR little endian
-    "1.2.840.10008.1.2.2",  # explicit VR big endian
-}
+UNCOMPRESSED_SYNTAXES = frozenset(
+    {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian}
+)
 # Every top-level tag the pipeline reads from a header. read_studies parses only these:
 # a scanner's header holds hundreds of elements (private vendor blocks, dose and
 # reference sequences) whose parsing cost more than the rest of the header stage.
@@ -80,104 +85,6 @@ HEADER_KEYWORDS: tuple[str, ...] = (
 )
 
 
-@dataclass
-class Instance:
-    """One DICOM file: its path and its header (the HEADER_KEYWORDS tags, no pixel data).
-
-    The parsed values are cached: sorting, selection and geometry ask for them many times
-    per file, and pydicom converts a value again on every access. The header is not
-    changed after reading, so the cache cannot go stale.
-    """
-
-    path: Path
-    header: Dataset
-
-    @cached_property
-    def instance_number(self) -> int | None:
-        return _int_or_none(tag_value(self.header, "InstanceNumber"))
-
-    @cached_property
-    def position(self) -> np.ndarray | None:
-        return _vector(tag_value(self.header, "ImagePositionPatient"), 3)
-
-    @cached_property
-    def orientation(self) -> np.ndarray | None:
-        return _vector(tag_value(self.header, "ImageOrientationPatient"), 6)
-
-    @cached_property
-    def n_frames(self) -> int:
-        return _int_or_none(tag_value(self.header, "NumberOfFrames")) or 1
-
-
-@dataclass
-class Series:
-    """One series of a study, described by the tags that decide whether it can be used."""
-
-    series_uid: str
-    study_uid: str
-    modality: str
-    description: str
-    series_number: int | None
-    instances: list[Instance]
-    image_type: tuple[str, ...]
-    sop_class_uid: str
-    body_part_examined: str
-    convolution_kernel: str
-    slice_thickness: float | None
-    protocol_name: str = ""
-    patient_position: str = ""
-    manufacturer: str = ""
-    series_uid_missing: bool = False  # the files had no SeriesInstanceUID: a key was derived
-
-    @property
-    def n_images(self) -> int:
-        return len(self.instances)
-
-    @property
-    def first_header(self) -> Dataset:
-        return self.instances[0].header
-
-    def orientation(self) -> np.ndarray | None:
-        """The most common ImageOrientationPatient of the series (None if no instance has one)."""
-        values = [inst.orientation for inst in self.instances if inst.orientation is not None]
-        if not values:
-            return None
-        rounded = [tuple(np.round(v, 4)) for v in values]
-        most_common = max(set(rounded), key=rounded.count)
-        return np.asarray(most_common, dtype=np.float64)
-
-    def header_slice_spacing(self) -> float | None:
-        """Median distance between neighbouring positions along the slice normal, from headers."""
-        orientation = self.orientation()
-        if orientation is None:
-            return None
-        normal = np.cross(orientation[:3], orientation[3:])
-        positions = sorted(
-            float(np.dot(inst.position, normal))
-            for inst in self.instances
-            if inst.position is not None
-        )
-        gaps = np.diff(positions)
-        gaps = gaps[gaps > 1e-3]
-        return float(np.median(gaps)) if gaps.size else None
-
-    def effective_thickness(self) -> float | None:
-        """SliceThickness, or the spacing of the positions when the tag is absent."""
-        return self.slice_thickness if self.slice_thickness else self.header_slice_spacing()
-
-
-@dataclass
-class Study:
-    study_uid: str
-    series: list[Series]
-    study_description: str = ""
-    study_uid_missing: bool = False  # the files had no StudyInstanceUID: a key was derived
-
-    @property
-    def n_images(self) -> int:
-        return sum(series.n_images for series in self.series)
-
-
 def read_studies(files: Iterable[Path], summary: IntakeSummary) -> list[Study]:
     """Read every file's header and group them into studies and series.
 
@@ -190,7 +97,7 @@ def read_studies(files: Iterable[Path], summary: IntakeSummary) -> list[Study]:
     unreadable: list[str] = []
     for path in files:
         header = _read_header(path)
-        if header is None or not (sop_class_uid(header) or _text(tag_value(header, "Modality"))):
+        if header is None or not (sop_class_uid(header) or text(tag_value(header, "Modality"))):
             # Nothing parsed, or so little that it cannot be an image (a cut-off file).
             summary.unreadable_dicom += 1
             unreadable.append(Path(path).name)
@@ -260,13 +167,16 @@ def _read_header(path: Path) -> Dataset | None:
     return header
 
 
-_HEADER_TAGS = [pydicom.datadict.tag_for_keyword(keyword) for keyword in HEADER_KEYWORDS]
+# HEADER_KEYWORDS are all dictionary keywords (tests/test_header_tags.py checks it).
+_HEADER_TAGS = [
+    tag for keyword in HEADER_KEYWORDS if (tag := pydicom.datadict.tag_for_keyword(keyword))
+]
 
 
 def _image_size_unreadable(header: Dataset) -> bool:
     """True when Rows or Columns is present but its value cannot be read as a number."""
     return any(
-        keyword in header and _int_or_none(tag_value(header, keyword)) is None
+        keyword in header and int_or_none(tag_value(header, keyword)) is None
         for keyword in ("Rows", "Columns")
     )
 
@@ -280,21 +190,21 @@ def _pixel_data_cut_off(header: Dataset, bytes_left: int) -> bool:
     """
     if "Rows" not in header or "Columns" not in header:
         return False
-    meta = getattr(header, "file_meta", None)
-    syntax = str(tag_value(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
+    syntax = transfer_syntax_uid(header)
     if syntax and syntax not in UNCOMPRESSED_SYNTAXES:
         return False
-    try:
-        expected = (
-            int(tag_value(header, "Rows"))
-            * int(tag_value(header, "Columns"))
-            * int(tag_value(header, "SamplesPerPixel", 1) or 1)
-            * int(tag_value(header, "BitsAllocated", 16) or 16)
-            // 8
-            * (_int_or_none(tag_value(header, "NumberOfFrames")) or 1)
-        )
-    except (TypeError, ValueError):
+    rows = int_or_none(tag_value(header, "Rows"))
+    columns = int_or_none(tag_value(header, "Columns"))
+    if rows is None or columns is None:
         return False
+    expected = (
+        rows
+        * columns
+        * (int_or_none(tag_value(header, "SamplesPerPixel")) or 1)
+        * (int_or_none(tag_value(header, "BitsAllocated")) or 16)
+        // 8
+        * (int_or_none(tag_value(header, "NumberOfFrames")) or 1)
+    )
     return bytes_left < expected + 8  # +8: the pixel data element's own tag and length
 
 
@@ -322,7 +232,7 @@ def _group(instances: list[Instance]) -> list[Study]:
             Study(
                 study_uid=study_uid,
                 series=series_list,
-                study_description=_text(tag_value(first, "StudyDescription")),
+                study_description=text(tag_value(first, "StudyDescription")),
                 study_uid_missing=study_missing[study_uid],
             )
         )
@@ -338,64 +248,43 @@ def _make_series(uid: str, study_uid: str, members: list[Instance], derived: boo
     return Series(
         series_uid=uid,
         study_uid=study_uid,
-        modality=_text(tag_value(header, "Modality")).upper(),
-        description=_text(tag_value(header, "SeriesDescription")),
-        series_number=_int_or_none(tag_value(header, "SeriesNumber")),
+        modality=text(tag_value(header, "Modality")).upper(),
+        description=text(tag_value(header, "SeriesDescription")),
+        series_number=int_or_none(tag_value(header, "SeriesNumber")),
         instances=members,
-        image_type=tuple(_multi_text(tag_value(header, "ImageType"))),
+        image_type=tuple(text_values(tag_value(header, "ImageType"))),
         sop_class_uid=sop_class_uid(header),
-        body_part_examined=_text(tag_value(header, "BodyPartExamined")).upper(),
+        body_part_examined=text(tag_value(header, "BodyPartExamined")).upper(),
         convolution_kernel="\\".join(
-            _multi_text(tag_value(header, "ConvolutionKernel"), upper=False)
+            text_values(tag_value(header, "ConvolutionKernel"), upper=False)
         ),
-        slice_thickness=_float_or_none(tag_value(header, "SliceThickness")),
-        protocol_name=_text(tag_value(header, "ProtocolName")),
-        patient_position=_text(tag_value(header, "PatientPosition")).upper(),
-        manufacturer=_text(tag_value(header, "Manufacturer")),
+        slice_thickness=float_or_none(tag_value(header, "SliceThickness")),
+        protocol_name=text(tag_value(header, "ProtocolName")),
+        patient_position=text(tag_value(header, "PatientPosition")).upper(),
+        manufacturer=text(tag_value(header, "Manufacturer")),
         series_uid_missing=derived,
     )
 
 
-def tag_value(dataset: Dataset, keyword: str, default: object = None) -> object:
-    """``dataset.get(keyword)``, or ``default`` when the stored value cannot be parsed.
-
-    pydicom converts values lazily, so a malformed number (a DS of "abc") raises only when it
-    is read; a broken tag must make its file or series fail with a reason, never crash.
-    """
-    try:
-        return dataset.get(keyword, default)
-    except Exception:  # noqa: BLE001 - any conversion failure means "no usable value"
-        return default
-
-
-def sop_class_uid(header: Dataset) -> str:
-    """SOPClassUID, falling back to the file meta's MediaStorageSOPClassUID."""
-    value = _text(tag_value(header, "SOPClassUID"))
-    if not value:
-        meta = getattr(header, "file_meta", None)
-        value = _text(tag_value(meta, "MediaStorageSOPClassUID")) if meta is not None else ""
-    return value
-
-
 def _study_key(header: Dataset) -> tuple[str, bool]:
-    uid = _text(tag_value(header, "StudyInstanceUID"))
+    uid = text(tag_value(header, "StudyInstanceUID"))
     if uid:
         return uid, False
     # Same study date/time, station and accession: the same study. The key is a UID-shaped
     # string (2.25.<decimal>) so that it can stand wherever a UID is expected.
     parts = [
-        _text(tag_value(header, k))
+        text(tag_value(header, k))
         for k in ("StudyDate", "StudyTime", "StationName", "AccessionNumber", "StudyID")
     ]
     return _derived_uid("study", parts), True
 
 
 def _series_key(header: Dataset, study_uid: str) -> tuple[str, bool]:
-    uid = _text(tag_value(header, "SeriesInstanceUID"))
+    uid = text(tag_value(header, "SeriesInstanceUID"))
     if uid:
         return uid, False
     parts = [study_uid] + [
-        _text(tag_value(header, k))
+        text(tag_value(header, k))
         for k in (
             "Modality",
             "SeriesNumber",
@@ -405,8 +294,8 @@ def _series_key(header: Dataset, study_uid: str) -> tuple[str, bool]:
             "FrameOfReferenceUID",
         )
     ]
-    parts.append("\\".join(_multi_text(tag_value(header, "ConvolutionKernel"))))
-    parts.append("\\".join(_multi_text(tag_value(header, "ImageType"))))
+    parts.append("\\".join(text_values(tag_value(header, "ConvolutionKernel"))))
+    parts.append("\\".join(text_values(tag_value(header, "ImageType"))))
     return _derived_uid("series", parts), True
 
 
@@ -421,59 +310,8 @@ def _note(summary: IntakeSummary, problem: str) -> None:
 
 
 def _is_image_sop_class(uid: str) -> bool:
-    return bool(uid) and "Image Storage" in str(pydicom.uid.UID(uid).name)
+    return "Image Storage" in uid_name(uid)
 
 
 def _sop_class_name(header: Dataset) -> str:
-    uid = sop_class_uid(header)
-    if not uid:
-        return "unknown SOP class"
-    return str(pydicom.uid.UID(uid).name)
-
-
-def _text(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, pydicom.dataelem.DataElement):
-        value = value.value
-    if isinstance(value, bytes):
-        value = value.decode("latin-1", errors="replace")
-    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
-        return "\\".join(str(v) for v in value).strip()
-    return str(value).strip()
-
-
-def _multi_text(value: object, upper: bool = True) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
-        parts = [str(v).strip() for v in value]
-    else:
-        parts = [part.strip() for part in str(value).split("\\")]
-    return [part.upper() if upper else part for part in parts if part]
-
-
-def _int_or_none(value: object) -> int | None:
-    try:
-        return int(value) if value is not None and str(value).strip() != "" else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _float_or_none(value: object) -> float | None:
-    try:
-        return float(value) if value is not None and str(value).strip() != "" else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _vector(value: object, length: int) -> np.ndarray | None:
-    if value is None:
-        return None
-    try:
-        vector = np.asarray([float(v) for v in value], dtype=np.float64)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        return None
-    if vector.shape != (length,) or not np.all(np.isfinite(vector)):
-        return None
-    return vector
+    return uid_name(sop_class_uid(header)) or "unknown SOP class"

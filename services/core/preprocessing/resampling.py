@@ -1,23 +1,16 @@
-"""CT-CLIP model input from a Volume (DESIGN.md section 3), in numpy only.
+"""Separable trilinear resampling with crop/pad, in cache-sized chunks on a few threads.
 
-The contract, step by step: reorient to SLP+ (axis 0 toward superior, axis 1 toward
-the patient's left, axis 2 toward posterior), clip to the HU window, resize
-trilinearly with ``align_corners=False`` semantics to the target spacing (new size
-``int(n * spacing / target)``), divide by 1000, centre crop / pad to the target
-shape with -1.
-
-Speed and memory: trilinear interpolation is separable, so it runs as three 1D
-passes. Cropping after the resize only drops output samples, so each pass computes
-just the samples the crop keeps, and the last pass writes straight into the padded
-output. Clipping and scaling commute with gathering samples, so they happen on the
-gathered chunks of the first pass (no full-size clipped copy). The pass that
-shrinks the data most runs first. Every pass works in cache-sized chunks with buffers
-reused from chunk to chunk, spread over a few threads (numpy releases the GIL).
+Trilinear interpolation (``align_corners=False``, as torch's ``F.interpolate``) is
+separable, so it runs as three 1D passes. Cropping after the resize only drops output
+samples, so each pass computes just the samples the crop keeps, and the last pass writes
+straight into the padded output. Clipping and scaling commute with gathering samples, so
+they happen on the gathered chunks of the first pass (no full-size clipped copy). The
+pass that shrinks the data most runs first. Every pass works in cache-sized chunks with
+buffers reused from chunk to chunk, spread over a few threads (numpy releases the GIL).
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,28 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.core.volume import Volume
-
-HU_SCALE = 1000.0
 PAD_VALUE = -1.0
-# LPS coordinate index of the direction each SLP+ axis must run toward:
-# axis 0 -> superior (+z, index 2), axis 1 -> left (+x, index 0), axis 2 -> posterior (+y, 1).
-SLP_LPS_COMPONENTS: tuple[int, int, int] = (2, 0, 1)
 # Temporaries of one chunk stay around this many elements (float32: 1 MiB): a chunk's
 # gathered samples then stay in the core's cache through the arithmetic that follows,
 # which made the whole preprocessing ~1.6x faster than 32 MiB chunks.
 _CHUNK_ELEMENTS = 256 * 1024
 # Threads for the resampling passes; more than two rarely helps a memory-bound pass.
 _MAX_WORKERS = 4
-
-
-@dataclass(frozen=True)
-class PreprocessingTarget:
-    """What the model expects: shape (D, H, W), spacing in mm per axis, HU window."""
-
-    shape: tuple[int, int, int] = (240, 480, 480)
-    spacing_mm: tuple[float, float, float] = (1.5, 0.75, 0.75)
-    hu_window: tuple[float, float] = (-1000.0, 1000.0)
 
 
 @dataclass(frozen=True)
@@ -59,52 +37,6 @@ class AxisPlan:
     keep_count: int  # resized samples kept
     out_start: int  # where the kept samples land in the output (centre pad)
     n_out: int  # output length along this axis
-
-
-@dataclass(frozen=True)
-class Reorientation:
-    """How array axes map onto SLP+: ``slp = hu.transpose(permutation)`` then flip ``flips``."""
-
-    permutation: tuple[int, int, int]
-    flips: tuple[bool, bool, bool]
-
-
-def slp_reorientation(axis_directions: np.ndarray) -> Reorientation:
-    """The axis permutation and flips that bring an array to SLP+.
-
-    ``axis_directions[i]`` is the LPS direction of array axis ``i``. Each SLP+ axis takes
-    the array axis best aligned with its anatomical direction; for oblique scans the
-    permutation maximising the total alignment wins, so every axis is used exactly once.
-    """
-    directions = np.asarray(axis_directions, dtype=np.float64)
-    if directions.shape != (3, 3) or not np.all(np.isfinite(directions)):
-        raise ValueError(f"axis directions must be a finite 3x3 matrix, got {directions.shape}")
-    best: tuple[float, tuple[int, int, int]] | None = None
-    for permutation in itertools.permutations(range(3)):
-        alignment = sum(
-            abs(directions[source, SLP_LPS_COMPONENTS[target]])
-            for target, source in enumerate(permutation)
-        )
-        if best is None or alignment > best[0] + 1e-9:
-            best = (alignment, permutation)  # type: ignore[assignment]
-    assert best is not None
-    permutation = best[1]
-    flips = tuple(
-        bool(directions[source, SLP_LPS_COMPONENTS[target]] < 0)
-        for target, source in enumerate(permutation)
-    )
-    return Reorientation(permutation=permutation, flips=flips)  # type: ignore[arg-type]
-
-
-def reorient_to_slp(volume: Volume) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A view of ``volume.hu`` in SLP+ order and the spacing of its axes (no copy)."""
-    plan = slp_reorientation(volume.axis_directions())
-    view = volume.hu.transpose(plan.permutation)
-    flip_axes = tuple(axis for axis, flip in enumerate(plan.flips) if flip)
-    if flip_axes:
-        view = np.flip(view, axis=flip_axes)
-    spacing = tuple(float(volume.spacing_mm[source]) for source in plan.permutation)
-    return view, spacing  # type: ignore[return-value]
 
 
 def resized_shape(
@@ -379,67 +311,3 @@ def resize_trilinear(array: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
     """Plain trilinear resize, as ``torch.nn.functional.interpolate(size=..., align_corners=False)``."""
     plans = [crop_pad_plan(n, m, m) for n, m in zip(array.shape, new_shape, strict=True)]
     return resample_crop_pad(array, plans)
-
-
-def preprocess_array(
-    slp: np.ndarray, spacing_mm: Sequence[float], target: PreprocessingTarget
-) -> np.ndarray:
-    """SLP+ HU array -> model input volume (D, H, W) float32 in [-1, 1], as DESIGN.md section 3."""
-    new_shape = resized_shape(slp.shape, spacing_mm, target.spacing_mm)
-    if min(new_shape) < 1:
-        raise ValueError(
-            f"volume {slp.shape} at spacing {tuple(spacing_mm)} mm is too small to resample"
-        )
-    plans = [
-        crop_pad_plan(n, m, t) for n, m, t in zip(slp.shape, new_shape, target.shape, strict=True)
-    ]
-    return resample_crop_pad(slp, plans, clip=target.hu_window, scale=1.0 / HU_SCALE)
-
-
-def preprocess_volume(volume: Volume, target: PreprocessingTarget) -> np.ndarray:
-    """Volume in any orientation -> model input volume (D, H, W) float32.
-
-    Same result as ``preprocess_array(*reorient_to_slp(volume), target)``, computed in the
-    volume's own memory order: reading a transposed view of a 600-slice study is slow
-    (every sample a cache miss), so the passes read the stored layout (flipped axes are
-    only read backwards) and the last pass writes into a transposed view of the output.
-    """
-    orientation = slp_reorientation(volume.axis_directions())
-    permutation = orientation.permutation  # SLP axis t reads array axis permutation[t]
-    slp_shape = [volume.hu.shape[source] for source in permutation]
-    slp_spacing = [float(volume.spacing_mm[source]) for source in permutation]
-    new_shape = resized_shape(slp_shape, slp_spacing, target.spacing_mm)
-    if min(new_shape) < 1:
-        raise ValueError(
-            f"volume {tuple(slp_shape)} at spacing {tuple(slp_spacing)} mm is too small to resample"
-        )
-    slp_plans = [
-        crop_pad_plan(n, m, t) for n, m, t in zip(slp_shape, new_shape, target.shape, strict=True)
-    ]
-    native_plans: list[AxisPlan] = [slp_plans[0]] * 3
-    for slp_axis, source in enumerate(permutation):
-        native_plans[source] = slp_plans[slp_axis]
-    flipped = tuple(
-        source for source, flip in zip(permutation, orientation.flips, strict=True) if flip
-    )
-    native = np.flip(volume.hu, axis=flipped) if flipped else volume.hu
-    output = np.empty(target.shape, dtype=np.float32)
-    # Axis ``source`` of this view is SLP axis t with permutation[t] == source.
-    output_in_native_order = output.transpose(np.argsort(permutation))
-    resample_crop_pad(
-        native,
-        native_plans,
-        clip=target.hu_window,
-        scale=1.0 / HU_SCALE,
-        out=output_in_native_order,
-    )
-    return output
-
-
-def to_model_input(volumes: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
-    """Stack (D, H, W) volumes into the model's ``[B, 1, D, H, W]`` float32 batch."""
-    if isinstance(volumes, np.ndarray) and volumes.ndim == 3:
-        # One volume: a view with the two new axes (no copy of 221 MB when it is already a
-        # contiguous float32 array, as preprocess_volume returns it).
-        return np.ascontiguousarray(volumes[None, None], dtype=np.float32)
-    return np.ascontiguousarray(np.stack(list(volumes))[:, None], dtype=np.float32)

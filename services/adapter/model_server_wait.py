@@ -1,0 +1,103 @@
+"""Waiting through a model-server outage without failing or giving back the study.
+
+A transient Triton failure makes the worker wait and retry the same request: the study is
+neither failed nor given back to the queue (that would count as a delivery), and the pika
+I/O thread keeps the broker connection alive meanwhile. A shutdown ends the wait
+(WorkInterrupted: the task goes back to the queue); so does ``wait_limit_s``
+(ModelServerWaitExceeded: the study fails), because a request that times out every time
+(inference.triton_timeout_s) or a server that never comes back must not hold the study
+forever. Keep the limit under RabbitMQ's consumer_timeout (30 min by default), after which
+the broker would take the unacked task back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+from loguru import logger
+from tenacity import RetryCallState
+from tenacity.stop import stop_base
+
+from services.core.errors import ModelServerUnavailable, ModelServerWaitExceeded, WorkInterrupted
+from services.core.inference.base import InferenceBackend, ModelOutputs
+from services.core.retry import retrying
+
+
+class RetryingBackend:
+    """An InferenceBackend that waits and retries while the model server is unavailable."""
+
+    def __init__(
+        self,
+        backend: InferenceBackend,
+        stop: threading.Event,
+        on_retry: Callable[[str], None] | None = None,
+        maximum_delay_s: float = 30.0,
+        wait_limit_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._backend = backend
+        self._stop = stop
+        self._on_retry = on_retry
+        self._maximum_delay_s = maximum_delay_s
+        self._wait_limit_s = wait_limit_s
+        self._clock = clock
+        self.name = backend.name
+        self.metadata = backend.metadata
+        self.retries = 0
+
+    def infer(self, volume: np.ndarray) -> ModelOutputs:
+        if self._stop.is_set():
+            raise WorkInterrupted("the adapter is stopping")
+        first_failure: float | None = None
+
+        def over_the_limit(state: RetryCallState) -> bool:
+            """Called after every failure, with the coming wait known: count it, and give
+            up when waiting again would pass the study's limit."""
+            nonlocal first_failure
+            self.retries += 1
+            now = self._clock()
+            first_failure = now if first_failure is None else first_failure
+            waited = now - first_failure
+            error = state.outcome.exception() if state.outcome is not None else None
+            if (
+                self._wait_limit_s is not None
+                and waited + state.upcoming_sleep > self._wait_limit_s
+            ):
+                raise ModelServerWaitExceeded(
+                    f"the model server was unavailable for {waited:.0f} s; a study waits at most "
+                    f"{self._wait_limit_s:.0f} s (inference.model_server_wait_limit_s); "
+                    f"last error: {error}"
+                ) from error
+            return False
+
+        def before_sleep(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome is not None else None
+            delay = state.upcoming_sleep
+            logger.warning("model server unavailable ({}); retrying in {:.0f} s", error, delay)
+            if self._on_retry is not None:
+                self._on_retry(f"model server unavailable, retrying in {delay:.0f} s")
+
+        return retrying(
+            retry_on=ModelServerUnavailable,
+            initial_s=1.0,
+            maximum_s=self._maximum_delay_s,
+            stop_event=self._stop,
+            stop=_StopWhen(over_the_limit),
+            before_sleep=before_sleep,
+        )(self._backend.infer, volume)
+
+    def close(self) -> None:
+        self._backend.close()
+
+
+class _StopWhen(stop_base):
+    """A tenacity stop condition from a function of the retry state."""
+
+    def __init__(self, test: Callable[[RetryCallState], bool]) -> None:
+        self._test = test
+
+    def __call__(self, state: RetryCallState) -> bool:
+        return self._test(state)

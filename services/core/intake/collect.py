@@ -1,0 +1,206 @@
+"""Intake: turn a zip, a folder or loose files into a list of candidate DICOM files.
+
+Archives are hostile until proven otherwise: zip_archive.py checks every member before and
+while it is written, and budget.py counts sizes and files across every archive of the input
+(nested up to ``max_nesting_depth``). Files that are not DICOM are skipped and counted,
+DICOMDIR files are ignored and counted, and a file without the 128-byte preamble is accepted
+when it parses as a DICOM data set that carries the tags the pipeline needs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import pydicom
+from loguru import logger
+from pydicom.uid import MediaStorageDirectoryStorage
+
+from services.core.config import IntakeSettings
+from services.core.errors import IntakeError
+from services.core.intake.budget import IntakeBudget
+from services.core.intake.zip_archive import ZIP_MAGICS, extract_zip
+from services.core.schemas import IntakeSummary
+
+PREAMBLE_LENGTH = 128
+# Tags a file without a preamble must carry to be taken for a DICOM image.
+REQUIRED_TAGS_WITHOUT_PREAMBLE = ("Modality", "Rows", "Columns")
+MAX_PROBLEMS_LISTED = 20
+
+
+class FileKind(str, Enum):
+    DICOM = "dicom"
+    DICOMDIR = "dicomdir"
+    OTHER = "other"
+
+
+@dataclass
+class IntakeResult:
+    dicom_files: list[Path]  # candidate DICOM files; archive members are extracted under work_dir
+    summary: IntakeSummary
+
+
+@dataclass
+class _Collector:
+    work_dir: Path
+    budget: IntakeBudget
+    summary: IntakeSummary = field(default_factory=IntakeSummary)
+    dicom_files: list[Path] = field(default_factory=list)
+    labels: dict[Path, str] = field(default_factory=dict)  # extracted file -> "archive/member"
+
+    def label(self, path: Path) -> str:
+        return self.labels.get(path, path.name)
+
+    def note(self, problem: str) -> None:
+        if len(self.summary.problems) < MAX_PROBLEMS_LISTED:
+            self.summary.problems.append(problem)
+        elif len(self.summary.problems) == MAX_PROBLEMS_LISTED:
+            self.summary.problems.append("further problems not listed")
+
+
+def collect_dicom_files(input_path: Path, work_dir: Path, limits: IntakeSettings) -> IntakeResult:
+    """Find every candidate DICOM file of one input (zip, folder or single file).
+
+    Raises IntakeError when the input cannot be used at all (missing, unsafe or broken
+    archive, limits exceeded, no DICOM file found); the error carries the summary so far.
+    """
+    input_path = Path(input_path)
+    work_dir = Path(work_dir)
+    if not input_path.exists():
+        raise IntakeError(f"input not found: {input_path.name}")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    collector = _Collector(work_dir=work_dir.resolve(), budget=IntakeBudget(limits))
+    try:
+        if input_path.is_dir():
+            _collect_folder(input_path, collector, depth=0)
+        elif input_path.is_file():
+            _collect_file(input_path, collector, depth=0, top_level=True)
+        else:
+            raise IntakeError(f"input is neither a file nor a folder: {input_path.name}")
+    except IntakeError as error:
+        error.summary = collector.summary
+        raise
+    summary = collector.summary
+    summary.dicom_files = len(collector.dicom_files)
+    if not collector.dicom_files:
+        raise IntakeError(_no_dicom_reason(summary), summary)
+    logger.info(
+        "intake: {} DICOM files, {} not DICOM, {} DICOMDIR, {} nested archives",
+        summary.dicom_files,
+        summary.skipped_non_dicom,
+        summary.skipped_dicomdir,
+        summary.nested_archives,
+    )
+    return IntakeResult(dicom_files=sorted(collector.dicom_files), summary=summary)
+
+
+def _no_dicom_reason(summary: IntakeSummary) -> str:
+    if summary.files_total == 0:
+        return "no files found in the input"
+    parts = []
+    if summary.skipped_non_dicom:
+        parts.append(f"{summary.skipped_non_dicom} not DICOM")
+    if summary.skipped_dicomdir:
+        parts.append(f"{summary.skipped_dicomdir} DICOMDIR")
+    return f"no DICOM image files found ({summary.files_total} files: {', '.join(parts)})"
+
+
+def _collect_folder(folder: Path, collector: _Collector, depth: int) -> None:
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(root) / name
+            if path.is_symlink():
+                # A link in an input folder may point anywhere on the machine: never follow it.
+                collector.summary.files_total += 1
+                collector.summary.skipped_non_dicom += 1
+                collector.note(f"symbolic link ignored: {_display(path, folder)}")
+                continue
+            _collect_file(path, collector, depth=depth, top_level=False)
+
+
+def _collect_file(path: Path, collector: _Collector, depth: int, top_level: bool) -> None:
+    head = _read_head(path)
+    if head[:4] in ZIP_MAGICS or (top_level and path.suffix.lower() == ".zip"):
+        if not top_level:
+            collector.summary.nested_archives += 1
+        _collect_archive(path, collector, depth=depth + 1)
+        return
+    collector.budget.count_file()
+    collector.summary.files_total += 1
+    kind = classify_file(path, head)
+    if kind == FileKind.DICOM:
+        collector.dicom_files.append(path)
+    elif kind == FileKind.DICOMDIR:
+        collector.summary.skipped_dicomdir += 1
+    else:
+        collector.summary.skipped_non_dicom += 1
+
+
+def _read_head(path: Path) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(PREAMBLE_LENGTH + 4)
+    except OSError as error:
+        raise IntakeError(f"cannot read {path.name}: {error.strerror}") from error
+
+
+def classify_file(path: Path, head: bytes | None = None) -> FileKind:
+    """What one file is, reading as little of it as possible."""
+    if head is None:
+        head = _read_head(path)
+    has_preamble = head[PREAMBLE_LENGTH : PREAMBLE_LENGTH + 4] == b"DICM"
+    if has_preamble:
+        try:
+            meta = pydicom.filereader.read_file_meta_info(path)
+            # Values are parsed lazily: a damaged element raises here, not above.
+            sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
+        except Exception:  # noqa: BLE001 - a file meta that does not parse is not DICOM
+            return FileKind.OTHER
+        if sop_class == MediaStorageDirectoryStorage:
+            return FileKind.DICOMDIR
+        return FileKind.DICOM
+    if path.name.upper() == "DICOMDIR":
+        return FileKind.DICOMDIR
+    # No preamble: some exporters write the bare data set. Accept it only if it parses and
+    # carries the tags an image needs; pydicom's force mode alone accepts almost anything.
+    try:
+        dataset = pydicom.dcmread(
+            path,
+            force=True,
+            stop_before_pixels=True,
+            specific_tags=list(REQUIRED_TAGS_WITHOUT_PREAMBLE),
+        )
+    except Exception:  # noqa: BLE001 - any parse failure means "not DICOM"
+        return FileKind.OTHER
+    if all(keyword in dataset for keyword in REQUIRED_TAGS_WITHOUT_PREAMBLE):
+        return FileKind.DICOM
+    return FileKind.OTHER
+
+
+def _collect_archive(archive_path: Path, collector: _Collector, depth: int) -> None:
+    limits = collector.budget.limits
+    name = collector.label(archive_path)
+    if depth > limits.max_nesting_depth:
+        raise IntakeError(
+            f"archives are nested more than {limits.max_nesting_depth} levels deep "
+            f"({name}; intake.max_nesting_depth)"
+        )
+    collector.budget.archives_opened += 1
+    target = collector.work_dir / f"archive_{collector.budget.archives_opened:04d}"
+    for member, extracted in extract_zip(archive_path, name, target, collector.budget):
+        collector.labels[extracted] = f"{name}/{member}"
+        _collect_file(extracted, collector, depth=depth, top_level=False)
+        head = _read_head(extracted) if extracted.exists() else b""
+        if head[:4] in ZIP_MAGICS:
+            # The nested archive's members were extracted; its own bytes are not needed.
+            extracted.unlink(missing_ok=True)
+
+
+def _display(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return path.name

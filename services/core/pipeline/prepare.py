@@ -1,0 +1,238 @@
+"""Everything of one input up to the model input: intake, headers, and per study the series
+selection, volume, chest check and preprocessing (docs/ARCHITECTURE.md, "A study's path").
+
+The temporary work directory of an input lives while :func:`prepare_studies` runs and is
+always removed. Logs never carry patient identifiers: inputs are named by a short hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from loguru import logger
+
+from services.core.chest_check import check_chest
+from services.core.config import Settings
+from services.core.dicom.headers import read_studies
+from services.core.dicom.objects import Study
+from services.core.dicom.series_selection import select_series
+from services.core.dicom.volume_builder import header_duplicate_notes, load_volume
+from services.core.errors import ErrorPolicy, IntakeError, StudyError, policy_of, reason_of
+from services.core.intake import collect_dicom_files
+from services.core.model_metadata import ModelMetadata
+from services.core.pipeline.events import NO_EVENTS, PipelineEvents, StageClock
+from services.core.pipeline.failures import failure_report, not_chest_reason
+from services.core.preprocessing import PreprocessingTarget, preprocess_volume, to_model_input
+from services.core.schemas import IntakeSummary, ProcessingStatus, StudyReport
+
+WORK_DIR_PREFIX = "cts-intake-"
+
+
+@dataclass
+class PreparedStudy:
+    """One study ready for the model (or already failed, with ``model_input`` None)."""
+
+    report: StudyReport  # model fields empty until finish_study
+    model_input: np.ndarray | None  # float32 [1, 1, D, H, W]
+    index: int  # 0-based position of the study within its input
+    n_studies: int  # studies found in the input
+    shared_seconds: float  # this study's share of the input-wide stages (intake, headers)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.model_input is not None
+
+
+def preprocessing_target(metadata: ModelMetadata) -> PreprocessingTarget:
+    return PreprocessingTarget(
+        shape=metadata.target_shape,
+        spacing_mm=metadata.target_spacing_mm,
+        hu_window=metadata.hu_window,
+    )
+
+
+def log_name(display_name: str) -> str:
+    """How logs name an input: a short hash, since file names may hold patient names."""
+    return "input-" + hashlib.sha256(display_name.encode("utf-8")).hexdigest()[:10]
+
+
+def prepare_studies(
+    input_path: Path,
+    *,
+    settings: Settings,
+    target: PreprocessingTarget,
+    display_name: str | None = None,
+    events: PipelineEvents = NO_EVENTS,
+) -> Iterator[PreparedStudy]:
+    """Yield every study of one input, up to its model input; at least one item per input.
+
+    Errors whose policy is not FAILURE_ROW (services/core/errors.py) propagate.
+    """
+    input_path = Path(input_path)
+    name = display_name or str(input_path)
+    tag = log_name(name)
+    work_dir = Path(tempfile.mkdtemp(prefix=WORK_DIR_PREFIX))
+    try:
+        clock = StageClock(events)
+        try:
+            with clock.stage("intake"):
+                intake = collect_dicom_files(input_path, work_dir / "files", settings.intake)
+            with clock.stage("headers"):
+                studies = read_studies(intake.dicom_files, intake.summary)
+        except IntakeError as error:
+            # The reason names the archive, whose name may hold a patient's: report, not log.
+            logger.warning("{}: intake failed (reason in the report)", tag)
+            report = failure_report(
+                name,
+                f"intake failed: {reason_of(error)}",
+                intake=error.summary,
+                stage_seconds=clock.seconds,
+            )
+            yield _input_failure(report, clock)
+            return
+        except Exception as error:
+            if policy_of(error) is not ErrorPolicy.FAILURE_ROW:
+                raise
+            logger.exception("{}: reading the input failed", tag)
+            reason = f"{clock.current or 'intake'} failed: {type(error).__name__}: {error}"
+            yield _input_failure(failure_report(name, reason, stage_seconds=clock.seconds), clock)
+            return
+
+        summary = intake.summary
+        if not studies:
+            reason = "no readable DICOM image in the input"
+            if summary.unreadable_dicom:
+                reason += f" ({summary.unreadable_dicom} unreadable DICOM files)"
+            report = failure_report(
+                name,
+                reason,
+                intake=summary,
+                warnings=summary.problems,
+                stage_seconds=clock.seconds,
+            )
+            yield _input_failure(report, clock)
+            return
+
+        share = {
+            stage: round(seconds / len(studies), 4) for stage, seconds in clock.seconds.items()
+        }
+        logger.info("{}: {} studies", tag, len(studies))
+        for index, study in enumerate(studies):
+            study_clock = StageClock(
+                events, study_index=index, n_studies=len(studies), seconds=share
+            )
+            try:
+                report, model_input = _prepare_one_study(
+                    study,
+                    display_name=name,
+                    summary=summary,
+                    settings=settings,
+                    target=target,
+                    clock=study_clock,
+                )
+            except Exception as error:
+                if policy_of(error) is not ErrorPolicy.FAILURE_ROW:
+                    raise
+                stage = study_clock.current or "processing"
+                logger.warning(
+                    "{} study {}: {} failed: {}", tag, index, stage, type(error).__name__
+                )
+                report = failure_report(
+                    name,
+                    f"{stage} failed: {reason_of_study_error(error)}",
+                    study_uid=study.study_uid,
+                    intake=summary,
+                    warnings=list(summary.problems),
+                )
+                model_input = None
+            report.stage_seconds = dict(study_clock.seconds)
+            report.time_of_processing = study_clock.total
+            if model_input is None:
+                # The reason may name files inside the input (patient names): report only.
+                logger.info("{} study {}: Failure (reason in the report)", tag, index)
+            yield PreparedStudy(
+                report=report,
+                model_input=model_input,
+                index=index,
+                n_studies=len(studies),
+                shared_seconds=sum(share.values()),
+                stage_seconds=dict(study_clock.seconds),
+            )
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def reason_of_study_error(error: BaseException) -> str:
+    """The text after "<stage> failed: " for an error inside one study."""
+    return str(error).strip() or type(error).__name__
+
+
+def _input_failure(report: StudyReport, clock: StageClock) -> PreparedStudy:
+    """The one item of an input that has no usable study."""
+    return PreparedStudy(
+        report=report, model_input=None, index=0, n_studies=0, shared_seconds=clock.total
+    )
+
+
+def _prepare_one_study(
+    study: Study,
+    *,
+    display_name: str,
+    summary: IntakeSummary,
+    settings: Settings,
+    target: PreprocessingTarget,
+    clock: StageClock,
+) -> tuple[StudyReport, np.ndarray | None]:
+    """Selection, volume, chest check and preprocessing of one study."""
+    report = StudyReport(
+        path_to_study=display_name,
+        study_uid=study.study_uid,
+        processing_status=ProcessingStatus.FAILURE,
+        intake=summary,
+        warnings=list(summary.problems),
+    )
+    warnings = report.warnings  # pydantic copied the list: append to the report's own
+
+    with clock.stage("selection"):
+        selection = select_series(study, settings.series_selection)
+    report.series_decisions = list(selection.decisions)
+    if selection.selected is None:
+        # No volume will be read, so the data-quality checks of load_volume never run;
+        # report what the headers alone show (duplicates explain many short series).
+        warnings.extend(header_duplicate_notes(study))
+        report.failure_reason = selection.failure_reason or "no usable series in the study"
+        return report, None
+    series = selection.selected
+    report.series_uid = series.series_uid
+
+    with clock.stage("volume"):
+        try:
+            volume, quality, volume_warnings = load_volume(
+                series, settings.quality, max_voxels=settings.intake.max_series_voxels
+            )
+        except StudyError as error:
+            # The quality findings gathered before the failure explain it: keep them.
+            warnings.extend(error.warnings)
+            report.failure_reason = reason_of(error)
+            return report, None
+    report.quality = quality
+    warnings.extend(volume_warnings)
+
+    with clock.stage("chest_check"):
+        evidence = check_chest(study, series, volume, settings.chest_check)
+    report.chest_check = evidence
+    if not evidence.is_chest:
+        report.failure_reason = not_chest_reason(evidence.reason)
+        return report, None
+
+    with clock.stage("preprocessing"):
+        model_input = to_model_input(preprocess_volume(volume, target))
+    del volume
+    return report, model_input

@@ -1,0 +1,92 @@
+"""The one way this project retries: exponential backoff through tenacity.
+
+Every loop that waits for something to come back (RabbitMQ, the model server, a region
+Triton still holds) is a :func:`retrying` call with its own exception types and limits, so
+the backoff, the stop-on-shutdown rule and the log line are the same everywhere.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from loguru import logger
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    retry_if_exception_type,
+    stop_any,
+    stop_before_delay,
+    stop_never,
+    wait_exponential,
+)
+from tenacity.retry import retry_base
+from tenacity.stop import stop_base
+
+from services.core.errors import WorkInterrupted
+
+ExceptionTypes = type[BaseException] | tuple[type[BaseException], ...]
+# Which errors to retry: exception types, or a test of the error.
+RetryOn = ExceptionTypes | Callable[[BaseException], bool]
+
+
+def interruptible_sleep(stop_event: threading.Event) -> Callable[[float], None]:
+    """A sleep that ends early, raising WorkInterrupted, when ``stop_event`` is set."""
+
+    def sleep(seconds: float) -> None:
+        if stop_event.wait(seconds):
+            raise WorkInterrupted("stopping while waiting to retry")
+
+    return sleep
+
+
+def log_retry(what: str) -> Callable[[RetryCallState], None]:
+    """A ``before_sleep`` hook: one warning line naming the error and the coming wait."""
+
+    def before_sleep(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome is not None else None
+        logger.warning(
+            "{} failed ({}); retrying in {:.1f} s",
+            what,
+            type(error).__name__ if error is not None else "no result",
+            state.upcoming_sleep,
+        )
+
+    return before_sleep
+
+
+def retrying(
+    *,
+    retry_on: RetryOn,
+    initial_s: float = 0.5,
+    maximum_s: float = 30.0,
+    give_up_after_s: float | None = None,
+    stop_event: threading.Event | None = None,
+    stop: stop_base | None = None,
+    before_sleep: Callable[[RetryCallState], None] | None = None,
+) -> Retrying:
+    """Retry on ``retry_on`` (types or a test) with delays initial_s, 2x, 4x ... capped at maximum_s.
+
+    It gives up (re-raising the last error) before a wait would pass ``give_up_after_s``
+    or when ``stop`` says so; ``stop_event`` cuts a wait short with WorkInterrupted.
+    """
+    stops: list[stop_base] = []
+    if give_up_after_s is not None:
+        stops.append(stop_before_delay(give_up_after_s))
+    if stop is not None:
+        stops.append(stop)
+    retry: retry_base
+    if isinstance(retry_on, (type, tuple)):
+        retry = retry_if_exception_type(retry_on)
+    else:
+        retry = retry_if_exception(retry_on)
+    return Retrying(
+        retry=retry,
+        wait=wait_exponential(multiplier=initial_s, min=0, max=maximum_s),
+        stop=stop_any(*stops) if stops else stop_never,
+        sleep=interruptible_sleep(stop_event) if stop_event is not None else time.sleep,
+        before_sleep=before_sleep,
+        reraise=True,
+    )

@@ -1,0 +1,90 @@
+"""Checks of uploaded files before anything is queued: sizes, declared unpacked sizes, names.
+
+Refused here, not after a worker unpacked gigabytes: the adapter's intake would refuse the
+same files anyway (same settings), but only after the upload took a queue slot.
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.core.config import Settings
+
+ZIP_SUFFIX = ".zip"
+
+
+def safe_file_name(name: str) -> str:
+    """A file name without folders or odd characters (it becomes part of a storage path)."""
+    base = Path(name.replace("\\", "/")).name
+    cleaned = re.sub(r"[^\w.\-]+", "_", base).strip("._")
+    return cleaned[:120] or "upload"
+
+
+def human_bytes(count: int) -> str:
+    if count >= 1024**3:
+        return f"{count / 1024**3:.1f} GB"
+    return f"{count / 1024**2:.1f} MB"
+
+
+def declared_unpacked_bytes(path: Path) -> int | None:
+    """The unpacked size a zip declares for its members (its central directory, read
+    without unpacking); None if it is not a readable zip -- the worker then reports why."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return sum(member.file_size for member in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+
+
+@dataclass
+class UploadPlan:
+    """What becomes a task: each zip alone, the loose DICOM files of one upload together."""
+
+    groups: list[list[Path]] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # one line per refused file, with the reason
+
+
+def plan_uploads(files: list[Path], settings: Settings) -> UploadPlan:
+    plan = UploadPlan()
+    limit_bytes = settings.frontend.max_upload_mb * 1024 * 1024
+    unpacked_limit = settings.intake.max_uncompressed_bytes
+    zips: list[Path] = []
+    loose: list[Path] = []
+    for path in map(Path, files):
+        size = path.stat().st_size if path.exists() else 0
+        name = path.name
+        if not path.is_file():
+            plan.refused.append(f"{name}: the upload did not arrive, please try again")
+        elif size > limit_bytes:
+            plan.refused.append(
+                f"{name}: {size / 1024**2:.0f} MB is over the "
+                f"{settings.frontend.max_upload_mb} MB limit"
+            )
+        elif name.lower().endswith(ZIP_SUFFIX):
+            unpacked = declared_unpacked_bytes(path)
+            if unpacked is not None and unpacked > unpacked_limit:
+                plan.refused.append(
+                    f"{name}: {human_bytes(unpacked)} unpacked is over the "
+                    f"{human_bytes(unpacked_limit)} limit per study "
+                    "(intake.max_uncompressed_bytes)"
+                )
+            else:
+                zips.append(path)
+        else:
+            loose.append(path)
+    loose_bytes = sum(path.stat().st_size for path in loose)
+    if loose_bytes > unpacked_limit:
+        plan.refused.append(
+            f"{len(loose)} DICOM files: {human_bytes(loose_bytes)} together is over the "
+            f"{human_bytes(unpacked_limit)} limit per study (intake.max_uncompressed_bytes)"
+        )
+        loose = []
+    plan.groups = [[path] for path in zips] + ([loose] if loose else [])
+    return plan
+
+
+def is_zip_group(group: list[Path]) -> bool:
+    return len(group) == 1 and group[0].name.lower().endswith(ZIP_SUFFIX)

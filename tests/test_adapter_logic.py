@@ -1,0 +1,193 @@
+"""The adapter's pure logic and housekeeping: previews, transport choice, waiting through a
+model-server outage, leftovers of dead adapters, one stored result per task (no broker or
+Triton needed; tests/test_adapter.py and tests/test_fault_suite.py run the real stack).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.adapter.delivery import unreadable_task_id
+from services.adapter.housekeeping import (
+    abandoned_regions,
+    sweep_shared_memory,
+    sweep_temp_dirs,
+    temp_base,
+    use_own_temp_dir,
+)
+from services.adapter.model_server_wait import RetryingBackend
+from services.broker.schemas import StudyResult, StudyTask, TaskStatus
+from services.broker.storage import load_result, store_result_once
+from services.core.errors import ModelServerUnavailable, ModelServerWaitExceeded
+from services.core.inference.base import ModelOutputs
+from services.triton.local_server import free_local_ports
+
+
+def test_preview_orientation_follows_the_radiological_convention() -> None:
+    from services.adapter.previews import axial_slice, coronal_slice, preview_images
+
+    # SLP+ volume: axis 0 toward superior, 1 toward the patient's left, 2 toward posterior.
+    volume = np.full((10, 20, 30), -1.0, dtype=np.float32)
+    volume[5, 18, 2] = 1.0  # far left, anterior, mid-height
+    axial = axial_slice(volume, 0.5)
+    assert axial.shape == (30, 20)  # rows: anterior -> posterior, columns: right -> left
+    assert np.unravel_index(np.argmax(axial), axial.shape) == (2, 18)
+    volume[:] = -1.0
+    volume[9, 18, 15] = 1.0  # top (most superior) slice, far left
+    coronal = coronal_slice(volume, 0.5)
+    assert np.unravel_index(np.argmax(coronal), coronal.shape) == (0, 18)  # superior at the top
+    images = preview_images(volume[None, None])
+    assert set(images) == {"axial_30", "axial_50", "axial_70", "coronal_50"}
+    assert all(image.dtype == np.uint8 for image in images.values())
+
+
+def test_transport_choice_and_output_shapes() -> None:
+    from services.core.inference.base import pathology_probabilities as pathology_vector
+    from services.core.inference.triton_transport import choose_transport, url_host
+
+    assert url_host("127.0.0.1:8001") == "127.0.0.1"
+    assert url_host("[::1]:8001") == "[::1]"
+    assert choose_transport("auto", "localhost:8001") == "shared_memory"
+    assert choose_transport("auto", "triton:8001") == "grpc"
+    assert choose_transport("grpc", "127.0.0.1:8001") == "grpc"
+    np.testing.assert_allclose(pathology_vector(np.array([[0.2], [0.7]])), [0.2, 0.7], rtol=1e-6)
+    np.testing.assert_allclose(pathology_vector(np.array([[0.8, 0.2]])), [0.2], rtol=1e-6)
+
+
+def test_retrying_backend_waits_through_transient_errors_and_stops_on_request() -> None:
+    from services.adapter.model_server_wait import RetryingBackend
+    from services.core.errors import ModelServerUnavailable, WorkInterrupted
+    from services.core.inference.base import ModelOutputs
+
+    class FlakyBackend:  # a stand-in for Triton: fails twice, then answers
+        name = "flaky"
+        metadata = None
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def infer(self, volume: np.ndarray) -> ModelOutputs:
+            self.calls += 1
+            if self.calls <= 2:
+                raise ModelServerUnavailable("unavailable")
+            return ModelOutputs(volume, volume[:, 0], volume)
+
+        def close(self) -> None:
+            pass
+
+    stop = threading.Event()
+    notes: list[str] = []
+    flaky = FlakyBackend()
+    retrying = RetryingBackend(flaky, stop, on_retry=notes.append, maximum_delay_s=0.01)
+    outputs = retrying.infer(np.ones((1, 2), dtype=np.float32))
+    assert flaky.calls == 3 and retrying.retries == 2 and len(notes) == 2
+    assert outputs.pathology_probability.tolist() == [1.0]
+    stop.set()
+    with pytest.raises(WorkInterrupted):
+        RetryingBackend(FlakyBackend(), stop, maximum_delay_s=0.01).infer(np.ones((1, 2)))
+
+
+class _DownBackend:
+    """A model server that is never there."""
+
+    name = "down"
+    metadata = None
+
+    def infer(self, volume: np.ndarray) -> ModelOutputs:
+        raise ModelServerUnavailable("unavailable")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_study_waits_for_the_model_server_only_up_to_its_limit() -> None:
+    class ClockedStop(threading.Event):
+        """A stop event whose waits move a fake clock instead of sleeping."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.now = 0.0
+
+        def wait(self, timeout: float | None = None) -> bool:
+            self.now += 4.0
+            return False
+
+    stop = ClockedStop()
+    retrying = RetryingBackend(
+        _DownBackend(), stop, maximum_delay_s=0.0, wait_limit_s=10.0, clock=lambda: stop.now
+    )
+    with pytest.raises(ModelServerWaitExceeded, match="model_server_wait_limit_s"):
+        retrying.infer(np.zeros((1, 1), dtype=np.float32))
+    assert retrying.retries == 4  # failures after 0, 4 and 8 s are retried; after 12 s: over
+
+
+def test_only_regions_of_dead_adapters_are_swept(tmp_path: Path) -> None:
+    (port,) = free_local_ports(1)  # no Triton there: the files are swept all the same
+    for name in ("cts_111_0123456789ab", "cts_probe_111_01234567", "cts_222_0123456789ab"):
+        (tmp_path / name).write_bytes(b"\0" * 16)
+    (tmp_path / "triton_python_backend_shm_region_1").write_bytes(b"")  # not ours
+    (tmp_path / "cts_111_notaregion").write_bytes(b"")
+    alive = {222}.__contains__
+    assert abandoned_regions(["cts_111_0123456789ab", "cts_222_0123456789ab"], alive) == [
+        "cts_111_0123456789ab"
+    ]
+    removed = sweep_shared_memory(f"127.0.0.1:{port}", shm_dir=tmp_path, alive=alive)
+    assert removed == ["cts_111_0123456789ab", "cts_probe_111_01234567"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cts_111_notaregion",
+        "cts_222_0123456789ab",
+        "triton_python_backend_shm_region_1",
+    ]
+
+
+def test_an_adapter_keeps_its_temporary_files_apart_and_dead_ones_are_swept(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "cts-adapter-111" / "cts-intake-x" / "files").mkdir(parents=True)
+    (tmp_path / "cts-adapter-111" / "cts-intake-x" / "files" / "slice.dcm").write_bytes(b"x")
+    (tmp_path / "cts-adapter-222").mkdir()
+    (tmp_path / "cts-intake-other").mkdir()  # not an adapter's folder: left alone
+    alive = {222}.__contains__
+    assert sweep_temp_dirs(tmp_path, alive) == ["cts-adapter-111"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cts-adapter-222", "cts-intake-other"]
+    before = tempfile.tempdir
+    try:
+        own = use_own_temp_dir(tmp_path)
+        assert own.name == f"cts-adapter-{os.getpid()}"
+        assert Path(tempfile.mkdtemp(prefix="cts-intake-")).parent == own
+        assert temp_base() == tmp_path
+        sweep_temp_dirs(tmp_path)  # the real check: pid 222 is gone here, this one is not
+        assert own.is_dir() and not (tmp_path / "cts-adapter-222").exists()
+    finally:
+        tempfile.tempdir = before
+
+
+def test_the_first_stored_result_of_a_task_stays_its_only_result(tmp_path: Path) -> None:
+    first = StudyResult(task_id="task-1", status=TaskStatus.COMPLETED, adapter_id="a", attempt=1)
+    second = StudyResult(task_id="task-1", status=TaskStatus.COMPLETED, adapter_id="b", attempt=2)
+    assert store_result_once(tmp_path, first) == first
+    assert store_result_once(tmp_path, second) == first  # the second writer publishes the first
+    assert load_result(tmp_path, "task-1") == first
+    assert [p.name for p in (tmp_path / "results").iterdir()] == ["task-1.json"]  # no temp left
+    # An unreadable leftover is replaced rather than kept forever.
+    (tmp_path / "results" / "task-2.json").write_text("{not json")
+    third = StudyResult(task_id="task-2", status=TaskStatus.FAILED, error="x")
+    assert store_result_once(tmp_path, third) == third
+    assert load_result(tmp_path, "task-2") == third
+
+
+def test_an_unreadable_task_is_answered_under_an_id_the_submitter_knows() -> None:
+
+    task = StudyTask(study_path="uploads/x/y.zip", original_filename="y.zip")
+    body = task.model_dump_json().replace('"schema_version":1', '"schema_version":9').encode()
+    assert unreadable_task_id(body, "corr-1", "msg-1") == task.task_id
+    assert unreadable_task_id(b"\x00garbage", "corr-1", "msg-1") == "corr-1"
+    assert unreadable_task_id(b"[]", None, "msg-1") == "msg-1"
+    generated = unreadable_task_id(b"{}", "../../etc", None)
+    assert generated.startswith("unreadable-") and "/" not in generated
