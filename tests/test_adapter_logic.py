@@ -24,7 +24,7 @@ from services.adapter.housekeeping import (
 from services.adapter.model_server_wait import RetryingBackend
 from services.broker.schemas import StudyResult, StudyTask, TaskStatus
 from services.broker.storage import load_result, store_result_once
-from services.core.errors import ModelServerUnavailable, ModelServerWaitExceeded
+from services.core.errors import ModelServerUnavailable, ModelServerWaitExceeded, WorkInterrupted
 from services.core.inference.base import ModelOutputs
 from services.triton.local_server import free_local_ports
 
@@ -68,6 +68,7 @@ def test_retrying_backend_waits_through_transient_errors_and_stops_on_request() 
     class FlakyBackend:  # a stand-in for Triton: fails twice, then answers
         name = "flaky"
         metadata = None
+        body_part_model = None
 
         def __init__(self) -> None:
             self.calls = 0
@@ -98,6 +99,7 @@ class _DownBackend:
 
     name = "down"
     metadata = None
+    body_part_model = None
 
     def infer(self, volume: np.ndarray) -> ModelOutputs:
         raise ModelServerUnavailable("unavailable")
@@ -125,6 +127,43 @@ def test_a_study_waits_for_the_model_server_only_up_to_its_limit() -> None:
     with pytest.raises(ModelServerWaitExceeded, match="model_server_wait_limit_s"):
         retrying.infer(np.zeros((1, 1), dtype=np.float32))
     assert retrying.retries == 4  # failures after 0, 4 and 8 s are retried; after 12 s: over
+
+
+def test_retrying_backend_waits_for_the_body_part_model_too() -> None:
+    """The chest check's body-part regression calls go to the same server: an outage there
+    is waited out like one during inference, within the same limit."""
+    from services.core.body_part.bpr_detector import BodyPartRegressionModel
+    from services.core.body_part.bpr_settings import demo_inference_settings
+
+    calls: list[int] = []
+
+    def flaky_scores(slices: np.ndarray) -> np.ndarray:
+        calls.append(len(slices))
+        if len(calls) <= 2:
+            raise ModelServerUnavailable("unavailable")
+        return np.arange(len(slices), dtype=np.float32).reshape(-1, 1)
+
+    class ServerWithBodyPartModel(_DownBackend):
+        body_part_model = BodyPartRegressionModel(
+            score_slices=flaky_scores,
+            settings=demo_inference_settings(),
+            demo=True,
+            source="test",
+        )
+
+    backend = RetryingBackend(ServerWithBodyPartModel(), threading.Event(), maximum_delay_s=0.0)
+    assert backend.body_part_model is not None
+    scores = backend.body_part_model.score_slices(np.zeros((3, 1, 128, 128), np.float32))
+    assert scores.ravel().tolist() == [0.0, 1.0, 2.0]
+    assert calls == [3, 3, 3] and backend.retries == 2
+    assert backend.body_part_model.settings == ServerWithBodyPartModel.body_part_model.settings
+
+    stop = threading.Event()
+    stop.set()
+    stopped = RetryingBackend(ServerWithBodyPartModel(), stop, maximum_delay_s=0.0)
+    with pytest.raises(WorkInterrupted):
+        stopped.body_part_model.score_slices(np.zeros((1, 1, 128, 128), np.float32))
+    assert RetryingBackend(_DownBackend(), stop).body_part_model is None
 
 
 def test_only_regions_of_dead_adapters_are_swept(tmp_path: Path) -> None:

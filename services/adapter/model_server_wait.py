@@ -8,22 +8,30 @@ I/O thread keeps the broker connection alive meanwhile. A shutdown ends the wait
 (inference.triton_timeout_s) or a server that never comes back must not hold the study
 forever. Keep the limit under RabbitMQ's consumer_timeout (30 min by default), after which
 the broker would take the unacked task back.
+
+The body-part regression model the backend serves (the chest check's network, called while
+the study is prepared) is wrapped the same way: its requests wait through the same outage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 from loguru import logger
 from tenacity import RetryCallState
 from tenacity.stop import stop_base
 
+from services.core.body_part.bpr_detector import BodyPartRegressionModel
 from services.core.errors import ModelServerUnavailable, ModelServerWaitExceeded, WorkInterrupted
 from services.core.inference.base import InferenceBackend, ModelOutputs
 from services.core.retry import retrying
+
+Result = TypeVar("Result")
 
 
 class RetryingBackend:
@@ -47,8 +55,24 @@ class RetryingBackend:
         self.name = backend.name
         self.metadata = backend.metadata
         self.retries = 0
+        model = backend.body_part_model
+        self.body_part_model: BodyPartRegressionModel | None = (
+            None
+            if model is None
+            else dataclasses.replace(model, score_slices=self._retried(model.score_slices))
+        )
 
     def infer(self, volume: np.ndarray) -> ModelOutputs:
+        return self._call(self._backend.infer, volume)
+
+    def _retried(self, function: Callable[[np.ndarray], Result]) -> Callable[[np.ndarray], Result]:
+        def call(array: np.ndarray) -> Result:
+            return self._call(function, array)
+
+        return call
+
+    def _call(self, function: Callable[[np.ndarray], Result], array: np.ndarray) -> Result:
+        """``function(array)``, waiting and retrying while the model server is unavailable."""
         if self._stop.is_set():
             raise WorkInterrupted("the adapter is stopping")
         first_failure: float | None = None
@@ -87,7 +111,7 @@ class RetryingBackend:
             stop_event=self._stop,
             stop=_StopWhen(over_the_limit),
             before_sleep=before_sleep,
-        )(self._backend.infer, volume)
+        )(function, array)
 
     def close(self) -> None:
         self._backend.close()

@@ -1,21 +1,35 @@
-"""Is this a chest CT? DICOM metadata and an image-based detector, both recorded as evidence.
+"""Is this a chest CT? DICOM metadata and image detectors, all recorded as evidence.
+
+Two image detectors: ``lung_air`` (hand-made, always runs) and ``bpr``, the body-part
+regression network of the model repository (when it has one). BPR *decides* only with real
+weights and usable scores; with demo weights its evidence is shown, labelled DEMO, and the
+verdict comes from the tags and ``lung_air`` as if it had not run.
 
 Verdict rules (first match wins):
 
 1. not CT                                    -> refused;
 2. coverage along the body axis < min        -> refused (a chest needs ``min_coverage_mm``);
-3. the images show no lungs                  -> refused, whatever the tags say: the model
+3. BPR decides and names another body part   -> refused, naming what it saw ("the images show
+   HEAD/NECK (landmarks C2..eyes_end), not a chest"), whatever the tags and lung_air say;
+4. BPR decides and names the chest           -> accepted, even when lung_air finds too little
+   aerated lung (consolidated or effused lungs, a narrow field of view: the vertebrae and
+   ribs BPR reads are still there); tag conflicts are noted;
+5. the images show no lungs                  -> refused, whatever the tags say: the model
    would be asked about lungs that are not in the volume;
-4. lungs, and the tags say chest or nothing  -> accepted;
-5. lungs, but the tags name another part     -> accepted, with the conflict in the evidence.
+6. lungs, and the tags say chest or nothing  -> accepted;
+7. lungs, but the tags name another part     -> accepted, with the conflict in the evidence.
 
-Why rule 5 accepts: tags are typed or inherited from a protocol by people and scanners
+Why rule 7 accepts: tags are typed or inherited from a protocol by people and scanners
 (an "ABDOMEN" protocol extended to the chest, a "HEAD" default left on a chest scan), while
 the image check measures what is actually in the volume: lungs across a chest-sized part of
 the series. Refusing such a study would silently skip screening a real chest, which is the
 costlier error for a screening service; accepting it with the conflict written in the report
-lets a person see and correct the label. Rule 3 is the safe side of the same argument:
-without lungs in the images, no tag can make the model's answer meaningful.
+lets a person see and correct the label. Rule 5 is the safe side of the same argument:
+without lungs in the images, no tag can make the model's answer meaningful. Rules 3 and 4
+put the learned model above both: it reads the whole anatomy, not only the air in it.
+
+A chest accepted by BPR whose lung base or apex lies outside the scan gets a warning; so do
+slice orders and spacings the scores contradict.
 """
 
 from __future__ import annotations
@@ -23,24 +37,30 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from loguru import logger
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from services.core.body_part import create_detector
 from services.core.body_part.base import BodyPartDetector, ImageAssessment
+from services.core.body_part.bpr_detector import BodyPartRegressionModel, BprDetector
+from services.core.body_part.bpr_scores import body_part_label, shows_chest
 from services.core.config import ChestCheckSettings
 from services.core.dicom.objects import Series, Study
 from services.core.dicom.values import tag_value, text, uid_name
-from services.core.schemas import ChestCheckEvidence
+from services.core.errors import ErrorPolicy, policy_of
+from services.core.schemas import BodyPartEvidence, ChestCheckEvidence
 from services.core.volume import Volume
 
 __all__ = [
     "BodyPartDetector",
+    "BodyPartRegressionModel",
     "ImageAssessment",
     "MetadataAssessment",
     "assess_metadata",
     "check_chest",
     "decide",
+    "regression_decides",
 ]
 
 # BodyPartExamined values are compared with everything but letters removed, upper case.
@@ -83,13 +103,15 @@ def check_chest(
     volume: Volume,
     settings: ChestCheckSettings,
     detector: BodyPartDetector | None = None,
+    body_part_model: BodyPartRegressionModel | None = None,
 ) -> ChestCheckEvidence:
-    """Both halves of the chest check on the selected series, and the verdict."""
+    """The chest check on the selected series: tags, lung_air, BPR when given, the verdict."""
     detector = detector if detector is not None else create_detector(settings)
     metadata = assess_metadata(study, series)
     image = detector.assess(volume)
+    regression, regression_warnings = _body_part_regression(volume, settings, body_part_model)
     coverage_mm = float(volume.extent_mm[0])
-    is_chest, reason = decide(series.modality, metadata, image, coverage_mm, settings)
+    is_chest, reason = decide(series.modality, metadata, image, coverage_mm, settings, regression)
     image_evidence: dict[str, float | int | str] = {"summary": image.summary, **image.evidence}
     return ChestCheckEvidence(
         is_chest=is_chest,
@@ -100,7 +122,49 @@ def check_chest(
         image_detector=detector.name,
         image_evidence=image_evidence,
         coverage_mm=round(coverage_mm, 1),
+        body_part_regression=regression,
+        body_part_regression_decides=regression_decides(regression),
+        warnings=regression_warnings,
     )
+
+
+def regression_decides(regression: BodyPartEvidence | None) -> bool:
+    """BPR takes part in the verdict only with real weights and a body part it could name."""
+    return regression is not None and not regression.demo and regression.body_part is not None
+
+
+def _body_part_regression(
+    volume: Volume, settings: ChestCheckSettings, model: BodyPartRegressionModel | None
+) -> tuple[BodyPartEvidence | None, list[str]]:
+    """BPR's evidence and the report lines about it; None when there is no model to ask.
+
+    A failing BPR call does not fail the study: the verdict falls back to the tags and
+    lung_air, and the report says so. Errors the caller must act on (the model server is
+    unavailable: wait and retry; a broken deployment: stop) propagate.
+    """
+    if model is None or not settings.body_part_regression:
+        return None, []
+    detector = BprDetector(
+        model, slice_spacing_mm=settings.bpr_slice_spacing_mm, max_slices=settings.bpr_max_slices
+    )
+    try:
+        evidence = detector.evidence(volume)
+    except Exception as error:
+        if policy_of(error) is not ErrorPolicy.FAILURE_ROW:
+            raise
+        logger.exception("body-part regression failed; the chest check goes on without it")
+        return None, [
+            f"body-part regression failed ({type(error).__name__}: {error}); "
+            "the verdict uses the tags and lung_air"
+        ]
+    if evidence.demo:
+        return evidence, [
+            f"body-part regression (DEMO weights, not used for the verdict): {evidence.summary}"
+        ]
+    lines = [f"body-part regression: {evidence.summary}"]
+    if not regression_decides(evidence):
+        lines[0] += "; the verdict uses the tags and lung_air"
+    return evidence, lines + list(evidence.warnings)
 
 
 def decide(
@@ -109,6 +173,7 @@ def decide(
     image: ImageAssessment,
     coverage_mm: float,
     settings: ChestCheckSettings,
+    regression: BodyPartEvidence | None = None,
 ) -> tuple[bool, str]:
     """The verdict rules of the module docstring, as (is_chest, reason)."""
     if modality != "CT":
@@ -118,6 +183,8 @@ def decide(
             f"not a chest CT: the series covers {coverage_mm:.0f} mm along the body axis, "
             f"less than the {settings.min_coverage_mm:.0f} mm a chest needs; images: {image.summary}"
         )
+    if regression is not None and regression_decides(regression):
+        return _decide_by_regression(metadata, image, regression)
     if not image.is_chest:
         if metadata.verdict is True:
             return False, (
@@ -136,6 +203,44 @@ def decide(
         f"chest CT by image: {image.summary}; conflict: the tags say {terms}. Accepted because "
         "the images show lungs across the series; please check the study's labels"
     )
+
+
+def _decide_by_regression(
+    metadata: MetadataAssessment, image: ImageAssessment, regression: BodyPartEvidence
+) -> tuple[bool, str]:
+    """Rules 3 and 4: a body part named by a real BPR model settles the question."""
+    assert regression.body_part is not None  # regression_decides checked it
+    seen = _what_bpr_saw(regression)
+    if not shows_chest(regression.body_part):
+        tags = " (the tags say chest)" if metadata.verdict is True else ""
+        return False, (
+            f"not a chest CT: the images show {seen}, not a chest{tags}; lung check: "
+            f"{image.summary}"
+        )
+    if metadata.verdict is True:
+        tags = "the tags say chest"
+    elif metadata.verdict is None:
+        tags = "the tags name no body part either way"
+    else:
+        tags = (
+            f"conflict: the tags say {', '.join(metadata.non_chest_terms)}; please check the "
+            "study's labels"
+        )
+    if image.is_chest:
+        return True, f"chest CT: body-part regression sees {seen}, the images show lungs; {tags}"
+    return True, (
+        f"chest CT: body-part regression sees {seen}; {tags}. The lung check found too little "
+        f"aerated lung ({image.summary}): accepted because the anatomy is a chest"
+    )
+
+
+def _what_bpr_saw(regression: BodyPartEvidence) -> str:
+    """``HEAD/NECK (landmarks C2..eyes_end)``: the part and its first and last landmark."""
+    assert regression.body_part is not None
+    label = body_part_label(regression.body_part)
+    if regression.first_landmark is None:
+        return f"{label} (no landmark inside the scan)"
+    return f"{label} (landmarks {regression.first_landmark}..{regression.last_landmark})"
 
 
 def assess_metadata(study: Study, series: Series) -> MetadataAssessment:

@@ -46,6 +46,10 @@ class IntakeSettings(_Section):
         450_000_000,
         description="rows x columns x slices of one series, checked before pixels are read",
     )
+    ct_rate_metadata: Path | None = Field(
+        None,
+        description="CT-RATE metadata CSV: NIfTI files named in it are read as CT-CLIP reads them",
+    )
 
 
 class SeriesSelectionSettings(_Section):
@@ -72,6 +76,14 @@ class ChestCheckSettings(_Section):
     detector: str = Field("lung_air", description="image detector (services/core/body_part)")
     lung_min_extent_fraction: float = Field(0.3, description="slices that must show lungs")
     lung_min_area_fraction: float = Field(0.02, description="lung area / body area on a slice")
+    body_part_regression: bool = Field(
+        True, description="also ask the repository's body-part regression model, if it has one"
+    )
+    # The network costs ~10 GFLOP per slice: a few slices (the ends included) find the landmarks.
+    bpr_slice_spacing_mm: float = Field(
+        80.0, gt=0, description="body-part regression scores slices at most this far apart"
+    )
+    bpr_max_slices: int = Field(4, ge=2, description="...and at most this many per series")
 
 
 class InferenceSettings(_Section):

@@ -19,6 +19,7 @@ ENSEMBLE_NAME = "chest_screening"
 ENCODER_NAME = "ct_clip_encoder"
 BINARY_HEAD_NAME = "binary_head"
 MULTILABEL_HEAD_NAME = "multilabel_head"
+BODY_PART_REGRESSION_NAME = "body_part_regression"
 METADATA_RELATIVE_PATH = Path(ENSEMBLE_NAME) / "metadata.json"
 
 
@@ -32,6 +33,19 @@ class WeightFile(BaseModel):
     sha256: str
     source: str  # "demo: seeded (seed=0)" or the checkpoint path it was converted from
     source_sha256: str | None = None  # sha256 of the checkpoint, when converted from one
+
+
+class BodyPartRegressionInfo(BaseModel):
+    """The repository's body-part regression model (its weight file is listed in ``weights``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = BODY_PART_REGRESSION_NAME  # Triton model name
+    demo: bool  # seeded weights and an invented lookup table: shown, never decides
+    inference_settings: str  # bpreg's inference-settings.json, relative to the repository root
+    max_batch_size: int = Field(gt=0)  # slices per request the served model takes
+    source: str  # "demo: seeded (seed=0)" or the bpreg model folder it was converted from
+    source_sha256: str | None = None  # sha256 of the folder's model.pt
 
 
 class ModelMetadata(BaseModel):
@@ -55,6 +69,8 @@ class ModelMetadata(BaseModel):
         default_factory=lambda: {label: 0.5 for label in FINDING_LABELS}
     )
     weights: list[WeightFile] = Field(default_factory=list)
+    # None: no body-part regression model; the chest check uses the tags and lung_air only.
+    body_part_regression: BodyPartRegressionInfo | None = None
 
     @model_validator(mode="after")
     def _labels_consistent(self) -> ModelMetadata:

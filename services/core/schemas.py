@@ -80,6 +80,34 @@ class QualityReport(_Model):
     transfer_syntax: str | None = None
 
 
+class BodyPartEvidence(_Model):
+    """What body-part regression scores say about one series (services/core/body_part)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    summary: str  # one line for people, e.g. "CHEST (landmarks Th12..C6); lung apex not covered"
+    body_part: str | None  # bpreg's tag, e.g. "CHEST", "NECK-CHEST-ABDOMEN"; None: nothing known
+    body_parts_present: list[str]  # parts with enough landmarks inside, feet to head
+    landmarks_covered: list[str]  # feet to head
+    first_landmark: str | None  # the lowest landmark covered
+    last_landmark: str | None  # the highest landmark covered
+    lung_base_covered: bool | None  # None: the lookup table has no such landmark
+    lung_apex_covered: bool | None
+    chest_fully_covered: bool | None
+    lowest_score: float | None  # of the cleaned scores (0 = start landmark, 100 = end)
+    highest_score: float | None
+    observed_slope_per_mm: float | None  # None with fewer than two usable slices
+    expected_slope_per_mm: float
+    slope_ratio: float | None  # |observed| / expected
+    slope_plausible: bool | None
+    reversed_order: bool | None  # scores fall from the first to the last slice
+    positions_mm: list[float]
+    transformed_scores: list[float]  # every scored slice
+    cleaned_scores: list[float | None]  # None where dropped (blank slice, implausible tail)
+    warnings: list[str]
+    demo: bool  # the lookup table (and so the model) is a demo: never decide on it
+
+
 class ChestCheckEvidence(_Model):
     """Both halves of the chest check and the verdict they lead to."""
 
@@ -91,6 +119,11 @@ class ChestCheckEvidence(_Model):
     image_detector: str
     image_evidence: dict[str, float | int | str] = Field(default_factory=dict)
     coverage_mm: float
+    # Body-part regression: None when the model repository has no such model (or it is off).
+    body_part_regression: BodyPartEvidence | None = None
+    body_part_regression_decides: bool = False  # False with demo weights or unusable scores
+    # Lines for the report's warnings: what BPR saw, coverage and slice-order findings.
+    warnings: list[str] = Field(default_factory=list)
 
 
 class FindingResult(_Model):

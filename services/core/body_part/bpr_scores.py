@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from services.core.body_part.bpr_input import (
     DEFAULT_MAX_SLICES,
@@ -39,6 +39,7 @@ from services.core.body_part.bpr_settings import (
     BprInferenceSettings,
     InterpretationRules,
 )
+from services.core.schemas import BodyPartEvidence
 from services.core.volume import Volume
 
 # Network input [n, 1, 128, 128] float32 -> raw scores [n, 1] (onnxruntime, Triton, ...).
@@ -47,33 +48,6 @@ SliceScorer = Callable[[np.ndarray], np.ndarray]
 BACKGROUND_DECIMALS = 2
 # Weights below this (about 6 sigma away) do not count as neighbours in the local fit.
 NEGLIGIBLE_WEIGHT = 1e-8
-
-
-class BodyPartEvidence(BaseModel):
-    """What the scores of one series say about its anatomy (plain fields, JSON-ready)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    body_part: str | None  # bpreg's tag, e.g. "CHEST", "NECK-CHEST-ABDOMEN"; None: nothing known
-    body_parts_present: list[str]  # parts with enough landmarks inside, feet to head
-    landmarks_covered: list[str]  # feet to head
-    first_landmark: str | None  # the lowest landmark covered
-    last_landmark: str | None  # the highest landmark covered
-    lung_base_covered: bool | None  # None: the lookup table has no such landmark
-    lung_apex_covered: bool | None
-    chest_fully_covered: bool | None
-    lowest_score: float | None  # of the cleaned scores (0 = start landmark, 100 = end)
-    highest_score: float | None
-    observed_slope_per_mm: float | None  # None with fewer than two usable slices
-    expected_slope_per_mm: float
-    slope_ratio: float | None  # |observed| / expected
-    slope_plausible: bool | None
-    reversed_order: bool | None  # scores fall from the first to the last slice
-    positions_mm: list[float]
-    transformed_scores: list[float]  # step 1, every slice
-    cleaned_scores: list[float | None]  # after steps 2-4; None where dropped
-    warnings: list[str]
-    demo: bool  # the lookup table (and so the model) is a demo: never decide on it
 
 
 def transform_scores(raw_scores: np.ndarray, settings: BprInferenceSettings) -> np.ndarray:
@@ -237,6 +211,47 @@ def _reaches(values: np.ndarray, landmark_score: float | None, *, below: bool) -
     return bool(values.min() < landmark_score if below else values.max() > landmark_score)
 
 
+def body_part_label(body_part: str) -> str:
+    """bpreg's tag as people read it: ``NECK-CHEST`` -> ``NECK/CHEST``."""
+    return body_part.replace("-", "/")
+
+
+def shows_chest(body_part: str | None) -> bool:
+    """Whether bpreg's tag names the chest (alone or within a span such as NECK-CHEST)."""
+    return body_part is not None and "CHEST" in body_part.split("-")
+
+
+def summarise(
+    body_part: str | None,
+    landmarks_covered: list[str],
+    score_range: tuple[float, float] | None,
+    lung_base_covered: bool | None,
+    lung_apex_covered: bool | None,
+) -> str:
+    """One line: the part, the landmarks from first to last, and the chest's coverage."""
+    if score_range is None:
+        return "no body part recognised (no usable score)"
+    if landmarks_covered:
+        where = f"landmarks {landmarks_covered[0]}..{landmarks_covered[-1]}"
+    else:
+        where = f"no landmark inside; scores {score_range[0]:.0f}..{score_range[1]:.0f}"
+    if body_part is None:
+        return f"no body part recognised ({where})"
+    text = f"{body_part_label(body_part)} ({where})"
+    if not shows_chest(body_part):
+        return text
+    missing = [
+        name
+        for name, covered in (("lung base", lung_base_covered), ("lung apex", lung_apex_covered))
+        if covered is False
+    ]
+    if missing:
+        return f"{text}; {' and '.join(missing)} not covered"
+    if lung_base_covered and lung_apex_covered:
+        return f"{text}; chest fully covered (lung base to apex)"
+    return text
+
+
 def interpret(
     raw_scores: np.ndarray | list[float],
     positions_mm: np.ndarray | list[float],
@@ -290,7 +305,9 @@ def interpret(
 
     base = _reaches(values, landmark_scores.get(rules.lung_base_landmark), below=True)
     apex = _reaches(values, landmark_scores.get(rules.lung_apex_landmark), below=False)
+    score_range = (float(values.min()), float(values.max())) if values.size else None
     return BodyPartEvidence(
+        summary=summarise(body_part, covered, score_range, base, apex),
         body_part=body_part,
         body_parts_present=present,
         landmarks_covered=covered,

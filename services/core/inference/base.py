@@ -7,6 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
+from services.core.body_part.bpr_detector import BodyPartRegressionModel
 from services.core.model_metadata import ModelMetadata
 
 
@@ -62,14 +63,17 @@ def model_outputs(
 
 
 class InferenceBackend(Protocol):
-    """Runs the CT-CLIP encoder and both heads.
+    """Runs the CT-CLIP encoder and both heads, and the body-part regression model if any.
 
     ``infer`` takes the preprocessed model input, float32 ``[B, 1, D, H, W]``
-    with ``(D, H, W) == metadata.target_shape``.
+    with ``(D, H, W) == metadata.target_shape``. ``body_part_model`` is the repository's
+    body-part regression network served the same way (None when the repository has none);
+    the pipeline hands it to the chest check.
     """
 
     name: str  # "onnxruntime" | "triton"
     metadata: ModelMetadata
+    body_part_model: BodyPartRegressionModel | None
 
     def infer(self, volume: np.ndarray) -> ModelOutputs: ...
 

@@ -2,7 +2,8 @@
 
 Reads the same model repository Triton serves (``<model>/1/model.onnx`` of
 ct_clip_encoder, binary_head and multilabel_head, plus the metadata), so both
-backends run identical graphs.
+backends run identical graphs. When the metadata lists a body-part regression model, its
+graph runs in a fourth session (``body_part_model``).
 """
 
 from __future__ import annotations
@@ -20,9 +21,16 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from loguru import logger  # noqa: E402
 
+from services.core.body_part.bpr_detector import BodyPartRegressionModel
 from services.core.config import InferenceSettings
 from services.core.errors import ModelRepositoryError
 from services.core.inference.base import ModelOutputs, checked_model_input, model_outputs
+from services.core.inference.body_part import (
+    SCORES_OUTPUT,
+    SLICES_INPUT,
+    body_part_model,
+    body_part_onnx_path,
+)
 from services.core.model_metadata import (
     BINARY_HEAD_NAME,
     ENCODER_NAME,
@@ -115,12 +123,38 @@ class OnnxRuntimeBackend:
         self._encoder_output = _output_name(self._sessions[ENCODER_NAME], EMBEDDING_OUTPUTS)
         self._pathology_output = _output_name(self._sessions[BINARY_HEAD_NAME], PATHOLOGY_OUTPUTS)
         self._finding_output = _output_name(self._sessions[MULTILABEL_HEAD_NAME], FINDING_OUTPUTS)
+        self.body_part_model = self._load_body_part_model(options, providers)
         logger.info(
-            "onnxruntime backend ready: repository {}, flavour {}, demo {}, providers {}",
+            "onnxruntime backend ready: repository {}, flavour {}, demo {}, providers {}, "
+            "body-part regression {}",
             self.repository,
             self.metadata.flavour,
             self.metadata.demo,
             providers,
+            _body_part_state(self.body_part_model),
+        )
+
+    def _load_body_part_model(
+        self, options: ort.SessionOptions, providers: list[str]
+    ) -> BodyPartRegressionModel | None:
+        info = self.metadata.body_part_regression
+        if info is None:
+            return None
+        path = body_part_onnx_path(self.repository, info)
+        if not path.is_file():
+            raise ModelRepositoryError(
+                f"model repository {self.repository} lists a body-part regression model but "
+                f"{path.relative_to(self.repository)} is missing: "
+                + BUILD_HINT.format(repository=self.repository)
+            )
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self._sessions[info.model] = session
+
+        def score_batch(slices: np.ndarray) -> np.ndarray:
+            return session.run([SCORES_OUTPUT], {SLICES_INPUT: slices})[0]
+
+        return body_part_model(
+            score_batch, self.repository, info, source=f"onnxruntime {path.name} of {info.model}"
         )
 
     def _run(self, model: str, output: str, array: np.ndarray) -> np.ndarray:
@@ -148,3 +182,9 @@ class OnnxRuntimeBackend:
 
     def close(self) -> None:
         self._sessions.clear()
+
+
+def _body_part_state(model: BodyPartRegressionModel | None) -> str:
+    if model is None:
+        return "none (the chest check uses lung_air)"
+    return "DEMO (shown, never decides)" if model.demo else "on"

@@ -15,6 +15,11 @@ region per request cost a registration round trip and, on virtual machines, the 
 touch of 221 MB of new pages (about 0.2 s here) in the adapter and again in the server. A
 region the server no longer knows (it restarted) is registered again; after a failed
 request its region is dropped, not reused.
+
+When the metadata lists a body-part regression model, the server serves it too
+(``body_part_regression``: ``slices`` ``[N, 1, 128, 128]`` -> ``scores``); its requests take
+the same transport and are part of readiness, and ``body_part_model`` hands it to the
+pipeline's chest check.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ from loguru import logger
 from tenacity import stop_after_attempt
 from tritonclient.utils import InferenceServerException
 
+from services.core.body_part.bpr_detector import BodyPartRegressionModel
 from services.core.config import InferenceSettings
 from services.core.errors import ModelServerUnavailable
 from services.core.inference.base import ModelOutputs, checked_model_input, model_outputs
+from services.core.inference.body_part import SCORES_OUTPUT, SLICES_INPUT, body_part_model
 from services.core.inference.triton_transport import TransferStats, choose_transport
 from services.core.model_metadata import ModelMetadata, read_metadata
 from services.core.retry import retrying
@@ -44,7 +51,9 @@ INPUT_NAME = "volume"
 OUTPUT_NAMES = ("embedding", "pathology_probability", "finding_probabilities")
 # gRPC's default receive limit is 4 MiB; a study is 221 MB. 2**31 - 1 is gRPC's maximum.
 GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
-MAX_IDLE_REGIONS = 2
+# Idle regions kept per backend: one adapter thread reuses one for its volumes and one or
+# two for body-part slices (4 slices of a long scan, fewer of a short one).
+MAX_IDLE_REGIONS = 3
 UNREGISTER_ATTEMPTS = 8
 # gRPC status codes after which the same request may succeed later.
 TRANSIENT_STATUSES = frozenset(
@@ -99,7 +108,7 @@ class TritonBackend:
         self.transport = choose_transport(settings.triton_transport, self.url)
         self.stats = TransferStats()
         # Registered regions not in use, kept for the next request (at most
-        # MAX_IDLE_REGIONS; one adapter thread needs one).
+        # MAX_IDLE_REGIONS).
         self._idle_regions: list[SharedMemoryRegion] = []
         self._regions_lock = threading.Lock()
         self._client = grpcclient.InferenceServerClient(
@@ -123,7 +132,11 @@ class TritonBackend:
                 ("grpc.max_reconnect_backoff_ms", 5000),
             ],
         )
+        info = self.metadata.body_part_regression
+        # Readiness covers every model the metadata promises.
+        self._required_models = [self.model_name] + ([info.model] if info is not None else [])
         self.wait_until_ready(self.timeout_s if ready_timeout_s is None else ready_timeout_s)
+        self.body_part_model = self._body_part_model()
         if self.transport == "shared_memory" and not self._shared_memory_works():
             if settings.triton_transport == "shared_memory":
                 raise RuntimeError(
@@ -133,11 +146,28 @@ class TritonBackend:
             logger.warning("Triton at {} cannot use shared memory: falling back to gRPC", self.url)
             self.transport = "grpc"
         logger.info(
-            "triton backend ready: {} model {}, transport {}, demo weights {}",
+            "triton backend ready: {} models {}, transport {}, demo weights {}",
             self.url,
-            self.model_name,
+            ", ".join(self._required_models),
             self.transport,
             self.metadata.demo,
+        )
+
+    def _body_part_model(self) -> BodyPartRegressionModel | None:
+        """The served body-part regression model, when the metadata lists one."""
+        info = self.metadata.body_part_regression
+        if info is None:
+            return None
+
+        def score_batch(slices: np.ndarray) -> np.ndarray:
+            result = self._request(info.model, SLICES_INPUT, slices, (SCORES_OUTPUT,))
+            return result.as_numpy(SCORES_OUTPUT)
+
+        return body_part_model(
+            score_batch,
+            self.settings.model_repository,
+            info,
+            source=f"triton {self.url} {info.model}",
         )
 
     # -- readiness -------------------------------------------------------------------------
@@ -146,19 +176,22 @@ class TritonBackend:
         try:
             return bool(
                 self._client.is_server_ready(client_timeout=5)
-                and self._client.is_model_ready(self.model_name, client_timeout=5)
+                and all(
+                    self._client.is_model_ready(name, client_timeout=5)
+                    for name in self._required_models
+                )
             )
         except InferenceServerException:
             return False
 
     def wait_until_ready(self, timeout_s: float) -> None:
-        """Poll until the server and the ensemble are ready; ModelServerUnavailable on timeout."""
+        """Poll until the server and its models are ready; ModelServerUnavailable on timeout."""
 
         def check() -> None:
             if not self.is_ready():
                 raise ModelServerUnavailable(
-                    f"Triton at {self.url} (model {self.model_name}) not ready after "
-                    f"{timeout_s:.0f} s"
+                    f"Triton at {self.url} (models {', '.join(self._required_models)}) not "
+                    f"ready after {timeout_s:.0f} s"
                 )
 
         retrying(
@@ -181,15 +214,14 @@ class TritonBackend:
 
     # -- inference -------------------------------------------------------------------------
 
-    def _outputs(self) -> list[grpcclient.InferRequestedOutput]:
-        return [grpcclient.InferRequestedOutput(name) for name in OUTPUT_NAMES]
-
-    def _send(self, inputs: list[grpcclient.InferInput]) -> Any:
+    def _send(
+        self, model: str, inputs: list[grpcclient.InferInput], outputs: tuple[str, ...]
+    ) -> Any:
         try:
             return self._client.infer(
-                self.model_name,
+                model,
                 inputs,
-                outputs=self._outputs(),
+                outputs=[grpcclient.InferRequestedOutput(name) for name in outputs],
                 client_timeout=self.timeout_s,
             )
         except InferenceServerException as error:
@@ -197,28 +229,37 @@ class TritonBackend:
                 raise ModelServerUnavailable(f"Triton at {self.url}: {error}") from error
             raise
 
-    def _infer_grpc(self, volume: np.ndarray) -> Any:
-        tensor = grpcclient.InferInput(INPUT_NAME, list(volume.shape), "FP32")
-        tensor.set_data_from_numpy(volume)
+    def _request(
+        self, model: str, input_name: str, array: np.ndarray, outputs: tuple[str, ...]
+    ) -> Any:
+        """One float32 input to ``model`` by the chosen transport; the raw result."""
         started = time.perf_counter()
-        result = self._send([tensor])
+        if self.transport == "shared_memory":
+            result = self._request_shared_memory(model, input_name, array, outputs)
+            moved = {"shm": array.nbytes}
+        else:
+            tensor = grpcclient.InferInput(input_name, list(array.shape), "FP32")
+            tensor.set_data_from_numpy(array)
+            result = self._send(model, [tensor], outputs)
+            moved = {"grpc": array.nbytes}
         self.stats.add(
-            grpc=volume.nbytes,
-            response=_response_bytes(result),
+            **moved,
+            response=_response_bytes(result, outputs),
             seconds=time.perf_counter() - started,
         )
         return result
 
-    def _infer_shared_memory(self, volume: np.ndarray) -> Any:
-        started = time.perf_counter()
-        region = self._take_region(volume.nbytes)
+    def _request_shared_memory(
+        self, model: str, input_name: str, array: np.ndarray, outputs: tuple[str, ...]
+    ) -> Any:
+        region = self._take_region(array.nbytes)
         reusable = False
         try:
-            system_shm.set_shared_memory_region(region.handle, [volume])
-            tensor = grpcclient.InferInput(INPUT_NAME, list(volume.shape), "FP32")
-            tensor.set_shared_memory(region.name, volume.nbytes)
+            system_shm.set_shared_memory_region(region.handle, [array])
+            tensor = grpcclient.InferInput(input_name, list(array.shape), "FP32")
+            tensor.set_shared_memory(region.name, array.nbytes)
             try:
-                result = self._send([tensor])
+                result = self._send(model, [tensor], outputs)
             except InferenceServerException as error:
                 if not is_unknown_region(error):
                     raise
@@ -227,18 +268,13 @@ class TritonBackend:
                     "Triton forgot shared memory region {}: registering it again", region.name
                 )
                 self._register(region)
-                result = self._send([tensor])
+                result = self._send(model, [tensor], outputs)
             reusable = True
         finally:
             if reusable:
                 self._give_back_region(region)
             else:  # the server may be gone or in an unknown state: do not reuse the region
                 self._drop_region(region)
-        self.stats.add(
-            shm=volume.nbytes,
-            response=_response_bytes(result),
-            seconds=time.perf_counter() - started,
-        )
         return result
 
     def _take_region(self, nbytes: int) -> SharedMemoryRegion:
@@ -306,10 +342,7 @@ class TritonBackend:
 
     def infer(self, volume: np.ndarray) -> ModelOutputs:
         volume = checked_model_input(volume, self.metadata)
-        if self.transport == "shared_memory":
-            result = self._infer_shared_memory(volume)
-        else:
-            result = self._infer_grpc(volume)
+        result = self._request(self.model_name, INPUT_NAME, volume, OUTPUT_NAMES)
         return model_outputs(
             *(result.as_numpy(name) for name in OUTPUT_NAMES),
             batch=volume.shape[0],
@@ -324,5 +357,5 @@ class TritonBackend:
         self._client.close()
 
 
-def _response_bytes(result: Any) -> int:
-    return sum(int(result.as_numpy(name).nbytes) for name in OUTPUT_NAMES)
+def _response_bytes(result: Any, outputs: tuple[str, ...]) -> int:
+    return sum(int(result.as_numpy(name).nbytes) for name in outputs)

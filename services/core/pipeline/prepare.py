@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from loguru import logger
 
-from services.core.chest_check import check_chest
+from services.core.chest_check import BodyPartRegressionModel, check_chest
 from services.core.config import Settings
 from services.core.dicom.headers import read_studies
 from services.core.dicom.objects import Study
@@ -70,10 +70,13 @@ def prepare_studies(
     target: PreprocessingTarget,
     display_name: str | None = None,
     events: PipelineEvents = NO_EVENTS,
+    body_part_model: BodyPartRegressionModel | None = None,
 ) -> Iterator[PreparedStudy]:
     """Yield every study of one input, up to its model input; at least one item per input.
 
-    Errors whose policy is not FAILURE_ROW (services/core/errors.py) propagate.
+    ``body_part_model`` is the backend's body-part regression network for the chest check
+    (None: tags and lung_air only). Errors whose policy is not FAILURE_ROW
+    (services/core/errors.py) propagate.
     """
     input_path = Path(input_path)
     name = display_name or str(input_path)
@@ -136,6 +139,7 @@ def prepare_studies(
                     settings=settings,
                     target=target,
                     clock=study_clock,
+                    body_part_model=body_part_model,
                 )
             except Exception as error:
                 if policy_of(error) is not ErrorPolicy.FAILURE_ROW:
@@ -189,6 +193,7 @@ def _prepare_one_study(
     settings: Settings,
     target: PreprocessingTarget,
     clock: StageClock,
+    body_part_model: BodyPartRegressionModel | None = None,
 ) -> tuple[StudyReport, np.ndarray | None]:
     """Selection, volume, chest check and preprocessing of one study."""
     report = StudyReport(
@@ -226,8 +231,11 @@ def _prepare_one_study(
     warnings.extend(volume_warnings)
 
     with clock.stage("chest_check"):
-        evidence = check_chest(study, series, volume, settings.chest_check)
+        evidence = check_chest(
+            study, series, volume, settings.chest_check, body_part_model=body_part_model
+        )
     report.chest_check = evidence
+    warnings.extend(evidence.warnings)
     if not evidence.is_chest:
         report.failure_reason = not_chest_reason(evidence.reason)
         return report, None

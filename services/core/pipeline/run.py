@@ -107,7 +107,12 @@ def process_input(
     name = display_name or str(input_path)
     reports: list[StudyReport] = []
     for prepared in prepare_studies(
-        input_path, settings=settings, target=target, display_name=name, events=events
+        input_path,
+        settings=settings,
+        target=target,
+        display_name=name,
+        events=events,
+        body_part_model=backend.body_part_model,
     ):
         report = prepared.report
         if prepared.model_input is not None:
