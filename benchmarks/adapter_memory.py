@@ -64,6 +64,7 @@ def thin_slice_phantom(slices: int, slice_mm: float) -> tuple[object, tuple[floa
     interpolated linearly along the body axis one slice at a time, because the phantom's
     float temporaries at full resolution would need ~10 GB in this (unmeasured) process."""
     import numpy as np
+
     from services.batch.sample_studies import chest_phantom
 
     coarse_mm = slice_mm * 5
@@ -82,6 +83,7 @@ def thin_slice_phantom(slices: int, slice_mm: float) -> tuple[object, tuple[floa
 def write_study(folder: Path, slices: int) -> dict[str, int]:
     """A chest phantom of ``slices`` x 512 x 512 at 0.5 mm, zipped; returns its sizes."""
     import numpy as np
+
     from services.batch.sample_studies import write_ct_series
 
     slice_mm = 0.5

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from services.batch.sample_studies import write_ct_series
 from services.core.body_part import create_detector
 from services.core.config import ChestCheckSettings, QualitySettings

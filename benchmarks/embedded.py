@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+
 from benchmarks.measure import StageRecorder, peak_rss_mib, reset_peak_rss, rss_mib
 from benchmarks.reference import preprocess_with_torch, read_series_plainly
 from services.core.chest_check import check_chest

@@ -31,10 +31,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from loguru import logger
+
+from benchmarks import encoder as encoder_bench
+from benchmarks.embedded import ModelSessions, StudyResult, benchmark_study
 from benchmarks.end_to_end import run_in_subprocess
 from benchmarks.measure import Machine, machine
 from benchmarks.studies import CHEST_FIXTURE, STUDY_300, STUDY_600, ensure_studies
-from loguru import logger
 from services.core.config import Settings, load_settings
 from services.core.dicom import load_volume, read_studies, select_series
 from services.core.inference.onnxruntime_backend import OnnxRuntimeBackend, onnx_paths
@@ -43,9 +46,6 @@ from services.core.model_metadata import ENCODER_NAME, read_metadata
 from services.core.pipeline import preprocessing_target
 from services.core.preprocessing import preprocess_volume, to_model_input
 from services.core.process_memory import keep_freed_memory
-
-from benchmarks import encoder as encoder_bench
-from benchmarks.embedded import ModelSessions, StudyResult, benchmark_study
 
 README = Path(__file__).resolve().parent / "README.md"
 RESULTS_START = "<!-- results:start (written by python -m benchmarks.run) -->"
