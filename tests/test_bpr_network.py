@@ -89,12 +89,14 @@ def test_torch_reproduces_the_reference_scores(reference_weights, reference_io):
     assert np.max(np.abs(scores - reference_io["scores"])) < PARITY_TOLERANCE
 
 
+@pytest.mark.slow
 def test_onnx_reproduces_the_reference_scores(reference_onnx, reference_io):
     (scores,) = run_onnx(reference_onnx, {INPUT_NAME: reference_io["input"]})
     assert scores.dtype == np.float32 and scores.shape == (3, 1)
     assert np.max(np.abs(scores - reference_io["scores"])) < PARITY_TOLERANCE
 
 
+@pytest.mark.slow
 def test_onnx_signature_has_a_dynamic_batch(reference_onnx, reference_weights):
     graph = onnx.load(str(reference_onnx)).graph
     (graph_input,) = graph.input
@@ -111,6 +113,7 @@ def test_onnx_signature_has_a_dynamic_batch(reference_onnx, reference_weights):
         assert np.max(np.abs(scores - _scores(network, slices))) < PARITY_TOLERANCE
 
 
+@pytest.mark.slow
 def test_other_seeded_weights_agree_in_torch_and_onnx(tmp_path):
     network = BodyPartRegressionNet()
     network.load_state_dict(_state_as_tensors(demo_state_dict(OTHER_SEED)))
@@ -224,6 +227,7 @@ def test_a_resnet_config_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- command line
 
 
+@pytest.mark.slow
 def test_cli_exits_non_zero_naming_the_missing_key(tmp_path):
     state = _state_as_tensors(demo_state_dict(0))
     del state["conv6.weight"]
@@ -239,6 +243,7 @@ def test_cli_exits_non_zero_naming_the_missing_key(tmp_path):
     assert not (tmp_path / "bpr.onnx").exists()
 
 
+@pytest.mark.slow
 def test_cli_demo_writes_a_folder_and_a_matching_onnx(tmp_path):
     folder, output = tmp_path / "demo_model", tmp_path / "bpr.onnx"
     argv = ["--demo", "--demo-seed", "5", "--demo-folder", str(folder), "--output", str(output)]

@@ -117,6 +117,7 @@ def test_committed_configs_are_what_the_builder_writes(name: str) -> None:
 # --------------------------------------------------------------------------- every flavour
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flavour", list(Flavour), ids=lambda f: f.value)
 def test_every_config_parses_with_expected_names_and_shapes(built, flavour: Flavour) -> None:
     repository = built[flavour].repository
@@ -292,6 +293,7 @@ def test_metadata_validates_and_its_hashes_match_the_files(built, flavour: Flavo
     assert metadata.model_version.startswith("demo-")
 
 
+@pytest.mark.slow
 def test_rebuilding_with_another_flavour_removes_stale_files(
     tmp_path: Path, tiny_models: ModelSet
 ) -> None:
@@ -320,6 +322,7 @@ def _fake_trtexec(directory: Path) -> Path:
     return script
 
 
+@pytest.mark.slow
 def test_tensorrt_scripts_pass_the_shape_profiles(
     tmp_path: Path, tiny_models: ModelSet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -358,6 +361,7 @@ def test_tensorrt_scripts_pass_the_shape_profiles(
 # --------------------------------------------------------------------------- checkpoints and CLI
 
 
+@pytest.mark.slow
 def test_checkpoints_convert_with_provenance(tmp_path: Path, tiny_models: ModelSet) -> None:
     """Checkpoints holding the demo weights build the same graphs, recorded by path and sha256."""
     checkpoints = {

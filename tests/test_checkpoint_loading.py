@@ -55,6 +55,7 @@ def run_export_cli(config: Path, checkpoint: Path, output: Path) -> subprocess.C
     )
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_missing_key_and_names_it(tmp_path, small_config, reference_state):
     broken = dict(reference_state)
     del broken[PATCH_WEIGHT]
@@ -66,6 +67,7 @@ def test_cli_refuses_a_missing_key_and_names_it(tmp_path, small_config, referenc
     assert not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_wrong_shape_and_names_the_key(tmp_path, small_config, reference_state):
     broken = dict(reference_state)
     broken["to_visual_latent.weight"] = broken["to_visual_latent.weight"][:, :-1].clone()
@@ -77,6 +79,7 @@ def test_cli_refuses_a_wrong_shape_and_names_the_key(tmp_path, small_config, ref
     assert not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.slow
 def test_cli_refuses_an_unknown_prefix_and_names_a_key(tmp_path, small_config, reference_state):
     # The image tower saved under another name: only to_visual_latent.weight still matches.
     renamed = {
@@ -89,6 +92,7 @@ def test_cli_refuses_an_unknown_prefix_and_names_a_key(tmp_path, small_config, r
     assert "missing key 'visual_transformer." in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_failure_is_one_line_without_a_traceback(tmp_path, small_config, reference_state):
     # torch's refusal of a pickled object spans several lines; the CLI reports one.
     torch.save({"model": reference_state, "hook": Path("x")}, tmp_path / "object.pt")
@@ -99,6 +103,7 @@ def test_cli_failure_is_one_line_without_a_traceback(tmp_path, small_config, ref
     assert line.startswith("error: cannot read checkpoint object.pt: ")
 
 
+@pytest.mark.slow
 def test_cli_names_an_impossible_encoder_config(tmp_path, small_config):
     document = json.loads(small_config.read_text())
     document["ctvit"]["patch_size"] = document["ctvit"]["image_size"] + 1
@@ -126,6 +131,7 @@ def test_unreadable_encoder_configs_raise_encoder_config_error(tmp_path, content
         read_encoder_config(tmp_path / "absent.json")
 
 
+@pytest.mark.slow
 def test_cli_exports_a_nested_prefixed_checkpoint(tmp_path, small_config, reference_state):
     nested = {"epoch": 3, "model": {f"module.{k}": v for k, v in reference_state.items()}}
     torch.save(nested, tmp_path / "nested.pth")

@@ -59,6 +59,7 @@ def test_torch_forward_is_the_normalised_reference_embedding(small_encoder, refe
     np.testing.assert_allclose(embedding, expected, atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.slow
 def test_onnx_reproduces_normalised_reference_embedding(small_onnx, reference_io):
     (embedding,) = run_onnx(small_onnx, {"volume": reference_io["input"]})
     reference = reference_io["embedding"]
@@ -67,6 +68,7 @@ def test_onnx_reproduces_normalised_reference_embedding(small_onnx, reference_io
     np.testing.assert_allclose(embedding, expected, atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.slow
 def test_onnx_matches_torch_for_another_config_seed_and_batch(tmp_path):
     config, dim_latent = read_encoder_config(TINY_CONFIG)
     encoder = build_demo_encoder(config, dim_latent, seed=7)

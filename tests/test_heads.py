@@ -132,6 +132,7 @@ def test_head_loading_names_the_missing_or_misshapen_key(tmp_path, demo_heads):
         load_binary_head(tmp_path / "binary.pt", embedding_dim=32)
 
 
+@pytest.mark.slow
 def test_head_cli_exports_both_heads_and_refuses_a_bad_file(tmp_path, demo_heads):
     binary, multilabel = demo_heads
     torch.save(binary.state_dict(), tmp_path / "binary.pt")

@@ -26,6 +26,9 @@ from corpus.builders import PATIENT_BIRTH_DATE, PATIENT_ID, PATIENT_NAME
 from corpus.kinds import KINDS, SENTINEL, Source
 from openpyxl import load_workbook
 
+# The batch runs once at DEBUG level in a subprocess (about 10 s).
+pytestmark = pytest.mark.slow
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Stands for a patient's name in file names (exports are often named after the patient):
 # reports may show the path of an input, logs name inputs and files by hash or not at all.
