@@ -3,11 +3,15 @@
     python -m convertation.build_repository --output model_repository_running \\
         --flavour {python,onnxruntime,tensorrt} \\
         (--demo [--seed N] | --encoder-checkpoint F --binary-head F --multilabel-head F) \\
-        [--ctvit-config F]
+        [--ctvit-config F] [--bpr-model DIR | --no-bpr]
 
 Models: ``ct_clip_encoder`` (volume -> embedding), ``binary_head`` (embedding ->
 pathology_probability), ``multilabel_head`` (embedding -> finding_probabilities) and the
-ensemble ``chest_screening`` that chains them. Every flavour keeps each model's ONNX
+ensemble ``chest_screening`` that chains them, and ``body_part_regression`` (slices ->
+scores, for the chest check) from bpreg's model folder (``--bpr-model DIR``) or, with
+``--demo``, from seeded demo weights and an invented lookup table (``--no-bpr`` leaves it
+out; the chest check then uses lung_air). Its lookup table is written to
+``body_part_regression/inference-settings.json``. Every flavour keeps each model's ONNX
 graph at ``<model>/1/model.onnx`` (the embedded onnxruntime backend reads those files);
 the flavours differ in how Triton runs them:
 
@@ -16,16 +20,18 @@ the flavours differ in how Triton runs them:
   tritonserver of the nvidia-pytriton wheel can serve.
 * ``onnxruntime``: ``platform: "onnxruntime_onnx"`` for NVIDIA's Triton container.
 * ``tensorrt``: ``platform: "tensorrt_plan"``; the plans are made by
-  convertation/{vit,head}/convert2trt.sh with trtexec, here if trtexec is on PATH,
+  convertation/{vit,head,bpr}/convert2trt.sh with trtexec, here if trtexec is on PATH,
   otherwise on a GPU machine with the commands the builder prints.
 
 ``<repository>/chest_screening/metadata.json`` records the preprocessing target, labels,
-thresholds, the demo flag and the sha256 and provenance of every weight file.
+thresholds, the demo flag and the sha256 and provenance of every weight file, and the
+body-part regression model's demo flag and settings file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -37,10 +43,20 @@ from pathlib import Path
 from loguru import logger
 
 from convertation.errors import ConversionError, report_cli_failure
-from convertation.model_sources import ModelSet, checkpoint_models, demo_models, sha256_of
+from convertation.model_sources import (
+    BodyPartSource,
+    ModelSet,
+    Provenance,
+    body_part_from_folder,
+    checkpoint_models,
+    demo_body_part,
+    demo_models,
+    sha256_of,
+)
 from convertation.python_backend import TEMPLATE_MODEL_PY
 from convertation.tensorrt_plans import TensorRtStatus, build_plans
 from convertation.triton_config import (
+    BPR_MAX_BATCH,
     MODEL_NAMES,
     ONNX_FILENAME,
     SERVED_MODEL_NAMES,
@@ -50,11 +66,15 @@ from convertation.triton_config import (
     flavour_header,
     model_configs,
 )
+from services.core.body_part.bpr_settings import inference_settings_json
 from services.core.labels import FINDING_LABELS, SEVERITY_ORDER
 from services.core.model_metadata import (
     BINARY_HEAD_NAME,
+    BODY_PART_REGRESSION_NAME,
     ENCODER_NAME,
+    ENSEMBLE_NAME,
     MULTILABEL_HEAD_NAME,
+    BodyPartRegressionInfo,
     ModelMetadata,
     WeightFile,
     write_metadata,
@@ -69,6 +89,8 @@ FIELD_OF_VIEW_MM = tuple(
 )
 # The weight files of a model folder: ONNX graphs, external ONNX data, TensorRT plans.
 WEIGHT_SUFFIXES = (".onnx", ".data", ".plan")
+# bpreg's file name, beside the body-part regression model's config.pbtxt.
+BPR_SETTINGS_RELATIVE_PATH = f"{BODY_PART_REGRESSION_NAME}/inference-settings.json"
 
 
 @dataclass(frozen=True)
@@ -87,13 +109,25 @@ def target_spacing_for(shape: Sequence[int]) -> tuple[float, float, float]:
     return (spacing[0], spacing[1], spacing[2])
 
 
-def _reset_model_dirs(repository: Path) -> None:
-    """Empty the version folders of our four models (a previous flavour's files must go)."""
-    for name in MODEL_NAMES:
+def _reset_model_dirs(repository: Path, *, body_part_regression: bool) -> None:
+    """Empty the version folders of our models (a previous build's files must go).
+
+    The body-part regression folder goes entirely when this build has no such model: Triton
+    would otherwise serve a stale one that the metadata does not list.
+    """
+    names = [*MODEL_NAMES, BODY_PART_REGRESSION_NAME] if body_part_regression else MODEL_NAMES
+    shutil.rmtree(repository / BODY_PART_REGRESSION_NAME, ignore_errors=True)
+    for name in names:
         version_dir = repository / name / VERSION
         if version_dir.exists():
             shutil.rmtree(version_dir)
         version_dir.mkdir(parents=True)
+
+
+def _served_names(models: ModelSet) -> list[str]:
+    """The models with weights (not the ensemble)."""
+    extra = [BODY_PART_REGRESSION_NAME] if models.body_part_regression is not None else []
+    return [*SERVED_MODEL_NAMES, *extra]
 
 
 def _export_onnx(models: ModelSet, repository: Path) -> None:
@@ -108,24 +142,47 @@ def _export_onnx(models: ModelSet, repository: Path) -> None:
     logger.info("exported {} in {:.1f} s", target(ENCODER_NAME), time.perf_counter() - started)
     export_binary_head_onnx(models.binary_head, target(BINARY_HEAD_NAME))
     export_multilabel_head_onnx(models.multilabel_head, target(MULTILABEL_HEAD_NAME))
+    body_part = models.body_part_regression
+    if body_part is not None:
+        from convertation.bpr.export import export_bpr_onnx
+
+        export_bpr_onnx(body_part.network, target(BODY_PART_REGRESSION_NAME))
+        (repository / BPR_SETTINGS_RELATIVE_PATH).write_text(
+            json.dumps(inference_settings_json(body_part.settings), indent=2) + "\n"
+        )
 
 
 def write_configs(
-    repository: Path, flavour: Flavour, target_shape: tuple[int, int, int], embedding_dim: int
+    repository: Path,
+    flavour: Flavour,
+    target_shape: tuple[int, int, int],
+    embedding_dim: int,
+    *,
+    body_part_regression: bool = False,
 ) -> None:
     """Every model's ``config.pbtxt``; the python flavour's ``model.py`` beside each ONNX file."""
     header = flavour_header(flavour)
-    for name, config in model_configs(flavour, target_shape, embedding_dim).items():
+    configs = model_configs(
+        flavour, target_shape, embedding_dim, body_part_regression=body_part_regression
+    )
+    for name, config in configs.items():
         (repository / name / "config.pbtxt").write_text(config_text(config, header=header))
-        if flavour is Flavour.PYTHON and name in SERVED_MODEL_NAMES:
+        if flavour is Flavour.PYTHON and name != ENSEMBLE_NAME:
             shutil.copyfile(TEMPLATE_MODEL_PY, repository / name / VERSION / "model.py")
 
 
+def _provenance(models: ModelSet, name: str) -> Provenance:
+    if name == BODY_PART_REGRESSION_NAME:
+        assert models.body_part_regression is not None
+        return models.body_part_regression.provenance
+    return models.provenance[name]
+
+
 def _weight_files(repository: Path, models: ModelSet) -> list[WeightFile]:
-    """Every weight file of the three models (ONNX, external ONNX data, plans) with sha256."""
+    """Every weight file of the served models (ONNX, external ONNX data, plans) with sha256."""
     entries = []
-    for name in SERVED_MODEL_NAMES:
-        provenance = models.provenance[name]
+    for name in _served_names(models):
+        provenance = _provenance(models, name)
         for path in sorted((repository / name / VERSION).iterdir()):
             if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
                 entries.append(
@@ -140,17 +197,42 @@ def _weight_files(repository: Path, models: ModelSet) -> list[WeightFile]:
     return entries
 
 
+def _body_part_info(models: ModelSet) -> BodyPartRegressionInfo | None:
+    body_part = models.body_part_regression
+    if body_part is None:
+        return None
+    return BodyPartRegressionInfo(
+        demo=body_part.demo,
+        inference_settings=BPR_SETTINGS_RELATIVE_PATH,
+        max_batch_size=BPR_MAX_BATCH,
+        source=body_part.provenance.source,
+        source_sha256=body_part.provenance.source_sha256,
+    )
+
+
 def build_repository(repository: Path, flavour: Flavour, models: ModelSet) -> BuildResult:
     """Write the repository for ``models``; returns what was built."""
     repository = Path(repository).resolve()
     repository.mkdir(parents=True, exist_ok=True)
     target_shape = models.encoder.expected_input_shape()
 
-    _reset_model_dirs(repository)
+    body_part = models.body_part_regression
+    _reset_model_dirs(repository, body_part_regression=body_part is not None)
     _export_onnx(models, repository)
-    write_configs(repository, flavour, target_shape, models.embedding_dim)
+    write_configs(
+        repository,
+        flavour,
+        target_shape,
+        models.embedding_dim,
+        body_part_regression=body_part is not None,
+    )
     tensorrt = (
-        build_plans(repository, target_shape, models.embedding_dim)
+        build_plans(
+            repository,
+            target_shape,
+            models.embedding_dim,
+            body_part_regression=body_part is not None,
+        )
         if flavour is Flavour.TENSORRT
         else None
     )
@@ -166,6 +248,7 @@ def build_repository(repository: Path, flavour: Flavour, models: ModelSet) -> Bu
         labels=list(FINDING_LABELS),
         severity_order=list(SEVERITY_ORDER),
         weights=_weight_files(repository, models),
+        body_part_regression=_body_part_info(models),
     )
     write_metadata(repository, metadata)
     return BuildResult(repository=repository, flavour=flavour, metadata=metadata, tensorrt=tensorrt)
@@ -193,6 +276,17 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help='JSON {"ctvit": {...}, "dim_latent": N, "input_shape": [...]} '
         "(default: the full CT-CLIP architecture)",
     )
+    body_part = parser.add_mutually_exclusive_group()
+    body_part.add_argument(
+        "--bpr-model",
+        type=Path,
+        metavar="DIR",
+        help="bpreg's model folder (model.pt, config.json, inference-settings.json) for the "
+        "body-part regression model (default with --demo: seeded DEMO weights)",
+    )
+    body_part.add_argument(
+        "--no-bpr", action="store_true", help="no body-part regression model (lung_air only)"
+    )
     arguments = parser.parse_args(argv)
     checkpoints = (arguments.encoder_checkpoint, arguments.binary_head, arguments.multilabel_head)
     if arguments.demo and any(checkpoints):
@@ -202,6 +296,16 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
             "give --demo, or all of --encoder-checkpoint, --binary-head and --multilabel-head"
         )
     return arguments
+
+
+def _body_part_source(arguments: argparse.Namespace) -> BodyPartSource | None:
+    """``--bpr-model``'s folder, demo weights with ``--demo``, or none."""
+    if arguments.bpr_model is not None:
+        return body_part_from_folder(arguments.bpr_model)
+    if arguments.demo and not arguments.no_bpr:
+        return demo_body_part(arguments.seed)
+    logger.info("no body-part regression model: the chest check will use lung_air")
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -218,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 arguments.multilabel_head,
                 arguments.ctvit_config,
             )
+        models.body_part_regression = _body_part_source(arguments)
         result = build_repository(arguments.output, flavour, models)
     except ConversionError as error:
         return report_cli_failure(error)

@@ -1,8 +1,10 @@
 """Where the repository's models come from: seeded demo weights or checkpoint files.
 
 Both give a `ModelSet`: the torch modules to export and, per model, its `Provenance` (the
-seed, or the checkpoint's path and sha256), which the repository's metadata records. torch is
-imported only when models are made, so that importing this module (``--help``) stays fast.
+seed, or the checkpoint's path and sha256), which the repository's metadata records. The
+body-part regression model is optional (`BodyPartSource`: seeded demo weights with a demo
+lookup table, or bpreg's model folder). torch is imported only when models are made, so
+that importing this module (``--help``) stays fast.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from convertation.errors import BuildError
 from convertation.vit.ctvit_config import encoder_config_or_full, encoder_config_record
+from services.core.body_part.bpr_settings import BprInferenceSettings
 from services.core.model_metadata import BINARY_HEAD_NAME, ENCODER_NAME, MULTILABEL_HEAD_NAME
 
 if TYPE_CHECKING:
+    from convertation.bpr.network import BodyPartRegressionNet
     from convertation.head.heads import BinaryHead, MultilabelHead
     from convertation.vit.ctvit import CTClipImageEncoder
 
@@ -31,6 +35,16 @@ class Provenance:
     source_sha256: str | None = None
 
 
+@dataclass(frozen=True)
+class BodyPartSource:
+    """The body-part regression network to export, its lookup table and provenance."""
+
+    network: BodyPartRegressionNet
+    settings: BprInferenceSettings
+    demo: bool
+    provenance: Provenance
+
+
 @dataclass
 class ModelSet:
     """The torch modules to export, with their provenance."""
@@ -42,6 +56,8 @@ class ModelSet:
     embedding_dim: int
     demo: bool
     provenance: dict[str, Provenance]
+    # None: the repository has no body-part regression model (the chest check uses lung_air).
+    body_part_regression: BodyPartSource | None = None
 
 
 def sha256_of(path: Path, chunk_bytes: int = HASH_CHUNK_BYTES) -> str:
@@ -104,4 +120,44 @@ def checkpoint_models(
             name: Provenance(source=str(path), source_sha256=sha256_of(path))
             for name, path in paths.items()
         },
+    )
+
+
+def demo_body_part(seed: int) -> BodyPartSource:
+    """Seeded DEMO body-part regression weights with the invented lookup table (``demo``)."""
+    import torch
+
+    from convertation.bpr.network import BodyPartRegressionNet, demo_state_dict
+    from convertation.checkpoints import load_strict
+    from services.core.body_part.bpr_settings import demo_inference_settings
+
+    network = BodyPartRegressionNet()
+    state = {key: torch.from_numpy(value) for key, value in demo_state_dict(seed).items()}
+    load_strict(network, state)
+    return BodyPartSource(
+        network=network.eval(),
+        settings=demo_inference_settings(),
+        demo=True,
+        provenance=Provenance(source=f"demo: seeded (seed={seed}), invented lookup table"),
+    )
+
+
+def body_part_from_folder(folder: Path) -> BodyPartSource:
+    """bpreg's model folder (``model.pt``, ``config.json``, ``inference-settings.json``)."""
+    from convertation.bpr.loading import load_bpr_model
+
+    folder = Path(folder).resolve()
+    if not folder.is_dir():
+        raise BuildError(
+            f"--bpr-model must be bpreg's model folder (model.pt, config.json, "
+            f"inference-settings.json); {folder} is not a folder: a bare weights file has no "
+            "lookup table to read the scores with"
+        )
+    loaded = load_bpr_model(folder)
+    assert loaded.settings is not None  # a folder always brings its settings
+    return BodyPartSource(
+        network=loaded.network,
+        settings=loaded.settings,
+        demo=loaded.demo,
+        provenance=Provenance(source=str(loaded.weights_path), source_sha256=loaded.weights_sha256),
     )

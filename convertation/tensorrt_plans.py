@@ -1,7 +1,7 @@
 """The TensorRT step of the ``tensorrt`` flavour: ONNX files -> plans with trtexec.
 
-The plans are made by convertation/{vit,head}/convert2trt.sh (shape profiles and FP16 live
-there). Where trtexec is on PATH they run here; otherwise the builder prints the commands to
+The plans are made by convertation/{vit,head,bpr}/convert2trt.sh (shape profiles and FP16
+live there). Where trtexec is on PATH they run here; otherwise the builder prints the commands to
 run on a GPU machine with TensorRT.
 """
 
@@ -18,11 +18,17 @@ from loguru import logger
 
 from convertation.errors import BuildError
 from convertation.triton_config import ONNX_FILENAME, PLAN_FILENAME, VERSION
-from services.core.model_metadata import BINARY_HEAD_NAME, ENCODER_NAME, MULTILABEL_HEAD_NAME
+from services.core.model_metadata import (
+    BINARY_HEAD_NAME,
+    BODY_PART_REGRESSION_NAME,
+    ENCODER_NAME,
+    MULTILABEL_HEAD_NAME,
+)
 
 CONVERTATION_DIR = Path(__file__).resolve().parent
 ENCODER_TRT_SCRIPT = CONVERTATION_DIR / "vit" / "convert2trt.sh"
 HEAD_TRT_SCRIPT = CONVERTATION_DIR / "head" / "convert2trt.sh"
+BPR_TRT_SCRIPT = CONVERTATION_DIR / "bpr" / "convert2trt.sh"
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,11 @@ class TensorRtStatus:
 
 
 def tensorrt_commands(
-    repository: Path, target_shape: tuple[int, int, int], embedding_dim: int
+    repository: Path,
+    target_shape: tuple[int, int, int],
+    embedding_dim: int,
+    *,
+    body_part_regression: bool = False,
 ) -> tuple[str, ...]:
     """The trtexec scripts' command lines that turn the ONNX files into plans."""
     depth, height, width = target_shape
@@ -47,14 +57,22 @@ def tensorrt_commands(
         [str(HEAD_TRT_SCRIPT), *files(BINARY_HEAD_NAME), str(embedding_dim)],
         [str(HEAD_TRT_SCRIPT), *files(MULTILABEL_HEAD_NAME), str(embedding_dim)],
     ]
+    if body_part_regression:
+        commands.append([str(BPR_TRT_SCRIPT), *files(BODY_PART_REGRESSION_NAME)])
     return tuple(shlex.join(["bash", *command]) for command in commands)
 
 
 def build_plans(
-    repository: Path, target_shape: tuple[int, int, int], embedding_dim: int
+    repository: Path,
+    target_shape: tuple[int, int, int],
+    embedding_dim: int,
+    *,
+    body_part_regression: bool = False,
 ) -> TensorRtStatus:
     """Run the scripts when trtexec is here; otherwise say which commands to run elsewhere."""
-    commands = tensorrt_commands(repository, target_shape, embedding_dim)
+    commands = tensorrt_commands(
+        repository, target_shape, embedding_dim, body_part_regression=body_part_regression
+    )
     # The scripts honour $TRTEXEC too, for a trtexec outside PATH.
     trtexec_name = os.environ.get("TRTEXEC", "trtexec")
     trtexec = shutil.which(trtexec_name)

@@ -1,4 +1,4 @@
-"""The Triton configurations of the repository's four models, as protobuf messages.
+"""The Triton configurations of the repository's models, as protobuf messages.
 
 Each function returns a ``ModelConfig`` message of Triton's own schema (the
 ``model_config_pb2`` module shipped in tritonclient); `config_text` writes one in the
@@ -6,9 +6,9 @@ protobuf text format that Triton reads as ``config.pbtxt``, as NVIDIA's pytriton
 Nothing here renders the text by hand, so whatever is written parses back into the same
 message.
 
-The flavours differ only in how Triton runs the encoder and the heads (python backend on
-the CPU, onnxruntime or TensorRT on a GPU); the ensemble ``chest_screening`` is the same in
-all of them.
+The flavours differ only in how Triton runs the encoder, the heads and the optional
+body-part regression model (python backend on the CPU, onnxruntime or TensorRT on a GPU);
+the ensemble ``chest_screening`` is the same in all of them.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 from services.core.labels import FINDING_LABELS
 from services.core.model_metadata import (
     BINARY_HEAD_NAME,
+    BODY_PART_REGRESSION_NAME,
     ENCODER_NAME,
     ENSEMBLE_NAME,
     MULTILABEL_HEAD_NAME,
@@ -38,6 +39,10 @@ VOLUME = "volume"
 EMBEDDING = "embedding"
 PATHOLOGY_PROBABILITY = "pathology_probability"
 FINDING_PROBABILITIES = "finding_probabilities"
+# The body-part regression graph (convertation.bpr.export).
+SLICES = "slices"
+SCORES = "scores"
+BPR_SLICE_DIMS = (1, 128, 128)
 
 # Files inside a model folder: <model>/<VERSION>/<file>.
 VERSION = "1"
@@ -55,6 +60,11 @@ ENCODER_PREFERRED_BATCHES = (2, ENCODER_MAX_BATCH)
 ENCODER_QUEUE_DELAY_US = 5000
 HEAD_PREFERRED_BATCHES = (4, HEAD_MAX_BATCH)
 HEAD_QUEUE_DELAY_US = 1000
+# Body-part regression: a few slices per study (4 by default), up to one request per slice
+# for a long series if configured so; the TensorRT profile is 1/4/32 slices.
+BPR_MAX_BATCH = 32
+BPR_PREFERRED_BATCHES = (4, 16, BPR_MAX_BATCH)
+BPR_QUEUE_DELAY_US = 1000
 # The first inference allocates and (TensorRT, CUDA) initialises: do it at load time.
 ENCODER_WARMUP_NAME = "zero_volume"
 # 0: onnxruntime uses every core; set a number to share cores between instances.
@@ -160,6 +170,20 @@ def head_config(
     return config
 
 
+def body_part_regression_config(flavour: Flavour) -> Message:
+    """``body_part_regression``: slices ``[1, 128, 128]`` -> one score per slice."""
+    config = _served_model(
+        BODY_PART_REGRESSION_NAME,
+        flavour,
+        max_batch_size=BPR_MAX_BATCH,
+        preferred_batches=BPR_PREFERRED_BATCHES,
+        queue_delay_us=BPR_QUEUE_DELAY_US,
+    )
+    config.input.append(_input(SLICES, BPR_SLICE_DIMS))
+    config.output.append(_output(SCORES, (1,)))
+    return config
+
+
 def ensemble_config(
     target_shape: tuple[int, int, int], embedding_dim: int, n_findings: int
 ) -> Message:
@@ -195,9 +219,12 @@ def model_configs(
     target_shape: tuple[int, int, int],
     embedding_dim: int,
     n_findings: int = len(FINDING_LABELS),
+    *,
+    body_part_regression: bool = False,
 ) -> dict[str, Message]:
-    """The four model configurations of one flavour, by model name."""
-    return {
+    """The model configurations of one flavour, by model name (the body-part regression model
+    only when asked for)."""
+    configs = {
         ENCODER_NAME: encoder_config(flavour, target_shape, embedding_dim),
         BINARY_HEAD_NAME: head_config(
             BINARY_HEAD_NAME, flavour, embedding_dim, PATHOLOGY_PROBABILITY, 1
@@ -207,6 +234,9 @@ def model_configs(
         ),
         ENSEMBLE_NAME: ensemble_config(target_shape, embedding_dim, n_findings),
     }
+    if body_part_regression:
+        configs[BODY_PART_REGRESSION_NAME] = body_part_regression_config(flavour)
+    return configs
 
 
 def config_text(config: Message, header: str = "") -> str:
