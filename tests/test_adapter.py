@@ -296,6 +296,16 @@ def test_study_through_adapter_equals_embedded_batch(
     assert got.most_dangerous_pathology_type == want.most_dangerous_pathology_type
     assert got.model.backend == "triton" and want.model.backend == "onnxruntime"
     assert got.demo_weights is True
+    # The chest check asked Triton's body_part_regression (demo: shown, never decides).
+    regression = got.chest_check.body_part_regression
+    assert regression is not None and regression.demo
+    assert not got.chest_check.body_part_regression_decides
+    np.testing.assert_allclose(
+        regression.transformed_scores,
+        want.chest_check.body_part_regression.transformed_scores,
+        atol=1e-3,  # 1e-5 in raw scores; the demo table scales them by 100
+    )
+    assert any(w.startswith("body-part regression (DEMO weights") for w in got.warnings)
 
 
 def test_non_chest_study_malformed_message_and_missing_file(

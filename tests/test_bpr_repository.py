@@ -91,6 +91,7 @@ def test_the_committed_config_is_what_the_builder_writes() -> None:
     assert COMMITTED.read_text() == expected
 
 
+@pytest.mark.slow  # builds a repository (ONNX export of VGG16)
 def test_the_demo_build_serves_it_with_its_table_and_provenance(demo_repository: Path) -> None:
     folder = demo_repository / BODY_PART_REGRESSION_NAME
     assert parse_config(folder / "config.pbtxt").name == BODY_PART_REGRESSION_NAME
@@ -123,6 +124,7 @@ def test_the_demo_build_serves_it_with_its_table_and_provenance(demo_repository:
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow  # builds a repository (ONNX export of VGG16)
 def test_the_embedded_backend_scores_with_the_repository_graph(demo_repository: Path) -> None:
     backend = OnnxRuntimeBackend(demo_repository, EMBEDDED)
     try:
@@ -143,6 +145,7 @@ def test_the_embedded_backend_scores_with_the_repository_graph(demo_repository: 
         backend.close()
 
 
+@pytest.mark.slow  # builds a repository (ONNX export of VGG16)
 def test_the_embedded_backend_refuses_a_repository_missing_its_files(
     demo_repository: Path, tmp_path: Path
 ) -> None:
@@ -165,6 +168,7 @@ def test_the_embedded_backend_refuses_a_repository_missing_its_files(
         OnnxRuntimeBackend(broken, EMBEDDED)
 
 
+@pytest.mark.slow  # builds a repository (ONNX export of VGG16)
 def test_a_bpreg_model_folder_through_the_cli_then_none(tmp_path: Path) -> None:
     """A real-looking bpreg folder (seeded weights, a non-demo table) is converted with its
     provenance; rebuilding with --no-bpr removes the model and the backend goes without it."""
