@@ -156,7 +156,7 @@ def test_folder_without_dicom(tmp_path: Path) -> None:
     (folder / "a.txt").write_text("hello")
     (folder / "b.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 100)
     with pytest.raises(
-        IntakeError, match=r"no DICOM image files found \(2 files: 2 not DICOM\)"
+        IntakeError, match=r"no DICOM image files or NIfTI volumes found \(2 files: 2 not DICOM\)"
     ) as caught:
         collect_dicom_files(folder, tmp_path / "w", LIMITS)
     assert caught.value.summary is not None and caught.value.summary.skipped_non_dicom == 2

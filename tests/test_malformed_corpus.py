@@ -53,6 +53,11 @@ from services.core.schemas import StudyReport
 KINDS_BY_ID = {kind.id: kind for kind in KINDS}
 
 
+def model_inputs(folder: Path) -> list[Path]:
+    """The saved model inputs (``--save-model-input`` may store other arrays beside them)."""
+    return [path for path in folder.glob("*.npy") if not path.name.endswith(".bpr.npy")]
+
+
 @dataclass
 class Worker:
     """What a long-lived worker holds: one backend, the settings, its temporary folder."""
@@ -105,7 +110,7 @@ def chest_model_input(worker: Worker, fixtures_dir: Path, tmp_path_factory) -> n
     saved = tmp_path_factory.mktemp("chest_model_input")
     (report,) = worker.process(fixtures_dir / CHEST, saved)
     assert report.succeeded, report.failure_reason
-    (path,) = saved.glob("*.npy")
+    (path,) = model_inputs(saved)
     return np.load(path)
 
 
@@ -213,7 +218,7 @@ def test_malformed_input(
         assert value.lower() not in logged, f"the log carries the patient value {value!r}"
 
     if kind.same_model_input_as_chest:
-        (saved,) = model_input_dir.glob("*.npy")
+        (saved,) = model_inputs(model_input_dir)
         model_input = np.load(saved)
         assert model_input.shape == chest_model_input.shape
         assert float(np.abs(model_input - chest_model_input).max()) <= 1e-6
@@ -240,7 +245,7 @@ def test_the_worker_stays_up_and_a_good_chest_still_succeeds(
     saved = tmp_path / "model_input"
     (report,) = worker.process(fixtures_dir / CHEST, saved)
     assert report.succeeded, report.failure_reason
-    (path,) = saved.glob("*.npy")
+    (path,) = model_inputs(saved)
     assert np.array_equal(np.load(path), chest_model_input)
     assert worker.inputs_processed >= len(WORST_INPUTS) + 2
     assert not [p for p in worker.temp_dir.iterdir() if p.name.startswith(WORK_DIR_PREFIX)]

@@ -1,8 +1,9 @@
 """Screen a folder of studies: ``python -m services.batch INPUT OUTPUT_DIR``.
 
-INPUT is a folder whose top-level entries (zips, folders, DICOM files) are one input
-each, or a single zip. A folder holding only loose non-zip files (one series copied off
-a CD) is one input. Writes OUTPUT_DIR/output.xlsx, warnings_and_errors.txt and
+INPUT is a folder whose top-level entries (zips, tars, NIfTI files, folders, DICOM files)
+are one input each, or a single file. A folder holding only loose files that are neither
+archives nor NIfTI (one series copied off a CD) is one input.
+Writes OUTPUT_DIR/output.xlsx, warnings_and_errors.txt and
 json/*.json. Failed studies are rows, so the exit code is 0 whenever the run itself
 worked; it is 2 for usage errors and a missing model repository.
 """
@@ -24,6 +25,7 @@ from services.core.errors import ConfigurationError
 from services.core.findings import resolve_thresholds
 from services.core.inference import create_backend
 from services.core.logging_setup import configure_logging
+from services.core.nifti.ct_rate import read_ct_rate_metadata
 from services.core.pipeline import PipelineEvents, process_input
 from services.core.process_memory import apply_memory_settings
 from services.core.reports import write_reports
@@ -31,6 +33,8 @@ from services.core.schemas import StudyReport
 
 USAGE_ERROR = 2
 ZIP_SUFFIX = ".zip"
+# Files that are an input of their own, never slices of a loose series.
+SINGLE_INPUT_SUFFIXES = (ZIP_SUFFIX, ".tar", ".tar.gz", ".tgz", ".nii", ".nii.gz")
 
 
 def list_inputs(input_path: Path) -> list[Path]:
@@ -39,7 +43,8 @@ def list_inputs(input_path: Path) -> list[Path]:
         return [input_path]
     entries = sorted(entry for entry in input_path.iterdir() if not entry.name.startswith("."))
     loose_series = entries and all(
-        entry.is_file() and entry.suffix.lower() != ZIP_SUFFIX for entry in entries
+        entry.is_file() and not entry.name.lower().endswith(SINGLE_INPUT_SUFFIXES)
+        for entry in entries
     )
     if loose_series:
         return [input_path]
@@ -65,6 +70,13 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also save each study's model input as DIR/<input name>.npy",
     )
     parser.add_argument("--config", type=Path, help="config file (default: configs/config.yaml)")
+    parser.add_argument(
+        "--ct-rate-metadata",
+        type=Path,
+        metavar="CSV",
+        help="CT-RATE metadata: NIfTI files named in it are read as CT-CLIP's loader reads them "
+        "(slope, intercept and spacing from the CSV, affine ignored)",
+    )
     return parser.parse_args(argv)
 
 
@@ -78,6 +90,13 @@ def _settings(arguments: argparse.Namespace) -> Settings:
             }
         )
         settings = settings.model_copy(update={"inference": inference})
+    if arguments.ct_rate_metadata is not None:
+        # Read once here: an unusable CSV is a usage error before any study runs.
+        read_ct_rate_metadata(arguments.ct_rate_metadata)
+        intake = settings.intake.model_copy(
+            update={"ct_rate_metadata": arguments.ct_rate_metadata.resolve()}
+        )
+        settings = settings.model_copy(update={"intake": intake})
     return settings
 
 

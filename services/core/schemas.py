@@ -42,6 +42,7 @@ class IntakeSummary(_Model):
     skipped_dicomdir: int = 0
     unreadable_dicom: int = 0
     nested_archives: int = 0
+    nifti_files: int = 0  # NIfTI volumes found: one study each
     problems: list[str] = Field(default_factory=list)
 
 
@@ -163,6 +164,10 @@ class StudyReport(_Model):
     stage_seconds: dict[str, float] = Field(default_factory=dict)
     model: ModelInfo | None = None
     demo_weights: bool = False
+    # The encoder's L2-normalised embedding of the model input (Success only): what
+    # `python -m training embed` collects to train heads, and what lets a screened study be
+    # compared with others later without running the encoder again. Not an xlsx column.
+    embedding: list[float] | None = None
 
     @property
     def succeeded(self) -> bool:

@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.fileset import FileSet
 
 from corpus import builders as b
+from corpus import tar_nifti_builders as tn
 from services.batch.sample_studies import chest_phantom, write_ct_series
 
 CHEST = "chest_ct_lung_dx_a0002"
@@ -966,6 +967,49 @@ KINDS: tuple[Kind, ...] = (
          (success("unreadable DICOM files"), failure("modality MR"))),
     Kind("symlink_in_folder", "the chest and a link to another study's file",
          build_symlink_in_folder, (success("symbolic link ignored"),)),
+    # tar archives: the zip rules, member by member while the stream is read
+    Kind("chest_tar", "the chest in a plain tar", tn.build_chest_tar, (success(),),
+         same_model_input_as_chest=True),
+    Kind("chest_tgz", "the chest in a .tgz", tn.build_chest_tgz, (success(),),
+         same_model_input_as_chest=True),
+    Kind("tar_in_zip", "the chest .tar.gz inside a CD export zip", tn.build_tar_in_zip,
+         (success(),), same_model_input_as_chest=True),
+    Kind("tar_too_deep", "a chest tar four archives deep (tar, zip, tar, zip)",
+         tn.build_tar_too_deep, (failure("nested more than 3 levels"),)),
+    Kind("tar_slip", "a tar member named ../../sentinel/escaped.dcm", tn.build_tar_slip,
+         (failure("unsafe member", "escapes the extraction folder"),)),
+    Kind("tar_absolute_path", "a tar member with an absolute name", tn.build_tar_absolute_path,
+         (failure("unsafe member", "absolute path"),)),
+    Kind("tar_symlink", "a .tgz with a symbolic link to the sentinel", tn.build_tar_symlink,
+         (failure("unsafe member", "symbolic link"),)),
+    Kind("tar_hardlink", "a tar with a hard link to /etc/passwd", tn.build_tar_hardlink,
+         (failure("unsafe member", "hard link"),)),
+    Kind("tar_device_file", "a tar with a character device (/dev/zero)",
+         tn.build_tar_device_file, (failure("unsafe member", "device file"),)),
+    Kind("tar_fifo", "a tar with a FIFO", tn.build_tar_fifo, (failure("unsafe member", "FIFO"),)),
+    Kind("tar_bomb", "64 MiB of zeros in a 65 KiB .tar.gz", tn.build_tar_bomb,
+         (failure("possible tar bomb"),)),
+    Kind("truncated_tgz", "the first 60% of a chest .tgz", tn.build_truncated_tgz,
+         (failure("not a readable tar archive", "truncated"),)),
+    Kind("truncated_tar", "a plain chest tar cut inside a member", tn.build_truncated_tar,
+         (failure("truncated"),)),
+    Kind("empty_tar", "a tar without members", tn.build_empty_tar, (failure("empty archive"),)),
+    Kind("zero_byte_tgz", "an empty file named .tgz", tn.build_zero_byte_tgz,
+         (failure("empty archive"),)),
+    # NIfTI: one volume is one study; the image check decides
+    Kind("chest_nifti", "the chest as .nii.gz (SimpleITK's DICOM-to-NIfTI conversion)",
+         tn.build_chest_nifti_gz, (success(),), same_model_input_as_chest=True),
+    Kind("chest_nifti_in_tgz", "the chest .nii inside a .tgz", tn.build_chest_nifti_in_tgz,
+         (success(),), same_model_input_as_chest=True),
+    Kind("mr_nifti", "the MR brain as .nii.gz", tn.build_mr_nifti, (failure("not a chest CT"),)),
+    Kind("nifti_4d", "a NIfTI with two time points", tn.build_nifti_4d,
+         (failure("holds 2 volumes"),)),
+    Kind("truncated_nifti", "the first half of a chest .nii", tn.build_truncated_nifti,
+         (failure("truncated"),)),
+    Kind("nifti_bad_magic", "a .nii whose header magic is damaged", tn.build_nifti_bad_magic,
+         (failure("no DICOM image files or NIfTI volumes"),)),
+    Kind("nifti_huge_dimensions", "a header declaring 4096^3 voxels over 1 KiB of data",
+         tn.build_nifti_huge_dimensions, (failure("too large", "intake.max_series_voxels"),)),
 )  # fmt: skip
 
 

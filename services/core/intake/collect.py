@@ -1,8 +1,11 @@
-"""Intake: turn a zip, a folder or loose files into a list of candidate DICOM files.
+"""Intake: turn a zip, a tar, a folder or loose files into candidate DICOM and NIfTI files.
 
-Archives are hostile until proven otherwise: zip_archive.py checks every member before and
-while it is written, and budget.py counts sizes and files across every archive of the input
-(nested up to ``max_nesting_depth``). Files that are not DICOM are skipped and counted,
+Archives are hostile until proven otherwise: zip_archive.py and tar_archive.py check every
+member before and while it is written, and budget.py counts sizes and files across every
+archive of the input (nested up to ``max_nesting_depth``). Archives and NIfTI files are
+recognised by their content (zip and gzip magic, the tar header, the NIfTI magic), so a
+renamed file is still what it is; a top-level input named ``.zip``/``.tar``/``.tgz`` that is
+not readable as one fails with the archive's reason. Files that are not DICOM are skipped and counted,
 DICOMDIR files are ignored and counted, and a file without the 128-byte preamble is accepted
 when it parses as a DICOM data set that carries the tags the pipeline needs.
 """
@@ -21,10 +24,20 @@ from pydicom.uid import MediaStorageDirectoryStorage
 from services.core.config import IntakeSettings
 from services.core.errors import IntakeError
 from services.core.intake.budget import IntakeBudget
+from services.core.intake.tar_archive import (
+    GZIP_MAGIC,
+    extract_tar,
+    gzip_head,
+    has_tar_suffix,
+    is_tar_header,
+)
 from services.core.intake.zip_archive import ZIP_MAGICS, extract_zip
+from services.core.nifti.reader import NIFTI2_HEADER_BYTES, nifti_version
 from services.core.schemas import IntakeSummary
 
 PREAMBLE_LENGTH = 128
+# Enough of a file to tell DICOM (preamble + "DICM"), tar ("ustar" at 257) and NIfTI apart.
+HEAD_BYTES = 1024
 # Tags a file without a preamble must carry to be taken for a DICOM image.
 REQUIRED_TAGS_WITHOUT_PREAMBLE = ("Modality", "Rows", "Columns")
 MAX_PROBLEMS_LISTED = 20
@@ -33,13 +46,37 @@ MAX_PROBLEMS_LISTED = 20
 class FileKind(str, Enum):
     DICOM = "dicom"
     DICOMDIR = "dicomdir"
+    NIFTI = "nifti"
     OTHER = "other"
+
+
+class ArchiveKind(str, Enum):
+    ZIP = "zip"
+    TAR = "tar"
+
+
+@dataclass(frozen=True)
+class NiftiFile:
+    """A NIfTI volume found in the input: one study (services/core/nifti/study.py)."""
+
+    path: Path  # where it is (archive members are extracted under work_dir)
+    label: str  # its name within the input, e.g. "export.tar/CT/train_1_a_1.nii.gz"
+
+    @property
+    def name(self) -> str:
+        return self.label.replace("\\", "/").rsplit("/", 1)[-1]
+
+    @property
+    def study_uid(self) -> str | None:
+        """None until the header is read (the pipeline then derives one; nifti/study.py)."""
+        return None
 
 
 @dataclass
 class IntakeResult:
     dicom_files: list[Path]  # candidate DICOM files; archive members are extracted under work_dir
     summary: IntakeSummary
+    nifti_files: list[NiftiFile] = field(default_factory=list)
 
 
 @dataclass
@@ -48,6 +85,7 @@ class _Collector:
     budget: IntakeBudget
     summary: IntakeSummary = field(default_factory=IntakeSummary)
     dicom_files: list[Path] = field(default_factory=list)
+    nifti_files: list[NiftiFile] = field(default_factory=list)
     labels: dict[Path, str] = field(default_factory=dict)  # extracted file -> "archive/member"
 
     def label(self, path: Path) -> str:
@@ -61,10 +99,11 @@ class _Collector:
 
 
 def collect_dicom_files(input_path: Path, work_dir: Path, limits: IntakeSettings) -> IntakeResult:
-    """Find every candidate DICOM file of one input (zip, folder or single file).
+    """Find every candidate DICOM and NIfTI file of one input (zip, tar, folder or file).
 
     Raises IntakeError when the input cannot be used at all (missing, unsafe or broken
-    archive, limits exceeded, no DICOM file found); the error carries the summary so far.
+    archive, limits exceeded, no DICOM or NIfTI file found); the error carries the summary
+    so far.
     """
     input_path = Path(input_path)
     work_dir = Path(work_dir)
@@ -84,16 +123,22 @@ def collect_dicom_files(input_path: Path, work_dir: Path, limits: IntakeSettings
         raise
     summary = collector.summary
     summary.dicom_files = len(collector.dicom_files)
-    if not collector.dicom_files:
+    summary.nifti_files = len(collector.nifti_files)
+    if not collector.dicom_files and not collector.nifti_files:
         raise IntakeError(_no_dicom_reason(summary), summary)
     logger.info(
-        "intake: {} DICOM files, {} not DICOM, {} DICOMDIR, {} nested archives",
+        "intake: {} DICOM files, {} NIfTI files, {} not DICOM, {} DICOMDIR, {} nested archives",
         summary.dicom_files,
+        len(collector.nifti_files),
         summary.skipped_non_dicom,
         summary.skipped_dicomdir,
         summary.nested_archives,
     )
-    return IntakeResult(dicom_files=sorted(collector.dicom_files), summary=summary)
+    return IntakeResult(
+        dicom_files=sorted(collector.dicom_files),
+        summary=summary,
+        nifti_files=sorted(collector.nifti_files, key=lambda nifti: nifti.label),
+    )
 
 
 def _no_dicom_reason(summary: IntakeSummary) -> str:
@@ -104,7 +149,7 @@ def _no_dicom_reason(summary: IntakeSummary) -> str:
         parts.append(f"{summary.skipped_non_dicom} not DICOM")
     if summary.skipped_dicomdir:
         parts.append(f"{summary.skipped_dicomdir} DICOMDIR")
-    return f"no DICOM image files found ({summary.files_total} files: {', '.join(parts)})"
+    return f"no DICOM image files or NIfTI volumes found ({summary.files_total} files: {', '.join(parts)})"
 
 
 def _collect_folder(folder: Path, collector: _Collector, depth: int) -> None:
@@ -121,18 +166,36 @@ def _collect_folder(folder: Path, collector: _Collector, depth: int) -> None:
             _collect_file(path, collector, depth=depth, top_level=False)
 
 
+def archive_kind(path: Path, head: bytes, *, top_level: bool) -> ArchiveKind | None:
+    """Which archive a file is, from its content (or, for the input itself, its name)."""
+    if head[:4] in ZIP_MAGICS:
+        return ArchiveKind.ZIP
+    if is_tar_header(head):
+        return ArchiveKind.TAR
+    if head[:2] == GZIP_MAGIC and is_tar_header(gzip_head(path)):
+        return ArchiveKind.TAR
+    if top_level and path.name.lower().endswith(".zip"):
+        return ArchiveKind.ZIP
+    if top_level and has_tar_suffix(path.name):
+        return ArchiveKind.TAR
+    return None
+
+
 def _collect_file(path: Path, collector: _Collector, depth: int, top_level: bool) -> None:
     head = _read_head(path)
-    if head[:4] in ZIP_MAGICS or (top_level and path.suffix.lower() == ".zip"):
+    archive = archive_kind(path, head, top_level=top_level)
+    if archive is not None:
         if not top_level:
             collector.summary.nested_archives += 1
-        _collect_archive(path, collector, depth=depth + 1)
+        _collect_archive(path, archive, collector, depth=depth + 1)
         return
     collector.budget.count_file()
     collector.summary.files_total += 1
     kind = classify_file(path, head)
     if kind == FileKind.DICOM:
         collector.dicom_files.append(path)
+    elif kind == FileKind.NIFTI:
+        collector.nifti_files.append(NiftiFile(path=path, label=collector.label(path)))
     elif kind == FileKind.DICOMDIR:
         collector.summary.skipped_dicomdir += 1
     else:
@@ -142,7 +205,7 @@ def _collect_file(path: Path, collector: _Collector, depth: int, top_level: bool
 def _read_head(path: Path) -> bytes:
     try:
         with path.open("rb") as handle:
-            return handle.read(PREAMBLE_LENGTH + 4)
+            return handle.read(HEAD_BYTES)
     except OSError as error:
         raise IntakeError(f"cannot read {path.name}: {error.strerror}") from error
 
@@ -151,6 +214,11 @@ def classify_file(path: Path, head: bytes | None = None) -> FileKind:
     """What one file is, reading as little of it as possible."""
     if head is None:
         head = _read_head(path)
+    if nifti_version(head) is not None:
+        return FileKind.NIFTI
+    if head[:2] == GZIP_MAGIC:
+        inflated = gzip_head(path, NIFTI2_HEADER_BYTES)
+        return FileKind.NIFTI if nifti_version(inflated) is not None else FileKind.OTHER
     has_preamble = head[PREAMBLE_LENGTH : PREAMBLE_LENGTH + 4] == b"DICM"
     if has_preamble:
         try:
@@ -180,7 +248,9 @@ def classify_file(path: Path, head: bytes | None = None) -> FileKind:
     return FileKind.OTHER
 
 
-def _collect_archive(archive_path: Path, collector: _Collector, depth: int) -> None:
+def _collect_archive(
+    archive_path: Path, kind: ArchiveKind, collector: _Collector, depth: int
+) -> None:
     limits = collector.budget.limits
     name = collector.label(archive_path)
     if depth > limits.max_nesting_depth:
@@ -190,11 +260,12 @@ def _collect_archive(archive_path: Path, collector: _Collector, depth: int) -> N
         )
     collector.budget.archives_opened += 1
     target = collector.work_dir / f"archive_{collector.budget.archives_opened:04d}"
-    for member, extracted in extract_zip(archive_path, name, target, collector.budget):
+    extract = extract_zip if kind is ArchiveKind.ZIP else extract_tar
+    for member, extracted in extract(archive_path, name, target, collector.budget):
         collector.labels[extracted] = f"{name}/{member}"
         _collect_file(extracted, collector, depth=depth, top_level=False)
         head = _read_head(extracted) if extracted.exists() else b""
-        if head[:4] in ZIP_MAGICS:
+        if archive_kind(extracted, head, top_level=False) is not None:
             # The nested archive's members were extracted; its own bytes are not needed.
             extracted.unlink(missing_ok=True)
 

@@ -185,7 +185,7 @@ def _extract_member(
 ) -> Path:
     """Stream one member to a generated file name, counting the bytes really produced."""
     limits = budget.limits
-    destination = target / f"{index:06d}_{_safe_basename(info.filename)}"
+    destination = target / f"{index:06d}_{safe_basename(info.filename)}"
     # Belt and braces: the generated name is flat, but make sure of it.
     if destination.resolve().parent != target.resolve():
         raise IntakeError(f"{archive_name} has an unsafe member {info.filename!r}")
@@ -265,7 +265,7 @@ def error_text(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _safe_basename(member_name: str) -> str:
+def safe_basename(member_name: str) -> str:
     """The member's own file name, reduced to characters that are safe in one path component.
 
     Non-ASCII letters are kept (\\w is Unicode-aware); separators and control characters are

@@ -24,8 +24,9 @@ from services.core.dicom.objects import Study
 from services.core.dicom.series_selection import select_series
 from services.core.dicom.volume_builder import header_duplicate_notes, load_volume
 from services.core.errors import ErrorPolicy, IntakeError, StudyError, policy_of, reason_of
-from services.core.intake import collect_dicom_files
+from services.core.intake import NiftiFile, collect_dicom_files
 from services.core.model_metadata import ModelMetadata
+from services.core.nifti.study import prepare_nifti_study
 from services.core.pipeline.events import NO_EVENTS, PipelineEvents, StageClock
 from services.core.pipeline.failures import failure_report, not_chest_reason
 from services.core.preprocessing import PreprocessingTarget, preprocess_volume, to_model_input
@@ -88,7 +89,9 @@ def prepare_studies(
             with clock.stage("intake"):
                 intake = collect_dicom_files(input_path, work_dir / "files", settings.intake)
             with clock.stage("headers"):
-                studies = read_studies(intake.dicom_files, intake.summary)
+                dicom_studies = read_studies(intake.dicom_files, intake.summary)
+            # Each NIfTI file is one study of its own (services/core/nifti/study.py).
+            studies: list[Study | NiftiFile] = [*dicom_studies, *intake.nifti_files]
         except IntakeError as error:
             # The reason names the archive, whose name may hold a patient's: report, not log.
             logger.warning("{}: intake failed (reason in the report)", tag)
@@ -186,7 +189,7 @@ def _input_failure(report: StudyReport, clock: StageClock) -> PreparedStudy:
 
 
 def _prepare_one_study(
-    study: Study,
+    study: Study | NiftiFile,
     *,
     display_name: str,
     summary: IntakeSummary,
@@ -196,6 +199,15 @@ def _prepare_one_study(
     body_part_model: BodyPartRegressionModel | None = None,
 ) -> tuple[StudyReport, np.ndarray | None]:
     """Selection, volume, chest check and preprocessing of one study."""
+    if isinstance(study, NiftiFile):
+        return prepare_nifti_study(
+            study,
+            display_name=display_name,
+            summary=summary,
+            settings=settings,
+            target=target,
+            clock=clock,
+        )
     report = StudyReport(
         path_to_study=display_name,
         study_uid=study.study_uid,

@@ -78,6 +78,7 @@ def finish_study(
     report.most_dangerous_pathology_type = most_dangerous_finding(findings, metadata.severity_order)
     report.model = model_info(metadata, backend_name)
     report.demo_weights = metadata.demo
+    report.embedding = [float(value) for value in outputs.embedding[row]]
     report.processing_status = ProcessingStatus.SUCCESS
     report.failure_reason = None
     stages = dict(prepared.stage_seconds)
