@@ -10,7 +10,7 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2  # 2: study_date, study_description, accession_number
 
 # The customer's table (docs/ARCHITECTURE.md, Contracts): these seven columns, in this order, first.
 REPORT_COLUMNS: tuple[str, ...] = (
@@ -155,6 +155,10 @@ class StudyReport(_Model):
     time_of_processing: float = 0.0
     most_dangerous_pathology_type: str | None = None
     failure_reason: str | None = None
+    # What a reader recognises the study by (from the DICOM headers, when they have it).
+    study_date: str | None = None  # ISO 8601, YYYY-MM-DD
+    study_description: str | None = None
+    accession_number: str | None = None
     warnings: list[str] = Field(default_factory=list)
     findings: list[FindingResult] = Field(default_factory=list)
     intake: IntakeSummary | None = None

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from services.core.pipeline.prepare import PreparedStudy
     from services.core.schemas import StudyReport
+    from services.core.volume import Volume
 
 # The stages of a study, in order; every report's stage_seconds uses these names.
 STAGES: tuple[str, ...] = (
@@ -36,6 +37,11 @@ class PipelineEvents:
     def stage_started(self, stage: str, *, study_index: int, n_studies: int) -> None:
         """A stage begins. Input-wide stages (intake, headers) have study_index 0 and
         n_studies 0, because the studies are not known yet."""
+
+    def volume_loaded(self, volume: Volume, *, study_index: int, n_studies: int) -> None:
+        """The selected series is in memory (HU), before the chest check: a refused study
+        has one too. The volume is shared with the pipeline: read it, never change it, and
+        keep no reference (it is hundreds of MB)."""
 
     def model_input_ready(self, prepared: PreparedStudy) -> None:
         """A study's model input is ready and about to be sent to the model."""
