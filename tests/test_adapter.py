@@ -29,6 +29,7 @@ from stack_support import (
 )
 
 from services.adapter.consumer import Adapter
+from services.adapter.dead_letters import REASON_HEADER
 from services.broker.connection import connect, declare_topology, publish_task
 from services.broker.schemas import (
     QueueTopology,
@@ -267,7 +268,9 @@ def test_study_through_adapter_equals_embedded_batch(
     # Stored: the same document as the message.
     assert load_result(settings.storage.root, task_id) == result
     kinds = {item.kind for item in result.files}
-    assert {"xlsx", "warnings", "json", "preview"} <= kinds
+    assert {"xlsx", "warnings", "json", "preview", "viewer"} <= kinds
+    viewer = [item.path for item in result.files if item.kind == "viewer"]
+    assert sorted(path.rsplit("/", 1)[-1] for path in viewer) == ["study1.bin", "study1.json"]
     for item in result.files:
         assert (settings.storage.root / item.path).is_file(), item.path
 
@@ -355,15 +358,21 @@ def test_non_chest_study_malformed_message_and_missing_file(
         channel = connection.channel()
         assert channel.queue_declare(topology.task_queue, passive=True).method.message_count == 0
         dead = []
+        reasons = []
         while (got := channel.basic_get(topology.dead_letter_queue, auto_ack=True))[0] is not None:
             dead.append(got[2])
+            reasons.append((got[1].headers or {}).get(REASON_HEADER, ""))
     finally:
         connection.close()
-    # Exactly the two malformed messages and the task without its study were dead-lettered.
+    # Exactly the two malformed messages and the task without its study were dead-lettered,
+    # unchanged, each with the reason it is there.
     assert len(dead) == 3
     assert dead[0] == b"\x00 definitely not a task"
     assert json.loads(dead[1])["schema_version"] == 99
     assert json.loads(dead[2])["task_id"] == missing_id
+    assert reasons[0].startswith("the task message could not be read")
+    assert reasons[1].startswith("the task message could not be read")
+    assert "not in the shared storage" in reasons[2] and reasons[2] == missing.error
     # The submitter heard of the unreadable messages too (it gave a reply_to).
     unreadable = [
         m

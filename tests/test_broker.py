@@ -14,6 +14,12 @@ import pika
 import pika.exceptions
 import pytest
 
+from services.adapter.dead_letters import (
+    ADAPTER_HEADER,
+    DELIVERY_HEADER,
+    REASON_HEADER,
+    publish_dead_letter,
+)
 from services.broker.connection import (
     PublishError,
     ReplyListener,
@@ -142,6 +148,7 @@ def test_message_returned_too_often_goes_to_the_dead_letter_queue(settings, chan
 
 
 def test_rejected_message_goes_to_the_dead_letter_queue(settings, channel) -> None:
+    """The adapter's fallback when its own dead letter is refused: the broker's, reason-less."""
     topology = QueueTopology.from_settings(settings)
     channel.basic_publish(topology.task_exchange, "study", b"{not a task")
     method, _properties, _body = get_one(channel, topology.task_queue)
@@ -149,6 +156,35 @@ def test_rejected_message_goes_to_the_dead_letter_queue(settings, channel) -> No
     _method, properties, body = get_one(channel, topology.dead_letter_queue)
     assert body == b"{not a task"
     assert properties.headers["x-first-death-reason"] == "rejected"
+
+
+def test_an_adapters_dead_letter_says_why_it_is_there(settings, channel) -> None:
+    """The adapter copies the message to the dead-letter exchange with its reason, confirmed,
+    and only then acks the original: nothing lost, and a human reads why."""
+    topology = QueueTopology.from_settings(settings)
+    task = StudyTask(study_path="uploads/t/gone.zip", original_filename="gone.zip")
+    publish_task(channel, topology, task)
+    method, properties, body = get_one(channel, topology.task_queue)
+    publish_dead_letter(
+        channel,
+        topology,
+        body=body,
+        properties=properties,
+        reason="the study is not in the shared storage (tried 2 times)",
+        adapter_id="adapter-7",
+        attempt=2,
+    )
+    channel.basic_ack(method.delivery_tag)
+    dead_method, dead_properties, dead_body = get_one(channel, topology.dead_letter_queue)
+    channel.basic_ack(dead_method.delivery_tag)
+    assert dead_body == body  # the task itself, unchanged
+    assert decode_message(dead_body, StudyTask, type_name=dead_properties.type) == task
+    headers = dead_properties.headers
+    assert headers[REASON_HEADER] == "the study is not in the shared storage (tried 2 times)"
+    assert headers[ADAPTER_HEADER] == "adapter-7" and headers[DELIVERY_HEADER] == 2
+    assert dead_properties.message_id == task.task_id
+    assert dead_properties.delivery_mode == pika.DeliveryMode.Persistent.value
+    assert channel.queue_declare(topology.task_queue, passive=True).method.message_count == 0
 
 
 def make_result(task_id: str) -> StudyResult:

@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import json
 
+import pika
 import pytest
 
+from services.adapter.dead_letters import (
+    ADAPTER_HEADER,
+    DELIVERY_HEADER,
+    MAX_REASON_CHARS,
+    REASON_HEADER,
+    dead_letter_properties,
+)
 from services.adapter.delivery import (
     MISSING_STUDY_RETRY_DELAY_S,
     UNREADABLE_TASK_NAME,
@@ -18,6 +26,7 @@ from services.adapter.delivery import (
     on_delivery,
     on_malformed,
     on_outcome,
+    with_demo_flag,
 )
 from services.broker.errors import MessageError, PublishError
 from services.broker.schemas import StudyResult, StudyTask, TaskStatus
@@ -108,6 +117,7 @@ def test_a_task_that_killed_every_worker_is_dead_lettered_with_a_failure(task: S
     assert (
         report.failure_reason is not None and "given up after 3 attempts" in report.failure_reason
     )
+    assert decision.reason == report.failure_reason  # the dead letter says why it is there
 
 
 def test_a_finished_study_is_stored_and_acked(task: StudyTask) -> None:
@@ -134,6 +144,7 @@ def test_a_missing_study_is_retried_a_bounded_number_of_times(task: StudyTask) -
     decision = on_outcome(task, error, attempt=3, max_deliveries=MAX_DELIVERIES, adapter_id="a")
     assert decision.action is Action.DEAD_LETTER and decision.store
     assert decision.result is not None and decision.result.error == f"{error} (tried 3 times)"
+    assert decision.reason == decision.result.error
 
 
 def test_a_broken_deployment_stops_the_adapter_and_keeps_the_task(task: StudyTask) -> None:
@@ -170,6 +181,7 @@ def test_a_malformed_message_is_answered_and_dead_lettered() -> None:
     assert decision.result is not None and decision.result.task_id == "abc-123"
     assert decision.result.correlation_id == "corr-9"
     assert decision.result.reports[0].path_to_study == UNREADABLE_TASK_NAME
+    assert decision.reason == "the task message could not be read: invalid StudyTask"
 
 
 def test_failed_result_carries_the_task_and_the_reason(task: StudyTask) -> None:
@@ -180,3 +192,48 @@ def test_failed_result_carries_the_task_and_the_reason(task: StudyTask) -> None:
         "the study is gone",
     )
     assert result.reports[0].failure_reason == "the study is gone"
+
+
+def test_acked_and_requeued_decisions_carry_no_dead_letter_reason(task: StudyTask) -> None:
+    for outcome in (completed(task), ModelServerUnavailable("down"), KeyError("Rows")):
+        decision = on_outcome(
+            task, outcome, attempt=1, max_deliveries=MAX_DELIVERIES, adapter_id="a"
+        )
+        assert decision.action is not Action.DEAD_LETTER and decision.reason == ""
+
+
+def test_a_dead_letter_keeps_the_message_and_adds_why() -> None:
+    original = pika.BasicProperties(
+        content_type="application/json",
+        type="StudyTask",
+        correlation_id="c-1",
+        reply_to="cts.replies.f",
+        message_id="t-1",
+        headers={"schema_version": 1, "x-delivery-count": 3},
+    )
+    properties = dead_letter_properties(
+        original, reason="given up after 3 attempts", adapter_id="host-1", attempt=4
+    )
+    assert properties.headers[REASON_HEADER] == "given up after 3 attempts"
+    assert properties.headers[ADAPTER_HEADER] == "host-1"
+    assert properties.headers[DELIVERY_HEADER] == 4
+    assert properties.headers["schema_version"] == 1  # the original headers stay
+    assert (properties.type, properties.correlation_id, properties.reply_to) == (
+        "StudyTask",
+        "c-1",
+        "cts.replies.f",
+    )
+    assert properties.message_id == "t-1"
+    assert properties.delivery_mode == pika.DeliveryMode.Persistent.value
+    assert original.headers == {"schema_version": 1, "x-delivery-count": 3}  # not changed
+    long = dead_letter_properties(original, reason="x" * 5000, adapter_id="a", attempt=1)
+    assert len(long.headers[REASON_HEADER]) == MAX_REASON_CHARS
+
+
+def test_failure_rows_of_a_demo_deployment_say_so(task: StudyTask) -> None:
+    result = failed_result(task, "the study is gone", adapter_id="a-1", attempt=3)
+    assert result.reports[0].demo_weights is False
+    flagged = with_demo_flag(result, True)
+    assert [report.demo_weights for report in flagged.reports] == [True]
+    assert result.reports[0].demo_weights is False  # a copy, the original is unchanged
+    assert with_demo_flag(flagged, True) is flagged

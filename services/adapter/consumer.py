@@ -16,7 +16,6 @@ consumes again only when they are done, so it never holds more studies than
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import socket
@@ -34,17 +33,17 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from tenacity import stop_when_event_set
 
 from services.adapter import delivery
-from services.adapter.delivery import Action, Decision
+from services.adapter.delivery import Decision
+from services.adapter.execute import Delivery, execute_decision, send_progress
 from services.adapter.housekeeping import HealthFile, sweep_leftovers_forever
 from services.adapter.model_server_wait import RetryingBackend
+from services.adapter.progress import InferenceTimes, ProgressRelay
 from services.adapter.task_runner import run_task
 from services.broker.connection import (
     CONNECTION_ERRORS,
-    PublishError,
     connect,
     declare_topology,
     delivery_count,
-    publish_reply,
 )
 from services.broker.schemas import (
     MessageError,
@@ -90,6 +89,7 @@ class Adapter:
         self._in_flight: set[int] = set()  # delivery tags being processed (I/O thread only)
         self._workers: set[threading.Thread] = set()  # study threads, of any connection
         self.processed = 0  # results published and acked or dead-lettered (tests and logs)
+        self.inference_times = InferenceTimes()  # the model's recent durations: progress by time
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -225,7 +225,7 @@ class Adapter:
         properties: pika.BasicProperties,
         body: bytes,
     ) -> None:
-        tag = method.delivery_tag
+        message = Delivery(method.delivery_tag, properties, body)
         try:
             task: StudyTask = decode_message(
                 body, StudyTask, type_name=properties.type or "StudyTask"
@@ -240,35 +240,41 @@ class Adapter:
                 message_id=properties.message_id,
                 adapter_id=self.adapter_id,
             )
-            self._execute(channel, decision, tag, reply_to=properties.reply_to)
+            self._execute(channel, decision, message, reply_to=properties.reply_to)
             return
-        attempt = delivery_count(properties) + 1
+        message = replace(message, attempt=delivery_count(properties) + 1)
         early = delivery.on_delivery(
             task,
-            attempt=attempt,
+            attempt=message.attempt,
             max_deliveries=self.topology.max_deliveries,
             stored=load_result(self.storage_root, task.task_id),
             adapter_id=self.adapter_id,
         )
         if early is not None:
-            decision = early
-            logger.info("task {}: {}", task.task_id, decision.note)
-            if decision.store and decision.result is not None:
-                stored = store_result_once(self.storage_root, decision.result)
-                decision = replace(decision, result=stored, store=False)
-            self._execute(channel, decision, tag, reply_to=task.reply_to, task=task)
+            logger.info("task {}: {}", task.task_id, early.note)
+            decision = self._store(early)
+            self._execute(channel, decision, message, reply_to=task.reply_to, task=task)
             return
-        logger.info("task {} received (attempt {})", task.task_id, attempt)
-        self._in_flight.add(tag)
+        logger.info("task {} received (attempt {})", task.task_id, message.attempt)
+        self._in_flight.add(message.tag)
         self._send_progress(channel, task, "started", 0.0, f"adapter {self.adapter_id}")
         worker = threading.Thread(
             target=self._work,
-            args=(connection, channel, task, attempt, tag),
+            args=(connection, channel, task, message),
             name=f"study-{task.task_id[:8]}",
             daemon=True,
         )
         self._workers.add(worker)
         worker.start()
+
+    def _store(self, decision: Decision) -> Decision:
+        """Store the decision's result once (when it says so) and return the decision with
+        the task's stored result: the first stored result of a task is its one result."""
+        if not decision.store or decision.result is None:
+            return decision
+        assert self._backend is not None
+        result = delivery.with_demo_flag(decision.result, self._backend.metadata.demo)
+        return replace(decision, result=store_result_once(self.storage_root, result), store=False)
 
     # -- the worker thread -----------------------------------------------------------------
 
@@ -277,20 +283,18 @@ class Adapter:
         connection: BlockingConnection,
         channel: BlockingChannel,
         task: StudyTask,
-        attempt: int,
-        tag: int,
+        message: Delivery,
     ) -> None:
-        def progress(stage: str, fraction: float, message: str) -> None:
-            callback = functools.partial(
-                self._send_progress, channel, task, stage, fraction, message
-            )
+        def send(stage: str, fraction: float, text: str) -> None:
+            callback = functools.partial(self._send_progress, channel, task, stage, fraction, text)
             self._call_on_io_thread(connection, callback)
 
+        progress = ProgressRelay(send)
         assert self._backend is not None
         backend = RetryingBackend(
             self._backend,
             self._stop,
-            on_retry=lambda message: progress("retrying", 0.5, message),
+            on_retry=progress.retrying,
             maximum_delay_s=self.retry_maximum_delay_s,
             wait_limit_s=self.settings.inference.model_server_wait_limit_s,
         )
@@ -301,8 +305,9 @@ class Adapter:
                 backend=backend,
                 settings=self.settings,
                 adapter_id=self.adapter_id,
-                attempt=attempt,
+                attempt=message.attempt,
                 progress=progress,
+                inference_times=self.inference_times,
             )
         except Exception as error:  # noqa: BLE001 - the delivery rules decide what it means
             if not isinstance(error, WorkInterrupted):
@@ -311,17 +316,14 @@ class Adapter:
         decision = delivery.on_outcome(
             task,
             outcome,
-            attempt=attempt,
+            attempt=message.attempt,
             max_deliveries=self.topology.max_deliveries,
             adapter_id=self.adapter_id,
         )
-        if decision.store and decision.result is not None:
-            # Stored before it is published and acked: if this process dies in between, the
-            # redelivered task finds the result and republishes it. If another delivery of
-            # the task stored first, that result is the one published (one result per task).
-            decision = replace(
-                decision, result=store_result_once(self.storage_root, decision.result), store=False
-            )
+        # Stored before it is published and acked: if this process dies in between, the
+        # redelivered task finds the result and republishes it. If another delivery of the
+        # task stored first, that result is the one published (one result per task).
+        decision = self._store(decision)
         if decision.delay_s:
             self._stop.wait(decision.delay_s)  # a stop gives it back at once
         transfer = getattr(self._backend, "stats", None)  # TritonBackend: bytes by transport
@@ -338,7 +340,7 @@ class Adapter:
         self._call_on_io_thread(
             connection,
             functools.partial(
-                self._execute, channel, decision, tag, reply_to=task.reply_to, task=task
+                self._execute, channel, decision, message, reply_to=task.reply_to, task=task
             ),
         )
 
@@ -358,54 +360,36 @@ class Adapter:
         self,
         channel: BlockingChannel,
         decision: Decision,
-        tag: int,
+        message: Delivery,
         *,
         reply_to: str | None,
         task: StudyTask | None = None,
     ) -> None:
-        """Publish the decision's result, then ack, give back or dead-letter the message."""
-        self._in_flight.discard(tag)
-        if not channel.is_open:
-            return
-        if decision.result is not None and reply_to:
-            correlation_id = task.reply_correlation_id if task else decision.result.correlation_id
-            try:
-                publish_reply(
-                    channel, decision.result, reply_to=reply_to, correlation_id=correlation_id
-                )
-            except PublishError as error:
-                # The submitter's queue is gone; a stored result stays in storage for it.
-                logger.warning(
-                    "result of task {} not delivered: {}", decision.result.task_id, error
-                )
-        if decision.action is Action.ACK:
-            channel.basic_ack(tag)
-        elif decision.action is Action.REQUEUE:
-            channel.basic_nack(tag, requeue=True)
-            return
-        else:
-            channel.basic_reject(tag, requeue=False)  # to the dead-letter queue, for a human
-        if task is not None:
+        self._in_flight.discard(message.tag)
+        finished = execute_decision(
+            channel,
+            decision,
+            message,
+            topology=self.topology,
+            adapter_id=self.adapter_id,
+            reply_to=reply_to,
+            correlation_id=task.reply_correlation_id if task else None,
+        )
+        if finished and task is not None:
             self.processed += 1
 
     def _send_progress(
         self, channel: BlockingChannel, task: StudyTask, stage: str, fraction: float, message: str
     ) -> None:
-        if not task.reply_to or not channel.is_open:
-            return
-        update = StudyProgress(
-            task_id=task.task_id,
-            correlation_id=task.reply_correlation_id,
-            stage=stage,
-            fraction=fraction,
-            message=message,
-            adapter_id=self.adapter_id,
-        )
-        with contextlib.suppress(PublishError):  # progress is best effort
-            publish_reply(
-                channel,
-                update,
-                reply_to=task.reply_to,
+        send_progress(
+            channel,
+            task,
+            StudyProgress(
+                task_id=task.task_id,
                 correlation_id=task.reply_correlation_id,
-                persistent=False,
-            )
+                stage=stage,
+                fraction=fraction,
+                message=message,
+                adapter_id=self.adapter_id,
+            ),
+        )

@@ -46,7 +46,7 @@ UNREADABLE_TASK_NAME = "(unreadable task message)"
 class Action(str, Enum):
     ACK = "ack"  # done: the message leaves the queue
     REQUEUE = "requeue"  # given back: a later delivery tries again
-    DEAD_LETTER = "dead_letter"  # rejected without requeue: the dead-letter queue, for a human
+    DEAD_LETTER = "dead_letter"  # to the dead-letter queue with its reason, for a human
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ class Decision:
     delay_s: float = 0.0  # wait before giving the message back
     stop_adapter: bool = False  # the deployment is broken: stop taking tasks
     note: str = ""  # for the log line; never patient data
+    # Why a dead-lettered message is there: its x-cts-reason header (services/adapter/dead_letters.py).
+    reason: str = ""
 
 
 def failure_report(task: StudyTask, reason: str) -> StudyReport:
@@ -93,6 +95,15 @@ def failed_result(
     )
 
 
+def with_demo_flag(result: StudyResult, demo: bool) -> StudyResult:
+    """The result with every row saying whether the deployment's model is a demo (a task
+    that failed before the pipeline ran has rows the pipeline never flagged)."""
+    if all(report.demo_weights == demo for report in result.reports):
+        return result
+    reports = [report.model_copy(update={"demo_weights": demo}) for report in result.reports]
+    return result.model_copy(update={"reports": reports})
+
+
 def on_delivery(
     task: StudyTask,
     *,
@@ -110,7 +121,7 @@ def on_delivery(
             "processing this study every time"
         )
         result = failed_result(task, reason, adapter_id=adapter_id, attempt=attempt)
-        return Decision(Action.DEAD_LETTER, result=result, store=True, note=reason)
+        return Decision(Action.DEAD_LETTER, result=result, store=True, note=reason, reason=reason)
     return None
 
 
@@ -134,14 +145,14 @@ def on_outcome(
                 delay_s=MISSING_STUDY_RETRY_DELAY_S,
                 note=f"study not in the shared storage (attempt {attempt}): given back",
             )
-        result = failed_result(
-            task, f"{error} (tried {attempt} times)", adapter_id=adapter_id, attempt=attempt
-        )
+        reason = f"{error} (tried {attempt} times)"
+        result = failed_result(task, reason, adapter_id=adapter_id, attempt=attempt)
         return Decision(
             Action.DEAD_LETTER,
             result=result,
             store=True,
             note="study not in the shared storage: given up",
+            reason=reason,
         )
     if policy is ErrorPolicy.RETRY_LATER:
         what = "the adapter is stopping" if isinstance(error, WorkInterrupted) else repr(error)
@@ -203,4 +214,4 @@ def on_malformed(
         error=reason,
         adapter_id=adapter_id,
     )
-    return Decision(Action.DEAD_LETTER, result=result, note="malformed task message")
+    return Decision(Action.DEAD_LETTER, result=result, note="malformed task message", reason=reason)
