@@ -148,3 +148,24 @@ def test_empty_report_list_still_writes_valid_files(tmp_path):
     header, rows = _rows(files.xlsx)
     assert tuple(header[:7]) == REPORT_COLUMNS and rows == []
     assert files.json_files == []
+
+
+def test_xlsx_is_readable_as_is_widths_filter_frozen_header(tmp_path):
+    failure = _failure().model_copy(update={"demo_weights": True})
+    files = write_reports([_success(), failure], tmp_path)
+    sheet = load_workbook(files.xlsx)[REPORT_SHEET]
+    header = [cell.value for cell in sheet[1]]
+    assert sheet.freeze_panes == "B2"
+    assert sheet.auto_filter.ref == f"A1:{sheet.cell(row=1, column=len(header)).column_letter}3"
+    widths = {
+        name: sheet.column_dimensions[sheet.cell(row=1, column=index).column_letter].width
+        for index, name in enumerate(header, start=1)
+    }
+    assert widths["path_to_study"] >= len(f"incoming/{PATIENT_NAME}.zip")
+    assert widths["probability_of_pathology"] >= len("probability_of_pathology")
+    assert all(8 <= width <= 60 for width in widths.values())
+    status = header.index("processing_status") + 1
+    assert sheet.cell(row=3, column=status).font.color.rgb.endswith("C00000")  # Failure in red
+    # A Failure row of a demo deployment carries the flag and the notice like the others.
+    _, (_success_row, failure_row) = _rows(files.xlsx)
+    assert failure_row["demo_weights"] == 1 and failure_row["notice"] == DEMO_NOTICE

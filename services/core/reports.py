@@ -17,7 +17,9 @@ from typing import Any
 
 from openpyxl import Workbook
 from openpyxl.comments import Comment
-from openpyxl.styles import Font, PatternFill
+from openpyxl.styles import Alignment, Font, PatternFill
+from openpyxl.utils import get_column_letter
+from openpyxl.worksheet.worksheet import Worksheet
 
 from services.core.labels import FINDING_LABELS
 from services.core.schemas import REPORT_COLUMNS, StudyReport
@@ -84,6 +86,51 @@ def _labels_of(reports: Sequence[StudyReport]) -> list[str]:
     return list(FINDING_LABELS)
 
 
+# Column widths in characters: wide enough for the header or the longest value, within limits
+# (a UID is 64 characters; the warnings and failure reason wrap instead of spreading).
+MIN_COLUMN_WIDTH = 8
+MAX_COLUMN_WIDTH = 48
+WRAPPED_COLUMNS = ("warnings", "failure_reason", "notice")
+WRAPPED_WIDTH = 60
+FAILURE_FONT = Font(bold=True, color="C00000")
+PATHOLOGY_FILL = PatternFill("solid", fgColor="FFE0B2")
+
+
+def _cell_text_length(value: object) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, float):
+        return len(f"{value:.4f}")
+    return len(str(value))
+
+
+def format_report_sheet(sheet: Worksheet, columns: Sequence[str]) -> None:
+    """Widths, a frozen header and first column, an autofilter, Failure and pathology marks."""
+    for index, name in enumerate(columns, start=1):
+        letter = get_column_letter(index)
+        if name in WRAPPED_COLUMNS:
+            sheet.column_dimensions[letter].width = WRAPPED_WIDTH
+            for row in sheet.iter_rows(min_row=2, min_col=index, max_col=index):
+                row[0].alignment = Alignment(wrap_text=True, vertical="top")
+            continue
+        longest = max(
+            _cell_text_length(row[0])
+            for row in sheet.iter_rows(min_col=index, max_col=index, values_only=True)
+        )
+        sheet.column_dimensions[letter].width = min(
+            max(longest + 2, MIN_COLUMN_WIDTH), MAX_COLUMN_WIDTH
+        )
+    sheet.freeze_panes = "B2"  # the header and the study's path stay in view
+    sheet.auto_filter.ref = sheet.dimensions
+    status = columns.index("processing_status") + 1
+    pathology = columns.index("pathology") + 1
+    for row in sheet.iter_rows(min_row=2):
+        if row[status - 1].value == "Failure":
+            row[status - 1].font = FAILURE_FONT
+        if row[pathology - 1].value == 1:
+            row[pathology - 1].fill = PATHOLOGY_FILL
+
+
 def write_xlsx(reports: Sequence[StudyReport], path: Path) -> Path:
     labels = _labels_of(reports)
     workbook = Workbook()
@@ -95,7 +142,7 @@ def write_xlsx(reports: Sequence[StudyReport], path: Path) -> Path:
         cell.font = Font(bold=True)
     for report in reports:
         sheet.append(report_row(report, labels))
-    sheet.freeze_panes = "A2"
+    format_report_sheet(sheet, columns)
     demo = any(report.demo_weights for report in reports)
     if demo:
         # Visible where the numbers are: the notice column is red, the header carries a comment.
