@@ -115,7 +115,12 @@ def test_folder_run_writes_reports_and_model_inputs(fixtures_dir, tiny_model_rep
     assert len({row["study_uid"] for row in rows}) == 3
     # Identical images in both studies: identical model inputs and probabilities.
     assert rows[1]["probability_of_pathology"] == pytest.approx(rows[2]["probability_of_pathology"])
-    assert sorted(p.name for p in saved.iterdir()) == ["two_studies_0.npy", "two_studies_1.npy"]
+    assert sorted(p.name for p in saved.iterdir()) == [
+        "two_studies_0.bpr.npy",  # the body-part regression input of every slice
+        "two_studies_0.npy",
+        "two_studies_1.bpr.npy",
+        "two_studies_1.npy",
+    ]
     first, second = (np.load(saved / f"two_studies_{i}.npy") for i in (0, 1))
     assert first.shape == (1, 1, 24, 40, 40) and first.dtype == np.float32
     np.testing.assert_array_equal(first, second)

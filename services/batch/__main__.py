@@ -67,7 +67,8 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "--save-model-input",
         type=Path,
         metavar="DIR",
-        help="also save each study's model input as DIR/<input name>.npy",
+        help="also save each study's model input as DIR/<input name>.npy and the body-part "
+        "regression input of every slice as DIR/<input name>.bpr.npy",
     )
     parser.add_argument("--config", type=Path, help="config file (default: configs/config.yaml)")
     parser.add_argument(
