@@ -1,218 +1,209 @@
-"""Every stage of the embedded pipeline on one study zip, with the reference baselines.
+"""A study through ``process_input`` in this process, or in a fresh one (README: "End to end").
 
-The stages are the pipeline's own functions called in the order ``services.core.pipeline``
-calls them, each timed and its peak memory taken (see ``benchmarks.measure``):
+    .venv/bin/python -m benchmarks.embedded STUDY.zip [--runs N] [--repository DIR]
+        [--as-adapter] [--triton-url HOST:PORT]
 
-    intake -> headers (+ series selection) -> volume (decode + geometry) -> chest check
-    -> preprocessing -> encoder -> heads -> report (findings + xlsx/json/warnings files)
-
-In the same repetition, on the same extracted files, the reference implementation reads
-the series (``reference read`` vs headers + volume) and preprocesses it with torch
-(``reference preprocessing`` vs preprocessing); its output is compared with ours.
+The command screens one study ``--runs`` times in a new process (as an adapter's task with
+``--as-adapter``; the model served by Triton with ``--triton-url``), applying
+``memory.keep_freed_memory`` as the batch and the adapters do, and prints JSON: seconds,
+stage clocks, resident memory before the first study and its peak.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
 import time
-from dataclasses import dataclass, field
+import uuid
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-import torch
+from loguru import logger
 
-from benchmarks.measure import StageRecorder, peak_rss_mib, reset_peak_rss, rss_mib
-from benchmarks.reference import preprocess_with_torch, read_series_plainly
-from services.core.chest_check import check_chest
-from services.core.config import Settings
-from services.core.dicom import load_volume, read_studies, select_series
-from services.core.findings import resolve_thresholds
-from services.core.inference.base import ModelOutputs
-from services.core.inference.base import pathology_probabilities as pathology_column
-from services.core.inference.onnxruntime_backend import (
-    OnnxRuntimeBackend,
-    onnx_paths,
-    session_options,
-)
-from services.core.intake import collect_dicom_files
-from services.core.model_metadata import (
-    BINARY_HEAD_NAME,
-    ENCODER_NAME,
-    MULTILABEL_HEAD_NAME,
-    read_metadata,
-)
+from benchmarks import PROJECT_ROOT
+from benchmarks.measure import MIB, status_mib, table_row
+from benchmarks.studies import STUDY_300, STUDY_600
+from services.core.config import Settings, load_settings
+from services.core.inference import create_backend
+from services.core.inference.base import InferenceBackend
+from services.core.model_metadata import read_metadata
 from services.core.pipeline import (
-    PreparedStudy,
-    finish_study,
+    PipelineEvents,
+    prepare_studies,
     preprocessing_target,
     process_input,
 )
-from services.core.preprocessing import preprocess_volume, to_model_input
+from services.core.pipeline.events import NO_EVENTS
+from services.core.process_memory import apply_memory_settings
 from services.core.reports import write_reports
 from services.core.schemas import ProcessingStatus, StudyReport
 
-PIPELINE_STAGES = (
-    "intake",
-    "headers",
-    "volume",
-    "chest check",
-    "preprocessing",
-    "encoder",
-    "heads",
-    "report",
-)
-REFERENCE_STAGES = ("reference read", "reference preprocessing")
+FRESH_TITLE = "end to end, fresh process, memory.keep_freed_memory: "
+# glibc reads these at start-up; the comparison must come from the setting alone.
+MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX")
 
 
-@dataclass
-class StudyResult:
-    name: str
-    n_files: int
-    volume_shape: tuple[int, ...]
-    recorder: StageRecorder
-    reference_max_abs_diff: float  # torch reference vs our preprocessing
-    end_to_end_s: float  # process_input, whole study, same backend
-    end_to_end_peak_mib: float  # peak RSS during process_input above its start
-    end_to_end_stages: dict[str, float] = field(default_factory=dict)
+def benchmark_settings(repository: Path | None, environ: dict[str, str] | None = None) -> Settings:
+    """The configured settings (config file only, unless ``environ`` is given), with
+    ``repository`` as the model repository when given."""
+    settings = load_settings(environ={} if environ is None else environ)
+    if repository is not None:
+        settings.inference.model_repository = Path(repository).resolve()
+    return settings
 
 
-class ModelSessions:
-    """The encoder and the heads as the backend configures them, run stage by stage."""
-
-    def __init__(self, repository: Path, threads: int) -> None:
-        options = session_options(threads)
-        paths = onnx_paths(repository)
-        providers = ["CPUExecutionProvider"]
-        self.sessions = {
-            name: ort.InferenceSession(str(paths[name]), options, providers=providers)
-            for name in (ENCODER_NAME, BINARY_HEAD_NAME, MULTILABEL_HEAD_NAME)
-        }
-
-    def _run(self, name: str, array: np.ndarray) -> np.ndarray:
-        session = self.sessions[name]
-        return session.run(None, {session.get_inputs()[0].name: array})[0]
-
-    def encoder(self, model_input: np.ndarray) -> np.ndarray:
-        return self._run(ENCODER_NAME, model_input)
-
-    def heads(self, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._run(BINARY_HEAD_NAME, embedding), self._run(MULTILABEL_HEAD_NAME, embedding)
-
-
-def benchmark_study(
-    study_zip: Path,
+def run_study(
+    study: Path,
     *,
+    backend: InferenceBackend,
     settings: Settings,
-    sessions: ModelSessions,
-    backend: OnnxRuntimeBackend,
-    repetitions: int,
-    torch_threads: int,
-) -> StudyResult:
-    """``repetitions`` timed passes over every stage after one warm-up pass (memory only)."""
-    torch.set_num_threads(torch_threads)
-    metadata = read_metadata(settings.inference.model_repository)
-    target = preprocessing_target(metadata)
-    thresholds = resolve_thresholds(metadata, settings.inference)
-    recorder = StageRecorder()
-    max_diff = 0.0
-    n_files = 0
-    shape: tuple[int, ...] = ()
-    for repetition in range(repetitions + 1):
-        recorder.timed = repetition > 0
-        work_dir = Path(tempfile.mkdtemp(prefix="cts-bench-"))
-        try:
-            with recorder.stage("intake"):
-                intake = collect_dicom_files(study_zip, work_dir / "files", settings.intake)
-            with recorder.stage("headers"):
-                (study,) = read_studies(intake.dicom_files, intake.summary)
-                series = select_series(study, settings.series_selection).selected
-            assert series is not None, "the benchmark study has no usable series"
-            with recorder.stage("volume"):
-                volume, quality, warnings = load_volume(series, settings.quality)
-            with recorder.stage("chest check"):
-                evidence = check_chest(study, series, volume, settings.chest_check)
-            assert evidence.is_chest, evidence.reason
-            with recorder.stage("preprocessing"):
-                model_input = to_model_input(preprocess_volume(volume, target))
-            shape, n_files = volume.hu.shape, len(intake.dicom_files)
-            del volume
-            with recorder.stage("encoder"):
-                embedding = sessions.encoder(model_input)
-            with recorder.stage("heads"):
-                pathology, findings = sessions.heads(embedding)
-            with recorder.stage("report"):
-                prepared = PreparedStudy(
-                    report=StudyReport(
-                        path_to_study=study_zip.name,
-                        study_uid=study.study_uid,
-                        series_uid=series.series_uid,
-                        processing_status=ProcessingStatus.FAILURE,
-                        intake=intake.summary,
-                        quality=quality,
-                        chest_check=evidence,
-                        warnings=warnings,
-                    ),
-                    model_input=None,
-                    index=0,
-                    n_studies=1,
-                    shared_seconds=0.0,
-                )
-                outputs = ModelOutputs(
-                    embedding=embedding,
-                    pathology_probability=pathology_column(pathology),
-                    finding_probabilities=np.asarray(findings, dtype=np.float32),
-                )
-                report = finish_study(
-                    prepared,
-                    outputs,
-                    metadata=metadata,
-                    thresholds=thresholds,
-                    backend_name="onnxruntime",
-                    inference_seconds=0.0,
-                )
-                write_reports([report], work_dir / "report")
-
-            # The reference runs after the whole pipeline, as a separate program would.
-            with recorder.stage("reference read"):
-                hu, spacing = read_series_plainly(intake.dicom_files)
-            with recorder.stage("reference preprocessing"):
-                reference = preprocess_with_torch(hu, spacing, target)
-            del hu
-            max_diff = max(max_diff, float(np.abs(reference - model_input[0, 0]).max()))
-            del reference, model_input
-        finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
-
-    end_to_end_s, end_to_end_peak, stages = _end_to_end(study_zip, settings, backend)
-    return StudyResult(
-        name=study_zip.name,
-        n_files=n_files,
-        volume_shape=tuple(shape),
-        recorder=recorder,
-        reference_max_abs_diff=max_diff,
-        end_to_end_s=end_to_end_s,
-        end_to_end_peak_mib=end_to_end_peak,
-        end_to_end_stages=stages,
+    output: Path | None = None,
+    events: PipelineEvents = NO_EVENTS,
+) -> tuple[float, StudyReport]:
+    """A one-study input through ``process_input`` (and ``write_reports`` into ``output``):
+    the wall seconds and the report."""
+    started = time.perf_counter()
+    reports = process_input(
+        study, backend=backend, settings=settings, display_name=study.name, events=events
     )
+    if output is not None:
+        write_reports(reports, output)
+    seconds = time.perf_counter() - started
+    return seconds, screened(reports[0], study)
 
 
-def _end_to_end(
-    study_zip: Path, settings: Settings, backend: OnnxRuntimeBackend
-) -> tuple[float, float, dict[str, float]]:
-    """The whole study through ``process_input`` and ``write_reports``, once."""
-    with tempfile.TemporaryDirectory(prefix="cts-bench-report-") as output:
-        reset_peak_rss()
-        start_rss = rss_mib()
+def screened(report: StudyReport, study: Path) -> StudyReport:
+    """The report of a study that was screened; a Failure row is an error here, because the
+    benchmark studies must be screened."""
+    if report.processing_status is not ProcessingStatus.SUCCESS or report.quality is None:
+        raise RuntimeError(f"{study.name}: {report.failure_reason}")
+    return report
+
+
+def model_input_of(source: Path, settings: Settings) -> np.ndarray:
+    """The model input of a one-study input (zip or folder), as the pipeline prepares it."""
+    target = preprocessing_target(read_metadata(settings.inference.model_repository))
+    ready = [
+        prepared.model_input
+        for prepared in prepare_studies(source, settings=settings, target=target)
+        if prepared.model_input is not None
+    ]
+    if not ready:
+        raise RuntimeError(f"{source.name}: no study reached the model input")
+    return ready[0]
+
+
+def _adapter_task(study: Path, backend: InferenceBackend, settings: Settings) -> StudyReport:
+    """The study as an adapter's task (report files and previews included); the storage
+    root is the study's folder."""
+    from services.adapter.model_server_wait import RetryingBackend
+    from services.adapter.task_runner import run_task
+    from services.broker.schemas import StudyTask
+
+    settings.storage.root = study.parent
+    task = StudyTask(task_id=uuid.uuid4().hex, study_path=study.name, original_filename=study.name)
+    waiting = RetryingBackend(backend, threading.Event())
+    result = run_task(task, backend=waiting, settings=settings, adapter_id="benchmark", attempt=1)
+    return screened(result.reports[0], study)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", type=Path)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--repository", type=Path)
+    parser.add_argument("--as-adapter", action="store_true", help="run it as an adapter's task")
+    parser.add_argument("--triton-url", help="the model served by this Triton (default: here)")
+    arguments = parser.parse_args(argv)
+    logger.remove()
+    settings = benchmark_settings(arguments.repository, environ=dict(os.environ))
+    apply_memory_settings(settings.memory)  # as the batch and the adapters do
+    settings.inference.backend = "triton" if arguments.triton_url else "onnxruntime"
+    if arguments.triton_url:
+        settings.inference.triton_url = arguments.triton_url
+        settings.inference.triton_timeout_s = 1800  # a CPU Triton is slow on the full model
+    backend = create_backend(settings)
+    baseline_rss = status_mib("VmRSS")
+    seconds, stages = [], []
+    for _ in range(arguments.runs):
         started = time.perf_counter()
-        reports = process_input(
-            study_zip, backend=backend, settings=settings, display_name=study_zip.name
-        )
-        write_reports(reports, Path(output))
-        seconds = time.perf_counter() - started
-        peak = peak_rss_mib() - start_rss
-    (report,) = reports
-    if report.processing_status is not ProcessingStatus.SUCCESS:
-        raise RuntimeError(f"{study_zip.name}: {report.failure_reason}")
-    return seconds, peak, dict(report.stage_seconds)
+        if arguments.as_adapter:
+            report = _adapter_task(arguments.study, backend, settings)
+        else:
+            report = run_study(arguments.study, backend=backend, settings=settings)[1]
+        seconds.append(time.perf_counter() - started)
+        stages.append(report.stage_seconds)
+    # VmHWM, not getrusage: Linux carries ru_maxrss over exec from the parent.
+    peak_rss = status_mib("VmHWM")
+    memory = {
+        "baseline_rss_bytes": round(baseline_rss * MIB),
+        "peak_rss_bytes": round(peak_rss * MIB),
+    }
+    print(json.dumps({"seconds": seconds, "stages": stages, **memory}))
+    backend.close()
+    return 0
+
+
+def run_in_fresh_process(
+    study: Path,
+    runs: int,
+    *,
+    keep_freed_memory: bool | None = None,
+    repository: Path | None = None,
+    options: tuple[str, ...] = (),
+) -> dict:
+    """``python -m benchmarks.embedded`` in a new process (``options`` are its flags), with
+    ``memory.keep_freed_memory`` set when given (else as configured)."""
+    environment = {key: value for key, value in os.environ.items() if key not in MALLOC_VARIABLES}
+    if keep_freed_memory is not None:
+        environment["CTS__MEMORY__KEEP_FREED_MEMORY"] = "true" if keep_freed_memory else "false"
+    command = [sys.executable, "-m", "benchmarks.embedded", str(study), "--runs", str(runs)]
+    if repository is not None:
+        command += ["--repository", str(repository)]
+    completed = subprocess.run(
+        [*command, *options], cwd=PROJECT_ROOT, env=environment, capture_output=True, text=True
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"the measured process failed:\n{completed.stderr[-4000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def fresh_process_rows(studies: dict[str, Path], repository: Path, *, quick: bool) -> list[str]:
+    """process_input in fresh processes, memory.keep_freed_memory off and on, alternating."""
+    runs, rounds = (2, 1) if quick else (4, 2)
+    first: dict[tuple[bool, str], list[float]] = {}
+    later: dict[tuple[bool, str], list[float]] = {}
+    for name, study in studies.items():
+        for round_number in range(rounds):
+            for keep in (False, True) if round_number % 2 == 0 else (True, False):
+                print(f"end to end: {name}, keep freed memory {keep} ...", flush=True)
+                result = run_in_fresh_process(
+                    study.resolve(), runs, keep_freed_memory=keep, repository=repository
+                )
+                first.setdefault((keep, name), []).append(result["seconds"][0])
+                later.setdefault((keep, name), []).extend(result["seconds"][1:])
+    notes = (
+        f"{rounds} processes each, alternating, x {runs} studies: median of the later "
+        "studies (a long-running batch or adapter), and of the first"
+    )
+    rows = []
+    for keep in (False, True):
+        cells = [
+            f"{statistics.median(later[keep, name]):.2f} s "
+            f"(first study {statistics.median(first[keep, name]):.2f} s)"
+            if (keep, name) in later
+            else "-"
+            for name in (STUDY_300.name, STUDY_600.name)
+        ]
+        setting = "true (the default)" if keep else "false (glibc's default malloc)"
+        rows.append(table_row(f"{FRESH_TITLE}{setting}", *cells, "", notes))
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())

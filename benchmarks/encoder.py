@@ -1,41 +1,94 @@
-"""The encoder alone: session configurations compared, operator profile, INT8 tolerance.
+"""The encoder alone: sessions compared, operator profile, reduced precision, providers.
 
-Other processes may share the CPU, so candidates run interleaved (A, B, A, B, ...) on the
-same input in one process and the medians are compared; the fastest run is reported too.
+``benchmarks.run`` takes its encoder rows from here; candidates run interleaved on the same
+input (the machine may be shared). The command measures the encoder on each execution
+provider with parity against FP32 on the CPU (the GPU measurement; README: "GPU"):
+
+    .venv/bin/python -m benchmarks.encoder [--repository DIR] [--json OUT.json]
+        [--providers cpu cuda tensorrt-fp16] [--batches 1 2 4] [--runs 5]
+        [--input MODEL_INPUT.npy | --study ZIP | --synthetic]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
-from services.core.inference.onnxruntime_backend import session_options
+from benchmarks.embedded import benchmark_settings, model_input_of
+from benchmarks.studies import DATA_DIR, STUDY_300, ensure_studies
+from services.core.inference.onnxruntime_backend import onnx_paths, session_options
+from services.core.model_metadata import ENCODER_NAME, read_metadata
 
-PROVIDERS = ["CPUExecutionProvider"]
+CPU = ["CPUExecutionProvider"]
+MIN_COSINE = 0.999
+MAX_ABS_DIFF = 0.01
+WIRE_NOISE = 1e-6  # the input perturbation that shows how sensitive the embedding is
+PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt-fp16": "TensorrtExecutionProvider",
+}
+PROFILE = (("min", 1), ("opt", 2), ("max", 4))  # TensorRT's optimisation profile: batches
+
+
+@dataclass(frozen=True)
+class Agreement:
+    input_name: str
+    cosine: float
+    max_abs_diff: float
+
+    @property
+    def within_tolerance(self) -> bool:
+        return self.cosine >= MIN_COSINE and self.max_abs_diff <= MAX_ABS_DIFF
+
+
+def agreement(name: str, reference: np.ndarray, candidate: np.ndarray) -> Agreement:
+    a, b = reference.ravel().astype(np.float64), candidate.ravel().astype(np.float64)
+    cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    return Agreement(name, cosine, float(np.abs(a - b).max()))
+
+
+def _run(session: ort.InferenceSession, volume: np.ndarray) -> np.ndarray:
+    return session.run(None, {session.get_inputs()[0].name: volume})[0]
+
+
+def bare_options() -> ort.SessionOptions:
+    """onnxruntime's defaults, as a straightforward script gets them."""
+    return ort.SessionOptions()
+
+
+def configured_options() -> ort.SessionOptions:
+    """The backend's session options (services.core.inference.onnxruntime_backend)."""
+    return session_options(0)
 
 
 @dataclass(frozen=True)
 class Candidate:
     label: str
     path: Path
-    options: Callable[[], ort.SessionOptions]
+    options: Callable[[], ort.SessionOptions] = configured_options
+    providers: list = field(default_factory=lambda: CPU)
 
 
 @dataclass
 class CandidateResult:
     label: str
-    seconds: list[float]
-    embedding: np.ndarray
+    provider: str  # the session's first provider: the one that runs the graph
     session_start_s: float
+    first_run_s: float  # the warm-up run: allocations, engine builds
+    embedding: np.ndarray  # of the warm-up run
+    seconds: list[float] = field(default_factory=list)
 
     @property
     def median_s(self) -> float:
@@ -46,32 +99,20 @@ class CandidateResult:
         return min(self.seconds)
 
 
-def bare_options() -> ort.SessionOptions:
-    """onnxruntime's defaults, as a straightforward script gets them."""
-    return ort.SessionOptions()
-
-
-def configured_options(threads: int = 0) -> Callable[[], ort.SessionOptions]:
-    """The backend's session options (services.core.inference.onnxruntime_backend)."""
-    return lambda: session_options(threads)
-
-
-def _run(session: ort.InferenceSession, volume: np.ndarray) -> np.ndarray:
-    return session.run(None, {session.get_inputs()[0].name: volume})[0]
-
-
 def compare(candidates: list[Candidate], volume: np.ndarray, runs: int) -> list[CandidateResult]:
     """Every candidate ``runs`` times, interleaved, after one warm-up run each."""
     sessions, results = [], []
     for candidate in candidates:
         started = time.perf_counter()
         session = ort.InferenceSession(
-            str(candidate.path), candidate.options(), providers=PROVIDERS
+            str(candidate.path), candidate.options(), providers=candidate.providers
         )
         start_s = time.perf_counter() - started
-        embedding = _run(session, volume)  # warm-up: first-run allocations
+        embedding = _run(session, volume)
+        first_s = time.perf_counter() - started - start_s
         sessions.append(session)
-        results.append(CandidateResult(candidate.label, [], embedding, start_s))
+        provider = session.get_providers()[0]
+        results.append(CandidateResult(candidate.label, provider, start_s, first_s, embedding))
     for _ in range(runs):
         for session, result in zip(sessions, results, strict=True):
             started = time.perf_counter()
@@ -90,71 +131,192 @@ class OperatorShare:
 
 def profile_operators(path: Path, volume: np.ndarray, runs: int = 2) -> list[OperatorShare]:
     """Operator time per run from onnxruntime's profiler, the warm-up run left out."""
-    options = session_options(0)
+    options = configured_options()
     options.enable_profiling = True
     with tempfile.TemporaryDirectory(prefix="cts-ort-profile-") as folder:
         options.profile_file_prefix = str(Path(folder) / "encoder")
-        session = ort.InferenceSession(str(path), options, providers=PROVIDERS)
+        session = ort.InferenceSession(str(path), options, providers=CPU)
         for _ in range(runs + 1):
             _run(session, volume)
         events = json.loads(Path(session.end_profiling()).read_text())
-    model_runs = sorted(
-        (event for event in events if event.get("name") == "model_run"),
-        key=lambda e: e["ts"],
-    )
-    warm_up_end = model_runs[0]["ts"] + model_runs[0]["dur"]
+    first = min((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
     seconds: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     for event in events:
         if (
             event.get("cat") == "Node"
             and event.get("name", "").endswith("_kernel_time")
-            and event["ts"] > warm_up_end
+            and event["ts"] > first["ts"] + first["dur"]
         ):
             op_type = event["args"].get("op_name", "?")
             seconds[op_type] += event["dur"] / 1e6 / runs
             counts[op_type] += 1
     total = sum(seconds.values()) or 1.0
-    return sorted(
-        (
-            OperatorShare(op, value, value / total, counts[op] // runs)
-            for op, value in seconds.items()
-        ),
-        key=lambda share: -share.seconds,
-    )
+    shares = [OperatorShare(op, s, s / total, counts[op] // runs) for op, s in seconds.items()]
+    return sorted(shares, key=lambda share: -share.seconds)
 
 
-@dataclass(frozen=True)
-class Agreement:
-    input_name: str
-    cosine: float
-    max_abs_diff: float
-
-
-def agreement(name: str, reference: np.ndarray, candidate: np.ndarray) -> Agreement:
-    a, b = reference.ravel().astype(np.float64), candidate.ravel().astype(np.float64)
-    cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-    return Agreement(name, cosine, float(np.abs(a - b).max()))
-
-
-def quantise_dynamic_int8(source: Path, output: Path, exclude: list[str] | None = None) -> Path:
-    """INT8 dynamic quantisation of the MatMuls with constant weights (onnxruntime's tool)."""
-    import onnx
+def int8_check(
+    path: Path, inputs: dict[str, np.ndarray], codebook_size: int, runs: int = 2
+) -> tuple[CandidateResult, CandidateResult, list[Agreement]]:
+    """onnxruntime's dynamic INT8 quantisation of the MatMul weights, the vector quantiser's
+    codebook product kept FP32: FP32 and INT8 timed interleaved on the first input, and
+    the embeddings' agreement on every input."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # The exporter's stale value_info entries fail the quantiser's shape inference.
-    model = onnx.load(str(source))
-    del model.graph.value_info[:]
-    cleaned = output.with_name("fp32_for_quantisation.onnx")
-    onnx.save(model, str(cleaned))
-    del model
-    quantize_dynamic(
-        str(cleaned),
-        str(output),
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul"],
-        nodes_to_exclude=exclude or [],
-        extra_options={"MatMulConstBOnly": True},
+    DATA_DIR.mkdir(parents=True, exist_ok=True)  # 1 GB of graphs: not for a small /tmp
+    with tempfile.TemporaryDirectory(prefix="cts-bench-int8-", dir=DATA_DIR) as folder:
+        model = onnx.load(str(path))
+        shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
+        codebook_products = [
+            node.name
+            for node in model.graph.node
+            if node.op_type == "MatMul"
+            and any(codebook_size in shapes.get(name, ()) for name in node.input)
+        ]
+        del model.graph.value_info[:]  # stale exporter entries fail the quantiser's inference
+        cleaned, int8_path = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
+        onnx.save(model, str(cleaned))
+        del model
+        quantize_dynamic(
+            str(cleaned),
+            str(int8_path),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_exclude=codebook_products,
+            extra_options={"MatMulConstBOnly": True},
+        )
+        candidates = [Candidate("fp32", path), Candidate("int8", int8_path)]
+        (name, first), *others = inputs.items()
+        fp32, int8 = compare(candidates, first, runs)
+        agreements = [agreement(name, fp32.embedding, int8.embedding)]
+        sessions = [ort.InferenceSession(str(c.path), providers=CPU) for c in candidates]
+        for name, volume in others:
+            agreements.append(agreement(name, *(_run(session, volume) for session in sessions)))
+    return fp32, int8, agreements
+
+
+def wire_format_check(path: Path, model_input: np.ndarray) -> tuple[Agreement, Agreement, float]:
+    """A half-size wire format (FP16 input, cast back to FP32 inside the graph; rounding to
+    FP16 and back is exactly what a Cast node computes) against FP32, and for scale uniform
+    noise of +-WIRE_NOISE: both agreements and the largest input rounding."""
+    session = ort.InferenceSession(str(path), providers=CPU)
+    reference = _run(session, model_input)
+    half = model_input.astype(np.float16).astype(np.float32)
+    input_error = float(np.abs(half - model_input).max())
+    fp16 = agreement("fp16", reference, _run(session, half))
+    del half
+    noise = np.random.default_rng(0).uniform(-WIRE_NOISE, WIRE_NOISE, model_input.shape)
+    noisy = (model_input + noise.astype(np.float32)).astype(np.float32)
+    del noise
+    return fp16, agreement("noise", reference, _run(session, noisy)), input_error
+
+
+# -- execution providers (the command) ------------------------------------------------------
+
+
+def provider_chain(name: str, input_name: str, shape: tuple[int, ...], cache: Path) -> list:
+    """The providers list for ``name``, with the options each needs."""
+    cuda = ("CUDAExecutionProvider", {"device_id": 0})
+    if name == "cpu":
+        return CPU
+    if name == "cuda":
+        return [cuda, *CPU]
+    volume = "x".join(str(n) for n in shape[1:])
+    profiles = {f"trt_profile_{k}_shapes": f"{input_name}:{b}x{volume}" for k, b in PROFILE}
+    tensorrt = {"device_id": 0, "trt_fp16_enable": True, **profiles}
+    tensorrt |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)}
+    return [("TensorrtExecutionProvider", tensorrt), cuda, *CPU]
+
+
+def batch_of(volume: np.ndarray, batch: int) -> np.ndarray:
+    """``batch`` copies of a ``[1, 1, D, H, W]`` volume, contiguous."""
+    return np.ascontiguousarray(np.repeat(volume, batch, axis=0))
+
+
+def measure_providers(
+    encoder: Path, names: list[str], volume: np.ndarray, batches: list[int], runs: int
+) -> list[dict]:
+    """Per provider: a status ("ok" or why not measured) and per batch the latency, the
+    volumes per second, the first run and the parity of every volume against CPU FP32."""
+    cpu = ort.InferenceSession(str(encoder), providers=CPU)
+    input_name, reference = cpu.get_inputs()[0].name, _run(cpu, volume)[0]
+    del cpu
+    available, results = ort.get_available_providers(), []
+    with tempfile.TemporaryDirectory(prefix="cts-trt-cache-") as cache:
+        for name in names:
+            result: dict = {"provider": name, "status": "ok", "by_batch": {}}
+            results.append(result)
+            if PROVIDER_NAMES[name] not in available:
+                result["status"] = f"not available in this build (has {', '.join(available)})"
+                continue
+            chain = provider_chain(name, input_name, volume.shape, Path(cache))
+            candidate = Candidate(name, encoder, bare_options, chain)
+            for batch in batches:
+                try:
+                    (timed,) = compare([candidate], batch_of(volume, batch), runs)
+                except Exception as error:  # noqa: BLE001 - reported in the table
+                    result["status"] = f"session failed: {type(error).__name__}: {error}"
+                    break
+                if timed.provider != PROVIDER_NAMES[name]:
+                    result["status"] = f"fell back to {timed.provider}"
+                    break
+                checks = [agreement(name, reference, embedding) for embedding in timed.embedding]
+                result["by_batch"][batch] = {
+                    "latency_median_s": round(timed.median_s, 6),
+                    "latency_min_s": round(timed.min_s, 6),
+                    "first_run_s": round(timed.first_run_s, 4),
+                    "session_start_s": round(timed.session_start_s, 2),
+                    "volumes_per_s": round(batch / timed.median_s, 3),
+                    "cosine_min": round(min(check.cosine for check in checks), 6),
+                    "max_abs_diff": float(f"{max(c.max_abs_diff for c in checks):.3g}"),
+                    "within_tolerance": all(check.within_tolerance for check in checks),
+                }
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    cleaned.unlink()
-    return output
+    parser.add_argument("--repository", type=Path, default=None)
+    parser.add_argument(
+        "--providers", nargs="+", default=list(PROVIDER_NAMES), choices=PROVIDER_NAMES
+    )
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--runs", type=int, default=5)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--input", type=Path, help="a saved model input (.npy)")
+    source.add_argument("--study", type=Path, help="a DICOM zip or folder")
+    source.add_argument("--synthetic", action="store_true", help="uniform noise input")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    arguments = parser.parse_args(argv)
+    settings = benchmark_settings(arguments.repository)
+    repository = settings.inference.model_repository
+    shape = (1, 1, *read_metadata(repository).target_shape)
+    if arguments.input is not None:
+        volume, name = np.load(arguments.input).astype(np.float32).reshape(shape), arguments.input
+    elif arguments.synthetic:
+        volume = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+        name = "synthetic uniform [-1, 1]"
+    else:
+        name = arguments.study or ensure_studies((STUDY_300,))[STUDY_300.name]
+        volume = model_input_of(name, settings)
+    encoder = onnx_paths(repository)[ENCODER_NAME]
+    results = measure_providers(
+        encoder, arguments.providers, volume, arguments.batches, arguments.runs
+    )
+    document = {
+        "encoder": f"{encoder} ({encoder.stat().st_size / 1e6:.0f} MB)",
+        "input": str(name),
+        "onnxruntime": f"{ort.__version__}, providers {', '.join(ort.get_available_providers())}",
+        "results": results,
+    }
+    print(json.dumps(document, indent=2))
+    if arguments.json is not None:
+        arguments.json.write_text(json.dumps(document, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,14 +1,10 @@
-"""Timing and peak memory of one stage, and a description of the machine.
+"""What the benchmarks share: peak memory per stage, the machine, CPU load, a local Triton.
 
-Peak memory is measured two ways and the larger is reported:
-
-* resident set size (RSS) from the kernel: before a stage the peak counter (VmHWM) is reset
-  through ``/proc/self/clear_refs``, after it the stage adds ``VmHWM - RSS at the start``.
-  This sees every allocation, onnxruntime's native ones included, but not memory an
-  allocator reuses from an earlier stage;
-* tracemalloc's peak of Python and numpy allocations during the stage (numpy reports its
-  buffers to tracemalloc), which sees reused memory too. tracemalloc slows Python code, so
-  it runs only in the untimed warm-up pass.
+A stage's peak memory is the larger of (a) the peak resident set size it adds (the kernel's
+VmHWM, reset through ``/proc/self/clear_refs`` when the stage begins; sees native memory
+such as onnxruntime's, not memory reused from an earlier stage) and (b) tracemalloc's peak
+of Python and numpy allocations (sees reused memory; slows Python, so only in untimed
+passes, ``traced=True``).
 """
 
 from __future__ import annotations
@@ -18,31 +14,28 @@ import os
 import platform
 import re
 import statistics
-import time
 import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.core.pipeline import PipelineEvents
+from services.core.schemas import StudyReport
+from services.triton.local_server import LocalTritonServer, free_local_ports
+
 PROC_STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
 RESET_PEAK_RSS = "5"  # Linux: writing 5 to clear_refs resets VmHWM to the current RSS
+MIB = 2**20
 
 
-def _status_mib(field_name: str) -> float:
+def status_mib(field_name: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in MiB."""
     match = re.search(rf"^{field_name}:\s+(\d+) kB", PROC_STATUS.read_text(), re.MULTILINE)
     if match is None:
         raise RuntimeError(f"{PROC_STATUS} has no {field_name}")
     return int(match.group(1)) / 1024.0
-
-
-def rss_mib() -> float:
-    return _status_mib("VmRSS")
-
-
-def peak_rss_mib() -> float:
-    return _status_mib("VmHWM")
 
 
 def reset_peak_rss() -> bool:
@@ -54,9 +47,57 @@ def reset_peak_rss() -> bool:
     return True
 
 
+class StageMemory(PipelineEvents):
+    """Peak memory each named stage adds (MiB), the largest reading per stage in ``peaks``.
+
+    Pass it as ``events`` to ``process_input``: every ``stage_started`` ends the running
+    stage and begins the next, ``study_finished`` ends the last. Outside the pipeline,
+    ``with memory.stage(name)`` measures any other step the same way.
+    """
+
+    def __init__(self, *, traced: bool) -> None:
+        self.traced = traced
+        self.peaks: dict[str, float] = {}
+        self._current: str | None = None
+        self._start_rss = 0.0
+
+    def begin(self, name: str) -> None:
+        self.end()
+        gc.collect()  # garbage of the previous stage is not this stage's memory
+        if self.traced:
+            tracemalloc.start()
+        reset_peak_rss()
+        self._start_rss = status_mib("VmRSS")
+        self._current = name
+
+    def end(self) -> None:
+        if self._current is None:
+            return
+        added = max(status_mib("VmHWM") - self._start_rss, 0.0)
+        if self.traced:
+            added = max(added, tracemalloc.get_traced_memory()[1] / MIB)
+            tracemalloc.stop()
+        self.peaks[self._current] = max(self.peaks.get(self._current, 0.0), added)
+        self._current = None
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.begin(name)
+        try:
+            yield
+        finally:
+            self.end()
+
+    def stage_started(self, stage: str, *, study_index: int, n_studies: int) -> None:
+        self.begin(stage)
+
+    def study_finished(self, report: StudyReport, *, study_index: int, n_studies: int) -> None:
+        self.end()
+
+
 @dataclass
 class StageSamples:
-    """Every measurement of one stage: wall seconds and peak RSS added (MiB)."""
+    """Every measurement of one stage: wall seconds (timed passes) and peak MiB added."""
 
     seconds: list[float] = field(default_factory=list)
     peak_mib: list[float] = field(default_factory=list)
@@ -66,84 +107,70 @@ class StageSamples:
         return statistics.median(self.seconds)
 
     @property
-    def min_s(self) -> float:
-        return min(self.seconds)
-
-    @property
     def max_peak_mib(self) -> float:
         return max(self.peak_mib)
 
 
-@dataclass
-class StageRecorder:
-    """Collects StageSamples by stage name; ``timed=False`` records memory only (warm-up)."""
+def table_row(*cells: str) -> str:
+    """One row of a markdown table."""
+    return "| " + " | ".join(cells) + " |"
 
-    stages: dict[str, StageSamples] = field(default_factory=dict)
-    timed: bool = True
-    peak_reset_works: bool = True
 
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        gc.collect()
-        traced = not self.timed
-        if traced:
-            tracemalloc.start()
-        self.peak_reset_works = reset_peak_rss() and self.peak_reset_works
-        start_rss = rss_mib()
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            seconds = time.perf_counter() - started
-            added = max(peak_rss_mib() - start_rss, 0.0)
-            if traced:
-                added = max(added, tracemalloc.get_traced_memory()[1] / 2**20)
-                tracemalloc.stop()
-        samples = self.stages.setdefault(name, StageSamples())
-        samples.peak_mib.append(added)
-        if self.timed:
-            samples.seconds.append(seconds)
+def summary(seconds: list[float]) -> dict[str, float]:
+    """Runs, median, fastest and slowest of a list of timings (JSON-ready)."""
+    return {
+        "runs": len(seconds),
+        "median_s": round(statistics.median(seconds), 4),
+        "min_s": round(min(seconds), 4),
+        "max_s": round(max(seconds), 4),
+    }
 
 
 @dataclass(frozen=True)
 class Machine:
-    cpu: str
+    description: str  # CPU, cores, RAM, system, load average at the start
     logical_cores: int
     physical_cores: int
-    ram_gib: float
-    system: str
-    load_average: tuple[float, float, float]
-
-    def describe(self) -> str:
-        load = ", ".join(f"{value:.1f}" for value in self.load_average)
-        return (
-            f"{self.cpu}, {self.physical_cores} physical / {self.logical_cores} logical cores, "
-            f"{self.ram_gib:.0f} GiB RAM, {self.system}; load average at the start {load}"
-        )
 
 
 def machine() -> Machine:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
-    cores = {
-        (physical, core)
-        for physical, core in re.findall(
-            r"^physical id\s*:\s*(\d+)$.*?^core id\s*:\s*(\d+)$", cpuinfo, re.MULTILINE | re.DOTALL
-        )
-    }
-    meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
-    total = re.search(r"^MemTotal:\s+(\d+) kB", meminfo, re.MULTILINE)
-    return Machine(
-        cpu=names[0].strip() if names else platform.processor() or "unknown CPU",
-        logical_cores=os.cpu_count() or 1,
-        physical_cores=len(cores) or os.cpu_count() or 1,
-        ram_gib=int(total.group(1)) / 2**20 if total else 0.0,
-        system=f"{platform.system()} {platform.release()}, Python {platform.python_version()}",
-        load_average=os.getloadavg(),
+    def read(path: str, pattern: str, flags: int = re.MULTILINE) -> list:
+        text = Path(path).read_text() if Path(path).exists() else ""
+        return re.findall(pattern, text, flags)
+
+    names = read("/proc/cpuinfo", r"^model name\s*:\s*(.+)$")
+    pairs = r"^physical id\s*:\s*(\d+)$.*?^core id\s*:\s*(\d+)$"
+    physical = len(set(read("/proc/cpuinfo", pairs, re.MULTILINE | re.DOTALL)))
+    logical = os.cpu_count() or 1
+    ram = sum(int(kb) for kb in read("/proc/meminfo", r"^MemTotal:\s+(\d+) kB")) / 2**20
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    cpu = names[0].strip() if names else platform.processor() or "unknown CPU"
+    description = (
+        f"{cpu}, {physical or logical} physical / {logical} logical cores, {ram:.0f} GiB RAM, "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}; "
+        f"load average at the start {load}"
+    )
+    return Machine(description, logical, physical or logical)
+
+
+def local_triton(repository: Path, log_file: Path) -> LocalTritonServer:
+    """A tritonserver (nvidia-pytriton's) for ``repository`` on free local ports; use it
+    as a context manager (or ``start``/``stop``)."""
+    http, grpc, metrics = free_local_ports(3)
+    return LocalTritonServer(
+        repository, http_port=http, grpc_port=grpc, metrics_port=metrics, log_file=log_file
     )
 
 
-def cpu_seconds() -> float:
-    """User + system CPU time of this process so far (all threads)."""
-    times = os.times()
-    return times.user + times.system
+def cpu_times() -> tuple[float, float]:
+    """(busy, total) jiffies of all cores since boot, from /proc/stat."""
+    fields = [float(value) for value in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal
+    return total - idle, total
+
+
+def busy_share(before: tuple[float, float], after: tuple[float, float]) -> float:
+    """The share of all cores busy between two ``cpu_times`` readings, 0..1."""
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return busy / total if total > 0 else 0.0

@@ -1,16 +1,8 @@
-"""The straightforward reference implementation the pipeline is measured against.
+"""The straightforward reference the pipeline is measured against (README: "Baseline (a)").
 
-What a research script does (CT-CLIP's own preprocessing works this way on NIfTI files):
-
-* read: ``pydicom.dcmread`` of every file with its pixel data, HU = stored x slope +
-  intercept, sort by the position along the slice normal, ``np.stack``;
-* preprocess: the stack as a torch tensor in SLP+ order, clip to the HU window,
-  ``F.interpolate(mode="trilinear", align_corners=False)`` to the target spacing, divide by
-  1000, centre crop / pad with -1.
-
-It handles only what the benchmark studies need (one series, axial, regular spacing); the
-pipeline's load_volume also checks geometry and quality and fills missing slices. torch is
-a benchmark dependency here, never a runtime one.
+What a research script does (CT-CLIP's own preprocessing on NIfTI works this way), only as
+far as the benchmark studies need (one axial series, regular spacing). torch is a
+benchmark dependency here, never a runtime one.
 """
 
 from __future__ import annotations

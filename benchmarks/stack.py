@@ -1,17 +1,18 @@
-"""Per-study latency and throughput through the stack (RabbitMQ -> adapters -> Triton).
+"""The stack (RabbitMQ -> adapters -> Triton -> reply) against embedded mode.
 
-One local Triton (python-flavour repository) and N adapter processes are started on free
-ports with a private queue prefix and storage folder; everything is stopped and removed at
-the end. Latency: tasks submitted one at a time, submit-to-result time, p50 and p95.
-Throughput: ``burst`` tasks submitted at once, tasks per minute until the last result.
-The same is measured for the embedded pipeline (one process, ONNX Runtime in-process) on
-the same study and repository.
+Triton (python flavour) and N adapters run on free ports with a private queue prefix and
+storage folder, removed at the end; needs RabbitMQ on 127.0.0.1:5672. ``measure_overhead``
+(one adapter, the given model, ABBA-interleaved with embedded mode; also the command) and
+``measure_stack`` (latency and throughput on the tiny model); README: "Stack".
+
+    .venv/bin/python -m benchmarks.stack [--repository DIR] [--study ZIP] [--runs N]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -23,15 +24,20 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import tritonclient.grpc as grpcclient
+
+from benchmarks import PROJECT_ROOT
+from benchmarks.embedded import benchmark_settings, run_study
+from benchmarks.measure import busy_share, cpu_times, local_triton, summary
+from benchmarks.studies import STUDY_300, ensure_studies
 from services.broker.connection import connect, declare_topology, publish_task
 from services.broker.schemas import QueueTopology, StudyResult, StudyTask, decode_message
 from services.core.config import Settings, load_settings
 from services.core.inference.onnxruntime_backend import OnnxRuntimeBackend
-from services.core.pipeline import process_input
-from services.triton.local_server import LocalTritonServer, free_local_ports
+from services.core.process_memory import apply_memory_settings
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = PROJECT_ROOT / "tests" / "data" / "ctvit_tiny.json"
+TRITON_PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
 
 
 @dataclass(frozen=True)
@@ -54,70 +60,6 @@ class LatencyThroughput:
     @property
     def studies_per_minute(self) -> float:
         return 60.0 * self.burst / self.burst_seconds
-
-
-def stack_available() -> bool:
-    return (PROJECT_ROOT / "services" / "adapter" / "__main__.py").is_file() and (
-        PROJECT_ROOT / "start.sh"
-    ).is_file()
-
-
-def build_tiny_repository(output: Path) -> Path:
-    """The demo repository of the tiny CTViT (the stack's overhead does not depend on it)."""
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "convertation.build_repository",
-            "--output",
-            str(output),
-            "--flavour",
-            "python",
-            "--demo",
-            "--ctvit-config",
-            str(TINY_CONFIG),
-        ],
-        cwd=PROJECT_ROOT,
-        check=True,
-        capture_output=True,
-    )
-    return output
-
-
-def cpu_times() -> tuple[float, float]:
-    """(busy, total) jiffies of all cores since boot, from /proc/stat."""
-    fields = [float(value) for value in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
-    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal
-    return total - idle, total
-
-
-def busy_share(before: tuple[float, float], after: tuple[float, float]) -> float:
-    busy, total = after[0] - before[0], after[1] - before[1]
-    return busy / total if total > 0 else 0.0
-
-
-def embedded_mode(study: Path, repository: Path, runs: int, burst: int) -> LatencyThroughput:
-    settings = load_settings(environ={})
-    settings.inference.model_repository = repository
-    backend = OnnxRuntimeBackend(repository, settings.inference)
-
-    def one() -> float:
-        started = time.perf_counter()
-        (report,) = process_input(
-            study, backend=backend, settings=settings, display_name=study.name
-        )
-        if report.processing_status.value != "Success":
-            raise RuntimeError(f"embedded: {report.failure_reason}")
-        return time.perf_counter() - started
-
-    one()  # warm-up
-    latencies = [one() for _ in range(runs)]
-    started, cpu_before = time.perf_counter(), cpu_times()
-    for _ in range(burst):
-        one()
-    seconds, cpu = time.perf_counter() - started, busy_share(cpu_before, cpu_times())
-    return LatencyThroughput("embedded", latencies, burst, seconds, cpu)
 
 
 class _StackClient:
@@ -173,11 +115,11 @@ class _StackClient:
         self.channel.cancel()
         return arrived
 
-    def latency(self) -> float:
+    def latency(self) -> tuple[float, StudyResult]:
         """Submit one task and wait for its result: seconds from submit to result."""
         started = time.perf_counter()
         task_id = self.submit()
-        return self.wait({task_id})[task_id] - started
+        return self.wait({task_id})[task_id] - started, self.results[task_id]
 
     def close(self) -> None:
         if not self.channel.is_open:
@@ -190,71 +132,39 @@ class _StackClient:
 
 
 @contextmanager
-def running_stack(
-    study: Path, repository: Path, adapters: int, environment: dict[str, str] | None = None
-) -> Iterator[_StackClient]:
+def running_stack(study: Path, repository: Path, adapters: int) -> Iterator[_StackClient]:
     """A local Triton and ``adapters`` adapter processes on free ports with a private queue
     prefix and storage folder, warmed up (one task per adapter); removed on exit."""
-    with tempfile.TemporaryDirectory(prefix="cts-bench-stack-", dir=study.parent) as folder:
+    with (
+        tempfile.TemporaryDirectory(prefix="cts-bench-stack-", dir=study.parent) as folder,
+        ExitStack() as stack,
+    ):
         workdir = Path(folder)
         storage = workdir / "storage"
-        prefix = f"bench-{uuid.uuid4().hex[:8]}"
-        http, grpc, metrics = free_local_ports(3)
+        server = stack.enter_context(local_triton(repository, workdir / "triton.log"))
         environment = {
             **os.environ,
-            **(environment or {}),
             "CTS__STORAGE__ROOT": str(storage),
-            "CTS__RABBITMQ__QUEUE_PREFIX": prefix,
+            "CTS__RABBITMQ__QUEUE_PREFIX": f"bench-{uuid.uuid4().hex[:8]}",
             "CTS__INFERENCE__MODEL_REPOSITORY": str(repository),
-            "CTS__INFERENCE__TRITON_URL": f"127.0.0.1:{grpc}",
+            "CTS__INFERENCE__TRITON_URL": server.grpc_url,
             "CTS__LOGGING__LEVEL": "WARNING",
         }
-        settings = load_settings(environ=environment)
-        with ExitStack() as stack:
-            stack.enter_context(
-                LocalTritonServer(
-                    repository,
-                    http_port=http,
-                    grpc_port=grpc,
-                    metrics_port=metrics,
-                    log_file=workdir / "triton.log",
-                )
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "services.adapter", "--adapter-id", f"bench-{index}"]
+                + ["--health-file", str(workdir / f"alive-{index}")],
+                cwd=PROJECT_ROOT,
+                env=environment,
             )
-            processes = [
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "services.adapter",
-                        "--adapter-id",
-                        f"bench-{index}",
-                        "--health-file",
-                        str(workdir / f"alive-{index}"),
-                    ],
-                    cwd=PROJECT_ROOT,
-                    env=environment,
-                )
-                for index in range(adapters)
-            ]
-            stack.callback(_stop, processes)
-            client = _StackClient(settings, storage, study)
-            stack.callback(client.close)
-            # Warm-up: one task per adapter, so every adapter has connected and loaded.
-            client.wait({client.submit() for _ in range(adapters)})
-            yield client
-
-
-def stack_mode(
-    study: Path, repository: Path, adapters: int, runs: int, burst: int
-) -> LatencyThroughput:
-    with running_stack(study, repository, adapters) as client:
-        latencies = [client.latency() for _ in range(runs)]
-        started, cpu_before = time.perf_counter(), cpu_times()
-        arrived = client.wait({client.submit() for _ in range(burst)})
-        cpu = busy_share(cpu_before, cpu_times())
-        burst_seconds = max(arrived.values()) - started
-    label = f"stack, {adapters} adapter{'s' if adapters > 1 else ''}"
-    return LatencyThroughput(label, latencies, burst, burst_seconds, cpu)
+            for index in range(adapters)
+        ]
+        stack.callback(_stop, processes)
+        client = _StackClient(load_settings(environ=environment), storage, study)
+        stack.callback(client.close)
+        # Warm-up: one task per adapter, so every adapter has connected and loaded.
+        client.wait({client.submit() for _ in range(adapters)})
+        yield client
 
 
 def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
@@ -268,17 +178,150 @@ def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
             process.wait(10)
 
 
+def _embedded(repository: Path) -> tuple[Settings, OnnxRuntimeBackend]:
+    settings = benchmark_settings(repository)
+    return settings, OnnxRuntimeBackend(settings.inference.model_repository, settings.inference)
+
+
+def embedded_mode(study: Path, repository: Path, runs: int, burst: int) -> LatencyThroughput:
+    settings, backend = _embedded(repository)
+
+    def one() -> float:
+        return run_study(study, backend=backend, settings=settings)[0]
+
+    one()  # warm-up
+    latencies = [one() for _ in range(runs)]
+    started, cpu_before = time.perf_counter(), cpu_times()
+    for _ in range(burst):
+        one()
+    seconds, cpu = time.perf_counter() - started, busy_share(cpu_before, cpu_times())
+    backend.close()
+    return LatencyThroughput("embedded", latencies, burst, seconds, cpu)
+
+
+def stack_mode(
+    study: Path, repository: Path, adapters: int, runs: int, burst: int
+) -> LatencyThroughput:
+    with running_stack(study, repository, adapters) as client:
+        latencies = [client.latency()[0] for _ in range(runs)]
+        started, cpu_before = time.perf_counter(), cpu_times()
+        arrived = client.wait({client.submit() for _ in range(burst)})
+        cpu = busy_share(cpu_before, cpu_times())
+        burst_seconds = max(arrived.values()) - started
+    label = f"stack, {adapters} adapter{'s' if adapters > 1 else ''}"
+    return LatencyThroughput(label, latencies, burst, burst_seconds, cpu)
+
+
 def measure_stack(
-    study: Path, repository: Path | None, runs: int, burst: int, adapters: tuple[int, ...]
+    study: Path, runs: int, burst: int, adapters: tuple[int, ...]
 ) -> tuple[str, list[LatencyThroughput]]:
-    """Embedded and stack results for ``study``; the label says which model was used."""
+    """Embedded and stack results for ``study`` on the tiny demo model, and its label."""
     with tempfile.TemporaryDirectory(prefix="cts-bench-tiny-") as folder:
-        label = "full-size demo model"
-        if repository is None:
-            repository = build_tiny_repository(Path(folder) / "repository")
-            label = "tiny demo model (tests/data/ctvit_tiny.json)"
+        repository = Path(folder) / "repository"
+        subprocess.run(
+            [sys.executable, "-m", "convertation.build_repository", "--output", str(repository)]
+            + ["--flavour", "python", "--demo", "--ctvit-config", str(TINY_CONFIG)],
+            cwd=PROJECT_ROOT,
+            check=True,
+            capture_output=True,
+        )
         results = [embedded_mode(study, repository, runs, burst)]
-        for count in adapters:
-            results.append(stack_mode(study, repository, count, runs, burst))
-        shutil.rmtree(folder, ignore_errors=True)
-    return label, results
+        results += [stack_mode(study, repository, count, runs, burst) for count in adapters]
+    return f"tiny demo model ({TINY_CONFIG.relative_to(PROJECT_ROOT)})", results
+
+
+def triton_statistics(
+    url: str, since: dict[str, dict[str, float]] | None = None
+) -> dict[str, dict[str, float]]:
+    """Triton's own clock per model: {model: {phase: seconds per request}} for the requests
+    since ``since`` (its totals when None: {model: {"count", phase: total seconds}})."""
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        model_stats = client.get_inference_statistics(as_json=True).get("model_stats", [])
+    finally:
+        client.close()
+    totals: dict[str, dict[str, float]] = {}
+    for model in model_stats:
+        stats = model.get("inference_stats", {})
+        totals[model["name"]] = {
+            "count": float(stats.get("success", {}).get("count", 0)),
+            **{phase: int(stats.get(phase, {}).get("ns", 0)) / 1e9 for phase in TRITON_PHASES},
+        }
+    if since is None:
+        return totals
+    per_request = {}
+    for name, now in totals.items():
+        before = since.get(name, {})
+        count = now["count"] - before.get("count", 0.0)
+        if count > 0:
+            per_request[name] = {
+                phase: round((now[phase] - before.get(phase, 0.0)) / count, 4)
+                for phase in TRITON_PHASES
+            }
+    return per_request
+
+
+def stage_medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Median seconds per pipeline stage over the runs."""
+    names = sorted({name for run in runs for name in run})
+    return {name: round(statistics.median(run.get(name, 0.0) for run in runs), 4) for name in names}
+
+
+def measure_overhead(study: Path, repository: Path, runs: int, workdir: Path) -> dict[str, object]:
+    """One adapter against embedded mode, interleaved (ABBA), located by stage and Triton."""
+    settings, backend = _embedded(repository)
+    apply_memory_settings(settings.memory)  # as the batch does
+    output = workdir / "embedded-output"
+    run_study(study, backend=backend, settings=settings, output=output)  # warm-up
+    seconds: dict[str, list[float]] = {"embedded": [], "stack": [], "inside adapter": []}
+    stages: dict[str, list[dict[str, float]]] = {"embedded": [], "stack": []}
+    with running_stack(study, repository, adapters=1) as client:
+        triton_url = client.settings.inference.triton_url
+        triton_before = triton_statistics(triton_url)
+        for run in range(runs):
+            # ABBA order: neither mode always runs right after the other.
+            for mode in ("embedded", "stack") if run % 2 == 0 else ("stack", "embedded"):
+                if mode == "embedded":
+                    elapsed, report = run_study(
+                        study, backend=backend, settings=settings, output=output
+                    )
+                else:
+                    elapsed, result = client.latency()
+                    seconds["inside adapter"].append(result.seconds)
+                    report = result.reports[0]
+                seconds[mode].append(elapsed)
+                stages[mode].append(report.stage_seconds)
+        triton = triton_statistics(triton_url, since=triton_before)
+    backend.close()
+    overhead = statistics.median(seconds["stack"]) - statistics.median(seconds["embedded"])
+    return {
+        "embedded": {**summary(seconds["embedded"]), "stages": stage_medians(stages["embedded"])},
+        "stack": {
+            "submit_to_result": summary(seconds["stack"]),
+            "inside_adapter": summary(seconds["inside adapter"]),
+            "stages": stage_medians(stages["stack"]),
+            "triton_per_request_s": triton,
+        },
+        "stack_overhead_median_s": round(overhead, 4),
+        "stack_overhead_percent": round(100 * overhead / statistics.median(seconds["embedded"]), 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repository", type=Path, default=None)
+    parser.add_argument("--study", type=Path, help="a zip (default: the 300-slice study)")
+    parser.add_argument("--runs", type=int, default=6)
+    arguments = parser.parse_args(argv)
+    repository = benchmark_settings(arguments.repository).inference.model_repository
+    study = arguments.study or ensure_studies((STUDY_300,))[STUDY_300.name]
+    with tempfile.TemporaryDirectory(prefix="cts-bench-", dir=study.parent) as workdir:
+        result = measure_overhead(study.resolve(), repository, arguments.runs, Path(workdir))
+    print(json.dumps({"study": study.name, "repository": str(repository), **result}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

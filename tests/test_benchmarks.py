@@ -10,16 +10,71 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 from stack_support import zip_directory
 
-from benchmarks import encoder_providers, stack_latency
+from benchmarks import encoder, run, stack
+from benchmarks.embedded import benchmark_settings, run_in_fresh_process
+from benchmarks.stages import ROW_STAGES, TimedBackend, benchmark_study
+from benchmarks.studies import STUDY_300
+
+FIXTURE_SLICES = 30  # chest_ct_lung_dx_a0002: 30 slices of 512 x 512
+PREPROCESSING_TOLERANCE = 1e-4  # the contract's parity with the reference (docs/ARCHITECTURE.md)
 
 
-def test_encoder_providers_reports_every_provider_and_batch(
+@pytest.mark.slow
+def test_stage_benchmark_reads_the_pipeline_clock_and_memory(
+    tiny_model_repository: Path, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    study = zip_directory(fixtures_dir / "chest_ct_lung_dx_a0002", tmp_path / "chest.zip")
+    settings = benchmark_settings(tiny_model_repository)
+    backend = TimedBackend(tiny_model_repository, settings.inference)
+    result = benchmark_study(study, settings=settings, backend=backend, repetitions=2)
+
+    assert set(result.stages) == set(ROW_STAGES) and result.n_slices == FIXTURE_SLICES
+    for row, samples in result.stages.items():
+        # Two timed passes; memory from the warm-up pass too.
+        assert len(samples.seconds) == 2 and len(samples.peak_mib) == 3, row
+        assert all(seconds > 0 for seconds in samples.seconds), row
+    # The memory readings follow the stage boundaries: load_volume allocates the float32
+    # volume, so its stage adds at least that much.
+    volume_mib = FIXTURE_SLICES * 512 * 512 * 4 / 2**20
+    assert result.stages["volume"].max_peak_mib >= volume_mib
+    assert result.reference_max_abs_diff < PREPROCESSING_TOLERANCE
+    assert result.end_to_end_s > 0 and backend.memory is None
+
+    rows = run._stage_rows({STUDY_300.name: result})
+    assert rows[0] == "| measurement | chest_300x1mm (30 slices) | - | ratio | notes |"
+    for label in run.STAGE_LABELS.values():
+        assert any(row.startswith(f"| {label} | ") for row in rows), label
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("as_adapter", [False, True], ids=["process_input", "adapter task"])
+def test_fresh_process_screens_the_study_and_reads_its_memory(
+    tiny_model_repository: Path, fixtures_dir: Path, tmp_path: Path, as_adapter: bool
+) -> None:
+    """The fresh-process rows of the table and benchmarks.adapter_memory run this child."""
+    study = zip_directory(fixtures_dir / "chest_ct_lung_dx_a0002", tmp_path / "chest.zip")
+    options = ("--as-adapter",) if as_adapter else ()
+    result = run_in_fresh_process(
+        study, 2, keep_freed_memory=False, repository=tiny_model_repository, options=options
+    )
+    assert len(result["seconds"]) == 2 and all(seconds > 0 for seconds in result["seconds"])
+    for stages in result["stages"]:
+        assert {"intake", "headers", "volume", "preprocessing", "inference"} <= set(stages)
+    # The study's volume alone (float32) is resident at the peak, beyond the start.
+    volume_bytes = FIXTURE_SLICES * 512 * 512 * 4
+    assert result["peak_rss_bytes"] - result["baseline_rss_bytes"] >= volume_bytes
+    if as_adapter:  # the task's report files were written beside the study
+        assert any((tmp_path / "results").rglob("output.xlsx"))
+
+
+def test_encoder_command_reports_every_provider_and_batch(
     tiny_model_repository: Path, tmp_path: Path, capsys
 ) -> None:
     output = tmp_path / "providers.json"
-    encoder_providers.main(
+    encoder.main(
         [
             "--repository",
             str(tiny_model_repository),
@@ -52,33 +107,36 @@ def test_encoder_providers_reports_every_provider_and_batch(
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         assert results["cuda"]["status"].startswith("not available")
         assert results["cuda"]["by_batch"] == {}
-    table = capsys.readouterr().out
-    assert "| cpu | 3 |" in table and "| cuda |" in table
+    # The same document on stdout, for a run where no file is wanted.
+    assert json.loads(capsys.readouterr().out) == json.loads(output.read_text())
 
 
 def test_batch_of_repeats_the_volume() -> None:
     volume = np.arange(8, dtype=np.float32).reshape(1, 1, 2, 2, 2)
-    batch = encoder_providers.batch_of(volume, 4)
+    batch = encoder.batch_of(volume, 4)
     assert batch.shape == (4, 1, 2, 2, 2) and batch.flags["C_CONTIGUOUS"]
     assert all(np.array_equal(item[None], volume) for item in batch)
 
 
-def test_stack_latency_measures_both_modes_and_locates_the_difference(
+@pytest.mark.rabbitmq
+@pytest.mark.triton
+@pytest.mark.slow
+def test_stack_overhead_measures_both_modes_and_locates_the_difference(
     tiny_model_repository: Path, fixtures_dir: Path, tmp_path: Path
 ) -> None:
     """Needs the real RabbitMQ and Triton from the nvidia-pytriton wheel, as the stack does."""
     study = zip_directory(fixtures_dir / "chest_ct_lung_dx_a0002", tmp_path / "chest.zip")
     workdir = tmp_path / "work"
     workdir.mkdir()
-    result = stack_latency.measure(study, tiny_model_repository, runs=2, workdir=workdir)
-    embedded, stack = result["embedded"], result["stack"]
-    assert embedded["runs"] == 2 and stack["submit_to_result"]["runs"] == 2
-    for stages in (embedded["stages"], stack["stages"]):
+    result = stack.measure_overhead(study, tiny_model_repository, runs=2, workdir=workdir)
+    embedded, through = result["embedded"], result["stack"]
+    assert embedded["runs"] == 2 and through["submit_to_result"]["runs"] == 2
+    for stages in (embedded["stages"], through["stages"]):
         assert {"intake", "headers", "volume", "preprocessing", "inference"} <= set(stages)
     # Submit-to-result includes the adapter's own time.
-    assert stack["submit_to_result"]["min_s"] >= stack["inside_adapter"]["min_s"]
+    assert through["submit_to_result"]["min_s"] >= through["inside_adapter"]["min_s"]
     # Triton's clock: the timed requests went through the ensemble and the encoder.
-    triton = stack["triton_per_request_s"]
+    triton = through["triton_per_request_s"]
     assert triton["ct_clip_encoder"]["compute_infer"] > 0
     assert triton["chest_screening"]["compute_infer"] >= triton["ct_clip_encoder"]["compute_infer"]
     assert isinstance(result["stack_overhead_percent"], float)
