@@ -24,7 +24,7 @@ from services.broker.schemas import (
 )
 from services.broker.storage import store_result
 from services.core.config import Settings, load_settings
-from services.core.schemas import REPORT_COLUMNS, FindingResult, ProcessingStatus, StudyReport
+from services.core.schemas import FindingResult, ProcessingStatus, StudyReport
 from services.frontend import views
 from services.frontend.service import (
     FrontendService,
@@ -82,7 +82,7 @@ def test_uploads_become_tasks_in_the_session(
 ) -> None:
     token = service.new_session_token()
     first = make_zip(tmp_path / "first study.zip")
-    second = make_zip(tmp_path / "second.zip")
+    second = make_zip(tmp_path / "second.zip", size=101)
     loose = [tmp_path / "slice1.dcm", tmp_path / "slice2.dcm"]
     for path in loose:
         path.write_bytes(b"DICM")
@@ -126,7 +126,8 @@ def test_full_queue_and_oversized_files_are_refused(
     outcome = service.submit_uploads(token, [big])
     assert outcome.submitted == []
     assert "over the 1 MB limit" in outcome.message
-    studies = [make_zip(tmp_path / f"s{index}.zip") for index in range(4)]
+    # Different contents: the same bytes twice would be one study and its duplicate.
+    studies = [make_zip(tmp_path / f"s{index}.zip", size=100 + index) for index in range(4)]
     too_many = service.submit_uploads(token, studies)  # 4 > max_queue_depth 3
     assert too_many.submitted == []
     assert "queue is full" in too_many.message
@@ -161,7 +162,7 @@ def test_progress_and_results_reach_the_session(
     service.start()
     token = service.new_session_token()
     outcome = service.submit_uploads(
-        token, [make_zip(tmp_path / "a.zip"), make_zip(tmp_path / "b.zip")]
+        token, [make_zip(tmp_path / "a.zip"), make_zip(tmp_path / "b.zip", size=101)]
     )
     first, second = (task.task_id for task in outcome.submitted)
     connection = connect(settings.rabbitmq, name="fake adapter", give_up_after_s=10)
@@ -203,22 +204,80 @@ def test_progress_and_results_reach_the_session(
     assert [view.state for view in task_views] == [TaskState.DONE, TaskState.FAILED]
     assert task_views[0].fraction == 1.0
 
-    table = views.results_frame(task_views)
-    assert list(table.columns) == [
-        *REPORT_COLUMNS,
-        "most_dangerous_pathology_type",
-        "failure_reason",
-    ]
-    assert table["processing_status"].tolist() == ["Success", "Failure"]
-    assert table["failure_reason"].tolist() == ["", "not a chest CT: no lungs"]
-    assert table["probability_of_pathology"].tolist()[0] == 0.75
-    assert views.status_frame(task_views)["status"].tolist() == ["done", "FAILED"]
-    chart = views.findings_frame(task_views[0], 0)
-    assert chart["probability"].dtype.kind == "f" and chart["finding"].tolist() == ["Cancer"]
-    assert views.findings_frame(None, 0)["probability"].dtype.kind == "f"  # typed when empty
+    worklist = views.worklist(task_views)
+    by_file = {row["file"]: row for row in worklist["rows"]}
+    assert by_file["a.zip"]["badge_text"] == "PATHOLOGY"  # P 0.75 over the threshold
+    assert by_file["a.zip"]["probability"] == 0.75
+    assert by_file["b.zip"]["badge_text"] == "Failure"  # never "done"
+    assert by_file["b.zip"]["status"] == "not a chest CT: no lungs"
+    assert [row["file"] for row in worklist["rows"]] == ["a.zip", "b.zip"]  # urgency order
     assert service.demo_weights_in_use(task_views)
 
     xlsx = service.session_xlsx(token)
     assert xlsx is not None and xlsx.is_file()
     assert service.file_path(xlsx.relative_to(settings.storage.root).as_posix()) == xlsx.resolve()
     assert service.file_path("../../etc/passwd") is None
+    again = service.session_xlsx(token)
+    assert again is not None and not xlsx.exists()  # the older file of the session is gone
+
+
+def test_the_same_upload_twice_is_a_duplicate_not_a_second_task(
+    settings: Settings, service: FrontendService, tmp_path: Path
+) -> None:
+    token = service.new_session_token()
+    study = make_zip(tmp_path / "chest.zip")
+    copy = tmp_path / "again" / "chest.zip"
+    copy.parent.mkdir()
+    copy.write_bytes(study.read_bytes())
+    twin = tmp_path / "twin" / "chest copy.zip"
+    twin.parent.mkdir()
+    twin.write_bytes(study.read_bytes())
+    first = service.submit_uploads(token, [study, twin])  # the same bytes twice in one go
+    assert len(first.submitted) == 1 and len(first.duplicates) == 1
+    assert first.duplicates[0].duplicate_of == first.submitted[0].task_id
+    second = service.submit_uploads(token, [copy])  # and once more, later
+    assert second.submitted == []
+    (duplicate,) = second.duplicates
+    assert duplicate.duplicate_of == first.submitted[0].task_id
+    assert "already screened" in second.message and "not recomputed" in second.message
+    assert not copy.exists()  # the earlier copy is in storage; this one is not kept
+    assert [task.task_id for task in queued_tasks(settings)] == [first.submitted[0].task_id]
+    # The duplicate shows the first upload's result, flagged as such, and adds no xlsx row.
+    store_result(
+        settings.storage.root,
+        StudyResult(
+            task_id=first.submitted[0].task_id,
+            status=TaskStatus.COMPLETED,
+            reports=[report(ProcessingStatus.SUCCESS, 0.25)],
+        ),
+    )
+    task_views = service.session_views(token)
+    assert [view.state for view in task_views] == [TaskState.DONE] * 3
+    rows = views.worklist(task_views)["rows"]
+    flagged = [row for row in rows if row["flags"]]
+    assert len(flagged) == 2
+    assert {row["task_id"] for row in flagged} == {first.duplicates[0].task_id, duplicate.task_id}
+    assert all("duplicate of chest.zip" in row["flags"][0] for row in flagged)
+    # Removing rows takes them off the worklist; the stored result stays.
+    assert service.remove_task(token, duplicate.task_id)
+    assert service.remove_task(token, first.duplicates[0].task_id)
+    assert not service.remove_task(token, duplicate.task_id)
+    assert [view.task.task_id for view in service.session_views(token)] == [
+        first.submitted[0].task_id
+    ]
+
+
+def test_queued_studies_know_their_place_in_the_queue(
+    settings: Settings, service: FrontendService, tmp_path: Path
+) -> None:
+    settings.rabbitmq.max_queue_depth = 10
+    token = service.new_session_token()
+    outcome = service.submit_uploads(
+        token, [make_zip(tmp_path / f"s{index}.zip", size=100 + index) for index in range(3)]
+    )
+    assert [task.queued_behind for task in outcome.submitted] == [0, 1, 2]
+    task_views = service.session_views(token)
+    assert [view.ahead for view in task_views] == [0, 1, 2]
+    assert {view.workers for view in task_views} == {0}  # no adapter consumes this queue
+    rows = views.worklist(task_views)["rows"]
+    assert {row["status"] for row in rows} == {"waiting: no worker is connected to the queue"}

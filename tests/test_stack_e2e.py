@@ -1,6 +1,9 @@
 """End to end: ./start.sh brings up the local stack (the real RabbitMQ, Triton from the
 nvidia-pytriton wheel with the tiny demo repository, two adapters, the Gradio frontend),
-headless Chromium drives the page like a user, ./stop.sh leaves no process behind.
+headless Chromium at 1280x800 drives the worklist like a radiologist (chest, head, MR, a
+broken zip, the chest again; badges, reasons, the duplicate, the slice viewer, a reload, a
+removal, the xlsx), ./stop.sh leaves no process behind. Screenshots of the worklist and of a
+study view are kept in the test's temporary folder.
 """
 
 from __future__ import annotations
@@ -9,18 +12,26 @@ import json
 import os
 import re
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import openpyxl
+import pydicom
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Dialog, Page, expect, sync_playwright
 from stack_support import (
     PROJECT_ROOT,
     delete_topology,
     wait_for,
     zip_directory,
+)
+from worklist_page import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    download_all,
+    finished_rows,
+    upload,
+    worklist_rows,
 )
 
 from services.broker.connection import connect
@@ -32,9 +43,9 @@ from services.triton.local_server import free_local_ports
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton, pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-SCREENSHOT = Path("/tmp/cts_stack_e2e.png")
+LAPTOP = {"width": 1280, "height": 800}
+HOSTILE = "<img src=x onerror=alert(1)>"
+FAILURE_RED = "rgb(176, 0, 32)"  # the Failure badge (services/frontend/static/badges.css)
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -63,10 +74,6 @@ def consumer_count(settings: RabbitMQSettings) -> int:
         connection.close()
 
 
-def table_text(page: Page, element_id: str) -> str:
-    return page.locator(f"#{element_id}").inner_text()
-
-
 def process_groups(group_ids: set[int]) -> set[int]:
     """Processes (not zombies) whose process group is one of ``group_ids``."""
     members = set()
@@ -84,15 +91,41 @@ def process_groups(group_ids: set[int]) -> set[int]:
     return members
 
 
+def hostile_copy(source: Path, target: Path) -> Path:
+    """The series with a StudyDescription that would run script if shown as HTML."""
+    target.mkdir(parents=True)
+    for path in sorted(source.iterdir()):
+        dataset = pydicom.dcmread(path)
+        dataset.StudyDescription = HOSTILE
+        dataset.save_as(target / path.name)
+    return target
+
+
+def canvas_pixels(page: Page) -> str:
+    return page.locator("#study-view .vw-canvas").evaluate("canvas => canvas.toDataURL()")
+
+
+def viewer_state(page: Page) -> dict[str, str]:
+    return page.locator("#study-view .vw").evaluate("node => ({...node.dataset})")
+
+
 def test_stack_from_start_to_stop(
     tmp_path: Path, fixtures_dir: Path, tiny_model_repository: Path
 ) -> None:
     repository = tiny_model_repository
     storage = tmp_path / "storage"
-    chest = zip_directory(
-        fixtures_dir / "chest_ct_lung_dx_a0002", tmp_path / "upload" / "chest.zip"
+    uploads = tmp_path / "upload"
+    chest = zip_directory(fixtures_dir / "chest_ct_lung_dx_a0002", uploads / "chest.zip")
+    head = zip_directory(
+        hostile_copy(fixtures_dir / "head_ct_gantry_tilt", tmp_path / "head_ct"),
+        uploads / "head.zip",
     )
-    head = zip_directory(fixtures_dir / "head_ct_gantry_tilt", tmp_path / "upload" / "head.zip")
+    mr = zip_directory(fixtures_dir / "mr_brain_t1", uploads / "mr.zip")
+    broken = uploads / "broken.zip"
+    broken.write_bytes(chest.read_bytes()[: chest.stat().st_size // 2])
+    again = uploads / "again" / "chest.zip"  # the same file once more, later
+    again.parent.mkdir()
+    again.write_bytes(chest.read_bytes())
     frontend_port, http_port, grpc_port, metrics_port = free_local_ports(4)
     prefix = f"test-e2e-{uuid.uuid4().hex[:10]}"
     broker = RabbitMQSettings(queue_prefix=prefix)
@@ -133,6 +166,7 @@ def test_stack_from_start_to_stop(
     # backend stubs are in Triton's group.
     started_processes = process_groups(set(pids.values()))
     stopped = False
+    dialogs: list[str] = []
     try:
         assert start.returncode == 0, start.stdout + start.stderr
         assert f"http://127.0.0.1:{frontend_port}" in start.stdout
@@ -141,86 +175,142 @@ def test_stack_from_start_to_stop(
 
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            context = browser.new_context(
-                viewport={"width": 1400, "height": 1000}, accept_downloads=True
-            )
+            context = browser.new_context(viewport=LAPTOP, accept_downloads=True)
             page = context.new_page()
+
+            def on_dialog(dialog: Dialog) -> None:
+                dialogs.append(f"{dialog.type}: {dialog.message}")
+                dialog.accept()  # the worklist's "remove?" confirmation
+
+            page.on("dialog", on_dialog)
             page.goto(f"http://127.0.0.1:{frontend_port}/")
             expect(page.locator("#demo-banner")).to_contain_text("DEMO WEIGHTS")
+            expect(page.locator("#guide")).to_contain_text("The worklist")  # first visit
 
-            page.locator("#uploads input[type=file]").set_input_files([str(chest), str(head)])
-            # The files must be on the server before the button sends their paths.
-            expect(page.locator("#uploads table tr")).to_have_count(2, timeout=30_000)
-            page.locator("#submit").click()
-            expect(page.locator("#upload-message")).to_contain_text(
-                "Queued 2 studies", timeout=30_000
-            )
-
+            upload(page, [chest, head, mr, broken], "Queued 4 studies")
             wait_for(
-                lambda: table_text(page, "status-table").count("done") == 2,
+                lambda: finished_rows(page) == 4,
                 120,
-                "both studies done in the status table",
+                "all four studies finished in the worklist",
                 interval_s=0.5,
             )
-            results = table_text(page, "results-table")
-            for column in (*REPORT_COLUMNS, "most_dangerous_pathology_type"):
-                assert column in results, column
-            rows = [line for line in results.splitlines() if line.strip()]
-            assert any("chest.zip" in line for line in rows)
-            assert "Success" in results and "Failure" in results
+            upload(page, [again], "already screened in this session")
+            wait_for(lambda: len(worklist_rows(page)) == 5, 30, "the duplicate's row")
+            rows = worklist_rows(page)
+            by_file: dict[str, list[dict[str, object]]] = {}
+            for row in rows:
+                by_file.setdefault(str(row["file"]), []).append(row)
+            # Badges: the call for the chest, Failure (never "done") with its reason for the
+            # rest; the duplicate is flagged, not recomputed.
+            assert {row["badge_text"] for row in by_file["chest.zip"]} <= {"PATHOLOGY", "NORMAL"}
+            assert len(by_file["chest.zip"]) == 2
+            (duplicate,) = [row for row in by_file["chest.zip"] if row["flags"]]
+            assert "duplicate of chest.zip" in str(duplicate["flags"])
+            assert "not recomputed" in str(duplicate["flags"])
+            reasons = {"head.zip": "not a chest CT", "mr.zip": "modality MR", "broken.zip": "zip"}
+            for name, reason in reasons.items():
+                (row,) = by_file[name]
+                assert row["badge_text"] == "Failure", row
+                assert reason in str(row["what"]), row
+            assert all("done" not in str(row["badge_text"]).lower() for row in rows)
+            # DICOM text is shown as text: the hostile description is literal, no element made.
+            assert by_file["head.zip"][0]["description"] == HOSTILE
+            assert page.locator("#worklist img").count() == 0
+            (chest_row,) = [row for row in by_file["chest.zip"] if not row["flags"]]
+            assert chest_row["date"] == "2007-04-25"
+            # At 1280x800 the worklist and each failure's reason are on screen, in red.
+            for name in reasons:
+                reason = page.locator(f'#worklist tr[data-key="{by_file[name][0]["key"]}"] .c-what')
+                expect(reason).to_be_in_viewport()
+                badge = page.locator(f'#worklist tr[data-key="{by_file[name][0]["key"]}"] .badge')
+                assert badge.evaluate("node => getComputedStyle(node).color") == FAILURE_RED
+            page.screenshot(path=str(tmp_path / "worklist.png"))
 
-            # The xlsx of the session, downloaded like a user does.
-            page.locator("#session-xlsx-button").click()
-            link = page.locator("#session-xlsx a").first
-            expect(link).to_be_visible(timeout=30_000)
-            with page.expect_download() as download_info:
-                link.click()
-            xlsx = tmp_path / "downloaded.xlsx"
-            download_info.value.save_as(xlsx)
-
-            # A reload (same browser) shows the session's studies again.
-            page.reload()
+            # Click to open the refused head CT: its series is in the viewer, so a reader
+            # sees why it was refused.
+            page.locator(f'#worklist tr[data-key="{by_file["head.zip"][0]["key"]}"]').click()
+            expect(page.locator("#study-view .sv-call")).to_contain_text("not a chest CT")
+            expect(page.locator("#study-view .vw")).to_have_attribute(
+                "data-ready", "1", timeout=15_000
+            )
+            expect(page.locator("#study-view .sv-identity")).to_contain_text(HOSTILE)
+            before = viewer_state(page)
+            page.locator("#study-view .vw-stage").hover()
+            for _ in range(3):
+                page.mouse.wheel(0, 120)
             wait_for(
-                lambda: table_text(page, "status-table").count("done") == 2,
-                30,
-                "the studies after a reload",
-                interval_s=0.5,
+                lambda: viewer_state(page)["slice"] != before["slice"],
+                10,
+                "the slice to change on scrolling",
             )
-            # The detail of the non-chest study tells why it failed.
-            page.locator("#study-select input").click()
-            page.get_by_role("option", name=re.compile(r"head\.zip")).click()
-            expect(page.locator("#study-detail")).to_contain_text("not a chest CT", timeout=15_000)
-            page.locator("#study-select input").click()
-            page.get_by_role("option", name=re.compile(r"chest\.zip")).click()
-            expect(page.locator("#study-detail")).to_contain_text("Success", timeout=15_000)
-            expect(page.locator("#previews img").first).to_be_visible(timeout=15_000)
-            time.sleep(1.5)  # let the chart finish drawing before the picture
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            assert int(viewer_state(page)["slice"]) == int(before["slice"]) + 3
+            lung = canvas_pixels(page)
+            page.locator("#study-view [data-preset=bone]").click()
+            assert viewer_state(page)["width"] == "2000" and canvas_pixels(page) != lung
+            page.locator("#study-view [data-plane=coronal]").click()
+            assert viewer_state(page)["plane"] == "coronal"
+
+            # The chest: the call, the findings, the viewer.
+            page.locator(f'#worklist tr[data-key="{chest_row["key"]}"]').click()
+            expect(page.locator("#study-view .sv-badge")).to_have_text(
+                re.compile("PATHOLOGY|NORMAL"), timeout=15_000
+            )
+            expect(page.locator("#study-view .sv-call")).to_contain_text("P(pathology)")
+            expect(page.locator("#study-view .vw")).to_have_attribute(
+                "data-ready", "1", timeout=15_000
+            )
+            page.wait_for_timeout(500)  # the smooth scroll to the study view
+            page.screenshot(path=str(tmp_path / "study.png"), full_page=True)
+
+            # The MR has no CT series: no viewer, and the page says why.
+            page.locator(f'#worklist tr[data-key="{by_file["mr.zip"][0]["key"]}"]').click()
+            expect(page.locator("#study-view .vw-message")).to_contain_text(
+                "could be read as a volume", timeout=15_000
+            )
+
+            # One click downloads the xlsx of the session (the duplicate adds no row).
+            xlsx = download_all(page, tmp_path / "downloaded.xlsx")
+
+            # A reload (same browser) shows the same worklist and reopens the last study;
+            # the guide stays closed after the first visit.
+            page.reload()
+            wait_for(lambda: len(worklist_rows(page)) == 5, 30, "the worklist after a reload")
+            assert sorted(map(str, worklist_rows(page))) == sorted(map(str, rows))
+            expect(page.locator("#study-view .sv-title")).to_have_text("mr.zip", timeout=15_000)
+            expect(page.locator("#guide")).not_to_contain_text("The worklist")
+            # Remove the duplicate from the list; it stays removed after a reload.
+            page.locator(f'#worklist tr[data-key="{duplicate["key"]}"] .wl-remove').click()
+            wait_for(lambda: len(worklist_rows(page)) == 4, 15, "the row removed")
+            page.reload()
+            wait_for(lambda: len(worklist_rows(page)) == 4, 30, "still removed after a reload")
             browser.close()
+        assert [dialog.split(":")[0] for dialog in dialogs] == ["confirm"]  # no alert ran
 
         # The xlsx: the customer's columns first, one row per study, values as stored.
         sheet = openpyxl.load_workbook(xlsx).active
         header = [cell.value for cell in sheet[1]]
         assert header[:8] == [*REPORT_COLUMNS, "most_dangerous_pathology_type"]
-        rows = {
+        table = {
             row[0]: dict(zip(header, row, strict=True))
             for row in sheet.iter_rows(min_row=2, values_only=True)
         }
-        assert set(rows) == {"chest.zip", "head.zip"}
-        assert rows["chest.zip"]["processing_status"] == "Success"
-        assert rows["head.zip"]["processing_status"] == "Failure"
+        assert set(table) == {"chest.zip", "head.zip", "mr.zip", "broken.zip"}
+        assert sheet.auto_filter.ref and sheet.freeze_panes == "B2"
+        assert table["chest.zip"]["processing_status"] == "Success"
+        assert table["head.zip"]["processing_status"] == "Failure"
+        assert table["head.zip"]["demo_weights"] == 1  # Failure rows carry the flag too
         stored = {}
         for path in (storage / "results").glob("*.json"):
             result = json.loads(path.read_text())
             stored[result["original_filename"]] = result["reports"][0]
-        assert rows["chest.zip"]["probability_of_pathology"] == pytest.approx(
+        assert table["chest.zip"]["probability_of_pathology"] == pytest.approx(
             stored["chest.zip"]["probability_of_pathology"], abs=1e-9
         )
-        assert rows["chest.zip"]["study_uid"] == stored["chest.zip"]["study_uid"]
+        assert table["chest.zip"]["study_uid"] == stored["chest.zip"]["study_uid"]
         # The session is on disk: a frontend restart would show the same studies.
         sessions = list((storage / "sessions").glob("*.json"))
         assert len(sessions) == 1
-        assert len(json.loads(sessions[0].read_text())["tasks"]) == 2
+        assert len(json.loads(sessions[0].read_text())["tasks"]) == 4
     finally:
         stop = subprocess.run(
             ["bash", str(PROJECT_ROOT / "stop.sh"), "--storage", str(storage)],
@@ -249,4 +339,5 @@ def test_stack_from_start_to_stop(
     # The system RabbitMQ was running before, so it keeps running.
     connection = connect(broker, name="e2e after stop", give_up_after_s=10)
     connection.close()
-    assert SCREENSHOT.is_file()
+    # Pictures of the worklist and of a study, kept with the test's files (CI artefacts).
+    assert (tmp_path / "worklist.png").is_file() and (tmp_path / "study.png").is_file()

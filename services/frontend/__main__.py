@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     # Gradio keeps uploads here until the study is queued (then they are moved next to it,
     # on the same file system); refused leftovers are swept after a day (see app.py).
     os.environ.setdefault("GRADIO_TEMP_DIR", str(root / "frontend" / "incoming"))
-    from services.frontend.app import build_app
+    from services.frontend.app import PAGE_CSS, build_app
 
     service = FrontendService(settings)
     service.start()
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         prevent_thread_lock=True,
         quiet=True,
         footer_links=[],
+        css=PAGE_CSS,
     )
     logger.info(
         "frontend {} on http://{}:{} (reply queue {})",

@@ -1,205 +1,224 @@
-"""The Gradio page: upload, progress, results table, study details, downloads."""
+"""The Gradio page: a worklist first (upload, triage, open), then the study view with its slice
+viewer. The worklist and the study view are gr.HTML components fed with plain data (views.py,
+study_view.py) and drawn by their own scripts (static/*.js), which show every value as text.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import gradio as gr
 
 from services.frontend import views
-from services.frontend.service import FrontendService, TaskView, is_session_token, session_summary
+from services.frontend.service import FrontendService, TaskView, is_session_token
+from services.frontend.study_view import study_view
+from services.frontend.uploads import UPLOAD_FILE_TYPES
 
 REFRESH_SECONDS = 2.0
 SESSION_STORAGE_KEY = "cts-session"
+GUIDE_STORAGE_KEY = "cts-guide-seen"
+STATIC = Path(__file__).parent / "static"
+FILE_ROUTE = "gradio_api/file="  # relative: works behind a proxy's path prefix too
+UPLOAD_HINT = (
+    "Add studies: **.zip** or **.tar(.gz)** of DICOM files, **.nii(.gz)** volumes, "
+    "or the **.dcm** files of one series."
+)
+
+
+def asset(name: str) -> str:
+    return (STATIC / name).read_text(encoding="utf-8")
+
+
+PAGE_CSS = asset("page.css")
+
+
+def signature(value: object) -> str:
+    """A short fingerprint of what a component shows: redraw only when it changed."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def build_app(service: FrontendService) -> gr.Blocks:
+    @lru_cache(maxsize=256)
+    def read_json(relative: str) -> dict[str, Any] | None:
+        # Result files never change once written: cached per path.
+        path = service.file_path(relative)
+        if path is None:
+            return None
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return document if isinstance(document, dict) else None
+
+    def file_url(relative: str) -> str | None:
+        path = service.file_path(relative)
+        return None if path is None else FILE_ROUTE + quote(str(path), safe="/")
+
     def current_views(token: str | None) -> list[TaskView]:
         return service.session_views(token) if is_session_token(token) else []
 
-    def find_view(token: str | None, choice: str | None) -> tuple[TaskView | None, int]:
-        parsed = views.parse_choice(choice)
+    def study_of(task_views: list[TaskView], key: str | None) -> dict[str, Any] | None:
+        parsed = views.parse_row_key(key)
         if parsed is None:
-            return None, 0
+            return None
         task_id, index = parsed
-        for view in current_views(token):
+        for view in task_views:
             if view.task.task_id == task_id:
-                return view, index
-        return None, 0
+                return study_view(view, index, file_url=file_url, read_json=read_json)
+        return None
 
-    def ensure_session(token: str | None) -> str:
-        return token if is_session_token(token) else service.new_session_token()
+    def ensure_session(token: str | None, guide_seen: bool | None) -> tuple[Any, ...]:
+        token = token if is_session_token(token) else service.new_session_token()
+        # The guide is open on the first visit only.
+        return token, True, gr.update(open=not guide_seen)
 
-    def submit(token: str | None, files: list[str] | None) -> tuple[str, Any]:
+    def submit(token: str | None, files: list[str] | None) -> tuple[Any, ...]:
         if not is_session_token(token):
-            return "The page is still starting; please try again in a second.", gr.skip()
+            return "The page is still starting; please try again in a second.", gr.skip(), gr.skip()
         outcome = service.submit_uploads(token, [Path(path) for path in files or []])
-        # Clear the picker once the files are queued, keep it if everything was refused.
-        return outcome.message, (None if outcome.submitted else gr.skip())
+        # Clear the picker once the files are taken, keep it if everything was refused; the
+        # guide makes room for the worklist.
+        taken = outcome.submitted or outcome.duplicates
+        return (
+            views.markdown_text(outcome.message),
+            None if taken else gr.skip(),
+            gr.update(open=False) if taken else gr.skip(),
+        )
 
-    def refresh(token: str | None, choice: str | None, shown: str | None) -> tuple[Any, ...]:
+    def refresh(
+        token: str | None, key: str | None, shown: dict[str, str] | None
+    ) -> tuple[Any, ...]:
+        shown = dict(shown or {})
         task_views = current_views(token)
-        choices = views.study_choices(task_views)
-        values = [value for _label, value in choices]
-        if choice not in values:
-            choice = values[0] if values else None
-        view, index = find_view(token, choice)
-        # Redraw the details only when what they show changed (no flicker every tick).
-        signature = f"{choice}|{view.state.value if view else ''}|{view.message if view else ''}"
-        details = detail_outputs(view, index) if signature != shown else (gr.skip(),) * 4
+        worklist = views.worklist(task_views)
+        study = study_of(task_views, key)
+        finished = [
+            (view.task.task_id, str(view.result.finished_at))
+            for view in task_views
+            if view.result is not None and view.task.duplicate_of is None
+        ]
+        updates: dict[str, Any] = {}
+        for name, value in (("worklist", worklist), ("study", study), ("xlsx", finished)):
+            fingerprint = signature(value)
+            updates[name] = value if shown.get(name) != fingerprint else gr.skip()
+            shown[name] = fingerprint
+        download = gr.skip()
+        if not isinstance(updates["xlsx"], type(gr.skip())):
+            path = service.session_xlsx(token, task_views) if finished and token else None
+            download = gr.update(value=str(path) if path else None, interactive=path is not None)
         return (
             gr.update(visible=service.demo_weights_in_use(task_views)),
-            f"**Your studies:** {session_summary(task_views)}",
-            views.status_frame(task_views),
-            views.results_frame(task_views),
-            gr.update(choices=choices, value=choice),
-            signature,
-            *details,
+            updates["worklist"],
+            updates["study"],
+            download,
+            shown,
         )
 
-    def detail_outputs(view: TaskView | None, index: int) -> tuple[Any, ...]:
-        if view is None:
-            return "Nothing selected yet.", None, [], []
-        result = view.result
-        previews = [
-            (str(path), caption)
-            for relative, caption in views.preview_files(result, index)
-            if (path := service.file_path(relative)) is not None
-        ]
-        downloads = [
-            str(path)
-            for relative in views.download_files(result)
-            if (path := service.file_path(relative)) is not None
-        ]
-        findings = views.findings_frame(view, index)
-        return (
-            views.detail_markdown(view, index),
-            # None, not an empty frame: after an empty frame Gradio's coloured bar chart
-            # stops drawing bars.
-            findings if len(findings) else None,
-            previews,
-            downloads or None,
+    def open_study(token: str | None, shown: dict[str, str] | None, event: gr.EventData) -> Any:
+        key = event._data.get("key") if isinstance(event._data, dict) else None
+        study = study_of(current_views(token), key)
+        shown = {**(shown or {}), "study": signature(study)}
+        return (key if study else None), study, shown
+
+    def remove_study(
+        token: str | None, key: str | None, shown: dict[str, str] | None, event: gr.EventData
+    ) -> Any:
+        removed = views.parse_row_key(
+            event._data.get("key") if isinstance(event._data, dict) else None
         )
+        if removed is not None and is_session_token(token):
+            service.remove_task(token, removed[0])
+        selected = views.parse_row_key(key)
+        if selected is not None and removed is not None and selected[0] == removed[0]:
+            key = None
+        return (key, *refresh(token, key, {**(shown or {}), "worklist": ""}))
 
-    def select(token: str | None, choice: str | None) -> tuple[Any, ...]:
-        view, index = find_view(token, choice)
-        signature = f"{choice}|{view.state.value if view else ''}|{view.message if view else ''}"
-        return (signature, *detail_outputs(view, index))
-
-    def session_xlsx(token: str | None) -> Any:
-        if not is_session_token(token):
-            return None
-        path = service.session_xlsx(token)
-        if path is None:
-            gr.Info("No finished study yet.")
-            return None
-        return str(path)
-
-    # Uploads that were never queued (refused, page closed) are deleted after a day.
     with gr.Blocks(title="Chest CT screening", delete_cache=(3600, 86400)) as app:
         session = gr.BrowserState(
             None, storage_key=SESSION_STORAGE_KEY, secret=service.browser_state_secret()
         )
-        shown_detail = gr.State(None)
-        banner = gr.HTML(
-            views.DEMO_BANNER_HTML, visible=service.demo_weights_in_use(), elem_id="demo-banner"
+        guide_seen = gr.BrowserState(
+            False, storage_key=GUIDE_STORAGE_KEY, secret=service.browser_state_secret()
         )
-        gr.Markdown(
-            "# Chest CT screening\nScreens chest CT studies: P(pathology), 20 findings, data-quality warnings."
-        )
-        with gr.Accordion("How to use", open=True):
+        selected = gr.State(None)
+        shown = gr.State({})
+        with gr.Row(equal_height=True):
+            gr.Markdown(
+                "# Chest CT screening\nP(pathology), 20 findings and data-quality warnings "
+                "per study, most urgent first.",
+                elem_id="page-title",
+            )
+            banner = gr.HTML(
+                views.DEMO_BANNER_HTML,
+                visible=service.demo_weights_in_use(),
+                elem_id="demo-banner",
+            )
+        with gr.Accordion("How to use", open=False, elem_id="guide") as guide:
             gr.Markdown(views.GUIDE)
-        with gr.Row():
+        with gr.Row(equal_height=True):
             uploads = gr.File(
-                label="Studies: .zip files of DICOM studies, or .dcm files of one series",
+                label="Studies",
+                show_label=False,
                 file_count="multiple",
-                file_types=[".zip", ".dcm"],
+                file_types=UPLOAD_FILE_TYPES,
                 elem_id="uploads",
-                scale=3,
+                height=130,
+                scale=5,
             )
-            with gr.Column(scale=2):
+            with gr.Column(scale=3, elem_id="submit-column"):
                 submit_button = gr.Button("Screen the studies", variant="primary", elem_id="submit")
-                upload_message = gr.Markdown(elem_id="upload-message")
-        summary = gr.Markdown(elem_id="summary")
-        status_table = gr.Dataframe(
-            value=views.status_frame([]),
-            label="Uploaded studies",
-            interactive=False,
-            elem_id="status-table",
-            wrap=True,
-        )
-        results_table = gr.Dataframe(
-            value=views.results_frame([]),
-            label="Results (the full UIDs are in the xlsx)",
-            interactive=False,
-            elem_id="results-table",
-            max_chars=32,  # UIDs are long; the headers (<= 29 characters) stay whole
-            column_widths=["13%", "17%", "17%", "11%", "8%", "10%", "10%", "14%"],
-        )
-        with gr.Row():
-            session_xlsx_button = gr.Button(
-                "Download all results (xlsx)", elem_id="session-xlsx-button"
-            )
-            session_xlsx_file = gr.File(
-                label="All results", interactive=False, elem_id="session-xlsx"
-            )
-        gr.Markdown("## Study details")
-        selected = gr.Dropdown(label="Study", choices=[], elem_id="study-select", interactive=True)
-        with gr.Row():
-            with gr.Column(scale=3):
-                detail = gr.Markdown(elem_id="study-detail")
-            with gr.Column(scale=2):
-                chart = gr.BarPlot(
-                    value=None,
-                    x="finding",
-                    y="probability",
-                    color="above threshold",
-                    y_lim=[0, 1],
-                    x_label_angle=-45,
-                    sort="-y",
-                    color_map={"yes": "#c62828", "no": "#78909c"},
-                    title="Finding probabilities",
-                    height=360,
-                    elem_id="findings-chart",
-                )
-        with gr.Row():
-            previews = gr.Gallery(
-                label="What the model saw (after preprocessing)",
-                columns=4,
-                height=300,
-                elem_id="previews",
-            )
-            study_files = gr.File(
-                label="This study's report files",
-                file_count="multiple",
+                upload_message = gr.Markdown(UPLOAD_HINT, elem_id="upload-message")
+            download_all = gr.DownloadButton(
+                "Download all (xlsx)",
+                value=None,
                 interactive=False,
-                elem_id="study-files",
+                elem_id="download-all",
+                scale=2,
             )
+        worklist = gr.HTML(
+            {"rows": [], "counts": {}, "badges": views.BADGE_TEXT_BY_VALUE},
+            html_template=asset("worklist.html"),
+            css_template=asset("badges.css") + asset("worklist.css"),
+            js_on_load=asset("worklist.js"),
+            elem_id="worklist",
+        )
+        study = gr.HTML(
+            None,
+            html_template=asset("study.html"),
+            css_template=asset("badges.css") + asset("study.css"),
+            js_on_load=asset("study.js"),
+            elem_id="study-view",
+        )
         timer = gr.Timer(REFRESH_SECONDS)
 
-        refresh_outputs = [banner, summary, status_table, results_table, selected, shown_detail]
-        detail_components = [detail, chart, previews, study_files]
-        app.load(ensure_session, inputs=session, outputs=session).then(
-            refresh,
-            inputs=[session, selected, shown_detail],
-            outputs=refresh_outputs + detail_components,
-        )
+        refresh_outputs = [banner, worklist, study, download_all, shown]
+        app.load(
+            ensure_session, inputs=[session, guide_seen], outputs=[session, guide_seen, guide]
+        ).then(refresh, inputs=[session, selected, shown], outputs=refresh_outputs)
         submit_button.click(
-            submit, inputs=[session, uploads], outputs=[upload_message, uploads]
-        ).then(
-            refresh,
-            inputs=[session, selected, shown_detail],
-            outputs=refresh_outputs + detail_components,
-        )
+            submit, inputs=[session, uploads], outputs=[upload_message, uploads, guide]
+        ).then(refresh, inputs=[session, selected, shown], outputs=refresh_outputs)
         timer.tick(
             refresh,
-            inputs=[session, selected, shown_detail],
-            outputs=refresh_outputs + detail_components,
+            inputs=[session, selected, shown],
+            outputs=refresh_outputs,
             show_progress="hidden",
         )
-        selected.input(
-            select, inputs=[session, selected], outputs=[shown_detail, *detail_components]
+        worklist.study_open(
+            open_study,
+            inputs=[session, shown],
+            outputs=[selected, study, shown],
+            show_progress="hidden",
         )
-        session_xlsx_button.click(session_xlsx, inputs=session, outputs=session_xlsx_file)
+        worklist.study_remove(
+            remove_study,
+            inputs=[session, selected, shown],
+            outputs=[selected, *refresh_outputs],
+            show_progress="hidden",
+        )
     return app

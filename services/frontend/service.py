@@ -12,13 +12,11 @@ import shutil
 import socket
 import threading
 import uuid
-from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 from loguru import logger
 
-from services.broker.connection import ReplyListener, queued_task_count, submit_task
+from services.broker.connection import ReplyListener, submit_task
 from services.broker.schemas import (
     QueueTopology,
     StudyProgress,
@@ -31,6 +29,7 @@ from services.broker.storage import load_result, upload_dir
 from services.core.config import Settings
 from services.core.model_metadata import read_metadata
 from services.core.reports import write_xlsx
+from services.frontend.queue_status import QueueMonitor, StudyDurations, read_queue_status
 from services.frontend.sessions import (
     SessionRecord,
     SessionStore,
@@ -38,7 +37,14 @@ from services.frontend.sessions import (
     is_session_token,
     new_session_token,
 )
-from services.frontend.uploads import is_zip_group, plan_uploads, safe_file_name
+from services.frontend.task_view import (
+    SubmitOutcome,
+    TaskState,
+    TaskView,
+    session_summary,
+    with_queue_places,
+)
+from services.frontend.uploads import content_sha256, is_zip_group, plan_uploads, safe_file_name
 
 __all__ = [
     "FrontendService",
@@ -52,41 +58,6 @@ __all__ = [
     "safe_file_name",
     "session_summary",
 ]
-
-
-class TaskState(str, Enum):
-    QUEUED = "queued"
-    PROCESSING = "processing"
-    DONE = "done"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class TaskView:
-    """One uploaded study as the UI shows it."""
-
-    task: SessionTask
-    state: TaskState
-    fraction: float  # 0..1
-    message: str
-    result: StudyResult | None = None
-
-
-@dataclass
-class SubmitOutcome:
-    submitted: list[SessionTask] = field(default_factory=list)
-    refused: list[str] = field(default_factory=list)  # one line per refused file, with the reason
-
-    @property
-    def message(self) -> str:
-        lines = []
-        if self.submitted:
-            names = ", ".join(task.original_filename for task in self.submitted)
-            lines.append(
-                f"Queued {len(self.submitted)} stud{'y' if len(self.submitted) == 1 else 'ies'}: {names}"
-            )
-        lines.extend(self.refused)
-        return "\n\n".join(lines) or "Nothing to submit: choose .zip or .dcm files first."
 
 
 def frontend_instance_id(host: str, port: int) -> str:
@@ -109,6 +80,8 @@ class FrontendService:
         self._results: dict[str, StudyResult] = {}
         self._listener: ReplyListener | None = None
         self.sessions = SessionStore(self.storage_root)
+        self.queue = QueueMonitor(lambda: read_queue_status(settings.rabbitmq))
+        self.durations = StudyDurations()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -151,39 +124,88 @@ class FrontendService:
     # -- uploads ---------------------------------------------------------------------------
 
     def submit_uploads(self, token: str, files: list[Path]) -> SubmitOutcome:
-        """Each .zip becomes one task; loose DICOM files of one upload become one task together.
+        """Each archive or NIfTI file becomes one task; loose DICOM files of one upload become
+        one task together.
 
         Queued files are moved (not copied) into storage: no second copy of patient data
-        stays in the upload folder. Refused files stay where they are, for a retry.
+        stays in the upload folder. Refused files stay where they are, for a retry. An upload
+        whose bytes this session already screened is not queued again: it is listed as a
+        duplicate that shows the earlier result, and its file is deleted.
         """
         outcome = SubmitOutcome()
         plan = plan_uploads(files, self.settings)
         outcome.refused.extend(plan.refused)
-        groups = plan.groups
-        if not groups:
-            return outcome
+        earlier = {
+            task.content_sha256: task
+            for task in self.session(token).tasks
+            if task.content_sha256 and self._reusable(task)
+        }
+        groups: list[tuple[list[Path], str]] = []  # first uploads of their bytes
+        repeats: list[tuple[list[Path], str]] = []  # the same bytes again in this upload
+        for group in plan.groups:
+            digest = content_sha256(group)
+            if digest in earlier:
+                outcome.duplicates.append(self._duplicate(group, earlier[digest]))
+            elif any(digest == seen for _group, seen in groups):
+                repeats.append((group, digest))
+            else:
+                groups.append((group, digest))
+        if groups:
+            self._queue_groups(groups, outcome)
+        queued = {task.content_sha256: task for task in outcome.submitted}
+        for group, digest in repeats:
+            if digest in queued:
+                outcome.duplicates.append(self._duplicate(group, queued[digest]))
+        if outcome.submitted or outcome.duplicates:
+            self.sessions.append(token, [*outcome.submitted, *outcome.duplicates])
+        return outcome
+
+    def _queue_groups(self, groups: list[tuple[list[Path], str]], outcome: SubmitOutcome) -> None:
+        """Queue every group, or none when the broker is unreachable or the queue is full."""
         try:
-            waiting = queued_task_count(self.settings.rabbitmq)
+            status = read_queue_status(self.settings.rabbitmq)
         except Exception as error:  # noqa: BLE001 - an unreachable broker refuses, it does not crash
             logger.error("cannot reach RabbitMQ: {}", error)
             outcome.refused.append(
                 "The processing queue is unreachable right now; please try again in a minute."
             )
-            return outcome
+            return
         limit = self.settings.rabbitmq.max_queue_depth
-        if waiting + len(groups) > limit:
+        if status.waiting + len(groups) > limit:
             outcome.refused.append(
-                f"The processing queue is full ({waiting} studies waiting, limit {limit}): "
+                f"The processing queue is full ({status.waiting} studies waiting, limit {limit}): "
                 "nothing was queued, please try again later."
             )
-            return outcome
-        for group in groups:
+            return
+        for position, (group, digest) in enumerate(groups):
             task = self._submit_group(group, outcome)
             if task is not None:
+                task.content_sha256 = digest
+                task.queued_behind = status.waiting + position
                 outcome.submitted.append(task)
-        if outcome.submitted:
-            self.sessions.append(token, outcome.submitted)
-        return outcome
+
+    def _reusable(self, task: SessionTask) -> bool:
+        """An earlier upload whose result a duplicate may show: not one that failed as a
+        whole task (a crash or a lost study is worth a second try)."""
+        result = self.result(task.duplicate_of or task.task_id)
+        return result is None or result.status is not TaskStatus.FAILED
+
+    def _duplicate(self, group: list[Path], original: SessionTask) -> SessionTask:
+        name = group[0].name if len(group) == 1 else f"{group[0].name} (+{len(group) - 1} files)"
+        for path in group:  # the earlier copy is in storage already
+            path.unlink(missing_ok=True)
+        logger.info("duplicate upload of task {}: not queued", original.task_id)
+        return SessionTask(
+            task_id=uuid.uuid4().hex,
+            original_filename=name,
+            submitted_at=utc_now(),
+            content_sha256=original.content_sha256,
+            duplicate_of=original.duplicate_of or original.task_id,
+        )
+
+    def remove_task(self, token: str, task_id: str) -> bool:
+        """Take a study off the session's worklist (its stored result stays)."""
+        return is_session_token(token) and self.sessions.remove(token, task_id)
 
     def _submit_group(self, group: list[Path], outcome: SubmitOutcome) -> SessionTask | None:
         task_id = uuid.uuid4().hex
@@ -240,10 +262,14 @@ class FrontendService:
                 self._results[task_id] = stored
         return stored
 
-    def task_view(self, task: SessionTask) -> TaskView:
-        result = self.result(task.task_id)
+    def task_view(self, task: SessionTask, *, original: SessionTask | None = None) -> TaskView:
+        """The task's state; a duplicate shows the state of the task it duplicates."""
+        task_id = task.duplicate_of or task.task_id
+        result = self.result(task_id)
         if result is not None:
             failed = result.status is TaskStatus.FAILED
+            if not failed:
+                self.durations.add(result.task_id, result.seconds)
             return TaskView(
                 task=task,
                 state=TaskState.FAILED if failed else TaskState.DONE,
@@ -251,33 +277,58 @@ class FrontendService:
                 message=result.error
                 or f"{len(result.reports)} report(s) in {result.seconds:.1f} s",
                 result=result,
+                duplicate_of=original,
             )
         with self._lock:
-            progress = self._progress.get(task.task_id)
+            progress = self._progress.get(task_id)
         if progress is not None:
             return TaskView(
-                task, TaskState.PROCESSING, progress.fraction, progress.message or progress.stage
+                task,
+                TaskState.PROCESSING,
+                progress.fraction,
+                progress.message or progress.stage,
+                stage=progress.stage,
+                duplicate_of=original,
             )
-        return TaskView(task, TaskState.QUEUED, 0.0, "waiting for a free worker")
+        return TaskView(
+            task, TaskState.QUEUED, 0.0, "waiting for a free worker", duplicate_of=original
+        )
 
     def session_views(self, token: str) -> list[TaskView]:
         if not is_session_token(token):
             return []
-        return [self.task_view(task) for task in self.session(token).tasks]
+        tasks = self.session(token).tasks
+        by_id = {task.task_id: task for task in tasks}
+        task_views = [
+            self.task_view(task, original=by_id.get(task.duplicate_of or "")) for task in tasks
+        ]
+        return self._with_queue_places(task_views)
 
-    def session_xlsx(self, token: str) -> Path | None:
-        """One xlsx with every finished study of the session (the customer's table)."""
+    def _with_queue_places(self, task_views: list[TaskView]) -> list[TaskView]:
+        if not any(view.state is TaskState.QUEUED for view in task_views):
+            return task_views  # no broker round trip when nothing waits
+        return with_queue_places(task_views, self.queue.status(), self.durations.typical())
+
+    def session_xlsx(self, token: str, task_views: list[TaskView] | None = None) -> Path | None:
+        """One xlsx with every finished study of the session (the customer's table); a
+        duplicate upload adds no row. Older files of the session are removed."""
+        if task_views is None:
+            task_views = self.session_views(token)
         reports = [
             report
-            for view in self.session_views(token)
-            if view.result is not None
+            for view in task_views
+            if view.result is not None and view.task.duplicate_of is None
             for report in view.result.reports
         ]
         if not reports:
             return None
-        stamp = utc_now().strftime("%Y%m%d-%H%M%S")
-        path = self.sessions.files_dir(token) / f"screening_{stamp}.xlsx"
-        return write_xlsx(reports, path)
+        stamp = utc_now().strftime("%Y%m%d-%H%M%S-%f")
+        folder = self.sessions.files_dir(token)
+        path = write_xlsx(reports, folder / f"screening_{stamp}.xlsx")
+        for older in folder.glob("screening_*.xlsx"):
+            if older != path:
+                older.unlink(missing_ok=True)
+        return path
 
     def demo_weights_in_use(self, views: list[TaskView] | None = None) -> bool:
         """True if the served model is the demo set, or any shown result came from it."""
@@ -297,9 +348,3 @@ class FrontendService:
         if not path.is_relative_to(root) or not path.is_file():
             return None
         return path
-
-
-def session_summary(views: list[TaskView]) -> str:
-    counts = {state: sum(view.state is state for view in views) for state in TaskState}
-    parts = [f"{counts[state]} {state.value}" for state in TaskState if counts[state]]
-    return ", ".join(parts) if parts else "no studies yet"

@@ -33,6 +33,13 @@ class SessionTask(BaseModel):
     task_id: str
     original_filename: str
     submitted_at: datetime
+    # sha256 of the uploaded bytes (a zip, or the sorted hashes of loose files): the same
+    # upload again in this session is a duplicate.
+    content_sha256: str | None = None
+    # Set on a duplicate: the task whose result it shows (nothing was queued for it).
+    duplicate_of: str | None = None
+    # Tasks waiting in the queue when this one was queued (FIFO: never more ahead of it later).
+    queued_behind: int | None = None
 
 
 class SessionRecord(BaseModel):
@@ -87,3 +94,14 @@ class SessionStore:
             record = self.read(token)
             record.tasks.extend(tasks)
             write_atomically(self._path(token), record.model_dump_json(indent=2).encode())
+
+    def remove(self, token: str, task_id: str) -> bool:
+        """Take a task off the session's list (its result stays in storage); False if absent."""
+        with self._lock:
+            record = self.read(token)
+            kept = [task for task in record.tasks if task.task_id != task_id]
+            if len(kept) == len(record.tasks):
+                return False
+            record.tasks = kept
+            write_atomically(self._path(token), record.model_dump_json(indent=2).encode())
+            return True

@@ -6,6 +6,7 @@ same files anyway (same settings), but only after the upload took a queue slot.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -14,6 +15,9 @@ from pathlib import Path
 from services.core.config import Settings
 
 ZIP_SUFFIX = ".zip"
+# Files that are a study (or a set of studies) on their own: each becomes one task.
+SINGLE_FILE_SUFFIXES = (ZIP_SUFFIX, ".tar", ".tar.gz", ".tgz", ".nii", ".nii.gz")
+UPLOAD_FILE_TYPES = [*SINGLE_FILE_SUFFIXES, ".dcm"]
 
 
 def safe_file_name(name: str) -> str:
@@ -41,7 +45,8 @@ def declared_unpacked_bytes(path: Path) -> int | None:
 
 @dataclass
 class UploadPlan:
-    """What becomes a task: each zip alone, the loose DICOM files of one upload together."""
+    """What becomes a task: each archive or NIfTI file alone, the loose DICOM files of one
+    upload together."""
 
     groups: list[list[Path]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # one line per refused file, with the reason
@@ -51,7 +56,7 @@ def plan_uploads(files: list[Path], settings: Settings) -> UploadPlan:
     plan = UploadPlan()
     limit_bytes = settings.frontend.max_upload_mb * 1024 * 1024
     unpacked_limit = settings.intake.max_uncompressed_bytes
-    zips: list[Path] = []
+    singles: list[Path] = []  # archives and NIfTI files: one task each
     loose: list[Path] = []
     for path in map(Path, files):
         size = path.stat().st_size if path.exists() else 0
@@ -63,8 +68,9 @@ def plan_uploads(files: list[Path], settings: Settings) -> UploadPlan:
                 f"{name}: {size / 1024**2:.0f} MB is over the "
                 f"{settings.frontend.max_upload_mb} MB limit"
             )
-        elif name.lower().endswith(ZIP_SUFFIX):
-            unpacked = declared_unpacked_bytes(path)
+        elif name.lower().endswith(SINGLE_FILE_SUFFIXES):
+            # Only a zip declares its unpacked size up front; tars are counted by the intake.
+            unpacked = declared_unpacked_bytes(path) if name.lower().endswith(ZIP_SUFFIX) else None
             if unpacked is not None and unpacked > unpacked_limit:
                 plan.refused.append(
                     f"{name}: {human_bytes(unpacked)} unpacked is over the "
@@ -72,7 +78,7 @@ def plan_uploads(files: list[Path], settings: Settings) -> UploadPlan:
                     "(intake.max_uncompressed_bytes)"
                 )
             else:
-                zips.append(path)
+                singles.append(path)
         else:
             loose.append(path)
     loose_bytes = sum(path.stat().st_size for path in loose)
@@ -82,9 +88,27 @@ def plan_uploads(files: list[Path], settings: Settings) -> UploadPlan:
             f"{human_bytes(unpacked_limit)} limit per study (intake.max_uncompressed_bytes)"
         )
         loose = []
-    plan.groups = [[path] for path in zips] + ([loose] if loose else [])
+    plan.groups = [[path] for path in singles] + ([loose] if loose else [])
     return plan
 
 
 def is_zip_group(group: list[Path]) -> bool:
-    return len(group) == 1 and group[0].name.lower().endswith(ZIP_SUFFIX)
+    """A group of one archive or NIfTI file (stored under its own name, not as loose DICOM)."""
+    return len(group) == 1 and group[0].name.lower().endswith(SINGLE_FILE_SUFFIXES)
+
+
+def content_sha256(group: list[Path]) -> str:
+    """The identity of an upload's bytes: a file's sha256, or for loose files the sha256 of
+    their sorted sha256s (the same files in another order are the same upload)."""
+    digests = sorted(_file_sha256(path) for path in group)
+    if len(digests) == 1:
+        return digests[0]
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,206 +1,238 @@
-"""Pure functions from task views to what the page shows: tables, the detail text, chart data."""
+"""Pure functions from task views to what the worklist shows: one row per study, as plain data.
+
+The page renders every value as text (services/frontend/static/*.js sets textContent, never
+innerHTML): DICOM headers and file names are not trusted. The rows are sorted by urgency:
+PATHOLOGY first (most probable first), then Failure (a study that was not screened may hide
+anything), then NORMAL, then studies in progress and in the queue.
+"""
 
 from __future__ import annotations
 
-import pandas as pd
+import html
+import math
+from collections import defaultdict
+from enum import Enum
+from typing import Any
 
-from services.broker.schemas import StudyResult
 from services.core.reports import DEMO_NOTICE
-from services.core.schemas import REPORT_COLUMNS, StudyReport
-from services.frontend.service import TaskState, TaskView
-
-STATUS_COLUMNS = ("study file", "status", "progress", "details", "submitted (UTC)")
-# The customer's columns, then what a radiologist asks next: what is worst, or why it failed.
-RESULT_COLUMNS = (*REPORT_COLUMNS, "most_dangerous_pathology_type", "failure_reason")
-STATE_LABELS = {
-    TaskState.QUEUED: "queued",
-    TaskState.PROCESSING: "processing",
-    TaskState.DONE: "done",
-    TaskState.FAILED: "FAILED",
-}
+from services.core.schemas import StudyReport
+from services.frontend.task_view import TaskState, TaskView
 
 GUIDE = """
-1. Choose one or more studies: a **.zip** of a study's DICOM files (one study per zip is
-   typical; a zip holding several studies gives one row per study), or the loose **.dcm**
-   files of one series (they are screened together as one study).
-2. Press **Screen the studies**. Each study is queued and processed by the next free
-   worker; the table shows *queued*, *processing* (with progress) and *done*.
-3. The **Results** table holds the report columns; pick a study under **Study details** for
-   its warnings, the chest-CT check, the finding probabilities and the images the model saw.
-4. Download the xlsx of all your studies, or a study's own xlsx and warnings file.
+1. **Add studies**: a **.zip** or **.tar** / **.tar.gz** of a study's DICOM files (an archive
+   holding several studies gives one row per study), a **.nii** / **.nii.gz** volume, or the
+   loose **.dcm** files of one series (screened together as one study). Then press
+   **Screen the studies**.
+2. **The worklist** shows one row per study, the most urgent first: **PATHOLOGY**, then
+   **Failure** (not screened: the reason is in the row), then **NORMAL**, then studies in
+   progress and in the queue (with their place in line). Click a column title to sort, type
+   in the filter box to narrow the list, click a row to open the study.
+3. **A study** shows the call, the findings above their thresholds first, the data-quality
+   warnings, the chest-CT check and a slice viewer of the series that was read (a refused
+   series too): scroll with the mouse wheel or the slider, switch plane, pick a window
+   (lung, mediastinum, bone) or drag with the right mouse button for window/level.
+4. **Download all** gives the xlsx of every study of this browser session.
 
-Your studies stay listed after a page reload: this browser keeps a private session key.
-Studies that are not chest CTs (or cannot be read) get a *Failure* row with the reason.
+The same file uploaded twice is not screened again: it is marked as a duplicate and shows the
+first result. Your studies stay listed after a page reload (this browser keeps a private
+session key). **Demo weights**: the probabilities mean nothing.
 """
 
 DEMO_BANNER_HTML = (
-    '<div id="demo-weights-banner" style="background:#b00020;color:white;padding:12px 16px;'
-    'border-radius:8px;font-weight:600;font-size:1.05em">' + DEMO_NOTICE + "</div>"
+    '<div id="demo-weights-banner" style="background:#b00020;color:white;padding:6px 12px;'
+    'border-radius:6px;font-weight:600">' + DEMO_NOTICE + "</div>"
 )
 
 
-def status_frame(views: list[TaskView]) -> pd.DataFrame:
-    rows = [
-        [
-            view.task.original_filename,
-            STATE_LABELS[view.state],
-            f"{round(view.fraction * 100)}%",
-            view.message,
-            view.task.submitted_at.strftime("%Y-%m-%d %H:%M:%S"),
-        ]
-        for view in views
-    ]
-    return pd.DataFrame(rows, columns=list(STATUS_COLUMNS))
+class Badge(str, Enum):
+    PATHOLOGY = "pathology"
+    FAILURE = "failure"
+    NORMAL = "normal"
+    PROCESSING = "processing"
+    QUEUED = "queued"
 
 
-def _cell(report: StudyReport, column: str) -> object:
-    value = getattr(report, column)
-    if column == "processing_status":
-        return value.value
-    if column == "probability_of_pathology" and value is not None:
-        return round(value, 4)
-    if column == "time_of_processing":
-        return round(value, 2)
-    return "" if value is None else value
+BADGE_TEXT = {
+    Badge.PATHOLOGY: "PATHOLOGY",
+    Badge.FAILURE: "Failure",
+    Badge.NORMAL: "NORMAL",
+    Badge.PROCESSING: "Processing",
+    Badge.QUEUED: "Queued",
+}
+URGENCY = {badge: rank for rank, badge in enumerate(Badge)}  # the order above
 
 
-def results_frame(views: list[TaskView]) -> pd.DataFrame:
-    """The customer's columns, one row per study of every finished task."""
-    rows = [
-        [_cell(report, column) for column in RESULT_COLUMNS]
-        for view in views
-        if view.result is not None
-        for report in view.result.reports
-    ]
-    return pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+def row_key(task_id: str, index: int) -> str:
+    return f"{task_id}:{index}"
 
 
-def study_choices(views: list[TaskView]) -> list[tuple[str, str]]:
-    """(label, value) for the detail selector; value is ``<task_id>:<report index>``."""
-    choices = []
-    for view in views:
-        reports = view.result.reports if view.result is not None else []
-        if len(reports) <= 1:
-            choices.append(
-                (f"{view.task.original_filename} — {view.state.value}", f"{view.task.task_id}:0")
-            )
-            continue
-        for index, report in enumerate(reports):
-            label = f"{view.task.original_filename} — study {index + 1} ({report.processing_status.value})"
-            choices.append((label, f"{view.task.task_id}:{index}"))
-    return choices
-
-
-def parse_choice(value: str | None) -> tuple[str, int] | None:
-    if not value or ":" not in value:
+def parse_row_key(value: object) -> tuple[str, int] | None:
+    if not isinstance(value, str) or ":" not in value:
         return None
     task_id, _, index = value.partition(":")
-    return (task_id, int(index)) if index.isdigit() else None
+    return (task_id, int(index)) if task_id and index.isdigit() else None
 
 
-def _bullet_list(items: list[str]) -> str:
-    return "\n".join(f"- {item}" for item in items) if items else "- none"
+def report_badge(report: StudyReport) -> Badge:
+    if not report.succeeded:
+        return Badge.FAILURE
+    return Badge.PATHOLOGY if report.pathology == 1 else Badge.NORMAL
 
 
-def detail_markdown(view: TaskView, index: int) -> str:
-    lines = [
-        f"### {view.task.original_filename}",
-        f"**Status:** {STATE_LABELS[view.state]} — {view.message}",
+def failure_reason(view: TaskView, report: StudyReport | None) -> str:
+    if report is not None and report.failure_reason:
+        return report.failure_reason
+    return view.message or "the study could not be processed"
+
+
+def minutes_text(seconds: float) -> str:
+    if seconds < 90:
+        return f"about {max(5, 5 * math.ceil(seconds / 5)):.0f} s"
+    return f"about {math.ceil(seconds / 60)} min"
+
+
+def queue_text(view: TaskView) -> str:
+    """ "3 ahead, about 4 min to the result" and the like, for a queued study."""
+    if view.workers == 0:
+        return "waiting: no worker is connected to the queue"
+    if view.ahead is None:
+        return "waiting for a free worker"
+    place = "next in line" if view.ahead == 0 else f"{view.ahead} ahead in the queue"
+    if view.expected_wait_s is None:
+        return f"{place} (no study finished yet to time the wait)"
+    return f"{place}, result in {minutes_text(view.expected_wait_s)}"
+
+
+def _study_rows(view: TaskView) -> list[tuple[int, StudyReport | None]]:
+    reports = view.result.reports if view.result is not None else []
+    return list(enumerate(reports)) if reports else [(0, None)]
+
+
+def _base_row(view: TaskView, index: int, n_studies: int) -> dict[str, Any]:
+    name = view.task.original_filename
+    if n_studies > 1:
+        name = f"{name} (study {index + 1} of {n_studies})"
+    submitted = view.task.submitted_at
+    return {
+        "key": row_key(view.task.task_id, index),
+        "task_id": view.task.task_id,
+        "file": name,
+        "submitted": submitted.strftime("%Y-%m-%d %H:%M"),
+        "submitted_ts": submitted.timestamp(),
+        "probability": None,
+        "finding": "",
+        "positives": 0,
+        "date": "",
+        "description": "",
+        "accession": "",
+        "status": "",
+        "fraction": None,
+        "flags": [],
+    }
+
+
+def worklist_row(view: TaskView, index: int, report: StudyReport | None, n: int) -> dict[str, Any]:
+    """One worklist row: plain values only (the page shows them as text)."""
+    row = _base_row(view, index, n)
+    if view.state is TaskState.QUEUED:
+        badge, row["status"] = Badge.QUEUED, queue_text(view)
+    elif view.state is TaskState.PROCESSING:
+        badge, row["status"] = Badge.PROCESSING, view.message
+        row["fraction"] = round(view.fraction, 3)
+    elif view.state is TaskState.FAILED or report is None or not report.succeeded:
+        badge, row["status"] = Badge.FAILURE, failure_reason(view, report)
+    else:
+        badge = report_badge(report)
+        positives = [finding for finding in report.findings if finding.positive]
+        row["positives"] = len(positives)
+        if positives:
+            row["status"] = f"{len(positives)} finding(s) above threshold"
+    if report is not None:
+        probability = report.probability_of_pathology
+        row["probability"] = None if probability is None else round(probability, 3)
+        row["finding"] = report.most_dangerous_pathology_type or ""
+        row["date"] = report.study_date or ""
+        row["description"] = report.study_description or ""
+        row["accession"] = report.accession_number or ""
+    row["badge"] = badge.value
+    row["badge_text"] = BADGE_TEXT[badge]
+    row["urgency"] = URGENCY[badge]
+    if view.duplicate_of is not None or view.task.duplicate_of:
+        row["flags"].append(duplicate_text(view))
+    return row
+
+
+def duplicate_text(view: TaskView) -> str:
+    original = view.duplicate_of
+    if original is None:
+        return "duplicate of an earlier upload: its result is shown, not recomputed"
+    when = original.submitted_at.strftime("%H:%M")
+    return (
+        f"duplicate of {original.original_filename} (uploaded {when}): "
+        "same file, result reused, not recomputed"
+    )
+
+
+def _same_study_flags(rows: list[dict[str, Any]], uids: dict[str, str]) -> None:
+    """Flag different uploads of one study (same StudyInstanceUID, other files)."""
+    by_uid: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        uid = uids.get(row["key"])
+        if uid and not any(flag.startswith("duplicate of") for flag in row["flags"]):
+            by_uid[uid].append(row)
+    for group in by_uid.values():
+        if len({row["task_id"] for row in group}) < 2:
+            continue
+        for row in group:
+            others = sorted(
+                {other["file"] for other in group if other["task_id"] != row["task_id"]}
+            )
+            row["flags"].append(
+                "same study (StudyInstanceUID) as " + ", ".join(others) + ", other files"
+            )
+
+
+def sort_by_urgency(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """PATHOLOGY (most probable first), Failure, NORMAL, processing, queued; then newest."""
+
+    def key(row: dict[str, Any]) -> tuple[int, float, float]:
+        probability = row["probability"] if row["probability"] is not None else 0.0
+        return (row["urgency"], -probability, -row["submitted_ts"])
+
+    return sorted(rows, key=key)
+
+
+def worklist(task_views: list[TaskView]) -> dict[str, Any]:
+    """What the worklist component shows: rows in urgency order and counts per badge."""
+    rows = []
+    uids: dict[str, str] = {}
+    for view in task_views:
+        studies = _study_rows(view)
+        for index, report in studies:
+            row = worklist_row(view, index, report, len(studies))
+            rows.append(row)
+            if report is not None and report.study_uid:
+                uids[row["key"]] = report.study_uid
+    _same_study_flags(rows, uids)
+    counts = {badge.value: sum(row["badge"] == badge.value for row in rows) for badge in Badge}
+    return {"rows": sort_by_urgency(rows), "counts": counts, "badges": BADGE_TEXT_BY_VALUE}
+
+
+BADGE_TEXT_BY_VALUE = {badge.value: text for badge, text in BADGE_TEXT.items()}
+
+
+def summary_text(counts: dict[str, int]) -> str:
+    parts = [
+        f"{counts[badge.value]} {BADGE_TEXT[badge]}" for badge in Badge if counts.get(badge.value)
     ]
-    result = view.result
-    if result is None or not result.reports:
-        return "\n\n".join(lines)
-    report = result.reports[min(index, len(result.reports) - 1)]
-    lines.append(
-        "| field | value |\n|---|---|\n"
-        + "\n".join(
-            f"| {column} | {_cell(report, column)} |"
-            for column in RESULT_COLUMNS
-            if column not in ("path_to_study", "failure_reason")
-        )
-    )
-    if report.failure_reason:
-        lines.append(f"**Why it failed:** {report.failure_reason}")
-    lines.append("**Warnings**\n\n" + _bullet_list(report.warnings))
-    evidence = report.chest_check
-    if evidence is not None:
-        image = ", ".join(f"{key}: {value}" for key, value in evidence.image_evidence.items())
-        lines.append(
-            "**Chest-CT check**\n\n"
-            + _bullet_list(
-                [
-                    f"verdict: {evidence.reason}",
-                    f"DICOM tags: {_verdict(evidence.metadata_verdict)}"
-                    + (
-                        f" ({'; '.join(evidence.metadata_evidence)})"
-                        if evidence.metadata_evidence
-                        else ""
-                    ),
-                    f"images ({evidence.image_detector}): {_verdict(evidence.image_verdict)}"
-                    + (f" ({image})" if image else ""),
-                    f"coverage: {evidence.coverage_mm:.0f} mm",
-                ]
-            )
-        )
-    quality = report.quality
-    if quality is not None:
-        lines.append(
-            "**Series**\n\n"
-            + _bullet_list(
-                [
-                    f"{quality.n_slices} slices of {quality.rows}×{quality.columns}, "
-                    f"spacing {quality.slice_spacing_mm:.2f} mm, pixels "
-                    f"{quality.pixel_spacing_mm[0]:.2f}×{quality.pixel_spacing_mm[1]:.2f} mm",
-                    f"missing slices: {quality.missing_slices} ({quality.missing_slices_percent:.1f}%), "
-                    f"duplicate positions: {quality.duplicate_positions}, "
-                    f"gantry tilt: {quality.gantry_tilt_degrees:.1f}°",
-                ]
-            )
-        )
-    if report.model is not None:
-        lines.append(
-            f"**Model:** {report.model.version} ({report.model.backend}, {report.model.flavour})"
-            + (" — **demo weights**" if report.demo_weights else "")
-        )
-    return "\n\n".join(lines)
+    return " · ".join(parts) if parts else "no studies yet"
 
 
-def _verdict(value: bool | None) -> str:
-    return {True: "chest", False: "not chest", None: "undecided"}[value]
+_MARKDOWN_SPECIAL = "\\`*_{}[]()#+-.!|>~"
 
 
-def findings_frame(view: TaskView | None, index: int) -> pd.DataFrame:
-    """finding / probability / above threshold; typed even when empty (the chart takes its
-    axis types from the first frame it is given)."""
-    findings = []
-    if view is not None and view.result is not None and view.result.reports:
-        findings = view.result.reports[min(index, len(view.result.reports) - 1)].findings
-    return pd.DataFrame(
-        {
-            "finding": pd.Series([f.label for f in findings], dtype="str"),
-            "probability": pd.Series([round(f.probability, 4) for f in findings], dtype="float64"),
-            "above threshold": pd.Series(
-                ["yes" if f.positive else "no" for f in findings], dtype="str"
-            ),
-        }
-    )
-
-
-def preview_files(result: StudyResult | None, index: int) -> list[tuple[str, str]]:
-    """(relative path, caption) of the preview images of study ``index`` of a task."""
-    if result is None:
-        return []
-    prefix = f"study{index + 1}_"
-    previews = []
-    for item in result.files_of_kind("preview"):
-        name = item.path.rsplit("/", 1)[-1]
-        if name.startswith(prefix):
-            caption = name[len(prefix) :].removesuffix(".png").replace("_", " ") + "%"
-            previews.append((item.path, caption))
-    return previews
-
-
-def download_files(result: StudyResult | None) -> list[str]:
-    if result is None:
-        return []
-    return [item.path for kind in ("xlsx", "warnings") for item in result.files_of_kind(kind)]
+def markdown_text(text: str) -> str:
+    """Text shown through gr.Markdown as it is: HTML and Markdown characters escaped (file
+    names come from the user's disk)."""
+    escaped = html.escape(text, quote=True)
+    return "".join("\\" + char if char in _MARKDOWN_SPECIAL else char for char in escaped)

@@ -1,0 +1,262 @@
+"""Pure functions from one study to what its view shows, as plain data: the call in one line,
+findings above threshold first, warnings in plain words with their numbers one click away,
+the chest-CT check, the slice viewer's data and the study's files.
+
+Every value is shown as text by the page (services/frontend/static/study.js).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from services.broker.schemas import StudyResult
+from services.core.schemas import ChestCheckEvidence, IntakeSummary, StudyReport
+from services.frontend.task_view import TaskState, TaskView
+from services.frontend.views import (
+    BADGE_TEXT,
+    Badge,
+    duplicate_text,
+    failure_reason,
+    queue_text,
+    report_badge,
+    row_key,
+)
+
+FileUrl = Callable[[str], str | None]  # storage-relative path -> URL the browser can fetch
+ReadJson = Callable[[str], dict[str, Any] | None]  # storage-relative path -> its JSON document
+
+# Readable names of the image detector's numbers (services/core/body_part/); others are shown
+# with underscores as spaces.
+EVIDENCE_LABELS = {
+    "evaluated_slices": "slices evaluated",
+    "lung_slices": "slices with lungs",
+    "lung_slice_fraction": "share of slices with lungs",
+    "lung_extent_mm": "lung extent along the body (mm)",
+    "lung_volume_ml": "lung volume (ml)",
+    "max_lung_area_fraction": "largest lung area (share of a slice)",
+    "evaluated_slice_spacing_mm": "spacing of the evaluated slices (mm)",
+    "mean_lung_hu": "mean lung density (HU)",
+}
+TAG_VERDICTS = {True: "say chest", False: "say another body part", None: "name no body part"}
+
+
+def split_headline(text: str) -> dict[str, str]:
+    """ "gantry tilt: the slices stack at 18.5 degrees ..." -> headline and its numbers."""
+    head, separator, rest = text.partition(": ")
+    if not separator or len(head) > 80:
+        return {"headline": text, "detail": ""}
+    return {"headline": head, "detail": rest}
+
+
+def intake_notes(intake: IntakeSummary | None) -> list[str]:
+    """What the upload held besides the images read: skipped and unreadable files."""
+    if intake is None:
+        return []
+    notes = []
+    if intake.skipped_non_dicom:
+        notes.append(
+            f"{intake.skipped_non_dicom:,} file(s) in the upload were not DICOM and were skipped"
+        )
+    if intake.skipped_dicomdir:
+        notes.append(f"{intake.skipped_dicomdir:,} DICOMDIR index file(s) were skipped")
+    if intake.unreadable_dicom:
+        notes.append(f"{intake.unreadable_dicom:,} DICOM file(s) could not be read")
+    if intake.nested_archives:
+        notes.append(f"{intake.nested_archives:,} archive(s) inside the upload were unpacked")
+    return notes
+
+
+def call_line(view: TaskView, report: StudyReport | None) -> tuple[Badge, str]:
+    """The badge and the call in one line."""
+    if view.state is TaskState.QUEUED:
+        return Badge.QUEUED, f"Queued: {queue_text(view)}"
+    if view.state is TaskState.PROCESSING:
+        return Badge.PROCESSING, f"Processing ({round(view.fraction * 100)}%): {view.message}"
+    if view.state is TaskState.FAILED or report is None or not report.succeeded:
+        return Badge.FAILURE, f"Failure: {failure_reason(view, report)}"
+    badge = report_badge(report)
+    probability = report.probability_of_pathology or 0.0
+    line = f"{BADGE_TEXT[badge]}: P(pathology) {probability:.3f}"
+    if badge is Badge.PATHOLOGY and report.most_dangerous_pathology_type:
+        line += f"; most dangerous finding: {report.most_dangerous_pathology_type}"
+    return badge, line
+
+
+def findings_list(report: StudyReport) -> list[dict[str, Any]]:
+    """Above threshold first (most probable first), then the rest."""
+    ordered = sorted(report.findings, key=lambda f: (not f.positive, -f.probability))
+    return [
+        {
+            "label": finding.label,
+            "probability": round(finding.probability, 3),
+            "threshold": round(finding.threshold, 3),
+            "positive": finding.positive,
+        }
+        for finding in ordered
+    ]
+
+
+def chest_check_lines(evidence: ChestCheckEvidence) -> dict[str, Any]:
+    """The verdict (its reason holds the image summary), both halves in words, the numbers."""
+    numbers = [
+        [EVIDENCE_LABELS.get(key, key.replace("_", " ")), _number_text(key, value)]
+        for key, value in evidence.image_evidence.items()
+        if key != "summary"
+    ]
+    numbers.append(["coverage along the body (mm)", f"{evidence.coverage_mm:.0f}"])
+    return {
+        "verdict": split_headline(evidence.reason),
+        "lines": [
+            f"DICOM tags {TAG_VERDICTS[evidence.metadata_verdict]}",
+            "images: "
+            + (
+                "lungs found across the series"
+                if evidence.image_verdict
+                else "no lungs across the series"
+            )
+            + f" ({evidence.image_detector})",
+        ],
+        "tags": list(evidence.metadata_evidence),
+        "numbers": numbers,
+    }
+
+
+def _number_text(key: str, value: object) -> str:
+    if isinstance(value, float) and key.endswith("_fraction"):
+        return f"{value:.0%}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def quality_numbers(report: StudyReport) -> list[list[str]]:
+    quality = report.quality
+    if quality is None:
+        return []
+    numbers = [
+        ["slices", f"{quality.n_slices} of {quality.rows}×{quality.columns} pixels"],
+        ["slice spacing (mm)", f"{quality.slice_spacing_mm:.2f}"],
+        ["pixel spacing (mm)", "×".join(f"{value:.2f}" for value in quality.pixel_spacing_mm)],
+        ["coverage (mm)", f"{quality.coverage_mm:.0f}"],
+        [
+            "missing slices",
+            f"{quality.missing_slices} ({quality.missing_slices_percent:.1f}%)",
+        ],
+        ["duplicate positions", str(quality.duplicate_positions)],
+        ["gantry tilt (degrees)", f"{quality.gantry_tilt_degrees:.1f}"],
+    ]
+    for label, value in (
+        ("kernel", quality.convolution_kernel),
+        ("patient position", quality.patient_position),
+        ("slice thickness (mm)", quality.slice_thickness_mm),
+    ):
+        if value:
+            numbers.append([label, str(value)])
+    return numbers
+
+
+def identity(view: TaskView, report: StudyReport | None) -> list[list[str]]:
+    fields = [["file", view.task.original_filename]]
+    if report is not None:
+        fields += [
+            ["study date", report.study_date or "—"],
+            ["description", report.study_description or "—"],
+            ["accession number", report.accession_number or "—"],
+            ["StudyInstanceUID", report.study_uid or "—"],
+            ["SeriesInstanceUID (analysed)", report.series_uid or "—"],
+        ]
+    fields.append(["uploaded", view.task.submitted_at.strftime("%Y-%m-%d %H:%M UTC")])
+    return fields
+
+
+def viewer_data(
+    result: StudyResult | None, index: int, file_url: FileUrl, read_json: ReadJson
+) -> dict[str, Any] | None:
+    """The slice viewer's metadata with the URL of its data, or None if it has none."""
+    if result is None:
+        return None
+    name = f"study{index + 1}.json"
+    for item in result.files_of_kind("viewer"):
+        if item.path.rsplit("/", 1)[-1] != name:
+            continue
+        metadata = read_json(item.path)
+        folder = item.path.rsplit("/", 1)[0]
+        url = file_url(f"{folder}/{metadata['data_file']}") if metadata else None
+        if metadata is None or url is None:
+            return None
+        return {**metadata, "url": url}
+    return None
+
+
+def study_files(
+    result: StudyResult | None, index: int, file_url: FileUrl
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(previews of the model input, downloads) with their URLs."""
+    if result is None:
+        return [], []
+    prefix = f"study{index + 1}_"
+    previews = []
+    for item in result.files_of_kind("preview"):
+        name = item.path.rsplit("/", 1)[-1]
+        url = file_url(item.path)
+        if name.startswith(prefix) and url:
+            caption = name[len(prefix) :].removesuffix(".png").replace("_", " at ") + "%"
+            previews.append({"url": url, "caption": caption})
+    downloads = [
+        {"url": url, "name": item.path.rsplit("/", 1)[-1], "kind": kind}
+        for kind in ("xlsx", "warnings")
+        for item in result.files_of_kind(kind)
+        if (url := file_url(item.path))
+    ]
+    return previews, downloads
+
+
+def study_view(
+    view: TaskView, index: int, *, file_url: FileUrl, read_json: ReadJson
+) -> dict[str, Any]:
+    """Everything the study view shows, as plain data."""
+    reports = view.result.reports if view.result is not None else []
+    report = reports[min(index, len(reports) - 1)] if reports else None
+    badge, line = call_line(view, report)
+    previews, downloads = study_files(view.result, index, file_url)
+    document: dict[str, Any] = {
+        "key": row_key(view.task.task_id, index),
+        "title": view.task.original_filename
+        + (f" (study {index + 1} of {len(reports)})" if len(reports) > 1 else ""),
+        "badge": badge.value,
+        "badge_text": BADGE_TEXT[badge],
+        "call": line,
+        "fraction": round(view.fraction, 3) if view.state is TaskState.PROCESSING else None,
+        "flags": [duplicate_text(view)] if view.task.duplicate_of else [],
+        "identity": identity(view, report),
+        "findings": findings_list(report) if report is not None else [],
+        "warnings": [split_headline(text) for text in (report.warnings if report else [])],
+        "notes": intake_notes(report.intake if report else None),
+        "chest_check": chest_check_lines(report.chest_check)
+        if report and report.chest_check
+        else None,
+        "quality": quality_numbers(report) if report else [],
+        "series": [
+            {
+                "text": f"series {decision.series_number if decision.series_number is not None else '?'}"
+                f" ({decision.modality or '?'}, {decision.n_images} images)"
+                + (f" '{decision.description}'" if decision.description else ""),
+                "selected": decision.selected,
+                "reason": decision.reason,
+            }
+            for decision in (report.series_decisions if report else [])
+        ],
+        "demo": bool(report and report.demo_weights),
+        "model": report.model.version if report and report.model else "",
+        "viewer": viewer_data(view.result, index, file_url, read_json),
+        "previews": previews,
+        "downloads": downloads,
+    }
+    if document["viewer"] is None:
+        document["viewer_missing"] = (
+            "No images to show: the study is not processed yet."
+            if view.state in (TaskState.QUEUED, TaskState.PROCESSING)
+            else "No images to show: no series of this study could be read as a volume."
+        )
+    return document
