@@ -349,3 +349,14 @@ def test_sessions_forget_a_removed_task(tmp_path: Path) -> None:
     assert store.remove(token, tasks[0].task_id)
     assert [task.task_id for task in store.read(token).tasks] == [tasks[1].task_id]
     assert not store.remove(token, tasks[0].task_id)
+
+
+def test_a_long_reason_keeps_its_words_in_the_row_and_its_numbers_in_the_tooltip() -> None:
+    reason = (
+        "not a chest CT: the images do not show lungs across the series (lungs on 6 of 37 "
+        "evaluated slices (16%, 24 mm), about 42 ml of lung (a chest needs 30% of slices))"
+    )
+    row = views.worklist([done(session_task("head.zip"), failure(reason))])["rows"][0]
+    assert row["status"] == "not a chest CT: the images do not show lungs across the series"
+    assert row["detail"] == reason
+    assert views.short_reason("no CT series: modality MR") == "no CT series: modality MR"

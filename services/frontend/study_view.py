@@ -21,6 +21,7 @@ from services.frontend.views import (
     queue_text,
     report_badge,
     row_key,
+    short_reason,
 )
 
 FileUrl = Callable[[str], str | None]  # storage-relative path -> URL the browser can fetch
@@ -74,7 +75,7 @@ def call_line(view: TaskView, report: StudyReport | None) -> tuple[Badge, str]:
     if view.state is TaskState.PROCESSING:
         return Badge.PROCESSING, f"Processing ({round(view.fraction * 100)}%): {view.message}"
     if view.state is TaskState.FAILED or report is None or not report.succeeded:
-        return Badge.FAILURE, f"Failure: {failure_reason(view, report)}"
+        return Badge.FAILURE, f"Failure: {short_reason(failure_reason(view, report))}"
     badge = report_badge(report)
     probability = report.probability_of_pathology or 0.0
     line = f"{BADGE_TEXT[badge]}: P(pathology) {probability:.3f}"
@@ -227,6 +228,8 @@ def study_view(
         "badge": badge.value,
         "badge_text": BADGE_TEXT[badge],
         "call": line,
+        # The whole reason when the call shows it shortened (its numbers in parentheses).
+        "call_detail": "",
         "fraction": round(view.fraction, 3) if view.state is TaskState.PROCESSING else None,
         "flags": [duplicate_text(view)] if view.task.duplicate_of else [],
         "identity": identity(view, report),
@@ -253,6 +256,10 @@ def study_view(
         "previews": previews,
         "downloads": downloads,
     }
+    if badge is Badge.FAILURE:
+        reason = failure_reason(view, report)
+        if short_reason(reason) != reason:
+            document["call_detail"] = reason
     if document["viewer"] is None:
         document["viewer_missing"] = (
             "No images to show: the study is not processed yet."

@@ -85,6 +85,17 @@ def failure_reason(view: TaskView, report: StudyReport | None) -> str:
     return view.message or "the study could not be processed"
 
 
+SHORT_REASON_CHARACTERS = 90  # about two lines of the worklist's reason column
+
+
+def short_reason(reason: str) -> str:
+    """The reason without its parenthesised numbers when it is long (the row shows this, the
+    study view and the row's tooltip the whole text)."""
+    if len(reason) <= SHORT_REASON_CHARACTERS or " (" not in reason:
+        return reason
+    return reason.split(" (", 1)[0].rstrip(" ;,:")
+
+
 def minutes_text(seconds: float) -> str:
     if seconds < 90:
         return f"about {max(5, 5 * math.ceil(seconds / 5)):.0f} s"
@@ -126,6 +137,7 @@ def _base_row(view: TaskView, index: int, n_studies: int) -> dict[str, Any]:
         "description": "",
         "accession": "",
         "status": "",
+        "detail": "",  # the whole text when "status" is shortened
         "fraction": None,
         "flags": [],
     }
@@ -140,7 +152,8 @@ def worklist_row(view: TaskView, index: int, report: StudyReport | None, n: int)
         badge, row["status"] = Badge.PROCESSING, view.message
         row["fraction"] = round(view.fraction, 3)
     elif view.state is TaskState.FAILED or report is None or not report.succeeded:
-        badge, row["status"] = Badge.FAILURE, failure_reason(view, report)
+        badge, row["detail"] = Badge.FAILURE, failure_reason(view, report)
+        row["status"] = short_reason(row["detail"])
     else:
         badge = report_badge(report)
         positives = [finding for finding in report.findings if finding.positive]

@@ -157,6 +157,8 @@ function fill() {
   text($(".sv-title"), study.title);
   text($(".sv-call"), study.call);
   $(".sv-call").className = "sv-call call-" + study.badge;
+  text($(".sv-call-detail"), study.call_detail);
+  $(".sv-call-detail").hidden = !study.call_detail;
   const progress = $(".sv-progress");
   progress.hidden = study.fraction == null;
   progress.firstElementChild.style.width = Math.round((study.fraction || 0) * 100) + "%";

@@ -8,7 +8,7 @@ const summary = element.querySelector(".wl-summary");
 const empty = element.querySelector(".wl-empty");
 const headers = Array.from(element.querySelectorAll("th[data-sort]"));
 const state = { sortKey: "urgency", direction: 1, selected: localStorage.getItem(SELECTED_KEY), reopened: false };
-const SEARCHED = ["file", "finding", "status", "date", "description", "accession", "badge_text"];
+const SEARCHED = ["file", "finding", "status", "detail", "date", "description", "accession", "badge_text"];
 
 function cell(row, className, text, title) {
   const td = document.createElement("td");
@@ -52,7 +52,7 @@ function openByUser(key) {
 }
 
 function whatCell(tr, row) {
-  const td = cell(tr, "c-what", "");
+  const td = cell(tr, "c-what", "", row.detail || row.status);
   const text = document.createElement("div");
   text.className = "wl-what";
   if (row.badge === "pathology" || row.badge === "normal") {
