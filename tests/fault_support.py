@@ -424,7 +424,7 @@ def drain_queue(settings: RabbitMQSettings, queue: str) -> list[tuple[pika.Basic
 class SentStudy:
     task_id: str
     name: str  # original_filename, unique within a scenario
-    kind: str  # "chest", "head", "poison"
+    kind: str  # "chest", "head", "mr", "poison"
 
 
 @dataclass

@@ -103,6 +103,9 @@ def zips(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     return {
         "chest": zip_directory(fixtures_dir / "chest_ct_lung_dx_a0002", folder / "chest.zip"),
         "head": zip_directory(fixtures_dir / "head_ct_gantry_tilt", folder / "head.zip"),
+        # Refused at series selection: no volume, so no model request at all (a head CT
+        # asks Triton's body_part_regression in its chest check).
+        "mr": zip_directory(fixtures_dir / "mr_brain_t1", folder / "mr.zip"),
     }
 
 
@@ -171,7 +174,8 @@ def result_counter(client: TaskClient) -> Counter[str]:
 
 
 def assert_screened(client: TaskClient, sent: list[SentStudy]) -> None:
-    """Chests are Success rows, heads are Failure rows 'not a chest CT' (not an outage)."""
+    """Chests are Success rows, heads are Failure rows 'not a chest CT', MR studies 'no CT
+    series' (not an outage)."""
     for study in sent:
         result = client.result(study.task_id)
         if study.kind == "poison":
@@ -182,7 +186,8 @@ def assert_screened(client: TaskClient, sent: list[SentStudy]) -> None:
             assert report.processing_status is ProcessingStatus.SUCCESS, report.failure_reason
         else:
             assert report.processing_status is ProcessingStatus.FAILURE
-            assert "not a chest CT" in (report.failure_reason or "")
+            expected = "no CT series" if study.kind == "mr" else "not a chest CT"
+            assert expected in (report.failure_reason or "")
 
 
 MODEL_REQUEST_STAGES = ("chest_check", "inference")
@@ -339,16 +344,16 @@ def test_rabbitmq_restart_with_studies_queued_and_in_flight(
     frontend_queue = topology.reply_queue(frontend_instance_id("127.0.0.1", stack.ports.frontend))
     with stack.frozen("triton"):
         sent = [
-            client.submit(zips["head"], "mq-head-1.zip", "head"),
-            client.submit(zips["head"], "mq-head-2.zip", "head"),
+            client.submit(zips["mr"], "mq-mr-1.zip", "mr"),
+            client.submit(zips["mr"], "mq-mr-2.zip", "mr"),
             *(client.submit(zips["chest"], f"mq-chest-{n}.zip", "chest") for n in range(1, 5)),
         ]
-        # The heads finish (no model needed) and their results wait, unread, in the reply
-        # queue; both adapters then hold a chest (in flight) and two chests are queued.
+        # The MR studies finish (no model needed) and their results wait, unread, in the
+        # reply queue; both adapters then hold a chest (in flight) and two chests are queued.
         wait_for(
             lambda: all(load_result(stack.storage, s.task_id) for s in sent[:2]),
             60,
-            "both head results stored",
+            "both MR results stored",
         )
         wait_for(
             lambda: (
