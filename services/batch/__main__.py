@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
+from loguru import logger
 from tqdm import tqdm
 
 from services.batch.model_input_files import ModelInputSaver
@@ -32,6 +35,7 @@ from services.core.reports import write_reports
 from services.core.schemas import StudyReport
 
 USAGE_ERROR = 2
+LOG_FILE_NAME = "batch.log"  # in the output folder, when the run shows a progress bar
 ZIP_SUFFIX = ".zip"
 # Files that are an input of their own, never slices of a loose series.
 SINGLE_INPUT_SUFFIXES = (ZIP_SUFFIX, ".tar", ".tar.gz", ".tgz", ".nii", ".nii.gz")
@@ -101,9 +105,39 @@ def _settings(arguments: argparse.Namespace) -> Settings:
     return settings
 
 
-def _configure_logging(level: str) -> None:
-    # Log lines go through tqdm so they do not tear the progress bar.
-    configure_logging(level, lambda message: tqdm.write(message, end="", file=sys.stderr))
+def _configure_logging(level: str, output_dir: Path) -> Path | None:
+    """On a terminal the progress bar keeps its one line: the whole log goes to a file in
+    the output folder and only warnings are shown, printed above the bar. Elsewhere (a
+    pipe, a file, a container's log) there is no bar and the log goes to stderr.
+
+    Returns the log file, if there is one.
+    """
+    warnings.showwarning = _log_python_warning  # library warnings would tear the bar too
+    if not sys.stderr.isatty():
+        configure_logging(level)
+        return None
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log_file = output_dir / LOG_FILE_NAME
+    configure_logging(level, str(log_file))
+    logger.add(
+        lambda message: tqdm.write(message, end="", file=sys.stderr),
+        level="WARNING",
+        format="{level}: {message}",
+        diagnose=False,
+        backtrace=False,
+    )
+    return log_file
+
+
+def _log_python_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    logger.warning("{}: {}", category.__name__, message)
 
 
 def summary_line(
@@ -135,14 +169,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - a bad config is a usage error with its reason
         print(f"error: invalid configuration: {error}", file=sys.stderr)
         return USAGE_ERROR
-    _configure_logging(settings.logging.level)
-    apply_memory_settings(settings.memory)
     if not arguments.input.exists():
         print(f"error: input not found: {arguments.input}", file=sys.stderr)
         return USAGE_ERROR
     if arguments.output_dir.exists() and not arguments.output_dir.is_dir():
         print(f"error: output is not a folder: {arguments.output_dir}", file=sys.stderr)
         return USAGE_ERROR
+    log_file = _configure_logging(settings.logging.level, arguments.output_dir)
+    apply_memory_settings(settings.memory)
     inputs = list_inputs(arguments.input)
     if not inputs:
         print(f"error: no inputs in {arguments.input}", file=sys.stderr)
@@ -163,7 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     reports: list[StudyReport] = []
     try:
-        with tqdm(inputs, desc="studies", unit="input", file=sys.stderr) as bar:
+        # disable=None: no bar unless stderr is a terminal (a bar in a file is one line per update).
+        with tqdm(inputs, desc="studies", unit="input", file=sys.stderr, disable=None) as bar:
             for input_path in bar:
                 reports.extend(
                     process_input(
@@ -180,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend.close()
     write_reports(reports, arguments.output_dir)
     print(summary_line(reports, len(inputs), arguments.output_dir, time.perf_counter() - started))
+    if log_file is not None:
+        print(f"log: {log_file}")
     return 0
 
 
