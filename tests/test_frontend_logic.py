@@ -233,11 +233,19 @@ def test_queue_places_are_upper_bounds_and_the_wait_uses_seen_durations() -> Non
     assert expected_wait_s(3, 2, 20.0) == 40.0  # rounds: 3 // 2 + 1
     assert expected_wait_s(3, 0, 20.0) is None and expected_wait_s(3, 2, None) is None
     queued = [
-        TaskView(session_task(f"q{index}.zip", queued_behind=index), TaskState.QUEUED, 0.0, "")
+        TaskView(
+            session_task(f"q{index}.zip", minute=index, queued_behind=index),
+            TaskState.QUEUED,
+            0.0,
+            "",
+        )
         for index in range(3)
     ]
     placed = with_queue_places(queued, QueueStatus(waiting=2, workers=1), 30.0)
     assert [view.ahead for view in placed] == [0, 0, 1]  # two already left the queue
+    # In the worklist the queue reads in its own order: the next one first.
+    rows = views.worklist(placed)["rows"]
+    assert [row["task_id"] for row in rows] == [view.task.task_id for view in placed]
     assert [view.expected_wait_s for view in placed] == [30.0, 30.0, 60.0]
     assert with_queue_places(queued, None, 30.0) == queued  # broker down: no guess
     assert views.queue_text(placed[0]) == "next in line, result in about 30 s"

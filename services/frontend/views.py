@@ -205,12 +205,17 @@ def _same_study_flags(rows: list[dict[str, Any]], uids: dict[str, str]) -> None:
             )
 
 
+IN_FLIGHT = (Badge.PROCESSING.value, Badge.QUEUED.value)
+
+
 def sort_by_urgency(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """PATHOLOGY (most probable first), Failure, NORMAL, processing, queued; then newest."""
+    """PATHOLOGY (most probable first), Failure, NORMAL: newest first; then processing and
+    queued studies in the order they will finish (oldest first)."""
 
     def key(row: dict[str, Any]) -> tuple[int, float, float]:
         probability = row["probability"] if row["probability"] is not None else 0.0
-        return (row["urgency"], -probability, -row["submitted_ts"])
+        when = row["submitted_ts"] if row["badge"] in IN_FLIGHT else -row["submitted_ts"]
+        return (row["urgency"], -probability, when)
 
     return sorted(rows, key=key)
 
