@@ -2,8 +2,8 @@
 
     python -m convertation.build_repository --output model_repository_running \\
         --flavour {python,onnxruntime,tensorrt} \\
-        (--demo [--seed N] | --encoder-checkpoint F --binary-head F --multilabel-head F) \\
-        [--ctvit-config F] [--bpr-model DIR | --no-bpr]
+        (--demo [--seed N] | --encoder-checkpoint F) [--binary-head H --multilabel-head H] \\
+        [--missing-findings refuse|fill] [--ctvit-config F] [--bpr-model DIR | --no-bpr]
 
 Models: ``ct_clip_encoder`` (volume -> embedding), ``binary_head`` (embedding ->
 pathology_probability), ``multilabel_head`` (embedding -> finding_probabilities) and the
@@ -23,9 +23,17 @@ the flavours differ in how Triton runs them:
   convertation/{vit,head,bpr}/convert2trt.sh with trtexec, here if trtexec is on PATH,
   otherwise on a GPU machine with the commands the builder prints.
 
+A head (``H``) is a seed-head checkpoint file or a run folder of ``python -m training train``
+(convertation/head/deploy.py): a trained head is loaded with the architecture its
+``head.json`` records, and its evaluated thresholds go into the metadata; a multilabel head
+without some of the 20 deployed findings needs ``--missing-findings fill`` (those findings
+are then "not assessed"). Trained heads may go with ``--demo`` encoder weights, and an
+``--encoder-checkpoint`` may go without heads (seeded heads beside the real encoder, enough
+for ``training embed``); either way the repository is marked demo.
+
 ``<repository>/chest_screening/metadata.json`` records the preprocessing target, labels,
-thresholds, the demo flag and the sha256 and provenance of every weight file, and the
-body-part regression model's demo flag and settings file.
+thresholds, the findings not assessed, the demo flag and the sha256 and provenance of every
+weight file, and the body-part regression model's demo flag and settings file.
 """
 
 from __future__ import annotations
@@ -45,13 +53,16 @@ from loguru import logger
 from convertation.errors import ConversionError, report_cli_failure
 from convertation.model_sources import (
     BodyPartSource,
+    MissingFindings,
     ModelSet,
     Provenance,
     body_part_from_folder,
     checkpoint_models,
     demo_body_part,
     demo_models,
+    load_heads,
     sha256_of,
+    with_encoder_checkpoint,
 )
 from convertation.python_backend import TEMPLATE_MODEL_PY
 from convertation.tensorrt_plans import TensorRtStatus, build_plans
@@ -131,7 +142,7 @@ def _served_names(models: ModelSet) -> list[str]:
 
 
 def _export_onnx(models: ModelSet, repository: Path) -> None:
-    from convertation.head.export import export_binary_head_onnx, export_multilabel_head_onnx
+    from convertation.head.deploy import export_head
     from convertation.vit.export import export_encoder_onnx
 
     def target(name: str) -> Path:
@@ -140,8 +151,10 @@ def _export_onnx(models: ModelSet, repository: Path) -> None:
     started = time.perf_counter()
     export_encoder_onnx(models.encoder, target(ENCODER_NAME))
     logger.info("exported {} in {:.1f} s", target(ENCODER_NAME), time.perf_counter() - started)
-    export_binary_head_onnx(models.binary_head, target(BINARY_HEAD_NAME))
-    export_multilabel_head_onnx(models.multilabel_head, target(MULTILABEL_HEAD_NAME))
+    export_head(models.binary_head, target(BINARY_HEAD_NAME), deployed_labels=FINDING_LABELS)
+    export_head(
+        models.multilabel_head, target(MULTILABEL_HEAD_NAME), deployed_labels=FINDING_LABELS
+    )
     body_part = models.body_part_regression
     if body_part is not None:
         from convertation.bpr.export import export_bpr_onnx
@@ -237,6 +250,11 @@ def build_repository(repository: Path, flavour: Flavour, models: ModelSet) -> Bu
         else None
     )
 
+    from convertation.head.deploy import deployed_thresholds
+
+    thresholds = deployed_thresholds(
+        models.binary_head, models.multilabel_head, deployed_labels=FINDING_LABELS
+    )
     metadata = ModelMetadata(
         demo=models.demo,
         flavour=flavour.value,
@@ -247,6 +265,9 @@ def build_repository(repository: Path, flavour: Flavour, models: ModelSet) -> Bu
         ctvit_config=models.ctvit_config,
         labels=list(FINDING_LABELS),
         severity_order=list(SEVERITY_ORDER),
+        pathology_threshold=thresholds.pathology,
+        finding_thresholds=thresholds.findings,
+        not_assessed=thresholds.not_assessed,
         weights=_weight_files(repository, models),
         body_part_regression=_body_part_info(models),
     )
@@ -268,8 +289,21 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the demo weights")
     parser.add_argument("--encoder-checkpoint", type=Path, help="CT-CLIP checkpoint")
-    parser.add_argument("--binary-head", type=Path, help="binary head checkpoint")
-    parser.add_argument("--multilabel-head", type=Path, help="multilabel head checkpoint")
+    parser.add_argument(
+        "--binary-head", type=Path, help="seed-head checkpoint file or `training train` run folder"
+    )
+    parser.add_argument(
+        "--multilabel-head",
+        type=Path,
+        help="seed-head checkpoint file or `training train` run folder",
+    )
+    parser.add_argument(
+        "--missing-findings",
+        choices=[choice.value for choice in MissingFindings],
+        default=MissingFindings.REFUSE.value,
+        help="a trained multilabel head without some deployed findings: refuse (default) or "
+        "fill (exported as 0 and marked not assessed: no threshold, no probability shown)",
+    )
     parser.add_argument(
         "--ctvit-config",
         type=Path,
@@ -288,13 +322,13 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-bpr", action="store_true", help="no body-part regression model (lung_air only)"
     )
     arguments = parser.parse_args(argv)
-    checkpoints = (arguments.encoder_checkpoint, arguments.binary_head, arguments.multilabel_head)
-    if arguments.demo and any(checkpoints):
-        parser.error("--demo and checkpoints exclude each other")
-    if not arguments.demo and not all(checkpoints):
-        parser.error(
-            "give --demo, or all of --encoder-checkpoint, --binary-head and --multilabel-head"
-        )
+    heads = (arguments.binary_head, arguments.multilabel_head)
+    if arguments.demo and arguments.encoder_checkpoint:
+        parser.error("--demo and --encoder-checkpoint exclude each other")
+    if not arguments.demo and not arguments.encoder_checkpoint:
+        parser.error("give --demo or --encoder-checkpoint")
+    if any(heads) and not all(heads):
+        parser.error("give both --binary-head and --multilabel-head, or neither")
     return arguments
 
 
@@ -313,14 +347,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     flavour = Flavour(arguments.flavour)
     started = time.perf_counter()
     try:
-        if arguments.demo:
+        missing_findings = MissingFindings(arguments.missing_findings)
+        if arguments.demo or arguments.binary_head is None:
+            # Seeded heads (a demo); with --encoder-checkpoint, the real encoder beside them
+            # (enough for `training embed`: the heads are then trained on its embeddings).
             models = demo_models(arguments.seed, arguments.ctvit_config)
+            if arguments.encoder_checkpoint is not None:
+                models = with_encoder_checkpoint(
+                    models, arguments.encoder_checkpoint, arguments.ctvit_config
+                )
+            if arguments.binary_head is not None:
+                models.binary_head, models.multilabel_head, provenance = load_heads(
+                    arguments.binary_head,
+                    arguments.multilabel_head,
+                    models.embedding_dim,
+                    missing_findings,
+                )
+                models.provenance.update(provenance)
         else:
             models = checkpoint_models(
                 arguments.encoder_checkpoint,
                 arguments.binary_head,
                 arguments.multilabel_head,
                 arguments.ctvit_config,
+                missing_findings,
             )
         models.body_part_regression = _body_part_source(arguments)
         result = build_repository(arguments.output, flavour, models)

@@ -1,7 +1,9 @@
 """Where the repository's models come from: seeded demo weights or checkpoint files.
 
 Both give a `ModelSet`: the torch modules to export and, per model, its `Provenance` (the
-seed, or the checkpoint's path and sha256), which the repository's metadata records. The
+seed, or the checkpoint's path and sha256), which the repository's metadata records. A head
+is a seed checkpoint or a trained run folder of ``python -m training train``
+(`convertation.head.deploy`); trained heads may go with demo encoder weights too. The
 body-part regression model is optional (`BodyPartSource`: seeded demo weights with a demo
 lookup table, or bpreg's model folder). torch is imported only when models are made, so
 that importing this module (``--help``) stays fast.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,10 +24,17 @@ from services.core.model_metadata import BINARY_HEAD_NAME, ENCODER_NAME, MULTILA
 
 if TYPE_CHECKING:
     from convertation.bpr.network import BodyPartRegressionNet
-    from convertation.head.heads import BinaryHead, MultilabelHead
+    from convertation.head.deploy import Head
     from convertation.vit.ctvit import CTClipImageEncoder
 
 HASH_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+class MissingFindings(str, Enum):
+    """What to do with deployed findings a trained multilabel head lacks (head/deploy.py)."""
+
+    REFUSE = "refuse"
+    FILL = "fill"
 
 
 @dataclass(frozen=True)
@@ -50,8 +60,8 @@ class ModelSet:
     """The torch modules to export, with their provenance."""
 
     encoder: CTClipImageEncoder
-    binary_head: BinaryHead
-    multilabel_head: MultilabelHead
+    binary_head: Head  # a seed head or a trained run's (convertation/head/deploy.py)
+    multilabel_head: Head
     ctvit_config: dict[str, Any]
     embedding_dim: int
     demo: bool
@@ -95,32 +105,80 @@ def checkpoint_models(
     binary_head_checkpoint: Path,
     multilabel_head_checkpoint: Path,
     ctvit_config_path: Path | None,
+    missing_findings: MissingFindings | None = None,
 ) -> ModelSet:
-    """The three models loaded strictly from their checkpoints (`convertation.checkpoints`)."""
-    from convertation.head.heads import load_binary_head, load_multilabel_head
+    """The three models loaded strictly from their checkpoints (`convertation.checkpoints`);
+    a head may be a trained run folder instead of a checkpoint file."""
     from convertation.vit.export import load_encoder
 
-    paths = {
-        ENCODER_NAME: Path(encoder_checkpoint).resolve(),
-        BINARY_HEAD_NAME: Path(binary_head_checkpoint).resolve(),
-        MULTILABEL_HEAD_NAME: Path(multilabel_head_checkpoint).resolve(),
-    }
-    for name, path in paths.items():
-        if not path.is_file():
-            raise BuildError(f"checkpoint for {name} not found: {path}")
+    encoder_path = Path(encoder_checkpoint).resolve()
+    if not encoder_path.is_file():
+        raise BuildError(f"checkpoint for {ENCODER_NAME} not found: {encoder_path}")
     config, dim_latent = encoder_config_or_full(ctvit_config_path)
+    binary, multilabel, provenance = load_heads(
+        binary_head_checkpoint, multilabel_head_checkpoint, dim_latent, missing_findings
+    )
+    provenance[ENCODER_NAME] = Provenance(
+        source=str(encoder_path), source_sha256=sha256_of(encoder_path)
+    )
     return ModelSet(
-        encoder=load_encoder(config, dim_latent, paths[ENCODER_NAME]),
-        binary_head=load_binary_head(paths[BINARY_HEAD_NAME], dim_latent),
-        multilabel_head=load_multilabel_head(paths[MULTILABEL_HEAD_NAME], dim_latent),
+        encoder=load_encoder(config, dim_latent, encoder_path),
+        binary_head=binary,
+        multilabel_head=multilabel,
         ctvit_config=encoder_config_record(config, dim_latent),
         embedding_dim=dim_latent,
         demo=False,
-        provenance={
-            name: Provenance(source=str(path), source_sha256=sha256_of(path))
-            for name, path in paths.items()
-        },
+        provenance=provenance,
     )
+
+
+def with_encoder_checkpoint(
+    models: ModelSet, encoder_checkpoint: Path, ctvit_config_path: Path | None
+) -> ModelSet:
+    """``models`` with the encoder loaded strictly from a checkpoint (the heads kept)."""
+    from convertation.vit.export import load_encoder
+
+    path = Path(encoder_checkpoint).resolve()
+    if not path.is_file():
+        raise BuildError(f"checkpoint for {ENCODER_NAME} not found: {path}")
+    config, dim_latent = encoder_config_or_full(ctvit_config_path)
+    models.encoder = load_encoder(config, dim_latent, path)
+    models.provenance[ENCODER_NAME] = Provenance(source=str(path), source_sha256=sha256_of(path))
+    return models
+
+
+def load_heads(
+    binary_head: Path,
+    multilabel_head: Path,
+    embedding_dim: int,
+    missing_findings: MissingFindings | None = None,
+) -> tuple[Head, Head, dict[str, Provenance]]:
+    """Both heads from checkpoint files or trained run folders, with their provenance."""
+    from convertation.head.configurable import Task
+    from convertation.head.deploy import TrainedHead, load_head
+    from services.core.labels import FINDING_LABELS
+
+    policy = missing_findings or MissingFindings.REFUSE
+    wanted: tuple[tuple[str, Task, Path], ...] = (
+        (BINARY_HEAD_NAME, "binary", Path(binary_head).resolve()),
+        (MULTILABEL_HEAD_NAME, "multilabel", Path(multilabel_head).resolve()),
+    )
+    heads: dict[str, Head] = {}
+    provenance: dict[str, Provenance] = {}
+    for name, task, path in wanted:
+        if not path.exists():
+            raise BuildError(f"checkpoint for {name} not found: {path}")
+        head = load_head(
+            path, task, embedding_dim, deployed_labels=FINDING_LABELS, missing_findings=policy
+        )
+        heads[name] = head
+        if isinstance(head, TrainedHead):
+            provenance[name] = Provenance(
+                source=f"trained run {path}", source_sha256=head.info.weights_sha256
+            )
+        else:
+            provenance[name] = Provenance(source=str(path), source_sha256=sha256_of(path))
+    return heads[BINARY_HEAD_NAME], heads[MULTILABEL_HEAD_NAME], provenance
 
 
 def demo_body_part(seed: int) -> BodyPartSource:

@@ -448,9 +448,10 @@ def test_cli_failure_is_one_line_naming_the_problem(
 @pytest.mark.parametrize(
     "arguments",
     [
-        ["--output", "x"],  # neither --demo nor checkpoints
-        ["--output", "x", "--demo", "--binary-head", "b.pt"],  # both
-        ["--output", "x", "--encoder-checkpoint", "e.pt"],  # incomplete
+        ["--output", "x"],  # neither --demo nor an encoder checkpoint
+        ["--output", "x", "--demo", "--encoder-checkpoint", "e.pt"],  # both encoders
+        ["--output", "x", "--demo", "--binary-head", "b.pt"],  # one head without the other
+        ["--output", "x", "--encoder-checkpoint", "e.pt", "--multilabel-head", "m"],  # same
         ["--output", "x", "--demo", "--flavour", "openvino"],  # unknown flavour
     ],
 )

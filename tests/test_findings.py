@@ -113,3 +113,21 @@ def test_severity_order_from_metadata_is_respected():
         _probabilities(Cancer=0.9, **{"Medical material": 0.9}), FINDING_LABELS, thresholds
     )
     assert most_dangerous_finding(findings, reversed_order) == "Medical material"
+
+
+def test_findings_not_assessed_get_no_threshold_no_result_and_are_never_the_most_dangerous():
+    assessed = {label: 0.5 for label in FINDING_LABELS if label not in ("COVID-19", "Cancer")}
+    metadata = _metadata(finding_thresholds=assessed, not_assessed=["COVID-19", "Cancer"])
+    thresholds = resolve_thresholds(metadata, InferenceSettings())
+    assert "Cancer" not in thresholds.findings and thresholds.not_assessed == {"COVID-19", "Cancer"}
+    # The graph outputs a constant for them; even a high one must not count.
+    probabilities = _probabilities(Cancer=0.99, Emphysema=0.8)
+    findings = evaluate_findings(
+        probabilities, FINDING_LABELS, thresholds.findings, thresholds.not_assessed
+    )
+    assert [finding.label for finding in findings] == list(assessed)
+    assert most_dangerous_finding(findings, SEVERITY_ORDER) == "Emphysema"
+    with pytest.raises(ThresholdError, match="does not assess"):
+        resolve_thresholds(metadata, InferenceSettings(finding_thresholds={"Cancer": 0.4}))
+    with pytest.raises(ValueError, match="cannot have a threshold"):
+        _metadata(not_assessed=["Cancer"])  # the default thresholds name every label

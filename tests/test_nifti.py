@@ -86,6 +86,7 @@ def _reoriented(image: nib.Nifti1Image, order: tuple[int, int, int], flips: tupl
     return nib.Nifti1Image(np.ascontiguousarray(data.transpose(order)), affine @ permutation)
 
 
+@pytest.mark.slow  # the full-size model input, five times
 @pytest.mark.parametrize(
     ("order", "flips"),
     [((0, 1, 2), (0, 1)), ((1, 0, 2), ()), ((2, 0, 1), (2,)), ((0, 2, 1), (0, 1, 2))],
@@ -182,6 +183,7 @@ def _ct_rate_file(chest_nifti: Path, folder: Path, name: str) -> Path:
     return path
 
 
+@pytest.mark.slow  # the full-size model input through the pipeline and through torch
 def test_ct_rate_convention_equals_ct_clip_loader(chest_nifti: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()

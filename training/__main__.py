@@ -1,4 +1,4 @@
-"""Entry point: ``python -m training {train,evaluate} ...`` (see `training.cli`)."""
+"""Entry point: ``python -m training {embed,train,evaluate} ...`` (see `training.cli`)."""
 
 from __future__ import annotations
 

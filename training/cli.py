@@ -1,4 +1,4 @@
-"""``python -m training {train,evaluate}``: argument parsing and one-line errors (exit 2)."""
+"""``python -m training {embed,train,evaluate}``: argument parsing and one-line errors (exit 2)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,16 @@ import sys
 from pathlib import Path
 
 from pydantic import ValidationError
+
+EMBED_HELP = """Embed a data set with the screening pipeline and the CT-CLIP encoder.
+
+INPUT: a folder (every .nii/.nii.gz anywhere under it is one input; other top-level entries
+-- zips, tars, DICOM folders -- are inputs as in `python -m services.batch`) or one file.
+Each study becomes a row of OUTPUT.parquet: name (the input's file name), study_uid,
+embedding, status, failure_reason, input_path, encoder_version, demo_weights. Resumable:
+inputs already in OUTPUT are skipped (--retry-failures runs the failed ones again). With
+--ct-rate-metadata, NIfTI files named in that CSV are read as CT-CLIP's own loader reads
+them (slope, intercept and spacing from the CSV, affine ignored)."""
 
 TRAIN_HELP = """Train a head on frozen CT-CLIP embeddings.
 
@@ -41,6 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train and evaluate the heads on CT-CLIP embeddings (training/README.md).",
     )
     commands = parser.add_subparsers(dest="command", required=True)
+
+    embed = commands.add_parser(
+        "embed",
+        help="embed a data set",
+        description=EMBED_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    embed.add_argument("input", type=Path, metavar="INPUT")
+    embed.add_argument("output", type=Path, metavar="OUTPUT.parquet")
+    embed.add_argument("--model-repository", type=Path, help="default: the config's")
+    embed.add_argument("--ct-rate-metadata", type=Path, metavar="CSV")
+    embed.add_argument("--config", type=Path, help="config file (default: configs/config.yaml)")
+    embed.add_argument("--backend", choices=("onnxruntime", "triton"), help="default: the config's")
+    embed.add_argument("--retry-failures", action="store_true", help="run failed inputs again")
 
     train = commands.add_parser(
         "train",
@@ -82,7 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> None:
-    if args.command == "train":
+    if args.command == "embed":
+        from training.embed import EmbedOptions, embed
+
+        embed(
+            EmbedOptions(
+                input=args.input,
+                output=args.output,
+                model_repository=args.model_repository,
+                ct_rate_metadata=args.ct_rate_metadata,
+                config=args.config,
+                backend=args.backend,
+                retry_failures=args.retry_failures,
+            )
+        )
+    elif args.command == "train":
         from training.train import TrainOptions, train
 
         train(
@@ -121,16 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Checked before torch and pandas are imported: a typo costs no seconds.
     for kind in ("embeddings", "labels"):
-        path = getattr(args, kind)
-        if not path.is_file():
+        path = getattr(args, kind, None)
+        if path is not None and not path.is_file():
             print(f"error: {kind} file not found: {path}", file=sys.stderr)
             return 2
     from convertation.checkpoints import CheckpointError
+    from services.core.errors import ScreeningError
     from training.data import TrainingInputError
 
     try:
         _run(args)
-    except (TrainingInputError, CheckpointError) as error:
+    except (TrainingInputError, CheckpointError, ScreeningError) as error:
         message = str(error).splitlines()[0]
     except ValidationError as error:
         first = error.errors()[0]

@@ -3,13 +3,14 @@
 Thresholds come from the model repository's metadata and may be overridden in the
 config (``inference.pathology_threshold``, ``inference.finding_thresholds``). A
 finding is positive when its probability reaches its threshold (``>=``); the most
-dangerous finding is the first positive one in the severity order.
+dangerous finding is the first positive one in the severity order. Findings the metadata
+lists as ``not_assessed`` (a head trained without them) get no threshold and no result.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from services.core.config import InferenceSettings
 from services.core.errors import ThresholdError
@@ -22,7 +23,8 @@ __all__ = ["ThresholdError", "Thresholds", "resolve_thresholds"]
 @dataclass(frozen=True)
 class Thresholds:
     pathology: float
-    findings: dict[str, float]  # one per label of the model
+    findings: dict[str, float]  # one per label the model assesses
+    not_assessed: frozenset[str] = field(default_factory=frozenset)
 
 
 def _check_probability_threshold(name: str, value: float) -> float:
@@ -40,8 +42,17 @@ def resolve_thresholds(metadata: ModelMetadata, settings: InferenceSettings) -> 
             f"inference.finding_thresholds names unknown findings {unknown}; "
             f"the model's findings are: {', '.join(metadata.labels)}"
         )
+    not_assessed = frozenset(metadata.not_assessed)
+    overridden = sorted(not_assessed & set(settings.finding_thresholds))
+    if overridden:
+        raise ThresholdError(
+            f"inference.finding_thresholds names {overridden}, which this model does not "
+            "assess (metadata.json not_assessed)"
+        )
     findings: dict[str, float] = {}
     for label in metadata.labels:
+        if label in not_assessed:
+            continue
         value = settings.finding_thresholds.get(label, metadata.finding_thresholds.get(label, 0.5))
         findings[label] = _check_probability_threshold(label, value)
     pathology = (
@@ -50,7 +61,9 @@ def resolve_thresholds(metadata: ModelMetadata, settings: InferenceSettings) -> 
         else settings.pathology_threshold
     )
     return Thresholds(
-        pathology=_check_probability_threshold("pathology", pathology), findings=findings
+        pathology=_check_probability_threshold("pathology", pathology),
+        findings=findings,
+        not_assessed=not_assessed,
     )
 
 
@@ -60,9 +73,12 @@ def pathology_flag(probability: float, threshold: float) -> int:
 
 
 def evaluate_findings(
-    probabilities: Sequence[float], labels: Sequence[str], thresholds: Mapping[str, float]
+    probabilities: Sequence[float],
+    labels: Sequence[str],
+    thresholds: Mapping[str, float],
+    not_assessed: Collection[str] = (),
 ) -> list[FindingResult]:
-    """One FindingResult per label, in the model's output order."""
+    """One FindingResult per assessed label, in the model's output order."""
     if len(probabilities) != len(labels):
         raise ValueError(
             f"the model returned {len(probabilities)} finding probabilities "
@@ -76,6 +92,7 @@ def evaluate_findings(
             positive=float(probability) >= thresholds[label],
         )
         for label, probability in zip(labels, probabilities, strict=True)
+        if label not in not_assessed
     ]
 
 

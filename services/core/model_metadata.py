@@ -68,6 +68,10 @@ class ModelMetadata(BaseModel):
     finding_thresholds: dict[str, float] = Field(
         default_factory=lambda: {label: 0.5 for label in FINDING_LABELS}
     )
+    # Deployed labels the multilabel head was not trained on (e.g. COVID-19 and Cancer for a
+    # head trained on CT-RATE's 18 findings): exported as a constant, they have no threshold,
+    # are never positive nor the most dangerous finding, and reports give no probability.
+    not_assessed: list[str] = Field(default_factory=list)
     weights: list[WeightFile] = Field(default_factory=list)
     # None: no body-part regression model; the chest check uses the tags and lung_air only.
     body_part_regression: BodyPartRegressionInfo | None = None
@@ -79,6 +83,10 @@ class ModelMetadata(BaseModel):
         unknown = set(self.finding_thresholds) - set(self.labels)
         if unknown:
             raise ValueError(f"thresholds for unknown findings: {sorted(unknown)}")
+        if set(self.not_assessed) - set(self.labels):
+            raise ValueError(f"unknown not-assessed findings: {sorted(self.not_assessed)}")
+        if set(self.not_assessed) & set(self.finding_thresholds):
+            raise ValueError("a finding that is not assessed cannot have a threshold")
         return self
 
     @property

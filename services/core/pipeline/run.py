@@ -70,7 +70,10 @@ def finish_study(
     started = time.perf_counter()
     probability = float(np.clip(outputs.pathology_probability[row], 0.0, 1.0))
     findings = evaluate_findings(
-        [float(p) for p in outputs.finding_probabilities[row]], metadata.labels, thresholds.findings
+        [float(p) for p in outputs.finding_probabilities[row]],
+        metadata.labels,
+        thresholds.findings,
+        thresholds.not_assessed,
     )
     report.probability_of_pathology = probability
     report.pathology = pathology_flag(probability, thresholds.pathology)
