@@ -139,6 +139,9 @@ def test_chest_ct_succeeds_with_demo_weights_flagged(batch_run):
     document = batch_run["json"][CHEST]
     assert document["demo_weights"] is True and document["model"]["demo"] is True
     assert document["chest_check"]["is_chest"] is True
+    # What a reader recognises the study by, from its headers.
+    assert document["study_date"] == "2007-04-25"
+    assert document["study_description"] == "Thorax^AThoraxRoutine (Adult)"
     for stage in ("intake", "headers", "selection", "volume", "chest_check", "preprocessing"):
         assert stage in document["stage_seconds"]
     assert "inference" in document["stage_seconds"]
@@ -158,7 +161,8 @@ def test_non_chest_inputs_fail_with_the_reason_named(batch_run, name, reason_wor
     assert row["processing_status"] == "Failure"
     for field in ("probability_of_pathology", "pathology", "most_dangerous_pathology_type"):
         assert row[field] is None
-    assert row["demo_weights"] == 0
+    # The deployment's model is a demo: its Failure rows say so like the others.
+    assert row["demo_weights"] == 1 and "mean nothing" in row["notice"]
     for word in reason_words:
         assert word.lower() in row["failure_reason"].lower()
     assert row["failure_reason"] in (batch_run["output"] / "warnings_and_errors.txt").read_text()

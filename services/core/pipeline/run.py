@@ -123,6 +123,8 @@ def process_input(
             events.model_input_ready(prepared)
             report = _infer_and_finish(prepared, prepared.model_input, backend, thresholds, events)
             prepared.model_input = None  # the 221 MB input is not needed any more
+        # Every row says whether this deployment's model is a demo, Failure rows too.
+        report.demo_weights = metadata.demo
         logger.info(
             "{} study {}: {} in {:.2f} s",
             log_name(name),
