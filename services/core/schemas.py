@@ -10,7 +10,7 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-REPORT_SCHEMA_VERSION = 2  # 2: study_date, study_description, accession_number
+REPORT_SCHEMA_VERSION = 2  # 2: study_date, study_description, accession_number, embedding
 
 # The customer's table (docs/ARCHITECTURE.md, Contracts): these seven columns, in this order, first.
 REPORT_COLUMNS: tuple[str, ...] = (
