@@ -1,7 +1,9 @@
 """Every pipeline stage of one study, with its peak memory and the reference baselines.
 
 Each pass is ``process_input`` (then ``write_reports``): times come from the report's stage
-clock, its ``inference`` split into encoder and heads by :class:`TimedBackend`; memory is
+clock, its ``inference`` split into encoder and heads by :class:`TimedBackend`, which also
+times the body-part regression network inside the chest check (when the repository serves
+one); memory is
 read at the pipeline's ``stage_started`` events (``benchmarks.measure.StageMemory``). One
 untimed warm-up pass with tracemalloc, then ``repetitions`` timed passes. In each pass the
 reference implementation reads the same files (extracted once, outside every clock) and
@@ -10,6 +12,7 @@ preprocesses them with torch; its output is compared with the pipeline's model i
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,6 +40,7 @@ ROW_STAGES: dict[str, tuple[str, ...]] = {
     "headers": ("headers", "selection"),
     "volume": ("volume",),
     "chest check": ("chest_check",),
+    "body-part regression": ("bpr network",),  # inside the chest check
     "preprocessing": ("preprocessing",),
     "encoder": ("encoder",),
     "heads": ("heads",),
@@ -55,6 +59,18 @@ class TimedBackend(OnnxRuntimeBackend):
         super().__init__(repository, settings)
         self.memory: StageMemory | None = None  # set for the passes that read memory
         self.seconds: dict[str, float] = {}  # by stage, summed until reset
+        model = self.body_part_model
+        if model is not None:
+            scores = model.score_slices
+
+            def timed_scores(slices: np.ndarray) -> np.ndarray:
+                started = time.perf_counter()
+                result = scores(slices)
+                elapsed = time.perf_counter() - started
+                self.seconds["bpr network"] = self.seconds.get("bpr network", 0.0) + elapsed
+                return result
+
+            self.body_part_model = dataclasses.replace(model, score_slices=timed_scores)
 
     def _run(self, model: str, output: str, array: np.ndarray) -> np.ndarray:
         stage = "encoder" if model == ENCODER_NAME else "heads"
@@ -129,7 +145,8 @@ def _one_pass(
     finally:
         backend.memory = None
     assert report.quality is not None  # run_study refuses a study that was not screened
-    seconds = {**report.stage_seconds, **backend.seconds}
+    # A repository without a body-part regression model spends nothing on it.
+    seconds = {"bpr network": 0.0, **report.stage_seconds, **backend.seconds}
     with (
         tempfile.TemporaryDirectory(prefix="cts-bench-report-") as output,
         _measured(events, "report files", seconds),
