@@ -250,3 +250,21 @@ def test_scores_that_name_no_part_leave_the_verdict_to_tags_and_lung_air() -> No
     metadata = MetadataAssessment(verdict=True)
     with_bpr = decide("CT", metadata, _image(True), 300.0, SETTINGS, regression)
     assert with_bpr == decide("CT", metadata, _image(True), 300.0, SETTINGS)
+
+
+# --- what the web UI's study view says -------------------------------------------------------
+
+
+def test_the_study_view_names_what_bpr_saw(chest) -> None:
+    from services.frontend.study_view import chest_check_lines
+
+    study, series, volume = chest
+    for demo, label in ((False, "body-part regression: "), (True, "(DEMO weights, not used")):
+        model = BodyPartRegressionModel(
+            score_slices=SyntheticBody(330.0, 560.0), settings=REAL_SETTINGS, demo=demo, source="t"
+        )
+        evidence = check_chest(study, series, volume, SETTINGS, body_part_model=model)
+        (line,) = [s for s in chest_check_lines(evidence)["lines"] if "body-part" in s]
+        assert label in line and line.endswith("CHEST (landmarks Th12..Th4); lung apex not covered")
+    without = check_chest(study, series, volume, SETTINGS)
+    assert not [s for s in chest_check_lines(without)["lines"] if "body-part" in s]

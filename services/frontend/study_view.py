@@ -117,10 +117,22 @@ def chest_check_lines(evidence: ChestCheckEvidence) -> dict[str, Any]:
                 else "no lungs across the series"
             )
             + f" ({evidence.image_detector})",
+            *_body_part_regression_line(evidence),
         ],
         "tags": list(evidence.metadata_evidence),
         "numbers": numbers,
     }
+
+
+def _body_part_regression_line(evidence: ChestCheckEvidence) -> list[str]:
+    """What the body-part regression model saw, labelled DEMO when it could not decide."""
+    regression = evidence.body_part_regression
+    if regression is None:
+        return []
+    label = "body-part regression" + (
+        " (DEMO weights, not used for the verdict)" if regression.demo else ""
+    )
+    return [f"{label}: {regression.summary}"]
 
 
 def _number_text(key: str, value: object) -> str:
