@@ -146,6 +146,47 @@ class FrontendSettings(_Section):
     port: int = 7860
     max_upload_mb: int = 2048
     auth: str | None = Field(None, description='"user:password" turns on authentication')
+    api_token: str | None = Field(
+        None, description="bearer token the REST API (/api/v1) requires; null: open"
+    )
+
+
+# DICOM Application Entity titles: 1-16 characters, no backslash or control characters.
+AE_TITLE_PATTERN = r"^[^\\\x00-\x1f]{1,16}$"
+
+
+class DicomDestination(_Section):
+    """A DICOM node that receives the structured reports by C-STORE (a PACS)."""
+
+    ae_title: str = Field(pattern=AE_TITLE_PATTERN, description="the PACS's called AE title")
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class DicomSettings(_Section):
+    """Hospital integration over DICOM: the listener (python -m services.dicom_listener)
+    receives studies by C-STORE and sends each study's structured report back."""
+
+    host: str = Field("127.0.0.1", description="the listener binds here; 0.0.0.0 for a network")
+    port: int = Field(11112, ge=1, le=65535, description="the listener's DICOM port")
+    ae_title: str = Field("CTS", pattern=AE_TITLE_PATTERN, description="the listener's AE title")
+    study_quiet_seconds: float = Field(
+        10.0, gt=0, description="a study is complete after this long without a new instance"
+    )
+    allowed_calling_ae_titles: list[str] = Field(
+        default_factory=list, description="empty: any calling AE title may send studies"
+    )
+    max_study_mb: int = Field(
+        4096, gt=0, description="a larger study is refused (C-STORE Out of Resources)"
+    )
+    destinations: list[DicomDestination] = Field(
+        default_factory=list,
+        description="where every received study's SR goes, e.g. "
+        "[{ae_title: PACS, host: 10.0.0.5, port: 104}]",
+    )
+    export_retry_initial_s: float = Field(2.0, gt=0, description="first wait after a failed send")
+    export_retry_max_s: float = Field(60.0, gt=0, description="longest wait between sends")
+    network_timeout_s: float = Field(30.0, gt=0, description="DIMSE and network timeouts")
 
 
 class LoggingSettings(_Section):
@@ -171,6 +212,7 @@ class Settings(_Section):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     rabbitmq: RabbitMQSettings = Field(default_factory=RabbitMQSettings)
     frontend: FrontendSettings = Field(default_factory=FrontendSettings)
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     memory: MemorySettings = Field(default_factory=MemorySettings)
 
