@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from openpyxl import load_workbook
+from batch_support import report_rows, run_batch
 from pydicom.uid import generate_uid
 
 from services.batch.__main__ import list_inputs
@@ -23,21 +20,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CHEST = "chest_ct_lung_dx_a0002"
 
 
-def _run(*arguments: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "services.batch", *map(str, arguments)],
-        cwd=cwd or PROJECT_ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def _rows(output: Path) -> list[dict]:
-    rows = list(load_workbook(output / "output.xlsx")["report"].iter_rows(values_only=True))
-    return [dict(zip(rows[0], row, strict=True)) for row in rows[1:]]
+_run = run_batch
+_rows = report_rows
 
 
 def _copy_as_new_study(source: Path, destination: Path, seed: str) -> None:

@@ -9,12 +9,12 @@ import os
 import pty
 import struct
 import subprocess
-import sys
 import termios
 import zipfile
 from pathlib import Path
 
 import pytest
+from batch_support import batch_command, run_batch
 
 from services.batch.__main__ import LOG_FILE_NAME
 
@@ -69,15 +69,7 @@ def test_on_a_terminal_the_bar_keeps_one_line_and_the_log_goes_to_a_file(
     inputs = make_inputs(fixtures_dir, tmp_path / "inputs")
     output = tmp_path / "output"
     code, text = run_on_a_terminal(
-        [
-            sys.executable,
-            "-m",
-            "services.batch",
-            str(inputs),
-            str(output),
-            "--model-repository",
-            str(tiny_model_repository),
-        ]
+        batch_command(inputs, output, "--model-repository", tiny_model_repository)
     )
     assert code == 0, text[-3000:]
     # What stays on the screen: each line as the last carriage return left it.
@@ -99,22 +91,7 @@ def test_without_a_terminal_there_is_no_bar_and_the_log_is_on_stderr(
 ) -> None:
     inputs = make_inputs(fixtures_dir, tmp_path / "inputs")
     output = tmp_path / "output"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "services.batch",
-            str(inputs),
-            str(output),
-            "--model-repository",
-            str(tiny_model_repository),
-        ],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    completed = run_batch(inputs, output, "--model-repository", tiny_model_repository)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "%|" not in completed.stderr  # a bar in a file would be one line per update
     assert "| INFO" in completed.stderr

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from batch_support import run_batch
 from openpyxl import load_workbook
 
 from services.batch.model_input_files import ModelInputSaver
@@ -64,22 +63,14 @@ def batch_run(fixtures_dir, tiny_model_repository, tmp_path_factory):
     for name in fixture_names:
         _zip_as_hospital(fixtures_dir / name, inputs / f"{name}.zip")
     _hostile_archives(inputs, fixtures_dir)
-    environment = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(PROJECT_ROOT)}
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "services.batch",
-            str(inputs),
-            str(output),
-            "--model-repository",
-            str(tiny_model_repository),
-        ],
+    environment = {**os.environ, "TMPDIR": str(temp)}
+    completed = run_batch(
+        inputs,
+        output,
+        "--model-repository",
+        tiny_model_repository,
         cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        environment=environment,
     )
     rows = list(load_workbook(output / "output.xlsx")["report"].iter_rows(values_only=True))
     header = rows[0]

@@ -15,12 +15,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+from batch_support import run_batch
 from corpus import builders
 from corpus.builders import PATIENT_BIRTH_DATE, PATIENT_ID, PATIENT_NAME
 from corpus.kinds import KINDS, SENTINEL, Source
@@ -137,26 +136,17 @@ def debug_run(fixtures_dir: Path, tiny_model_repository: Path, tmp_path_factory)
         if not key.startswith(("CTS__", "XDG_", "LOGURU_"))
     }
     environment.update(
-        PYTHONPATH=str(PROJECT_ROOT),
         CTS__LOGGING__LEVEL="DEBUG",
         TMPDIR=str(temp),
         HOME=str(home),  # anything written to ~/.cache or ~/.config is searched too
     )
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "services.batch",
-            str(inputs),
-            str(output),
-            "--model-repository",
-            str(tiny_model_repository),
-        ],
+    completed = run_batch(
+        inputs,
+        output,
+        "--model-repository",
+        tiny_model_repository,
         cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        environment=environment,
     )
     return {
         "completed": completed,

@@ -12,8 +12,6 @@ use, and the two findings the head never saw must be "not assessed".
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from batch_support import run_batch
 from openpyxl import load_workbook
 
 from convertation.build_repository import main as build_main
@@ -157,11 +156,7 @@ def test_the_batch_gives_the_trainers_probabilities(
 ) -> None:
     output = tmp_path / "output"
     # A process of its own: the batch configures the global logger for its console.
-    completed = subprocess.run(
-        [sys.executable, "-m", "services.batch", str(fixtures_dir / CHEST), str(output),
-         "--model-repository", str(repository)],
-        cwd=PROJECT_ROOT, capture_output=True, text=True,
-    )  # fmt: skip
+    completed = run_batch(fixtures_dir / CHEST, output, "--model-repository", repository)
     assert completed.returncode == 0, completed.stderr[-2000:]
     (report_file,) = (output / "json").glob("*.json")
     report = StudyReport.model_validate_json(report_file.read_text())
