@@ -11,7 +11,6 @@ that importing this module (``--help``) stays fast.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from convertation.errors import BuildError
 from convertation.vit.ctvit_config import encoder_config_or_full, encoder_config_record
 from services.core.body_part.bpr_settings import BprInferenceSettings
+from services.core.checksums import sha256_of
 from services.core.model_metadata import BINARY_HEAD_NAME, ENCODER_NAME, MULTILABEL_HEAD_NAME
 
 if TYPE_CHECKING:
@@ -68,14 +68,6 @@ class ModelSet:
     provenance: dict[str, Provenance]
     # None: the repository has no body-part regression model (the chest check uses lung_air).
     body_part_regression: BodyPartSource | None = None
-
-
-def sha256_of(path: Path, chunk_bytes: int = HASH_CHUNK_BYTES) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def demo_models(seed: int, ctvit_config_path: Path | None) -> ModelSet:

@@ -14,7 +14,6 @@ names the key (or the file, or the settings field).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from services.core.body_part.bpr_settings import (
     inference_settings_json,
     missing_landmarks,
 )
+from services.core.checksums import sha256_of as file_sha256
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"
@@ -50,14 +50,6 @@ class LoadedBprModel:
     weights_sha256: str
     settings: BprInferenceSettings | None  # from a model folder; None for a bare file
     demo: bool  # the settings are a demo table (demo weights)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _validation_text(error: ValidationError) -> str:

@@ -20,7 +20,6 @@ The seed heads of docs/ARCHITECTURE.md, Contracts are `SEED_BINARY_ARCHITECTURE`
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 from convertation.checkpoints import CheckpointError, load_strict, read_checkpoint
 from convertation.head.export import BINARY_OUTPUT_NAME, INPUT_NAME, MULTILABEL_OUTPUT_NAME
 from convertation.onnx_export import export_module
+from services.core.checksums import sha256_of as file_sha256
 
 HEAD_WEIGHTS_FILE = "head.pt"
 HEAD_INFO_FILE = "head.json"
@@ -226,14 +226,6 @@ class HeadRunInfo(BaseModel):
                 f"thresholds for unknown labels {set(self.thresholds) - set(self.labels)}"
             )
         return self
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_run_info(run_dir: Path) -> HeadRunInfo:
