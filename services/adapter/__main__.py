@@ -21,6 +21,7 @@ from services.adapter.housekeeping import use_own_temp_dir
 from services.core.config import load_settings
 from services.core.logging_setup import configure_logging
 from services.core.process_memory import apply_memory_settings
+from services.monitoring.server import serve_metrics
 
 
 def _parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -65,10 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     # Unpacked studies go to a folder of this process: if it is killed mid-study, the
     # other adapters find and remove them (services/adapter/housekeeping.py).
     temp_dir = use_own_temp_dir()
+    metrics = serve_metrics(
+        settings.metrics,
+        port=settings.metrics.adapter_port,
+        service=f"adapter {adapter.adapter_id}",
+    )
     try:
         adapter.run()
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
+        if metrics is not None:
+            metrics.close()
     return 0
 
 

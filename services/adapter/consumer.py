@@ -30,12 +30,13 @@ import pika
 import pika.exceptions
 from loguru import logger
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
-from tenacity import stop_when_event_set
+from tenacity import RetryCallState, stop_when_event_set
 
 from services.adapter import delivery
-from services.adapter.delivery import Decision
+from services.adapter.delivery import Action, Decision
 from services.adapter.execute import Delivery, execute_decision, send_progress
 from services.adapter.housekeeping import HealthFile, sweep_leftovers_forever
+from services.adapter.metrics import WAIT_BROKER, AdapterMetrics, MeteredBackend, adapter_metrics
 from services.adapter.model_server_wait import RetryingBackend
 from services.adapter.progress import InferenceTimes, ProgressRelay
 from services.adapter.task_runner import run_task
@@ -75,6 +76,7 @@ class Adapter:
         drain_timeout_s: float = 60.0,
         retry_maximum_delay_s: float = 30.0,
         backend_factory: Callable[[Settings], InferenceBackend] = create_backend,
+        metrics: AdapterMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.adapter_id = adapter_id or default_adapter_id()
@@ -84,7 +86,9 @@ class Adapter:
         self.drain_timeout_s = drain_timeout_s
         self.retry_maximum_delay_s = retry_maximum_delay_s
         self._backend_factory = backend_factory
-        self._backend: InferenceBackend | None = None
+        self._backend: InferenceBackend | None = None  # metered: every model request counted
+        self._transfer_stats: Any = None  # TritonBackend: bytes moved, by transport
+        self.metrics = metrics or adapter_metrics()
         self._stop = threading.Event()
         self._in_flight: set[int] = set()  # delivery tags being processed (I/O thread only)
         self._workers: set[threading.Thread] = set()  # study threads, of any connection
@@ -107,7 +111,8 @@ class Adapter:
             backend = self._wait_for_backend()
         except WorkInterrupted:
             return
-        self._backend = backend
+        self._backend = MeteredBackend(backend, self.metrics)
+        self._transfer_stats = getattr(backend, "stats", None)
         threading.Thread(
             target=sweep_leftovers_forever,
             args=(self._stop, self.settings.inference.triton_url),
@@ -120,7 +125,7 @@ class Adapter:
                 retry_on=CONNECTION_ERRORS,
                 stop_event=self._stop,
                 stop=stop_when_event_set(self._stop),
-                before_sleep=log_retry("the adapter's RabbitMQ connection"),
+                before_sleep=self._before_reconnect,
             )(self._serve)
         except WorkInterrupted:
             pass  # stopped while waiting to reconnect
@@ -129,6 +134,10 @@ class Adapter:
         finally:
             backend.close()
             logger.info("adapter {} stopped after {} results", self.adapter_id, self.processed)
+
+    def _before_reconnect(self, state: RetryCallState) -> None:
+        log_retry("the adapter's RabbitMQ connection")(state)
+        self.metrics.waited(WAIT_BROKER, state.upcoming_sleep)
 
     def _wait_for_backend(self) -> InferenceBackend:
         """Triton may still be loading models: wait for it (with backoff) before consuming."""
@@ -253,7 +262,14 @@ class Adapter:
         if early is not None:
             logger.info("task {}: {}", task.task_id, early.note)
             decision = self._store(early)
-            self._execute(channel, decision, message, reply_to=task.reply_to, task=task)
+            self._execute(
+                channel,
+                decision,
+                message,
+                reply_to=task.reply_to,
+                task=task,
+                republished=early.action is Action.ACK,
+            )
             return
         logger.info("task {} received (attempt {})", task.task_id, message.attempt)
         self._in_flight.add(message.tag)
@@ -297,8 +313,10 @@ class Adapter:
             on_retry=progress.retrying,
             maximum_delay_s=self.retry_maximum_delay_s,
             wait_limit_s=self.settings.inference.model_server_wait_limit_s,
+            on_wait=self.metrics.model_server_retry,
         )
         outcome: StudyResult | BaseException
+        self.metrics.in_progress.inc()
         try:
             outcome = run_task(
                 task,
@@ -313,6 +331,10 @@ class Adapter:
             if not isinstance(error, WorkInterrupted):
                 logger.opt(exception=error).warning("task {} ended with an error", task.task_id)
             outcome = error
+        finally:
+            self.metrics.in_progress.dec()
+        if isinstance(outcome, StudyResult):
+            self.metrics.result_computed(outcome)
         decision = delivery.on_outcome(
             task,
             outcome,
@@ -326,7 +348,7 @@ class Adapter:
         decision = self._store(decision)
         if decision.delay_s:
             self._stop.wait(decision.delay_s)  # a stop gives it back at once
-        transfer = getattr(self._backend, "stats", None)  # TritonBackend: bytes by transport
+        transfer = self._transfer_stats
         logger.info(
             "task {}: {} ({}); model server transfers so far: {}",
             task.task_id,
@@ -364,8 +386,10 @@ class Adapter:
         *,
         reply_to: str | None,
         task: StudyTask | None = None,
+        republished: bool = False,
     ) -> None:
         self._in_flight.discard(message.tag)
+        executed = channel.is_open  # else the broker gives the message to another delivery
         finished = execute_decision(
             channel,
             decision,
@@ -375,6 +399,8 @@ class Adapter:
             reply_to=reply_to,
             correlation_id=task.reply_correlation_id if task else None,
         )
+        if executed:
+            self.metrics.task_finished(decision, republished=republished)
         if finished and task is not None:
             self.processed += 1
 

@@ -45,10 +45,12 @@ class RetryingBackend:
         maximum_delay_s: float = 30.0,
         wait_limit_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_wait: Callable[[float], None] | None = None,
     ) -> None:
         self._backend = backend
         self._stop = stop
         self._on_retry = on_retry
+        self._on_wait = on_wait  # the seconds of each coming wait (metrics)
         self._maximum_delay_s = maximum_delay_s
         self._wait_limit_s = wait_limit_s
         self._clock = clock
@@ -103,6 +105,8 @@ class RetryingBackend:
             logger.warning("model server unavailable ({}); retrying in {:.0f} s", error, delay)
             if self._on_retry is not None:
                 self._on_retry(f"model server unavailable, retrying in {delay:.0f} s")
+            if self._on_wait is not None:
+                self._on_wait(delay)
 
         return retrying(
             retry_on=ModelServerUnavailable,

@@ -193,6 +193,18 @@ class LoggingSettings(_Section):
     level: str = "INFO"
 
 
+class MetricsSettings(_Section):
+    """Prometheus ``/metrics`` of each service (services/monitoring/)."""
+
+    enabled: bool = Field(True, description="serve /metrics in the adapter, frontend, listener")
+    host: str = Field("127.0.0.1", description="0.0.0.0 lets a Prometheus on another host scrape")
+    frontend_port: int = Field(9400, description="0: any free port (logged)")
+    dicom_listener_port: int = Field(9401, description="0: any free port (logged)")
+    # One port per process: start.sh gives its adapter N the port adapter_port + N - 1; in
+    # containers and pods every adapter has its own address and keeps this one.
+    adapter_port: int = Field(9410, description="0: any free port (logged)")
+
+
 class MemorySettings(_Section):
     """How the batch and adapter processes treat memory they free (glibc only)."""
 
@@ -214,6 +226,7 @@ class Settings(_Section):
     frontend: FrontendSettings = Field(default_factory=FrontendSettings)
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     memory: MemorySettings = Field(default_factory=MemorySettings)
 
 

@@ -22,6 +22,7 @@ from services.core.config import load_settings  # noqa: E402
 from services.core.logging_setup import configure_logging  # noqa: E402
 from services.frontend.service import FrontendService  # noqa: E402
 from services.frontend.sessions import SESSIONS_DIR  # noqa: E402
+from services.monitoring.server import serve_metrics  # noqa: E402
 
 
 def parse_auth(auth: str | None) -> tuple[str, str] | None:
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 
     service = FrontendService(settings)
     service.start()
+    metrics = serve_metrics(
+        settings.metrics, port=settings.metrics.frontend_port, service="frontend"
+    )
     app = build_app(service)
     app.launch(
         server_name=settings.frontend.host,
@@ -81,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     stop.wait()
     app.close()
     service.stop()
+    if metrics is not None:
+        metrics.close()
     return 0
 
 

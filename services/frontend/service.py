@@ -29,6 +29,7 @@ from services.broker.storage import load_result, upload_dir
 from services.core.config import Settings
 from services.core.model_metadata import read_metadata
 from services.core.reports import write_xlsx
+from services.frontend.metrics import FrontendMetrics, Refusal, frontend_metrics
 from services.frontend.queue_status import QueueMonitor, StudyDurations, read_queue_status
 from services.frontend.sessions import (
     SessionRecord,
@@ -67,8 +68,15 @@ def frontend_instance_id(host: str, port: int) -> str:
 
 
 class FrontendService:
-    def __init__(self, settings: Settings, *, instance_id: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        instance_id: str | None = None,
+        metrics: FrontendMetrics | None = None,
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics or frontend_metrics()
         self.storage_root = settings.storage.root
         self.instance_id = instance_id or frontend_instance_id(
             settings.frontend.host, settings.frontend.port
@@ -104,6 +112,7 @@ class FrontendService:
     def _on_reply(self, message: StudyResult | StudyProgress) -> None:
         with self._lock:
             if isinstance(message, StudyResult):
+                self.metrics.result_received(message)
                 self._results[message.task_id] = message
                 self._progress.pop(message.task_id, None)
             elif message.task_id not in self._results:
@@ -135,6 +144,8 @@ class FrontendService:
         outcome = SubmitOutcome()
         plan = plan_uploads(files, self.settings)
         outcome.refused.extend(plan.refused)
+        for reason in plan.refusals:
+            self.metrics.refusal(reason)
         earlier = {
             task.content_sha256: task
             for task in self.session(token).tasks
@@ -156,6 +167,8 @@ class FrontendService:
         for group, digest in repeats:
             if digest in queued:
                 outcome.duplicates.append(self._duplicate(group, queued[digest]))
+        self.metrics.uploads.inc(len(outcome.submitted))
+        self.metrics.duplicates.inc(len(outcome.duplicates))
         if outcome.submitted or outcome.duplicates:
             self.sessions.append(token, [*outcome.submitted, *outcome.duplicates])
         return outcome
@@ -166,12 +179,14 @@ class FrontendService:
             status = read_queue_status(self.settings.rabbitmq)
         except Exception as error:  # noqa: BLE001 - an unreachable broker refuses, it does not crash
             logger.error("cannot reach RabbitMQ: {}", error)
+            self.metrics.refusal(Refusal.BROKER_UNREACHABLE, len(groups))
             outcome.refused.append(
                 "The processing queue is unreachable right now; please try again in a minute."
             )
             return
         limit = self.settings.rabbitmq.max_queue_depth
         if status.waiting + len(groups) > limit:
+            self.metrics.refusal(Refusal.QUEUE_FULL, len(groups))
             outcome.refused.append(
                 f"The processing queue is full ({status.waiting} studies waiting, limit {limit}): "
                 "nothing was queued, please try again later."
@@ -240,6 +255,7 @@ class FrontendService:
         except Exception as error:  # noqa: BLE001 - one failed upload must not lose the others
             logger.error("could not queue an upload: {}", type(error).__name__)
             shutil.rmtree(folder, ignore_errors=True)
+            self.metrics.refusal(Refusal.PUBLISH_FAILED)
             outcome.refused.append(
                 f"{original}: could not be queued ({type(error).__name__}); please try again"
             )

@@ -12,7 +12,9 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.core.checksums import sha256_of as _file_sha256
 from services.core.config import Settings
+from services.frontend.metrics import Refusal
 
 ZIP_SUFFIX = ".zip"
 # Files that are a study (or a set of studies) on their own: each becomes one task.
@@ -50,6 +52,11 @@ class UploadPlan:
 
     groups: list[list[Path]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # one line per refused file, with the reason
+    refusals: list[Refusal] = field(default_factory=list)  # why, one per line (metrics)
+
+    def refuse(self, reason: Refusal, line: str) -> None:
+        self.refused.append(line)
+        self.refusals.append(reason)
 
 
 def plan_uploads(files: list[Path], settings: Settings) -> UploadPlan:
@@ -62,20 +69,22 @@ def plan_uploads(files: list[Path], settings: Settings) -> UploadPlan:
         size = path.stat().st_size if path.exists() else 0
         name = path.name
         if not path.is_file():
-            plan.refused.append(f"{name}: the upload did not arrive, please try again")
+            plan.refuse(Refusal.NOT_ARRIVED, f"{name}: the upload did not arrive, please try again")
         elif size > limit_bytes:
-            plan.refused.append(
+            plan.refuse(
+                Refusal.TOO_LARGE,
                 f"{name}: {size / 1024**2:.0f} MB is over the "
-                f"{settings.frontend.max_upload_mb} MB limit"
+                f"{settings.frontend.max_upload_mb} MB limit",
             )
         elif name.lower().endswith(SINGLE_FILE_SUFFIXES):
             # Only a zip declares its unpacked size up front; tars are counted by the intake.
             unpacked = declared_unpacked_bytes(path) if name.lower().endswith(ZIP_SUFFIX) else None
             if unpacked is not None and unpacked > unpacked_limit:
-                plan.refused.append(
+                plan.refuse(
+                    Refusal.UNPACKED_TOO_LARGE,
                     f"{name}: {human_bytes(unpacked)} unpacked is over the "
                     f"{human_bytes(unpacked_limit)} limit per study "
-                    "(intake.max_uncompressed_bytes)"
+                    "(intake.max_uncompressed_bytes)",
                 )
             else:
                 singles.append(path)
@@ -83,9 +92,10 @@ def plan_uploads(files: list[Path], settings: Settings) -> UploadPlan:
             loose.append(path)
     loose_bytes = sum(path.stat().st_size for path in loose)
     if loose_bytes > unpacked_limit:
-        plan.refused.append(
+        plan.refuse(
+            Refusal.UNPACKED_TOO_LARGE,
             f"{len(loose)} DICOM files: {human_bytes(loose_bytes)} together is over the "
-            f"{human_bytes(unpacked_limit)} limit per study (intake.max_uncompressed_bytes)"
+            f"{human_bytes(unpacked_limit)} limit per study (intake.max_uncompressed_bytes)",
         )
         loose = []
     plan.groups = [[path] for path in singles] + ([loose] if loose else [])
@@ -104,11 +114,3 @@ def content_sha256(group: list[Path]) -> str:
     if len(digests) == 1:
         return digests[0]
     return hashlib.sha256("".join(digests).encode()).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -1,0 +1,89 @@
+"""The DICOM listener's metrics (python -m services.dicom_listener): the hook it calls.
+
+The listener serves them with::
+
+    from services.monitoring.dicom_listener import listener_metrics
+    from services.monitoring.server import serve_metrics
+
+    endpoint = serve_metrics(settings.metrics, port=settings.metrics.dicom_listener_port,
+                             service="dicom listener")
+    metrics = listener_metrics()
+    metrics.association(accepted=True)       # each association request
+    metrics.instance_received()              # each C-STORE it accepted
+    metrics.study_queued()                   # a complete study became a task
+    metrics.study_refused("too_large")       # a study it would not take, by reason
+    metrics.report_sent(delivered=True)      # each SR C-STORE to a destination
+    metrics.outbox_depth.set(len(outbox))    # reports waiting for a destination
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+
+
+class ListenerMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.associations = Counter(
+            "cts_dicom_associations",
+            "Association requests to the listener, by result",
+            ["result"],
+            registry=registry,
+        )
+        self.instances = Counter(
+            "cts_dicom_instances_received",
+            "DICOM instances received by C-STORE",
+            registry=registry,
+        )
+        self.studies = Counter(
+            "cts_dicom_studies_queued",
+            "Complete studies queued for screening",
+            registry=registry,
+        )
+        self.refused = Counter(
+            "cts_dicom_studies_refused",
+            "Studies the listener refused, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.reports = Counter(
+            "cts_dicom_reports_sent",
+            "Structured reports sent to a destination, by result (delivered / failed)",
+            ["result"],
+            registry=registry,
+        )
+        self.outbox_depth = Gauge(
+            "cts_dicom_outbox_depth",
+            "Structured reports waiting in the outbox for a destination",
+            registry=registry,
+        )
+        for result in ("accepted", "rejected"):
+            self.associations.labels(result)
+        for result in ("delivered", "failed"):
+            self.reports.labels(result)
+
+    def association(self, *, accepted: bool) -> None:
+        self.associations.labels("accepted" if accepted else "rejected").inc()
+
+    def instance_received(self) -> None:
+        self.instances.inc()
+
+    def study_queued(self) -> None:
+        self.studies.inc()
+
+    def study_refused(self, reason: str) -> None:
+        """``reason``: a short fixed word (a label value), never anything from the data."""
+        self.refused.labels(reason).inc()
+
+    def report_sent(self, *, delivered: bool) -> None:
+        self.reports.labels("delivered" if delivered else "failed").inc()
+
+
+_PROCESS_METRICS: ListenerMetrics | None = None
+
+
+def listener_metrics() -> ListenerMetrics:
+    """This process's listener metrics, on the default registry (created once)."""
+    global _PROCESS_METRICS
+    if _PROCESS_METRICS is None:
+        _PROCESS_METRICS = ListenerMetrics()
+    return _PROCESS_METRICS
