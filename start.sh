@@ -19,6 +19,12 @@
 #   --frontend-port P         default 7860
 #   --triton-http-port P / --triton-grpc-port P / --triton-metrics-port P   default 8000/8001/8002
 #   --ready-timeout S         seconds to wait for Triton to load the models (default 900)
+#   --frontend-metrics-port P default 9400 (Prometheus /metrics of the frontend)
+#   --adapter-metrics-port P  default 9410: adapter N serves /metrics on P + N - 1
+#
+# Every /metrics endpoint (frontend, adapters, Triton, RabbitMQ's Prometheus plugin on 15692)
+# is listed in <storage>/run/prometheus/*.json for Prometheus' file_sd
+# (deploy/monitoring/prometheus.local.yml).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -35,11 +41,14 @@ FRONTEND_PORT="${CTS__FRONTEND__PORT:-7860}"
 TRITON_HTTP_PORT=8000
 TRITON_GRPC_PORT=8001
 TRITON_METRICS_PORT=8002
+FRONTEND_METRICS_PORT="${CTS__METRICS__FRONTEND_PORT:-9400}"
+ADAPTER_METRICS_PORT="${CTS__METRICS__ADAPTER_PORT:-9410}"
+RABBITMQ_PROMETHEUS_PORT=15692
 RABBITMQ_HOST="${CTS__RABBITMQ__HOST:-127.0.0.1}"
 RABBITMQ_PORT="${CTS__RABBITMQ__PORT:-5672}"
 READY_TIMEOUT=900
 
-usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -53,6 +62,8 @@ while [ $# -gt 0 ]; do
     --triton-http-port) TRITON_HTTP_PORT="$2"; shift ;;
     --triton-grpc-port) TRITON_GRPC_PORT="$2"; shift ;;
     --triton-metrics-port) TRITON_METRICS_PORT="$2"; shift ;;
+    --frontend-metrics-port) FRONTEND_METRICS_PORT="$2"; shift ;;
+    --adapter-metrics-port) ADAPTER_METRICS_PORT="$2"; shift ;;
     --ready-timeout) READY_TIMEOUT="$2"; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "start.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -121,8 +132,8 @@ if ! port_open "$RABBITMQ_HOST" "$RABBITMQ_PORT"; then
   esac
   command -v rabbitmq-server >/dev/null 2>&1 || fail "RabbitMQ is down and rabbitmq-server is not installed"
   say "starting RabbitMQ"
-  # The management console listens on 127.0.0.1 only.
-  RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS='-rabbitmq_management tcp_config [{ip,"127.0.0.1"},{port,15672}]' \
+  # The management console and the Prometheus plugin listen on 127.0.0.1 only.
+  RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS='-rabbitmq_management tcp_config [{ip,"127.0.0.1"},{port,15672}] -rabbitmq_prometheus tcp_config [{ip,"127.0.0.1"},{port,15692}]' \
     rabbitmq-server -detached
   touch "$RUN_DIR/rabbitmq.started"
   for _ in $(seq 1 60); do port_open "$RABBITMQ_HOST" "$RABBITMQ_PORT" && break; sleep 1; done
@@ -134,6 +145,13 @@ if command -v rabbitmq-plugins >/dev/null 2>&1 && [ "$RABBITMQ_HOST" = "127.0.0.
     rabbitmqctl eval 'application:set_env(rabbitmq_management, tcp_config, [{ip, "127.0.0.1"}, {port, 15672}], [{persistent, true}]).' >/dev/null 2>&1 || true
     rabbitmq-plugins enable rabbitmq_management >/dev/null 2>&1 \
       || say "warning: could not enable rabbitmq_management (not root?); the stack runs without the console"
+  fi
+  if ! rabbitmq-plugins list -e -m 2>/dev/null | grep -qx rabbitmq_prometheus; then
+    say "enabling RabbitMQ's Prometheus plugin (127.0.0.1:$RABBITMQ_PROMETHEUS_PORT/metrics)"
+    # Bound to loopback before it starts (its default is every interface).
+    rabbitmqctl eval "application:set_env(rabbitmq_prometheus, tcp_config, [{ip, \"127.0.0.1\"}, {port, $RABBITMQ_PROMETHEUS_PORT}], [{persistent, true}])." >/dev/null 2>&1 || true
+    rabbitmq-plugins enable rabbitmq_prometheus >/dev/null 2>&1 \
+      || say "warning: could not enable rabbitmq_prometheus (not root?); no queue metrics"
   fi
 fi
 
@@ -178,13 +196,14 @@ done
 
 # 4. Adapters.
 for index in $(seq 1 "$ADAPTERS"); do
-  launch "adapter-$index" "$PYTHON" -m services.adapter --adapter-id "adapter-$index" \
+  CTS__METRICS__ADAPTER_PORT=$((ADAPTER_METRICS_PORT + index - 1)) \
+    launch "adapter-$index" "$PYTHON" -m services.adapter --adapter-id "adapter-$index" \
     --health-file "$RUN_DIR/adapter-$index.alive"
 done
 say "started $ADAPTERS adapter(s)"
 
 # 5. Frontend.
-launch frontend "$PYTHON" -m services.frontend
+CTS__METRICS__FRONTEND_PORT="$FRONTEND_METRICS_PORT" launch frontend "$PYTHON" -m services.frontend
 deadline=$((SECONDS + 120))
 until http_ok "http://127.0.0.1:$FRONTEND_PORT/"; do
   alive "$RUN_DIR/frontend.pid" || fail "the frontend exited: see $LOG_DIR/frontend.log"
@@ -195,7 +214,24 @@ for index in $(seq 1 "$ADAPTERS"); do
   alive "$RUN_DIR/adapter-$index.pid" || fail "adapter-$index exited: see $LOG_DIR/adapter-$index.log"
 done
 
+# 6. What Prometheus scrapes: one file_sd file per kind of service (a local Prometheus with
+# deploy/monitoring/prometheus.local.yml reads them).
+targets() { # file, then host:port ...
+  local file="$1" first=1; shift
+  { printf '[{"targets": ['
+    for target in "$@"; do [ $first = 1 ] || printf ', '; printf '"%s"' "$target"; first=0; done
+    printf ']}]\n'; } > "$RUN_DIR/prometheus/$file.json"
+}
+mkdir -p "$RUN_DIR/prometheus"
+adapter_targets=()
+for index in $(seq 1 "$ADAPTERS"); do adapter_targets+=("127.0.0.1:$((ADAPTER_METRICS_PORT + index - 1))"); done
+targets frontend "127.0.0.1:$FRONTEND_METRICS_PORT"
+targets adapters "${adapter_targets[@]}"
+targets triton "127.0.0.1:$TRITON_METRICS_PORT"
+targets rabbitmq "$RABBITMQ_HOST:$RABBITMQ_PROMETHEUS_PORT"
+
 trap - EXIT
 say "frontend: http://127.0.0.1:$FRONTEND_PORT"
 say "RabbitMQ console: http://127.0.0.1:15672   queues: $QUEUE_PREFIX.tasks, $QUEUE_PREFIX.tasks.dead-letter"
+say "metrics: frontend :$FRONTEND_METRICS_PORT, adapters :$ADAPTER_METRICS_PORT.., Triton :$TRITON_METRICS_PORT, RabbitMQ :$RABBITMQ_PROMETHEUS_PORT (targets: $RUN_DIR/prometheus/)"
 say "logs: $LOG_DIR   stop with: ./stop.sh$( [ "$STORAGE" = "$ROOT/storage" ] || echo " --storage $STORAGE")"

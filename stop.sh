@@ -91,4 +91,5 @@ if [ -f "$RUN_DIR/rabbitmq.started" ]; then
   rm -f "$RUN_DIR/rabbitmq.started"
 fi
 rm -f "$RUN_DIR/stack.env"
+rm -rf "$RUN_DIR/prometheus"  # start.sh's scrape targets
 say "stopped"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# What the test suite needs besides Python packages: a running RabbitMQ and Chromium.
+# What the test suite needs besides Python packages: a running RabbitMQ, Chromium and the
+# Prometheus binary.
 set -euo pipefail
 
 if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
@@ -9,6 +10,19 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
     (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && break
     sleep 1
   done
+fi
+
+if ! command -v prometheus >/dev/null 2>&1; then
+  # tests/test_metrics_prometheus.py runs its own Prometheus on a free port; the Debian
+  # service the package would start on 9090 is stopped again (and not started at all where
+  # policy-rc.d forbids it, as in containers).
+  echo "[services] installing Prometheus for the metrics test"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+  if pgrep -x prometheus >/dev/null 2>&1; then
+    service prometheus stop >/dev/null 2>&1 || invoke-rc.d prometheus stop >/dev/null 2>&1 || true
+  fi
 fi
 
 if [ ! -x /usr/bin/chromium ]; then

@@ -119,9 +119,17 @@ class LocalStack:
     """The stack of ``start.sh --local`` on this test's storage, prefix and ports."""
 
     def __init__(
-        self, *, repository: Path, storage: Path, prefix: str, ports: StackPorts, adapters: int
+        self,
+        *,
+        repository: Path,
+        storage: Path,
+        prefix: str,
+        ports: StackPorts,
+        adapters: int,
+        extra_arguments: tuple[str, ...] = (),
     ) -> None:
         self.repository = repository
+        self.extra_arguments = extra_arguments  # more start.sh options
         self.storage = storage
         self.prefix = prefix
         self.ports = ports
@@ -166,6 +174,7 @@ class LocalStack:
             str(self.ports.triton_grpc),
             "--triton-metrics-port",
             str(self.ports.triton_metrics),
+            *self.extra_arguments,
         ]
         started = subprocess.run(
             command,
