@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from services.core.dicom.objects import Series, Study
     from services.core.pipeline.prepare import PreparedStudy
     from services.core.schemas import StudyReport
     from services.core.volume import Volume
@@ -37,6 +38,13 @@ class PipelineEvents:
     def stage_started(self, stage: str, *, study_index: int, n_studies: int) -> None:
         """A stage begins. Input-wide stages (intake, headers) have study_index 0 and
         n_studies 0, because the studies are not known yet."""
+
+    def series_selected(
+        self, study: Study, series: Series | None, *, study_index: int, n_studies: int
+    ) -> None:
+        """A DICOM study's series were weighed; ``series`` is the one to analyse (None: no
+        usable series). The study's files can be read until the handler returns (they may
+        live in the input's temporary folder). NIfTI studies have no such event."""
 
     def volume_loaded(self, volume: Volume, *, study_index: int, n_studies: int) -> None:
         """The selected series is in memory (HU), before the chest check: a refused study

@@ -221,6 +221,9 @@ def _prepare_one_study(
     with clock.stage("selection"):
         selection = select_series(study, settings.series_selection)
     report.series_decisions = list(selection.decisions)
+    clock.events.series_selected(
+        study, selection.selected, study_index=clock.study_index, n_studies=clock.n_studies
+    )
     shown = selection.selected or (study.series[0] if study.series else None)
     for key, value in study_identity(shown.first_header if shown else None).items():
         setattr(report, key, value)

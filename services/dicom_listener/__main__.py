@@ -1,0 +1,60 @@
+"""``python -m services.dicom_listener``: receive studies from a PACS by DICOM C-STORE, queue
+each complete study for screening, and send its structured report back.
+
+Listens on dicom.host:dicom.port (127.0.0.1:11112) as dicom.ae_title (CTS), answers C-ECHO;
+settings from configs/config.yaml and CTS__DICOM__* overrides (README, "Connect a PACS").
+Stops cleanly on SIGTERM or Ctrl-C; what it has received or still has to send is on disk
+and goes on after the next start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from loguru import logger
+
+from services.core.config import load_settings
+from services.core.logging_setup import configure_logging
+from services.dicom_listener.service import DicomListener
+from services.monitoring.server import serve_metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.dicom_listener", description=__doc__)
+    parser.add_argument("--config", type=Path, default=None, help="default: configs/config.yaml")
+    arguments = parser.parse_args(argv)
+    settings = load_settings(arguments.config)
+    configure_logging(settings.logging.level)
+    listener = DicomListener(settings)
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        logger.info("signal {} received: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    metrics = serve_metrics(
+        settings.metrics, port=settings.metrics.dicom_listener_port, service="dicom listener"
+    )
+    listener.start()
+    destinations = ", ".join(
+        f"{item.ae_title}@{item.host}:{item.port}" for item in settings.dicom.destinations
+    )
+    logger.info("structured reports go to: {}", destinations or "no destination configured")
+    try:
+        stop.wait()
+    finally:
+        listener.stop()
+        if metrics is not None:
+            metrics.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

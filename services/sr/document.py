@@ -1,0 +1,268 @@
+"""One study's screening result as a DICOM Comprehensive 3D SR (highdicom, TID 1500).
+
+The document belongs to the screened study: it carries the source images' patient and
+study modules unchanged, so a PACS files it next to the images, and it references every
+instance of the analysed series (CurrentRequestedProcedureEvidenceSequence and the image
+library). Its content tree::
+
+    Imaging Measurement Report (TID 1500)
+      observer: the device "chest-ct-screening"; procedure reported: CT Chest (LOINC)
+      measurement group "Chest CT screening" (algorithm name and version, TID 4019)
+        IMAGE source images: the analysed series' instances
+        NUM probability of pathology, NUM its threshold       (Success)
+        CODE pathology: Present | Absent                       (the 0/1 call; Success)
+        CODE most dangerous finding: a finding | None          (Success)
+        CODE demo weights: Yes | No;  CODE processing status: Success | Failure
+        TEXT failure reason (Failure);  TEXT notice (demo weights)
+      one measurement group per finding (Success):
+        NUM probability, NUM threshold, CODE finding present: Present | Absent
+
+UIDs are derived from a caller's key (the task id), the study and the document kind, so
+writing the same task's SR again yields the same instance: a PACS that receives it twice
+keeps one.
+"""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata as package_metadata
+from pathlib import Path
+
+import highdicom as hd
+from highdicom.sr import CodedConcept
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from services.core.config import InferenceSettings
+from services.core.findings import resolve_thresholds
+from services.core.model_metadata import ModelMetadata
+from services.core.reports import DEMO_NOTICE
+from services.core.schemas import StudyReport
+from services.sr import codes as cts
+from services.sr.evidence import StudyEvidence
+
+PRODUCT = "chest-ct-screening"
+ALGORITHM_NAME = "chest-ct-screening CT-CLIP"
+SERIES_NUMBER = 9901  # high, so that viewers list the AI result after the images
+SERIES_DESCRIPTION = "AI chest CT screening"
+DEMO_SERIES_SUFFIX = " (DEMO weights)"
+UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_DNS, "sr.chest-ct-screening")
+MAX_TEXT_CHARACTERS = 10_000  # a TEXT item holds up to 64 KiB; a reason is one paragraph
+
+
+@dataclass(frozen=True)
+class DocumentContext:
+    """What the SRs of one task share beyond the reports."""
+
+    key: str  # the task id (or a batch run's id): the same key gives the same UIDs
+    model_version: str  # the deployment's model version (a Failure row has no ModelInfo)
+    pathology_threshold: float | None  # the threshold the 0/1 call was made with
+
+
+def document_context(
+    key: str, metadata: ModelMetadata, inference: InferenceSettings
+) -> DocumentContext:
+    return DocumentContext(
+        key=key,
+        model_version=metadata.model_version,
+        pathology_threshold=resolve_thresholds(metadata, inference).pathology,
+    )
+
+
+def product_version() -> str:
+    try:
+        return package_metadata.version(PRODUCT)
+    except package_metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def document_uid(key: str, study_uid: str, part: str) -> str:
+    """A UID that is the same for the same task, study and part ("series", "instance", ...):
+    a name-based UUID under the 2.25 root (PS3.5 B.2)."""
+    name = "\0".join((key, study_uid, part))
+    return f"2.25.{uuid.uuid5(UID_NAMESPACE, name).int}"
+
+
+def _algorithm(report: StudyReport, context: DocumentContext) -> hd.sr.AlgorithmIdentification:
+    version = report.model.version if report.model is not None else context.model_version
+    parameters = [f"demo weights: {'yes' if report.demo_weights else 'no'}"]
+    if report.model is not None:
+        parameters.append(f"backend: {report.model.backend} ({report.model.flavour} flavour)")
+    return hd.sr.AlgorithmIdentification(
+        name=ALGORITHM_NAME, version=version or "unknown", parameters=parameters
+    )
+
+
+def _probability(name: CodedConcept, value: float) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=name, value=float(value), unit=cts.PROBABILITY_UNIT)
+
+
+def _present(flag: bool) -> CodedConcept:
+    return cts.PRESENT if flag else cts.ABSENT
+
+
+def _text(name: CodedConcept, value: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(
+        name=name,
+        value=value[:MAX_TEXT_CHARACTERS],
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+
+
+def _tracking(key: str, study_uid: str, identifier: str) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(
+        uid=document_uid(key, study_uid, f"group:{identifier}"), identifier=identifier[:64]
+    )
+
+
+def _screening_group(
+    report: StudyReport,
+    algorithm: hd.sr.AlgorithmIdentification,
+    context: DocumentContext,
+    evidence: StudyEvidence,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The screening's result; its source images are the analysed series' instances."""
+    study_uid = evidence.study_uid
+    measurements: list[hd.sr.Measurement] = []
+    evaluations = [
+        hd.sr.QualitativeEvaluation(cts.DEMO_WEIGHTS, cts.YES if report.demo_weights else cts.NO),
+        hd.sr.QualitativeEvaluation(
+            cts.PROCESSING_STATUS, cts.SUCCESS if report.succeeded else cts.FAILURE
+        ),
+    ]
+    if report.succeeded and report.probability_of_pathology is not None:
+        measurements.append(
+            _probability(cts.PROBABILITY_OF_PATHOLOGY, report.probability_of_pathology)
+        )
+        if context.pathology_threshold is not None:
+            measurements.append(_probability(cts.PATHOLOGY_THRESHOLD, context.pathology_threshold))
+        evaluations.insert(
+            0, hd.sr.QualitativeEvaluation(cts.PATHOLOGY_CALL, _present(bool(report.pathology)))
+        )
+        dangerous = report.most_dangerous_pathology_type
+        evaluations.insert(
+            1,
+            hd.sr.QualitativeEvaluation(
+                cts.MOST_DANGEROUS_FINDING,
+                cts.finding_code(dangerous) if dangerous else cts.NONE,
+            ),
+        )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(context.key, study_uid, "screening"),
+        finding_type=cts.SCREENING,
+        algorithm_id=algorithm,
+        measurements=measurements or None,
+        qualitative_evaluations=evaluations,
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=instance.SOPClassUID,
+                referenced_sop_instance_uid=instance.SOPInstanceUID,
+            )
+            for instance in evidence.instances
+        ],
+    )
+    content = group[0].ContentSequence
+    if not report.succeeded:
+        content.append(_text(cts.FAILURE_REASON, report.failure_reason or "unknown reason"))
+    if report.demo_weights:
+        content.append(_text(cts.NOTICE, DEMO_NOTICE))
+    return group
+
+
+def _finding_groups(
+    report: StudyReport, algorithm: hd.sr.AlgorithmIdentification, key: str, study_uid: str
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    return [
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(key, study_uid, f"finding:{finding.label}"),
+            finding_type=cts.finding_code(finding.label),
+            algorithm_id=algorithm,
+            measurements=[
+                _probability(cts.FINDING_PROBABILITY, finding.probability),
+                _probability(cts.FINDING_THRESHOLD, finding.threshold),
+            ],
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(cts.FINDING_CALL, _present(finding.positive))
+            ],
+        )
+        for finding in report.findings
+    ]
+
+
+def build_structured_report(
+    report: StudyReport,
+    evidence: StudyEvidence,
+    context: DocumentContext,
+    *,
+    instance_number: int = 1,
+) -> Dataset:
+    """The SR of one study's report; ``context.key`` makes its UIDs reproducible."""
+    key = context.key
+    study_uid = evidence.study_uid
+    algorithm = _algorithm(report, context)
+    groups = [_screening_group(report, algorithm, context, evidence)]
+    if report.succeeded:
+        groups.extend(_finding_groups(report, algorithm, key, study_uid))
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=document_uid(PRODUCT, "device", "observer"),
+            name=PRODUCT,
+            manufacturer_name=PRODUCT,
+            model_name=ALGORITHM_NAME,
+        ),
+    )
+    content = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=cts.CT_CHEST,
+        imaging_measurements=groups,
+    )
+    description = SERIES_DESCRIPTION + (DEMO_SERIES_SUFFIX if report.demo_weights else "")
+    with warnings.catch_warnings():
+        # highdicom warns about odd source values (a one-part PatientName) by quoting them:
+        # patient data must not reach the logs, and the values are the PACS's to keep.
+        warnings.simplefilter("ignore")
+        document = hd.sr.Comprehensive3DSR(
+            evidence=list(evidence.instances),
+            content=content[0],
+            series_instance_uid=document_uid(key, study_uid, "series"),
+            series_number=SERIES_NUMBER,
+            sop_instance_uid=document_uid(key, study_uid, f"instance:{instance_number}"),
+            instance_number=instance_number,
+            manufacturer=PRODUCT,
+            manufacturer_model_name=ALGORITHM_NAME,
+            software_versions=product_version(),
+            series_description=description,
+            is_complete=True,
+            is_final=False,  # a machine's preliminary result until a radiologist verifies it
+            is_verified=False,
+        )
+    document.CodingSchemeIdentificationSequence = [cts.coding_scheme_identification()]
+    return document
+
+
+def sr_file_name(index: int, evidence: StudyEvidence) -> str:
+    """``study_0001_<hash>.dcm``: numbered like the JSON reports, no patient data."""
+    return f"study_{index:04d}_{document_uid('name', evidence.study_uid, 'file')[-12:]}.dcm"
+
+
+def write_structured_reports(
+    studies: Sequence[tuple[StudyReport, StudyEvidence | None]],
+    folder: Path,
+    context: DocumentContext,
+) -> list[Path]:
+    """One SR file per study that has DICOM evidence (NIfTI studies and inputs without a
+    study have none); the paths written."""
+    written: list[Path] = []
+    for index, (report, evidence) in enumerate(studies, start=1):
+        if evidence is None:
+            continue
+        document = build_structured_report(report, evidence, context, instance_number=index)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / sr_file_name(index, evidence)
+        document.save_as(path, enforce_file_format=True)
+        written.append(path)
+    return written

@@ -1,0 +1,176 @@
+"""What a structured report needs of its source study, gathered while the pipeline runs.
+
+The pipeline reads only the header tags it screens with and removes its temporary copy of
+an input when the input is done, so the SR's evidence (the patient and study modules a
+PACS files the SR by, and the SOP instances of the analysed series) is read from the
+study's files during the ``series_selected`` event, while they still exist.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from loguru import logger
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from services.core.dicom.objects import Series, Study
+from services.core.pipeline.events import PipelineEvents
+from services.core.pipeline.prepare import PreparedStudy
+from services.core.schemas import StudyReport
+from services.core.volume import Volume
+
+# The Patient and General Study modules (as far as a source image has them): the SR carries
+# them unchanged, which is what files it with its study in a PACS.
+IDENTIFICATION_KEYWORDS: tuple[str, ...] = (
+    "SpecificCharacterSet",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
+)
+# Type 2 in the SR's Patient and General Study modules: present, empty when unknown.
+EMPTY_WHEN_MISSING: tuple[str, ...] = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+# What references one instance (and describes it in the SR's image library).
+REFERENCE_KEYWORDS: tuple[str, ...] = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "FrameOfReferenceUID",
+)
+REQUIRED_REFERENCE: tuple[str, ...] = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID")
+
+
+@dataclass(frozen=True)
+class StudyEvidence:
+    """The source instances of one study's SR: the analysed series (or, when no series
+    could be analysed, the one the report shows), each with the study's identification."""
+
+    instances: tuple[Dataset, ...]
+
+    @property
+    def study_uid(self) -> str:
+        return str(self.instances[0].StudyInstanceUID)
+
+    @property
+    def series_uid(self) -> str:
+        return str(self.instances[0].SeriesInstanceUID)
+
+
+def _read(path: Path, keywords: Sequence[str]) -> Dataset:
+    return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(keywords))
+
+
+def read_evidence(series: Series) -> StudyEvidence | None:
+    """The evidence of ``series`` read from its files; None when they do not identify their
+    study and instances (an SR that a PACS cannot file is not written)."""
+    if not series.instances:
+        return None
+    try:
+        with warnings.catch_warnings():  # pydicom's warnings would quote header values
+            warnings.simplefilter("ignore")
+            identification = _read(series.instances[0].path, IDENTIFICATION_KEYWORDS)
+            references = [_read(instance.path, REFERENCE_KEYWORDS) for instance in series.instances]
+    except (OSError, InvalidDicomError, ValueError) as error:
+        logger.warning("SR evidence not read: {}", type(error).__name__)
+        return None
+    if not str(identification.get("StudyInstanceUID", "")):
+        return None
+    seen: set[str] = set()
+    instances: list[Dataset] = []
+    for reference in references:
+        if any(not str(reference.get(keyword, "")) for keyword in REQUIRED_REFERENCE):
+            continue
+        uid = str(reference.SOPInstanceUID)
+        if uid in seen:  # the same instance twice in one input (copied files)
+            continue
+        seen.add(uid)
+        evidence = Dataset()
+        for keyword in IDENTIFICATION_KEYWORDS:
+            if keyword in identification:
+                setattr(evidence, keyword, identification[keyword].value)
+            elif keyword in EMPTY_WHEN_MISSING:
+                setattr(evidence, keyword, "")
+        for keyword in REFERENCE_KEYWORDS:
+            if keyword in reference:
+                setattr(evidence, keyword, reference[keyword].value)
+        instances.append(evidence)
+    return StudyEvidence(tuple(instances)) if instances else None
+
+
+class EvidenceCollector(PipelineEvents):
+    """Pairs every finished report with its study's evidence (None for NIfTI studies and
+    inputs without a study): ``studies`` in report order."""
+
+    def __init__(self) -> None:
+        self._pending: dict[int, StudyEvidence] = {}
+        self.studies: list[tuple[StudyReport, StudyEvidence | None]] = []
+
+    def series_selected(
+        self, study: Study, series: Series | None, *, study_index: int, n_studies: int
+    ) -> None:
+        shown = series or (study.series[0] if study.series else None)
+        if study.study_uid_missing or shown is None or shown.series_uid_missing:
+            return  # no UIDs to file an SR under
+        evidence = read_evidence(shown)
+        if evidence is not None:
+            self._pending[study_index] = evidence
+
+    def study_finished(self, report: StudyReport, *, study_index: int, n_studies: int) -> None:
+        evidence = self._pending.pop(study_index, None)
+        if evidence is not None and evidence.study_uid != report.study_uid:
+            evidence = None  # an input-level failure row, not this study's
+        self.studies.append((report, evidence))
+
+
+class EventsFanOut(PipelineEvents):
+    """Hands every pipeline event to several handlers, in order (a test checks that each
+    PipelineEvents method is forwarded)."""
+
+    def __init__(self, *handlers: PipelineEvents) -> None:
+        self.handlers = handlers
+
+    def stage_started(self, stage: str, *, study_index: int, n_studies: int) -> None:
+        for handler in self.handlers:
+            handler.stage_started(stage, study_index=study_index, n_studies=n_studies)
+
+    def series_selected(
+        self, study: Study, series: Series | None, *, study_index: int, n_studies: int
+    ) -> None:
+        for handler in self.handlers:
+            handler.series_selected(study, series, study_index=study_index, n_studies=n_studies)
+
+    def volume_loaded(self, volume: Volume, *, study_index: int, n_studies: int) -> None:
+        for handler in self.handlers:
+            handler.volume_loaded(volume, study_index=study_index, n_studies=n_studies)
+
+    def model_input_ready(self, prepared: PreparedStudy) -> None:
+        for handler in self.handlers:
+            handler.model_input_ready(prepared)
+
+    def study_finished(self, report: StudyReport, *, study_index: int, n_studies: int) -> None:
+        for handler in self.handlers:
+            handler.study_finished(report, study_index=study_index, n_studies=n_studies)

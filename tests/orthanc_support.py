@@ -1,0 +1,128 @@
+"""A real Orthanc PACS for the DICOM tests (Debian package ``orthanc``), on free ports of
+127.0.0.1, with its own storage folder, no plugins, declaring the listener as a modality.
+Not a test module.
+
+Orthanc 1.10 has no bind address for its DICOM port (it listens on every interface of the
+test machine for the few seconds of a test); its REST port accepts local clients only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydicom
+from sr_support import require_tool
+
+from services.triton.local_server import free_local_ports
+
+ORTHANC_AE = "ORTHANC"
+LISTENER_MODALITY = "cts"
+START_TIMEOUT_S = 30.0
+
+
+class Orthanc:
+    """``start()`` / ``stop()`` (the storage survives a restart); REST helpers."""
+
+    def __init__(self, folder: Path, *, listener_ae: str, listener_port: int) -> None:
+        self.binary = require_tool("Orthanc", "orthanc")
+        self.folder = folder
+        self.http_port, self.dicom_port = free_local_ports(2)
+        self.config_path = folder / "orthanc.json"
+        (folder / "db").mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "cts-test-pacs",
+            "StorageDirectory": str(folder / "db"),
+            "IndexDirectory": str(folder / "db"),
+            "Plugins": [],
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": ORTHANC_AE,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomCheckCalledAet": False,
+            "DicomModalities": {LISTENER_MODALITY: [listener_ae, "127.0.0.1", listener_port]},
+            "DicomScuTimeout": 30,
+            "DicomAssociationCloseDelay": 0,
+            "SaveJobs": False,
+            "StableAge": 1,
+        }
+        self.config_path.write_text(json.dumps(config, indent=2))
+        self.log_path = folder / "orthanc.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.http_port}", timeout=60)
+
+    def start(self) -> Orthanc:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [self.binary, str(self.config_path)], stdout=log, stderr=log, stdin=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"Orthanc exited: see {self.log_path}")
+            try:
+                if self.client.get("/system").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"Orthanc did not answer within {START_TIMEOUT_S} s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.process = None
+
+    def close(self) -> None:
+        self.stop()
+        self.client.close()
+
+    # -- REST -----------------------------------------------------------------------------
+
+    def upload_folder(self, folder: Path) -> str:
+        """Every file of ``folder`` through POST /instances; the Orthanc id of their study."""
+        study_ids = set()
+        for path in sorted(folder.iterdir()):
+            answer = self.client.post("/instances", content=path.read_bytes())
+            answer.raise_for_status()
+            study_ids.add(answer.json()["ParentStudy"])
+        assert len(study_ids) == 1, study_ids
+        return study_ids.pop()
+
+    def send_to_listener(self, study_id: str) -> dict[str, Any]:
+        answer = self.client.post(
+            f"/modalities/{LISTENER_MODALITY}/store",
+            json={"Resources": [study_id], "Synchronous": True},
+        )
+        answer.raise_for_status()
+        return answer.json()
+
+    def structured_reports(self, study_uid: str) -> list[pydicom.Dataset]:
+        """Every SR instance Orthanc holds for the study with this StudyInstanceUID."""
+        found = self.client.post(
+            "/tools/find",
+            json={"Level": "Study", "Query": {"StudyInstanceUID": study_uid}},
+        )
+        found.raise_for_status()
+        documents = []
+        for study_id in found.json():
+            for series in self.client.get(f"/studies/{study_id}/series").json():
+                if series["MainDicomTags"].get("Modality") != "SR":
+                    continue
+                for instance_id in series["Instances"]:
+                    raw = self.client.get(f"/instances/{instance_id}/file")
+                    raw.raise_for_status()
+                    documents.append(pydicom.dcmread(io.BytesIO(raw.content)))
+        return documents

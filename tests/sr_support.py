@@ -1,0 +1,92 @@
+"""Reading a screening SR back as plain values, and the Debian tools that check one (the SR
+and DICOM-listener tests). Not a test module."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+
+
+def require_tool(name: str, package: str) -> str:
+    """The path of a Debian tool; CI installs it (scripts/ensure_services.sh), so there its
+    absence fails, elsewhere it skips with the reason."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (Debian package {package}; scripts/ensure_services.sh)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The lines dicom3tools' IOD validator reports as errors (warnings are allowed)."""
+    tool = require_tool("dciodvfy", "dicom3tools")
+    completed = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+    lines = (completed.stdout + completed.stderr).splitlines()
+    return [line for line in lines if line.startswith("Error")]
+
+
+def _meaning(item: Dataset) -> str:
+    return str(item.ConceptNameCodeSequence[0].CodeMeaning)
+
+
+def _value(item: Dataset) -> object:
+    kind = item.ValueType
+    if kind == "NUM":
+        return float(item.MeasuredValueSequence[0].NumericValue)
+    if kind == "CODE":
+        return str(item.ConceptCodeSequence[0].CodeMeaning)
+    if kind == "TEXT":
+        return str(item.TextValue)
+    if kind == "IMAGE":
+        return str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    return None
+
+
+@dataclass
+class ScreeningSr:
+    """The values of one screening SR, by concept name."""
+
+    screening: dict[str, object] = field(default_factory=dict)
+    source_images: list[str] = field(default_factory=list)
+    algorithm: dict[str, list[str]] = field(default_factory=dict)
+    findings: dict[str, dict[str, object]] = field(default_factory=dict)
+    evidence_series: dict[str, list[str]] = field(default_factory=dict)
+
+
+def read_screening_sr(document: Dataset) -> ScreeningSr:
+    result = ScreeningSr()
+    for study in document.get("CurrentRequestedProcedureEvidenceSequence", []):
+        for series in study.ReferencedSeriesSequence:
+            result.evidence_series[str(series.SeriesInstanceUID)] = [
+                str(item.ReferencedSOPInstanceUID) for item in series.ReferencedSOPSequence
+            ]
+    measurements = next(
+        item for item in document.ContentSequence if _meaning(item) == "Imaging Measurements"
+    )
+    for group in measurements.ContentSequence:
+        values: dict[str, object] = {}
+        algorithm: dict[str, list[str]] = {}
+        images: list[str] = []
+        for item in group.ContentSequence:
+            name = _meaning(item)
+            if item.ValueType == "IMAGE":
+                images.append(str(_value(item)))
+            elif name.startswith("Algorithm"):
+                algorithm.setdefault(name, []).append(str(item.TextValue))
+            else:
+                values[name] = _value(item)
+        if values.get("Finding") == "Chest CT screening":
+            result.screening = values
+            result.source_images = images
+            result.algorithm = algorithm
+        else:
+            result.findings[str(values["Finding"])] = values
+    return result

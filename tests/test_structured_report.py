@@ -1,0 +1,179 @@
+"""The DICOM SR of a screened study: the real pipeline (tiny demo repository, ONNX Runtime) on
+the chest fixture (a Success) and the head fixture (a Failure: not a chest), written with
+highdicom, validated with dicom3tools' dciodvfy and read back value by value."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from pathlib import Path
+
+import pydicom
+import pytest
+from loguru import logger
+from sr_support import dciodvfy_errors, read_screening_sr
+
+from services.core.config import Settings, load_settings
+from services.core.inference import create_backend
+from services.core.pipeline import PipelineEvents, process_input
+from services.core.schemas import StudyReport
+from services.sr.document import (
+    ALGORITHM_NAME,
+    DocumentContext,
+    build_structured_report,
+    document_context,
+    write_structured_reports,
+)
+from services.sr.evidence import EventsFanOut, EvidenceCollector, StudyEvidence
+
+pytestmark = pytest.mark.slow
+
+SOURCE_IDENTIFICATION = (
+    "PatientName",
+    "PatientID",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+)
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_model_repository: Path) -> Settings:
+    settings = load_settings(environ={})
+    settings.inference.backend = "onnxruntime"
+    settings.inference.model_repository = tiny_model_repository
+    return settings
+
+
+@pytest.fixture(scope="module")
+def screened(
+    settings: Settings, fixtures_dir: Path, tmp_path_factory
+) -> dict[str, tuple[StudyReport, StudyEvidence | None, Path]]:
+    """name -> (report, evidence, SR file) for the chest and the head fixture."""
+    backend = create_backend(settings)
+    collector = EvidenceCollector()
+    try:
+        for name in ("chest_ct_lung_dx_a0002", "head_ct_gantry_tilt"):
+            process_input(fixtures_dir / name, backend=backend, settings=settings, events=collector)
+        context = document_context("task-sr-test", backend.metadata, settings.inference)
+    finally:
+        backend.close()
+    folder = tmp_path_factory.mktemp("sr")
+    paths = write_structured_reports(collector.studies, folder, context)
+    assert len(paths) == 2
+    (chest, chest_evidence), (head, head_evidence) = collector.studies
+    return {
+        "chest": (chest, chest_evidence, paths[0]),
+        "head": (head, head_evidence, paths[1]),
+    }
+
+
+def first_source(fixtures_dir: Path, name: str) -> pydicom.Dataset:
+    path = sorted((fixtures_dir / name).iterdir())[0]
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def test_success_sr_validates_and_holds_every_value(screened, fixtures_dir: Path) -> None:
+    report, evidence, path = screened["chest"]
+    assert report.succeeded and evidence is not None
+    assert dciodvfy_errors(path) == []
+    document = pydicom.dcmread(path)
+    source = first_source(fixtures_dir, "chest_ct_lung_dx_a0002")
+    # Filed with its study: the source's patient and study identification, unchanged.
+    for keyword in SOURCE_IDENTIFICATION:
+        assert str(document.get(keyword, "")) == str(source.get(keyword, "")), keyword
+    assert document.Modality == "SR"
+    assert document.SeriesInstanceUID != report.series_uid
+    values = read_screening_sr(document)
+    # The analysed series, every instance, in the evidence and as the group's source images.
+    source_uids = sorted(
+        str(pydicom.dcmread(file, stop_before_pixels=True).SOPInstanceUID)
+        for file in (fixtures_dir / "chest_ct_lung_dx_a0002").iterdir()
+    )
+    assert list(values.evidence_series) == [report.series_uid]
+    assert sorted(values.evidence_series[report.series_uid]) == source_uids
+    assert sorted(values.source_images) == source_uids
+    assert values.algorithm["Algorithm Name"] == [ALGORITHM_NAME]
+    assert report.model is not None
+    assert values.algorithm["Algorithm Version"] == [report.model.version]
+    assert "demo weights: yes" in values.algorithm["Algorithm Parameters"]
+    assert values.screening["Demo weights"] == "Yes"
+    assert values.screening["Processing status"] == "Success"
+    assert values.screening["Probability of pathology"] == pytest.approx(
+        report.probability_of_pathology, abs=1e-6
+    )
+    assert values.screening["Pathology"] == ("Present" if report.pathology else "Absent")
+    assert values.screening["Most dangerous finding"] == (
+        report.most_dangerous_pathology_type or "None"
+    )
+    assert "DEMO WEIGHTS" in str(values.screening["Notice"])
+    assert "DEMO" in document.SeriesDescription
+    assert len(values.findings) == len(report.findings) > 0
+    for finding in report.findings:
+        stored = values.findings[finding.label]
+        assert stored["Probability of finding"] == pytest.approx(finding.probability, abs=1e-6)
+        assert stored["Finding threshold"] == pytest.approx(finding.threshold)
+        assert stored["Finding present"] == ("Present" if finding.positive else "Absent")
+
+
+def test_failure_sr_validates_and_gives_the_reason(screened, fixtures_dir: Path) -> None:
+    report, evidence, path = screened["head"]
+    assert not report.succeeded and evidence is not None
+    assert dciodvfy_errors(path) == []
+    document = pydicom.dcmread(path)
+    source = first_source(fixtures_dir, "head_ct_gantry_tilt")
+    assert document.StudyInstanceUID == source.StudyInstanceUID
+    assert document.PatientID == source.PatientID
+    values = read_screening_sr(document)
+    assert values.screening["Processing status"] == "Failure"
+    assert values.screening["Failure reason"] == report.failure_reason
+    assert "Probability of pathology" not in values.screening
+    assert values.findings == {}
+    assert list(values.evidence_series) == [source.SeriesInstanceUID]
+
+
+def test_the_same_task_gives_the_same_instance(screened) -> None:
+    report, evidence, path = screened["chest"]
+    assert evidence is not None
+    context = DocumentContext(key="task-sr-test", model_version="x", pathology_threshold=0.5)
+    again = build_structured_report(report, evidence, context, instance_number=1)
+    other = build_structured_report(
+        report, evidence, DocumentContext(key="another", model_version="x", pathology_threshold=0.5)
+    )
+    written = pydicom.dcmread(path)
+    assert again.SOPInstanceUID == written.SOPInstanceUID
+    assert again.SeriesInstanceUID == written.SeriesInstanceUID
+    assert other.SOPInstanceUID != written.SOPInstanceUID
+
+
+def test_writing_logs_no_patient_data(screened) -> None:
+    report, evidence, _path = screened["chest"]
+    assert evidence is not None
+    patient_name = str(evidence.instances[0].PatientName)
+    lines: list[str] = []
+    sink = logger.add(lines.append, level="DEBUG")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build_structured_report(
+                report,
+                evidence,
+                DocumentContext(key="k", model_version="v", pathology_threshold=None),
+            )
+    finally:
+        logger.remove(sink)
+    assert patient_name
+    assert not any(patient_name in line for line in lines)
+    assert not any(patient_name in str(warning.message) for warning in caught)
+
+
+def test_the_fan_out_forwards_every_event() -> None:
+    events = {
+        name
+        for name, member in inspect.getmembers(PipelineEvents, inspect.isfunction)
+        if not name.startswith("_")
+    }
+    forwarded = {name for name in events if name in EventsFanOut.__dict__}
+    assert forwarded == events
