@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     # Gradio keeps uploads here until the study is queued (then they are moved next to it,
     # on the same file system); refused leftovers are swept after a day (see app.py).
     os.environ.setdefault("GRADIO_TEMP_DIR", str(root / "frontend" / "incoming"))
+    from starlette.routing import Mount
+
     from services.frontend.app import PAGE_CSS, build_app
+    from services.frontend.rest_api import API_PREFIX, build_rest_api
 
     service = FrontendService(settings)
     service.start()
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         quiet=True,
         footer_links=[],
         css=PAGE_CSS,
+        # The REST API (rest_api.py): routes given to the app's constructor come first.
+        app_kwargs={"routes": [Mount(API_PREFIX, app=build_rest_api(service))]},
     )
     logger.info(
         "frontend {} on http://{}:{} (reply queue {})",

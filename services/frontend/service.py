@@ -173,6 +173,19 @@ class FrontendService:
             self.sessions.append(token, [*outcome.submitted, *outcome.duplicates])
         return outcome
 
+    def queue_upload(self, path: Path) -> SubmitOutcome:
+        """One upload without a browser session (the REST API): the UI's checks and queue
+        limit, no search for duplicates (an integrator's resubmission is a new task)."""
+        outcome = SubmitOutcome()
+        plan = plan_uploads([path], self.settings)
+        outcome.refused.extend(plan.refused)
+        for reason in plan.refusals:
+            self.metrics.refusal(reason)
+        if plan.groups:
+            self._queue_groups([(group, content_sha256(group)) for group in plan.groups], outcome)
+        self.metrics.uploads.inc(len(outcome.submitted))
+        return outcome
+
     def _queue_groups(self, groups: list[tuple[list[Path], str]], outcome: SubmitOutcome) -> None:
         """Queue every group, or none when the broker is unreachable or the queue is full."""
         try:

@@ -1,0 +1,150 @@
+"""The REST API's edges in process: the FastAPI application of rest_api.py over a real
+FrontendService and the real RabbitMQ broker (uploads become tasks in a test queue).
+The API end to end, with an adapter and the served schema, is in test_hospital_integration.py."""
+
+from __future__ import annotations
+
+import uuid
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from stack_support import delete_topology
+
+from services.broker.connection import connect, declare_topology
+from services.broker.schemas import QueueTopology, StudyTask
+from services.core.config import Settings, load_settings
+from services.frontend.rest_api import build_rest_api
+from services.frontend.service import FrontendService
+
+pytestmark = pytest.mark.rabbitmq
+
+TOKEN = "test-token-123"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Iterator[Settings]:
+    settings = load_settings(environ={})
+    settings.storage.root = tmp_path / "storage"
+    settings.rabbitmq.queue_prefix = f"test-rest-{uuid.uuid4().hex[:10]}"
+    settings.frontend.api_token = TOKEN
+    settings.metrics.enabled = False
+    yield settings
+    delete_topology(settings.rabbitmq)
+
+
+def client_for(settings: Settings) -> TestClient:
+    return TestClient(build_rest_api(FrontendService(settings, instance_id="rest-test")))
+
+
+def study_zip(fixtures_dir: Path, target: Path, count: int = 3) -> Path:
+    with zipfile.ZipFile(target, "w") as archive:
+        for path in sorted((fixtures_dir / "chest_ct_lung_dx_a0002").iterdir())[:count]:
+            archive.write(path, arcname=f"study/{path.name}")
+    return target
+
+
+def queued_tasks(settings: Settings) -> list[StudyTask]:
+    topology = QueueTopology.from_settings(settings.rabbitmq)
+    connection = connect(settings.rabbitmq, name="test rest tasks", give_up_after_s=10)
+    tasks = []
+    try:
+        channel = connection.channel()
+        declare_topology(channel, topology)
+        while (message := channel.basic_get(topology.task_queue, auto_ack=True))[0] is not None:
+            tasks.append(StudyTask.model_validate_json(message[2]))
+    finally:
+        connection.close()
+    return tasks
+
+
+def test_an_upload_becomes_a_task_and_answers_its_status(
+    settings: Settings, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    upload = study_zip(fixtures_dir, tmp_path / "chest study.zip")
+    with client_for(settings) as client:
+        answer = client.post(
+            "/studies", headers=AUTH, files={"file": ("chest study.zip", upload.read_bytes())}
+        )
+        assert answer.status_code == 202, answer.text
+        task_id = answer.json()["task_id"]
+        assert answer.headers["location"] == f"/api/v1/studies/{task_id}"
+        status = client.get(f"/studies/{task_id}", headers=AUTH)
+        assert status.status_code == 200
+        assert status.json()["state"] == "queued" and status.json()["reports"] is None
+        missing = client.get(f"/studies/{task_id}/files/xlsx", headers=AUTH)
+        assert missing.status_code == 404 and "no result yet" in missing.json()["reason"]
+    (task,) = queued_tasks(settings)
+    assert task.task_id == task_id
+    stored = task.resolve_study_path(settings.storage.root)
+    assert stored.read_bytes() == upload.read_bytes() and stored.name == "chest_study.zip"
+    # Nothing is left behind in the API's incoming folder.
+    incoming = settings.storage.root / "frontend" / "incoming-api"
+    assert not incoming.exists() or not any(incoming.iterdir())
+
+
+def test_a_dicom_file_without_a_suffix_is_recognised(
+    settings: Settings, fixtures_dir: Path
+) -> None:
+    source = sorted((fixtures_dir / "head_ct_gantry_tilt").iterdir())[0]
+    with client_for(settings) as client:
+        answer = client.post(
+            "/studies", headers=AUTH, files={"file": ("IM0001", source.read_bytes())}
+        )
+    assert answer.status_code == 202, answer.text
+    (task,) = queued_tasks(settings)
+    stored = task.resolve_study_path(settings.storage.root)
+    assert [path.name for path in stored.iterdir()] == ["00000_IM0001.dcm"]
+
+
+def test_every_refusal_is_json_with_a_reason(
+    settings: Settings, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    upload = study_zip(fixtures_dir, tmp_path / "study.zip").read_bytes()
+    with client_for(settings) as client:
+        cases = {
+            401: client.post("/studies", files={"file": ("study.zip", upload)}),
+            415: client.post("/studies", headers=AUTH, files={"file": ("a.zip", b"not a zip")}),
+            404: client.get("/studies/no-such-task", headers=AUTH),
+            422: client.post("/studies", headers=AUTH, data={"other": "field"}),
+        }
+        wrong_token = client.get("/studies/x", headers={"Authorization": "Bearer wrong"})
+    assert wrong_token.status_code == 401
+    assert wrong_token.headers["www-authenticate"] == "Bearer"
+    for status, answer in cases.items():
+        assert answer.status_code == status, (status, answer.text)
+        assert answer.headers["content-type"].startswith("application/json")
+        assert answer.json()["reason"]
+    assert queued_tasks(settings) == []
+
+
+def test_the_ui_limits_apply(settings: Settings, fixtures_dir: Path, tmp_path: Path) -> None:
+    upload = study_zip(fixtures_dir, tmp_path / "study.zip", count=6).read_bytes()
+    assert len(upload) > 1024 * 1024
+    settings.frontend.max_upload_mb = 1
+    with client_for(settings) as client:
+        too_large = client.post("/studies", headers=AUTH, files={"file": ("study.zip", upload)})
+    assert too_large.status_code == 413 and "1 MB limit" in too_large.json()["reason"]
+    settings.frontend.max_upload_mb = 2048
+    settings.rabbitmq.max_queue_depth = 0
+    with client_for(settings) as client:
+        full = client.post("/studies", headers=AUTH, files={"file": ("study.zip", upload)})
+    assert full.status_code == 429 and "queue is full" in full.json()["reason"]
+    assert queued_tasks(settings) == []
+
+
+def test_the_schema_is_served_and_says_how_to_authenticate(settings: Settings) -> None:
+    settings.frontend.api_token = None  # open: the schema is public either way
+    with client_for(settings) as client:
+        schema = client.get("/openapi.json").json()
+    assert set(schema["paths"]) == {
+        "/studies",
+        "/studies/{task_id}",
+        "/studies/{task_id}/files/{kind}",
+    }
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+    kinds = schema["paths"]["/studies/{task_id}/files/{kind}"]["get"]["parameters"]
+    assert any(parameter["name"] == "kind" for parameter in kinds)
