@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start the screening stack: RabbitMQ, Triton, N adapters, the web frontend.
+# Start the screening stack: RabbitMQ, Triton, N adapters, the web frontend, the DICOM listener.
 #
 #   ./start.sh                    Docker engine present: docker compose -f compose.local.yaml up -d
 #   ./start.sh --remote           Docker engine present: docker compose -f compose.remote.yaml up -d
@@ -7,7 +7,8 @@
 #
 # Local processes: the system RabbitMQ (started if it is down, management console enabled),
 # Triton from the nvidia-pytriton wheel serving the python-flavour model repository (the
-# demo repository is built first if the folder has none), the adapters and the frontend.
+# demo repository is built first if the folder has none), the adapters, the frontend and the
+# DICOM listener (C-STORE from a PACS; README, "Connect a PACS").
 # PIDs go to <storage>/run, logs to <storage>/logs; ./stop.sh (same --storage) stops
 # exactly what this started. Every port binds to 127.0.0.1.
 #
@@ -21,6 +22,8 @@
 #   --ready-timeout S         seconds to wait for Triton to load the models (default 900)
 #   --frontend-metrics-port P default 9400 (Prometheus /metrics of the frontend)
 #   --adapter-metrics-port P  default 9410: adapter N serves /metrics on P + N - 1
+#   --dicom-port P            default 11112 (the DICOM listener, AE title dicom.ae_title)
+#   --dicom-metrics-port P    default 9401 (Prometheus /metrics of the DICOM listener)
 #
 # Every /metrics endpoint (frontend, adapters, Triton, RabbitMQ's Prometheus plugin on 15692)
 # is listed in <storage>/run/prometheus/*.json for Prometheus' file_sd
@@ -43,12 +46,14 @@ TRITON_GRPC_PORT=8001
 TRITON_METRICS_PORT=8002
 FRONTEND_METRICS_PORT="${CTS__METRICS__FRONTEND_PORT:-9400}"
 ADAPTER_METRICS_PORT="${CTS__METRICS__ADAPTER_PORT:-9410}"
+DICOM_PORT="${CTS__DICOM__PORT:-11112}"
+DICOM_METRICS_PORT="${CTS__METRICS__DICOM_LISTENER_PORT:-9401}"
 RABBITMQ_PROMETHEUS_PORT=15692
 RABBITMQ_HOST="${CTS__RABBITMQ__HOST:-127.0.0.1}"
 RABBITMQ_PORT="${CTS__RABBITMQ__PORT:-5672}"
 READY_TIMEOUT=900
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -64,6 +69,8 @@ while [ $# -gt 0 ]; do
     --triton-metrics-port) TRITON_METRICS_PORT="$2"; shift ;;
     --frontend-metrics-port) FRONTEND_METRICS_PORT="$2"; shift ;;
     --adapter-metrics-port) ADAPTER_METRICS_PORT="$2"; shift ;;
+    --dicom-port) DICOM_PORT="$2"; shift ;;
+    --dicom-metrics-port) DICOM_METRICS_PORT="$2"; shift ;;
     --ready-timeout) READY_TIMEOUT="$2"; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "start.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -174,6 +181,7 @@ export CTS__INFERENCE__MODEL_REPOSITORY="$MODEL_REPOSITORY"
 export CTS__INFERENCE__TRITON_URL="127.0.0.1:$TRITON_GRPC_PORT"
 export CTS__FRONTEND__HOST="$FRONTEND_HOST"
 export CTS__FRONTEND__PORT="$FRONTEND_PORT"
+export CTS__DICOM__PORT="$DICOM_PORT"
 
 # Each service runs in its own session (setsid): stop.sh can end its whole process group.
 launch() {
@@ -210,11 +218,20 @@ until http_ok "http://127.0.0.1:$FRONTEND_PORT/"; do
   [ $SECONDS -lt $deadline ] || fail "the frontend did not answer within 120 s: see $LOG_DIR/frontend.log"
   sleep 1
 done
+
+# 6. The DICOM listener (studies from a PACS; their structured reports back to dicom.destinations).
+CTS__METRICS__DICOM_LISTENER_PORT="$DICOM_METRICS_PORT" launch dicom-listener "$PYTHON" -m services.dicom_listener
+deadline=$((SECONDS + 60))
+until "$PYTHON" -m services.dicom_listener.healthcheck "$DICOM_PORT" >/dev/null 2>&1; do
+  alive "$RUN_DIR/dicom-listener.pid" || fail "the DICOM listener exited: see $LOG_DIR/dicom-listener.log"
+  [ $SECONDS -lt $deadline ] || fail "the DICOM listener did not answer a C-ECHO within 60 s: see $LOG_DIR/dicom-listener.log"
+  sleep 1
+done
 for index in $(seq 1 "$ADAPTERS"); do
   alive "$RUN_DIR/adapter-$index.pid" || fail "adapter-$index exited: see $LOG_DIR/adapter-$index.log"
 done
 
-# 6. What Prometheus scrapes: one file_sd file per kind of service (a local Prometheus with
+# 7. What Prometheus scrapes: one file_sd file per kind of service (a local Prometheus with
 # deploy/monitoring/prometheus.local.yml reads them).
 targets() { # file, then host:port ...
   local file="$1" first=1; shift
@@ -226,12 +243,14 @@ mkdir -p "$RUN_DIR/prometheus"
 adapter_targets=()
 for index in $(seq 1 "$ADAPTERS"); do adapter_targets+=("127.0.0.1:$((ADAPTER_METRICS_PORT + index - 1))"); done
 targets frontend "127.0.0.1:$FRONTEND_METRICS_PORT"
+targets dicom_listener "127.0.0.1:$DICOM_METRICS_PORT"
 targets adapters "${adapter_targets[@]}"
 targets triton "127.0.0.1:$TRITON_METRICS_PORT"
 targets rabbitmq "$RABBITMQ_HOST:$RABBITMQ_PROMETHEUS_PORT"
 
 trap - EXIT
-say "frontend: http://127.0.0.1:$FRONTEND_PORT"
+say "frontend: http://127.0.0.1:$FRONTEND_PORT   REST API: http://127.0.0.1:$FRONTEND_PORT/api/v1/docs"
+say "DICOM listener: AE $("$PYTHON" -c "from services.core.config import load_settings; print(load_settings().dicom.ae_title)") on 127.0.0.1:$DICOM_PORT"
 say "RabbitMQ console: http://127.0.0.1:15672   queues: $QUEUE_PREFIX.tasks, $QUEUE_PREFIX.tasks.dead-letter"
 say "metrics: frontend :$FRONTEND_METRICS_PORT, adapters :$ADAPTER_METRICS_PORT.., Triton :$TRITON_METRICS_PORT, RabbitMQ :$RABBITMQ_PROMETHEUS_PORT (targets: $RUN_DIR/prometheus/)"
 say "logs: $LOG_DIR   stop with: ./stop.sh$( [ "$STORAGE" = "$ROOT/storage" ] || echo " --storage $STORAGE")"

@@ -69,9 +69,12 @@ stop_service() {
   rm -f "$pid_file"
 }
 
-# The frontend first (no new tasks), then the adapters (in parallel: each drains its
-# study), then Triton, which the adapters need until they are done.
+# The frontend and the DICOM listener first (no new tasks), then the adapters (in parallel:
+# each drains its study), then Triton, which the adapters need until they are done.
 if [ -f "$RUN_DIR/frontend.pid" ]; then stop_service "$RUN_DIR/frontend.pid"; fi
+# The DICOM listener keeps what it received and what it has to send on disk: the next start
+# goes on with it.
+if [ -f "$RUN_DIR/dicom-listener.pid" ]; then stop_service "$RUN_DIR/dicom-listener.pid"; fi
 adapter_pids=()
 for pid_file in "$RUN_DIR"/adapter-*.pid; do
   [ -f "$pid_file" ] || continue

@@ -33,6 +33,7 @@ class Orthanc:
         self.binary = require_tool("Orthanc", "orthanc")
         self.folder = folder
         self.http_port, self.dicom_port = free_local_ports(2)
+        self.listener_port = listener_port
         self.config_path = folder / "orthanc.json"
         (folder / "db").mkdir(parents=True, exist_ok=True)
         config = {

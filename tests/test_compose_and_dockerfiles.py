@@ -15,7 +15,8 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILES = ("compose.local.yaml", "compose.remote.yaml")
 DOCKERFILES = sorted(path.name for path in PROJECT_ROOT.glob("Dockerfile*.yaml"))
-SERVICES = {"rabbitmq", "triton", "adapter", "frontend"}
+SERVICES = {"rabbitmq", "triton", "adapter", "frontend", "dicom-listener"}
+BUILT = ("triton", "adapter", "frontend", "dicom-listener")
 CREDENTIALS = {"CTS_RABBITMQ_USER": "screening", "CTS_RABBITMQ_PASSWORD": "s3cret-for-tests"}
 REMOTE = {"CTS_REGISTRY": "registry.example.org/radiology", "CTS_VERSION": "0.1.0"}
 
@@ -101,6 +102,7 @@ def test_compose_services_ports_health_and_credentials(compose_file: str, tmp_pa
         ("triton", 8001),
         ("triton", 8002),
         ("frontend", 7860),
+        ("dicom-listener", 11112),
     } == published
     rabbitmq = services["rabbitmq"]
     assert rabbitmq["image"].startswith("rabbitmq:") and "management" in rabbitmq["image"]
@@ -114,6 +116,13 @@ def test_compose_services_ports_health_and_credentials(compose_file: str, tmp_pa
         mounts = {volume["source"]: volume["target"] for volume in services[name]["volumes"]}
         assert mounts["storage"] == environment["CTS__STORAGE__ROOT"]
         assert mounts["model_repository_running"] == environment["CTS__INFERENCE__MODEL_REPOSITORY"]
+    listener = services["dicom-listener"]["environment"]
+    assert listener["CTS__RABBITMQ__PASSWORD"] == "s3cret-for-tests"
+    assert listener["CTS__DICOM__PORT"] == "11112" and listener["CTS__DICOM__AE_TITLE"] == "CTS"
+    listener_mounts = {
+        item["source"]: item["target"] for item in services["dicom-listener"]["volumes"]
+    }
+    assert listener_mounts["storage"] == listener["CTS__STORAGE__ROOT"]
     assert services["adapter"]["deploy"]["replicas"] == 3
     assert services["adapter"]["environment"]["CTS__INFERENCE__TRITON_URL"] == "triton:8001"
     assert services["adapter"]["depends_on"]["triton"]["condition"] == "service_healthy"
@@ -132,15 +141,14 @@ def test_local_compose_builds_and_remote_compose_pulls(tmp_path: Path) -> None:
     environment = {**CREDENTIALS, **REMOTE}
     local = compose_model("compose.local.yaml", environment, tmp_path)["services"]
     remote = compose_model("compose.remote.yaml", environment, tmp_path)["services"]
-    dockerfiles = {
-        name: local[name]["build"]["dockerfile"] for name in ("triton", "adapter", "frontend")
-    }
+    dockerfiles = {name: local[name]["build"]["dockerfile"] for name in BUILT}
     assert dockerfiles == {
         "triton": "Dockerfile.triton.yaml",
         "adapter": "Dockerfile.adapter.yaml",
         "frontend": "Dockerfile.frontend.yaml",
+        "dicom-listener": "Dockerfile.dicom-listener.yaml",
     }
-    for name in ("triton", "adapter", "frontend"):
+    for name in BUILT:
         assert "build" not in remote[name]
         assert remote[name]["image"] == (
             f"registry.example.org/radiology/chest-ct-screening-{name}:0.1.0"
@@ -156,9 +164,12 @@ def test_local_compose_storage_volume_binds_the_checkout(tmp_path: Path) -> None
 
 
 def test_every_dockerfile_is_found() -> None:
-    assert {"Dockerfile.triton.yaml", "Dockerfile.adapter.yaml", "Dockerfile.frontend.yaml"} <= set(
-        DOCKERFILES
-    )
+    assert {
+        "Dockerfile.triton.yaml",
+        "Dockerfile.adapter.yaml",
+        "Dockerfile.frontend.yaml",
+        "Dockerfile.dicom-listener.yaml",
+    } <= set(DOCKERFILES)
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)

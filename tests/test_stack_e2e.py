@@ -126,7 +126,7 @@ def test_stack_from_start_to_stop(
     again = uploads / "again" / "chest.zip"  # the same file once more, later
     again.parent.mkdir()
     again.write_bytes(chest.read_bytes())
-    frontend_port, http_port, grpc_port, metrics_port = free_local_ports(4)
+    frontend_port, http_port, grpc_port, metrics_port, dicom_port = free_local_ports(5)
     prefix = f"test-e2e-{uuid.uuid4().hex[:10]}"
     broker = RabbitMQSettings(queue_prefix=prefix)
     environment = {key: value for key, value in os.environ.items() if not key.startswith("CTS__")}
@@ -152,6 +152,8 @@ def test_stack_from_start_to_stop(
             str(grpc_port),
             "--triton-metrics-port",
             str(metrics_port),
+            "--dicom-port",
+            str(dicom_port),
         ],
         cwd=PROJECT_ROOT,
         env=environment,
@@ -170,7 +172,7 @@ def test_stack_from_start_to_stop(
     try:
         assert start.returncode == 0, start.stdout + start.stderr
         assert f"http://127.0.0.1:{frontend_port}" in start.stdout
-        assert set(pids) == {"triton", "adapter-1", "adapter-2", "frontend"}
+        assert set(pids) == {"triton", "adapter-1", "adapter-2", "frontend", "dicom-listener"}
         assert consumer_count(broker) == 2  # both adapters consume the task queue
 
         with sync_playwright() as playwright:

@@ -1,0 +1,358 @@
+"""Hospital integration end to end on real peers: a real Orthanc PACS (Debian package), DCMTK's
+storescu, the real RabbitMQ broker, an adapter with the tritonserver of the nvidia-pytriton
+wheel serving the tiny demo repository, the DICOM listener, and the frontend process with
+its REST API (checked by schemathesis against the schema it serves)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import zipfile
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import httpx
+import openpyxl
+import pydicom
+import pytest
+from orthanc_support import Orthanc
+from sr_support import dciodvfy_errors, read_screening_sr, require_tool
+from stack_support import delete_topology, wait_for, zip_directory
+
+from services.adapter.consumer import Adapter
+from services.broker.schemas import QueueTopology, StudyResult, TaskStatus
+from services.broker.storage import load_result
+from services.core.config import DicomDestination, Settings, load_settings
+from services.core.schemas import StudyReport
+from services.dicom_listener.outbox import Outbox
+from services.dicom_listener.service import DicomListener
+from services.dicom_listener.studies import BatchRecord, BatchState
+from services.frontend.service import frontend_instance_id
+from services.triton.local_server import LocalTritonServer, free_local_ports
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton, pytest.mark.slow]
+
+CHEST = "chest_ct_lung_dx_a0002"
+HEAD = "head_ct_gantry_tilt"
+TOKEN = "integration-token"
+RESULT_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def triton(tiny_model_repository: Path, tmp_path_factory) -> Iterator[LocalTritonServer]:
+    http, grpc, metrics = free_local_ports(3)
+    log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
+    server = LocalTritonServer(
+        tiny_model_repository, http_port=http, grpc_port=grpc, metrics_port=metrics, log_file=log
+    )
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("hospital")
+
+
+@pytest.fixture(scope="module")
+def orthanc(folder: Path) -> Iterator[Orthanc]:
+    listener_port = free_local_ports(1)[0]
+    pacs = Orthanc(folder / "orthanc", listener_ae="CTS", listener_port=listener_port)
+    pacs.start()
+    try:
+        yield pacs
+    finally:
+        pacs.close()
+
+
+@pytest.fixture(scope="module")
+def settings(
+    folder: Path, tiny_model_repository: Path, triton: LocalTritonServer, orthanc: Orthanc
+) -> Iterator[Settings]:
+    settings = load_settings(environ={})
+    settings.storage.root = folder / "storage"
+    settings.rabbitmq.queue_prefix = f"test-hospital-{uuid.uuid4().hex[:10]}"
+    settings.inference.backend = "triton"
+    settings.inference.model_repository = tiny_model_repository
+    settings.inference.triton_url = triton.grpc_url
+    settings.metrics.enabled = False
+    dicom = settings.dicom
+    dicom.port = orthanc.listener_port  # where Orthanc's modality 'cts' points
+    dicom.study_quiet_seconds = 1.5
+    dicom.export_retry_initial_s = 0.5
+    dicom.export_retry_max_s = 2.0
+    dicom.network_timeout_s = 10.0
+    dicom.destinations = [
+        DicomDestination(ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port)
+    ]
+    yield settings
+    delete_topology(settings.rabbitmq)
+
+
+@pytest.fixture(scope="module")
+def adapter(settings: Settings) -> Iterator[Adapter]:
+    worker = Adapter(
+        settings, adapter_id="hospital-adapter", drain_timeout_s=10, retry_maximum_delay_s=2
+    )
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    yield worker
+    worker.request_stop()
+    thread.join(30)
+    assert not thread.is_alive(), "the adapter did not stop"
+
+
+@pytest.fixture(scope="module")
+def listener(settings: Settings, adapter: Adapter) -> Iterator[DicomListener]:
+    running = DicomListener(settings)
+    running.start()
+    yield running
+    running.stop()
+
+
+def source_header(fixtures_dir: Path, name: str) -> pydicom.Dataset:
+    return pydicom.dcmread(sorted((fixtures_dir / name).iterdir())[0], stop_before_pixels=True)
+
+
+def finished_records(settings: Settings) -> list[BatchRecord]:
+    directory = settings.storage.root / "dicom" / "studies"
+    return [BatchRecord.model_validate_json(path.read_bytes()) for path in directory.glob("*.json")]
+
+
+def result_for(settings: Settings, study_uid: str) -> tuple[StudyResult, StudyReport]:
+    for record in finished_records(settings):
+        result = load_result(settings.storage.root, record.task_id)
+        if result is None:
+            continue
+        for report in result.reports:
+            if report.study_uid == study_uid:
+                return result, report
+    raise AssertionError("no stored result for the study")
+
+
+def test_a_pacs_sends_studies_and_files_the_reports(
+    orthanc: Orthanc, listener: DicomListener, settings: Settings, fixtures_dir: Path, folder: Path
+) -> None:
+    chest = source_header(fixtures_dir, CHEST)
+    head = source_header(fixtures_dir, HEAD)
+    for name in (CHEST, HEAD):
+        study_id = orthanc.upload_folder(fixtures_dir / name)
+        sent = orthanc.send_to_listener(study_id)
+        assert sent["FailedInstancesCount"] == 0 and sent["InstancesCount"] > 0
+
+    chest_srs = wait_for(
+        lambda: orthanc.structured_reports(chest.StudyInstanceUID),
+        RESULT_TIMEOUT_S,
+        "the chest study's SR in Orthanc",
+        interval_s=1.0,
+    )
+    head_srs = wait_for(
+        lambda: orthanc.structured_reports(head.StudyInstanceUID),
+        RESULT_TIMEOUT_S,
+        "the head study's SR in Orthanc",
+        interval_s=1.0,
+    )
+    assert len(chest_srs) == len(head_srs) == 1
+    # Filed with its study in the PACS: same patient, same study.
+    (chest_sr,), (head_sr,) = chest_srs, head_srs
+    assert chest_sr.PatientID == chest.PatientID and chest_sr.PatientName == chest.PatientName
+    assert head_sr.PatientID == head.PatientID
+
+    result, report = result_for(settings, str(chest.StudyInstanceUID))
+    assert result.status is TaskStatus.COMPLETED and report.succeeded
+    values = read_screening_sr(chest_sr)
+    assert list(values.evidence_series) == [report.series_uid]
+    assert len(values.evidence_series[report.series_uid]) == 30
+    assert values.screening["Processing status"] == "Success"
+    assert values.screening["Probability of pathology"] == pytest.approx(
+        report.probability_of_pathology, abs=1e-6
+    )
+    assert values.screening["Pathology"] == ("Present" if report.pathology else "Absent")
+    assert {label: item["Finding threshold"] for label, item in values.findings.items()} == {
+        finding.label: pytest.approx(finding.threshold) for finding in report.findings
+    }
+    _head_result, head_report = result_for(settings, str(head.StudyInstanceUID))
+    head_values = read_screening_sr(head_sr)
+    assert head_values.screening["Processing status"] == "Failure"
+    assert head_values.screening["Failure reason"] == head_report.failure_reason
+    # As the PACS keeps them, both validate.
+    for name, document in (("chest", chest_sr), ("head", head_sr)):
+        path = folder / f"orthanc-{name}-sr.dcm"
+        document.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == [], name
+
+
+def outbox_of(settings: Settings) -> Outbox:
+    return Outbox(settings.storage.root, settings.dicom.destinations[0])
+
+
+def test_reports_wait_for_a_pacs_that_is_down_and_are_sent_once(
+    orthanc: Orthanc, listener: DicomListener, settings: Settings, fixtures_dir: Path
+) -> None:
+    study_uid = str(source_header(fixtures_dir, CHEST).StudyInstanceUID)
+    before = len(orthanc.structured_reports(study_uid))
+    sent_before = outbox_of(settings).sent_count()
+    orthanc.stop()
+    try:
+        # DCMTK's storescu, a second sender, sends the study straight to the listener.
+        storescu = require_tool("storescu", "dcmtk")
+        files = sorted((fixtures_dir / CHEST).iterdir())
+        command = [storescu, "-aet", "MODALITY", "-aec", "CTS", "127.0.0.1", str(listener.port)]
+        sent = subprocess.run([*command, *map(str, files)], capture_output=True, text=True)
+        assert sent.returncode == 0, sent.stderr
+        wait_for(
+            lambda: outbox_of(settings).pending(),
+            RESULT_TIMEOUT_S,
+            "a report waiting in the outbox",
+            interval_s=0.5,
+        )
+        time.sleep(settings.dicom.export_retry_max_s * 3)  # several failed sends
+        assert len(outbox_of(settings).pending()) == 1
+    finally:
+        orthanc.start()
+    wait_for(
+        lambda: len(orthanc.structured_reports(study_uid)) == before + 1,
+        60,
+        "the waiting report delivered after the PACS came back",
+        interval_s=0.5,
+    )
+    assert outbox_of(settings).pending() == []
+    assert outbox_of(settings).sent_count() == sent_before + 1
+    # A restart of the listener sends nothing again.
+    listener.stop()
+    restarted = DicomListener(settings)
+    restarted.start()
+    try:
+        time.sleep(3.0)
+        assert len(orthanc.structured_reports(study_uid)) == before + 1
+        assert not restarted.book.in_state(BatchState.PUBLISHED)
+    finally:
+        restarted.stop()
+    late = [record for record in finished_records(settings) if record.late]
+    assert late and late[0].calling_ae == "MODALITY"
+
+
+# -- the REST API on the real frontend process ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def frontend(settings: Settings, adapter: Adapter, folder: Path) -> Iterator[str]:
+    port = free_local_ports(1)[0]
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("CTS__")}
+    environment.update(
+        {
+            "CTS__STORAGE__ROOT": str(settings.storage.root),
+            "CTS__RABBITMQ__QUEUE_PREFIX": settings.rabbitmq.queue_prefix,
+            "CTS__INFERENCE__MODEL_REPOSITORY": str(settings.inference.model_repository),
+            "CTS__FRONTEND__PORT": str(port),
+            "CTS__FRONTEND__API_TOKEN": TOKEN,
+            "CTS__METRICS__ENABLED": "false",
+        }
+    )
+    log = (folder / "frontend.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.frontend"],
+        env=environment,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def serving() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"the frontend exited: see {folder / 'frontend.log'}")
+        try:
+            return httpx.get(f"{url}/api/v1/openapi.json", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_for(serving, 120, "the frontend serving the REST API", interval_s=0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+        log.close()
+        reply_queue = QueueTopology.from_settings(settings.rabbitmq).reply_queue(
+            frontend_instance_id("127.0.0.1", port)
+        )
+        delete_topology(settings.rabbitmq, [reply_queue])
+
+
+def test_rest_api_end_to_end(frontend: str, fixtures_dir: Path, folder: Path) -> None:
+    upload = zip_directory(fixtures_dir / CHEST, folder / "rest" / "chest.zip")
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=f"{frontend}/api/v1", headers=headers, timeout=60) as client:
+        anonymous = client.post(
+            "/studies", files={"file": ("x.zip", b"")}, headers={"Authorization": ""}
+        )
+        assert anonymous.status_code == 401
+        accepted = client.post("/studies", files={"file": ("chest.zip", upload.read_bytes())})
+        assert accepted.status_code == 202, accepted.text
+        task_id = accepted.json()["task_id"]
+        seen_states: set[str] = set()
+
+        def finished() -> dict | None:
+            status = client.get(f"/studies/{task_id}")
+            assert status.status_code == 200, status.text
+            body = status.json()
+            seen_states.add(body["state"])
+            assert 0.0 <= body["progress"] <= 1.0
+            return body if body["state"] in ("done", "failed") else None
+
+        body = wait_for(finished, RESULT_TIMEOUT_S, "the REST task done", interval_s=0.5)
+        assert body["state"] == "done" and body["progress"] == 1.0
+        (report,) = body["reports"]
+        assert report["processing_status"] == "Success" and report["demo_weights"] is True
+        assert {link["kind"] for link in body["files"]} >= {"xlsx", "json", "sr", "warnings"}
+        xlsx = client.get(f"/studies/{task_id}/files/xlsx")
+        assert xlsx.status_code == 200
+        sheet = openpyxl.load_workbook(BytesIO(xlsx.content)).active
+        assert sheet is not None and sheet.cell(1, 1).value == "path_to_study"
+        document = client.get(f"/studies/{task_id}/files/json", params={"index": 1}).json()
+        assert document["study_uid"] == report["study_uid"]
+        sr = client.get(f"/studies/{task_id}/files/sr")
+        assert sr.headers["content-type"] == "application/dicom"
+        structured = pydicom.dcmread(BytesIO(sr.content))
+        assert structured.StudyInstanceUID == report["study_uid"]
+        assert read_screening_sr(structured).screening["Processing status"] == "Success"
+        assert client.get(f"/studies/{task_id}/files/sr", params={"index": 2}).status_code == 404
+    with zipfile.ZipFile(upload) as archive:  # the upload was the whole study
+        assert len(archive.namelist()) == 30
+    assert seen_states <= {"queued", "processing", "done"}
+
+
+def test_schemathesis_finds_no_server_error(frontend: str, folder: Path) -> None:
+    binary = Path(sys.executable).parent / "schemathesis"
+    assert binary.is_file(), "schemathesis is not installed (pyproject dev extra)"
+    completed = subprocess.run(
+        [
+            str(binary),
+            "run",
+            f"{frontend}/api/v1/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "25",
+            "--seed",
+            "13",
+            "--header",
+            f"Authorization: Bearer {TOKEN}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=folder,
+    )
+    assert completed.returncode == 0, completed.stdout[-6000:] + completed.stderr[-2000:]
+    assert "Tested: 3" in completed.stdout, completed.stdout[-3000:]
