@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# What the test suite needs besides Python packages: a running RabbitMQ, Chromium and the
-# Prometheus binary.
+# What the test suite needs besides Python packages: a running RabbitMQ, Chromium, the
+# Prometheus binary and the DICOM peers (Orthanc, DCMTK, dicom3tools).
 set -euo pipefail
 
 if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
@@ -22,6 +22,21 @@ if ! command -v prometheus >/dev/null 2>&1; then
     || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
   if pgrep -x prometheus >/dev/null 2>&1; then
     service prometheus stop >/dev/null 2>&1 || invoke-rc.d prometheus stop >/dev/null 2>&1 || true
+  fi
+fi
+
+if ! command -v Orthanc >/dev/null 2>&1 || ! command -v storescu >/dev/null 2>&1 \
+  || ! command -v dciodvfy >/dev/null 2>&1; then
+  # The hospital-integration tests start their own Orthanc on free 127.0.0.1 ports; the
+  # Debian service the package would start on 4242/8042 is stopped again (and not started
+  # at all where policy-rc.d forbids it, as in containers).
+  echo "[services] installing Orthanc, DCMTK and dicom3tools for the DICOM tests"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq --no-install-recommends orthanc dcmtk dicom3tools >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null \
+      && apt-get install -y -qq --no-install-recommends orthanc dcmtk dicom3tools >/dev/null; }
+  if pgrep -x Orthanc >/dev/null 2>&1; then
+    service orthanc stop >/dev/null 2>&1 || invoke-rc.d orthanc stop >/dev/null 2>&1 || true
   fi
 fi
 
