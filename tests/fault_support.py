@@ -45,6 +45,7 @@ from services.broker.schemas import (
 )
 from services.broker.storage import load_result, result_files_dir
 from services.core.config import RabbitMQSettings
+from services.triton.local_server import free_local_ports
 
 RABBITMQCTL_TIMEOUT_S = 120
 
@@ -115,6 +116,36 @@ class StackPorts:
     triton_metrics: int
 
 
+def triton_leftovers(pids: list[int]) -> set[Path]:
+    """What the Triton processes ``pids`` would leave behind if killed: the python backend
+    stubs' shared-memory regions and the launcher's backend folder."""
+    leftovers: set[Path] = set()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for line in maps.splitlines():
+            parts = line.split(maxsplit=5)  # address perms offset dev inode path
+            path = parts[5] if len(parts) == 6 else ""
+            if path.startswith("/dev/shm/triton_python_backend_shm_region_"):
+                leftovers.add(Path(path.removesuffix(" (deleted)")))
+        executable = argv[0].decode(errors="replace")
+        if "/cts-tritonserver-" in executable:
+            workdir = executable.split("/backends/")[0]
+            leftovers.add(Path(workdir))
+    return leftovers
+
+
+def remove_paths(paths: set[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 class LocalStack:
     """The stack of ``start.sh --local`` on this test's storage, prefix and ports."""
 
@@ -174,6 +205,8 @@ class LocalStack:
             str(self.ports.triton_grpc),
             "--triton-metrics-port",
             str(self.ports.triton_metrics),
+            "--dicom-port",
+            str(free_local_ports(1)[0]),
             *self.extra_arguments,
         ]
         started = subprocess.run(
@@ -191,7 +224,7 @@ class LocalStack:
             argv, environment, cwd = _read_process(pid)
             self.services[pid_file.stem] = Service(pid_file.stem, pid, argv, environment, cwd)
             self.launched_groups.add(pid)
-        expected = {"triton", "frontend", *self.adapter_names}
+        expected = {"triton", "frontend", "dicom-listener", *self.adapter_names}
         if set(self.services) != expected:
             raise RuntimeError(f"start.sh started {sorted(self.services)}, not {sorted(expected)}")
 
@@ -259,29 +292,9 @@ class LocalStack:
     def crash_triton(self) -> None:
         """kill -9 Triton (server, backend stubs, launcher) and remove what a crash leaves
         behind: the stubs' shared-memory regions and the launcher's backend folder."""
-        service = self.services["triton"]
-        leftovers: set[Path] = set()
-        for pid in group_members(service.pid):
-            try:
-                maps = Path(f"/proc/{pid}/maps").read_text()
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            for line in maps.splitlines():
-                parts = line.split(maxsplit=5)  # address perms offset dev inode path
-                path = parts[5] if len(parts) == 6 else ""
-                if path.startswith("/dev/shm/triton_python_backend_shm_region_"):
-                    leftovers.add(Path(path.removesuffix(" (deleted)")))
-            executable = argv[0].decode(errors="replace")
-            if "/cts-tritonserver-" in executable:
-                workdir = executable.split("/backends/")[0]
-                leftovers.add(Path(workdir))
+        leftovers = triton_leftovers(group_members(self.services["triton"].pid))
         self.kill("triton")
-        for path in leftovers:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+        remove_paths(leftovers)
 
     def terminate(self, name: str, timeout_s: float = 90.0) -> None:
         """SIGTERM, as stop.sh sends it; waits until the service has exited."""

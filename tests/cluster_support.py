@@ -1,0 +1,364 @@
+"""The stack spread over several hosts (tests/netns_support.py) for the multi-host and chaos
+tests. Not a test module.
+
+Layout: the broker host runs its own RabbitMQ node and the frontend; a Triton host runs the
+nvidia-pytriton Triton (tiny demo repository) bound to its own address; each adapter has a
+host of its own and reaches Triton over gRPC (no shared memory across hosts). Storage is one
+folder every host sees. The adapters read one config file (``CTS_CONFIG``): replacing the
+Triton host means writing its new address there and restarting the adapters, as an operator
+would.
+
+Services are launched as ``python -m ...`` inside their host's namespace, each in its own
+session (a process group the cluster can kill, freeze or thaw).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from fault_support import (
+    Outcome,
+    consumers_of,
+    format_table,
+    group_members,
+    remove_paths,
+    triton_leftovers,
+)
+from netns_support import BrokerNode, Host, Network, sweep_stale_networks
+from prometheus_client.parser import text_string_to_metric_families
+from stack_support import PROJECT_ROOT, wait_for
+
+from services.broker.schemas import QueueTopology
+from services.core.config import RabbitMQSettings
+
+BROKER_USER = "cts-cluster"
+BROKER_PASSWORD = "cluster-test-secret"
+# Short heartbeats: a host cut off from the broker is noticed in seconds, not minutes.
+HEARTBEAT_S = 5
+# A request to a host that vanished waits this long before it is retried.
+TRITON_TIMEOUT_S = 20.0
+ADAPTER_METRICS_PORT = 9410
+TRITON_HTTP_PORT, TRITON_GRPC_PORT = 8000, 8001
+FRONTEND_PORT = 7860
+
+
+@dataclass
+class Service:
+    name: str
+    host: Host
+    argv: list[str]
+    environment: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+class Cluster:
+    def __init__(self, *, repository: Path, workdir: Path, adapters: int, prefix: str) -> None:
+        sweep_stale_networks()
+        self.repository = repository
+        self.workdir = workdir
+        self.storage = workdir / "storage"
+        self.config_file = workdir / "config.yaml"
+        self.log_dir = workdir / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.storage.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.topology = QueueTopology(prefix=prefix)
+        self.network = Network()
+        self.broker_host = self.network.add_host("broker")
+        self.triton_host = self.network.add_host("triton-a")
+        self.adapter_names = [f"adapter-{index}" for index in range(1, adapters + 1)]
+        self.hosts = {name: self.network.add_host(name) for name in self.adapter_names}
+        self.broker = BrokerNode(
+            self.broker_host, workdir / "rabbitmq", username=BROKER_USER, password=BROKER_PASSWORD
+        )
+        self.rabbitmq = RabbitMQSettings(
+            host=self.broker_host.address,
+            username=BROKER_USER,
+            password=BROKER_PASSWORD,
+            queue_prefix=prefix,
+            heartbeat_s=HEARTBEAT_S,
+        )
+        self.services: dict[str, Service] = {}
+        self.adapter_pids: set[int] = set()  # every adapter process ever launched
+        self.triton_name = "triton"
+
+    # -- configuration ---------------------------------------------------------------------
+
+    @property
+    def triton_url(self) -> str:
+        return f"{self.triton_host.address}:{TRITON_GRPC_PORT}"
+
+    def write_config(self) -> None:
+        """The adapters' and the frontend's config file: the broker, the storage, Triton."""
+        config = {
+            "rabbitmq": {
+                "host": self.rabbitmq.host,
+                "username": BROKER_USER,
+                "password": BROKER_PASSWORD,
+                "queue_prefix": self.prefix,
+                "heartbeat_s": HEARTBEAT_S,
+            },
+            "storage": {"root": str(self.storage)},
+            "inference": {
+                "backend": "triton",
+                "model_repository": str(self.repository),
+                "triton_url": self.triton_url,
+                "triton_transport": "grpc",
+                "triton_timeout_s": TRITON_TIMEOUT_S,
+            },
+        }
+        self.config_file.write_text(yaml.safe_dump(config))
+
+    def _environment(self, host: Host, extra: dict[str, str]) -> dict[str, str]:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("CTS__")}
+        environment.update(
+            {
+                "CTS_CONFIG": str(self.config_file),
+                "CTS__METRICS__HOST": host.address,
+                "ORT_DISABLE_TELEMETRY": "1",
+                **extra,
+            }
+        )
+        return environment
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def launch(self, name: str, host: Host, argv: list[str], extra: dict[str, str]) -> Service:
+        service = Service(name, host, argv, self._environment(host, extra))
+        self.services[name] = service
+        self._start(service)
+        return service
+
+    def _start(self, service: Service) -> None:
+        log = (self.log_dir / f"{service.name}.log").open("ab")
+        try:
+            service.process = subprocess.Popen(
+                service.host.command(service.argv),
+                cwd=PROJECT_ROOT,
+                env=service.environment,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        if service.name.startswith("adapter"):
+            # ip netns exec replaces itself with the program: the pid is the adapter's.
+            self.adapter_pids.add(service.process.pid)
+        process = service.process
+        threading.Thread(target=process.wait, name=f"reap-{service.name}", daemon=True).start()
+
+    def relaunch(self, name: str) -> None:
+        service = self.services[name]
+        if self.alive(name):
+            raise RuntimeError(f"{name} is still running")
+        self._start(service)
+
+    def alive(self, name: str) -> bool:
+        process = self.services[name].process
+        return process is not None and process.poll() is None
+
+    def pid(self, name: str) -> int:
+        process = self.services[name].process
+        assert process is not None
+        return process.pid
+
+    def signal(self, name: str, signum: int) -> None:
+        with suppress(ProcessLookupError):
+            os.killpg(self.pid(name), signum)
+
+    def kill(self, name: str) -> None:
+        """kill -9 the service's process group; waits until it is gone."""
+        pid = self.pid(name)
+        self.signal(name, signal.SIGKILL)
+        wait_for(lambda: not group_members(pid), 30, f"{name} to die")
+
+    def terminate(self, name: str, timeout_s: float = 120.0) -> None:
+        """SIGTERM (a clean stop: an adapter finishes or gives back its study)."""
+        if not self.alive(name):
+            return
+        self.signal(name, signal.SIGCONT)
+        with suppress(ProcessLookupError):
+            os.kill(self.pid(name), signal.SIGTERM)
+        process = self.services[name].process
+        assert process is not None
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill(name)
+
+    @contextmanager
+    def frozen(self, name: str) -> Iterator[None]:
+        """Every process of the service stopped (SIGSTOP); always thawed on exit."""
+        self.signal(name, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.signal(name, signal.SIGCONT)
+
+    # -- the services ---------------------------------------------------------------------
+
+    def launch_triton(self) -> None:
+        host = self.triton_host
+        self.launch(
+            self.triton_name,
+            host,
+            [
+                sys.executable,
+                "-m",
+                "services.triton.local_server",
+                "--model-repository",
+                str(self.repository),
+                "--host",
+                host.address,
+                "--http-port",
+                str(TRITON_HTTP_PORT),
+                "--grpc-port",
+                str(TRITON_GRPC_PORT),
+            ],  # fmt: skip
+            {},
+        )
+        url = f"http://{host.address}:{TRITON_HTTP_PORT}/v2/health/ready"
+        wait_for(lambda: self._serving(self.triton_name, url), 180, "Triton ready", 0.5)
+
+    def _serving(self, name: str, url: str) -> bool:
+        if not self.alive(name):
+            raise AssertionError(f"{name} exited: see {self.log_dir / (name + '.log')}")
+        return http_ok(url)
+
+    def launch_adapter(self, name: str) -> None:
+        self.launch(
+            name,
+            self.hosts[name],
+            [
+                sys.executable,
+                "-m",
+                "services.adapter",
+                "--adapter-id",
+                name,
+                "--health-file",
+                str(self.workdir / f"{name}.alive"),
+            ],  # fmt: skip
+            {"CTS__METRICS__ADAPTER_PORT": str(ADAPTER_METRICS_PORT)},
+        )
+
+    def launch_frontend(self) -> None:
+        host = self.broker_host
+        self.launch(
+            "frontend",
+            host,
+            [sys.executable, "-m", "services.frontend"],
+            {"CTS__FRONTEND__HOST": host.address, "CTS__FRONTEND__PORT": str(FRONTEND_PORT)},
+        )
+        wait_for(lambda: self._serving("frontend", self.frontend_url), 180, "the frontend", 0.5)
+
+    @property
+    def frontend_url(self) -> str:
+        return f"http://{self.broker_host.address}:{FRONTEND_PORT}/"
+
+    def start(self) -> None:
+        self.broker.start()
+        self.write_config()
+        self.launch_triton()
+        for name in self.adapter_names:
+            self.launch_adapter(name)
+        self.launch_frontend()
+        self.wait_for_adapters()
+
+    def wait_for_adapters(self, timeout_s: float = 180.0) -> None:
+        count = len(self.adapter_names)
+        wait_for(
+            lambda: consumers_of(self.rabbitmq, self.topology.task_queue) == count,
+            timeout_s,
+            f"{count} adapters consuming",
+            interval_s=0.5,
+        )
+
+    # -- whole-host faults --------------------------------------------------------------------
+
+    def replace_triton(self) -> tuple[str, str]:
+        """The Triton host is lost; a new one at a new address is put in the config file and
+        the adapters are restarted (SIGTERM, one after the other) to read it. The old and the
+        new address."""
+        old = self.triton_host
+        leftovers = triton_leftovers(old.pids())
+        self.network.remove_host(old)  # the host is gone, with whatever it ran
+        remove_paths(leftovers)
+        self.triton_host = self.network.add_host("triton-b")
+        self.launch_triton()
+        self.write_config()
+        for name in self.adapter_names:
+            self.terminate(name)
+            self.relaunch(name)
+        return old.address, self.triton_host.address
+
+    def crash_broker_host(self) -> None:
+        """Every process of the broker host killed (RabbitMQ, epmd, the frontend)."""
+        self.broker_host.kill_all()
+        self.broker.reap()
+
+    def boot_broker_host(self) -> None:
+        """The broker host comes back: RabbitMQ on its old data, then the frontend."""
+        self.broker.start()
+        wait_for(lambda: not self.alive("frontend"), 30, "the old frontend reaped")
+        self.relaunch("frontend")
+        wait_for(lambda: self._serving("frontend", self.frontend_url), 180, "the frontend", 0.5)
+
+    # -- what the hosts say -----------------------------------------------------------------
+
+    def adapter_metrics(self, name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """The adapter's /metrics, scraped over its host's address: {(sample, labels): value}."""
+        url = f"http://{self.hosts[name].address}:{ADAPTER_METRICS_PORT}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def stop(self) -> None:
+        for name in (*self.adapter_names, "frontend", self.triton_name):
+            if name in self.services:
+                self.terminate(name)
+        self.broker.stop()
+        self.network.close()
+
+
+def metric(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+class TablePrinter:
+    """Prints a scenario table in pytest's terminal summary (with -q too)."""
+
+    def __init__(self, title: str, outcomes: list[Outcome], measurements: list[str]) -> None:
+        self.title = title
+        self.outcomes = outcomes
+        self.measurements = measurements  # lines printed under the table
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:  # noqa: ANN001 - pytest's type
+        if not self.outcomes and not self.measurements:
+            return
+        terminalreporter.write_sep("=", self.title)
+        for line in [*format_table(self.outcomes).splitlines(), *self.measurements]:
+            terminalreporter.write_line(line)

@@ -1,0 +1,306 @@
+"""Several "hosts" on one machine for the multi-host and chaos tests. Not a test module.
+
+Each :class:`Host` is a network namespace with its own address on a bridge (a veth pair per
+host, the bridge in the root namespace); the test process itself is one more host, at the
+bridge's address, like the hospital's submitting system. The namespaces have no default
+route: nothing they send leaves the bridge. The file system and the process ids are shared
+by all hosts (storage shared through the file system, as NFS would be).
+
+Faults: :meth:`Host.cut` takes the host's link down (it is cut off from every host),
+:meth:`Host.block` drops what it sends to one peer (a blackhole route: established
+connections hang, new ones fail at once), :meth:`Host.kill_all` is a host crash.
+
+:class:`BrokerNode` is a RabbitMQ node of its own on a host (its own node name, data folder,
+Erlang cookie and epmd), so restarting "the broker host" never touches the system RabbitMQ
+other tests and developers share.
+
+Everything needs root (CI runs as root); :func:`netns_unavailable` says why not otherwise.
+Names carry the test process id: :func:`sweep_stale_networks` removes what a killed run left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stack_support import wait_for
+
+SUBNET_FIRST_OCTETS = "10.231"  # /24 subnets 10.231.N.0 only ever exist on this bridge
+NAMESPACE_PREFIX = "ctsn"
+BRIDGE_PREFIX = "ctsb"
+_networks = itertools.count(1)
+
+
+def _ip(*arguments: str, namespace: str | None = None, check: bool = True) -> str:
+    command = ["ip", *arguments]
+    if namespace is not None:
+        command = ["ip", "netns", "exec", namespace, *command]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def netns_unavailable() -> str | None:
+    """Why this machine cannot run the namespace tests, or None when it can."""
+    if os.geteuid() != 0:
+        return "network namespaces need root (CI runs as root)"
+    if shutil.which("ip") is None:
+        return "iproute2's ip command is missing"
+    probe = f"{NAMESPACE_PREFIX}probe{os.getpid()}"
+    try:
+        _ip("netns", "add", probe)
+    except RuntimeError as error:
+        return f"ip netns add failed: {error}"
+    _ip("netns", "del", probe, check=False)
+    return None
+
+
+def port_open(address: str, port: int, timeout_s: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Host:
+    name: str
+    namespace: str
+    address: str
+    veth: str  # the end on the bridge, in the root namespace
+
+    def command(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.namespace, *argv]
+
+    def cut(self) -> None:
+        """Pull the host's cable: it reaches no other host and none reaches it."""
+        _ip("link", "set", self.veth, "down")
+
+    def restore(self) -> None:
+        _ip("link", "set", self.veth, "up")
+
+    def block(self, peer: Host) -> None:
+        """Drop everything this host sends to ``peer`` (the peer's packets still arrive)."""
+        _ip("route", "add", "blackhole", f"{peer.address}/32", namespace=self.namespace)
+
+    def unblock(self, peer: Host) -> None:
+        _ip("route", "del", "blackhole", f"{peer.address}/32", namespace=self.namespace)
+
+    def pids(self) -> list[int]:
+        listing = subprocess.run(
+            ["ip", "netns", "pids", self.namespace], capture_output=True, text=True, timeout=30
+        ).stdout
+        return [int(pid) for pid in listing.split()]
+
+    def kill_all(self, timeout_s: float = 30.0) -> None:
+        """Every process of the host, kill -9 (a crash of the host)."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not self.pids(), timeout_s, f"the processes of {self.name} to die")
+
+
+@dataclass
+class Network:
+    """A bridge and the hosts on it; the root namespace is the bridge's address (.1)."""
+
+    tag: str = field(default_factory=lambda: f"{os.getpid()}{next(_networks)}")
+    hosts: list[Host] = field(default_factory=list)
+    _indexes: itertools.count = field(default_factory=lambda: itertools.count(10))
+
+    def __post_init__(self) -> None:
+        self.bridge = f"{BRIDGE_PREFIX}{self.tag}"[:15]
+        self.subnet = self._free_subnet()
+        self.gateway = f"{self.subnet}.1"
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+
+    @staticmethod
+    def _free_subnet() -> str:
+        routes = _ip("route", "show")
+        for third in range((os.getpid() % 200) + 20, 255):
+            subnet = f"{SUBNET_FIRST_OCTETS}.{third}"
+            if f"{subnet}.0/24" not in routes:
+                return subnet
+        raise RuntimeError("no free 10.231.N.0/24 subnet")
+
+    def add_host(self, name: str) -> Host:
+        index = next(self._indexes)
+        namespace = f"{NAMESPACE_PREFIX}{self.tag}-{name}"
+        veth, peer = f"cv{self.tag}-{index}"[:15], f"cp{self.tag}-{index}"[:15]
+        _ip("netns", "add", namespace)
+        _ip("link", "add", veth, "type", "veth", "peer", "name", peer)
+        _ip("link", "set", peer, "netns", namespace)
+        _ip("link", "set", veth, "master", self.bridge)
+        _ip("link", "set", veth, "up")
+        _ip("link", "set", peer, "name", "eth0", namespace=namespace)
+        address = f"{self.subnet}.{index}"
+        _ip("addr", "add", f"{address}/24", "dev", "eth0", namespace=namespace)
+        _ip("link", "set", "eth0", "up", namespace=namespace)
+        _ip("link", "set", "lo", "up", namespace=namespace)
+        host = Host(name, namespace, address, veth)
+        self.hosts.append(host)
+        return host
+
+    def remove_host(self, host: Host) -> None:
+        """The host is gone: its processes killed, its namespace and link deleted."""
+        host.kill_all()
+        _ip("netns", "del", host.namespace, check=False)  # deletes its end of the veth pair
+        _ip("link", "del", host.veth, check=False)
+        self.hosts.remove(host)
+
+    def close(self) -> None:
+        for host in list(self.hosts):
+            self.remove_host(host)
+        _ip("link", "del", self.bridge, check=False)
+
+
+def sweep_stale_networks() -> None:
+    """Namespaces and bridges of test runs whose process is gone (a killed run)."""
+
+    def dead(pid_and_counter: str) -> bool:
+        # The tag is the pid followed by one or more counter digits: dead if no prefix of
+        # it is a running process of ours (a pytest).
+        for cut in range(len(pid_and_counter) - 1, 0, -1):
+            if Path(f"/proc/{pid_and_counter[:cut]}").exists():
+                return False
+        return True
+
+    for line in _ip("netns", "list").splitlines():
+        name = line.split()[0] if line.strip() else ""
+        found = re.match(rf"{NAMESPACE_PREFIX}(\d+)-", name)
+        if found and dead(found.group(1)):
+            host = Host(name, name, "", "")
+            host.kill_all()
+            _ip("netns", "del", name, check=False)
+    for line in _ip("-o", "link", "show", "type", "bridge").splitlines():
+        found = re.search(rf": ({BRIDGE_PREFIX}(\d+))[:@]", line)
+        if found and dead(found.group(2)):
+            _ip("link", "del", found.group(1), check=False)
+
+
+# -- a RabbitMQ node of its own ----------------------------------------------------------------
+
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+AMQP_PORT = 5672
+
+
+class BrokerNode:
+    """``rabbitmq-server`` on ``host`` with its data under ``base``; a restart keeps the data
+    (durable queues, persistent messages), as a broker host's disk does."""
+
+    def __init__(self, host: Host, base: Path, *, username: str, password: str) -> None:
+        self.host = host
+        self.base = base
+        self.node = f"cts{os.getpid()}@localhost"
+        self.process: subprocess.Popen[bytes] | None = None
+        base.mkdir(parents=True, exist_ok=True)
+        (base / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = {AMQP_PORT}\n"
+            f"default_user = {username}\n"
+            f"default_pass = {password}\n"
+            "log.file.level = info\n"
+        )
+        (base / "enabled_plugins").write_text("[].\n")
+        (base / "rabbitmq-env.conf").write_text("")  # not the system node's /etc/rabbitmq one
+        self.environment = {
+            **os.environ,
+            "HOME": str(base),  # the node's own Erlang cookie
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
+            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(base / "log"),
+            "RABBITMQ_PID_FILE": str(base / "rabbitmq.pid"),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+        }
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        log = (self.base / "server.log").open("ab")
+        try:
+            self.process = subprocess.Popen(
+                self.host.command([str(RABBITMQ_BIN / "rabbitmq-server")]),
+                env=self.environment,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        wait_for(
+            lambda: self._running() and port_open(self.host.address, AMQP_PORT),
+            timeout_s,
+            f"RabbitMQ on {self.host.name} to accept connections",
+            interval_s=0.5,
+        )
+
+    def _running(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"rabbitmq-server exited: see {self.base / 'server.log'}")
+        return True
+
+    def rabbitmqctl(self, *arguments: str) -> str:
+        done = subprocess.run(
+            self.host.command([str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.node, *arguments]),
+            env=self.environment,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        return done.stdout
+
+    def queues(self) -> dict[str, tuple[int, int, int]]:
+        """{queue: (ready, unacknowledged, consumers)}"""
+        listing = self.rabbitmqctl(
+            "list_queues", "-q", "--no-table-headers", "name", "messages_ready",
+            "messages_unacknowledged", "consumers",
+        )  # fmt: skip
+        found = {}
+        for line in listing.splitlines():
+            parts = line.split("\t")
+            if len(parts) == 4:
+                found[parts[0]] = (int(parts[1]), int(parts[2]), int(parts[3]))
+        return found
+
+    def stop(self) -> None:
+        """A clean shutdown (rabbitmqctl stop), then the host's leftovers (epmd)."""
+        if self.process is not None and self.process.poll() is None:
+            subprocess.run(
+                self.host.command([str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.node, "stop"]),
+                env=self.environment,
+                capture_output=True,
+                timeout=120,
+            )
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=30)
+        self.reap()
+
+    def reap(self) -> None:
+        """After a crash of the host: collect the server process."""
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=30)
+            self.process = None
+        # Give the port a moment: a restart right after a crash must be able to bind it.
+        time.sleep(0.2)
