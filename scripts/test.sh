@@ -12,7 +12,7 @@ if [ "${1:-}" = "--fast" ]; then
   fast=1
   shift
 fi
-bash scripts/setup.sh convert,dev,train
+bash scripts/setup.sh convert,dev,train,visualisation
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy services convertation

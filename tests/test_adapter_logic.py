@@ -30,7 +30,7 @@ from services.triton.local_server import free_local_ports
 
 
 def test_preview_orientation_follows_the_radiological_convention() -> None:
-    from services.adapter.previews import axial_slice, coronal_slice, preview_images
+    from services.core.previews import axial_slice, coronal_slice, preview_images
 
     # SLP+ volume: axis 0 toward superior, 1 toward the patient's left, 2 toward posterior.
     volume = np.full((10, 20, 30), -1.0, dtype=np.float32)

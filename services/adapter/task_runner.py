@@ -11,7 +11,6 @@ from pathlib import Path
 from loguru import logger
 
 from services.adapter.delivery import failed_result
-from services.adapter.previews import write_previews
 from services.adapter.progress import (
     STAGE_MESSAGES,
     WRITING_FRACTION,
@@ -27,6 +26,7 @@ from services.core.config import Settings
 from services.core.errors import ErrorPolicy, StudyNotFound, policy_of
 from services.core.inference.base import InferenceBackend
 from services.core.pipeline import PipelineEvents, PreparedStudy, process_input
+from services.core.previews import write_previews
 from services.core.reports import write_reports
 from services.core.schemas import StudyReport
 from services.core.volume import Volume

@@ -3,9 +3,9 @@
 INPUT is a folder whose top-level entries (zips, tars, NIfTI files, folders, DICOM files)
 are one input each, or a single file. A folder holding only loose files that are neither
 archives nor NIfTI (one series copied off a CD) is one input.
-Writes OUTPUT_DIR/output.xlsx, warnings_and_errors.txt and
-json/*.json. Failed studies are rows, so the exit code is 0 whenever the run itself
-worked; it is 2 for usage errors and a missing model repository.
+Writes OUTPUT_DIR/output.xlsx, warnings_and_errors.txt, json/*.json, sr/*.dcm (a DICOM SR
+per DICOM study) and previews/*.png (what the model saw of each study). Failed studies are rows, so the exit code is 0 whenever
+the run itself worked; it is 2 for usage errors and a missing model repository.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import uuid
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from loguru import logger
 from tqdm import tqdm
 
 from services.batch.model_input_files import ModelInputSaver
+from services.batch.preview_files import PREVIEWS_DIR_NAME, EventFanOut, PreviewWriter
 from services.core.config import Settings, load_settings
 from services.core.errors import ConfigurationError
 from services.core.findings import resolve_thresholds
@@ -33,8 +35,11 @@ from services.core.pipeline import PipelineEvents, process_input
 from services.core.process_memory import apply_memory_settings
 from services.core.reports import write_reports
 from services.core.schemas import StudyReport
+from services.sr.document import document_context, write_structured_reports
+from services.sr.evidence import EventsFanOut, EvidenceCollector
 
 USAGE_ERROR = 2
+SR_DIR_NAME = "sr"  # one DICOM structured report per DICOM study
 LOG_FILE_NAME = "batch.log"  # in the output folder, when the run shows a progress bar
 ZIP_SUFFIX = ".zip"
 # Files that are an input of their own, never slices of a loose series.
@@ -156,10 +161,12 @@ def summary_line(
     )
 
 
-def _events(save_model_input: Path | None, input_path: Path) -> PipelineEvents:
+def _events(
+    save_model_input: Path | None, input_path: Path, previews: PreviewWriter
+) -> PipelineEvents:
     if save_model_input is None:
-        return PipelineEvents()
-    return ModelInputSaver(save_model_input, input_path)
+        return previews
+    return EventFanOut([previews, ModelInputSaver(save_model_input, input_path)])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -196,6 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     reports: list[StudyReport] = []
+    evidence = EvidenceCollector()  # what each study's SR needs of its source files
+    sr_context = document_context(uuid.uuid4().hex, backend.metadata, settings.inference)
+    previews = PreviewWriter(
+        arguments.output_dir / PREVIEWS_DIR_NAME, spacing_mm=backend.metadata.target_spacing_mm
+    )
     try:
         # disable=None: no bar unless stderr is a terminal (a bar in a file is one line per update).
         with tqdm(inputs, desc="studies", unit="input", file=sys.stderr, disable=None) as bar:
@@ -206,7 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         backend=backend,
                         settings=settings,
                         display_name=str(input_path),
-                        events=_events(arguments.save_model_input, input_path),
+                        events=EventsFanOut(
+                            _events(arguments.save_model_input, input_path, previews), evidence
+                        ),
                     )
                 )
                 failed = sum(not report.succeeded for report in reports)
@@ -214,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         backend.close()
     write_reports(reports, arguments.output_dir)
+    write_structured_reports(evidence.studies, arguments.output_dir / SR_DIR_NAME, sr_context)
     print(summary_line(reports, len(inputs), arguments.output_dir, time.perf_counter() - started))
     if log_file is not None:
         print(f"log: {log_file}")

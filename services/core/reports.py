@@ -193,10 +193,16 @@ def warnings_text(reports: Sequence[StudyReport]) -> str:
     return "\n\n".join(blocks) + "\n"
 
 
-def json_file_name(index: int, report: StudyReport) -> str:
-    """``study_0001_<hash>.json``: numbered, keyed by a hash of source and UID, no patient data."""
+def study_file_key(report: StudyReport) -> str:
+    """12 hex digits of a hash of source and UID: names a study's files without patient data
+    (its JSON report here, the batch's preview images in services/core/previews.py)."""
     key = f"{report.path_to_study}\0{report.study_uid or ''}".encode()
-    return f"study_{index:04d}_{hashlib.sha256(key).hexdigest()[:12]}.json"
+    return hashlib.sha256(key).hexdigest()[:12]
+
+
+def json_file_name(index: int, report: StudyReport) -> str:
+    """``study_0001_<key>.json``: numbered, keyed by ``study_file_key``."""
+    return f"study_{index:04d}_{study_file_key(report)}.json"
 
 
 @dataclass(frozen=True)

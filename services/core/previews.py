@@ -1,4 +1,8 @@
-"""Preview images of the model input: what the model saw, for the study's detail view.
+"""Preview images of the model input: what the model saw.
+
+The stack's adapter writes them for the study view (``write_previews``: three axial slices and
+a coronal one); the batch writes a mid-axial slice and a coronal view per study
+(``write_study_previews``, with true proportions), which ``python -m visualisation`` shows.
 
 The model input is CT-CLIP's SLP+ volume scaled to [-1, 1] (HU / 1000): axis 0 runs toward
 superior, axis 1 toward the patient's left, axis 2 toward posterior. Images follow the
@@ -41,9 +45,7 @@ def coronal_slice(volume_slp: np.ndarray, fraction: float = 0.5) -> np.ndarray:
 
 def preview_images(model_input: np.ndarray) -> dict[str, np.ndarray]:
     """{name: uint8 image} for one study's model input ``[1, 1, D, H, W]`` or ``[D, H, W]``."""
-    volume = np.asarray(model_input)
-    while volume.ndim > 3:
-        volume = volume[0]
+    volume = _volume_of(model_input)
     images = {
         f"axial_{int(round(fraction * 100)):02d}": to_display(axial_slice(volume, fraction))
         for fraction in AXIAL_POSITIONS
@@ -62,12 +64,63 @@ def _upscale(image: np.ndarray) -> Image.Image:
     return picture
 
 
+def _volume_of(model_input: np.ndarray) -> np.ndarray:
+    volume = np.asarray(model_input)
+    while volume.ndim > 3:
+        volume = volume[0]
+    return volume
+
+
 def write_previews(model_input: np.ndarray, directory: Path, prefix: str) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, image in preview_images(model_input).items():
         path = directory / f"{prefix}_{name}.png"
         # Pillow's optimize=True made the four files 3% smaller for 0.35 s of CPU per study.
+        _upscale(image).save(path, format="PNG")
+        paths.append(path)
+    return paths
+
+
+# The batch's two previews of a study: ``<key>_axial.png`` and ``<key>_coronal.png`` in
+# OUTPUT_DIR/previews, ``key`` being the hash in the study's JSON file name
+# (services.core.reports.study_file_key), so a report finds its images by name.
+STUDY_PREVIEW_VIEWS = ("axial", "coronal")
+
+
+def study_preview_path(directory: Path, key: str, view: str) -> Path:
+    return Path(directory) / f"{key}_{view}.png"
+
+
+def study_previews(
+    model_input: np.ndarray, spacing_mm: tuple[float, float, float]
+) -> dict[str, np.ndarray]:
+    """The mid-axial slice and the mid-coronal view of one model input, as uint8 images.
+
+    ``spacing_mm`` is the model input's voxel spacing (S, L, P): the coronal view's rows are
+    stretched so that a millimetre is as long down the image as across it (the contract's
+    1.5 mm slices against 0.75 mm pixels would otherwise squash it to half its height).
+    """
+    volume = _volume_of(model_input)
+    axial = to_display(axial_slice(volume, 0.5))
+    coronal = to_display(coronal_slice(volume, 0.5))
+    rows = max(1, int(round(coronal.shape[0] * spacing_mm[0] / spacing_mm[1])))
+    if rows != coronal.shape[0]:
+        picture = Image.fromarray(np.ascontiguousarray(coronal))
+        coronal = np.asarray(
+            picture.resize((coronal.shape[1], rows), Image.Resampling.BILINEAR), dtype=np.uint8
+        )
+    return {"axial": axial, "coronal": coronal}
+
+
+def write_study_previews(
+    model_input: np.ndarray, spacing_mm: tuple[float, float, float], directory: Path, key: str
+) -> list[Path]:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for view, image in study_previews(model_input, spacing_mm).items():
+        path = study_preview_path(directory, key, view)
         _upscale(image).save(path, format="PNG")
         paths.append(path)
     return paths
