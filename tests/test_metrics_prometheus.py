@@ -32,7 +32,14 @@ pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton, pytest.mark.slow]
 MONITORING = PROJECT_ROOT / "deploy" / "monitoring"
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "chest-ct-screening.json"
 SCRAPE_INTERVAL = "1s"
-JOBS = {"cts-frontend": 1, "cts-adapter": 2, "triton": 1, "rabbitmq": 1, "rabbitmq-queues": 1}
+JOBS = {
+    "cts-frontend": 1,
+    "cts-adapter": 2,
+    "cts-dicom-listener": 1,
+    "triton": 1,
+    "rabbitmq": 1,
+    "rabbitmq-queues": 1,
+}
 
 
 def free_port_run(length: int) -> int:
@@ -110,7 +117,7 @@ class Prometheus:
 def stack(
     tiny_model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalStack]:
-    frontend, http, grpc, triton_metrics, frontend_metrics = free_local_ports(5)
+    frontend, http, grpc, triton_metrics, frontend_metrics, dicom_metrics = free_local_ports(6)
     prefix = f"test-metrics-{uuid.uuid4().hex[:10]}"
     local = LocalStack(
         repository=tiny_model_repository,
@@ -123,6 +130,8 @@ def stack(
             str(frontend_metrics),
             "--adapter-metrics-port",
             str(free_port_run(2)),
+            "--dicom-metrics-port",
+            str(dicom_metrics),
         ),
     )
     ensure_rabbitmq_running(local.broker)

@@ -63,6 +63,10 @@ def test_monitoring_profile_scrapes_what_the_services_serve(
     ]
     adapters = scrape["cts-adapter"]["dns_sd_configs"][0]
     assert (adapters["names"], adapters["port"]) == (["adapter"], metrics.adapter_port)
+    assert scrape["cts-dicom-listener"]["static_configs"][0]["targets"] == [
+        f"dicom-listener:{metrics.dicom_listener_port}"
+    ]
+    assert services["dicom-listener"]["environment"]["CTS__METRICS__HOST"] == "0.0.0.0"
     assert scrape["triton"]["static_configs"][0]["targets"] == ["triton:8002"]
     assert scrape["rabbitmq"]["static_configs"][0]["targets"] == ["rabbitmq:15692"]
     assert scrape["rabbitmq-queues"]["metrics_path"] == "/metrics/detailed"
