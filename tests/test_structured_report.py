@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from batch_support import report_rows, run_batch
 from loguru import logger
 from sr_support import dciodvfy_errors, read_screening_sr
 
@@ -177,3 +178,24 @@ def test_the_fan_out_forwards_every_event() -> None:
     }
     forwarded = {name for name in events if name in EventsFanOut.__dict__}
     assert forwarded == events
+
+
+def test_the_batch_writes_an_sr_per_dicom_study(
+    tiny_model_repository: Path, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name in ("chest_ct_lung_dx_a0002", "head_ct_gantry_tilt"):
+        (inputs / name).symlink_to(fixtures_dir / name)
+    output = tmp_path / "output"
+    completed = run_batch(inputs, output, "--model-repository", tiny_model_repository)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = report_rows(output)
+    documents = [pydicom.dcmread(path) for path in sorted((output / "sr").glob("*.dcm"))]
+    assert [document.StudyInstanceUID for document in documents] == [
+        row["study_uid"] for row in rows
+    ]
+    statuses = [
+        read_screening_sr(document).screening["Processing status"] for document in documents
+    ]
+    assert statuses == [row["processing_status"] for row in rows] == ["Success", "Failure"]

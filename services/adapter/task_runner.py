@@ -30,9 +30,12 @@ from services.core.previews import write_previews
 from services.core.reports import write_reports
 from services.core.schemas import StudyReport
 from services.core.volume import Volume
+from services.sr.document import document_context, write_structured_reports
+from services.sr.evidence import EventsFanOut, EvidenceCollector
 
 PREVIEWS_DIR = "previews"
 VIEWER_DIR = "viewer"
+SR_DIR = "sr"  # one DICOM structured report per DICOM study (services/sr)
 # Result file kinds of the side files, by the folder they are written to.
 SIDE_FILE_KINDS = {PREVIEWS_DIR: "preview", VIEWER_DIR: "viewer"}
 
@@ -168,6 +171,32 @@ def _result_files(
     return files
 
 
+def _structured_report_files(
+    storage_root: Path,
+    output_dir: Path,
+    evidence: EvidenceCollector,
+    *,
+    task_id: str,
+    backend: InferenceBackend,
+    settings: Settings,
+) -> list[ResultFile]:
+    """The studies' DICOM SRs next to the other report files (NIfTI studies have none)."""
+    context = document_context(task_id, backend.metadata, settings.inference)
+    try:
+        written = write_structured_reports(evidence.studies, output_dir / SR_DIR, context)
+    except Exception:  # noqa: BLE001 - the reports stand without their SR; the log says why
+        logger.exception("task {}: structured reports not written", task_id)
+        return []
+    return [
+        ResultFile(
+            kind="sr",
+            path=relative_to_storage(storage_root, path),
+            description="DICOM structured report",
+        )
+        for path in written
+    ]
+
+
 def run_task(
     task: StudyTask,
     *,
@@ -188,6 +217,7 @@ def run_task(
     started = utc_now()
     clock = time.perf_counter()
     events = TaskEvents(progress, output_dir, inference_times=inference_times)
+    evidence = EvidenceCollector()
     try:
         study_path = task.resolve_study_path(storage_root)
         if not study_path.exists():
@@ -200,12 +230,22 @@ def run_task(
             backend=backend,
             settings=settings,
             display_name=task.original_filename or None,
-            events=events,
+            events=EventsFanOut(events, evidence),
         )
         if not reports:
             raise RuntimeError("the pipeline returned no report")
         events.report("writing", WRITING_FRACTION, "writing the report files")
         files = _result_files(storage_root, output_dir, reports)
+        files.extend(
+            _structured_report_files(
+                storage_root,
+                output_dir,
+                evidence,
+                task_id=task.task_id,
+                backend=backend,
+                settings=settings,
+            )
+        )
         files.extend(
             ResultFile(
                 kind=side_file_kind(output_dir, path),
