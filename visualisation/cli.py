@@ -134,7 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         records = collect_records(arguments)
+        read_seconds = time.perf_counter() - started
+        clock = time.perf_counter()
         _import_fiftyone()
+        import_seconds = time.perf_counter() - clock
         import fiftyone as fo
 
         from visualisation.dataset import build_dataset
@@ -154,6 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{summary.map.note}; {time.perf_counter() - started:.1f} s",
         flush=True,
     )
+    stages = {
+        "reading": round(read_seconds, 2),
+        "fiftyone import": round(import_seconds, 2),
+        **summary.seconds,
+    }
+    logger.info("seconds: {}", ", ".join(f"{name} {value}" for name, value in stages.items()))
     if arguments.no_launch:
         return 0
     from visualisation.app import serve_app
