@@ -4,7 +4,6 @@ highdicom, validated with dicom3tools' dciodvfy and read back value by value."""
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from sr_support import dciodvfy_errors, read_screening_sr
 
 from services.core.config import Settings, load_settings
 from services.core.inference import create_backend
-from services.core.pipeline import PipelineEvents, process_input
+from services.core.pipeline import process_input
 from services.core.schemas import StudyReport
 from services.sr.document import (
     ALGORITHM_NAME,
@@ -25,7 +24,7 @@ from services.sr.document import (
     document_context,
     write_structured_reports,
 )
-from services.sr.evidence import EventsFanOut, EvidenceCollector, StudyEvidence
+from services.sr.evidence import EvidenceCollector, StudyEvidence
 
 pytestmark = pytest.mark.slow
 
@@ -168,16 +167,6 @@ def test_writing_logs_no_patient_data(screened) -> None:
     assert patient_name
     assert not any(patient_name in line for line in lines)
     assert not any(patient_name in str(warning.message) for warning in caught)
-
-
-def test_the_fan_out_forwards_every_event() -> None:
-    events = {
-        name
-        for name, member in inspect.getmembers(PipelineEvents, inspect.isfunction)
-        if not name.startswith("_")
-    }
-    forwarded = {name for name in events if name in EventsFanOut.__dict__}
-    assert forwarded == events
 
 
 def test_the_batch_writes_an_sr_per_dicom_study(

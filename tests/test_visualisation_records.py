@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from services.batch.preview_files import EventFanOut, PreviewWriter
+from services.batch.preview_files import PreviewWriter
 from services.core.labels import FINDING_LABELS
-from services.core.pipeline import PipelineEvents, PreparedStudy
+from services.core.pipeline import PreparedStudy
 from services.core.previews import study_previews, write_study_previews
 from services.core.reports import json_file_name, study_file_key
 from services.core.schemas import (
@@ -252,31 +252,6 @@ def test_the_cli_needs_results_or_embeddings() -> None:
         parse_arguments(["--dataset", "x"])
     arguments = parse_arguments(["--results", "a", "b", "--dataset", "x", "--no-launch"])
     assert [str(path) for path in arguments.results] == ["a", "b"] and arguments.port == 5151
-
-
-class _Recorder(PipelineEvents):
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def __getattribute__(self, name: str):
-        if not name.startswith("_") and name in vars(PipelineEvents):
-            calls = object.__getattribute__(self, "calls")
-            return lambda *args, **kwargs: calls.append(name)
-        return object.__getattribute__(self, name)
-
-
-def test_the_fan_out_forwards_every_pipeline_event() -> None:
-    first, second = _Recorder(), _Recorder()
-    fan_out = EventFanOut([first, second])
-    events = [
-        name
-        for name, member in vars(PipelineEvents).items()
-        if callable(member) and not name.startswith("_")
-    ]
-    assert "model_input_ready" in events and "study_finished" in events
-    for name in events:
-        getattr(fan_out, name)()
-    assert first.calls == events and second.calls == events
 
 
 def test_the_batch_preview_writer_names_files_by_the_report_key(tmp_path) -> None:

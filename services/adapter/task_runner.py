@@ -25,13 +25,13 @@ from services.broker.storage import relative_to_storage, result_files_dir
 from services.core.config import Settings
 from services.core.errors import ErrorPolicy, StudyNotFound, policy_of
 from services.core.inference.base import InferenceBackend
-from services.core.pipeline import PipelineEvents, PreparedStudy, process_input
+from services.core.pipeline import EventFanOut, PipelineEvents, PreparedStudy, process_input
 from services.core.previews import write_previews
 from services.core.reports import write_reports
 from services.core.schemas import StudyReport
 from services.core.volume import Volume
 from services.sr.document import document_context, write_structured_reports
-from services.sr.evidence import EventsFanOut, EvidenceCollector
+from services.sr.evidence import EvidenceCollector
 
 PREVIEWS_DIR = "previews"
 VIEWER_DIR = "viewer"
@@ -230,7 +230,7 @@ def run_task(
             backend=backend,
             settings=settings,
             display_name=task.original_filename or None,
-            events=EventsFanOut(events, evidence),
+            events=EventFanOut(events, evidence),
         )
         if not reports:
             raise RuntimeError("the pipeline returned no report")

@@ -24,19 +24,19 @@ from loguru import logger
 from tqdm import tqdm
 
 from services.batch.model_input_files import ModelInputSaver
-from services.batch.preview_files import PREVIEWS_DIR_NAME, EventFanOut, PreviewWriter
+from services.batch.preview_files import PREVIEWS_DIR_NAME, PreviewWriter
 from services.core.config import Settings, load_settings
 from services.core.errors import ConfigurationError
 from services.core.findings import resolve_thresholds
 from services.core.inference import create_backend
 from services.core.logging_setup import configure_logging
 from services.core.nifti.ct_rate import read_ct_rate_metadata
-from services.core.pipeline import PipelineEvents, process_input
+from services.core.pipeline import EventFanOut, PipelineEvents, process_input
 from services.core.process_memory import apply_memory_settings
 from services.core.reports import write_reports
 from services.core.schemas import StudyReport
 from services.sr.document import document_context, write_structured_reports
-from services.sr.evidence import EventsFanOut, EvidenceCollector
+from services.sr.evidence import EvidenceCollector
 
 USAGE_ERROR = 2
 SR_DIR_NAME = "sr"  # one DICOM structured report per DICOM study
@@ -166,7 +166,7 @@ def _events(
 ) -> PipelineEvents:
     if save_model_input is None:
         return previews
-    return EventFanOut([previews, ModelInputSaver(save_model_input, input_path)])
+    return EventFanOut(previews, ModelInputSaver(save_model_input, input_path))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         backend=backend,
                         settings=settings,
                         display_name=str(input_path),
-                        events=EventsFanOut(
+                        events=EventFanOut(
                             _events(arguments.save_model_input, input_path, previews), evidence
                         ),
                     )

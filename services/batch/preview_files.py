@@ -9,9 +9,7 @@ visualisation`` uses them as the media of a study's sample. A study refused befo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from loguru import logger
 
@@ -41,28 +39,3 @@ class PreviewWriter(PipelineEvents):
             )
         except (OSError, ValueError) as error:  # a preview never fails a study
             logger.warning("preview of study {} not written: {}", prepared.index + 1, error)
-
-
-class EventFanOut(PipelineEvents):
-    """Hands every event to each handler in turn (previews and saved model inputs together).
-
-    The forwarding methods are made from PipelineEvents' own public methods (below), so an
-    event added there reaches every handler without a change here.
-    """
-
-    def __init__(self, handlers: Sequence[PipelineEvents]) -> None:
-        self.handlers = list(handlers)
-
-
-def _forwarding(name: str) -> Callable[..., None]:
-    def forward(self: EventFanOut, *args: Any, **kwargs: Any) -> None:
-        for handler in self.handlers:
-            getattr(handler, name)(*args, **kwargs)
-
-    forward.__name__ = name
-    return forward
-
-
-for _name, _member in vars(PipelineEvents).items():
-    if callable(_member) and not _name.startswith("_"):
-        setattr(EventFanOut, _name, _forwarding(_name))

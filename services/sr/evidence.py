@@ -20,9 +20,7 @@ from pydicom.errors import InvalidDicomError
 
 from services.core.dicom.objects import Series, Study
 from services.core.pipeline.events import PipelineEvents
-from services.core.pipeline.prepare import PreparedStudy
 from services.core.schemas import StudyReport
-from services.core.volume import Volume
 
 # The Patient and General Study modules (as far as a source image has them): the SR carries
 # them unchanged, which is what files it with its study in a PACS.
@@ -144,33 +142,3 @@ class EvidenceCollector(PipelineEvents):
         if evidence is not None and evidence.study_uid != report.study_uid:
             evidence = None  # an input-level failure row, not this study's
         self.studies.append((report, evidence))
-
-
-class EventsFanOut(PipelineEvents):
-    """Hands every pipeline event to several handlers, in order (a test checks that each
-    PipelineEvents method is forwarded)."""
-
-    def __init__(self, *handlers: PipelineEvents) -> None:
-        self.handlers = handlers
-
-    def stage_started(self, stage: str, *, study_index: int, n_studies: int) -> None:
-        for handler in self.handlers:
-            handler.stage_started(stage, study_index=study_index, n_studies=n_studies)
-
-    def series_selected(
-        self, study: Study, series: Series | None, *, study_index: int, n_studies: int
-    ) -> None:
-        for handler in self.handlers:
-            handler.series_selected(study, series, study_index=study_index, n_studies=n_studies)
-
-    def volume_loaded(self, volume: Volume, *, study_index: int, n_studies: int) -> None:
-        for handler in self.handlers:
-            handler.volume_loaded(volume, study_index=study_index, n_studies=n_studies)
-
-    def model_input_ready(self, prepared: PreparedStudy) -> None:
-        for handler in self.handlers:
-            handler.model_input_ready(prepared)
-
-    def study_finished(self, report: StudyReport, *, study_index: int, n_studies: int) -> None:
-        for handler in self.handlers:
-            handler.study_finished(report, study_index=study_index, n_studies=n_studies)

@@ -5,7 +5,7 @@ run.py: the model and the finished reports (``process_input`` chains both);
 events.py: what the pipeline announces while it works; failures.py: Failure rows.
 """
 
-from services.core.pipeline.events import STAGES, PipelineEvents
+from services.core.pipeline.events import STAGES, EventFanOut, PipelineEvents
 from services.core.pipeline.prepare import (
     WORK_DIR_PREFIX,
     PreparedStudy,
@@ -17,6 +17,7 @@ from services.core.pipeline.run import finish_study, model_info, process_input
 
 __all__ = [
     "STAGES",
+    "EventFanOut",
     "WORK_DIR_PREFIX",
     "PipelineEvents",
     "PreparedStudy",

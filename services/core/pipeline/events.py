@@ -61,6 +61,36 @@ class PipelineEvents:
 NO_EVENTS = PipelineEvents()
 
 
+class EventFanOut(PipelineEvents):
+    """Hands every pipeline event to several handlers, in order (a test checks that each
+    PipelineEvents method is forwarded)."""
+
+    def __init__(self, *handlers: PipelineEvents) -> None:
+        self.handlers = handlers
+
+    def stage_started(self, stage: str, *, study_index: int, n_studies: int) -> None:
+        for handler in self.handlers:
+            handler.stage_started(stage, study_index=study_index, n_studies=n_studies)
+
+    def series_selected(
+        self, study: Study, series: Series | None, *, study_index: int, n_studies: int
+    ) -> None:
+        for handler in self.handlers:
+            handler.series_selected(study, series, study_index=study_index, n_studies=n_studies)
+
+    def volume_loaded(self, volume: Volume, *, study_index: int, n_studies: int) -> None:
+        for handler in self.handlers:
+            handler.volume_loaded(volume, study_index=study_index, n_studies=n_studies)
+
+    def model_input_ready(self, prepared: PreparedStudy) -> None:
+        for handler in self.handlers:
+            handler.model_input_ready(prepared)
+
+    def study_finished(self, report: StudyReport, *, study_index: int, n_studies: int) -> None:
+        for handler in self.handlers:
+            handler.study_finished(report, study_index=study_index, n_studies=n_studies)
+
+
 class StageClock:
     """Times named stages and announces each; a failing stage is timed too, and
     ``current`` names it for the failure reason."""
