@@ -64,7 +64,7 @@ from convertation.model_sources import (
     sha256_of,
     with_encoder_checkpoint,
 )
-from convertation.python_backend import TEMPLATE_MODEL_PY
+from convertation.python_backend import OPTIMISED_GRAPHS_PY, TEMPLATE_MODEL_PY
 from convertation.tensorrt_plans import TensorRtStatus, build_plans
 from convertation.triton_config import (
     BPR_MAX_BATCH,
@@ -141,7 +141,7 @@ def _served_names(models: ModelSet) -> list[str]:
     return [*SERVED_MODEL_NAMES, *extra]
 
 
-def _export_onnx(models: ModelSet, repository: Path) -> None:
+def _export_onnx(models: ModelSet, repository: Path, flavour: Flavour) -> None:
     from convertation.head.deploy import export_head
     from convertation.vit.export import export_encoder_onnx
 
@@ -149,7 +149,10 @@ def _export_onnx(models: ModelSet, repository: Path) -> None:
         return repository / name / VERSION / ONNX_FILENAME
 
     started = time.perf_counter()
-    export_encoder_onnx(models.encoder, target(ENCODER_NAME))
+    # ONNX Runtime's fused attention for the flavours that run onnxruntime; standard
+    # operators for the graph trtexec builds TensorRT plans from.
+    fused = flavour is not Flavour.TENSORRT
+    export_encoder_onnx(models.encoder, target(ENCODER_NAME), fused_attention=fused)
     logger.info("exported {} in {:.1f} s", target(ENCODER_NAME), time.perf_counter() - started)
     export_head(models.binary_head, target(BINARY_HEAD_NAME), deployed_labels=FINDING_LABELS)
     export_head(
@@ -182,6 +185,9 @@ def write_configs(
         (repository / name / "config.pbtxt").write_text(config_text(config, header=header))
         if flavour is Flavour.PYTHON and name != ENSEMBLE_NAME:
             shutil.copyfile(TEMPLATE_MODEL_PY, repository / name / VERSION / "model.py")
+            shutil.copyfile(
+                OPTIMISED_GRAPHS_PY, repository / name / VERSION / OPTIMISED_GRAPHS_PY.name
+            )
 
 
 def _provenance(models: ModelSet, name: str) -> Provenance:
@@ -231,7 +237,7 @@ def build_repository(repository: Path, flavour: Flavour, models: ModelSet) -> Bu
 
     body_part = models.body_part_regression
     _reset_model_dirs(repository, body_part_regression=body_part is not None)
-    _export_onnx(models, repository)
+    _export_onnx(models, repository, flavour)
     write_configs(
         repository,
         flavour,

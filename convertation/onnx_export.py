@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -34,12 +36,14 @@ def export_module(
     *,
     input_name: str,
     output_name: str,
+    custom_translation_table: dict[Any, Callable[..., Any]] | None = None,
 ) -> Path:
     """Export ``module(example_input)`` with a dynamic first (batch) axis to ``output``.
 
     The dynamo exporter is used: the legacy TorchScript exporter crashed on the full CT-CLIP
     encoder. ``example_input`` must have a batch of at least 2, or torch.export would
-    specialise the batch axis to its size.
+    specialise the batch axis to its size. ``custom_translation_table`` maps custom torch
+    ops to the ONNX functions that write them (e.g. `convertation.vit.fused_attention`).
     """
     if example_input.shape[0] < 2:
         raise ValueError("the example input needs a batch of at least 2 for a dynamic batch")
@@ -59,6 +63,7 @@ def export_module(
             opset_version=OPSET,
             optimize=True,
             verbose=False,
+            custom_translation_table=custom_translation_table,
         )
     if program is None:
         raise OnnxExportError("torch.onnx.export returned no program")

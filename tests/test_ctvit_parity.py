@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -83,6 +84,25 @@ def test_onnx_matches_torch_for_another_config_seed_and_batch(tmp_path):
         assert embedding.shape == (batch, dim_latent)
         np.testing.assert_allclose(embedding, expected, atol=TOLERANCE, rtol=0)
         np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fused_and_portable_graphs_compute_the_same(small_onnx, small_encoder, tmp_path):
+    """The embedded/Triton graph (one com.microsoft MultiHeadAttention per attention) and the
+    portable one TensorRT builds from (standard operators) agree to rounding; the fused one
+    has no Softmax and none of the head transposes left."""
+    portable = export_encoder_onnx(small_encoder, tmp_path / "portable.onnx", fused_attention=False)
+    fused_ops = [node.op_type for node in onnx.load(str(small_onnx)).graph.node]
+    portable_ops = [node.op_type for node in onnx.load(str(portable)).graph.node]
+    layers = small_encoder.config.spatial_depth + small_encoder.config.temporal_depth
+    assert fused_ops.count("MultiHeadAttention") == layers and "Softmax" not in fused_ops
+    assert "MultiHeadAttention" not in portable_ops and portable_ops.count("Softmax") == layers
+    assert portable_ops.count("Transpose") - fused_ops.count("Transpose") >= 4 * layers
+    volume = np.random.default_rng(11).uniform(-1, 1, (3, 1, *small_encoder.expected_input_shape()))
+    feed = {"volume": volume.astype(np.float32)}
+    np.testing.assert_allclose(
+        run_onnx(small_onnx, feed)[0], run_onnx(portable, feed)[0], atol=1e-6
+    )
 
 
 def test_batch_items_are_encoded_independently(small_encoder, reference_io):

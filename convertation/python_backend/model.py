@@ -7,19 +7,26 @@ session, so the same file serves the encoder and both heads.
 
 Runs inside Triton's python-backend stub, whose interpreter must see numpy < 2 and
 onnxruntime (see services/triton/local_server.py for how the environment is set).
-Optional config parameters: ``onnx_filename`` (default model.onnx) and
-``intra_op_num_threads`` (default 0: onnxruntime's choice).
+Optional config parameters: ``onnx_filename`` (default model.onnx),
+``intra_op_num_threads`` (default 0: onnxruntime's choice), ``allow_spinning`` (default 0:
+idle threads sleep) and ``optimised_graph_cache`` (default 1: the optimised graph is saved
+beside the model and later loads start from it; ``optimised_graphs.py``, copied beside this
+file from services/core/inference/, does it).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # optimised_graphs.py beside this file
+from optimised_graphs import create_session  # noqa: E402
 
 DEFAULT_ONNX_FILENAME = "model.onnx"
 
@@ -50,10 +57,18 @@ class TritonPythonModel:
         if not onnx_path.is_file():
             raise pb_utils.TritonModelException(f"ONNX file not found: {onnx_path}")
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(parameters.get("intra_op_num_threads", "0") or 0)
-        self.session = ort.InferenceSession(
-            str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
+        threads = int(parameters.get("intra_op_num_threads", "0") or 0)
+        spinning = parameters.get("allow_spinning", "0") or "0"
+
+        def options() -> ort.SessionOptions:
+            session_options = ort.SessionOptions()
+            session_options.intra_op_num_threads = threads
+            session_options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+            return session_options
+
+        use_cache = (parameters.get("optimised_graph_cache", "1") or "1") != "0"
+        self.session, self.session_start = create_session(
+            onnx_path, options, ["CPUExecutionProvider"], use_cache=use_cache
         )
         self.input_names = [item["name"] for item in model_config["input"]]
         self.output_names = [item["name"] for item in model_config["output"]]

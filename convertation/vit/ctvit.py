@@ -66,11 +66,13 @@ class CTViTEncoder(nn.Module):
         self.vq = CosineSimQuantiser(config.codebook_size, config.dim)
 
     def spatial_bias(self) -> Tensor:
+        """The spatial attention bias ``[1, heads, h*w, h*w]`` (weights only)."""
         side = self.config.patches_per_side
-        return self.spatial_rel_pos_bias(side, side)
+        return self.spatial_rel_pos_bias(side, side)[None]
 
-    def forward(self, volume: Tensor, spatial_bias: Tensor | None = None) -> Tensor:
-        """``[B, 1, D, H, W] -> [B, t, h, w, dim]`` quantised tokens.
+    def transformed(self, volume: Tensor, spatial_bias: Tensor | None = None) -> Tensor:
+        """``[B, 1, D, H, W] -> [B, h, w, t, dim]`` tokens before the vector quantiser, in the
+        (b h w) t order the temporal transformer leaves them in.
 
         ``spatial_bias`` may be passed in precomputed (it depends on the weights only): the
         ONNX export stores it as a constant instead of running its MLP for every volume.
@@ -84,16 +86,18 @@ class CTViTEncoder(nn.Module):
         _, t, h, w, dim = tokens.shape
         grid = (t, h, w)
         if spatial_bias is None:
-            spatial_bias = self.spatial_rel_pos_bias(h, w)
+            spatial_bias = self.spatial_rel_pos_bias(h, w)[None]
 
         tokens = tokens.reshape(-1, h * w, dim)  # (b t) (h w) d
         tokens = self.enc_spatial_transformer(tokens, grid, spatial_bias)
 
         tokens = tokens.reshape(-1, t, h * w, dim).transpose(1, 2).reshape(-1, t, dim)
         tokens = self.enc_temporal_transformer(tokens, grid)  # (b h w) t d
+        return tokens.reshape(-1, h, w, t, dim)
 
-        tokens = tokens.reshape(-1, h, w, t, dim).permute(0, 3, 1, 2, 4)
-        return self.vq(tokens)
+    def forward(self, volume: Tensor, spatial_bias: Tensor | None = None) -> Tensor:
+        """``[B, 1, D, H, W] -> [B, t, h, w, dim]`` quantised tokens (CTViT's layout)."""
+        return self.vq(self.transformed(volume, spatial_bias).permute(0, 3, 1, 2, 4))
 
 
 class CTClipImageEncoder(nn.Module):
@@ -115,8 +119,13 @@ class CTClipImageEncoder(nn.Module):
         return self.visual_transformer(volume, spatial_bias)
 
     def unnormalised_embedding(self, volume: Tensor, spatial_bias: Tensor | None = None) -> Tensor:
-        tokens = self.encode_tokens(volume, spatial_bias)
-        pooled = tokens.mean(dim=1)  # over depth (CTViT's time axis)
+        # Quantised per token, then averaged over depth (CTViT's time axis) where the
+        # temporal transformer left it (axis 3): the same numbers as CTViT's [B, t, h, w]
+        # layout without a transpose of every token first.
+        tokens = self.visual_transformer.vq(
+            self.visual_transformer.transformed(volume, spatial_bias)
+        )
+        pooled = tokens.mean(dim=3)
         return self.to_visual_latent(pooled.reshape(pooled.shape[0], -1))
 
     def forward(self, volume: Tensor, spatial_bias: Tensor | None = None) -> Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from convertation.errors import ConversionError, OnnxExportError, report_cli_fai
 from convertation.onnx_export import export_module, run_onnx
 from convertation.vit.ctvit import CTClipImageEncoder, build_demo_encoder
 from convertation.vit.ctvit_config import CTViTConfig, encoder_config_or_full
+from convertation.vit.fused_attention import fused_attention_export, translation_table
 
 INPUT_NAME = "volume"
 OUTPUT_NAME = "embedding"
@@ -56,17 +58,27 @@ def load_encoder(config: CTViTConfig, dim_latent: int, checkpoint: Path) -> CTCl
     return encoder.eval()
 
 
-def export_encoder_onnx(encoder: CTClipImageEncoder, output: Path, *, check: bool = True) -> Path:
-    """Write ``encoder`` as one ONNX file; with ``check``, onnxruntime loads and runs it once."""
+def export_encoder_onnx(
+    encoder: CTClipImageEncoder, output: Path, *, check: bool = True, fused_attention: bool = True
+) -> Path:
+    """Write ``encoder`` as one ONNX file; with ``check``, onnxruntime loads and runs it once.
+
+    ``fused_attention``: every attention is one ``com.microsoft.MultiHeadAttention`` node
+    (ONNX Runtime's own op: the embedded backend, Triton's python and onnxruntime
+    flavours); without it the attention is written out in standard ONNX operators (the
+    graph TensorRT builds its plans from).
+    """
     depth, height, width = encoder.expected_input_shape()
     example = torch.zeros(2, 1, depth, height, width)
-    path = export_module(
-        _EncoderWithFrozenBias(encoder.eval()),
-        example,
-        output,
-        input_name=INPUT_NAME,
-        output_name=OUTPUT_NAME,
-    )
+    with fused_attention_export() if fused_attention else nullcontext():
+        path = export_module(
+            _EncoderWithFrozenBias(encoder.eval()),
+            example,
+            output,
+            input_name=INPUT_NAME,
+            output_name=OUTPUT_NAME,
+            custom_translation_table=translation_table() if fused_attention else None,
+        )
     if check:
         probe = np.random.default_rng(0).uniform(-1, 1, (1, 1, depth, height, width))
         (embedding,) = run_onnx(path, {INPUT_NAME: probe.astype(np.float32)})

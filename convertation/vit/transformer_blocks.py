@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convertation.vit.ctvit_config import CTViTConfig
+from convertation.vit.fused_attention import multi_head_attention
 
 # CT-CLIP's attention multiplies the cosine similarities of q and k by a fixed 8.
 ATTENTION_SCALE = 8.0
@@ -99,8 +100,8 @@ class CosineSimAttention(nn.Module):
         self.k_scale = nn.Parameter(torch.ones(dim_head))
         self.to_out = nn.Linear(inner_dim, dim, bias=False)
 
-    def _split_heads(self, x: Tensor) -> Tensor:
-        return x.reshape(x.shape[0], x.shape[1], self.heads, self.dim_head).transpose(1, 2)
+    def _per_head(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.heads, self.dim_head))
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         # CT-CLIP normalises only the query input: keys and values come from the raw tokens.
@@ -110,13 +111,12 @@ class CosineSimAttention(nn.Module):
         key_weight, value_weight = self.to_kv.weight.chunk(2, dim=0)
         keys, values = F.linear(x, key_weight), F.linear(x, value_weight)
         queries = self.to_q(self.norm(x))
-        q = l2_normalise(self._split_heads(queries)) * (self.q_scale * ATTENTION_SCALE)
-        k = l2_normalise(self._split_heads(keys)) * self.k_scale
-        similarity = q @ k.transpose(-1, -2)
-        if bias is not None:
-            similarity = similarity + bias
-        attended = similarity.softmax(dim=-1) @ self._split_heads(values)
-        attended = attended.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+        # q and k are normalised per head in the [B, S, heads, dim_head] layout the products
+        # leave them in (the same numbers as after splitting the heads off), so that the
+        # attention takes them without a transpose.
+        q = l2_normalise(self._per_head(queries)) * (self.q_scale * ATTENTION_SCALE)
+        k = l2_normalise(self._per_head(keys)) * self.k_scale
+        attended = multi_head_attention(q.flatten(-2), k.flatten(-2), values, bias, self.heads)
         return self.to_out(attended)
 
 

@@ -101,7 +101,15 @@ class InferenceSettings(_Section):
     triton_transport: Literal["grpc", "shared_memory", "auto"] = Field(
         "auto", description="auto: shared memory when Triton is on this host"
     )
-    onnx_intra_op_threads: int = Field(0, description="0: onnxruntime uses every core")
+    onnx_intra_op_threads: int = Field(
+        0, description="0: onnxruntime uses every core (start.sh sets cores / adapters)"
+    )
+    onnx_thread_spinning: bool = Field(
+        False, description="idle onnxruntime threads spin (a dedicated host) or sleep"
+    )
+    onnx_graph_cache: bool = Field(
+        True, description="save the optimised graph beside the model; later starts load it"
+    )
     pathology_threshold: float | None = Field(None, description="null: the repository's default")
     finding_thresholds: dict[str, float] = Field(
         default_factory=dict, description='e.g. {"Lung nodule": 0.4}'

@@ -9,6 +9,8 @@ graph runs in a fourth session (``body_part_model``).
 from __future__ import annotations
 
 import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 # onnxruntime >= 1.30 ships telemetry on Linux too: on import it writes a session file to
@@ -31,6 +33,7 @@ from services.core.inference.body_part import (
     body_part_model,
     body_part_onnx_path,
 )
+from services.core.inference.optimised_graphs import create_session
 from services.core.model_metadata import (
     BINARY_HEAD_NAME,
     ENCODER_NAME,
@@ -72,12 +75,17 @@ def check_repository(repository: Path) -> None:
         )
 
 
-def session_options(intra_op_threads: int) -> ort.SessionOptions:
+def session_options(intra_op_threads: int, *, spinning: bool = False) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = max(int(intra_op_threads), 0)
     options.inter_op_num_threads = 1
+    # Idle pool threads sleep instead of spinning: on a host shared with other processes a
+    # spinning thread holds a core while the thread it waits for cannot run, and every
+    # spin counts as CPU time (benchmarks/README.md: the encoder 21 -> 13 s median on a
+    # loaded 2-core host, fewer core-seconds per study).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     # The encoder runs the same shapes every time: reuse the planned memory layout.
     options.enable_mem_pattern = True
     options.enable_cpu_mem_arena = True
@@ -105,7 +113,14 @@ def _fixed_batch(session: ort.InferenceSession) -> int | None:
 
 
 class OnnxRuntimeBackend:
-    """The InferenceBackend that runs the three ONNX graphs with onnxruntime."""
+    """The InferenceBackend that runs the three ONNX graphs with onnxruntime.
+
+    The repository and its metadata are checked here; the sessions are created on a
+    background thread (the body-part regression model first: the chest check needs it
+    before the encoder), so that a process's first study is read, checked and
+    preprocessed while the models load. A session is awaited when it is first used; a
+    model that cannot be loaded raises ModelRepositoryError there.
+    """
 
     name = "onnxruntime"
 
@@ -113,52 +128,89 @@ class OnnxRuntimeBackend:
         self.repository = Path(repository)
         check_repository(self.repository)
         self.metadata: ModelMetadata = read_metadata(self.repository)
-        options = session_options(settings.onnx_intra_op_threads)
-        providers = _providers()
-        paths = onnx_paths(self.repository)
-        self._sessions = {
-            name: ort.InferenceSession(str(path), sess_options=options, providers=providers)
-            for name, path in paths.items()
+        self._settings = settings
+        self._providers = _providers()
+        self.session_starts: dict[str, str] = {}  # model -> cached / saved / uncached
+        self._outputs: dict[str, str] = {}
+        paths = dict(onnx_paths(self.repository))
+        info = self.metadata.body_part_regression
+        if info is not None:
+            path = body_part_onnx_path(self.repository, info)
+            if not path.is_file():
+                raise ModelRepositoryError(
+                    f"model repository {self.repository} lists a body-part regression model "
+                    f"but {path.relative_to(self.repository)} is missing: "
+                    + BUILD_HINT.format(repository=self.repository)
+                )
+            paths = {info.model: path, **paths}
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-load")
+        self._sessions: dict[str, Future[ort.InferenceSession]] = {
+            name: self._loader.submit(self._load, name, path) for name, path in paths.items()
         }
-        self._encoder_output = _output_name(self._sessions[ENCODER_NAME], EMBEDDING_OUTPUTS)
-        self._pathology_output = _output_name(self._sessions[BINARY_HEAD_NAME], PATHOLOGY_OUTPUTS)
-        self._finding_output = _output_name(self._sessions[MULTILABEL_HEAD_NAME], FINDING_OUTPUTS)
-        self.body_part_model = self._load_body_part_model(options, providers)
+        self._loader.shutdown(wait=False)  # the thread ends when the last model is loaded
+        self.body_part_model = self._body_part_model()
         logger.info(
-            "onnxruntime backend ready: repository {}, flavour {}, demo {}, providers {}, "
-            "body-part regression {}",
+            "onnxruntime backend: repository {}, flavour {}, demo {}, providers {}, "
+            "body-part regression {}; models loading in the background",
             self.repository,
             self.metadata.flavour,
             self.metadata.demo,
-            providers,
+            self._providers,
             _body_part_state(self.body_part_model),
         )
 
-    def _load_body_part_model(
-        self, options: ort.SessionOptions, providers: list[str]
-    ) -> BodyPartRegressionModel | None:
+    def _load(self, name: str, path: Path) -> ort.InferenceSession:
+        started = time.perf_counter()
+        settings = self._settings
+
+        def options() -> ort.SessionOptions:
+            return session_options(
+                settings.onnx_intra_op_threads, spinning=settings.onnx_thread_spinning
+            )
+
+        session, how = create_session(
+            path, options, self._providers, use_cache=settings.onnx_graph_cache
+        )
+        self.session_starts[name] = how
+        logger.debug("{} loaded in {:.2f} s ({})", name, time.perf_counter() - started, how)
+        return session
+
+    def session(self, name: str) -> ort.InferenceSession:
+        """The model's session, waiting for the background load if it is still running."""
+        try:
+            return self._sessions[name].result()
+        except Exception as error:
+            raise ModelRepositoryError(
+                f"model repository {self.repository}: {name} cannot be loaded by onnxruntime: "
+                f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+            ) from error
+
+    def wait_until_loaded(self) -> None:
+        """Wait for every session (raises ModelRepositoryError like `session`)."""
+        for name in self._sessions:
+            self.session(name)
+
+    def _body_part_model(self) -> BodyPartRegressionModel | None:
         info = self.metadata.body_part_regression
         if info is None:
             return None
         path = body_part_onnx_path(self.repository, info)
-        if not path.is_file():
-            raise ModelRepositoryError(
-                f"model repository {self.repository} lists a body-part regression model but "
-                f"{path.relative_to(self.repository)} is missing: "
-                + BUILD_HINT.format(repository=self.repository)
-            )
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-        self._sessions[info.model] = session
 
         def score_batch(slices: np.ndarray) -> np.ndarray:
-            return session.run([SCORES_OUTPUT], {SLICES_INPUT: slices})[0]
+            return self.session(info.model).run([SCORES_OUTPUT], {SLICES_INPUT: slices})[0]
 
         return body_part_model(
             score_batch, self.repository, info, source=f"onnxruntime {path.name} of {info.model}"
         )
 
-    def _run(self, model: str, output: str, array: np.ndarray) -> np.ndarray:
-        session = self._sessions[model]
+    def _output(self, model: str, preferred: tuple[str, ...]) -> str:
+        if model not in self._outputs:
+            self._outputs[model] = _output_name(self.session(model), preferred)
+        return self._outputs[model]
+
+    def _run(self, model: str, preferred: tuple[str, ...], array: np.ndarray) -> np.ndarray:
+        session = self.session(model)
+        output = self._output(model, preferred)
         input_name = session.get_inputs()[0].name
         fixed = _fixed_batch(session)
         if fixed is None or fixed == array.shape[0]:
@@ -173,14 +225,19 @@ class OnnxRuntimeBackend:
 
     def infer(self, volume: np.ndarray) -> ModelOutputs:
         volume = checked_model_input(volume, self.metadata)
-        embedding = self._run(ENCODER_NAME, self._encoder_output, volume).astype(np.float32)
-        pathology = self._run(BINARY_HEAD_NAME, self._pathology_output, embedding)
-        findings = self._run(MULTILABEL_HEAD_NAME, self._finding_output, embedding)
+        embedding = self._run(ENCODER_NAME, EMBEDDING_OUTPUTS, volume).astype(np.float32)
+        pathology = self._run(BINARY_HEAD_NAME, PATHOLOGY_OUTPUTS, embedding)
+        findings = self._run(MULTILABEL_HEAD_NAME, FINDING_OUTPUTS, embedding)
         return model_outputs(
             embedding, pathology, findings, batch=len(volume), metadata=self.metadata
         )
 
     def close(self) -> None:
+        for future in self._sessions.values():
+            future.cancel()
+        for future in self._sessions.values():
+            if not future.cancelled():
+                future.exception()  # wait for a load in progress; its error does not matter
         self._sessions.clear()
 
 
