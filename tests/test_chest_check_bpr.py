@@ -268,3 +268,23 @@ def test_the_study_view_names_what_bpr_saw(chest) -> None:
         assert label in line and line.endswith("CHEST (landmarks Th12..Th4); lung apex not covered")
     without = check_chest(study, series, volume, SETTINGS)
     assert not [s for s in chest_check_lines(without)["lines"] if "body-part" in s]
+
+
+# --- NIfTI: no tags, so a real BPR and lung_air are the whole check ------------------------
+
+
+def test_a_nifti_volume_is_judged_by_bpr_when_the_backend_serves_it(chest, head) -> None:
+    from services.core.nifti.study import check_chest_by_image
+
+    _study, _series, chest_volume = chest
+    refused = check_chest_by_image(chest_volume, SETTINGS, _model(SyntheticBody(*HEAD_MM)))
+    assert not refused.is_chest and refused.body_part_regression_decides
+    assert "HEAD" in refused.reason and refused.image_verdict is True
+    _study, _series, head_volume = head
+    accepted = check_chest_by_image(head_volume, SETTINGS, _model(SyntheticBody(*CHEST_MM)))
+    assert accepted.is_chest and accepted.body_part_regression_decides
+    demo = check_chest_by_image(chest_volume, SETTINGS, _model(SyntheticBody(*HEAD_MM), demo=True))
+    assert demo.is_chest and not demo.body_part_regression_decides  # demo never decides
+    assert any("DEMO" in line for line in demo.warnings)
+    without = check_chest_by_image(chest_volume, SETTINGS)
+    assert without.is_chest and without.body_part_regression is None

@@ -109,7 +109,9 @@ def check_chest(
     detector = detector if detector is not None else create_detector(settings)
     metadata = assess_metadata(study, series)
     image = detector.assess(volume)
-    regression, regression_warnings = _body_part_regression(volume, settings, body_part_model)
+    regression, regression_warnings = body_part_regression_evidence(
+        volume, settings, body_part_model
+    )
     coverage_mm = float(volume.extent_mm[0])
     is_chest, reason = decide(series.modality, metadata, image, coverage_mm, settings, regression)
     image_evidence: dict[str, float | int | str] = {"summary": image.summary, **image.evidence}
@@ -133,7 +135,7 @@ def regression_decides(regression: BodyPartEvidence | None) -> bool:
     return regression is not None and not regression.demo and regression.body_part is not None
 
 
-def _body_part_regression(
+def body_part_regression_evidence(
     volume: Volume, settings: ChestCheckSettings, model: BodyPartRegressionModel | None
 ) -> tuple[BodyPartEvidence | None, list[str]]:
     """BPR's evidence and the report lines about it; None when there is no model to ask.
@@ -184,7 +186,7 @@ def decide(
             f"less than the {settings.min_coverage_mm:.0f} mm a chest needs; images: {image.summary}"
         )
     if regression is not None and regression_decides(regression):
-        return _decide_by_regression(metadata, image, regression)
+        return decide_by_regression(metadata, image, regression)
     if not image.is_chest:
         if metadata.verdict is True:
             return False, (
@@ -205,7 +207,7 @@ def decide(
     )
 
 
-def _decide_by_regression(
+def decide_by_regression(
     metadata: MetadataAssessment, image: ImageAssessment, regression: BodyPartEvidence
 ) -> tuple[bool, str]:
     """Rules 3 and 4: a body part named by a real BPR model settles the question."""

@@ -16,6 +16,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from services.core.body_part import create_detector
+from services.core.body_part.bpr_detector import BodyPartRegressionModel
+from services.core.chest_check import (
+    MetadataAssessment,
+    body_part_regression_evidence,
+    decide_by_regression,
+    regression_decides,
+)
 from services.core.config import ChestCheckSettings, Settings
 from services.core.intake.collect import NiftiFile
 from services.core.nifti.ct_rate import (
@@ -66,6 +73,7 @@ def prepare_nifti_study(
     settings: Settings,
     target: PreprocessingTarget,
     clock: StageClock,
+    body_part_model: BodyPartRegressionModel | None = None,
 ) -> tuple[StudyReport, np.ndarray | None]:
     """The report so far and the model input of one NIfTI (None when the study failed)."""
     report = StudyReport(
@@ -87,8 +95,9 @@ def prepare_nifti_study(
     report.quality = _quality(loaded)
 
     with clock.stage("chest_check"):
-        evidence = check_chest_by_image(volume, settings.chest_check)
+        evidence = check_chest_by_image(volume, settings.chest_check, body_part_model)
     report.chest_check = evidence
+    report.warnings.extend(evidence.warnings)
     if not evidence.is_chest:
         report.failure_reason = evidence.reason  # starts with "not a chest CT", as everywhere
         return report, None
@@ -157,10 +166,18 @@ def _quality(loaded: NiftiVolume) -> QualityReport:
     )
 
 
-def check_chest_by_image(volume: Volume, settings: ChestCheckSettings) -> ChestCheckEvidence:
-    """The chest check without tags: coverage along the body axis and the image detector."""
+def check_chest_by_image(
+    volume: Volume,
+    settings: ChestCheckSettings,
+    body_part_model: BodyPartRegressionModel | None = None,
+) -> ChestCheckEvidence:
+    """The chest check without tags: coverage along the body axis, the image detector and,
+    when the backend serves one, body-part regression (which decides with real weights)."""
     detector = create_detector(settings)
     image = detector.assess(volume)
+    regression, regression_warnings = body_part_regression_evidence(
+        volume, settings, body_part_model
+    )
     coverage_mm = float(volume.extent_mm[0])
     if coverage_mm < settings.min_coverage_mm:
         is_chest, reason = (
@@ -170,6 +187,10 @@ def check_chest_by_image(volume: Volume, settings: ChestCheckSettings) -> ChestC
                 f"than the {settings.min_coverage_mm:.0f} mm a chest needs; images: {image.summary}"
             ),
         )
+    elif regression_decides(regression):
+        assert regression is not None
+        no_tags = MetadataAssessment(verdict=None, evidence=[TAGS_NOT_APPLICABLE])
+        is_chest, reason = decide_by_regression(no_tags, image, regression)
     elif not image.is_chest:
         is_chest, reason = (
             False,
@@ -189,4 +210,7 @@ def check_chest_by_image(volume: Volume, settings: ChestCheckSettings) -> ChestC
         image_detector=detector.name,
         image_evidence={"summary": image.summary, **image.evidence},
         coverage_mm=round(coverage_mm, 1),
+        body_part_regression=regression,
+        body_part_regression_decides=regression_decides(regression),
+        warnings=regression_warnings,
     )

@@ -208,6 +208,7 @@ def _prepare_one_study(
             settings=settings,
             target=target,
             clock=clock,
+            body_part_model=body_part_model,
         )
     report = StudyReport(
         path_to_study=display_name,
