@@ -45,6 +45,10 @@ def test_preview_orientation_follows_the_radiological_convention() -> None:
     images = preview_images(volume[None, None])
     assert set(images) == {"axial_30", "axial_50", "axial_70", "coronal_50"}
     assert all(image.dtype == np.uint8 for image in images.values())
+    assert images["coronal_50"].shape == (10, 20)  # without a spacing: one row per slice
+    # With the contract's spacing (1.5 mm slices, 0.75 mm pixels) a slice is two rows high.
+    proportional = preview_images(volume[None, None], (1.5, 0.75, 0.75))
+    assert proportional["coronal_50"].shape == (20, 20)
 
 
 def test_transport_choice_and_output_shapes() -> None:

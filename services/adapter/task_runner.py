@@ -50,8 +50,10 @@ class TaskEvents(PipelineEvents):
         output_dir: Path,
         *,
         inference_times: InferenceTimes | None = None,
+        spacing_mm: tuple[float, float, float] | None = None,
     ) -> None:
         self._progress = progress
+        self._spacing_mm = spacing_mm  # of the model input: true proportions in the previews
         self._output_dir = output_dir
         self._inference_times = inference_times or InferenceTimes()
         self._ticker: ModelTicker | None = None
@@ -98,6 +100,7 @@ class TaskEvents(PipelineEvents):
                 prepared.model_input,
                 self._output_dir / PREVIEWS_DIR,
                 f"study{prepared.index + 1}",
+                self._spacing_mm,
             )
         )
 
@@ -216,7 +219,12 @@ def run_task(
     output_dir = result_files_dir(storage_root, task.task_id)
     started = utc_now()
     clock = time.perf_counter()
-    events = TaskEvents(progress, output_dir, inference_times=inference_times)
+    events = TaskEvents(
+        progress,
+        output_dir,
+        inference_times=inference_times,
+        spacing_mm=backend.metadata.target_spacing_mm,
+    )
     evidence = EvidenceCollector()
     try:
         study_path = task.resolve_study_path(storage_root)
