@@ -3,7 +3,8 @@
     python -m convertation.build_repository --output model_repository_running \\
         --flavour {python,onnxruntime,tensorrt} \\
         (--demo [--seed N] | --encoder-checkpoint F) [--binary-head H --multilabel-head H] \\
-        [--missing-findings refuse|fill] [--ctvit-config F] [--bpr-model DIR | --no-bpr]
+        [--missing-findings refuse|fill] [--ctvit-config F] [--bpr-model DIR | --no-bpr] \\
+        [--precision int8 --parity-volumes A.npy ... (convertation/precision.py)]
 
 Models: ``ct_clip_encoder`` (volume -> embedding), ``binary_head`` (embedding ->
 pathology_probability), ``multilabel_head`` (embedding -> finding_probabilities) and the
@@ -50,6 +51,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from convertation.build_cli import parse_arguments
 from convertation.errors import ConversionError, report_cli_failure
 from convertation.model_sources import (
     BodyPartSource,
@@ -63,6 +65,12 @@ from convertation.model_sources import (
     load_heads,
     sha256_of,
     with_encoder_checkpoint,
+)
+from convertation.precision import (
+    ParityTolerance,
+    Precision,
+    load_parity_volumes,
+    reduce_encoder_precision,
 )
 from convertation.python_backend import OPTIMISED_GRAPHS_PY, TEMPLATE_MODEL_PY
 from convertation.tensorrt_plans import TensorRtStatus, build_plans
@@ -281,63 +289,6 @@ def build_repository(repository: Path, flavour: Flavour, models: ModelSet) -> Bu
     return BuildResult(repository=repository, flavour=flavour, metadata=metadata, tensorrt=tensorrt)
 
 
-def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m convertation.build_repository",
-        description="Build the Triton model repository (ONNX files, configs, metadata).",
-    )
-    parser.add_argument("--output", type=Path, required=True, help="repository folder")
-    parser.add_argument(
-        "--flavour", choices=[flavour.value for flavour in Flavour], default=Flavour.PYTHON.value
-    )
-    parser.add_argument(
-        "--demo", action="store_true", help="seeded weights (meaningless probabilities)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the demo weights")
-    parser.add_argument("--encoder-checkpoint", type=Path, help="CT-CLIP checkpoint")
-    parser.add_argument(
-        "--binary-head", type=Path, help="seed-head checkpoint file or `training train` run folder"
-    )
-    parser.add_argument(
-        "--multilabel-head",
-        type=Path,
-        help="seed-head checkpoint file or `training train` run folder",
-    )
-    parser.add_argument(
-        "--missing-findings",
-        choices=[choice.value for choice in MissingFindings],
-        default=MissingFindings.REFUSE.value,
-        help="a trained multilabel head without some deployed findings: refuse (default) or "
-        "fill (exported as 0 and marked not assessed: no threshold, no probability shown)",
-    )
-    parser.add_argument(
-        "--ctvit-config",
-        type=Path,
-        help='JSON {"ctvit": {...}, "dim_latent": N, "input_shape": [...]} '
-        "(default: the full CT-CLIP architecture)",
-    )
-    body_part = parser.add_mutually_exclusive_group()
-    body_part.add_argument(
-        "--bpr-model",
-        type=Path,
-        metavar="DIR",
-        help="bpreg's model folder (model.pt, config.json, inference-settings.json) for the "
-        "body-part regression model (default with --demo: seeded DEMO weights)",
-    )
-    body_part.add_argument(
-        "--no-bpr", action="store_true", help="no body-part regression model (lung_air only)"
-    )
-    arguments = parser.parse_args(argv)
-    heads = (arguments.binary_head, arguments.multilabel_head)
-    if arguments.demo and arguments.encoder_checkpoint:
-        parser.error("--demo and --encoder-checkpoint exclude each other")
-    if not arguments.demo and not arguments.encoder_checkpoint:
-        parser.error("give --demo or --encoder-checkpoint")
-    if any(heads) and not all(heads):
-        parser.error("give both --binary-head and --multilabel-head, or neither")
-    return arguments
-
-
 def _body_part_source(arguments: argparse.Namespace) -> BodyPartSource | None:
     """``--bpr-model``'s folder, demo weights with ``--demo``, or none."""
     if arguments.bpr_model is not None:
@@ -349,7 +300,7 @@ def _body_part_source(arguments: argparse.Namespace) -> BodyPartSource | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments = _parse_arguments(argv)
+    arguments = parse_arguments(argv)
     flavour = Flavour(arguments.flavour)
     started = time.perf_counter()
     try:
@@ -379,7 +330,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 missing_findings,
             )
         models.body_part_regression = _body_part_source(arguments)
+        precision = Precision(arguments.precision)
+        if precision is not Precision.FP32:  # read before the build: a bad file fails fast
+            volumes = load_parity_volumes(
+                arguments.parity_volumes, models.encoder.expected_input_shape()
+            )
         result = build_repository(arguments.output, flavour, models)
+        if precision is not Precision.FP32:
+            tolerance = ParityTolerance(arguments.parity_min_cosine, arguments.parity_max_abs_diff)
+            verdict = reduce_encoder_precision(result.repository, precision, volumes, tolerance)
+            logger.info("{}", verdict.describe())
     except ConversionError as error:
         return report_cli_failure(error)
     logger.info(

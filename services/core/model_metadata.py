@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -48,6 +49,28 @@ class BodyPartRegressionInfo(BaseModel):
     source_sha256: str | None = None  # sha256 of the folder's model.pt
 
 
+class PrecisionParity(BaseModel):
+    """The deployed encoder's embedding against FP32 on one reference volume."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    volume: str
+    cosine: float
+    max_abs_diff: float
+
+
+class EncoderPrecision(BaseModel):
+    """The encoder's arithmetic, and for a reduced one the parity that admitted it (the
+    repository builder measures it: convertation/precision.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    precision: Literal["fp32", "int8"] = "fp32"
+    min_cosine: float | None = None  # the tolerance it was held to
+    max_abs_diff: float | None = None
+    parity: list[PrecisionParity] = Field(default_factory=list)
+
+
 class ModelMetadata(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -75,6 +98,7 @@ class ModelMetadata(BaseModel):
     weights: list[WeightFile] = Field(default_factory=list)
     # None: no body-part regression model; the chest check uses the tags and lung_air only.
     body_part_regression: BodyPartRegressionInfo | None = None
+    encoder_precision: EncoderPrecision = Field(default_factory=EncoderPrecision)
 
     @model_validator(mode="after")
     def _labels_consistent(self) -> ModelMetadata:
