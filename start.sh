@@ -202,13 +202,20 @@ until http_ok "http://127.0.0.1:$TRITON_HTTP_PORT/v2/health/ready"; do
   sleep 1
 done
 
-# 4. Adapters.
+# 4. Adapters. Each one's onnxruntime threads: the host's cores shared among the adapters
+# (at least one), so that N adapters running models themselves do not oversubscribe a small
+# host; idle threads sleep (inference.onnx_thread_spinning). CTS__INFERENCE__ONNX_INTRA_OP_THREADS
+# set by the caller wins.
+CORES="$(nproc 2>/dev/null || echo 1)"
+ADAPTER_THREADS=$(( CORES / ADAPTERS )); [ "$ADAPTER_THREADS" -ge 1 ] || ADAPTER_THREADS=1
+ADAPTER_THREADS="${CTS__INFERENCE__ONNX_INTRA_OP_THREADS:-$ADAPTER_THREADS}"
 for index in $(seq 1 "$ADAPTERS"); do
   CTS__METRICS__ADAPTER_PORT=$((ADAPTER_METRICS_PORT + index - 1)) \
+    CTS__INFERENCE__ONNX_INTRA_OP_THREADS="$ADAPTER_THREADS" \
     launch "adapter-$index" "$PYTHON" -m services.adapter --adapter-id "adapter-$index" \
     --health-file "$RUN_DIR/adapter-$index.alive"
 done
-say "started $ADAPTERS adapter(s)"
+say "started $ADAPTERS adapter(s), $ADAPTER_THREADS onnxruntime thread(s) each ($CORES cores)"
 
 # 5. Frontend.
 CTS__METRICS__FRONTEND_PORT="$FRONTEND_METRICS_PORT" launch frontend "$PYTHON" -m services.frontend

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from benchmarks.embedded import benchmark_settings, model_input_of
-from benchmarks.studies import DATA_DIR, STUDY_300, ensure_studies
+from benchmarks.limit import node_gflop
+from benchmarks.studies import STUDY_300, ensure_studies
 from services.core.inference.onnxruntime_backend import onnx_paths, session_options
 from services.core.model_metadata import ENCODER_NAME, read_metadata
 
@@ -127,11 +127,25 @@ class OperatorShare:
     seconds: float  # per run
     share: float  # of the summed operator time
     count: int  # nodes of this type run per inference
+    gflop: float = 0.0  # per run, where the profiled shapes say (benchmarks.limit.node_gflop)
+
+    @property
+    def gflops(self) -> float:
+        return self.gflop / self.seconds if self.seconds else 0.0
 
 
-def profile_operators(path: Path, volume: np.ndarray, runs: int = 2) -> list[OperatorShare]:
+def _shapes(entries: list[dict]) -> list[list[int]]:
+    return [next(iter(entry.values())) for entry in entries]
+
+
+def profile_operators(
+    path: Path,
+    volume: np.ndarray,
+    runs: int = 2,
+    options_factory: Callable[[], ort.SessionOptions] | None = None,
+) -> list[OperatorShare]:
     """Operator time per run from onnxruntime's profiler, the warm-up run left out."""
-    options = configured_options()
+    options = (options_factory or configured_options)()
     options.enable_profiling = True
     with tempfile.TemporaryDirectory(prefix="cts-ort-profile-") as folder:
         options.profile_file_prefix = str(Path(folder) / "encoder")
@@ -142,58 +156,25 @@ def profile_operators(path: Path, volume: np.ndarray, runs: int = 2) -> list[Ope
     first = min((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
     seconds: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
+    gflop: dict[str, float] = defaultdict(float)
     for event in events:
         if (
             event.get("cat") == "Node"
             and event.get("name", "").endswith("_kernel_time")
             and event["ts"] > first["ts"] + first["dur"]
         ):
-            op_type = event["args"].get("op_name", "?")
+            arguments = event["args"]
+            op_type = arguments.get("op_name", "?")
             seconds[op_type] += event["dur"] / 1e6 / runs
             counts[op_type] += 1
+            outputs = _shapes(arguments.get("output_type_shape", []))
+            inputs = _shapes(arguments.get("input_type_shape", []))
+            gflop[op_type] += node_gflop(op_type, inputs, outputs[0] if outputs else []) / runs
     total = sum(seconds.values()) or 1.0
-    shares = [OperatorShare(op, s, s / total, counts[op] // runs) for op, s in seconds.items()]
+    shares = [
+        OperatorShare(op, s, s / total, counts[op] // runs, gflop[op]) for op, s in seconds.items()
+    ]
     return sorted(shares, key=lambda share: -share.seconds)
-
-
-def int8_check(
-    path: Path, inputs: dict[str, np.ndarray], codebook_size: int, runs: int = 2
-) -> tuple[CandidateResult, CandidateResult, list[Agreement]]:
-    """onnxruntime's dynamic INT8 quantisation of the MatMul weights, the vector quantiser's
-    codebook product kept FP32: FP32 and INT8 timed interleaved on the first input, and
-    the embeddings' agreement on every input."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    DATA_DIR.mkdir(parents=True, exist_ok=True)  # 1 GB of graphs: not for a small /tmp
-    with tempfile.TemporaryDirectory(prefix="cts-bench-int8-", dir=DATA_DIR) as folder:
-        model = onnx.load(str(path))
-        shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
-        codebook_products = [
-            node.name
-            for node in model.graph.node
-            if node.op_type == "MatMul"
-            and any(codebook_size in shapes.get(name, ()) for name in node.input)
-        ]
-        del model.graph.value_info[:]  # stale exporter entries fail the quantiser's inference
-        cleaned, int8_path = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
-        onnx.save(model, str(cleaned))
-        del model
-        quantize_dynamic(
-            str(cleaned),
-            str(int8_path),
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul"],
-            nodes_to_exclude=codebook_products,
-            extra_options={"MatMulConstBOnly": True},
-        )
-        candidates = [Candidate("fp32", path), Candidate("int8", int8_path)]
-        (name, first), *others = inputs.items()
-        fp32, int8 = compare(candidates, first, runs)
-        agreements = [agreement(name, fp32.embedding, int8.embedding)]
-        sessions = [ort.InferenceSession(str(c.path), providers=CPU) for c in candidates]
-        for name, volume in others:
-            agreements.append(agreement(name, *(_run(session, volume) for session in sessions)))
-    return fp32, int8, agreements
 
 
 def wire_format_check(path: Path, model_input: np.ndarray) -> tuple[Agreement, Agreement, float]:

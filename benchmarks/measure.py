@@ -170,6 +170,27 @@ def cpu_times() -> tuple[float, float]:
     return total - idle, total
 
 
+def tree_cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes and all their descendants (living ones,
+    plus the children they have waited for)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            members = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for member in members:
+            try:
+                times = member.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
 def busy_share(before: tuple[float, float], after: tuple[float, float]) -> float:
     """The share of all cores busy between two ``cpu_times`` readings, 0..1."""
     busy, total = after[0] - before[0], after[1] - before[1]

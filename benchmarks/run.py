@@ -1,12 +1,13 @@
 """Benchmark every stage of the pipeline against baselines measured in the same run.
 
     .venv/bin/python -m benchmarks.run [--quick] [--repetitions N] [--encoder-runs N]
-        [--compare-encoder OLD.onnx] [--quantisation] [--no-stack] [--no-readme]
+        [--compare-encoder OLD.onnx] [--no-precision] [--no-cold-start] [--no-stack]
+        [--limit-rounds N] [--cold-rounds N] [--no-readme]
 
 Prints one table and writes it to benchmarks/README.md (between the result markers); the
 README says what each row measures and which module measures it. ``--quick``: one
-repetition, the 300-slice study only, two encoder runs, no stack, and the README is left
-alone unless ``--readme`` is given.
+repetition, the 300-slice study only, two encoder runs, two limit rounds, one cold-start
+round, no INT8 gate, no stack, and the README is left alone unless ``--readme`` is given.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import datetime as dt
 import gc
 import shlex
+import statistics
 import sys
 import tempfile
 from collections.abc import Callable
@@ -25,12 +27,13 @@ import onnxruntime as ort
 from loguru import logger
 
 from benchmarks import encoder as enc
+from benchmarks import machine_rows as rows_of
+from benchmarks import precision_rows as precision
 from benchmarks import stack
 from benchmarks.embedded import benchmark_settings, fresh_process_rows, model_input_of
 from benchmarks.measure import machine, table_row
 from benchmarks.stages import StudyResult, TimedBackend, benchmark_study
-from benchmarks.studies import CHEST_FIXTURE, STUDY_300, STUDY_600, ensure_studies
-from services.core.config import Settings
+from benchmarks.studies import STUDY_300, STUDY_600, ensure_studies
 from services.core.inference.onnxruntime_backend import onnx_paths
 from services.core.model_metadata import ENCODER_NAME, read_metadata
 from services.core.process_memory import keep_freed_memory
@@ -38,16 +41,11 @@ from services.core.process_memory import keep_freed_memory
 README = Path(__file__).resolve().parent / "README.md"
 RESULTS_START = "<!-- results:start (written by python -m benchmarks.run) -->"
 RESULTS_END = "<!-- results:end -->"
-TOLERANCE = (
-    f"cosine >= {enc.MIN_COSINE}, max abs diff <= {enc.MAX_ABS_DIFF} on the L2-normalised embedding"
-)
 TARGET_SHARE = "target <= 20% for the 300-slice study"
 BPR_TARGET_SHARE = 0.15  # issue 10: the body-part regression stage vs the encoder
 PIPELINE_CLOCK = "the pipeline's own stage clock, memory from the start of the study"
 PLAIN_READ = "baseline: plain pydicom read (dcmread all, sort, stack)"
 TORCH_PREPROCESSING = "baseline: torch F.interpolate preprocessing (CT-CLIP style)"
-INT8_TITLE = "encoder INT8 (dynamic, MatMul weights; quantiser product kept FP32)"
-WIRE_TITLE = "half-size wire format (FP16 model input, Cast to FP32 in the graph)"
 OVERHEAD_TITLE = "stack overhead, full-size model: embedded / stack per study"
 LOCATED_TITLE = "stack overhead located: stack - embedded by pipeline stage; Triton's clock"
 TRANSPORT_NOTES = (
@@ -78,7 +76,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     add("--encoder-runs", type=int, default=5, help="interleaved runs each")
     add("--repository", type=Path, help="default: the configured repository")
     add("--compare-encoder", type=Path, help="another encoder ONNX for the interleaved runs")
-    add("--quantisation", action="store_true", help="also build and check an INT8 encoder")
+    add("--no-precision", action="store_true", help="skip the INT8 gate on the encoder")
+    add("--no-cold-start", action="store_true", help="skip the new-process and Triton loads")
+    add("--limit-rounds", type=int, default=5, help="GEMM peak / encoder rounds")
+    add("--cold-rounds", type=int, default=2, help="batch processes with and without cache")
     add("--no-stack", action="store_true", help="skip the RabbitMQ/Triton part")
     add("--stack-runs", type=int, default=10, help="latency samples per mode")
     add("--stack-burst", type=int, default=8, help="tasks for throughput")
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.add(sys.stderr, level="WARNING")
     if arguments.quick:
         arguments.repetitions, arguments.encoder_runs, arguments.no_stack = 1, 2, True
+        arguments.limit_rounds, arguments.cold_rounds, arguments.no_precision = 2, 1, True
     command = "python -m benchmarks.run" + "".join(
         f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv)
     )
@@ -116,18 +118,25 @@ def main(argv: list[str] | None = None) -> int:
     del backend
     gc.collect()
     encoder_path = onnx_paths(repository)[ENCODER_NAME]
+    metadata = read_metadata(repository)
     model_input = model_input_of(studies[STUDY_300.name], settings)
-    rows = _encoder_rows(arguments, encoder_path, model_input)
-    if arguments.quantisation:
-        rows += _int8_rows(encoder_path, model_input, settings)
-    rows += _wire_format_rows(encoder_path, model_input)
+    limit, rows = rows_of.limit_rows(encoder_path, model_input, metadata, arguments.limit_rounds)
+    rows += _encoder_rows(arguments, encoder_path, model_input, limit.peak_gflops)
+    if not arguments.no_precision:
+        rows += precision.int8_rows(encoder_path, model_input, settings, arguments.encoder_runs)
+    rows += precision.bf16_row() + precision.wire_format_rows(encoder_path, model_input)
     del model_input
     gc.collect()
+    study = studies[STUDY_300.name]
+    if not arguments.no_cold_start:
+        warm = statistics.median(limit.encoder.wall_s)
+        rows += rows_of.batch_cold_start_rows(study, repository, warm, arguments.cold_rounds)
     rows += fresh_process_rows(studies, repository, quick=arguments.quick)
-    rows += _stack_overhead_rows(arguments, studies[STUDY_300.name], repository)
-    rows += _stack_rows(arguments, studies[STUDY_300.name], host.logical_cores)
+    rows += _stack_overhead_rows(arguments, study, repository)
+    if not (arguments.no_stack or arguments.no_cold_start):
+        rows += rows_of.triton_load_rows(repository)
+    rows += _stack_rows(arguments, study, host.logical_cores)
 
-    metadata = read_metadata(repository)
     header = [
         f"- date: {started:%Y-%m-%d %H:%M %Z}",
         f"- command: `{command}`",
@@ -224,7 +233,9 @@ def _runs_cell(result: enc.CandidateResult) -> str:
     return f"{result.median_s:.2f} s (fastest {result.min_s:.2f} s)"
 
 
-def _encoder_rows(arguments: argparse.Namespace, path: Path, model_input: np.ndarray) -> list[str]:
+def _encoder_rows(
+    arguments: argparse.Namespace, path: Path, model_input: np.ndarray, peak_gflops: float
+) -> list[str]:
     """Baseline (b): the backend's session against a bare one, other graphs, the profile."""
     candidates = [enc.Candidate("bare", path, enc.bare_options), enc.Candidate("configured", path)]
     if arguments.compare_encoder is not None:
@@ -258,44 +269,7 @@ def _encoder_rows(arguments: argparse.Namespace, path: Path, model_input: np.nda
         notes = f"other / this graph, medians; cosine {check.cosine:.6f}, max abs diff {check.max_abs_diff:.1e}"
         speed = f"{other.median_s / configured.median_s:.2f}x"
         rows.append(table_row(f"encoder, {other.label}", _runs_cell(other), "", speed, notes))
-    top = ", ".join(
-        f"{op.op_type} {100 * op.share:.0f}% ({op.seconds:.2f} s, {op.count} nodes)"
-        for op in operators[:6]
-    )
-    return [*rows, table_row("encoder profile (onnxruntime profiler)", "", "", "", top)]
-
-
-def _int8_rows(path: Path, model_input: np.ndarray, settings: Settings) -> list[str]:
-    """INT8 dynamic quantisation: tolerance on real chest inputs, and speed."""
-    print("encoder: INT8 dynamic quantisation ...", flush=True)
-    metadata = read_metadata(settings.inference.model_repository)
-    fixture = model_input_of(CHEST_FIXTURE, settings)
-    inputs = {"300-slice study": model_input, "chest fixture (30 x 8 mm)": fixture}
-    codebook_size = int(metadata.ctvit_config["ctvit"]["codebook_size"])
-    fp32, int8, checks = enc.int8_check(path, inputs, codebook_size)
-    accepted = all(check.within_tolerance for check in checks)
-    found = "; ".join(
-        f"{c.input_name}: cosine {c.cosine:.4f}, max abs diff {c.max_abs_diff:.3g}" for c in checks
-    )
-    verdict = f"{'within' if accepted else 'outside'} the tolerance ({TOLERANCE}): {found}; "
-    verdict += "usable" if accepted else "not used"
-    speed = f"{fp32.median_s / int8.median_s:.2f}x (FP32 {fp32.median_s:.2f} s / INT8)"
-    return [table_row(INT8_TITLE, f"{int8.median_s:.2f} s", "", speed, verdict)]
-
-
-def _wire_format_rows(path: Path, model_input: np.ndarray) -> list[str]:
-    print("encoder: FP16 wire format parity ...", flush=True)
-    fp16, noise, input_error = enc.wire_format_check(path, model_input)
-    gc.collect()
-    size = f"{model_input.nbytes / 2e6:.1f} MB instead of {model_input.nbytes / 1e6:.1f} MB"
-    notes = (
-        f"300-slice study: cosine {fp16.cosine:.4f}, max abs diff {fp16.max_abs_diff:.3g} "
-        f"(input rounded by up to {input_error:.1e}); "
-        + ("within the tolerance" if fp16.within_tolerance else "outside the tolerance: not used")
-        + f". For scale: uniform noise of +-{enc.WIRE_NOISE:g} on the FP32 input gives cosine "
-        f"{noise.cosine:.4f} (the vector quantiser picks other codes)"
-    )
-    return [table_row(WIRE_TITLE, size, "", "", notes)]
+    return [*rows, rows_of.profile_row(operators, peak_gflops)]
 
 
 def _failed_row(title: str, error: Exception) -> list[str]:
@@ -342,6 +316,7 @@ def _stack_overhead_rows(arguments: argparse.Namespace, study: Path, repository:
         table_row(OVERHEAD_TITLE, f"{embedded_s:.2f} / {stack_s:.2f} s", "", percent, overhead),
         table_row(LOCATED_TITLE, "", "", "", located),
         table_row("transport adapter -> Triton per study", shared_memory, "", "", TRANSPORT_NOTES),
+        *rows_of.stack_cold_and_cpu_rows(result),
     ]
 
 

@@ -28,7 +28,8 @@ import tritonclient.grpc as grpcclient
 
 from benchmarks import PROJECT_ROOT
 from benchmarks.embedded import benchmark_settings, run_study
-from benchmarks.measure import busy_share, cpu_times, local_triton, summary
+from benchmarks.limit import process_cpu_seconds
+from benchmarks.measure import busy_share, cpu_times, local_triton, summary, tree_cpu_seconds
 from benchmarks.studies import STUDY_300, ensure_studies
 from services.broker.connection import connect, declare_topology, publish_task
 from services.broker.schemas import QueueTopology, StudyResult, StudyTask, decode_message
@@ -75,6 +76,11 @@ class _StackClient:
         declare_topology(self.channel, self.topology)
         self.channel.queue_declare(self.reply_queue, durable=True)
         self.results: dict[str, StudyResult] = {}
+        # Filled by running_stack: the processes of the path (for their CPU time) and the
+        # cold start: Triton's start to ready, each adapter's start to its first result.
+        self.pids: dict[str, int] = {}
+        self.triton_ready_s = 0.0
+        self.first_results_s: list[float] = []
 
     def submit(self) -> str:
         task_id = uuid.uuid4().hex
@@ -141,7 +147,9 @@ def running_stack(study: Path, repository: Path, adapters: int) -> Iterator[_Sta
     ):
         workdir = Path(folder)
         storage = workdir / "storage"
+        started = time.perf_counter()
         server = stack.enter_context(local_triton(repository, workdir / "triton.log"))
+        triton_ready_s = time.perf_counter() - started
         environment = {
             **os.environ,
             "CTS__STORAGE__ROOT": str(storage),
@@ -149,7 +157,10 @@ def running_stack(study: Path, repository: Path, adapters: int) -> Iterator[_Sta
             "CTS__INFERENCE__MODEL_REPOSITORY": str(repository),
             "CTS__INFERENCE__TRITON_URL": server.grpc_url,
             "CTS__LOGGING__LEVEL": "WARNING",
+            # What start.sh gives each adapter: the host's cores shared among the adapters.
+            "CTS__INFERENCE__ONNX_INTRA_OP_THREADS": str(threads_per_adapter(adapters)),
         }
+        spawned = time.perf_counter()
         processes = [
             subprocess.Popen(
                 [sys.executable, "-m", "services.adapter", "--adapter-id", f"bench-{index}"]
@@ -162,9 +173,19 @@ def running_stack(study: Path, repository: Path, adapters: int) -> Iterator[_Sta
         stack.callback(_stop, processes)
         client = _StackClient(load_settings(environ=environment), storage, study)
         stack.callback(client.close)
-        # Warm-up: one task per adapter, so every adapter has connected and loaded.
-        client.wait({client.submit() for _ in range(adapters)})
+        # Warm-up: one task per adapter, submitted as they start, so every adapter has
+        # connected and loaded; their arrival is each adapter's cold start.
+        arrived = client.wait({client.submit() for _ in range(adapters)})
+        client.triton_ready_s = triton_ready_s
+        client.first_results_s = sorted(at - spawned for at in arrived.values())
+        client.pids = {"triton": server.pid or 0}
+        client.pids |= {f"adapter-{i + 1}": p.pid for i, p in enumerate(processes)}
         yield client
+
+
+def threads_per_adapter(adapters: int, cores: int | None = None) -> int:
+    """The host's cores shared among the adapters, at least one each (start.sh's rule)."""
+    return max(1, (cores or os.cpu_count() or 1) // max(adapters, 1))
 
 
 def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
@@ -275,29 +296,47 @@ def measure_overhead(study: Path, repository: Path, runs: int, workdir: Path) ->
     run_study(study, backend=backend, settings=settings, output=output)  # warm-up
     seconds: dict[str, list[float]] = {"embedded": [], "stack": [], "inside adapter": []}
     stages: dict[str, list[dict[str, float]]] = {"embedded": [], "stack": []}
+    # Core-seconds per study: this process for embedded mode; the adapter, tritonserver and
+    # its python-backend stubs for the stack (RabbitMQ, shared with the machine, is not).
+    cpu: dict[str, list[float]] = {"embedded": [], "stack": []}
     with running_stack(study, repository, adapters=1) as client:
         triton_url = client.settings.inference.triton_url
         triton_before = triton_statistics(triton_url)
+        path_pids = list(client.pids.values())
         for run in range(runs):
             # ABBA order: neither mode always runs right after the other.
             for mode in ("embedded", "stack") if run % 2 == 0 else ("stack", "embedded"):
                 if mode == "embedded":
+                    cpu_before = process_cpu_seconds()
                     elapsed, report = run_study(
                         study, backend=backend, settings=settings, output=output
                     )
+                    cpu[mode].append(process_cpu_seconds() - cpu_before)
                 else:
+                    cpu_before = tree_cpu_seconds(path_pids)
                     elapsed, result = client.latency()
+                    cpu[mode].append(tree_cpu_seconds(path_pids) - cpu_before)
                     seconds["inside adapter"].append(result.seconds)
                     report = result.reports[0]
                 seconds[mode].append(elapsed)
                 stages[mode].append(report.stage_seconds)
         triton = triton_statistics(triton_url, since=triton_before)
+        cold = {
+            "triton_ready_s": client.triton_ready_s,
+            "adapter_first_result_s": client.first_results_s[0],
+        }
     backend.close()
     overhead = statistics.median(seconds["stack"]) - statistics.median(seconds["embedded"])
     return {
-        "embedded": {**summary(seconds["embedded"]), "stages": stage_medians(stages["embedded"])},
+        "embedded": {
+            **summary(seconds["embedded"]),
+            "stages": stage_medians(stages["embedded"]),
+            "cpu_s": summary(cpu["embedded"]),
+        },
         "stack": {
             "submit_to_result": summary(seconds["stack"]),
+            "cpu_s": summary(cpu["stack"]),
+            "cold_start": cold,
             "inside_adapter": summary(seconds["inside adapter"]),
             "stages": stage_medians(stages["stack"]),
             "triton_per_request_s": triton,

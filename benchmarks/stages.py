@@ -72,7 +72,7 @@ class TimedBackend(OnnxRuntimeBackend):
 
             self.body_part_model = dataclasses.replace(model, score_slices=timed_scores)
 
-    def _run(self, model: str, output: str, array: np.ndarray) -> np.ndarray:
+    def _run(self, model: str, output: tuple[str, ...], array: np.ndarray) -> np.ndarray:
         stage = "encoder" if model == ENCODER_NAME else "heads"
         if self.memory is not None:
             self.memory.begin(stage)

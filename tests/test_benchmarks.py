@@ -140,3 +140,89 @@ def test_stack_overhead_measures_both_modes_and_locates_the_difference(
     assert triton["ct_clip_encoder"]["compute_infer"] > 0
     assert triton["chest_screening"]["compute_infer"] >= triton["ct_clip_encoder"]["compute_infer"]
     assert isinstance(result["stack_overhead_percent"], float)
+    # Core-seconds per study of both shapes, and the cold start of the adapter and Triton.
+    assert embedded["cpu_s"]["min_s"] > 0 and through["cpu_s"]["min_s"] > 0
+    cold = through["cold_start"]
+    assert cold["triton_ready_s"] > 0 and cold["adapter_first_result_s"] > 0
+
+
+def test_the_encoder_arithmetic_and_the_peak_shape_of_the_full_model() -> None:
+    from benchmarks.limit import encoder_gflop, peak_gemm_shape
+    from convertation.vit.ctvit_config import FULL_CTVIT_CONFIG, FULL_DIM_LATENT
+
+    ctvit = FULL_CTVIT_CONFIG.model_dump()
+    parts = encoder_gflop(ctvit, FULL_DIM_LATENT)
+    # The 790 GFLOP: 13824 tokens; patch embedding 2 x 13824 x 4000 x 512.
+    assert 785 < sum(parts.values()) < 795
+    assert parts["patch embedding"] == pytest.approx(2 * 13824 * 4000 * 512 / 1e9)
+    assert parts["vector quantiser"] == pytest.approx(2 * 13824 * 512 * 8192 / 1e9)
+    shape = peak_gemm_shape(ctvit)
+    assert (shape.m, shape.k, shape.n) == (13824, 512, 2048)
+    assert shape.label == "13824x512 @ 512x2048"
+
+
+def test_node_arithmetic_from_the_profiled_shapes() -> None:
+    from benchmarks.limit import node_gflop
+
+    assert node_gflop("MatMul", [[24, 576, 512]], [24, 576, 1365]) == pytest.approx(
+        2 * 24 * 576 * 1365 * 512 / 1e9
+    )
+    # A batched product whose first input is [.., K, M]-shaped: the contracted dim is the
+    # one the output lacks.
+    assert node_gflop("FusedMatMul", [[8, 32, 576], [8, 32, 576]], [8, 576, 576]) == pytest.approx(
+        2 * 8 * 576 * 576 * 32 / 1e9
+    )
+    q = [24, 576, 256]
+    assert node_gflop("MultiHeadAttention", [q, q, q, [1, 8, 576, 576]], q) == pytest.approx(
+        4 * 24 * 576 * 576 * 256 / 1e9
+    )
+    assert node_gflop("Conv", [[1, 512, 24, 24, 24]], [1, 512, 24, 24, 24]) == 0.0
+
+
+@pytest.mark.slow
+def test_the_limit_and_the_profile_on_the_tiny_encoder(tiny_model_repository: Path) -> None:
+    from benchmarks.limit import measure_limit
+    from benchmarks.machine_rows import profile_row
+    from services.core.model_metadata import read_metadata
+
+    metadata = read_metadata(tiny_model_repository)
+    path = tiny_model_repository / "ct_clip_encoder" / "1" / "model.onnx"
+    volume = np.random.default_rng(0).uniform(-1, 1, (1, 1, *metadata.target_shape))
+    volume = volume.astype(np.float32)
+    result = measure_limit(
+        path,
+        volume,
+        ctvit=metadata.ctvit_config["ctvit"],
+        dim_latent=metadata.ctvit_config["dim_latent"],
+        options=encoder.configured_options,
+        rounds=2,
+    )
+    assert len(result.encoder.wall_s) == 2 and [len(r.wall_s) for r in result.gemm_rounds] == [3, 3]
+    assert result.peak_gflops > 0 and result.best_peak_gflops >= result.peak_gflops
+    assert result.share > 0 and result.cpu_share > 0
+    operators = encoder.profile_operators(path, volume, runs=1)
+    matmul = next(op for op in operators if op.op_type == "MatMul")
+    assert matmul.gflop > 0 and matmul.gflops > 0
+    assert any(op.op_type == "MultiHeadAttention" and op.gflop > 0 for op in operators)
+    row = profile_row(operators, result.peak_gflops)
+    assert "GEMM-type (" in row and "the rest: " in row
+
+
+@pytest.mark.slow
+def test_a_new_batch_process_is_timed_with_and_without_the_graph_cache(
+    tiny_model_repository: Path, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from benchmarks import cold_start
+
+    repository = tmp_path / "repository"
+    shutil.copytree(tiny_model_repository, repository)
+    study = zip_directory(fixtures_dir / "chest_ct_lung_dx_a0002", tmp_path / "chest.zip")
+    result = cold_start.batch_cold_start(study, repository, rounds=1)
+    assert len(result.cached) == len(result.uncached) == 1
+    for run_ in (result.first_start, *result.cached, *result.uncached):
+        assert run_.wall_s > 0 and run_.cpu_s > 0
+    # The first start saved every model's optimised graph; clearing removes them again.
+    assert cold_start.clear_graph_caches(repository) >= 3
+    assert cold_start.clear_graph_caches(repository) == 0

@@ -1,0 +1,166 @@
+"""Table rows measured against this machine: the GEMM limit, the operator profile in GFLOP/s,
+cold start and CPU cost per study (README: "Encoder against the machine's limit",
+"Cold start", "CPU cost per study"). `benchmarks.run` calls these; each returns rows."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import cold_start
+from benchmarks import encoder as enc
+from benchmarks.limit import GEMM_RUNS_PER_ROUND, LimitResult, encoder_gflop, measure_limit
+from benchmarks.measure import table_row
+from services.core.model_metadata import ModelMetadata
+
+LIMIT_TARGET = 0.85  # issue 17: the encoder's achieved rate as a share of the GEMM peak
+COLD_START_TARGET = 1.5  # issue 17: a new process's study within 1.5x the warm encoder
+GEMM_OPS = ("MatMul", "FusedMatMul", "Gemm", "MultiHeadAttention")
+BEFORE_THE_MODEL = ("intake", "headers", "selection", "volume", "chest_check", "preprocessing")
+
+
+def limit_rows(
+    path: Path, model_input: np.ndarray, metadata: ModelMetadata, rounds: int
+) -> tuple[LimitResult, list[str]]:
+    """The GEMM peak and the encoder interleaved; the share with its target."""
+    print(f"encoder against the GEMM peak: {rounds} rounds ...", flush=True)
+    ctvit, dim_latent = metadata.ctvit_config["ctvit"], int(metadata.ctvit_config["dim_latent"])
+    result = measure_limit(
+        path,
+        model_input,
+        ctvit=ctvit,
+        dim_latent=dim_latent,
+        options=enc.configured_options,
+        rounds=rounds,
+    )
+    parts = encoder_gflop(ctvit, dim_latent)
+    status = "met" if result.share >= LIMIT_TARGET else "not met: profile below"
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    return result, [
+        table_row(
+            "limit: ONNX Runtime FP32 GEMM peak (same session options)",
+            f"{result.peak_gflops:.0f} GFLOP/s (best {result.best_peak_gflops:.0f})",
+            f"MatMul {result.shape.label}",
+            "",
+            f"{rounds} rounds of {GEMM_RUNS_PER_ROUND} GEMM runs (fastest per round; median over rounds) "
+            f"interleaved with one encoder run each; threads "
+            f"{result.threads or 'auto'}; load average after: {load}",
+        ),
+        table_row(
+            "encoder's achieved rate, share of the GEMM peak",
+            f"{result.encoder_gflops:.0f} GFLOP/s, {100 * result.share:.0f}%",
+            "same input shape",
+            f"{100 * result.share:.0f}% (target >= {100 * LIMIT_TARGET:.0f}%: {status})",
+            f"{result.encoder_gflop:.0f} GFLOP per volume ("
+            + ", ".join(f"{name} {gflop:.0f}" for name, gflop in parts.items())
+            + f"); encoder median {_median(result.encoder.wall_s):.2f} s; per round, "
+            f"median; the quietest moment (fastest encoder / fastest GEMM) "
+            f"{100 * result.best_share:.0f}%; per core-second (CPU time) "
+            f"{100 * result.cpu_share:.0f}%",
+        ),
+    ]
+
+
+def _median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+def profile_row(operators: list[enc.OperatorShare], peak_gflops: float) -> str:
+    """Where the time goes: the GEMM-type operators at their rate, the rest by share."""
+    total = sum(op.seconds for op in operators) or 1.0
+    gemm = [op for op in operators if op.op_type in GEMM_OPS]
+    gemm_seconds = sum(op.seconds for op in gemm)
+    gemm_gflop = sum(op.gflop for op in gemm)
+    rate = gemm_gflop / gemm_seconds if gemm_seconds else 0.0
+    head = (
+        f"GEMM-type ({', '.join(op.op_type for op in gemm)}) {100 * gemm_seconds / total:.0f}% "
+        f"of the operator time, {gemm_gflop:.0f} GFLOP at {rate:.0f} GFLOP/s = "
+        f"{100 * rate / peak_gflops:.0f}% of the peak ("
+        + ", ".join(f"{op.op_type} {op.gflops:.0f} GFLOP/s" for op in gemm)
+        + "); the rest: "
+    )
+    rest = ", ".join(
+        f"{op.op_type} {100 * op.share:.1f}% ({op.seconds:.2f} s, {op.count} nodes)"
+        for op in operators
+        if op.op_type not in GEMM_OPS and op.share >= 0.005
+    )
+    return table_row("encoder profile (onnxruntime profiler)", "", "", "", head + rest)
+
+
+def batch_cold_start_rows(
+    study: Path, repository: Path, warm_encoder_s: float, rounds: int
+) -> list[str]:
+    print("cold start: the batch over one study in new processes ...", flush=True)
+    result = cold_start.batch_cold_start(study, repository, rounds)
+    cached = result.median_wall(result.cached)
+    uncached = result.median_wall(result.uncached)
+    ratio = cached / warm_encoder_s
+    status = "met" if ratio <= COLD_START_TARGET else "not met: located in the notes"
+    inference = result.median_stage(result.cached, "inference")
+    prepared = sum(result.median_stage(result.cached, stage) for stage in BEFORE_THE_MODEL)
+    located = (
+        f"of the cached runs: before the model (intake .. preprocessing) {prepared:.2f} s, "
+        f"inference (waits for the background load, first run) {inference:.2f} s, outside "
+        f"the pipeline (imports, start-up, xlsx/SR/previews) "
+        f"{result.median_outside(result.cached):.2f} s"
+    )
+    return [
+        table_row(
+            "cold start: batch over one study, process start to its row",
+            f"{cached:.2f} s ({result.median_cpu(result.cached):.1f} core-s)",
+            "",
+            f"{ratio:.2f}x the warm encoder ({warm_encoder_s:.2f} s); target <= "
+            f"{COLD_START_TARGET}x: {status}",
+            f"python -m services.batch in a new process, start to exit; cached optimised "
+            f"graph, sessions loading while the study is prepared; {rounds} runs each, "
+            f"alternating with inference.onnx_graph_cache: false: {uncached:.2f} s "
+            f"({result.median_cpu(result.uncached):.1f} core-s); the first start after the "
+            f"cache was cleared (optimises and saves): {result.first_start.wall_s:.2f} s; "
+            + located,
+        )
+    ]
+
+
+def triton_load_rows(repository: Path) -> list[str]:
+    print("cold start: Triton's model load, first start and cached ...", flush=True)
+    seconds = cold_start.triton_load_seconds(repository)
+    return [
+        table_row(
+            "cold start: Triton (python flavour) model load, start to ready",
+            f"{seconds['cached']:.2f} s",
+            "",
+            f"{seconds['saved'] / seconds['cached']:.2f}x faster than the first start",
+            f"from the saved optimised graphs; the first start on this machine (cache "
+            f"cleared: optimises and saves every model) {seconds['saved']:.2f} s",
+        )
+    ]
+
+
+def stack_cold_and_cpu_rows(result: dict) -> list[str]:
+    """From benchmarks.stack.measure_overhead: the adapter's first study, Triton's ready time
+    inside that start, and the core-seconds per study of both shapes."""
+    embedded, through = result["embedded"], result["stack"]
+    cold = through["cold_start"]
+    warm = through["submit_to_result"]["median_s"]
+    embedded_cpu, stack_cpu = embedded["cpu_s"]["median_s"], through["cpu_s"]["median_s"]
+    return [
+        table_row(
+            "cold start: an adapter's first study, process start to result",
+            f"{cold['adapter_first_result_s']:.2f} s",
+            "",
+            f"{cold['adapter_first_result_s'] / warm:.2f}x its later studies ({warm:.2f} s)",
+            f"full-size model; Triton already serving (its start to ready in this run: "
+            f"{cold['triton_ready_s']:.1f} s); target <= {COLD_START_TARGET}x",
+        ),
+        table_row(
+            "CPU cost per study: embedded / stack (core-seconds; wall)",
+            f"{embedded_cpu:.1f} / {stack_cpu:.1f} core-s",
+            "",
+            f"{stack_cpu / embedded_cpu:.2f}x",
+            f"full-size model, the interleaved pairs above; wall {embedded['median_s']:.2f} / "
+            f"{warm:.2f} s; embedded: this process's CPU time; stack: the adapter, "
+            f"tritonserver and its python-backend stubs (RabbitMQ not counted: shared)",
+        ),
+    ]
