@@ -9,7 +9,10 @@ Triton host means writing its new address there and restarting the adapters, as 
 would.
 
 Services are launched as ``python -m ...`` inside their host's namespace, each in its own
-session (a process group the cluster can kill, freeze or thaw).
+session (a process group the cluster can kill, freeze or thaw). A supervisor restarts Triton
+when it exits on its own, as compose's ``restart: unless-stopped`` or a Deployment would:
+the wheel's Triton (python backend) has been seen to abort after a SIGSTOP/SIGCONT
+(``boost::interprocess::lock_exception`` between the server and its backend stub).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -50,6 +54,7 @@ TRITON_TIMEOUT_S = 20.0
 ADAPTER_METRICS_PORT = 9410
 TRITON_HTTP_PORT, TRITON_GRPC_PORT = 8000, 8001
 FRONTEND_PORT = 7860
+SUPERVISOR_INTERVAL_S = 2.0
 
 
 @dataclass
@@ -99,6 +104,10 @@ class Cluster:
         self.services: dict[str, Service] = {}
         self.adapter_pids: set[int] = set()  # every adapter process ever launched
         self.triton_name = "triton"
+        self.triton_restarts: list[str] = []  # when the supervisor restarted a crashed Triton
+        self._triton_lock = threading.RLock()  # the supervisor vs. replacing the host
+        self._supervisor_stop = threading.Event()
+        self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -275,10 +284,26 @@ class Cluster:
     def frontend_url(self) -> str:
         return f"http://{self.broker_host.address}:{FRONTEND_PORT}/"
 
+    def _supervise(self) -> None:
+        while not self._supervisor_stop.wait(SUPERVISOR_INTERVAL_S):
+            with self._triton_lock:
+                if not self._supervisor_stop.is_set() and not self.alive(self.triton_name):
+                    self._restart_crashed_triton()
+
+    def _restart_crashed_triton(self) -> None:
+        self.triton_restarts.append(time.strftime("%H:%M:%S"))
+        leftovers = triton_leftovers(self.triton_host.pids())
+        self.triton_host.kill_all()  # its backend stubs, if they outlived it
+        remove_paths(leftovers)
+        self.relaunch(self.triton_name)
+        url = f"http://{self.triton_host.address}:{TRITON_HTTP_PORT}/v2/health/ready"
+        wait_for(lambda: self._serving(self.triton_name, url), 180, "Triton back", 0.5)
+
     def start(self) -> None:
         self.broker.start()
         self.write_config()
         self.launch_triton()
+        self._supervisor.start()
         for name in self.adapter_names:
             self.launch_adapter(name)
         self.launch_frontend()
@@ -299,12 +324,13 @@ class Cluster:
         """The Triton host is lost; a new one at a new address is put in the config file and
         the adapters are restarted (SIGTERM, one after the other) to read it. The old and the
         new address."""
-        old = self.triton_host
-        leftovers = triton_leftovers(old.pids())
-        self.network.remove_host(old)  # the host is gone, with whatever it ran
-        remove_paths(leftovers)
-        self.triton_host = self.network.add_host("triton-b")
-        self.launch_triton()
+        with self._triton_lock:
+            old = self.triton_host
+            leftovers = triton_leftovers(old.pids())
+            self.network.remove_host(old)  # the host is gone, with whatever it ran
+            remove_paths(leftovers)
+            self.triton_host = self.network.add_host("triton-b")
+            self.launch_triton()
         self.write_config()
         for name in self.adapter_names:
             self.terminate(name)
@@ -337,6 +363,9 @@ class Cluster:
         }
 
     def stop(self) -> None:
+        self._supervisor_stop.set()
+        with self._triton_lock:
+            pass  # a restart in progress finishes first
         for name in (*self.adapter_names, "frontend", self.triton_name):
             if name in self.services:
                 self.terminate(name)

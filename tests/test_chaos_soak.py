@@ -274,12 +274,17 @@ def test_chaos_soak_loses_and_duplicates_nothing(
         ),
     )
     outcomes.append(outcome)
+    if cluster.triton_restarts:
+        MEASUREMENTS.append(
+            "Triton exited on its own and was restarted by the supervisor at "
+            + ", ".join(cluster.triton_restarts)
+        )
     MEASUREMENTS.extend(["chaos log:", *(f"  {line}" for line in monkey.log.lines)])
     assert (outcome.lost, outcome.duplicated) == (0, 0), outcome
     assert outcome.results == outcome.sent
     assert all(load_result(cluster.storage, study.task_id) for study in sent)
     # Every kind of fault happened (seeded: the same faults every run).
-    assert set(monkey.log.events) == set(monkey.actions), monkey.log.events
+    assert set(monkey.actions) <= set(monkey.log.events), monkey.log.events
     assert chaos_s > 0
 
     # Nothing left in the work queue; the dead letters are exactly the tasks given up on.
