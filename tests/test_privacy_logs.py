@@ -18,6 +18,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import pydicom
 import pytest
 from batch_support import run_batch
 from corpus import builders
@@ -107,12 +108,19 @@ def kinds_by_id() -> dict:
 
 
 def _texts_under(folder: Path) -> dict[str, str]:
-    """Every file's path and content as text; the members of xlsx (zip) files unpacked."""
+    """Every file's path and content as text; the members of xlsx (zip) files unpacked.
+
+    The DICOM SRs (``sr/``) are searched by name only: they are written for the PACS, which
+    files them with the study by its patient and study identification (the SR module's
+    contract); ``test_only_the_srs_carry_the_patient`` checks that this is all they are.
+    """
     texts = {}
     for path in sorted(folder.rglob("*")):
         if not path.is_file():
             continue
         texts[f"{path} (name)"] = str(path.relative_to(folder))
+        if path.parent.name == "sr" and path.suffix == ".dcm":
+            continue
         data = path.read_bytes()
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
@@ -181,6 +189,23 @@ def test_no_patient_value_anywhere(debug_run: dict) -> None:
         if value.lower() in text.lower()
     ]
     assert not leaks, "patient values were written:\n" + "\n".join(leaks)
+
+
+def test_only_the_srs_carry_the_patient(debug_run: dict) -> None:
+    """The SRs left out of the search above are DICOM SRs that identify the patient, as a
+    PACS needs, and nothing else in the output folder is skipped."""
+    output = debug_run["output"]
+    srs = sorted((output / "sr").glob("*.dcm"))
+    assert srs
+    searched = {where.split("!")[0] for where in debug_run["searched"]}
+    skipped = sorted(
+        path for path in output.rglob("*") if path.is_file() and str(path) not in searched
+    )
+    assert skipped == srs
+    for path in srs:
+        sr = pydicom.dcmread(path)
+        assert sr.Modality == "SR" and sr.PatientID == PATIENT_ID
+        assert str(sr.PatientName) == PATIENT_NAME and sr.PatientBirthDate == PATIENT_BIRTH_DATE
 
 
 def test_reports_carry_study_uids_but_no_patient_values(debug_run: dict) -> None:

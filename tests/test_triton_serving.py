@@ -167,9 +167,9 @@ def test_a_model_that_cannot_load_fails_the_start_with_its_reason(
     (broken / BINARY_HEAD_NAME / "config.pbtxt").write_text(
         (repository / BINARY_HEAD_NAME / "config.pbtxt").read_text()
     )
-    (broken / BINARY_HEAD_NAME / "1" / "model.py").write_text(
-        (repository / BINARY_HEAD_NAME / "1" / "model.py").read_text()
-    )  # but no model.onnx
+    for source in (repository / BINARY_HEAD_NAME / "1").iterdir():
+        if source.is_file() and source.name != "model.onnx":  # the python model, no model.onnx
+            (broken / BINARY_HEAD_NAME / "1" / source.name).write_bytes(source.read_bytes())
     http, grpc, metrics = free_local_ports(3)
     server = LocalTritonServer(
         broken,
