@@ -264,11 +264,12 @@ def test_triton_host_lost_and_replaced_at_a_new_address(
 
     assert old != new and cluster.triton_url.startswith(new)
     assert f"{new}:" in cluster.config_file.read_text()
-    # Given back by the restarted adapters and done on triton-b. Usually the 2nd delivery; a
-    # task given back while the other adapter stops may be handed to it and returned unread
-    # (the quorum queue counts that delivery too).
+    # Given back by the restarted adapters and done on triton-b: the 2nd delivery. A stopping
+    # adapter cancels its consumer before it gives its study back, so no task is pushed to it
+    # and returned unread (which the quorum queue would count as a delivery: CI once saw a
+    # study reach its 4th and be given up). Measured: [2, 2]; the bound is max_deliveries.
     attempts = [client.result(task_id).attempt for task_id in holders.values()]
-    assert all(attempt >= 2 for attempt in attempts), attempts
+    assert all(2 <= attempt <= 3 for attempt in attempts), attempts
     assert_screened(client, sent)
     outcome = count_outcome(
         "Triton host lost, replaced at a new address",

@@ -91,6 +91,7 @@ class Adapter:
         self.metrics = metrics or adapter_metrics()
         self._stop = threading.Event()
         self._in_flight: set[int] = set()  # delivery tags being processed (I/O thread only)
+        self._consumer_tag: str | None = None  # while this adapter takes tasks (I/O thread only)
         self._workers: set[threading.Thread] = set()  # study threads, of any connection
         self.processed = 0  # results published and acked or dead-lettered (tests and logs)
         self.inference_times = InferenceTimes()  # the model's recent durations: progress by time
@@ -190,7 +191,7 @@ class Adapter:
             declare_topology(channel, self.topology)
             channel.basic_qos(prefetch_count=self.settings.rabbitmq.prefetch_count)
             on_message = functools.partial(self._on_message, connection)
-            consumer_tag = channel.basic_consume(self.topology.task_queue, on_message)
+            self._consumer_tag = channel.basic_consume(self.topology.task_queue, on_message)
             logger.info(
                 "adapter {} consuming {} (prefetch {})",
                 self.adapter_id,
@@ -200,7 +201,7 @@ class Adapter:
             while not self._stop.is_set():
                 connection.process_data_events(time_limit=1.0)
                 self.health.touch()
-            self._drain(connection, channel, consumer_tag)
+            self._drain(connection, channel)
         finally:
             try:
                 if connection.is_open:
@@ -208,11 +209,17 @@ class Adapter:
             except CONNECTION_ERRORS:
                 pass
 
-    def _drain(
-        self, connection: BlockingConnection, channel: BlockingChannel, consumer_tag: str
-    ) -> None:
+    def _stop_consuming(self, channel: BlockingChannel) -> None:
+        """Take no more tasks. Before a stopping adapter acks or gives back its study: else
+        the freed prefetch slot brings the next task, which pika's cancel then gives back
+        unread, and the broker counts that as one of the task's deliveries."""
+        if self._consumer_tag is not None and channel.is_open:
+            channel.basic_cancel(self._consumer_tag)
+        self._consumer_tag = None
+
+    def _drain(self, connection: BlockingConnection, channel: BlockingChannel) -> None:
         """On stop: take no new task; let the current one finish (up to drain_timeout_s)."""
-        channel.basic_cancel(consumer_tag)
+        self._stop_consuming(channel)
         deadline = time.monotonic() + self.drain_timeout_s
         if self._in_flight:
             logger.info(
@@ -389,6 +396,8 @@ class Adapter:
         republished: bool = False,
     ) -> None:
         self._in_flight.discard(message.tag)
+        if self.stopping:
+            self._stop_consuming(channel)
         executed = channel.is_open  # else the broker gives the message to another delivery
         finished = execute_decision(
             channel,
