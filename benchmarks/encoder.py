@@ -4,7 +4,7 @@
 input (the machine may be shared). The command measures the encoder on each execution
 provider with parity against FP32 on the CPU (the GPU measurement; README: "GPU"):
 
-    .venv/bin/python -m benchmarks.encoder [--repository DIR] [--json OUT.json]
+    .venv/bin/python -m benchmarks.encoder [--repository DIR] [--encoder ONNX] [--json OUT.json]
         [--providers cpu cuda tensorrt-fp16] [--batches 1 2 4] [--runs 5]
         [--input MODEL_INPUT.npy | --study ZIP | --synthetic]
 """
@@ -262,6 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repository", type=Path, default=None)
     parser.add_argument(
+        "--encoder",
+        type=Path,
+        help="this ONNX graph instead of the repository's (e.g. the portable one of a "
+        "--flavour tensorrt repository for TensorRT: the default graph's attention is "
+        "ONNX Runtime's com.microsoft.MultiHeadAttention, which TensorRT leaves to CUDA)",
+    )
+    parser.add_argument(
         "--providers", nargs="+", default=list(PROVIDER_NAMES), choices=PROVIDER_NAMES
     )
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4])
@@ -283,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         name = arguments.study or ensure_studies((STUDY_300,))[STUDY_300.name]
         volume = model_input_of(name, settings)
-    encoder = onnx_paths(repository)[ENCODER_NAME]
+    encoder = arguments.encoder or onnx_paths(repository)[ENCODER_NAME]
     results = measure_providers(
         encoder, arguments.providers, volume, arguments.batches, arguments.runs
     )
