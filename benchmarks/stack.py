@@ -31,6 +31,7 @@ from benchmarks.embedded import benchmark_settings, run_study
 from benchmarks.limit import process_cpu_seconds
 from benchmarks.measure import busy_share, cpu_times, local_triton, summary, tree_cpu_seconds
 from benchmarks.studies import STUDY_300, ensure_studies
+from convertation.build_cli import demo_build_command
 from services.broker.connection import connect, declare_topology, publish_task
 from services.broker.schemas import QueueTopology, StudyResult, StudyTask, decode_message
 from services.core.config import Settings, load_settings
@@ -163,8 +164,15 @@ def running_stack(study: Path, repository: Path, adapters: int) -> Iterator[_Sta
         spawned = time.perf_counter()
         processes = [
             subprocess.Popen(
-                [sys.executable, "-m", "services.adapter", "--adapter-id", f"bench-{index}"]
-                + ["--health-file", str(workdir / f"alive-{index}")],
+                [
+                    sys.executable,
+                    "-m",
+                    "services.adapter",
+                    "--adapter-id",
+                    f"bench-{index}",
+                    "--health-file",
+                    str(workdir / f"alive-{index}"),
+                ],
                 cwd=PROJECT_ROOT,
                 env=environment,
             )
@@ -240,8 +248,7 @@ def measure_stack(
     with tempfile.TemporaryDirectory(prefix="cts-bench-tiny-") as folder:
         repository = Path(folder) / "repository"
         subprocess.run(
-            [sys.executable, "-m", "convertation.build_repository", "--output", str(repository)]
-            + ["--flavour", "python", "--demo", "--ctvit-config", str(TINY_CONFIG)],
+            demo_build_command(repository, ctvit_config=TINY_CONFIG),
             cwd=PROJECT_ROOT,
             check=True,
             capture_output=True,

@@ -105,7 +105,7 @@ def build_study(spec: StudySpec, source: SourceSeries, output: Path) -> Path:
     partial = output.with_name(output.name + ".partial")
     with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
         for number, (z_mm, index) in enumerate(zip(z_new, indices, strict=True), start=1):
-            template = source.datasets[int(round(index))]
+            template = source.datasets[round(index)]
             dataset = copy.deepcopy(template)
             for keyword in DROPPED_REFERENCES:
                 if keyword in dataset:

@@ -79,3 +79,13 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     if any(heads) and not all(heads):
         parser.error("give both --binary-head and --multilabel-head, or neither")
     return arguments
+
+
+def demo_build_command(output: Path, *, ctvit_config: Path | None = None) -> list[str]:
+    """The command that builds a python-flavour demo repository (tests and benchmarks run it
+    in a process of its own: torch stays out of theirs); ``ctvit_config``: a smaller encoder."""
+    import sys
+
+    command = [sys.executable, "-m", "convertation.build_repository", "--output", str(output)]
+    command += ["--flavour", Flavour.PYTHON.value, "--demo"]
+    return command if ctvit_config is None else [*command, "--ctvit-config", str(ctvit_config)]

@@ -18,7 +18,7 @@ fi
 
 if [ ! -d samples ]; then
   echo "[demo] generating sample studies into samples/"
-  .venv/bin/python -m services.batch.sample_studies samples
+  .venv/bin/python -m synthetic.sample_studies samples
 fi
 
 .venv/bin/python -m services.batch samples "$output_dir" --model-repository "$repository"

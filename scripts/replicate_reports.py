@@ -22,9 +22,9 @@ from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
 
-from services.core.previews import STUDY_PREVIEW_VIEWS, study_preview_path  # noqa: E402
-from services.core.reports import JSON_DIR_NAME, json_file_name, study_file_key  # noqa: E402
-from services.core.schemas import StudyReport  # noqa: E402
+from services.core.previews import STUDY_PREVIEW_VIEWS, study_preview_path
+from services.core.reports import JSON_DIR_NAME, json_file_name, study_file_key
+from services.core.schemas import StudyReport
 
 PREVIEWS_DIR_NAME = "previews"
 COPY_WARNING = "copy of a screened study for a measurement (scripts/replicate_reports.py)"

@@ -243,7 +243,7 @@ class Cluster:
                 str(TRITON_HTTP_PORT),
                 "--grpc-port",
                 str(TRITON_GRPC_PORT),
-            ],  # fmt: skip
+            ],
             {},
         )
         url = f"http://{host.address}:{TRITON_HTTP_PORT}/v2/health/ready"
@@ -266,7 +266,7 @@ class Cluster:
                 name,
                 "--health-file",
                 str(self.workdir / f"{name}.alive"),
-            ],  # fmt: skip
+            ],
             {"CTS__METRICS__ADAPTER_PORT": str(ADAPTER_METRICS_PORT)},
         )
 
@@ -385,7 +385,7 @@ class TablePrinter:
         self.outcomes = outcomes
         self.measurements = measurements  # lines printed under the table
 
-    def pytest_terminal_summary(self, terminalreporter) -> None:  # noqa: ANN001 - pytest's type
+    def pytest_terminal_summary(self, terminalreporter) -> None:
         if not self.outcomes and not self.measurements:
             return
         terminalreporter.write_sep("=", self.title)

@@ -33,21 +33,13 @@ def tiny_model_repository(tmp_path_factory) -> Path:
     Target shape (24, 40, 40) at (15, 9, 9) mm: the contract's field of view, coarse voxels.
     """
     import subprocess
-    import sys
+
+    from convertation.build_cli import demo_build_command
 
     repository = tmp_path_factory.mktemp("tiny_model_repository")
-    command = [
-        sys.executable,
-        "-m",
-        "convertation.build_repository",
-        "--output",
-        str(repository),
-        "--flavour",
-        "python",
-        "--demo",
-        "--ctvit-config",
-        str(PROJECT_ROOT / "tests" / "data" / "ctvit_tiny.json"),
-    ]
+    command = demo_build_command(
+        repository, ctvit_config=PROJECT_ROOT / "tests" / "data" / "ctvit_tiny.json"
+    )
     completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
     if completed.returncode != 0:
         pytest.fail(f"building the tiny model repository failed:\n{completed.stderr[-4000:]}")

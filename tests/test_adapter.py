@@ -261,7 +261,8 @@ def test_study_through_adapter_equals_embedded_batch(
     assert health_file.exists()
 
     assert result.status is TaskStatus.COMPLETED, result.error
-    assert result.adapter_id == "proc-1" and result.attempt == 1
+    assert result.adapter_id == "proc-1"
+    assert result.attempt == 1
     progress = [m for m in client.messages if isinstance(m, StudyProgress)]
     assert [m.stage for m in progress][:1] == ["started"]
     assert "inference" in {m.stage for m in progress}
@@ -297,11 +298,13 @@ def test_study_through_adapter_equals_embedded_batch(
         [f.probability for f in got.findings], [f.probability for f in want.findings], atol=1e-5
     )
     assert got.most_dangerous_pathology_type == want.most_dangerous_pathology_type
-    assert got.model.backend == "triton" and want.model.backend == "onnxruntime"
+    assert got.model.backend == "triton"
+    assert want.model.backend == "onnxruntime"
     assert got.demo_weights is True
     # The chest check asked Triton's body_part_regression (demo: shown, never decides).
     regression = got.chest_check.body_part_regression
-    assert regression is not None and regression.demo
+    assert regression is not None
+    assert regression.demo
     assert not got.chest_check.body_part_regression_decides
     np.testing.assert_allclose(
         regression.transformed_scores,
@@ -372,7 +375,8 @@ def test_non_chest_study_malformed_message_and_missing_file(
     assert json.loads(dead[2])["task_id"] == missing_id
     assert reasons[0].startswith("the task message could not be read")
     assert reasons[1].startswith("the task message could not be read")
-    assert "not in the shared storage" in reasons[2] and reasons[2] == missing.error
+    assert "not in the shared storage" in reasons[2]
+    assert reasons[2] == missing.error
     # The submitter heard of the unreadable messages too (it gave a reply_to).
     unreadable = [
         m
@@ -532,7 +536,8 @@ def test_triton_backend_transports_agree_and_clean_up(
         stats = backend.stats.as_dict()
         if transport == "grpc":
             assert stats["grpc_request_bytes"] == 2 * volume.nbytes
-            assert stats["shared_memory_bytes"] == 0 and stats["regions_registered"] == 0
+            assert stats["shared_memory_bytes"] == 0
+            assert stats["regions_registered"] == 0
         else:
             assert stats["shared_memory_bytes"] == 2 * volume.nbytes
             assert stats["grpc_request_bytes"] == 0

@@ -91,7 +91,9 @@ def test_retrying_backend_waits_through_transient_errors_and_stops_on_request() 
     flaky = FlakyBackend()
     retrying = RetryingBackend(flaky, stop, on_retry=notes.append, maximum_delay_s=0.01)
     outputs = retrying.infer(np.ones((1, 2), dtype=np.float32))
-    assert flaky.calls == 3 and retrying.retries == 2 and len(notes) == 2
+    assert flaky.calls == 3
+    assert retrying.retries == 2
+    assert len(notes) == 2
     assert outputs.pathology_probability.tolist() == [1.0]
     stop.set()
     with pytest.raises(WorkInterrupted):
@@ -159,7 +161,8 @@ def test_retrying_backend_waits_for_the_body_part_model_too() -> None:
     assert backend.body_part_model is not None
     scores = backend.body_part_model.score_slices(np.zeros((3, 1, 128, 128), np.float32))
     assert scores.ravel().tolist() == [0.0, 1.0, 2.0]
-    assert calls == [3, 3, 3] and backend.retries == 2
+    assert calls == [3, 3, 3]
+    assert backend.retries == 2
     assert backend.body_part_model.settings == ServerWithBodyPartModel.body_part_model.settings
 
     stop = threading.Event()
@@ -206,7 +209,8 @@ def test_an_adapter_keeps_its_temporary_files_apart_and_dead_ones_are_swept(
         assert Path(tempfile.mkdtemp(prefix="cts-intake-")).parent == own
         assert temp_base() == tmp_path
         sweep_temp_dirs(tmp_path)  # the real check: pid 222 is gone here, this one is not
-        assert own.is_dir() and not (tmp_path / "cts-adapter-222").exists()
+        assert own.is_dir()
+        assert not (tmp_path / "cts-adapter-222").exists()
     finally:
         tempfile.tempdir = before
 
@@ -233,4 +237,5 @@ def test_an_unreadable_task_is_answered_under_an_id_the_submitter_knows() -> Non
     assert unreadable_task_id(b"\x00garbage", "corr-1", "msg-1") == "corr-1"
     assert unreadable_task_id(b"[]", None, "msg-1") == "msg-1"
     generated = unreadable_task_id(b"{}", "../../etc", None)
-    assert generated.startswith("unreadable-") and "/" not in generated
+    assert generated.startswith("unreadable-")
+    assert "/" not in generated

@@ -45,15 +45,18 @@ def test_stages_move_the_bar_forward_study_by_study() -> None:
             "findings",
         )
     ]
-    assert points == sorted(points) and len(set(points)) == len(points)
-    assert points[0] > 0.0 and points[-1] < 0.9
+    assert points == sorted(points)
+    assert len(set(points)) == len(points)
+    assert points[0] > 0.0
+    assert points[-1] < 0.9
 
 
 def test_the_model_share_follows_the_measured_duration() -> None:
     assert model_share(5.0, 10.0) == pytest.approx(0.5)
     assert model_share(50.0, 10.0) == MAX_MODEL_SHARE  # late: never "done" before the answer
     unknown = [model_share(seconds, None) for seconds in (1.0, 10.0, 100.0, 1000.0)]
-    assert unknown == sorted(unknown) and unknown[-1] <= MAX_MODEL_SHARE
+    assert unknown == sorted(unknown)
+    assert unknown[-1] <= MAX_MODEL_SHARE
     assert model_message(3.0, 10.0, "running the model") == "running the model: about 7 s left"
     assert "longer than the usual 10 s" in model_message(12.0, 10.0, "running the model")
     assert "no duration measured" in model_message(3.0, None, "running the model")
@@ -76,8 +79,10 @@ def test_the_ticker_moves_the_bar_by_time_while_the_model_runs() -> None:
     seconds = ticker.stop()
     fractions = [fraction for stage, fraction, _ in recorder.messages if stage == "inference"]
     assert len(fractions) >= 3
-    assert fractions == sorted(fractions) and fractions[-1] > fractions[0]
-    assert fractions[0] >= 0.5 and fractions[-1] <= 0.5 + 0.4 * MAX_MODEL_SHARE
+    assert fractions == sorted(fractions)
+    assert fractions[-1] > fractions[0]
+    assert fractions[0] >= 0.5
+    assert fractions[-1] <= 0.5 + 0.4 * MAX_MODEL_SHARE
     assert 0.2 < seconds < 2.0
     count = len(recorder.messages)
     time.sleep(0.15)
@@ -108,9 +113,12 @@ def test_task_events_measure_the_model_and_report_it_by_time(tmp_path: Path) -> 
     events.study_finished(report, study_index=0, n_studies=1)
     assert events.finish() == []
     stages = [stage for stage, _fraction, _message in recorder.messages]
-    assert stages[0] == "inference" and "findings" in stages and stages[-1] == "study finished"
+    assert stages[0] == "inference"
+    assert "findings" in stages
+    assert stages[-1] == "study finished"
     expected = times.expected()
-    assert expected is not None and 0.09 < expected < 2.0
+    assert expected is not None
+    assert 0.09 < expected < 2.0
     # The next study's bar knows how long the model takes.
     events = TaskEvents(recorder, tmp_path, inference_times=times)
     events.stage_started("inference", study_index=0, n_studies=1)

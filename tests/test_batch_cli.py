@@ -12,7 +12,7 @@ import pytest
 from batch_support import report_rows, run_batch
 from pydicom.uid import generate_uid
 
-from services.batch.__main__ import list_inputs
+from services.batch.inputs import list_inputs
 from services.batch.model_input_files import model_input_file_name
 from services.core.schemas import REPORT_COLUMNS
 
@@ -90,7 +90,8 @@ def test_folder_run_writes_reports_and_model_inputs(fixtures_dir, tiny_model_rep
     assert completed.returncode == 0, completed.stderr[-3000:]
     summary = completed.stdout.strip().splitlines()[-1]
     assert summary.startswith("3 studies from 2 inputs")
-    assert "2 Success, 1 Failure" in summary and "DEMO" in summary
+    assert "2 Success, 1 Failure" in summary
+    assert "DEMO" in summary
 
     rows = _rows(output)
     assert tuple(rows[0])[:7] == REPORT_COLUMNS
@@ -106,7 +107,8 @@ def test_folder_run_writes_reports_and_model_inputs(fixtures_dir, tiny_model_rep
         "two_studies_1.npy",
     ]
     first, second = (np.load(saved / f"two_studies_{i}.npy") for i in (0, 1))
-    assert first.shape == (1, 1, 24, 40, 40) and first.dtype == np.float32
+    assert first.shape == (1, 1, 24, 40, 40)
+    assert first.dtype == np.float32
     np.testing.assert_array_equal(first, second)
     assert len(list((output / "json").glob("*.json"))) == 3
     text = (output / "warnings_and_errors.txt").read_text()
@@ -123,7 +125,8 @@ def test_single_zip_and_loose_folder_inputs(fixtures_dir, tiny_model_repository,
         completed = _run(source, output, "--model-repository", tiny_model_repository)
         assert completed.returncode == 0, completed.stderr[-3000:]
         (row,) = _rows(output)
-        assert row["processing_status"] == "Success" and row["path_to_study"] == str(source)
+        assert row["processing_status"] == "Success"
+        assert row["path_to_study"] == str(source)
 
 
 def test_missing_model_repository_is_a_usage_error(fixtures_dir, tmp_path):
@@ -150,7 +153,8 @@ def test_missing_input_and_bad_config_are_usage_errors(
     fixtures_dir, tiny_model_repository, tmp_path
 ):
     completed = _run(tmp_path / "nowhere", tmp_path / "out")
-    assert completed.returncode == 2 and "input not found" in completed.stderr
+    assert completed.returncode == 2
+    assert "input not found" in completed.stderr
 
     config = tmp_path / "config.yaml"
     config.write_text("inference:\n  finding_thresholds: {'Lung nodules': 0.4}\n")
@@ -166,4 +170,5 @@ def test_missing_input_and_bad_config_are_usage_errors(
     assert "unknown findings ['Lung nodules']" in completed.stderr
 
     completed = _run(fixtures_dir / CHEST)
-    assert completed.returncode == 2 and "usage:" in completed.stderr
+    assert completed.returncode == 2
+    assert "usage:" in completed.stderr

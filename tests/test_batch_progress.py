@@ -75,13 +75,15 @@ def test_on_a_terminal_the_bar_keeps_one_line_and_the_log_goes_to_a_file(
     # What stays on the screen: each line as the last carriage return left it.
     screen = [line.split("\r")[-1] for line in text.replace("\r\n", "\n").split("\n")]
     bars = [line for line in screen if line.startswith("studies:")]
-    assert len(bars) == 1 and "3/3" in bars[0], screen  # one bar line, updated in place
+    assert len(bars) == 1, screen  # one bar line, updated in place
+    assert "3/3" in bars[0], screen
     assert text.count("\rstudies:") >= 4  # it was redrawn, not printed again below
     # The one warning (the broken zip) is printed above the bar, on its own line.
     assert any(line.startswith("WARNING: ") for line in screen), screen
     assert "| INFO" not in text
     log = (output / LOG_FILE_NAME).read_text()
-    assert "| INFO" in log and "onnxruntime backend: repository" in log
+    assert "| INFO" in log
+    assert "onnxruntime backend: repository" in log
     assert f"log: {output / LOG_FILE_NAME}" in text
     assert "3 studies from 3 inputs" in text
 

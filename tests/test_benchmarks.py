@@ -31,17 +31,20 @@ def test_stage_benchmark_reads_the_pipeline_clock_and_memory(
     backend = TimedBackend(tiny_model_repository, settings.inference)
     result = benchmark_study(study, settings=settings, backend=backend, repetitions=2)
 
-    assert set(result.stages) == set(ROW_STAGES) and result.n_slices == FIXTURE_SLICES
+    assert set(result.stages) == set(ROW_STAGES)
+    assert result.n_slices == FIXTURE_SLICES
     for row, samples in result.stages.items():
         # Two timed passes; memory from the warm-up pass too.
-        assert len(samples.seconds) == 2 and len(samples.peak_mib) == 3, row
+        assert len(samples.seconds) == 2, row
+        assert len(samples.peak_mib) == 3, row
         assert all(seconds > 0 for seconds in samples.seconds), row
     # The memory readings follow the stage boundaries: load_volume allocates the float32
     # volume, so its stage adds at least that much.
     volume_mib = FIXTURE_SLICES * 512 * 512 * 4 / 2**20
     assert result.stages["volume"].max_peak_mib >= volume_mib
     assert result.reference_max_abs_diff < PREPROCESSING_TOLERANCE
-    assert result.end_to_end_s > 0 and backend.memory is None
+    assert result.end_to_end_s > 0
+    assert backend.memory is None
 
     rows = run._stage_rows({STUDY_300.name: result})
     assert rows[0] == "| measurement | chest_300x1mm (30 slices) | - | ratio | notes |"
@@ -60,7 +63,8 @@ def test_fresh_process_screens_the_study_and_reads_its_memory(
     result = run_in_fresh_process(
         study, 2, keep_freed_memory=False, repository=tiny_model_repository, options=options
     )
-    assert len(result["seconds"]) == 2 and all(seconds > 0 for seconds in result["seconds"])
+    assert len(result["seconds"]) == 2
+    assert all(seconds > 0 for seconds in result["seconds"])
     for stages in result["stages"]:
         assert {"intake", "headers", "volume", "preprocessing", "inference"} <= set(stages)
     # The study's volume alone (float32) is resident at the peak, beyond the start.
@@ -96,7 +100,8 @@ def test_encoder_command_reports_every_provider_and_batch(
     assert cpu["status"] == "ok"
     assert set(cpu["by_batch"]) == {"1", "3"}
     for row in cpu["by_batch"].values():
-        assert row["within_tolerance"] and row["cosine_min"] > 0.999999
+        assert row["within_tolerance"]
+        assert row["cosine_min"] > 0.999999
         assert row["latency_median_s"] > 0
     # Three copies of the volume per batch: three volumes per run.
     batch3 = cpu["by_batch"]["3"]
@@ -114,7 +119,8 @@ def test_encoder_command_reports_every_provider_and_batch(
 def test_batch_of_repeats_the_volume() -> None:
     volume = np.arange(8, dtype=np.float32).reshape(1, 1, 2, 2, 2)
     batch = encoder.batch_of(volume, 4)
-    assert batch.shape == (4, 1, 2, 2, 2) and batch.flags["C_CONTIGUOUS"]
+    assert batch.shape == (4, 1, 2, 2, 2)
+    assert batch.flags["C_CONTIGUOUS"]
     assert all(np.array_equal(item[None], volume) for item in batch)
 
 
@@ -130,7 +136,8 @@ def test_stack_overhead_measures_both_modes_and_locates_the_difference(
     workdir.mkdir()
     result = stack.measure_overhead(study, tiny_model_repository, runs=2, workdir=workdir)
     embedded, through = result["embedded"], result["stack"]
-    assert embedded["runs"] == 2 and through["submit_to_result"]["runs"] == 2
+    assert embedded["runs"] == 2
+    assert through["submit_to_result"]["runs"] == 2
     for stages in (embedded["stages"], through["stages"]):
         assert {"intake", "headers", "volume", "preprocessing", "inference"} <= set(stages)
     # Submit-to-result includes the adapter's own time.
@@ -141,9 +148,11 @@ def test_stack_overhead_measures_both_modes_and_locates_the_difference(
     assert triton["chest_screening"]["compute_infer"] >= triton["ct_clip_encoder"]["compute_infer"]
     assert isinstance(result["stack_overhead_percent"], float)
     # Core-seconds per study of both shapes, and the cold start of the adapter and Triton.
-    assert embedded["cpu_s"]["min_s"] > 0 and through["cpu_s"]["min_s"] > 0
+    assert embedded["cpu_s"]["min_s"] > 0
+    assert through["cpu_s"]["min_s"] > 0
     cold = through["cold_start"]
-    assert cold["triton_ready_s"] > 0 and cold["adapter_first_result_s"] > 0
+    assert cold["triton_ready_s"] > 0
+    assert cold["adapter_first_result_s"] > 0
 
 
 def test_the_encoder_arithmetic_and_the_peak_shape_of_the_full_model() -> None:
@@ -197,15 +206,20 @@ def test_the_limit_and_the_profile_on_the_tiny_encoder(tiny_model_repository: Pa
         options=encoder.configured_options,
         rounds=2,
     )
-    assert len(result.encoder.wall_s) == 2 and [len(r.wall_s) for r in result.gemm_rounds] == [3, 3]
-    assert result.peak_gflops > 0 and result.best_peak_gflops >= result.peak_gflops
-    assert result.share > 0 and result.cpu_share > 0
+    assert len(result.encoder.wall_s) == 2
+    assert [len(r.wall_s) for r in result.gemm_rounds] == [3, 3]
+    assert result.peak_gflops > 0
+    assert result.best_peak_gflops >= result.peak_gflops
+    assert result.share > 0
+    assert result.cpu_share > 0
     operators = encoder.profile_operators(path, volume, runs=1)
     matmul = next(op for op in operators if op.op_type == "MatMul")
-    assert matmul.gflop > 0 and matmul.gflops > 0
+    assert matmul.gflop > 0
+    assert matmul.gflops > 0
     assert any(op.op_type == "MultiHeadAttention" and op.gflop > 0 for op in operators)
     row = profile_row(operators, result.peak_gflops)
-    assert "GEMM-type (" in row and "the rest: " in row
+    assert "GEMM-type (" in row
+    assert "the rest: " in row
 
 
 @pytest.mark.slow
@@ -222,7 +236,8 @@ def test_a_new_batch_process_is_timed_with_and_without_the_graph_cache(
     result = cold_start.batch_cold_start(study, repository, rounds=1)
     assert len(result.cached) == len(result.uncached) == 1
     for run_ in (result.first_start, *result.cached, *result.uncached):
-        assert run_.wall_s > 0 and run_.cpu_s > 0
+        assert run_.wall_s > 0
+        assert run_.cpu_s > 0
     # The first start saved every model's optimised graph; clearing removes them again.
     assert cold_start.clear_graph_caches(repository) >= 3
     assert cold_start.clear_graph_caches(repository) == 0

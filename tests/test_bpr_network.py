@@ -77,7 +77,8 @@ def test_keys_and_shapes_are_bpregs(reference_dir: Path):
 
 def test_first_convolution_has_no_bias_and_one_channel():
     first = BodyPartRegressionNet().model[0]
-    assert first.in_channels == 1 and first.bias is None
+    assert first.in_channels == 1
+    assert first.bias is None
 
 
 # ----------------------------------------------------------------------------- parity
@@ -92,7 +93,8 @@ def test_torch_reproduces_the_reference_scores(reference_weights, reference_io):
 @pytest.mark.slow
 def test_onnx_reproduces_the_reference_scores(reference_onnx, reference_io):
     (scores,) = run_onnx(reference_onnx, {INPUT_NAME: reference_io["input"]})
-    assert scores.dtype == np.float32 and scores.shape == (3, 1)
+    assert scores.dtype == np.float32
+    assert scores.shape == (3, 1)
     assert np.max(np.abs(scores - reference_io["scores"])) < PARITY_TOLERANCE
 
 
@@ -103,7 +105,8 @@ def test_onnx_signature_has_a_dynamic_batch(reference_onnx, reference_weights):
     (graph_output,) = graph.output
     assert (graph_input.name, graph_output.name) == (INPUT_NAME, OUTPUT_NAME)
     input_dims = graph_input.type.tensor_type.shape.dim
-    assert input_dims[0].dim_param and [d.dim_value for d in input_dims[1:]] == [1, 128, 128]
+    assert input_dims[0].dim_param
+    assert [d.dim_value for d in input_dims[1:]] == [1, 128, 128]
     assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     network = load_network(reference_weights)
     for batch in (1, 5):
@@ -148,8 +151,10 @@ def test_loads_a_model_folder_laid_out_like_bpregs(tmp_path, reference_weights, 
     state = {key: torch.from_numpy(value) for key, value in np.load(reference_weights).items()}
     folder = _write_bpreg_folder(tmp_path / "public_bpr_model", state)
     loaded = load_bpr_model(folder)
-    assert loaded.weights_path == folder / MODEL_FILE and len(loaded.weights_sha256) == 64
-    assert loaded.settings is not None and not loaded.demo
+    assert loaded.weights_path == folder / MODEL_FILE
+    assert len(loaded.weights_sha256) == 64
+    assert loaded.settings is not None
+    assert not loaded.demo
     assert loaded.settings.settings.start_landmark == "pelvis_start"
     scores = _scores(loaded.network, reference_io["input"])
     assert np.max(np.abs(scores - reference_io["scores"])) < PARITY_TOLERANCE
@@ -157,7 +162,9 @@ def test_loads_a_model_folder_laid_out_like_bpregs(tmp_path, reference_weights, 
 
 def test_demo_folder_is_labelled_demo_and_loads(tmp_path):
     loaded = load_bpr_model(write_demo_model_folder(tmp_path / "demo", seed=3))
-    assert loaded.demo and loaded.settings is not None and loaded.settings.demo
+    assert loaded.demo
+    assert loaded.settings is not None
+    assert loaded.settings.demo
     expected = demo_state_dict(3)["fc7.weight"]
     assert np.array_equal(loaded.network.fc7.weight.detach().numpy(), expected)
 
@@ -213,7 +220,7 @@ def test_a_settings_table_without_the_needed_landmarks_is_refused(tmp_path):
     for table in document["lookuptable_train_val"].values():
         del table["Th7"]
     (folder / SETTINGS_FILE).write_text(json.dumps(document))
-    with pytest.raises(CheckpointError, match="lacks landmarks .*Th7"):
+    with pytest.raises(CheckpointError, match=r"lacks landmarks .*Th7"):
         load_bpr_model(folder)
 
 
@@ -239,7 +246,8 @@ def test_cli_exits_non_zero_naming_the_missing_key(tmp_path):
     )
     assert result.returncode != 0
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and "conv6.weight" in error_lines[0]
+    assert len(error_lines) == 1
+    assert "conv6.weight" in error_lines[0]
     assert not (tmp_path / "bpr.onnx").exists()
 
 

@@ -25,7 +25,8 @@ BPR_INPUT_TOLERANCE = 1e-3
 @pytest.fixture(scope="module")
 def backend(tiny_model_repository: Path) -> Iterator[OnnxRuntimeBackend]:
     backend = OnnxRuntimeBackend(tiny_model_repository, InferenceSettings(onnx_intra_op_threads=1))
-    assert backend.body_part_model is not None and backend.body_part_model.demo
+    assert backend.body_part_model is not None
+    assert backend.body_part_model.demo
     yield backend
     backend.close()
 
@@ -56,11 +57,13 @@ def test_every_fixture_keeps_its_outcome_with_demo_bpr(
                 want.chest_check.reason,
             )
             regression = got.chest_check.body_part_regression
-            assert regression is not None and regression.demo, folder.name
+            assert regression is not None, folder.name
+            assert regression.demo, folder.name
             assert not got.chest_check.body_part_regression_decides
             assert want.chest_check.body_part_regression is None
             demo_lines = [w for w in got.warnings if "body-part regression (DEMO weights" in w]
-            assert len(demo_lines) == 1 and regression.summary in demo_lines[0]
+            assert len(demo_lines) == 1
+            assert regression.summary in demo_lines[0]
             assert [w for w in got.warnings if w not in demo_lines] == want.warnings
             checked += 1
     # Chest, head and abdomen reach the chest check; MR and scout are refused before a volume
@@ -80,12 +83,14 @@ def test_saved_bpr_input_is_every_slice_feet_to_head(
         )
     saved = np.load(tmp_path / f"{CHEST}.bpr.npy")
     reference = np.load(reference_dir / "bpr_preprocess_chest_ct_lung_dx.npz")["bpr_input"]
-    assert saved.shape == reference.shape == (30, 1, 128, 128) and saved.dtype == np.float32
+    assert saved.shape == reference.shape == (30, 1, 128, 128)
+    assert saved.dtype == np.float32
     assert float(np.max(np.abs(saved - reference))) <= BPR_INPUT_TOLERANCE
     assert (tmp_path / f"{CHEST}.npy").is_file()
     # A refused study has no model input, but its analysed series has a BPR input.
     head = np.load(tmp_path / f"{HEAD}.bpr.npy")
     assert head.shape[1:] == (1, 128, 128)
     # [-1, 1] up to float32 rounding of the blur and resize weights.
-    assert head.min() >= -1.0 - 1e-6 and head.max() <= 1.0 + 1e-6
+    assert head.min() >= -1.0 - 1e-6
+    assert head.max() <= 1.0 + 1e-6
     assert not (tmp_path / f"{HEAD}.npy").exists()

@@ -98,7 +98,9 @@ def test_the_demo_build_serves_it_with_its_table_and_provenance(demo_repository:
     assert (folder / "1" / "model.py").read_text() == TEMPLATE_MODEL_PY.read_text()
     metadata = read_metadata(demo_repository)
     info = metadata.body_part_regression
-    assert info is not None and info.demo and info.max_batch_size == 32
+    assert info is not None
+    assert info.demo
+    assert info.max_batch_size == 32
     assert info.inference_settings == BPR_SETTINGS_RELATIVE_PATH
     assert info.source == f"demo: seeded (seed={SEED}), invented lookup table"
     table = BprInferenceSettings.model_validate_json(
@@ -129,7 +131,9 @@ def test_the_embedded_backend_scores_with_the_repository_graph(demo_repository: 
     backend = OnnxRuntimeBackend(demo_repository, EMBEDDED)
     try:
         model = backend.body_part_model
-        assert model is not None and model.demo and model.settings.demo
+        assert model is not None
+        assert model.demo
+        assert model.settings.demo
         batch = slices(40, seed=1)  # more than one served batch (32)
         scores = model.score_slices(batch)
         session = ort.InferenceSession(
@@ -137,7 +141,8 @@ def test_the_embedded_backend_scores_with_the_repository_graph(demo_repository: 
             providers=["CPUExecutionProvider"],
         )
         (expected,) = session.run(["scores"], {"slices": batch})
-        assert scores.shape == (40, 1) and scores.dtype == np.float32
+        assert scores.shape == (40, 1)
+        assert scores.dtype == np.float32
         np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-5)
         with pytest.raises(ValueError, match=r"must be \[N, 1, 128, 128\]"):
             model.score_slices(np.zeros((2, 128, 128), np.float32))
@@ -152,12 +157,12 @@ def test_the_embedded_backend_refuses_a_repository_missing_its_files(
     broken = tmp_path / "no_settings"
     shutil.copytree(demo_repository, broken)
     (broken / BPR_SETTINGS_RELATIVE_PATH).unlink()
-    with pytest.raises(ModelRepositoryError, match="inference-settings.json cannot be read"):
+    with pytest.raises(ModelRepositoryError, match=r"inference-settings.json cannot be read"):
         OnnxRuntimeBackend(broken, EMBEDDED)
     (broken / BPR_SETTINGS_RELATIVE_PATH).write_text('{"slope_mean": 1}')
     with pytest.raises(
         ModelRepositoryError,
-        match="settings .* are invalid: .*lookuptable_train_val: Field required",
+        match=r"settings .* are invalid: .*lookuptable_train_val: Field required",
     ):
         OnnxRuntimeBackend(broken, EMBEDDED)
     shutil.copyfile(
@@ -178,13 +183,15 @@ def test_a_bpreg_model_folder_through_the_cli_then_none(tmp_path: Path) -> None:
     common += ["--ctvit-config", str(TINY_CONFIG)]
     assert main([*common, "--bpr-model", str(folder)]) == 0
     info = read_metadata(repository).body_part_regression
-    assert info is not None and not info.demo
+    assert info is not None
+    assert not info.demo
     assert info.source == str((folder / MODEL_FILE).resolve())
     assert info.source_sha256 == sha256_of(folder / MODEL_FILE)
     table = (repository / BPR_SETTINGS_RELATIVE_PATH).read_text()
     assert BprInferenceSettings.model_validate_json(table) == REAL_SETTINGS
     backend = OnnxRuntimeBackend(repository, EMBEDDED)
-    assert backend.body_part_model is not None and not backend.body_part_model.demo
+    assert backend.body_part_model is not None
+    assert not backend.body_part_model.demo
     backend.close()
 
     assert main([*common, "--no-bpr"]) == 0
@@ -211,7 +218,8 @@ def test_the_cli_refuses_a_bare_weights_file(tmp_path: Path, capsys) -> None:
 
 def test_the_tensorrt_step_builds_its_plan_with_the_slice_profile(tmp_path: Path) -> None:
     commands = tensorrt_commands(tmp_path, (24, 40, 40), 32, body_part_regression=True)
-    assert len(commands) == 4 and str(BPR_TRT_SCRIPT) in commands[-1]
+    assert len(commands) == 4
+    assert str(BPR_TRT_SCRIPT) in commands[-1]
     assert len(tensorrt_commands(tmp_path, (24, 40, 40), 32)) == 3
 
     # The script's trtexec arguments, through a stand-in trtexec that records them.

@@ -91,19 +91,23 @@ def test_transform_puts_start_at_0_and_end_at_100():
 
 def test_a_chest_scan_is_chest_and_fully_covered():
     evidence = interpret_scan(scan(330, 660), noise=0.005)
-    assert evidence.body_part == "CHEST" and evidence.body_parts_present == ["CHEST"]
+    assert evidence.body_part == "CHEST"
+    assert evidence.body_parts_present == ["CHEST"]
     assert (evidence.first_landmark, evidence.last_landmark) == ("Th12", "C6")
     assert evidence.landmarks_covered[:3] == ["Th12", "lung_start", "Th11"]
     assert evidence.chest_fully_covered is True
-    assert evidence.slope_plausible is True and evidence.reversed_order is False
+    assert evidence.slope_plausible is True
+    assert evidence.reversed_order is False
     assert evidence.observed_slope_per_mm == pytest.approx(SLOPE_PER_MM, rel=0.02)
-    assert evidence.warnings == [] and evidence.demo is False
+    assert evidence.warnings == []
+    assert evidence.demo is False
 
 
 def test_a_chest_scan_without_the_apex_is_flagged():
     evidence = interpret_scan(scan(330, 600))
     assert evidence.body_part == "CHEST"
-    assert evidence.lung_base_covered is True and evidence.lung_apex_covered is False
+    assert evidence.lung_base_covered is True
+    assert evidence.lung_apex_covered is False
     assert evidence.chest_fully_covered is False
     assert evidence.last_landmark == "Th2"
 
@@ -112,7 +116,8 @@ def test_a_head_scan_is_head():
     evidence = interpret_scan(scan(700, 880, 30.0))
     assert evidence.body_part == "HEAD"
     assert (evidence.first_landmark, evidence.last_landmark) == ("C3", "eyes_end")
-    assert evidence.lung_base_covered is False and evidence.lung_apex_covered is True
+    assert evidence.lung_base_covered is False
+    assert evidence.lung_apex_covered is True
     assert evidence.chest_fully_covered is False
 
 
@@ -132,7 +137,8 @@ def test_a_short_scan_is_named_by_its_slices():
 
 def test_scores_outside_every_part_name_nothing():
     evidence = interpret_scan(scan(950, 1000, 10.0))
-    assert evidence.body_part is None and evidence.landmarks_covered == []
+    assert evidence.body_part is None
+    assert evidence.landmarks_covered == []
 
 
 # ----------------------------------------------------------------------------- slope checks
@@ -143,21 +149,24 @@ def test_reversed_order_is_a_warning():
     evidence = interpret(raw_score(heights), np.arange(heights.size) * 40.0, SETTINGS)
     assert evidence.reversed_order is True
     assert any("slice order" in warning for warning in evidence.warnings)
-    assert evidence.body_part == "CHEST" and evidence.chest_fully_covered is True
+    assert evidence.body_part == "CHEST"
+    assert evidence.chest_fully_covered is True
 
 
 def test_a_wrong_spacing_is_a_warning():
     heights = scan(330, 660)
     evidence = interpret(raw_score(heights), (heights - 330) / 2, SETTINGS)  # spacing halved
     assert evidence.slope_ratio == pytest.approx(2.0, rel=1e-6)
-    assert evidence.slope_plausible is False and evidence.reversed_order is False
+    assert evidence.slope_plausible is False
+    assert evidence.reversed_order is False
     assert any("spacing" in warning and "2.00x" in warning for warning in evidence.warnings)
 
 
 def test_a_slope_within_tolerance_is_plausible():
     heights = scan(330, 660)
     evidence = interpret(raw_score(heights), (heights - 330) / 1.2, SETTINGS)
-    assert evidence.slope_plausible is True and evidence.warnings == []
+    assert evidence.slope_plausible is True
+    assert evidence.warnings == []
 
 
 # ----------------------------------------------------------------------------- cleaning
@@ -166,7 +175,9 @@ def test_a_slope_within_tolerance_is_plausible():
 def test_blank_slices_are_dropped():
     transformed = np.array([40.0, 110.83, 50.0, 6.1449])
     cleaned = remove_background(transformed, InterpretationRules().background_scores)
-    assert np.isnan(cleaned[1]) and np.isnan(cleaned[3]) and cleaned[[0, 2]].tolist() == [40, 50]
+    assert np.isnan(cleaned[1])
+    assert np.isnan(cleaned[3])
+    assert cleaned[[0, 2]].tolist() == [40, 50]
 
 
 def test_smoothing_keeps_a_line_and_damps_noise():
@@ -220,7 +231,8 @@ def test_inputs_are_checked():
 
 def test_a_single_slice_gives_no_slope():
     evidence = interpret([float(raw_score(450))], [0.0], SETTINGS)
-    assert evidence.observed_slope_per_mm is None and evidence.slope_plausible is None
+    assert evidence.observed_slope_per_mm is None
+    assert evidence.slope_plausible is None
     assert evidence.body_part == "CHEST"
 
 
@@ -229,7 +241,8 @@ def test_a_table_without_lung_landmarks_leaves_coverage_unknown():
     settings = synthetic_settings(heights)
     assert missing_landmarks(settings, InterpretationRules()) == ["lung_end", "lung_start"]
     evidence = interpret(raw_score(scan(330, 660)), scan(0, 330), settings)
-    assert evidence.chest_fully_covered is None and evidence.body_part == "CHEST"
+    assert evidence.chest_fully_covered is None
+    assert evidence.body_part == "CHEST"
     assert any("lung_end, lung_start" in warning for warning in evidence.warnings)
 
 
@@ -250,9 +263,11 @@ def test_settings_read_bpregs_document_and_check_it():
 
 def test_demo_table_is_labelled_and_complete():
     demo = demo_inference_settings()
-    assert demo.demo and missing_landmarks(demo, InterpretationRules()) == []
+    assert demo.demo
+    assert missing_landmarks(demo, InterpretationRules()) == []
     evidence = interpret([-1.5, -1.2], [0.0, 300.0], demo)
-    assert evidence.demo and any("DEMO" in warning for warning in evidence.warnings)
+    assert evidence.demo
+    assert any("DEMO" in warning for warning in evidence.warnings)
 
 
 # ----------------------------------------------------------------------------- a whole volume
@@ -279,7 +294,8 @@ def _decode_height_scorer(batches: list[int]):
     """A stand-in network: reads the height back from the centre pixel, scores it."""
 
     def score(slices: np.ndarray) -> np.ndarray:
-        assert slices.dtype == np.float32 and slices.shape[1:] == (1, 128, 128)
+        assert slices.dtype == np.float32
+        assert slices.shape[1:] == (1, 128, 128)
         batches.append(slices.shape[0])
         hu = (slices[:, 0, 64, 64].astype(np.float64) + 1.0) * 2500 / 2 - 1000
         return raw_score(hu + 1000.0)[:, None]
@@ -293,7 +309,10 @@ def test_evidence_for_a_volume_scores_a_few_slices_feet_to_head(head_first):
     volume = _height_coded_volume(head_first=head_first)
     evidence = evidence_for_volume(volume, _decode_height_scorer(batches), SETTINGS)
     assert batches == [4]  # 330 mm of scan: 5 slices 80 mm apart, capped at 4
-    assert evidence.positions_mm[0] == 0.0 and evidence.positions_mm[-1] == pytest.approx(330.0)
-    assert evidence.body_part == "CHEST" and evidence.chest_fully_covered is True
-    assert evidence.reversed_order is False and evidence.slope_plausible is True
+    assert evidence.positions_mm[0] == 0.0
+    assert evidence.positions_mm[-1] == pytest.approx(330.0)
+    assert evidence.body_part == "CHEST"
+    assert evidence.chest_fully_covered is True
+    assert evidence.reversed_order is False
+    assert evidence.slope_plausible is True
     assert evidence.lowest_score == pytest.approx(330 / EYES_MM * 100, abs=0.05)

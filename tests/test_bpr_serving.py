@@ -78,16 +78,19 @@ def test_triton_scores_equal_onnxruntime(
     backend = TritonBackend(inference)
     try:
         model = backend.body_part_model
-        assert model is not None and model.demo
+        assert model is not None
+        assert model.demo
         embedded = OnnxRuntimeBackend(tiny_model_repository, inference).body_part_model
-        assert embedded is not None and model.settings == embedded.settings
+        assert embedded is not None
+        assert model.settings == embedded.settings
         served = model.score_slices(network_input)
         again = model.score_slices(network_input[:4])  # a reused region, new numbers
         stats = backend.stats.as_dict()
     finally:
         backend.close()
     expected = direct_scores(tiny_model_repository, network_input)
-    assert served.shape == (len(network_input), 1) and served.dtype == np.float32
+    assert served.shape == (len(network_input), 1)
+    assert served.dtype == np.float32
     difference = float(np.max(np.abs(served - expected)))
     assert difference <= PARITY_TOLERANCE, difference
     np.testing.assert_allclose(again, expected[:4], rtol=0, atol=PARITY_TOLERANCE)
@@ -138,12 +141,16 @@ def test_the_pipeline_sees_the_same_anatomy_through_both_backends(
     for report in (served, local):
         assert report.succeeded, report.failure_reason
         evidence = report.chest_check
-        assert evidence is not None and evidence.body_part_regression is not None
-        assert evidence.body_part_regression.demo and not evidence.body_part_regression_decides
-    assert served.chest_check is not None and local.chest_check is not None
+        assert evidence is not None
+        assert evidence.body_part_regression is not None
+        assert evidence.body_part_regression.demo
+        assert not evidence.body_part_regression_decides
+    assert served.chest_check is not None
+    assert local.chest_check is not None
     got = served.chest_check.body_part_regression
     want = local.chest_check.body_part_regression
-    assert got is not None and want is not None
+    assert got is not None
+    assert want is not None
     assert got.positions_mm == want.positions_mm
     # Transformed scores are raw scores x 100 / (table span 1.0): 1e-5 raw is 1e-3 here.
     np.testing.assert_allclose(

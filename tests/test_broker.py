@@ -181,7 +181,8 @@ def test_an_adapters_dead_letter_says_why_it_is_there(settings, channel) -> None
     assert decode_message(dead_body, StudyTask, type_name=dead_properties.type) == task
     headers = dead_properties.headers
     assert headers[REASON_HEADER] == "the study is not in the shared storage (tried 2 times)"
-    assert headers[ADAPTER_HEADER] == "adapter-7" and headers[DELIVERY_HEADER] == 2
+    assert headers[ADAPTER_HEADER] == "adapter-7"
+    assert headers[DELIVERY_HEADER] == 2
     assert dead_properties.message_id == task.task_id
     assert dead_properties.delivery_mode == pika.DeliveryMode.Persistent.value
     assert channel.queue_declare(topology.task_queue, passive=True).method.message_count == 0

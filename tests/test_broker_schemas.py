@@ -37,7 +37,7 @@ def test_task_refuses_paths_outside_storage(study_path: str) -> None:
 
 @pytest.mark.parametrize("task_id", ["../x", "a/b", "", "x" * 65, ".hidden"])
 def test_task_refuses_ids_that_are_not_safe_file_names(task_id: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be 1-64 characters"):
         StudyTask(task_id=task_id, study_path="uploads/a.zip", original_filename="a.zip")
 
 
@@ -76,5 +76,5 @@ def test_topology_names_follow_the_prefix() -> None:
     assert arguments["x-queue-type"] == "quorum"
     assert arguments["x-delivery-limit"] == 4
     assert arguments["x-dead-letter-exchange"] == "site-a.dead-letter"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be 1-64 characters"):
         topology.reply_queue("../x")

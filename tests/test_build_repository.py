@@ -88,7 +88,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, tiny_models: ModelSet):
 def test_spacing_keeps_the_contract_field_of_view() -> None:
     assert target_spacing_for((240, 480, 480)) == (1.5, 0.75, 0.75)
     assert target_spacing_for((12, 40, 40)) == (30.0, 9.0, 9.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="expected a positive"):
         target_spacing_for((0, 40, 40))
 
 
@@ -137,7 +137,8 @@ def test_every_config_parses_with_expected_names_and_shapes(built, flavour: Flav
     assert list(encoder.dynamic_batching.preferred_batch_size) == [2, 4]
     (warmup,) = encoder.model_warmup
     assert warmup.batch_size == 1
-    assert list(warmup.inputs["volume"].dims) == volume_dims and warmup.inputs["volume"].zero_data
+    assert list(warmup.inputs["volume"].dims) == volume_dims
+    assert warmup.inputs["volume"].zero_data
 
     for name, output, width in (
         (BINARY_HEAD_NAME, "pathology_probability", 1),
@@ -261,7 +262,8 @@ def test_native_flavours_name_their_model_files(built) -> None:
 
 def test_tensorrt_plans_are_skipped_with_the_commands_to_run(built) -> None:
     result = built[Flavour.TENSORRT]
-    assert result.tensorrt is not None and not result.tensorrt.built
+    assert result.tensorrt is not None
+    assert not result.tensorrt.built
     assert "trtexec-not-installed is not on PATH" in result.tensorrt.message
     encoder_command, *head_commands = result.tensorrt.commands
     assert "vit/convert2trt.sh" in encoder_command
@@ -350,7 +352,8 @@ def test_tensorrt_scripts_pass_the_shape_profiles(
     repository = tmp_path / "repo"
     result = build_repository(repository, Flavour.TENSORRT, tiny_models)
 
-    assert result.tensorrt is not None and result.tensorrt.built
+    assert result.tensorrt is not None
+    assert result.tensorrt.built
     d, h, w = TINY_SHAPE
     encoder_args = (tmp_path / f"{ENCODER_NAME}.args").read_text().split()
     assert encoder_args == [

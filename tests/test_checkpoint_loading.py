@@ -112,7 +112,8 @@ def test_cli_names_an_impossible_encoder_config(tmp_path, small_config):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert str(tmp_path / "config.json") in line and "not a multiple of patch_size" in line
+    assert str(tmp_path / "config.json") in line
+    assert "not a multiple of patch_size" in line
 
 
 @pytest.mark.parametrize(
@@ -127,7 +128,7 @@ def test_unreadable_encoder_configs_raise_encoder_config_error(tmp_path, content
     (tmp_path / "config.json").write_text(content)
     with pytest.raises(EncoderConfigError, match=problem):
         read_encoder_config(tmp_path / "config.json")
-    with pytest.raises(EncoderConfigError, match="absent.json"):
+    with pytest.raises(EncoderConfigError, match=r"absent.json"):
         read_encoder_config(tmp_path / "absent.json")
 
 
@@ -180,7 +181,7 @@ def test_text_tower_keys_are_skipped_and_counted_in_one_line(small_encoder, refe
 
 def test_required_prefix_is_not_second_guessed(small_encoder, reference_state):
     prefixed = {f"module.{key}": value for key, value in reference_state.items()}
-    with pytest.raises(CheckpointError, match="missing key 'model.visual_transformer"):
+    with pytest.raises(CheckpointError, match=r"missing key 'model.visual_transformer"):
         load_strict(small_encoder, prefixed, required_prefix="model.")
     assert load_strict(small_encoder, prefixed, required_prefix="module.").prefix == "module."
 
@@ -189,7 +190,7 @@ def test_prefix_is_the_one_most_keys_sit_under():
     expected = ["a.weight", "b.weight", "c.weight"]
     available = ["x.a.weight", "x.b.weight", "x.c.weight", "a.weight", "y.x.c.weight"]
     assert find_prefix(expected, available) == "x."
-    with pytest.raises(CheckpointError, match="a.weight"):
+    with pytest.raises(CheckpointError, match=r"a.weight"):
         find_prefix(expected, ["unrelated.key"])
 
 
@@ -200,11 +201,11 @@ def test_unreadable_checkpoints_raise_checkpoint_error(tmp_path, reference_state
     with pytest.raises(CheckpointError, match="unsupported"):
         read_checkpoint(tmp_path / "weights.h5")
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="garbage.pt"):
+    with pytest.raises(CheckpointError, match=r"garbage.pt"):
         read_checkpoint(tmp_path / "garbage.pt")
     # weights_only loading refuses arbitrary pickled objects.
     torch.save({"model": reference_state, "hook": Path("x")}, tmp_path / "object.pt")
-    with pytest.raises(CheckpointError, match="object.pt"):
+    with pytest.raises(CheckpointError, match=r"object.pt"):
         read_checkpoint(tmp_path / "object.pt")
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.batch.sample_studies import chest_phantom, head_phantom, write_ct_series
 from services.core.body_part import LungAirDetector, available_detectors, create_detector
 from services.core.body_part.base import BodyPartDetector, ImageAssessment
 from services.core.chest_check import MetadataAssessment, check_chest, decide
@@ -15,6 +14,7 @@ from services.core.config import ChestCheckSettings, QualitySettings, SeriesSele
 from services.core.dicom import Series, Study, load_volume, read_studies, select_series
 from services.core.schemas import IntakeSummary
 from services.core.volume import Volume
+from synthetic.sample_studies import chest_phantom, head_phantom, write_ct_series
 
 SETTINGS = ChestCheckSettings()
 
@@ -38,7 +38,8 @@ def test_chest_fixture_is_a_chest(fixtures_dir: Path) -> None:
     study, series, volume = _fixture(fixtures_dir, "chest_ct_lung_dx_a0002")
     evidence = check_chest(study, series, volume, SETTINGS)
     assert evidence.is_chest
-    assert evidence.metadata_verdict is True and evidence.image_verdict is True
+    assert evidence.metadata_verdict is True
+    assert evidence.image_verdict is True
     assert "chest: BodyPartExamined CHEST" in evidence.metadata_evidence
     assert evidence.image_detector == "lung_air"
     assert evidence.coverage_mm == pytest.approx(240.0)
@@ -53,7 +54,8 @@ def test_head_fixture_is_not_a_chest(fixtures_dir: Path) -> None:
     study, series, volume = _fixture(fixtures_dir, "head_ct_gantry_tilt")
     evidence = check_chest(study, series, volume, SETTINGS)
     assert not evidence.is_chest
-    assert evidence.metadata_verdict is False and evidence.image_verdict is False
+    assert evidence.metadata_verdict is False
+    assert evidence.image_verdict is False
     assert "not chest: BodyPartExamined HEAD" in evidence.metadata_evidence
     # Air in the sinuses is enclosed and lung-dense after averaging, but small.
     assert evidence.image_evidence["lung_volume_ml"] < 250
@@ -101,7 +103,8 @@ def test_lungs_but_tags_say_head_is_accepted_with_the_conflict(phantoms, tmp_pat
     )
     evidence = check_chest(study, series, volume, SETTINGS)
     assert evidence.is_chest
-    assert evidence.metadata_verdict is False and evidence.image_verdict is True
+    assert evidence.metadata_verdict is False
+    assert evidence.image_verdict is True
     assert (
         "conflict: the tags say BodyPartExamined HEAD, StudyDescription 'CT HEAD'"
         in evidence.reason
@@ -114,7 +117,8 @@ def test_tags_say_chest_but_no_lungs_is_refused(phantoms, tmp_path: Path) -> Non
     )
     evidence = check_chest(study, series, volume, SETTINGS)
     assert not evidence.is_chest
-    assert evidence.metadata_verdict is True and evidence.image_verdict is False
+    assert evidence.metadata_verdict is True
+    assert evidence.image_verdict is False
     assert evidence.reason.startswith(
         "not a chest CT: the tags say chest but the images do not show lungs"
     )
@@ -140,11 +144,12 @@ def test_russian_description_counts_as_chest(phantoms, tmp_path: Path) -> None:
         tmp_path,
         phantoms["chest"],
         body_part="",
-        study_description="КТ органов грудной клетки",
+        study_description="КТ органов грудной клетки",  # noqa: RUF001 - Russian on purpose
         series_description="Лёгкие 4.0",
     )
     evidence = check_chest(study, series, volume, SETTINGS)
-    assert evidence.metadata_verdict is True and evidence.is_chest
+    assert evidence.metadata_verdict is True
+    assert evidence.is_chest
 
 
 # --- the detector on hand-made volumes ------------------------------------------------------

@@ -77,13 +77,16 @@ def test_images_bpr_places_in_the_head_are_refused_whatever_the_tags(chest) -> N
     evidence = check_chest(study, series, volume, SETTINGS, body_part_model=_model(body))
     assert not evidence.is_chest
     assert evidence.body_part_regression_decides
-    assert evidence.metadata_verdict is True and evidence.image_verdict is True
+    assert evidence.metadata_verdict is True
+    assert evidence.image_verdict is True
     assert evidence.reason.startswith(
         "not a chest CT: the images show HEAD (landmarks C3..eyes_end), not a chest "
         "(the tags say chest)"
     )
     regression = evidence.body_part_regression
-    assert regression is not None and regression.body_part == "HEAD" and not regression.demo
+    assert regression is not None
+    assert regression.body_part == "HEAD"
+    assert not regression.demo
     # Four slices at most 80 mm apart, the ends included, one request.
     assert body.calls == [(4, 1, 128, 128)]
     assert regression.positions_mm == pytest.approx([0.0, 80.0, 152.0, 232.0])
@@ -96,8 +99,10 @@ def test_a_chest_named_by_bpr_is_accepted_without_aerated_lung(head) -> None:
     study, series, volume = head
     model = _model(SyntheticBody(*CHEST_MM))
     evidence = check_chest(study, series, volume, SETTINGS, body_part_model=model)
-    assert evidence.is_chest and evidence.body_part_regression_decides
-    assert evidence.image_verdict is False and evidence.metadata_verdict is False
+    assert evidence.is_chest
+    assert evidence.body_part_regression_decides
+    assert evidence.image_verdict is False
+    assert evidence.metadata_verdict is False
     assert evidence.reason.startswith("chest CT: body-part regression sees CHEST (landmarks Th12..")
     assert "conflict: the tags say BodyPartExamined HEAD" in evidence.reason
     assert "too little aerated lung" in evidence.reason
@@ -116,8 +121,10 @@ def test_a_chest_without_its_apex_gets_a_coverage_warning(chest) -> None:
         "the tags say chest"
     )
     regression = evidence.body_part_regression
-    assert regression is not None and regression.chest_fully_covered is False
-    assert regression.lung_base_covered is True and regression.lung_apex_covered is False
+    assert regression is not None
+    assert regression.chest_fully_covered is False
+    assert regression.lung_base_covered is True
+    assert regression.lung_apex_covered is False
     assert evidence.warnings[0].endswith("; lung apex not covered")
 
 
@@ -140,7 +147,8 @@ def test_demo_weights_are_shown_but_the_verdict_is_the_tags_and_lung_air(chest, 
         assert body.calls, "the demo model was not asked"
         assert (demo.is_chest, demo.reason) == (without.is_chest, without.reason)
         assert not demo.body_part_regression_decides
-        assert demo.body_part_regression is not None and demo.body_part_regression.demo
+        assert demo.body_part_regression is not None
+        assert demo.body_part_regression.demo
         assert demo.warnings[0].startswith(
             "body-part regression (DEMO weights, not used for the verdict): "
         )
@@ -153,8 +161,10 @@ def test_demo_weights_with_a_real_looking_table_are_still_demo(chest) -> None:
         score_slices=SyntheticBody(*HEAD_MM), settings=REAL_SETTINGS, demo=True, source="test"
     )
     evidence = check_chest(study, series, volume, SETTINGS, body_part_model=model)
-    assert evidence.is_chest and not evidence.body_part_regression_decides
-    assert evidence.body_part_regression is not None and evidence.body_part_regression.demo
+    assert evidence.is_chest
+    assert not evidence.body_part_regression_decides
+    assert evidence.body_part_regression is not None
+    assert evidence.body_part_regression.demo
 
 
 # --- failures and settings -----------------------------------------------------------------
@@ -167,7 +177,8 @@ def test_a_failing_bpr_falls_back_to_tags_and_lung_air(chest) -> None:
         raise RuntimeError("graph exploded")
 
     evidence = check_chest(study, series, volume, SETTINGS, body_part_model=_model(broken))
-    assert evidence.is_chest and evidence.body_part_regression is None
+    assert evidence.is_chest
+    assert evidence.body_part_regression is None
     assert evidence.reason.startswith("chest CT: the tags say chest and the images show lungs")
     assert evidence.warnings == [
         "body-part regression failed (RuntimeError: graph exploded); the verdict uses the tags "
@@ -191,7 +202,9 @@ def test_bpr_can_be_switched_off_and_its_slice_choice_configured(chest) -> None:
     body = SyntheticBody(*HEAD_MM)
     off = SETTINGS.model_copy(update={"body_part_regression": False})
     evidence = check_chest(study, series, volume, off, body_part_model=_model(body))
-    assert body.calls == [] and evidence.body_part_regression is None and evidence.is_chest
+    assert body.calls == []
+    assert evidence.body_part_regression is None
+    assert evidence.is_chest
     denser = SETTINGS.model_copy(update={"bpr_slice_spacing_mm": 40.0, "bpr_max_slices": 7})
     evidence = check_chest(study, series, volume, denser, body_part_model=_model(body))
     assert body.calls == [(7, 1, 128, 128)]
@@ -200,9 +213,11 @@ def test_bpr_can_be_switched_off_and_its_slice_choice_configured(chest) -> None:
 def test_the_bpr_detector_alone(chest) -> None:
     _, _, volume = chest
     assessment = BprDetector(_model(SyntheticBody(*ABDOMEN_MM))).assess(volume)
-    assert not assessment.is_chest and assessment.evidence["body_part"] == "ABDOMEN"
+    assert not assessment.is_chest
+    assert assessment.evidence["body_part"] == "ABDOMEN"
     assessment = BprDetector(_model(SyntheticBody(*CHEST_MM))).assess(volume)
-    assert assessment.is_chest and assessment.summary.startswith("CHEST (landmarks Th12..")
+    assert assessment.is_chest
+    assert assessment.summary.startswith("CHEST (landmarks Th12..")
     demo = BprDetector(_model(SyntheticBody(*CHEST_MM), demo=True)).assess(volume)
     assert demo.summary.endswith("[DEMO weights]")
 
@@ -241,12 +256,14 @@ def test_rules_before_bpr_still_come_first() -> None:
     metadata = MetadataAssessment(verdict=True)
     assert decide("MR", metadata, _image(True), 300.0, SETTINGS, regression)[0] is False
     is_chest, reason = decide("CT", metadata, _image(True), 60.0, SETTINGS, regression)
-    assert not is_chest and reason.startswith("not a chest CT: the series covers 60 mm")
+    assert not is_chest
+    assert reason.startswith("not a chest CT: the series covers 60 mm")
 
 
 def test_scores_that_name_no_part_leave_the_verdict_to_tags_and_lung_air() -> None:
     regression = interpret_scan(scan(950.0, 1100.0, 20.0))  # far above the table
-    assert regression.body_part is None and not regression_decides(regression)
+    assert regression.body_part is None
+    assert not regression_decides(regression)
     metadata = MetadataAssessment(verdict=True)
     with_bpr = decide("CT", metadata, _image(True), 300.0, SETTINGS, regression)
     assert with_bpr == decide("CT", metadata, _image(True), 300.0, SETTINGS)
@@ -265,7 +282,8 @@ def test_the_study_view_names_what_bpr_saw(chest) -> None:
         )
         evidence = check_chest(study, series, volume, SETTINGS, body_part_model=model)
         (line,) = [s for s in chest_check_lines(evidence)["lines"] if "body-part" in s]
-        assert label in line and line.endswith("CHEST (landmarks Th12..Th4); lung apex not covered")
+        assert label in line
+        assert line.endswith("CHEST (landmarks Th12..Th4); lung apex not covered")
     without = check_chest(study, series, volume, SETTINGS)
     assert not [s for s in chest_check_lines(without)["lines"] if "body-part" in s]
 
@@ -278,13 +296,18 @@ def test_a_nifti_volume_is_judged_by_bpr_when_the_backend_serves_it(chest, head)
 
     _study, _series, chest_volume = chest
     refused = check_chest_by_image(chest_volume, SETTINGS, _model(SyntheticBody(*HEAD_MM)))
-    assert not refused.is_chest and refused.body_part_regression_decides
-    assert "HEAD" in refused.reason and refused.image_verdict is True
+    assert not refused.is_chest
+    assert refused.body_part_regression_decides
+    assert "HEAD" in refused.reason
+    assert refused.image_verdict is True
     _study, _series, head_volume = head
     accepted = check_chest_by_image(head_volume, SETTINGS, _model(SyntheticBody(*CHEST_MM)))
-    assert accepted.is_chest and accepted.body_part_regression_decides
+    assert accepted.is_chest
+    assert accepted.body_part_regression_decides
     demo = check_chest_by_image(chest_volume, SETTINGS, _model(SyntheticBody(*HEAD_MM), demo=True))
-    assert demo.is_chest and not demo.body_part_regression_decides  # demo never decides
+    assert demo.is_chest
+    assert not demo.body_part_regression_decides
     assert any("DEMO" in line for line in demo.warnings)
     without = check_chest_by_image(chest_volume, SETTINGS)
-    assert without.is_chest and without.body_part_regression is None
+    assert without.is_chest
+    assert without.body_part_regression is None

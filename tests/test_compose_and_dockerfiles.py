@@ -105,7 +105,8 @@ def test_compose_services_ports_health_and_credentials(compose_file: str, tmp_pa
         ("dicom-listener", 11112),
     } == published
     rabbitmq = services["rabbitmq"]
-    assert rabbitmq["image"].startswith("rabbitmq:") and "management" in rabbitmq["image"]
+    assert rabbitmq["image"].startswith("rabbitmq:")
+    assert "management" in rabbitmq["image"]
     assert rabbitmq["environment"]["RABBITMQ_DEFAULT_USER"] == "screening"
     assert rabbitmq["environment"]["RABBITMQ_DEFAULT_PASS"] == "s3cret-for-tests"
     for name in ("adapter", "frontend"):
@@ -118,7 +119,8 @@ def test_compose_services_ports_health_and_credentials(compose_file: str, tmp_pa
         assert mounts["model_repository_running"] == environment["CTS__INFERENCE__MODEL_REPOSITORY"]
     listener = services["dicom-listener"]["environment"]
     assert listener["CTS__RABBITMQ__PASSWORD"] == "s3cret-for-tests"
-    assert listener["CTS__DICOM__PORT"] == "11112" and listener["CTS__DICOM__AE_TITLE"] == "CTS"
+    assert listener["CTS__DICOM__PORT"] == "11112"
+    assert listener["CTS__DICOM__AE_TITLE"] == "CTS"
     listener_mounts = {
         item["source"]: item["target"] for item in services["dicom-listener"]["volumes"]
     }
@@ -127,7 +129,8 @@ def test_compose_services_ports_health_and_credentials(compose_file: str, tmp_pa
     assert services["adapter"]["environment"]["CTS__INFERENCE__TRITON_URL"] == "triton:8001"
     assert services["adapter"]["depends_on"]["triton"]["condition"] == "service_healthy"
     devices = services["triton"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert devices[0]["driver"] == "nvidia"
+    assert "gpu" in devices[0]["capabilities"]
     triton_mount = services["triton"]["volumes"][0]
     assert (triton_mount["source"], triton_mount["target"]) == (
         "model_repository_running",

@@ -150,7 +150,7 @@ def test_weights_that_are_not_the_recorded_ones_are_refused(saved_run):
     state = head.state_dict()
     state["net.0.bias"] = state["net.0.bias"] + 1
     torch.save(state, run / HEAD_WEIGHTS_FILE)
-    with pytest.raises(HeadRunError, match="head.json records"):
+    with pytest.raises(HeadRunError, match=r"head.json records"):
         load_trained_head(run)
 
 
@@ -173,7 +173,7 @@ def test_a_head_json_with_unknown_or_missing_fields_is_refused(saved_run, tmp_pa
     (run / HEAD_INFO_FILE).write_text(json.dumps(info))
     with pytest.raises(HeadRunError, match="labels: Field required"):
         load_trained_head(run)
-    with pytest.raises(HeadRunError, match="head.json not found"):
+    with pytest.raises(HeadRunError, match=r"head.json not found"):
         load_trained_head(tmp_path_factory.mktemp("empty"))
 
 

@@ -92,7 +92,9 @@ def test_a_stored_result_is_republished_not_recomputed(task: StudyTask) -> None:
         task, attempt=2, max_deliveries=MAX_DELIVERIES, stored=stored, adapter_id="a"
     )
     assert decision is not None
-    assert decision.action is Action.ACK and decision.result is stored and not decision.store
+    assert decision.action is Action.ACK
+    assert decision.result is stored
+    assert not decision.store
 
 
 def test_a_fresh_task_is_worked_on(task: StudyTask) -> None:
@@ -110,27 +112,33 @@ def test_a_task_that_killed_every_worker_is_dead_lettered_with_a_failure(task: S
     decision = on_delivery(
         task, attempt=4, max_deliveries=MAX_DELIVERIES, stored=None, adapter_id="a"
     )
-    assert decision is not None and decision.action is Action.DEAD_LETTER and decision.store
-    assert decision.result is not None and decision.result.status is TaskStatus.FAILED
+    assert decision is not None
+    assert decision.action is Action.DEAD_LETTER
+    assert decision.store
+    assert decision.result is not None
+    assert decision.result.status is TaskStatus.FAILED
     (report,) = decision.result.reports
     assert report.processing_status is ProcessingStatus.FAILURE
-    assert (
-        report.failure_reason is not None and "given up after 3 attempts" in report.failure_reason
-    )
+    assert report.failure_reason is not None
+    assert "given up after 3 attempts" in report.failure_reason
     assert decision.reason == report.failure_reason  # the dead letter says why it is there
 
 
 def test_a_finished_study_is_stored_and_acked(task: StudyTask) -> None:
     result = completed(task)
     decision = on_outcome(task, result, attempt=1, max_deliveries=MAX_DELIVERIES, adapter_id="a")
-    assert decision.action is Action.ACK and decision.store and decision.result is result
+    assert decision.action is Action.ACK
+    assert decision.store
+    assert decision.result is result
 
 
 @pytest.mark.parametrize("error", [ModelServerUnavailable("down"), WorkInterrupted("stopping")])
 def test_transient_errors_give_the_task_back_at_once(task: StudyTask, error: Exception) -> None:
     decision = on_outcome(task, error, attempt=1, max_deliveries=MAX_DELIVERIES, adapter_id="a")
     assert decision.action is Action.REQUEUE
-    assert decision.result is None and decision.delay_s == 0 and not decision.stop_adapter
+    assert decision.result is None
+    assert decision.delay_s == 0
+    assert not decision.stop_adapter
 
 
 def test_a_missing_study_is_retried_a_bounded_number_of_times(task: StudyTask) -> None:
@@ -140,10 +148,13 @@ def test_a_missing_study_is_retried_a_bounded_number_of_times(task: StudyTask) -
             task, error, attempt=attempt, max_deliveries=MAX_DELIVERIES, adapter_id="a"
         )
         assert decision.action is Action.REQUEUE
-        assert decision.delay_s == MISSING_STUDY_RETRY_DELAY_S and decision.result is None
+        assert decision.delay_s == MISSING_STUDY_RETRY_DELAY_S
+        assert decision.result is None
     decision = on_outcome(task, error, attempt=3, max_deliveries=MAX_DELIVERIES, adapter_id="a")
-    assert decision.action is Action.DEAD_LETTER and decision.store
-    assert decision.result is not None and decision.result.error == f"{error} (tried 3 times)"
+    assert decision.action is Action.DEAD_LETTER
+    assert decision.store
+    assert decision.result is not None
+    assert decision.result.error == f"{error} (tried 3 times)"
     assert decision.reason == decision.result.error
 
 
@@ -155,16 +166,20 @@ def test_a_broken_deployment_stops_the_adapter_and_keeps_the_task(task: StudyTas
         max_deliveries=MAX_DELIVERIES,
         adapter_id="a",
     )
-    assert decision.action is Action.REQUEUE and decision.stop_adapter and decision.result is None
+    assert decision.action is Action.REQUEUE
+    assert decision.stop_adapter
+    assert decision.result is None
 
 
 def test_an_unexpected_error_is_a_stored_failure(task: StudyTask) -> None:
     decision = on_outcome(
         task, KeyError("Rows"), attempt=2, max_deliveries=MAX_DELIVERIES, adapter_id="a"
     )
-    assert decision.action is Action.ACK and decision.store
+    assert decision.action is Action.ACK
+    assert decision.store
     assert decision.result is not None
-    assert decision.result.error == "KeyError: 'Rows'" and decision.result.attempt == 2
+    assert decision.result.error == "KeyError: 'Rows'"
+    assert decision.result.attempt == 2
     assert decision.result.reports[0].path_to_study == "chest.zip"
 
 
@@ -177,8 +192,10 @@ def test_a_malformed_message_is_answered_and_dead_lettered() -> None:
         message_id=None,
         adapter_id="a",
     )
-    assert decision.action is Action.DEAD_LETTER and not decision.store
-    assert decision.result is not None and decision.result.task_id == "abc-123"
+    assert decision.action is Action.DEAD_LETTER
+    assert not decision.store
+    assert decision.result is not None
+    assert decision.result.task_id == "abc-123"
     assert decision.result.correlation_id == "corr-9"
     assert decision.result.reports[0].path_to_study == UNREADABLE_TASK_NAME
     assert decision.reason == "the task message could not be read: invalid StudyTask"
@@ -199,7 +216,8 @@ def test_acked_and_requeued_decisions_carry_no_dead_letter_reason(task: StudyTas
         decision = on_outcome(
             task, outcome, attempt=1, max_deliveries=MAX_DELIVERIES, adapter_id="a"
         )
-        assert decision.action is not Action.DEAD_LETTER and decision.reason == ""
+        assert decision.action is not Action.DEAD_LETTER
+        assert decision.reason == ""
 
 
 def test_a_dead_letter_keeps_the_message_and_adds_why() -> None:

@@ -60,13 +60,15 @@ def test_a_quiet_study_becomes_one_task_by_reference(tmp_path: Path, fixtures_di
         assert receive(book, path, header)
     assert book.close_due(time.time() + 5) == []  # not quiet for long enough yet
     (record,) = book.close_due(time.time() + 11)
-    assert record.state is BatchState.CLOSED and record.task is not None
+    assert record.state is BatchState.CLOSED
+    assert record.task is not None
     assert (record.instances, record.images) == (len(instances), len(instances))
     folder = record.task.resolve_study_path(tmp_path)
     assert sorted(path.name for path in folder.iterdir()) == sorted(
         f"{header.SOPInstanceUID}.dcm" for _path, header in instances
     )
-    assert not record.late and "late" not in record.task.original_filename
+    assert not record.late
+    assert "late" not in record.task.original_filename
     assert book.close_due(time.time() + 60) == []  # closed once
     assert [item.task_id for item in book.in_state(BatchState.CLOSED)] == [record.task_id]
     # Names on disk carry no UID: the record is keyed by a hash of the study UID.
@@ -104,8 +106,11 @@ def test_instances_after_completion_are_a_new_flagged_task(
     (first,) = book.close_due(time.time() + 11)
     receive(book, *instances[-1])
     (late,) = book.close_due(time.time() + 22)
-    assert late.task_id != first.task_id and late.task is not None
-    assert late.late and late.part == 2 and late.instances == 1
+    assert late.task_id != first.task_id
+    assert late.task is not None
+    assert late.late
+    assert late.part == 2
+    assert late.instances == 1
     assert "late instances" in late.task.original_filename
     assert "late" in (late.task.submitted_by or "")
 
@@ -117,9 +122,11 @@ def test_a_study_over_the_size_limit_is_refused_and_removed(
     size = instances[0][0].stat().st_size
     book = StudyBook(tmp_path, quiet_s=10, max_bytes=size * 5)
     accepted = [receive(book, path, header) for path, header in instances]
-    assert accepted[:5] == [True] * 5 and not any(accepted[5:])
+    assert accepted[:5] == [True] * 5
+    assert not any(accepted[5:])
     (record,) = book.close_due(time.time() + 11)
-    assert record.state is BatchState.DISCARDED and "max_study_mb" in (record.reason or "")
+    assert record.state is BatchState.DISCARDED
+    assert "max_study_mb" in (record.reason or "")
     assert not book.folder(record.task_id).exists()
 
 
@@ -133,7 +140,8 @@ def test_structured_reports_alone_are_not_screened(tmp_path: Path, fixtures_dir:
     slot.path.write_bytes(data)
     book.end_instance(slot, stored=True, image=False)
     (record,) = book.close_due(time.time() + 11)
-    assert record.state is BatchState.DISCARDED and "no image" in (record.reason or "")
+    assert record.state is BatchState.DISCARDED
+    assert "no image" in (record.reason or "")
     assert study_key(str(header.StudyInstanceUID)) == record.study_key
 
 
@@ -258,10 +266,12 @@ def test_late_instances_and_refused_callers(
         listener.stop()
         logger.remove(sink)
     first, late = queued_tasks(listener_settings)
-    assert "late" not in first.original_filename and "late" in late.original_filename
+    assert "late" not in first.original_filename
+    assert "late" in late.original_filename
     assert len(list(late.resolve_study_path(listener_settings.storage.root).iterdir())) == 1
     refusals = [line for line in lines if "INTRUDER" in line]
-    assert refusals and "not allowed" in refusals[0]
+    assert refusals
+    assert "not allowed" in refusals[0]
     patient = pydicom.dcmread(files[0], stop_before_pixels=True)
     for value in (str(patient.PatientName), str(patient.PatientID), str(patient.StudyInstanceUID)):
         assert not any(value in line for line in lines), "patient data in the listener's log"

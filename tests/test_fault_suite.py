@@ -78,7 +78,7 @@ class _TablePrinter:
     def __init__(self, outcomes: list[Outcome]) -> None:
         self.outcomes = outcomes
 
-    def pytest_terminal_summary(self, terminalreporter) -> None:  # noqa: ANN001 - pytest's type
+    def pytest_terminal_summary(self, terminalreporter) -> None:
         if not self.outcomes:
             return
         terminalreporter.write_sep("=", "fault suite: nothing lost, nothing duplicated")
@@ -548,7 +548,8 @@ def test_a_study_too_big_to_unpack_is_refused_at_upload(tmp_path: Path) -> None:
         "bomb.zip: 3.0 MB unpacked is over the 2.0 MB limit per study "
         "(intake.max_uncompressed_bytes)" in outcome.message
     )
-    assert bomb.exists() and not small.exists()  # the refused file was not moved to storage
+    assert bomb.exists()
+    assert not small.exists()
     assert [task.original_filename for task in service.session(token).tasks] == ["small.zip"]
 
 

@@ -101,7 +101,8 @@ def test_uploads_become_tasks_in_the_session(
         assert task.correlation_id == task.task_id
         assert task.resolve_study_path(settings.storage.root).exists()
     # Moved, not copied: no second copy of patient data stays in the upload folder.
-    assert not first.exists() and not loose[0].exists()
+    assert not first.exists()
+    assert not loose[0].exists()
     dicom_task = tasks[outcome.submitted[2].task_id]
     folder = dicom_task.resolve_study_path(settings.storage.root)
     assert sorted(path.name for path in folder.iterdir()) == [
@@ -134,7 +135,8 @@ def test_full_queue_and_oversized_files_are_refused(
     assert queued_tasks(settings) == []
     assert len(service.submit_uploads(token, studies[:3]).submitted) == 3
     refused = service.submit_uploads(token, studies[3:])
-    assert refused.submitted == [] and "3 studies waiting, limit 3" in refused.message
+    assert refused.submitted == []
+    assert "3 studies waiting, limit 3" in refused.message
     assert len(service.session(token).tasks) == 3
 
 
@@ -214,11 +216,13 @@ def test_progress_and_results_reach_the_session(
     assert service.demo_weights_in_use(task_views)
 
     xlsx = service.session_xlsx(token)
-    assert xlsx is not None and xlsx.is_file()
+    assert xlsx is not None
+    assert xlsx.is_file()
     assert service.file_path(xlsx.relative_to(settings.storage.root).as_posix()) == xlsx.resolve()
     assert service.file_path("../../etc/passwd") is None
     again = service.session_xlsx(token)
-    assert again is not None and not xlsx.exists()  # the older file of the session is gone
+    assert again is not None
+    assert not xlsx.exists()
 
 
 def test_the_same_upload_twice_is_a_duplicate_not_a_second_task(
@@ -233,13 +237,15 @@ def test_the_same_upload_twice_is_a_duplicate_not_a_second_task(
     twin.parent.mkdir()
     twin.write_bytes(study.read_bytes())
     first = service.submit_uploads(token, [study, twin])  # the same bytes twice in one go
-    assert len(first.submitted) == 1 and len(first.duplicates) == 1
+    assert len(first.submitted) == 1
+    assert len(first.duplicates) == 1
     assert first.duplicates[0].duplicate_of == first.submitted[0].task_id
     second = service.submit_uploads(token, [copy])  # and once more, later
     assert second.submitted == []
     (duplicate,) = second.duplicates
     assert duplicate.duplicate_of == first.submitted[0].task_id
-    assert "already screened" in second.message and "not recomputed" in second.message
+    assert "already screened" in second.message
+    assert "not recomputed" in second.message
     assert not copy.exists()  # the earlier copy is in storage; this one is not kept
     assert [task.task_id for task in queued_tasks(settings)] == [first.submitted[0].task_id]
     # The duplicate shows the first upload's result, flagged as such, and adds no xlsx row.

@@ -148,16 +148,17 @@ def test_every_study_gets_a_badge_failures_look_like_failures() -> None:
     ]
     worklist = views.worklist(task_views)
     rows = {row["file"]: row for row in worklist["rows"]}
-    assert (
-        rows["chest.zip"]["badge_text"] == "PATHOLOGY" and rows["chest.zip"]["finding"] == "Cancer"
-    )
+    assert rows["chest.zip"]["badge_text"] == "PATHOLOGY"
+    assert rows["chest.zip"]["finding"] == "Cancer"
     assert rows["clear.zip"]["badge_text"] == "NORMAL"
     assert rows["clear.zip"]["finding"] == ""
     for name in ("head.zip", "crashed.zip"):
-        assert rows[name]["badge"] == "failure" and rows[name]["badge_text"] == "Failure"
+        assert rows[name]["badge"] == "failure"
+        assert rows[name]["badge_text"] == "Failure"
     assert rows["head.zip"]["status"] == "not a chest CT: the images do not show lungs"
     assert rows["crashed.zip"]["status"] == "given up after 3 attempts"
-    assert rows["busy.zip"]["fraction"] == 0.62 and "about 9 s left" in rows["busy.zip"]["status"]
+    assert rows["busy.zip"]["fraction"] == 0.62
+    assert "about 9 s left" in rows["busy.zip"]["status"]
     assert rows["later.zip"]["status"] == "2 ahead in the queue, result in about 40 s"
     assert "done" not in {row["badge_text"].lower() for row in worklist["rows"]}
     # Most urgent first: PATHOLOGY, Failure (newest first), NORMAL, processing, queued.
@@ -194,7 +195,8 @@ def test_pathology_rows_sort_by_probability_and_studies_of_one_upload_get_one_ro
         "two studies.zip (study 2 of 2)",
     ]
     assert views.parse_row_key(rows[2]["key"]) == (several.task_id, 1)
-    assert views.parse_row_key("nonsense") is None and views.parse_row_key(None) is None
+    assert views.parse_row_key("nonsense") is None
+    assert views.parse_row_key(None) is None
 
 
 def test_duplicates_and_other_uploads_of_one_study_are_flagged() -> None:
@@ -231,7 +233,8 @@ def test_queue_places_are_upper_bounds_and_the_wait_uses_seen_durations() -> Non
     assert tasks_ahead(queued_behind=9, waiting_now=5, known_later_waiting=1) == 3
     assert tasks_ahead(queued_behind=None, waiting_now=0, known_later_waiting=0) == 0
     assert expected_wait_s(3, 2, 20.0) == 40.0  # rounds: 3 // 2 + 1
-    assert expected_wait_s(3, 0, 20.0) is None and expected_wait_s(3, 2, None) is None
+    assert expected_wait_s(3, 0, 20.0) is None
+    assert expected_wait_s(3, 2, None) is None
     queued = [
         TaskView(
             session_task(f"q{index}.zip", minute=index, queued_behind=index),
@@ -265,7 +268,8 @@ def test_the_queue_monitor_reads_the_broker_at_most_every_few_seconds() -> None:
         return QueueStatus(waiting=4, workers=2)
 
     monitor = QueueMonitor(read, max_age_s=60.0)
-    assert monitor.status() == QueueStatus(4, 2) and monitor.status() == QueueStatus(4, 2)
+    assert monitor.status() == QueueStatus(4, 2)
+    assert monitor.status() == QueueStatus(4, 2)
     assert len(calls) == 1
     unreachable = QueueMonitor(lambda: (_ for _ in ()).throw(ConnectionError("down")), max_age_s=0)
     assert unreachable.status() is None
@@ -326,11 +330,10 @@ def test_the_study_view_reads_like_a_report(tmp_path: Path) -> None:
         file_url=lambda path: None,
         read_json=lambda path: None,
     )
-    assert (
-        refused["badge_text"] == "Failure"
-        and refused["call"] == "Failure: no CT series: modality MR"
-    )
-    assert refused["viewer"] is None and "could be read as a volume" in refused["viewer_missing"]
+    assert refused["badge_text"] == "Failure"
+    assert refused["call"] == "Failure: no CT series: modality MR"
+    assert refused["viewer"] is None
+    assert "could be read as a volume" in refused["viewer_missing"]
 
 
 def test_upload_messages_are_text_not_markup() -> None:

@@ -10,18 +10,19 @@ import numpy as np
 import pydicom
 import pytest
 
-from services.batch.sample_studies import write_ct_series
 from services.core.config import QualitySettings
 from services.core.dicom import Series, geometry, load_volume, read_studies
 from services.core.errors import SeriesDataError
 from services.core.schemas import IntakeSummary
+from synthetic.sample_studies import write_ct_series
 
 QUALITY = QualitySettings()
 
 
 def _series_of(files: list[Path]) -> Series:
     studies = read_studies(sorted(files), IntakeSummary())
-    assert len(studies) == 1 and len(studies[0].series) == 1
+    assert len(studies) == 1
+    assert len(studies[0].series) == 1
     return studies[0].series[0]
 
 
@@ -94,9 +95,8 @@ def test_chest_fixture_volume(fixtures_dir: Path) -> None:
     assert volume.shape == (30, 512, 512)
     assert volume.spacing_mm == pytest.approx((8.0, 0.646484375, 0.646484375))
     assert np.allclose(volume.slice_normal, [0, 0, 1])
-    assert np.allclose(volume.row_cosine, [1, 0, 0]) and np.allclose(
-        volume.column_cosine, [0, 1, 0]
-    )
+    assert np.allclose(volume.row_cosine, [1, 0, 0])
+    assert np.allclose(volume.column_cosine, [0, 1, 0])
     # Sorted along the normal (inferior first), not by InstanceNumber (1-01 is the top).
     assert volume.origin_mm == pytest.approx([-173.1767578125, -294.1767578125, 80.0])
     folder = fixtures_dir / "chest_ct_lung_dx_a0002"
@@ -106,11 +106,14 @@ def test_chest_fixture_volume(fixtures_dir: Path) -> None:
             dataset.RescaleIntercept
         )
         assert np.array_equal(volume.hu[index], expected.astype(np.float32))
-    assert report.n_slices == 30 and report.expected_slices == 30
+    assert report.n_slices == 30
+    assert report.expected_slices == 30
     assert report.coverage_mm == pytest.approx(240.0)
     assert report.slice_spacing_mm == pytest.approx(8.0)
-    assert report.convolution_kernel == "B40f" and report.patient_position == "HFS"
-    assert report.uneven_spacing is False and report.gantry_tilt_degrees == 0.0
+    assert report.convolution_kernel == "B40f"
+    assert report.patient_position == "HFS"
+    assert report.uneven_spacing is False
+    assert report.gantry_tilt_degrees == 0.0
 
 
 def test_jpeg2000_fixture_decodes(fixtures_dir: Path) -> None:
@@ -124,7 +127,8 @@ def test_jpeg2000_fixture_decodes(fixtures_dir: Path) -> None:
     lowest = next(p for p in series.instances if float(p.header.ImagePositionPatient[2]) == -804.5)
     dataset = pydicom.dcmread(lowest.path)
     assert np.array_equal(volume.hu[0], (dataset.pixel_array - 1024.0).astype(np.float32))
-    assert float(volume.hu.min()) >= -1024.0 and float(volume.hu.max()) > 500.0  # air and bone
+    assert float(volume.hu.min()) >= -1024.0
+    assert float(volume.hu.max()) > 500.0
     assert any("SeriesInstanceUID" in w for w in warnings)
 
 
@@ -133,17 +137,19 @@ def test_head_fixture_gantry_tilt_and_uneven_spacing(fixtures_dir: Path) -> None
     volume, report, warnings = load_volume(series, QUALITY)
     assert report.gantry_tilt_degrees == pytest.approx(18.5, abs=0.05)
     tilt_warning = next(w for w in warnings if w.startswith("gantry tilt"))
-    assert "18.5 degrees" in tilt_warning and "+18.5" in tilt_warning
+    assert "18.5 degrees" in tilt_warning
+    assert "+18.5" in tilt_warning
     assert report.uneven_spacing
     assert report.spacing_min_mm == pytest.approx(1.08, abs=0.01)
     assert report.spacing_max_mm == pytest.approx(7.0, abs=0.01)
     uneven = next(w for w in warnings if w.startswith("uneven slice spacing"))
-    assert "1.08-7.00 mm" in uneven and "4.00 mm grid" in uneven
+    assert "1.08-7.00 mm" in uneven
+    assert "4.00 mm grid" in uneven
     # Spacing along the normal is the slice thickness (4 mm), not the 4.22 mm table step.
     assert volume.spacing_mm[0] == pytest.approx(4.0, abs=0.01)
     assert volume.shape == (37, 512, 512)
     # A stricter limit turns the tilt into a failure.
-    with pytest.raises(SeriesDataError, match="gantry tilt 18.5 degrees exceeds the 10 degrees"):
+    with pytest.raises(SeriesDataError, match=r"gantry tilt 18.5 degrees exceeds the 10 degrees"):
         load_volume(series, QualitySettings(max_gantry_tilt_degrees=10))
 
 
@@ -161,7 +167,8 @@ def test_duplicate_positions_fixture(fixtures_dir: Path) -> None:
         "1 duplicate slice positions: kept one image per position (10 of 11 images used)"
         in warnings
     )
-    assert report.missing_slices == 179 and report.expected_slices == 189
+    assert report.missing_slices == 179
+    assert report.expected_slices == 189
     assert volume.shape == (189, 512, 512)
 
 
@@ -221,7 +228,8 @@ def test_missing_slices_are_interpolated(tmp_path: Path) -> None:
     by_z[25].unlink()
     kept = [p for p in paths if p.exists()]
     volume, report, warnings = load_volume(_series_of(kept), QUALITY)
-    assert report.missing_slices == 2 and report.expected_slices == 40
+    assert report.missing_slices == 2
+    assert report.expected_slices == 40
     assert report.missing_slices_percent == pytest.approx(5.0)
     assert "2 missing slices (5.0% of 40 expected positions at 2.00 mm)" in warnings[0]
     assert volume.shape == hu.shape
@@ -315,7 +323,7 @@ def test_tilted_stacking(tmp_path: Path, degrees: float, fails: bool) -> None:
         _edit(path, ImagePositionPatient=[x, y + z * shift, z])
     series = _series_of(paths)
     if fails:
-        with pytest.raises(SeriesDataError, match="gantry tilt 40.0 degrees exceeds the 25"):
+        with pytest.raises(SeriesDataError, match=r"gantry tilt 40.0 degrees exceeds the 25"):
             load_volume(series, QUALITY)
     else:
         _, report, warnings = load_volume(series, QUALITY)
@@ -381,7 +389,7 @@ def test_orientation_grouping_is_one_rule_for_selection_and_volume(tmp_path: Pat
     """
     a = np.array([1.0, 0.0, 0.0, 0.0, 0.99, -0.141])
     b = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
-    rows = [a] * 5 + [b + [0, 0, 0, 0, 0, 1e-4 * (i % 5)] for i in range(15)]
+    rows = [a] * 5 + [b + np.array([0, 0, 0, 0, 0, 1e-4 * (i % 5)]) for i in range(15)]
     chosen = geometry.most_common_orientation(np.stack(rows))
     assert np.allclose(chosen, b, atol=geometry.ORIENTATION_TOLERANCE)
 
@@ -411,5 +419,6 @@ def test_every_localizer_image_type_is_one_definition(tmp_path: Path, localizer_
     (study,) = read_studies(sorted(paths), IntakeSummary())
     assert study.series[0].is_localizer
     selection = select_series(study, SeriesSelectionSettings())
-    assert selection.selected is None and "localizer" in (selection.failure_reason or "")
+    assert selection.selected is None
+    assert "localizer" in (selection.failure_reason or "")
     assert header_duplicate_notes(study) == []

@@ -139,8 +139,14 @@ def test_head_cli_exports_both_heads_and_refuses_a_bad_file(tmp_path, demo_heads
     torch.save(multilabel.state_dict(), tmp_path / "multilabel.pt")
     command = [sys.executable, "-m", "convertation.head.export", "--output-dir"]
     ok = subprocess.run(
-        [*command, str(tmp_path / "out"), "--binary-head", str(tmp_path / "binary.pt")]
-        + ["--multilabel-head", str(tmp_path / "multilabel.pt")],
+        [
+            *command,
+            str(tmp_path / "out"),
+            "--binary-head",
+            str(tmp_path / "binary.pt"),
+            "--multilabel-head",
+            str(tmp_path / "multilabel.pt"),
+        ],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
@@ -153,8 +159,14 @@ def test_head_cli_exports_both_heads_and_refuses_a_bad_file(tmp_path, demo_heads
 
     # The heads swapped: the multilabel state dict cannot be a binary head.
     swapped = subprocess.run(
-        [*command, str(tmp_path / "bad"), "--binary-head", str(tmp_path / "multilabel.pt")]
-        + ["--multilabel-head", str(tmp_path / "binary.pt")],
+        [
+            *command,
+            str(tmp_path / "bad"),
+            "--binary-head",
+            str(tmp_path / "multilabel.pt"),
+            "--multilabel-head",
+            str(tmp_path / "binary.pt"),
+        ],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,

@@ -143,7 +143,8 @@ def test_a_pacs_sends_studies_and_files_the_reports(
     for name in (CHEST, HEAD):
         study_id = orthanc.upload_folder(fixtures_dir / name)
         sent = orthanc.send_to_listener(study_id)
-        assert sent["FailedInstancesCount"] == 0 and sent["InstancesCount"] > 0
+        assert sent["FailedInstancesCount"] == 0
+        assert sent["InstancesCount"] > 0
 
     chest_srs = wait_for(
         lambda: orthanc.structured_reports(chest.StudyInstanceUID),
@@ -160,11 +161,13 @@ def test_a_pacs_sends_studies_and_files_the_reports(
     assert len(chest_srs) == len(head_srs) == 1
     # Filed with its study in the PACS: same patient, same study.
     (chest_sr,), (head_sr,) = chest_srs, head_srs
-    assert chest_sr.PatientID == chest.PatientID and chest_sr.PatientName == chest.PatientName
+    assert chest_sr.PatientID == chest.PatientID
+    assert chest_sr.PatientName == chest.PatientName
     assert head_sr.PatientID == head.PatientID
 
     result, report = result_for(settings, str(chest.StudyInstanceUID))
-    assert result.status is TaskStatus.COMPLETED and report.succeeded
+    assert result.status is TaskStatus.COMPLETED
+    assert report.succeeded
     values = read_screening_sr(chest_sr)
     assert list(values.evidence_series) == [report.series_uid]
     assert len(values.evidence_series[report.series_uid]) == 30
@@ -319,14 +322,17 @@ def test_rest_api_end_to_end(frontend: str, fixtures_dir: Path, folder: Path) ->
             return body if body["state"] in ("done", "failed") else None
 
         body = wait_for(finished, RESULT_TIMEOUT_S, "the REST task done", interval_s=0.5)
-        assert body["state"] == "done" and body["progress"] == 1.0
+        assert body["state"] == "done"
+        assert body["progress"] == 1.0
         (report,) = body["reports"]
-        assert report["processing_status"] == "Success" and report["demo_weights"] is True
+        assert report["processing_status"] == "Success"
+        assert report["demo_weights"] is True
         assert {link["kind"] for link in body["files"]} >= {"xlsx", "json", "sr", "warnings"}
         xlsx = client.get(f"/studies/{task_id}/files/xlsx")
         assert xlsx.status_code == 200
         sheet = openpyxl.load_workbook(BytesIO(xlsx.content)).active
-        assert sheet is not None and sheet.cell(1, 1).value == "path_to_study"
+        assert sheet is not None
+        assert sheet.cell(1, 1).value == "path_to_study"
         document = client.get(f"/studies/{task_id}/files/json", params={"index": 1}).json()
         assert document["study_uid"] == report["study_uid"]
         sr = client.get(f"/studies/{task_id}/files/sr")

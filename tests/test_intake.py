@@ -109,10 +109,12 @@ def test_zip_with_odd_names_junk_dicomdir_nested_zip_and_no_preamble(
     assert not [p for p in work_dir.rglob("*") if p.is_file() and p.name.endswith("inner.zip")]
     # The no-preamble file was accepted and its pixel data decodes in the volume.
     studies = read_studies(result.dicom_files, summary)
-    assert len(studies) == 1 and studies[0].series[0].n_images == 30
+    assert len(studies) == 1
+    assert studies[0].series[0].n_images == 30
     selection = select_series(studies[0], SeriesSelectionSettings())
     volume, report, _ = load_volume(selection.selected, QualitySettings())
-    assert volume.shape == (30, 512, 512) and report.missing_slices == 0
+    assert volume.shape == (30, 512, 512)
+    assert report.missing_slices == 0
     assert _files_outside(tmp_path, work_dir) == {archive_path}
 
 
@@ -159,7 +161,8 @@ def test_folder_without_dicom(tmp_path: Path) -> None:
         IntakeError, match=r"no DICOM image files or NIfTI volumes found \(2 files: 2 not DICOM\)"
     ) as caught:
         collect_dicom_files(folder, tmp_path / "w", LIMITS)
-    assert caught.value.summary is not None and caught.value.summary.skipped_non_dicom == 2
+    assert caught.value.summary is not None
+    assert caught.value.summary.skipped_non_dicom == 2
 
 
 def test_empty_zip(tmp_path: Path) -> None:
@@ -215,7 +218,7 @@ def test_member_with_a_wrong_crc_is_refused(fixtures_dir: Path, tmp_path: Path) 
     for offset in (14, central + 16):  # CRC-32 in the local header and the central directory
         data[offset : offset + 4] = bytes(a ^ 0xFF for a in data[offset : offset + 4])
     archive.write_bytes(bytes(data))
-    with pytest.raises(IntakeError, match="truncated or corrupt.*Bad CRC-32"):
+    with pytest.raises(IntakeError, match=r"truncated or corrupt.*Bad CRC-32"):
         collect_dicom_files(archive, tmp_path / "w", LIMITS)
     assert not [p for p in (tmp_path / "w").rglob("*") if p.is_file()]
 
@@ -297,7 +300,7 @@ def test_declared_size_that_lies_is_caught(tmp_path: Path) -> None:
     data[central + 24 : central + 28] = (1000).to_bytes(4, "little")
     archive.write_bytes(bytes(data))
     work_dir = tmp_path / "w"
-    with pytest.raises(IntakeError, match="truncated or corrupt|declared"):
+    with pytest.raises(IntakeError, match=r"truncated or corrupt|declared"):
         collect_dicom_files(archive, work_dir, LIMITS)
     written = sum(p.stat().st_size for p in work_dir.rglob("*") if p.is_file())
     assert written <= 1000

@@ -163,7 +163,8 @@ def test_the_pods_are_wired_to_each_other() -> None:
     assert "--model-repository=/models" in server["args"]
     models = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}["/models"]
     claim = {v["name"]: v for v in triton["volumes"]}[models]["persistentVolumeClaim"]
-    assert claim["claimName"] == "cts-model-repository" and claim["readOnly"] is True
+    assert claim["claimName"] == "cts-model-repository"
+    assert claim["readOnly"] is True
     config = by_kind("ConfigMap")["cts-config"]["data"]
     triton_service = url_host(config["CTS__INFERENCE__TRITON_URL"])
     assert {port["port"] for port in services[triton_service]["spec"]["ports"]} >= {8001, 8002}

@@ -155,14 +155,17 @@ def _assert_row_is_complete(report: StudyReport, input_path: Path) -> None:
     assert report.path_to_study == str(input_path)
     assert report.time_of_processing >= 0
     if report.processing_status.value == SUCCESS:
-        assert report.study_uid and report.series_uid
+        assert report.study_uid
+        assert report.series_uid
         assert 0.0 <= report.probability_of_pathology <= 1.0
         assert report.pathology in (0, 1)
         assert report.failure_reason is None
         assert report.demo_weights  # the tiny repository has demo weights, and says so
     else:
-        assert report.failure_reason and report.failure_reason.strip()
-        assert report.probability_of_pathology is None and report.pathology is None
+        assert report.failure_reason
+        assert report.failure_reason.strip()
+        assert report.probability_of_pathology is None
+        assert report.pathology is None
 
 
 def test_the_corpus_is_large_and_named_uniquely() -> None:
@@ -205,7 +208,8 @@ def test_malformed_input(
         _assert_row_is_complete(report, input_path)
     study_uids = [report.study_uid for report in reports]
     if len(reports) > 1:
-        assert None not in study_uids and len(set(study_uids)) == len(study_uids)
+        assert None not in study_uids
+        assert len(set(study_uids)) == len(study_uids)
     if kind.check is not None:
         kind.check(reports)
 

@@ -51,14 +51,16 @@ def scrape(url: str) -> dict[str, list]:
 
 def test_the_endpoint_serves_on_loopback_by_default_and_never_stops_a_service() -> None:
     defaults = load_settings(environ={}).metrics
-    assert defaults.host == "127.0.0.1" and defaults.enabled
+    assert defaults.host == "127.0.0.1"
+    assert defaults.enabled
     registry = CollectorRegistry()
     metrics = AdapterMetrics(registry)
     metrics.tasks.labels(TaskOutcome.COMPLETED.value).inc()
     endpoint = serve_metrics(MetricsSettings(), port=0, service="test adapter", registry=registry)
     assert endpoint is not None
     try:
-        assert endpoint.host == "127.0.0.1" and endpoint.port > 0
+        assert endpoint.host == "127.0.0.1"
+        assert endpoint.port > 0
         families = scrape(endpoint.url)
         completed = [s for s in families["cts_adapter_tasks"] if s.name.endswith("_total")]
         by_outcome = {s.labels["outcome"]: s.value for s in completed}

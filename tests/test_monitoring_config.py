@@ -48,7 +48,8 @@ def test_monitoring_profile_scrapes_what_the_services_serve(
         assert "CTS__METRICS__ADAPTER_PORT" not in services[name]["environment"]
     # RabbitMQ starts with its Prometheus plugin.
     plugins = model["configs"]["rabbitmq_plugins"]["content"]
-    assert "rabbitmq_prometheus" in plugins and "rabbitmq_management" in plugins
+    assert "rabbitmq_prometheus" in plugins
+    assert "rabbitmq_management" in plugins
     mounted = {config["target"]: config["source"] for config in services["rabbitmq"]["configs"]}
     assert mounted["/etc/rabbitmq/enabled_plugins"] == "rabbitmq_plugins"
 

@@ -9,11 +9,11 @@ import pydicom
 import pytest
 from pydicom.uid import ImplicitVRLittleEndian
 
-from services.batch.sample_studies import write_ct_series
 from services.core.config import QualitySettings
 from services.core.dicom import load_volume, read_studies
 from services.core.dicom.pixel_data import read_native_pixels
 from services.core.schemas import IntakeSummary
+from synthetic.sample_studies import write_ct_series
 
 
 def _instances(folder: Path) -> list:

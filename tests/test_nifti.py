@@ -141,7 +141,8 @@ def test_files_are_recognised_by_content(chest_nifti: Path, tmp_path: Path) -> N
     result = collect_dicom_files(folder, tmp_path / "work", Settings().intake)
     assert [nifti.name for nifti in result.nifti_files] == ["train_7_a_1.nii.gz"]
     assert result.nifti_files[0].label.endswith("export.dat/CT/train_7_a_1.nii.gz")
-    assert result.summary.nested_archives == 1 and result.summary.nifti_files == 1
+    assert result.summary.nested_archives == 1
+    assert result.summary.nifti_files == 1
     assert result.summary.skipped_non_dicom == 1
 
 

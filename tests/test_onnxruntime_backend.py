@@ -34,13 +34,15 @@ def test_outputs_have_the_protocol_shapes_and_ranges(backend):
     assert outputs.pathology_probability.shape == (2,)
     assert outputs.finding_probabilities.shape == (2, len(FINDING_LABELS))
     for array in (outputs.pathology_probability, outputs.finding_probabilities):
-        assert array.dtype == np.float32 and np.all((array >= 0) & (array <= 1))
+        assert array.dtype == np.float32
+        assert np.all((array >= 0) & (array <= 1))
     # A batch gives what its members give alone.
     alone = backend.infer(volumes[1:])
     np.testing.assert_allclose(
         alone.finding_probabilities[0], outputs.finding_probabilities[1], atol=1e-5
     )
-    assert backend.metadata.demo is True and backend.name == "onnxruntime"
+    assert backend.metadata.demo is True
+    assert backend.name == "onnxruntime"
 
 
 def test_wrong_input_shape_is_a_clear_error(backend):
@@ -64,7 +66,7 @@ def test_missing_metadata_is_reported_with_the_build_command(tiny_model_reposito
     repository = tmp_path / "repository"
     shutil.copytree(tiny_model_repository, repository)
     (repository / "chest_screening" / "metadata.json").unlink()
-    with pytest.raises(ModelRepositoryError, match="chest_screening/metadata.json") as error:
+    with pytest.raises(ModelRepositoryError, match=r"chest_screening/metadata.json") as error:
         OnnxRuntimeBackend(repository, InferenceSettings())
     assert "python -m convertation.build_repository" in str(error.value)
 

@@ -109,7 +109,8 @@ def test_the_run_succeeds_and_every_input_has_a_row(batch_run):
         "attack_truncated",
     }
     assert set(batch_run["rows"]) == expected
-    assert "1 Success" in completed.stdout and "8 Failure" in completed.stdout
+    assert "1 Success" in completed.stdout
+    assert "8 Failure" in completed.stdout
     assert (batch_run["output"] / "warnings_and_errors.txt").is_file()
     assert len(batch_run["json"]) == len(expected)
 
@@ -120,15 +121,18 @@ def test_chest_ct_succeeds_with_demo_weights_flagged(batch_run):
     assert isinstance(row["probability_of_pathology"], float)
     assert 0.0 <= row["probability_of_pathology"] <= 1.0
     assert row["pathology"] in (0, 1)
-    assert row["study_uid"].startswith("1.3.6.1.4.1.14519") and row["series_uid"]
+    assert row["study_uid"].startswith("1.3.6.1.4.1.14519")
+    assert row["series_uid"]
     assert row["time_of_processing"] > 0
     for label in FINDING_LABELS:
         assert 0.0 <= row[finding_column(label)] <= 1.0
     assert row["most_dangerous_pathology_type"] in (None, *FINDING_LABELS)
-    assert row["demo_weights"] == 1 and "mean nothing" in row["notice"]
+    assert row["demo_weights"] == 1
+    assert "mean nothing" in row["notice"]
     assert row["model_version"].startswith("demo-")
     document = batch_run["json"][CHEST]
-    assert document["demo_weights"] is True and document["model"]["demo"] is True
+    assert document["demo_weights"] is True
+    assert document["model"]["demo"] is True
     assert document["chest_check"]["is_chest"] is True
     # What a reader recognises the study by, from its headers.
     assert document["study_date"] == "2007-04-25"
@@ -153,7 +157,8 @@ def test_non_chest_inputs_fail_with_the_reason_named(batch_run, name, reason_wor
     for field in ("probability_of_pathology", "pathology", "most_dangerous_pathology_type"):
         assert row[field] is None
     # The deployment's model is a demo: its Failure rows say so like the others.
-    assert row["demo_weights"] == 1 and "mean nothing" in row["notice"]
+    assert row["demo_weights"] == 1
+    assert "mean nothing" in row["notice"]
     for word in reason_words:
         assert word.lower() in row["failure_reason"].lower()
     assert row["failure_reason"] in (batch_run["output"] / "warnings_and_errors.txt").read_text()
@@ -220,7 +225,8 @@ def test_volume_check_warnings_survive_a_volume_failure(fixtures_dir, backend):
     assert report.processing_status.value == "Failure"
     assert "slice positions are missing" in report.failure_reason
     assert any("1 duplicate slice positions: kept one" in warning for warning in report.warnings)
-    assert report.series_uid is not None and "volume" in report.stage_seconds
+    assert report.series_uid is not None
+    assert "volume" in report.stage_seconds
 
 
 def test_a_failing_model_fails_the_study_not_the_run(fixtures_dir, tiny_model_repository, tmp_path):
@@ -244,7 +250,8 @@ def test_a_failing_model_fails_the_study_not_the_run(fixtures_dir, tiny_model_re
     chest, mr = reports
     assert chest.processing_status.value == "Failure"
     assert chest.failure_reason.startswith("inference failed:")
-    assert chest.quality is not None and chest.chest_check.is_chest
+    assert chest.quality is not None
+    assert chest.chest_check.is_chest
     assert "inference" in chest.stage_seconds
     assert mr.failure_reason == "no CT series: modality MR"
 
@@ -267,10 +274,13 @@ def test_model_input_is_the_preprocessed_chest(fixtures_dir, backend, tmp_path):
         display_name="chest",
         events=ModelInputSaver(tmp_path, fixtures_dir / CHEST),
     )
-    assert report.succeeded and report.path_to_study == "chest"
+    assert report.succeeded
+    assert report.path_to_study == "chest"
     saved = np.load(tmp_path / f"{CHEST}.npy")
-    assert saved.shape == (1, 1, 24, 40, 40) and saved.dtype == np.float32
-    assert saved.min() >= -1.0 and saved.max() <= 1.0
+    assert saved.shape == (1, 1, 24, 40, 40)
+    assert saved.dtype == np.float32
+    assert saved.min() >= -1.0
+    assert saved.max() <= 1.0
     # The same tensor through the backend gives the reported probability.
     outputs = backend.infer(saved)
     assert abs(float(outputs.pathology_probability[0]) - report.probability_of_pathology) < 1e-6

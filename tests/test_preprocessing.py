@@ -69,7 +69,8 @@ def test_resize_matches_torch_interpolate(shape, new_shape):
     rng = np.random.default_rng(sum(shape) * 7 + sum(new_shape))
     array = rng.normal(size=shape).astype(np.float32)
     ours = resize_trilinear(array, new_shape)
-    assert ours.shape == tuple(new_shape) and ours.dtype == np.float32
+    assert ours.shape == tuple(new_shape)
+    assert ours.dtype == np.float32
     # float32 arithmetic in a different order: differences of a few ulps, no more.
     np.testing.assert_allclose(ours, _torch_resize(array, new_shape), atol=1e-5, rtol=0)
 
@@ -94,9 +95,11 @@ def test_fused_resize_crop_pad_equals_resize_then_crop_pad():
         _torch_resize(np.clip(hu, -1000, 1000), new_shape) / 1000.0, target.shape
     )
     got = preprocess_array(hu, spacing, target)
-    assert got.shape == target.shape and got.dtype == np.float32
+    assert got.shape == target.shape
+    assert got.dtype == np.float32
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
-    assert got.min() >= -1.0 and got.max() <= 1.0
+    assert got.min() >= -1.0
+    assert got.max() <= 1.0
 
 
 def test_clipping_happens_before_interpolation():
@@ -121,8 +124,10 @@ def test_crop_pad_plan_follows_the_contract(n, t, keep_start, out_start, count):
 
 def test_linear_weights_clamp_at_both_ends():
     lower, upper, weight = linear_sample_weights(4, 8)
-    assert lower[0] == 0 and weight[0] == 0.0  # source -0.25 clamps to 0
-    assert lower[-1] == 3 and upper[-1] == 3  # upper neighbour clamped to n - 1
+    assert lower[0] == 0
+    assert weight[0] == 0.0
+    assert lower[-1] == 3
+    assert upper[-1] == 3
     np.testing.assert_allclose(lower + weight, [0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3.25])
 
 
@@ -155,7 +160,8 @@ def _volume(hu: np.ndarray, row: tuple, column: tuple, normal: tuple) -> Volume:
 
 def test_standard_axial_series_is_transposed_in_plane():
     plan = slp_reorientation(np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]], float))
-    assert plan.permutation == (0, 2, 1) and plan.flips == (False, False, False)
+    assert plan.permutation == (0, 2, 1)
+    assert plan.flips == (False, False, False)
 
 
 def test_oblique_directions_pick_the_nearest_axes():
@@ -163,7 +169,8 @@ def test_oblique_directions_pick_the_nearest_axes():
     normal = [0, -np.sin(tilt), np.cos(tilt)]
     column = [0, np.cos(tilt), np.sin(tilt)]
     plan = slp_reorientation(np.array([normal, column, [-1, 0, 0]], float))
-    assert plan.permutation == (0, 2, 1) and plan.flips == (False, True, False)
+    assert plan.permutation == (0, 2, 1)
+    assert plan.flips == (False, True, False)
 
 
 def test_reorientation_is_a_view_and_undoes_flips():
@@ -181,7 +188,8 @@ def test_reorientation_is_a_view_and_undoes_flips():
 
 def test_model_input_is_batched_float32():
     batch = to_model_input(np.zeros((4, 5, 6), np.float32))
-    assert batch.shape == (1, 1, 4, 5, 6) and batch.dtype == np.float32
+    assert batch.shape == (1, 1, 4, 5, 6)
+    assert batch.dtype == np.float32
     assert to_model_input([np.zeros((2, 2, 2))] * 3).shape == (3, 1, 2, 2, 2)
 
 

@@ -204,8 +204,10 @@ def test_only_the_srs_carry_the_patient(debug_run: dict) -> None:
     assert skipped == srs
     for path in srs:
         sr = pydicom.dcmread(path)
-        assert sr.Modality == "SR" and sr.PatientID == PATIENT_ID
-        assert str(sr.PatientName) == PATIENT_NAME and sr.PatientBirthDate == PATIENT_BIRTH_DATE
+        assert sr.Modality == "SR"
+        assert sr.PatientID == PATIENT_ID
+        assert str(sr.PatientName) == PATIENT_NAME
+        assert sr.PatientBirthDate == PATIENT_BIRTH_DATE
 
 
 def test_reports_carry_study_uids_but_no_patient_values(debug_run: dict) -> None:

@@ -83,10 +83,12 @@ def test_xlsx_cell_types(tmp_path):
     files = write_reports([_success(), _failure()], tmp_path)
     _, (success, failure) = _rows(files.xlsx)
     assert isinstance(success["path_to_study"], str)
-    assert success["study_uid"] == "1.2.3.4" and success["series_uid"] == "1.2.3.4.5"
+    assert success["study_uid"] == "1.2.3.4"
+    assert success["series_uid"] == "1.2.3.4.5"
     assert isinstance(success["probability_of_pathology"], float)
     assert 0.0 <= success["probability_of_pathology"] <= 1.0
-    assert success["pathology"] == 1 and isinstance(success["pathology"], int)
+    assert success["pathology"] == 1
+    assert isinstance(success["pathology"], int)
     assert success["processing_status"] == "Success"
     assert success["time_of_processing"] == 12.5
     assert success["most_dangerous_pathology_type"] == "Lymphadenopathy"
@@ -108,22 +110,27 @@ def test_xlsx_cell_types(tmp_path):
 def test_demo_notice_is_visible_only_with_demo_weights(tmp_path):
     demo = write_reports([_success(demo=True)], tmp_path / "demo")
     about = dict(load_workbook(demo.xlsx)[ABOUT_SHEET].iter_rows(values_only=True))
-    assert about["demo_weights"] == 1 and about["notice"] == DEMO_NOTICE
+    assert about["demo_weights"] == 1
+    assert about["notice"] == DEMO_NOTICE
     assert "DEMO WEIGHTS" in demo.warnings.read_text()
 
     real = write_reports([_success(demo=False)], tmp_path / "real")
     _, (row,) = _rows(real.xlsx)
-    assert row["demo_weights"] == 0 and row["notice"] is None
+    assert row["demo_weights"] == 0
+    assert row["notice"] is None
     about = dict(load_workbook(real.xlsx)[ABOUT_SHEET].iter_rows(values_only=True))
-    assert about["demo_weights"] == 0 and "notice" not in about
+    assert about["demo_weights"] == 0
+    assert "notice" not in about
     assert "DEMO WEIGHTS" not in real.warnings.read_text()
 
 
 def test_warnings_file_lists_every_study_with_reasons(tmp_path):
     files = write_reports([_success(), _failure()], tmp_path)
     text = files.warnings.read_text()
-    assert "incoming/head.zip" in text and "study_uid: 9.8.7" in text
-    assert "status: Failure" in text and "status: Success" in text
+    assert "incoming/head.zip" in text
+    assert "study_uid: 9.8.7" in text
+    assert "status: Failure" in text
+    assert "status: Success" in text
     assert "failure: not a chest CT: BodyPartExamined HEAD" in text
     assert "warning: gantry tilt 12 degrees" in text
     assert "warning: uneven slice spacing" in text
@@ -146,7 +153,8 @@ def test_one_json_per_study_round_trips_without_patient_data_in_names(tmp_path):
 def test_empty_report_list_still_writes_valid_files(tmp_path):
     files = write_reports([], tmp_path)
     header, rows = _rows(files.xlsx)
-    assert tuple(header[:7]) == REPORT_COLUMNS and rows == []
+    assert tuple(header[:7]) == REPORT_COLUMNS
+    assert rows == []
     assert files.json_files == []
 
 
@@ -168,4 +176,5 @@ def test_xlsx_is_readable_as_is_widths_filter_frozen_header(tmp_path):
     assert sheet.cell(row=3, column=status).font.color.rgb.endswith("C00000")  # Failure in red
     # A Failure row of a demo deployment carries the flag and the notice like the others.
     _, (_success_row, failure_row) = _rows(files.xlsx)
-    assert failure_row["demo_weights"] == 1 and failure_row["notice"] == DEMO_NOTICE
+    assert failure_row["demo_weights"] == 1
+    assert failure_row["notice"] == DEMO_NOTICE

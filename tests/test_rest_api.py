@@ -1,4 +1,4 @@
-"""The REST API's edges in process: the FastAPI application of rest_api.py over a real
+"""The REST API's edges in process: the FastAPI application of services/frontend/api/ over a real
 FrontendService and the real RabbitMQ broker (uploads become tasks in a test queue).
 The API end to end, with an adapter and the served schema, is in test_hospital_integration.py."""
 
@@ -16,7 +16,7 @@ from stack_support import delete_topology
 from services.broker.connection import connect, declare_topology
 from services.broker.schemas import QueueTopology, StudyTask
 from services.core.config import Settings, load_settings
-from services.frontend.rest_api import build_rest_api
+from services.frontend.api import build_rest_api
 from services.frontend.service import FrontendService
 
 pytestmark = pytest.mark.rabbitmq
@@ -74,13 +74,16 @@ def test_an_upload_becomes_a_task_and_answers_its_status(
         assert answer.headers["location"] == f"/api/v1/studies/{task_id}"
         status = client.get(f"/studies/{task_id}", headers=AUTH)
         assert status.status_code == 200
-        assert status.json()["state"] == "queued" and status.json()["reports"] is None
+        assert status.json()["state"] == "queued"
+        assert status.json()["reports"] is None
         missing = client.get(f"/studies/{task_id}/files/xlsx", headers=AUTH)
-        assert missing.status_code == 404 and "no result yet" in missing.json()["reason"]
+        assert missing.status_code == 404
+        assert "no result yet" in missing.json()["reason"]
     (task,) = queued_tasks(settings)
     assert task.task_id == task_id
     stored = task.resolve_study_path(settings.storage.root)
-    assert stored.read_bytes() == upload.read_bytes() and stored.name == "chest_study.zip"
+    assert stored.read_bytes() == upload.read_bytes()
+    assert stored.name == "chest_study.zip"
     # Nothing is left behind in the API's incoming folder.
     incoming = settings.storage.root / "frontend" / "incoming-api"
     assert not incoming.exists() or not any(incoming.iterdir())
@@ -127,12 +130,14 @@ def test_the_ui_limits_apply(settings: Settings, fixtures_dir: Path, tmp_path: P
     settings.frontend.max_upload_mb = 1
     with client_for(settings) as client:
         too_large = client.post("/studies", headers=AUTH, files={"file": ("study.zip", upload)})
-    assert too_large.status_code == 413 and "1 MB limit" in too_large.json()["reason"]
+    assert too_large.status_code == 413
+    assert "1 MB limit" in too_large.json()["reason"]
     settings.frontend.max_upload_mb = 2048
     settings.rabbitmq.max_queue_depth = 0
     with client_for(settings) as client:
         full = client.post("/studies", headers=AUTH, files={"file": ("study.zip", upload)})
-    assert full.status_code == 429 and "queue is full" in full.json()["reason"]
+    assert full.status_code == 429
+    assert "queue is full" in full.json()["reason"]
     assert queued_tasks(settings) == []
 
 

@@ -8,8 +8,6 @@ import numpy as np
 import pydicom
 import pytest
 
-from services.batch import sample_studies
-from services.batch.sample_studies import write_ct_series, write_samples
 from services.core.chest_check import check_chest
 from services.core.config import (
     ChestCheckSettings,
@@ -21,6 +19,8 @@ from services.core.dicom import load_volume, read_studies, select_series
 from services.core.intake import IntakeError, collect_dicom_files
 from services.core.schemas import IntakeSummary
 from services.core.volume import Volume
+from synthetic import sample_studies
+from synthetic.sample_studies import write_ct_series, write_samples
 
 
 def _canonical(volume: Volume) -> np.ndarray:
@@ -114,7 +114,9 @@ def test_chest_samples_pass_every_check_and_match(samples: dict[str, Path], tmp_
         assert result.summary.dicom_files == 75
         assert warnings == []
         assert report.coverage_mm == pytest.approx(300.0)
-        assert evidence.is_chest and evidence.metadata_verdict and evidence.image_verdict
+        assert evidence.is_chest
+        assert evidence.metadata_verdict
+        assert evidence.image_verdict
         lungs = volume.hu[(volume.hu > -900) & (volume.hu < -800)]
         assert lungs.size > 0.05 * volume.hu.size
     assert hfs[1].study_uid != ffp[1].study_uid
@@ -126,7 +128,8 @@ def test_chest_samples_pass_every_check_and_match(samples: dict[str, Path], tmp_
 def test_head_sample_is_not_a_chest(samples: dict[str, Path], tmp_path: Path) -> None:
     *_, evidence = _run(samples["head_phantom"], tmp_path)
     assert not evidence.is_chest
-    assert evidence.metadata_verdict is False and evidence.image_verdict is False
+    assert evidence.metadata_verdict is False
+    assert evidence.image_verdict is False
 
 
 def test_broken_sample_fails_intake(samples: dict[str, Path], tmp_path: Path) -> None:
@@ -142,7 +145,8 @@ def test_samples_are_anonymous_ct_image_storage(samples: dict[str, Path], tmp_pa
         assert dataset.SOPClassUID == pydicom.uid.CTImageStorage
         assert dataset.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
         assert str(dataset.PatientName) == "Anonymous"
-        assert dataset.PatientID == "" and dataset.PatientBirthDate == ""
+        assert dataset.PatientID == ""
+        assert dataset.PatientBirthDate == ""
         assert pydicom.uid.UID(dataset.SOPInstanceUID).is_valid
 
 

@@ -8,11 +8,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from services.batch.sample_studies import write_ct_series
 from services.core.config import IntakeSettings, SeriesSelectionSettings
 from services.core.dicom import Series, kernel_kind, read_studies, select_series
 from services.core.intake import collect_dicom_files
 from services.core.schemas import IntakeSummary
+from synthetic.sample_studies import write_ct_series
 
 SETTINGS = SeriesSelectionSettings()
 
@@ -37,7 +37,8 @@ def test_chest_fixture_selects_its_only_series(fixtures_dir: Path, tmp_path: Pat
     (decision,) = selection.decisions
     assert decision.selected
     # 8 mm is outside the preferred range, but it is the only CT volume in the study.
-    assert "8 mm" in decision.reason and "best available" in decision.reason
+    assert "8 mm" in decision.reason
+    assert "best available" in decision.reason
     assert "B40f" in decision.reason
 
 
@@ -72,9 +73,11 @@ def test_duplicate_positions_series_has_too_few_images(fixtures_dir: Path, tmp_p
 def test_files_without_uids_still_group_into_one_series(fixtures_dir: Path, tmp_path: Path) -> None:
     # The abdomen fixture's anonymiser blanked StudyInstanceUID, SeriesInstanceUID and SOPClassUID.
     study, summary = _study_of(fixtures_dir / "abdomen_ct_jpeg2000", tmp_path)
-    assert study.study_uid_missing and study.study_uid.startswith("2.25.")
+    assert study.study_uid_missing
+    assert study.study_uid.startswith("2.25.")
     (series,) = study.series
-    assert series.series_uid_missing and series.series_uid.startswith("2.25.")
+    assert series.series_uid_missing
+    assert series.series_uid.startswith("2.25.")
     assert series.n_images == 20
     # The SOP class comes from the file meta when the data set's own tag is empty.
     assert series.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2"
@@ -83,7 +86,8 @@ def test_files_without_uids_still_group_into_one_series(fixtures_dir: Path, tmp_
     assert selection.selected is series
     # Reading the same files again derives the same identifiers.
     again, _ = _study_of(fixtures_dir / "abdomen_ct_jpeg2000", tmp_path / "again")
-    assert again.study_uid == study.study_uid and again.series[0].series_uid == series.series_uid
+    assert again.study_uid == study.study_uid
+    assert again.series[0].series_uid == series.series_uid
 
 
 def test_one_study_per_study_instance_uid(fixtures_dir: Path) -> None:

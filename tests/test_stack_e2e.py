@@ -248,7 +248,8 @@ def test_stack_from_start_to_stop(
             assert int(viewer_state(page)["slice"]) == int(before["slice"]) + 3
             lung = canvas_pixels(page)
             page.locator("#study-view [data-preset=bone]").click()
-            assert viewer_state(page)["width"] == "2000" and canvas_pixels(page) != lung
+            assert viewer_state(page)["width"] == "2000"
+            assert canvas_pixels(page) != lung
             page.locator("#study-view [data-plane=coronal]").click()
             assert viewer_state(page)["plane"] == "coronal"
 
@@ -297,7 +298,8 @@ def test_stack_from_start_to_stop(
             for row in sheet.iter_rows(min_row=2, values_only=True)
         }
         assert set(table) == {"chest.zip", "head.zip", "mr.zip", "broken.zip"}
-        assert sheet.auto_filter.ref and sheet.freeze_panes == "B2"
+        assert sheet.auto_filter.ref
+        assert sheet.freeze_panes == "B2"
         assert table["chest.zip"]["processing_status"] == "Success"
         assert table["head.zip"]["processing_status"] == "Failure"
         assert table["head.zip"]["demo_weights"] == 1  # Failure rows carry the flag too
@@ -342,4 +344,5 @@ def test_stack_from_start_to_stop(
     connection = connect(broker, name="e2e after stop", give_up_after_s=10)
     connection.close()
     # Pictures of the worklist and of a study, kept with the test's files (CI artefacts).
-    assert (tmp_path / "worklist.png").is_file() and (tmp_path / "study.png").is_file()
+    assert (tmp_path / "worklist.png").is_file()
+    assert (tmp_path / "study.png").is_file()

@@ -77,7 +77,8 @@ def first_source(fixtures_dir: Path, name: str) -> pydicom.Dataset:
 
 def test_success_sr_validates_and_holds_every_value(screened, fixtures_dir: Path) -> None:
     report, evidence, path = screened["chest"]
-    assert report.succeeded and evidence is not None
+    assert report.succeeded
+    assert evidence is not None
     assert dciodvfy_errors(path) == []
     document = pydicom.dcmread(path)
     source = first_source(fixtures_dir, "chest_ct_lung_dx_a0002")
@@ -120,7 +121,8 @@ def test_success_sr_validates_and_holds_every_value(screened, fixtures_dir: Path
 
 def test_failure_sr_validates_and_gives_the_reason(screened, fixtures_dir: Path) -> None:
     report, evidence, path = screened["head"]
-    assert not report.succeeded and evidence is not None
+    assert not report.succeeded
+    assert evidence is not None
     assert dciodvfy_errors(path) == []
     document = pydicom.dcmread(path)
     source = first_source(fixtures_dir, "head_ct_gantry_tilt")

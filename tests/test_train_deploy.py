@@ -133,12 +133,15 @@ def test_a_head_without_every_deployed_finding_is_refused_by_default(
 ) -> None:
     assert _build(tmp_path / "refused", runs) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "COVID-19" in error and "Cancer" in error and "--missing-findings fill" in error
+    assert "COVID-19" in error
+    assert "Cancer" in error
+    assert "--missing-findings fill" in error
 
 
 def _check_report(report: StudyReport, runs: dict[str, Path], repository: Path) -> None:
     assert report.succeeded, report.failure_reason
-    assert report.embedding is not None and len(report.embedding) == EMBEDDING_DIM
+    assert report.embedding is not None
+    assert len(report.embedding) == EMBEDDING_DIM
     (pathology,) = trainer_probabilities(runs["binary"], report.embedding)  # P(pathology)
     assert abs(report.probability_of_pathology - pathology) <= PARITY_TOLERANCE
     findings = trainer_probabilities(runs["multilabel"], report.embedding)
@@ -201,5 +204,6 @@ def test_triton_gives_the_trainers_probabilities(
             (report,) = process_input(fixtures_dir / CHEST, backend=backend, settings=settings)
         finally:
             backend.close()
-    assert report.model is not None and report.model.backend == "triton"
+    assert report.model is not None
+    assert report.model.backend == "triton"
     _check_report(report, runs, repository)

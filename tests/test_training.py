@@ -252,9 +252,11 @@ def test_evaluation_writes_report_plots_and_thresholds(binary_metrics, binary_ru
     output = workspace / "binary_eval"
     for picture in ("roc.png", "pr.png"):
         content = (output / picture).read_bytes()
-        assert content.startswith(b"\x89PNG") and len(content) > 10_000
+        assert content.startswith(b"\x89PNG")
+        assert len(content) > 10_000
     report = (output / "report.md").read_text()
-    assert "pathology" in report and f"{binary_metrics['auroc']['value']:.3f}" in report
+    assert "pathology" in report
+    assert f"{binary_metrics['auroc']['value']:.3f}" in report
     head = json.loads((binary_run / "head.json").read_text())
     assert head["threshold_method"] == "youden"
     assert head["thresholds"]["pathology"] == binary_metrics["threshold"]
@@ -304,7 +306,8 @@ def test_search_with_three_trials(cohort, binary_run, workspace):
     # Trial 1 is the seed design with the same seed: the search cannot end below it.
     assert head["validation_metrics"]["auroc"] >= seed_only["validation_metrics"]["auroc"]
     log = (run / "train.log").read_text()
-    assert "trial 3/3 done" in log and "epoch" in log
+    assert "trial 3/3 done" in log
+    assert "epoch" in log
 
 
 def _validation_vectors(cohort: Cohort, run: Path) -> np.ndarray:
@@ -360,7 +363,8 @@ def test_a_head_without_all_deployed_labels_is_refused_without_a_fill(multilabel
 def _one_line_error(capsys, *arguments: object) -> str:
     assert run_cli(*arguments) == 2
     captured = capsys.readouterr().err.strip().splitlines()
-    assert len(captured) == 1 and captured[0].startswith("error: "), captured
+    assert len(captured) == 1, captured
+    assert captured[0].startswith("error: "), captured
     return captured[0]
 
 

@@ -107,7 +107,8 @@ def test_ensemble_over_grpc_equals_the_onnx_files_run_directly(
     }
     for name in OUTPUTS:
         served = result.as_numpy(name)
-        assert served is not None and served.dtype == np.float32, name
+        assert served is not None, name
+        assert served.dtype == np.float32, name
         assert served.shape == expected[name].shape, name
         np.testing.assert_allclose(served, expected[name], rtol=0, atol=1e-5, err_msg=name)
     # The two studies of the batch must not be answered with the same numbers.
@@ -221,5 +222,5 @@ def test_cli_serves_until_sigterm_and_cleans_up(repository: Path, tmp_path: Path
 def _ready(client: grpcclient.InferenceServerClient) -> bool:
     try:
         return client.is_server_ready()
-    except Exception:  # connection refused while the server starts
+    except Exception:  # noqa: BLE001 - connection refused while the server starts
         return False

@@ -93,7 +93,9 @@ def test_block_mean_matches_the_mean_of_each_block() -> None:
 
 def test_the_code_table_keeps_hu_within_its_steps() -> None:
     table = codes_hu()
-    assert table.shape == (256,) and table[0] == CODE_KNOTS_HU[0] and table[-1] == CODE_KNOTS_HU[-1]
+    assert table.shape == (256,)
+    assert table[0] == CODE_KNOTS_HU[0]
+    assert table[-1] == CODE_KNOTS_HU[-1]
     assert np.all(np.diff(table) > 0)
     for low, high, step in STEP_LIMITS:
         hu = np.linspace(low, high, 2001, dtype=np.float32)
@@ -108,7 +110,8 @@ def test_crop_keeps_the_body_and_drops_the_air_around_it() -> None:
     hu[:, 60:140, 50:150] = 40.0  # the body
     stack = viewer_stack(axial_volume(hu))
     rows, columns = stack.codes.shape[1:]
-    assert rows < 200 and columns < 200
+    assert rows < 200
+    assert columns < 200
     body = codes_hu()[stack.codes] > -500
     assert body.sum() == 80 * 100 * 20  # every body voxel kept
     # Blocks would be coarser than MIN_SPACING_MM: 1 and 2 mm voxels are kept as they are.
@@ -155,7 +158,8 @@ def test_a_large_study_gives_a_few_megabytes_in_well_under_a_second(
     )
     assert size <= LARGE_STUDY_MAX_BYTES
     assert total <= LARGE_STUDY_MAX_SECONDS
-    assert stack.codes.shape[0] <= MAX_SLICES and max(stack.codes.shape[1:]) <= MAX_IN_PLANE
+    assert stack.codes.shape[0] <= MAX_SLICES
+    assert max(stack.codes.shape[1:]) <= MAX_IN_PLANE
 
     metadata, codes = read_viewer_codes(paths[0])
     np.testing.assert_array_equal(codes, stack.codes)
@@ -163,4 +167,5 @@ def test_a_large_study_gives_a_few_megabytes_in_well_under_a_second(
     assert len(metadata["codes_hu"]) == 256
     # The middle slab holds lungs and soft tissue: the data is HU, not one window's greys.
     middle = np.asarray(metadata["codes_hu"])[codes[codes.shape[0] // 2]]
-    assert np.mean(middle < -700) > 0.05 and np.mean(np.abs(middle - 40) < 100) > 0.05
+    assert np.mean(middle < -700) > 0.05
+    assert np.mean(np.abs(middle - 40) < 100) > 0.05

@@ -98,7 +98,8 @@ def test_a_success_report_becomes_a_flat_record() -> None:
     assert record.positive_findings == list(FINDING_LABELS[10:])
     assert record.most_dangerous_finding == "Lymphadenopathy"
     assert record.is_chest_ct is True
-    assert record.chest_check is not None and record.chest_check.startswith("chest CT")
+    assert record.chest_check is not None
+    assert record.chest_check.startswith("chest CT")
     assert record.model_version == "demo-abcdef012345"
     assert record.demo_weights is True
     assert record.embedding == EMBEDDING
@@ -108,7 +109,9 @@ def test_a_success_report_becomes_a_flat_record() -> None:
 def test_a_failure_without_uid_is_keyed_by_its_input() -> None:
     record = record_from_report(_failure(), source="/data/hospital_a")
     assert record.key == "input:/data/hospital_a/broken.zip"
-    assert record.call is None and record.embedding is None and record.is_chest_ct is None
+    assert record.call is None
+    assert record.embedding is None
+    assert record.is_chest_ct is None
     assert record.failure_reason == "the archive is truncated"
     assert record_from_report(_failure("7.7"), source="x").key == "study:7.7"
 
@@ -134,12 +137,14 @@ def test_embedding_rows_read_like_the_training_parquet(tmp_path) -> None:
     )
     pq.write_table(table, path)
     success, failure = read_embedding_rows(path)
-    assert success.key == "study:2.25.1" and success.origin == "embeddings"
+    assert success.key == "study:2.25.1"
+    assert success.origin == "embeddings"
     assert success.source == "train.parquet"
     assert success.embedding == pytest.approx(EMBEDDING)
     assert success.model_version == "demo-abcdef012345"  # the form of a report's version
     assert failure.key == "input:train.parquet/train_2/train_2_a_1.nii.gz"
-    assert failure.embedding is None and failure.failure_reason == "not a chest CT"
+    assert failure.embedding is None
+    assert failure.failure_reason == "not a chest CT"
     pq.write_table(pa.table({"name": ["a"], "status": ["Success"]}), tmp_path / "bad.parquet")
     with pytest.raises(VisualisationInputError, match="embedding"):
         read_embedding_rows(tmp_path / "bad.parquet")
@@ -154,12 +159,15 @@ def test_labels_match_by_volume_name_without_nifti_suffix(tmp_path) -> None:
         source="train.parquet",
     )
     labelled = with_labels(row, labels)
-    assert labelled.ground_truth == ["Emphysema"] and labelled.ground_truth_pathology is True
+    assert labelled.ground_truth == ["Emphysema"]
+    assert labelled.ground_truth_pathology is True
     assert labelled.label_source == "labels.csv"
     clean = with_labels(row.model_copy(update={"name": "clean"}), labels)
-    assert clean.ground_truth == [] and clean.ground_truth_pathology is False
+    assert clean.ground_truth == []
+    assert clean.ground_truth_pathology is False
     unknown = with_labels(row.model_copy(update={"name": "other.nii"}), labels)
-    assert unknown.ground_truth is None and unknown.label_source is None
+    assert unknown.ground_truth is None
+    assert unknown.label_source is None
     path.write_text("VolumeName,Emphysema\nx,2\n")
     with pytest.raises(VisualisationInputError, match="other than 0/1"):
         read_label_rows(path)
@@ -194,7 +202,8 @@ def test_previews_are_found_by_the_batch_key_or_the_stack_index(tmp_path) -> Non
     (tmp_path / "results" / "task-1.json").write_text("{}")  # the stack's message: not a report
     (stack / "json" / "study_0003_000000000000.json").write_text('{"not": "a report"}')
     read = read_results(tmp_path / "results")
-    assert len(read.records) == 1 and read.unreadable == 1
+    assert len(read.records) == 1
+    assert read.unreadable == 1
     assert read.records[0].axial_preview == found[0]
 
 
@@ -213,12 +222,15 @@ def test_sample_media_puts_the_views_side_by_side_or_says_why_there_is_none(tmp_
         _success(), source="s", axial_preview=axial, coronal_preview=coronal
     )
     image = sample_media(record)
-    assert image.height == 256 and image.width == 256 + GAP + 512
-    assert image.getpixel((10, 10)) == 200 and image.getpixel((image.width - 10, 10)) == 100
+    assert image.height == 256
+    assert image.width == 256 + GAP + 512
+    assert image.getpixel((10, 10)) == 200
+    assert image.getpixel((image.width - 10, 10)) == 100
     failure = record_from_report(_failure(), source="s")
     assert sample_media(failure).size == CARD_SIZE
     lines = card_lines(failure)
-    assert lines[0] == "Failure" and "the archive is truncated" in lines
+    assert lines[0] == "Failure"
+    assert "the archive is truncated" in lines
     assert not any("broken" in line for line in lines)  # never the input's name
     assert PATIENT_NAME not in media_file_name(record.key)
 
@@ -251,7 +263,8 @@ def test_the_cli_needs_results_or_embeddings() -> None:
     with pytest.raises(SystemExit):
         parse_arguments(["--dataset", "x"])
     arguments = parse_arguments(["--results", "a", "b", "--dataset", "x", "--no-launch"])
-    assert [str(path) for path in arguments.results] == ["a", "b"] and arguments.port == 5151
+    assert [str(path) for path in arguments.results] == ["a", "b"]
+    assert arguments.port == 5151
 
 
 def test_the_batch_preview_writer_names_files_by_the_report_key(tmp_path) -> None:

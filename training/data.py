@@ -221,8 +221,8 @@ def stratified_split(
     parts: dict[str, list[np.ndarray]] = {"train": [], "validation": [], "test": []}
     for value in np.unique(strata):
         rows = generator.permutation(np.flatnonzero(strata == value))
-        n_test = int(round(len(rows) * test_fraction))
-        n_validation = int(round(len(rows) * validation_fraction))
+        n_test = round(len(rows) * test_fraction)
+        n_validation = round(len(rows) * validation_fraction)
         parts["test"].append(rows[:n_test])
         parts["validation"].append(rows[n_test : n_test + n_validation])
         parts["train"].append(rows[n_test + n_validation :])

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from loguru import logger
 from tqdm import tqdm
 
-from services.batch.__main__ import list_inputs
+from services.batch.inputs import list_inputs
 from services.core.config import Settings, load_settings
 from services.core.inference import create_backend
 from services.core.inference.base import InferenceBackend

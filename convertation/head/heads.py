@@ -12,6 +12,7 @@ State-dict keys (what a head checkpoint must hold; see `load_binary_head`):
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -56,7 +57,7 @@ class MultilabelHead(nn.Module):
         self.embedding_dim = embedding_dim
         widths = [embedding_dim, 512, 256, 128]
         layers: list[nn.Module] = []
-        for width_in, width_out in zip(widths[:-1], widths[1:], strict=True):
+        for width_in, width_out in itertools.pairwise(widths):
             layers += [
                 nn.Linear(width_in, width_out),
                 nn.LeakyReLU(LEAKY_SLOPE),
@@ -105,7 +106,8 @@ def build_demo_heads(embedding_dim: int, seed: int) -> tuple[BinaryHead, Multila
             for module in binary.modules():
                 if isinstance(module, nn.BatchNorm1d):
                     # Present: BatchNorm1d tracks running statistics unless told not to.
-                    assert module.running_mean is not None and module.running_var is not None
+                    assert module.running_mean is not None
+                    assert module.running_var is not None
                     module.running_mean.normal_(0, 0.05)
                     module.running_var.uniform_(0.5, 1.5)
                     module.weight.uniform_(0.8, 1.2)

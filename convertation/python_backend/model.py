@@ -26,7 +26,7 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # optimised_graphs.py beside this file
-from optimised_graphs import create_session  # noqa: E402
+from optimised_graphs import create_session
 
 DEFAULT_ONNX_FILENAME = "model.onnx"
 
@@ -86,7 +86,7 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> list[Any]:
         try:
             return self._execute_batch(requests)
-        except Exception as error:  # one failed batch must not take the model down
+        except Exception as error:  # noqa: BLE001 - one failed batch must not take the model down
             message = f"{type(error).__name__}: {error}"
             return [
                 pb_utils.InferenceResponse(error=pb_utils.TritonError(message)) for _ in requests

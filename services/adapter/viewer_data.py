@@ -177,7 +177,7 @@ def viewer_stack(volume: Volume) -> ViewerStack:
     for display, axis in enumerate(frame.source_axis):
         limits[axis] = MAX_SLICES if display == 0 else MAX_IN_PLANE
     in_plane = tuple(frame.source_axis[1:])
-    margin = tuple(int(round(CROP_MARGIN_MM / max(step, 1e-6))) for step in spacing)
+    margin = tuple(round(CROP_MARGIN_MM / max(step, 1e-6)) for step in spacing)
     cropped = hu[tuple(body_bounds(hu, in_plane, margin))]
     factors = block_factors(cropped.shape, spacing, tuple(limits))
     averaged = block_mean(cropped, factors)

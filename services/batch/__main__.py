@@ -23,6 +23,7 @@ from typing import TextIO
 from loguru import logger
 from tqdm import tqdm
 
+from services.batch.inputs import list_inputs
 from services.batch.model_input_files import ModelInputSaver
 from services.batch.preview_files import PREVIEWS_DIR_NAME, PreviewWriter
 from services.core.config import Settings, load_settings
@@ -41,23 +42,6 @@ from services.sr.evidence import EvidenceCollector
 USAGE_ERROR = 2
 SR_DIR_NAME = "sr"  # one DICOM structured report per DICOM study
 LOG_FILE_NAME = "batch.log"  # in the output folder, when the run shows a progress bar
-ZIP_SUFFIX = ".zip"
-# Files that are an input of their own, never slices of a loose series.
-SINGLE_INPUT_SUFFIXES = (ZIP_SUFFIX, ".tar", ".tar.gz", ".tgz", ".nii", ".nii.gz")
-
-
-def list_inputs(input_path: Path) -> list[Path]:
-    """The inputs of a run: one zip/file, each top-level entry of a folder, or the folder itself."""
-    if input_path.is_file():
-        return [input_path]
-    entries = sorted(entry for entry in input_path.iterdir() if not entry.name.startswith("."))
-    loose_series = entries and all(
-        entry.is_file() and not entry.name.lower().endswith(SINGLE_INPUT_SUFFIXES)
-        for entry in entries
-    )
-    if loose_series:
-        return [input_path]
-    return entries
 
 
 def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -314,6 +314,6 @@ class ReplyListener(threading.Thread):
             return
         try:
             self._handler(message)
-        except Exception:  # the handler's bug must not kill the listener
+        except Exception:  # noqa: BLE001 - the handler's bug must not kill the listener
             logger.exception("reply handler failed for task {}", message.task_id)
         channel.basic_ack(method.delivery_tag)

@@ -73,12 +73,13 @@ NON_CHEST_BODY_PARTS = {
     "CSPINE", "LSPINE", "SSPINE", "TMJ", "JAW",
 }  # fmt: skip
 CHEST_WORDS = re.compile(
-    r"chest|thora|lung|pulmo|\bctpa\b|brust|t[oó]rax|грудн|легк|лёгк|\bогк\b|торак",
+    # Russian words too (Cyrillic on purpose): studies from Russian-speaking sites.
+    r"chest|thora|lung|pulmo|\bctpa\b|brust|t[oó]rax|грудн|легк|лёгк|\bогк\b|торак",  # noqa: RUF001
     re.IGNORECASE,
 )
 NON_CHEST_WORDS = re.compile(
     r"\bhead\b|brain|skull|cran|neuro|sinus|orbit|\babd|abdom|pelvi|\bhip\b|knee|ankle|wrist"
-    r"|головн|мозг|череп|брюшн|живот|\bтаз|почк",
+    r"|головн|мозг|череп|брюшн|живот|\bтаз|почк",  # noqa: RUF001 - Russian, as above
     re.IGNORECASE,
 )
 DESCRIPTION_TAGS = (

@@ -292,7 +292,8 @@ def default_config_yaml() -> str:
     lines = [YAML_HEADER.rstrip()]
     for section_name, section_field in Settings.model_fields.items():
         section_type = section_field.annotation
-        assert isinstance(section_type, type) and issubclass(section_type, BaseModel)
+        assert isinstance(section_type, type)
+        assert issubclass(section_type, BaseModel)
         lines.append("")
         lines.append(f"{section_name}:")
         for name, field in section_type.model_fields.items():

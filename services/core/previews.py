@@ -50,7 +50,7 @@ def preview_images(
     with ``spacing_mm`` (S, L, P) the coronal view keeps the body's proportions."""
     volume = _volume_of(model_input)
     images = {
-        f"axial_{int(round(fraction * 100)):02d}": to_display(axial_slice(volume, fraction))
+        f"axial_{round(fraction * 100):02d}": to_display(axial_slice(volume, fraction))
         for fraction in AXIAL_POSITIONS
     }
     coronal = to_display(coronal_slice(volume))
@@ -61,7 +61,7 @@ def preview_images(
 def _true_height(coronal: np.ndarray, spacing_mm: tuple[float, float, float]) -> np.ndarray:
     """The coronal view stretched so that a millimetre is as long down the image as across
     it (the contract's 1.5 mm slices against 0.75 mm pixels would squash it to half)."""
-    rows = max(1, int(round(coronal.shape[0] * spacing_mm[0] / spacing_mm[1])))
+    rows = max(1, round(coronal.shape[0] * spacing_mm[0] / spacing_mm[1]))
     if rows == coronal.shape[0]:
         return coronal
     picture = Image.fromarray(np.ascontiguousarray(coronal))

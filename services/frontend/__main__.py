@@ -15,14 +15,14 @@ from types import FrameType
 # No telemetry from a hospital network (and these machines have no internet anyway).
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from loguru import logger  # noqa: E402
+from loguru import logger
 
-from services.broker.storage import RESULTS_DIR  # noqa: E402
-from services.core.config import load_settings  # noqa: E402
-from services.core.logging_setup import configure_logging  # noqa: E402
-from services.frontend.service import FrontendService  # noqa: E402
-from services.frontend.sessions import SESSIONS_DIR  # noqa: E402
-from services.monitoring.server import serve_metrics  # noqa: E402
+from services.broker.storage import RESULTS_DIR
+from services.core.config import load_settings
+from services.core.logging_setup import configure_logging
+from services.frontend.service import FrontendService
+from services.frontend.sessions import SESSIONS_DIR
+from services.monitoring.server import serve_metrics
 
 
 def parse_auth(auth: str | None) -> tuple[str, str] | None:
@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_TEMP_DIR", str(root / "frontend" / "incoming"))
     from starlette.routing import Mount
 
+    from services.frontend.api import API_PREFIX, build_rest_api
     from services.frontend.app import PAGE_CSS, build_app
-    from services.frontend.rest_api import API_PREFIX, build_rest_api
 
     service = FrontendService(settings)
     service.start()
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet=True,
         footer_links=[],
         css=PAGE_CSS,
-        # The REST API (rest_api.py): routes given to the app's constructor come first.
+        # The REST API (services/frontend/api/): routes given to the app's constructor come first.
         app_kwargs={"routes": [Mount(API_PREFIX, app=build_rest_api(service))]},
     )
     logger.info(

@@ -42,11 +42,16 @@ def signature(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def build_app(service: FrontendService) -> gr.Blocks:
-    @lru_cache(maxsize=256)
-    def read_json(relative: str) -> dict[str, Any] | None:
+class PageActions:
+    """What the page's events do, over one FrontendService; each method is one event."""
+
+    def __init__(self, service: FrontendService) -> None:
+        self.service = service
         # Result files never change once written: cached per path.
-        path = service.file_path(relative)
+        self.read_json = lru_cache(maxsize=256)(self._read_json)
+
+    def _read_json(self, relative: str) -> dict[str, Any] | None:
+        path = self.service.file_path(relative)
         if path is None:
             return None
         try:
@@ -55,32 +60,32 @@ def build_app(service: FrontendService) -> gr.Blocks:
             return None
         return document if isinstance(document, dict) else None
 
-    def file_url(relative: str) -> str | None:
-        path = service.file_path(relative)
+    def file_url(self, relative: str) -> str | None:
+        path = self.service.file_path(relative)
         return None if path is None else FILE_ROUTE + quote(str(path), safe="/")
 
-    def current_views(token: str | None) -> list[TaskView]:
-        return service.session_views(token) if is_session_token(token) else []
+    def current_views(self, token: str | None) -> list[TaskView]:
+        return self.service.session_views(token) if is_session_token(token) else []
 
-    def study_of(task_views: list[TaskView], key: str | None) -> dict[str, Any] | None:
+    def study_of(self, task_views: list[TaskView], key: str | None) -> dict[str, Any] | None:
         parsed = views.parse_row_key(key)
         if parsed is None:
             return None
         task_id, index = parsed
         for view in task_views:
             if view.task.task_id == task_id:
-                return study_view(view, index, file_url=file_url, read_json=read_json)
+                return study_view(view, index, file_url=self.file_url, read_json=self.read_json)
         return None
 
-    def ensure_session(token: str | None, guide_seen: bool | None) -> tuple[Any, ...]:
-        token = token if is_session_token(token) else service.new_session_token()
+    def ensure_session(self, token: str | None, guide_seen: bool | None) -> tuple[Any, ...]:
+        token = token if is_session_token(token) else self.service.new_session_token()
         # The guide is open on the first visit only.
         return token, True, gr.update(open=not guide_seen)
 
-    def submit(token: str | None, files: list[str] | None) -> tuple[Any, ...]:
+    def submit(self, token: str | None, files: list[str] | None) -> tuple[Any, ...]:
         if not is_session_token(token):
             return "The page is still starting; please try again in a second.", gr.skip(), gr.skip()
-        outcome = service.submit_uploads(token, [Path(path) for path in files or []])
+        outcome = self.service.submit_uploads(token, [Path(path) for path in files or []])
         # Clear the picker once the files are taken, keep it if everything was refused; the
         # guide makes room for the worklist.
         taken = outcome.submitted or outcome.duplicates
@@ -91,53 +96,71 @@ def build_app(service: FrontendService) -> gr.Blocks:
         )
 
     def refresh(
-        token: str | None, key: str | None, shown: dict[str, str] | None
+        self, token: str | None, key: str | None, shown: dict[str, str] | None
     ) -> tuple[Any, ...]:
         shown = dict(shown or {})
-        task_views = current_views(token)
-        worklist = views.worklist(task_views)
-        study = study_of(task_views, key)
+        task_views = self.current_views(token)
         finished = [
             (view.task.task_id, str(view.result.finished_at))
             for view in task_views
             if view.result is not None and view.task.duplicate_of is None
         ]
-        updates: dict[str, Any] = {}
-        for name, value in (("worklist", worklist), ("study", study), ("xlsx", finished)):
-            fingerprint = signature(value)
-            updates[name] = value if shown.get(name) != fingerprint else gr.skip()
-            shown[name] = fingerprint
+        drawn = {
+            "worklist": views.worklist(task_views),
+            "study": self.study_of(task_views, key),
+            "xlsx": finished,
+        }
+        redraw = {name for name, value in drawn.items() if changed(shown, name, value)}
+        updates = {name: value if name in redraw else gr.skip() for name, value in drawn.items()}
         download = gr.skip()
-        if not isinstance(updates["xlsx"], type(gr.skip())):
-            path = service.session_xlsx(token, task_views) if finished and token else None
+        if "xlsx" in redraw:
+            path = self.service.session_xlsx(token, task_views) if finished and token else None
             download = gr.update(value=str(path) if path else None, interactive=path is not None)
         return (
-            gr.update(visible=service.demo_weights_in_use(task_views)),
+            gr.update(visible=self.service.demo_weights_in_use(task_views)),
             updates["worklist"],
             updates["study"],
             download,
             shown,
         )
 
-    def open_study(token: str | None, shown: dict[str, str] | None, event: gr.EventData) -> Any:
-        key = event._data.get("key") if isinstance(event._data, dict) else None
-        study = study_of(current_views(token), key)
+    def open_study(
+        self, token: str | None, shown: dict[str, str] | None, event: gr.EventData
+    ) -> Any:
+        key = event_key(event)
+        study = self.study_of(self.current_views(token), key)
         shown = {**(shown or {}), "study": signature(study)}
         return (key if study else None), study, shown
 
     def remove_study(
-        token: str | None, key: str | None, shown: dict[str, str] | None, event: gr.EventData
+        self, token: str | None, key: str | None, shown: dict[str, str] | None, event: gr.EventData
     ) -> Any:
-        removed = views.parse_row_key(
-            event._data.get("key") if isinstance(event._data, dict) else None
-        )
+        removed = views.parse_row_key(event_key(event))
         if removed is not None and is_session_token(token):
-            service.remove_task(token, removed[0])
+            self.service.remove_task(token, removed[0])
         selected = views.parse_row_key(key)
         if selected is not None and removed is not None and selected[0] == removed[0]:
             key = None
-        return (key, *refresh(token, key, {**(shown or {}), "worklist": ""}))
+        return (key, *self.refresh(token, key, {**(shown or {}), "worklist": ""}))
 
+
+def changed(shown: dict[str, str], name: str, value: object) -> bool:
+    """Whether ``value`` differs from what the page shows; notes its fingerprint in ``shown``."""
+    fingerprint = signature(value)
+    previous = shown.get(name)
+    shown[name] = fingerprint
+    return previous != fingerprint
+
+
+def event_key(event: gr.EventData) -> str | None:
+    """The row key a worklist event carries."""
+    data = event._data
+    key = data.get("key") if isinstance(data, dict) else None
+    return key if isinstance(key, str) else None
+
+
+def build_app(service: FrontendService) -> gr.Blocks:
+    actions = PageActions(service)
     with gr.Blocks(title="Chest CT screening", delete_cache=(3600, 86400)) as app:
         session = gr.BrowserState(
             None, storage_key=SESSION_STORAGE_KEY, secret=service.browser_state_secret()
@@ -198,25 +221,27 @@ def build_app(service: FrontendService) -> gr.Blocks:
 
         refresh_outputs = [banner, worklist, study, download_all, shown]
         app.load(
-            ensure_session, inputs=[session, guide_seen], outputs=[session, guide_seen, guide]
-        ).then(refresh, inputs=[session, selected, shown], outputs=refresh_outputs)
+            actions.ensure_session,
+            inputs=[session, guide_seen],
+            outputs=[session, guide_seen, guide],
+        ).then(actions.refresh, inputs=[session, selected, shown], outputs=refresh_outputs)
         submit_button.click(
-            submit, inputs=[session, uploads], outputs=[upload_message, uploads, guide]
-        ).then(refresh, inputs=[session, selected, shown], outputs=refresh_outputs)
+            actions.submit, inputs=[session, uploads], outputs=[upload_message, uploads, guide]
+        ).then(actions.refresh, inputs=[session, selected, shown], outputs=refresh_outputs)
         timer.tick(
-            refresh,
+            actions.refresh,
             inputs=[session, selected, shown],
             outputs=refresh_outputs,
             show_progress="hidden",
         )
         worklist.study_open(
-            open_study,
+            actions.open_study,
             inputs=[session, shown],
             outputs=[selected, study, shown],
             show_progress="hidden",
         )
         worklist.study_remove(
-            remove_study,
+            actions.remove_study,
             inputs=[session, selected, shown],
             outputs=[selected, *refresh_outputs],
             show_progress="hidden",

@@ -30,7 +30,7 @@ from pydicom.fileset import FileSet
 
 from corpus import builders as b
 from corpus import tar_nifti_builders as tn
-from services.batch.sample_studies import chest_phantom, write_ct_series
+from synthetic.sample_studies import chest_phantom, write_ct_series
 
 CHEST = "chest_ct_lung_dx_a0002"
 MR = "mr_brain_t1"

@@ -109,8 +109,8 @@ def downsample(volume: Volume) -> tuple[np.ndarray, float, float]:
     slice_mm, row_mm, column_mm = volume.spacing_mm
     n_slices = volume.hu.shape[0]
     step = max(1, int(TARGET_SLICE_MM // slice_mm), math.ceil(n_slices / MAX_EVALUATED_SLICES))
-    row_step = max(1, int(round(TARGET_PIXEL_MM / row_mm)))
-    column_step = max(1, int(round(TARGET_PIXEL_MM / column_mm)))
+    row_step = max(1, round(TARGET_PIXEL_MM / row_mm))
+    column_step = max(1, round(TARGET_PIXEL_MM / column_mm))
     chosen = volume.hu[step // 2 :: step]
     rows = (chosen.shape[1] // row_step) * row_step
     columns = (chosen.shape[2] // column_step) * column_step

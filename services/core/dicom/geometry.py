@@ -224,7 +224,7 @@ def regular_grid(positions_mm: np.ndarray, spacing_mm: float) -> tuple[np.ndarra
     positions = np.asarray(positions_mm, dtype=np.float64)
     # The grid never reaches past the last slice: round only when the span is (nearly) a
     # whole number of spacings, otherwise stop at the last grid position inside it.
-    count = int(math.floor((positions[-1] - positions[0]) / spacing_mm + 0.1)) + 1
+    count = math.floor((positions[-1] - positions[0]) / spacing_mm + 0.1) + 1
     targets = positions[0] + spacing_mm * np.arange(count)
     if positions.size == 1:
         return np.zeros(count, dtype=np.int64), np.zeros(count)

@@ -99,7 +99,7 @@ def decode_hu(
             dataset = pydicom.dcmread(instance.path, force=True)
             _ensure_transfer_syntax(dataset)
             pixels = dataset.pixel_array
-        except Exception as error:  # noqa: BLE001 - any decoder failure is a data error
+        except Exception as error:  # any decoder failure is a data error
             syntax = transfer_syntax_name(instance.header) or "unknown transfer syntax"
             detail = " ".join(str(error).split())  # decoder messages span lines
             raise SeriesDataError(

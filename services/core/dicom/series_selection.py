@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 
 from pydicom.uid import (
     CTImageStorage,
@@ -77,6 +79,22 @@ SIEMENS_LUNG_KERNEL = re.compile(r"^BL\d{2}", re.IGNORECASE)
 CANON_KERNEL = re.compile(r"^FC(\d{2})", re.IGNORECASE)
 
 KERNEL_RANK = {"lung": 0, "soft tissue": 0, "unknown": 1, "bone": 2}
+THICKNESS_TOLERANCE_MM = 1e-6  # the configured thickness range includes its ends
+NO_SERIES_NUMBER = 1 << 30  # a series without a number sorts after every numbered one
+
+
+class Rejection(str, Enum):
+    """Why a series cannot be analysed, by kind (the study's failure reason groups them)."""
+
+    NOT_CT = "not_ct"
+    LOCALIZER = "localizer"
+    DOSE = "dose"
+    SECONDARY = "secondary"
+    MULTIFRAME = "multiframe"
+    SINGLE = "single"
+    GEOMETRY = "geometry"
+    NOT_AXIAL = "not_axial"
+    TOO_FEW = "too_few"
 
 
 @dataclass
@@ -88,9 +106,7 @@ class SeriesSelection:
 
 @dataclass(frozen=True)
 class _Rejection:
-    category: (
-        str  # not_ct | localizer | secondary | multiframe | single | geometry | not_axial | too_few
-    )
+    category: Rejection
     reason: str
 
 
@@ -116,8 +132,7 @@ def select_series(study: Study, settings: SeriesSelectionSettings) -> SeriesSele
             failure_reason=_failure_reason(study, rejections),
         )
 
-    ranked = sorted(eligible, key=lambda s: _preference_key(s, settings))
-    chosen = ranked[0]
+    chosen = min(eligible, key=lambda s: preference_key(s, settings))
     decisions = []
     for series in study.series:
         if series is chosen:
@@ -125,68 +140,127 @@ def select_series(study: Study, settings: SeriesSelectionSettings) -> SeriesSele
         elif series.series_uid in rejections:
             decisions.append(_decision(series, False, rejections[series.series_uid].reason))
         else:
-            decisions.append(_decision(series, False, _why_not_preferred(series, chosen, settings)))
+            decisions.append(_decision(series, False, why_not_preferred(series, chosen, settings)))
     return SeriesSelection(selected=chosen, decisions=decisions, failure_reason=None)
 
 
-def reject_reason(series: Series, settings: SeriesSelectionSettings) -> _Rejection | None:
-    """The first rule this series fails, or None when it can be analysed."""
+# --- the rules, in order: the first that fails rejects the series --------------------------
+
+RejectionRule = Callable[[Series, SeriesSelectionSettings], "_Rejection | None"]
+
+
+def _not_ct(series: Series, _settings: SeriesSelectionSettings) -> _Rejection | None:
     if series.modality != "CT":
-        return _Rejection("not_ct", f"modality {series.modality or 'missing'}, not CT")
-    image_type = set(series.image_type)
+        return _Rejection(Rejection.NOT_CT, f"modality {series.modality or 'missing'}, not CT")
+    return None
+
+
+def _localizer(series: Series, _settings: SeriesSelectionSettings) -> _Rejection | None:
     if series.is_localizer or LOCALIZER_DESCRIPTION.search(series.description):
         return _Rejection(
-            "localizer",
-            f"localizer (scout) image: ImageType {_image_type_text(series)}",
+            Rejection.LOCALIZER, f"localizer (scout) image: ImageType {_image_type_text(series)}"
         )
-    is_secondary_capture = series.sop_class_uid in SECONDARY_CAPTURE_CLASSES
-    is_derived_secondary = "DERIVED" in image_type and "SECONDARY" in image_type
-    is_dose = bool(image_type & DOSE_IMAGE_TYPES) or bool(
-        DOSE_DESCRIPTION.search(series.description)
-    )
-    if is_dose:
+    return None
+
+
+def _dose_screens(series: Series, _settings: SeriesSelectionSettings) -> _Rejection | None:
+    if set(series.image_type) & DOSE_IMAGE_TYPES or DOSE_DESCRIPTION.search(series.description):
         return _Rejection(
-            "dose",
+            Rejection.DOSE,
             f"dose report screens ({_sop_text(series)}, ImageType {_image_type_text(series)})",
         )
-    if is_secondary_capture or is_derived_secondary:
+    return None
+
+
+def _secondary(series: Series, _settings: SeriesSelectionSettings) -> _Rejection | None:
+    image_type = set(series.image_type)
+    derived_secondary = "DERIVED" in image_type and "SECONDARY" in image_type
+    if series.sop_class_uid in SECONDARY_CAPTURE_CLASSES or derived_secondary:
         return _Rejection(
-            "secondary",
+            Rejection.SECONDARY,
             f"derived or secondary-capture images ({_sop_text(series)}, "
             f"ImageType {_image_type_text(series)})",
         )
+    return None
+
+
+def _multiframe(series: Series, _settings: SeriesSelectionSettings) -> _Rejection | None:
     if series.sop_class_uid in MULTI_FRAME_CT_CLASSES or any(
         inst.n_frames > 1 for inst in series.instances
     ):
-        return _Rejection("multiframe", "multi-frame (Enhanced CT) images are not supported yet")
+        return _Rejection(
+            Rejection.MULTIFRAME, "multi-frame (Enhanced CT) images are not supported yet"
+        )
+    return None
+
+
+def _not_ct_image(series: Series, _settings: SeriesSelectionSettings) -> _Rejection | None:
     if series.sop_class_uid and series.sop_class_uid != CTImageStorage:
-        return _Rejection("secondary", f"not a CT image ({_sop_text(series)})")
+        return _Rejection(Rejection.SECONDARY, f"not a CT image ({_sop_text(series)})")
+    return None
+
+
+def _single_image(series: Series, _settings: SeriesSelectionSettings) -> _Rejection | None:
     if series.n_images == 1:
-        return _Rejection("single", "a single image (localizer or key image), not a volume")
+        return _Rejection(Rejection.SINGLE, "a single image (localizer or key image), not a volume")
+    return None
+
+
+def _geometry(series: Series, settings: SeriesSelectionSettings) -> _Rejection | None:
     orientation = series.orientation()
     if orientation is None:
-        return _Rejection("geometry", "no ImageOrientationPatient: the slice geometry is unknown")
+        return _Rejection(
+            Rejection.GEOMETRY, "no ImageOrientationPatient: the slice geometry is unknown"
+        )
     if any(inst.position is None for inst in series.instances):
         return _Rejection(
-            "geometry", "images without ImagePositionPatient: cannot order the slices"
+            Rejection.GEOMETRY, "images without ImagePositionPatient: cannot order the slices"
         )
     try:
         normal = geometry.slice_normal(orientation)
     except ValueError:
-        return _Rejection("geometry", "invalid ImageOrientationPatient (parallel row and column)")
+        return _Rejection(
+            Rejection.GEOMETRY, "invalid ImageOrientationPatient (parallel row and column)"
+        )
     axial_cosine = abs(float(normal[2]))
     if axial_cosine < settings.min_axial_cosine:
         plane = "sagittal" if abs(normal[0]) >= abs(normal[1]) else "coronal"
         return _Rejection(
-            "not_axial",
+            Rejection.NOT_AXIAL,
             f"not axial ({plane}-like): |slice normal . z| = {axial_cosine:.2f} < "
             f"{settings.min_axial_cosine:.2f}",
         )
+    return None
+
+
+def _too_few(series: Series, settings: SeriesSelectionSettings) -> _Rejection | None:
     if series.n_images < settings.min_slices:
         return _Rejection(
-            "too_few",
+            Rejection.TOO_FEW,
             f"series has {series.n_images} images, fewer than the {settings.min_slices} required",
         )
+    return None
+
+
+REJECTION_RULES: tuple[RejectionRule, ...] = (
+    _not_ct,
+    _localizer,
+    _dose_screens,
+    _secondary,
+    _multiframe,
+    _not_ct_image,
+    _single_image,
+    _geometry,
+    _too_few,
+)
+
+
+def reject_reason(series: Series, settings: SeriesSelectionSettings) -> _Rejection | None:
+    """The first rule this series fails, or None when it can be analysed."""
+    for rule in REJECTION_RULES:
+        rejection = rule(series, settings)
+        if rejection is not None:
+            return rejection
     return None
 
 
@@ -230,59 +304,105 @@ def _kind_from_kernel(kernel: str) -> str:
     return "unknown"
 
 
-def _preference_key(series: Series, settings: SeriesSelectionSettings) -> tuple:
+# --- preference among the usable series: one list for the order and its explanation -------
+
+
+def _in_thickness_range(series: Series, settings: SeriesSelectionSettings) -> bool:
     thickness = series.effective_thickness()
-    in_range = thickness is not None and (
-        settings.min_slice_thickness_mm - 1e-6
+    return thickness is not None and (
+        settings.min_slice_thickness_mm - THICKNESS_TOLERANCE_MM
         <= thickness
-        <= settings.max_slice_thickness_mm + 1e-6
-    )
-    kind = kernel_kind(series)
-    return (
-        0 if in_range else 1,
-        1 if kind == "bone" else 0,
-        round(thickness, 2) if thickness is not None else math.inf,
-        KERNEL_RANK[kind],
-        -series.n_images,
-        series.series_number if series.series_number is not None else 1 << 30,
-        series.series_uid,
+        <= settings.max_slice_thickness_mm + THICKNESS_TOLERANCE_MM
     )
 
 
-def _why_not_preferred(series: Series, chosen: Series, settings: SeriesSelectionSettings) -> str:
-    mine = _preference_key(series, settings)
-    best = _preference_key(chosen, settings)
-    label = _label(chosen)
-    if mine[0] != best[0]:
-        return (
-            f"usable, but {label} has slices within {settings.min_slice_thickness_mm:g}-"
-            f"{settings.max_slice_thickness_mm:g} mm and this one has {_mm(series.effective_thickness())}"
-        )
-    if mine[1] != best[1]:
-        return f"usable, but bone reconstructions are de-preferred and {label} is not one"
-    if mine[2] != best[2]:
-        return (
-            f"usable, but {label} has thinner slices ({_mm(chosen.effective_thickness())} "
-            f"vs {_mm(series.effective_thickness())})"
-        )
-    if mine[3] != best[3]:
-        return (
-            f"usable, but {label} has a preferred reconstruction kernel "
-            f"({kernel_kind(chosen)} vs {kernel_kind(series)})"
-        )
-    if mine[4] != best[4]:
-        return f"usable, but {label} has more images ({chosen.n_images} vs {series.n_images})"
-    return f"usable, equivalent to {label} (lower series number preferred)"
+def _rounded_thickness(series: Series) -> float:
+    thickness = series.effective_thickness()
+    return round(thickness, 2) if thickness is not None else math.inf
+
+
+@dataclass(frozen=True)
+class PreferenceCriterion:
+    """One step of the preference order: a sort key (lower is preferred) and what a reader is
+    told ("usable, <explanation>") when a usable series lost to the chosen one on this step."""
+
+    name: str
+    key: Callable[[Series, SeriesSelectionSettings], float | int | str]
+    explain: Callable[[Series, Series, SeriesSelectionSettings], str]  # (series, chosen, ...)
+
+
+PREFERENCE: tuple[PreferenceCriterion, ...] = (
+    PreferenceCriterion(
+        "slice thickness in range",
+        lambda s, settings: 0 if _in_thickness_range(s, settings) else 1,
+        lambda s, chosen, settings: (
+            f"but {_label(chosen)} has slices within {settings.min_slice_thickness_mm:g}-"
+            f"{settings.max_slice_thickness_mm:g} mm and this one has "
+            f"{_mm(s.effective_thickness())}"
+        ),
+    ),
+    PreferenceCriterion(
+        "not a bone reconstruction",
+        lambda s, _settings: 1 if kernel_kind(s) == "bone" else 0,
+        lambda _s, chosen, _settings: (
+            f"but bone reconstructions are de-preferred and {_label(chosen)} is not one"
+        ),
+    ),
+    PreferenceCriterion(
+        "thinnest slices",
+        lambda s, _settings: _rounded_thickness(s),
+        lambda s, chosen, _settings: (
+            f"but {_label(chosen)} has thinner slices ({_mm(chosen.effective_thickness())} "
+            f"vs {_mm(s.effective_thickness())})"
+        ),
+    ),
+    PreferenceCriterion(
+        "lung or soft-tissue kernel",
+        lambda s, _settings: KERNEL_RANK[kernel_kind(s)],
+        lambda s, chosen, _settings: (
+            f"but {_label(chosen)} has a preferred reconstruction kernel "
+            f"({kernel_kind(chosen)} vs {kernel_kind(s)})"
+        ),
+    ),
+    PreferenceCriterion(
+        "most images",
+        lambda s, _settings: -s.n_images,
+        lambda s, chosen, _settings: (
+            f"but {_label(chosen)} has more images ({chosen.n_images} vs {s.n_images})"
+        ),
+    ),
+    PreferenceCriterion(
+        "lowest series number",
+        lambda s, _settings: s.series_number if s.series_number is not None else NO_SERIES_NUMBER,
+        lambda _s, chosen, _settings: (
+            f"equivalent to {_label(chosen)} (lower series number preferred)"
+        ),
+    ),
+    PreferenceCriterion(
+        "series UID",  # a last, arbitrary but stable tie-break
+        lambda s, _settings: s.series_uid,
+        lambda _s, chosen, _settings: f"equivalent to {_label(chosen)}",
+    ),
+)
+
+
+def preference_key(series: Series, settings: SeriesSelectionSettings) -> tuple[object, ...]:
+    """The series' place in the preference order (lower is preferred)."""
+    return tuple(criterion.key(series, settings) for criterion in PREFERENCE)
+
+
+def why_not_preferred(series: Series, chosen: Series, settings: SeriesSelectionSettings) -> str:
+    """Why a usable series was not chosen: the first criterion on which it lost."""
+    for criterion in PREFERENCE:
+        if criterion.key(series, settings) != criterion.key(chosen, settings):
+            return "usable, " + criterion.explain(series, chosen, settings)
+    return f"usable, equivalent to {_label(chosen)}"
 
 
 def _describe(series: Series, settings: SeriesSelectionSettings) -> str:
     thickness = series.effective_thickness()
     parts = [f"axial CT, {series.n_images} images, {_mm(thickness)} slices"]
-    if thickness is not None and not (
-        settings.min_slice_thickness_mm - 1e-6
-        <= thickness
-        <= settings.max_slice_thickness_mm + 1e-6
-    ):
+    if thickness is not None and not _in_thickness_range(series, settings):
         parts.append(
             f"outside the preferred {settings.min_slice_thickness_mm:g}-"
             f"{settings.max_slice_thickness_mm:g} mm but the best available"
@@ -292,25 +412,28 @@ def _describe(series: Series, settings: SeriesSelectionSettings) -> str:
     return ", ".join(parts)
 
 
+# Rejections that mean "this is not a volume at all", in the order a failure reason lists them.
+NOT_IMAGE_VOLUMES = {
+    Rejection.LOCALIZER: "a localizer",
+    Rejection.SINGLE: "single images",
+    Rejection.DOSE: "dose report screens",
+    Rejection.SECONDARY: "derived or secondary-capture images",
+}
+
+
 def _failure_reason(study: Study, rejections: dict[str, _Rejection]) -> str:
     if not study.series:
         return "the study has no image series"
     categories = [rejections[s.series_uid].category for s in study.series]
-    if all(category == "not_ct" for category in categories):
+    if all(category is Rejection.NOT_CT for category in categories):
         modalities = sorted({s.modality or "missing" for s in study.series})
         return f"no CT series: modality {', '.join(modalities)}"
-    ct_series = [s for s in study.series if rejections[s.series_uid].category != "not_ct"]
+    ct_series = [s for s in study.series if rejections[s.series_uid].category != Rejection.NOT_CT]
     ct_categories = {rejections[s.series_uid].category for s in ct_series}
-    if ct_categories <= {"localizer", "dose", "secondary", "single"}:
-        kinds = []
-        if "localizer" in ct_categories:
-            kinds.append("a localizer")
-        if "single" in ct_categories:
-            kinds.append("single images")
-        if "dose" in ct_categories:
-            kinds.append("dose report screens")
-        if "secondary" in ct_categories:
-            kinds.append("derived or secondary-capture images")
+    if ct_categories <= NOT_IMAGE_VOLUMES.keys():
+        kinds = [
+            words for category, words in NOT_IMAGE_VOLUMES.items() if category in ct_categories
+        ]
         joined = kinds[0] if len(kinds) == 1 else ", ".join(kinds[:-1]) + " and " + kinds[-1]
         return f"no usable CT series: only {joined}"
     if len(ct_series) == 1:

@@ -152,39 +152,74 @@ def series_size_error(rows: int, columns: int, slices: int, max_voxels: int | No
     )
 
 
+GEOMETRY_TAGS = (
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "Rows",
+    "Columns",
+)
+PERPENDICULAR_TOLERANCE = 1e-2  # |row . column| beyond this: not an orthonormal orientation
+
+
 def _shared_geometry(instances: list[Instance]) -> _SeriesGeometry:
     """Check that every image shares orientation, size and pixel spacing; return them."""
-    lacking = {
-        tag: sum(1 for inst in instances if tag not in inst.header)
-        for tag in (
-            "ImagePositionPatient",
-            "ImageOrientationPatient",
-            "PixelSpacing",
-            "Rows",
-            "Columns",
-        )
-    }
-    for tag, count in lacking.items():
+    for tag in GEOMETRY_TAGS:
+        count = sum(1 for inst in instances if tag not in inst.header)
         if count:
             raise SeriesDataError(f"{count} of {len(instances)} images lack {tag}")
-    image_positions: list[np.ndarray] = []
-    image_orientations: list[np.ndarray] = []
+    positions: list[np.ndarray] = []
+    orientations: list[np.ndarray] = []
     for inst in instances:
         if inst.position is None or inst.orientation is None:
             raise SeriesDataError(
                 f"invalid ImagePositionPatient/ImageOrientationPatient in {inst.path.name}"
             )
-        image_positions.append(inst.position)
-        image_orientations.append(inst.orientation)
+        positions.append(inst.position)
+        orientations.append(inst.orientation)
+    reference = _common_orientation(np.stack(orientations))
+    row_cosine, column_cosine, normal = _orientation_axes(reference)
+    rows, columns = _image_size(instances)
+    return _SeriesGeometry(
+        row_cosine=row_cosine,
+        column_cosine=column_cosine,
+        normal=normal,
+        rows=rows,
+        columns=columns,
+        pixel_spacing=_pixel_spacing(instances),
+        image_positions=np.stack(positions),
+    )
 
-    orientations = np.stack(image_orientations)
+
+def _common_orientation(orientations: np.ndarray) -> np.ndarray:
+    """The orientation every image shares (within tolerance), or SeriesDataError."""
     reference = geometry.most_common_orientation(orientations)
     differs = np.any(np.abs(orientations - reference) > geometry.ORIENTATION_TOLERANCE, axis=1)
     if differs.any():
         raise SeriesDataError(
-            f"mixed orientations in one series: {int(differs.sum())} of {len(instances)} images "
-            "are not parallel to the others"
+            f"mixed orientations in one series: {int(differs.sum())} of {len(orientations)} "
+            "images are not parallel to the others"
         )
+    return reference
+
+
+def _orientation_axes(reference: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row and column direction cosines and the slice normal of an orientation."""
+    try:
+        row_cosine = geometry.unit(reference[:3])
+        column_cosine = geometry.unit(reference[3:])
+        normal = geometry.slice_normal(reference)
+    except ValueError as error:
+        raise SeriesDataError(f"invalid ImageOrientationPatient: {error}") from error
+    if abs(float(np.dot(row_cosine, column_cosine))) > PERPENDICULAR_TOLERANCE:
+        raise SeriesDataError(
+            "invalid ImageOrientationPatient: row and column are not perpendicular"
+        )
+    return row_cosine, column_cosine, normal
+
+
+def _image_size(instances: list[Instance]) -> tuple[int, int]:
+    """Rows and columns, the same for every image."""
     sizes = {
         (
             int_or_none(tag_value(inst.header, "Rows")),
@@ -200,6 +235,11 @@ def _shared_geometry(instances: list[Instance]) -> _SeriesGeometry:
     rows, columns = next(iter(sizes))
     if rows is None or columns is None:
         raise SeriesDataError("invalid Rows/Columns")
+    return rows, columns
+
+
+def _pixel_spacing(instances: list[Instance]) -> tuple[float, float]:
+    """PixelSpacing (row, column) in mm, the same for every image."""
     try:
         spacings = np.asarray(
             [_numbers(tag_value(inst.header, "PixelSpacing")) for inst in instances],
@@ -215,26 +255,7 @@ def _shared_geometry(instances: list[Instance]) -> _SeriesGeometry:
         raise SeriesDataError("invalid PixelSpacing: expected two positive numbers")
     if np.any(np.abs(spacings - spacings[0]) > PIXEL_SPACING_TOLERANCE * spacings[0]):
         raise SeriesDataError("mixed pixel spacings in one series")
-
-    try:
-        row_cosine = geometry.unit(reference[:3])
-        column_cosine = geometry.unit(reference[3:])
-        normal = geometry.slice_normal(reference)
-    except ValueError as error:
-        raise SeriesDataError(f"invalid ImageOrientationPatient: {error}") from error
-    if abs(float(np.dot(row_cosine, column_cosine))) > 1e-2:
-        raise SeriesDataError(
-            "invalid ImageOrientationPatient: row and column are not perpendicular"
-        )
-    return _SeriesGeometry(
-        row_cosine=row_cosine,
-        column_cosine=column_cosine,
-        normal=normal,
-        rows=rows,
-        columns=columns,
-        pixel_spacing=(float(spacings[0, 0]), float(spacings[0, 1])),
-        image_positions=np.stack(image_positions),
-    )
+    return float(spacings[0, 0]), float(spacings[0, 1])
 
 
 def _numbers(value: object) -> list[float]:

@@ -19,9 +19,9 @@ from pathlib import Path
 # before onnxruntime initialises, hence before the import.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-from loguru import logger  # noqa: E402
+import numpy as np
+import onnxruntime as ort
+from loguru import logger
 
 from services.core.body_part.bpr_detector import BodyPartRegressionModel
 from services.core.config import InferenceSettings

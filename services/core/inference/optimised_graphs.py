@@ -31,7 +31,7 @@ from pathlib import Path
 # As in onnxruntime_backend: no telemetry, set before onnxruntime initialises.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-import onnxruntime as ort  # noqa: E402
+import onnxruntime as ort
 
 CACHE_FOLDER = ".optimised"
 USER_CACHE = Path("chest-ct-screening") / "onnxruntime"

@@ -97,7 +97,7 @@ def read_header(path: Path) -> Nifti1Header:
             return header_class.from_fileobj(stream, check=True)
     except IntakeError:
         raise
-    except Exception as error:  # noqa: BLE001 - any parse failure is a broken file; say why
+    except Exception as error:  # any parse failure is a broken file; say why
         raise IntakeError(f"{path.name} is not a readable NIfTI header: {error}") from error
 
 
@@ -130,7 +130,7 @@ def read_scaled_data(path: Path, header: Nifti1Header) -> np.ndarray:
     try:
         with _open(path) as stream:
             raw = np.asarray(header.raw_data_from_fileobj(stream))
-    except Exception as error:  # noqa: BLE001 - a short or unreadable data block
+    except Exception as error:  # a short or unreadable data block
         raise SeriesDataError(f"cannot read the NIfTI voxel data (truncated?): {error}") from error
     data = raw.reshape(raw.shape[:3], order="F").astype(np.float32, copy=True, order="F")
     slope, intercept = header.get_slope_inter()

@@ -17,8 +17,8 @@ from services.core.pipeline.run import finish_study, model_info, process_input
 
 __all__ = [
     "STAGES",
-    "EventFanOut",
     "WORK_DIR_PREFIX",
+    "EventFanOut",
     "PipelineEvents",
     "PreparedStudy",
     "finish_study",

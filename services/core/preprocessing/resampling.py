@@ -233,11 +233,7 @@ def resample_crop_pad(
     the identity). The result goes into ``out`` (any view of the right shape, e.g. a
     transposed one) or into a new C-contiguous float32 array, which is returned.
     """
-    if array.ndim != 3 or len(plans) != 3:
-        raise ValueError(f"expected a 3D array and three axis plans, got {array.shape}")
-    for axis, plan in enumerate(plans):
-        if plan.n_in != array.shape[axis]:
-            raise ValueError(f"axis {axis}: plan for {plan.n_in} samples, array has {array.shape}")
+    _check_plans(array, plans)
     resampled_axes = [
         axis
         for axis, plan in enumerate(plans)
@@ -254,13 +250,7 @@ def resample_crop_pad(
     ]
     resampled_axes.sort(key=lambda axis: plans[axis].keep_count / plans[axis].n_in)
 
-    output_shape = tuple(plan.n_out for plan in plans)
-    if out is None:
-        output = np.empty(output_shape, dtype=np.float32)
-    elif out.shape != output_shape or out.dtype != np.float32:
-        raise ValueError(f"out must be float32 {output_shape}, got {out.dtype} {out.shape}")
-    else:
-        output = out
+    output = _output_array(tuple(plan.n_out for plan in plans), out)
     placement = tuple(slice(plan.out_start, plan.out_start + plan.keep_count) for plan in plans)
     # Only the padding is filled now: the kept block is written by the last pass, so its
     # pages are not touched (not even allocated) while the larger intermediates live.
@@ -284,6 +274,37 @@ def resample_crop_pad(
     intermediate = np.empty(shape, dtype=np.float32)
     _resample_axis(current, first_axis, plans[first_axis], intermediate, clip=clip, scale=scale)
     del current
+    _resample_in_slabs(intermediate, first_axis, later_axes, plans, kept)
+    return output
+
+
+def _check_plans(array: np.ndarray, plans: Sequence[AxisPlan]) -> None:
+    if array.ndim != 3 or len(plans) != 3:
+        raise ValueError(f"expected a 3D array and three axis plans, got {array.shape}")
+    for axis, plan in enumerate(plans):
+        if plan.n_in != array.shape[axis]:
+            raise ValueError(f"axis {axis}: plan for {plan.n_in} samples, array has {array.shape}")
+
+
+def _output_array(shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
+    """``out`` when it fits, else a new C-contiguous float32 array of ``shape``."""
+    if out is None:
+        return np.empty(shape, dtype=np.float32)
+    if out.shape != shape or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 {shape}, got {out.dtype} {out.shape}")
+    return out
+
+
+def _resample_in_slabs(
+    intermediate: np.ndarray,
+    first_axis: int,
+    later_axes: list[int],
+    plans: Sequence[AxisPlan],
+    kept: np.ndarray,
+) -> None:
+    """The later axes' passes over slabs of ``intermediate`` along ``first_axis``, the last
+    one into ``kept``; slabs are shared among the worker threads."""
+    shape = list(intermediate.shape)
     later = [_AxisResampler.for_plan(axis, plans[axis]) for axis in later_axes]
     step = _chunk_length(_resized(shape, plans, later_axes), first_axis)
     starts = range(0, shape[first_axis], step)
@@ -291,7 +312,7 @@ def resample_crop_pad(
     def work(worker: int, workers: int) -> None:
         scratch = _Scratch()
         for start in starts[worker::workers]:
-            window = [slice(None)] * 3
+            window: list[slice] = [slice(None)] * 3
             window[first_axis] = slice(start, start + step)
             slab = intermediate[tuple(window)]
             for index, resample in enumerate(later):
@@ -304,7 +325,6 @@ def resample_crop_pad(
                 slab = destination
 
     _run_parallel(work, len(starts))
-    return output
 
 
 def resize_trilinear(array: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:

@@ -69,25 +69,7 @@ def write_ct_series(
         if position not in PATIENT_POSITION_ORIENTATION:
             raise ValueError(f"unknown patient position {patient_position!r}")
         orientation = PATIENT_POSITION_ORIENTATION[position]
-    row_dir = np.asarray(orientation[:3], dtype=np.float64)
-    column_dir = np.asarray(orientation[3:6], dtype=np.float64)
-    normal = np.cross(row_dir, column_dir)
-    # Canonical array axis for each LPS axis: x (left) -> 2, y (posterior) -> 1, z (superior) -> 0.
-    canonical_axis = {0: 2, 1: 1, 2: 0}
-    stored_axes = []
-    flips = []
-    for direction in (normal, column_dir, row_dir):
-        lps_axis = int(np.argmax(np.abs(direction)))
-        if (
-            not np.isclose(abs(direction[lps_axis]), 1.0)
-            or np.count_nonzero(np.round(direction, 6)) != 1
-        ):
-            raise ValueError("orientation must be along the patient axes (e.g. 1,0,0,0,1,0)")
-        stored_axes.append(canonical_axis[lps_axis])
-        flips.append(direction[lps_axis] < 0)
-    if sorted(stored_axes) != [0, 1, 2]:
-        raise ValueError("row and column directions must be perpendicular")
-
+    stored_axes, flips, normal = _stored_layout(orientation)
     spacing_c = np.asarray(spacing, dtype=np.float64)  # canonical (z, y, x) spacing
     shape_c = np.asarray(hu.shape)
     if origin is None:
@@ -152,6 +134,30 @@ def write_ct_series(
         dataset.save_as(path, enforce_file_format=True)
         paths.append(path)
     return sorted(paths)
+
+
+def _stored_layout(orientation: Sequence[float]) -> tuple[list[int], list[bool], np.ndarray]:
+    """For an orientation along the patient axes: which canonical array axis becomes each
+    stored axis (slice, row, column), whether it is flipped, and the slice normal."""
+    row_dir = np.asarray(orientation[:3], dtype=np.float64)
+    column_dir = np.asarray(orientation[3:6], dtype=np.float64)
+    normal = np.cross(row_dir, column_dir)
+    # Canonical array axis for each LPS axis: x (left) -> 2, y (posterior) -> 1, z (superior) -> 0.
+    canonical_axis = {0: 2, 1: 1, 2: 0}
+    stored_axes = []
+    flips = []
+    for direction in (normal, column_dir, row_dir):
+        lps_axis = int(np.argmax(np.abs(direction)))
+        if (
+            not np.isclose(abs(direction[lps_axis]), 1.0)
+            or np.count_nonzero(np.round(direction, 6)) != 1
+        ):
+            raise ValueError("orientation must be along the patient axes (e.g. 1,0,0,0,1,0)")
+        stored_axes.append(canonical_axis[lps_axis])
+        flips.append(bool(direction[lps_axis] < 0))
+    if sorted(stored_axes) != [0, 1, 2]:
+        raise ValueError("row and column directions must be perpendicular")
+    return stored_axes, flips, normal
 
 
 def _ct_dataset(

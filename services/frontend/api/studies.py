@@ -1,0 +1,190 @@
+"""``/studies``: submit a study, follow it, fetch its files."""
+
+import shutil
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Query, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+
+from services.broker.schemas import StudyResult, utc_now
+from services.core.intake.collect import ArchiveKind, FileKind, archive_kind, classify_file
+from services.core.intake.tar_archive import GZIP_MAGIC
+from services.frontend.api.dependencies import Service, TaskId, authorized, upload_size_limit
+from services.frontend.api.errors import api_error
+from services.frontend.api.models import (
+    API_PREFIX,
+    COMMON_ERRORS,
+    MEDIA_TYPES,
+    FileKindName,
+    FileLink,
+    StudyStatus,
+    TaskAccepted,
+    error_responses,
+)
+from services.frontend.metrics import Refusal
+from services.frontend.queue_status import read_queue_status
+from services.frontend.service import FrontendService
+from services.frontend.sessions import SessionTask
+from services.frontend.uploads import plan_uploads, safe_file_name
+
+STUDIES_PATH = f"{API_PREFIX}/studies"
+INCOMING_DIR = Path("frontend") / "incoming-api"
+COPY_CHUNK_BYTES = 1024 * 1024
+HEAD_BYTES = 1024
+
+router = APIRouter(prefix="/studies", dependencies=[Depends(authorized)])
+
+
+def upload_suffix(path: Path) -> str | None:
+    """The suffix the upload checks go by, from the file's content: None for anything that is
+    not a zip, tar, NIfTI or DICOM file."""
+    with path.open("rb") as stream:
+        head = stream.read(HEAD_BYTES)
+    archive = archive_kind(path, head, top_level=False)
+    gzipped = head[:2] == GZIP_MAGIC
+    if archive is ArchiveKind.ZIP:
+        return ".zip"
+    if archive is ArchiveKind.TAR:
+        return ".tar.gz" if gzipped else ".tar"
+    kind = classify_file(path, head)
+    if kind is FileKind.NIFTI:
+        return ".nii.gz" if gzipped else ".nii"
+    if kind is FileKind.DICOM:
+        return ".dcm"
+    return None
+
+
+def named_upload(name: str, suffix: str) -> str:
+    base = safe_file_name(name or "upload")
+    return base if base.lower().endswith(suffix) else f"{base}{suffix}"
+
+
+def receive_upload(service: FrontendService, file: UploadFile, folder: Path) -> Path:
+    """The upload on disk under its checked name; 413 past the limit, 415 for other files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    received = folder / "received"
+    limit_mb = service.settings.frontend.max_upload_mb
+    size = 0
+    with received.open("wb") as target:
+        while chunk := file.file.read(COPY_CHUNK_BYTES):
+            size += len(chunk)
+            if size > limit_mb * 1024 * 1024:
+                service.metrics.refusal(Refusal.TOO_LARGE)
+                raise api_error(413, f"the upload is over the {limit_mb} MB limit")
+            target.write(chunk)
+    suffix = upload_suffix(received)
+    if suffix is None:
+        raise api_error(415, "the file is not a zip, tar, NIfTI or DICOM file")
+    path = folder / named_upload(file.filename or "upload", suffix)
+    received.rename(path)
+    return path
+
+
+def queue_upload(service: FrontendService, path: Path) -> str:
+    """The task id of the queued upload; 413, 429 or 503 when it cannot be queued."""
+    settings = service.settings
+    plan = plan_uploads([path], settings)
+    if plan.refused:
+        for reason in plan.refusals:
+            service.metrics.refusal(reason)
+        raise api_error(413, plan.refused[0])
+    try:
+        waiting = read_queue_status(settings.rabbitmq).waiting
+    except Exception:  # noqa: BLE001 - an unreachable broker refuses, it does not crash
+        raise api_error(503, "the processing queue is unreachable; try again later") from None
+    limit = settings.rabbitmq.max_queue_depth
+    if waiting + 1 > limit:
+        service.metrics.refusal(Refusal.QUEUE_FULL)
+        raise api_error(
+            429, f"the processing queue is full ({waiting} studies waiting, limit {limit})"
+        )
+    outcome = service.queue_upload(path)
+    if not outcome.submitted:
+        raise api_error(503, " ".join(outcome.refused) or "the study could not be queued")
+    return outcome.submitted[0].task_id
+
+
+def file_links(task_id: str, result: StudyResult) -> list[FileLink]:
+    """A link per served file of the result, numbered per kind from 1."""
+    links: list[FileLink] = []
+    counts: dict[str, int] = {}
+    for item in result.files:
+        if item.kind not in MEDIA_TYPES:
+            continue
+        counts[item.kind] = index = counts.get(item.kind, 0) + 1
+        url = f"{STUDIES_PATH}/{task_id}/files/{item.kind}?index={index}"
+        links.append(FileLink(kind=item.kind, index=index, url=url, description=item.description))
+    return links
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=TaskAccepted,
+    dependencies=[Depends(upload_size_limit)],
+    responses=COMMON_ERRORS
+    | error_responses(
+        (413, "over the upload or unpacked size limit"),
+        (415, "not a zip, tar, NIfTI or DICOM file"),
+        (429, "the processing queue is full"),
+        (503, "the processing queue is unreachable"),
+    ),
+)
+def submit_study(
+    service: Service,
+    file: Annotated[UploadFile, File(description="a zip, tar(.gz), NIfTI or DICOM file")],
+) -> JSONResponse:
+    folder = service.storage_root / INCOMING_DIR / uuid.uuid4().hex
+    try:
+        task_id = queue_upload(service, receive_upload(service, file, folder))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # what was queued was moved away
+    status_url = f"{STUDIES_PATH}/{task_id}"
+    return JSONResponse(
+        TaskAccepted(task_id=task_id, status_url=status_url).model_dump(),
+        status_code=202,
+        headers={"Location": status_url},
+    )
+
+
+@router.get("/{task_id}", response_model=StudyStatus, responses=COMMON_ERRORS)
+def study_status(service: Service, task_id: TaskId) -> StudyStatus:
+    view = service.task_view(
+        SessionTask(task_id=task_id, original_filename="", submitted_at=utc_now())
+    )
+    result = view.result
+    return StudyStatus(
+        task_id=task_id,
+        state=view.state.value,
+        progress=view.fraction,
+        stage=view.stage or None,
+        message=view.message,
+        error=result.error if result is not None else None,
+        reports=result.reports if result is not None else None,
+        files=file_links(task_id, result) if result is not None else [],
+    )
+
+
+@router.get(
+    "/{task_id}/files/{kind}",
+    response_class=FileResponse,
+    responses=COMMON_ERRORS | {200: {"content": {media: {} for media in MEDIA_TYPES.values()}}},
+)
+def study_file(
+    service: Service,
+    task_id: TaskId,
+    kind: FileKindName,
+    index: Annotated[int, Query(ge=1, le=10_000, description="1-based, per kind")] = 1,
+) -> FileResponse:
+    result = service.result(task_id)
+    if result is None:
+        raise api_error(404, "the task has no result yet")
+    items = result.files_of_kind(kind.value)
+    if index > len(items):
+        raise api_error(404, f"the task has {len(items)} {kind.value} file(s)")
+    path = service.file_path(items[index - 1].path)
+    if path is None:
+        raise api_error(404, "the file is gone from the storage")
+    return FileResponse(path, media_type=MEDIA_TYPES[kind.value], filename=path.name)
