@@ -107,7 +107,9 @@ def _adapter_task(study: Path, backend: InferenceBackend, settings: Settings) ->
 
     settings.storage.root = study.parent
     task = StudyTask(task_id=uuid.uuid4().hex, study_path=study.name, original_filename=study.name)
-    waiting = RetryingBackend(backend, threading.Event())
+    waiting = RetryingBackend(
+        backend, threading.Event(), backoff=settings.inference.model_server_backoff
+    )
     result = run_task(task, backend=waiting, settings=settings, adapter_id="benchmark", attempt=1)
     return screened(result.reports[0], study)
 

@@ -57,7 +57,7 @@ class SourceSeries:
 
 
 def read_source(folder: Path = CHEST_FIXTURE) -> SourceSeries:
-    datasets = [pydicom.dcmread(path) for path in sorted(Path(folder).glob("*.dcm"))]
+    datasets: list[Dataset] = [pydicom.dcmread(p) for p in sorted(Path(folder).glob("*.dcm"))]
     if len(datasets) < 2:
         raise FileNotFoundError(f"expected the chest CT fixture in {folder}")
     orientation = np.asarray(datasets[0].ImageOrientationPatient, dtype=float)

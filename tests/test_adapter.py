@@ -40,7 +40,7 @@ from services.broker.schemas import (
     decode_message,
 )
 from services.broker.storage import load_result, result_json_path, store_result
-from services.core.config import Settings, load_settings
+from services.core.config import Backoff, Settings, load_settings
 from services.core.inference.onnxruntime_backend import OnnxRuntimeBackend
 from services.core.inference.triton_backend import TritonBackend
 from services.core.pipeline import process_input
@@ -92,6 +92,7 @@ def settings(
     settings.inference.model_repository = tiny_repository
     settings.inference.triton_url = triton.grpc_url
     settings.inference.triton_timeout_s = 30
+    settings.inference.model_server_backoff = Backoff(initial_s=1.0, maximum_s=2.0)
     yield settings
     delete_topology(settings.rabbitmq, [reply_queue_name(settings)])
 
@@ -188,9 +189,7 @@ def wait_until_consuming(settings: Settings) -> None:
 
 class AdapterInThread:
     def __init__(self, settings: Settings, adapter_id: str = "test-adapter") -> None:
-        self.adapter = Adapter(
-            settings, adapter_id=adapter_id, drain_timeout_s=10, retry_maximum_delay_s=2
-        )
+        self.adapter = Adapter(settings, adapter_id=adapter_id, drain_timeout_s=10)
         self.thread = threading.Thread(target=self.adapter.run, daemon=True)
 
     def __enter__(self) -> Adapter:

@@ -24,9 +24,13 @@ from services.adapter.housekeeping import (
 from services.adapter.model_server_wait import RetryingBackend
 from services.broker.schemas import StudyResult, StudyTask, TaskStatus
 from services.broker.storage import load_result, store_result_once
+from services.core.config import Backoff
 from services.core.errors import ModelServerUnavailable, ModelServerWaitExceeded, WorkInterrupted
 from services.core.inference.base import ModelOutputs
 from services.triton.local_server import free_local_ports
+
+QUICK = Backoff(initial_s=0.01, maximum_s=0.01)
+IMMEDIATE = Backoff(initial_s=1e-6, maximum_s=1e-6)  # waits that cost no time at all
 
 
 def test_preview_orientation_follows_the_radiological_convention() -> None:
@@ -89,7 +93,7 @@ def test_retrying_backend_waits_through_transient_errors_and_stops_on_request() 
     stop = threading.Event()
     notes: list[str] = []
     flaky = FlakyBackend()
-    retrying = RetryingBackend(flaky, stop, on_retry=notes.append, maximum_delay_s=0.01)
+    retrying = RetryingBackend(flaky, stop, on_retry=notes.append, backoff=QUICK)
     outputs = retrying.infer(np.ones((1, 2), dtype=np.float32))
     assert flaky.calls == 3
     assert retrying.retries == 2
@@ -97,7 +101,7 @@ def test_retrying_backend_waits_through_transient_errors_and_stops_on_request() 
     assert outputs.pathology_probability.tolist() == [1.0]
     stop.set()
     with pytest.raises(WorkInterrupted):
-        RetryingBackend(FlakyBackend(), stop, maximum_delay_s=0.01).infer(np.ones((1, 2)))
+        RetryingBackend(FlakyBackend(), stop, backoff=QUICK).infer(np.ones((1, 2)))
 
 
 class _DownBackend:
@@ -128,7 +132,7 @@ def test_a_study_waits_for_the_model_server_only_up_to_its_limit() -> None:
 
     stop = ClockedStop()
     retrying = RetryingBackend(
-        _DownBackend(), stop, maximum_delay_s=0.0, wait_limit_s=10.0, clock=lambda: stop.now
+        _DownBackend(), stop, backoff=IMMEDIATE, wait_limit_s=10.0, clock=lambda: stop.now
     )
     with pytest.raises(ModelServerWaitExceeded, match="model_server_wait_limit_s"):
         retrying.infer(np.zeros((1, 1), dtype=np.float32))
@@ -157,7 +161,7 @@ def test_retrying_backend_waits_for_the_body_part_model_too() -> None:
             source="test",
         )
 
-    backend = RetryingBackend(ServerWithBodyPartModel(), threading.Event(), maximum_delay_s=0.0)
+    backend = RetryingBackend(ServerWithBodyPartModel(), threading.Event(), backoff=IMMEDIATE)
     assert backend.body_part_model is not None
     scores = backend.body_part_model.score_slices(np.zeros((3, 1, 128, 128), np.float32))
     assert scores.ravel().tolist() == [0.0, 1.0, 2.0]
@@ -167,10 +171,10 @@ def test_retrying_backend_waits_for_the_body_part_model_too() -> None:
 
     stop = threading.Event()
     stop.set()
-    stopped = RetryingBackend(ServerWithBodyPartModel(), stop, maximum_delay_s=0.0)
+    stopped = RetryingBackend(ServerWithBodyPartModel(), stop, backoff=IMMEDIATE)
     with pytest.raises(WorkInterrupted):
         stopped.body_part_model.score_slices(np.zeros((1, 1, 128, 128), np.float32))
-    assert RetryingBackend(_DownBackend(), stop).body_part_model is None
+    assert RetryingBackend(_DownBackend(), stop, backoff=IMMEDIATE).body_part_model is None
 
 
 def test_only_regions_of_dead_adapters_are_swept(tmp_path: Path) -> None:

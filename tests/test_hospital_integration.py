@@ -27,7 +27,7 @@ from stack_support import delete_topology, wait_for, zip_directory
 from services.adapter.consumer import Adapter
 from services.broker.schemas import QueueTopology, StudyResult, TaskStatus
 from services.broker.storage import load_result
-from services.core.config import DicomDestination, Settings, load_settings
+from services.core.config import Backoff, DicomDestination, Settings, load_settings
 from services.core.schemas import StudyReport
 from services.dicom_listener.outbox import Outbox
 from services.dicom_listener.service import DicomListener
@@ -81,11 +81,11 @@ def settings(
     settings.inference.model_repository = tiny_model_repository
     settings.inference.triton_url = triton.grpc_url
     settings.metrics.enabled = False
+    settings.inference.model_server_backoff = Backoff(initial_s=1.0, maximum_s=2.0)
     dicom = settings.dicom
     dicom.port = orthanc.listener_port  # where Orthanc's modality 'cts' points
     dicom.study_quiet_seconds = 1.5
-    dicom.export_retry_initial_s = 0.5
-    dicom.export_retry_max_s = 2.0
+    dicom.export_backoff = Backoff(initial_s=0.5, maximum_s=2.0)
     dicom.network_timeout_s = 10.0
     dicom.destinations = [
         DicomDestination(ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port)
@@ -96,9 +96,7 @@ def settings(
 
 @pytest.fixture(scope="module")
 def adapter(settings: Settings) -> Iterator[Adapter]:
-    worker = Adapter(
-        settings, adapter_id="hospital-adapter", drain_timeout_s=10, retry_maximum_delay_s=2
-    )
+    worker = Adapter(settings, adapter_id="hospital-adapter", drain_timeout_s=10)
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     yield worker
@@ -214,7 +212,7 @@ def test_reports_wait_for_a_pacs_that_is_down_and_are_sent_once(
             "a report waiting in the outbox",
             interval_s=0.5,
         )
-        time.sleep(settings.dicom.export_retry_max_s * 3)  # several failed sends
+        time.sleep(settings.dicom.export_backoff.maximum_s * 3)  # several failed sends
         assert len(outbox_of(settings).pending()) == 1
     finally:
         orthanc.start()

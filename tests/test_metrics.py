@@ -28,7 +28,7 @@ from services.adapter.model_server_wait import RetryingBackend
 from services.broker.schemas import StudyResult, StudyTask, TaskStatus, utc_now
 from services.core.body_part.bpr_detector import BodyPartRegressionModel
 from services.core.body_part.bpr_settings import demo_inference_settings
-from services.core.config import MetricsSettings, load_settings
+from services.core.config import Backoff, MetricsSettings, load_settings
 from services.core.errors import ModelServerUnavailable
 from services.core.inference.base import ModelOutputs
 from services.core.schemas import ProcessingStatus, StudyReport
@@ -167,7 +167,7 @@ def test_model_requests_are_timed_per_attempt_and_retries_counted_with_their_wai
     backend = RetryingBackend(
         metered,
         threading.Event(),
-        maximum_delay_s=0.01,
+        backoff=Backoff(initial_s=0.01, maximum_s=0.01),
         on_wait=metrics.model_server_retry,
     )
     volume = np.ones((1, 1, 2, 3, 4), np.float32)

@@ -74,7 +74,6 @@ class Adapter:
         adapter_id: str | None = None,
         health_file: Path | None = None,
         drain_timeout_s: float = 60.0,
-        retry_maximum_delay_s: float = 30.0,
         backend_factory: Callable[[Settings], InferenceBackend] = create_backend,
         metrics: AdapterMetrics | None = None,
     ) -> None:
@@ -84,7 +83,6 @@ class Adapter:
         self.storage_root = settings.storage.root
         self.health = HealthFile(health_file)
         self.drain_timeout_s = drain_timeout_s
-        self.retry_maximum_delay_s = retry_maximum_delay_s
         self._backend_factory = backend_factory
         self._backend: InferenceBackend | None = None  # metered: every model request counted
         self._transfer_stats: Any = None  # TritonBackend: bytes moved, by transport
@@ -124,6 +122,7 @@ class Adapter:
         try:
             retrying(
                 retry_on=CONNECTION_ERRORS,
+                backoff=self.settings.rabbitmq.reconnect_backoff,
                 stop_event=self._stop,
                 stop=stop_when_event_set(self._stop),
                 before_sleep=self._before_reconnect,
@@ -149,8 +148,7 @@ class Adapter:
 
         return retrying(
             retry_on=ModelServerUnavailable,
-            initial_s=1.0,
-            maximum_s=15.0,
+            backoff=self.settings.inference.model_server_backoff,
             stop_event=self._stop,
             before_sleep=log_retry("waiting for the model server"),
         )(create)
@@ -318,7 +316,7 @@ class Adapter:
             self._backend,
             self._stop,
             on_retry=progress.retrying,
-            maximum_delay_s=self.retry_maximum_delay_s,
+            backoff=self.settings.inference.model_server_backoff,
             wait_limit_s=self.settings.inference.model_server_wait_limit_s,
             on_wait=self.metrics.model_server_retry,
         )

@@ -27,6 +27,7 @@ from tenacity import RetryCallState
 from tenacity.stop import stop_base
 
 from services.core.body_part.bpr_detector import BodyPartRegressionModel
+from services.core.config import Backoff
 from services.core.errors import ModelServerUnavailable, ModelServerWaitExceeded, WorkInterrupted
 from services.core.inference.base import InferenceBackend, ModelOutputs
 from services.core.retry import retrying
@@ -41,8 +42,9 @@ class RetryingBackend:
         self,
         backend: InferenceBackend,
         stop: threading.Event,
+        *,
+        backoff: Backoff,
         on_retry: Callable[[str], None] | None = None,
-        maximum_delay_s: float = 30.0,
         wait_limit_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_wait: Callable[[float], None] | None = None,
@@ -51,7 +53,7 @@ class RetryingBackend:
         self._stop = stop
         self._on_retry = on_retry
         self._on_wait = on_wait  # the seconds of each coming wait (metrics)
-        self._maximum_delay_s = maximum_delay_s
+        self._backoff = backoff
         self._wait_limit_s = wait_limit_s
         self._clock = clock
         self.name = backend.name
@@ -110,8 +112,7 @@ class RetryingBackend:
 
         return retrying(
             retry_on=ModelServerUnavailable,
-            initial_s=1.0,
-            maximum_s=self._maximum_delay_s,
+            backoff=self._backoff,
             stop_event=self._stop,
             stop=_StopWhen(over_the_limit),
             before_sleep=before_sleep,

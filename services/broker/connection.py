@@ -83,6 +83,7 @@ def connect(
 
     return retrying(
         retry_on=retriable,
+        backoff=settings.reconnect_backoff,
         give_up_after_s=give_up_after_s,
         stop_event=stop,
         stop=stop_when_event_set(stop) if stop is not None else None,
@@ -270,6 +271,7 @@ class ReplyListener(threading.Thread):
         try:
             retrying(
                 retry_on=CONNECTION_ERRORS,
+                backoff=self._settings.reconnect_backoff,
                 stop_event=self._stop_event,
                 stop=stop_when_event_set(self._stop_event),
                 before_sleep=log_retry("the reply listener's RabbitMQ connection"),

@@ -1,8 +1,9 @@
 """The one way this project retries: exponential backoff through tenacity.
 
 Every loop that waits for something to come back (RabbitMQ, the model server, a region
-Triton still holds) is a :func:`retrying` call with its own exception types and limits, so
-the backoff, the stop-on-shutdown rule and the log line are the same everywhere.
+Triton still holds, a PACS) is a :func:`retrying` call with its own exception types and a
+:class:`~services.core.config.Backoff` from the configuration (the one place its numbers
+live), so the backoff, the stop-on-shutdown rule and the log line are the same everywhere.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tenacity import (
 from tenacity.retry import retry_base
 from tenacity.stop import stop_base
 
+from services.core.config import Backoff
 from services.core.errors import WorkInterrupted
 
 ExceptionTypes = type[BaseException] | tuple[type[BaseException], ...]
@@ -60,21 +62,23 @@ def log_retry(what: str) -> Callable[[RetryCallState], None]:
 def retrying(
     *,
     retry_on: RetryOn,
-    initial_s: float = 0.5,
-    maximum_s: float = 30.0,
+    backoff: Backoff,
     give_up_after_s: float | None = None,
     stop_event: threading.Event | None = None,
     stop: stop_base | None = None,
     before_sleep: Callable[[RetryCallState], None] | None = None,
 ) -> Retrying:
-    """Retry on ``retry_on`` (types or a test) with delays initial_s, 2x, 4x ... capped at maximum_s.
+    """Retry on ``retry_on`` (types or a test) with the backoff's delays: initial_s, 2x, 4x ...
+    capped at maximum_s.
 
     It gives up (re-raising the last error) before a wait would pass ``give_up_after_s``
-    or when ``stop`` says so; ``stop_event`` cuts a wait short with WorkInterrupted.
+    (default: the backoff's) or when ``stop`` says so; ``stop_event`` cuts a wait short with
+    WorkInterrupted.
     """
     stops: list[stop_base] = []
-    if give_up_after_s is not None:
-        stops.append(stop_before_delay(give_up_after_s))
+    limit_s = give_up_after_s if give_up_after_s is not None else backoff.give_up_after_s
+    if limit_s is not None:
+        stops.append(stop_before_delay(limit_s))
     if stop is not None:
         stops.append(stop)
     retry: retry_base
@@ -84,7 +88,7 @@ def retrying(
         retry = retry_if_exception(retry_on)
     return Retrying(
         retry=retry,
-        wait=wait_exponential(multiplier=initial_s, min=0, max=maximum_s),
+        wait=wait_exponential(multiplier=backoff.initial_s, min=0, max=backoff.maximum_s),
         stop=stop_any(*stops) if stops else stop_never,
         sleep=interruptible_sleep(stop_event) if stop_event is not None else time.sleep,
         before_sleep=before_sleep,

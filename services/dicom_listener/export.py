@@ -2,8 +2,7 @@
 
 One thread per destination, so a PACS that is down holds back only its own reports. A send
 that cannot reach the destination (no association, no answer) is retried through
-services/core/retry.py with exponential backoff (dicom.export_retry_initial_s up to
-dicom.export_retry_max_s) until it goes through or the listener stops; a report the
+services/core/retry.py with exponential backoff (dicom.export_backoff) until it goes through or the listener stops; a report the
 destination answers with a failure status is put aside (outbox/<destination>/failed/), since
 sending it again would fail again.
 """
@@ -116,8 +115,7 @@ class ReportSender(threading.Thread):
             return True
         attempt = retrying(
             retry_on=DestinationUnavailable,
-            initial_s=self.settings.export_retry_initial_s,
-            maximum_s=self.settings.export_retry_max_s,
+            backoff=self.settings.export_backoff,
             stop_event=self.stop_event,
             before_sleep=log_retry(f"sending a report to {describe_destination(destination)}"),
         )

@@ -93,7 +93,7 @@ class DicomListener:
         assert record.task is not None
         attempt = retrying(
             retry_on=PUBLISH_ERRORS,
-            maximum_s=30.0,
+            backoff=self.settings.rabbitmq.reconnect_backoff,
             stop_event=self._stop,
             stop=stop_when_event_set(self._stop),
             before_sleep=log_retry("publishing a received study"),

@@ -35,7 +35,6 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as system_shm
 from loguru import logger
-from tenacity import stop_after_attempt
 from tritonclient.utils import InferenceServerException
 
 from services.core.body_part.bpr_detector import BodyPartRegressionModel
@@ -54,7 +53,6 @@ GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
 # Idle regions kept per backend: one adapter thread reuses one for its volumes and one or
 # two for body-part slices (4 slices of a long scan, fewer of a short one).
 MAX_IDLE_REGIONS = 3
-UNREGISTER_ATTEMPTS = 8
 # gRPC status codes after which the same request may succeed later.
 TRANSIENT_STATUSES = frozenset(
     {
@@ -195,7 +193,9 @@ class TritonBackend:
                 )
 
         retrying(
-            retry_on=ModelServerUnavailable, initial_s=0.2, maximum_s=5.0, give_up_after_s=timeout_s
+            retry_on=ModelServerUnavailable,
+            backoff=self.settings.triton_ready_backoff,
+            give_up_after_s=timeout_s,
         )(check)
 
     def _shared_memory_works(self) -> bool:
@@ -332,9 +332,7 @@ class TritonBackend:
         try:
             retrying(
                 retry_on=InferenceServerException,
-                initial_s=0.01,
-                maximum_s=1.0,
-                stop=stop_after_attempt(UNREGISTER_ATTEMPTS),
+                backoff=self.settings.shared_memory_release_backoff,
             )(attempt)
         except (InferenceServerException, ModelServerUnavailable) as error:
             # Server gone (it forgets regions when it restarts) or stuck: say so.

@@ -1,0 +1,59 @@
+"""One configuration for every service, validated by pydantic; the defaults live here only.
+
+``configs/config.yaml`` is generated from these models (``python -m services.core.config
+--write``; a test checks it is current), so a deployment copies it and edits what it needs.
+Environment variables override any leaf (``CTS__<SECTION>__<KEY>=value``, see loading.py).
+Relative paths are relative to the project root.
+
+The rooms: ``base.py`` (strict sections, paths, the Backoff of every retry), ``pipeline.py``
+(the screening), ``services.py`` (the edges), ``loading.py`` (file + environment),
+``document.py`` (the generated YAML).
+"""
+
+from services.core.config.base import AE_TITLE_PATTERN, PROJECT_ROOT, Backoff
+from services.core.config.loading import (
+    DEFAULT_CONFIG_PATH,
+    ENV_PREFIX,
+    Settings,
+    load_settings,
+)
+from services.core.config.pipeline import (
+    ChestCheckSettings,
+    InferenceSettings,
+    IntakeSettings,
+    MemorySettings,
+    QualitySettings,
+    SeriesSelectionSettings,
+)
+from services.core.config.services import (
+    DicomDestination,
+    DicomSettings,
+    FrontendSettings,
+    LoggingSettings,
+    MetricsSettings,
+    RabbitMQSettings,
+    StorageSettings,
+)
+
+__all__ = [
+    "AE_TITLE_PATTERN",
+    "DEFAULT_CONFIG_PATH",
+    "ENV_PREFIX",
+    "PROJECT_ROOT",
+    "Backoff",
+    "ChestCheckSettings",
+    "DicomDestination",
+    "DicomSettings",
+    "FrontendSettings",
+    "InferenceSettings",
+    "IntakeSettings",
+    "LoggingSettings",
+    "MemorySettings",
+    "MetricsSettings",
+    "QualitySettings",
+    "RabbitMQSettings",
+    "SeriesSelectionSettings",
+    "Settings",
+    "StorageSettings",
+    "load_settings",
+]

@@ -1,0 +1,44 @@
+"""What every section of the configuration shares: strictness, paths, backoff."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+# DICOM Application Entity titles: 1-16 characters, no backslash or control characters.
+AE_TITLE_PATTERN = r"^[^\\\x00-\x1f]{1,16}$"
+
+
+class Section(BaseModel):
+    """A part of the configuration: an unknown key is an error, never ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def resolve_path(path: Path) -> Path:
+    """Relative paths in the config are relative to the project root, not the working directory."""
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+class Backoff(Section):
+    """The waits between attempts of one retry: initial_s, then doubling, never more than
+    maximum_s; optionally giving up before a wait would pass give_up_after_s
+    (services/core/retry.py runs every retry of the services with one of these)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    initial_s: float = Field(gt=0, description="the first wait")
+    maximum_s: float = Field(gt=0, description="the longest wait")
+    give_up_after_s: float | None = Field(
+        None, gt=0, description="null: retry until the service stops"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Backoff:
+        if self.maximum_s < self.initial_s:
+            raise ValueError(
+                f"maximum_s ({self.maximum_s}) must not be below initial_s ({self.initial_s})"
+            )
+        return self

@@ -1,0 +1,103 @@
+"""Settings of the edges: storage, RabbitMQ, the frontend, the DICOM listener, logs, metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from services.core.config.base import AE_TITLE_PATTERN, Backoff, Section, resolve_path
+
+
+class StorageSettings(Section):
+    root: Path = Field(
+        Path("storage"), validate_default=True, description="shared by frontends and adapters"
+    )
+
+    @field_validator("root")
+    @classmethod
+    def _absolute_root(cls, value: Path) -> Path:
+        return resolve_path(value)
+
+
+class RabbitMQSettings(Section):
+    host: str = "127.0.0.1"
+    queue_prefix: str = Field(
+        "cts",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="exchanges and queues are <prefix>.tasks, ... (tests use their own)",
+    )
+    port: int = 5672
+    username: str = Field("guest", description="set CTS__RABBITMQ__USERNAME in deployment")
+    password: str = Field("guest", description="set CTS__RABBITMQ__PASSWORD in deployment")
+    virtual_host: str = "/"
+    prefetch_count: int = Field(1, description="studies an adapter holds at once")
+    heartbeat_s: int = 60
+    max_deliveries: int = Field(3, description="then a Failure result and the dead letters")
+    max_queue_depth: int = Field(200, description="uploads are refused above this")
+    reconnect_backoff: Backoff = Field(
+        Backoff(initial_s=0.5, maximum_s=30.0),
+        description="waits between attempts to reach the broker (connect, publish)",
+    )
+
+
+class FrontendSettings(Section):
+    host: str = Field("127.0.0.1", description="0.0.0.0 serves the whole network")
+    port: int = 7860
+    max_upload_mb: int = 2048
+    auth: str | None = Field(None, description='"user:password" turns on authentication')
+    api_token: str | None = Field(
+        None, description="bearer token the REST API (/api/v1) requires; null: open"
+    )
+
+
+class DicomDestination(Section):
+    """A DICOM node that receives the structured reports by C-STORE (a PACS)."""
+
+    ae_title: str = Field(pattern=AE_TITLE_PATTERN, description="the PACS's called AE title")
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class DicomSettings(Section):
+    """Hospital integration over DICOM: the listener (python -m services.dicom_listener)
+    receives studies by C-STORE and sends each study's structured report back."""
+
+    host: str = Field("127.0.0.1", description="the listener binds here; 0.0.0.0 for a network")
+    port: int = Field(11112, ge=1, le=65535, description="the listener's DICOM port")
+    ae_title: str = Field("CTS", pattern=AE_TITLE_PATTERN, description="the listener's AE title")
+    study_quiet_seconds: float = Field(
+        10.0, gt=0, description="a study is complete after this long without a new instance"
+    )
+    allowed_calling_ae_titles: list[str] = Field(
+        default_factory=list, description="empty: any calling AE title may send studies"
+    )
+    max_study_mb: int = Field(
+        4096, gt=0, description="a larger study is refused (C-STORE Out of Resources)"
+    )
+    destinations: list[DicomDestination] = Field(
+        default_factory=list,
+        description="where every received study's SR goes, e.g. "
+        "[{ae_title: PACS, host: 10.0.0.5, port: 104}]",
+    )
+    export_backoff: Backoff = Field(
+        Backoff(initial_s=2.0, maximum_s=60.0),
+        description="waits between sends of an SR to a destination that is down",
+    )
+    network_timeout_s: float = Field(30.0, gt=0, description="DIMSE and network timeouts")
+
+
+class LoggingSettings(Section):
+    level: str = "INFO"
+
+
+class MetricsSettings(Section):
+    """Prometheus ``/metrics`` of each service (services/monitoring/)."""
+
+    enabled: bool = Field(True, description="serve /metrics in the adapter, frontend, listener")
+    host: str = Field("127.0.0.1", description="0.0.0.0 lets a Prometheus on another host scrape")
+    frontend_port: int = Field(9400, description="0: any free port (logged)")
+    dicom_listener_port: int = Field(9401, description="0: any free port (logged)")
+    # One port per process: start.sh gives its adapter N the port adapter_port + N - 1; in
+    # containers and pods every adapter has its own address and keeps this one.
+    adapter_port: int = Field(9410, description="0: any free port (logged)")
