@@ -27,7 +27,7 @@ from stack_support import delete_topology, wait_for, zip_directory
 from services.adapter.consumer import Adapter
 from services.broker.schemas import QueueTopology, StudyResult, TaskStatus
 from services.broker.storage import load_result
-from services.core.config import DicomDestination, Settings, load_settings
+from services.core.config import DimseDestination, Settings, load_settings
 from services.core.schemas import StudyReport
 from services.dicom_listener.outbox import Outbox
 from services.dicom_listener.service import DicomListener
@@ -88,7 +88,7 @@ def settings(
     dicom.export_retry_max_s = 2.0
     dicom.network_timeout_s = 10.0
     dicom.destinations = [
-        DicomDestination(ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port)
+        DimseDestination(ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port)
     ]
     yield settings
     delete_topology(settings.rabbitmq)

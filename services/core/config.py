@@ -14,10 +14,11 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configs" / "config.yaml"
@@ -163,12 +164,91 @@ class FrontendSettings(_Section):
 AE_TITLE_PATTERN = r"^[^\\\x00-\x1f]{1,16}$"
 
 
-class DicomDestination(_Section):
-    """A DICOM node that receives the structured reports by C-STORE (a PACS)."""
+class DimseDestination(_Section):
+    """A DICOM node that receives the structured reports by DIMSE C-STORE (a PACS).
 
+    ``kind`` may be left out: destinations written before STOW-RS existed are DIMSE ones.
+    """
+
+    kind: Literal["dimse"] = "dimse"
     ae_title: str = Field(pattern=AE_TITLE_PATTERN, description="the PACS's called AE title")
     host: str
     port: int = Field(ge=1, le=65535)
+
+
+class HttpCredentials(_Section):
+    """How the listener authenticates to a DICOMweb server. The secret itself never appears
+    in the configuration: it is read from an environment variable or a file (a mounted
+    secret) each time a report is sent, so a rotated token needs no restart."""
+
+    scheme: Literal["bearer", "basic"] = Field(
+        description="bearer: Authorization: Bearer <secret>; basic: username + password"
+    )
+    username: str | None = Field(None, description="basic only")
+    secret_env: str | None = Field(
+        None, description="name of the environment variable that holds the token or password"
+    )
+    secret_file: Path | None = Field(
+        None, description="a file that holds the token or password (surrounding spaces dropped)"
+    )
+
+    @field_validator("secret_file")
+    @classmethod
+    def _absolute_secret_file(cls, value: Path | None) -> Path | None:
+        return None if value is None else _resolve(value)
+
+    @model_validator(mode="after")
+    def _one_secret_and_a_user_for_basic(self) -> HttpCredentials:
+        if (self.secret_env is None) == (self.secret_file is None):
+            raise ValueError("give exactly one of secret_env and secret_file")
+        if (self.scheme == "basic") != (self.username is not None):
+            raise ValueError("a username goes with the basic scheme, and only with it")
+        return self
+
+
+class StowRsDestination(_Section):
+    """A DICOMweb server that receives the structured reports by STOW-RS (HTTP POST of
+    ``<url>/studies``), e.g. a PACS or a vendor-neutral archive."""
+
+    kind: Literal["stow-rs"]
+    url: str = Field(description="the DICOMweb base, e.g. http://pacs:8042/dicom-web")
+    credentials: HttpCredentials | None = Field(None, description="null: no authentication")
+    tls_verify: bool = Field(True, description="check the server's certificate (https)")
+    tls_ca_bundle: Path | None = Field(
+        None, description="PEM file of the CA that signed it (a hospital CA); null: system CAs"
+    )
+    timeout_s: float = Field(30.0, gt=0, description="connect and read timeout of one request")
+
+    @field_validator("url")
+    @classmethod
+    def _plain_http_base(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("an http:// or https:// URL with a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(
+                "no credentials in the URL: use credentials (secret_env or secret_file)"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError("the DICOMweb base URL takes no query or fragment")
+        if parts.port == 0:  # reading .port also refuses a port that is not a number
+            raise ValueError("port 0")
+        return value.rstrip("/")  # the client appends /studies
+
+    @field_validator("tls_ca_bundle")
+    @classmethod
+    def _absolute_ca_bundle(cls, value: Path | None) -> Path | None:
+        return None if value is None else _resolve(value)
+
+    @model_validator(mode="after")
+    def _bundle_only_when_verifying(self) -> StowRsDestination:
+        if self.tls_ca_bundle is not None and not self.tls_verify:
+            raise ValueError("tls_ca_bundle is set but tls_verify is false")
+        return self
+
+
+# Chosen by ``kind``; a destination without one is DIMSE (DicomSettings fills it in).
+ReportDestination = Annotated[DimseDestination | StowRsDestination, Field(discriminator="kind")]
 
 
 class DicomSettings(_Section):
@@ -187,14 +267,26 @@ class DicomSettings(_Section):
     max_study_mb: int = Field(
         4096, gt=0, description="a larger study is refused (C-STORE Out of Resources)"
     )
-    destinations: list[DicomDestination] = Field(
+    destinations: list[ReportDestination] = Field(
         default_factory=list,
         description="where every received study's SR goes, e.g. "
-        "[{ae_title: PACS, host: 10.0.0.5, port: 104}]",
+        "[{kind: dimse, ae_title: PACS, host: 10.0.0.5, port: 104}, "
+        "{kind: stow-rs, url: 'https://vna.example/dicom-web'}] (README, Connect a PACS)",
     )
     export_retry_initial_s: float = Field(2.0, gt=0, description="first wait after a failed send")
     export_retry_max_s: float = Field(60.0, gt=0, description="longest wait between sends")
     network_timeout_s: float = Field(30.0, gt=0, description="DIMSE and network timeouts")
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _dimse_when_no_kind(cls, value: object) -> object:
+        """Configuration files from before STOW-RS list destinations without a kind: DIMSE."""
+        if not isinstance(value, list):
+            return value
+        return [
+            {**item, "kind": "dimse"} if isinstance(item, dict) and "kind" not in item else item
+            for item in value
+        ]
 
 
 class LoggingSettings(_Section):
