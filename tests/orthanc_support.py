@@ -84,8 +84,13 @@ class Orthanc:
         self.log_path = folder / "orthanc.log"
         self.process: subprocess.Popen[bytes] | None = None
         auth = next(iter(users.items())) if users else None
+        # A new connection per request: Orthanc closes an idle keep-alive connection after
+        # about a second, and a poll sent on it just then fails (RemoteProtocolError).
         self.client = httpx.Client(
-            base_url=f"http://127.0.0.1:{self.http_port}", timeout=60, auth=auth
+            base_url=f"http://127.0.0.1:{self.http_port}",
+            timeout=60,
+            auth=auth,
+            limits=httpx.Limits(max_keepalive_connections=0),
         )
 
     @property
