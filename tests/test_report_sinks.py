@@ -8,7 +8,10 @@ DICOMweb archive at once (tests/test_hospital_integration.py)."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -27,6 +30,7 @@ from pydicom.dataset import Dataset
 from stack_support import wait_for
 
 from services.core.config import (
+    PROJECT_ROOT,
     DicomSettings,
     DimseDestination,
     HttpCredentials,
@@ -200,6 +204,33 @@ def test_a_stow_rs_destination_without_its_secret_stops_the_listener() -> None:
     )
     with pytest.raises(ConfigurationError, match="CTS_TEST_NO_SUCH"):
         StowRsSink(destination, environ={})
+
+
+def test_the_listener_exits_2_before_touching_storage_without_a_secret(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    storage = tmp_path / "storage"
+    config.write_text(
+        f"storage: {{root: {storage}}}\n"
+        "metrics: {enabled: false}\n"
+        "dicom:\n"
+        "  destinations:\n"
+        "    - kind: stow-rs\n"
+        "      url: http://127.0.0.1:9/dicom-web\n"
+        "      credentials: {scheme: bearer, secret_env: CTS_TEST_NO_SUCH_TOKEN}\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "CTS_CONFIG"}
+    environment.pop("CTS_TEST_NO_SUCH_TOKEN", None)
+    completed = subprocess.run(
+        [sys.executable, "-m", "services.dicom_listener", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={key: value for key, value in environment.items() if not key.startswith("CTS__")},
+        cwd=PROJECT_ROOT,
+    )
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert "CTS_TEST_NO_SUCH_TOKEN is empty or not set" in completed.stderr
+    assert not storage.exists()
 
 
 # -- reading a STOW-RS answer --------------------------------------------------------------

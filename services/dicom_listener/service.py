@@ -52,6 +52,10 @@ class DicomListener:
         self.settings = settings
         self.storage_root = settings.storage.root
         dicom = settings.dicom
+        # The destinations first: a wrong one (a missing secret, a folder shared by two)
+        # stops the listener before it touches the storage.
+        check_distinct_outboxes(dicom.destinations)
+        sinks = [create_sink(destination, dicom) for destination in dicom.destinations]
         self.metrics = metrics or listener_metrics()
         self.book = StudyBook(
             self.storage_root,
@@ -59,20 +63,13 @@ class DicomListener:
             max_bytes=dicom.max_study_mb * 1024 * 1024,
         )
         self.receiver = StoreReceiver(dicom, self.book, self.metrics)
-        check_distinct_outboxes(dicom.destinations)
         self.outboxes = [
             Outbox(self.storage_root, destination) for destination in dicom.destinations
         ]
         self._stop = threading.Event()
         self.senders = [
-            ReportSender(
-                outbox,
-                create_sink(outbox.destination, dicom),
-                settings=dicom,
-                stop_event=self._stop,
-                metrics=self.metrics,
-            )
-            for outbox in self.outboxes
+            ReportSender(outbox, sink, settings=dicom, stop_event=self._stop, metrics=self.metrics)
+            for outbox, sink in zip(self.outboxes, sinks, strict=True)
         ]
         self._threads = [
             threading.Thread(target=self._close_and_publish, name="study-closer", daemon=True),
