@@ -4,8 +4,8 @@ each complete study for screening, and send its structured report back.
 Listens on dicom.host:dicom.port (127.0.0.1:11112) as dicom.ae_title (CTS), answers C-ECHO;
 settings from configs/config.yaml and CTS__DICOM__* overrides (README, "Connect a PACS").
 Exits 2 with the reason when the configuration is wrong (e.g. a destination's secret is
-missing). Stops cleanly on SIGTERM or Ctrl-C; what it has received or still has to send is on disk
-and goes on after the next start.
+missing). Stops cleanly on SIGTERM or Ctrl-C; what it has received or still has to send is
+on disk and goes on after the next start.
 """
 
 from __future__ import annotations

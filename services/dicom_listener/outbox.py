@@ -8,9 +8,9 @@
 
 A report is copied in atomically; after the destination confirmed it (C-STORE or
 STOW-RS) its "sent" marker is written and only then the copy removed, so a restart resends
-nothing that was confirmed. (A stop between the confirm and the marker sends that one report again on the
-next start: the SR's UIDs are derived from the task, so the PACS receives the same instance
-and keeps one.)
+nothing that was confirmed. (A stop between the confirm and the marker sends that one
+report again on the next start: the SR's UIDs are derived from the task, so the
+destination receives the same instance and keeps one.)
 """
 
 from __future__ import annotations
