@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the test suite needs besides Python packages: a running RabbitMQ, Chromium, the
-# Prometheus binary and the DICOM peers (Orthanc, DCMTK, dicom3tools).
+# Prometheus binary and the DICOM peers (Orthanc with its DICOMweb plugin, DCMTK, dicom3tools).
 set -euo pipefail
 
 if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
@@ -25,16 +25,22 @@ if ! command -v prometheus >/dev/null 2>&1; then
   fi
 fi
 
-if ! command -v Orthanc >/dev/null 2>&1 || ! command -v storescu >/dev/null 2>&1 \
-  || ! command -v dciodvfy >/dev/null 2>&1; then
-  # The hospital-integration tests start their own Orthanc on free 127.0.0.1 ports; the
-  # Debian service the package would start on 4242/8042 is stopped again (and not started
-  # at all where policy-rc.d forbids it, as in containers).
-  echo "[services] installing Orthanc, DCMTK and dicom3tools for the DICOM tests"
+# The DICOMweb plugin is a library, not a command: its file says whether it is installed
+# (tests/orthanc_support.py loads it from there).
+ORTHANC_DICOMWEB_PLUGIN=/usr/share/orthanc/plugins/libOrthancDicomWeb.so
+if ! command -v Orthanc >/dev/null 2>&1 || [ ! -f "$ORTHANC_DICOMWEB_PLUGIN" ] \
+  || ! command -v storescu >/dev/null 2>&1 || ! command -v dciodvfy >/dev/null 2>&1; then
+  # The hospital-integration and report-sink tests start their own Orthancs on free
+  # 127.0.0.1 ports (a DIMSE PACS, a DICOMweb archive); the Debian service the package would
+  # start on 4242/8042 is stopped again (and not started at all where policy-rc.d forbids
+  # it, as in containers).
+  echo "[services] installing Orthanc, its DICOMweb plugin, DCMTK and dicom3tools for the DICOM tests"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -qq --no-install-recommends orthanc dcmtk dicom3tools >/dev/null 2>&1 \
+  DICOM_PACKAGES="orthanc orthanc-dicomweb dcmtk dicom3tools"
+  # shellcheck disable=SC2086 # the list is meant to split into packages
+  apt-get install -y -qq --no-install-recommends $DICOM_PACKAGES >/dev/null 2>&1 \
     || { apt-get update -qq >/dev/null \
-      && apt-get install -y -qq --no-install-recommends orthanc dcmtk dicom3tools >/dev/null; }
+      && apt-get install -y -qq --no-install-recommends $DICOM_PACKAGES >/dev/null; }
   if pgrep -x Orthanc >/dev/null 2>&1; then
     service orthanc stop >/dev/null 2>&1 || invoke-rc.d orthanc stop >/dev/null 2>&1 || true
   fi

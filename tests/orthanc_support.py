@@ -1,9 +1,14 @@
 """A real Orthanc PACS for the DICOM tests (Debian package ``orthanc``), on free ports of
-127.0.0.1, with its own storage folder, no plugins, declaring the listener as a modality.
-Not a test module.
+127.0.0.1, with its own storage folder. Not a test module.
+
+Two shapes: a DIMSE PACS (no plugins, the listener declared as a modality) and, with
+``dicomweb=True``, a DICOMweb archive (the Debian plugin ``orthanc-dicomweb`` loaded through
+``Plugins``, its REST root at /dicom-web/, no DICOM port at all). ``users`` turns on HTTP
+basic authentication for every request, the REST helpers' included.
 
 Orthanc 1.10 has no bind address for its DICOM port (it listens on every interface of the
-test machine for the few seconds of a test); its REST port accepts local clients only.
+test machine for the few seconds of a test); its HTTP port accepts local clients only
+(RemoteAccessAllowed false).
 """
 
 from __future__ import annotations
@@ -17,26 +22,38 @@ from typing import Any
 
 import httpx
 import pydicom
-from sr_support import require_tool
+from sr_support import require_file, require_tool
 
 from services.triton.local_server import free_local_ports
 
 ORTHANC_AE = "ORTHANC"
 LISTENER_MODALITY = "cts"
 START_TIMEOUT_S = 30.0
+# The Debian package's plugin folder holds one file per plugin; the DICOMweb one alone is
+# loaded, so another plugin installed on the machine cannot change what the tests see.
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+DICOMWEB_ROOT = "/dicom-web/"
 
 
 class Orthanc:
-    """``start()`` / ``stop()`` (the storage survives a restart); REST helpers."""
+    """``start()`` / ``stop()`` (the storage and the ports survive a restart); REST helpers."""
 
-    def __init__(self, folder: Path, *, listener_ae: str, listener_port: int) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        listener_ae: str | None = None,
+        listener_port: int | None = None,
+        dicomweb: bool = False,
+        users: dict[str, str] | None = None,
+    ) -> None:
         self.binary = require_tool("Orthanc", "orthanc")
         self.folder = folder
         self.http_port, self.dicom_port = free_local_ports(2)
         self.listener_port = listener_port
         self.config_path = folder / "orthanc.json"
         (folder / "db").mkdir(parents=True, exist_ok=True)
-        config = {
+        config: dict[str, Any] = {
             "Name": "cts-test-pacs",
             "StorageDirectory": str(folder / "db"),
             "IndexDirectory": str(folder / "db"),
@@ -45,19 +62,41 @@ class Orthanc:
             "DicomPort": self.dicom_port,
             "DicomAet": ORTHANC_AE,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": users is not None,
+            "RegisteredUsers": users or {},
             "DicomAlwaysAllowStore": True,
             "DicomCheckCalledAet": False,
-            "DicomModalities": {LISTENER_MODALITY: [listener_ae, "127.0.0.1", listener_port]},
+            "DicomModalities": {},
             "DicomScuTimeout": 30,
             "DicomAssociationCloseDelay": 0,
             "SaveJobs": False,
             "StableAge": 1,
         }
+        if listener_ae is not None and listener_port is not None:
+            config["DicomModalities"] = {
+                LISTENER_MODALITY: [listener_ae, "127.0.0.1", listener_port]
+            }
+        if dicomweb:
+            config["Plugins"] = [str(require_file(DICOMWEB_PLUGIN, "orthanc-dicomweb"))]
+            config["DicomWeb"] = {"Enable": True, "Root": DICOMWEB_ROOT}
+            config["DicomServerEnabled"] = False  # an archive reached over HTTP only
         self.config_path.write_text(json.dumps(config, indent=2))
         self.log_path = folder / "orthanc.log"
         self.process: subprocess.Popen[bytes] | None = None
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.http_port}", timeout=60)
+        auth = next(iter(users.items())) if users else None
+        # A new connection per request: Orthanc closes an idle keep-alive connection after
+        # about a second, and a poll sent on it just then fails (RemoteProtocolError).
+        self.client = httpx.Client(
+            base_url=f"http://127.0.0.1:{self.http_port}",
+            timeout=60,
+            auth=auth,
+            limits=httpx.Limits(max_keepalive_connections=0),
+        )
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb base that a STOW-RS destination names."""
+        return f"http://127.0.0.1:{self.http_port}{DICOMWEB_ROOT.rstrip('/')}"
 
     def start(self) -> Orthanc:
         log = self.log_path.open("ab")
@@ -127,3 +166,23 @@ class Orthanc:
                     raw.raise_for_status()
                     documents.append(pydicom.dcmread(io.BytesIO(raw.content)))
         return documents
+
+    def instance(self, sop_instance_uid: str) -> pydicom.Dataset | None:
+        """The stored instance with this SOPInstanceUID, as Orthanc keeps it; None if absent."""
+        found = self.client.post(
+            "/tools/find",
+            json={"Level": "Instance", "Query": {"SOPInstanceUID": sop_instance_uid}},
+        )
+        found.raise_for_status()
+        identifiers = found.json()
+        if not identifiers:
+            return None
+        (identifier,) = identifiers
+        raw = self.client.get(f"/instances/{identifier}/file")
+        raw.raise_for_status()
+        return pydicom.dcmread(io.BytesIO(raw.content))
+
+    def instance_count(self) -> int:
+        answer = self.client.get("/instances")
+        answer.raise_for_status()
+        return len(answer.json())

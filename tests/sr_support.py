@@ -8,20 +8,36 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from pydicom.dataset import Dataset
 
 
+def missing_dependency(message: str) -> NoReturn:
+    """CI installs every Debian dependency (scripts/ensure_services.sh), so there a missing
+    one fails; elsewhere the test skips with the reason."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_tool(name: str, package: str) -> str:
-    """The path of a Debian tool; CI installs it (scripts/ensure_services.sh), so there its
-    absence fails, elsewhere it skips with the reason."""
+    """The path of a Debian tool (see missing_dependency when it is not there)."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (Debian package {package}; scripts/ensure_services.sh)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_dependency(
+            f"{name} is not installed (Debian package {package}; scripts/ensure_services.sh)"
+        )
+    return path
+
+
+def require_file(path: Path, package: str) -> Path:
+    """A file a Debian package installs, e.g. a plugin (see missing_dependency)."""
+    if not path.is_file():
+        missing_dependency(
+            f"{path} is not installed (Debian package {package}; scripts/ensure_services.sh)"
+        )
     return path
 
 

@@ -1,7 +1,9 @@
 """Hospital integration end to end on real peers: a real Orthanc PACS (Debian package), DCMTK's
 storescu, the real RabbitMQ broker, an adapter with the tritonserver of the nvidia-pytriton
 wheel serving the tiny demo repository, the DICOM listener, and the frontend process with
-its REST API (checked by schemathesis against the schema it serves)."""
+its REST API (checked by schemathesis against the schema it serves). The listener sends
+every SR to two destinations: the PACS by C-STORE and a second Orthanc, a DICOMweb archive
+(plugin orthanc-dicomweb), by STOW-RS with basic authentication."""
 
 from __future__ import annotations
 
@@ -27,7 +29,14 @@ from stack_support import delete_topology, wait_for, zip_directory
 from services.adapter.consumer import Adapter
 from services.broker.schemas import QueueTopology, StudyResult, TaskStatus
 from services.broker.storage import load_result
-from services.core.config import Backoff, DicomDestination, Settings, load_settings
+from services.core.config import (
+    Backoff,
+    DimseDestination,
+    HttpCredentials,
+    Settings,
+    StowRsDestination,
+    load_settings,
+)
 from services.core.schemas import StudyReport
 from services.dicom_listener.outbox import Outbox
 from services.dicom_listener.service import DicomListener
@@ -40,6 +49,8 @@ pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton, pytest.mark.slow]
 CHEST = "chest_ct_lung_dx_a0002"
 HEAD = "head_ct_gantry_tilt"
 TOKEN = "integration-token"
+ARCHIVE_USER = "cts"
+ARCHIVE_PASSWORD = "archive-integration-password"
 RESULT_TIMEOUT_S = 240
 
 
@@ -71,8 +82,25 @@ def orthanc(folder: Path) -> Iterator[Orthanc]:
 
 
 @pytest.fixture(scope="module")
+def archive(folder: Path) -> Iterator[Orthanc]:
+    """The DICOMweb archive: the second destination, reached by STOW-RS."""
+    server = Orthanc(
+        folder / "dicomweb-archive", dicomweb=True, users={ARCHIVE_USER: ARCHIVE_PASSWORD}
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
 def settings(
-    folder: Path, tiny_model_repository: Path, triton: LocalTritonServer, orthanc: Orthanc
+    folder: Path,
+    tiny_model_repository: Path,
+    triton: LocalTritonServer,
+    orthanc: Orthanc,
+    archive: Orthanc,
 ) -> Iterator[Settings]:
     settings = load_settings(environ={})
     settings.storage.root = folder / "storage"
@@ -87,8 +115,16 @@ def settings(
     dicom.study_quiet_seconds = 1.5
     dicom.export_backoff = Backoff(initial_s=0.5, maximum_s=2.0)
     dicom.network_timeout_s = 10.0
+    password_file = folder / "archive-password"  # as a mounted secret would hold it
+    password_file.write_text(ARCHIVE_PASSWORD + "\n")
+    archive_credentials = HttpCredentials(
+        scheme="basic", username=ARCHIVE_USER, secret_file=password_file
+    )
     dicom.destinations = [
-        DicomDestination(ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port)
+        DimseDestination(ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port),
+        StowRsDestination(
+            kind="stow-rs", url=archive.dicomweb_url, credentials=archive_credentials
+        ),
     ]
     yield settings
     delete_topology(settings.rabbitmq)
@@ -134,7 +170,12 @@ def result_for(settings: Settings, study_uid: str) -> tuple[StudyResult, StudyRe
 
 
 def test_a_pacs_sends_studies_and_files_the_reports(
-    orthanc: Orthanc, listener: DicomListener, settings: Settings, fixtures_dir: Path, folder: Path
+    orthanc: Orthanc,
+    archive: Orthanc,
+    listener: DicomListener,
+    settings: Settings,
+    fixtures_dir: Path,
+    folder: Path,
 ) -> None:
     chest = source_header(fixtures_dir, CHEST)
     head = source_header(fixtures_dir, HEAD)
@@ -186,10 +227,29 @@ def test_a_pacs_sends_studies_and_files_the_reports(
         path = folder / f"orthanc-{name}-sr.dcm"
         document.save_as(path, enforce_file_format=True)
         assert dciodvfy_errors(path) == [], name
+    # The second destination, by STOW-RS: the same two instances filed in the archive.
+    for document in (chest_sr, head_sr):
+        filed = archived(archive, str(document.SOPInstanceUID))
+        assert filed.StudyInstanceUID == document.StudyInstanceUID
+        assert filed.PatientID == document.PatientID
+    for outbox in outboxes_of(settings):
+        wait_for(lambda outbox=outbox: outbox.pending() == [], 30, f"{outbox.name} emptied")
+        assert outbox.sent_count() == 2, outbox.name
+
+
+def archived(archive: Orthanc, sop_instance_uid: str) -> pydicom.Dataset:
+    return wait_for(
+        lambda: archive.instance(sop_instance_uid), 60, "the SR in the DICOMweb archive"
+    )
+
+
+def outboxes_of(settings: Settings) -> list[Outbox]:
+    """The PACS's (DIMSE) and the archive's (STOW-RS) outbox."""
+    return [Outbox(settings.storage.root, item) for item in settings.dicom.destinations]
 
 
 def outbox_of(settings: Settings) -> Outbox:
-    return Outbox(settings.storage.root, settings.dicom.destinations[0])
+    return outboxes_of(settings)[0]
 
 
 def test_reports_wait_for_a_pacs_that_is_down_and_are_sent_once(
@@ -198,6 +258,8 @@ def test_reports_wait_for_a_pacs_that_is_down_and_are_sent_once(
     study_uid = str(source_header(fixtures_dir, CHEST).StudyInstanceUID)
     before = len(orthanc.structured_reports(study_uid))
     sent_before = outbox_of(settings).sent_count()
+    archive_outbox = outboxes_of(settings)[1]
+    archived_before = archive_outbox.sent_count()
     orthanc.stop()
     try:
         # DCMTK's storescu, a second sender, sends the study straight to the listener.
@@ -214,6 +276,12 @@ def test_reports_wait_for_a_pacs_that_is_down_and_are_sent_once(
         )
         time.sleep(settings.dicom.export_backoff.maximum_s * 3)  # several failed sends
         assert len(outbox_of(settings).pending()) == 1
+        # A destination that is down holds back only its own reports: the archive has it.
+        wait_for(
+            lambda: archive_outbox.sent_count() == archived_before + 1,
+            30,
+            "the report in the DICOMweb archive while the PACS is down",
+        )
     finally:
         orthanc.start()
     wait_for(

@@ -224,11 +224,13 @@ def test_listener_hook_counts_what_the_listener_reports() -> None:
     for _ in range(30):
         metrics.instance_received()
     metrics.study_queued()
-    metrics.report_sent(delivered=False)
+    metrics.report_sent("stow-rs", delivered=False)
     metrics.outbox_depth.set(1)
     assert sample(registry, "cts_dicom_associations_total", result="rejected") == 1
     assert sample(registry, "cts_dicom_instances_received_total") == 30
     assert sample(registry, "cts_dicom_studies_queued_total") == 1
-    assert sample(registry, "cts_dicom_reports_sent_total", result="failed") == 1
-    assert sample(registry, "cts_dicom_reports_sent_total", result="delivered") == 0
+    assert sample(registry, "cts_dicom_reports_sent_total", kind="stow-rs", result="failed") == 1
+    assert sample(registry, "cts_dicom_reports_sent_total", kind="stow-rs", result="delivered") == 0
+    dimse_failed = {"kind": "dimse", "result": "failed"}  # exists at 0 before the first report
+    assert registry.get_sample_value("cts_dicom_reports_sent_total", dimse_failed) == 0.0
     assert sample(registry, "cts_dicom_outbox_depth") == 1

@@ -3,8 +3,9 @@ each complete study for screening, and send its structured report back.
 
 Listens on dicom.host:dicom.port (127.0.0.1:11112) as dicom.ae_title (CTS), answers C-ECHO;
 settings from configs/config.yaml and CTS__DICOM__* overrides (README, "Connect a PACS").
-Stops cleanly on SIGTERM or Ctrl-C; what it has received or still has to send is on disk
-and goes on after the next start.
+Exits 2 with the reason when the configuration is wrong (e.g. a destination's secret is
+missing). Stops cleanly on SIGTERM or Ctrl-C; what it has received or still has to send is
+on disk and goes on after the next start.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from types import FrameType
 from loguru import logger
 
 from services.core.config import load_settings
+from services.core.errors import ConfigurationError
 from services.core.logging_setup import configure_logging
 from services.dicom_listener.service import DicomListener
 from services.monitoring.server import serve_metrics
@@ -30,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     settings = load_settings(arguments.config)
     configure_logging(settings.logging.level)
-    listener = DicomListener(settings)
+    try:
+        listener = DicomListener(settings)
+    except ConfigurationError as error:  # e.g. a destination's secret is missing
+        logger.error("not started: {}", error)
+        return 2
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:
@@ -43,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.metrics, port=settings.metrics.dicom_listener_port, service="dicom listener"
     )
     listener.start()
-    destinations = ", ".join(
-        f"{item.ae_title}@{item.host}:{item.port}" for item in settings.dicom.destinations
-    )
+    destinations = ", ".join(sender.sink.describe() for sender in listener.senders)
     logger.info("structured reports go to: {}", destinations or "no destination configured")
     try:
         stop.wait()

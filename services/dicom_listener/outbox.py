@@ -1,34 +1,40 @@
-"""The persistent outbox of structured reports, one folder per destination.
+"""The persistent outbox of structured reports, one folder per destination (its name:
+``destination_name``).
 
     <root>/dicom/outbox/<destination>/<task_id>_<name>.dcm          waiting to be sent
     <root>/dicom/outbox/<destination>/sent/<task_id>_<name>.json    sent (when, to whom)
     <root>/dicom/outbox/<destination>/failed/<task_id>_<name>.dcm   refused by the destination
                                                                     (+ .json with its status)
 
-A report is copied in atomically; after the destination confirmed the C-STORE its "sent"
-marker is written and only then the copy removed, so a restart resends nothing that was
-confirmed. (A stop between the confirm and the marker sends that one report again on the
-next start: the SR's UIDs are derived from the task, so the PACS receives the same instance
-and keeps one.)
+A report is copied in atomically; after the destination confirmed it (C-STORE or
+STOW-RS) its "sent" marker is written and only then the copy removed, so a restart resends
+nothing that was confirmed. (A stop between the confirm and the marker sends that one
+report again on the next start: the SR's UIDs are derived from the task, so the
+destination receives the same instance and keeps one.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
 
 from services.broker.schemas import utc_now
 from services.broker.storage import write_atomically
-from services.core.config import DicomDestination
+from services.core.config import DimseDestination, ReportDestination
 from services.dicom_listener.studies import DICOM_DIR
 
 OUTBOX_DIR = "outbox"
 SENT_DIR = "sent"
 FAILED_DIR = "failed"
 REPORT_SUFFIX = ".dcm"
+STOW_RS_PREFIX = "stowrs_"
+DEFAULT_HTTP_PORTS = {"http": 80, "https": 443}
+MAX_STOW_RS_NAME = 120  # far below a file name's 255 bytes
 
 
 class DeliveryNote(BaseModel):
@@ -41,16 +47,33 @@ class DeliveryNote(BaseModel):
     status: str
 
 
-def destination_name(destination: DicomDestination) -> str:
-    """A folder name for a destination: its AE title, host and port, filesystem-safe."""
-    raw = f"{destination.ae_title}@{destination.host}_{destination.port}"
-    return re.sub(r"[^A-Za-z0-9_.@-]+", "_", raw)
+def destination_name(destination: ReportDestination) -> str:
+    """The outbox folder of a destination: filesystem-safe, from its address only (never
+    anything of a report), and different for the two kinds.
+
+    DIMSE keeps the name it had before STOW-RS destinations existed,
+    ``<AE title>@<host>_<port>``, so an upgraded listener goes on with the reports waiting
+    there and its sent/ markers (nothing is migrated). STOW-RS is
+    ``stowrs_<host>_<port>_<path>``. A DIMSE name always holds an "@" and a STOW-RS name
+    never does, so a destination of one kind cannot take the folder of the other.
+    """
+    if isinstance(destination, DimseDestination):
+        raw = f"{destination.ae_title}@{destination.host}_{destination.port}"
+        return re.sub(r"[^A-Za-z0-9_.@-]+", "_", raw)
+    url = urlsplit(destination.url)
+    port = url.port or DEFAULT_HTTP_PORTS[url.scheme]
+    raw = f"{STOW_RS_PREFIX}{url.hostname}_{port}_{url.path.strip('/')}"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", raw).rstrip("_")
+    if len(name) > MAX_STOW_RS_NAME:  # a long path: cut, with a digest to keep it unique
+        digest = hashlib.sha256(raw.encode()).hexdigest()[:12]
+        name = f"{name[: MAX_STOW_RS_NAME - len(digest) - 1]}_{digest}"
+    return name
 
 
 class Outbox:
     """The reports waiting for one destination."""
 
-    def __init__(self, storage_root: Path, destination: DicomDestination) -> None:
+    def __init__(self, storage_root: Path, destination: ReportDestination) -> None:
         self.destination = destination
         self.name = destination_name(destination)
         self.directory = Path(storage_root) / DICOM_DIR / OUTBOX_DIR / self.name

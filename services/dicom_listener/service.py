@@ -1,6 +1,6 @@
 """The listener's moving parts together: the C-STORE receiver, the thread that closes quiet
 studies and publishes their tasks, the thread that puts finished studies' SRs in the outbox,
-and one sender per destination.
+and one sender per destination (with the ReportSink of its kind: DIMSE or STOW-RS).
 
 Tasks are published without a reply queue: the listener reads each result from
 ``results/<task_id>.json``, which adapters store before they publish, so a result is never
@@ -10,6 +10,7 @@ missed, whether the listener was running when it came or not.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from loguru import logger
@@ -18,11 +19,11 @@ from tenacity import stop_when_event_set
 from services.broker.connection import CONNECTION_ERRORS, submit_task
 from services.broker.errors import PublishError
 from services.broker.storage import load_result
-from services.core.config import Settings
-from services.core.errors import WorkInterrupted
+from services.core.config import ReportDestination, Settings
+from services.core.errors import ConfigurationError, WorkInterrupted
 from services.core.retry import log_retry, retrying
-from services.dicom_listener.export import ReportSender
-from services.dicom_listener.outbox import Outbox
+from services.dicom_listener.export import ReportSender, create_sink
+from services.dicom_listener.outbox import Outbox, destination_name
 from services.dicom_listener.receiver import StoreReceiver
 from services.dicom_listener.studies import BatchRecord, BatchState, StudyBook
 from services.monitoring.dicom_listener import ListenerMetrics, listener_metrics
@@ -34,6 +35,16 @@ PUBLISH_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, PublishEr
 STOPPED_PUBLISHING: tuple[type[BaseException], ...] = (WorkInterrupted, *PUBLISH_ERRORS)
 
 
+def check_distinct_outboxes(destinations: Sequence[ReportDestination]) -> None:
+    """Two destinations with one outbox folder would have two senders on the same files."""
+    names = [destination_name(destination) for destination in destinations]
+    shared = sorted({name for name in names if names.count(name) > 1})
+    if shared:
+        raise ConfigurationError(
+            f"dicom.destinations lists the same destination more than once: {', '.join(shared)}"
+        )
+
+
 class DicomListener:
     """``start()``, then ``stop()``; ``port`` is the bound DICOM port."""
 
@@ -41,6 +52,10 @@ class DicomListener:
         self.settings = settings
         self.storage_root = settings.storage.root
         dicom = settings.dicom
+        # The destinations first: a wrong one (a missing secret, a folder shared by two)
+        # stops the listener before it touches the storage.
+        check_distinct_outboxes(dicom.destinations)
+        sinks = [create_sink(destination, dicom) for destination in dicom.destinations]
         self.metrics = metrics or listener_metrics()
         self.book = StudyBook(
             self.storage_root,
@@ -53,8 +68,8 @@ class DicomListener:
         ]
         self._stop = threading.Event()
         self.senders = [
-            ReportSender(outbox, settings=dicom, stop_event=self._stop, metrics=self.metrics)
-            for outbox in self.outboxes
+            ReportSender(outbox, sink, settings=dicom, stop_event=self._stop, metrics=self.metrics)
+            for outbox, sink in zip(self.outboxes, sinks, strict=True)
         ]
         self._threads = [
             threading.Thread(target=self._close_and_publish, name="study-closer", daemon=True),

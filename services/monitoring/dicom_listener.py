@@ -12,13 +12,16 @@ The listener serves them with::
     metrics.instance_received()              # each C-STORE it accepted
     metrics.study_queued()                   # a complete study became a task
     metrics.study_refused("too_large")       # a study it would not take, by reason
-    metrics.report_sent(delivered=True)      # each SR C-STORE to a destination
+    metrics.report_sent("dimse", delivered=True)  # each SR sent, by destination kind
     metrics.outbox_depth.set(len(outbox))    # reports waiting for a destination
 """
 
 from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+
+# Every kind of SR destination (services/core/config.py), so that each series exists at 0.
+DESTINATION_KINDS = ("dimse", "stow-rs")
 
 
 class ListenerMetrics:
@@ -47,8 +50,9 @@ class ListenerMetrics:
         )
         self.reports = Counter(
             "cts_dicom_reports_sent",
-            "Structured reports sent to a destination, by result (delivered / failed)",
-            ["result"],
+            "Structured reports sent to a destination, by kind of destination (dimse / "
+            "stow-rs) and result (delivered / failed)",
+            ["kind", "result"],
             registry=registry,
         )
         self.outbox_depth = Gauge(
@@ -58,8 +62,9 @@ class ListenerMetrics:
         )
         for result in ("accepted", "rejected"):
             self.associations.labels(result)
-        for result in ("delivered", "failed"):
-            self.reports.labels(result)
+        for kind in DESTINATION_KINDS:
+            for result in ("delivered", "failed"):
+                self.reports.labels(kind, result)
 
     def association(self, *, accepted: bool) -> None:
         self.associations.labels("accepted" if accepted else "rejected").inc()
@@ -74,8 +79,9 @@ class ListenerMetrics:
         """``reason``: a short fixed word (a label value), never anything from the data."""
         self.refused.labels(reason).inc()
 
-    def report_sent(self, *, delivered: bool) -> None:
-        self.reports.labels("delivered" if delivered else "failed").inc()
+    def report_sent(self, kind: str, *, delivered: bool) -> None:
+        """``kind``: the destination's kind (a fixed word of the configuration)."""
+        self.reports.labels(kind, "delivered" if delivered else "failed").inc()
 
 
 _PROCESS_METRICS: ListenerMetrics | None = None

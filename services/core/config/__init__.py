@@ -6,11 +6,17 @@ Environment variables override any leaf (``CTS__<SECTION>__<KEY>=value``, see lo
 Relative paths are relative to the project root.
 
 The rooms: ``base.py`` (strict sections, paths, the Backoff of every retry), ``pipeline.py``
-(the screening), ``services.py`` (the edges), ``loading.py`` (file + environment),
+(the screening), ``services.py`` (the edges), ``destinations.py`` (where SRs go), ``loading.py`` (file + environment),
 ``document.py`` (the generated YAML).
 """
 
 from services.core.config.base import AE_TITLE_PATTERN, PROJECT_ROOT, Backoff
+from services.core.config.destinations import (
+    DimseDestination,
+    HttpCredentials,
+    ReportDestination,
+    StowRsDestination,
+)
 from services.core.config.loading import (
     DEFAULT_CONFIG_PATH,
     ENV_PREFIX,
@@ -26,7 +32,6 @@ from services.core.config.pipeline import (
     SeriesSelectionSettings,
 )
 from services.core.config.services import (
-    DicomDestination,
     DicomSettings,
     FrontendSettings,
     LoggingSettings,
@@ -42,9 +47,10 @@ __all__ = [
     "PROJECT_ROOT",
     "Backoff",
     "ChestCheckSettings",
-    "DicomDestination",
     "DicomSettings",
+    "DimseDestination",
     "FrontendSettings",
+    "HttpCredentials",
     "InferenceSettings",
     "IntakeSettings",
     "LoggingSettings",
@@ -52,8 +58,10 @@ __all__ = [
     "MetricsSettings",
     "QualitySettings",
     "RabbitMQSettings",
+    "ReportDestination",
     "SeriesSelectionSettings",
     "Settings",
     "StorageSettings",
+    "StowRsDestination",
     "load_settings",
 ]

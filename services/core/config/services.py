@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from services.core.config.base import AE_TITLE_PATTERN, Backoff, Section, resolve_path
+from services.core.config.destinations import ReportDestination
 
 
 class StorageSettings(Section):
@@ -51,14 +52,6 @@ class FrontendSettings(Section):
     )
 
 
-class DicomDestination(Section):
-    """A DICOM node that receives the structured reports by C-STORE (a PACS)."""
-
-    ae_title: str = Field(pattern=AE_TITLE_PATTERN, description="the PACS's called AE title")
-    host: str
-    port: int = Field(ge=1, le=65535)
-
-
 class DicomSettings(Section):
     """Hospital integration over DICOM: the listener (python -m services.dicom_listener)
     receives studies by C-STORE and sends each study's structured report back."""
@@ -75,16 +68,28 @@ class DicomSettings(Section):
     max_study_mb: int = Field(
         4096, gt=0, description="a larger study is refused (C-STORE Out of Resources)"
     )
-    destinations: list[DicomDestination] = Field(
+    destinations: list[ReportDestination] = Field(
         default_factory=list,
         description="where every received study's SR goes, e.g. "
-        "[{ae_title: PACS, host: 10.0.0.5, port: 104}]",
+        "[{kind: dimse, ae_title: PACS, host: 10.0.0.5, port: 104}, "
+        "{kind: stow-rs, url: 'https://vna.example/dicom-web'}] (README, Connect a PACS)",
     )
     export_backoff: Backoff = Field(
         Backoff(initial_s=2.0, maximum_s=60.0),
         description="waits between sends of an SR to a destination that is down",
     )
     network_timeout_s: float = Field(30.0, gt=0, description="DIMSE and network timeouts")
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _dimse_when_no_kind(cls, value: object) -> object:
+        """Configuration files from before STOW-RS list destinations without a kind: DIMSE."""
+        if not isinstance(value, list):
+            return value
+        return [
+            {**item, "kind": "dimse"} if isinstance(item, dict) and "kind" not in item else item
+            for item in value
+        ]
 
 
 class LoggingSettings(Section):
