@@ -32,9 +32,9 @@ from services.core.config import Backoff, MetricsSettings, load_settings
 from services.core.errors import ModelServerUnavailable
 from services.core.inference.base import ModelOutputs
 from services.core.schemas import ProcessingStatus, StudyReport
+from services.dicom_listener.metrics import ListenerMetrics
 from services.frontend.metrics import FrontendMetrics, Refusal
 from services.frontend.uploads import plan_uploads
-from services.monitoring.dicom_listener import ListenerMetrics
 from services.monitoring.server import serve_metrics
 
 

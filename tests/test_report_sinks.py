@@ -43,6 +43,7 @@ from services.core.dicom.headers import read_studies
 from services.core.errors import ConfigurationError
 from services.core.schemas import IntakeSummary, ProcessingStatus, StudyReport
 from services.dicom_listener.export import ReportSender, create_sink
+from services.dicom_listener.metrics import DESTINATION_KINDS, ListenerMetrics
 from services.dicom_listener.outbox import FAILED_DIR, SENT_DIR, Outbox, destination_name
 from services.dicom_listener.report_sink import DestinationRefused, DestinationUnavailable
 from services.dicom_listener.service import check_distinct_outboxes
@@ -54,7 +55,6 @@ from services.dicom_listener.stow_rs_sink import (
     read_stow_answer,
     stow_outcome,
 )
-from services.monitoring.dicom_listener import DESTINATION_KINDS, ListenerMetrics
 from services.sr.document import DocumentContext, build_structured_report
 from services.sr.evidence import read_evidence
 from services.triton.local_server import free_local_ports

@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
 import sys
+import threading
 from pathlib import Path
-from types import FrameType
-
-from loguru import logger
 
 from services.adapter.consumer import Adapter, default_adapter_id
 from services.adapter.housekeeping import use_own_temp_dir
 from services.core.config import load_settings
 from services.core.logging_setup import configure_logging
 from services.core.process_memory import apply_memory_settings
-from services.monitoring.server import serve_metrics
+from services.monitoring.runner import ServiceRun, run_service
 
 
 def _parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -57,27 +54,22 @@ def main(argv: list[str] | None = None) -> int:
         drain_timeout_s=arguments.drain_timeout,
     )
 
-    def request_stop(signum: int, _frame: FrameType | None) -> None:
-        logger.info("signal {} received: stopping", signum)
-        adapter.request_stop()
+    def serve(_stop: threading.Event) -> None:
+        # Unpacked studies go to a folder of this process: if it is killed mid-study, the
+        # other adapters find and remove them (services/adapter/housekeeping.py).
+        temp_dir = use_own_temp_dir()
+        try:
+            adapter.run()  # until request_stop, which the stop signals call
+        finally:
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    # Unpacked studies go to a folder of this process: if it is killed mid-study, the
-    # other adapters find and remove them (services/adapter/housekeeping.py).
-    temp_dir = use_own_temp_dir()
-    metrics = serve_metrics(
-        settings.metrics,
-        port=settings.metrics.adapter_port,
-        service=f"adapter {adapter.adapter_id}",
+    run = ServiceRun(
+        name=f"adapter {adapter.adapter_id}",
+        settings=settings,
+        metrics_port=settings.metrics.adapter_port,
+        on_stop=adapter.request_stop,
     )
-    try:
-        adapter.run()
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        if metrics is not None:
-            metrics.close()
-    return 0
+    return run_service(run, serve)
 
 
 if __name__ == "__main__":

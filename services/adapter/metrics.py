@@ -10,6 +10,7 @@ services/core/pipeline/events.py), so the histogram and the JSON report agree.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from enum import Enum
@@ -142,15 +143,10 @@ class AdapterMetrics:
         self.waited(WAIT_MODEL_SERVER, seconds)
 
 
-_PROCESS_METRICS: AdapterMetrics | None = None
-
-
+@functools.cache
 def adapter_metrics() -> AdapterMetrics:
     """This process's adapter metrics, on the default registry (created once)."""
-    global _PROCESS_METRICS
-    if _PROCESS_METRICS is None:
-        _PROCESS_METRICS = AdapterMetrics()
-    return _PROCESS_METRICS
+    return AdapterMetrics()
 
 
 class MeteredBackend:

@@ -11,11 +11,9 @@ on disk and goes on after the next start.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
 from pathlib import Path
-from types import FrameType
 
 from loguru import logger
 
@@ -23,7 +21,7 @@ from services.core.config import load_settings
 from services.core.errors import ConfigurationError
 from services.core.logging_setup import configure_logging
 from services.dicom_listener.service import DicomListener
-from services.monitoring.server import serve_metrics
+from services.monitoring.runner import ServiceRun, run_service
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,27 +35,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigurationError as error:  # e.g. a destination's secret is missing
         logger.error("not started: {}", error)
         return 2
-    stop = threading.Event()
 
-    def request_stop(signum: int, _frame: FrameType | None) -> None:
-        logger.info("signal {} received: stopping", signum)
-        stop.set()
+    def serve(stop: threading.Event) -> None:
+        listener.start()
+        destinations = ", ".join(sender.sink.describe() for sender in listener.senders)
+        logger.info("structured reports go to: {}", destinations or "no destination configured")
+        try:
+            stop.wait()
+        finally:
+            listener.stop()
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    metrics = serve_metrics(
-        settings.metrics, port=settings.metrics.dicom_listener_port, service="dicom listener"
+    run = ServiceRun(
+        name="dicom listener", settings=settings, metrics_port=settings.metrics.dicom_listener_port
     )
-    listener.start()
-    destinations = ", ".join(sender.sink.describe() for sender in listener.senders)
-    logger.info("structured reports go to: {}", destinations or "no destination configured")
-    try:
-        stop.wait()
-    finally:
-        listener.stop()
-        if metrics is not None:
-            metrics.close()
-    return 0
+    return run_service(run, serve)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from services.core.config import DicomSettings, DimseDestination, ReportDestinat
 from services.core.errors import WorkInterrupted
 from services.core.retry import log_retry, retrying
 from services.dicom_listener.dimse_sink import DimseSink
+from services.dicom_listener.metrics import ListenerMetrics
 from services.dicom_listener.outbox import Outbox
 from services.dicom_listener.report_sink import (
     DestinationRefused,
@@ -30,7 +31,6 @@ from services.dicom_listener.report_sink import (
     ReportSink,
 )
 from services.dicom_listener.stow_rs_sink import StowRsSink
-from services.monitoring.dicom_listener import ListenerMetrics
 
 IDLE_POLL_S = 2.0  # an idle sender looks at its outbox this often (enqueue also wakes it)
 

@@ -22,8 +22,8 @@ from services.dicom_listener.contexts import (
     VERIFICATION,
     is_image,
 )
+from services.dicom_listener.metrics import ListenerMetrics
 from services.dicom_listener.studies import StudyBook
-from services.monitoring.dicom_listener import ListenerMetrics
 
 # C-STORE failure statuses (PS3.4 B.2.3).
 OUT_OF_RESOURCES = 0xA700

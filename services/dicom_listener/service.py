@@ -23,10 +23,10 @@ from services.core.config import ReportDestination, Settings
 from services.core.errors import ConfigurationError, WorkInterrupted
 from services.core.retry import log_retry, retrying
 from services.dicom_listener.export import ReportSender, create_sink
+from services.dicom_listener.metrics import ListenerMetrics, listener_metrics
 from services.dicom_listener.outbox import Outbox, destination_name
 from services.dicom_listener.receiver import StoreReceiver
 from services.dicom_listener.studies import BatchRecord, BatchState, StudyBook
-from services.monitoring.dicom_listener import ListenerMetrics, listener_metrics
 
 TICK_S = 0.5  # how often quiet studies are closed and results looked for
 SR_KIND = "sr"

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import threading
 from pathlib import Path
-from types import FrameType
+from typing import Any
 
 # No telemetry from a hospital network (and these machines have no internet anyway).
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -22,7 +21,7 @@ from services.core.config import load_settings
 from services.core.logging_setup import configure_logging
 from services.frontend.service import FrontendService
 from services.frontend.sessions import SESSIONS_DIR
-from services.monitoring.server import serve_metrics
+from services.monitoring.runner import ServiceRun, run_service
 
 
 def parse_auth(auth: str | None) -> tuple[str, str] | None:
@@ -46,17 +45,36 @@ def main(argv: list[str] | None = None) -> int:
     # Gradio keeps uploads here until the study is queued (then they are moved next to it,
     # on the same file system); refused leftovers are swept after a day (see app.py).
     os.environ.setdefault("GRADIO_TEMP_DIR", str(root / "frontend" / "incoming"))
-    from starlette.routing import Mount
-
-    from services.frontend.api import API_PREFIX, build_rest_api
-    from services.frontend.app import PAGE_CSS, build_app
+    from services.frontend.api import build_rest_api
+    from services.frontend.app import build_app
 
     service = FrontendService(settings)
-    service.start()
-    metrics = serve_metrics(
-        settings.metrics, port=settings.metrics.frontend_port, service="frontend"
-    )
     app = build_app(service)
+
+    def serve(stop: threading.Event) -> None:
+        service.start()
+        try:
+            _launch(app, service, build_rest_api(service))
+            stop.wait()
+            app.close()
+        finally:
+            service.stop()
+
+    run = ServiceRun(
+        name="frontend", settings=settings, metrics_port=settings.metrics.frontend_port
+    )
+    return run_service(run, serve)
+
+
+def _launch(app: Any, service: FrontendService, rest_api: Any) -> None:
+    """The page and the REST API on one server, in threads of their own."""
+    from starlette.routing import Mount
+
+    from services.frontend.api import API_PREFIX
+    from services.frontend.app import PAGE_CSS
+
+    settings = service.settings
+    root = settings.storage.root
     app.launch(
         server_name=settings.frontend.host,
         server_port=settings.frontend.port,
@@ -70,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         footer_links=[],
         css=PAGE_CSS,
         # The REST API (services/frontend/api/): routes given to the app's constructor come first.
-        app_kwargs={"routes": [Mount(API_PREFIX, app=build_rest_api(service))]},
+        app_kwargs={"routes": [Mount(API_PREFIX, app=rest_api)]},
     )
     logger.info(
         "frontend {} on http://{}:{} (reply queue {})",
@@ -79,20 +97,6 @@ def main(argv: list[str] | None = None) -> int:
         settings.frontend.port,
         service.reply_queue,
     )
-    stop = threading.Event()
-
-    def request_stop(signum: int, _frame: FrameType | None) -> None:
-        logger.info("signal {} received: stopping", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    stop.wait()
-    app.close()
-    service.stop()
-    if metrics is not None:
-        metrics.close()
-    return 0
 
 
 if __name__ == "__main__":

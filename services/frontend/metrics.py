@@ -6,6 +6,7 @@ One :class:`FrontendMetrics` per process (:func:`frontend_metrics`); tests pass 
 
 from __future__ import annotations
 
+import functools
 from enum import Enum
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
@@ -70,12 +71,7 @@ class FrontendMetrics:
         self.reply_lag_seconds.observe(max(lag, 0.0))  # clocks of two hosts may disagree a bit
 
 
-_PROCESS_METRICS: FrontendMetrics | None = None
-
-
+@functools.cache
 def frontend_metrics() -> FrontendMetrics:
     """This process's frontend metrics, on the default registry (created once)."""
-    global _PROCESS_METRICS
-    if _PROCESS_METRICS is None:
-        _PROCESS_METRICS = FrontendMetrics()
-    return _PROCESS_METRICS
+    return FrontendMetrics()

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the services: the ``/metrics`` endpoint (server.py) and the metrics
-of the DICOM listener (dicom_listener.py). The adapter's and the frontend's own metrics live
-next to the code they count (services/adapter/metrics.py, services/frontend/metrics.py).
+"""What every service process shares: its ``/metrics`` endpoint (server.py) and the way its
+entry point runs (runner.py). Each service's own metrics live next to the code they count
+(services/adapter/metrics.py, services/frontend/metrics.py, services/dicom_listener/metrics.py).
 """

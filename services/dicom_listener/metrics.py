@@ -2,7 +2,7 @@
 
 The listener serves them with::
 
-    from services.monitoring.dicom_listener import listener_metrics
+    from services.dicom_listener.metrics import listener_metrics
     from services.monitoring.server import serve_metrics
 
     endpoint = serve_metrics(settings.metrics, port=settings.metrics.dicom_listener_port,
@@ -17,6 +17,8 @@ The listener serves them with::
 """
 
 from __future__ import annotations
+
+import functools
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
@@ -84,12 +86,7 @@ class ListenerMetrics:
         self.reports.labels(kind, "delivered" if delivered else "failed").inc()
 
 
-_PROCESS_METRICS: ListenerMetrics | None = None
-
-
+@functools.cache
 def listener_metrics() -> ListenerMetrics:
     """This process's listener metrics, on the default registry (created once)."""
-    global _PROCESS_METRICS
-    if _PROCESS_METRICS is None:
-        _PROCESS_METRICS = ListenerMetrics()
-    return _PROCESS_METRICS
+    return ListenerMetrics()

@@ -1,0 +1,63 @@
+"""How every long-running service's entry point runs (the adapter, the frontend, the DICOM
+listener): its log set-up, SIGTERM and Ctrl-C turned into a clean stop, its ``/metrics``
+endpoint, and the endpoint closed however the service ends.
+
+    def main(argv=None) -> int:
+        settings = load_settings(...)
+        configure_logging(settings.logging.level)
+        service = DicomListener(settings)
+        return run_service(
+            ServiceRun(name="dicom listener", settings=settings,
+                       metrics_port=settings.metrics.dicom_listener_port),
+            serve=lambda stop: (service.start(), stop.wait(), service.stop()),
+        )
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+
+from loguru import logger
+
+from services.core.config import Settings
+from services.monitoring.server import serve_metrics
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@dataclass
+class ServiceRun:
+    """One service process: what it is called in the logs, its settings, its metrics port."""
+
+    name: str
+    settings: Settings
+    metrics_port: int
+    # Set by SIGTERM / SIGINT; the service returns from ``serve`` once it is set.
+    stop: threading.Event = field(default_factory=threading.Event)
+    # Called from the signal handler besides setting ``stop`` (e.g. the adapter's request_stop).
+    on_stop: Callable[[], None] | None = None
+
+    def request_stop(self, signum: int, _frame: FrameType | None) -> None:
+        logger.info("signal {} received: stopping", signum)
+        self.stop.set()
+        if self.on_stop is not None:
+            self.on_stop()
+
+
+def run_service(run: ServiceRun, serve: Callable[[threading.Event], object]) -> int:
+    """Run ``serve(stop)`` with the stop signals handled and ``/metrics`` served; 0 after it
+    returned (a service that cannot start says why and returns its own code earlier)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, run.request_stop)
+    metrics = serve_metrics(run.settings.metrics, port=run.metrics_port, service=run.name)
+    try:
+        serve(run.stop)
+    finally:
+        if metrics is not None:
+            metrics.close()
+    logger.info("{} stopped", run.name)
+    return 0
