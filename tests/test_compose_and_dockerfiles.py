@@ -203,3 +203,20 @@ def test_triton_image_is_nvidia_tritonserver() -> None:
     assert len(from_lines) == 1
     assert from_lines[0].startswith("FROM nvcr.io/nvidia/tritonserver:")
     assert "--model-repository=/models" in text
+
+
+def test_local_and_remote_stacks_differ_only_in_where_images_and_data_come_from(
+    tmp_path: Path,
+) -> None:
+    """Both files take their services from compose.base.yaml: apart from the image source
+    (build here or pull) and the two data volumes, the stacks are the same."""
+    environment = {**CREDENTIALS, **REMOTE}
+    local = compose_model("compose.local.yaml", environment, tmp_path)
+    remote = compose_model("compose.remote.yaml", environment, tmp_path)
+    source_keys = {"build", "image", "pull_policy"}
+    for name in SERVICES:
+        mine = {k: v for k, v in local["services"][name].items() if k not in source_keys}
+        theirs = {k: v for k, v in remote["services"][name].items() if k not in source_keys}
+        assert mine == theirs, name
+    assert set(local["volumes"]) == set(remote["volumes"])
+    assert local["configs"] == remote["configs"]
