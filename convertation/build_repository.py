@@ -46,7 +46,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from loguru import logger
@@ -272,7 +272,7 @@ def build_repository(repository: Path, flavour: Flavour, models: ModelSet) -> Bu
     metadata = ModelMetadata(
         demo=models.demo,
         flavour=flavour.value,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         target_shape=target_shape,
         target_spacing_mm=target_spacing_for(target_shape),
         embedding_dim=models.embedding_dim,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -54,7 +54,7 @@ def test_auth_setting_is_parsed_strictly() -> None:
 # -- the worklist and the study view (pure) ----------------------------------------------------
 
 HOSTILE = "<img src=x onerror=alert(1)>"
-NOW = datetime(2026, 1, 2, 10, 30, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 2, 10, 30, tzinfo=UTC)
 
 
 def session_task(name: str, minute: int = 0, **fields: object) -> SessionTask:
