@@ -3,39 +3,29 @@ and DICOM-listener tests). Not a test module."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
 
-import pytest
+from preconditions import missing_precondition
 from pydicom.dataset import Dataset
 
 
-def missing_dependency(message: str) -> NoReturn:
-    """CI installs every Debian dependency (scripts/ensure_services.sh), so there a missing
-    one fails; elsewhere the test skips with the reason."""
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 def require_tool(name: str, package: str) -> str:
-    """The path of a Debian tool (see missing_dependency when it is not there)."""
+    """The path of a Debian tool (see preconditions.missing_precondition when it is not there)."""
     path = shutil.which(name)
     if path is None:
-        missing_dependency(
+        missing_precondition(
             f"{name} is not installed (Debian package {package}; scripts/ensure_services.sh)"
         )
     return path
 
 
 def require_file(path: Path, package: str) -> Path:
-    """A file a Debian package installs, e.g. a plugin (see missing_dependency)."""
+    """A file a Debian package installs, e.g. a plugin (see preconditions.missing_precondition)."""
     if not path.is_file():
-        missing_dependency(
+        missing_precondition(
             f"{path} is not installed (Debian package {package}; scripts/ensure_services.sh)"
         )
     return path

@@ -41,6 +41,7 @@ from fault_support import (
     triton_leftovers,
 )
 from netns_support import netns_unavailable
+from preconditions import require
 from stack_support import wait_for, zip_directory
 
 from services.broker.schemas import TaskStatus
@@ -174,9 +175,7 @@ class ChaosMonkey:
 def cluster(
     tiny_model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
-    reason = netns_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
+    require(netns_unavailable())  # root and iproute2; CI has both
     hosts = Cluster(
         repository=tiny_model_repository,
         workdir=tmp_path_factory.mktemp("chaos"),

@@ -94,6 +94,16 @@ def outcomes(request: pytest.FixtureRequest) -> Iterator[list[Outcome]]:
     print("\n" + format_table(rows))  # also in the captured output (-s, -rA)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def broker_left_running() -> Iterator[None]:
+    """Later tests and other developers share the system broker: whatever a scenario did to
+    it, the module leaves it accepting clients (a teardown, not a test)."""
+    yield
+    settings = RabbitMQSettings()
+    ensure_rabbitmq_running(settings)
+    connect(settings, name="fault suite final check", give_up_after_s=10).close()
+
+
 # -- the stack ------------------------------------------------------------------------------
 
 
@@ -551,11 +561,3 @@ def test_a_study_too_big_to_unpack_is_refused_at_upload(tmp_path: Path) -> None:
     assert bomb.exists()
     assert not small.exists()
     assert [task.original_filename for task in service.session(token).tasks] == ["small.zip"]
-
-
-def test_rabbitmq_is_up_after_the_suite() -> None:
-    """Later tests and other developers share the system broker."""
-    settings = RabbitMQSettings()
-    ensure_rabbitmq_running(settings)
-    connection = connect(settings, name="fault suite final check", give_up_after_s=10)
-    connection.close()

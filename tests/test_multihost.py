@@ -39,6 +39,7 @@ from fault_support import (
     format_table,
 )
 from netns_support import netns_unavailable
+from preconditions import require
 from stack_support import PROJECT_ROOT, wait_for, zip_directory
 
 from services.broker.schemas import TaskStatus
@@ -109,9 +110,7 @@ def repository_with_probe(tiny: Path, target: Path) -> Path:
 def cluster(
     tiny_model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
-    reason = netns_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
+    require(netns_unavailable())  # root and iproute2; CI has both
     workdir = tmp_path_factory.mktemp("multihost")
     hosts = Cluster(
         repository=repository_with_probe(tiny_model_repository, workdir / "repository"),
