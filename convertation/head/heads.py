@@ -19,9 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from convertation.checkpoints import load_strict, read_checkpoint
+from services.core.labels import FINDING_LABELS
 
 EMBEDDING_DIM = 512
-N_FINDINGS = 20
+N_FINDINGS = len(FINDING_LABELS)  # one output per finding, in the label list's order
 DROPOUT = 0.2
 LEAKY_SLOPE = 0.01
 

@@ -1,4 +1,8 @@
-"""The 20 findings in model output order and their severity order (docs/ARCHITECTURE.md, Contracts)."""
+"""The findings in model output order and their severity order (docs/ARCHITECTURE.md,
+Contracts). The one place they are written: every count of findings is len(FINDING_LABELS).
+
+A finding is only ever appended (docs/ARCHITECTURE.md, "Where a change goes"): its index is the
+output index of the deployed heads, and trained heads and stored reports refer to it."""
 
 from __future__ import annotations
 
