@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tritonclient.grpc as grpcclient
 
@@ -295,7 +296,7 @@ def stage_medians(runs: list[dict[str, float]]) -> dict[str, float]:
     return {name: round(statistics.median(run.get(name, 0.0) for run in runs), 4) for name in names}
 
 
-def measure_overhead(study: Path, repository: Path, runs: int, workdir: Path) -> dict[str, object]:
+def measure_overhead(study: Path, repository: Path, runs: int, workdir: Path) -> dict[str, Any]:
     """One adapter against embedded mode, interleaved (ABBA), located by stage and Triton."""
     settings, backend = _embedded(repository)
     apply_memory_settings(settings.memory)  # as the batch does
