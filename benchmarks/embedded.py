@@ -21,13 +21,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 from loguru import logger
 
 from benchmarks import PROJECT_ROOT
 from benchmarks.measure import MIB, status_mib, table_row
 from benchmarks.studies import STUDY_300, STUDY_600
+from services.core.arrays import ModelInput
 from services.core.config import Settings, load_settings
 from services.core.inference import create_backend
 from services.core.inference.base import InferenceBackend
@@ -85,7 +86,7 @@ def screened(report: StudyReport, study: Path) -> StudyReport:
     return report
 
 
-def model_input_of(source: Path, settings: Settings) -> np.ndarray:
+def model_input_of(source: Path, settings: Settings) -> ModelInput:
     """The model input of a one-study input (zip or folder), as the pipeline prepares it."""
     target = preprocessing_target(read_metadata(settings.inference.model_repository))
     ready = [
@@ -158,7 +159,7 @@ def run_in_fresh_process(
     keep_freed_memory: bool | None = None,
     repository: Path | None = None,
     options: tuple[str, ...] = (),
-) -> dict:
+) -> dict[str, Any]:
     """``python -m benchmarks.embedded`` in a new process (``options`` are its flags), with
     ``memory.keep_freed_memory`` set when given (else as configured)."""
     environment = {key: value for key, value in os.environ.items() if key not in MALLOC_VARIABLES}

@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -27,10 +28,13 @@ import onnxruntime as ort
 from benchmarks.embedded import benchmark_settings, model_input_of
 from benchmarks.limit import node_gflop
 from benchmarks.studies import STUDY_300, ensure_studies
+from services.core.arrays import Embedding, ModelInput
 from services.core.inference.onnxruntime_backend import onnx_paths, session_options
 from services.core.model_metadata import ENCODER_NAME, read_metadata
 
-CPU = ["CPUExecutionProvider"]
+# An execution provider: its name, or its name with its options.
+Provider = str | tuple[str, dict[str, Any]]
+CPU: list[Provider] = ["CPUExecutionProvider"]
 MIN_COSINE = 0.999
 MAX_ABS_DIFF = 0.01
 WIRE_NOISE = 1e-6  # the input perturbation that shows how sensitive the embedding is
@@ -53,13 +57,13 @@ class Agreement:
         return self.cosine >= MIN_COSINE and self.max_abs_diff <= MAX_ABS_DIFF
 
 
-def agreement(name: str, reference: np.ndarray, candidate: np.ndarray) -> Agreement:
+def agreement(name: str, reference: Embedding, candidate: Embedding) -> Agreement:
     a, b = reference.ravel().astype(np.float64), candidate.ravel().astype(np.float64)
     cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
     return Agreement(name, cosine, float(np.abs(a - b).max()))
 
 
-def _run(session: ort.InferenceSession, volume: np.ndarray) -> np.ndarray:
+def _run(session: ort.InferenceSession, volume: ModelInput) -> Embedding:
     return session.run(None, {session.get_inputs()[0].name: volume})[0]
 
 
@@ -78,7 +82,7 @@ class Candidate:
     label: str
     path: Path
     options: Callable[[], ort.SessionOptions] = configured_options
-    providers: list = field(default_factory=lambda: CPU)
+    providers: list[Provider] = field(default_factory=lambda: CPU)
 
 
 @dataclass
@@ -87,7 +91,7 @@ class CandidateResult:
     provider: str  # the session's first provider: the one that runs the graph
     session_start_s: float
     first_run_s: float  # the warm-up run: allocations, engine builds
-    embedding: np.ndarray  # of the warm-up run
+    embedding: Embedding  # of the warm-up run
     seconds: list[float] = field(default_factory=list)
 
     @property
@@ -99,7 +103,7 @@ class CandidateResult:
         return min(self.seconds)
 
 
-def compare(candidates: list[Candidate], volume: np.ndarray, runs: int) -> list[CandidateResult]:
+def compare(candidates: list[Candidate], volume: ModelInput, runs: int) -> list[CandidateResult]:
     """Every candidate ``runs`` times, interleaved, after one warm-up run each."""
     sessions, results = [], []
     for candidate in candidates:
@@ -134,13 +138,13 @@ class OperatorShare:
         return self.gflop / self.seconds if self.seconds else 0.0
 
 
-def _shapes(entries: list[dict]) -> list[list[int]]:
+def _shapes(entries: list[dict[str, list[int]]]) -> list[list[int]]:
     return [next(iter(entry.values())) for entry in entries]
 
 
 def profile_operators(
     path: Path,
-    volume: np.ndarray,
+    volume: ModelInput,
     runs: int = 2,
     options_factory: Callable[[], ort.SessionOptions] | None = None,
 ) -> list[OperatorShare]:
@@ -177,7 +181,7 @@ def profile_operators(
     return sorted(shares, key=lambda share: -share.seconds)
 
 
-def wire_format_check(path: Path, model_input: np.ndarray) -> tuple[Agreement, Agreement, float]:
+def wire_format_check(path: Path, model_input: ModelInput) -> tuple[Agreement, Agreement, float]:
     """A half-size wire format (FP16 input, cast back to FP32 inside the graph; rounding to
     FP16 and back is exactly what a Cast node computes) against FP32, and for scale uniform
     noise of +-WIRE_NOISE: both agreements and the largest input rounding."""
@@ -196,7 +200,9 @@ def wire_format_check(path: Path, model_input: np.ndarray) -> tuple[Agreement, A
 # -- execution providers (the command) ------------------------------------------------------
 
 
-def provider_chain(name: str, input_name: str, shape: tuple[int, ...], cache: Path) -> list:
+def provider_chain(
+    name: str, input_name: str, shape: tuple[int, ...], cache: Path
+) -> list[Provider]:
     """The providers list for ``name``, with the options each needs."""
     cuda = ("CUDAExecutionProvider", {"device_id": 0})
     if name == "cpu":
@@ -210,14 +216,14 @@ def provider_chain(name: str, input_name: str, shape: tuple[int, ...], cache: Pa
     return [("TensorrtExecutionProvider", tensorrt), cuda, *CPU]
 
 
-def batch_of(volume: np.ndarray, batch: int) -> np.ndarray:
+def batch_of(volume: ModelInput, batch: int) -> ModelInput:
     """``batch`` copies of a ``[1, 1, D, H, W]`` volume, contiguous."""
     return np.ascontiguousarray(np.repeat(volume, batch, axis=0))
 
 
 def measure_providers(
-    encoder: Path, names: list[str], volume: np.ndarray, batches: list[int], runs: int
-) -> list[dict]:
+    encoder: Path, names: list[str], volume: ModelInput, batches: list[int], runs: int
+) -> list[dict[str, Any]]:
     """Per provider: a status ("ok" or why not measured) and per batch the latency, the
     volumes per second, the first run and the parity of every volume against CPU FP32."""
     cpu = ort.InferenceSession(str(encoder), providers=CPU)
@@ -226,7 +232,7 @@ def measure_providers(
     available, results = ort.get_available_providers(), []
     with tempfile.TemporaryDirectory(prefix="cts-trt-cache-") as cache:
         for name in names:
-            result: dict = {"provider": name, "status": "ok", "by_batch": {}}
+            result: dict[str, Any] = {"provider": name, "status": "ok", "by_batch": {}}
             results.append(result)
             if PROVIDER_NAMES[name] not in available:
                 result["status"] = f"not available in this build (has {', '.join(available)})"

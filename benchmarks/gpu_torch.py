@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from convertation.vit.ctvit import build_demo_encoder
 from convertation.vit.ctvit_config import FULL_CTVIT_CONFIG, FULL_DIM_LATENT
+from services.core.arrays import Int16Array
 from services.core.preprocessing import PreprocessingTarget, preprocess_array, resized_shape
 
 SHAPE = (300, 512, 512)
@@ -43,7 +44,7 @@ TOLERANCE = {"cosine": 0.999, "max_abs_diff": 0.01}  # convertation/precision.py
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 
-def ct_like_volume(seed: int) -> np.ndarray:
+def ct_like_volume(seed: int) -> Int16Array:
     """A smooth random field in HU: air around a body, lungs darker, bone brighter."""
     generator = torch.Generator().manual_seed(seed)
     coarse = torch.randn((1, 1, 12, 24, 24), generator=generator)

@@ -18,10 +18,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from services.core.arrays import ModelInput
 
 GEMM_RUNS_PER_ROUND = 3
 CPU = ["CPUExecutionProvider"]
@@ -42,20 +45,20 @@ class GemmShape:
         return f"{self.m}x{self.k} @ {self.k}x{self.n}"
 
 
-def _grid(ctvit: dict) -> tuple[int, int, int]:
+def _grid(ctvit: dict[str, Any]) -> tuple[int, int, int]:
     """(t, h, w) tokens of the encoder's input."""
     side = ctvit["image_size"] // ctvit["patch_size"]
     depth = ctvit.get("input_depth") or side * ctvit["temporal_patch_size"]
     return depth // ctvit["temporal_patch_size"], side, side
 
 
-def peak_gemm_shape(ctvit: dict) -> GemmShape:
+def peak_gemm_shape(ctvit: dict[str, Any]) -> GemmShape:
     """tokens x dim @ dim x 4 dim: the shape of the encoder's largest products."""
     t, h, w = _grid(ctvit)
     return GemmShape(t * h * w, ctvit["dim"], 4 * ctvit["dim"])
 
 
-def encoder_gflop(ctvit: dict, dim_latent: int) -> dict[str, float]:
+def encoder_gflop(ctvit: dict[str, Any], dim_latent: int) -> dict[str, float]:
     """The encoder's arithmetic per volume (multiply-adds x 2), by part.
 
     Patch embedding, per layer q/k/v/out projections, attention scores and weighted sums,
@@ -165,9 +168,9 @@ class LimitResult:
 
 def measure_limit(
     encoder: Path,
-    volume: np.ndarray,
+    volume: ModelInput,
     *,
-    ctvit: dict,
+    ctvit: dict[str, Any],
     dim_latent: int,
     options: Callable[[], ort.SessionOptions],
     rounds: int,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -13,6 +14,7 @@ from benchmarks import cold_start
 from benchmarks import encoder as enc
 from benchmarks.limit import GEMM_RUNS_PER_ROUND, LimitResult, encoder_gflop, measure_limit
 from benchmarks.measure import table_row
+from services.core.arrays import ModelInput
 from services.core.model_metadata import ModelMetadata
 
 LIMIT_TARGET = 0.85  # issue 17: the encoder's achieved rate as a share of the GEMM peak
@@ -22,7 +24,7 @@ BEFORE_THE_MODEL = ("intake", "headers", "selection", "volume", "chest_check", "
 
 
 def limit_rows(
-    path: Path, model_input: np.ndarray, metadata: ModelMetadata, rounds: int
+    path: Path, model_input: ModelInput, metadata: ModelMetadata, rounds: int
 ) -> tuple[LimitResult, list[str]]:
     """The GEMM peak and the encoder interleaved; the share with its target."""
     print(f"encoder against the GEMM peak: {rounds} rounds ...", flush=True)
@@ -138,7 +140,7 @@ def triton_load_rows(repository: Path) -> list[str]:
     ]
 
 
-def stack_cold_and_cpu_rows(result: dict) -> list[str]:
+def stack_cold_and_cpu_rows(result: dict[str, Any]) -> list[str]:
     """From benchmarks.stack.measure_overhead: the adapter's first study, Triton's ready time
     inside that start, and the core-seconds per study of both shapes."""
     embedded, through = result["embedded"], result["stack"]

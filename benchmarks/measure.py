@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from services.core.pipeline import PipelineEvents
 from services.core.schemas import StudyReport
@@ -134,7 +135,7 @@ class Machine:
 
 
 def machine() -> Machine:
-    def read(path: str, pattern: str, flags: int = re.MULTILINE) -> list:
+    def read(path: str, pattern: str, flags: int = re.MULTILINE) -> list[Any]:
         text = Path(path).read_text() if Path(path).exists() else ""
         return re.findall(pattern, text, flags)
 

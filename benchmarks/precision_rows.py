@@ -7,13 +7,12 @@ import gc
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks import encoder as enc
 from benchmarks.embedded import model_input_of
 from benchmarks.measure import table_row
 from benchmarks.studies import CHEST_FIXTURE, DATA_DIR
 from convertation.precision import ParityTolerance, int8_verdict, quantise_int8
+from services.core.arrays import ModelInput
 from services.core.config import Settings
 from services.core.model_metadata import read_metadata
 
@@ -23,7 +22,7 @@ WIRE_TITLE = "half-size wire format (FP16 model input, Cast to FP32 in the graph
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def int8_rows(path: Path, model_input: np.ndarray, settings: Settings, runs: int) -> list[str]:
+def int8_rows(path: Path, model_input: ModelInput, settings: Settings, runs: int) -> list[str]:
     """The gate's verdict on the deployed weights (300-slice study and the chest fixture)
     and FP32 against INT8, interleaved."""
     print("encoder: INT8 through the precision gate ...", flush=True)
@@ -71,7 +70,7 @@ def bf16_row() -> list[str]:
     return [table_row(BF16_TITLE, "-", "", "", notes)]
 
 
-def wire_format_rows(path: Path, model_input: np.ndarray) -> list[str]:
+def wire_format_rows(path: Path, model_input: ModelInput) -> list[str]:
     print("encoder: FP16 wire format parity ...", flush=True)
     fp16, noise, input_error = enc.wire_format_check(path, model_input)
     gc.collect()

@@ -15,10 +15,11 @@ import pydicom
 import torch
 import torch.nn.functional as F
 
+from services.core.arrays import HuVolume, ModelVolume
 from services.core.preprocessing import PreprocessingTarget
 
 
-def read_series_plainly(files: Sequence[Path]) -> tuple[np.ndarray, tuple[float, float, float]]:
+def read_series_plainly(files: Sequence[Path]) -> tuple[HuVolume, tuple[float, float, float]]:
     """HU stack (slices along the normal, ascending), and its (slice, row, column) spacing."""
     slices = []
     for path in files:
@@ -38,8 +39,8 @@ def read_series_plainly(files: Sequence[Path]) -> tuple[np.ndarray, tuple[float,
 
 
 def preprocess_with_torch(
-    hu: np.ndarray, spacing_mm: Sequence[float], target: PreprocessingTarget
-) -> np.ndarray:
+    hu: HuVolume, spacing_mm: Sequence[float], target: PreprocessingTarget
+) -> ModelVolume:
     """The contract's preprocessing, CT-CLIP style, for an axial head-first-supine stack.
 
     ``hu[slice, row, column]`` runs toward superior, posterior, left: SLP+ is

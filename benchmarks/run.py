@@ -34,6 +34,7 @@ from benchmarks.embedded import benchmark_settings, fresh_process_rows, model_in
 from benchmarks.measure import machine, table_row
 from benchmarks.stages import StudyResult, TimedBackend, benchmark_study
 from benchmarks.studies import STUDY_300, STUDY_600, ensure_studies
+from services.core.arrays import ModelInput
 from services.core.inference.onnxruntime_backend import onnx_paths
 from services.core.model_metadata import ENCODER_NAME, read_metadata
 from services.core.process_memory import keep_freed_memory
@@ -234,7 +235,7 @@ def _runs_cell(result: enc.CandidateResult) -> str:
 
 
 def _encoder_rows(
-    arguments: argparse.Namespace, path: Path, model_input: np.ndarray, peak_gflops: float
+    arguments: argparse.Namespace, path: Path, model_input: ModelInput, peak_gflops: float
 ) -> list[str]:
     """Baseline (b): the backend's session against a bare one, other graphs, the profile."""
     candidates = [enc.Candidate("bare", path, enc.bare_options), enc.Candidate("configured", path)]

@@ -26,6 +26,7 @@ import torch
 from benchmarks.embedded import run_study
 from benchmarks.measure import StageMemory, StageSamples, machine, reset_peak_rss, status_mib
 from benchmarks.reference import preprocess_with_torch, read_series_plainly
+from services.core.arrays import AnyArray, BprScores, BprSlices, Float32Array, ModelInput
 from services.core.config import InferenceSettings, Settings
 from services.core.inference.onnxruntime_backend import OnnxRuntimeBackend
 from services.core.intake import collect_dicom_files
@@ -63,7 +64,7 @@ class TimedBackend(OnnxRuntimeBackend):
         if model is not None:
             scores = model.score_slices
 
-            def timed_scores(slices: np.ndarray) -> np.ndarray:
+            def timed_scores(slices: BprSlices) -> BprScores:
                 started = time.perf_counter()
                 result = scores(slices)
                 elapsed = time.perf_counter() - started
@@ -72,7 +73,7 @@ class TimedBackend(OnnxRuntimeBackend):
 
             self.body_part_model = dataclasses.replace(model, score_slices=timed_scores)
 
-    def _run(self, model: str, output: tuple[str, ...], array: np.ndarray) -> np.ndarray:
+    def _run(self, model: str, output: tuple[str, ...], array: Float32Array) -> AnyArray:
         stage = "encoder" if model == ENCODER_NAME else "heads"
         if self.memory is not None:
             self.memory.begin(stage)
@@ -85,7 +86,7 @@ class TimedBackend(OnnxRuntimeBackend):
 class _PassEvents(StageMemory):
     """Memory per stage, and the model input, kept for the comparison with the reference."""
 
-    model_input: np.ndarray | None = None
+    model_input: ModelInput | None = None
 
     def model_input_ready(self, prepared: PreparedStudy) -> None:
         self.model_input = prepared.model_input

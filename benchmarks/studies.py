@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from benchmarks import PROJECT_ROOT
+from services.core.arrays import Float64Array, IntegerArray
 
 DATA_DIR = PROJECT_ROOT / "benchmarks" / ".data"
 CHEST_FIXTURE = PROJECT_ROOT.parent / "shared" / "fixtures" / "dicom" / "chest_ct_lung_dx_a0002"
@@ -52,8 +53,8 @@ class SourceSeries:
     """The fixture's slices sorted from inferior to superior."""
 
     datasets: list[Dataset]
-    z_mm: np.ndarray  # ImagePositionPatient z, ascending
-    stored: np.ndarray  # (slices, rows, columns) stored values (uint16)
+    z_mm: Float64Array  # ImagePositionPatient z, ascending
+    stored: IntegerArray  # (slices, rows, columns) stored values (uint16)
 
 
 def read_source(folder: Path = CHEST_FIXTURE) -> SourceSeries:
@@ -68,13 +69,13 @@ def read_source(folder: Path = CHEST_FIXTURE) -> SourceSeries:
     return SourceSeries(datasets, z_mm, np.stack([ds.pixel_array for ds in datasets]))
 
 
-def target_positions(source_z: np.ndarray, n_slices: int, spacing_mm: float) -> np.ndarray:
+def target_positions(source_z: Float64Array, n_slices: int, spacing_mm: float) -> Float64Array:
     """z of the new slices, centred on the source's coverage, from the top down (HFS order)."""
     centre = (float(source_z.min()) + float(source_z.max())) / 2.0
     return centre + ((n_slices - 1) / 2.0 - np.arange(n_slices)) * spacing_mm
 
 
-def mirrored_source_index(source_z: np.ndarray, z_mm: np.ndarray) -> np.ndarray:
+def mirrored_source_index(source_z: Float64Array, z_mm: Float64Array) -> Float64Array:
     """Fractional source index of each z; beyond either end the anatomy is mirrored."""
     low, high = float(source_z.min()), float(source_z.max())
     z = np.where(z_mm < low, 2 * low - z_mm, z_mm)
@@ -82,7 +83,7 @@ def mirrored_source_index(source_z: np.ndarray, z_mm: np.ndarray) -> np.ndarray:
     return np.interp(z, source_z, np.arange(len(source_z), dtype=np.float64))
 
 
-def resampled_slice(stored: np.ndarray, index: float) -> np.ndarray:
+def resampled_slice(stored: IntegerArray, index: float) -> IntegerArray:
     lower = min(int(np.floor(index)), len(stored) - 1)
     upper = min(lower + 1, len(stored) - 1)
     weight = index - lower

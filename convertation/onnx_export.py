@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
@@ -18,6 +17,7 @@ from loguru import logger
 from torch import nn
 
 from convertation.errors import OnnxExportError
+from services.core.arrays import AnyArray
 
 OPSET = 18
 # One file only, so the protobuf limit applies. The full CT-CLIP encoder is ~0.72 GB.
@@ -92,7 +92,7 @@ def _name_graph_output(graph: ir.Graph, name: str) -> None:
     output.name = name
 
 
-def run_onnx(path: Path, feed: dict[str, np.ndarray], threads: int = 0) -> list[np.ndarray]:
+def run_onnx(path: Path, feed: dict[str, AnyArray], threads: int = 0) -> list[AnyArray]:
     """Run an ONNX file once with onnxruntime on the CPU."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from convertation.errors import BuildError
+from services.core.arrays import Embedding, ModelInput
 
 DEFAULT_MIN_COSINE = 0.999
 DEFAULT_MAX_ABS_DIFF = 0.01
@@ -110,7 +111,7 @@ class PrecisionRefused(BuildError):
 
 def load_parity_volumes(
     paths: list[Path], target_shape: tuple[int, int, int]
-) -> dict[str, np.ndarray]:
+) -> dict[str, ModelInput]:
     """Model inputs saved as .npy, each ``[1, 1, D, H, W]`` (or ``[D, H, W]``) of the target."""
     if not paths:
         raise BuildError("a reduced precision needs --parity-volumes (model inputs saved as .npy)")
@@ -163,13 +164,13 @@ def quantise_int8(fp32: Path, output: Path, codebook_size: int) -> Path:
     return Path(output)
 
 
-def embedding_parity(name: str, reference: np.ndarray, candidate: np.ndarray) -> Parity:
+def embedding_parity(name: str, reference: Embedding, candidate: Embedding) -> Parity:
     a, b = reference.ravel().astype(np.float64), candidate.ravel().astype(np.float64)
     cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
     return Parity(name, cosine, float(np.abs(a - b).max()))
 
 
-def measure_parity(fp32: Path, candidate: Path, volumes: dict[str, np.ndarray]) -> list[Parity]:
+def measure_parity(fp32: Path, candidate: Path, volumes: dict[str, ModelInput]) -> list[Parity]:
     """Both graphs on every volume, one at a time (a full-size volume is 221 MB)."""
     import onnxruntime as ort
 
@@ -182,13 +183,13 @@ def measure_parity(fp32: Path, candidate: Path, volumes: dict[str, np.ndarray]) 
 
 
 def int8_verdict(
-    fp32: Path, candidate: Path, volumes: dict[str, np.ndarray], tolerance: ParityTolerance
+    fp32: Path, candidate: Path, volumes: dict[str, ModelInput], tolerance: ParityTolerance
 ) -> PrecisionVerdict:
     return PrecisionVerdict(Precision.INT8, tolerance, measure_parity(fp32, candidate, volumes))
 
 
 def apply_int8(
-    encoder: Path, volumes: dict[str, np.ndarray], tolerance: ParityTolerance, codebook_size: int
+    encoder: Path, volumes: dict[str, ModelInput], tolerance: ParityTolerance, codebook_size: int
 ) -> PrecisionVerdict:
     """Quantise ``encoder`` (a model.onnx), measure, and replace it only when accepted;
     raises PrecisionRefused (the file untouched) otherwise."""
@@ -205,7 +206,7 @@ def apply_int8(
 def reduce_encoder_precision(
     repository: Path,
     precision: Precision,
-    volumes: dict[str, np.ndarray],
+    volumes: dict[str, ModelInput],
     tolerance: ParityTolerance,
 ) -> PrecisionVerdict:
     """The gate on a built repository: the encoder replaced and the metadata updated (its

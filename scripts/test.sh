@@ -15,7 +15,7 @@ fi
 bash scripts/setup.sh convert,dev,train,visualisation
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy services convertation
+.venv/bin/mypy services convertation training visualisation benchmarks synthetic
 if [ "$fast" = 1 ]; then
   exec .venv/bin/python -m pytest -m "not slow and not rabbitmq and not triton and not browser" "$@"
 fi

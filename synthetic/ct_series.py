@@ -19,6 +19,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from services.core.arrays import Float64Array, FloatArray, LpsVector
+
 # Row and column directions (DICOM LPS) of axial images for each patient position, as
 # scanners write them: supine images are viewed from the feet with anterior up.
 PATIENT_POSITION_ORIENTATION: dict[str, tuple[float, ...]] = {
@@ -33,7 +35,7 @@ STUDY_DATE = "20240101"
 
 
 def write_ct_series(
-    hu: np.ndarray,
+    hu: FloatArray,
     out_dir: Path,
     *,
     spacing: Sequence[float],
@@ -79,7 +81,7 @@ def write_ct_series(
     else:
         origin_lps = np.asarray(origin, dtype=np.float64)
 
-    def lps_of_canonical(index_c: np.ndarray) -> np.ndarray:
+    def lps_of_canonical(index_c: Float64Array) -> LpsVector:
         # index_c = (k, i, j) -> x from j, y from i, z from k
         return origin_lps + np.array(
             [index_c[2] * spacing_c[2], index_c[1] * spacing_c[1], index_c[0] * spacing_c[0]]
@@ -136,7 +138,7 @@ def write_ct_series(
     return sorted(paths)
 
 
-def _stored_layout(orientation: Sequence[float]) -> tuple[list[int], list[bool], np.ndarray]:
+def _stored_layout(orientation: Sequence[float]) -> tuple[list[int], list[bool], LpsVector]:
     """For an orientation along the patient axes: which canonical array axis becomes each
     stored axis (slice, row, column), whether it is flipped, and the slice normal."""
     row_dir = np.asarray(orientation[:3], dtype=np.float64)
@@ -162,9 +164,9 @@ def _stored_layout(orientation: Sequence[float]) -> tuple[list[int], list[bool],
 
 def _ct_dataset(
     *,
-    pixels: np.ndarray,
+    pixels: FloatArray,
     instance_number: int,
-    position: np.ndarray,
+    position: LpsVector,
     orientation: Sequence[float],
     pixel_spacing: tuple[float, float],
     study_uid: str,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from services.core.arrays import Float64Array, HuVolume
 from synthetic.ct_series import (
     OUTSIDE_FOV_HU,
     write_ct_series,
@@ -34,7 +35,7 @@ __all__ = ["chest_phantom", "head_phantom", "write_ct_series", "write_samples"]
 
 def chest_phantom(
     size: int = 256, slice_mm: float = 2.0, length_mm: float = 300.0, seed: int = 7
-) -> tuple[np.ndarray, tuple[float, float, float]]:
+) -> tuple[HuVolume, tuple[float, float, float]]:
     """A chest in the canonical frame (k superior, i posterior, j left): HU and spacing.
 
     Body outline with subcutaneous fat, two lungs at about -850 HU with vessel dots, heart and
@@ -122,7 +123,7 @@ def chest_phantom(
 
 def head_phantom(
     size: int = 256, slice_mm: float = 5.0, length_mm: float = 180.0, seed: int = 11
-) -> tuple[np.ndarray, tuple[float, float, float]]:
+) -> tuple[HuVolume, tuple[float, float, float]]:
     """A head (skull, brain, ventricles, sinuses) on the neck, canonical frame, HU and spacing."""
     pixel_mm = 250.0 / size
     n_slices = round(length_mm / slice_mm)
@@ -154,16 +155,16 @@ def head_phantom(
     return hu, (slice_mm, pixel_mm, pixel_mm)
 
 
-def _plane_grid(size: int, pixel_mm: float) -> tuple[np.ndarray, np.ndarray]:
+def _plane_grid(size: int, pixel_mm: float) -> tuple[Float64Array, Float64Array]:
     coords = (np.arange(size) - (size - 1) / 2.0) * pixel_mm
     y, x = np.meshgrid(coords, coords, indexing="ij")
     return y, x
 
 
 def _add_table_noise_and_fov(
-    hu: np.ndarray,
-    x: np.ndarray,
-    y: np.ndarray,
+    hu: HuVolume,
+    x: Float64Array,
+    y: Float64Array,
     rng: np.random.Generator,
     noise_hu: float,
     table_y: float = 135.0,

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from convertation.bpr.network import BodyPartRegressionNet, demo_state_dict
 from convertation.checkpoints import load_strict, read_checkpoint
 from convertation.errors import CheckpointError
+from services.core.arrays import Float32Array
 from services.core.body_part.bpr_settings import (
     BprInferenceSettings,
     InterpretationRules,
@@ -139,7 +140,7 @@ def load_bpr_model(source: Path) -> LoadedBprModel:
 
 
 def write_model_folder(
-    folder: Path, state_dict: dict[str, np.ndarray], settings: BprInferenceSettings
+    folder: Path, state_dict: dict[str, Float32Array], settings: BprInferenceSettings
 ) -> Path:
     """Write a folder laid out like bpreg's: ``model.pt``, ``config.json``, settings."""
     folder = Path(folder)

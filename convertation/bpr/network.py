@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from services.core.arrays import Float32Array
+
 INPUT_CHANNELS = 1
 INPUT_SIZE = 128
 FEATURES = 512
@@ -66,14 +68,14 @@ def expected_shapes() -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in BodyPartRegressionNet().state_dict().items()}
 
 
-def demo_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
+def demo_state_dict(seed: int = 0) -> dict[str, Float32Array]:
     """Seeded DEMO weights under bpreg's keys (numpy, reproducible on any platform).
 
     He-normal weights (fan-in) keep the activations at a sensible scale through the 15
     layers; they mean nothing anatomically.
     """
     generator = np.random.default_rng(seed)
-    weights: dict[str, np.ndarray] = {}
+    weights: dict[str, Float32Array] = {}
     for key, shape in expected_shapes().items():
         if key.endswith("bias"):
             values = generator.normal(0.0, DEMO_BIAS_STD, size=shape)

@@ -16,11 +16,11 @@ from collections.abc import Callable
 from enum import Enum
 from typing import TypeVar
 
-import numpy as np
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from services.adapter.delivery import Action, Decision
 from services.broker.schemas import StudyResult, TaskStatus
+from services.core.arrays import Float32Array, ModelInput
 from services.core.body_part.bpr_detector import BodyPartRegressionModel
 from services.core.errors import ModelServerUnavailable
 from services.core.inference.base import InferenceBackend, ModelOutputs
@@ -170,16 +170,16 @@ class MeteredBackend:
         )
         self._infer = self._timed(SCREENING_MODEL, backend.infer)
 
-    def infer(self, volume: np.ndarray) -> ModelOutputs:
+    def infer(self, volume: ModelInput) -> ModelOutputs:
         return self._infer(volume)
 
     def close(self) -> None:
         self._backend.close()
 
     def _timed(
-        self, model: str, function: Callable[[np.ndarray], Result]
-    ) -> Callable[[np.ndarray], Result]:
-        def call(array: np.ndarray) -> Result:
+        self, model: str, function: Callable[[Float32Array], Result]
+    ) -> Callable[[Float32Array], Result]:
+        def call(array: Float32Array) -> Result:
             started = time.perf_counter()
             outcome = "error"
             try:

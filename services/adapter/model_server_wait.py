@@ -21,11 +21,11 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-import numpy as np
 from loguru import logger
 from tenacity import RetryCallState
 from tenacity.stop import stop_base
 
+from services.core.arrays import Float32Array, ModelInput
 from services.core.body_part.bpr_detector import BodyPartRegressionModel
 from services.core.config import Backoff
 from services.core.errors import ModelServerUnavailable, ModelServerWaitExceeded, WorkInterrupted
@@ -66,16 +66,18 @@ class RetryingBackend:
             else dataclasses.replace(model, score_slices=self._retried(model.score_slices))
         )
 
-    def infer(self, volume: np.ndarray) -> ModelOutputs:
+    def infer(self, volume: ModelInput) -> ModelOutputs:
         return self._call(self._backend.infer, volume)
 
-    def _retried(self, function: Callable[[np.ndarray], Result]) -> Callable[[np.ndarray], Result]:
-        def call(array: np.ndarray) -> Result:
+    def _retried(
+        self, function: Callable[[Float32Array], Result]
+    ) -> Callable[[Float32Array], Result]:
+        def call(array: Float32Array) -> Result:
             return self._call(function, array)
 
         return call
 
-    def _call(self, function: Callable[[np.ndarray], Result], array: np.ndarray) -> Result:
+    def _call(self, function: Callable[[Float32Array], Result], array: Float32Array) -> Result:
         """``function(array)``, waiting and retrying while the model server is unavailable."""
         if self._stop.is_set():
             raise WorkInterrupted("the adapter is stopping")

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from services.core.arrays import Float32Array, Float64Array, FloatArray, HuVolume, UInt8Array
 from services.core.volume import Volume
 
 VIEWER_FORMAT_VERSION = 1
@@ -77,7 +78,7 @@ def display_frame(volume: Volume) -> DisplayFrame:
     return DisplayFrame((source[0], source[1], source[2]), (flipped[0], flipped[1], flipped[2]))
 
 
-def body_bounds(hu: np.ndarray, axes: tuple[int, ...], margin: tuple[int, ...]) -> list[slice]:
+def body_bounds(hu: HuVolume, axes: tuple[int, ...], margin: tuple[int, ...]) -> list[slice]:
     """Per array axis, the slice that keeps the body (HU > BODY_HU) on ``axes`` plus a margin;
     found on a coarse sample, so it costs milliseconds on a 300-slice study."""
     steps = [max(1, size // 64) for size in hu.shape]
@@ -104,7 +105,7 @@ def block_factors(
     )
 
 
-def block_mean(array: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
+def block_mean(array: Float32Array, factors: tuple[int, ...]) -> Float32Array:
     """Mean over blocks of ``factors`` voxels (a remainder at the end of an axis is dropped).
 
     One axis at a time, as sums of strided views (three times faster than reshape-and-sum
@@ -129,7 +130,7 @@ def block_mean(array: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
     return result / np.float32(count)
 
 
-def codes_hu() -> np.ndarray:
+def codes_hu() -> Float64Array:
     """HU of each of the 256 codes."""
     return np.interp(np.arange(256, dtype=np.float64), CODE_KNOTS, CODE_KNOTS_HU)
 
@@ -141,7 +142,7 @@ _CODE_OF_HU = np.rint(
 ).astype(np.uint8)
 
 
-def encode_hu(hu: np.ndarray) -> np.ndarray:
+def encode_hu(hu: FloatArray) -> UInt8Array:
     """uint8 codes of HU values (rounded to whole HU, clipped to the table's range)."""
     index = np.clip(hu, LOWEST_HU, LOWEST_HU + len(_CODE_OF_HU) - 1) - (LOWEST_HU - 0.5)
     return _CODE_OF_HU[index.astype(np.int32)]
@@ -149,7 +150,7 @@ def encode_hu(hu: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ViewerStack:
-    codes: np.ndarray  # uint8 (slices, rows, columns) in the display frame
+    codes: UInt8Array  # uint8 (slices, rows, columns) in the display frame
     spacing_mm: tuple[float, float, float]
     source_shape: tuple[int, int, int]
     factors: tuple[int, int, int]  # in the display frame
@@ -207,7 +208,7 @@ def write_viewer(stack: ViewerStack, directory: Path, prefix: str) -> list[Path]
     return [meta, data]
 
 
-def read_viewer_codes(meta_path: Path) -> tuple[dict[str, Any], np.ndarray]:
+def read_viewer_codes(meta_path: Path) -> tuple[dict[str, Any], UInt8Array]:
     """The metadata and the codes array back (tests, tools)."""
     metadata = json.loads(meta_path.read_text(encoding="utf-8"))
     raw = zlib.decompress((meta_path.parent / str(metadata["data_file"])).read_bytes())

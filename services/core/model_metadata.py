@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -84,7 +84,7 @@ class ModelMetadata(BaseModel):
     target_spacing_mm: tuple[float, float, float] = (1.5, 0.75, 0.75)
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
     embedding_dim: int = 512
-    ctvit_config: dict = Field(default_factory=dict)
+    ctvit_config: dict[str, Any] = Field(default_factory=dict)
     labels: list[str] = Field(default_factory=lambda: list(FINDING_LABELS))
     severity_order: list[str] = Field(default_factory=lambda: list(SEVERITY_ORDER))
     pathology_threshold: float = 0.5

@@ -17,13 +17,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from services.core.arrays import Float32Array, FloatArray, GreyImage, ModelInput, ModelVolume
+
 # Display window in HU: lungs and soft tissue both visible.
 WINDOW_HU = (-1000.0, 400.0)
 AXIAL_POSITIONS = (0.3, 0.5, 0.7)  # fractions of the superior-inferior extent
 MIN_PREVIEW_PIXELS = 256  # tiny test inputs are scaled up (nearest neighbour) to this
 
 
-def to_display(model_values: np.ndarray) -> np.ndarray:
+def to_display(model_values: FloatArray) -> GreyImage:
     """uint8 grey levels of model-input values (HU / 1000) in the display window."""
     hu = np.asarray(model_values, dtype=np.float32) * 1000.0
     low, high = WINDOW_HU
@@ -31,21 +33,21 @@ def to_display(model_values: np.ndarray) -> np.ndarray:
     return np.round(scaled * 255.0).astype(np.uint8)
 
 
-def axial_slice(volume_slp: np.ndarray, fraction: float) -> np.ndarray:
+def axial_slice(volume_slp: ModelVolume, fraction: float) -> Float32Array:
     """Rows run anterior -> posterior, columns patient right -> left."""
     index = min(int(fraction * volume_slp.shape[0]), volume_slp.shape[0] - 1)
     return volume_slp[index].T
 
 
-def coronal_slice(volume_slp: np.ndarray, fraction: float = 0.5) -> np.ndarray:
+def coronal_slice(volume_slp: ModelVolume, fraction: float = 0.5) -> Float32Array:
     """Rows run superior -> inferior, columns patient right -> left."""
     index = min(int(fraction * volume_slp.shape[2]), volume_slp.shape[2] - 1)
     return np.flipud(volume_slp[:, :, index])
 
 
 def preview_images(
-    model_input: np.ndarray, spacing_mm: tuple[float, float, float] | None = None
-) -> dict[str, np.ndarray]:
+    model_input: ModelInput | ModelVolume, spacing_mm: tuple[float, float, float] | None = None
+) -> dict[str, GreyImage]:
     """{name: uint8 image} for one study's model input ``[1, 1, D, H, W]`` or ``[D, H, W]``;
     with ``spacing_mm`` (S, L, P) the coronal view keeps the body's proportions."""
     volume = _volume_of(model_input)
@@ -58,7 +60,7 @@ def preview_images(
     return images
 
 
-def _true_height(coronal: np.ndarray, spacing_mm: tuple[float, float, float]) -> np.ndarray:
+def _true_height(coronal: GreyImage, spacing_mm: tuple[float, float, float]) -> GreyImage:
     """The coronal view stretched so that a millimetre is as long down the image as across
     it (the contract's 1.5 mm slices against 0.75 mm pixels would squash it to half)."""
     rows = max(1, round(coronal.shape[0] * spacing_mm[0] / spacing_mm[1]))
@@ -70,7 +72,7 @@ def _true_height(coronal: np.ndarray, spacing_mm: tuple[float, float, float]) ->
     )
 
 
-def _upscale(image: np.ndarray) -> Image.Image:
+def _upscale(image: GreyImage) -> Image.Image:
     picture = Image.fromarray(np.ascontiguousarray(image))
     factor = max(1, -(-MIN_PREVIEW_PIXELS // max(image.shape)))
     if factor > 1:
@@ -80,7 +82,7 @@ def _upscale(image: np.ndarray) -> Image.Image:
     return picture
 
 
-def _volume_of(model_input: np.ndarray) -> np.ndarray:
+def _volume_of(model_input: ModelInput | ModelVolume) -> ModelVolume:
     volume = np.asarray(model_input)
     while volume.ndim > 3:
         volume = volume[0]
@@ -88,7 +90,7 @@ def _volume_of(model_input: np.ndarray) -> np.ndarray:
 
 
 def write_previews(
-    model_input: np.ndarray,
+    model_input: ModelInput | ModelVolume,
     directory: Path,
     prefix: str,
     spacing_mm: tuple[float, float, float] | None = None,
@@ -114,8 +116,8 @@ def study_preview_path(directory: Path, key: str, view: str) -> Path:
 
 
 def study_previews(
-    model_input: np.ndarray, spacing_mm: tuple[float, float, float]
-) -> dict[str, np.ndarray]:
+    model_input: ModelInput | ModelVolume, spacing_mm: tuple[float, float, float]
+) -> dict[str, GreyImage]:
     """The mid-axial slice and the mid-coronal view (true proportions, ``spacing_mm`` being
     the model input's (S, L, P) voxel spacing) of one model input, as uint8 images."""
     volume = _volume_of(model_input)
@@ -125,7 +127,10 @@ def study_previews(
 
 
 def write_study_previews(
-    model_input: np.ndarray, spacing_mm: tuple[float, float, float], directory: Path, key: str
+    model_input: ModelInput | ModelVolume,
+    spacing_mm: tuple[float, float, float],
+    directory: Path,
+    key: str,
 ) -> list[Path]:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

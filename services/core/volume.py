@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.core.arrays import HuVolume, LpsDirections, LpsVector
+
 
 @dataclass(frozen=True)
 class Volume:
@@ -15,12 +17,12 @@ class Volume:
     ``slice_normal``), row ``r`` and column ``c`` of that slice's pixel data.
     """
 
-    hu: np.ndarray  # float32, shape (slices, rows, columns)
-    row_cosine: np.ndarray  # (3,) LPS direction of increasing column index (IOP[0:3])
-    column_cosine: np.ndarray  # (3,) LPS direction of increasing row index (IOP[3:6])
-    slice_normal: np.ndarray  # (3,) LPS direction of increasing slice index
+    hu: HuVolume  # float32, shape (slices, rows, columns)
+    row_cosine: LpsVector  # (3,) LPS direction of increasing column index (IOP[0:3])
+    column_cosine: LpsVector  # (3,) LPS direction of increasing row index (IOP[3:6])
+    slice_normal: LpsVector  # (3,) LPS direction of increasing slice index
     spacing_mm: tuple[float, float, float]  # (between slices, between rows, between columns)
-    origin_mm: np.ndarray  # (3,) LPS position of voxel [0, 0, 0]
+    origin_mm: LpsVector  # (3,) LPS position of voxel [0, 0, 0]
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -36,6 +38,6 @@ class Volume:
             columns * self.spacing_mm[2],
         )
 
-    def axis_directions(self) -> np.ndarray:
+    def axis_directions(self) -> LpsDirections:
         """3x3 matrix whose row ``i`` is the LPS direction of array axis ``i``."""
         return np.stack([self.slice_normal, self.column_cosine, self.row_cosine]).astype(np.float64)

@@ -24,6 +24,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.core.arrays import (
+    BprSlices,
+    Float32Array,
+    Float64Array,
+    Int64Array,
+    IntegerArray,
+    PositionsMm,
+)
 from services.core.preprocessing import slp_reorientation
 from services.core.volume import Volume
 
@@ -61,14 +69,14 @@ class MatrixBand:
 
     rows: slice
     columns: slice
-    weights: np.ndarray  # float32 [rows, columns]: the non-zero block
+    weights: Float32Array  # float32 [rows, columns]: the non-zero block
 
 
 @dataclass(frozen=True)
 class AxisOperator:
     """Blur + resize + crop of one in-plane axis as a matrix, and where its rows land."""
 
-    matrix: np.ndarray  # float32 [kept output samples, input samples]
+    matrix: Float32Array  # float32 [kept output samples, input samples]
     out_start: int  # first output row in the 128-sample axis (> 0 when padded)
     resized_length: int  # int(n * spacing / 3.5 + 0.5), before crop / pad
 
@@ -107,8 +115,8 @@ class BprLayout:
 class SliceSelection:
     """Slices to score, as contract slice indices k (0 = lowest), and their heights."""
 
-    indices: np.ndarray  # int64, increasing, feet to head
-    positions_mm: np.ndarray  # float64, k * sz: height above the lowest slice
+    indices: Int64Array  # int64, increasing, feet to head
+    positions_mm: PositionsMm  # float64, k * sz: height above the lowest slice
 
 
 def bpr_layout(volume: Volume) -> BprLayout:
@@ -136,7 +144,7 @@ def resized_length(n: int, spacing_mm: float) -> int:
     return int(n * spacing_mm / TARGET_PIXEL_MM + 0.5)
 
 
-def gaussian_blur_matrix(n: int, sigma: float, truncate: float = BLUR_TRUNCATE) -> np.ndarray:
+def gaussian_blur_matrix(n: int, sigma: float, truncate: float = BLUR_TRUNCATE) -> Float64Array:
     """[n, n] matrix of a 1D gaussian filter with scipy.ndimage's 'reflect' borders.
 
     'reflect' mirrors about the edge of the outer samples (d c b a | a b c d | d c b a); an
@@ -155,7 +163,7 @@ def gaussian_blur_matrix(n: int, sigma: float, truncate: float = BLUR_TRUNCATE) 
     return matrix
 
 
-def linear_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+def linear_resize_matrix(n_in: int, n_out: int) -> Float64Array:
     """[n_out, n_in] matrix of cv2.resize INTER_LINEAR along one axis.
 
     Output sample d reads input position (d + 0.5) * n_in / n_out - 0.5 (half-pixel centres),
@@ -199,7 +207,7 @@ def axis_operator(n: int, spacing_mm: float, *, flip: bool = False) -> AxisOpera
     )
 
 
-def slice_positions_mm(volume: Volume) -> np.ndarray:
+def slice_positions_mm(volume: Volume) -> PositionsMm:
     """Height of every contract slice k above the lowest one (k * sz), feet to head."""
     layout = bpr_layout(volume)
     return np.arange(layout.shape_xyz[2], dtype=np.float64) * layout.spacing_xyz[2]
@@ -231,7 +239,7 @@ def select_slices(
     return SliceSelection(indices=indices, positions_mm=indices.astype(np.float64) * slice_mm)
 
 
-def bpr_input(volume: Volume, indices: np.ndarray | list[int] | None = None) -> np.ndarray:
+def bpr_input(volume: Volume, indices: IntegerArray | list[int] | None = None) -> BprSlices:
     """The network input ``[len(indices), 1, 128, 128]`` float32 (all slices by default).
 
     ``indices`` are contract slice indices k (0 = lowest slice, as `select_slices` gives);
@@ -282,7 +290,7 @@ def bpr_input(volume: Volume, indices: np.ndarray | list[int] | None = None) -> 
     return output
 
 
-def bpr_input_all_slices(volume: Volume) -> np.ndarray:
+def bpr_input_all_slices(volume: Volume) -> BprSlices:
     """``[k, 1, 128, 128]``: the network input for every slice, feet to head."""
     return bpr_input(volume, None)
 

@@ -29,6 +29,7 @@ from collections.abc import Callable
 import numpy as np
 from pydantic import BaseModel
 
+from services.core.arrays import BprScores, BprSlices, Float64Array, FloatArray, PositionsMm
 from services.core.body_part.bpr_input import (
     DEFAULT_MAX_SLICES,
     DEFAULT_SLICE_SPACING_MM,
@@ -43,19 +44,19 @@ from services.core.schemas import BodyPartEvidence
 from services.core.volume import Volume
 
 # Network input [n, 1, 128, 128] float32 -> raw scores [n, 1] (onnxruntime, Triton, ...).
-SliceScorer = Callable[[np.ndarray], np.ndarray]
+SliceScorer = Callable[[BprSlices], BprScores]
 
 BACKGROUND_DECIMALS = 2
 # Weights below this (about 6 sigma away) do not count as neighbours in the local fit.
 NEGLIGIBLE_WEIGHT = 1e-8
 
 
-def transform_scores(raw_scores: np.ndarray, settings: BprInferenceSettings) -> np.ndarray:
+def transform_scores(raw_scores: FloatArray, settings: BprInferenceSettings) -> Float64Array:
     """Raw network scores -> bpreg's scale (start landmark 0, end landmark 100)."""
     return settings.transform(raw_scores)
 
 
-def remove_background(scores: np.ndarray, background_scores: tuple[float, ...]) -> np.ndarray:
+def remove_background(scores: Float64Array, background_scores: tuple[float, ...]) -> Float64Array:
     """NaN where a transformed score is a blank slice's (equal after rounding to 2 decimals)."""
     cleaned = np.array(scores, dtype=np.float64)
     blank = np.isin(np.round(cleaned, BACKGROUND_DECIMALS), np.asarray(background_scores))
@@ -63,7 +64,7 @@ def remove_background(scores: np.ndarray, background_scores: tuple[float, ...]) 
     return cleaned
 
 
-def smooth_scores(scores: np.ndarray, positions_mm: np.ndarray, sigma_mm: float) -> np.ndarray:
+def smooth_scores(scores: Float64Array, positions_mm: PositionsMm, sigma_mm: float) -> Float64Array:
     """Gaussian-weighted local linear fit at every finite score (NaN stays NaN)."""
     smoothed = np.array(scores, dtype=np.float64)
     valid = np.isfinite(smoothed)
@@ -85,18 +86,18 @@ def smooth_scores(scores: np.ndarray, positions_mm: np.ndarray, sigma_mm: float)
     return smoothed
 
 
-def _nearest_within(values: np.ndarray, target: float, tolerance: float) -> int | None:
+def _nearest_within(values: Float64Array, target: float, tolerance: float) -> int | None:
     distance = np.abs(values - target)
     best = int(np.argmin(distance))
     return best if distance[best] < tolerance else None
 
 
 def cut_outlier_tails(
-    scores: np.ndarray,
-    positions_mm: np.ndarray,
+    scores: Float64Array,
+    positions_mm: PositionsMm,
     settings: BprInferenceSettings,
     rules: InterpretationRules,
-) -> np.ndarray:
+) -> Float64Array:
     """NaN over the tails beyond the start / end landmark cut off by an implausible step.
 
     Works in the frame where scores rise: if they fall along ``positions_mm`` (reversed
@@ -132,7 +133,7 @@ def cut_outlier_tails(
     return cleaned
 
 
-def _fit_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+def _fit_line(x: Float64Array, y: Float64Array) -> tuple[float, float]:
     """Least-squares slope and intercept; NaN without two distinct x."""
     if x.size < 2 or np.ptp(x) == 0:
         return float("nan"), float("nan")
@@ -140,7 +141,7 @@ def _fit_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(slope), float(intercept)
 
 
-def _landmarks_inside(values: np.ndarray, landmark_scores: dict[str, float]) -> list[str]:
+def _landmarks_inside(values: Float64Array, landmark_scores: dict[str, float]) -> list[str]:
     """Landmarks with scan scores on both sides, lowest landmark first."""
     if values.size == 0:
         return []
@@ -155,7 +156,7 @@ def _span_tag(parts_present: list[str], order: list[str]) -> str:
 
 
 def _most_frequent_slice_part(
-    values: np.ndarray, landmark_scores: dict[str, float], rules: InterpretationRules
+    values: Float64Array, landmark_scores: dict[str, float], rules: InterpretationRules
 ) -> str | None:
     """The part whose (open) landmark range holds the most slices; first-seen wins a tie."""
     named: list[str] = []
@@ -179,7 +180,7 @@ class SlopeCheck(BaseModel):
 
 
 def check_slope(
-    positions_mm: np.ndarray, scores: np.ndarray, expected: float, rules: InterpretationRules
+    positions_mm: PositionsMm, scores: Float64Array, expected: float, rules: InterpretationRules
 ) -> SlopeCheck:
     """The fitted score slope against the model's mean slope (direction and spacing)."""
     slope, _intercept = _fit_line(positions_mm, scores)
@@ -204,7 +205,7 @@ def check_slope(
     )
 
 
-def _reaches(values: np.ndarray, landmark_score: float | None, *, below: bool) -> bool | None:
+def _reaches(values: Float64Array, landmark_score: float | None, *, below: bool) -> bool | None:
     """Whether the scan reaches below (above) the landmark; None when it is not in the table."""
     if landmark_score is None or values.size == 0:
         return None
@@ -253,8 +254,8 @@ def summarise(
 
 
 def interpret(
-    raw_scores: np.ndarray | list[float],
-    positions_mm: np.ndarray | list[float],
+    raw_scores: FloatArray | list[float],
+    positions_mm: PositionsMm | list[float],
     settings: BprInferenceSettings,
     rules: InterpretationRules | None = None,
 ) -> BodyPartEvidence:

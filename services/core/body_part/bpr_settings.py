@@ -16,9 +16,12 @@ are `InterpretationRules` here, with bpreg's values as defaults.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from services.core.arrays import Float64Array, FloatArray
 
 TRANSFORMED_SCALE = 100.0
 # bpreg rounds the transformed table to 3 decimals; its start / end landmarks sit at 0 / 100.
@@ -104,7 +107,7 @@ class BprInferenceSettings(BaseModel):
         """The raw score of the end landmark (maps to 100)."""
         return self.lookuptable_train_val.original[self.settings.end_landmark].mean
 
-    def transform(self, raw_scores: np.ndarray) -> np.ndarray:
+    def transform(self, raw_scores: FloatArray) -> Float64Array:
         """Raw network scores -> bpreg's scale (start landmark 0, end landmark 100)."""
         raw = np.asarray(raw_scores, dtype=np.float64)
         return (
@@ -281,6 +284,6 @@ def demo_inference_settings() -> BprInferenceSettings:
     )
 
 
-def inference_settings_json(settings: BprInferenceSettings) -> dict:
+def inference_settings_json(settings: BprInferenceSettings) -> dict[str, Any]:
     """The document bpreg would read (aliases as in its files), plus our ``demo`` flag."""
     return settings.model_dump(mode="json", by_alias=True)

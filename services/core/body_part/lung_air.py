@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from services.core.arrays import BoolArray, Float32Array, Float64Array
 from services.core.body_part.base import ImageAssessment
 from services.core.config import ChestCheckSettings
 from services.core.volume import Volume
@@ -99,7 +100,7 @@ class LungAirDetector:
         return ImageAssessment(is_chest=is_chest, summary=summary, evidence=evidence)
 
 
-def downsample(volume: Volume) -> tuple[np.ndarray, float, float]:
+def downsample(volume: Volume) -> tuple[Float32Array, float, float]:
     """Every k-th slice, block-averaged in-plane to about 3 mm pixels.
 
     Returns the reduced array, the distance between evaluated slices (mm) and the area of
@@ -121,7 +122,7 @@ def downsample(volume: Volume) -> tuple[np.ndarray, float, float]:
     return reduced, step * slice_mm, row_step * row_mm * column_step * column_mm
 
 
-def lung_areas(reduced: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def lung_areas(reduced: Float32Array) -> tuple[Float64Array, Float64Array, Float64Array]:
     """Per slice: lung pixel count, body pixel count (incl. enclosed air), lung HU sum."""
     body = reduced >= AIR_BELOW_HU
     filled = fill_holes_per_slice(body)
@@ -133,7 +134,7 @@ def lung_areas(reduced: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return lung_area, body_area, lung_hu_sum
 
 
-def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+def fill_holes_per_slice(mask: BoolArray) -> BoolArray:
     """2D hole filling of every slice of a (slices, rows, columns) mask in one call.
 
     Hole filling in 3D would not work: the airway opens at the top of a chest scan and

@@ -13,6 +13,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.core.arrays import (
+    Float64Array,
+    FloatArray,
+    Int64Array,
+    LpsVector,
+    Orientation,
+    PositionsMm,
+)
+
 DUPLICATE_TOLERANCE_MM = 0.01  # positions closer than this are the same slice position
 MIN_SPACING_MM = 0.05  # below this a "spacing" is numerical noise, not a slice distance
 # Two ImageOrientationPatient values are the same orientation when every component agrees
@@ -28,11 +37,11 @@ MIN_DIRECTION_NORM = 1e-6
 class StackAnalysis:
     """How the slices of one series stack up along their normal."""
 
-    order: np.ndarray  # indices of the input images kept, sorted by position (duplicates dropped)
-    positions_mm: np.ndarray  # their positions along the normal, ascending
+    order: Int64Array  # indices of the input images kept, sorted by position (duplicates dropped)
+    positions_mm: PositionsMm  # their positions along the normal, ascending
     duplicate_positions: int  # images dropped because another image has the same position
     spacing_mm: float  # nominal distance between neighbouring slice positions
-    gaps_mm: np.ndarray  # distances between neighbouring kept positions
+    gaps_mm: Float64Array  # distances between neighbouring kept positions
     missing_slices: int  # positions absent from gaps that are whole multiples of the spacing
     uneven_gaps: int  # gaps that are not a whole multiple of the spacing (within tolerance)
 
@@ -74,20 +83,20 @@ class StackAnalysis:
         return self.spacing_mm
 
 
-def unit(vector: np.ndarray) -> np.ndarray:
+def unit(vector: FloatArray) -> LpsVector:
     norm = float(np.linalg.norm(vector))
     if norm < MIN_DIRECTION_NORM:
         raise ValueError("zero-length direction vector")
     return np.asarray(vector, dtype=np.float64) / norm
 
 
-def slice_normal(orientation: Sequence[float] | np.ndarray) -> np.ndarray:
+def slice_normal(orientation: Sequence[float] | Orientation) -> LpsVector:
     """Unit normal of the image plane: row direction x column direction (DICOM LPS)."""
     values = np.asarray(orientation, dtype=np.float64)
     return unit(np.cross(values[:3], values[3:6]))
 
 
-def most_common_orientation(orientations: np.ndarray) -> np.ndarray:
+def most_common_orientation(orientations: Float64Array) -> Orientation:
     """The orientation most images share, after rounding to ORIENTATION_DECIMALS.
 
     ``orientations`` is ``[n, 6]``; the result is one of its rows (not the rounded value),
@@ -95,21 +104,21 @@ def most_common_orientation(orientations: np.ndarray) -> np.ndarray:
     """
     rows = np.asarray(orientations, dtype=np.float64)
     keys = [tuple(np.round(row, ORIENTATION_DECIMALS)) for row in rows]
-    counts: dict[tuple, int] = {}
+    counts: dict[tuple[float, ...], int] = {}
     for key in keys:
         counts[key] = counts.get(key, 0) + 1
     best = max(counts, key=lambda key: counts[key])  # first key reaching the highest count
     return rows[keys.index(best)]
 
 
-def positions_along(normal: np.ndarray, image_positions: np.ndarray) -> np.ndarray:
+def positions_along(normal: LpsVector, image_positions: Float64Array) -> PositionsMm:
     """Signed distance of every ImagePositionPatient along the normal (mm)."""
     return np.asarray(image_positions, dtype=np.float64) @ np.asarray(normal, dtype=np.float64)
 
 
 def sort_and_deduplicate(
-    positions_mm: np.ndarray, tie_breakers: Sequence[tuple] | None = None
-) -> tuple[np.ndarray, int]:
+    positions_mm: PositionsMm, tie_breakers: Sequence[tuple[object, ...]] | None = None
+) -> tuple[Int64Array, int]:
     """Indices sorted by position with one image kept per position, and the duplicate count.
 
     Among images at the same position the one that sorts first by ``tie_breakers`` (e.g.
@@ -128,7 +137,7 @@ def sort_and_deduplicate(
 
 
 def nominal_spacing(
-    gaps_mm: np.ndarray, hints_mm: Sequence[float | None] = (), tolerance_fraction: float = 0.1
+    gaps_mm: Float64Array, hints_mm: Sequence[float | None] = (), tolerance_fraction: float = 0.1
 ) -> float:
     """The slice spacing that explains the gaps, preferring the median gap.
 
@@ -153,14 +162,14 @@ def nominal_spacing(
     return max(fitting) if fitting else median
 
 
-def _explains(gaps: np.ndarray, spacing: float, tolerance_fraction: float) -> bool:
+def _explains(gaps: Float64Array, spacing: float, tolerance_fraction: float) -> bool:
     multiples = gaps / spacing
     nearest = np.rint(multiples)
     return bool(np.all(nearest >= 1) and np.all(np.abs(multiples - nearest) <= tolerance_fraction))
 
 
 def count_missing_and_uneven(
-    gaps_mm: np.ndarray, spacing_mm: float, tolerance_fraction: float
+    gaps_mm: Float64Array, spacing_mm: float, tolerance_fraction: float
 ) -> tuple[int, int]:
     """(missing slices, uneven gaps): a gap of k spacings (k >= 2) hides k - 1 slices."""
     gaps = np.asarray(gaps_mm, dtype=np.float64)
@@ -175,10 +184,10 @@ def count_missing_and_uneven(
 
 
 def analyse_stack(
-    positions_mm: np.ndarray,
+    positions_mm: PositionsMm,
     tolerance_fraction: float,
     hints_mm: Sequence[float | None] = (),
-    tie_breakers: Sequence[tuple] | None = None,
+    tie_breakers: Sequence[tuple[object, ...]] | None = None,
 ) -> StackAnalysis:
     """Sort, de-duplicate and measure the slice positions of one series."""
     order, duplicates = sort_and_deduplicate(positions_mm, tie_breakers)
@@ -198,7 +207,7 @@ def analyse_stack(
 
 
 def stacking_tilt_degrees(
-    first_position: np.ndarray, last_position: np.ndarray, normal: np.ndarray
+    first_position: LpsVector, last_position: LpsVector, normal: LpsVector
 ) -> float:
     """Angle between the slice normal and the line through the first and last slice origins.
 
@@ -215,7 +224,7 @@ def stacking_tilt_degrees(
     return math.degrees(math.acos(min(1.0, cosine)))
 
 
-def regular_grid(positions_mm: np.ndarray, spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
+def regular_grid(positions_mm: PositionsMm, spacing_mm: float) -> tuple[Int64Array, Float64Array]:
     """Linear interpolation plan onto a regular grid from the first to the last position.
 
     Returns (source index j, weight w) per grid slice: value = (1 - w) * S[j] + w * S[j + 1].

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
+from services.core.arrays import LpsVector, Orientation, PositionsMm
 from services.core.dicom import geometry
 from services.core.dicom.values import int_or_none, tag_value, vector
 
@@ -38,11 +39,11 @@ class Instance:
         return int_or_none(tag_value(self.header, "InstanceNumber"))
 
     @cached_property
-    def position(self) -> np.ndarray | None:
+    def position(self) -> LpsVector | None:
         return vector(tag_value(self.header, "ImagePositionPatient"), 3)
 
     @cached_property
-    def orientation(self) -> np.ndarray | None:
+    def orientation(self) -> Orientation | None:
         return vector(tag_value(self.header, "ImageOrientationPatient"), 6)
 
     @cached_property
@@ -83,14 +84,14 @@ class Series:
         """A localizer (scout) by its ImageType; the description test is in selection."""
         return bool(LOCALIZER_IMAGE_TYPES & set(self.image_type))
 
-    def orientation(self) -> np.ndarray | None:
+    def orientation(self) -> Orientation | None:
         """The most common ImageOrientationPatient of the series (None if no instance has one)."""
         values = [inst.orientation for inst in self.instances if inst.orientation is not None]
         if not values:
             return None
         return geometry.most_common_orientation(np.stack(values))
 
-    def positions_along_normal(self) -> np.ndarray | None:
+    def positions_along_normal(self) -> PositionsMm | None:
         """Every instance's position along the series' slice normal (mm), None if unknown."""
         orientation = self.orientation()
         positions = [inst.position for inst in self.instances if inst.position is not None]

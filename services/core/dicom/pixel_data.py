@@ -15,6 +15,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from services.core.arrays import Float32Array, HuVolume, IntegerArray
 from services.core.dicom import geometry
 from services.core.dicom.objects import Instance
 from services.core.dicom.values import (
@@ -36,7 +37,7 @@ PIXEL_DATA_TAG_BYTES = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 
 def read_hu(
     kept: list[Instance], stack: geometry.StackAnalysis, rows: int, columns: int
-) -> tuple[np.ndarray, int]:
+) -> tuple[HuVolume, int]:
     """Decode the slices into one preallocated float32 array, resampling only if needed.
 
     Returns the HU array and how many images lacked RescaleSlope/RescaleIntercept.
@@ -57,9 +58,9 @@ def read_hu(
             rescale_missing += 0 if decode_hu(instance, rows, columns, hu[index], raw_buffer) else 1
         return hu, rescale_missing
 
-    cache: dict[int, np.ndarray] = {}
+    cache: dict[int, Float32Array] = {}
 
-    def slice_hu(index: int) -> np.ndarray:
+    def slice_hu(index: int) -> Float32Array:
         nonlocal rescale_missing
         if index not in cache:
             for old in [key for key in cache if key < index - 1]:
@@ -82,7 +83,7 @@ def read_hu(
 
 
 def decode_hu(
-    instance: Instance, rows: int, columns: int, out: np.ndarray, raw_buffer: bytearray
+    instance: Instance, rows: int, columns: int, out: Float32Array, raw_buffer: bytearray
 ) -> bool:
     """HU of one image into ``out``: stored value x RescaleSlope + RescaleIntercept (float32).
 
@@ -124,7 +125,7 @@ def decode_hu(
 
 def read_native_pixels(
     instance: Instance, rows: int, columns: int, buffer: bytearray | None = None
-) -> np.ndarray | None:
+) -> IntegerArray | None:
     """The stored values of an uncompressed little-endian image, read straight from its file.
 
     Parsing a whole file again with pydicom for its pixels took most of load_volume's time

@@ -14,6 +14,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from services.core.arrays import Float64Array
+
 
 def tag_value(dataset: Dataset | None, keyword: str, default: object = None) -> object:
     """``dataset.get(keyword)``, or ``default`` when absent or its value cannot be parsed."""
@@ -66,7 +68,7 @@ def int_or_none(value: object) -> int | None:
     return int(number)
 
 
-def vector(value: object, length: int) -> np.ndarray | None:
+def vector(value: object, length: int) -> Float64Array | None:
     """A finite float64 vector of exactly ``length`` numbers, or None."""
     if value is None or isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         return None

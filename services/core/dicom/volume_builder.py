@@ -14,6 +14,7 @@ import numpy as np
 from loguru import logger
 from pydicom.uid import CTImageStorage
 
+from services.core.arrays import Float64Array, LpsVector, Orientation
 from services.core.config import QualitySettings
 from services.core.dicom import geometry
 from services.core.dicom.objects import Instance, Series, Study
@@ -29,13 +30,13 @@ TILT_WARNING_DEGREES = 0.5
 
 @dataclass(frozen=True)
 class _SeriesGeometry:
-    row_cosine: np.ndarray
-    column_cosine: np.ndarray
-    normal: np.ndarray
+    row_cosine: LpsVector
+    column_cosine: LpsVector
+    normal: LpsVector
     rows: int
     columns: int
     pixel_spacing: tuple[float, float]  # (between rows, between columns)
-    image_positions: np.ndarray  # [n, 3] ImagePositionPatient of every instance, in order
+    image_positions: Float64Array  # [n, 3] ImagePositionPatient of every instance, in order
 
 
 def load_volume(
@@ -168,8 +169,8 @@ def _shared_geometry(instances: list[Instance]) -> _SeriesGeometry:
         count = sum(1 for inst in instances if tag not in inst.header)
         if count:
             raise SeriesDataError(f"{count} of {len(instances)} images lack {tag}")
-    positions: list[np.ndarray] = []
-    orientations: list[np.ndarray] = []
+    positions: list[LpsVector] = []
+    orientations: list[Orientation] = []
     for inst in instances:
         if inst.position is None or inst.orientation is None:
             raise SeriesDataError(
@@ -191,7 +192,7 @@ def _shared_geometry(instances: list[Instance]) -> _SeriesGeometry:
     )
 
 
-def _common_orientation(orientations: np.ndarray) -> np.ndarray:
+def _common_orientation(orientations: Float64Array) -> Orientation:
     """The orientation every image shares (within tolerance), or SeriesDataError."""
     reference = geometry.most_common_orientation(orientations)
     differs = np.any(np.abs(orientations - reference) > geometry.ORIENTATION_TOLERANCE, axis=1)
@@ -203,7 +204,7 @@ def _common_orientation(orientations: np.ndarray) -> np.ndarray:
     return reference
 
 
-def _orientation_axes(reference: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _orientation_axes(reference: Orientation) -> tuple[LpsVector, LpsVector, LpsVector]:
     """Row and column direction cosines and the slice normal of an orientation."""
     try:
         row_cosine = geometry.unit(reference[:3])

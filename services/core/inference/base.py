@@ -7,6 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
+from services.core.arrays import AnyArray, Embedding, ModelInput, Probabilities
 from services.core.body_part.bpr_detector import BodyPartRegressionModel
 from services.core.model_metadata import ModelMetadata
 
@@ -15,12 +16,12 @@ from services.core.model_metadata import ModelMetadata
 class ModelOutputs:
     """Outputs of the screening ensemble for a batch of B volumes."""
 
-    embedding: np.ndarray  # float32 [B, embedding_dim], L2-normalised
-    pathology_probability: np.ndarray  # float32 [B]
-    finding_probabilities: np.ndarray  # float32 [B, n_labels], in metadata.labels order
+    embedding: Embedding  # float32 [B, embedding_dim], L2-normalised
+    pathology_probability: Probabilities  # float32 [B]
+    finding_probabilities: Probabilities  # float32 [B, n_labels], in metadata.labels order
 
 
-def checked_model_input(volume: np.ndarray, metadata: ModelMetadata) -> np.ndarray:
+def checked_model_input(volume: AnyArray, metadata: ModelMetadata) -> ModelInput:
     """The model input as a contiguous float32 ``[B, 1, D, H, W]``; ValueError otherwise."""
     expected = (1, *metadata.target_shape)
     if volume.ndim != 5 or tuple(volume.shape[1:]) != expected:
@@ -30,7 +31,7 @@ def checked_model_input(volume: np.ndarray, metadata: ModelMetadata) -> np.ndarr
     return np.ascontiguousarray(volume, dtype=np.float32)
 
 
-def pathology_probabilities(output: np.ndarray) -> np.ndarray:
+def pathology_probabilities(output: AnyArray) -> Probabilities:
     """P(pathology) per study: index 1 of a two-class softmax, or a single probability."""
     output = np.asarray(output, dtype=np.float32)
     if output.ndim == 2 and output.shape[1] in (1, 2):
@@ -41,9 +42,9 @@ def pathology_probabilities(output: np.ndarray) -> np.ndarray:
 
 
 def model_outputs(
-    embedding: np.ndarray,
-    pathology: np.ndarray,
-    findings: np.ndarray,
+    embedding: AnyArray,
+    pathology: AnyArray,
+    findings: AnyArray,
     *,
     batch: int,
     metadata: ModelMetadata,
@@ -75,6 +76,6 @@ class InferenceBackend(Protocol):
     metadata: ModelMetadata
     body_part_model: BodyPartRegressionModel | None
 
-    def infer(self, volume: np.ndarray) -> ModelOutputs: ...
+    def infer(self, volume: ModelInput) -> ModelOutputs: ...
 
     def close(self) -> None: ...

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
+from services.core.arrays import AnyArray, BprScores, BprSlices
 from services.core.body_part.bpr_detector import BodyPartRegressionModel
 from services.core.body_part.bpr_input import OUTPUT_SIZE
 from services.core.body_part.bpr_scores import SliceScorer
@@ -60,7 +61,7 @@ def read_body_part_settings(repository: Path, info: BodyPartRegressionInfo) -> B
     return settings
 
 
-def checked_slices(slices: np.ndarray) -> np.ndarray:
+def checked_slices(slices: AnyArray) -> BprSlices:
     """The network input as a contiguous float32 ``[N, 1, 128, 128]``; ValueError otherwise."""
     if slices.ndim != 4 or tuple(slices.shape[1:]) != SLICE_SHAPE:
         raise ValueError(
@@ -70,10 +71,10 @@ def checked_slices(slices: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(slices, dtype=np.float32)
 
 
-def in_batches(score_batch: Callable[[np.ndarray], np.ndarray], max_batch: int) -> SliceScorer:
+def in_batches(score_batch: Callable[[BprSlices], AnyArray], max_batch: int) -> SliceScorer:
     """A scorer for any number of slices from one that takes at most ``max_batch``."""
 
-    def score(slices: np.ndarray) -> np.ndarray:
+    def score(slices: BprSlices) -> BprScores:
         slices = checked_slices(slices)
         parts = [
             np.asarray(score_batch(slices[start : start + max_batch]), dtype=np.float32)
@@ -88,7 +89,7 @@ def in_batches(score_batch: Callable[[np.ndarray], np.ndarray], max_batch: int) 
 
 
 def body_part_model(
-    score_batch: Callable[[np.ndarray], np.ndarray],
+    score_batch: Callable[[BprSlices], AnyArray],
     repository: Path,
     info: BodyPartRegressionInfo,
     *,

@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 from loguru import logger
 
+from services.core.arrays import AnyArray, BprSlices, Float32Array, ModelInput
 from services.core.body_part.bpr_detector import BodyPartRegressionModel
 from services.core.config import InferenceSettings
 from services.core.errors import ModelRepositoryError
@@ -196,7 +197,7 @@ class OnnxRuntimeBackend:
             return None
         path = body_part_onnx_path(self.repository, info)
 
-        def score_batch(slices: np.ndarray) -> np.ndarray:
+        def score_batch(slices: BprSlices) -> AnyArray:
             return self.session(info.model).run([SCORES_OUTPUT], {SLICES_INPUT: slices})[0]
 
         return body_part_model(
@@ -208,7 +209,7 @@ class OnnxRuntimeBackend:
             self._outputs[model] = _output_name(self.session(model), preferred)
         return self._outputs[model]
 
-    def _run(self, model: str, preferred: tuple[str, ...], array: np.ndarray) -> np.ndarray:
+    def _run(self, model: str, preferred: tuple[str, ...], array: Float32Array) -> AnyArray:
         session = self.session(model)
         output = self._output(model, preferred)
         input_name = session.get_inputs()[0].name
@@ -223,7 +224,7 @@ class OnnxRuntimeBackend:
         ]
         return np.concatenate(parts)
 
-    def infer(self, volume: np.ndarray) -> ModelOutputs:
+    def infer(self, volume: ModelInput) -> ModelOutputs:
         volume = checked_model_input(volume, self.metadata)
         embedding = self._run(ENCODER_NAME, EMBEDDING_OUTPUTS, volume).astype(np.float32)
         pathology = self._run(BINARY_HEAD_NAME, PATHOLOGY_OUTPUTS, embedding)

@@ -31,12 +31,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as system_shm
 from loguru import logger
 from tritonclient.utils import InferenceServerException
 
+from services.core.arrays import AnyArray, BprSlices, Float32Array, ModelInput
 from services.core.body_part.bpr_detector import BodyPartRegressionModel
 from services.core.config import InferenceSettings
 from services.core.errors import ModelServerUnavailable
@@ -157,7 +157,7 @@ class TritonBackend:
         if info is None:
             return None
 
-        def score_batch(slices: np.ndarray) -> np.ndarray:
+        def score_batch(slices: BprSlices) -> AnyArray:
             result = self._request(info.model, SLICES_INPUT, slices, (SCORES_OUTPUT,))
             return result.as_numpy(SCORES_OUTPUT)
 
@@ -230,7 +230,7 @@ class TritonBackend:
             raise
 
     def _request(
-        self, model: str, input_name: str, array: np.ndarray, outputs: tuple[str, ...]
+        self, model: str, input_name: str, array: Float32Array, outputs: tuple[str, ...]
     ) -> Any:
         """One float32 input to ``model`` by the chosen transport; the raw result."""
         started = time.perf_counter()
@@ -250,7 +250,7 @@ class TritonBackend:
         return result
 
     def _request_shared_memory(
-        self, model: str, input_name: str, array: np.ndarray, outputs: tuple[str, ...]
+        self, model: str, input_name: str, array: Float32Array, outputs: tuple[str, ...]
     ) -> Any:
         region = self._take_region(array.nbytes)
         reusable = False
@@ -338,7 +338,7 @@ class TritonBackend:
             # Server gone (it forgets regions when it restarts) or stuck: say so.
             logger.warning("could not unregister shared memory {}: {}", name, error)
 
-    def infer(self, volume: np.ndarray) -> ModelOutputs:
+    def infer(self, volume: ModelInput) -> ModelOutputs:
         volume = checked_model_input(volume, self.metadata)
         result = self._request(self.model_name, INPUT_NAME, volume, OUTPUT_NAMES)
         return model_outputs(

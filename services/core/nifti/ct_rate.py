@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from services.core.arrays import FloatArray
 from services.core.errors import ConfigurationError
 from services.core.volume import Volume
 
@@ -119,7 +120,7 @@ def _read_cached(path_text: str, _mtime_ns: int, _size: int) -> dict[str, CtRate
     return rows
 
 
-def ct_rate_volume(values: np.ndarray, info: CtRateVolumeInfo) -> Volume:
+def ct_rate_volume(values: FloatArray, info: CtRateVolumeInfo) -> Volume:
     """The Volume CT-CLIP's loader sees: ``slope * x + intercept`` transposed (2, 0, 1).
 
     ``values`` is ``x[i, j, k]`` as nibabel's ``get_fdata()`` gives it (the header's own

@@ -27,6 +27,7 @@ import numpy as np
 from nibabel.nifti1 import Nifti1Header
 from nibabel.nifti2 import Nifti2Header
 
+from services.core.arrays import Float32Array, Float64Array
 from services.core.errors import IntakeError, SeriesDataError
 from services.core.preprocessing.reorientation import slp_reorientation
 from services.core.volume import Volume
@@ -125,7 +126,7 @@ def checked_shape(header: Nifti1Header, max_voxels: int | None) -> tuple[int, in
     return x, y, z
 
 
-def read_scaled_data(path: Path, header: Nifti1Header) -> np.ndarray:
+def read_scaled_data(path: Path, header: Nifti1Header) -> Float32Array:
     """The voxel values x[i, j, k] as float32 with scl_slope/scl_inter applied."""
     try:
         with _open(path) as stream:
@@ -142,7 +143,7 @@ def read_scaled_data(path: Path, header: Nifti1Header) -> np.ndarray:
     return data
 
 
-def geometry_source(header: Nifti1Header) -> tuple[np.ndarray, str]:
+def geometry_source(header: Nifti1Header) -> tuple[Float64Array, str]:
     """The affine the NIfTI standard says to use, and which one it is."""
     sform_code = int(header["sform_code"])
     qform_code = int(header["qform_code"])
@@ -184,7 +185,7 @@ def load_nifti_volume(path: Path, *, max_voxels: int | None) -> NiftiVolume:
     )
 
 
-def volume_from_affine(data: np.ndarray, affine_ras: np.ndarray) -> tuple[Volume, float]:
+def volume_from_affine(data: Float32Array, affine_ras: Float64Array) -> tuple[Volume, float]:
     """The `Volume` of ``data[i, j, k]`` placed by a voxel-to-RAS affine; and its shear angle.
 
     Volume axes (slice, row, column) take the array axes closest to superior, posterior and

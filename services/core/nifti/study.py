@@ -13,8 +13,7 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING
 
-import numpy as np
-
+from services.core.arrays import ModelInput
 from services.core.body_part import create_detector
 from services.core.body_part.bpr_detector import BodyPartRegressionModel
 from services.core.chest_check import (
@@ -74,7 +73,7 @@ def prepare_nifti_study(
     target: PreprocessingTarget,
     clock: StageClock,
     body_part_model: BodyPartRegressionModel | None = None,
-) -> tuple[StudyReport, np.ndarray | None]:
+) -> tuple[StudyReport, ModelInput | None]:
     """The report so far and the model input of one NIfTI (None when the study failed)."""
     report = StudyReport(
         path_to_study=display_name,

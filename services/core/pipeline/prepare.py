@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from loguru import logger
 
+from services.core.arrays import ModelInput
 from services.core.chest_check import BodyPartRegressionModel, check_chest
 from services.core.config import Settings
 from services.core.dicom.headers import read_studies
@@ -41,7 +41,7 @@ class PreparedStudy:
     """One study ready for the model (or already failed, with ``model_input`` None)."""
 
     report: StudyReport  # model fields empty until finish_study
-    model_input: np.ndarray | None  # float32 [1, 1, D, H, W]
+    model_input: ModelInput | None  # float32 [1, 1, D, H, W]
     index: int  # 0-based position of the study within its input
     n_studies: int  # studies found in the input
     shared_seconds: float  # this study's share of the input-wide stages (intake, headers)
@@ -198,7 +198,7 @@ def _prepare_one_study(
     target: PreprocessingTarget,
     clock: StageClock,
     body_part_model: BodyPartRegressionModel | None = None,
-) -> tuple[StudyReport, np.ndarray | None]:
+) -> tuple[StudyReport, ModelInput | None]:
     """Selection, volume, chest check and preprocessing of one study."""
     if isinstance(study, NiftiFile):
         return prepare_nifti_study(

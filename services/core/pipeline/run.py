@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from loguru import logger
 
+from services.core.arrays import ModelInput
 from services.core.config import Settings
 from services.core.errors import ErrorPolicy, policy_of
 from services.core.findings import (
@@ -139,7 +140,7 @@ def process_input(
 
 def _infer_and_finish(
     prepared: PreparedStudy,
-    model_input: np.ndarray,
+    model_input: ModelInput,
     backend: InferenceBackend,
     thresholds: Thresholds,
     events: PipelineEvents,

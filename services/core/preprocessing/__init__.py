@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.core.arrays import FloatArray, ModelInput, ModelVolume
 from services.core.preprocessing.reorientation import (
     SLP_LPS_COMPONENTS,
     Reorientation,
@@ -63,8 +64,8 @@ class PreprocessingTarget:
 
 
 def preprocess_array(
-    slp: np.ndarray, spacing_mm: Sequence[float], target: PreprocessingTarget
-) -> np.ndarray:
+    slp: FloatArray, spacing_mm: Sequence[float], target: PreprocessingTarget
+) -> ModelVolume:
     """SLP+ HU array -> model input volume (D, H, W) float32 in [-1, 1], as the contract says."""
     new_shape = resized_shape(slp.shape, spacing_mm, target.spacing_mm)
     if min(new_shape) < 1:
@@ -77,7 +78,7 @@ def preprocess_array(
     return resample_crop_pad(slp, plans, clip=target.hu_window, scale=1.0 / HU_SCALE)
 
 
-def preprocess_volume(volume: Volume, target: PreprocessingTarget) -> np.ndarray:
+def preprocess_volume(volume: Volume, target: PreprocessingTarget) -> ModelVolume:
     """Volume in any orientation -> model input volume (D, H, W) float32.
 
     Same result as ``preprocess_array(*reorient_to_slp(volume), target)``, computed in the
@@ -117,7 +118,7 @@ def preprocess_volume(volume: Volume, target: PreprocessingTarget) -> np.ndarray
     return output
 
 
-def to_model_input(volumes: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+def to_model_input(volumes: Sequence[ModelVolume] | ModelVolume) -> ModelInput:
     """Stack (D, H, W) volumes into the model's ``[B, 1, D, H, W]`` float32 batch."""
     if isinstance(volumes, np.ndarray) and volumes.ndim == 3:
         # One volume: a view with the two new axes (no copy of 221 MB when it is already a

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.core.arrays import HuVolume, LpsDirections
 from services.core.volume import Volume
 
 # LPS coordinate index of the direction each SLP+ axis must run toward:
@@ -28,7 +29,7 @@ class Reorientation:
     flips: tuple[bool, bool, bool]
 
 
-def slp_reorientation(axis_directions: np.ndarray) -> Reorientation:
+def slp_reorientation(axis_directions: LpsDirections) -> Reorientation:
     """The axis permutation and flips that bring an array to SLP+.
 
     ``axis_directions[i]`` is the LPS direction of array axis ``i``. Each SLP+ axis takes
@@ -56,7 +57,7 @@ def slp_reorientation(axis_directions: np.ndarray) -> Reorientation:
     return Reorientation(permutation=permutation, flips=(flip[0], flip[1], flip[2]))
 
 
-def reorient_to_slp(volume: Volume) -> tuple[np.ndarray, tuple[float, float, float]]:
+def reorient_to_slp(volume: Volume) -> tuple[HuVolume, tuple[float, float, float]]:
     """A view of ``volume.hu`` in SLP+ order and the spacing of its axes (no copy)."""
     plan = slp_reorientation(volume.axis_directions())
     view = volume.hu.transpose(plan.permutation)

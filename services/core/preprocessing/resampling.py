@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.core.arrays import Float32Array, FloatArray, Int64Array
+
 PAD_VALUE = -1.0
 # Temporaries of one chunk stay around this many elements (float32: 1 MiB): a chunk's
 # gathered samples then stay in the core's cache through the arithmetic that follows,
@@ -59,7 +61,7 @@ def crop_pad_plan(n_in: int, n_resized: int, n_out: int) -> AxisPlan:
 
 def linear_sample_weights(
     n_in: int, n_resized: int, keep_start: int = 0, keep_count: int | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[Int64Array, Int64Array, Float32Array]:
     """Neighbour indices and upper weight of 1D linear resizing, ``align_corners=False``.
 
     Output sample ``j`` reads source position ``(j + 0.5) * n_in / n_resized - 0.5``,
@@ -109,9 +111,9 @@ class _Scratch:
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[str, np.ndarray] = {}
+        self._buffers: dict[str, Float32Array] = {}
 
-    def get(self, name: str, shape: Sequence[int]) -> np.ndarray:
+    def get(self, name: str, shape: Sequence[int]) -> Float32Array:
         size = int(np.prod(shape))
         buffer = self._buffers.get(name)
         if buffer is None or buffer.size < size:
@@ -124,9 +126,9 @@ class _AxisResampler:
     """The 1D linear resize of one axis (kept samples only), applied chunk by chunk."""
 
     axis: int
-    lower: np.ndarray
-    upper: np.ndarray
-    upper_weight: np.ndarray  # shaped to broadcast along ``axis``
+    lower: Int64Array
+    upper: Int64Array
+    upper_weight: Float32Array  # shaped to broadcast along ``axis``
     clip: tuple[float, float] | None
     scale: float | None
 
@@ -145,14 +147,14 @@ class _AxisResampler:
         weight_shape[axis] = -1
         return cls(axis, lower, upper, upper_weight.reshape(weight_shape), clip, scale)
 
-    def _gather(self, chunk: np.ndarray, indices: np.ndarray, out: np.ndarray) -> None:
+    def _gather(self, chunk: FloatArray, indices: Int64Array, out: Float32Array) -> None:
         if chunk.dtype == np.float32:
             # mode="clip": the indices are in range by construction, so skip the checks.
             np.take(chunk, indices, axis=self.axis, out=out, mode="clip")
         else:
             out[...] = np.take(chunk, indices, axis=self.axis, mode="clip")
 
-    def __call__(self, chunk: np.ndarray, destination: np.ndarray, scratch: _Scratch) -> None:
+    def __call__(self, chunk: FloatArray, destination: Float32Array, scratch: _Scratch) -> None:
         low = scratch.get("low", destination.shape)
         high = scratch.get("high", destination.shape)
         self._gather(chunk, self.lower, low)
@@ -171,10 +173,10 @@ class _AxisResampler:
 
 
 def _resample_axis(
-    source: np.ndarray,
+    source: FloatArray,
     axis: int,
     plan: AxisPlan,
-    destination: np.ndarray,
+    destination: Float32Array,
     *,
     clip: tuple[float, float] | None = None,
     scale: float | None = None,
@@ -206,7 +208,7 @@ def _resized(shape: Sequence[int], plans: Sequence[AxisPlan], axes: Sequence[int
     return [plans[axis].keep_count if axis in axes else n for axis, n in enumerate(shape)]
 
 
-def _fill_outside(array: np.ndarray, block: tuple[slice, ...], value: float) -> None:
+def _fill_outside(array: Float32Array, block: tuple[slice, ...], value: float) -> None:
     """Set every element of ``array`` outside ``block`` (one slice per axis) to ``value``."""
     for axis, window in enumerate(block):
         before = [slice(None)] * array.ndim
@@ -218,14 +220,14 @@ def _fill_outside(array: np.ndarray, block: tuple[slice, ...], value: float) -> 
 
 
 def resample_crop_pad(
-    array: np.ndarray,
+    array: FloatArray,
     plans: Sequence[AxisPlan],
     *,
     clip: tuple[float, float] | None = None,
     scale: float | None = None,
     pad_value: float = PAD_VALUE,
-    out: np.ndarray | None = None,
-) -> np.ndarray:
+    out: Float32Array | None = None,
+) -> Float32Array:
     """Trilinear resize (``align_corners=False``) then centre crop / pad, fused.
 
     Axes are resampled one at a time, the one that shrinks the data most first; axes
@@ -278,7 +280,7 @@ def resample_crop_pad(
     return output
 
 
-def _check_plans(array: np.ndarray, plans: Sequence[AxisPlan]) -> None:
+def _check_plans(array: FloatArray, plans: Sequence[AxisPlan]) -> None:
     if array.ndim != 3 or len(plans) != 3:
         raise ValueError(f"expected a 3D array and three axis plans, got {array.shape}")
     for axis, plan in enumerate(plans):
@@ -286,7 +288,7 @@ def _check_plans(array: np.ndarray, plans: Sequence[AxisPlan]) -> None:
             raise ValueError(f"axis {axis}: plan for {plan.n_in} samples, array has {array.shape}")
 
 
-def _output_array(shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
+def _output_array(shape: tuple[int, ...], out: Float32Array | None) -> Float32Array:
     """``out`` when it fits, else a new C-contiguous float32 array of ``shape``."""
     if out is None:
         return np.empty(shape, dtype=np.float32)
@@ -296,11 +298,11 @@ def _output_array(shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
 
 
 def _resample_in_slabs(
-    intermediate: np.ndarray,
+    intermediate: Float32Array,
     first_axis: int,
     later_axes: list[int],
     plans: Sequence[AxisPlan],
-    kept: np.ndarray,
+    kept: Float32Array,
 ) -> None:
     """The later axes' passes over slabs of ``intermediate`` along ``first_axis``, the last
     one into ``kept``; slabs are shared among the worker threads."""
@@ -327,7 +329,7 @@ def _resample_in_slabs(
     _run_parallel(work, len(starts))
 
 
-def resize_trilinear(array: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
+def resize_trilinear(array: FloatArray, new_shape: Sequence[int]) -> Float32Array:
     """Plain trilinear resize, as ``torch.nn.functional.interpolate(size=..., align_corners=False)``."""
     plans = [crop_pad_plan(n, m, m) for n, m in zip(array.shape, new_shape, strict=True)]
     return resample_crop_pad(array, plans)
