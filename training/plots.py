@@ -7,10 +7,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from training.metrics import precision_recall_curve, roc_curve  # noqa: E402
+from training.metrics import precision_recall_curve, roc_curve
 
 FIGURE_SIZE = (6.5, 6.0)
 DPI = 110
