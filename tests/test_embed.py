@@ -76,12 +76,14 @@ def test_embed_writes_one_row_per_study_and_resumes(
     rows = {row["name"]: row for row in pq.read_table(output).to_pylist()}
     assert set(rows) == {"chest_dicom", "mr_dicom", "train_1_a_1.nii.gz", "train_2_a_1.nii.gz"}
     assert rows["mr_dicom"]["status"] == "Failure"
-    assert "MR" in rows["mr_dicom"]["failure_reason"] and rows["mr_dicom"]["embedding"] is None
+    assert "MR" in rows["mr_dicom"]["failure_reason"]
+    assert rows["mr_dicom"]["embedding"] is None
     embeddings = {}
     for name in ("chest_dicom", "train_1_a_1.nii.gz", "train_2_a_1.nii.gz"):
         row = rows[name]
         assert row["status"] == "Success", row["failure_reason"]
-        assert row["study_uid"] and row["demo_weights"] is True
+        assert row["study_uid"]
+        assert row["demo_weights"] is True
         assert len(row["encoder_version"]) == 12
         vector = np.asarray(row["embedding"], dtype=np.float64)
         assert vector.shape == (16,)  # the tiny encoder's dim_latent
@@ -123,7 +125,8 @@ def test_an_interrupted_run_keeps_its_rows_and_resumes(
         embed(_options(data_set, output, tiny_model_repository))
     assert not output.exists()
     parts = list((tmp_path / "embeddings.parquet.parts").glob("part-*.parquet"))
-    assert len(parts) == 1 and pq.read_table(parts[0]).num_rows == 2
+    assert len(parts) == 1
+    assert pq.read_table(parts[0]).num_rows == 2
 
     monkeypatch.setattr(embed_module, "process_input", real)
     resumed = embed(_options(data_set, output, tiny_model_repository))
@@ -151,5 +154,6 @@ def test_embeddings_of_another_encoder_are_refused(
     )  # fmt: skip
     assert code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("error: ") and "another-encoder" in error
+    assert error.startswith("error: ")
+    assert "another-encoder" in error
     assert pq.read_table(output).num_rows == 1  # untouched
