@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from loguru import logger
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
@@ -40,7 +39,6 @@ from convertation.onnx_export import run_onnx
 from services.core.labels import FINDING_LABELS
 from training.cli import main
 from training.data import load_matched
-from training.logs import configure_console, log_file
 from training.metrics import METRIC_NAMES
 from training.synthetic import CT_RATE_LABELS, nonlinear_cohort, write_embeddings
 from training.synthetic import write_labels as write_label_table
@@ -431,30 +429,3 @@ def test_command_line_entry_point_exits_non_zero(cohort, workspace):
     assert completed.stderr.strip().splitlines() == [
         f"error: embeddings file not found: {workspace / 'missing.parquet'}"
     ]
-
-
-def _log_a_failure(study_embedding: str) -> None:
-    try:
-        raise ValueError(len(study_embedding))
-    except ValueError:
-        logger.exception("failed")
-
-
-def test_training_log_sinks_print_no_local_variables(tmp_path, capsys):
-    """loguru's ``diagnose=True`` would print the frame's variables (here an embedding's
-    values) under the traceback; the training sinks must not."""
-    secret = "0.0312,-0.0117,0.0871"
-    with log_file(tmp_path / "train.log"):
-        _log_a_failure(secret)
-    written = (tmp_path / "train.log").read_text()
-    assert "ValueError" in written
-    assert secret not in written
-    configure_console()
-    try:
-        _log_a_failure(secret)
-        console = capsys.readouterr().err
-    finally:
-        logger.remove()  # the console sink holds pytest's capture stream
-        logger.add(sys.__stderr__)
-    assert "ValueError" in console
-    assert secret not in console

@@ -127,13 +127,18 @@ def compare_with_linear_probe(
 
 
 def _cell(estimate: Estimate, signed: bool = False) -> str:
+    """``value (low-high)`` like the report's main table; signed values as ``+a (+b to +c)``."""
     if estimate.value is None:
         return "n/a"
-    sign = "+" if signed else ""
-    text = f"{estimate.value:{sign}.3f}"
+    if not signed:
+        return (
+            f"{estimate.value:.3f}"
+            if estimate.ci_low is None or estimate.ci_high is None
+            else f"{estimate.value:.3f} ({estimate.ci_low:.3f}-{estimate.ci_high:.3f})"
+        )
     if estimate.ci_low is None or estimate.ci_high is None:
-        return text
-    return f"{text} ({estimate.ci_low:{sign}.3f} to {estimate.ci_high:{sign}.3f})"
+        return f"{estimate.value:+.3f}"
+    return f"{estimate.value:+.3f} ({estimate.ci_low:+.3f} to {estimate.ci_high:+.3f})"
 
 
 def comparison_lines(comparison: BaselineComparison | None) -> list[str]:
@@ -146,7 +151,7 @@ def comparison_lines(comparison: BaselineComparison | None) -> list[str]:
             "in): no side-by-side comparison.",
             "",
         ]
-    metric = "AUROC" if comparison.metric == "auroc" else "macro AUROC"
+    macro = "" if comparison.metric == "auroc" else "macro "
     chosen_name = HEAD_NAMES[comparison.chosen_head]
     validation = [
         "n/a" if scores.validation_auroc is None else f"{scores.validation_auroc:.3f}"
@@ -157,13 +162,15 @@ def comparison_lines(comparison: BaselineComparison | None) -> list[str]:
         *lines,
         f"Kept: the {chosen_name}{reason}. {comparison.note}",
         "",
-        f"| head | validation {metric} | held-out {metric} (95% CI) | held-out AUPRC (95% CI) |",
+        f"| head | validation {macro}AUROC | held-out {macro}AUROC (95% CI) "
+        f"| held-out {macro}AUPRC (95% CI) |",
         "|---|---|---|---|",
         f"| chosen: {chosen_name} | {validation[0]} | {_cell(comparison.chosen.auroc)} | "
         f"{_cell(comparison.chosen.auprc)} |",
         f"| linear probe | {validation[1]} | {_cell(comparison.linear_probe.auroc)} | "
         f"{_cell(comparison.linear_probe.auprc)} |",
-        f"| difference, chosen - probe ({comparison.method}) | | "
-        f"{_cell(comparison.difference_auroc, signed=True)} | |",
+        f"| difference, chosen - probe | | {_cell(comparison.difference_auroc, signed=True)} | |",
+        "",
+        f"The difference's CI: {comparison.method}.",
         "",
     ]
