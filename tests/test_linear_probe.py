@@ -35,7 +35,7 @@ from services.core.labels import FINDING_LABELS
 from training.cli import main
 from training.data import load_matched, read_embeddings
 from training.fit import FitData
-from training.probe import REGULARISATION_GRID, fit_linear_probe
+from training.probe import DEFAULT_C, REGULARISATION_GRID, fit_linear_probe
 from training.selection import validation_difference
 from training.synthetic import linear_cohort, write_cohort
 
@@ -290,3 +290,33 @@ def test_a_run_from_before_the_probe_loads_and_evaluates(
     report = (workspace / "schema_1_eval" / "report.md").read_text()
     assert "This run has no linear probe" in report
     assert json.loads((run / HEAD_INFO_FILE).read_text())["schema_version"] == 1
+
+
+def test_labels_a_split_cannot_fit_or_choose_for():
+    """A label without a positive training row gets its smoothed prevalence, one whose
+    validation rows hold one class scikit-learn's default C; both as scikit-learn predicts."""
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(60, 8)).astype(np.float32)
+    signal = (vectors[:, 0] > 0).astype(np.int8)
+    targets = np.column_stack([signal, signal, signal]).astype(np.int8)
+    targets[:48, 1] = 0  # no positive among the 48 training rows
+    targets[48:, 2] = 0  # no positive among the 12 validation rows
+    data = FitData(
+        task="multilabel",
+        train_vectors=vectors[:48],
+        train_targets=targets[:48],
+        validation_vectors=vectors[48:],
+        validation_targets=targets[48:],
+    )
+    probe = fit_linear_probe(data)
+    assert probe.label_probes[0].c in REGULARISATION_GRID
+    assert probe.label_probes[1].c is None
+    assert probe.label_probes[2].c == DEFAULT_C
+    prevalence = 0.5 / 49  # (0 positives + 1/2) / (48 rows + 1)
+    np.testing.assert_allclose(probe.validation_probabilities[:, 1], prevalence, rtol=1e-6)
+    np.testing.assert_allclose(
+        probe.validation_probabilities,
+        probe.sklearn_probabilities(vectors[48:]),
+        rtol=0,
+        atol=PARITY_TOLERANCE,
+    )

@@ -42,8 +42,9 @@ from threadpoolctl import threadpool_limits
 from convertation.head.configurable import ConfigurableHead, Task, linear_architecture
 from training.fit import FitData, predict_probabilities, validation_auroc
 
-# 1e-4 .. 1e2 in half decades. On standardised 512-d embeddings of a few hundred studies the
-# best C lies near the small end; the large end is the nearly unregularised fit.
+# 1e-4 .. 1e2 in half decades, on standardised embeddings. On the cohorts of
+# training.synthetic (a few hundred 512-d studies) the chosen C lay between 1e-3 and 3e-2;
+# the large end is the nearly unregularised fit.
 REGULARISATION_GRID: tuple[float, ...] = tuple(
     float(10.0**power) for power in np.arange(-4, 2.5, 0.5)
 )
@@ -142,8 +143,8 @@ def probe_head(task: Task, label_probes: list[LabelProbe], embedding_dim: int) -
     return head.eval()
 
 
-def fit_linear_probe(data: FitData) -> ProbeFit:
-    """Per label: standardise, choose C on validation, fit on the training rows; as a head."""
+def _label_probes(data: FitData) -> tuple[StandardScaler, list[LabelProbe]]:
+    """The standardisation and one regression per output label."""
     train_x = data.train_vectors.astype(np.float64)
     scaler = StandardScaler().fit(train_x)
     train_standardised = scaler.transform(train_x)
@@ -163,11 +164,28 @@ def fit_linear_probe(data: FitData) -> ProbeFit:
             )
             for j in range(data.n_labels)
         ]
-    not_converged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+    # Counted into one log line; any other warning goes on as it came.
+    not_converged = 0
+    for caught_warning in caught:
+        if issubclass(caught_warning.category, ConvergenceWarning):
+            not_converged += 1
+        else:
+            warnings.warn_explicit(
+                caught_warning.message,
+                caught_warning.category,
+                caught_warning.filename,
+                caught_warning.lineno,
+            )
     if not_converged:
         logger.warning(
             "linear probe: lbfgs stopped at {} iterations in {} fits", MAX_ITERATIONS, not_converged
         )
+    return scaler, label_probes
+
+
+def fit_linear_probe(data: FitData) -> ProbeFit:
+    """Per label: standardise, choose C on validation, fit on the training rows; as a head."""
+    scaler, label_probes = _label_probes(data)
     head = probe_head(data.task, label_probes, data.train_vectors.shape[1])
     probabilities = predict_probabilities(head, data.validation_vectors)
     score = validation_auroc(data.task, data.validation_targets, probabilities)
