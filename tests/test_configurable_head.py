@@ -24,6 +24,7 @@ from convertation.head.configurable import (
     SplitSizes,
     TrainingProvenance,
     deployed_label_index,
+    linear_architecture,
     load_trained_head,
     save_trained_head,
 )
@@ -32,6 +33,7 @@ from convertation.head.heads import (
     PathologyProbability,
     build_demo_heads,
 )
+from convertation.head.selection import HeadSelection, LinearProbeCandidate, MlpCandidate
 from services.core.labels import FINDING_LABELS
 
 
@@ -175,6 +177,68 @@ def test_a_head_json_with_unknown_or_missing_fields_is_refused(saved_run, tmp_pa
         load_trained_head(run)
     with pytest.raises(HeadRunError, match=r"head.json not found"):
         load_trained_head(tmp_path_factory.mktemp("empty"))
+
+
+def test_a_linear_head_is_one_linear_layer():
+    """The linear probe's head: binary logits [0, w.x + b] give sigmoid(w.x + b) at index 1."""
+    architecture = linear_architecture("binary", 16, 1)
+    head = ConfigurableHead(architecture).eval()
+    assert list(head.state_dict()) == ["net.0.weight", "net.0.bias"]
+    weight = torch.linspace(-1, 1, 16)
+    with torch.no_grad():
+        head.net[0].weight.copy_(torch.stack([torch.zeros(16), weight]))
+        head.net[0].bias.copy_(torch.tensor([0.0, 0.3]))
+        probability = HeadProbabilities(head)(embeddings(4, 16))
+    expected = torch.sigmoid(embeddings(4, 16) @ weight + 0.3)[:, None]
+    torch.testing.assert_close(probability, expected, rtol=0, atol=1e-7)
+    multilabel = linear_architecture("multilabel", 16, 3)
+    assert multilabel.hidden_sizes == ()
+    assert multilabel.n_outputs == 3
+
+
+def _selection(chosen: str = "mlp", rule: str = "best") -> dict:
+    return {
+        "rule": rule,
+        "chosen": chosen,
+        "reason": "test",
+        "mlp": MlpCandidate(
+            validation_auroc=0.9, hidden_sizes=(8,), trials=1, best_trial=1, best_epoch=3
+        ).model_dump(),
+        "linear_probe": LinearProbeCandidate(
+            validation_auroc=0.8, regularisation_c={"Emphysema": 0.01}
+        ).model_dump(),
+        "validation_difference": None,
+    }
+
+
+def test_selection_records_are_validated():
+    assert HeadSelection.model_validate(_selection()).chosen == "mlp"
+    with pytest.raises(ValidationError, match="rule linear must keep the linear probe"):
+        HeadSelection.model_validate(_selection(chosen="mlp", rule="linear"))
+    with pytest.raises(ValidationError, match="rule mlp must keep the MLP"):
+        HeadSelection.model_validate(_selection(chosen="linear_probe", rule="mlp"))
+    with pytest.raises(ValidationError, match="no MLP was trained"):
+        HeadSelection.model_validate({**_selection(), "mlp": None})
+
+
+def test_schema_versions_one_and_two_load_others_are_refused(saved_run):
+    run, _ = saved_run
+    info = json.loads((run / HEAD_INFO_FILE).read_text())
+    assert info["schema_version"] == 2
+    assert info["selection"] is None
+    (run / HEAD_INFO_FILE).write_text(json.dumps({**info, "selection": _selection()}))
+    assert load_trained_head(run)[1].selection is not None
+    del info["selection"]  # a run folder written before the selection record existed
+    (run / HEAD_INFO_FILE).write_text(json.dumps({**info, "schema_version": 1}))
+    assert load_trained_head(run)[1].selection is None
+    (run / HEAD_INFO_FILE).write_text(
+        json.dumps({**info, "schema_version": 1, "selection": _selection()})
+    )
+    with pytest.raises(HeadRunError, match="schema_version 1 has no selection"):
+        load_trained_head(run)
+    (run / HEAD_INFO_FILE).write_text(json.dumps({**info, "schema_version": 3}))
+    with pytest.raises(HeadRunError, match=r"schema_version 3 is not one of \(1, 2\)"):
+        load_trained_head(run)
 
 
 def test_deployed_label_mapping():

@@ -3,7 +3,9 @@
 Heads are trained (``python -m training train``) on synthetic 16-d embeddings with 18
 CT-RATE findings, deployed with the tiny demo encoder by ``convertation.build_repository
 --binary-head RUN --multilabel-head RUN --missing-findings fill``, and the chest fixture is
-screened by the batch (ONNX Runtime) and through Triton. Each report keeps its embedding, so
+screened by the batch (ONNX Runtime) and through Triton. The binary run keeps its linear probe
+(``--head linear``: one Linear whose logits are [0, w.x + b]) and the multilabel run its MLP
+(``--head mlp``), so both kinds of head go through the deployment. Each report keeps its embedding, so
 the trainer's own head (loaded from the run folder, in torch) can be applied to it: the
 deployed probabilities must match within 1e-5, the evaluated thresholds must be the ones in
 use, and the two findings the head never saw must be "not assessed".
@@ -43,6 +45,7 @@ EMBEDDING_DIM = 16  # the tiny encoder's dim_latent
 STUDIES = 400
 PARITY_TOLERANCE = 1e-5
 FAST_SCHEDULE = ("--max-epochs", "40", "--patience", "8")
+HEAD_RULE = {"binary": "linear", "multilabel": "mlp"}
 
 
 def synthetic_embeddings(root: Path) -> tuple[Path, Path]:
@@ -82,7 +85,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         run = root / task
         code = training_main(
             ["train", "--task", task, "--embeddings", str(embeddings), "--labels", str(labels),
-             "--output", str(run), *FAST_SCHEDULE]
+             "--output", str(run), "--head", HEAD_RULE[task], *FAST_SCHEDULE]
         )  # fmt: skip
         assert code == 0
         result[task] = run
@@ -125,6 +128,9 @@ def test_thresholds_and_not_assessed_findings_reach_the_metadata(
         assert metadata.finding_thresholds[label] == pytest.approx(multilabel["thresholds"][label])
     sources = {weight.model: weight for weight in metadata.weights}
     assert sources["binary_head"].source_sha256 == binary["weights_sha256"]
+    assert binary["selection"]["chosen"] == "linear_probe"
+    assert binary["architecture"]["hidden_sizes"] == []
+    assert multilabel["selection"]["chosen"] == "mlp"
     assert metadata.demo  # the encoder is the demo one: the repository stays a demo
 
 

@@ -1,14 +1,17 @@
 """Training and evaluating the heads on embeddings with a known, learnable signal.
 
-The synthetic cohort (`synthetic_cohort`): 8 latent factors ``z`` per study, mixed into 512
-dimensions with as much isotropic noise, then L2-normalised like CT-CLIP's embeddings. A
-study is diseased when ``z0 * z1 + 0.5 z2 + noise > 0``: an interaction, which no linear
-model can represent, plus a linear part. Its findings (the 18 CT-RATE columns) are linear
-rules on ``z3..z7``, gated by the disease (a diseased study has at least one, a healthy one
-none); the binary target, any finding, is then exactly the disease. So logistic regression
-gets the linear part only and an MLP can learn both: the claim "the head beats logistic
-regression on held-out data" is true by construction, and the tests check that training
-actually gets there (the head's lower 95% CI bound above the baseline's AUROC).
+The synthetic cohort (`training.synthetic.nonlinear_cohort`): 8 latent factors ``z`` per
+study, mixed into 512 dimensions with as much isotropic noise, then L2-normalised like
+CT-CLIP's embeddings. A study is diseased when ``z0 * z1 + 0.5 z2 + noise > 0``: an
+interaction, which no linear model can represent, plus a linear part. Its findings (the 18
+CT-RATE columns) are linear rules on ``z3..z7``, gated by the disease (a diseased study has at
+least one, a healthy one none); the binary target, any finding, is then exactly the disease.
+So logistic regression gets the linear part only and an MLP can learn both: the claim "the
+head beats logistic regression on held-out data" is true by construction, and the tests check
+that training actually gets there (the head's lower 95% CI bound above the baseline's AUROC),
+that ``--head best`` keeps the MLP over the run's own linear probe, and that ``evaluate``
+shows it beating the probe. The linear signal, where the probe must not lose, is in
+``tests/test_linear_probe.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -38,12 +40,10 @@ from services.core.labels import FINDING_LABELS
 from training.cli import main
 from training.data import load_matched
 from training.metrics import METRIC_NAMES
+from training.synthetic import CT_RATE_LABELS, nonlinear_cohort, write_embeddings
+from training.synthetic import write_labels as write_label_table
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CT_RATE_LABELS = list(FINDING_LABELS[:18])
-EMBEDDING_DIM = 512
-LATENT_FACTORS = 8
-MIXING_SEED = 7  # the same "encoder" for the training and the test cohort
 # Shorter patience than the default 20 keeps the file fast; the heads still converge here.
 TEST_SCHEDULE = ("--patience", 10)
 TRAIN_STUDIES = 600
@@ -54,48 +54,14 @@ LABELS_WITHOUT_EMBEDDINGS = 3
 PARITY_TOLERANCE = 1e-5
 
 
-def synthetic_cohort(studies: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings ``[n, 512]`` (unit norm) and 18 finding labels ``[n, 18]`` (0/1)."""
-    mixing = np.random.default_rng(MIXING_SEED).normal(size=(LATENT_FACTORS, EMBEDDING_DIM))
-    finding_weights = np.random.default_rng(MIXING_SEED + 1).normal(
-        size=(len(CT_RATE_LABELS), LATENT_FACTORS - 3)
-    )
-    rng = np.random.default_rng(seed)
-    z = rng.normal(size=(studies, LATENT_FACTORS))
-    diseased = z[:, 0] * z[:, 1] + 0.5 * z[:, 2] + 0.3 * rng.normal(size=studies) > 0
-    finding_scores = z[:, 3:] @ finding_weights.T + 0.5 * rng.normal(size=(studies, 18))
-    labels = (finding_scores > 1.0) & diseased[:, None]
-    labels[np.arange(studies), finding_scores.argmax(axis=1)] |= diseased
-    vectors = z @ mixing + rng.normal(size=(studies, EMBEDDING_DIM))
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors.astype(np.float32), labels.astype(np.int8)
-
-
-def write_embeddings(path: Path, names: list[str], vectors: list, statuses: list[str]) -> Path:
-    table = pa.table(
-        {
-            "name": names,
-            "study_uid": [f"1.2.826.0.1.{index}" for index in range(len(names))],
-            "embedding": pa.array(vectors, type=pa.list_(pa.float32())),
-            "status": statuses,
-            "failure_reason": [None if s == "Success" else "no chest CT" for s in statuses],
-        }
-    )
-    pq.write_table(table, path)
-    return path
-
-
 def write_labels(path: Path, names: list[str], labels: np.ndarray) -> Path:
-    frame = pd.DataFrame(labels, columns=CT_RATE_LABELS)
-    frame.insert(0, "VolumeName", names)
-    frame.to_csv(path, index=False)
-    return path
+    return write_label_table(path, names, labels, CT_RATE_LABELS)
 
 
 class Cohort:
     def __init__(self, root: Path) -> None:
-        self.train_vectors, self.train_labels = synthetic_cohort(TRAIN_STUDIES, seed=1)
-        self.test_vectors, self.test_labels = synthetic_cohort(TEST_STUDIES, seed=2)
+        self.train_vectors, self.train_labels = nonlinear_cohort(TRAIN_STUDIES, seed=1)
+        self.test_vectors, self.test_labels = nonlinear_cohort(TEST_STUDIES, seed=2)
         # Training file: embeddings named *.nii.gz, labels without the suffix; plus rows the
         # reader must skip (failed studies, one name on two rows) and labels without rows.
         names = [f"train_{i}.nii.gz" for i in range(TRAIN_STUDIES)]
@@ -234,6 +200,27 @@ def test_multilabel_head_beats_logistic_regression(cohort, multilabel_metrics, c
     assert multilabel_metrics["auroc"] == macro
 
 
+@pytest.mark.parametrize("task", ["binary", "multilabel"])
+def test_nonlinear_signal_keeps_the_mlp_and_it_beats_the_linear_probe(task, request, capsys):
+    run = request.getfixturevalue(f"{task}_run")
+    metrics = request.getfixturevalue(f"{task}_metrics")
+    selection = json.loads((run / "head.json").read_text())["selection"]
+    assert selection["rule"] == "best"
+    assert selection["chosen"] == "mlp"
+    assert selection["validation_difference"]["ci_low"] > 0  # the reason it was kept
+    baseline = metrics["baseline"]
+    assert baseline["chosen_head"] == "mlp"
+    assert baseline["chosen"]["auroc"] == metrics["auroc"]  # the top-level (macro) AUROC
+    chosen, probe = baseline["chosen"]["auroc"], baseline["linear_probe"]["auroc"]
+    difference = baseline["difference_auroc"]
+    with capsys.disabled():
+        print(f"\n{task} held-out AUROC: chosen MLP {chosen['value']:.3f}, linear probe "
+              f"{probe['value']:.3f}, difference {difference}")  # fmt: skip
+    assert difference["value"] == pytest.approx(chosen["value"] - probe["value"], abs=1e-12)
+    assert difference["ci_low"] > 0
+    assert difference["ci_low"] <= difference["value"] <= difference["ci_high"]
+
+
 def _estimates(metrics: dict) -> list[dict]:
     found = [metrics[name] for name in METRIC_NAMES]
     for label in metrics.get("per_label", {}).values():
@@ -262,6 +249,11 @@ def test_evaluation_writes_report_plots_and_thresholds(binary_metrics, binary_ru
     assert head["thresholds"]["pathology"] == binary_metrics["threshold"]
     predictions = pd.read_csv(output / "predictions.csv")
     assert len(predictions) == TEST_STUDIES
+    # The chosen head beside the run's linear probe.
+    baseline = binary_metrics["baseline"]
+    assert "## Chosen head and linear probe" in report
+    assert f"| linear probe | {baseline['linear_probe']['validation_auroc']:.3f} |" in report
+    assert f"{baseline['difference_auroc']['value']:+.3f}" in report
 
 
 def test_target_sensitivity_thresholds_reach_it_on_validation(cohort, binary_run, workspace):
@@ -288,6 +280,11 @@ def test_same_seed_same_run_and_held_out_rows(cohort, workspace):
     head_b = json.loads((second / "head.json").read_text())
     assert head_a["validation_metrics"] == head_b["validation_metrics"]
     assert head_a["weights_sha256"] == head_b["weights_sha256"]
+    assert head_a["selection"] == head_b["selection"]
+    probes = [
+        json.loads((run / "linear_probe" / "head.json").read_text()) for run in (first, second)
+    ]
+    assert probes[0]["weights_sha256"] == probes[1]["weights_sha256"]
     sizes = head_a["training"]["split_sizes"]
     assert sum(sizes.values()) == TRAIN_STUDIES
     assert abs(sizes["test"] - 0.2 * TRAIN_STUDIES) <= 1  # rounded per class
@@ -301,10 +298,11 @@ def test_search_with_three_trials(cohort, binary_run, workspace):
     run = train_head(cohort, workspace / "search", "binary", "--trials", 3)
     head = json.loads((run / "head.json").read_text())
     seed_only = json.loads((binary_run / "head.json").read_text())
-    assert head["training"]["trials"] == 3
-    assert 1 <= head["training"]["best_trial"] <= 3
+    mlp, seed_mlp = head["selection"]["mlp"], seed_only["selection"]["mlp"]
+    assert mlp["trials"] == 3
+    assert 1 <= mlp["best_trial"] <= 3
     # Trial 1 is the seed design with the same seed: the search cannot end below it.
-    assert head["validation_metrics"]["auroc"] >= seed_only["validation_metrics"]["auroc"]
+    assert mlp["validation_auroc"] >= seed_mlp["validation_auroc"]
     log = (run / "train.log").read_text()
     assert "trial 3/3 done" in log
     assert "epoch" in log

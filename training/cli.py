@@ -20,21 +20,26 @@ them (slope, intercept and spacing from the CSV, affine ignored)."""
 
 TRAIN_HELP = """Train a head on frozen CT-CLIP embeddings.
 
-EMBEDDINGS: parquet with name, embedding (list of floats), status (rows other than Success are
-skipped and counted). LABELS: CSV in the CT-RATE layout, VolumeName + one 0/1 column per
-finding; rows match by VolumeName == name (a .nii/.nii.gz suffix on either side is ignored).
-binary: target = any finding, focal loss with class-balanced sampling; multilabel: one output
-per finding column, BCE with per-label positive weights. Early stopping on the validation
-AUROC; --trials N > 1 runs a seeded optuna TPE search whose first trial is the seed design.
-Writes RUN_DIR/head.pt, head.json, train.log, split.json, validation.npz."""
+EMBEDDINGS: parquet with name, embedding (list of floats) and optionally status (rows other
+than Success are skipped and counted; without the column every row is used). LABELS: CSV in
+the CT-RATE layout, VolumeName + one 0/1 column per finding; rows match by VolumeName == name
+(a .nii/.nii.gz suffix on either side is ignored). binary: target = any finding, focal loss
+with class-balanced sampling; multilabel: one output per finding column, BCE with per-label
+positive weights. Early stopping on the validation AUROC; --trials N > 1 runs a seeded optuna
+TPE search whose first trial is the seed design. Every run also fits a linear probe (L2
+logistic regression, C chosen per label on validation); --head best (default) keeps the MLP
+only when it beats the probe on validation, --head mlp|linear forces one. Writes
+RUN_DIR/head.pt, head.json, train.log, split.json, validation.npz and RUN_DIR/linear_probe/."""
 
-EVALUATE_HELP = """Evaluate a trained head with bootstrap 95% CIs.
+EVALUATE_HELP = """Evaluate a trained head with bootstrap 95% CIs, beside the run's linear probe.
 
 Held-out rows: every matched row of EMBEDDINGS whose name is not a training or validation row
 in RUN_DIR/split.json. On the training file that leaves the rows of --test-fraction; on
 another file (e.g. CT-RATE's validation set) it is every row. Decision thresholds are chosen
 on the run's validation rows (Youden's J, or the highest threshold reaching
---target-sensitivity) and written back into RUN_DIR/head.json. Writes DIR/metrics.json,
+--target-sensitivity) and written back into RUN_DIR/head.json. The run's linear probe
+(RUN_DIR/linear_probe) is evaluated on the same rows: AUROC and AUPRC side by side and the
+paired bootstrap difference in AUROC (macro AUROC for multilabel). Writes DIR/metrics.json,
 report.md, roc.png, pr.png and predictions.csv."""
 
 
@@ -76,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--embeddings", type=Path, required=True, metavar="EMBEDDINGS")
     train.add_argument("--labels", type=Path, required=True, metavar="LABELS")
     train.add_argument("--output", type=Path, required=True, metavar="RUN_DIR")
+    train.add_argument(
+        "--head",
+        choices=("best", "mlp", "linear"),
+        default="best",
+        help="which head to keep: the better on validation (default), the MLP, the linear probe",
+    )
     train.add_argument("--trials", type=int, default=1, help="optuna trials (1: seed design only)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--val-fraction", type=_fraction, default=0.2, help="default 0.2")
@@ -129,6 +140,7 @@ def _run(args: argparse.Namespace) -> None:
                 embeddings=args.embeddings,
                 labels=args.labels,
                 output=args.output,
+                head=args.head,
                 trials=args.trials,
                 seed=args.seed,
                 validation_fraction=args.val_fraction,

@@ -4,6 +4,9 @@ Embeddings (``python -m training embed``): one row per study with ``name`` (the 
 name), ``study_uid``, ``embedding`` (list of floats), ``status`` and ``failure_reason``. Rows
 whose status is not ``Success`` are skipped and counted; so are names that occur on more than
 one successful row (an input holding several studies: which one a label means is unknown).
+Only ``name`` and ``embedding`` are required: a file made by another tool (e.g. CT-CLIP's own
+embedding export) may lack ``status``, and then every row is read as usable (said once in the
+log).
 
 Labels (docs/ARCHITECTURE.md, Contracts): ``VolumeName`` and one 0/1 column per finding. A row matches
 an embedding when ``VolumeName`` equals ``name`` once a ``.nii.gz``/``.nii`` suffix is removed
@@ -21,9 +24,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from loguru import logger
+from numpy.typing import NDArray
 from pydantic import BaseModel
 
-REQUIRED_EMBEDDING_COLUMNS = ("name", "embedding", "status")
+REQUIRED_EMBEDDING_COLUMNS = ("name", "embedding")
+STATUS_COLUMN = "status"
 SUCCESS_STATUS = "Success"
 LABEL_KEY_COLUMN = "VolumeName"
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
@@ -44,7 +50,7 @@ def volume_key(name: str) -> str:
 @dataclass(frozen=True)
 class EmbeddingTable:
     keys: list[str]
-    vectors: np.ndarray  # float32 [n, dim]
+    vectors: NDArray[np.float32]  # [n, dim]
     rows: int
     not_successful: int
     ambiguous: int
@@ -54,7 +60,7 @@ class EmbeddingTable:
 class LabelTable:
     keys: list[str]
     label_names: list[str]
-    values: np.ndarray  # int8 [n, labels]
+    values: NDArray[np.int8]  # [n, labels]
 
 
 class MatchReport(BaseModel):
@@ -69,9 +75,9 @@ class MatchReport(BaseModel):
 @dataclass(frozen=True)
 class MatchedData:
     keys: list[str]
-    vectors: np.ndarray  # float32 [n, dim]
+    vectors: NDArray[np.float32]  # [n, dim]
     label_names: list[str]
-    labels: np.ndarray  # int8 [n, labels]
+    labels: NDArray[np.int8]  # [n, labels]
     report: MatchReport
     unmatched_embedding_keys: list[str]
     unmatched_label_keys: list[str]
@@ -91,8 +97,19 @@ def read_embeddings(path: Path) -> EmbeddingTable:
             f"{path.name} lacks column(s) {missing} (has {schema.names}; "
             f"expected {list(REQUIRED_EMBEDDING_COLUMNS)})"
         )
-    table = pq.read_table(path, columns=list(REQUIRED_EMBEDDING_COLUMNS))
-    successful = table.filter(pc.equal(table["status"], SUCCESS_STATUS))
+    has_status = STATUS_COLUMN in schema.names
+    columns = [*REQUIRED_EMBEDDING_COLUMNS, *([STATUS_COLUMN] if has_status else [])]
+    table = pq.read_table(path, columns=columns)
+    if has_status:
+        successful = table.filter(pc.equal(table[STATUS_COLUMN], SUCCESS_STATUS))
+    else:
+        logger.info(
+            "{} has no {!r} column: all {} rows are read as usable",
+            path.name,
+            STATUS_COLUMN,
+            table.num_rows,
+        )
+        successful = table
     names = [str(name) for name in successful["name"].to_pylist()]
     counts = Counter(volume_key(name) for name in names)
     keep = [counts[volume_key(name)] == 1 for name in names]
@@ -107,7 +124,7 @@ def read_embeddings(path: Path) -> EmbeddingTable:
     )
 
 
-def _embedding_matrix(column: pa.ChunkedArray, file_name: str) -> np.ndarray:
+def _embedding_matrix(column: pa.ChunkedArray, file_name: str) -> NDArray[np.float32]:
     if column.null_count:
         raise TrainingInputError(
             f"{file_name}: {column.null_count} successful rows lack an embedding"
@@ -197,20 +214,20 @@ def load_matched(embeddings_path: Path, labels_path: Path) -> MatchedData:
     return match(read_embeddings(embeddings_path), read_labels(labels_path))
 
 
-def any_finding(labels: np.ndarray) -> np.ndarray:
+def any_finding(labels: NDArray[np.int8]) -> NDArray[np.int8]:
     """The binary target of docs/ARCHITECTURE.md, Contracts: pathology when any finding is 1."""
     return (labels.max(axis=1) > 0).astype(np.int8)
 
 
 @dataclass(frozen=True)
 class Split:
-    train: np.ndarray  # row indices
-    validation: np.ndarray
-    test: np.ndarray
+    train: NDArray[np.int64]  # row indices
+    validation: NDArray[np.int64]
+    test: NDArray[np.int64]
 
 
 def stratified_split(
-    strata: np.ndarray, *, validation_fraction: float, test_fraction: float, seed: int
+    strata: NDArray[np.int8], *, validation_fraction: float, test_fraction: float, seed: int
 ) -> Split:
     """Row indices per part, each class of ``strata`` divided in the same proportions."""
     if not 0 < validation_fraction < 1 or not 0 <= test_fraction < 1:

@@ -6,6 +6,10 @@ another file (e.g. CT-RATE's validation set) every row. The decision thresholds 
 the run's validation rows (``validation.npz``), never on the rows being evaluated, and are
 written back into the run's ``head.json`` so that the builder deploys them.
 
+The run's linear probe (``RUN_DIR/linear_probe``) is scored on the same rows with the same
+resamples, beside the chosen head: ``metrics.json``'s ``baseline`` and a table in
+``report.md`` (`training.baseline`).
+
 Writes ``DIR/metrics.json``, ``DIR/report.md``, ``DIR/roc.png``, ``DIR/pr.png`` and
 ``DIR/predictions.csv``.
 """
@@ -18,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from loguru import logger
+from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
 from convertation.head.configurable import (
@@ -26,6 +31,7 @@ from convertation.head.configurable import (
     load_trained_head,
     write_run_info,
 )
+from training.baseline import BaselineComparison, compare_with_linear_probe, comparison_lines
 from training.data import MatchedData, TrainingInputError, load_matched
 from training.fit import predict_probabilities
 from training.metrics import (
@@ -67,7 +73,7 @@ def _used_in_training(run: Path) -> set[str]:
     return set(split["train"]) | set(split["validation"])
 
 
-def _targets(info: HeadRunInfo, data: MatchedData) -> np.ndarray:
+def _targets(info: HeadRunInfo, data: MatchedData) -> NDArray[np.int8]:
     """``[n, labels]`` targets of the head's outputs from the CSV's finding columns."""
     needed = info.target_findings if info.task == "binary" else info.labels
     missing = [name for name in needed if name not in data.label_names]
@@ -79,7 +85,9 @@ def _targets(info: HeadRunInfo, data: MatchedData) -> np.ndarray:
     return columns
 
 
-def decision_thresholds(info: HeadRunInfo, run: Path, target_sensitivity: float | None) -> tuple:
+def decision_thresholds(
+    info: HeadRunInfo, run: Path, target_sensitivity: float | None
+) -> tuple[dict[str, float], str]:
     """Thresholds per label from the run's validation rows, and the method's name."""
     path = run / VALIDATION_FILE
     if not path.is_file():
@@ -107,7 +115,12 @@ def _format(estimate: Estimate) -> str:
     return f"{estimate.value:.3f} ({estimate.ci_low:.3f}-{estimate.ci_high:.3f})"
 
 
-def _report(metrics: dict, per_label: dict[str, LabelMetrics], options: EvaluateOptions) -> str:
+def _report(
+    metrics: dict,
+    per_label: dict[str, LabelMetrics],
+    comparison: BaselineComparison | None,
+    options: EvaluateOptions,
+) -> str:
     lines = [
         f"# Evaluation of `{options.run.name}` ({metrics['task']} head)",
         "",
@@ -128,7 +141,7 @@ def _report(metrics: dict, per_label: dict[str, LabelMetrics], options: Evaluate
     if len(per_label) > 1:
         cells = [_format(Estimate(**metrics[metric])) for metric in METRIC_NAMES]
         lines.append("| **macro** | | | " + " | ".join(cells) + " |")
-    lines += ["", "![ROC](roc.png) ![PR](pr.png)", ""]
+    lines += ["", *comparison_lines(comparison), "![ROC](roc.png) ![PR](pr.png)", ""]
     return "\n".join(lines)
 
 
@@ -166,14 +179,24 @@ def evaluate(options: EvaluateOptions) -> dict:
     )
     logger.info("thresholds ({}) stored in {}: {}", method, options.run / "head.json", thresholds)
 
-    label_metrics, macro = bootstrap_metrics(
+    result = bootstrap_metrics(
         targets,
         probabilities,
         [thresholds[name] for name in info.labels],
         resamples=options.resamples,
         seed=options.seed,
     )
+    label_metrics, macro = result.per_label, result.macro
     per_label = dict(zip(info.labels, label_metrics, strict=True))
+    comparison = compare_with_linear_probe(
+        options.run,
+        info,
+        result,
+        data.vectors[held],
+        targets,
+        resamples=options.resamples,
+        seed=options.seed,
+    )
     metrics: dict = {
         "task": info.task,
         "run": str(options.run),
@@ -195,6 +218,7 @@ def evaluate(options: EvaluateOptions) -> dict:
         metrics |= {name: macro[name].model_dump() for name in METRIC_NAMES}
         metrics["macro_auroc"] = macro["auroc"].model_dump()
         metrics["per_label"] = {name: value.model_dump() for name, value in per_label.items()}
+    metrics["baseline"] = None if comparison is None else comparison.model_dump()
 
     output = options.output
     output.mkdir(parents=True, exist_ok=True)
@@ -211,6 +235,13 @@ def evaluate(options: EvaluateOptions) -> dict:
         predictions[f"target:{name}"] = targets[:, j]
         predictions[f"probability:{name}"] = probabilities[:, j]
     predictions.to_csv(output / "predictions.csv", index=False)
-    (output / "report.md").write_text(_report(metrics, per_label, options))
+    (output / "report.md").write_text(_report(metrics, per_label, comparison, options))
     logger.info("AUROC {} -> {}", _format(Estimate(**metrics["auroc"])), output)
+    if comparison is not None:
+        logger.info(
+            "linear probe AUROC {}; chosen ({}) minus probe {}",
+            _format(comparison.linear_probe.auroc),
+            comparison.chosen_head,
+            _format(comparison.difference_auroc),
+        )
     return metrics

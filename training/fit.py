@@ -1,9 +1,16 @@
-"""Fitting one head: focal loss with class-balanced sampling (binary) or BCE with per-label
-positive weights (multilabel), AdamW, early stopping on the validation AUROC.
+"""Fitting one MLP head: focal loss with class-balanced sampling (binary) or BCE with
+per-label positive weights (multilabel), AdamW, early stopping on the validation AUROC.
+
+Regularisers for small data, each off at its default: weight decay (AdamW), dropout (in the
+architecture), label smoothing (targets pulled towards 1/2 by ``label_smoothing / 2``) and
+mixup (a batch mixed with a shuffled copy of itself, inputs and targets alike, with a
+Beta(alpha, alpha) weight per row). Both losses take soft targets, so smoothing and mixup
+need no other code path.
 
 Deterministic for a seed: the weights are initialised right after ``torch.manual_seed``,
-batches come from seeded generators, and `deterministic_torch` runs torch on one thread
-with deterministic kernels (a CPU matmul may sum in another order on more threads).
+batches and mixup weights come from seeded generators, and `deterministic_torch` runs torch
+on one thread with deterministic kernels (a CPU matmul may sum in another order on more
+threads).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from loguru import logger
+from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.utils.data import WeightedRandomSampler
@@ -39,7 +47,8 @@ EPOCH_LOG_EVERY = 10  # every epoch goes to the log file, every tenth also to th
 
 
 class Hyperparameters(BaseModel):
-    """What the search varies (architecture and optimisation) plus the fixed schedule."""
+    """What the search varies (architecture, optimisation, regularisation) plus the fixed
+    schedule."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -50,6 +59,8 @@ class Hyperparameters(BaseModel):
     learning_rate: float = Field(gt=0)
     focal_gamma: float = Field(ge=0)
     weight_decay: float = Field(ge=0, default=1e-4)
+    label_smoothing: float = Field(ge=0, lt=1, default=0.0)
+    mixup_alpha: float = Field(ge=0, default=0.0)  # 0: no mixup
     batch_size: int = Field(gt=1, default=64)
     max_epochs: int = Field(gt=0, default=200)
     patience: int = Field(gt=0, default=20)
@@ -64,6 +75,10 @@ class Hyperparameters(BaseModel):
             batch_norm=self.batch_norm,
             n_outputs=BINARY_LOGITS if task == "binary" else n_labels,
         )
+
+    def recorded(self) -> dict[str, float | int]:
+        """The optimisation settings for ``head.json`` (the architecture is recorded apart)."""
+        return self.model_dump(exclude={"hidden_sizes", "activation", "dropout", "batch_norm"})
 
 
 DEFAULT_LEARNING_RATE = 1e-3
@@ -89,10 +104,19 @@ class FitData:
     """Training and validation rows. ``targets``: [n] 0/1 (binary) or [n, labels]."""
 
     task: Task
-    train_vectors: np.ndarray
-    train_targets: np.ndarray
-    validation_vectors: np.ndarray
-    validation_targets: np.ndarray
+    train_vectors: NDArray[np.float32]
+    train_targets: NDArray[np.int8]
+    validation_vectors: NDArray[np.float32]
+    validation_targets: NDArray[np.int8]
+
+    @property
+    def n_labels(self) -> int:
+        return 1 if self.task == "binary" else int(self.train_targets.shape[1])
+
+    @property
+    def validation_columns(self) -> NDArray[np.int8]:
+        """Validation targets as ``[n, labels]`` (binary: one column)."""
+        return self.validation_targets.reshape(len(self.validation_targets), -1)
 
 
 @dataclass(frozen=True)
@@ -101,7 +125,7 @@ class FitResult:
     validation_auroc: float
     best_epoch: int
     epochs_run: int
-    validation_probabilities: np.ndarray  # [n_validation, 1 or labels]
+    validation_probabilities: NDArray[np.float32]  # [n_validation, 1 or labels]
 
 
 @contextlib.contextmanager
@@ -119,12 +143,15 @@ def deterministic_torch() -> Iterator[None]:
 
 
 def focal_loss(logits: Tensor, targets: Tensor, gamma: float) -> Tensor:
-    """Mean of -(1 - p_t)^gamma log p_t over two-class logits (gamma 0: cross-entropy)."""
-    log_p_true = logits.log_softmax(dim=-1).gather(1, targets.long().unsqueeze(1)).squeeze(1)
-    return (-((1 - log_p_true.exp()) ** gamma) * log_p_true).mean()
+    """Mean of -sum_c t_c (1 - p_c)^gamma log p_c over two-class logits, ``targets`` the
+    (soft) probability of class 1. With 0/1 targets: -(1 - p_t)^gamma log p_t; gamma 0:
+    cross-entropy."""
+    log_p = logits.log_softmax(dim=-1)
+    class_targets = torch.stack([1 - targets, targets], dim=-1)
+    return (-(class_targets * (1 - log_p.exp()) ** gamma * log_p).sum(dim=-1)).mean()
 
 
-def positive_weights(targets: np.ndarray) -> Tensor:
+def positive_weights(targets: NDArray[np.int8]) -> Tensor:
     """negatives / positives per label, within [1/MAX, MAX]; 1 for a label without positives."""
     positives = targets.sum(axis=0).astype(np.float64)
     negatives = len(targets) - positives
@@ -133,10 +160,12 @@ def positive_weights(targets: np.ndarray) -> Tensor:
     return torch.tensor(ratio, dtype=torch.float32)
 
 
-def validation_auroc(task: Task, targets: np.ndarray, probabilities: np.ndarray) -> float:
+def validation_auroc(
+    task: Task, targets: NDArray[np.int8], probabilities: NDArray[np.float32]
+) -> float:
     """Binary: the AUROC. Multilabel: the mean AUROC over labels with both classes present."""
     if task == "binary":
-        value = auroc(targets, probabilities[:, 0])
+        value = auroc(targets.reshape(-1), probabilities[:, 0])
         return float("nan") if value is None else value
     values = [auroc(targets[:, j], probabilities[:, j]) for j in range(targets.shape[1])]
     defined = [value for value in values if value is not None]
@@ -158,54 +187,93 @@ def _epoch_order(data: FitData, generator: torch.Generator) -> list[int]:
     return list(sampler)
 
 
-def predict_probabilities(head: ConfigurableHead, vectors: np.ndarray) -> np.ndarray:
+def predict_probabilities(
+    head: ConfigurableHead, vectors: NDArray[np.float32]
+) -> NDArray[np.float32]:
     """What the deployed graph computes: [n, 1] P(pathology) or [n, labels]."""
     with torch.no_grad():
-        return HeadProbabilities(head.eval())(torch.from_numpy(vectors)).numpy()
+        probabilities: NDArray[np.float32] = HeadProbabilities(head.eval())(
+            torch.from_numpy(vectors)
+        ).numpy()
+    return probabilities
+
+
+class _Trainer:
+    """One head, its optimiser and loss, and the seeded sources of batches and mixup."""
+
+    def __init__(self, data: FitData, hyperparameters: Hyperparameters, seed: int) -> None:
+        self.data = data
+        self.hyperparameters = hyperparameters
+        torch.manual_seed(seed)
+        self.head = ConfigurableHead(
+            hyperparameters.architecture(data.task, data.train_vectors.shape[1], data.n_labels)
+        )
+        self.generator = torch.Generator().manual_seed(seed)
+        self.mixup_rng = np.random.default_rng(seed)
+        self.optimiser = torch.optim.AdamW(
+            self.head.parameters(),
+            lr=hyperparameters.learning_rate,
+            weight_decay=hyperparameters.weight_decay,
+        )
+        self.vectors = torch.from_numpy(data.train_vectors)
+        self.targets = torch.from_numpy(data.train_targets.astype(np.float32))
+        self.bce = nn.BCEWithLogitsLoss(pos_weight=positive_weights(data.train_targets))
+        # BatchNorm needs two rows in a batch.
+        self.smallest_batch = 2 if hyperparameters.batch_norm else 1
+
+    def _mixed(self, vectors: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Each row mixed with a shuffled partner, the weight ~ Beta(alpha, alpha) per row."""
+        alpha = self.hyperparameters.mixup_alpha
+        weight = torch.from_numpy(
+            self.mixup_rng.beta(alpha, alpha, size=len(vectors)).astype(np.float32)
+        )
+        partner = torch.randperm(len(vectors), generator=self.generator)
+        mixed_vectors = weight[:, None] * vectors + (1 - weight[:, None]) * vectors[partner]
+        mix_targets = weight if targets.dim() == 1 else weight[:, None]
+        return mixed_vectors, mix_targets * targets + (1 - mix_targets) * targets[partner]
+
+    def _loss(self, batch: list[int]) -> Tensor:
+        vectors, targets = self.vectors[batch], self.targets[batch]
+        if self.hyperparameters.mixup_alpha > 0:
+            vectors, targets = self._mixed(vectors, targets)
+        smoothing = self.hyperparameters.label_smoothing
+        targets = targets * (1 - smoothing) + smoothing / 2
+        logits = self.head(vectors)
+        if self.data.task == "binary":
+            return focal_loss(logits, targets, self.hyperparameters.focal_gamma)
+        return self.bce(logits, targets)
+
+    def epoch(self) -> float:
+        """One pass over the training rows; the mean batch loss (NaN without a batch)."""
+        self.head.train()
+        order = _epoch_order(self.data, self.generator)
+        losses = []
+        size = self.hyperparameters.batch_size
+        for start in range(0, len(order), size):
+            batch = order[start : start + size]
+            if len(batch) < self.smallest_batch:
+                continue
+            loss = self._loss(batch)
+            self.optimiser.zero_grad()
+            loss.backward()
+            self.optimiser.step()
+            losses.append(loss.item())
+        return float(np.mean(losses)) if losses else float("nan")
 
 
 def fit_head(
     data: FitData, hyperparameters: Hyperparameters, *, seed: int, log_prefix: str = ""
 ) -> FitResult:
     """Train from a seeded initialisation; return the weights of the best validation epoch."""
-    n_labels = 1 if data.task == "binary" else data.train_targets.shape[1]
-    embedding_dim = data.train_vectors.shape[1]
-    torch.manual_seed(seed)
-    head = ConfigurableHead(hyperparameters.architecture(data.task, embedding_dim, n_labels))
-    generator = torch.Generator().manual_seed(seed)
-    optimiser = torch.optim.AdamW(
-        head.parameters(),
-        lr=hyperparameters.learning_rate,
-        weight_decay=hyperparameters.weight_decay,
-    )
-    vectors = torch.from_numpy(data.train_vectors)
-    targets = torch.from_numpy(data.train_targets.astype(np.float32))
-    bce = nn.BCEWithLogitsLoss(pos_weight=positive_weights(data.train_targets))
-    smallest_batch = 2 if hyperparameters.batch_norm else 1  # BatchNorm needs two rows
-
+    trainer = _Trainer(data, hyperparameters, seed)
+    head = trainer.head
     best_auroc, best_epoch, best_state = -np.inf, 0, copy.deepcopy(head.state_dict())
     epoch = 0
     for epoch in range(1, hyperparameters.max_epochs + 1):
-        head.train()
-        order = _epoch_order(data, generator)
-        losses = []
-        for start in range(0, len(order), hyperparameters.batch_size):
-            batch = order[start : start + hyperparameters.batch_size]
-            if len(batch) < smallest_batch:
-                continue
-            logits = head(vectors[batch])
-            if data.task == "binary":
-                loss = focal_loss(logits, targets[batch], hyperparameters.focal_gamma)
-            else:
-                loss = bce(logits, targets[batch])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            losses.append(loss.item())
+        loss = trainer.epoch()
         probabilities = predict_probabilities(head, data.validation_vectors)
         current = validation_auroc(data.task, data.validation_targets, probabilities)
-        improved = current > best_auroc + MIN_IMPROVEMENT
-        if improved:
+        if current > best_auroc + MIN_IMPROVEMENT:
             best_auroc, best_epoch = current, epoch
             best_state = copy.deepcopy(head.state_dict())
         level = "INFO" if epoch % EPOCH_LOG_EVERY == 0 or epoch == 1 else "DEBUG"
@@ -214,7 +282,7 @@ def fit_head(
             "{}epoch {:3d}: loss {:.4f}, validation AUROC {:.4f} (best {:.4f} at epoch {})",
             log_prefix,
             epoch,
-            float(np.mean(losses)) if losses else float("nan"),
+            loss,
             current,
             best_auroc,
             best_epoch,

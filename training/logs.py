@@ -15,9 +15,13 @@ FILE_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {message}"
 
 
 def configure_console(level: str = "INFO") -> None:
-    """Replace loguru's default sink by a terse one on stderr (the CLI's entry point only)."""
+    """Replace loguru's default sink by a terse one on stderr (the CLI's entry point only).
+
+    ``diagnose=False`` on every sink: loguru's default prints the local variables of each
+    frame in a traceback, which may hold embeddings, names or labels.
+    """
     logger.remove()
-    logger.add(sys.stderr, level=level, format=CONSOLE_FORMAT)
+    logger.add(sys.stderr, level=level, format=CONSOLE_FORMAT, backtrace=False, diagnose=False)
 
 
 @contextlib.contextmanager

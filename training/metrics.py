@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import NDArray
 from pydantic import BaseModel
 
 CONFIDENCE_LEVEL = 0.95
@@ -21,25 +22,28 @@ DEFAULT_RESAMPLES = 1000
 # Resamples are processed in blocks so that memory stays [block, rows] (CT-RATE: ~50k rows).
 RESAMPLE_BLOCK = 100
 METRIC_NAMES = ("auroc", "auprc", "f1", "sensitivity", "specificity")
+# Scores, weights and metric values: float64 for the sums, float32 probabilities accepted.
+Floats = NDArray[np.floating]
+Labels = NDArray[np.integer]
 
 
 @dataclass(frozen=True)
 class _Groups:
     """Rows sorted by descending score, grouped by equal score."""
 
-    order: np.ndarray
-    starts: np.ndarray
-    scores: np.ndarray  # the score of each group, descending
+    order: NDArray[np.int64]
+    starts: NDArray[np.int64]
+    scores: Floats  # the score of each group, descending
 
 
-def _group(scores: np.ndarray) -> _Groups:
+def _group(scores: Floats) -> _Groups:
     order = np.argsort(-scores, kind="stable")
     ordered = scores[order]
     starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
     return _Groups(order=order, starts=starts, scores=ordered[starts])
 
 
-def _group_sums(weights: np.ndarray, targets: np.ndarray, groups: _Groups) -> tuple:
+def _group_sums(weights: Floats, targets: Labels, groups: _Groups) -> tuple[Floats, Floats]:
     """Positive and negative weight per score group, ``[resamples, groups]`` each."""
     weighted = weights[:, groups.order]
     positive = targets[groups.order].astype(bool)
@@ -48,15 +52,15 @@ def _group_sums(weights: np.ndarray, targets: np.ndarray, groups: _Groups) -> tu
     return positives, negatives
 
 
-def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+def _ratio(numerator: Floats, denominator: Floats) -> Floats:
     out = np.full(np.broadcast(numerator, denominator).shape, np.nan)
     np.divide(numerator, denominator, out=out, where=denominator > 0)
     return out
 
 
 def weighted_metrics(
-    targets: np.ndarray, scores: np.ndarray, threshold: float, weights: np.ndarray
-) -> dict[str, np.ndarray]:
+    targets: Labels, scores: Floats, threshold: float, weights: Floats
+) -> dict[str, Floats]:
     """Each metric per weight row ``[resamples]``; NaN where undefined (e.g. no positive)."""
     groups = _group(scores)
     positives, negatives = _group_sums(weights, targets, groups)
@@ -86,18 +90,18 @@ def weighted_metrics(
     }
 
 
-def point_metrics(targets: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+def point_metrics(targets: Labels, scores: Floats, threshold: float) -> dict[str, float]:
     values = weighted_metrics(targets, scores, threshold, np.ones((1, len(targets))))
     return {name: float(value[0]) for name, value in values.items()}
 
 
-def auroc(targets: np.ndarray, scores: np.ndarray) -> float | None:
+def auroc(targets: Labels, scores: Floats) -> float | None:
     """AUROC, or None when only one class is present."""
     value = point_metrics(targets, scores, threshold=0.5)["auroc"]
     return None if np.isnan(value) else value
 
 
-def roc_curve(targets: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def roc_curve(targets: Labels, scores: Floats) -> tuple[Floats, Floats]:
     """False and true positive rates at every distinct threshold, from (0, 0) to (1, 1)."""
     groups = _group(scores)
     positives, negatives = _group_sums(np.ones((1, len(targets))), targets, groups)
@@ -106,7 +110,7 @@ def roc_curve(targets: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.n
     return np.r_[0.0, fpr], np.r_[0.0, tpr]
 
 
-def precision_recall_curve(targets: np.ndarray, scores: np.ndarray) -> tuple:
+def precision_recall_curve(targets: Labels, scores: Floats) -> tuple[Floats, Floats]:
     """Recall and precision at every distinct threshold (highest threshold first)."""
     groups = _group(scores)
     positives, negatives = _group_sums(np.ones((1, len(targets))), targets, groups)
@@ -115,14 +119,14 @@ def precision_recall_curve(targets: np.ndarray, scores: np.ndarray) -> tuple:
     return true_positive / max(positives.sum(), 1), precision
 
 
-def youden_threshold(targets: np.ndarray, scores: np.ndarray) -> float:
+def youden_threshold(targets: Labels, scores: Floats) -> float:
     """The score maximising sensitivity + specificity - 1 (the highest such score on ties)."""
     fpr, tpr = roc_curve(targets, scores)
     groups = _group(scores)
     return float(groups.scores[int(np.argmax(tpr[1:] - fpr[1:]))])
 
 
-def sensitivity_threshold(targets: np.ndarray, scores: np.ndarray, target: float) -> float:
+def sensitivity_threshold(targets: Labels, scores: Floats, target: float) -> float:
     """The highest score at which the sensitivity reaches ``target``."""
     _, tpr = roc_curve(targets, scores)
     groups = _group(scores)
@@ -136,7 +140,7 @@ class Estimate(BaseModel):
     ci_high: float | None
 
 
-def _estimate(point: float, resampled: np.ndarray) -> Estimate:
+def _estimate(point: float, resampled: Floats) -> Estimate:
     if np.isnan(point):
         return Estimate(value=None, ci_low=None, ci_high=None)
     finite = resampled[np.isfinite(resampled)]
@@ -147,7 +151,7 @@ def _estimate(point: float, resampled: np.ndarray) -> Estimate:
     return Estimate(value=point, ci_low=float(low), ci_high=float(high))
 
 
-def bootstrap_weights(rows: int, resamples: int, seed: int) -> np.ndarray:
+def bootstrap_weights(rows: int, resamples: int, seed: int) -> Floats:
     """How often each row is drawn in each resample, ``[resamples, rows]``."""
     generator = np.random.default_rng(seed)
     return generator.multinomial(rows, np.full(rows, 1.0 / rows), size=resamples).astype(float)
@@ -164,20 +168,23 @@ class LabelMetrics(BaseModel):
     specificity: Estimate
 
 
-def bootstrap_metrics(
-    targets: np.ndarray,
-    scores: np.ndarray,
-    thresholds: list[float],
-    *,
-    resamples: int = DEFAULT_RESAMPLES,
-    seed: int = 0,
-) -> tuple[list[LabelMetrics], dict[str, Estimate]]:
-    """Per column of ``targets``/``scores`` ``[rows, labels]``: every metric with its
-    percentile bootstrap CI; and the macro average of each metric (over the labels where it is
-    defined on the whole data) with a CI from the same resamples (rows are drawn jointly)."""
-    rows, n_labels = targets.shape
-    weights = bootstrap_weights(rows, resamples, seed)
-    points = [point_metrics(targets[:, j], scores[:, j], thresholds[j]) for j in range(n_labels)]
+@dataclass(frozen=True)
+class BootstrapResult:
+    """Per label and macro estimates; ``macro_resampled`` keeps each macro metric's value per
+    resample (NaN where a label lost a class), so two heads scored on the same resamples can
+    be compared pairwise (`paired_difference`)."""
+
+    per_label: list[LabelMetrics]
+    macro: dict[str, Estimate]
+    macro_points: dict[str, float]  # NaN where undefined
+    macro_resampled: dict[str, Floats]  # [resamples]
+
+
+def _resampled_metrics(
+    targets: NDArray[np.int8], scores: Floats, thresholds: list[float], weights: Floats
+) -> dict[str, Floats]:
+    """Each metric per resample and label, ``[resamples, labels]``."""
+    resamples, n_labels = len(weights), targets.shape[1]
     resampled = {name: np.empty((resamples, n_labels)) for name in METRIC_NAMES}
     for start in range(0, resamples, RESAMPLE_BLOCK):
         block = weights[start : start + RESAMPLE_BLOCK]
@@ -185,6 +192,38 @@ def bootstrap_metrics(
             values = weighted_metrics(targets[:, j], scores[:, j], thresholds[j], block)
             for name in METRIC_NAMES:
                 resampled[name][start : start + len(block), j] = values[name]
+    return resampled
+
+
+def _macro(points: list[float], resampled: Floats) -> tuple[float, Floats]:
+    """The mean over the labels defined on the whole data, and per resample (NaN when one
+    of those labels is undefined in the resample)."""
+    defined = [j for j, point in enumerate(points) if not np.isnan(point)]
+    if not defined:
+        return float("nan"), np.full(len(resampled), np.nan)
+    with np.errstate(all="ignore"):
+        columns = resampled[:, defined]
+        complete = np.isfinite(columns).all(axis=1)
+        per_resample = np.where(complete, columns.mean(axis=1), np.nan)
+    return float(np.mean([points[j] for j in defined])), per_resample
+
+
+def bootstrap_metrics(
+    targets: NDArray[np.int8],
+    scores: Floats,
+    thresholds: list[float],
+    *,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> BootstrapResult:
+    """Per column of ``targets``/``scores`` ``[rows, labels]``: every metric with its
+    percentile bootstrap CI; and the macro average of each metric (over the labels where it is
+    defined on the whole data) with a CI from the same resamples (rows are drawn jointly).
+    The same ``rows``, ``resamples`` and ``seed`` give the same resamples."""
+    rows, n_labels = targets.shape
+    weights = bootstrap_weights(rows, resamples, seed)
+    points = [point_metrics(targets[:, j], scores[:, j], thresholds[j]) for j in range(n_labels)]
+    resampled = _resampled_metrics(targets, scores, thresholds, weights)
     per_label = [
         LabelMetrics(
             n=rows,
@@ -194,16 +233,22 @@ def bootstrap_metrics(
         )
         for j in range(n_labels)
     ]
-    macro: dict[str, Estimate] = {}
+    macro_points, macro_resampled, macro = {}, {}, {}
     for name in METRIC_NAMES:
-        defined = [j for j in range(n_labels) if not np.isnan(points[j][name])]
-        if not defined:
-            macro[name] = Estimate(value=None, ci_low=None, ci_high=None)
-            continue
-        point = float(np.mean([points[j][name] for j in defined]))
-        with np.errstate(all="ignore"):
-            columns = resampled[name][:, defined]
-            complete = np.isfinite(columns).all(axis=1)
-            per_resample = np.where(complete, columns.mean(axis=1), np.nan)
+        point, per_resample = _macro([p[name] for p in points], resampled[name])
+        macro_points[name], macro_resampled[name] = point, per_resample
         macro[name] = _estimate(point, per_resample)
-    return per_label, macro
+    return BootstrapResult(
+        per_label=per_label,
+        macro=macro,
+        macro_points=macro_points,
+        macro_resampled=macro_resampled,
+    )
+
+
+def paired_difference(first: BootstrapResult, second: BootstrapResult, metric: str) -> Estimate:
+    """``first - second`` in a macro metric, with the percentile CI of the per-resample
+    differences: a paired bootstrap, valid when both were computed on the same rows with the
+    same resamples (same ``rows``, ``resamples`` and ``seed``)."""
+    difference = first.macro_points[metric] - second.macro_points[metric]
+    return _estimate(difference, first.macro_resampled[metric] - second.macro_resampled[metric])

@@ -1,10 +1,15 @@
-"""Choosing the head: the seed design alone, or an optuna TPE search around it.
+"""Choosing the MLP: the seed design alone, or an optuna TPE search around it.
 
-The search varies the hidden sizes (1-3 layers of 64-512), the activation, the dropout, the
-learning rate and (binary) the focal gamma; BatchNorm stays as in the task's seed head. The
-first trial is always the seed design, so the search never ends below it on validation.
-Trial ``k`` initialises and shuffles with seed ``seed + k`` and the sampler is seeded, so a
-search is repeatable.
+The search covers what makes an MLP competitive on a few hundred studies: 0-3 hidden layers
+of 64-512 (0: a linear head trained with the MLP's loss and regularisers), the activation,
+dropout, weight decay, label smoothing, mixup, the learning rate and (binary) the focal
+gamma; BatchNorm stays as in the task's seed head; every trial stops early on the validation
+AUROC. The first trial is always the seed design, so the search never ends below it on
+validation. Trial ``k`` initialises and shuffles with seed ``seed + k`` and the sampler is
+seeded, so a search is repeatable.
+
+Whether the MLP is kept at all is decided afterwards, against the linear probe
+(`training.selection`).
 """
 
 from __future__ import annotations
@@ -22,13 +27,16 @@ ACTIVATION_CHOICES = ("gelu", "relu", "leaky_relu", "silu")
 DROPOUT_RANGE = (0.0, 0.5)
 LEARNING_RATE_RANGE = (1e-4, 3e-3)
 FOCAL_GAMMA_RANGE = (0.0, 3.0)
+WEIGHT_DECAY_RANGE = (1e-6, 1e-1)  # log scale
+LABEL_SMOOTHING_RANGE = (0.0, 0.2)
+MIXUP_ALPHA_RANGE = (0.0, 0.4)  # small alphas: most rows stay close to one partner
 
 
 @dataclass(frozen=True)
 class SearchResult:
     hyperparameters: Hyperparameters
     fit: FitResult
-    best_trial: int
+    best_trial: int  # 0-based
     trials: int
 
 
@@ -38,6 +46,9 @@ def _seed_parameters(seed: Hyperparameters, task: str) -> dict[str, object]:
         "activation": seed.activation,
         "dropout": seed.dropout,
         "learning_rate": seed.learning_rate,
+        "weight_decay": seed.weight_decay,
+        "label_smoothing": seed.label_smoothing,
+        "mixup_alpha": seed.mixup_alpha,
     }
     parameters |= {f"hidden_size_{i}": size for i, size in enumerate(seed.hidden_sizes)}
     if task == "binary":
@@ -46,7 +57,7 @@ def _seed_parameters(seed: Hyperparameters, task: str) -> dict[str, object]:
 
 
 def _suggest(trial: optuna.Trial, seed: Hyperparameters, task: str) -> Hyperparameters:
-    layers = trial.suggest_int("hidden_layers", 1, MAX_HIDDEN_LAYERS)
+    layers = trial.suggest_int("hidden_layers", 0, MAX_HIDDEN_LAYERS)
     sizes = tuple(
         trial.suggest_categorical(f"hidden_size_{i}", HIDDEN_SIZE_CHOICES) for i in range(layers)
     )
@@ -61,8 +72,22 @@ def _suggest(trial: optuna.Trial, seed: Hyperparameters, task: str) -> Hyperpara
             "activation": trial.suggest_categorical("activation", ACTIVATION_CHOICES),
             "dropout": trial.suggest_float("dropout", *DROPOUT_RANGE),
             "learning_rate": trial.suggest_float("learning_rate", *LEARNING_RATE_RANGE, log=True),
+            "weight_decay": trial.suggest_float("weight_decay", *WEIGHT_DECAY_RANGE, log=True),
+            "label_smoothing": trial.suggest_float("label_smoothing", *LABEL_SMOOTHING_RANGE),
+            "mixup_alpha": trial.suggest_float("mixup_alpha", *MIXUP_ALPHA_RANGE),
             "focal_gamma": gamma,
         }
+    )
+
+
+def _describe(hyperparameters: Hyperparameters, task: str) -> str:
+    gamma = f", gamma {hyperparameters.focal_gamma:.2f}" if task == "binary" else ""
+    return (
+        f"hidden {list(hyperparameters.hidden_sizes)}, {hyperparameters.activation}, "
+        f"dropout {hyperparameters.dropout:.2f}, lr {hyperparameters.learning_rate:.2e}, "
+        f"weight decay {hyperparameters.weight_decay:.1e}, "
+        f"smoothing {hyperparameters.label_smoothing:.2f}, "
+        f"mixup {hyperparameters.mixup_alpha:.2f}{gamma}"
     )
 
 
@@ -82,15 +107,7 @@ def search_head(data: FitData, *, trials: int, seed: int, schedule: dict[str, in
     def objective(trial: optuna.Trial) -> float:
         hyperparameters = _suggest(trial, seed_design, data.task)
         prefix = f"trial {trial.number + 1}/{trials} "
-        logger.info(
-            "{}start: hidden {}, {}, dropout {:.2f}, lr {:.2e}{}",
-            prefix,
-            list(hyperparameters.hidden_sizes),
-            hyperparameters.activation,
-            hyperparameters.dropout,
-            hyperparameters.learning_rate,
-            f", gamma {hyperparameters.focal_gamma:.2f}" if data.task == "binary" else "",
-        )
+        logger.info("{}start: {}", prefix, _describe(hyperparameters, data.task))
         fit = fit_head(data, hyperparameters, seed=seed + trial.number, log_prefix=prefix)
         fits[trial.number] = (hyperparameters, fit)
         logger.info(

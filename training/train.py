@@ -1,25 +1,38 @@
 """``python -m training train``: embeddings + labels -> a run folder with a trained head.
 
-The run folder holds ``head.pt`` and ``head.json`` (see `convertation.head.configurable`),
-``train.log``, ``split.json`` (the names of the training, validation and test rows: evaluate
-leaves the first two out) and ``validation.npz`` (the validation rows' targets and the
-chosen head's probabilities: evaluate picks the decision thresholds on them). Names that found
-no partner are listed in ``unmatched.txt``; the logs carry only counts.
+Every run fits two candidate heads on the same split: the MLP (`training.search`) and the
+linear probe (`training.probe`), and keeps one by ``--head`` (`training.selection`). The run
+folder holds
+
+* ``head.pt`` and ``head.json`` (see `convertation.head.configurable`): the kept head, what
+  ``build_repository --binary-head/--multilabel-head RUN`` deploys; ``head.json``'s
+  ``selection`` records both validation scores, the choice and its reason;
+* ``linear_probe/``: the linear probe as a run folder of its own (``head.pt``, ``head.json``,
+  ``validation.npz``, ``split.json``), whichever head was kept: ``evaluate`` sets the kept
+  head beside it, and it can be evaluated or deployed alone;
+* ``train.log``, ``split.json`` (the names of the training, validation and test rows:
+  evaluate leaves the first two out) and ``validation.npz`` (the validation rows' targets and
+  the kept head's probabilities: evaluate picks the decision thresholds on them).
+
+Names that found no partner are listed in ``unmatched.txt``; the logs carry only counts.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from loguru import logger
+from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
 from convertation.head.configurable import (
     BINARY_LABEL,
     HEAD_INFO_FILE,
+    ConfigurableHead,
     HeadRunInfo,
     SplitSizes,
     Task,
@@ -27,6 +40,7 @@ from convertation.head.configurable import (
     file_sha256,
     save_trained_head,
 )
+from convertation.head.selection import LINEAR_PROBE_DIR, HeadRule, HeadSelection
 from services.core.labels import FINDING_LABELS
 from training.data import (
     MatchedData,
@@ -39,7 +53,9 @@ from training.data import (
 from training.fit import FitData, deterministic_torch
 from training.logs import log_file
 from training.metrics import auroc, point_metrics, youden_threshold
-from training.search import search_head
+from training.probe import ProbeFit, fit_linear_probe
+from training.search import SearchResult, search_head
+from training.selection import select_head
 
 LOG_FILE = "train.log"
 SPLIT_FILE = "split.json"
@@ -47,6 +63,7 @@ VALIDATION_FILE = "validation.npz"
 UNMATCHED_FILE = "unmatched.txt"
 YOUDEN = "youden"
 FALLBACK_THRESHOLD = 0.5  # for a label whose validation rows hold one class only
+SPLIT_PARTS = ("train", "validation", "test")
 
 
 class TrainOptions(BaseModel):
@@ -56,6 +73,7 @@ class TrainOptions(BaseModel):
     embeddings: Path
     labels: Path
     output: Path
+    head: HeadRule = "best"
     trials: int = Field(ge=1, default=1)
     seed: int = 0
     validation_fraction: float = 0.2
@@ -66,7 +84,7 @@ class TrainOptions(BaseModel):
 
 
 def choose_thresholds(
-    label_names: list[str], targets: np.ndarray, probabilities: np.ndarray
+    label_names: list[str], targets: NDArray[np.int8], probabilities: NDArray[np.float32]
 ) -> dict[str, float]:
     """Youden's J per label on the validation rows (targets/probabilities ``[n, labels]``)."""
     thresholds = {}
@@ -80,7 +98,7 @@ def choose_thresholds(
     return thresholds
 
 
-def _targets(task: Task, data: MatchedData) -> tuple[np.ndarray, list[str]]:
+def _targets(task: Task, data: MatchedData) -> tuple[NDArray[np.int8], list[str]]:
     """Training targets (``[n]`` or ``[n, labels]``) and the head's output label names."""
     if task == "binary":
         targets = any_finding(data.labels)
@@ -113,7 +131,7 @@ def _targets(task: Task, data: MatchedData) -> tuple[np.ndarray, list[str]]:
     return data.labels.copy(), list(data.label_names)
 
 
-def _split(task: Task, targets: np.ndarray, options: TrainOptions) -> Split:
+def _split(task: Task, targets: NDArray[np.int8], options: TrainOptions) -> Split:
     strata = targets if task == "binary" else any_finding(targets)
     split = stratified_split(
         strata,
@@ -131,16 +149,8 @@ def _split(task: Task, targets: np.ndarray, options: TrainOptions) -> Split:
     return split
 
 
-def _positives(task: Task, targets: np.ndarray, split: Split, labels: list[str]) -> dict:
-    columns = targets[:, None] if task == "binary" else targets
-    return {
-        part: {name: int(columns[getattr(split, part), j].sum()) for j, name in enumerate(labels)}
-        for part in ("train", "validation", "test")
-    }
-
-
 def _validation_metrics(
-    labels: list[str], targets: np.ndarray, probabilities: np.ndarray
+    labels: list[str], targets: NDArray[np.int8], probabilities: NDArray[np.float32]
 ) -> dict[str, float | None]:
     per_label = {name: auroc(targets[:, j], probabilities[:, j]) for j, name in enumerate(labels)}
     if len(labels) == 1:
@@ -152,28 +162,163 @@ def _validation_metrics(
     return metrics
 
 
-def _write_side_files(
-    output: Path, data: MatchedData, split: Split, targets: np.ndarray, probabilities: np.ndarray
-) -> None:
-    names = {
-        part: [data.keys[i] for i in getattr(split, part)]
-        for part in ("train", "validation", "test")
+@dataclass(frozen=True)
+class _TrainedHead:
+    """A candidate head with what its ``head.json`` says about how it was trained."""
+
+    head: ConfigurableHead
+    validation_probabilities: NDArray[np.float32]
+    trials: int  # MLP trials behind it; 0 for the linear probe
+    best_trial: int
+    hyperparameters: dict[str, float | int]
+    best_epoch: int
+    epochs_run: int
+
+
+def _from_search(search: SearchResult) -> _TrainedHead:
+    return _TrainedHead(
+        head=search.fit.head,
+        validation_probabilities=search.fit.validation_probabilities,
+        trials=search.trials,
+        best_trial=search.best_trial + 1,
+        hyperparameters=search.hyperparameters.recorded(),
+        best_epoch=search.fit.best_epoch,
+        epochs_run=search.fit.epochs_run,
+    )
+
+
+def _from_probe(probe: ProbeFit, labels: list[str]) -> _TrainedHead:
+    regularisation = {
+        f"C:{label}": label_probe.c
+        for label, label_probe in zip(labels, probe.label_probes, strict=True)
+        if label_probe.c is not None
     }
-    (output / SPLIT_FILE).write_text(json.dumps(names, indent=1) + "\n")
+    return _TrainedHead(
+        head=probe.head,
+        validation_probabilities=probe.validation_probabilities,
+        trials=0,
+        best_trial=0,
+        hyperparameters=regularisation,
+        best_epoch=0,
+        epochs_run=0,
+    )
+
+
+@dataclass(frozen=True)
+class _RunData:
+    """What every run folder of one ``train`` call shares: the inputs, split and targets."""
+
+    options: TrainOptions
+    data: MatchedData
+    labels: list[str]
+    targets: NDArray[np.int8]
+    split: Split
+    validation_targets: NDArray[np.int8]  # [n_validation, labels]
+
+    def split_names(self) -> dict[str, list[str]]:
+        return {
+            part: [self.data.keys[i] for i in getattr(self.split, part)] for part in SPLIT_PARTS
+        }
+
+    def positives(self) -> dict[str, dict[str, int]]:
+        columns = self.targets[:, None] if self.options.task == "binary" else self.targets
+        return {
+            part: {
+                name: int(columns[getattr(self.split, part), j].sum())
+                for j, name in enumerate(self.labels)
+            }
+            for part in SPLIT_PARTS
+        }
+
+    def provenance(self, trained: _TrainedHead) -> TrainingProvenance:
+        options = self.options
+        return TrainingProvenance(
+            embeddings_file=options.embeddings.name,
+            embeddings_sha256=file_sha256(options.embeddings),
+            labels_file=options.labels.name,
+            labels_sha256=file_sha256(options.labels),
+            seed=options.seed,
+            validation_fraction=options.validation_fraction,
+            test_fraction=options.test_fraction,
+            split_sizes=SplitSizes(
+                **{part: len(getattr(self.split, part)) for part in SPLIT_PARTS}
+            ),
+            positives=self.positives(),
+            trials=trained.trials,
+            best_trial=trained.best_trial,
+            hyperparameters=trained.hyperparameters,
+            best_epoch=trained.best_epoch,
+            epochs_run=trained.epochs_run,
+            torch_version=torch.__version__,
+        )
+
+
+def _write_run(
+    folder: Path, run: _RunData, trained: _TrainedHead, selection: HeadSelection | None
+) -> HeadRunInfo:
+    """``head.pt``, ``head.json``, ``split.json`` and ``validation.npz`` of one head."""
+    probabilities = trained.validation_probabilities
+    task = run.options.task
+    info = HeadRunInfo(
+        task=task,
+        architecture=trained.head.architecture,
+        labels=run.labels,
+        target_findings=list(run.data.label_names) if task == "binary" else [],
+        thresholds=choose_thresholds(run.labels, run.validation_targets, probabilities),
+        threshold_method=YOUDEN,
+        training=run.provenance(trained),
+        validation_metrics=_validation_metrics(run.labels, run.validation_targets, probabilities),
+        selection=selection,
+    )
+    info = save_trained_head(folder, trained.head, info)
+    names = run.split_names()
+    (folder / SPLIT_FILE).write_text(json.dumps(names, indent=1) + "\n")
     np.savez(
-        output / VALIDATION_FILE,
+        folder / VALIDATION_FILE,
         names=np.array(names["validation"]),
-        targets=targets,
+        targets=run.validation_targets,
         probabilities=probabilities,
     )
+    return info
+
+
+def _write_unmatched(output: Path, data: MatchedData) -> None:
     unmatched = [f"embedding\t{key}" for key in data.unmatched_embedding_keys]
     unmatched += [f"label\t{key}" for key in data.unmatched_label_keys]
     if unmatched:
         (output / UNMATCHED_FILE).write_text("\n".join(unmatched) + "\n")
 
 
+def _prepare(options: TrainOptions) -> tuple[_RunData, FitData]:
+    data = load_matched(options.embeddings, options.labels)
+    logger.info("rows: {}", data.report.model_dump())
+    targets, labels = _targets(options.task, data)
+    split = _split(options.task, targets, options)
+    logger.info(
+        "split: {} (seed {})",
+        {part: len(getattr(split, part)) for part in SPLIT_PARTS},
+        options.seed,
+    )
+    fit_data = FitData(
+        task=options.task,
+        train_vectors=data.vectors[split.train],
+        train_targets=targets[split.train],
+        validation_vectors=data.vectors[split.validation],
+        validation_targets=targets[split.validation],
+    )
+    run = _RunData(
+        options=options,
+        data=data,
+        labels=labels,
+        targets=targets,
+        split=split,
+        validation_targets=fit_data.validation_columns,
+    )
+    return run, fit_data
+
+
 def train(options: TrainOptions) -> HeadRunInfo:
-    """Train, choose thresholds on validation and write the run folder."""
+    """Fit the MLP and the linear probe, keep one, choose thresholds, write the run folder."""
     output = options.output
     if (output / HEAD_INFO_FILE).exists():
         raise TrainingInputError(f"{output} already holds a trained head; choose another --output")
@@ -182,65 +327,32 @@ def train(options: TrainOptions) -> HeadRunInfo:
         np.random.seed(options.seed)
         torch.manual_seed(options.seed)
         logger.info("training a {} head: {}", options.task, options.model_dump_json())
-        data = load_matched(options.embeddings, options.labels)
-        logger.info("rows: {}", data.report.model_dump())
-        targets, labels = _targets(options.task, data)
-        split = _split(options.task, targets, options)
-        sizes = SplitSizes(
-            train=len(split.train), validation=len(split.validation), test=len(split.test)
+        run, fit_data = _prepare(options)
+        probe = fit_linear_probe(fit_data)
+        search = None
+        if options.head != "linear":
+            schedule = {
+                "max_epochs": options.max_epochs,
+                "patience": options.patience,
+                "batch_size": options.batch_size,
+            }
+            search = search_head(
+                fit_data, trials=options.trials, seed=options.seed, schedule=schedule
+            )
+        selection = select_head(
+            options.head,
+            search,
+            probe,
+            run.labels,
+            run.validation_targets,
+            seed=options.seed,
         )
-        logger.info("split: {} (seed {})", sizes.model_dump(), options.seed)
-        fit_data = FitData(
-            task=options.task,
-            train_vectors=data.vectors[split.train],
-            train_targets=targets[split.train],
-            validation_vectors=data.vectors[split.validation],
-            validation_targets=targets[split.validation],
-        )
-        schedule = {
-            "max_epochs": options.max_epochs,
-            "patience": options.patience,
-            "batch_size": options.batch_size,
-        }
-        result = search_head(fit_data, trials=options.trials, seed=options.seed, schedule=schedule)
-        validation_targets = fit_data.validation_targets.reshape(len(split.validation), -1)
-        probabilities = result.fit.validation_probabilities
-        hyperparameters = result.hyperparameters
-        info = HeadRunInfo(
-            task=options.task,
-            architecture=result.fit.head.architecture,
-            labels=labels,
-            target_findings=list(data.label_names) if options.task == "binary" else [],
-            thresholds=choose_thresholds(labels, validation_targets, probabilities),
-            threshold_method=YOUDEN,
-            training=TrainingProvenance(
-                embeddings_file=options.embeddings.name,
-                embeddings_sha256=file_sha256(options.embeddings),
-                labels_file=options.labels.name,
-                labels_sha256=file_sha256(options.labels),
-                seed=options.seed,
-                validation_fraction=options.validation_fraction,
-                test_fraction=options.test_fraction,
-                split_sizes=sizes,
-                positives=_positives(options.task, targets, split, labels),
-                trials=result.trials,
-                best_trial=result.best_trial + 1,
-                hyperparameters={
-                    "learning_rate": hyperparameters.learning_rate,
-                    "focal_gamma": hyperparameters.focal_gamma,
-                    "weight_decay": hyperparameters.weight_decay,
-                    "batch_size": hyperparameters.batch_size,
-                    "max_epochs": hyperparameters.max_epochs,
-                    "patience": hyperparameters.patience,
-                },
-                best_epoch=result.fit.best_epoch,
-                epochs_run=result.fit.epochs_run,
-                torch_version=torch.__version__,
-            ),
-            validation_metrics=_validation_metrics(labels, validation_targets, probabilities),
-        )
-        info = save_trained_head(output, result.fit.head, info)
-        _write_side_files(output, data, split, validation_targets, probabilities)
+        probe_head = _from_probe(probe, run.labels)
+        _write_run(output / LINEAR_PROBE_DIR, run, probe_head, selection=None)
+        kept = probe_head if search is None or selection.chosen != "mlp" else _from_search(search)
+        info = _write_run(output, run, kept, selection)
+        _write_unmatched(output, run.data)
+        logger.info("kept the {}: {}", selection.chosen.replace("_", " "), selection.reason)
         logger.info("validation metrics: {}", info.validation_metrics)
         logger.info("wrote {}", output)
     return info

@@ -4,7 +4,14 @@ A trained head lives in a *run folder* written by ``python -m training train``:
 
 * ``head.pt``: the state dict of `ConfigurableHead` (keys ``net.N.*``);
 * ``head.json``: a `HeadRunInfo`: the `HeadArchitecture`, the label names in output order,
-  the decision thresholds, the training provenance and the validation metrics.
+  the decision thresholds, the training provenance, the validation metrics and (schema
+  version 2) the `HeadSelection`: which of the MLP and the linear probe was kept and why;
+* ``linear_probe/``: the linear probe as a run folder of its own (``head.pt``, ``head.json``,
+  ``validation.npz``, ``split.json``), kept whichever head was chosen so that ``training
+  evaluate`` can set the chosen head beside it.
+
+A linear probe is a `ConfigurableHead` without hidden layers (`linear_architecture`): one
+Linear, so it is saved, loaded, exported and deployed by the same code as an MLP head.
 
 `load_trained_head` rebuilds the module from ``head.json`` and loads ``head.pt`` strictly
 (a missing tensor, a wrong shape or weights whose sha256 differs from the one recorded stop
@@ -31,12 +38,15 @@ from torch import Tensor, nn
 
 from convertation.checkpoints import CheckpointError, load_strict, read_checkpoint
 from convertation.head.export import BINARY_OUTPUT_NAME, INPUT_NAME, MULTILABEL_OUTPUT_NAME
+from convertation.head.selection import HeadSelection
 from convertation.onnx_export import export_module
 from services.core.checksums import sha256_of as file_sha256
 
 HEAD_WEIGHTS_FILE = "head.pt"
 HEAD_INFO_FILE = "head.json"
-RUN_SCHEMA_VERSION = 1
+# 2 added `HeadRunInfo.selection`; a version 1 folder (without it) still loads.
+RUN_SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 BINARY_LABEL = "pathology"
 # Both classes of the binary head: softmax over two logits, index 1 = P(pathology).
 BINARY_LOGITS = 2
@@ -91,6 +101,20 @@ SEED_MULTILABEL_ARCHITECTURE = HeadArchitecture(
     batch_norm=False,
     n_outputs=20,
 )
+
+
+def linear_architecture(task: Task, embedding_dim: int, n_labels: int) -> HeadArchitecture:
+    """One Linear from the embedding to the logits (the linear probe). Without hidden layers
+    there is no activation, BatchNorm or Dropout module: those fields are inert."""
+    return HeadArchitecture(
+        task=task,
+        embedding_dim=embedding_dim,
+        hidden_sizes=(),
+        activation="relu",
+        dropout=0.0,
+        batch_norm=False,
+        n_outputs=BINARY_LOGITS if task == "binary" else n_labels,
+    )
 
 
 def _activation(name: Activation) -> nn.Module:
@@ -209,11 +233,17 @@ class HeadRunInfo(BaseModel):
     weights_sha256: str = ""  # filled by save_trained_head
     training: TrainingProvenance
     validation_metrics: dict[str, float | None]
+    # Which candidate the run kept (None: a version 1 run, or the probe's own folder).
+    selection: HeadSelection | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> HeadRunInfo:
-        if self.schema_version != RUN_SCHEMA_VERSION:
-            raise ValueError(f"schema_version {self.schema_version} is not {RUN_SCHEMA_VERSION}")
+        if self.schema_version not in READABLE_SCHEMA_VERSIONS:
+            raise ValueError(
+                f"schema_version {self.schema_version} is not one of {READABLE_SCHEMA_VERSIONS}"
+            )
+        if self.schema_version == 1 and self.selection is not None:
+            raise ValueError("schema_version 1 has no selection")
         if self.architecture.task != self.task:
             raise ValueError(f"task {self.task} but architecture for {self.architecture.task}")
         expected = 1 if self.task == "binary" else self.architecture.n_outputs
