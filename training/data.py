@@ -235,7 +235,7 @@ def stratified_split(
     if validation_fraction + test_fraction >= 1:
         raise TrainingInputError("--val-fraction plus --test-fraction must stay below 1")
     generator = np.random.default_rng(seed)
-    parts: dict[str, list[np.ndarray]] = {"train": [], "validation": [], "test": []}
+    parts: dict[str, list[NDArray[np.int64]]] = {"train": [], "validation": [], "test": []}
     for value in np.unique(strata):
         rows = generator.permutation(np.flatnonzero(strata == value))
         n_test = round(len(rows) * test_fraction)

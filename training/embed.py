@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -99,7 +100,9 @@ def _nifti_files(folder: Path) -> Iterator[Path]:
                 yield Path(directory) / name
 
 
-def report_rows(reports: Sequence[StudyReport], input_path: Path, root: Path) -> list[dict]:
+def report_rows(
+    reports: Sequence[StudyReport], input_path: Path, root: Path
+) -> list[dict[str, Any]]:
     """One row per study of an input."""
     relative = input_path.relative_to(root).as_posix() if input_path != root else input_path.name
     rows = []
@@ -183,10 +186,10 @@ class _PartWriter:
 
     def __init__(self, output: Path) -> None:
         self.folder = _parts_dir(output)
-        self.pending: list[dict] = []
+        self.pending: list[dict[str, Any]] = []
         self.index = len(list(self.folder.glob("part-*.parquet"))) if self.folder.is_dir() else 0
 
-    def add(self, rows: list[dict]) -> None:
+    def add(self, rows: list[dict[str, Any]]) -> None:
         self.pending.extend(rows)
 
     def flush(self) -> None:
@@ -213,9 +216,9 @@ def _merge(output: Path) -> pa.Table:
     if not tables:
         table = EMBEDDING_SCHEMA.empty_table()
     else:
-        rows: dict[str, list[dict]] = {}
+        rows: dict[str, list[dict[str, Any]]] = {}
         for table in tables:  # oldest first: a later run of an input replaces its rows
-            grouped: dict[str, list[dict]] = {}
+            grouped: dict[str, list[dict[str, Any]]] = {}
             for row in table.to_pylist():
                 grouped.setdefault(row["input_path"], []).append(row)
             rows.update(grouped)

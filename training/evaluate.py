@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -116,7 +117,7 @@ def _format(estimate: Estimate) -> str:
 
 
 def _report(
-    metrics: dict,
+    metrics: dict[str, Any],
     per_label: dict[str, LabelMetrics],
     comparison: BaselineComparison | None,
     options: EvaluateOptions,
@@ -145,7 +146,7 @@ def _report(
     return "\n".join(lines)
 
 
-def evaluate(options: EvaluateOptions) -> dict:
+def evaluate(options: EvaluateOptions) -> dict[str, Any]:
     """Metrics of the run's head on the held-out rows; thresholds stored back into the run."""
     head, info = load_trained_head(options.run)
     used = _used_in_training(options.run)
@@ -197,7 +198,7 @@ def evaluate(options: EvaluateOptions) -> dict:
         resamples=options.resamples,
         seed=options.seed,
     )
-    metrics: dict = {
+    metrics: dict[str, Any] = {
         "task": info.task,
         "run": str(options.run),
         "rows": {

@@ -12,6 +12,7 @@ resamples are computed at once (scores are sorted once, not once per resample).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -23,8 +24,8 @@ DEFAULT_RESAMPLES = 1000
 RESAMPLE_BLOCK = 100
 METRIC_NAMES = ("auroc", "auprc", "f1", "sensitivity", "specificity")
 # Scores, weights and metric values: float64 for the sums, float32 probabilities accepted.
-Floats = NDArray[np.floating]
-Labels = NDArray[np.integer]
+Floats = NDArray[np.floating[Any]]
+Labels = NDArray[np.integer[Any]]
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from training.metrics import precision_recall_curve, roc_curve
+from training.metrics import Floats, Labels, precision_recall_curve, roc_curve
 
 FIGURE_SIZE = (6.5, 6.0)
 DPI = 110
@@ -38,7 +38,9 @@ def _finish(axes, figure, path: Path, n_curves: int) -> Path:
 
 
 def plot_roc(
-    curves: dict[str, tuple[np.ndarray, np.ndarray]], aurocs: dict[str, float | None], path: Path
+    curves: dict[str, tuple[Labels, Floats]],
+    aurocs: dict[str, float | None],
+    path: Path,
 ) -> Path:
     """One ROC curve per label (``targets``, ``scores``), AUROC in the legend."""
     figure, axes = _axes(len(curves))
@@ -55,7 +57,9 @@ def plot_roc(
 
 
 def plot_precision_recall(
-    curves: dict[str, tuple[np.ndarray, np.ndarray]], auprcs: dict[str, float | None], path: Path
+    curves: dict[str, tuple[Labels, Floats]],
+    auprcs: dict[str, float | None],
+    path: Path,
 ) -> Path:
     """One precision-recall curve per label, AUPRC (average precision) in the legend."""
     figure, axes = _axes(len(curves))
