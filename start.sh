@@ -6,9 +6,10 @@
 #   ./start.sh --local            no containers: local processes (the default without an engine)
 #
 # Local processes: the system RabbitMQ (started if it is down, management console enabled),
-# Triton from the nvidia-pytriton wheel serving the python-flavour model repository (the
-# demo repository is built first if the folder has none), the adapters, the frontend and the
-# DICOM listener (C-STORE from a PACS; README, "Connect a PACS").
+# the study registry's migrations (python -m services.registry upgrade), Triton from the
+# nvidia-pytriton wheel serving the python-flavour model repository (the demo repository is
+# built first if the folder has none), the adapters, the frontend and the DICOM listener
+# (C-STORE from a PACS; README, "Connect a PACS").
 # PIDs go to <storage>/run, logs to <storage>/logs; ./stop.sh (same --storage) stops
 # exactly what this started. Every port binds to 127.0.0.1.
 #
@@ -182,6 +183,12 @@ export CTS__INFERENCE__TRITON_URL="127.0.0.1:$TRITON_GRPC_PORT"
 export CTS__FRONTEND__HOST="$FRONTEND_HOST"
 export CTS__FRONTEND__PORT="$FRONTEND_PORT"
 export CTS__DICOM__PORT="$DICOM_PORT"
+
+# The study registry (SQLite under the storage root, or registry.url): at this code's schema
+# before any service opens it (they refuse any other).
+say "study registry: applying its migrations"
+"$PYTHON" -m services.registry upgrade > "$LOG_DIR/registry-upgrade.log" 2>&1 \
+  || fail "the registry could not be upgraded: see $LOG_DIR/registry-upgrade.log"
 
 # Each service runs in its own session (setsid): stop.sh can end its whole process group.
 launch() {

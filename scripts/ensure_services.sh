@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# What the test suite needs besides Python packages: a running RabbitMQ, Chromium, the
-# Prometheus binary and the DICOM peers (Orthanc with its DICOMweb plugin, DCMTK, dicom3tools).
+# What the test suite needs besides Python packages: a running RabbitMQ and PostgreSQL,
+# Chromium, the Prometheus binary and the DICOM peers (Orthanc with its DICOMweb plugin, DCMTK, dicom3tools).
 set -euo pipefail
 
 if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
@@ -8,6 +8,23 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
   rabbitmq-server -detached
   for _ in $(seq 1 60); do
     (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && break
+    sleep 1
+  done
+fi
+
+if ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
+  # The registry's tests run on the machine's PostgreSQL too (trust authentication on
+  # 127.0.0.1); Debian's cluster is started as its packaging does.
+  echo "[services] starting PostgreSQL"
+  if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends postgresql >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
+  fi
+  version="$(ls /etc/postgresql | sort -V | tail -1)"
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start
+  for _ in $(seq 1 30); do
+    (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null && break
     sleep 1
   done
 fi

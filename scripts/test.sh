@@ -17,7 +17,7 @@ bash scripts/setup.sh convert,dev,train,visualisation
 .venv/bin/ruff format --check .
 .venv/bin/mypy services convertation training visualisation benchmarks synthetic
 if [ "$fast" = 1 ]; then
-  exec .venv/bin/python -m pytest -m "not slow and not rabbitmq and not triton and not browser" "$@"
+  exec .venv/bin/python -m pytest -m "not slow and not rabbitmq and not postgres and not triton and not browser" "$@"
 fi
 bash scripts/ensure_services.sh
 exec .venv/bin/python -m pytest "$@"

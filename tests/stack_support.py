@@ -47,7 +47,8 @@ def delete_topology(settings: RabbitMQSettings, extra_queues: list[str] = ()) ->
     connection = connect(settings, name="test cleanup", give_up_after_s=10)
     try:
         channel = connection.channel()
-        for queue in (topology.task_queue, topology.dead_letter_queue, *extra_queues):
+        queues = (topology.task_queue, topology.dead_letter_queue, topology.registry_queue)
+        for queue in (*queues, *extra_queues):
             channel.queue_delete(queue)
         for exchange in (topology.task_exchange, topology.dead_letter_exchange):
             channel.exchange_delete(exchange)

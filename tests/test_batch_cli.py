@@ -172,3 +172,46 @@ def test_missing_input_and_bad_config_are_usage_errors(
     completed = _run(fixtures_dir / CHEST)
     assert completed.returncode == 2
     assert "usage:" in completed.stderr
+
+
+def test_a_run_is_recorded_in_a_registry_when_given_its_url(
+    fixtures_dir, tiny_model_repository, tmp_path
+):
+    """Each input one task of the batch door, its studies' results in the registry; a URL the
+    registry cannot use is a usage error."""
+    from services.registry import Door, Registry, StudyFilter, StudyState
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    shutil.copytree(fixtures_dir / CHEST, inputs / "chest")
+    (inputs / "broken.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    database = tmp_path / "registry" / "batch.sqlite3"
+    url = f"sqlite:///{database}"
+    completed = _run(
+        inputs, tmp_path / "out", "--model-repository", tiny_model_repository, "--registry-url", url
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    from sqlalchemy.engine import make_url
+
+    registry = Registry(make_url(url))
+    try:
+        records = registry.list_studies(StudyFilter()).items
+    finally:
+        registry.close()
+    by_file = {record.original_filename: record for record in records}
+    assert set(by_file) == {"chest", "broken.zip"}
+    assert {record.door for record in records} == {Door.BATCH}
+    assert {record.state for record in records} == {StudyState.DONE}
+    assert by_file["chest"].processing_status == "Success"
+    assert by_file["chest"].study_instance_uid
+    assert by_file["broken.zip"].processing_status == "Failure"
+    refused = _run(
+        inputs,
+        tmp_path / "out2",
+        "--model-repository",
+        tiny_model_repository,
+        "--registry-url",
+        "nosuchdialect://x",
+    )
+    assert refused.returncode == 2
+    assert "registry cannot be used" in refused.stderr

@@ -22,7 +22,6 @@ from services.adapter.dead_letters import (
 )
 from services.broker.connection import (
     PublishError,
-    ReplyListener,
     connect,
     declare_reply_queue,
     declare_topology,
@@ -32,6 +31,7 @@ from services.broker.connection import (
     queued_task_count,
     submit_task,
 )
+from services.broker.consumer import ReplyListener
 from services.broker.schemas import (
     BROKER_SCHEMA_VERSION,
     QueueTopology,

@@ -24,6 +24,7 @@ from services.broker.schemas import QueueTopology, StudyTask
 from services.core.config import Settings, load_settings
 from services.dicom_listener.service import DicomListener
 from services.dicom_listener.studies import BatchState, StudyBook, study_key
+from services.registry import Door, Registry, StudyFilter, StudyState, upgrade_registry
 from services.triton.local_server import free_local_ports
 
 CHEST = "chest_ct_lung_dx_a0002"
@@ -156,6 +157,7 @@ def listener_settings(tmp_path: Path) -> Iterator[Settings]:
     settings.dicom.port = free_local_ports(1)[0]
     settings.dicom.study_quiet_seconds = QUIET_S
     settings.metrics.enabled = False
+    upgrade_registry(settings)
     yield settings
     delete_topology(settings.rabbitmq)
 
@@ -242,6 +244,15 @@ def test_storescu_study_becomes_one_task_across_a_listener_restart(
     source = pydicom.dcmread(files[0])
     received = pydicom.dcmread(folder / f"{source.SOPInstanceUID}.dcm")
     assert received.PixelData == source.PixelData  # stored as sent
+    # Recorded once in the registry, before it was queued: the door and who sent it.
+    registry = Registry.open(listener_settings)
+    try:
+        (record,) = registry.list_studies(StudyFilter()).items
+    finally:
+        registry.close()
+    assert (record.task_id, record.door, record.sender) == (task.task_id, Door.DICOM, "MODALITY")
+    assert record.state is StudyState.QUEUED
+    assert record.original_filename == task.original_filename
 
 
 @pytest.mark.rabbitmq

@@ -1,6 +1,7 @@
-"""The frontend's logic without a browser: uploads become tasks on the real broker, sessions
-live on disk, back-pressure, progress and results from the reply queue and from storage.
-(The page itself is driven in Chromium by test_stack_e2e.py.)
+"""The frontend's logic without a browser: uploads are recorded in the study registry and
+become tasks on the real broker; what the adapters report reaches the registry through its
+queue; back-pressure, files screened before, hiding, queue places. (The page itself is driven
+in Chromium by test_stack_e2e.py.)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from stack_support import delete_topology, wait_for
 
-from services.broker.connection import connect, publish_reply
+from services.broker.connection import connect, declare_topology, publish_to_registry
 from services.broker.schemas import (
     QueueTopology,
     StudyProgress,
@@ -22,16 +23,14 @@ from services.broker.schemas import (
     TaskStatus,
     decode_message,
 )
-from services.broker.storage import store_result
 from services.core.config import Settings, load_settings
 from services.core.schemas import FindingResult, ProcessingStatus, StudyReport
 from services.frontend import views
-from services.frontend.service import (
-    FrontendService,
-    TaskState,
-)
+from services.frontend.service import FrontendService
+from services.registry import Door, StudyState, upgrade_registry
 
 pytestmark = pytest.mark.rabbitmq
+VIEWER = "browser:test"
 
 
 @pytest.fixture
@@ -41,9 +40,10 @@ def settings(tmp_path: Path) -> Iterator[Settings]:
     settings.rabbitmq.queue_prefix = f"test-frontend-{uuid.uuid4().hex[:10]}"
     settings.rabbitmq.max_queue_depth = 3
     settings.frontend.max_upload_mb = 1
+    settings.metrics.enabled = False
+    upgrade_registry(settings)
     yield settings
-    topology = QueueTopology.from_settings(settings.rabbitmq)
-    delete_topology(settings.rabbitmq, [topology.reply_queue("frontend-test")])
+    delete_topology(settings.rabbitmq)
 
 
 @pytest.fixture
@@ -65,6 +65,7 @@ def queued_tasks(settings: Settings) -> list[StudyTask]:
     tasks = []
     try:
         channel = connection.channel()
+        declare_topology(channel, topology)
         while True:
             method, properties, body = channel.basic_get(topology.task_queue)
             if method is None:
@@ -77,29 +78,30 @@ def queued_tasks(settings: Settings) -> list[StudyTask]:
     return tasks
 
 
-def test_uploads_become_tasks_in_the_session(
+def test_uploads_are_recorded_then_queued(
     settings: Settings, service: FrontendService, tmp_path: Path
 ) -> None:
-    token = service.new_session_token()
     first = make_zip(tmp_path / "first study.zip")
     second = make_zip(tmp_path / "second.zip", size=101)
     loose = [tmp_path / "slice1.dcm", tmp_path / "slice2.dcm"]
     for path in loose:
         path.write_bytes(b"DICM")
-    outcome = service.submit_uploads(token, [first, second, *loose])
+    outcome = service.submit_uploads(VIEWER, "jdoe", [first, second, *loose])
     assert outcome.refused == []
-    assert [task.original_filename for task in outcome.submitted] == [
+    assert [record.original_filename for record in outcome.submitted] == [
         "first study.zip",
         "second.zip",
         "slice1.dcm (+1 files)",
     ]
     tasks = {task.task_id: task for task in queued_tasks(settings)}
-    assert set(tasks) == {task.task_id for task in outcome.submitted}
+    assert set(tasks) == {record.task_id for record in outcome.submitted}
     for submitted in outcome.submitted:
         task = tasks[submitted.task_id]
-        assert task.reply_to == service.reply_queue
-        assert task.correlation_id == task.task_id
+        assert task.reply_to is None  # results go to the registry's queue
         assert task.resolve_study_path(settings.storage.root).exists()
+        assert submitted.door is Door.UPLOAD
+        assert submitted.sender == "jdoe"
+        assert submitted.state is StudyState.QUEUED
     # Moved, not copied: no second copy of patient data stays in the upload folder.
     assert not first.exists()
     assert not loose[0].exists()
@@ -109,35 +111,33 @@ def test_uploads_become_tasks_in_the_session(
         "00000_slice1.dcm",
         "00001_slice2.dcm",
     ]
-    # A restarted frontend (a new service on the same storage) sees the same session.
-    again = FrontendService(settings, instance_id="frontend-test")
-    assert [view.task.task_id for view in again.session_views(token)] == [
-        task.task_id for task in outcome.submitted
-    ]
-    assert {view.state for view in again.session_views(token)} == {TaskState.QUEUED}
+    # A restarted frontend, or another viewer, sees the same list (the department's).
+    again = FrontendService(settings, instance_id="frontend-test-2")
+    try:
+        listed = again.worklist_records("browser:someone-else")
+    finally:
+        again.stop()
+    assert {record.task_id for record in listed} == {record.task_id for record in outcome.submitted}
 
 
 def test_full_queue_and_oversized_files_are_refused(
     settings: Settings, service: FrontendService, tmp_path: Path
 ) -> None:
-    token = service.new_session_token()
-    big = make_zip(
-        tmp_path / "big.zip", size=2 * 1024 * 1024
-    )  # limit is 1 MB (stored, not deflated)
-    outcome = service.submit_uploads(token, [big])
+    big = make_zip(tmp_path / "big.zip", size=2 * 1024 * 1024)  # limit is 1 MB (stored)
+    outcome = service.submit_uploads(VIEWER, None, [big])
     assert outcome.submitted == []
     assert "over the 1 MB limit" in outcome.message
-    # Different contents: the same bytes twice would be one study and its duplicate.
     studies = [make_zip(tmp_path / f"s{index}.zip", size=100 + index) for index in range(4)]
-    too_many = service.submit_uploads(token, studies)  # 4 > max_queue_depth 3
+    too_many = service.submit_uploads(VIEWER, None, studies)  # 4 > max_queue_depth 3
     assert too_many.submitted == []
     assert "queue is full" in too_many.message
     assert queued_tasks(settings) == []
-    assert len(service.submit_uploads(token, studies[:3]).submitted) == 3
-    refused = service.submit_uploads(token, studies[3:])
+    assert service.worklist_records(VIEWER) == []  # nothing recorded either
+    assert len(service.submit_uploads(VIEWER, None, studies[:3]).submitted) == 3
+    refused = service.submit_uploads(VIEWER, None, studies[3:])
     assert refused.submitted == []
     assert "3 studies waiting, limit 3" in refused.message
-    assert len(service.session(token).tasks) == 3
+    assert len(service.worklist_records(VIEWER)) == 3
 
 
 def report(status: ProcessingStatus, probability: float | None) -> StudyReport:
@@ -158,132 +158,101 @@ def report(status: ProcessingStatus, probability: float | None) -> StudyReport:
     )
 
 
-def test_progress_and_results_reach_the_session(
+def test_what_the_adapters_report_reaches_the_registry(
     settings: Settings, service: FrontendService, tmp_path: Path
 ) -> None:
     service.start()
-    token = service.new_session_token()
     outcome = service.submit_uploads(
-        token, [make_zip(tmp_path / "a.zip"), make_zip(tmp_path / "b.zip", size=101)]
+        VIEWER, None, [make_zip(tmp_path / "a.zip"), make_zip(tmp_path / "b.zip", size=101)]
     )
-    first, second = (task.task_id for task in outcome.submitted)
+    first, second = (record.task_id for record in outcome.submitted)
+    topology = QueueTopology.from_settings(settings.rabbitmq)
+
+    def state_of(task_id: str) -> StudyState | None:
+        record = service.registry.study(task_id)
+        return None if record is None else record.state
+
     connection = connect(settings.rabbitmq, name="fake adapter", give_up_after_s=10)
     try:
         channel = connection.channel()
         channel.confirm_delivery()
-        publish_reply(
-            channel,
-            StudyProgress(
-                task_id=first, stage="inference", fraction=0.6, message="running the model"
-            ),
-            reply_to=service.reply_queue,
-            correlation_id=first,
-            persistent=False,
-        )
-        wait_for(
-            lambda: service.session_views(token)[0].state is TaskState.PROCESSING, 15, "progress"
-        )
-        result = StudyResult(
-            task_id=first,
-            status=TaskStatus.COMPLETED,
-            reports=[report(ProcessingStatus.SUCCESS, 0.75)],
-        )
-        publish_reply(channel, result, reply_to=service.reply_queue, correlation_id=first)
-        wait_for(lambda: service.session_views(token)[0].state is TaskState.DONE, 15, "the result")
+        progress = StudyProgress(task_id=first, stage="inference", fraction=0.6)
+        publish_to_registry(channel, topology, progress, persistent=False)
+        wait_for(lambda: state_of(first) is StudyState.PROCESSING, 15, "progress")
+        for task_id, status, row in (
+            (first, TaskStatus.COMPLETED, report(ProcessingStatus.SUCCESS, 0.75)),
+            (second, TaskStatus.FAILED, report(ProcessingStatus.FAILURE, None)),
+        ):
+            result = StudyResult(task_id=task_id, status=status, reports=[row], error="x")
+            publish_to_registry(channel, topology, result)
+        wait_for(lambda: state_of(second) is StudyState.FAILED, 15, "the results")
     finally:
         connection.close()
-    # The second result only reaches storage (as if it came while the frontend was down).
-    store_result(
-        settings.storage.root,
-        StudyResult(
-            task_id=second,
-            status=TaskStatus.FAILED,
-            error="given up",
-            reports=[report(ProcessingStatus.FAILURE, None)],
-        ),
-    )
-    task_views = service.session_views(token)
-    assert [view.state for view in task_views] == [TaskState.DONE, TaskState.FAILED]
-    assert task_views[0].fraction == 1.0
-
-    worklist = views.worklist(task_views)
+    records = service.worklist_records(VIEWER)
+    assert {record.task_id: record.state for record in records} == {
+        first: StudyState.DONE,
+        second: StudyState.FAILED,
+    }
+    worklist = views.worklist(records)
     by_file = {row["file"]: row for row in worklist["rows"]}
     assert by_file["a.zip"]["badge_text"] == "PATHOLOGY"  # P 0.75 over the threshold
     assert by_file["a.zip"]["probability"] == 0.75
     assert by_file["b.zip"]["badge_text"] == "Failure"  # never "done"
     assert by_file["b.zip"]["status"] == "not a chest CT: no lungs"
     assert [row["file"] for row in worklist["rows"]] == ["a.zip", "b.zip"]  # urgency order
-    assert service.demo_weights_in_use(task_views)
-
-    xlsx = service.session_xlsx(token)
-    assert xlsx is not None
-    assert xlsx.is_file()
-    assert service.file_path(xlsx.relative_to(settings.storage.root).as_posix()) == xlsx.resolve()
-    assert service.file_path("../../etc/passwd") is None
-    again = service.session_xlsx(token)
-    assert again is not None
-    assert not xlsx.exists()
+    assert service.demo_weights_in_use(records)
 
 
-def test_the_same_upload_twice_is_a_duplicate_not_a_second_task(
+def test_a_file_screened_before_is_not_queued_again(
     settings: Settings, service: FrontendService, tmp_path: Path
 ) -> None:
-    token = service.new_session_token()
     study = make_zip(tmp_path / "chest.zip")
-    copy = tmp_path / "again" / "chest.zip"
-    copy.parent.mkdir()
-    copy.write_bytes(study.read_bytes())
     twin = tmp_path / "twin" / "chest copy.zip"
     twin.parent.mkdir()
     twin.write_bytes(study.read_bytes())
-    first = service.submit_uploads(token, [study, twin])  # the same bytes twice in one go
+    first = service.submit_uploads(VIEWER, None, [study, twin])  # the same bytes twice in one go
     assert len(first.submitted) == 1
-    assert len(first.duplicates) == 1
-    assert first.duplicates[0].duplicate_of == first.submitted[0].task_id
-    second = service.submit_uploads(token, [copy])  # and once more, later
+    original = first.submitted[0]
+    # Hidden by this viewer, then uploaded again by another: it is shown again, not queued.
+    assert service.hide(VIEWER, original.task_id, 0)
+    assert service.worklist_records(VIEWER) == []
+    copy = tmp_path / "again" / "chest.zip"
+    copy.parent.mkdir()
+    copy.write_bytes(original_bytes := (settings.storage.root / original.study_path).read_bytes())
+    assert original_bytes
+    second = service.submit_uploads(VIEWER, None, [copy])
     assert second.submitted == []
-    (duplicate,) = second.duplicates
-    assert duplicate.duplicate_of == first.submitted[0].task_id
+    assert [earlier.task_id for _name, earlier in second.screened_before] == [original.task_id]
     assert "already screened" in second.message
     assert "not recomputed" in second.message
     assert not copy.exists()  # the earlier copy is in storage; this one is not kept
-    assert [task.task_id for task in queued_tasks(settings)] == [first.submitted[0].task_id]
-    # The duplicate shows the first upload's result, flagged as such, and adds no xlsx row.
-    store_result(
-        settings.storage.root,
-        StudyResult(
-            task_id=first.submitted[0].task_id,
-            status=TaskStatus.COMPLETED,
-            reports=[report(ProcessingStatus.SUCCESS, 0.25)],
-        ),
-    )
-    task_views = service.session_views(token)
-    assert [view.state for view in task_views] == [TaskState.DONE] * 3
-    rows = views.worklist(task_views)["rows"]
-    flagged = [row for row in rows if row["flags"]]
-    assert len(flagged) == 2
-    assert {row["task_id"] for row in flagged} == {first.duplicates[0].task_id, duplicate.task_id}
-    assert all("duplicate of chest.zip" in row["flags"][0] for row in flagged)
-    # Removing rows takes them off the worklist; the stored result stays.
-    assert service.remove_task(token, duplicate.task_id)
-    assert service.remove_task(token, first.duplicates[0].task_id)
-    assert not service.remove_task(token, duplicate.task_id)
-    assert [view.task.task_id for view in service.session_views(token)] == [
-        first.submitted[0].task_id
-    ]
+    assert [task.task_id for task in queued_tasks(settings)] == [original.task_id]
+    assert [record.task_id for record in service.worklist_records(VIEWER)] == [original.task_id]
+
+
+def test_hiding_is_for_one_viewer(
+    settings: Settings, service: FrontendService, tmp_path: Path
+) -> None:
+    outcome = service.submit_uploads(VIEWER, None, [make_zip(tmp_path / "a.zip")])
+    task_id = outcome.submitted[0].task_id
+    assert service.hide(VIEWER, task_id, 0)
+    assert not service.hide(VIEWER, task_id, 0)
+    assert not service.hide(VIEWER, "no-such-task", 0)
+    assert service.worklist_records(VIEWER) == []
+    assert [record.task_id for record in service.worklist_records("browser:other")] == [task_id]
 
 
 def test_queued_studies_know_their_place_in_the_queue(
     settings: Settings, service: FrontendService, tmp_path: Path
 ) -> None:
     settings.rabbitmq.max_queue_depth = 10
-    token = service.new_session_token()
     outcome = service.submit_uploads(
-        token, [make_zip(tmp_path / f"s{index}.zip", size=100 + index) for index in range(3)]
+        VIEWER,
+        None,
+        [make_zip(tmp_path / f"s{index}.zip", size=100 + index) for index in range(3)],
     )
-    assert [task.queued_behind for task in outcome.submitted] == [0, 1, 2]
-    task_views = service.session_views(token)
-    assert [view.ahead for view in task_views] == [0, 1, 2]
-    assert {view.workers for view in task_views} == {0}  # no adapter consumes this queue
-    rows = views.worklist(task_views)["rows"]
+    places = service.queue_places()
+    assert [places[record.task_id].ahead for record in outcome.submitted] == [0, 1, 2]
+    assert {place.workers for place in places.values()} == {0}  # no adapter consumes it
+    rows = views.worklist(service.worklist_records(VIEWER), places)["rows"]
     assert {row["status"] for row in rows} == {"waiting: no worker is connected to the queue"}

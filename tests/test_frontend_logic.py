@@ -13,21 +13,19 @@ from services.core.schemas import FindingResult, IntakeSummary, ProcessingStatus
 from services.frontend import views
 from services.frontend.queue_status import (
     QueueMonitor,
+    QueuePlace,
     QueueStatus,
-    StudyDurations,
     expected_wait_s,
-    tasks_ahead,
+    queue_places,
 )
-from services.frontend.service import (
-    FrontendService,
-    frontend_instance_id,
-    is_session_token,
-    safe_file_name,
-)
-from services.frontend.sessions import SessionStore, SessionTask
+from services.frontend.service import frontend_instance_id
+from services.frontend.sessions import is_session_token, new_session_token
 from services.frontend.study_view import study_view
-from services.frontend.task_view import TaskState, TaskView, with_queue_places
-from services.frontend.uploads import content_sha256
+from services.frontend.uploads import content_sha256, safe_file_name
+from services.registry import Door, StudyRecord, StudyState
+from services.registry.models import Study
+from services.registry.reads import to_record
+from services.registry.writes import apply_report
 
 
 def test_file_names_and_ids_are_safe() -> None:
@@ -37,7 +35,7 @@ def test_file_names_and_ids_are_safe() -> None:
     identifier = frontend_instance_id("127.0.0.1", 7860)
     assert identifier.endswith("-7860")
     QueueTopology().reply_queue(identifier)  # a valid queue name part
-    assert is_session_token(FrontendService.new_session_token())
+    assert is_session_token(new_session_token())
     assert not is_session_token("../sessions/x")
 
 
@@ -55,15 +53,6 @@ def test_auth_setting_is_parsed_strictly() -> None:
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 NOW = datetime(2026, 1, 2, 10, 30, tzinfo=UTC)
-
-
-def session_task(name: str, minute: int = 0, **fields: object) -> SessionTask:
-    return SessionTask(
-        task_id=uuid.uuid4().hex,
-        original_filename=name,
-        submitted_at=NOW + timedelta(minutes=minute),
-        **fields,
-    )
 
 
 def success(probability: float, *, uid: str = "1.2.3", positives: int = 1) -> StudyReport:
@@ -98,55 +87,63 @@ def failure(reason: str, **fields: object) -> StudyReport:
     )
 
 
-def done(
-    task: SessionTask, *reports: StudyReport, files: list[ResultFile] | None = None
-) -> TaskView:
-    result = StudyResult(
-        task_id=task.duplicate_of or task.task_id,
+def record(
+    name: str,
+    report: StudyReport | None = None,
+    *,
+    state: StudyState = StudyState.DONE,
+    minute: int = 0,
+    index: int = 0,
+    task_id: str | None = None,
+    progress: float = 0.0,
+    stage: str | None = None,
+) -> StudyRecord:
+    """A registry row, through the registry's own mapping of a report onto a row."""
+    row = Study(
+        id=minute * 10 + index + 1,
+        task_id=task_id or uuid.uuid4().hex,
+        report_index=index,
+        door=Door.UPLOAD.value,
+        priority="routine",
+        original_filename=name,
+        study_path="",
+        state=state.value,
+        stage=stage,
+        progress=progress,
+        received_at=NOW + timedelta(minutes=minute),
+        updated_at=NOW,
+        findings=[],
+        warnings=[],
+        files=[],
+    )
+    if report is not None:
+        apply_report(row, report)
+    return to_record(row)
+
+
+def result_of(first: StudyRecord, *reports: StudyReport, files: list[ResultFile] | None = None):
+    return StudyResult(
+        task_id=first.task_id,
         status=TaskStatus.COMPLETED,
         reports=list(reports),
         files=files or [],
         seconds=12.0,
     )
-    return TaskView(task, TaskState.DONE, 1.0, "", result=result)
 
 
 def test_every_study_gets_a_badge_failures_look_like_failures() -> None:
-    head = session_task("head.zip")
-    crashed = session_task("crashed.zip")
-    task_views = [
-        done(session_task("chest.zip"), success(0.81)),
-        done(session_task("clear.zip"), success(0.12, uid="9.9", positives=0)),
-        done(head, failure("not a chest CT: the images do not show lungs")),
-        TaskView(
-            crashed,
-            TaskState.FAILED,
-            1.0,
-            "given up after 3 attempts",
-            result=StudyResult(
-                task_id=crashed.task_id,
-                status=TaskStatus.FAILED,
-                error="given up after 3 attempts",
-                reports=[failure("given up after 3 attempts")],
-            ),
+    records = [
+        record("chest.zip", success(0.81)),
+        record("clear.zip", success(0.12, uid="9.9", positives=0)),
+        record("head.zip", failure("not a chest CT: the images do not show lungs")),
+        record(
+            "crashed.zip", failure("given up after 3 attempts"), state=StudyState.FAILED, minute=1
         ),
-        TaskView(
-            session_task("busy.zip"),
-            TaskState.PROCESSING,
-            0.62,
-            "running the model: about 9 s left",
-        ),
-        TaskView(
-            session_task("later.zip"),
-            TaskState.QUEUED,
-            0.0,
-            "",
-            ahead=2,
-            workers=2,
-            expected_wait_s=40.0,
-        ),
+        record("busy.zip", state=StudyState.PROCESSING, progress=0.62, stage="inference"),
+        record("later.zip", state=StudyState.QUEUED, task_id="later"),
     ]
-    worklist = views.worklist(task_views)
+    places = {"later": QueuePlace(ahead=2, workers=2, expected_wait_s=40.0)}
+    worklist = views.worklist(records, places)
     rows = {row["file"]: row for row in worklist["rows"]}
     assert rows["chest.zip"]["badge_text"] == "PATHOLOGY"
     assert rows["chest.zip"]["finding"] == "Cancer"
@@ -158,7 +155,7 @@ def test_every_study_gets_a_badge_failures_look_like_failures() -> None:
     assert rows["head.zip"]["status"] == "not a chest CT: the images do not show lungs"
     assert rows["crashed.zip"]["status"] == "given up after 3 attempts"
     assert rows["busy.zip"]["fraction"] == 0.62
-    assert "about 9 s left" in rows["busy.zip"]["status"]
+    assert rows["busy.zip"]["status"] == "inference (62%)"
     assert rows["later.zip"]["status"] == "2 ahead in the queue, result in about 40 s"
     assert "done" not in {row["badge_text"].lower() for row in worklist["rows"]}
     # Most urgent first: PATHOLOGY, Failure (newest first), NORMAL, processing, queued.
@@ -170,6 +167,7 @@ def test_every_study_gets_a_badge_failures_look_like_failures() -> None:
         "processing",
         "queued",
     ]
+    assert [row["file"] for row in worklist["rows"]][1] == "crashed.zip"
     assert worklist["counts"] == {
         "pathology": 1,
         "failure": 2,
@@ -183,79 +181,56 @@ def test_every_study_gets_a_badge_failures_look_like_failures() -> None:
 
 
 def test_pathology_rows_sort_by_probability_and_studies_of_one_upload_get_one_row_each() -> None:
-    several = session_task("two studies.zip")
-    task_views = [
-        done(session_task("low.zip"), success(0.55)),
-        done(several, success(0.97, uid="4.4"), failure("no CT series: modality MR")),
+    task = uuid.uuid4().hex
+    records = [
+        record("low.zip", success(0.55)),
+        record("two studies.zip", success(0.97, uid="4.4"), task_id=task),
+        record("two studies.zip", failure("no CT series: modality MR"), task_id=task, index=1),
     ]
-    rows = views.worklist(task_views)["rows"]
+    rows = views.worklist(records)["rows"]
     assert [row["file"] for row in rows] == [
         "two studies.zip (study 1 of 2)",
         "low.zip",
         "two studies.zip (study 2 of 2)",
     ]
-    assert views.parse_row_key(rows[2]["key"]) == (several.task_id, 1)
+    assert views.parse_row_key(rows[2]["key"]) == (task, 1)
     assert views.parse_row_key("nonsense") is None
     assert views.parse_row_key(None) is None
 
 
-def test_duplicates_and_other_uploads_of_one_study_are_flagged() -> None:
-    original = session_task("chest.zip", minute=0, content_sha256="ab")
-    again = session_task("chest.zip", minute=5, content_sha256="ab", duplicate_of=original.task_id)
-    rezipped = session_task("chest-rezipped.zip", minute=7)
-    task_views = [
-        done(original, success(0.3, uid="1.2.3")),
-        TaskView(
-            again,
-            TaskState.DONE,
-            1.0,
-            "",
-            result=done(original, success(0.3)).result,
-            duplicate_of=original,
-        ),
-        done(rezipped, success(0.3, uid="1.2.3")),
+def test_other_uploads_of_one_study_are_flagged() -> None:
+    records = [
+        record("chest.zip", success(0.3, uid="1.2.3")),
+        record("chest-rezipped.zip", success(0.3, uid="1.2.3"), minute=7),
+        record("other.zip", success(0.3, uid="7.7.7"), minute=8),
     ]
-    rows = {row["task_id"]: row for row in views.worklist(task_views)["rows"]}
-    assert rows[again.task_id]["flags"] == [
-        "duplicate of chest.zip (uploaded 10:30): same file, result reused, not recomputed"
-    ]
-    assert rows[rezipped.task_id]["flags"] == [
+    rows = {row["file"]: row for row in views.worklist(records)["rows"]}
+    assert rows["chest-rezipped.zip"]["flags"] == [
         "same study (StudyInstanceUID) as chest.zip, other files"
     ]
-    assert rows[original.task_id]["flags"] == [
+    assert rows["chest.zip"]["flags"] == [
         "same study (StudyInstanceUID) as chest-rezipped.zip, other files"
     ]
+    assert rows["other.zip"]["flags"] == []
 
 
-def test_queue_places_are_upper_bounds_and_the_wait_uses_seen_durations() -> None:
-    # 5 waiting now; ours was queued behind 3; 1 task of ours came after it.
-    assert tasks_ahead(queued_behind=3, waiting_now=5, known_later_waiting=1) == 3
-    assert tasks_ahead(queued_behind=9, waiting_now=5, known_later_waiting=1) == 3
-    assert tasks_ahead(queued_behind=None, waiting_now=0, known_later_waiting=0) == 0
+def test_queue_places_follow_the_registry_order_and_the_wait_uses_recent_durations() -> None:
     assert expected_wait_s(3, 2, 20.0) == 40.0  # rounds: 3 // 2 + 1
     assert expected_wait_s(3, 0, 20.0) is None
     assert expected_wait_s(3, 2, None) is None
+    places = queue_places(["a", "b", "c"], QueueStatus(waiting=3, workers=1), 30.0)
+    assert [places[task].ahead for task in "abc"] == [0, 1, 2]
+    assert [places[task].expected_wait_s for task in "abc"] == [30.0, 60.0, 90.0]
+    assert queue_places(["a"], None, 30.0) == {}  # broker down: no guess
+    assert views.queue_text(places["a"]) == "next in line, result in about 30 s"
+    assert views.queue_text(None) == "waiting for a free worker"
     queued = [
-        TaskView(
-            session_task(f"q{index}.zip", minute=index, queued_behind=index),
-            TaskState.QUEUED,
-            0.0,
-            "",
-        )
+        record(f"q{index}.zip", state=StudyState.QUEUED, minute=index, task_id=f"q{index}")
         for index in range(3)
     ]
-    placed = with_queue_places(queued, QueueStatus(waiting=2, workers=1), 30.0)
-    assert [view.ahead for view in placed] == [0, 0, 1]  # two already left the queue
+    rows = views.worklist(queued, queue_places(["q0", "q1", "q2"], QueueStatus(3, 1), 30.0))
     # In the worklist the queue reads in its own order: the next one first.
-    rows = views.worklist(placed)["rows"]
-    assert [row["task_id"] for row in rows] == [view.task.task_id for view in placed]
-    assert [view.expected_wait_s for view in placed] == [30.0, 30.0, 60.0]
-    assert with_queue_places(queued, None, 30.0) == queued  # broker down: no guess
-    assert views.queue_text(placed[0]) == "next in line, result in about 30 s"
-    durations = StudyDurations()
-    for task_id, seconds in (("a", 10.0), ("a", 99.0), ("b", 30.0), ("c", 0.0)):
-        durations.add(task_id, seconds)
-    assert durations.typical() == 20.0  # each task once, unfinished ones ignored
+    assert [row["task_id"] for row in rows["rows"]] == ["q0", "q1", "q2"]
 
 
 def test_the_queue_monitor_reads_the_broker_at_most_every_few_seconds() -> None:
@@ -276,7 +251,6 @@ def test_the_queue_monitor_reads_the_broker_at_most_every_few_seconds() -> None:
 
 
 def test_the_study_view_reads_like_a_report(tmp_path: Path) -> None:
-    task = session_task("chest.zip")
     report = success(0.81, positives=2).model_copy(
         update={
             "warnings": [
@@ -286,16 +260,22 @@ def test_the_study_view_reads_like_a_report(tmp_path: Path) -> None:
             "intake": IntakeSummary(files_total=3030, dicom_files=30, skipped_non_dicom=3000),
         }
     )
+    row = record("chest.zip", report)
+    task = row.task_id
     files = [
-        ResultFile(kind="viewer", path=f"results/{task.task_id}/viewer/study1.json"),
-        ResultFile(kind="viewer", path=f"results/{task.task_id}/viewer/study1.bin"),
-        ResultFile(kind="preview", path=f"results/{task.task_id}/previews/study1_axial_50.png"),
-        ResultFile(kind="xlsx", path=f"results/{task.task_id}/output.xlsx"),
+        ResultFile(kind="viewer", path=f"results/{task}/viewer/study1.json"),
+        ResultFile(kind="viewer", path=f"results/{task}/viewer/study1.bin"),
+        ResultFile(kind="preview", path=f"results/{task}/previews/study1_axial_50.png"),
+        ResultFile(kind="xlsx", path=f"results/{task}/output.xlsx"),
     ]
     documents = {files[0].path: {"data_file": "study1.bin", "shape": [2, 3, 4]}}
+    earlier = record("before.zip", success(0.2, positives=0), minute=-600)
     view = study_view(
-        done(task, report, files=files),
-        0,
+        row,
+        result_of(row, report, files=files),
+        n_studies=1,
+        place=None,
+        patient_studies=[row, earlier],
         file_url=lambda path: "file=" + path,
         read_json=documents.get,
     )
@@ -312,21 +292,28 @@ def test_the_study_view_reads_like_a_report(tmp_path: Path) -> None:
     assert view["viewer"] == {
         "data_file": "study1.bin",
         "shape": [2, 3, 4],
-        "url": f"file=results/{task.task_id}/viewer/study1.bin",
+        "url": f"file=results/{task}/viewer/study1.bin",
     }
     assert view["previews"] == [
-        {
-            "url": f"file=results/{task.task_id}/previews/study1_axial_50.png",
-            "caption": "axial at 50%",
-        }
+        {"url": f"file=results/{task}/previews/study1_axial_50.png", "caption": "axial at 50%"}
     ]
     assert view["downloads"][0]["kind"] == "xlsx"
     assert ["description", HOSTILE] in view["identity"]
+    assert ["received by", "the web page"] in view["identity"]
     assert view["demo"] is True
+    # The patient's other studies: this one left out, each with its date and call.
+    assert [(other["key"], other["badge_text"]) for other in view["patient_studies"]] == [
+        (earlier.key, "NORMAL")
+    ]
 
+    mr = failure("no CT series: modality MR")
+    refused_row = record("mr.zip", mr)
     refused = study_view(
-        done(session_task("mr.zip"), failure("no CT series: modality MR")),
-        0,
+        refused_row,
+        result_of(refused_row, mr),
+        n_studies=1,
+        place=None,
+        patient_studies=[],
         file_url=lambda path: None,
         read_json=lambda path: None,
     )
@@ -352,22 +339,12 @@ def test_the_same_bytes_are_the_same_upload(tmp_path: Path) -> None:
     assert content_sha256([first]) != content_sha256([second])
 
 
-def test_sessions_forget_a_removed_task(tmp_path: Path) -> None:
-    store = SessionStore(tmp_path)
-    token = FrontendService.new_session_token()
-    tasks = [session_task("a.zip"), session_task("b.zip")]
-    store.append(token, tasks)
-    assert store.remove(token, tasks[0].task_id)
-    assert [task.task_id for task in store.read(token).tasks] == [tasks[1].task_id]
-    assert not store.remove(token, tasks[0].task_id)
-
-
 def test_a_long_reason_keeps_its_words_in_the_row_and_its_numbers_in_the_tooltip() -> None:
     reason = (
         "not a chest CT: the images do not show lungs across the series (lungs on 6 of 37 "
         "evaluated slices (16%, 24 mm), about 42 ml of lung (a chest needs 30% of slices))"
     )
-    row = views.worklist([done(session_task("head.zip"), failure(reason))])["rows"][0]
+    row = views.worklist([record("head.zip", failure(reason))])["rows"][0]
     assert row["status"] == "not a chest CT: the images do not show lungs across the series"
     assert row["detail"] == reason
     assert views.short_reason("no CT series: modality MR") == "no CT series: modality MR"

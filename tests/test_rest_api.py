@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 import zipfile
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from services.broker.schemas import QueueTopology, StudyTask
 from services.core.config import Settings, load_settings
 from services.frontend.api import build_rest_api
 from services.frontend.service import FrontendService
+from services.registry import Door, Registry, Submission, upgrade_registry
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -32,6 +34,7 @@ def settings(tmp_path: Path) -> Iterator[Settings]:
     settings.rabbitmq.queue_prefix = f"test-rest-{uuid.uuid4().hex[:10]}"
     settings.frontend.api_token = TOKEN
     settings.metrics.enabled = False
+    upgrade_registry(settings)
     yield settings
     delete_topology(settings.rabbitmq)
 
@@ -146,10 +149,80 @@ def test_the_schema_is_served_and_says_how_to_authenticate(settings: Settings) -
     with client_for(settings) as client:
         schema = client.get("/openapi.json").json()
     assert set(schema["paths"]) == {
-        "/studies",
+        "/studies",  # GET lists, POST submits
         "/studies/{task_id}",
         "/studies/{task_id}/files/{kind}",
     }
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
     kinds = schema["paths"]["/studies/{task_id}/files/{kind}"]["get"]["parameters"]
     assert any(parameter["name"] == "kind" for parameter in kinds)
+
+
+def test_the_listing_pages_and_filters_the_registry(
+    settings: Settings, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    """GET /studies: every study of the registry (this door's and the others'), newest first,
+    a page at a time, narrowed by state, door, identifiers, dates and free text."""
+    registry = Registry.open(settings)
+    try:
+        registry.record_submission(
+            Submission(
+                task_id="from-the-pacs",
+                door=Door.DICOM,
+                sender="PACS",
+                original_filename="DICOM from PACS: 30 images",
+                received_at=datetime(2026, 1, 5, 9, 0, tzinfo=UTC),
+            )
+        )
+    finally:
+        registry.close()
+    uploads = [
+        study_zip(fixtures_dir, tmp_path / f"s{index}.zip", count=index + 1) for index in range(3)
+    ]
+    with client_for(settings) as client:
+        for upload in uploads:
+            answer = client.post(
+                "/studies", headers=AUTH, files={"file": (upload.name, upload.read_bytes())}
+            )
+            assert answer.status_code == 202, answer.text
+        first = client.get("/studies", headers=AUTH, params={"limit": 2}).json()
+        second = client.get(
+            "/studies", headers=AUTH, params={"limit": 2, "cursor": first["next"]}
+        ).json()
+        dicom = client.get("/studies", headers=AUTH, params={"door": "dicom"}).json()
+        named = client.get("/studies", headers=AUTH, params={"q": "s1.zip"}).json()
+        day = client.get(
+            "/studies",
+            headers=AUTH,
+            params={"received_from": "2026-01-05", "received_to": "2026-01-05"},
+        ).json()
+        queued = client.get("/studies", headers=AUTH, params={"state": ["queued"]}).json()
+        bad_cursor = client.get("/studies", headers=AUTH, params={"cursor": "garbage"})
+        anonymous = client.get("/studies")
+    names = [item["original_filename"] for item in first["items"] + second["items"]]
+    assert names == ["s2.zip", "s1.zip", "s0.zip", "DICOM from PACS: 30 images"]
+    assert second["next"] is None
+    item = first["items"][0]
+    for field in (
+        "task_id",
+        "door",
+        "state",
+        "priority",
+        "study_instance_uid",
+        "patient_id",
+        "patient_name",
+        "accession_number",
+        "received_at",
+        "finished_at",
+        "processing_status",
+        "probability_of_pathology",
+    ):
+        assert field in item
+    assert (item["door"], item["state"], item["priority"]) == ("rest", "queued", "routine")
+    assert [entry["task_id"] for entry in dicom["items"]] == ["from-the-pacs"]
+    assert [entry["original_filename"] for entry in named["items"]] == ["s1.zip"]
+    assert [entry["task_id"] for entry in day["items"]] == ["from-the-pacs"]
+    assert len(queued["items"]) == 4
+    assert bad_cursor.status_code == 422
+    assert "cursor" in bad_cursor.json()["reason"]
+    assert anonymous.status_code == 401

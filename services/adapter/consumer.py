@@ -416,6 +416,7 @@ class Adapter:
     ) -> None:
         send_progress(
             channel,
+            self.topology,
             task,
             StudyProgress(
                 task_id=task.task_id,

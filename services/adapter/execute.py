@@ -1,6 +1,11 @@
 """What the adapter's I/O thread does with a decision (services/adapter/delivery.py): publish
-the result to the submitter, then ack, give the message back, or dead-letter it with its
-reason (services/adapter/dead_letters.py). pika objects are touched on the I/O thread only.
+the result to the study registry's queue and to the submitter, then ack, give the message
+back, or dead-letter it with its reason (services/adapter/dead_letters.py). pika objects are
+touched on the I/O thread only.
+
+The registry's copy is what makes a result count: when the broker does not confirm it, the
+task is given back (its stored result is republished on the next delivery, never
+recomputed), so no result leaves the queue unrecorded.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from services.adapter.dead_letters import publish_dead_letter
 from services.adapter.delivery import Action, Decision
-from services.broker.connection import publish_reply
+from services.broker.connection import publish_reply, publish_to_registry
 from services.broker.errors import PublishError
 from services.broker.schemas import QueueTopology, StudyProgress, StudyTask
 
@@ -46,6 +51,13 @@ def execute_decision(
     if not channel.is_open:
         return False
     result = decision.result
+    if result is not None:
+        try:
+            publish_to_registry(channel, topology, result)
+        except PublishError as error:
+            logger.warning("result of task {} not recorded: {}; given back", result.task_id, error)
+            channel.basic_nack(message.tag, requeue=True)
+            return False
     if result is not None and reply_to:
         try:
             publish_reply(
@@ -94,9 +106,15 @@ def dead_letter(
     channel.basic_ack(message.tag)
 
 
-def send_progress(channel: BlockingChannel, task: StudyTask, update: StudyProgress) -> None:
+def send_progress(
+    channel: BlockingChannel, topology: QueueTopology, task: StudyTask, update: StudyProgress
+) -> None:
     """Best effort: a progress message that cannot be sent is dropped."""
-    if not task.reply_to or not channel.is_open:
+    if not channel.is_open:
+        return
+    with contextlib.suppress(PublishError):
+        publish_to_registry(channel, topology, update, persistent=False)
+    if not task.reply_to:
         return
     with contextlib.suppress(PublishError):
         publish_reply(

@@ -21,15 +21,18 @@ from pathlib import Path
 from typing import TextIO
 
 from loguru import logger
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from tqdm import tqdm
 
 from services.batch.inputs import list_inputs
 from services.batch.model_input_files import ModelInputSaver
 from services.batch.preview_files import PREVIEWS_DIR_NAME, PreviewWriter
+from services.batch.registry_records import BatchRecorder
 from services.core.config import Settings, load_settings
 from services.core.errors import ConfigurationError
 from services.core.findings import resolve_thresholds
 from services.core.inference import create_backend
+from services.core.inference.base import InferenceBackend
 from services.core.logging_setup import configure_logging
 from services.core.nifti.ct_rate import read_ct_rate_metadata
 from services.core.pipeline import EventFanOut, PipelineEvents, process_input
@@ -64,6 +67,12 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "regression input of every slice as DIR/<input name>.bpr.npy",
     )
     parser.add_argument("--config", type=Path, help="config file (default: configs/config.yaml)")
+    parser.add_argument(
+        "--registry-url",
+        metavar="URL",
+        help="also record every input in this study registry (SQLAlchemy URL, e.g. "
+        "sqlite:////data/registry.sqlite3 or postgresql+psycopg://user@host/db)",
+    )
     parser.add_argument(
         "--ct-rate-metadata",
         type=Path,
@@ -153,6 +162,76 @@ def _events(
     return EventFanOut(previews, ModelInputSaver(save_model_input, input_path))
 
 
+class UsageError(Exception):
+    """What stops a run before any study: printed as ``error: ...``, exit status 2."""
+
+
+def _open_backend(settings: Settings) -> InferenceBackend:
+    try:
+        backend = create_backend(settings)
+    except ConfigurationError as error:
+        raise UsageError(str(error)) from error
+    try:
+        resolve_thresholds(backend.metadata, settings.inference)
+    except ConfigurationError as error:
+        backend.close()
+        raise UsageError(str(error)) from error
+    return backend
+
+
+def _open_recorder(url: str | None) -> BatchRecorder | None:
+    if not url:
+        return None
+    try:
+        return BatchRecorder(url)
+    except (ConfigurationError, SQLAlchemyError, ArgumentError) as error:
+        raise UsageError(f"the registry cannot be used: {error}") from error
+
+
+def _checked_inputs(arguments: argparse.Namespace) -> list[Path]:
+    if not arguments.input.exists():
+        raise UsageError(f"input not found: {arguments.input}")
+    if arguments.output_dir.exists() and not arguments.output_dir.is_dir():
+        raise UsageError(f"output is not a folder: {arguments.output_dir}")
+    inputs = list_inputs(arguments.input)
+    if not inputs:
+        raise UsageError(f"no inputs in {arguments.input}")
+    return inputs
+
+
+def _screen(
+    inputs: list[Path],
+    arguments: argparse.Namespace,
+    settings: Settings,
+    backend: InferenceBackend,
+    recorder: BatchRecorder | None,
+) -> tuple[list[StudyReport], EvidenceCollector]:
+    reports: list[StudyReport] = []
+    evidence = EvidenceCollector()  # what each study's SR needs of its source files
+    previews = PreviewWriter(
+        arguments.output_dir / PREVIEWS_DIR_NAME, spacing_mm=backend.metadata.target_spacing_mm
+    )
+    # disable=None: no bar unless stderr is a terminal (a bar in a file is one line per update).
+    with tqdm(inputs, desc="studies", unit="input", file=sys.stderr, disable=None) as bar:
+        for input_path in bar:
+            task = recorder.begin(input_path) if recorder is not None else None
+            found = process_input(
+                input_path,
+                backend=backend,
+                settings=settings,
+                display_name=str(input_path),
+                events=EventFanOut(
+                    _events(arguments.save_model_input, input_path, previews), evidence
+                ),
+            )
+            if recorder is not None and task is not None:
+                recorder.finish(task[0], input_path, found, task[1])
+            reports.extend(found)
+            failed = sum(not report.succeeded for report in reports)
+            bar.set_postfix(success=len(reports) - failed, failure=failed)
+    return reports, evidence
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = _parse_arguments(argv)
     try:
@@ -160,57 +239,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - a bad config is a usage error with its reason
         print(f"error: invalid configuration: {error}", file=sys.stderr)
         return USAGE_ERROR
-    if not arguments.input.exists():
-        print(f"error: input not found: {arguments.input}", file=sys.stderr)
-        return USAGE_ERROR
-    if arguments.output_dir.exists() and not arguments.output_dir.is_dir():
-        print(f"error: output is not a folder: {arguments.output_dir}", file=sys.stderr)
-        return USAGE_ERROR
-    log_file = _configure_logging(settings.logging.level, arguments.output_dir)
-    apply_memory_settings(settings.memory)
-    inputs = list_inputs(arguments.input)
-    if not inputs:
-        print(f"error: no inputs in {arguments.input}", file=sys.stderr)
-        return USAGE_ERROR
-
     try:
-        backend = create_backend(settings)
-    except ConfigurationError as error:
+        inputs = _checked_inputs(arguments)
+        log_file = _configure_logging(settings.logging.level, arguments.output_dir)
+        apply_memory_settings(settings.memory)
+        backend = _open_backend(settings)
+        try:
+            recorder = _open_recorder(arguments.registry_url)
+        except UsageError:
+            backend.close()
+            raise
+    except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
-        return USAGE_ERROR
-    try:
-        resolve_thresholds(backend.metadata, settings.inference)
-    except ConfigurationError as error:
-        print(f"error: {error}", file=sys.stderr)
-        backend.close()
         return USAGE_ERROR
 
     started = time.perf_counter()
-    reports: list[StudyReport] = []
-    evidence = EvidenceCollector()  # what each study's SR needs of its source files
     sr_context = document_context(uuid.uuid4().hex, backend.metadata, settings.inference)
-    previews = PreviewWriter(
-        arguments.output_dir / PREVIEWS_DIR_NAME, spacing_mm=backend.metadata.target_spacing_mm
-    )
     try:
-        # disable=None: no bar unless stderr is a terminal (a bar in a file is one line per update).
-        with tqdm(inputs, desc="studies", unit="input", file=sys.stderr, disable=None) as bar:
-            for input_path in bar:
-                reports.extend(
-                    process_input(
-                        input_path,
-                        backend=backend,
-                        settings=settings,
-                        display_name=str(input_path),
-                        events=EventFanOut(
-                            _events(arguments.save_model_input, input_path, previews), evidence
-                        ),
-                    )
-                )
-                failed = sum(not report.succeeded for report in reports)
-                bar.set_postfix(success=len(reports) - failed, failure=failed)
+        reports, evidence = _screen(inputs, arguments, settings, backend, recorder)
     finally:
         backend.close()
+        if recorder is not None:
+            recorder.close()
     write_reports(reports, arguments.output_dir)
     write_structured_reports(evidence.studies, arguments.output_dir / SR_DIR_NAME, sr_context)
     print(summary_line(reports, len(inputs), arguments.output_dir, time.perf_counter() - started))

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
 
 import pika
 import pika.exceptions
-from loguru import logger
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from tenacity import stop_when_event_set
 
-from services.broker.errors import MessageError, PublishError
+from services.broker.errors import PublishError
 from services.broker.schemas import (
     CONTENT_TYPE,
     TASK_ROUTING_KEY,
@@ -27,11 +24,9 @@ from services.broker.schemas import (
     StudyResult,
     StudyTask,
     _Message,
-    decode_message,
     encode_message,
 )
 from services.core.config import RabbitMQSettings
-from services.core.errors import WorkInterrupted
 from services.core.retry import log_retry, retrying
 
 PERSISTENT = pika.DeliveryMode.Persistent
@@ -101,6 +96,9 @@ def declare_topology(channel: BlockingChannel, topology: QueueTopology) -> None:
         topology.task_queue, durable=True, arguments=topology.task_queue_arguments()
     )
     channel.queue_bind(topology.task_queue, topology.task_exchange, routing_key=TASK_ROUTING_KEY)
+    channel.queue_declare(
+        topology.registry_queue, durable=True, arguments=topology.registry_queue_arguments()
+    )
 
 
 def declare_reply_queue(channel: BlockingChannel, topology: QueueTopology, frontend_id: str) -> str:
@@ -192,6 +190,27 @@ def publish_reply(
     )
 
 
+def publish_to_registry(
+    channel: BlockingChannel,
+    topology: QueueTopology,
+    message: StudyResult | StudyProgress,
+    *,
+    persistent: bool = True,
+) -> None:
+    """What the study registry records (services/registry/recorder.py): a result
+    (persistent, confirmed) or progress (transient)."""
+    _publish(
+        channel,
+        exchange="",
+        routing_key=topology.registry_queue,
+        body=encode_message(message),
+        properties=message_properties(
+            message, correlation_id=message.task_id, persistent=persistent
+        ),
+        mandatory=True,
+    )
+
+
 def delivery_count(properties: pika.BasicProperties) -> int:
     """How many times the broker has handed this message out before (quorum queue header)."""
     headers = properties.headers or {}
@@ -234,88 +253,3 @@ def _close_quietly(connection: BlockingConnection) -> None:
             connection.close()
     except CONNECTION_ERRORS:
         pass
-
-
-ReplyHandler = Callable[[StudyResult | StudyProgress], None]
-
-
-class ReplyListener(threading.Thread):
-    """Consumes one reply queue in a background thread and hands each message to ``handler``.
-
-    A message is acked after the handler returns, so a crash of the listener leaves it in the
-    queue. Reconnects with backoff when the broker goes away.
-    """
-
-    def __init__(
-        self,
-        settings: RabbitMQSettings,
-        frontend_id: str,
-        handler: ReplyHandler,
-        *,
-        name: str = "reply-listener",
-    ) -> None:
-        super().__init__(name=name, daemon=True)
-        self._settings = settings
-        self._topology = QueueTopology.from_settings(settings)
-        self._frontend_id = frontend_id
-        self.queue_name = self._topology.reply_queue(frontend_id)
-        self._handler = handler
-        self._stop_event = threading.Event()
-        self.ready = threading.Event()  # set once the reply queue exists
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        self._stop_event.set()
-        self.join(timeout_s)
-
-    def run(self) -> None:
-        try:
-            retrying(
-                retry_on=CONNECTION_ERRORS,
-                backoff=self._settings.reconnect_backoff,
-                stop_event=self._stop_event,
-                stop=stop_when_event_set(self._stop_event),
-                before_sleep=log_retry("the reply listener's RabbitMQ connection"),
-            )(self._listen)
-        except WorkInterrupted:
-            pass  # stopped while waiting to reconnect
-        except CONNECTION_ERRORS:
-            pass  # stopped after a failed attempt
-
-    def _listen(self) -> None:
-        """Consume the reply queue until stopped; a lost connection raises."""
-        connection = None
-        try:
-            connection = connect(self._settings, name=self.name, stop=self._stop_event)
-            channel = connection.channel()
-            declare_reply_queue(channel, self._topology, self._frontend_id)
-            channel.basic_qos(prefetch_count=50)
-            channel.basic_consume(self.queue_name, self._on_message)
-            self.ready.set()
-            while not self._stop_event.is_set():
-                connection.process_data_events(time_limit=0.5)
-        finally:
-            if connection is not None:
-                _close_quietly(connection)
-
-    def _on_message(
-        self,
-        channel: BlockingChannel,
-        method: Any,
-        properties: pika.BasicProperties,
-        body: bytes,
-    ) -> None:
-        try:
-            message = decode_message(body, type_name=properties.type)
-        except MessageError as error:
-            logger.error("dropping an unreadable reply: {}", error)
-            channel.basic_ack(method.delivery_tag)
-            return
-        if not isinstance(message, StudyResult | StudyProgress):
-            logger.error("dropping a {} on a reply queue", type(message).__name__)
-            channel.basic_ack(method.delivery_tag)
-            return
-        try:
-            self._handler(message)
-        except Exception:  # noqa: BLE001 - the handler's bug must not kill the listener
-            logger.exception("reply handler failed for task {}", message.task_id)
-        channel.basic_ack(method.delivery_tag)

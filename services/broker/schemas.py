@@ -13,7 +13,9 @@ Topology (``<p>`` is ``rabbitmq.queue_prefix``, ``cts`` by default)::
             --> adapters (manual ack, prefetch_count)
     exchange <p>.dead-letter (fanout) --> queue <p>.tasks.dead-letter (classic, durable)
     adapter --(default exchange, routing key = task.reply_to)--> reply queue of the submitter
-        (frontends declare <p>.replies.<frontend id>; any durable queue works)
+        (any durable queue the submitter declared)
+    adapter --(default exchange, routing key <p>.registry)--> queue <p>.registry (quorum):
+        every progress and result, recorded in the study registry (services/registry)
 """
 
 from __future__ import annotations
@@ -208,6 +210,11 @@ class QueueTopology(BaseModel):
     def dead_letter_queue(self) -> str:
         return f"{self.prefix}.tasks.dead-letter"
 
+    @property
+    def registry_queue(self) -> str:
+        """What the adapters report (progress, results) for the study registry to record."""
+        return f"{self.prefix}.registry"
+
     def reply_queue(self, frontend_id: str) -> str:
         return f"{self.prefix}.replies.{check_safe_id(frontend_id)}"
 
@@ -218,6 +225,10 @@ class QueueTopology(BaseModel):
             "x-delivery-limit": self.max_deliveries,
             "x-dead-letter-exchange": self.dead_letter_exchange,
         }
+
+    def registry_queue_arguments(self) -> dict[str, Any]:
+        # Quorum: a result on its way to the registry survives the loss of a broker node.
+        return {"x-queue-type": "quorum"}
 
     def reply_queue_arguments(self) -> dict[str, Any]:
         return {"x-expires": self.reply_queue_expires_ms}

@@ -224,6 +224,8 @@ def write_reports(reports: Sequence[StudyReport], output_dir: Path) -> ReportFil
     json_files = []
     for index, report in enumerate(reports, start=1):
         path = json_dir / json_file_name(index, report)
-        path.write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        # The patient's identity stays out of files (it travels in the result and the registry).
+        document = report.model_dump_json(indent=2, exclude={"identity"})
+        path.write_text(document + "\n", encoding="utf-8")
         json_files.append(path)
     return ReportFiles(xlsx=xlsx, warnings=warnings, json_files=json_files)

@@ -10,7 +10,8 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-REPORT_SCHEMA_VERSION = 2  # 2: study_date, study_description, accession_number, embedding
+REPORT_SCHEMA_VERSION = 3  # 2: study_date, study_description, accession_number, embedding;
+# 3: identity
 
 # The customer's table (docs/ARCHITECTURE.md, Contracts): these seven columns, in this order, first.
 REPORT_COLUMNS: tuple[str, ...] = (
@@ -142,6 +143,22 @@ class ModelInfo(_Model):
     weights: list[dict[str, str | None]] = Field(default_factory=list)
 
 
+class PatientIdentity(_Model):
+    """Who and what a study is, from its DICOM headers: shown to signed-in users whose role
+    allows it, stored in the registry, carried in the result message; never in logs, metrics,
+    file names or the report files (docs/ARCHITECTURE.md, Contracts: patient identity)."""
+
+    patient_name: str | None = None  # DICOM PN as text: "Family^Given^Middle^Prefix^Suffix"
+    patient_id: str | None = None
+    issuer_of_patient_id: str | None = None
+    patient_birth_date: str | None = None  # ISO 8601, YYYY-MM-DD
+    patient_age: str | None = None  # DICOM AS, e.g. "061Y"
+    patient_sex: str | None = None  # M, F, O
+    study_time: str | None = None  # HH:MM:SS
+    modality: str | None = None
+    referring_physician_name: str | None = None
+
+
 class StudyReport(_Model):
     """Everything known about one study: the customer's row and the evidence behind it."""
 
@@ -172,6 +189,9 @@ class StudyReport(_Model):
     # `python -m training embed` collects to train heads, and what lets a screened study be
     # compared with others later without running the encoder again. Not an xlsx column.
     embedding: list[float] | None = None
+    # The patient and the study's own times and kind: in the result message and the registry
+    # only; the report files and the xlsx leave it out (services/core/reports.py).
+    identity: PatientIdentity | None = None
 
     @property
     def succeeded(self) -> bool:

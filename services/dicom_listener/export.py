@@ -13,6 +13,7 @@ serves a destination is its ``kind`` (``create_sink``).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -33,6 +34,8 @@ from services.dicom_listener.report_sink import (
 from services.dicom_listener.stow_rs_sink import StowRsSink
 
 IDLE_POLL_S = 2.0  # an idle sender looks at its outbox this often (enqueue also wakes it)
+# (destination, outbox item name, "sent" | "failed", status text, SOPInstanceUID or None)
+DeliveryHook = Callable[[str, str, str, str, str | None], None]
 
 
 def create_sink(destination: ReportDestination, settings: DicomSettings) -> ReportSink:
@@ -55,8 +58,10 @@ class ReportSender(threading.Thread):
         settings: DicomSettings,
         stop_event: threading.Event,
         metrics: ListenerMetrics,
+        on_outcome: DeliveryHook | None = None,
     ) -> None:
         super().__init__(name=f"sr-sender-{outbox.name}", daemon=True)
+        self.on_outcome = on_outcome
         self.outbox = outbox
         self.sink = sink
         self.kind = outbox.destination.kind  # the metrics' label
@@ -85,6 +90,7 @@ class ReportSender(threading.Thread):
             logger.error("report {} not sent: {}", item.name, type(error).__name__)
             self.outbox.mark_failed(item, type(error).__name__)
             self.metrics.report_sent(self.kind, delivered=False)
+            self._tell(item, "failed", type(error).__name__, None)
             return True
         attempt = retrying(
             retry_on=DestinationUnavailable,
@@ -100,8 +106,14 @@ class ReportSender(threading.Thread):
             logger.error("report {} refused: {}", item.name, error)
             self.outbox.mark_failed(item, str(error))
             self.metrics.report_sent(self.kind, delivered=False)
+            self._tell(item, "failed", str(error), str(document.get("SOPInstanceUID", "")))
             return True
         self.outbox.mark_sent(item, status)
         self.metrics.report_sent(self.kind, delivered=True)
         logger.info("report {} sent to {} ({})", item.name, self.sink.describe(), status)
+        self._tell(item, "sent", status, str(document.get("SOPInstanceUID", "")))
         return True
+
+    def _tell(self, item: Path, state: str, status: str, sop_uid: str | None) -> None:
+        if self.on_outcome is not None:
+            self.on_outcome(self.outbox.name, item.name, state, status, sop_uid or None)

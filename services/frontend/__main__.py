@@ -18,9 +18,10 @@ from loguru import logger
 
 from services.broker.storage import RESULTS_DIR
 from services.core.config import load_settings
+from services.core.errors import ConfigurationError
 from services.core.logging_setup import configure_logging
 from services.frontend.service import FrontendService
-from services.frontend.sessions import SESSIONS_DIR
+from services.frontend.sessions import DOWNLOADS_DIR, FRONTEND_DIR
 from services.monitoring.runner import ServiceRun, run_service
 
 
@@ -48,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     from services.frontend.api import build_rest_api
     from services.frontend.app import build_app
 
-    service = FrontendService(settings)
+    try:
+        service = FrontendService(settings)
+    except ConfigurationError as error:  # e.g. the registry's schema is not this code's
+        logger.error("not started: {}", error)
+        return 2
     app = build_app(service)
 
     def serve(stop: threading.Event) -> None:
@@ -80,8 +85,8 @@ def _launch(app: Any, service: FrontendService, rest_api: Any) -> None:
         server_port=settings.frontend.port,
         auth=parse_auth(settings.frontend.auth),
         max_file_size=f"{settings.frontend.max_upload_mb}mb",
-        # Only results and session files are served; uploads never leave the server.
-        allowed_paths=[str(root / RESULTS_DIR), str(root / SESSIONS_DIR)],
+        # Only results and the viewers' downloads are served; uploads never leave the server.
+        allowed_paths=[str(root / RESULTS_DIR), str(root / FRONTEND_DIR / DOWNLOADS_DIR)],
         blocked_paths=[str(root / "uploads"), str(root / "frontend" / "browser_state_secret")],
         prevent_thread_lock=True,
         quiet=True,
@@ -91,11 +96,11 @@ def _launch(app: Any, service: FrontendService, rest_api: Any) -> None:
         app_kwargs={"routes": [Mount(API_PREFIX, app=rest_api)]},
     )
     logger.info(
-        "frontend {} on http://{}:{} (reply queue {})",
+        "frontend {} on http://{}:{} (registry {})",
         service.instance_id,
         settings.frontend.host,
         settings.frontend.port,
-        service.reply_queue,
+        service.registry.describe(),
     )
 
 

@@ -15,9 +15,12 @@ from urllib.parse import quote
 import gradio as gr
 
 from services.frontend import views
-from services.frontend.service import FrontendService, TaskView, is_session_token
+from services.frontend.queue_status import QueuePlace
+from services.frontend.service import FrontendService
+from services.frontend.sessions import browser_viewer, is_session_token, new_session_token
 from services.frontend.study_view import study_view
 from services.frontend.uploads import UPLOAD_FILE_TYPES
+from services.registry import StudyRecord
 
 REFRESH_SECONDS = 2.0
 SESSION_STORAGE_KEY = "cts-session"
@@ -64,31 +67,56 @@ class PageActions:
         path = self.service.file_path(relative)
         return None if path is None else FILE_ROUTE + quote(str(path), safe="/")
 
-    def current_views(self, token: str | None) -> list[TaskView]:
-        return self.service.session_views(token) if is_session_token(token) else []
+    def records(self, token: str | None) -> list[StudyRecord]:
+        if not is_session_token(token):
+            return []
+        return self.service.worklist_records(browser_viewer(token))
 
-    def study_of(self, task_views: list[TaskView], key: str | None) -> dict[str, Any] | None:
+    def study_of(
+        self, records: list[StudyRecord], key: str | None, places: dict[str, QueuePlace]
+    ) -> dict[str, Any] | None:
         parsed = views.parse_row_key(key)
         if parsed is None:
             return None
         task_id, index = parsed
-        for view in task_views:
-            if view.task.task_id == task_id:
-                return study_view(view, index, file_url=self.file_url, read_json=self.read_json)
-        return None
+        siblings = [record for record in records if record.task_id == task_id]
+        if not siblings:  # not on the list (hidden, older): a patient's other study, say
+            siblings = self.service.registry.task_studies(task_id)
+        record = next((r for r in siblings if r.report_index == index), None)
+        if record is None:
+            return None
+        identity = record.identity
+        patient = (
+            self.service.registry.patient_studies(
+                identity.patient_id, identity.issuer_of_patient_id
+            )
+            if identity is not None and identity.patient_id
+            else []
+        )
+        return study_view(
+            record,
+            self.service.result(task_id) if record.state.final else None,
+            n_studies=len(siblings),
+            place=places.get(task_id),
+            patient_studies=patient,
+            file_url=self.file_url,
+            read_json=self.read_json,
+        )
 
     def ensure_session(self, token: str | None, guide_seen: bool | None) -> tuple[Any, ...]:
-        token = token if is_session_token(token) else self.service.new_session_token()
+        token = token if is_session_token(token) else new_session_token()
         # The guide is open on the first visit only.
         return token, True, gr.update(open=not guide_seen)
 
     def submit(self, token: str | None, files: list[str] | None) -> tuple[Any, ...]:
         if not is_session_token(token):
             return "The page is still starting; please try again in a second.", gr.skip(), gr.skip()
-        outcome = self.service.submit_uploads(token, [Path(path) for path in files or []])
+        outcome = self.service.submit_uploads(
+            browser_viewer(token), None, [Path(path) for path in files or []]
+        )
         # Clear the picker once the files are taken, keep it if everything was refused; the
         # guide makes room for the worklist.
-        taken = outcome.submitted or outcome.duplicates
+        taken = outcome.submitted or outcome.screened_before
         return (
             views.markdown_text(outcome.message),
             None if taken else gr.skip(),
@@ -99,25 +127,28 @@ class PageActions:
         self, token: str | None, key: str | None, shown: dict[str, str] | None
     ) -> tuple[Any, ...]:
         shown = dict(shown or {})
-        task_views = self.current_views(token)
+        records = self.records(token)
+        places = self.service.queue_places()
         finished = [
-            (view.task.task_id, str(view.result.finished_at))
-            for view in task_views
-            if view.result is not None and view.task.duplicate_of is None
+            (record.key, str(record.finished_at)) for record in records if record.state.final
         ]
         drawn = {
-            "worklist": views.worklist(task_views),
-            "study": self.study_of(task_views, key),
+            "worklist": views.worklist(records, places),
+            "study": self.study_of(records, key, places),
             "xlsx": finished,
         }
         redraw = {name for name, value in drawn.items() if changed(shown, name, value)}
         updates = {name: value if name in redraw else gr.skip() for name, value in drawn.items()}
         download = gr.skip()
         if "xlsx" in redraw:
-            path = self.service.session_xlsx(token, task_views) if finished and token else None
+            path = (
+                self.service.xlsx_for(browser_viewer(token), records)
+                if finished and is_session_token(token)
+                else None
+            )
             download = gr.update(value=str(path) if path else None, interactive=path is not None)
         return (
-            gr.update(visible=self.service.demo_weights_in_use(task_views)),
+            gr.update(visible=self.service.demo_weights_in_use(records)),
             updates["worklist"],
             updates["study"],
             download,
@@ -128,7 +159,7 @@ class PageActions:
         self, token: str | None, shown: dict[str, str] | None, event: gr.EventData
     ) -> Any:
         key = event_key(event)
-        study = self.study_of(self.current_views(token), key)
+        study = self.study_of(self.records(token), key, self.service.queue_places())
         shown = {**(shown or {}), "study": signature(study)}
         return (key if study else None), study, shown
 
@@ -137,9 +168,9 @@ class PageActions:
     ) -> Any:
         removed = views.parse_row_key(event_key(event))
         if removed is not None and is_session_token(token):
-            self.service.remove_task(token, removed[0])
+            self.service.hide(browser_viewer(token), *removed)
         selected = views.parse_row_key(key)
-        if selected is not None and removed is not None and selected[0] == removed[0]:
+        if selected is not None and removed is not None and selected == removed:
             key = None
         return (key, *self.refresh(token, key, {**(shown or {}), "worklist": ""}))
 

@@ -1,24 +1,17 @@
 """Where a queued study stands: tasks ahead of it and an expected wait.
 
-RabbitMQ tells how many tasks wait (ready, not yet taken) and how many adapters consume;
-tasks leave in the order they came (FIFO). A queued task's place is not visible in the
-broker, so it is bounded from two sides, each an upper bound on the tasks ahead of it:
-
-* the tasks that were waiting when it was queued (nothing can overtake it), and
-* the tasks waiting now, less the ones this frontend knows were queued after it.
-
-With one frontend (the usual set-up) the second bound is exact. The expected wait is the
-number of rounds the adapters need for the tasks ahead and this one, times the median
-duration of the studies this frontend has seen finish.
+The registry knows every queued task of every door in the order it was queued (tasks leave
+the queue in that order: FIFO), so a queued task's place is the number of tasks queued
+before it that are still waiting. RabbitMQ tells how many adapters consume the queue. The
+expected wait is the number of rounds the adapters need for the tasks ahead and this one,
+times the median duration of recent studies (from the registry).
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +22,6 @@ from services.broker.schemas import QueueTopology
 from services.core.config import RabbitMQSettings
 
 QUEUE_STATUS_MAX_AGE_S = 3.0  # one broker round trip per few seconds, not per page refresh
-RECENT_DURATIONS = 20
 
 
 @dataclass(frozen=True)
@@ -82,32 +74,28 @@ class QueueMonitor:
             return self._status
 
 
-class StudyDurations:
-    """Wall times of the studies this frontend saw finish (thread-safe)."""
-
-    def __init__(self, remembered: int = RECENT_DURATIONS) -> None:
-        self._seconds: deque[float] = deque(maxlen=remembered)
-        self._seen: set[str] = set()
-        self._lock = threading.Lock()
-
-    def add(self, task_id: str, seconds: float) -> None:
-        with self._lock:
-            if task_id in self._seen or seconds <= 0:
-                return
-            self._seen.add(task_id)
-            self._seconds.append(seconds)
-
-    def typical(self) -> float | None:
-        with self._lock:
-            return statistics.median(self._seconds) if self._seconds else None
+@dataclass(frozen=True)
+class QueuePlace:
+    ahead: int  # tasks queued before this one and still waiting
+    workers: int  # adapters consuming the queue
+    expected_wait_s: float | None  # until its result, roughly; None when unknown
 
 
-def tasks_ahead(*, queued_behind: int | None, waiting_now: int, known_later_waiting: int) -> int:
-    """At most this many tasks are ahead of a queued task (see the module's docstring)."""
-    bound = max(waiting_now - 1 - known_later_waiting, 0)
-    if queued_behind is not None:
-        bound = min(bound, queued_behind)
-    return bound
+def queue_places(
+    order: list[str], status: QueueStatus | None, typical_s: float | None
+) -> dict[str, QueuePlace]:
+    """The place of each task of ``order`` (queued tasks, first queued first); empty when
+    the broker cannot be asked how many adapters work."""
+    if status is None:
+        return {}
+    return {
+        task_id: QueuePlace(
+            ahead=ahead,
+            workers=status.workers,
+            expected_wait_s=expected_wait_s(ahead, status.workers, typical_s),
+        )
+        for ahead, task_id in enumerate(order)
+    }
 
 
 def expected_wait_s(ahead: int, workers: int, typical_s: float | None) -> float | None:

@@ -12,17 +12,18 @@ from typing import Any
 
 from services.broker.schemas import StudyResult
 from services.core.schemas import ChestCheckEvidence, IntakeSummary, StudyReport
-from services.frontend.task_view import TaskState, TaskView
+from services.frontend.queue_status import QueuePlace
 from services.frontend.views import (
     BADGE_TEXT,
     Badge,
-    duplicate_text,
+    display_name,
     failure_reason,
+    progress_text,
     queue_text,
-    report_badge,
-    row_key,
+    record_badge,
     short_reason,
 )
+from services.registry.records import StudyRecord
 
 FileUrl = Callable[[str], str | None]  # storage-relative path -> URL the browser can fetch
 ReadJson = Callable[[str], dict[str, Any] | None]  # storage-relative path -> its JSON document
@@ -68,19 +69,19 @@ def intake_notes(intake: IntakeSummary | None) -> list[str]:
     return notes
 
 
-def call_line(view: TaskView, report: StudyReport | None) -> tuple[Badge, str]:
+def call_line(record: StudyRecord, place: QueuePlace | None) -> tuple[Badge, str]:
     """The badge and the call in one line."""
-    if view.state is TaskState.QUEUED:
-        return Badge.QUEUED, f"Queued: {queue_text(view)}"
-    if view.state is TaskState.PROCESSING:
-        return Badge.PROCESSING, f"Processing ({round(view.fraction * 100)}%): {view.message}"
-    if view.state is TaskState.FAILED or report is None or not report.succeeded:
-        return Badge.FAILURE, f"Failure: {short_reason(failure_reason(view, report))}"
-    badge = report_badge(report)
-    probability = report.probability_of_pathology or 0.0
+    badge = record_badge(record)
+    if badge is Badge.QUEUED:
+        return badge, f"Queued: {queue_text(place)}"
+    if badge is Badge.PROCESSING:
+        return badge, f"Processing: {progress_text(record)}"
+    if badge is Badge.FAILURE:
+        return badge, f"Failure: {short_reason(failure_reason(record))}"
+    probability = record.probability_of_pathology or 0.0
     line = f"{BADGE_TEXT[badge]}: P(pathology) {probability:.3f}"
-    if badge is Badge.PATHOLOGY and report.most_dangerous_pathology_type:
-        line += f"; most dangerous finding: {report.most_dangerous_pathology_type}"
+    if badge is Badge.PATHOLOGY and record.most_dangerous_finding:
+        line += f"; most dangerous finding: {record.most_dangerous_finding}"
     return badge, line
 
 
@@ -169,8 +170,8 @@ def quality_numbers(report: StudyReport) -> list[list[str]]:
     return numbers
 
 
-def identity(view: TaskView, report: StudyReport | None) -> list[list[str]]:
-    fields = [["file", view.task.original_filename]]
+def identity(record: StudyRecord, report: StudyReport | None) -> list[list[str]]:
+    fields = [["file", record.original_filename], ["received by", _door_text(record)]]
     if report is not None:
         fields += [
             ["study date", report.study_date or "—"],
@@ -179,8 +180,39 @@ def identity(view: TaskView, report: StudyReport | None) -> list[list[str]]:
             ["StudyInstanceUID", report.study_uid or "—"],
             ["SeriesInstanceUID (analysed)", report.series_uid or "—"],
         ]
-    fields.append(["uploaded", view.task.submitted_at.strftime("%Y-%m-%d %H:%M UTC")])
+    fields.append(["received", record.received_at.strftime("%Y-%m-%d %H:%M UTC")])
     return fields
+
+
+DOOR_TEXT = {
+    "upload": "the web page",
+    "rest": "the REST API",
+    "dicom": "DICOM",
+    "amqp": "RabbitMQ",
+    "batch": "the batch",
+    "import": "an import of earlier results",
+}
+
+
+def _door_text(record: StudyRecord) -> str:
+    text = DOOR_TEXT.get(record.door.value, record.door.value)
+    return f"{text} ({record.sender})" if record.sender else text
+
+
+def other_studies(record: StudyRecord, studies: list[StudyRecord]) -> list[dict[str, Any]]:
+    """The patient's other studies (same PatientID and issuer): date, call, how to open."""
+    return [
+        {
+            "key": other.key,
+            "date": other.study_date or other.received_at.strftime("%Y-%m-%d"),
+            "badge": record_badge(other).value,
+            "badge_text": BADGE_TEXT[record_badge(other)],
+            "description": other.study_description or "",
+            "finding": other.most_dangerous_finding or "",
+        }
+        for other in studies
+        if other.key != record.key
+    ]
 
 
 def viewer_data(
@@ -226,25 +258,32 @@ def study_files(
 
 
 def study_view(
-    view: TaskView, index: int, *, file_url: FileUrl, read_json: ReadJson
+    record: StudyRecord,
+    result: StudyResult | None,
+    *,
+    n_studies: int,
+    place: QueuePlace | None,
+    patient_studies: list[StudyRecord],
+    file_url: FileUrl,
+    read_json: ReadJson,
 ) -> dict[str, Any]:
     """Everything the study view shows, as plain data."""
-    reports = view.result.reports if view.result is not None else []
-    report = reports[min(index, len(reports) - 1)] if reports else None
-    badge, line = call_line(view, report)
-    previews, downloads = study_files(view.result, index, file_url)
+    index = record.report_index
+    reports = result.reports if result is not None else []
+    report = reports[index] if index < len(reports) else None
+    badge, line = call_line(record, place)
+    previews, downloads = study_files(result, index, file_url)
     document: dict[str, Any] = {
-        "key": row_key(view.task.task_id, index),
-        "title": view.task.original_filename
-        + (f" (study {index + 1} of {len(reports)})" if len(reports) > 1 else ""),
+        "key": record.key,
+        "title": display_name(record, n_studies),
         "badge": badge.value,
         "badge_text": BADGE_TEXT[badge],
         "call": line,
         # The whole reason when the call shows it shortened (its numbers in parentheses).
         "call_detail": "",
-        "fraction": round(view.fraction, 3) if view.state is TaskState.PROCESSING else None,
-        "flags": [duplicate_text(view)] if view.task.duplicate_of else [],
-        "identity": identity(view, report),
+        "fraction": round(record.progress, 3) if badge is Badge.PROCESSING else None,
+        "flags": [],
+        "identity": identity(record, report),
         "findings": findings_list(report) if report is not None else [],
         "warnings": [split_headline(text) for text in (report.warnings if report else [])],
         "notes": intake_notes(report.intake if report else None),
@@ -262,20 +301,21 @@ def study_view(
             }
             for decision in (report.series_decisions if report else [])
         ],
-        "demo": bool(report and report.demo_weights),
-        "model": report.model.version if report and report.model else "",
-        "viewer": viewer_data(view.result, index, file_url, read_json),
+        "demo": bool(record.demo_weights),
+        "model": record.model_version or "",
+        "viewer": viewer_data(result, index, file_url, read_json),
         "previews": previews,
         "downloads": downloads,
+        "patient_studies": other_studies(record, patient_studies),
     }
     if badge is Badge.FAILURE:
-        reason = failure_reason(view, report)
+        reason = failure_reason(record)
         if short_reason(reason) != reason:
             document["call_detail"] = reason
     if document["viewer"] is None:
         document["viewer_missing"] = (
             "No images to show: the study is not processed yet."
-            if view.state in (TaskState.QUEUED, TaskState.PROCESSING)
+            if badge in (Badge.QUEUED, Badge.PROCESSING)
             else "No images to show: no series of this study could be read as a volume."
         )
     return document

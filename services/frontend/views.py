@@ -1,4 +1,5 @@
-"""Pure functions from task views to what the worklist shows: one row per study, as plain data.
+"""Pure functions from registry rows to what the worklist shows: one row per study, as plain
+data.
 
 The page renders every value as text (services/frontend/static/*.js sets textContent, never
 innerHTML): DICOM headers and file names are not trusted. The rows are sorted by urgency:
@@ -16,26 +17,28 @@ from typing import Any
 
 from services.core.reports import DEMO_NOTICE
 from services.core.schemas import StudyReport
-from services.frontend.task_view import TaskState, TaskView
+from services.frontend.queue_status import QueuePlace
+from services.registry.records import StudyRecord, StudyState
 
 GUIDE = """
 1. **Add studies**: a **.zip** or **.tar** / **.tar.gz** of a study's DICOM files (an archive
    holding several studies gives one row per study), a **.nii** / **.nii.gz** volume, or the
    loose **.dcm** files of one series (screened together as one study). Then press
    **Screen the studies**.
-2. **The worklist** shows one row per study, the most urgent first: **PATHOLOGY**, then
-   **Failure** (not screened: the reason is in the row), then **NORMAL**, then studies in
-   progress and in the queue (with their place in line). Click a column title to sort, type
-   in the filter box to narrow the list, click a row to open the study.
+2. **The worklist** is the department's: every study, whatever brought it (this page, the
+   REST API, the PACS over DICOM), the most urgent first: **PATHOLOGY**, then **Failure**
+   (not screened: the reason is in the row), then **NORMAL**, then studies in progress and in
+   the queue (with their place in line). Click a column title to sort, type in the filter box
+   to narrow the list, click a row to open the study; ✕ takes a row off *your* list only.
 3. **A study** shows the call, the findings above their thresholds first, the data-quality
-   warnings, the chest-CT check and a slice viewer of the series that was read (a refused
-   series too): scroll with the mouse wheel or the slider, switch plane, pick a window
-   (lung, mediastinum, bone) or drag with the right mouse button for window/level.
-4. **Download all** gives the xlsx of every study of this browser session.
+   warnings, the chest-CT check, the patient's other studies and a slice viewer of the series
+   that was read (a refused series too): scroll with the mouse wheel or the slider, switch
+   plane, pick a window (lung, mediastinum, bone) or drag with the right mouse button for
+   window/level.
+4. **Download all** gives the xlsx of every finished study on your list.
 
-The same file uploaded twice is not screened again: it is marked as a duplicate and shows the
-first result. Your studies stay listed after a page reload (this browser keeps a private
-session key). **Demo weights**: the probabilities mean nothing.
+A file that was screened before is not screened again: the upload says so and its row is
+shown. **Demo weights**: the probabilities mean nothing.
 """
 
 DEMO_BANNER_HTML = (
@@ -79,10 +82,19 @@ def report_badge(report: StudyReport) -> Badge:
     return Badge.PATHOLOGY if report.pathology == 1 else Badge.NORMAL
 
 
-def failure_reason(view: TaskView, report: StudyReport | None) -> str:
-    if report is not None and report.failure_reason:
-        return report.failure_reason
-    return view.message or "the study could not be processed"
+def record_badge(record: StudyRecord) -> Badge:
+    """The outcome of a registry row, in the worklist's words."""
+    if record.state is StudyState.QUEUED:
+        return Badge.QUEUED
+    if record.state is StudyState.PROCESSING:
+        return Badge.PROCESSING
+    if record.state is StudyState.FAILED or record.processing_status != "Success":
+        return Badge.FAILURE
+    return Badge.PATHOLOGY if record.pathology else Badge.NORMAL
+
+
+def failure_reason(record: StudyRecord) -> str:
+    return record.failure_reason or "the study could not be processed"
 
 
 SHORT_REASON_CHARACTERS = 90  # about two lines of the worklist's reason column
@@ -102,88 +114,70 @@ def minutes_text(seconds: float) -> str:
     return f"about {math.ceil(seconds / 60)} min"
 
 
-def queue_text(view: TaskView) -> str:
+def queue_text(place: QueuePlace | None) -> str:
     """ "3 ahead, about 4 min to the result" and the like, for a queued study."""
-    if view.workers == 0:
-        return "waiting: no worker is connected to the queue"
-    if view.ahead is None:
+    if place is None:
         return "waiting for a free worker"
-    place = "next in line" if view.ahead == 0 else f"{view.ahead} ahead in the queue"
-    if view.expected_wait_s is None:
-        return f"{place} (no study finished yet to time the wait)"
-    return f"{place}, result in {minutes_text(view.expected_wait_s)}"
+    if place.workers == 0:
+        return "waiting: no worker is connected to the queue"
+    where = "next in line" if place.ahead == 0 else f"{place.ahead} ahead in the queue"
+    if place.expected_wait_s is None:
+        return f"{where} (no study finished yet to time the wait)"
+    return f"{where}, result in {minutes_text(place.expected_wait_s)}"
 
 
-def _study_rows(view: TaskView) -> list[tuple[int, StudyReport | None]]:
-    reports = view.result.reports if view.result is not None else []
-    return list(enumerate(reports)) if reports else [(0, None)]
+def progress_text(record: StudyRecord) -> str:
+    stage = record.stage or "started"
+    return f"{stage.replace('_', ' ')} ({round(record.progress * 100)}%)"
 
 
-def _base_row(view: TaskView, index: int, n_studies: int) -> dict[str, Any]:
-    name = view.task.original_filename
+def display_name(record: StudyRecord, n_studies: int) -> str:
+    name = record.original_filename or record.task_id
     if n_studies > 1:
-        name = f"{name} (study {index + 1} of {n_studies})"
-    submitted = view.task.submitted_at
-    return {
-        "key": row_key(view.task.task_id, index),
-        "task_id": view.task.task_id,
-        "file": name,
-        "submitted": submitted.strftime("%Y-%m-%d %H:%M"),
-        "submitted_ts": submitted.timestamp(),
+        name = f"{name} (study {record.report_index + 1} of {n_studies})"
+    return name
+
+
+def worklist_row(
+    record: StudyRecord, *, n_studies: int = 1, place: QueuePlace | None = None
+) -> dict[str, Any]:
+    """One worklist row: plain values only (the page shows them as text)."""
+    received = record.received_at
+    row: dict[str, Any] = {
+        "key": record.key,
+        "task_id": record.task_id,
+        "file": display_name(record, n_studies),
+        "submitted": received.strftime("%Y-%m-%d %H:%M"),
+        "submitted_ts": received.timestamp(),
+        "door": record.door.value,
         "probability": None,
-        "finding": "",
-        "positives": 0,
-        "date": "",
-        "description": "",
-        "accession": "",
+        "finding": record.most_dangerous_finding or "",
+        "positives": len(record.findings),
+        "date": record.study_date or "",
+        "description": record.study_description or "",
+        "accession": record.accession_number or "",
         "status": "",
         "detail": "",  # the whole text when "status" is shortened
         "fraction": None,
         "flags": [],
     }
-
-
-def worklist_row(view: TaskView, index: int, report: StudyReport | None, n: int) -> dict[str, Any]:
-    """One worklist row: plain values only (the page shows them as text)."""
-    row = _base_row(view, index, n)
-    if view.state is TaskState.QUEUED:
-        badge, row["status"] = Badge.QUEUED, queue_text(view)
-    elif view.state is TaskState.PROCESSING:
-        badge, row["status"] = Badge.PROCESSING, view.message
-        row["fraction"] = round(view.fraction, 3)
-    elif view.state is TaskState.FAILED or report is None or not report.succeeded:
-        badge, row["detail"] = Badge.FAILURE, failure_reason(view, report)
+    badge = record_badge(record)
+    if badge is Badge.QUEUED:
+        row["status"] = queue_text(place)
+    elif badge is Badge.PROCESSING:
+        row["status"] = progress_text(record)
+        row["fraction"] = round(record.progress, 3)
+    elif badge is Badge.FAILURE:
+        row["detail"] = failure_reason(record)
         row["status"] = short_reason(row["detail"])
-    else:
-        badge = report_badge(report)
-        positives = [finding for finding in report.findings if finding.positive]
-        row["positives"] = len(positives)
-        if positives:
-            row["status"] = f"{len(positives)} finding(s) above threshold"
-    if report is not None:
-        probability = report.probability_of_pathology
-        row["probability"] = None if probability is None else round(probability, 3)
-        row["finding"] = report.most_dangerous_pathology_type or ""
-        row["date"] = report.study_date or ""
-        row["description"] = report.study_description or ""
-        row["accession"] = report.accession_number or ""
+    elif record.findings:
+        row["status"] = f"{len(record.findings)} finding(s) above threshold"
+    if record.probability_of_pathology is not None:
+        row["probability"] = round(record.probability_of_pathology, 3)
     row["badge"] = badge.value
     row["badge_text"] = BADGE_TEXT[badge]
     row["urgency"] = URGENCY[badge]
-    if view.duplicate_of is not None or view.task.duplicate_of:
-        row["flags"].append(duplicate_text(view))
     return row
-
-
-def duplicate_text(view: TaskView) -> str:
-    original = view.duplicate_of
-    if original is None:
-        return "duplicate of an earlier upload: its result is shown, not recomputed"
-    when = original.submitted_at.strftime("%H:%M")
-    return (
-        f"duplicate of {original.original_filename} (uploaded {when}): "
-        "same file, result reused, not recomputed"
-    )
 
 
 def _same_study_flags(rows: list[dict[str, Any]], uids: dict[str, str]) -> None:
@@ -191,7 +185,7 @@ def _same_study_flags(rows: list[dict[str, Any]], uids: dict[str, str]) -> None:
     by_uid: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         uid = uids.get(row["key"])
-        if uid and not any(flag.startswith("duplicate of") for flag in row["flags"]):
+        if uid:
             by_uid[uid].append(row)
     for group in by_uid.values():
         if len({row["task_id"] for row in group}) < 2:
@@ -220,17 +214,23 @@ def sort_by_urgency(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=key)
 
 
-def worklist(task_views: list[TaskView]) -> dict[str, Any]:
+def worklist(
+    records: list[StudyRecord], places: dict[str, QueuePlace] | None = None
+) -> dict[str, Any]:
     """What the worklist component shows: rows in urgency order and counts per badge."""
+    places = places or {}
+    studies_per_task: dict[str, int] = defaultdict(int)
+    for record in records:
+        studies_per_task[record.task_id] += 1
     rows = []
     uids: dict[str, str] = {}
-    for view in task_views:
-        studies = _study_rows(view)
-        for index, report in studies:
-            row = worklist_row(view, index, report, len(studies))
-            rows.append(row)
-            if report is not None and report.study_uid:
-                uids[row["key"]] = report.study_uid
+    for record in records:
+        row = worklist_row(
+            record, n_studies=studies_per_task[record.task_id], place=places.get(record.task_id)
+        )
+        rows.append(row)
+        if record.study_instance_uid:
+            uids[row["key"]] = record.study_instance_uid
     _same_study_flags(rows, uids)
     counts = {badge.value: sum(row["badge"] == badge.value for row in rows) for badge in Badge}
     return {"rows": sort_by_urgency(rows), "counts": counts, "badges": BADGE_TEXT_BY_VALUE}

@@ -37,6 +37,7 @@ from services.core.config.services import (
     LoggingSettings,
     MetricsSettings,
     RabbitMQSettings,
+    RegistrySettings,
     StorageSettings,
 )
 
@@ -58,6 +59,7 @@ __all__ = [
     "MetricsSettings",
     "QualitySettings",
     "RabbitMQSettings",
+    "RegistrySettings",
     "ReportDestination",
     "SeriesSelectionSettings",
     "Settings",

@@ -41,6 +41,7 @@ from services.core.config.services import (
     LoggingSettings,
     MetricsSettings,
     RabbitMQSettings,
+    RegistrySettings,
     StorageSettings,
 )
 
@@ -70,6 +71,7 @@ class Settings(BaseSettings):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     memory: MemorySettings = Field(default_factory=MemorySettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
     @classmethod
     def settings_customise_sources(

@@ -79,6 +79,11 @@ class DicomSettings(Section):
         description="waits between sends of an SR to a destination that is down",
     )
     network_timeout_s: float = Field(30.0, gt=0, description="DIMSE and network timeouts")
+    send_uploads_to_pacs: bool = Field(
+        False,
+        description="also send the SRs of web and REST uploads to the destinations "
+        "(the listener finds them in the registry)",
+    )
 
     @field_validator("destinations", mode="before")
     @classmethod
@@ -106,3 +111,30 @@ class MetricsSettings(Section):
     # One port per process: start.sh gives its adapter N the port adapter_port + N - 1; in
     # containers and pods every adapter has its own address and keeps this one.
     adapter_port: int = Field(9410, description="0: any free port (logged)")
+
+
+class RegistrySettings(Section):
+    """The study registry (services/registry): one record of every study task, whatever door
+    it came through, in SQLite under the storage root or in PostgreSQL beyond one host."""
+
+    url: str | None = Field(
+        None,
+        description="SQLAlchemy URL, e.g. postgresql+psycopg://cts@db/cts (the password from "
+        "CTS__REGISTRY__URL); null: SQLite at <storage.root>/registry/registry.sqlite3",
+    )
+    retention_days: int | None = Field(
+        None,
+        ge=1,
+        description="null: keep every study; else purge removes a study's images and identity "
+        "this many days after it was received (python -m services.registry purge)",
+    )
+    record_results: bool = Field(
+        True,
+        description="the frontend records what the adapters report (the registry queue); "
+        "false where `python -m services.registry record` runs instead",
+    )
+    timeout_s: float = Field(10.0, gt=0, description="connect and lock timeout of the database")
+    unavailable_backoff: Backoff = Field(
+        Backoff(initial_s=1.0, maximum_s=30.0),
+        description="the recorder's pauses while the database cannot be written",
+    )

@@ -49,6 +49,13 @@ HEADER_KEYWORDS: tuple[str, ...] = (
     "StudyTime",
     "SeriesTime",
     "AccessionNumber",
+    "PatientName",  # the patient's identity: registry and signed-in views only, never logged
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientAge",
+    "PatientSex",
+    "ReferringPhysicianName",
     "Modality",
     "Manufacturer",
     "StationName",

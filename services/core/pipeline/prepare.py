@@ -22,7 +22,7 @@ from services.core.config import Settings
 from services.core.dicom.headers import read_studies
 from services.core.dicom.objects import Study
 from services.core.dicom.series_selection import select_series
-from services.core.dicom.study_identity import study_identity
+from services.core.dicom.study_identity import patient_identity, study_identity
 from services.core.dicom.volume_builder import header_duplicate_notes, load_volume
 from services.core.errors import ErrorPolicy, IntakeError, StudyError, policy_of, reason_of
 from services.core.intake import NiftiFile, collect_dicom_files
@@ -226,8 +226,10 @@ def _prepare_one_study(
         study, selection.selected, study_index=clock.study_index, n_studies=clock.n_studies
     )
     shown = selection.selected or (study.series[0] if study.series else None)
-    for key, value in study_identity(shown.first_header if shown else None).items():
+    header = shown.first_header if shown else None
+    for key, value in study_identity(header).items():
         setattr(report, key, value)
+    report.identity = patient_identity(header)
     if selection.selected is None:
         # No volume will be read, so the data-quality checks of load_volume never run;
         # report what the headers alone show (duplicates explain many short series).

@@ -9,7 +9,6 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from services.broker.schemas import check_safe_id
-from services.broker.storage import upload_dir
 from services.frontend.api.errors import api_error
 from services.frontend.service import FrontendService
 
@@ -51,8 +50,7 @@ def existing_task(task_id: str, service: Service) -> str:
         check_safe_id(task_id)
     except ValueError:
         raise api_error(404, "no such task") from None
-    stored = service.result(task_id) is not None
-    if not stored and not upload_dir(service.storage_root, task_id).exists():
+    if service.registry.study(task_id) is None:
         raise api_error(404, "no such task")
     return task_id
 

@@ -1,11 +1,13 @@
 """What the REST API sends and receives: one pydantic model per body."""
 
+from datetime import datetime
 from enum import Enum
 from typing import Any, Literal
 
 from pydantic import BaseModel
 
 from services.core.schemas import StudyReport
+from services.registry.records import Door, Priority, StudyRecord, StudyState
 
 API_PREFIX = "/api/v1"  # where the frontend mounts the API
 MEDIA_TYPES = {
@@ -48,6 +50,70 @@ class StudyStatus(BaseModel):
     error: str | None = None  # why a failed task failed
     reports: list[StudyReport] | None = None  # when done: one per study, as in StudyResult
     files: list[FileLink] = []
+
+
+class StudyItem(BaseModel):
+    """One study of the registry, as the listing gives it."""
+
+    task_id: str
+    report_index: int
+    status_url: str
+    door: Door
+    sender: str | None
+    state: StudyState
+    priority: Priority
+    original_filename: str
+    study_instance_uid: str | None
+    patient_id: str | None
+    issuer_of_patient_id: str | None
+    patient_name: str | None
+    accession_number: str | None
+    study_date: str | None
+    study_description: str | None
+    received_at: datetime
+    finished_at: datetime | None
+    processing_status: str | None
+    probability_of_pathology: float | None
+    pathology: bool | None
+    most_dangerous_finding: str | None
+    findings: list[str]
+    failure_reason: str | None
+    demo_weights: bool | None
+
+    @classmethod
+    def of(cls, record: StudyRecord, status_url: str) -> "StudyItem":
+        identity = record.identity
+        return cls(
+            task_id=record.task_id,
+            report_index=record.report_index,
+            status_url=status_url,
+            door=record.door,
+            sender=record.sender,
+            state=record.state,
+            priority=record.priority,
+            original_filename=record.original_filename,
+            study_instance_uid=record.study_instance_uid,
+            patient_id=identity.patient_id if identity else None,
+            issuer_of_patient_id=identity.issuer_of_patient_id if identity else None,
+            patient_name=identity.patient_name if identity else None,
+            accession_number=record.accession_number,
+            study_date=record.study_date,
+            study_description=record.study_description,
+            received_at=record.received_at,
+            finished_at=record.finished_at,
+            processing_status=record.processing_status,
+            probability_of_pathology=record.probability_of_pathology,
+            pathology=record.pathology,
+            most_dangerous_finding=record.most_dangerous_finding,
+            findings=record.findings,
+            failure_reason=record.failure_reason,
+            demo_weights=record.demo_weights,
+        )
+
+
+class StudyList(BaseModel):
+    items: list[StudyItem]
+    next: str | None  # pass as ?cursor= for the next page; null on the last
 
 
 def error_responses(*codes: tuple[int, str]) -> dict[int | str, dict[str, Any]]:

@@ -2,13 +2,14 @@
 
 import shutil
 import uuid
+from datetime import date
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 
-from services.broker.schemas import StudyResult, utc_now
+from services.broker.schemas import StudyResult
 from services.core.intake.collect import ArchiveKind, FileKind, archive_kind, classify_file
 from services.core.intake.tar_archive import GZIP_MAGIC
 from services.frontend.api.dependencies import Service, TaskId, authorized, upload_size_limit
@@ -19,6 +20,8 @@ from services.frontend.api.models import (
     MEDIA_TYPES,
     FileKindName,
     FileLink,
+    StudyItem,
+    StudyList,
     StudyStatus,
     TaskAccepted,
     error_responses,
@@ -26,10 +29,13 @@ from services.frontend.api.models import (
 from services.frontend.metrics import Refusal
 from services.frontend.queue_status import read_queue_status
 from services.frontend.service import FrontendService
-from services.frontend.sessions import SessionTask
 from services.frontend.uploads import plan_uploads, safe_file_name
+from services.frontend.views import failure_reason, progress_text, queue_text
+from services.registry import Door, StudyFilter, StudyState
+from services.registry.reads import BadCursor
 
 STUDIES_PATH = f"{API_PREFIX}/studies"
+API_SENDER = "api-token"  # who the registry says sent a study through the REST API
 INCOMING_DIR = Path("frontend") / "incoming-api"
 COPY_CHUNK_BYTES = 1024 * 1024
 HEAD_BYTES = 1024
@@ -100,7 +106,7 @@ def queue_upload(service: FrontendService, path: Path) -> str:
         raise api_error(
             429, f"the processing queue is full ({waiting} studies waiting, limit {limit})"
         )
-    outcome = service.queue_upload(path)
+    outcome = service.queue_upload(path, door=Door.REST, sender=API_SENDER)
     if not outcome.submitted:
         raise api_error(503, " ".join(outcome.refused) or "the study could not be queued")
     return outcome.submitted[0].task_id
@@ -149,19 +155,64 @@ def submit_study(
     )
 
 
+@router.get("", response_model=StudyList, responses=COMMON_ERRORS)
+def list_studies(
+    service: Service,
+    state: Annotated[list[StudyState] | None, Query(description="any of these states")] = None,
+    door: Annotated[list[Door] | None, Query(description="any of these doors")] = None,
+    patient_id: Annotated[str | None, Query(max_length=64)] = None,
+    issuer_of_patient_id: Annotated[str | None, Query(max_length=64)] = None,
+    accession_number: Annotated[str | None, Query(max_length=64)] = None,
+    study_instance_uid: Annotated[str | None, Query(max_length=64)] = None,
+    received_from: Annotated[date | None, Query(description="YYYY-MM-DD, inclusive")] = None,
+    received_to: Annotated[date | None, Query(description="YYYY-MM-DD, inclusive")] = None,
+    q: Annotated[str | None, Query(max_length=200, description="free text")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> StudyList:
+    """Every study of the registry, newest first, a page at a time."""
+    wanted = StudyFilter(
+        states=state,
+        doors=door,
+        patient_id=patient_id,
+        issuer_of_patient_id=issuer_of_patient_id,
+        accession_number=accession_number,
+        study_instance_uid=study_instance_uid,
+        received_from=received_from,
+        received_to=received_to,
+        text=q,
+    )
+    try:
+        page = service.registry.list_studies(wanted, limit=limit, cursor=cursor)
+    except BadCursor as error:
+        raise api_error(422, f"invalid request: cursor: {error}") from None
+    return StudyList(
+        items=[StudyItem.of(record, f"{STUDIES_PATH}/{record.task_id}") for record in page.items],
+        next=page.next,
+    )
+
+
 @router.get("/{task_id}", response_model=StudyStatus, responses=COMMON_ERRORS)
 def study_status(service: Service, task_id: TaskId) -> StudyStatus:
-    view = service.task_view(
-        SessionTask(task_id=task_id, original_filename="", submitted_at=utc_now())
-    )
-    result = view.result
+    records = service.registry.task_studies(task_id)
+    first = records[0]
+    result = service.result(task_id) if first.state.final else None
+    if first.state is StudyState.QUEUED:
+        message = queue_text(service.queue_places().get(task_id))
+    elif first.state is StudyState.PROCESSING:
+        message = progress_text(first)
+    elif result is not None:
+        message = f"{len(result.reports)} report(s) in {result.seconds:.1f} s"
+    else:
+        message = ""
     return StudyStatus(
         task_id=task_id,
-        state=view.state.value,
-        progress=view.fraction,
-        stage=view.stage or None,
-        message=view.message,
-        error=result.error if result is not None else None,
+        state=first.state.value,
+        progress=first.progress,
+        stage=first.stage,
+        message=message,
+        error=(result.error if result is not None else None)
+        or (failure_reason(first) if first.state is StudyState.FAILED else None),
         reports=result.reports if result is not None else None,
         files=file_links(task_id, result) if result is not None else [],
     )

@@ -1,0 +1,72 @@
+"""``python -m services.registry``: the study registry's commands.
+
+    upgrade                   apply the migrations (every deployment, before the services start)
+    import-storage            bring results already in the storage root into the registry
+    purge [--dry-run]         apply registry.retention_days: images and identity of old studies
+
+Settings from configs/config.yaml and CTS__ overrides (``registry.url``, ``storage.root``).
+Exit status 0, or 2 with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from loguru import logger
+
+from services.core.config import load_settings
+from services.core.errors import ConfigurationError
+from services.core.logging_setup import configure_logging
+from services.registry.database import database_url, describe
+from services.registry.database import upgrade as upgrade_database
+
+USAGE_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m services.registry", description=__doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--config", type=Path, default=None, help="default: configs/config.yaml")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("upgrade", help="apply the migrations")
+    commands.add_parser("import-storage", help="results in the storage root -> the registry")
+    purge = commands.add_parser("purge", help="apply registry.retention_days")
+    purge.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    return parser
+
+
+def upgrade(settings_path: Path | None) -> int:
+    url = database_url(load_settings(settings_path))
+    upgrade_database(url)
+    logger.info("registry {} is at the newest schema", describe(url))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = _parser().parse_args(argv)
+    configure_logging("INFO")
+    try:
+        if arguments.command == "upgrade":
+            return upgrade(arguments.config)
+        settings = load_settings(arguments.config)
+        if arguments.command == "import-storage":
+            from services.registry.import_storage import import_storage
+
+            report = import_storage(settings)
+            print(report.summary())
+            return 0
+        from services.registry.retention import purge
+
+        outcome = purge(settings, dry_run=arguments.dry_run)
+        print(outcome.summary())
+        return 0
+    except ConfigurationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The registry's tables (SQLAlchemy 2). Only services/registry reads or writes them; the
+migrations in migrations/versions/ create and change them (never ``create_all``).
+
+``studies``: one row per study of a task (``task_id``, ``report_index``), from the moment a
+door records the task (its first row) to its result (one row per study it held).
+``hidden_studies``: the rows a viewer took off their own worklist.
+``sr_deliveries``: each structured report's way to each destination.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+# Identifiers and codes: DICOM's own limits (UI 64, LO 64, PN 5x64) with room to spare.
+UID_LENGTH = 64
+SHORT_TEXT = 128
+LONG_TEXT = 512
+Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite's rowid alias must be INTEGER
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timestamps in UTC, timezone-aware in Python whatever the database keeps."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("the registry stores timezone-aware times only")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    __tablename__ = "studies"
+    __table_args__ = (
+        UniqueConstraint("task_id", "report_index", name="uq_studies_task_report"),
+        Index("ix_studies_received", "received_at", "id"),
+        Index("ix_studies_state", "state", "received_at"),
+        Index("ix_studies_patient", "patient_id", "issuer_of_patient_id", "study_date"),
+        Index("ix_studies_accession", "accession_number"),
+        Index("ix_studies_study_uid", "study_instance_uid"),
+        Index("ix_studies_sender", "sender", "received_at"),
+        Index("ix_studies_content", "content_sha256"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(String(UID_LENGTH))
+    report_index: Mapped[int] = mapped_column(Integer, default=0)
+    # How it came in and from whom.
+    door: Mapped[str] = mapped_column(String(16))
+    sender: Mapped[str | None] = mapped_column(String(SHORT_TEXT))
+    priority: Mapped[str] = mapped_column(String(16), default="routine")
+    original_filename: Mapped[str] = mapped_column(String(LONG_TEXT), default="")
+    study_path: Mapped[str] = mapped_column(String(LONG_TEXT), default="")
+    content_sha256: Mapped[str | None] = mapped_column(String(64))
+    # Where it is.
+    state: Mapped[str] = mapped_column(String(16))
+    stage: Mapped[str | None] = mapped_column(String(64))
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    adapter_id: Mapped[str | None] = mapped_column(String(SHORT_TEXT))
+    attempt: Mapped[int | None] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    queued_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # What came out (a summary: the full report stays a file).
+    processing_status: Mapped[str | None] = mapped_column(String(16))
+    probability_of_pathology: Mapped[float | None] = mapped_column(Float)
+    pathology: Mapped[bool | None] = mapped_column(Boolean)
+    most_dangerous_finding: Mapped[str | None] = mapped_column(String(SHORT_TEXT))
+    findings: Mapped[list[str]] = mapped_column(JSON, default=list)
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    warnings: Mapped[list[str]] = mapped_column(JSON, default=list)
+    model_version: Mapped[str | None] = mapped_column(String(SHORT_TEXT))
+    demo_weights: Mapped[bool | None] = mapped_column(Boolean)
+    files: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
+    # What it is and whose (from the DICOM headers; blanked by purge).
+    study_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
+    series_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
+    accession_number: Mapped[str | None] = mapped_column(String(SHORT_TEXT))
+    study_date: Mapped[str | None] = mapped_column(String(10))
+    study_time: Mapped[str | None] = mapped_column(String(8))
+    study_description: Mapped[str | None] = mapped_column(String(LONG_TEXT))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    patient_name: Mapped[str | None] = mapped_column(String(LONG_TEXT))
+    patient_id: Mapped[str | None] = mapped_column(String(SHORT_TEXT))
+    issuer_of_patient_id: Mapped[str | None] = mapped_column(String(SHORT_TEXT))
+    patient_birth_date: Mapped[str | None] = mapped_column(String(10))
+    patient_age: Mapped[str | None] = mapped_column(String(8))
+    patient_sex: Mapped[str | None] = mapped_column(String(8))
+    referring_physician_name: Mapped[str | None] = mapped_column(String(LONG_TEXT))
+    purged_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class HiddenStudy(Base):
+    """A row one viewer took off their worklist ("Remove"); others still see it."""
+
+    __tablename__ = "hidden_studies"
+
+    study_id: Mapped[int] = mapped_column(
+        Id, ForeignKey("studies.id", ondelete="CASCADE"), primary_key=True
+    )
+    viewer: Mapped[str] = mapped_column(String(SHORT_TEXT), primary_key=True)
+    hidden_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class SrDelivery(Base):
+    """A structured report on its way to one destination."""
+
+    __tablename__ = "sr_deliveries"
+    __table_args__ = (
+        UniqueConstraint(
+            "task_id", "report_index", "destination", name="uq_sr_deliveries_destination"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(String(UID_LENGTH))
+    report_index: Mapped[int] = mapped_column(Integer)
+    destination: Mapped[str] = mapped_column(String(LONG_TEXT))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
+    state: Mapped[str] = mapped_column(String(16))  # pending | sent | failed
+    status: Mapped[str] = mapped_column(String(SHORT_TEXT), default="")
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -1,0 +1,57 @@
+"""Registries for the tests: a fresh SQLite file, or a fresh database on the PostgreSQL that
+runs on these machines (127.0.0.1:5432, trust authentication; scripts/ensure_services.sh
+starts it). Not a test module."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+from alembic import command
+from preconditions import missing_precondition
+from sqlalchemy.engine import URL
+
+from services.registry.database import alembic_config
+
+POSTGRES_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
+BACKENDS = ("sqlite", "postgresql")
+
+
+def sqlite_url(folder: Path) -> URL:
+    return URL.create("sqlite", database=str(folder / "registry.sqlite3"))
+
+
+@contextmanager
+def postgres_database() -> Iterator[URL]:
+    """A new, empty database, dropped afterwards."""
+    name = f"cts_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN, autocommit=True)
+    except psycopg.OperationalError as error:
+        missing_precondition(f"PostgreSQL at 127.0.0.1:5432 cannot be reached: {error}")
+    try:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        yield URL.create(
+            "postgresql+psycopg", username="postgres", host="127.0.0.1", port=5432, database=name
+        )
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@contextmanager
+def registry_url(backend: str, folder: Path, *, upgraded: bool = True) -> Iterator[URL]:
+    """A URL of an empty registry of that backend, migrated to the newest schema."""
+    if backend == "sqlite":
+        url = sqlite_url(folder)
+        if upgraded:
+            command.upgrade(alembic_config(url), "head")
+        yield url
+        return
+    with postgres_database() as url:
+        if upgraded:
+            command.upgrade(alembic_config(url), "head")
+        yield url

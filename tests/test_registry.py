@@ -1,0 +1,348 @@
+"""The study registry on SQLite and on the real PostgreSQL: migrations and the schema check,
+exactly-once writes, listings with filters and cursors, a patient's studies, hiding,
+importing a storage root and retention."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from alembic import command
+from registry_support import BACKENDS, registry_url, sqlite_url
+from sqlalchemy import text
+
+from services.broker.schemas import StudyProgress, StudyResult, TaskStatus
+from services.broker.storage import store_result
+from services.core.config import Settings, load_settings
+from services.core.schemas import FindingResult, PatientIdentity, ProcessingStatus, StudyReport
+from services.registry import (
+    Door,
+    Registry,
+    RegistrySchemaError,
+    StudyFilter,
+    StudyState,
+    Submission,
+)
+from services.registry.database import alembic_config, create_registry_engine
+
+T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
+
+
+def backend_marks(backend: str) -> list[pytest.MarkDecorator]:
+    return [pytest.mark.postgres] if backend == "postgresql" else []
+
+
+PARAMETERS = [pytest.param(backend, marks=backend_marks(backend)) for backend in BACKENDS]
+
+
+@pytest.fixture(params=PARAMETERS)
+def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registry]:
+    with registry_url(request.param, tmp_path) as url:
+        opened = Registry(url)
+        yield opened
+        opened.close()
+
+
+def submission(task_id: str, *, at: datetime = T0, door: Door = Door.UPLOAD, **kw) -> Submission:
+    return Submission(
+        task_id=task_id,
+        door=door,
+        original_filename=f"{task_id}.zip",
+        study_path=f"uploads/{task_id}/{task_id}.zip",
+        received_at=at,
+        queued_at=at,
+        **kw,
+    )
+
+
+def report(
+    *,
+    pathology: int | None = 1,
+    patient_id: str | None = "P-1",
+    study_uid: str | None = "1.2.3",
+    failure: str | None = None,
+    study_date: str | None = "2026-02-28",
+    name: str = "Doe^Jane",
+) -> StudyReport:
+    return StudyReport(
+        path_to_study="study.zip",
+        study_uid=study_uid,
+        series_uid="1.2.3.4",
+        probability_of_pathology=None if failure else 0.81,
+        pathology=None if failure else pathology,
+        processing_status=ProcessingStatus.FAILURE if failure else ProcessingStatus.SUCCESS,
+        failure_reason=failure,
+        most_dangerous_pathology_type=None if failure else "Lung nodule",
+        findings=[
+            FindingResult(label="Lung nodule", probability=0.7, threshold=0.5, positive=True),
+            FindingResult(label="Emphysema", probability=0.1, threshold=0.5, positive=False),
+        ],
+        study_date=study_date,
+        accession_number="ACC-9",
+        study_description="CT chest",
+        identity=PatientIdentity(patient_name=name, patient_id=patient_id, patient_sex="F"),
+        demo_weights=True,
+    )
+
+
+def result(task_id: str, *reports: StudyReport, status: TaskStatus = TaskStatus.COMPLETED):
+    return StudyResult(
+        task_id=task_id,
+        status=status,
+        reports=list(reports) or [report()],
+        original_filename=f"{task_id}.zip",
+        study_path=f"uploads/{task_id}/{task_id}.zip",
+        adapter_id="adapter-1",
+        started_at=T0 + timedelta(seconds=5),
+        finished_at=T0 + timedelta(seconds=30),
+        seconds=25.0,
+    )
+
+
+def progress(task_id: str, stage: str, fraction: float) -> StudyProgress:
+    return StudyProgress(
+        task_id=task_id, stage=stage, fraction=fraction, adapter_id="adapter-1", at=T0
+    )
+
+
+def test_a_task_goes_from_queued_to_its_result_once(registry: Registry) -> None:
+    assert registry.record_submission(submission("t1"))
+    assert not registry.record_submission(submission("t1"))  # a door that retries
+    first = registry.study("t1")
+    assert first is not None
+    assert first.state is StudyState.QUEUED
+    assert registry.record_progress(progress("t1", "inference", 0.5))
+    running = registry.study("t1")
+    assert running is not None
+    assert (running.state, running.stage, running.progress) == (
+        StudyState.PROCESSING,
+        "inference",
+        0.5,
+    )
+    assert registry.record_result(result("t1"))
+    done = registry.study("t1")
+    assert done is not None
+    assert done.state is StudyState.DONE
+    assert done.pathology is True
+    assert done.findings == ["Lung nodule"]
+    assert done.identity is not None
+    assert done.identity.patient_name == "Doe^Jane"
+    assert done.door is Door.UPLOAD
+    assert done.finished_at == T0 + timedelta(seconds=30)
+    # RabbitMQ redelivers: nothing changes, nothing is added; late progress does not regress.
+    assert not registry.record_result(result("t1", report(pathology=0)))
+    assert not registry.record_progress(progress("t1", "inference", 0.9))
+    again = registry.study("t1")
+    assert again == done
+    assert len(registry.task_studies("t1")) == 1
+
+
+def test_a_task_of_several_studies_has_a_row_each(registry: Registry) -> None:
+    registry.record_submission(submission("multi", sender="jdoe"))
+    registry.record_result(
+        result("multi", report(study_uid="1.1"), report(study_uid="1.2", failure="not a chest CT"))
+    )
+    rows = registry.task_studies("multi")
+    assert [(row.report_index, row.study_instance_uid) for row in rows] == [(0, "1.1"), (1, "1.2")]
+    assert rows[1].failure_reason == "not a chest CT"
+    assert rows[1].sender == "jdoe"  # the task's submission carries over
+    assert rows[1].door is Door.UPLOAD
+
+
+def test_a_task_no_door_recorded_is_registered_from_what_the_adapter_says(
+    registry: Registry,
+) -> None:
+    registry.record_progress(progress("amqp-task", "started", 0.0))
+    registry.record_result(result("amqp-task"))
+    row = registry.study("amqp-task")
+    assert row is not None
+    assert row.door is Door.AMQP
+    assert row.original_filename == "amqp-task.zip"
+    assert row.state is StudyState.DONE
+
+
+def test_a_failed_task_is_failed(registry: Registry) -> None:
+    registry.record_submission(submission("crash"))
+    registry.record_result(
+        result("crash", report(failure="given up after 3 attempts"), status=TaskStatus.FAILED)
+    )
+    row = registry.study("crash")
+    assert row is not None
+    assert row.state is StudyState.FAILED
+
+
+def test_concurrent_recorders_write_one_result(registry: Registry) -> None:
+    """Two writers of the same result at once (a redelivery racing the first delivery)."""
+    registry.record_submission(submission("race"))
+    outcome = result("race", report(study_uid="2.1"), report(study_uid="2.2"))
+    answers: list[bool] = []
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            answers.append(registry.record_result(outcome))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted(answers) == [False, False, False, True]
+    assert len(registry.task_studies("race")) == 2
+
+
+def test_listing_filters_and_pages_newest_first(registry: Registry) -> None:
+    for number in range(7):
+        task = f"task{number}"
+        door = Door.DICOM if number % 2 else Door.REST
+        registry.record_submission(submission(task, at=T0 + timedelta(hours=number), door=door))
+        if number < 5:
+            registry.record_result(
+                result(task, report(patient_id=f"P-{number % 3}", name=f"Name{number}^X"))
+            )
+    everything = StudyFilter()
+    first = registry.list_studies(everything, limit=3)
+    assert [row.task_id for row in first.items] == ["task6", "task5", "task4"]
+    assert first.next is not None
+    second = registry.list_studies(everything, limit=3, cursor=first.next)
+    assert [row.task_id for row in second.items] == ["task3", "task2", "task1"]
+    last = registry.list_studies(everything, limit=3, cursor=second.next)
+    assert [row.task_id for row in last.items] == ["task0"]
+    assert last.next is None
+    queued = registry.list_studies(StudyFilter(states=[StudyState.QUEUED]))
+    assert {row.task_id for row in queued.items} == {"task5", "task6"}
+    dicom = registry.list_studies(StudyFilter(doors=[Door.DICOM]))
+    assert {row.task_id for row in dicom.items} == {"task1", "task3", "task5"}
+    patient = registry.list_studies(StudyFilter(patient_id="P-1"))
+    assert {row.task_id for row in patient.items} == {"task1", "task4"}
+    named = registry.list_studies(StudyFilter(text="name3"))  # any case, part of a name
+    assert [row.task_id for row in named.items] == ["task3"]
+    wildcard = registry.list_studies(StudyFilter(text="%"))  # taken literally
+    assert wildcard.items == []
+    day = registry.list_studies(
+        StudyFilter(received_from=date(2026, 3, 1), received_to=date(2026, 3, 1))
+    )
+    assert len(day.items) == 7
+    assert registry.list_studies(StudyFilter(received_from=date(2026, 3, 2))).items == []
+
+
+def test_a_patients_studies_and_hiding_for_one_viewer(registry: Registry) -> None:
+    for number, day in enumerate(("2025-01-10", "2026-02-01", "2024-06-30")):
+        task = f"p{number}"
+        registry.record_submission(submission(task, at=T0 + timedelta(minutes=number)))
+        registry.record_result(result(task, report(patient_id="PX", study_date=day)))
+    registry.record_submission(submission("other"))
+    registry.record_result(result("other", report(patient_id="PY")))
+    studies = registry.patient_studies("PX", None)
+    assert [row.study_date for row in studies] == ["2026-02-01", "2025-01-10", "2024-06-30"]
+    target = registry.study("p1")
+    assert target is not None
+    assert registry.hide(target.id, "jdoe")
+    assert not registry.hide(target.id, "jdoe")
+    for_jdoe = registry.list_studies(StudyFilter(hidden_for="jdoe")).items
+    for_other = registry.list_studies(StudyFilter(hidden_for="asmith")).items
+    assert "p1" not in {row.task_id for row in for_jdoe}
+    assert "p1" in {row.task_id for row in for_other}
+
+
+def test_an_earlier_upload_of_the_same_bytes_is_found(registry: Registry) -> None:
+    registry.record_submission(submission("first", content_sha256="ab" * 32))
+    found = registry.earlier_upload("ab" * 32)
+    assert found is not None
+    assert found.task_id == "first"
+    registry.record_result(
+        result("first", report(failure="crash"), status=TaskStatus.FAILED)
+    )  # a failed task is worth a second try
+    assert registry.earlier_upload("ab" * 32) is None
+
+
+@pytest.mark.parametrize("backend", PARAMETERS)
+def test_a_service_refuses_a_schema_other_than_its_own(backend: str, tmp_path: Path) -> None:
+    with registry_url(backend, tmp_path, upgraded=False) as url:
+        with pytest.raises(RegistrySchemaError, match="no schema yet"):
+            Registry(url)
+        command.upgrade(alembic_config(url), "head")
+        Registry(url).close()  # at head: opens
+        engine = create_registry_engine(url)
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+        engine.dispose()
+        with pytest.raises(RegistrySchemaError, match="newer than this code"):
+            Registry(url)
+
+
+def test_the_migrations_go_down_and_up_again(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    config = alembic_config(url)
+    command.upgrade(config, "head")
+    command.downgrade(config, "base")
+    command.upgrade(config, "head")
+    Registry(url).close()
+
+
+def test_the_sqlite_file_is_private(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "registry")
+    command.upgrade(alembic_config(url), "head")
+    database = Path(url.database or "")
+    assert database.stat().st_mode & 0o777 == 0o600
+    assert database.parent.stat().st_mode & 0o777 == 0o700
+
+
+def settings_for(tmp_path: Path, **registry_options: object) -> Settings:
+    settings = load_settings(environ={})
+    settings.storage.root = tmp_path / "storage"
+    for name, value in registry_options.items():
+        setattr(settings.registry, name, value)
+    return settings
+
+
+def test_the_command_upgrades_imports_and_purges(tmp_path: Path) -> None:
+    from services.registry.__main__ import main
+
+    settings = settings_for(tmp_path, retention_days=30)
+    root = settings.storage.root
+    config = tmp_path / "config.yaml"
+    config.write_text(f"storage:\n  root: {root}\nregistry:\n  retention_days: 30\n")
+    old, recent = result("old-task"), result("new-task")
+    recent = recent.model_copy(update={"started_at": datetime.now(UTC)})
+    for stored in (old, recent):
+        store_result(root, stored)
+        (root / "uploads" / stored.task_id).mkdir(parents=True)
+        (root / "uploads" / stored.task_id / "x.dcm").write_bytes(b"DICM")
+        (root / "results" / stored.task_id / "viewer").mkdir(parents=True)
+    assert main(["--config", str(config), "upgrade"]) == 0
+    assert main(["--config", str(config), "import-storage"]) == 0
+    assert main(["--config", str(config), "import-storage"]) == 0  # idempotent
+    registry = Registry.open(load_settings(config, environ={}))
+    try:
+        assert [row.task_id for row in registry.list_studies(StudyFilter()).items] == [
+            "new-task",
+            "old-task",
+        ]
+        assert main(["--config", str(config), "purge", "--dry-run"]) == 0
+        untouched = registry.study("old-task")
+        assert untouched is not None
+        assert untouched.identity is not None
+        assert main(["--config", str(config), "purge"]) == 0
+        purged = registry.study("old-task")
+        kept = registry.study("new-task")
+    finally:
+        registry.close()
+    assert purged is not None
+    assert kept is not None
+    assert purged.identity is None
+    assert purged.accession_number is None
+    assert purged.purged_at is not None
+    assert purged.pathology is True  # the call stays for statistics
+    assert purged.model_version == kept.model_version
+    assert not (root / "uploads" / "old-task").exists()
+    assert not (root / "results" / "old-task").exists()
+    assert "Doe" not in (root / "results" / "old-task.json").read_text()
+    assert (root / "uploads" / "new-task").exists()
+    assert kept.identity is not None
