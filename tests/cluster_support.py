@@ -43,7 +43,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from stack_support import PROJECT_ROOT, wait_for
 
 from services.broker.schemas import QueueTopology
-from services.core.config import RabbitMQSettings
+from services.core.config import RabbitMQSettings, load_settings
+from services.registry import upgrade_registry
 
 BROKER_USER = "cts-cluster"
 BROKER_PASSWORD = "cluster-test-secret"
@@ -302,6 +303,7 @@ class Cluster:
     def start(self) -> None:
         self.broker.start()
         self.write_config()
+        upgrade_registry(load_settings(self.config_file, environ={}))  # as start.sh does
         self.launch_triton()
         self._supervisor.start()
         for name in self.adapter_names:

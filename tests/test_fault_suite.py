@@ -60,7 +60,7 @@ from services.broker.schemas import QueueTopology, TaskStatus
 from services.broker.storage import load_result
 from services.core.config import RabbitMQSettings, load_settings
 from services.core.schemas import ProcessingStatus
-from services.frontend.service import FrontendService, frontend_instance_id
+from services.frontend.service import FrontendService
 from services.triton.local_server import free_local_ports
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton, pytest.mark.slow]
@@ -139,10 +139,7 @@ def stack(
     finally:
         ensure_rabbitmq_running(local.broker)  # whatever a scenario did to it
         stopped = local.stop()
-        frontend_queue = QueueTopology(prefix=prefix).reply_queue(
-            frontend_instance_id("127.0.0.1", frontend)
-        )
-        delete_topology(local.broker, [frontend_queue])
+        delete_topology(local.broker)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert list(local.run_dir.glob("*.pid")) == []
     # Relaunched services included, nothing of this stack outlives stop.sh.
@@ -351,7 +348,6 @@ def test_rabbitmq_restart_with_studies_queued_and_in_flight(
 ) -> None:
     stack = healthy_stack
     topology = QueueTopology(prefix=stack.prefix)
-    frontend_queue = topology.reply_queue(frontend_instance_id("127.0.0.1", stack.ports.frontend))
     with stack.frozen("triton"):
         sent = [
             client.submit(zips["mr"], "mq-mr-1.zip", "mr"),
@@ -383,9 +379,13 @@ def test_rabbitmq_restart_with_studies_queued_and_in_flight(
                 "the two chests in flight finished and stored",
             )
             start_rabbitmq()
-    # Everyone reconnects: both adapters and the frontend's reply listener.
+    # Everyone reconnects: both adapters and the frontend's recorder.
     wait_for(lambda: consumers_of(stack.broker, topology.task_queue) == 2, 120, "adapters back")
-    wait_for(lambda: consumers_of(stack.broker, frontend_queue) == 1, 120, "frontend back")
+    wait_for(
+        lambda: consumers_of(stack.broker, topology.registry_queue) == 1,
+        120,
+        "the frontend's registry recorder back",
+    )
     client.wait_for_results(sent, RESULT_TIMEOUT_S)
     client.settle()
 

@@ -27,7 +27,7 @@ from sr_support import dciodvfy_errors, read_screening_sr, require_tool
 from stack_support import delete_topology, wait_for, zip_directory
 
 from services.adapter.consumer import Adapter
-from services.broker.schemas import QueueTopology, StudyResult, TaskStatus
+from services.broker.schemas import StudyResult, TaskStatus
 from services.broker.storage import load_result
 from services.core.config import (
     Backoff,
@@ -41,7 +41,7 @@ from services.core.schemas import StudyReport
 from services.dicom_listener.outbox import Outbox
 from services.dicom_listener.service import DicomListener
 from services.dicom_listener.studies import BatchRecord, BatchState
-from services.frontend.service import frontend_instance_id
+from services.registry import upgrade_registry
 from services.triton.local_server import LocalTritonServer, free_local_ports
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton, pytest.mark.slow]
@@ -126,6 +126,7 @@ def settings(
             kind="stow-rs", url=archive.dicomweb_url, credentials=archive_credentials
         ),
     ]
+    upgrade_registry(settings)
     yield settings
     delete_topology(settings.rabbitmq)
 
@@ -360,10 +361,6 @@ def frontend(settings: Settings, adapter: Adapter, folder: Path) -> Iterator[str
             process.kill()
             process.wait(10)
         log.close()
-        reply_queue = QueueTopology.from_settings(settings.rabbitmq).reply_queue(
-            frontend_instance_id("127.0.0.1", port)
-        )
-        delete_topology(settings.rabbitmq, [reply_queue])
 
 
 def test_rest_api_end_to_end(frontend: str, fixtures_dir: Path, folder: Path) -> None:
@@ -435,4 +432,4 @@ def test_schemathesis_finds_no_server_error(frontend: str, folder: Path) -> None
         cwd=folder,
     )
     assert completed.returncode == 0, completed.stdout[-6000:] + completed.stderr[-2000:]
-    assert "Tested: 3" in completed.stdout, completed.stdout[-3000:]
+    assert "Tested: 4" in completed.stdout, completed.stdout[-3000:]  # list, submit, status, file

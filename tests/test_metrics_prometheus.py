@@ -24,7 +24,6 @@ from stack_support import PROJECT_ROOT, delete_topology, wait_for, zip_directory
 
 from services.broker.schemas import QueueTopology, TaskStatus
 from services.broker.storage import load_result
-from services.frontend.service import frontend_instance_id
 from services.triton.local_server import free_local_ports
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton, pytest.mark.slow]
@@ -140,10 +139,7 @@ def stack(
         yield local
     finally:
         stopped = local.stop()
-        frontend_queue = QueueTopology(prefix=prefix).reply_queue(
-            frontend_instance_id("127.0.0.1", frontend)
-        )
-        delete_topology(local.broker, [frontend_queue, f"{prefix}.replies.metrics-test"])
+        delete_topology(local.broker, [f"{prefix}.replies.metrics-test"])
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert not (local.run_dir / "prometheus").exists()  # stop.sh removes its targets too
 
@@ -168,9 +164,8 @@ def test_prometheus_scrapes_every_endpoint_and_sees_the_study(
     if shutil.which("prometheus") is None:
         pytest.fail("the prometheus binary is missing: scripts/ensure_services.sh installs it")
     topology = QueueTopology(prefix=stack.prefix)
-    frontend_queue = topology.reply_queue(frontend_instance_id("127.0.0.1", stack.ports.frontend))
-    # A study whose result goes to the frontend's own reply queue (named in the task): the
-    # adapter and the frontend both count it.
+    # A study submitted over AMQP: the adapter counts it, and the frontend counts its result
+    # when its recorder writes it into the registry.
     client = TaskClient(stack.broker, stack.storage, f"{stack.prefix}.replies.metrics-test")
     chest = zip_directory(fixtures_dir / "chest_ct_lung_dx_a0002", tmp_path / "chest.zip")
     task_id = uuid.uuid4().hex
@@ -182,7 +177,6 @@ def test_prometheus_scrapes_every_endpoint_and_sees_the_study(
         "task_id": task_id,
         "study_path": f"uploads/{task_id}/chest.zip",
         "original_filename": "metrics-chest.zip",
-        "reply_to": frontend_queue,
     }
     try:
         client.publish(json.dumps(task).encode(), correlation_id=task_id, message_type="StudyTask")

@@ -38,7 +38,6 @@ from services.broker.connection import connect
 from services.broker.schemas import QueueTopology
 from services.core.config import RabbitMQSettings
 from services.core.schemas import REPORT_COLUMNS
-from services.frontend.service import frontend_instance_id
 from services.triton.local_server import free_local_ports
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton, pytest.mark.browser, pytest.mark.slow]
@@ -325,14 +324,7 @@ def test_stack_from_start_to_stop(
             timeout=300,
         )
         stopped = stop.returncode == 0
-        delete_topology(
-            broker,
-            [
-                QueueTopology(prefix=prefix).reply_queue(
-                    frontend_instance_id("127.0.0.1", frontend_port)
-                )
-            ],
-        )
+        delete_topology(broker)
     assert stopped, stop.stdout + stop.stderr
     # Nothing of the stack is left: no process of the services' groups (tritonserver and
     # its python backend stubs included), no process naming this test's storage.

@@ -73,7 +73,9 @@ class FrontendService:
     def start(self) -> None:
         """Record what the adapters report, when this frontend is the recorder."""
         if self.settings.registry.record_results:
-            self._recorder = RegistryRecorder(self.settings, self.registry)
+            self._recorder = RegistryRecorder(
+                self.settings, self.registry, on_result=self.metrics.result_received
+            )
             self._recorder.start()
             if not self._recorder.consumer.ready.wait(30):
                 logger.warning("registry queue not consumed yet: RabbitMQ unreachable?")

@@ -13,6 +13,8 @@ runs one on its own. Several recorders share the queue.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from loguru import logger
 from pika.adapters.blocking_connection import BlockingChannel
 from sqlalchemy.exc import SQLAlchemyError
@@ -27,8 +29,15 @@ RECORDER_PREFETCH = 20
 
 
 class RegistryRecorder:
-    def __init__(self, settings: Settings, registry: Registry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        *,
+        on_result: Callable[[StudyResult], None] | None = None,
+    ) -> None:
         self.registry = registry
+        self._on_result = on_result  # told of each result recorded for the first time
         self.topology = QueueTopology.from_settings(settings.rabbitmq)
         self.recorded = 0  # messages written (tests and logs)
         self.consumer = QueueConsumer(
@@ -47,7 +56,8 @@ class RegistryRecorder:
     def record(self, report: Report) -> Disposition:
         try:
             if isinstance(report, StudyResult):
-                self.registry.record_result(report)
+                if self.registry.record_result(report) and self._on_result is not None:
+                    self._on_result(report)
             else:
                 self.registry.record_progress(report)
         except SQLAlchemyError as error:
