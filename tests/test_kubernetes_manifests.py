@@ -27,7 +27,9 @@ KUBERNETES = PROJECT_ROOT / "deploy" / "kubernetes"
 SCHEMAS = KUBERNETES / "schemas"
 KUBERNETES_VERSION = "1.30.0"  # a release every supported cluster is at least
 MANIFESTS = sorted(path for path in KUBERNETES.rglob("*.yaml") if path.name != "kustomization.yaml")
+BASE = KUBERNETES / "base"
 CLOUDNATIVEPG = KUBERNETES / "cloudnativepg"
+KUSTOMIZATIONS = sorted(KUBERNETES.rglob("kustomization.yaml"))
 # The services that open the study registry (each refuses to start on another schema).
 REGISTRY_USERS = ("frontend", "dicom-listener")
 UPGRADE_COMMAND = ["python", "-m", "services.registry", "upgrade"]
@@ -102,11 +104,13 @@ def test_the_validation_refuses_broken_manifests() -> None:
 
 
 def test_kustomizations_list_exactly_the_manifests() -> None:
-    base = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
-    listed = {KUBERNETES / name for name in base["resources"]}
-    applied = {path for path in KUBERNETES.glob("*.yaml") if path.name != "kustomization.yaml"}
+    base = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    listed = {BASE / name for name in base["resources"]}
+    applied = {path for path in BASE.glob("*.yaml") if path.name != "kustomization.yaml"}
     # Every manifest but the example Secret (real credentials are created by hand).
-    assert listed == applied - {KUBERNETES / "secret.example.yaml"}
+    assert listed == applied - {BASE / "secret.example.yaml"}
+    # `kubectl apply -k deploy/kubernetes` is the base as it is.
+    assert yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())["resources"] == ["base"]
     images = {image["name"] for image in base["images"]}
     used = {
         container["image"]
@@ -116,11 +120,31 @@ def test_kustomizations_list_exactly_the_manifests() -> None:
     }
     assert used <= images  # every image is set by the kustomization's images:
     overlay = yaml.safe_load((KUBERNETES / "rabbitmq-operator" / "kustomization.yaml").read_text())
-    assert overlay["resources"] == ["..", "rabbitmq-cluster.yaml"]
+    assert overlay["resources"] == ["../base", "rabbitmq-cluster.yaml"]
     overlay = yaml.safe_load((CLOUDNATIVEPG / "kustomization.yaml").read_text())
-    assert overlay["resources"] == ["..", "registry-cluster.yaml"]
+    assert overlay["resources"] == ["../base", "registry-cluster.yaml"]
     for patch in overlay["patches"]:
         assert (CLOUDNATIVEPG / patch["path"]).is_file()
+
+
+@pytest.mark.parametrize(
+    "kustomization", KUSTOMIZATIONS, ids=lambda path: str(path.relative_to(KUBERNETES))
+)
+def test_kustomize_accepts_every_reference(kustomization: Path) -> None:
+    """The two rules by which kustomize refuses a kustomization before it reads a manifest:
+    a folder it builds on must not contain it (a cycle: an overlay inside its base's folder
+    is refused), and a file it names must lie in its own folder (the load restrictor)."""
+    here = kustomization.parent
+    spec = yaml.safe_load(kustomization.read_text())
+    files = [*spec.get("resources", []), *(p["path"] for p in spec.get("patches", []))]
+    for entry in files:
+        target = (here / entry).resolve()
+        assert target.exists(), f"{kustomization}: {entry} does not exist"
+        if target.is_dir():
+            assert (target / "kustomization.yaml").is_file(), entry
+            assert not here.resolve().is_relative_to(target), f"{entry} contains {here}"
+        else:
+            assert target.is_relative_to(here.resolve()), f"{entry} is outside {here}"
 
 
 def _pod(name: str) -> dict:
@@ -295,7 +319,7 @@ def test_the_cloudnativepg_overlay_points_the_registry_at_its_cluster() -> None:
     spec = cluster["spec"]
     assert spec["instances"] >= 2  # a standby to fail over to
     assert spec["imageName"].rpartition(":")[2][:1].isdigit()  # a pinned version
-    base = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    base = yaml.safe_load((BASE / "kustomization.yaml").read_text())
     assert cluster["metadata"]["namespace"] == base["namespace"]
     initdb = spec["bootstrap"]["initdb"]
     name = cluster["metadata"]["name"]
