@@ -11,14 +11,23 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILES = ("compose.local.yaml", "compose.remote.yaml")
 DOCKERFILES = sorted(path.name for path in PROJECT_ROOT.glob("Dockerfile*.yaml"))
-SERVICES = {"rabbitmq", "triton", "adapter", "frontend", "dicom-listener"}
+SERVICES = {"rabbitmq", "triton", "adapter", "frontend", "dicom-listener", "registry-upgrade"}
+# Each file's services: the remote stack adds the study registry's PostgreSQL (the local one
+# keeps the registry in SQLite under the storage root).
+STACKS = {"compose.local.yaml": SERVICES, "compose.remote.yaml": SERVICES | {"postgres"}}
 BUILT = ("triton", "adapter", "frontend", "dicom-listener")
+# The services that open the registry, and the one-shot that upgrades it before they start.
+REGISTRY_USERS = ("registry-upgrade", "frontend", "dicom-listener")
 CREDENTIALS = {"CTS_RABBITMQ_USER": "screening", "CTS_RABBITMQ_PASSWORD": "s3cret-for-tests"}
+# Characters a URL would mangle: the password travels outside the URL (PGPASSWORD).
+DATABASE = {"CTS_POSTGRES_PASSWORD": "db@s3cret/for%tests"}
 REMOTE = {"CTS_REGISTRY": "registry.example.org/radiology", "CTS_VERSION": "0.1.0"}
+EVERYTHING = {**CREDENTIALS, **DATABASE, **REMOTE}
 
 
 def compose_binary() -> Path:
@@ -59,7 +68,7 @@ def compose_model(compose_file: str, environment: dict[str, str], home: Path) ->
 
 @pytest.mark.parametrize("compose_file", COMPOSE_FILES)
 def test_compose_file_is_valid(compose_file: str, tmp_path: Path) -> None:
-    completed = run_compose(compose_file, ["config", "-q"], {**CREDENTIALS, **REMOTE}, tmp_path)
+    completed = run_compose(compose_file, ["config", "-q"], EVERYTHING, tmp_path)
     assert completed.returncode == 0, completed.stderr
 
 
@@ -67,7 +76,7 @@ def test_compose_file_is_valid(compose_file: str, tmp_path: Path) -> None:
 def test_compose_refuses_to_start_without_credentials(compose_file: str, tmp_path: Path) -> None:
     # Neither credential: refused, naming one of them (compose-go reports whichever it
     # interpolates first, and the order is not fixed).
-    completed = run_compose(compose_file, ["config", "-q"], dict(REMOTE), tmp_path)
+    completed = run_compose(compose_file, ["config", "-q"], {**REMOTE, **DATABASE}, tmp_path)
     assert completed.returncode != 0
     assert "CTS_RABBITMQ_USER" in completed.stderr or "CTS_RABBITMQ_PASSWORD" in completed.stderr
     # Either one alone: refused, naming the one that is missing.
@@ -75,19 +84,31 @@ def test_compose_refuses_to_start_without_credentials(compose_file: str, tmp_pat
         ("CTS_RABBITMQ_USER", "CTS_RABBITMQ_PASSWORD"),
         ("CTS_RABBITMQ_PASSWORD", "CTS_RABBITMQ_USER"),
     ):
-        environment = {**REMOTE, present: CREDENTIALS[present]}
+        environment = {**REMOTE, **DATABASE, present: CREDENTIALS[present]}
         completed = run_compose(compose_file, ["config", "-q"], environment, tmp_path)
         assert completed.returncode != 0
         assert missing in completed.stderr
+    # The database password: the remote stack refuses to start without it (no default); the
+    # local stack has no database server and does not ask for one.
+    completed = run_compose(compose_file, ["config", "-q"], {**REMOTE, **CREDENTIALS}, tmp_path)
+    if "postgres" in STACKS[compose_file]:
+        assert completed.returncode != 0
+        assert "CTS_POSTGRES_PASSWORD" in completed.stderr
+    else:
+        assert completed.returncode == 0, completed.stderr
 
 
 @pytest.mark.parametrize("compose_file", COMPOSE_FILES)
 def test_compose_services_ports_health_and_credentials(compose_file: str, tmp_path: Path) -> None:
-    model = compose_model(compose_file, {**CREDENTIALS, **REMOTE, "CTS_ADAPTERS": "3"}, tmp_path)
+    model = compose_model(compose_file, {**EVERYTHING, "CTS_ADAPTERS": "3"}, tmp_path)
     services = model["services"]
-    assert set(services) == SERVICES
+    assert set(services) == STACKS[compose_file]
     for name, service in services.items():
-        assert service.get("healthcheck", {}).get("test"), f"{name} has no health check"
+        if name == "registry-upgrade":  # a one-shot: its exit status is its health
+            assert service["healthcheck"] == {"disable": True}
+            assert service["restart"] == "no"
+        else:
+            assert service.get("healthcheck", {}).get("test"), f"{name} has no health check"
         for port in service.get("ports", []):
             assert port["host_ip"] == "127.0.0.1", f"{name} publishes {port} beyond loopback"
     published = {
@@ -141,9 +162,8 @@ def test_compose_services_ports_health_and_credentials(compose_file: str, tmp_pa
 
 
 def test_local_compose_builds_and_remote_compose_pulls(tmp_path: Path) -> None:
-    environment = {**CREDENTIALS, **REMOTE}
-    local = compose_model("compose.local.yaml", environment, tmp_path)["services"]
-    remote = compose_model("compose.remote.yaml", environment, tmp_path)["services"]
+    local = compose_model("compose.local.yaml", EVERYTHING, tmp_path)["services"]
+    remote = compose_model("compose.remote.yaml", EVERYTHING, tmp_path)["services"]
     dockerfiles = {name: local[name]["build"]["dockerfile"] for name in BUILT}
     assert dockerfiles == {
         "triton": "Dockerfile.triton.yaml",
@@ -156,6 +176,12 @@ def test_local_compose_builds_and_remote_compose_pulls(tmp_path: Path) -> None:
         assert remote[name]["image"] == (
             f"registry.example.org/radiology/chest-ct-screening-{name}:0.1.0"
         )
+    # The registry's upgrade runs in the frontend's image, built or pulled like the frontend.
+    for stack in (local, remote):
+        upgrade, frontend = stack["registry-upgrade"], stack["frontend"]
+        assert upgrade["image"] == frontend["image"]
+        assert upgrade.get("build") == frontend.get("build")
+        assert upgrade.get("pull_policy") == frontend.get("pull_policy")
 
 
 def test_local_compose_storage_volume_binds_the_checkout(tmp_path: Path) -> None:
@@ -209,14 +235,108 @@ def test_local_and_remote_stacks_differ_only_in_where_images_and_data_come_from(
     tmp_path: Path,
 ) -> None:
     """Both files take their services from compose.base.yaml: apart from the image source
-    (build here or pull) and the two data volumes, the stacks are the same."""
-    environment = {**CREDENTIALS, **REMOTE}
-    local = compose_model("compose.local.yaml", environment, tmp_path)
-    remote = compose_model("compose.remote.yaml", environment, tmp_path)
+    (build here or pull), the two data volumes and where the study registry lives, the
+    stacks are the same. The registry is the one difference of substance, on purpose: the
+    local stack keeps it in SQLite on its one host's storage folder; the remote stack's
+    storage may be a network share several hosts mount, where SQLite's locks are not to be
+    trusted, so it runs PostgreSQL (the postgres service and its volume, the URL and
+    password in the environment of the services that open the registry, and the upgrade
+    waiting for the server)."""
+    local = compose_model("compose.local.yaml", EVERYTHING, tmp_path)
+    remote = compose_model("compose.remote.yaml", EVERYTHING, tmp_path)
     source_keys = {"build", "image", "pull_policy"}
+    registry_variables = {"CTS__REGISTRY__URL", "PGPASSWORD"}
+    assert set(remote["services"]) - set(local["services"]) == {"postgres"}
     for name in SERVICES:
         mine = {k: v for k, v in local["services"][name].items() if k not in source_keys}
         theirs = {k: v for k, v in remote["services"][name].items() if k not in source_keys}
+        if name in REGISTRY_USERS:
+            environment = theirs["environment"]
+            assert registry_variables <= set(environment), name
+            theirs["environment"] = {
+                k: v for k, v in environment.items() if k not in registry_variables
+            }
+        if name == "registry-upgrade":
+            theirs["depends_on"] = {
+                k: v for k, v in theirs["depends_on"].items() if k != "postgres"
+            }
+            theirs = {k: v for k, v in theirs.items() if k != "depends_on" or v}
         assert mine == theirs, name
-    assert set(local["volumes"]) == set(remote["volumes"])
+    assert set(remote["volumes"]) - set(local["volumes"]) == {"postgres_data"}
+    assert set(local["volumes"]) <= set(remote["volumes"])
     assert local["configs"] == remote["configs"]
+
+
+@pytest.mark.parametrize("compose_file", COMPOSE_FILES)
+def test_the_registry_is_upgraded_before_the_services_that_open_it(
+    compose_file: str, tmp_path: Path
+) -> None:
+    """One one-shot container applies the migrations (`python -m services.registry
+    upgrade`); the frontend and the listener start only once it has exited 0, and all three
+    see the same registry. The adapters never open it: nothing of it reaches them."""
+    services = compose_model(compose_file, EVERYTHING, tmp_path)["services"]
+    upgrade = services["registry-upgrade"]
+    assert upgrade["command"] == ["python", "-m", "services.registry", "upgrade"]
+    assert upgrade["restart"] == "no"
+    for name in ("frontend", "dicom-listener"):
+        assert services[name]["depends_on"]["registry-upgrade"] == {
+            "condition": "service_completed_successfully",
+            "required": True,
+        }
+
+    def registry(name: str) -> tuple[object, ...]:
+        service = services[name]
+        environment = service["environment"]
+        mounts = {volume["target"]: volume["source"] for volume in service["volumes"]}
+        root = environment["CTS__STORAGE__ROOT"]
+        return (
+            environment.get("CTS__REGISTRY__URL"),
+            environment.get("PGPASSWORD"),
+            root,
+            mounts[root],
+        )
+
+    assert registry("frontend") == registry("dicom-listener") == registry("registry-upgrade")
+    assert registry("registry-upgrade")[3] == "storage"  # the shared storage volume
+    for name in set(services) - set(REGISTRY_USERS):
+        environment = services[name].get("environment") or {}
+        assert not {"CTS__REGISTRY__URL", "PGPASSWORD"} & set(environment), name
+    if "postgres" not in services:
+        # SQLite at <storage.root>/registry/registry.sqlite3, on the shared storage volume.
+        assert registry("frontend")[:2] == (None, None)
+
+
+def test_the_remote_registry_is_the_bundled_postgres(tmp_path: Path) -> None:
+    model = compose_model("compose.remote.yaml", EVERYTHING, tmp_path)
+    services = model["services"]
+    postgres = services["postgres"]
+    image, _, tag = postgres["image"].partition(":")
+    assert image == "postgres"
+    assert tag[:1].isdigit(), f"{postgres['image']}: pin a version"
+    # On the project network only: nothing published, not even on loopback.
+    assert not postgres.get("ports")
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    assert postgres["restart"] == "unless-stopped"
+    data = {volume["target"]: volume for volume in postgres["volumes"]}["/var/lib/postgresql/data"]
+    assert data["type"] == "volume"
+    assert data["source"] in model["volumes"]
+    server = postgres["environment"]
+    assert server["POSTGRES_PASSWORD"] == DATABASE["CTS_POSTGRES_PASSWORD"]
+    assert services["registry-upgrade"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in REGISTRY_USERS:
+        environment = services[name]["environment"]
+        url = make_url(environment["CTS__REGISTRY__URL"])
+        assert url.drivername == "postgresql+psycopg"  # psycopg 3, what the images install
+        assert (url.host, url.port) == ("postgres", 5432)
+        assert (url.username, url.database) == (server["POSTGRES_USER"], server["POSTGRES_DB"])
+        assert url.password is None  # libpq reads PGPASSWORD: any character is safe in it
+        assert environment["PGPASSWORD"] == server["POSTGRES_PASSWORD"]
+
+
+def test_an_external_postgres_replaces_the_bundled_one(tmp_path: Path) -> None:
+    external = "postgresql+psycopg://cts@db.hospital.example:5432/screening?sslmode=require"
+    environment = {**EVERYTHING, "CTS_REGISTRY_DATABASE_URL": external}
+    services = compose_model("compose.remote.yaml", environment, tmp_path)["services"]
+    for name in REGISTRY_USERS:
+        assert services[name]["environment"]["CTS__REGISTRY__URL"] == external
+    assert "CTS__REGISTRY__URL" not in services["adapter"]["environment"]

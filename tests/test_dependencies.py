@@ -22,10 +22,18 @@ FIRST_PARTY = {"services", "convertation", "training", "visualisation", "synthet
 # Each image: its extra, its Dockerfile and the modules its processes start from.
 IMAGES = {
     "adapter": ("Dockerfile.adapter.yaml", ["services.adapter.__main__", "services.adapter.healthcheck"]),
-    "frontend": ("Dockerfile.frontend.yaml", ["services.frontend.__main__"]),
+    # Both also run the registry's upgrade (compose's registry-upgrade, the init containers).
+    "frontend": (
+        "Dockerfile.frontend.yaml",
+        ["services.frontend.__main__", "services.registry.__main__"],
+    ),
     "listener": (
         "Dockerfile.dicom-listener.yaml",
-        ["services.dicom_listener.__main__", "services.dicom_listener.healthcheck"],
+        [
+            "services.dicom_listener.__main__",
+            "services.dicom_listener.healthcheck",
+            "services.registry.__main__",
+        ],
     ),
     "batch": ("Dockerfile.inference.yaml", ["services.batch.__main__"]),
 }  # fmt: skip

@@ -1,7 +1,9 @@
 """deploy/kubernetes, validated without a cluster: every built-in resource against the
 Kubernetes OpenAPI schemas bundled in kubernetes-validate (strict: unknown fields fail), the
-custom resources (KEDA, RabbitMQ operator) against the small schemas in
-deploy/kubernetes/schemas, and the wiring between them (names, ports, volumes, secrets).
+custom resources (KEDA, RabbitMQ operator, CloudNativePG) against the small schemas in
+deploy/kubernetes/schemas, the overlays' JSON patches applied to the base as kustomize
+applies them (RFC 6902, the jsonpatch package) and the result validated again, and the
+wiring between them (names, ports, volumes, secrets, the registry's upgrade).
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import jsonpatch
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from sqlalchemy.engine import make_url
 
 from services.core.config import load_settings
 from services.core.inference.triton_transport import url_host
@@ -23,6 +27,12 @@ KUBERNETES = PROJECT_ROOT / "deploy" / "kubernetes"
 SCHEMAS = KUBERNETES / "schemas"
 KUBERNETES_VERSION = "1.30.0"  # a release every supported cluster is at least
 MANIFESTS = sorted(path for path in KUBERNETES.rglob("*.yaml") if path.name != "kustomization.yaml")
+BASE = KUBERNETES / "base"
+CLOUDNATIVEPG = KUBERNETES / "cloudnativepg"
+KUSTOMIZATIONS = sorted(KUBERNETES.rglob("kustomization.yaml"))
+# The services that open the study registry (each refuses to start on another schema).
+REGISTRY_USERS = ("frontend", "dicom-listener")
+UPGRADE_COMMAND = ["python", "-m", "services.registry", "upgrade"]
 
 
 def documents(path: Path) -> Iterator[dict]:
@@ -78,27 +88,71 @@ def test_the_validation_refuses_broken_manifests() -> None:
     scaled["spec"]["triggers"][0]["authenticationRef"] = {}
     with pytest.raises(jsonschema.ValidationError):
         validate(scaled)
+    cluster = by_kind("Cluster")["cts-registry"]
+    misspelt = json.loads(json.dumps(cluster))
+    misspelt["spec"]["bootstrap"]["initdb"]["databse"] = "cts"  # would create "app"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(misspelt)
+    no_instances = json.loads(json.dumps(cluster))
+    del no_instances["spec"]["instances"]
+    with pytest.raises(jsonschema.ValidationError):
+        validate(no_instances)
+    bare_number = json.loads(json.dumps(cluster))
+    bare_number["spec"]["storage"]["size"] = 10  # a quantity is a string ("10Gi")
+    with pytest.raises(jsonschema.ValidationError):
+        validate(bare_number)
 
 
 def test_kustomizations_list_exactly_the_manifests() -> None:
-    base = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
-    listed = {KUBERNETES / name for name in base["resources"]}
-    applied = {path for path in KUBERNETES.glob("*.yaml") if path.name != "kustomization.yaml"}
+    base = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    listed = {BASE / name for name in base["resources"]}
+    applied = {path for path in BASE.glob("*.yaml") if path.name != "kustomization.yaml"}
     # Every manifest but the example Secret (real credentials are created by hand).
-    assert listed == applied - {KUBERNETES / "secret.example.yaml"}
+    assert listed == applied - {BASE / "secret.example.yaml"}
+    # `kubectl apply -k deploy/kubernetes` is the base as it is.
+    assert yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())["resources"] == ["base"]
     images = {image["name"] for image in base["images"]}
     used = {
         container["image"]
         for deployment in by_kind("Deployment").values()
-        for container in deployment["spec"]["template"]["spec"]["containers"]
+        for kind in ("initContainers", "containers")
+        for container in deployment["spec"]["template"]["spec"].get(kind, [])
     }
     assert used <= images  # every image is set by the kustomization's images:
     overlay = yaml.safe_load((KUBERNETES / "rabbitmq-operator" / "kustomization.yaml").read_text())
-    assert overlay["resources"] == ["..", "rabbitmq-cluster.yaml"]
+    assert overlay["resources"] == ["../base", "rabbitmq-cluster.yaml"]
+    overlay = yaml.safe_load((CLOUDNATIVEPG / "kustomization.yaml").read_text())
+    assert overlay["resources"] == ["../base", "registry-cluster.yaml"]
+    for patch in overlay["patches"]:
+        assert (CLOUDNATIVEPG / patch["path"]).is_file()
+
+
+@pytest.mark.parametrize(
+    "kustomization", KUSTOMIZATIONS, ids=lambda path: str(path.relative_to(KUBERNETES))
+)
+def test_kustomize_accepts_every_reference(kustomization: Path) -> None:
+    """The two rules by which kustomize refuses a kustomization before it reads a manifest:
+    a folder it builds on must not contain it (a cycle: an overlay inside its base's folder
+    is refused), and a file it names must lie in its own folder (the load restrictor)."""
+    here = kustomization.parent
+    spec = yaml.safe_load(kustomization.read_text())
+    files = [*spec.get("resources", []), *(p["path"] for p in spec.get("patches", []))]
+    for entry in files:
+        target = (here / entry).resolve()
+        assert target.exists(), f"{kustomization}: {entry} does not exist"
+        if target.is_dir():
+            assert (target / "kustomization.yaml").is_file(), entry
+            assert not here.resolve().is_relative_to(target), f"{entry} contains {here}"
+        else:
+            assert target.is_relative_to(here.resolve()), f"{entry} is outside {here}"
 
 
 def _pod(name: str) -> dict:
     return by_kind("Deployment")[name]["spec"]["template"]
+
+
+def _variables(container: dict) -> dict[str, dict]:
+    return {variable["name"]: variable for variable in container.get("env", [])}
 
 
 def _environment(container: dict) -> dict[str, object]:
@@ -199,3 +253,103 @@ def test_the_operator_overlay_runs_a_broker_with_prometheus() -> None:
     (cluster,) = documents(KUBERNETES / "rabbitmq-operator" / "rabbitmq-cluster.yaml")
     assert cluster["spec"]["replicas"] >= 3  # the quorum task queue survives one node
     assert "rabbitmq_prometheus" in cluster["spec"]["rabbitmq"]["additionalPlugins"]
+
+
+def _assert_upgraded_first(deployment: dict) -> None:
+    """The pod's one init container upgrades the registry with the service's own image and
+    environment (so it upgrades the very database the service opens), and the storage at
+    the same place (where a SQLite registry would be)."""
+    spec = deployment["spec"]["template"]["spec"]
+    (upgrade,) = spec["initContainers"]
+    (service,) = spec["containers"]
+    assert upgrade["name"] == "registry-upgrade"
+    assert upgrade["command"] == UPGRADE_COMMAND
+    assert upgrade["image"] == service["image"]
+    assert upgrade["envFrom"] == service["envFrom"]
+    assert upgrade["env"] == service["env"]
+    storage = {m["mountPath"]: m["name"] for m in service["volumeMounts"]}
+    for mount in upgrade["volumeMounts"]:
+        assert storage[mount["mountPath"]] == mount["name"]
+    assert "/app/storage" in {mount["mountPath"] for mount in upgrade["volumeMounts"]}
+
+
+def test_the_registry_is_upgraded_by_an_init_container_from_the_secret() -> None:
+    secret = by_kind("Secret")["cts-rabbitmq"]["stringData"]
+    for name in REGISTRY_USERS:
+        deployment = by_kind("Deployment")[name]
+        _assert_upgraded_first(deployment)
+        spec = deployment["spec"]["template"]["spec"]
+        for container in (*spec["initContainers"], *spec["containers"]):
+            variables = _variables(container)
+            reference = variables["CTS__REGISTRY__URL"]["valueFrom"]["secretKeyRef"]
+            assert reference == {"name": "cts-rabbitmq", "key": "registry-url"}
+            # The cloudnativepg overlay replaces it by position: it must stay first.
+            assert container["env"][0]["name"] == "CTS__REGISTRY__URL"
+            for variable in container["env"]:
+                secret_reference = variable.get("valueFrom", {}).get("secretKeyRef")
+                if secret_reference is not None:
+                    assert secret_reference["key"] in secret
+    # The example is a PostgreSQL URL the registry's own driver takes (psycopg 3).
+    assert make_url(secret["registry-url"]).drivername == "postgresql+psycopg"
+    # The adapters report through RabbitMQ and never open the registry; Triton neither.
+    for name in ("adapter", "triton"):
+        for container in _pod(name)["spec"]["containers"]:
+            assert "CTS__REGISTRY__URL" not in _variables(container)
+            assert "CTS__REGISTRY__URL" not in by_kind("ConfigMap")["cts-config"]["data"]
+        assert not _pod(name)["spec"].get("initContainers")
+
+
+def _overlay_deployments(overlay: Path) -> dict[str, dict]:
+    """The base's Deployments after the overlay's JSON patches, applied as kustomize applies
+    a patch whose target names a Deployment (the test operations included: a base that no
+    longer matches fails here as `kubectl apply -k` would)."""
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    deployments = {name: json.loads(json.dumps(d)) for name, d in by_kind("Deployment").items()}
+    for patch in kustomization["patches"]:
+        target = patch["target"]
+        assert (target["group"], target["version"], target["kind"]) == ("apps", "v1", "Deployment")
+        operations = json.loads((overlay / patch["path"]).read_text())
+        deployments[target["name"]] = jsonpatch.apply_patch(deployments[target["name"]], operations)
+    return deployments
+
+
+def test_the_cloudnativepg_overlay_points_the_registry_at_its_cluster() -> None:
+    (cluster,) = documents(CLOUDNATIVEPG / "registry-cluster.yaml")
+    validate(cluster)
+    spec = cluster["spec"]
+    assert spec["instances"] >= 2  # a standby to fail over to
+    assert spec["imageName"].rpartition(":")[2][:1].isdigit()  # a pinned version
+    base = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    assert cluster["metadata"]["namespace"] == base["namespace"]
+    initdb = spec["bootstrap"]["initdb"]
+    name = cluster["metadata"]["name"]
+    deployments = _overlay_deployments(CLOUDNATIVEPG)
+    patched = {
+        target["name"]
+        for target in (
+            p["target"]
+            for p in yaml.safe_load((CLOUDNATIVEPG / "kustomization.yaml").read_text())["patches"]
+        )
+    }
+    assert patched == set(REGISTRY_USERS)
+    for deployment_name in REGISTRY_USERS:
+        deployment = deployments[deployment_name]
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+        _assert_upgraded_first(deployment)
+        pod = deployment["spec"]["template"]["spec"]
+        for container in (*pod["initContainers"], *pod["containers"]):
+            variables = _variables(container)
+            url = make_url(variables["CTS__REGISTRY__URL"]["value"])
+            assert "valueFrom" not in variables["CTS__REGISTRY__URL"]
+            assert url.drivername == "postgresql+psycopg"
+            # The operator's read-write Service (the primary), the database and its owner.
+            assert (url.host, url.port) == (f"{name}-rw", 5432)
+            assert (url.database, url.username) == (initdb["database"], initdb["owner"])
+            assert url.password is None  # libpq reads PGPASSWORD
+            # The Secret the operator writes for the owner: <cluster>-app, key password.
+            reference = variables["PGPASSWORD"]["valueFrom"]["secretKeyRef"]
+            assert reference == {"name": f"{name}-app", "key": "password"}
+            assert len(container["env"]) == len(variables)  # no variable twice
+    # The other Deployments are as in the base.
+    for deployment_name in set(deployments) - set(REGISTRY_USERS):
+        assert deployments[deployment_name] == by_kind("Deployment")[deployment_name]
