@@ -41,10 +41,12 @@ from services.broker.schemas import (
     QueueTopology,
     StudyProgress,
     StudyResult,
+    TaskStatus,
     decode_message,
 )
 from services.broker.storage import load_result, result_files_dir
 from services.core.config import RabbitMQSettings
+from services.registry import Registry, StudyRecord, StudyState
 from services.triton.local_server import free_local_ports
 
 RABBITMQCTL_TIMEOUT_S = 120
@@ -558,6 +560,11 @@ class TaskClient:
     def result(self, task_id: str) -> StudyResult:
         return self.results[task_id][0]
 
+    def results_of(self, task_id: str) -> StudyResult | None:
+        """The task's first result seen, or None."""
+        copies = self.results.get(task_id)
+        return copies[0] if copies else None
+
     def close(self) -> None:
         if self._connection is not None and self._connection.is_open:
             self._connection.close()
@@ -594,6 +601,37 @@ def report_rows(storage: Path, task_id: str) -> int:
     return sum(1 for row in sheet.iter_rows(min_row=2, values_only=True) if any(row))
 
 
+REGISTRY_CATCH_UP_S = 90.0  # the recorder may still be writing (or waiting for its database)
+
+
+def registry_mismatches(
+    registry: Registry, sent: list[SentStudy], result_of: Callable[[str], StudyResult | None]
+) -> tuple[int, int]:
+    """(lost, duplicated) in the study registry: each task with a result must have one final
+    row per study of that result, in the state the result says, and nothing more."""
+    expected = {
+        study.task_id: result for study in sent if (result := result_of(study.task_id)) is not None
+    }
+
+    def final_rows() -> dict[str, list[StudyRecord]] | None:
+        rows = {task_id: registry.task_studies(task_id) for task_id in expected}
+        done = all(records and all(r.state.final for r in records) for records in rows.values())
+        return rows if done else None
+
+    try:
+        rows = wait_for(final_rows, REGISTRY_CATCH_UP_S, "the registry's rows final", 1.0)
+    except AssertionError:
+        rows = {task_id: registry.task_studies(task_id) for task_id in expected}
+    lost = duplicated = 0
+    for task_id, result in expected.items():
+        records = rows[task_id]
+        want = StudyState.FAILED if result.status is TaskStatus.FAILED else StudyState.DONE
+        right = [record for record in records if record.state is want]
+        lost += max(len(result.reports) - len(right), 0)
+        duplicated += max(len(records) - len(result.reports), 0)
+    return lost, duplicated
+
+
 def count_outcome(
     scenario: str,
     sent: list[SentStudy],
@@ -602,9 +640,16 @@ def count_outcome(
     *,
     stored_expected: Callable[[SentStudy], bool] = lambda study: True,
     note: str = "",
+    registry: Registry | None = None,
+    result_of: Callable[[str], StudyResult | None] | None = None,
 ) -> Outcome:
-    """``seen``: how many final results of each task id reached the user."""
+    """``seen``: how many final results of each task id reached the user. With a registry,
+    its rows count too (every result recorded once, in its final state)."""
     lost = duplicated = 0
+    if registry is not None:
+        lost, duplicated = registry_mismatches(
+            registry, sent, result_of or (lambda task_id: load_result(storage, task_id))
+        )
     for study in sent:
         copies = seen.get(study.task_id, 0)
         lost += copies == 0
@@ -655,3 +700,30 @@ def rabbitmq_restarted(settings: RabbitMQSettings) -> Iterator[Callable[[], None
             start_again()
         finally:
             ensure_rabbitmq_running(settings)
+
+
+def postgres_cluster() -> str:
+    """The version of the machine's PostgreSQL cluster (Debian's layout)."""
+    return sorted(
+        Path("/etc/postgresql").iterdir(), key=lambda p: [int(x) for x in p.name.split(".")]
+    )[-1].name
+
+
+@contextmanager
+def postgres_restarted() -> Iterator[Callable[[], None]]:
+    """The machine's PostgreSQL stopped (fast: clients are cut off); the body runs while it is
+    down and may start it again early through the yielded function; started on exit."""
+    version = postgres_cluster()
+    command = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
+    subprocess.run([*command, "stop", "-m", "fast"], check=True, capture_output=True, timeout=60)
+    state = {"up": False}
+
+    def start_again() -> None:
+        if not state["up"]:
+            subprocess.run([*command, "start"], check=True, capture_output=True, timeout=60)
+            state["up"] = True
+
+    try:
+        yield start_again
+    finally:
+        start_again()

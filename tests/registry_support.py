@@ -34,12 +34,16 @@ def postgres_database() -> Iterator[URL]:
         missing_precondition(f"PostgreSQL at 127.0.0.1:5432 cannot be reached: {error}")
     try:
         admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        admin.close()
+    try:
         yield URL.create(
             "postgresql+psycopg", username="postgres", host="127.0.0.1", port=5432, database=name
         )
     finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+        # A new connection: the server may have restarted meanwhile (the fault suite does).
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as dropper:
+            dropper.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextmanager

@@ -65,10 +65,15 @@ class ScreeningSr:
     algorithm: dict[str, list[str]] = field(default_factory=dict)
     findings: dict[str, dict[str, object]] = field(default_factory=dict)
     evidence_series: dict[str, list[str]] = field(default_factory=dict)
+    procedure: tuple[str, str] | None = None  # Procedure Reported: (code value, scheme)
 
 
 def read_screening_sr(document: Dataset) -> ScreeningSr:
     result = ScreeningSr()
+    for item in document.ContentSequence:
+        if _meaning(item) == "Procedure reported":
+            code = item.ConceptCodeSequence[0]
+            result.procedure = (str(code.CodeValue), str(code.CodingSchemeDesignator))
     for study in document.get("CurrentRequestedProcedureEvidenceSequence", []):
         for series in study.ReferencedSeriesSequence:
             result.evidence_series[str(series.SeriesInstanceUID)] = [

@@ -22,7 +22,7 @@ SERVICES = {"rabbitmq", "triton", "adapter", "frontend", "dicom-listener", "regi
 STACKS = {"compose.local.yaml": SERVICES, "compose.remote.yaml": SERVICES | {"postgres"}}
 BUILT = ("triton", "adapter", "frontend", "dicom-listener")
 # The services that open the registry, and the one-shot that upgrades it before they start.
-REGISTRY_USERS = ("registry-upgrade", "frontend", "dicom-listener")
+REGISTRY_USERS = ("registry-upgrade", "frontend", "dicom-listener", "adapter")
 CREDENTIALS = {"CTS_RABBITMQ_USER": "screening", "CTS_RABBITMQ_PASSWORD": "s3cret-for-tests"}
 # Characters a URL would mangle: the password travels outside the URL (PGPASSWORD).
 DATABASE = {"CTS_POSTGRES_PASSWORD": "db@s3cret/for%tests"}
@@ -272,13 +272,13 @@ def test_the_registry_is_upgraded_before_the_services_that_open_it(
     compose_file: str, tmp_path: Path
 ) -> None:
     """One one-shot container applies the migrations (`python -m services.registry
-    upgrade`); the frontend and the listener start only once it has exited 0, and all three
-    see the same registry. The adapters never open it: nothing of it reaches them."""
+    upgrade`); the frontend, the listener and the adapters (which only read it) start only
+    once it has exited 0, and all see the same registry. Nothing of it reaches the rest."""
     services = compose_model(compose_file, EVERYTHING, tmp_path)["services"]
     upgrade = services["registry-upgrade"]
     assert upgrade["command"] == ["python", "-m", "services.registry", "upgrade"]
     assert upgrade["restart"] == "no"
-    for name in ("frontend", "dicom-listener"):
+    for name in ("frontend", "dicom-listener", "adapter"):
         assert services[name]["depends_on"]["registry-upgrade"] == {
             "condition": "service_completed_successfully",
             "required": True,
@@ -297,6 +297,7 @@ def test_the_registry_is_upgraded_before_the_services_that_open_it(
         )
 
     assert registry("frontend") == registry("dicom-listener") == registry("registry-upgrade")
+    assert registry("adapter") == registry("frontend")
     assert registry("registry-upgrade")[3] == "storage"  # the shared storage volume
     for name in set(services) - set(REGISTRY_USERS):
         environment = services[name].get("environment") or {}
@@ -339,4 +340,3 @@ def test_an_external_postgres_replaces_the_bundled_one(tmp_path: Path) -> None:
     services = compose_model("compose.remote.yaml", environment, tmp_path)["services"]
     for name in REGISTRY_USERS:
         assert services[name]["environment"]["CTS__REGISTRY__URL"] == external
-    assert "CTS__REGISTRY__URL" not in services["adapter"]["environment"]

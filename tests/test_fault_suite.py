@@ -40,10 +40,13 @@ from fault_support import (
     drain_queue,
     ensure_rabbitmq_running,
     format_table,
+    postgres_restarted,
     queue_state,
     rabbitmq_restarted,
 )
 from playwright.sync_api import sync_playwright
+from registry_support import postgres_database
+from sqlalchemy.engine import URL
 from stack_support import delete_topology, wait_for, zip_directory
 from worklist_page import (
     CHROMIUM,
@@ -61,6 +64,7 @@ from services.broker.storage import load_result
 from services.core.config import RabbitMQSettings, load_settings
 from services.core.schemas import ProcessingStatus
 from services.frontend.service import FrontendService
+from services.registry import Door, Registry, StudyFilter, upgrade_registry
 from services.triton.local_server import free_local_ports
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton, pytest.mark.slow]
@@ -120,8 +124,23 @@ def zips(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 
 
 @pytest.fixture(scope="module")
+def registry_url() -> Iterator[URL]:
+    """The stack's registry on the machine's PostgreSQL (a database of its own), so that a
+    database restart is a fault the suite can inject."""
+    with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def registry(stack: LocalStack, registry_url: URL) -> Iterator[Registry]:
+    opened = Registry(registry_url)  # start.sh upgraded it
+    yield opened
+    opened.close()
+
+
+@pytest.fixture(scope="module")
 def stack(
-    tiny_model_repository: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_model_repository: Path, tmp_path_factory: pytest.TempPathFactory, registry_url: URL
 ) -> Iterator[LocalStack]:
     frontend, http, grpc, metrics = free_local_ports(4)
     prefix = f"test-fault-{uuid.uuid4().hex[:10]}"
@@ -132,6 +151,7 @@ def stack(
         ports=StackPorts(frontend, http, grpc, metrics),
         adapters=2,
     )
+    local.environment["CTS__REGISTRY__URL"] = registry_url.render_as_string(hide_password=False)
     ensure_rabbitmq_running(local.broker)
     try:
         local.start()
@@ -234,6 +254,7 @@ def test_poison_tasks_are_dead_lettered_with_a_failure_result(
     client: TaskClient,
     zips: dict[str, Path],
     outcomes: list[Outcome],
+    registry: Registry,
 ) -> None:
     stack = healthy_stack
     topology = QueueTopology(prefix=stack.prefix)
@@ -276,6 +297,8 @@ def test_poison_tasks_are_dead_lettered_with_a_failure_result(
         sent,
         result_counter(client),
         stack.storage,
+        registry=registry,
+        result_of=client.results_of,
         stored_expected=lambda study: study is not sent[1],
         note=(
             "malformed: dead-lettered on the 1st delivery; missing file: "
@@ -290,6 +313,7 @@ def test_adapter_killed_mid_study_is_redelivered_and_finished_by_another(
     client: TaskClient,
     zips: dict[str, Path],
     outcomes: list[Outcome],
+    registry: Registry,
 ) -> None:
     stack = healthy_stack
     with stack.frozen("triton"):
@@ -335,6 +359,8 @@ def test_adapter_killed_mid_study_is_redelivered_and_finished_by_another(
         sent,
         result_counter(client),
         stack.storage,
+        registry=registry,
+        result_of=client.results_of,
         note=f"{victim} killed inside the model request; {survivor} finished it (attempt 2)",
     )
     assert_nothing_lost_or_duplicated(outcome, outcomes)
@@ -345,6 +371,7 @@ def test_rabbitmq_restart_with_studies_queued_and_in_flight(
     client: TaskClient,
     zips: dict[str, Path],
     outcomes: list[Outcome],
+    registry: Registry,
 ) -> None:
     stack = healthy_stack
     topology = QueueTopology(prefix=stack.prefix)
@@ -395,6 +422,8 @@ def test_rabbitmq_restart_with_studies_queued_and_in_flight(
         sent,
         result_counter(client),
         stack.storage,
+        registry=registry,
+        result_of=client.results_of,
         note=(
             "2 results waited in the durable reply queue over the restart; the 2 studies in "
             "flight finished while it was down and were republished from storage"
@@ -408,6 +437,7 @@ def test_triton_down_for_a_minute_mid_run_fails_no_study(
     client: TaskClient,
     zips: dict[str, Path],
     outcomes: list[Outcome],
+    registry: Registry,
 ) -> None:
     stack = healthy_stack
     with stack.frozen("triton"):
@@ -434,7 +464,57 @@ def test_triton_down_for_a_minute_mid_run_fails_no_study(
         sent,
         result_counter(client),
         stack.storage,
+        registry=registry,
+        result_of=client.results_of,
         note=f"Triton killed (-9) with 2 studies in flight; {len(retrying)} studies retried",
+    )
+    assert_nothing_lost_or_duplicated(outcome, outcomes)
+
+
+def test_database_restart_loses_no_registry_row(
+    healthy_stack: LocalStack,
+    client: TaskClient,
+    zips: dict[str, Path],
+    outcomes: list[Outcome],
+    registry: Registry,
+) -> None:
+    """The registry's PostgreSQL goes away while studies finish: their results wait in the
+    registry queue (the recorder gives them back and pauses) and are recorded once it is
+    back; the adapters never needed it."""
+    stack = healthy_stack
+    with stack.frozen("triton"):
+        sent = [
+            client.submit(zips["mr"], "db-mr-1.zip", "mr"),
+            *(client.submit(zips["chest"], f"db-chest-{n}.zip", "chest") for n in range(1, 4)),
+        ]
+        first = sent[0].task_id
+        wait_for(
+            lambda: (row := registry.study(first)) is not None and row.state.final,
+            60,
+            "the MR recorded before the database goes",
+        )
+        with postgres_restarted() as start_postgres:
+            stack.thaw("triton")
+            wait_for(
+                lambda: all(load_result(stack.storage, study.task_id) for study in sent),
+                RESULT_TIMEOUT_S,
+                "every result stored while the database is down",
+            )
+            client.poll()
+            time.sleep(5)  # the recorder meets the outage, gives the results back, pauses
+            start_postgres()
+    client.wait_for_results(sent, RESULT_TIMEOUT_S)
+    client.settle()
+
+    assert_screened(client, sent)
+    outcome = count_outcome(
+        "restart PostgreSQL (the registry) mid-run",
+        sent,
+        result_counter(client),
+        stack.storage,
+        registry=registry,
+        result_of=client.results_of,
+        note="3 results stored while the database was down, recorded after it came back",
     )
     assert_nothing_lost_or_duplicated(outcome, outcomes)
 
@@ -444,6 +524,7 @@ def test_frontend_restart_keeps_every_result_on_the_page(
     zips: dict[str, Path],
     tmp_path: Path,
     outcomes: list[Outcome],
+    registry: Registry,
 ) -> None:
     stack = healthy_stack
     names = ["fe-head-1.zip", "fe-head-2.zip", "fe-chest-1.zip", "fe-chest-2.zip", "fe-chest-3.zip"]
@@ -456,7 +537,6 @@ def test_frontend_restart_keeps_every_result_on_the_page(
         with zipfile.ZipFile(upload, "a") as archive:
             archive.comment = name.encode()
         uploads.append(upload)
-    sessions_before = set((stack.storage / "sessions").glob("*.json"))
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -468,7 +548,7 @@ def test_frontend_restart_keeps_every_result_on_the_page(
             # frontend goes down.
             upload_files(page, uploads[:2], "Queued 2 studies")
             wait_for(
-                lambda: finished_rows(page) == 2,
+                lambda: finished_rows(page, set(names)) == 2,
                 60,
                 "the two heads done on the page",
                 interval_s=0.5,
@@ -476,14 +556,14 @@ def test_frontend_restart_keeps_every_result_on_the_page(
             with stack.frozen("triton"):
                 upload_files(page, uploads[2:], "Queued 3 studies")
                 wait_for(
-                    lambda: len(worklist_rows(page)) == 5,
+                    lambda: len(worklist_rows(page, set(names))) == 5,
                     30,
                     "the chests listed on the page",
                     interval_s=0.5,
                 )
                 stack.terminate("frontend")
-            (session_file,) = set((stack.storage / "sessions").glob("*.json")) - sessions_before
-            task_ids = [task["task_id"] for task in json.loads(session_file.read_text())["tasks"]]
+            uploaded = registry.list_studies(StudyFilter(doors=[Door.UPLOAD])).items
+            task_ids = [row.task_id for row in uploaded if row.original_filename in names]
             assert len(task_ids) == 5
             # Triton is back; the chests finish while the frontend is down.
             wait_for(
@@ -494,12 +574,12 @@ def test_frontend_restart_keeps_every_result_on_the_page(
             stack.launch("frontend")
             page.reload()
             wait_for(
-                lambda: finished_rows(page) == 5,
+                lambda: finished_rows(page, set(names)) == 5,
                 60,
                 "all five done after the reload",
                 interval_s=0.5,
             )
-            shown = [str(row["file"]) for row in worklist_rows(page)]
+            shown = [str(row["file"]) for row in worklist_rows(page, set(names))]
             xlsx = download_all(page, tmp_path / "session.xlsx")
         finally:
             browser.close()
@@ -525,6 +605,7 @@ def test_frontend_restart_keeps_every_result_on_the_page(
         seen,
         stack.storage,
         note="2 results shown before the restart, 3 arrived while it was down; page reloaded",
+        registry=registry,
     )
     assert_nothing_lost_or_duplicated(outcome, outcomes)
     assert all(on_page[name] == 1 for name in names), on_page
@@ -547,17 +628,19 @@ def test_a_study_too_big_to_unpack_is_refused_at_upload(tmp_path: Path) -> None:
         with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             archive.writestr("study/slice.dcm", b"\0" * size)
     assert bomb.stat().st_size < 1024 * 1024  # under the upload limit: only unpacking is big
+    upgrade_registry(settings)
     service = FrontendService(settings, instance_id="fault-limits")
-    token = service.new_session_token()
     try:
-        outcome = service.submit_uploads(token, [bomb, small])
+        outcome = service.submit_uploads("browser:fault", None, [bomb, small])
+        listed = [record.original_filename for record in service.worklist_records("any")]
     finally:
+        service.stop()
         delete_topology(settings.rabbitmq)
-    assert [task.original_filename for task in outcome.submitted] == ["small.zip"]
+    assert [record.original_filename for record in outcome.submitted] == ["small.zip"]
     assert (
         "bomb.zip: 3.0 MB unpacked is over the 2.0 MB limit per study "
         "(intake.max_uncompressed_bytes)" in outcome.message
     )
     assert bomb.exists()
     assert not small.exists()
-    assert [task.original_filename for task in service.session(token).tasks] == ["small.zip"]
+    assert listed == ["small.zip"]  # the refused one was never recorded

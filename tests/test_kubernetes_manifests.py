@@ -31,7 +31,8 @@ BASE = KUBERNETES / "base"
 CLOUDNATIVEPG = KUBERNETES / "cloudnativepg"
 KUSTOMIZATIONS = sorted(KUBERNETES.rglob("kustomization.yaml"))
 # The services that open the study registry (each refuses to start on another schema).
-REGISTRY_USERS = ("frontend", "dicom-listener")
+REGISTRY_USERS = ("frontend", "dicom-listener")  # they upgrade it (init containers) and write
+REGISTRY_READERS = ("adapter",)  # the earlier SRs of a study, which a new one supersedes
 UPGRADE_COMMAND = ["python", "-m", "services.registry", "upgrade"]
 
 
@@ -291,12 +292,15 @@ def test_the_registry_is_upgraded_by_an_init_container_from_the_secret() -> None
                     assert secret_reference["key"] in secret
     # The example is a PostgreSQL URL the registry's own driver takes (psycopg 3).
     assert make_url(secret["registry-url"]).drivername == "postgresql+psycopg"
-    # The adapters report through RabbitMQ and never open the registry; Triton neither.
-    for name in ("adapter", "triton"):
-        for container in _pod(name)["spec"]["containers"]:
-            assert "CTS__REGISTRY__URL" not in _variables(container)
-            assert "CTS__REGISTRY__URL" not in by_kind("ConfigMap")["cts-config"]["data"]
-        assert not _pod(name)["spec"].get("initContainers")
+    # The adapters only read it (no upgrade of theirs); Triton never sees it.
+    (adapter,) = _pod("adapter")["spec"]["containers"]
+    assert adapter["env"][0]["name"] == "CTS__REGISTRY__URL"
+    reference = _variables(adapter)["CTS__REGISTRY__URL"]["valueFrom"]["secretKeyRef"]
+    assert reference == {"name": "cts-rabbitmq", "key": "registry-url"}
+    assert not _pod("adapter")["spec"].get("initContainers")
+    for container in _pod("triton")["spec"]["containers"]:
+        assert "CTS__REGISTRY__URL" not in _variables(container)
+    assert "CTS__REGISTRY__URL" not in by_kind("ConfigMap")["cts-config"]["data"]
 
 
 def _overlay_deployments(overlay: Path) -> dict[str, dict]:
@@ -331,13 +335,14 @@ def test_the_cloudnativepg_overlay_points_the_registry_at_its_cluster() -> None:
             for p in yaml.safe_load((CLOUDNATIVEPG / "kustomization.yaml").read_text())["patches"]
         )
     }
-    assert patched == set(REGISTRY_USERS)
-    for deployment_name in REGISTRY_USERS:
+    assert patched == {*REGISTRY_USERS, *REGISTRY_READERS}
+    for deployment_name in (*REGISTRY_USERS, *REGISTRY_READERS):
         deployment = deployments[deployment_name]
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
-        _assert_upgraded_first(deployment)
         pod = deployment["spec"]["template"]["spec"]
-        for container in (*pod["initContainers"], *pod["containers"]):
+        if deployment_name in REGISTRY_USERS:
+            _assert_upgraded_first(deployment)
+        for container in (*pod.get("initContainers", []), *pod["containers"]):
             variables = _variables(container)
             url = make_url(variables["CTS__REGISTRY__URL"]["value"])
             assert "valueFrom" not in variables["CTS__REGISTRY__URL"]
@@ -351,5 +356,5 @@ def test_the_cloudnativepg_overlay_points_the_registry_at_its_cluster() -> None:
             assert reference == {"name": f"{name}-app", "key": "password"}
             assert len(container["env"]) == len(variables)  # no variable twice
     # The other Deployments are as in the base.
-    for deployment_name in set(deployments) - set(REGISTRY_USERS):
+    for deployment_name in set(deployments) - {*REGISTRY_USERS, *REGISTRY_READERS}:
         assert deployments[deployment_name] == by_kind("Deployment")[deployment_name]

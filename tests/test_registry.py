@@ -346,3 +346,155 @@ def test_the_command_upgrades_imports_and_purges(tmp_path: Path) -> None:
     assert "Doe" not in (root / "results" / "old-task.json").read_text()
     assert (root / "uploads" / "new-task").exists()
     assert kept.identity is not None
+
+
+def test_a_plain_postgresql_url_is_read_with_psycopg_3(tmp_path: Path) -> None:
+    from services.registry.database import database_url
+
+    settings = settings_for(tmp_path, url="postgresql://cts@db.example:5432/cts")
+    assert database_url(settings).drivername == "postgresql+psycopg"
+    settings.registry.url = None
+    default = database_url(settings)
+    assert default.drivername == "sqlite"
+    assert default.database == str(settings.storage.root / "registry" / "registry.sqlite3")
+
+
+@pytest.mark.postgres
+def test_two_upgrades_at_once_run_one_after_the_other(tmp_path: Path) -> None:
+    """Two pods' init containers on an empty database: both succeed, one schema."""
+    import os
+    import subprocess
+    import sys
+
+    with registry_url("postgresql", tmp_path, upgraded=False) as url:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("CTS")}
+        environment["CTS__REGISTRY__URL"] = url.render_as_string(hide_password=False)
+        upgrades = [
+            subprocess.Popen(
+                [sys.executable, "-m", "services.registry", "upgrade"],
+                env=environment,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        for upgrade in upgrades:
+            output, _ = upgrade.communicate(timeout=120)
+            assert upgrade.returncode == 0, output[-2000:]
+        Registry(url).close()
+
+
+@pytest.mark.rabbitmq
+def test_the_recorder_runs_on_its_own_until_stopped(tmp_path: Path) -> None:
+    """python -m services.registry record: what the adapters report reaches the registry;
+    SIGTERM stops it cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import uuid
+
+    from stack_support import delete_topology, wait_for
+
+    from services.broker.connection import connect, declare_topology, publish_to_registry
+    from services.broker.schemas import QueueTopology
+
+    settings = settings_for(tmp_path)
+    settings.rabbitmq.queue_prefix = f"test-recorder-{uuid.uuid4().hex[:8]}"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"storage: {{root: {settings.storage.root}}}\n"
+        f"rabbitmq: {{queue_prefix: {settings.rabbitmq.queue_prefix}}}\n"
+        "metrics: {enabled: false}\n"
+    )
+    from services.registry import upgrade_registry
+
+    upgrade_registry(settings)
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("CTS")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.registry", "--config", str(config), "record"],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    registry = Registry.open(settings)
+    try:
+        topology = QueueTopology.from_settings(settings.rabbitmq)
+        connection = connect(settings.rabbitmq, name="test publisher", give_up_after_s=10)
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            declare_topology(channel, topology)
+            publish_to_registry(channel, topology, result("standalone"))
+        finally:
+            connection.close()
+        wait_for(lambda: registry.study("standalone") is not None, 30, "the row recorded")
+        record_ = registry.study("standalone")
+        assert record_ is not None
+        assert record_.state is StudyState.DONE
+    finally:
+        registry.close()
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+        delete_topology(settings.rabbitmq)
+    assert process.returncode == 0, output[-2000:]
+    assert "registry recorder stopped" in output
+
+
+@pytest.mark.parametrize("backend", PARAMETERS)
+def test_the_tables_are_what_the_migrations_make(backend: str, tmp_path: Path) -> None:
+    """Alembic's autogenerate finds nothing to do: models.py and the migrations agree."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from services.registry.models import Base
+
+    with registry_url(backend, tmp_path) as url:
+        engine = create_registry_engine(url)
+        try:
+            with engine.connect() as connection:
+                differences = compare_metadata(
+                    MigrationContext.configure(connection), Base.metadata
+                )
+        finally:
+            engine.dispose()
+    assert differences == []
+
+
+def test_rows_from_before_the_outcome_get_theirs(tmp_path: Path) -> None:
+    """Migration 0002 gives rows recorded under 0001 their outcome."""
+    url = sqlite_url(tmp_path)
+    config = alembic_config(url)
+    command.upgrade(config, "0001")
+    engine = create_registry_engine(url)
+    with engine.begin() as connection:
+        for task, status, pathology in (
+            ("a", "Success", True),
+            ("b", "Success", False),
+            ("c", "Failure", None),
+        ):
+            connection.execute(
+                text(
+                    "INSERT INTO studies (task_id, report_index, door, priority, original_filename, "
+                    "study_path, state, progress, received_at, updated_at, findings, warnings, files, "
+                    "processing_status, pathology) VALUES (:task, 0, 'upload', 'routine', '', '', "
+                    "'done', 1.0, '2026-01-01 00:00:00', '2026-01-01 00:00:00', '[]', '[]', '[]', "
+                    ":status, :pathology)"
+                ),
+                {"task": task, "status": status, "pathology": pathology},
+            )
+    engine.dispose()
+    command.upgrade(config, "head")
+    registry = Registry(url)
+    try:
+        rows = {task: registry.study(task) for task in "abc"}
+        outcomes = {task: row.outcome if row else None for task, row in rows.items()}
+    finally:
+        registry.close()
+    assert {task: outcome.value if outcome else None for task, outcome in outcomes.items()} == {
+        "a": "pathology",
+        "b": "normal",
+        "c": "failed",
+    }

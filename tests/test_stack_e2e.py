@@ -36,8 +36,10 @@ from worklist_page import (
 
 from services.broker.connection import connect
 from services.broker.schemas import QueueTopology
-from services.core.config import RabbitMQSettings
+from services.core.config import RabbitMQSettings, load_settings
 from services.core.schemas import REPORT_COLUMNS
+from services.registry import Door, Registry, StudyFilter
+from services.registry.database import database_url
 from services.triton.local_server import free_local_ports
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton, pytest.mark.browser, pytest.mark.slow]
@@ -195,19 +197,18 @@ def test_stack_from_start_to_stop(
                 "all four studies finished in the worklist",
                 interval_s=0.5,
             )
-            upload(page, [again], "already screened in this session")
-            wait_for(lambda: len(worklist_rows(page)) == 5, 30, "the duplicate's row")
+            # The same file again: already screened, not queued, no second row.
+            upload(page, [again], "already screened")
+            expect(page.locator("#upload-message")).to_contain_text("not recomputed")
+            page.wait_for_timeout(3000)  # a refresh or two: nothing is added
             rows = worklist_rows(page)
+            assert len(rows) == 4
             by_file: dict[str, list[dict[str, object]]] = {}
             for row in rows:
                 by_file.setdefault(str(row["file"]), []).append(row)
-            # Badges: the call for the chest, Failure (never "done") with its reason for the
-            # rest; the duplicate is flagged, not recomputed.
+            # Badges: the call for the chest, Failure (never "done") with its reason for the rest.
             assert {row["badge_text"] for row in by_file["chest.zip"]} <= {"PATHOLOGY", "NORMAL"}
-            assert len(by_file["chest.zip"]) == 2
-            (duplicate,) = [row for row in by_file["chest.zip"] if row["flags"]]
-            assert "duplicate of chest.zip" in str(duplicate["flags"])
-            assert "not recomputed" in str(duplicate["flags"])
+            assert len(by_file["chest.zip"]) == 1
             reasons = {"head.zip": "not a chest CT", "mr.zip": "modality MR", "broken.zip": "zip"}
             for name, reason in reasons.items():
                 (row,) = by_file[name]
@@ -217,7 +218,7 @@ def test_stack_from_start_to_stop(
             # DICOM text is shown as text: the hostile description is literal, no element made.
             assert by_file["head.zip"][0]["description"] == HOSTILE
             assert page.locator("#worklist img").count() == 0
-            (chest_row,) = [row for row in by_file["chest.zip"] if not row["flags"]]
+            (chest_row,) = by_file["chest.zip"]
             assert chest_row["date"] == "2007-04-25"
             # At 1280x800 the worklist and each failure's reason are on screen, in red.
             for name in reasons:
@@ -270,21 +271,26 @@ def test_stack_from_start_to_stop(
                 "could be read as a volume", timeout=15_000
             )
 
-            # One click downloads the xlsx of the session (the duplicate adds no row).
+            # One click downloads the xlsx of the list.
             xlsx = download_all(page, tmp_path / "downloaded.xlsx")
 
             # A reload (same browser) shows the same worklist and reopens the last study;
             # the guide stays closed after the first visit.
             page.reload()
-            wait_for(lambda: len(worklist_rows(page)) == 5, 30, "the worklist after a reload")
+            wait_for(lambda: len(worklist_rows(page)) == 4, 30, "the worklist after a reload")
             assert sorted(map(str, worklist_rows(page))) == sorted(map(str, rows))
             expect(page.locator("#study-view .sv-title")).to_have_text("mr.zip", timeout=15_000)
             expect(page.locator("#guide")).not_to_contain_text("The worklist")
-            # Remove the duplicate from the list; it stays removed after a reload.
-            page.locator(f'#worklist tr[data-key="{duplicate["key"]}"] .wl-remove').click()
-            wait_for(lambda: len(worklist_rows(page)) == 4, 15, "the row removed")
+            # Take the broken upload off this browser's list; it stays off after a reload,
+            # and another browser (another viewer) still sees it.
+            broken_key = by_file["broken.zip"][0]["key"]
+            page.locator(f'#worklist tr[data-key="{broken_key}"] .wl-remove').click()
+            wait_for(lambda: len(worklist_rows(page)) == 3, 15, "the row removed")
             page.reload()
-            wait_for(lambda: len(worklist_rows(page)) == 4, 30, "still removed after a reload")
+            wait_for(lambda: len(worklist_rows(page)) == 3, 30, "still removed after a reload")
+            other = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
+            other.goto(f"http://127.0.0.1:{frontend_port}/")
+            wait_for(lambda: len(worklist_rows(other)) == 4, 30, "another viewer's full list")
             browser.close()
         assert [dialog.split(":")[0] for dialog in dialogs] == ["confirm"]  # no alert ran
 
@@ -310,10 +316,17 @@ def test_stack_from_start_to_stop(
             stored["chest.zip"]["probability_of_pathology"], abs=1e-9
         )
         assert table["chest.zip"]["study_uid"] == stored["chest.zip"]["study_uid"]
-        # The session is on disk: a frontend restart would show the same studies.
-        sessions = list((storage / "sessions").glob("*.json"))
-        assert len(sessions) == 1
-        assert len(json.loads(sessions[0].read_text())["tasks"]) == 4
+        # The registry holds the four uploads, once each: a frontend restart, or another
+        # browser, shows the same studies.
+        registry = Registry(
+            database_url(load_settings(environ={"CTS__STORAGE__ROOT": str(storage)}))
+        )
+        try:
+            recorded = registry.list_studies(StudyFilter()).items
+        finally:
+            registry.close()
+        assert sorted(record.original_filename for record in recorded) == sorted(table)
+        assert {record.door for record in recorded} == {Door.UPLOAD}
     finally:
         stop = subprocess.run(
             ["bash", str(PROJECT_ROOT / "stop.sh"), "--storage", str(storage)],

@@ -190,3 +190,57 @@ def test_the_batch_writes_an_sr_per_dicom_study(
         read_screening_sr(document).screening["Processing status"] for document in documents
     ]
     assert statuses == [row["processing_status"] for row in rows] == ["Success", "Failure"]
+
+
+def test_a_pacs_list_tells_the_outcome_and_what_was_received(screened, fixtures_dir, tmp_path):
+    """The series description states the outcome; a refused head CT is reported as a CT (not
+    a chest CT), a refused MR as an MR (validated by dciodvfy)."""
+    chest, _evidence, chest_path = screened["chest"]
+    chest_document = pydicom.dcmread(chest_path)
+    call = "PATHOLOGY" if chest.pathology else "NORMAL"
+    assert chest_document.SeriesDescription == (
+        f"AI chest CT screening: {call} P={chest.probability_of_pathology:.2f} (DEMO weights)"
+    )
+    head_document = pydicom.dcmread(screened["head"][2])
+    assert head_document.SeriesDescription == "AI chest CT screening: Not analysed (DEMO weights)"
+    assert read_screening_sr(head_document).procedure == ("CT", "DCM")
+    assert read_screening_sr(chest_document).procedure == ("24627-2", "LN")
+    mr_report = screened["head"][0].model_copy(
+        update={
+            "chest_check": None,
+            "identity": screened["head"][0].identity.model_copy(update={"modality": "MR"}),
+            "failure_reason": "no CT series: modality MR",
+        }
+    )
+    context = DocumentContext(key="mr-task", model_version="v", pathology_threshold=None)
+    mr = build_structured_report(mr_report, screened["head"][1], context)
+    path = tmp_path / "mr.dcm"
+    mr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    assert read_screening_sr(mr).procedure == ("MR", "DCM")
+
+
+def test_a_later_sr_of_the_same_study_supersedes_the_earlier(screened, tmp_path) -> None:
+    """The study sent again: its new SR names the earlier ones in its Predecessor Documents
+    Sequence (their UIDs follow from their tasks), and validates."""
+    report, evidence, first_path = screened["chest"]
+    first = pydicom.dcmread(first_path)
+    asked: list[str] = []
+
+    def earlier(study_uid: str) -> list[tuple[str, int]]:
+        asked.append(study_uid)
+        return [("task-sr-test", 0), ("second-task", 0)]  # the second task itself is skipped
+
+    context = DocumentContext(
+        key="second-task", model_version="v", pathology_threshold=0.5, earlier_reports=earlier
+    )
+    second = build_structured_report(report, evidence, context, instance_number=1)
+    assert asked == [evidence.study_uid]
+    (series,) = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == first.SeriesInstanceUID
+    (instance,) = series.ReferencedSOPSequence
+    assert instance.ReferencedSOPInstanceUID == first.SOPInstanceUID
+    assert second.SOPInstanceUID != first.SOPInstanceUID
+    path = tmp_path / "second.dcm"
+    second.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []

@@ -27,13 +27,15 @@ _ROWS_SCRIPT = """
 """
 
 
-def worklist_rows(page: Page) -> list[dict[str, object]]:
-    """Every row of the worklist as the page shows it (text, never markup)."""
-    return page.evaluate(_ROWS_SCRIPT)
+def worklist_rows(page: Page, files: set[str] | None = None) -> list[dict[str, object]]:
+    """Every row of the worklist as the page shows it (text, never markup); only the rows of
+    ``files`` when given (the worklist is the department's: other tests' studies are there)."""
+    rows = page.evaluate(_ROWS_SCRIPT)
+    return rows if files is None else [row for row in rows if row["file"] in files]
 
 
-def finished_rows(page: Page) -> int:
-    return sum(row["badge"] in FINISHED_BADGES for row in worklist_rows(page))
+def finished_rows(page: Page, files: set[str] | None = None) -> int:
+    return sum(row["badge"] in FINISHED_BADGES for row in worklist_rows(page, files))
 
 
 def upload(page: Page, files: list[Path], expected_message: str) -> None:

@@ -38,6 +38,7 @@ from services.adapter.execute import Delivery, execute_decision, send_progress
 from services.adapter.housekeeping import HealthFile, sweep_leftovers_forever
 from services.adapter.metrics import WAIT_BROKER, AdapterMetrics, MeteredBackend, adapter_metrics
 from services.adapter.model_server_wait import RetryingBackend
+from services.adapter.predecessors import EarlierReports
 from services.adapter.progress import InferenceTimes, ProgressRelay
 from services.adapter.task_runner import run_task
 from services.broker.connection import (
@@ -93,6 +94,7 @@ class Adapter:
         self._workers: set[threading.Thread] = set()  # study threads, of any connection
         self.processed = 0  # results published and acked or dead-lettered (tests and logs)
         self.inference_times = InferenceTimes()  # the model's recent durations: progress by time
+        self.earlier_reports = EarlierReports(settings)  # what a study's new SR supersedes
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -133,6 +135,7 @@ class Adapter:
             pass  # stopped after a failed attempt
         finally:
             backend.close()
+            self.earlier_reports.close()
             logger.info("adapter {} stopped after {} results", self.adapter_id, self.processed)
 
     def _before_reconnect(self, state: RetryCallState) -> None:
@@ -331,6 +334,7 @@ class Adapter:
                 attempt=message.attempt,
                 progress=progress,
                 inference_times=self.inference_times,
+                earlier_reports=self.earlier_reports,
             )
         except Exception as error:  # noqa: BLE001 - the delivery rules decide what it means
             if not isinstance(error, WorkInterrupted):

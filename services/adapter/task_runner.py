@@ -30,7 +30,7 @@ from services.core.previews import write_previews
 from services.core.reports import write_reports
 from services.core.schemas import StudyReport
 from services.core.volume import Volume
-from services.sr.document import document_context, write_structured_reports
+from services.sr.document import EarlierReports, document_context, write_structured_reports
 from services.sr.evidence import EvidenceCollector
 
 PREVIEWS_DIR = "previews"
@@ -182,9 +182,10 @@ def _structured_report_files(
     task_id: str,
     backend: InferenceBackend,
     settings: Settings,
+    earlier_reports: EarlierReports | None,
 ) -> list[ResultFile]:
     """The studies' DICOM SRs next to the other report files (NIfTI studies have none)."""
-    context = document_context(task_id, backend.metadata, settings.inference)
+    context = document_context(task_id, backend.metadata, settings.inference, earlier_reports)
     try:
         written = write_structured_reports(evidence.studies, output_dir / SR_DIR, context)
     except Exception:  # noqa: BLE001 - the reports stand without their SR; the log says why
@@ -209,8 +210,10 @@ def run_task(
     attempt: int,
     progress: ProgressCallback | None = None,
     inference_times: InferenceTimes | None = None,
+    earlier_reports: EarlierReports | None = None,
 ) -> StudyResult:
     """Screen the task's study and write its files; errors of the study become a FAILED result.
+    ``earlier_reports``: the study registry's earlier SRs of a study, which its new SR supersedes.
 
     Errors whose policy is not FAILURE_ROW propagate (services/core/errors.py): the study
     may be fine, and the delivery rules give the task back (services/adapter/delivery.py).
@@ -252,6 +255,7 @@ def run_task(
                 task_id=task.task_id,
                 backend=backend,
                 settings=settings,
+                earlier_reports=earlier_reports,
             )
         )
         files.extend(

@@ -11,7 +11,7 @@ from enum import Enum
 from pydantic import BaseModel, ConfigDict, Field
 
 REPORT_SCHEMA_VERSION = 3  # 2: study_date, study_description, accession_number, embedding;
-# 3: identity
+# 3: identity, failure_kind
 
 # The customer's table (docs/ARCHITECTURE.md, Contracts): these seven columns, in this order, first.
 REPORT_COLUMNS: tuple[str, ...] = (
@@ -32,6 +32,15 @@ class _Model(BaseModel):
 class ProcessingStatus(str, Enum):
     SUCCESS = "Success"
     FAILURE = "Failure"
+
+
+class FailureKind(str, Enum):
+    """Why a Failure row is one (services/core/outcome.py names the outcomes)."""
+
+    # Out of the screening's scope: not CT, not a chest, no series that is a volume.
+    NOT_ANALYSED = "not_analysed"
+    # The data could not be read, or processing broke: something to look into.
+    FAILED = "failed"
 
 
 class IntakeSummary(_Model):
@@ -172,6 +181,8 @@ class StudyReport(_Model):
     time_of_processing: float = 0.0
     most_dangerous_pathology_type: str | None = None
     failure_reason: str | None = None
+    # A Failure's kind; None on a Failure row counts as FAILED (rows from before it existed).
+    failure_kind: FailureKind | None = None
     # What a reader recognises the study by (from the DICOM headers, when they have it).
     study_date: str | None = None  # ISO 8601, YYYY-MM-DD
     study_description: str | None = None

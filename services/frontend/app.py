@@ -13,6 +13,8 @@ from typing import Any
 from urllib.parse import quote
 
 import gradio as gr
+from loguru import logger
+from sqlalchemy.exc import SQLAlchemyError
 
 from services.frontend import views
 from services.frontend.queue_status import QueuePlace
@@ -127,8 +129,13 @@ class PageActions:
         self, token: str | None, key: str | None, shown: dict[str, str] | None
     ) -> tuple[Any, ...]:
         shown = dict(shown or {})
-        records = self.records(token)
-        places = self.service.queue_places()
+        try:
+            records = self.records(token)
+            places = self.service.queue_places()
+        except SQLAlchemyError as error:
+            # The registry's database is away (restarting): the page keeps what it shows.
+            logger.warning("worklist not refreshed: {}", type(error).__name__)
+            return (gr.skip(),) * 4 + (shown,)
         finished = [
             (record.key, str(record.finished_at)) for record in records if record.state.final
         ]

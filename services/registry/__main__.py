@@ -3,6 +3,8 @@
     upgrade                   apply the migrations (every deployment, before the services start)
     import-storage            bring results already in the storage root into the registry
     purge [--dry-run]         apply registry.retention_days: images and identity of old studies
+    record                    record what the adapters report (as the frontend does, for a
+                              deployment whose frontends set registry.record_results: false)
 
 Settings from configs/config.yaml and CTS__ overrides (``registry.url``, ``storage.root``).
 Exit status 0, or 2 with a one-line reason.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,7 +38,33 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("import-storage", help="results in the storage root -> the registry")
     purge = commands.add_parser("purge", help="apply registry.retention_days")
     purge.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    commands.add_parser("record", help="record the adapters' reports until stopped")
     return parser
+
+
+def record(settings_path: Path | None) -> int:
+    """The recorder as a service of its own, until SIGTERM or Ctrl-C."""
+    from services.monitoring.runner import ServiceRun, run_service
+    from services.registry.recorder import RegistryRecorder
+    from services.registry.registry import Registry
+
+    settings = load_settings(settings_path)
+    configure_logging(settings.logging.level)
+    registry = Registry.open(settings)
+    recorder = RegistryRecorder(settings, registry)
+
+    def serve(stop: threading.Event) -> None:
+        recorder.start()
+        try:
+            stop.wait()
+        finally:
+            recorder.stop()
+            registry.close()
+
+    # No metrics port of its own: the frontend's /metrics counts recorded results.
+    run = ServiceRun(name="registry recorder", settings=settings, metrics_port=0)
+    settings.metrics.enabled = False
+    return run_service(run, serve)
 
 
 def upgrade(settings_path: Path | None) -> int:
@@ -51,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if arguments.command == "upgrade":
             return upgrade(arguments.config)
+        if arguments.command == "record":
+            return record(arguments.config)
         settings = load_settings(arguments.config)
         if arguments.command == "import-storage":
             from services.registry.import_storage import import_storage

@@ -35,9 +35,14 @@ class RegistrySchemaError(ConfigurationError):
 
 
 def database_url(settings: Settings) -> URL:
-    """``registry.url``, or the SQLite file under the storage root."""
+    """``registry.url``, or the SQLite file under the storage root. A plain ``postgresql://``
+    URL (what PostgreSQL operators write into their secrets) is read with psycopg 3, the
+    driver the images carry."""
     if settings.registry.url:
-        return make_url(settings.registry.url)
+        url = make_url(settings.registry.url)
+        if url.drivername == "postgresql":
+            url = url.set(drivername="postgresql+psycopg")
+        return url
     folder = settings.storage.root / REGISTRY_DIR
     return URL.create("sqlite", database=str(folder / SQLITE_FILE))
 

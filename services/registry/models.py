@@ -70,6 +70,7 @@ class Study(Base):
         Index("ix_studies_study_uid", "study_instance_uid"),
         Index("ix_studies_sender", "sender", "received_at"),
         Index("ix_studies_content", "content_sha256"),
+        Index("ix_studies_outcome", "outcome", "received_at"),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
@@ -95,6 +96,7 @@ class Study(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
     # What came out (a summary: the full report stays a file).
     processing_status: Mapped[str | None] = mapped_column(String(16))
+    outcome: Mapped[str | None] = mapped_column(String(16))  # services/core/outcome.py
     probability_of_pathology: Mapped[float | None] = mapped_column(Float)
     pathology: Mapped[bool | None] = mapped_column(Boolean)
     most_dangerous_finding: Mapped[str | None] = mapped_column(String(SHORT_TEXT))

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, time, timedelta
 from sqlalchemy import ColumnElement, and_, exists, or_, select
 from sqlalchemy.orm import Session
 
+from services.core.outcome import Outcome
 from services.core.schemas import PatientIdentity
 from services.registry.models import HiddenStudy, SrDelivery, Study
 from services.registry.records import (
@@ -57,6 +58,7 @@ def to_record(row: Study) -> StudyRecord:
         started_at=row.started_at,
         finished_at=row.finished_at,
         processing_status=row.processing_status,
+        outcome=Outcome(row.outcome) if row.outcome else None,
         probability_of_pathology=row.probability_of_pathology,
         pathology=row.pathology,
         most_dangerous_finding=row.most_dangerous_finding,
@@ -95,6 +97,8 @@ def _conditions(wanted: StudyFilter) -> list[ColumnElement[bool]]:
     conditions += [column == value for column, value in equal.items() if value is not None]
     if wanted.states:
         conditions.append(Study.state.in_([state.value for state in wanted.states]))
+    if wanted.outcomes:
+        conditions.append(Study.outcome.in_([outcome.value for outcome in wanted.outcomes]))
     if wanted.doors:
         conditions.append(Study.door.in_([door.value for door in wanted.doors]))
     if wanted.received_from is not None:
@@ -270,3 +274,29 @@ def tasks_without_delivery(
         .limit(limit)
     )
     return [task_id for (task_id,) in rows]
+
+
+def earlier_reports_with_sr(session: Session, study_instance_uid: str) -> list[tuple[str, int]]:
+    """(task id, report index) of every finished study of that StudyInstanceUID that has an
+    SR of its own (``sr`` files are named ``study_<index + 1>_...``), oldest first; the batch's
+    SRs (not sent to a PACS) left out."""
+    rows = session.execute(
+        select(Study.task_id, Study.report_index, Study.files)
+        .where(
+            Study.study_instance_uid == study_instance_uid,
+            Study.state.in_([StudyState.DONE.value, StudyState.FAILED.value]),
+            Study.door != Door.BATCH.value,
+        )
+        .order_by(Study.finished_at, Study.id)
+    )
+    found = []
+    for task_id, index, files in rows:
+        prefix = f"study_{index + 1:04d}_"
+        names = [
+            item.get("path", "").rsplit("/", 1)[-1]
+            for item in files or []
+            if item.get("kind") == "sr"
+        ]
+        if any(name.startswith(prefix) for name in names):
+            found.append((task_id, index))
+    return found

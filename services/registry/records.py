@@ -9,6 +9,7 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.core.outcome import Outcome
 from services.core.schemas import PatientIdentity
 
 
@@ -87,6 +88,7 @@ class StudyRecord(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     processing_status: str | None  # Success | Failure
+    outcome: Outcome | None  # None until the result
     probability_of_pathology: float | None
     pathology: bool | None
     most_dangerous_finding: str | None
@@ -117,6 +119,7 @@ class StudyFilter(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     states: list[StudyState] | None = None
+    outcomes: list[Outcome] | None = None
     doors: list[Door] | None = None
     patient_id: str | None = None
     issuer_of_patient_id: str | None = None

@@ -156,6 +156,10 @@ class Registry:
                 session, doors=doors, destination=destination, since=since, limit=limit
             )
 
+    def earlier_reports_with_sr(self, study_instance_uid: str) -> list[tuple[str, int]]:
+        with self.reading() as session:
+            return reads.earlier_reports_with_sr(session, study_instance_uid)
+
     def deliveries(self, task_id: str) -> list[Delivery]:
         with self.reading() as session:
             return reads.deliveries(session, task_id)

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from services.broker.schemas import StudyProgress, StudyResult, TaskStatus
+from services.core.outcome import study_outcome
 from services.core.schemas import StudyReport
 from services.registry.models import HiddenStudy, SrDelivery, Study
 from services.registry.records import Delivery, Door, StudyState, Submission
@@ -160,6 +161,7 @@ def _sibling(first: Study, index: int) -> Study:
 
 def apply_report(row: Study, report: StudyReport) -> None:
     row.processing_status = report.processing_status.value
+    row.outcome = study_outcome(report).value
     row.probability_of_pathology = report.probability_of_pathology
     row.pathology = None if report.pathology is None else report.pathology == 1
     row.most_dangerous_finding = report.most_dangerous_pathology_type

@@ -45,6 +45,18 @@ FINDING_CALL: Final = _private("CTS022", "Finding present")
 
 # -- standard codes -------------------------------------------------------------------------
 CT_CHEST: Final = CodedConcept("24627-2", "LN", "CT Chest")
+# What was received when it was not a chest CT: its modality (DICOM CID 29).
+MODALITY_PROCEDURES: Final = {
+    "CT": CodedConcept("CT", "DCM", "Computed Tomography"),
+    "MR": CodedConcept("MR", "DCM", "Magnetic Resonance"),
+    "CR": CodedConcept("CR", "DCM", "Computed Radiography"),
+    "DX": CodedConcept("DX", "DCM", "Digital Radiography"),
+    "PT": CodedConcept("PT", "DCM", "Positron emission tomography"),
+    "US": CodedConcept("US", "DCM", "Ultrasound"),
+    "XA": CodedConcept("XA", "DCM", "X-Ray Angiography"),
+    "NM": CodedConcept("NM", "DCM", "Nuclear Medicine"),
+}
+OTHER_PROCEDURE: Final = CodedConcept("OT", "DCM", "Other")
 PROBABILITY_UNIT: Final = CodedConcept("{probability}", "UCUM", "probability")
 PRESENT: Final = CodedConcept("52101004", "SCT", "Present")
 ABSENT: Final = CodedConcept("2667000", "SCT", "Absent")

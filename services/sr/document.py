@@ -6,7 +6,8 @@ instance of the analysed series (CurrentRequestedProcedureEvidenceSequence and t
 library). Its content tree::
 
     Imaging Measurement Report (TID 1500)
-      observer: the device "chest-ct-screening"; procedure reported: CT Chest (LOINC)
+      observer: the device "chest-ct-screening"; procedure reported: CT Chest (LOINC) for a
+      chest CT, else the modality received (an MR refused is reported as MR)
       measurement group "Chest CT screening" (algorithm name and version, TID 4019)
         IMAGE source images: the analysed series' instances
         NUM probability of pathology, NUM its threshold       (Success)
@@ -19,14 +20,17 @@ library). Its content tree::
 
 UIDs are derived from a caller's key (the task id), the study and the document kind, so
 writing the same task's SR again yields the same instance: a PACS that receives it twice
-keeps one.
+keeps one. A later task of the same study (sent again, late instances) writes a new SR that
+names the earlier ones in its Predecessor Documents Sequence: it supersedes them. The
+series description states the outcome ("AI chest CT screening: PATHOLOGY P=0.81"), so a PACS
+list tells the SRs of a study apart.
 """
 
 from __future__ import annotations
 
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata as package_metadata
 from pathlib import Path
@@ -35,10 +39,12 @@ import highdicom as hd
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import Comprehensive3DSRStorage
 
 from services.core.config import InferenceSettings
 from services.core.findings import resolve_thresholds
 from services.core.model_metadata import ModelMetadata
+from services.core.outcome import OUTCOME_WORDS, study_outcome
 from services.core.reports import DEMO_NOTICE
 from services.core.schemas import StudyReport
 from services.sr import codes as cts
@@ -49,8 +55,14 @@ ALGORITHM_NAME = "chest-ct-screening CT-CLIP"
 SERIES_NUMBER = 9901  # high, so that viewers list the AI result after the images
 SERIES_DESCRIPTION = "AI chest CT screening"
 DEMO_SERIES_SUFFIX = " (DEMO weights)"
+SERIES_DESCRIPTION_LENGTH = 64  # LO
 UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_DNS, "sr.chest-ct-screening")
 MAX_TEXT_CHARACTERS = 10_000  # a TEXT item holds up to 64 KiB; a reason is one paragraph
+
+
+# The reports written before for a study (by StudyInstanceUID): (task id, report index) of
+# each (services/adapter/predecessors.py asks the study registry).
+EarlierReports = Callable[[str], Sequence[tuple[str, int]]]
 
 
 @dataclass(frozen=True)
@@ -60,16 +72,61 @@ class DocumentContext:
     key: str  # the task id (or a batch run's id): the same key gives the same UIDs
     model_version: str  # the deployment's model version (a Failure row has no ModelInfo)
     pathology_threshold: float | None  # the threshold the 0/1 call was made with
+    # Earlier SRs of the same study, which a new one supersedes (none: a first SR).
+    earlier_reports: EarlierReports | None = None
 
 
 def document_context(
-    key: str, metadata: ModelMetadata, inference: InferenceSettings
+    key: str,
+    metadata: ModelMetadata,
+    inference: InferenceSettings,
+    earlier_reports: EarlierReports | None = None,
 ) -> DocumentContext:
     return DocumentContext(
         key=key,
         model_version=metadata.model_version,
         pathology_threshold=resolve_thresholds(metadata, inference).pathology,
+        earlier_reports=earlier_reports,
     )
+
+
+def series_description(report: StudyReport) -> str:
+    """The SR series' name in a PACS list says what came out: the call with P(pathology),
+    or that the study was not analysed or failed; and DEMO weights."""
+    outcome = study_outcome(report)
+    text = f"{SERIES_DESCRIPTION}: {OUTCOME_WORDS[outcome]}"
+    if report.succeeded and report.probability_of_pathology is not None:
+        text += f" P={report.probability_of_pathology:.2f}"
+    if report.demo_weights:
+        text += DEMO_SERIES_SUFFIX
+    return text[:SERIES_DESCRIPTION_LENGTH]
+
+
+def procedure_reported(report: StudyReport) -> CodedConcept:
+    """CT Chest for what the check found to be one (and what was screened); else the
+    modality of what was received (an MR is not reported as a chest CT)."""
+    if report.succeeded or (report.chest_check is not None and report.chest_check.is_chest):
+        return cts.CT_CHEST
+    modality = (report.identity.modality if report.identity else None) or ""
+    return cts.MODALITY_PROCEDURES.get(modality.upper(), cts.OTHER_PROCEDURE)
+
+
+def previous_versions(context: DocumentContext, study_uid: str) -> list[Dataset]:
+    """What the Predecessor Documents Sequence names: the earlier SRs of this study (their
+    UIDs follow from their task, as this one's do)."""
+    if context.earlier_reports is None:
+        return []
+    versions = []
+    for task_id, index in context.earlier_reports(study_uid):
+        if task_id == context.key:
+            continue
+        item = Dataset()
+        item.SOPClassUID = Comprehensive3DSRStorage
+        item.SOPInstanceUID = document_uid(task_id, study_uid, f"instance:{index + 1}")
+        item.StudyInstanceUID = study_uid
+        item.SeriesInstanceUID = document_uid(task_id, study_uid, "series")
+        versions.append(item)
+    return versions
 
 
 def product_version() -> str:
@@ -217,10 +274,11 @@ def build_structured_report(
     )
     content = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=cts.CT_CHEST,
+        procedure_reported=procedure_reported(report),
         imaging_measurements=groups,
     )
-    description = SERIES_DESCRIPTION + (DEMO_SERIES_SUFFIX if report.demo_weights else "")
+    description = series_description(report)
+    earlier = previous_versions(context, study_uid)
     with warnings.catch_warnings():
         # highdicom warns about odd source values (a one-part PatientName) by quoting them:
         # patient data must not reach the logs, and the values are the PACS's to keep.
@@ -239,6 +297,7 @@ def build_structured_report(
             is_complete=True,
             is_final=False,  # a machine's preliminary result until a radiologist verifies it
             is_verified=False,
+            previous_versions=earlier or None,
         )
     document.CodingSchemeIdentificationSequence = [cts.coding_scheme_identification()]
     return document

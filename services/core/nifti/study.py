@@ -40,6 +40,7 @@ from services.core.nifti.reader import (
 from services.core.preprocessing import PreprocessingTarget, preprocess_volume, to_model_input
 from services.core.schemas import (
     ChestCheckEvidence,
+    FailureKind,
     IntakeSummary,
     ProcessingStatus,
     QualityReport,
@@ -99,6 +100,7 @@ def prepare_nifti_study(
     report.warnings.extend(evidence.warnings)
     if not evidence.is_chest:
         report.failure_reason = evidence.reason  # starts with "not a chest CT", as everywhere
+        report.failure_kind = FailureKind.NOT_ANALYSED
         return report, None
 
     with clock.stage("preprocessing"):

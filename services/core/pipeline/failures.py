@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.core.schemas import IntakeSummary, ProcessingStatus, StudyReport
+from services.core.schemas import FailureKind, IntakeSummary, ProcessingStatus, StudyReport
 
 NOT_CHEST_PREFIX = "not a chest CT"
 
@@ -23,6 +23,7 @@ def failure_report(
         processing_status=ProcessingStatus.FAILURE,
         time_of_processing=round(sum(stages.values()), 4),
         failure_reason=reason,
+        failure_kind=FailureKind.FAILED,
         warnings=list(warnings or []),
         intake=intake,
         stage_seconds=stages,

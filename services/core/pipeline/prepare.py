@@ -31,7 +31,7 @@ from services.core.nifti.study import prepare_nifti_study
 from services.core.pipeline.events import NO_EVENTS, PipelineEvents, StageClock
 from services.core.pipeline.failures import failure_report, not_chest_reason
 from services.core.preprocessing import PreprocessingTarget, preprocess_volume, to_model_input
-from services.core.schemas import IntakeSummary, ProcessingStatus, StudyReport
+from services.core.schemas import FailureKind, IntakeSummary, ProcessingStatus, StudyReport
 
 WORK_DIR_PREFIX = "cts-intake-"
 
@@ -235,6 +235,7 @@ def _prepare_one_study(
         # report what the headers alone show (duplicates explain many short series).
         warnings.extend(header_duplicate_notes(study))
         report.failure_reason = selection.failure_reason or "no usable series in the study"
+        report.failure_kind = FailureKind.NOT_ANALYSED  # nothing in it is a CT volume
         return report, None
     series = selection.selected
     report.series_uid = series.series_uid
@@ -248,6 +249,7 @@ def _prepare_one_study(
             # The quality findings gathered before the failure explain it: keep them.
             warnings.extend(error.warnings)
             report.failure_reason = reason_of(error)
+            report.failure_kind = FailureKind.FAILED  # the series is there but cannot be read
             return report, None
     report.quality = quality
     warnings.extend(volume_warnings)
@@ -261,6 +263,7 @@ def _prepare_one_study(
     warnings.extend(evidence.warnings)
     if not evidence.is_chest:
         report.failure_reason = not_chest_reason(evidence.reason)
+        report.failure_kind = FailureKind.NOT_ANALYSED
         return report, None
 
     with clock.stage("preprocessing"):
