@@ -232,6 +232,34 @@ def test_listing_filters_and_pages_newest_first(registry: Registry) -> None:
     assert registry.list_studies(StudyFilter(received_from=date(2026, 3, 2))).items == []
 
 
+def test_pages_by_cursor_cross_rows_received_at_the_same_time(registry: Registry) -> None:
+    """A task's studies share their received time (and so may tasks): the cursor goes on by
+    id within one time, and every row comes exactly once, newest first."""
+    for number in range(3):
+        registry.record_submission(submission(f"early{number}", at=T0))
+    registry.record_submission(submission("multi", at=T0 + timedelta(hours=1)))
+    registry.record_result(result("multi", *(report(study_uid=f"9.{n}") for n in range(4))))
+    registry.record_submission(submission("late", at=T0 + timedelta(hours=2)))
+    expected = [row.key for row in registry.list_studies(StudyFilter(), limit=500).items]
+    assert expected[0] == "late:0"
+    assert expected[-3:] == ["early2:0", "early1:0", "early0:0"]  # same time: newest id first
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = registry.list_studies(StudyFilter(), limit=2, cursor=cursor)
+        seen += [row.key for row in page.items]
+        if page.next is None:
+            break
+        cursor = page.next
+    assert seen == expected
+    assert len(seen) == 8
+    # A filtered listing pages the same way (the cursor and the filter together).
+    rest = registry.list_studies(StudyFilter(task_id="multi"), limit=3)
+    assert rest.next is not None
+    last = registry.list_studies(StudyFilter(task_id="multi"), limit=3, cursor=rest.next)
+    assert [row.report_index for row in rest.items + last.items] == [3, 2, 1, 0]
+
+
 def test_a_patients_studies_and_hiding_for_one_viewer(registry: Registry) -> None:
     for number, day in enumerate(("2025-01-10", "2026-02-01", "2024-06-30")):
         task = f"p{number}"
