@@ -305,13 +305,57 @@ def test_a_service_refuses_a_schema_other_than_its_own(backend: str, tmp_path: P
             Registry(url)
 
 
-def test_the_migrations_go_down_and_up_again(tmp_path: Path) -> None:
-    url = sqlite_url(tmp_path)
-    config = alembic_config(url)
-    command.upgrade(config, "head")
-    command.downgrade(config, "base")
-    command.upgrade(config, "head")
-    Registry(url).close()
+@pytest.mark.parametrize("backend", PARAMETERS)
+def test_the_migrations_go_down_and_up_again(backend: str, tmp_path: Path) -> None:
+    with registry_url(backend, tmp_path, upgraded=False) as url:
+        config = alembic_config(url)
+        command.upgrade(config, "head")
+        command.downgrade(config, "base")
+        command.upgrade(config, "head")
+        Registry(url).close()
+
+
+def test_the_free_text_search_ignores_case_and_takes_wildcards_literally(
+    registry: Registry,
+) -> None:
+    registry.record_submission(submission("a_task"))
+    registry.record_result(result("a_task", report(name="McDonald^Ann", study_uid="1.2.840.99")))
+    registry.record_submission(submission("other"))
+    registry.record_result(result("other", report(name="Smith^Bob", study_uid="1.2.841.7")))
+
+    def found(text: str) -> set[str]:
+        return {row.task_id for row in registry.list_studies(StudyFilter(text=text)).items}
+
+    assert found("mcdonald") == found("MCDONALD") == found("cDoNaLd^a") == {"a_task"}
+    assert found("1.2.84") == {"a_task", "other"}  # a UID's beginning
+    assert found("840.9") == {"a_task"}
+    assert found("a_t") == {"a_task"}  # the file name a_task.zip, _ not a wildcard
+    assert found("a%t") == set()
+    assert found("ct chest") == {"a_task", "other"}  # the description, any case
+
+
+@pytest.mark.postgres
+def test_postgresql_plans_each_listing_for_its_own_parameters(tmp_path: Path) -> None:
+    """No listing runs as a prepared statement: PostgreSQL plans a prepared statement, after
+    a few runs, once for any parameters, and that plan would scan every row for a rare search
+    term instead of using the trigram index (0002). psycopg prepares a query it has run five
+    times but forgets them all at a rollback, and every read session ends in one."""
+    with registry_url("postgresql", tmp_path) as url:
+        opened = Registry(url)
+        try:
+            for _ in range(8):  # more than psycopg's prepare threshold (5)
+                opened.list_studies(StudyFilter(text="A000123"), limit=50)
+            with opened.reading() as session:
+                prepared = session.scalar(text("SELECT count(*) FROM pg_prepared_statements"))
+                indexes = set(
+                    session.scalars(
+                        text("SELECT indexname FROM pg_indexes WHERE tablename = 'studies'")
+                    )
+                )
+        finally:
+            opened.close()
+    assert prepared == 0
+    assert {"ix_studies_text", "ix_studies_received"} <= indexes
 
 
 def test_the_sqlite_file_is_private(tmp_path: Path) -> None:
