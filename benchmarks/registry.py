@@ -459,7 +459,9 @@ def registry_rows(sizes: Sequence[int], options: Options) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.registry",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
     add("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), help="studies per registry")

@@ -10,8 +10,8 @@ README says what each row measures and which module measures it. ``--quick``: on
 repetition, the 300-slice study only, two encoder runs, two limit rounds, one cold-start
 round, no INT8 gate, no stack, and the README is left alone unless ``--readme`` is given.
 A second table measures the study registry (benchmarks/registry.py) at 10k studies on SQLite
-and PostgreSQL (about a minute; ``--registry-sizes 10000 100000`` adds 100k, about three more
-minutes; ``--no-registry`` skips it).
+and PostgreSQL (about half a minute; ``--registry-sizes 10000 100000`` adds 100k, about a
+minute more; five runs per read with ``--quick``; ``--no-registry`` skips it).
 """
 
 from __future__ import annotations
@@ -97,7 +97,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         default=list(registry.DEFAULT_SIZES),
         help="studies in each registry measured",
     )
-    add("--registry-repetitions", type=int, default=registry.Options.repetitions)
+    add(
+        "--registry-repetitions",
+        type=int,
+        default=registry.Options.repetitions,
+        help="timed runs per registry read",
+    )
     readme = parser.add_mutually_exclusive_group()
     readme.add_argument("--readme", action="store_true", help="write README.md even if --quick")
     readme.add_argument("--no-readme", action="store_true", help="do not write README.md")

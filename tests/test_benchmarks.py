@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from sqlalchemy.engine import URL
 from stack_support import zip_directory
 
 from benchmarks import encoder, registry_data, run, stack
@@ -276,7 +277,7 @@ def _check_registry_result(result: registry_benchmark.BackendResult) -> None:
     assert result.load_s > 0
 
 
-def test_the_registry_benchmark_runs_end_to_end_on_sqlite(capsys) -> None:
+def test_the_registry_benchmark_runs_end_to_end_on_sqlite() -> None:
     options = registry_benchmark.Options(repetitions=3, write_tasks=3)
     synthetic = registry_data.synthetic_registry(TINY_REGISTRY)
     rows = [registry_data.row_columns(study) for study in synthetic.studies]
@@ -310,13 +311,11 @@ def test_a_bulk_loaded_row_is_the_row_the_registry_writes(tmp_path: Path) -> Non
     """The benchmark's registry looks like the real thing: each drawn study, bulk-loaded, is
     the row the registry itself writes from the door's and the adapter's messages."""
     synthetic = registry_data.synthetic_registry(TINY_REGISTRY)
-    bulk = registry_benchmark.URL.create("sqlite", database=str(tmp_path / "bulk.sqlite3"))
+    bulk = URL.create("sqlite", database=str(tmp_path / "bulk.sqlite3"))
     registry_benchmark.load(
         bulk, synthetic, [registry_data.row_columns(s) for s in synthetic.studies]
     )
-    written_url = registry_benchmark.URL.create(
-        "sqlite", database=str(tmp_path / "written.sqlite3")
-    )
+    written_url = URL.create("sqlite", database=str(tmp_path / "written.sqlite3"))
     upgrade(written_url)
     written = Registry(written_url)
     tasks: dict[str, list[registry_data.SyntheticStudy]] = {}
