@@ -2,12 +2,16 @@
 
     .venv/bin/python -m benchmarks.run [--quick] [--repetitions N] [--encoder-runs N]
         [--compare-encoder OLD.onnx] [--no-precision] [--no-cold-start] [--no-stack]
-        [--limit-rounds N] [--cold-rounds N] [--no-readme]
+        [--limit-rounds N] [--cold-rounds N] [--no-registry] [--registry-sizes N [N ...]]
+        [--no-readme]
 
 Prints one table and writes it to benchmarks/README.md (between the result markers); the
 README says what each row measures and which module measures it. ``--quick``: one
 repetition, the 300-slice study only, two encoder runs, two limit rounds, one cold-start
 round, no INT8 gate, no stack, and the README is left alone unless ``--readme`` is given.
+A second table measures the study registry (benchmarks/registry.py) at 10k studies on SQLite
+and PostgreSQL (about half a minute; ``--registry-sizes 10000 100000`` adds 100k, about a
+minute more; five runs per read with ``--quick``; ``--no-registry`` skips it).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from loguru import logger
 from benchmarks import encoder as enc
 from benchmarks import machine_rows as rows_of
 from benchmarks import precision_rows as precision
-from benchmarks import stack
+from benchmarks import registry, stack
 from benchmarks.embedded import benchmark_settings, fresh_process_rows, model_input_of
 from benchmarks.measure import machine, table_row
 from benchmarks.stages import StudyResult, TimedBackend, benchmark_study
@@ -85,6 +89,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     add("--stack-runs", type=int, default=10, help="latency samples per mode")
     add("--stack-burst", type=int, default=8, help="tasks for throughput")
     add("--overhead-runs", type=int, default=4, help="embedded/stack pairs, full-size model")
+    add("--no-registry", action="store_true", help="skip the study registry's table")
+    add(
+        "--registry-sizes",
+        type=int,
+        nargs="+",
+        default=list(registry.DEFAULT_SIZES),
+        help="studies in each registry measured",
+    )
+    add(
+        "--registry-repetitions",
+        type=int,
+        default=registry.Options.repetitions,
+        help="timed runs per registry read",
+    )
     readme = parser.add_mutually_exclusive_group()
     readme.add_argument("--readme", action="store_true", help="write README.md even if --quick")
     readme.add_argument("--no-readme", action="store_true", help="do not write README.md")
@@ -98,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.quick:
         arguments.repetitions, arguments.encoder_runs, arguments.no_stack = 1, 2, True
         arguments.limit_rounds, arguments.cold_rounds, arguments.no_precision = 2, 1, True
+        arguments.registry_repetitions = 5
     command = "python -m benchmarks.run" + "".join(
         f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv)
     )
@@ -155,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "",
     ]
-    table = "\n".join(header + _stage_rows(results) + rows) + "\n"
+    table = "\n".join(header + _stage_rows(results) + rows + _registry_rows(arguments)) + "\n"
     print(table)
     if arguments.readme or not (arguments.quick or arguments.no_readme):
         write_readme(table)
@@ -351,6 +370,14 @@ def _stack_rows(arguments: argparse.Namespace, study: Path, cores: int) -> list[
             table_row(f"{result.mode}: latency p50 / p95, throughput", latency, "", ratio, notes)
         )
     return rows
+
+
+def _registry_rows(arguments: argparse.Namespace) -> list[str]:
+    """The study registry's own table, after a blank line (its columns are registries)."""
+    if arguments.no_registry:
+        return []
+    options = registry.Options(repetitions=arguments.registry_repetitions)
+    return ["", *registry.registry_rows(arguments.registry_sizes, options)]
 
 
 def write_readme(table: str) -> None:

@@ -11,12 +11,17 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from sqlalchemy.engine import URL
 from stack_support import zip_directory
 
-from benchmarks import encoder, run, stack
+from benchmarks import encoder, registry_data, run, stack
+from benchmarks import registry as registry_benchmark
 from benchmarks.embedded import benchmark_settings, run_in_fresh_process
 from benchmarks.stages import ROW_STAGES, TimedBackend, benchmark_study
 from benchmarks.studies import STUDY_300
+from services.broker.schemas import StudyProgress
+from services.registry import Door, Registry, StudyState
+from services.registry.database import upgrade
 
 FIXTURE_SLICES = 30  # chest_ct_lung_dx_a0002: 30 slices of 512 x 512
 PREPROCESSING_TOLERANCE = 1e-4  # the contract's parity with the reference (docs/ARCHITECTURE.md)
@@ -241,3 +246,151 @@ def test_a_new_batch_process_is_timed_with_and_without_the_graph_cache(
     # The first start saved every model's optimised graph; clearing removes them again.
     assert cold_start.clear_graph_caches(repository) >= 3
     assert cold_start.clear_graph_caches(repository) == 0
+
+
+# -- the study registry (benchmarks/registry.py) ----------------------------------------------
+
+TINY_REGISTRY = 200
+
+
+def _check_registry_result(result: registry_benchmark.BackendResult) -> None:
+    assert result.error is None
+    assert result.size == TINY_REGISTRY
+    timings = {timing.label: timing for timing in result.reads}
+    assert len(timings) == len(result.reads)  # one row per read
+    for timing in result.reads:
+        assert len(timing.runs_ms) == 3, timing.label
+        assert 0 < timing.median_ms <= timing.p95_ms, timing.label
+    # The worklist leaves out what its viewer hid: fewer than the registry's rows.
+    worklist = timings[f"worklist: first page ({registry_benchmark.WORKLIST_ROWS}, less hidden)"]
+    assert 0 < worklist.rows < TINY_REGISTRY
+    assert timings[f"worklist: first page ({registry_benchmark.API_PAGE}, less hidden)"].rows == 50
+    assert timings["study view: a patient's studies"].rows >= 1
+    # The accession number of one study finds that study.
+    assert timings[f"REST: q = an accession number ({registry_benchmark.API_PAGE})"].rows == 1
+    writes = result.writes
+    assert writes is not None
+    assert writes.n_tasks == 3
+    assert min(writes.submissions, writes.progress, writes.results, writes.tasks) > 0
+    # A task is 15 writes: it takes longer than any one of them.
+    assert writes.tasks < min(writes.submissions, writes.progress, writes.results)
+    assert result.load_s > 0
+
+
+def test_the_registry_benchmark_runs_end_to_end_on_sqlite() -> None:
+    options = registry_benchmark.Options(repetitions=3, write_tasks=3)
+    synthetic = registry_data.synthetic_registry(TINY_REGISTRY)
+    rows = [registry_data.row_columns(study) for study in synthetic.studies]
+    result = registry_benchmark.measure("sqlite", synthetic, rows, options)
+    _check_registry_result(result)
+
+    table = registry_benchmark.table([result], options.repetitions)
+    assert table[0] == "| study registry: median / p95 of 3 warm runs | SQLite 200 | notes |"
+    assert len(table) == 2 + len(result.reads) + 4 + 2  # header, reads, writes, load, machine
+    assert table[1] == "|---|---|---|"
+    assert all(line.startswith("| ") and line.endswith(" |") for line in table[2:])
+    assert any(line.startswith("| writes: whole tasks per second | ") for line in table)
+
+
+@pytest.mark.postgres
+def test_the_registry_benchmark_runs_end_to_end_on_postgresql() -> None:
+    import psycopg
+    from preconditions import missing_precondition
+
+    try:
+        psycopg.connect(registry_benchmark.POSTGRES_ADMIN).close()
+    except psycopg.OperationalError as error:
+        missing_precondition(f"PostgreSQL at 127.0.0.1:5432 cannot be reached: {error}")
+    options = registry_benchmark.Options(repetitions=3, write_tasks=3)
+    synthetic = registry_data.synthetic_registry(TINY_REGISTRY)
+    rows = [registry_data.row_columns(study) for study in synthetic.studies]
+    _check_registry_result(registry_benchmark.measure("postgresql", synthetic, rows, options))
+
+
+def test_a_bulk_loaded_row_is_the_row_the_registry_writes(tmp_path: Path) -> None:
+    """The benchmark's registry looks like the real thing: each drawn study, bulk-loaded, is
+    the row the registry itself writes from the door's and the adapter's messages."""
+    synthetic = registry_data.synthetic_registry(TINY_REGISTRY)
+    bulk = URL.create("sqlite", database=str(tmp_path / "bulk.sqlite3"))
+    registry_benchmark.load(
+        bulk, synthetic, [registry_data.row_columns(s) for s in synthetic.studies]
+    )
+    written_url = URL.create("sqlite", database=str(tmp_path / "written.sqlite3"))
+    upgrade(written_url)
+    written = Registry(written_url)
+    tasks: dict[str, list[registry_data.SyntheticStudy]] = {}
+    for study in synthetic.studies:
+        tasks.setdefault(study.task_id, []).append(study)
+    for studies in tasks.values():
+        first = studies[0]
+        written.record_submission(first.submission())
+        if first.state is StudyState.PROCESSING:
+            assert first.started_at is not None
+            progress = StudyProgress(
+                task_id=first.task_id,
+                stage="inference",
+                fraction=0.6,
+                adapter_id=first.adapter_id or "",
+                at=first.started_at,
+            )
+            written.record_progress(progress)
+        elif first.state.final:
+            written.record_result(registry_data.result_message(studies))
+    loaded = Registry(bulk)
+    states = set()
+    try:
+        for study in synthetic.studies:
+            ours = loaded.study(study.task_id, study.report_index)
+            theirs = written.study(study.task_id, study.report_index)
+            assert ours is not None
+            assert theirs is not None
+            assert ours.model_dump(exclude={"id"}) == theirs.model_dump(exclude={"id"})
+            states.add(ours.state)
+    finally:
+        loaded.close()
+        written.close()
+    assert states == set(StudyState)  # queued, processing, done and failed rows all compared
+
+
+def test_the_drawn_registry_looks_like_a_hospitals_year() -> None:
+    synthetic = registry_data.synthetic_registry(5000)
+    studies = synthetic.studies
+    assert len(studies) == 5000
+    assert [s.received_at for s in studies] == sorted(s.received_at for s in studies)
+    assert (studies[-1].received_at - studies[0].received_at).days >= 360
+    doors = {door: sum(s.door is door for s in studies) / len(studies) for door in Door}
+    assert 0.35 < doors[Door.DICOM] < 0.45
+    assert all(share > 0.02 for share in doors.values())
+    per_patient = [
+        sum(
+            1
+            for s in studies
+            if s.report and s.report.identity and s.report.identity.patient_id == p.patient_id
+        )
+        for p in synthetic.patients[:200]
+    ]
+    assert max(per_patient) <= 4  # 1-3, and a two-study task's second study
+    assert 1.4 < len(studies) / len(synthetic.patients) < 2.0
+    hidden = synthetic.hidden_positions()
+    # 30% of the newest 2,000 rows, 2% of the 3,000 older ones: ~660.
+    assert 600 < len(hidden[registry_data.WORKLIST_VIEWER]) < 720
+    # The same size is the same registry in every run.
+    again = registry_data.synthetic_registry(5000, end=synthetic.end)
+    assert [s.task_id for s in again.studies] == [s.task_id for s in studies]
+
+
+def test_run_adds_the_registry_table_unless_told_not_to(monkeypatch) -> None:
+    asked: list[tuple[list[int], int]] = []
+
+    def rows(sizes: list[int], options: registry_benchmark.Options) -> list[str]:
+        asked.append((sizes, options.repetitions))
+        return ["| study registry | x |"]
+
+    monkeypatch.setattr(registry_benchmark, "registry_rows", rows)
+    default = run._parse([])
+    assert run._registry_rows(default) == ["", "| study registry | x |"]
+    assert asked == [([10_000], registry_benchmark.Options.repetitions)]
+    sized = run._parse(["--registry-sizes", "10000", "100000"])
+    run._registry_rows(sized)
+    assert asked[-1][0] == [10_000, 100_000]
+    assert run._registry_rows(run._parse(["--no-registry"])) == []

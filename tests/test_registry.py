@@ -232,6 +232,34 @@ def test_listing_filters_and_pages_newest_first(registry: Registry) -> None:
     assert registry.list_studies(StudyFilter(received_from=date(2026, 3, 2))).items == []
 
 
+def test_pages_by_cursor_cross_rows_received_at_the_same_time(registry: Registry) -> None:
+    """A task's studies share their received time (and so may tasks): the cursor goes on by
+    id within one time, and every row comes exactly once, newest first."""
+    for number in range(3):
+        registry.record_submission(submission(f"early{number}", at=T0))
+    registry.record_submission(submission("multi", at=T0 + timedelta(hours=1)))
+    registry.record_result(result("multi", *(report(study_uid=f"9.{n}") for n in range(4))))
+    registry.record_submission(submission("late", at=T0 + timedelta(hours=2)))
+    expected = [row.key for row in registry.list_studies(StudyFilter(), limit=500).items]
+    assert expected[0] == "late:0"
+    assert expected[-3:] == ["early2:0", "early1:0", "early0:0"]  # same time: newest id first
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = registry.list_studies(StudyFilter(), limit=2, cursor=cursor)
+        seen += [row.key for row in page.items]
+        if page.next is None:
+            break
+        cursor = page.next
+    assert seen == expected
+    assert len(seen) == 8
+    # A filtered listing pages the same way (the cursor and the filter together).
+    rest = registry.list_studies(StudyFilter(task_id="multi"), limit=3)
+    assert rest.next is not None
+    last = registry.list_studies(StudyFilter(task_id="multi"), limit=3, cursor=rest.next)
+    assert [row.report_index for row in rest.items + last.items] == [3, 2, 1, 0]
+
+
 def test_a_patients_studies_and_hiding_for_one_viewer(registry: Registry) -> None:
     for number, day in enumerate(("2025-01-10", "2026-02-01", "2024-06-30")):
         task = f"p{number}"
@@ -277,13 +305,57 @@ def test_a_service_refuses_a_schema_other_than_its_own(backend: str, tmp_path: P
             Registry(url)
 
 
-def test_the_migrations_go_down_and_up_again(tmp_path: Path) -> None:
-    url = sqlite_url(tmp_path)
-    config = alembic_config(url)
-    command.upgrade(config, "head")
-    command.downgrade(config, "base")
-    command.upgrade(config, "head")
-    Registry(url).close()
+@pytest.mark.parametrize("backend", PARAMETERS)
+def test_the_migrations_go_down_and_up_again(backend: str, tmp_path: Path) -> None:
+    with registry_url(backend, tmp_path, upgraded=False) as url:
+        config = alembic_config(url)
+        command.upgrade(config, "head")
+        command.downgrade(config, "base")
+        command.upgrade(config, "head")
+        Registry(url).close()
+
+
+def test_the_free_text_search_ignores_case_and_takes_wildcards_literally(
+    registry: Registry,
+) -> None:
+    registry.record_submission(submission("a_task"))
+    registry.record_result(result("a_task", report(name="McDonald^Ann", study_uid="1.2.840.99")))
+    registry.record_submission(submission("other"))
+    registry.record_result(result("other", report(name="Smith^Bob", study_uid="1.2.841.7")))
+
+    def found(text: str) -> set[str]:
+        return {row.task_id for row in registry.list_studies(StudyFilter(text=text)).items}
+
+    assert found("mcdonald") == found("MCDONALD") == found("cDoNaLd^a") == {"a_task"}
+    assert found("1.2.84") == {"a_task", "other"}  # a UID's beginning
+    assert found("840.9") == {"a_task"}
+    assert found("a_t") == {"a_task"}  # the file name a_task.zip, _ not a wildcard
+    assert found("a%t") == set()
+    assert found("ct chest") == {"a_task", "other"}  # the description, any case
+
+
+@pytest.mark.postgres
+def test_postgresql_plans_each_listing_for_its_own_parameters(tmp_path: Path) -> None:
+    """No listing runs as a prepared statement: PostgreSQL plans a prepared statement, after
+    a few runs, once for any parameters, and that plan would scan every row for a rare search
+    term instead of using the trigram index (0002). psycopg prepares a query it has run five
+    times but forgets them all at a rollback, and every read session ends in one."""
+    with registry_url("postgresql", tmp_path) as url:
+        opened = Registry(url)
+        try:
+            for _ in range(8):  # more than psycopg's prepare threshold (5)
+                opened.list_studies(StudyFilter(text="A000123"), limit=50)
+            with opened.reading() as session:
+                prepared = session.scalar(text("SELECT count(*) FROM pg_prepared_statements"))
+                indexes = set(
+                    session.scalars(
+                        text("SELECT indexname FROM pg_indexes WHERE tablename = 'studies'")
+                    )
+                )
+        finally:
+            opened.close()
+    assert prepared == 0
+    assert {"ix_studies_text", "ix_studies_received"} <= indexes
 
 
 def test_the_sqlite_file_is_private(tmp_path: Path) -> None:

@@ -34,6 +34,15 @@ UID_LENGTH = 64
 SHORT_TEXT = 128
 LONG_TEXT = 512
 Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite's rowid alias must be INTEGER
+# What the listing's free text searches (reads.py), indexed for it.
+SEARCHED = (
+    "patient_name",
+    "patient_id",
+    "accession_number",
+    "study_description",
+    "original_filename",
+    "study_instance_uid",
+)
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -63,7 +72,17 @@ class Study(Base):
     __tablename__ = "studies"
     __table_args__ = (
         UniqueConstraint("task_id", "report_index", name="uq_studies_task_report"),
-        Index("ix_studies_received", "received_at", "id"),
+        # The listing, newest first: on SQLite with the searched columns, so a free-text
+        # search tests them in the index; on PostgreSQL a trigram index serves the search
+        # (migration 0002).
+        Index("ix_studies_received", "received_at", "id").ddl_if(dialect="postgresql"),
+        Index("ix_studies_listing", "received_at", "id", *SEARCHED).ddl_if(dialect="sqlite"),
+        Index(
+            "ix_studies_text",
+            *SEARCHED,
+            postgresql_using="gin",
+            postgresql_ops=dict.fromkeys(SEARCHED, "gin_trgm_ops"),
+        ).ddl_if(dialect="postgresql"),
         Index("ix_studies_state", "state", "received_at"),
         Index("ix_studies_patient", "patient_id", "issuer_of_patient_id", "study_date"),
         Index("ix_studies_accession", "accession_number"),
