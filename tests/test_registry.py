@@ -523,23 +523,30 @@ def test_the_tables_are_what_the_migrations_make(backend: str, tmp_path: Path) -
 
     from services.registry.models import Base
 
+    def on_this_backend(item: object, _name: object, kind: str, *_rest: object) -> bool:
+        # Indexes declared for one database only (ddl_if) exist on that one alone.
+        condition = getattr(item, "_ddl_if", None)
+        dialect = getattr(condition, "dialect", None)
+        return kind != "index" or dialect is None or dialect == backend
+
     with registry_url(backend, tmp_path) as url:
         engine = create_registry_engine(url)
         try:
             with engine.connect() as connection:
-                differences = compare_metadata(
-                    MigrationContext.configure(connection), Base.metadata
+                context = MigrationContext.configure(
+                    connection, opts={"include_object": on_this_backend}
                 )
+                differences = compare_metadata(context, Base.metadata)
         finally:
             engine.dispose()
     assert differences == []
 
 
 def test_rows_from_before_the_outcome_get_theirs(tmp_path: Path) -> None:
-    """Migration 0002 gives rows recorded under 0001 their outcome."""
+    """Migration 0003 gives rows recorded before it their outcome."""
     url = sqlite_url(tmp_path)
     config = alembic_config(url)
-    command.upgrade(config, "0001")
+    command.upgrade(config, "0002")
     engine = create_registry_engine(url)
     with engine.begin() as connection:
         for task, status, pathology in (

@@ -1,8 +1,8 @@
 """A study's outcome in the reader's four words (services/core/outcome.py), for sorting and
 filtering the worklist by it; rows recorded before it are given theirs from what they hold.
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
