@@ -10,10 +10,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
+import pytest
 from alembic import command
 from preconditions import missing_precondition
 from sqlalchemy.engine import URL
 
+from services.registry import Registry
 from services.registry.database import alembic_config
 
 POSTGRES_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
@@ -59,3 +61,22 @@ def registry_url(backend: str, folder: Path, *, upgraded: bool = True) -> Iterat
         if upgraded:
             command.upgrade(alembic_config(url), "head")
         yield url
+
+
+# Each backend as a pytest parameter; PostgreSQL's carries the postgres mark (the fast loop
+# leaves those out).
+BACKEND_PARAMETERS = [
+    pytest.param(backend, marks=[pytest.mark.postgres] if backend == "postgresql" else [])
+    for backend in BACKENDS
+]
+
+
+@contextmanager
+def open_registry(backend: str, folder: Path) -> Iterator[Registry]:
+    """A Registry on an empty, migrated database of that backend, closed afterwards."""
+    with registry_url(backend, folder) as url:
+        opened = Registry(url)
+        try:
+            yield opened
+        finally:
+            opened.close()

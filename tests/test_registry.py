@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from registry_support import BACKENDS, registry_url, sqlite_url
+from registry_support import BACKEND_PARAMETERS, open_registry, registry_url, sqlite_url
 from sqlalchemy import text
 
 from services.broker.schemas import StudyProgress, StudyResult, TaskStatus
@@ -31,19 +31,13 @@ from services.registry.database import alembic_config, create_registry_engine
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 
 
-def backend_marks(backend: str) -> list[pytest.MarkDecorator]:
-    return [pytest.mark.postgres] if backend == "postgresql" else []
-
-
-PARAMETERS = [pytest.param(backend, marks=backend_marks(backend)) for backend in BACKENDS]
+PARAMETERS = BACKEND_PARAMETERS
 
 
 @pytest.fixture(params=PARAMETERS)
 def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registry]:
-    with registry_url(request.param, tmp_path) as url:
-        opened = Registry(url)
+    with open_registry(request.param, tmp_path) as opened:
         yield opened
-        opened.close()
 
 
 def submission(task_id: str, *, at: datetime = T0, door: Door = Door.UPLOAD, **kw) -> Submission:

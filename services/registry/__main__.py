@@ -5,6 +5,8 @@
     purge [--dry-run]         apply registry.retention_days: images and identity of old studies
     record                    record what the adapters report (as the frontend does, for a
                               deployment whose frontends set registry.record_results: false)
+    users ... | keys ... | audit ...
+                              accounts, API keys and the audit trail (admin_commands.py)
 
 Settings from configs/config.yaml and CTS__ overrides (``registry.url``, ``storage.root``).
 Exit status 0, or 2 with a one-line reason.
@@ -23,6 +25,8 @@ from loguru import logger
 from services.core.config import load_settings
 from services.core.errors import ConfigurationError
 from services.core.logging_setup import configure_logging
+from services.registry import admin_commands
+from services.registry.accounts import AccountError
 from services.registry.database import database_url, describe
 from services.registry.database import upgrade as upgrade_database
 
@@ -39,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     purge = commands.add_parser("purge", help="apply registry.retention_days")
     purge.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
     commands.add_parser("record", help="record the adapters' reports until stopped")
+    admin_commands.add_parsers(commands)
     return parser
 
 
@@ -83,6 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if arguments.command == "record":
             return record(arguments.config)
         settings = load_settings(arguments.config)
+        if arguments.command in ("users", "keys", "audit"):
+            from services.registry.registry import Registry
+
+            registry = Registry.open(settings)
+            try:
+                return admin_commands.run(arguments, registry)
+            finally:
+                registry.close()
         if arguments.command == "import-storage":
             from services.registry.import_storage import import_storage
 
@@ -94,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcome = purge(settings, dry_run=arguments.dry_run)
         print(outcome.summary())
         return 0
-    except ConfigurationError as error:
+    except (ConfigurationError, AccountError) as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
 

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from services.broker.schemas import StudyProgress, StudyResult
 from services.core.config import Settings
 from services.registry import reads, writes
+from services.registry.account_book import AccountBook, AuditTrail
 from services.registry.database import (
     check_schema,
     create_registry_engine,
@@ -61,6 +62,8 @@ class Registry:
         self._writes = session_factory(self._write_engine)
         if check:
             check_schema(self._read_engine)
+        self.accounts = AccountBook(self._write, self.reading)
+        self.audit = AuditTrail(self._write, self.reading)
 
     @classmethod
     def open(cls, settings: Settings, *, check: bool = True) -> Registry:
