@@ -13,9 +13,8 @@ import pytest
 import yaml
 from test_compose_and_dockerfiles import (
     COMPOSE_FILES,
-    CREDENTIALS,
+    EVERYTHING,
     PROJECT_ROOT,
-    REMOTE,
     compose_model,
 )
 
@@ -26,7 +25,7 @@ MONITORING = PROJECT_ROOT / "deploy" / "monitoring"
 
 def monitoring_model(compose_file: str, home: Path) -> dict:
     return compose_model(
-        compose_file, {**CREDENTIALS, **REMOTE, "COMPOSE_PROFILES": "monitoring"}, home
+        compose_file, {**EVERYTHING, "COMPOSE_PROFILES": "monitoring"}, home
     )
 
 
@@ -107,7 +106,7 @@ def test_grafana_gets_the_dashboard_and_no_default_password(
 
 
 def test_the_stack_without_the_profile_has_no_monitoring_services(tmp_path: Path) -> None:
-    services = compose_model("compose.local.yaml", dict(CREDENTIALS), tmp_path)["services"]
+    services = compose_model("compose.local.yaml", dict(EVERYTHING), tmp_path)["services"]
     assert not {"prometheus", "grafana"} & set(services)
 
 
