@@ -227,7 +227,7 @@ say "started $ADAPTERS adapter(s), $ADAPTER_THREADS onnxruntime thread(s) each (
 # 5. Frontend.
 CTS__METRICS__FRONTEND_PORT="$FRONTEND_METRICS_PORT" launch frontend "$PYTHON" -m services.frontend
 deadline=$((SECONDS + 120))
-until http_ok "http://127.0.0.1:$FRONTEND_PORT/"; do
+until http_ok "http://127.0.0.1:$FRONTEND_PORT/healthz"; do
   alive "$RUN_DIR/frontend.pid" || fail "the frontend exited: see $LOG_DIR/frontend.log"
   [ $SECONDS -lt $deadline ] || fail "the frontend did not answer within 120 s: see $LOG_DIR/frontend.log"
   sleep 1

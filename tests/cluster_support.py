@@ -279,7 +279,12 @@ class Cluster:
             [sys.executable, "-m", "services.frontend"],
             {"CTS__FRONTEND__HOST": host.address, "CTS__FRONTEND__PORT": str(FRONTEND_PORT)},
         )
-        wait_for(lambda: self._serving("frontend", self.frontend_url), 180, "the frontend", 0.5)
+        wait_for(
+            lambda: self._serving("frontend", self.frontend_url + "healthz"),
+            180,
+            "the frontend",
+            0.5,
+        )
 
     @property
     def frontend_url(self) -> str:
@@ -349,7 +354,12 @@ class Cluster:
         self.broker.start()
         wait_for(lambda: not self.alive("frontend"), 30, "the old frontend reaped")
         self.relaunch("frontend")
-        wait_for(lambda: self._serving("frontend", self.frontend_url), 180, "the frontend", 0.5)
+        wait_for(
+            lambda: self._serving("frontend", self.frontend_url + "healthz"),
+            180,
+            "the frontend",
+            0.5,
+        )
 
     # -- what the hosts say -----------------------------------------------------------------
 

@@ -339,7 +339,7 @@ class LocalStack:
             wait_for(lambda: self._serving(name, lambda: http_ok(url)), 180, "Triton ready")
         elif name == "frontend":
             wait_for(
-                lambda: self._serving(name, lambda: http_ok(self.frontend_url)),
+                lambda: self._serving(name, lambda: http_ok(self.frontend_url + "healthz")),
                 180,
                 "the frontend",
             )

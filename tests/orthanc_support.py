@@ -149,6 +149,15 @@ class Orthanc:
         answer.raise_for_status()
         return answer.json()
 
+    def study_id(self, study_uid: str) -> str | None:
+        """Orthanc's id of the study with this StudyInstanceUID, if it has it."""
+        found = self.client.post(
+            "/tools/find", json={"Level": "Study", "Query": {"StudyInstanceUID": study_uid}}
+        )
+        found.raise_for_status()
+        ids = found.json()
+        return str(ids[0]) if ids else None
+
     def structured_reports(self, study_uid: str) -> list[pydicom.Dataset]:
         """Every SR instance Orthanc holds for the study with this StudyInstanceUID."""
         found = self.client.post(

@@ -9,10 +9,13 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from urllib.parse import quote
 
+import httpx
 import pika
 import pika.exceptions
 import pytest
+from stack_support import wait_for
 
 from services.adapter.dead_letters import (
     ADAPTER_HEADER,
@@ -41,7 +44,7 @@ from services.broker.schemas import (
     TaskStatus,
     decode_message,
 )
-from services.core.config import RabbitMQSettings
+from services.core.config import Backoff, RabbitMQSettings
 from services.core.schemas import ProcessingStatus, StudyReport
 
 pytestmark = pytest.mark.rabbitmq
@@ -272,3 +275,52 @@ def test_wrong_credentials_fail_fast() -> None:
     wrong = RabbitMQSettings(username="nobody", password="wrong")
     with pytest.raises(pika.exceptions.ProbableAuthenticationError):
         connect(wrong, name="test wrong credentials", give_up_after_s=30)
+
+
+def broker_connections(connection_name: str) -> list[str]:
+    """The broker's names of the connections a client opened under ``connection_name``
+    (RabbitMQ's management API, which start.sh and ensure_services.sh enable)."""
+    answer = httpx.get("http://127.0.0.1:15672/api/connections", auth=("guest", "guest"))
+    answer.raise_for_status()
+    return [
+        item["name"]
+        for item in answer.json()
+        if item.get("client_properties", {}).get("connection_name") == connection_name
+    ]
+
+
+def test_a_consumer_waits_out_each_outage_with_a_fresh_backoff(settings, channel) -> None:
+    """Three outages, well after the consumer started: each is waited out from the first
+    wait again, so a give-up limit counts from the outage, not from the start."""
+    settings.reconnect_backoff = Backoff(initial_s=0.2, maximum_s=1.0, give_up_after_s=3.0)
+    received: list[str] = []
+    listener = ReplyListener(
+        settings, "frontend-r", lambda message: received.append(message.task_id)
+    )
+    listener.start()
+    try:
+        assert listener.ready.wait(15)
+        time.sleep(4.0)  # longer than the give-up limit, counted from the start
+        for outage in range(3):
+            (name,) = wait_for(lambda: broker_connections(listener.name) or None, 15, "the link")
+            closed = httpx.delete(
+                f"http://127.0.0.1:15672/api/connections/{quote(name, safe='')}",
+                auth=("guest", "guest"),
+            )
+            assert closed.status_code == 204
+            wait_for(
+                lambda name=name: (broker_connections(listener.name) or [name]) != [name] or None,
+                15,
+                "a new connection",
+            )
+            publish_reply(
+                channel,
+                make_result(f"t-{outage}"),
+                reply_to=listener.queue_name,
+                correlation_id=f"t-{outage}",
+            )
+            wait_for(lambda outage=outage: f"t-{outage}" in received or None, 15, "the reply")
+        assert listener.is_alive()
+    finally:
+        listener.stop()
+    assert received == ["t-0", "t-1", "t-2"]

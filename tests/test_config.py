@@ -33,14 +33,14 @@ def test_environment_values_are_yaml_where_the_setting_is_a_list_or_mapping():
         environ={
             "cts__dicom__allowed_calling_ae_titles": "[ORTHANC, CT1]",  # any case
             "CTS__DICOM__DESTINATIONS": "[{ae_title: PACS, host: 10.0.0.5, port: 104}]",
-            "CTS__FRONTEND__AUTH": "null",
+            "CTS__FRONTEND__TLS_KEY": "null",
             "CTS__RABBITMQ__PASSWORD": "12345",  # a text setting stays text
             "CTS__RABBITMQ__RECONNECT_BACKOFF__MAXIMUM_S": "5",  # a leaf of a leaf
         },
     )
     assert settings.dicom.allowed_calling_ae_titles == ["ORTHANC", "CT1"]
     assert [d.host for d in settings.dicom.destinations] == ["10.0.0.5"]
-    assert settings.frontend.auth is None
+    assert settings.frontend.tls_key is None
     assert settings.rabbitmq.password == "12345"
     assert settings.rabbitmq.reconnect_backoff == Backoff(initial_s=0.5, maximum_s=5.0)
 
@@ -85,3 +85,10 @@ def test_the_config_file_is_generated_from_the_defaults():
     committed = (PROJECT_ROOT / "configs" / "config.yaml").read_text()
     assert committed == default_config_yaml(), "run: python -m services.core.config --write"
     assert load_settings(PROJECT_ROOT / "configs" / "config.yaml", environ={}) == Settings()
+
+
+def test_a_retired_shared_password_is_refused_with_the_way_forward():
+    with pytest.raises(ValidationError, match=r"python -m services\.registry users"):
+        load_settings(environ={"CTS__FRONTEND__AUTH": "radiologist:secret"})
+    with pytest.raises(ValidationError, match="tls_key go together"):
+        load_settings(environ={"CTS__FRONTEND__TLS_CERTIFICATE": "cert.pem"})

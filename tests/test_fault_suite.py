@@ -48,6 +48,7 @@ from playwright.sync_api import sync_playwright
 from registry_support import postgres_database
 from sqlalchemy.engine import URL
 from stack_support import delete_topology, wait_for, zip_directory
+from web_support import PASSWORD, sign_in_page
 from worklist_page import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -61,6 +62,7 @@ from services.adapter.dead_letters import REASON_HEADER
 from services.broker.connection import connect
 from services.broker.schemas import QueueTopology, TaskStatus
 from services.broker.storage import load_result
+from services.core.access import Role
 from services.core.config import RabbitMQSettings, load_settings
 from services.core.schemas import ProcessingStatus
 from services.frontend.service import FrontendService
@@ -542,7 +544,9 @@ def test_frontend_restart_keeps_every_result_on_the_page(
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-            page.goto(stack.frontend_url)
+            if registry.accounts.user("shift-reader") is None:
+                registry.accounts.add_user("shift-reader", Role.RADIOLOGIST, password=PASSWORD)
+            sign_in_page(page, stack.frontend_url.rstrip("/"), "shift-reader")
             # The heads are done and shown first; then, with Triton frozen, the chests wait
             # inside the stack (the chest check and the model both ask Triton) while the
             # frontend goes down.

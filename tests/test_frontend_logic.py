@@ -6,8 +6,6 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
-
 from services.broker.schemas import QueueTopology, ResultFile, StudyResult, TaskStatus
 from services.core.schemas import FindingResult, IntakeSummary, ProcessingStatus, StudyReport
 from services.frontend import views
@@ -37,16 +35,6 @@ def test_file_names_and_ids_are_safe() -> None:
     QueueTopology().reply_queue(identifier)  # a valid queue name part
     assert is_session_token(new_session_token())
     assert not is_session_token("../sessions/x")
-
-
-def test_auth_setting_is_parsed_strictly() -> None:
-    from services.frontend.__main__ import parse_auth
-
-    assert parse_auth(None) is None
-    assert parse_auth("radiologist:s3cret:with-colon") == ("radiologist", "s3cret:with-colon")
-    for bad in ("no-colon", ":password", "user:"):
-        with pytest.raises(ValueError, match="user:password"):
-            parse_auth(bad)
 
 
 # -- the worklist and the study view (pure) ----------------------------------------------------

@@ -24,9 +24,7 @@ MONITORING = PROJECT_ROOT / "deploy" / "monitoring"
 
 
 def monitoring_model(compose_file: str, home: Path) -> dict:
-    return compose_model(
-        compose_file, {**EVERYTHING, "COMPOSE_PROFILES": "monitoring"}, home
-    )
+    return compose_model(compose_file, {**EVERYTHING, "COMPOSE_PROFILES": "monitoring"}, home)
 
 
 @pytest.mark.parametrize("compose_file", COMPOSE_FILES)

@@ -26,6 +26,7 @@ from services.registry import (
     StudyState,
     Submission,
 )
+from services.registry.audit import ActorKind, AuditAction, AuditQuery
 from services.registry.database import alembic_config, create_registry_engine
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
@@ -398,8 +399,12 @@ def test_the_command_upgrades_imports_and_purges(tmp_path: Path) -> None:
         assert main(["--config", str(config), "purge"]) == 0
         purged = registry.study("old-task")
         kept = registry.study("new-task")
+        trail = registry.audit.events(AuditQuery(actions=(AuditAction.PURGE,)))
     finally:
         registry.close()
+    assert [(entry.task_id, entry.actor_kind) for entry in trail] == [
+        ("old-task", ActorKind.SYSTEM)
+    ]
     assert purged is not None
     assert kept is not None
     assert purged.identity is None

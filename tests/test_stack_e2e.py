@@ -25,6 +25,7 @@ from stack_support import (
     wait_for,
     zip_directory,
 )
+from web_support import add_account, sign_in_page
 from worklist_page import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -36,6 +37,7 @@ from worklist_page import (
 
 from services.broker.connection import connect
 from services.broker.schemas import QueueTopology
+from services.core.access import Role
 from services.core.config import RabbitMQSettings, load_settings
 from services.core.schemas import REPORT_COLUMNS
 from services.registry import Door, Registry, StudyFilter
@@ -186,7 +188,10 @@ def test_stack_from_start_to_stop(
                 dialog.accept()  # the worklist's "remove?" confirmation
 
             page.on("dialog", on_dialog)
-            page.goto(f"http://127.0.0.1:{frontend_port}/")
+            stack_settings = load_settings(environ={"CTS__STORAGE__ROOT": str(storage)})
+            for reader in ("reader-a", "reader-b"):
+                add_account(stack_settings, reader, Role.RADIOLOGIST)
+            sign_in_page(page, f"http://127.0.0.1:{frontend_port}", "reader-a")
             expect(page.locator("#demo-banner")).to_contain_text("DEMO WEIGHTS")
             expect(page.locator("#guide")).to_contain_text("The worklist")  # first visit
 
@@ -281,15 +286,15 @@ def test_stack_from_start_to_stop(
             assert sorted(map(str, worklist_rows(page))) == sorted(map(str, rows))
             expect(page.locator("#study-view .sv-title")).to_have_text("mr.zip", timeout=15_000)
             expect(page.locator("#guide")).not_to_contain_text("The worklist")
-            # Take the broken upload off this browser's list; it stays off after a reload,
-            # and another browser (another viewer) still sees it.
+            # Take the broken upload off this reader's list; it stays off after a reload,
+            # and another reader still sees it.
             broken_key = by_file["broken.zip"][0]["key"]
             page.locator(f'#worklist tr[data-key="{broken_key}"] .wl-remove').click()
             wait_for(lambda: len(worklist_rows(page)) == 3, 15, "the row removed")
             page.reload()
             wait_for(lambda: len(worklist_rows(page)) == 3, 30, "still removed after a reload")
             other = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
-            other.goto(f"http://127.0.0.1:{frontend_port}/")
+            sign_in_page(other, f"http://127.0.0.1:{frontend_port}", "reader-b")
             wait_for(lambda: len(worklist_rows(other)) == 4, 30, "another viewer's full list")
             browser.close()
         assert [dialog.split(":")[0] for dialog in dialogs] == ["confirm"]  # no alert ran

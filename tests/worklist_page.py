@@ -49,8 +49,8 @@ def upload(page: Page, files: list[Path], expected_message: str) -> None:
 
 def download_all(page: Page, target: Path) -> Path:
     """One click on "Download all (xlsx)", saved to ``target``."""
-    button = page.locator("#download-all")
-    expect(button).to_be_enabled(timeout=30_000)
+    button = page.locator("a#download-all")  # a link once a study has finished
+    expect(button).to_be_visible(timeout=30_000)
     with page.expect_download() as download_info:
         button.click()
     download_info.value.save_as(target)

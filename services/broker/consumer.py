@@ -72,31 +72,49 @@ class QueueConsumer(threading.Thread):
         self.join(timeout_s)
 
     def run(self) -> None:
-        try:
-            retrying(
-                retry_on=CONNECTION_ERRORS,
-                backoff=self._settings.reconnect_backoff,
-                stop_event=self._stop_event,
-                stop=stop_when_event_set(self._stop_event),
-                before_sleep=log_retry(f"the {self.name} RabbitMQ connection"),
-            )(self._consume)
-        except WorkInterrupted:
-            pass  # stopped while waiting to reconnect
-        except CONNECTION_ERRORS:
-            pass  # stopped after a failed attempt
+        """Consume until stopped. Each outage is waited out with a fresh backoff: a consumer
+        that ran for days starts again from the first wait (and a give-up limit counts from
+        the outage, not from the start)."""
+        backoff = self._settings.reconnect_backoff
+        while not self._stop_event.is_set():
+            try:
+                retrying(
+                    retry_on=CONNECTION_ERRORS,
+                    backoff=backoff,
+                    stop_event=self._stop_event,
+                    stop=stop_when_event_set(self._stop_event),
+                    before_sleep=log_retry(f"the {self.name} RabbitMQ connection"),
+                )(self._consume)
+            except WorkInterrupted:
+                return  # stopped while waiting to reconnect
+            except CONNECTION_ERRORS:
+                return  # stopped, or gave up after the backoff's limit
+            self._stop_event.wait(backoff.initial_s)  # a lost connection: once, then again
 
     def _consume(self) -> None:
+        """Returns when a connection that was consuming is lost (or on stop); raises when it
+        could not be made, which the backoff waits out."""
         connection = connect(self._settings, name=self.name, stop=self._stop_event)
+        established = False
         try:
             channel = connection.channel()
             self.queue_name = self._declare(channel)
             channel.basic_qos(prefetch_count=self._prefetch)
             self._start_consuming(channel)
             self.ready.set()
+            established = True
             while not self._stop_event.is_set():
                 connection.process_data_events(time_limit=PROCESS_EVENTS_S)
                 if self._resume_at is not None and time.monotonic() >= self._resume_at:
                     self._start_consuming(channel)
+        except CONNECTION_ERRORS as error:
+            if not established:
+                raise
+            logger.warning(
+                "the {} RabbitMQ connection was lost ({}): reconnecting",
+                self.name,
+                type(error).__name__,
+            )
         finally:
             self._consumer_tag = None
             _close(connection)

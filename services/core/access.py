@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from pydantic import BaseModel, ConfigDict
+
 
 class Role(str, Enum):
     RADIOLOGIST = "radiologist"
@@ -54,3 +56,25 @@ def allowed(role: Role, permission: Permission) -> bool:
 def may_see_study(role: Role, viewer: str, sender: str | None) -> bool:
     """A study is visible to a role that sees all, else only to the one who sent it."""
     return allowed(role, Permission.SEE_ALL_STUDIES) or (sender is not None and sender == viewer)
+
+
+class PrincipalKind(str, Enum):
+    USER = "user"  # a person, signed in
+    KEY = "key"  # a system, with an API key
+    OPEN = "open"  # nobody signed in: frontend.sign_in is false (the page says so in red)
+
+
+class Principal(BaseModel):
+    """Who is asking: the name the audit trail records and the role every door checks."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    role: Role
+    kind: PrincipalKind
+
+    def may(self, permission: Permission) -> bool:
+        return allowed(self.role, permission)
+
+    def may_see(self, sender: str | None) -> bool:
+        return may_see_study(self.role, self.name, sender)

@@ -10,25 +10,29 @@ import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import gradio as gr
 from loguru import logger
 from sqlalchemy.exc import SQLAlchemyError
 
-from services.frontend import views
+from services.core.access import Permission, Principal, PrincipalKind
+from services.frontend import study_access, views
+from services.frontend.auth.access import OPEN_PRINCIPAL, AccessControl
+from services.frontend.auth.gate import client_address, principal_of
+from services.frontend.files import file_url
 from services.frontend.queue_status import QueuePlace
 from services.frontend.service import FrontendService
-from services.frontend.sessions import browser_viewer, is_session_token, new_session_token
+from services.frontend.sessions import is_session_token, new_session_token
+from services.frontend.study_access import may_see, sender_name, viewer_name
 from services.frontend.study_view import study_view
 from services.frontend.uploads import UPLOAD_FILE_TYPES
 from services.registry import StudyRecord
+from services.registry.audit import AuditAction
 
-REFRESH_SECONDS = 2.0
+REFRESH_SECONDS = 1.0  # a study a PACS sends shows within a second or two
 SESSION_STORAGE_KEY = "cts-session"
 GUIDE_STORAGE_KEY = "cts-guide-seen"
 STATIC = Path(__file__).parent / "static"
-FILE_ROUTE = "gradio_api/file="  # relative: works behind a proxy's path prefix too
 UPLOAD_HINT = (
     "Add studies: **.zip** or **.tar(.gz)** of DICOM files, **.nii(.gz)** volumes, "
     "or the **.dcm** files of one series."
@@ -47,11 +51,17 @@ def signature(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class PageActions:
-    """What the page's events do, over one FrontendService; each method is one event."""
+class NotSignedIn(Exception):
+    """An event without a principal: the gate lets none through, so this is a bug."""
 
-    def __init__(self, service: FrontendService) -> None:
+
+class PageActions:
+    """What the page's events do, over one FrontendService; each method is one event, and
+    each asks who is asking (the gate put the principal on the request)."""
+
+    def __init__(self, service: FrontendService, access: AccessControl) -> None:
         self.service = service
+        self.access = access
         # Result files never change once written: cached per path.
         self.read_json = lru_cache(maxsize=256)(self._read_json)
 
@@ -65,17 +75,33 @@ class PageActions:
             return None
         return document if isinstance(document, dict) else None
 
-    def file_url(self, relative: str) -> str | None:
-        path = self.service.file_path(relative)
-        return None if path is None else FILE_ROUTE + quote(str(path), safe="/")
+    def principal(self, request: gr.Request | None) -> Principal:
+        if not self.access.sign_in_required:
+            return OPEN_PRINCIPAL
+        connection = getattr(request, "request", None)
+        principal = principal_of(connection) if connection is not None else None
+        if principal is None:
+            raise NotSignedIn("an event without a signed-in user")
+        return principal
 
-    def records(self, token: str | None) -> list[StudyRecord]:
-        if not is_session_token(token):
+    def client(self, request: gr.Request | None) -> str | None:
+        connection = getattr(request, "request", None)
+        return client_address(connection) if connection is not None else None
+
+    def file_url(self, relative: str) -> str | None:
+        return file_url(relative) if self.service.file_path(relative) is not None else None
+
+    def records(self, principal: Principal, token: str | None) -> list[StudyRecord]:
+        if principal.kind is PrincipalKind.OPEN and not is_session_token(token):
             return []
-        return self.service.worklist_records(browser_viewer(token))
+        return self.service.worklist_for(principal, token)
 
     def study_of(
-        self, records: list[StudyRecord], key: str | None, places: dict[str, QueuePlace]
+        self,
+        principal: Principal,
+        records: list[StudyRecord],
+        key: str | None,
+        places: dict[str, QueuePlace],
     ) -> dict[str, Any] | None:
         parsed = views.parse_row_key(key)
         if parsed is None:
@@ -83,21 +109,30 @@ class PageActions:
         task_id, index = parsed
         siblings = [record for record in records if record.task_id == task_id]
         if not siblings:  # not on the list (hidden, older): a patient's other study, say
-            siblings = self.service.registry.task_studies(task_id)
+            siblings = [
+                study_access.shown(record, principal)
+                for record in self.service.registry.task_studies(task_id)
+                if may_see(principal, record)
+            ]
         record = next((r for r in siblings if r.report_index == index), None)
         if record is None:
             return None
         identity = record.identity
         patient = (
-            self.service.registry.patient_studies(
-                identity.patient_id, identity.issuer_of_patient_id
-            )
+            [
+                study_access.shown(other, principal)
+                for other in self.service.registry.patient_studies(
+                    identity.patient_id, identity.issuer_of_patient_id
+                )
+                if may_see(principal, other)
+            ]
             if identity is not None and identity.patient_id
             else []
         )
+        files = principal.may(Permission.SEE_IDENTITY)  # admin: the row, not the files
         return study_view(
             record,
-            self.service.result(task_id) if record.state.final else None,
+            self.service.result(task_id) if record.state.final and files else None,
             n_studies=len(siblings),
             place=places.get(task_id),
             patient_studies=patient,
@@ -105,17 +140,41 @@ class PageActions:
             read_json=self.read_json,
         )
 
-    def ensure_session(self, token: str | None, guide_seen: bool | None) -> tuple[Any, ...]:
+    def ensure_session(
+        self, token: str | None, guide_seen: bool | None, request: gr.Request
+    ) -> tuple[Any, ...]:
+        principal = self.principal(request)
         token = token if is_session_token(token) else new_session_token()
+        self.access.audit(principal, AuditAction.LIST, self.client(request), detail="worklist")
         # The guide is open on the first visit only.
-        return token, True, gr.update(open=not guide_seen)
+        return (
+            token,
+            True,
+            gr.update(open=not guide_seen),
+            views.user_bar(principal, sign_in=self.access.sign_in_required),
+        )
 
-    def submit(self, token: str | None, files: list[str] | None) -> tuple[Any, ...]:
+    def submit(
+        self, token: str | None, files: list[str] | None, request: gr.Request
+    ) -> tuple[Any, ...]:
+        principal = self.principal(request)
+        if not principal.may(Permission.UPLOAD):
+            return "Your role does not send studies.", gr.skip(), gr.skip()
         if not is_session_token(token):
             return "The page is still starting; please try again in a second.", gr.skip(), gr.skip()
         outcome = self.service.submit_uploads(
-            browser_viewer(token), None, [Path(path) for path in files or []]
+            viewer_name(principal, token),
+            sender_name(principal),
+            [Path(path) for path in files or []],
         )
+        for record in outcome.submitted:
+            self.access.audit(
+                principal,
+                AuditAction.UPLOAD,
+                self.client(request),
+                task_id=record.task_id,
+                detail=record.original_filename[:200],
+            )
         # Clear the picker once the files are taken, keep it if everything was refused; the
         # guide makes room for the worklist.
         taken = outcome.submitted or outcome.screened_before
@@ -126,34 +185,34 @@ class PageActions:
         )
 
     def refresh(
-        self, token: str | None, key: str | None, shown: dict[str, str] | None
+        self,
+        token: str | None,
+        key: str | None,
+        shown: dict[str, str] | None,
+        request: gr.Request,
     ) -> tuple[Any, ...]:
+        principal = self.principal(request)
         shown = dict(shown or {})
         try:
-            records = self.records(token)
+            records = self.records(principal, token)
             places = self.service.queue_places()
+            study = self.study_of(principal, records, key, places)
         except SQLAlchemyError as error:
             # The registry's database is away (restarting): the page keeps what it shows.
             logger.warning("worklist not refreshed: {}", type(error).__name__)
             return (gr.skip(),) * 4 + (shown,)
-        finished = [
-            (record.key, str(record.finished_at)) for record in records if record.state.final
-        ]
+        finished = any(record.state.final for record in records)
         drawn = {
             "worklist": views.worklist(records, places),
-            "study": self.study_of(records, key, places),
-            "xlsx": finished,
+            "study": study,
+            "xlsx": finished and principal.may(Permission.SEE_IDENTITY),
         }
         redraw = {name for name, value in drawn.items() if changed(shown, name, value)}
         updates = {name: value if name in redraw else gr.skip() for name, value in drawn.items()}
         download = gr.skip()
         if "xlsx" in redraw:
-            path = (
-                self.service.xlsx_for(browser_viewer(token), records)
-                if finished and is_session_token(token)
-                else None
-            )
-            download = gr.update(value=str(path) if path else None, interactive=path is not None)
+            browser = token if principal.kind is PrincipalKind.OPEN else None
+            download = views.download_all_link(bool(drawn["xlsx"]), browser)
         return (
             gr.update(visible=self.service.demo_weights_in_use(records)),
             updates["worklist"],
@@ -163,23 +222,53 @@ class PageActions:
         )
 
     def open_study(
-        self, token: str | None, shown: dict[str, str] | None, event: gr.EventData
+        self,
+        token: str | None,
+        shown: dict[str, str] | None,
+        event: gr.EventData,
+        request: gr.Request,
     ) -> Any:
+        principal = self.principal(request)
         key = event_key(event)
-        study = self.study_of(self.records(token), key, self.service.queue_places())
+        study = self.study_of(
+            principal, self.records(principal, token), key, self.service.queue_places()
+        )
+        parsed = views.parse_row_key(key)
+        if study is not None and parsed is not None:
+            self.access.audit(
+                principal,
+                AuditAction.VIEW_STUDY,
+                self.client(request),
+                task_id=parsed[0],
+                study_instance_uid=self._study_uid(*parsed),
+            )
         shown = {**(shown or {}), "study": signature(study)}
         return (key if study else None), study, shown
 
+    def _study_uid(self, task_id: str, index: int) -> str | None:
+        record = self.service.registry.study(task_id, index)
+        return record.study_instance_uid if record is not None else None
+
     def remove_study(
-        self, token: str | None, key: str | None, shown: dict[str, str] | None, event: gr.EventData
+        self,
+        token: str | None,
+        key: str | None,
+        shown: dict[str, str] | None,
+        event: gr.EventData,
+        request: gr.Request,
     ) -> Any:
+        principal = self.principal(request)
         removed = views.parse_row_key(event_key(event))
-        if removed is not None and is_session_token(token):
-            self.service.hide(browser_viewer(token), *removed)
+        if (
+            removed is not None
+            and (is_session_token(token) or principal.kind is not PrincipalKind.OPEN)
+            and self.service.hide(viewer_name(principal, token), *removed)
+        ):
+            self.access.audit(principal, AuditAction.HIDE, self.client(request), task_id=removed[0])
         selected = views.parse_row_key(key)
         if selected is not None and removed is not None and selected == removed:
             key = None
-        return (key, *self.refresh(token, key, {**(shown or {}), "worklist": ""}))
+        return (key, *self.refresh(token, key, {**(shown or {}), "worklist": ""}, request))
 
 
 def changed(shown: dict[str, str], name: str, value: object) -> bool:
@@ -197,8 +286,8 @@ def event_key(event: gr.EventData) -> str | None:
     return key if isinstance(key, str) else None
 
 
-def build_app(service: FrontendService) -> gr.Blocks:
-    actions = PageActions(service)
+def build_app(service: FrontendService, access: AccessControl) -> gr.Blocks:
+    actions = PageActions(service, access)
     with gr.Blocks(title="Chest CT screening", delete_cache=(3600, 86400)) as app:
         session = gr.BrowserState(
             None, storage_key=SESSION_STORAGE_KEY, secret=service.browser_state_secret()
@@ -208,6 +297,8 @@ def build_app(service: FrontendService) -> gr.Blocks:
         )
         selected = gr.State(None)
         shown = gr.State({})
+        if not access.sign_in_required:
+            gr.HTML(views.SIGN_IN_OFF_BANNER_HTML, elem_id="sign-in-off-banner")
         with gr.Row(equal_height=True):
             gr.Markdown(
                 "# Chest CT screening\nP(pathology), 20 findings and data-quality warnings "
@@ -218,6 +309,13 @@ def build_app(service: FrontendService) -> gr.Blocks:
                 views.DEMO_BANNER_HTML,
                 visible=service.demo_weights_in_use(),
                 elem_id="demo-banner",
+            )
+            user_bar = gr.HTML(
+                {},
+                html_template=views.USER_BAR_HTML,
+                css_template=views.USER_BAR_CSS,
+                js_on_load=asset("user_bar.js"),
+                elem_id="user-bar",
             )
         with gr.Accordion("How to use", open=False, elem_id="guide") as guide:
             gr.Markdown(views.GUIDE)
@@ -234,12 +332,8 @@ def build_app(service: FrontendService) -> gr.Blocks:
             with gr.Column(scale=3, elem_id="submit-column"):
                 submit_button = gr.Button("Screen the studies", variant="primary", elem_id="submit")
                 upload_message = gr.Markdown(UPLOAD_HINT, elem_id="upload-message")
-            download_all = gr.DownloadButton(
-                "Download all (xlsx)",
-                value=None,
-                interactive=False,
-                elem_id="download-all",
-                scale=2,
+            download_all = gr.HTML(
+                views.download_all_link(False, None), elem_id="download-all-box", scale=2
             )
         worklist = gr.HTML(
             {"rows": [], "counts": {}, "badges": views.BADGE_TEXT_BY_VALUE},
@@ -261,7 +355,7 @@ def build_app(service: FrontendService) -> gr.Blocks:
         app.load(
             actions.ensure_session,
             inputs=[session, guide_seen],
-            outputs=[session, guide_seen, guide],
+            outputs=[session, guide_seen, guide, user_bar],
         ).then(actions.refresh, inputs=[session, selected, shown], outputs=refresh_outputs)
         submit_button.click(
             actions.submit, inputs=[session, uploads], outputs=[upload_message, uploads, guide]

@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -22,17 +23,21 @@ from sqlalchemy.exc import SQLAlchemyError
 from services.broker.connection import submit_task
 from services.broker.schemas import QueueTopology, StudyResult, StudyTask, TaskStatus, utc_now
 from services.broker.storage import load_result, upload_dir
+from services.core.access import Principal
 from services.core.config import Settings
 from services.core.model_metadata import read_metadata
 from services.core.reports import write_xlsx
 from services.frontend.metrics import FrontendMetrics, Refusal, frontend_metrics
 from services.frontend.queue_status import QueueMonitor, QueuePlace, queue_places, read_queue_status
 from services.frontend.sessions import browser_state_secret, downloads_dir
+from services.frontend.study_access import shown, viewer_name, visible
 from services.frontend.task_view import SubmitOutcome
 from services.frontend.uploads import content_sha256, is_zip_group, plan_uploads, safe_file_name
 from services.registry import Door, Registry, StudyFilter, StudyRecord, Submission
 from services.registry.recorder import RegistryRecorder
 
+RESULT_CACHE_SECONDS = 300.0
+RESULT_CACHE_ENTRIES = 2000
 WORKLIST_ROWS = 500  # the newest studies the page lists (the REST API pages through all)
 REGISTRY_UNAVAILABLE = (
     "The study registry cannot be reached right now: nothing was queued; please try again "
@@ -64,7 +69,7 @@ class FrontendService:
         self.topology = QueueTopology.from_settings(settings.rabbitmq)
         self.registry = registry or Registry.open(settings)  # refuses another schema
         self.queue = QueueMonitor(lambda: read_queue_status(settings.rabbitmq))
-        self._results: dict[str, StudyResult] = {}  # final, so never stale
+        self._results: dict[str, tuple[StudyResult, float]] = {}  # result, when read
         self._lock = threading.Lock()
         self._recorder: RegistryRecorder | None = None
 
@@ -262,10 +267,18 @@ class FrontendService:
 
     # -- what the worklist and the REST API read ----------------------------------------------
 
-    def worklist_records(self, viewer: str) -> list[StudyRecord]:
-        """The newest studies, less the ones this viewer hid."""
-        page = self.registry.list_studies(StudyFilter(hidden_for=viewer), limit=WORKLIST_ROWS)
-        return page.items
+    def worklist_for(self, principal: Principal, browser_token: str | None) -> list[StudyRecord]:
+        """The newest studies the principal may see, less the ones they hid, each as they may
+        see it (identity only for a role allowed it)."""
+        records = self.worklist_records(
+            viewer_name(principal, browser_token), visible(StudyFilter(), principal)
+        )
+        return [shown(record, principal) for record in records]
+
+    def worklist_records(self, viewer: str, wanted: StudyFilter | None = None) -> list[StudyRecord]:
+        """The newest studies (of ``wanted``), less the ones this viewer hid."""
+        wanted = (wanted or StudyFilter()).model_copy(update={"hidden_for": viewer})
+        return self.registry.list_studies(wanted, limit=WORKLIST_ROWS).items
 
     def queue_places(self) -> dict[str, QueuePlace]:
         order = self.registry.queued_order()
@@ -279,16 +292,24 @@ class FrontendService:
         return record is not None and self.registry.hide(record.id, viewer)
 
     def result(self, task_id: str) -> StudyResult | None:
-        """The stored result of a finished task (cached: it never changes)."""
+        """The stored result of a finished task. Cached for a few minutes: a result changes
+        only when it is deleted or purged (then this frontend forgets it at once, the others
+        within RESULT_CACHE_SECONDS)."""
         with self._lock:
             cached = self._results.get(task_id)
-        if cached is not None:
-            return cached
+        if cached is not None and time.monotonic() - cached[1] < RESULT_CACHE_SECONDS:
+            return cached[0]
         stored = load_result(self.storage_root, task_id)
         if stored is not None:
             with self._lock:
-                self._results[task_id] = stored
+                if len(self._results) > RESULT_CACHE_ENTRIES:
+                    self._results.clear()
+                self._results[task_id] = (stored, time.monotonic())
         return stored
+
+    def forget_result(self, task_id: str) -> None:
+        with self._lock:
+            self._results.pop(task_id, None)
 
     def xlsx_for(self, viewer: str, records: list[StudyRecord]) -> Path | None:
         """One xlsx with every finished study of the list (the customer's table). Older files

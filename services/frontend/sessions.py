@@ -31,18 +31,18 @@ def new_session_token() -> str:
     return uuid.uuid4().hex
 
 
-def browser_viewer(token: str) -> str:
-    """The registry's name for a browser without a signed-in user (its hidden rows)."""
-    return f"browser:{token}"
-
-
-def browser_state_secret(storage_root: Path) -> str:
-    """The key that encrypts the session token in the browser; kept so tokens survive restarts."""
-    path = Path(storage_root) / FRONTEND_DIR / "browser_state_secret"
+def stored_secret(path: Path) -> str:
+    """A random key kept in a 0600 file (made on first use), so that what it protects
+    survives restarts and is shared by the frontends of one storage."""
     if not path.exists():
         write_atomically(path, secrets.token_urlsafe(32).encode())
         path.chmod(0o600)
     return path.read_text().strip()
+
+
+def browser_state_secret(storage_root: Path) -> str:
+    """The key that encrypts the session token in the browser."""
+    return stored_secret(Path(storage_root) / FRONTEND_DIR / "browser_state_secret")
 
 
 def downloads_dir(storage_root: Path, viewer: str) -> Path:

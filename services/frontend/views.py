@@ -15,6 +15,7 @@ from collections import defaultdict
 from enum import Enum
 from typing import Any
 
+from services.core.access import Permission, Principal, PrincipalKind
 from services.core.reports import DEMO_NOTICE
 from services.core.schemas import StudyReport
 from services.frontend.queue_status import QueuePlace
@@ -45,6 +46,49 @@ DEMO_BANNER_HTML = (
     '<div id="demo-weights-banner" style="background:#b00020;color:white;padding:6px 12px;'
     'border-radius:6px;font-weight:600">' + DEMO_NOTICE + "</div>"
 )
+
+
+SIGN_IN_OFF_BANNER_HTML = (
+    '<div id="sign-in-off" role="alert" style="background:#b00020;color:white;padding:6px 12px;'
+    'border-radius:6px;font-weight:600">Sign-in is OFF (frontend.sign_in: false): anyone who '
+    "can reach this page sees every study with the patient's identity, and nothing records "
+    "who did.</div>"
+)
+USER_BAR_HTML = '<div class="ub" aria-label="signed in"></div>'
+USER_BAR_CSS = (
+    ".ub { display: flex; gap: 10px; align-items: center; justify-content: flex-end;"
+    " font-size: 13px; white-space: nowrap; }"
+    " .ub-name { font-weight: 700; } .ub-role { color: #546e7a; }"
+    " .ub button { padding: 3px 10px; border: 1px solid #90a4ae; border-radius: 4px;"
+    " background: #fff; cursor: pointer; }"
+)
+
+
+def user_bar(principal: Principal, *, sign_in: bool) -> dict[str, object]:
+    """What the user bar shows (user_bar.js draws it as text)."""
+    if principal.kind is PrincipalKind.OPEN:
+        return {"name": "Sign-in off", "role": "", "sign_in": False, "audit": False}
+    return {
+        "name": principal.name,
+        "role": principal.role.value,
+        "sign_in": sign_in,
+        "audit": principal.may(Permission.AUDIT),
+    }
+
+
+def download_all_link(enabled: bool, browser_token: str | None) -> str:
+    """The "Download all (xlsx)" link: the caller's worklist through /worklist.xlsx (checked
+    and audited there); without sign-in it names the browser, whose hidden rows it leaves out."""
+    if not enabled:
+        return (
+            '<span id="download-all" class="dl-all dl-off" aria-disabled="true">'
+            "Download all (xlsx)</span>"
+        )
+    query = f"?b={browser_token}" if browser_token and browser_token.isalnum() else ""
+    return (
+        f'<a id="download-all" class="dl-all" href="worklist.xlsx{query}" download>'
+        "Download all (xlsx)</a>"
+    )
 
 
 class Badge(str, Enum):

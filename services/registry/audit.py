@@ -87,6 +87,7 @@ class AuditQuery(BaseModel):
     task_id: str | None = None
     actions: tuple[AuditAction, ...] = ()
     limit: int = 10_000
+    newest_first: bool = False  # the admin page: the latest rows
 
 
 def record(session: Session, entry: AuditEntry, now: datetime) -> None:
@@ -105,8 +106,16 @@ def record(session: Session, entry: AuditEntry, now: datetime) -> None:
 
 
 def events(session: Session, query: AuditQuery) -> list[AuditEntry]:
-    """The rows that match, oldest first."""
-    statement = select(AuditEvent).order_by(AuditEvent.at, AuditEvent.id)
+    """The rows that match, oldest first (or newest first)."""
+    order = (
+        (AuditEvent.at.desc(), AuditEvent.id.desc())
+        if query.newest_first
+        else (
+            AuditEvent.at,
+            AuditEvent.id,
+        )
+    )
+    statement = select(AuditEvent).order_by(*order)
     if query.since is not None:
         statement = statement.where(AuditEvent.at >= query.since)
     if query.actor is not None:

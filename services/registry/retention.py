@@ -10,6 +10,7 @@ identity, the UIDs and the file name blanked (``purged_at`` says when).
 
 from __future__ import annotations
 
+import getpass
 import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,7 @@ from services.broker.storage import (
     upload_dir,
 )
 from services.core.config import Settings
+from services.registry.audit import ActorKind, AuditAction, AuditEntry
 from services.registry.import_storage import DICOM_STUDIES
 from services.registry.models import Study
 from services.registry.records import StudyState
@@ -31,6 +33,7 @@ from services.registry.registry import Registry
 from services.registry.writes import IDENTITY_FIELDS
 
 PURGED_NAME = "(purged)"
+DELETED_NAME = "(deleted)"
 BLANKED = (
     *IDENTITY_FIELDS,
     "accession_number",
@@ -69,7 +72,7 @@ def due_tasks(registry: Registry, cutoff: datetime) -> list[str]:
         return [task_id for (task_id,) in rows]
 
 
-def purge_task_files(settings: Settings, task_id: str) -> None:
+def purge_task_files(settings: Settings, task_id: str, *, name: str = PURGED_NAME) -> None:
     root = settings.storage.root
     for folder in (
         upload_dir(root, task_id),
@@ -81,7 +84,7 @@ def purge_task_files(settings: Settings, task_id: str) -> None:
     if result is not None:
         reports = [
             report.model_copy(
-                update={"identity": None, "accession_number": None, "path_to_study": PURGED_NAME}
+                update={"identity": None, "accession_number": None, "path_to_study": name}
             )
             for report in result.reports
         ]
@@ -91,11 +94,18 @@ def purge_task_files(settings: Settings, task_id: str) -> None:
                 update={
                     "reports": reports,
                     "files": [],
-                    "original_filename": PURGED_NAME,
+                    "original_filename": name,
                     "study_path": "",
                 }
             ),
         )
+
+
+def delete_task(settings: Settings, registry: Registry, task_id: str) -> None:
+    """An administrator's deletion of one task: what retention does to an old task, now (its
+    files and identity go; the row keeps its times and call for the department's numbers)."""
+    purge_task_files(settings, task_id, name=DELETED_NAME)
+    registry.blank_task(task_id, purged_name=DELETED_NAME, fields=BLANKED)
 
 
 def purge(
@@ -110,9 +120,19 @@ def purge(
         outcome = PurgeOutcome(dry_run=dry_run, cutoff=cutoff, tasks=due_tasks(registry, cutoff))
         if dry_run:
             return outcome
+        actor = getpass.getuser()
         for task_id in outcome.tasks:
             purge_task_files(settings, task_id)
             registry.blank_task(task_id, purged_name=PURGED_NAME, fields=BLANKED)
+            registry.audit.record(
+                AuditEntry(
+                    actor=actor,
+                    actor_kind=ActorKind.SYSTEM,
+                    action=AuditAction.PURGE,
+                    task_id=task_id,
+                    detail=f"retention {days} days",
+                )
+            )
             logger.info("purged task {}", task_id)
     finally:
         registry.close()

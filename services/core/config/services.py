@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
+from services.core.access import Role
 from services.core.config.base import AE_TITLE_PATTERN, Backoff, Section, resolve_path
 from services.core.config.destinations import ReportDestination
 
@@ -42,14 +43,66 @@ class RabbitMQSettings(Section):
     )
 
 
+class OidcSettings(Section):
+    """Single sign-on with an OpenID Connect provider (the hospital's Keycloak, Entra ID...):
+    the frontend is a confidential client with the authorization-code flow."""
+
+    issuer: str = Field(description="the provider's issuer URL (its discovery document is read)")
+    client_id: str
+    client_secret: SecretStr = Field(description="CTS__FRONTEND__OIDC__CLIENT_SECRET")
+    scope: str = "openid profile email"
+    username_claim: str = Field("preferred_username", description="the user's name here")
+    roles_claim: str = Field("roles", description="a claim holding a string or a list of them")
+    role_map: dict[str, Role] = Field(
+        default_factory=dict,
+        description="claim value -> radiologist | technologist | admin; the first match of "
+        "the order admin, radiologist, technologist wins; no match: refused",
+    )
+    button_label: str = "Sign in with the hospital account"
+
+
 class FrontendSettings(Section):
     host: str = Field("127.0.0.1", description="0.0.0.0 serves the whole network")
     port: int = 7860
-    max_upload_mb: int = 2048
-    auth: str | None = Field(None, description='"user:password" turns on authentication')
-    api_token: str | None = Field(
-        None, description="bearer token the REST API (/api/v1) requires; null: open"
+    max_upload_mb: int = Field(2048, description="the page and the REST API share this limit")
+    upload_stall_timeout_s: float = Field(
+        60.0, gt=0, description="an upload whose body stops arriving this long is dropped"
     )
+    sign_in: bool = Field(
+        True, description="false: anyone who reaches the port sees everything (said in red)"
+    )
+    session_idle_minutes: float = Field(30.0, gt=0, description="a session unused this long ends")
+    lockout_after_failures: int = Field(5, ge=1, description="failed sign-ins in a row")
+    lockout_minutes: float = Field(15.0, gt=0)
+    failed_sign_in_delay_s: float = Field(
+        0.5, ge=0, description="the answer to a failed sign-in waits this, doubling per failure"
+    )
+    tls_certificate: Path | None = Field(None, description="PEM; with tls_key: HTTPS only")
+    tls_key: Path | None = None
+    oidc: OidcSettings | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, values: object) -> object:
+        # Said plainly: an old config's shared password must not silently stop working.
+        if isinstance(values, dict) and {"auth", "api_token"} & set(values):
+            raise ValueError(
+                "frontend.auth and frontend.api_token are gone: people sign in with their own "
+                "accounts and systems use API keys (python -m services.registry users|keys; "
+                "README, Security)"
+            )
+        return values
+
+    @field_validator("tls_certificate", "tls_key")
+    @classmethod
+    def _resolve(cls, value: Path | None) -> Path | None:
+        return None if value is None else resolve_path(value)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> FrontendSettings:
+        if (self.tls_certificate is None) != (self.tls_key is None):
+            raise ValueError("frontend.tls_certificate and frontend.tls_key go together")
+        return self
 
 
 class DicomSettings(Section):

@@ -7,12 +7,13 @@ from services.frontend.api.errors import install_error_handlers
 from services.frontend.api.models import API_PREFIX
 
 __all__ = ["API_PREFIX", "build_rest_api"]
+from services.frontend.auth.access import AccessControl
 from services.frontend.service import FrontendService
 
 API_VERSION = "1"
 
 
-def build_rest_api(service: FrontendService) -> FastAPI:
+def build_rest_api(service: FrontendService, access: AccessControl) -> FastAPI:
     from services.frontend import api as package  # its docstring is the API's description
 
     api = FastAPI(
@@ -24,6 +25,7 @@ def build_rest_api(service: FrontendService) -> FastAPI:
         redoc_url=None,
     )
     api.state.service = service
+    api.state.access = access
     install_error_handlers(api)
     api.include_router(studies.router)
     return api

@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Query, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from services.broker.schemas import StudyResult
+from services.core.access import Permission, Principal
 from services.core.intake.collect import ArchiveKind, FileKind, archive_kind, classify_file
 from services.core.intake.tar_archive import GZIP_MAGIC
-from services.frontend.api.dependencies import Service, TaskId, authorized, upload_size_limit
+from services.core.schemas import StudyReport
+from services.frontend.api.dependencies import Call, FileRecords, TaskRecords, may_upload
 from services.frontend.api.errors import api_error
 from services.frontend.api.models import (
     API_PREFIX,
@@ -29,18 +31,20 @@ from services.frontend.api.models import (
 from services.frontend.metrics import Refusal
 from services.frontend.queue_status import read_queue_status
 from services.frontend.service import FrontendService
+from services.frontend.study_access import shown, visible
 from services.frontend.uploads import plan_uploads, safe_file_name
 from services.frontend.views import failure_reason, progress_text, queue_text
 from services.registry import Door, StudyFilter, StudyState
+from services.registry.audit import AuditAction
 from services.registry.reads import BadCursor
+from services.registry.retention import delete_task
 
 STUDIES_PATH = f"{API_PREFIX}/studies"
-API_SENDER = "api-token"  # who the registry says sent a study through the REST API
 INCOMING_DIR = Path("frontend") / "incoming-api"
 COPY_CHUNK_BYTES = 1024 * 1024
 HEAD_BYTES = 1024
 
-router = APIRouter(prefix="/studies", dependencies=[Depends(authorized)])
+router = APIRouter(prefix="/studies")
 
 
 def upload_suffix(path: Path) -> str | None:
@@ -88,7 +92,7 @@ def receive_upload(service: FrontendService, file: UploadFile, folder: Path) -> 
     return path
 
 
-def queue_upload(service: FrontendService, path: Path) -> str:
+def queue_upload(service: FrontendService, path: Path, sender: str) -> str:
     """The task id of the queued upload; 413, 429 or 503 when it cannot be queued."""
     settings = service.settings
     plan = plan_uploads([path], settings)
@@ -106,7 +110,7 @@ def queue_upload(service: FrontendService, path: Path) -> str:
         raise api_error(
             429, f"the processing queue is full ({waiting} studies waiting, limit {limit})"
         )
-    outcome = service.queue_upload(path, door=Door.REST, sender=API_SENDER)
+    outcome = service.queue_upload(path, door=Door.REST, sender=sender)
     if not outcome.submitted:
         raise api_error(503, " ".join(outcome.refused) or "the study could not be queued")
     return outcome.submitted[0].task_id
@@ -129,7 +133,7 @@ def file_links(task_id: str, result: StudyResult) -> list[FileLink]:
     "",
     status_code=202,
     response_model=TaskAccepted,
-    dependencies=[Depends(upload_size_limit)],
+    dependencies=[Depends(may_upload)],
     responses=COMMON_ERRORS
     | error_responses(
         (413, "over the upload or unpacked size limit"),
@@ -139,14 +143,16 @@ def file_links(task_id: str, result: StudyResult) -> list[FileLink]:
     ),
 )
 def submit_study(
-    service: Service,
+    call: Call,
     file: Annotated[UploadFile, File(description="a zip, tar(.gz), NIfTI or DICOM file")],
 ) -> JSONResponse:
-    folder = service.storage_root / INCOMING_DIR / uuid.uuid4().hex
+    folder = call.service.storage_root / INCOMING_DIR / uuid.uuid4().hex
     try:
-        task_id = queue_upload(service, receive_upload(service, file, folder))
+        received = receive_upload(call.service, file, folder)
+        task_id = queue_upload(call.service, received, call.principal.name)
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # what was queued was moved away
+    call.audit(AuditAction.UPLOAD, task_id=task_id, detail=received.name[:200])
     status_url = f"{STUDIES_PATH}/{task_id}"
     return JSONResponse(
         TaskAccepted(task_id=task_id, status_url=status_url).model_dump(),
@@ -157,7 +163,7 @@ def submit_study(
 
 @router.get("", response_model=StudyList, responses=COMMON_ERRORS)
 def list_studies(
-    service: Service,
+    call: Call,
     state: Annotated[list[StudyState] | None, Query(description="any of these states")] = None,
     door: Annotated[list[Door] | None, Query(description="any of these doors")] = None,
     patient_id: Annotated[str | None, Query(max_length=64)] = None,
@@ -170,7 +176,8 @@ def list_studies(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> StudyList:
-    """Every study of the registry, newest first, a page at a time."""
+    """Every study the caller may see (a technologist: the ones they sent), newest first, a
+    page at a time; identity only for a role allowed to see it."""
     wanted = StudyFilter(
         states=state,
         doors=door,
@@ -183,19 +190,34 @@ def list_studies(
         text=q,
     )
     try:
-        page = service.registry.list_studies(wanted, limit=limit, cursor=cursor)
+        page = call.service.registry.list_studies(
+            visible(wanted, call.principal), limit=limit, cursor=cursor
+        )
     except BadCursor as error:
         raise api_error(422, f"invalid request: cursor: {error}") from None
+    call.audit(AuditAction.LIST, detail=f"rest, {len(page.items)} rows")
     return StudyList(
-        items=[StudyItem.of(record, f"{STUDIES_PATH}/{record.task_id}") for record in page.items],
+        items=[
+            StudyItem.of(shown(record, call.principal), f"{STUDIES_PATH}/{record.task_id}")
+            for record in page.items
+        ],
         next=page.next,
     )
 
 
 @router.get("/{task_id}", response_model=StudyStatus, responses=COMMON_ERRORS)
-def study_status(service: Service, task_id: TaskId) -> StudyStatus:
-    records = service.registry.task_studies(task_id)
+def study_status(
+    call: Call,
+    task_id: str,
+    records: TaskRecords,
+) -> StudyStatus:
     first = records[0]
+    service = call.service
+    call.audit(
+        AuditAction.VIEW_STUDY,
+        task_id=task_id,
+        study_instance_uid=first.study_instance_uid,
+    )
     result = service.result(task_id) if first.state.final else None
     if first.state is StudyState.QUEUED:
         message = queue_text(service.queue_places().get(task_id))
@@ -213,7 +235,7 @@ def study_status(service: Service, task_id: TaskId) -> StudyStatus:
         message=message,
         error=(result.error if result is not None else None)
         or (failure_reason(first) if first.state is StudyState.FAILED else None),
-        reports=result.reports if result is not None else None,
+        reports=reports_shown(result.reports, call.principal) if result is not None else None,
         files=file_links(task_id, result) if result is not None else [],
     )
 
@@ -224,11 +246,13 @@ def study_status(service: Service, task_id: TaskId) -> StudyStatus:
     responses=COMMON_ERRORS | {200: {"content": {media: {} for media in MEDIA_TYPES.values()}}},
 )
 def study_file(
-    service: Service,
-    task_id: TaskId,
+    call: Call,
+    task_id: str,
+    records: FileRecords,
     kind: FileKindName,
     index: Annotated[int, Query(ge=1, le=10_000, description="1-based, per kind")] = 1,
 ) -> FileResponse:
+    service = call.service
     result = service.result(task_id)
     if result is None:
         raise api_error(404, "the task has no result yet")
@@ -238,4 +262,53 @@ def study_file(
     path = service.file_path(items[index - 1].path)
     if path is None:
         raise api_error(404, "the file is gone from the storage")
+    call.audit(
+        FILE_ACTIONS.get(kind.value, AuditAction.DOWNLOAD_FILE),
+        task_id=task_id,
+        study_instance_uid=records[0].study_instance_uid,
+        detail=f"rest {kind.value} {index}",
+    )
     return FileResponse(path, media_type=MEDIA_TYPES[kind.value], filename=path.name)
+
+
+@router.delete(
+    "/{task_id}",
+    status_code=204,
+    responses=COMMON_ERRORS | error_responses((403, "the role may not delete studies")),
+)
+def delete_study(
+    call: Call,
+    task_id: str,
+    records: TaskRecords,
+) -> Response:
+    """Remove a finished task's files and its patient's identity for everyone (an
+    administrator's correction: a wrong patient, a study sent by mistake). Its row keeps the
+    times and the call, named "(deleted)"."""
+    if not call.principal.may(Permission.DELETE):
+        raise api_error(403, f"the role {call.principal.role.value} does not delete studies")
+    if not records[0].state.final:
+        raise api_error(409, "the task is still queued or processing; delete it when it ends")
+    delete_task(call.service.settings, call.service.registry, task_id)
+    call.service.forget_result(task_id)
+    call.audit(
+        AuditAction.DELETE,
+        task_id=task_id,
+        study_instance_uid=records[0].study_instance_uid,
+    )
+    return Response(status_code=204)
+
+
+FILE_ACTIONS = {
+    "xlsx": AuditAction.DOWNLOAD_XLSX,
+    "json": AuditAction.DOWNLOAD_JSON,
+    "sr": AuditAction.DOWNLOAD_SR,
+}
+
+
+def reports_shown(reports: list[StudyReport], principal: Principal) -> list[StudyReport]:
+    """The reports without the patient's identity, unless the caller's role may see it."""
+    if principal.may(Permission.SEE_IDENTITY):
+        return reports
+    return [
+        report.model_copy(update={"identity": None, "accession_number": None}) for report in reports
+    ]

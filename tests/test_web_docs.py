@@ -1,0 +1,44 @@
+"""The README says what the code does: the permissions table of "Security" is the one in
+services/core/access.py, and the public paths it names are the gate's."""
+
+from __future__ import annotations
+
+import re
+
+from services.core.access import PERMISSIONS, Permission, Role
+from services.core.config import PROJECT_ROOT
+from services.frontend.auth.gate import PUBLIC_PATHS
+
+README = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def readme_permissions() -> dict[Role, set[Permission]]:
+    table = README.split("<!-- permissions:", 1)[1].split("<!-- /permissions -->", 1)[0]
+    lines = [line for line in table.splitlines() if line.startswith("| `")]
+    header = [cell.strip() for cell in table.splitlines()[1].strip("|").split("|")]
+    roles = [Role(name) for name in header[1:]]
+    granted: dict[Role, set[Permission]] = {role: set() for role in roles}
+    for line in lines:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        found = re.match(r"`([a-z_]+)`", cells[0])
+        assert found, line
+        for role, cell in zip(roles, cells[1:], strict=True):
+            assert cell in ("yes", "no"), line
+            if cell == "yes":
+                granted[role].add(Permission(found.group(1)))
+    return granted
+
+
+def test_the_readme_permissions_table_is_the_code_s() -> None:
+    documented = readme_permissions()
+    assert set(documented) == set(Role)
+    assert {role: frozenset(rights) for role, rights in documented.items()} == PERMISSIONS
+    rows = README.split("<!-- permissions:", 1)[1].split("<!-- /permissions -->", 1)[0]
+    assert rows.count("| `") == len(Permission)  # every permission has its row
+
+
+def test_the_public_paths_are_the_ones_the_readme_names() -> None:
+    section = README.split("## Security", 1)[1].split("\n## ", 1)[0]
+    for path in ("/sign-in", "/healthz"):
+        assert path in PUBLIC_PATHS
+        assert f"`{path}`" in section
