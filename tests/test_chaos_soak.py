@@ -41,6 +41,7 @@ from fault_support import (
     count_outcome,
     format_table,
     registry_mismatches,
+    report_rows,
     triton_leftovers,
 )
 from netns_support import netns_unavailable, postgres_unavailable
@@ -302,12 +303,7 @@ def test_chaos_soak_loses_and_duplicates_nothing(
             + ", ".join(cluster.triton_restarts)
         )
     MEASUREMENTS.extend(["chaos log:", *(f"  {line}" for line in monkey.log.lines)])
-    twice = {
-        study.name: (study.task_id, seen[study.task_id])
-        for study in sent
-        if seen[study.task_id] > 1
-    }
-    assert (outcome.lost, outcome.duplicated) == (0, 0), (outcome, twice)
+    assert (outcome.lost, outcome.duplicated) == (0, 0), (outcome, copies(sent, seen, cluster))
     assert (registry_lost, registry_duplicated) == (0, 0)
     assert outcome.results == outcome.sent
     assert all(load_result(cluster.storage, study.task_id) for study in sent)
@@ -341,6 +337,20 @@ def test_chaos_soak_loses_and_duplicates_nothing(
     assert not [path for path in triton_paths if path.exists()]
     assert not [pid for pid, start in database_processes.items() if started_at(pid) == start]
     assert not cluster.database.base.exists()  # its data folder removed
+
+
+def copies(sent: list[SentStudy], seen: Counter[str], cluster: Cluster) -> dict[str, str]:
+    """What was duplicated or lost, study by study (for a failure's message)."""
+    found = {}
+    for study in sent:
+        stored = load_result(cluster.storage, study.task_id)
+        rows = report_rows(cluster.storage, study.task_id)
+        if seen[study.task_id] != 1 or stored is None or rows > len(stored.reports):
+            found[study.name] = (
+                f"task {study.task_id}: {seen[study.task_id]} replies, "
+                f"{'a' if stored else 'no'} stored result, {rows} report rows"
+            )
+    return found
 
 
 def adapter_leftovers(pids: set[int]) -> list[Path]:
