@@ -3,10 +3,13 @@ tests. Not a test module.
 
 Layout: the broker host runs its own RabbitMQ node and the frontend; a Triton host runs the
 nvidia-pytriton Triton (tiny demo repository) bound to its own address; each adapter has a
-host of its own and reaches Triton over gRPC (no shared memory across hosts). Storage is one
-folder every host sees. The adapters read one config file (``CTS_CONFIG``): replacing the
-Triton host means writing its new address there and restarting the adapters, as an operator
-would.
+host of its own and reaches Triton over gRPC (no shared memory across hosts); the database
+host runs a PostgreSQL cluster of its own, the study registry (``registry.url``; the services
+get its password from ``PGPASSWORD``), upgraded before the services start. More frontends
+can be added, each on a host of its own (:meth:`Cluster.add_frontend`), all recording what
+the adapters report (competing consumers of the registry queue). Storage is one folder every
+host sees. The services read one config file (``CTS_CONFIG``): replacing the Triton host
+means writing its new address there and restarting the adapters, as an operator would.
 
 Services are launched as ``python -m ...`` inside their host's namespace, each in its own
 session (a process group the cluster can kill, freeze or thaw). A supervisor restarts Triton
@@ -38,16 +41,25 @@ from fault_support import (
     remove_paths,
     triton_leftovers,
 )
-from netns_support import BrokerNode, Host, Network, sweep_stale_networks
+from netns_support import (
+    BrokerNode,
+    Host,
+    Network,
+    PostgresNode,
+    sweep_stale_databases,
+    sweep_stale_networks,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from stack_support import PROJECT_ROOT, wait_for
 
 from services.broker.schemas import QueueTopology
 from services.core.config import RabbitMQSettings, load_settings
-from services.registry import upgrade_registry
+from services.registry import Registry, upgrade_registry
 
 BROKER_USER = "cts-cluster"
 BROKER_PASSWORD = "cluster-test-secret"
+DATABASE_NAME = DATABASE_USER = "cts"
+DATABASE_PASSWORD = "registry-test-secret"
 # Short heartbeats: a host cut off from the broker is noticed in seconds, not minutes.
 HEARTBEAT_S = 5
 # A request to a host that vanished waits this long before it is retried.
@@ -56,6 +68,7 @@ ADAPTER_METRICS_PORT = 9410
 TRITON_HTTP_PORT, TRITON_GRPC_PORT = 8000, 8001
 FRONTEND_PORT = 7860
 SUPERVISOR_INTERVAL_S = 2.0
+FRONTEND = "frontend"  # the first frontend, on the broker host
 
 
 @dataclass
@@ -78,6 +91,7 @@ def http_ok(url: str) -> bool:
 class Cluster:
     def __init__(self, *, repository: Path, workdir: Path, adapters: int, prefix: str) -> None:
         sweep_stale_networks()
+        sweep_stale_databases()
         self.repository = repository
         self.workdir = workdir
         self.storage = workdir / "storage"
@@ -92,6 +106,8 @@ class Cluster:
         self.triton_host = self.network.add_host("triton-a")
         self.adapter_names = [f"adapter-{index}" for index in range(1, adapters + 1)]
         self.hosts = {name: self.network.add_host(name) for name in self.adapter_names}
+        self.db_host = self.network.add_host("db")
+        self.frontend_hosts: dict[str, Host] = {FRONTEND: self.broker_host}
         self.broker = BrokerNode(
             self.broker_host, workdir / "rabbitmq", username=BROKER_USER, password=BROKER_PASSWORD
         )
@@ -101,6 +117,14 @@ class Cluster:
             password=BROKER_PASSWORD,
             queue_prefix=prefix,
             heartbeat_s=HEARTBEAT_S,
+        )
+        self.database = PostgresNode(
+            self.db_host,
+            self.network.subnet,
+            self.log_dir / "postgres.log",
+            database=DATABASE_NAME,
+            user=DATABASE_USER,
+            password=DATABASE_PASSWORD,
         )
         self.services: dict[str, Service] = {}
         self.adapter_pids: set[int] = set()  # every adapter process ever launched
@@ -116,8 +140,17 @@ class Cluster:
     def triton_url(self) -> str:
         return f"{self.triton_host.address}:{TRITON_GRPC_PORT}"
 
+    @property
+    def registry_url(self) -> str:
+        """The registry's URL with its password (the test's own connections)."""
+        return self.database.url(password=True).render_as_string(hide_password=False)
+
+    def open_registry(self) -> Registry:
+        return Registry(self.database.url(password=True))
+
     def write_config(self) -> None:
-        """The adapters' and the frontend's config file: the broker, the storage, Triton."""
+        """The services' config file: the broker, the storage, Triton, the registry (its
+        password is not in the file: PGPASSWORD)."""
         config = {
             "rabbitmq": {
                 "host": self.rabbitmq.host,
@@ -127,6 +160,7 @@ class Cluster:
                 "heartbeat_s": HEARTBEAT_S,
             },
             "storage": {"root": str(self.storage)},
+            "registry": {"url": self.database.url().render_as_string(hide_password=False)},
             "inference": {
                 "backend": "triton",
                 "model_repository": str(self.repository),
@@ -143,6 +177,7 @@ class Cluster:
             {
                 "CTS_CONFIG": str(self.config_file),
                 "CTS__METRICS__HOST": host.address,
+                "PGPASSWORD": DATABASE_PASSWORD,
                 "ORT_DISABLE_TELEMETRY": "1",
                 **extra,
             }
@@ -271,24 +306,36 @@ class Cluster:
             {"CTS__METRICS__ADAPTER_PORT": str(ADAPTER_METRICS_PORT)},
         )
 
-    def launch_frontend(self) -> None:
-        host = self.broker_host
+    def launch_frontend(self, name: str = FRONTEND) -> None:
+        host = self.frontend_hosts[name]
         self.launch(
-            "frontend",
+            name,
             host,
             [sys.executable, "-m", "services.frontend"],
             {"CTS__FRONTEND__HOST": host.address, "CTS__FRONTEND__PORT": str(FRONTEND_PORT)},
         )
-        wait_for(
-            lambda: self._serving("frontend", self.frontend_url + "healthz"),
-            180,
-            "the frontend",
-            0.5,
-        )
+        self.wait_for_frontend(name)
+
+    def wait_for_frontend(self, name: str = FRONTEND) -> None:
+        url = self.frontend_url_of(name) + "healthz"  # the page itself asks for sign-in
+        wait_for(lambda: self._serving(name, url), 180, f"{name} serving", 0.5)
+
+    def add_frontend(self, name: str) -> None:
+        """One more frontend, on a host of its own, with the same config file (the same
+        broker, storage and registry)."""
+        self.frontend_hosts[name] = self.network.add_host(name)
+        self.launch_frontend(name)
+
+    @property
+    def frontend_names(self) -> list[str]:
+        return list(self.frontend_hosts)
+
+    def frontend_url_of(self, name: str) -> str:
+        return f"http://{self.frontend_hosts[name].address}:{FRONTEND_PORT}/"
 
     @property
     def frontend_url(self) -> str:
-        return f"http://{self.broker_host.address}:{FRONTEND_PORT}/"
+        return self.frontend_url_of(FRONTEND)
 
     def _supervise(self) -> None:
         while not self._supervisor_stop.wait(SUPERVISOR_INTERVAL_S):
@@ -306,9 +353,12 @@ class Cluster:
         wait_for(lambda: self._serving(self.triton_name, url), 180, "Triton back", 0.5)
 
     def start(self) -> None:
+        self.database.init()
         self.broker.start()
         self.write_config()
-        upgrade_registry(load_settings(self.config_file, environ={}))  # as start.sh does
+        # As start.sh does, with the password as an operator's environment would give it.
+        environ = {"CTS__REGISTRY__URL": self.registry_url}
+        upgrade_registry(load_settings(self.config_file, environ=environ))
         self.launch_triton()
         self._supervisor.start()
         for name in self.adapter_names:
@@ -352,14 +402,14 @@ class Cluster:
     def boot_broker_host(self) -> None:
         """The broker host comes back: RabbitMQ on its old data, then the frontend."""
         self.broker.start()
-        wait_for(lambda: not self.alive("frontend"), 30, "the old frontend reaped")
-        self.relaunch("frontend")
-        wait_for(
-            lambda: self._serving("frontend", self.frontend_url + "healthz"),
-            180,
-            "the frontend",
-            0.5,
-        )
+        wait_for(lambda: not self.alive(FRONTEND), 30, "the old frontend reaped")
+        self.relaunch(FRONTEND)
+        self.wait_for_frontend()
+
+    def restart_database(self, *, crash: bool) -> None:
+        """The database host's PostgreSQL stopped fast (clients cut off) and started, or
+        killed (-9, every process of the host) and started (crash recovery)."""
+        self.database.restart(crash=crash)
 
     # -- what the hosts say -----------------------------------------------------------------
 
@@ -378,11 +428,16 @@ class Cluster:
         self._supervisor_stop.set()
         with self._triton_lock:
             pass  # a restart in progress finishes first
-        for name in (*self.adapter_names, "frontend", self.triton_name):
-            if name in self.services:
-                self.terminate(name)
-        self.broker.stop()
-        self.network.close()
+        try:
+            try:
+                for name in (*self.adapter_names, *self.frontend_names, self.triton_name):
+                    if name in self.services:
+                        self.terminate(name)
+                self.broker.stop()
+            finally:
+                self.database.stop()  # its data folder is outside the test's folder
+        finally:
+            self.network.close()
 
 
 def metric(samples: dict, name: str, **labels: str) -> float:

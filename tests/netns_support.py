@@ -12,7 +12,9 @@ connections hang, new ones fail at once), :meth:`Host.kill_all` is a host crash.
 
 :class:`BrokerNode` is a RabbitMQ node of its own on a host (its own node name, data folder,
 Erlang cookie and epmd), so restarting "the broker host" never touches the system RabbitMQ
-other tests and developers share.
+other tests and developers share. :class:`PostgresNode` is likewise a PostgreSQL cluster of
+its own on a host (initdb, then ``postgres`` run as the postgres user, listening on that
+host's address only), never the machine's PostgreSQL.
 
 Everything needs root (CI runs as root); :func:`netns_unavailable` says why not otherwise.
 Names carry the test process id: :func:`sweep_stale_networks` removes what a killed run left.
@@ -23,15 +25,20 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import pwd
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
+from psycopg import sql
+from sqlalchemy.engine import URL
 from stack_support import wait_for
 
 SUBNET_FIRST_OCTETS = "10.231"  # /24 subnets 10.231.N.0 only ever exist on this bridge
@@ -304,3 +311,244 @@ class BrokerNode:
             self.process = None
         # Give the port a moment: a restart right after a crash must be able to bind it.
         time.sleep(0.2)
+
+
+# -- a PostgreSQL cluster of its own -----------------------------------------------------------
+
+POSTGRES_LIB = Path("/usr/lib/postgresql")  # Debian's layout: <version>/bin/initdb ...
+POSTGRES_PORT = 5432
+POSTGRES_OS_USER = "postgres"  # initdb refuses root
+POSTGRES_SUPERUSER = "postgres"
+POSTGRES_DATA_PREFIX = "cts-test-pg"
+
+
+def postgres_data_parent() -> Path:
+    """Where a node's data folder goes: the postgres user's home (/var/lib/postgresql), since
+    that user cannot enter root's temp folders (pytest's are 0700, and /tmp may be too). The
+    folder is named after the test process, so a killed run's folder can be swept."""
+    return Path(pwd.getpwnam(POSTGRES_OS_USER).pw_dir)
+
+
+def postgres_bin() -> Path | None:
+    """The newest installed PostgreSQL's programs, or None."""
+    versions = [path.parent for path in POSTGRES_LIB.glob("*/bin/postgres")]
+    numbered = [path for path in versions if path.parent.name.isdigit()]
+    return max(numbered, key=lambda path: int(path.parent.name), default=None)
+
+
+def postgres_unavailable() -> str | None:
+    """Why this machine cannot run a private PostgreSQL cluster, or None when it can."""
+    if postgres_bin() is None:
+        return f"PostgreSQL's programs are missing (no {POSTGRES_LIB}/<version>/bin/postgres)"
+    if shutil.which("setpriv") is None:
+        return "util-linux's setpriv is missing"
+    try:
+        pwd.getpwnam(POSTGRES_OS_USER)
+    except KeyError:
+        return f"there is no {POSTGRES_OS_USER} user (the PostgreSQL server package makes it)"
+    return None
+
+
+class PostgresNode:
+    """A PostgreSQL cluster of its own on ``host``: ``initdb``, then ``postgres`` as the
+    postgres user, listening on the host's address (port 5432) only, no Unix socket; one
+    database owned by one role, password authentication (scram) from the hosts' subnet. A
+    restart keeps the data, as a database host's disk does; :meth:`stop` removes it."""
+
+    def __init__(
+        self, host: Host, subnet: str, log: Path, *, database: str, user: str, password: str
+    ) -> None:
+        bin_dir = postgres_bin()
+        if bin_dir is None:
+            raise RuntimeError(postgres_unavailable() or "no PostgreSQL")
+        self.bin = bin_dir
+        self.host = host
+        self.subnet = subnet
+        self.log = log
+        self.database = database
+        self.user = user
+        self.password = password
+        self.base = Path(
+            tempfile.mkdtemp(
+                prefix=f"{POSTGRES_DATA_PREFIX}{os.getpid()}-", dir=postgres_data_parent()
+            )
+        )
+        self.data = self.base / "data"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.postmasters: list[int] = []  # every postmaster this node ran (leftover checks)
+
+    def url(self, *, password: bool = False) -> URL:
+        """The database's URL; the password only where asked (a config file goes without:
+        the services get it from PGPASSWORD)."""
+        return URL.create(
+            "postgresql+psycopg",
+            username=self.user,
+            password=self.password if password else None,
+            host=self.host.address,
+            port=POSTGRES_PORT,
+            database=self.database,
+        )
+
+    def _superuser(self) -> str:
+        return (
+            f"host={self.host.address} port={POSTGRES_PORT} user={POSTGRES_SUPERUSER} "
+            f"password={self.password} dbname=postgres connect_timeout=3"
+        )
+
+    def _as_postgres(self, argv: list[str]) -> list[str]:
+        return [
+            "setpriv",
+            f"--reuid={POSTGRES_OS_USER}",
+            f"--regid={POSTGRES_OS_USER}",
+            "--init-groups",
+            "--",
+            *argv,
+        ]
+
+    def init(self) -> None:
+        """initdb (the superuser with the node's password), then the database and its owner."""
+        shutil.chown(self.base, POSTGRES_OS_USER, POSTGRES_OS_USER)
+        password_file = self.base / "password"
+        password_file.write_text(self.password + "\n")
+        shutil.chown(password_file, POSTGRES_OS_USER, POSTGRES_OS_USER)
+        command = [
+            str(self.bin / "initdb"),
+            "--pgdata",
+            str(self.data),
+            "--username",
+            POSTGRES_SUPERUSER,
+            f"--pwfile={password_file}",
+            "--auth=scram-sha-256",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",  # a test's cluster: its files need not reach the disk now
+        ]
+        try:
+            subprocess.run(
+                self._as_postgres(command),
+                cwd=self.base,
+                capture_output=True,
+                timeout=120,
+                check=True,
+            )
+        except subprocess.CalledProcessError as error:
+            raise RuntimeError(f"initdb failed: {error.stderr.decode()[-2000:]}") from error
+        finally:
+            password_file.unlink(missing_ok=True)
+        # Only the hosts of this network, with a password; no local connections at all.
+        (self.data / "pg_hba.conf").write_text(f"host all all {self.subnet}.0/24 scram-sha-256\n")
+        self.start()
+        with psycopg.connect(self._superuser(), autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(self.user), sql.Literal(self.password)
+                )
+            )
+            admin.execute(
+                sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                    sql.Identifier(self.database), sql.Identifier(self.user)
+                )
+            )
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        """``postgres`` on the host (after a crash it recovers from its WAL first); waits
+        until it accepts connections."""
+        settings = {
+            "listen_addresses": self.host.address,
+            "port": str(POSTGRES_PORT),
+            "unix_socket_directories": "",  # the machine's PostgreSQL owns the usual one
+            "dynamic_shared_memory_type": "mmap",  # in the data folder, removed with it
+        }
+        options = [part for key, value in settings.items() for part in ("-c", f"{key}={value}")]
+        log = self.log.open("ab")
+        try:
+            # ip netns exec, then setpriv: each replaces itself, the pid is the postmaster's.
+            self.process = subprocess.Popen(
+                self.host.command(
+                    self._as_postgres([str(self.bin / "postgres"), "-D", str(self.data), *options])
+                ),
+                cwd=self.base,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        self.postmasters.append(self.process.pid)
+        wait_for(
+            self._accepting,
+            timeout_s,
+            f"PostgreSQL on {self.host.name} to accept connections",
+            interval_s=0.3,
+        )
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _accepting(self) -> bool:
+        if not self.running():
+            raise AssertionError(f"postgres exited: see {self.log}")
+        try:
+            psycopg.connect(self._superuser()).close()
+        except psycopg.OperationalError:
+            return False  # not listening yet, or still recovering
+        return True
+
+    def stop_fast(self, timeout_s: float = 60.0) -> None:
+        """``pg_ctl stop -m fast``'s signal (SIGINT): clients cut off, a clean shutdown."""
+        if self.process is not None and self.running():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGINT)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.host.kill_all()
+        self._reap()
+
+    def crash(self) -> None:
+        """Every process of the database host killed (-9): the postmaster and its backends."""
+        self.host.kill_all()
+        self._reap()
+
+    def _reap(self) -> None:
+        if self.process is not None:
+            self.process.wait(timeout=30)
+            self.process = None
+        # The backends outlive the postmaster briefly; a new one refuses to start beside them.
+        wait_for(lambda: not self.host.pids(), 30, f"the processes of {self.host.name} gone")
+
+    def ensure_running(self) -> None:
+        """Started again when it is not running (whatever is left of it killed first)."""
+        if not self.running():
+            self.crash()
+            self.start()
+
+    def restart(self, *, crash: bool) -> None:
+        """Fast stop and start, or kill -9 and start (crash recovery)."""
+        if crash:
+            self.crash()
+        else:
+            self.stop_fast()
+        self.start()
+
+    def stop(self) -> None:
+        """A clean shutdown, then the data folder removed. A crashed node is started once
+        more first: its recovery removes the shared memory the crash left behind."""
+        try:
+            if not self.running() and (self.data / "postmaster.pid").exists():
+                self.start()
+            self.stop_fast()
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+def sweep_stale_databases() -> None:
+    """Data folders of test runs whose process is gone (a killed run); run after
+    :func:`sweep_stale_networks`, which killed their servers with their namespaces."""
+    if postgres_unavailable() is not None:
+        return
+    for folder in postgres_data_parent().glob(f"{POSTGRES_DATA_PREFIX}*-*"):
+        found = re.fullmatch(rf"{POSTGRES_DATA_PREFIX}(\d+)-.*", folder.name)
+        if found and not Path(f"/proc/{found.group(1)}").exists():
+            shutil.rmtree(folder, ignore_errors=True)

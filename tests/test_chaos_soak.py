@@ -1,10 +1,12 @@
 """Chaos soak: hundreds of studies through three adapter hosts while a seeded chaos loop kills
-adapters (kill -9), restarts the broker, pauses Triton (SIGSTOP) and cuts links at random.
+adapters (kill -9), restarts the broker, restarts the registry's PostgreSQL (fast stop, or
+kill -9 of the database host's processes), pauses Triton (SIGSTOP) and cuts links at random.
 
-At the end every task has exactly one result (on the reply queue and in storage), the task
-queue is empty, the dead-letter queue holds exactly the tasks the dead-letter rules gave up
-on (each with its Failure result), and no adapter left temporary files or shared-memory
-regions behind.
+At the end every task has exactly one result (on the reply queue and in storage) and exactly
+its rows in the study registry, final and in the state its result says; the task queue is
+empty, the dead-letter queue holds exactly the tasks the dead-letter rules gave up on (each
+with its Failure result), and no adapter left temporary files or shared-memory regions
+behind, nor the database host a process or its data folder.
 
 CI runs 200 studies (a few minutes). The long soak is the same test with more:
 
@@ -38,9 +40,11 @@ from fault_support import (
     TaskClient,
     count_outcome,
     format_table,
+    registry_mismatches,
+    report_rows,
     triton_leftovers,
 )
-from netns_support import netns_unavailable
+from netns_support import netns_unavailable, postgres_unavailable
 from preconditions import require
 from stack_support import wait_for, zip_directory
 
@@ -99,6 +103,7 @@ class ChaosMonkey:
         self.actions: dict[str, Callable[[], None]] = {
             "kill -9 adapter": self.kill_adapter,
             "restart broker": self.restart_broker,
+            "restart database": self.restart_database,
             "pause Triton": self.pause_triton,
             "cut link": self.cut_link,
         }
@@ -138,6 +143,12 @@ class ChaosMonkey:
         self.cluster.broker.stop()
         self.cluster.broker.start()
 
+    def restart_database(self) -> None:
+        crash = self.random.random() < 0.5
+        how = "kill -9 (every process of the db host), start" if crash else "fast stop, start"
+        self.log.add("restart database", how)
+        self.cluster.restart_database(crash=crash)
+
     def pause_triton(self) -> None:
         seconds = self.random.uniform(*OUTAGE_S)
         self.log.add("pause Triton", f"SIGSTOP {seconds:.0f} s")
@@ -166,6 +177,7 @@ class ChaosMonkey:
         if cluster.broker.process is None or cluster.broker.process.poll() is not None:
             cluster.broker.reap()
             cluster.broker.start()
+        cluster.database.ensure_running()
         for name in cluster.adapter_names:
             if not cluster.alive(name):
                 cluster.relaunch(name)
@@ -176,6 +188,7 @@ def cluster(
     tiny_model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
     require(netns_unavailable())  # root and iproute2; CI has both
+    require(postgres_unavailable())  # the database host's PostgreSQL; CI has it
     hosts = Cluster(
         repository=tiny_model_repository,
         workdir=tmp_path_factory.mktemp("chaos"),
@@ -261,6 +274,13 @@ def test_chaos_soak_loses_and_duplicates_nothing(
         if client.result(study.task_id).status is TaskStatus.FAILED
         and "given up after" in (client.result(study.task_id).error or "")
     ]
+    # Exactly its rows in the registry, final, in the state its result says.
+    registry = cluster.open_registry()
+    try:
+        registry_lost, registry_duplicated = registry_mismatches(registry, sent, client.results_of)
+    finally:
+        registry.close()
+    rows = sum(len(client.result(study.task_id).reports) for study in sent)
     outcome = count_outcome(
         f"chaos soak, seed {SEED}: {sum(monkey.log.events.values())} faults",
         sent,
@@ -269,9 +289,13 @@ def test_chaos_soak_loses_and_duplicates_nothing(
         note=(
             ", ".join(f"{kind} x{count}" for kind, count in sorted(monkey.log.events.items()))
             + f"; {len(given_up)} dead-lettered after {cluster.rabbitmq.max_deliveries} "
-            f"deliveries; {len(sent)} studies in {elapsed_s / 60:.1f} min"
+            f"deliveries; {len(sent)} studies in {elapsed_s / 60:.1f} min; registry "
+            f"(PostgreSQL): {rows} rows expected, {registry_lost} missing or not final, "
+            f"{registry_duplicated} extra"
         ),
     )
+    outcome.lost += registry_lost
+    outcome.duplicated += registry_duplicated
     outcomes.append(outcome)
     if cluster.triton_restarts:
         MEASUREMENTS.append(
@@ -279,7 +303,8 @@ def test_chaos_soak_loses_and_duplicates_nothing(
             + ", ".join(cluster.triton_restarts)
         )
     MEASUREMENTS.extend(["chaos log:", *(f"  {line}" for line in monkey.log.lines)])
-    assert (outcome.lost, outcome.duplicated) == (0, 0), outcome
+    assert (outcome.lost, outcome.duplicated) == (0, 0), (outcome, copies(sent, seen, cluster))
+    assert (registry_lost, registry_duplicated) == (0, 0)
     assert outcome.results == outcome.sent
     assert all(load_result(cluster.storage, study.task_id) for study in sent)
     # Every kind of fault happened (seeded: the same faults every run).
@@ -305,9 +330,27 @@ def test_chaos_soak_loses_and_duplicates_nothing(
     )
     triton_paths = triton_leftovers(cluster.triton_host.pids())
     assert triton_paths  # its backend folder at least: the check below means something
+    database_processes = {pid: started_at(pid) for pid in cluster.db_host.pids()}
+    assert cluster.database.postmasters[-1] in database_processes  # the check means something
     cluster.stop()
     assert not adapter_leftovers(cluster.adapter_pids)
     assert not [path for path in triton_paths if path.exists()]
+    assert not [pid for pid, start in database_processes.items() if started_at(pid) == start]
+    assert not cluster.database.base.exists()  # its data folder removed
+
+
+def copies(sent: list[SentStudy], seen: Counter[str], cluster: Cluster) -> dict[str, str]:
+    """What was duplicated or lost, study by study (for a failure's message)."""
+    found = {}
+    for study in sent:
+        stored = load_result(cluster.storage, study.task_id)
+        rows = report_rows(cluster.storage, study.task_id)
+        if seen[study.task_id] != 1 or stored is None or rows > len(stored.reports):
+            found[study.name] = (
+                f"task {study.task_id}: {seen[study.task_id]} replies, "
+                f"{'a' if stored else 'no'} stored result, {rows} report rows"
+            )
+    return found
 
 
 def adapter_leftovers(pids: set[int]) -> list[Path]:
@@ -318,3 +361,12 @@ def adapter_leftovers(pids: set[int]) -> list[Path]:
         found.extend(path for path in [temp / f"cts-adapter-{pid}"] if path.exists())
         found.extend(Path("/dev/shm").glob(f"cts_{pid}_*"))
     return found
+
+
+def started_at(pid: int) -> str | None:
+    """When the process started (clock ticks since boot): a pid used again is another process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()[19]

@@ -1,16 +1,21 @@
-"""Beyond one machine: the stack on five hosts (network namespaces, tests/netns_support.py)
+"""Beyond one machine: the stack on six hosts (network namespaces, tests/netns_support.py)
 and the network between them failing.
 
 Hosts: the broker host (its own RabbitMQ node and the frontend), a Triton host, two adapter
-hosts; the test process is the submitting system at the bridge's address. Adapters reach
-Triton over gRPC. Scenarios, each counted like the fault suite (every task exactly one result
-on the reply queue and in storage):
+hosts, a database host (a PostgreSQL cluster of its own: the study registry); the test process
+is the submitting system at the bridge's address. Adapters reach Triton over gRPC. Scenarios,
+each counted like the fault suite (every task exactly one result on the reply queue and in
+storage):
 
 * the adapters' link to Triton cut for 60 s: the adapters wait, then finish;
 * an adapter host cut off from the broker mid-study: the broker gives its task to the other
   adapter, which republishes the result the cut-off adapter stored; nothing is sent twice;
 * the Triton host lost and replaced by another at a new address written in the config;
-* the broker host crashed and booted again (RabbitMQ and the frontend).
+* the broker host crashed and booted again (RabbitMQ and the frontend);
+* a second frontend on a host of its own, the same PostgreSQL: studies uploaded through the
+  REST API of the first and sent over AMQP, the first killed (-9) while results come in; the
+  second records them alone, and both list the same rows in the same final states (REST
+  listing and the page's worklist in Chromium); every result has exactly its registry rows.
 
 The table "scenario | studies sent | results | lost | duplicated" is printed at the end, with
 the gRPC transfer time of a full-size study between two hosts.
@@ -23,13 +28,17 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 import uuid
+import zipfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
-from cluster_support import Cluster, TablePrinter, metric
+from cluster_support import FRONTEND, Cluster, TablePrinter, metric
 from fault_support import (
     Outcome,
     SentStudy,
@@ -38,13 +47,18 @@ from fault_support import (
     count_outcome,
     format_table,
 )
-from netns_support import netns_unavailable
+from netns_support import netns_unavailable, postgres_unavailable
+from playwright.sync_api import sync_playwright
 from preconditions import require
 from stack_support import PROJECT_ROOT, wait_for, zip_directory
+from web_support import PASSWORD, sign_in_page
+from worklist_page import CHROMIUM, CHROMIUM_ARGS, finished_rows, worklist_rows
 
 from services.broker.schemas import TaskStatus
 from services.broker.storage import load_result
+from services.core.access import Role
 from services.core.schemas import ProcessingStatus
+from services.registry import Door, Registry, StudyState
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton, pytest.mark.slow]
 
@@ -54,6 +68,9 @@ MODEL_REQUEST_STAGES = ("chest_check", "inference")
 PROBE_MODEL = "transfer_probe"
 FULL_SIZE_INPUT = (1, 1, 240, 480, 480)  # one study's CT-CLIP input, 221 MB as float32
 TRANSFER_REPEATS = 3
+FRONTEND_B = "frontend-b"
+API = "api/v1/studies"
+LISTING_PAGES = 20  # at most this many pages of 500 (the module sends a few dozen studies)
 
 
 MEASUREMENTS: list[str] = []  # printed under the table
@@ -110,6 +127,7 @@ def cluster(
     tiny_model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
     require(netns_unavailable())  # root and iproute2; CI has both
+    require(postgres_unavailable())  # the database host's PostgreSQL; CI has it
     workdir = tmp_path_factory.mktemp("multihost")
     hosts = Cluster(
         repository=repository_with_probe(tiny_model_repository, workdir / "repository"),
@@ -122,6 +140,14 @@ def cluster(
         yield hosts
     finally:
         hosts.stop()
+
+
+@pytest.fixture(scope="module")
+def registry(cluster: Cluster) -> Iterator[Registry]:
+    """The test's own connection to the database host's registry."""
+    opened = cluster.open_registry()
+    yield opened
+    opened.close()
 
 
 @pytest.fixture
@@ -174,7 +200,11 @@ def record(outcome: Outcome, outcomes: list[Outcome]) -> None:
 
 
 def test_link_to_triton_cut_for_a_minute(
-    cluster: Cluster, client: TaskClient, zips: dict[str, Path], outcomes: list[Outcome]
+    cluster: Cluster,
+    client: TaskClient,
+    zips: dict[str, Path],
+    outcomes: list[Outcome],
+    registry: Registry,
 ) -> None:
     with cluster.frozen(cluster.triton_name):
         sent = [client.submit(zips["chest"], f"cut-chest-{n}.zip", "chest") for n in range(4)]
@@ -200,13 +230,19 @@ def test_link_to_triton_cut_for_a_minute(
         sent,
         seen(client),
         cluster.storage,
+        registry=registry,
+        result_of=client.results_of,
         note="both adapters inside a model request at the cut; they waited and finished",
     )
     record(outcome, outcomes)
 
 
 def test_adapter_host_cut_off_from_the_broker_mid_study(
-    cluster: Cluster, client: TaskClient, zips: dict[str, Path], outcomes: list[Outcome]
+    cluster: Cluster,
+    client: TaskClient,
+    zips: dict[str, Path],
+    outcomes: list[Outcome],
+    registry: Registry,
 ) -> None:
     before = {name: cluster.adapter_metrics(name) for name in cluster.adapter_names}
     with cluster.frozen(cluster.triton_name):
@@ -241,6 +277,8 @@ def test_adapter_host_cut_off_from_the_broker_mid_study(
         sent,
         seen(client),
         cluster.storage,
+        registry=registry,
+        result_of=client.results_of,
         note=(
             f"{victim} stored its result while cut off; the broker redelivered the task to "
             f"{survivor}, which republished it; the late copy was never sent"
@@ -250,7 +288,11 @@ def test_adapter_host_cut_off_from_the_broker_mid_study(
 
 
 def test_triton_host_lost_and_replaced_at_a_new_address(
-    cluster: Cluster, client: TaskClient, zips: dict[str, Path], outcomes: list[Outcome]
+    cluster: Cluster,
+    client: TaskClient,
+    zips: dict[str, Path],
+    outcomes: list[Outcome],
+    registry: Registry,
 ) -> None:
     with cluster.frozen(cluster.triton_name):
         sent = [client.submit(zips["chest"], f"swap-chest-{n}.zip", "chest") for n in range(3)]
@@ -276,6 +318,8 @@ def test_triton_host_lost_and_replaced_at_a_new_address(
         sent,
         seen(client),
         cluster.storage,
+        registry=registry,
+        result_of=client.results_of,
         note=(
             f"Triton {old} -> {new} (config file); adapters restarted (SIGTERM); the 2 studies "
             f"in flight given back and redelivered (attempts {sorted(attempts)})"
@@ -285,7 +329,11 @@ def test_triton_host_lost_and_replaced_at_a_new_address(
 
 
 def test_broker_host_crashes_and_boots_again(
-    cluster: Cluster, client: TaskClient, zips: dict[str, Path], outcomes: list[Outcome]
+    cluster: Cluster,
+    client: TaskClient,
+    zips: dict[str, Path],
+    outcomes: list[Outcome],
+    registry: Registry,
 ) -> None:
     with cluster.frozen(cluster.triton_name):
         sent = [client.submit(zips["chest"], f"boot-chest-{n}.zip", "chest") for n in range(5)]
@@ -302,15 +350,230 @@ def test_broker_host_crashes_and_boots_again(
     client.wait_for_results(sent, RESULT_TIMEOUT_S)
     client.settle()
 
-    # The frontend's recorder consumes the registry queue again.
-    assert consumers_of(cluster.rabbitmq, cluster.topology.registry_queue) == 1
+    # The frontends' recorders consume the registry queue again (the one on the broker host
+    # restarted, any other reconnected).
+    wait_for(
+        lambda: (
+            consumers_of(cluster.rabbitmq, cluster.topology.registry_queue)
+            == len(cluster.frontend_names)
+        ),
+        60,
+        "every frontend's recorder consuming again",
+    )
     assert_screened(client, sent)
     outcome = count_outcome(
         "broker host crashed (kill -9) and booted",
         sent,
         seen(client),
         cluster.storage,
+        registry=registry,
+        result_of=client.results_of,
         note="2 in flight finished while it was down, republished from storage; 3 queued survived",
+    )
+    record(outcome, outcomes)
+
+
+# -- two frontends, one registry ------------------------------------------------------------------
+
+
+def distinct_upload(source: Path, target: Path) -> Path:
+    """The study under a new name and with the name as the zip's comment: distinct bytes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    with zipfile.ZipFile(target, "a") as archive:
+        archive.comment = target.name.encode()
+    return target
+
+
+READER = "multihost-reader"
+_KEYS: dict[int, str] = {}
+
+
+def api_key(cluster: Cluster) -> str:
+    """The cluster's integrator key (a radiologist's), and a radiologist for the pages:
+    made in its registry the first time."""
+    if id(cluster) not in _KEYS:
+        registry = cluster.open_registry()
+        try:
+            _KEYS[id(cluster)] = registry.accounts.add_key("multihost-ris", Role.RADIOLOGIST)
+            registry.accounts.add_user(READER, Role.RADIOLOGIST, password=PASSWORD)
+        finally:
+            registry.close()
+    return _KEYS[id(cluster)]
+
+
+def rest_upload(cluster: Cluster, frontend: str, upload: Path, kind: str) -> SentStudy:
+    """POST /api/v1/studies to that frontend, with the cluster's API key."""
+    response = httpx.post(
+        cluster.frontend_url_of(frontend) + API,
+        files={"file": (upload.name, upload.read_bytes(), "application/zip")},
+        headers={"Authorization": f"Bearer {api_key(cluster)}"},
+        timeout=60,
+        trust_env=False,
+    )
+    assert response.status_code == 202, response.text
+    return SentStudy(response.json()["task_id"], upload.name, kind)
+
+
+def api_get(cluster: Cluster, frontend: str, path: str) -> dict:
+    url = cluster.frontend_url_of(frontend) + path
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key(cluster)}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def listing(cluster: Cluster, frontend: str, task_ids: set[str]) -> list[dict]:
+    """Every row of ``task_ids`` that frontend's GET /api/v1/studies lists, in its order."""
+    rows: list[dict] = []
+    cursor = None
+    for _ in range(LISTING_PAGES):
+        query = {"limit": "500", **({"cursor": cursor} if cursor else {})}
+        page = api_get(cluster, frontend, f"{API}?{urllib.parse.urlencode(query)}")
+        rows.extend(item for item in page["items"] if item["task_id"] in task_ids)
+        cursor = page["next"]
+        if cursor is None:
+            return rows
+    raise AssertionError(f"more than {LISTING_PAGES} pages of studies")
+
+
+def final_in_listing(cluster: Cluster, frontend: str, task_ids: set[str]) -> int:
+    rows = listing(cluster, frontend, task_ids)
+    return sum(StudyState(row["state"]).final for row in rows)
+
+
+def recorders(cluster: Cluster) -> int:
+    return consumers_of(cluster.rabbitmq, cluster.topology.registry_queue)
+
+
+def page_rows(cluster: Cluster, files: set[str]) -> dict[str, list[dict[str, object]]]:
+    """Each frontend's worklist rows of ``files`` as its page shows them (headless Chromium),
+    once they are all finished there."""
+    shown: dict[str, list[dict[str, object]]] = {}
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            for name in cluster.frontend_names:
+                page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+                api_key(cluster)  # the reader exists
+                sign_in_page(page, cluster.frontend_url_of(name).rstrip("/"), READER)
+                wait_for(
+                    lambda page=page: finished_rows(page, files) == len(files),
+                    90,
+                    f"every study finished on {name}'s page",
+                    interval_s=0.5,
+                )
+                shown[name] = worklist_rows(page, files)
+        finally:
+            browser.close()
+    return shown
+
+
+@pytest.mark.browser
+def test_two_frontends_on_two_hosts_share_one_registry(
+    cluster: Cluster,
+    client: TaskClient,
+    zips: dict[str, Path],
+    tmp_path: Path,
+    outcomes: list[Outcome],
+    registry: Registry,
+) -> None:
+    if FRONTEND_B not in cluster.frontend_hosts:
+        cluster.add_frontend(FRONTEND_B)
+    for name in cluster.frontend_names:  # a scenario that failed half way
+        if not cluster.alive(name):
+            cluster.relaunch(name)
+            cluster.wait_for_frontend(name)
+    wait_for(lambda: recorders(cluster) == 2, 60, "both frontends' recorders consuming")
+    a, b = FRONTEND, FRONTEND_B
+    kinds = ["chest", "chest", "head"]
+    with cluster.frozen(cluster.triton_name):
+        uploaded = [
+            rest_upload(
+                cluster,
+                a,
+                distinct_upload(zips[kind], tmp_path / f"two-fe-rest-{kind}-{n}.zip"),
+                kind,
+            )
+            for n, kind in enumerate(kinds, start=1)
+        ]
+        queued = [
+            client.submit(zips[kind], f"two-fe-amqp-{kind}-{n}.zip", kind)
+            for n, kind in enumerate(kinds, start=1)
+        ]
+        sent = uploaded + queued
+        task_ids = {study.task_id for study in sent}
+        # Recorded by frontend A before it queued them, listed by B from the same database.
+        rest_ids = {study.task_id for study in uploaded}
+        wait_for(
+            lambda: len(listing(cluster, b, rest_ids)) == len(uploaded),
+            30,
+            "the REST uploads listed by the other frontend",
+        )
+    # Triton is back: once the first results are recorded, frontend A is killed (-9) with
+    # whatever its recorder held; B's recorder records the rest alone.
+    final_at_kill = wait_for(
+        lambda: final_in_listing(cluster, b, task_ids), RESULT_TIMEOUT_S, "a result recorded"
+    )
+    cluster.kill(a)
+    wait_for(lambda: recorders(cluster) == 1, 60, "the killed frontend's recorder gone")
+    client.wait_for_results(queued, RESULT_TIMEOUT_S)
+    wait_for(
+        lambda: all(load_result(cluster.storage, study.task_id) for study in uploaded),
+        RESULT_TIMEOUT_S,
+        "the uploads' results stored",
+    )
+    wait_for(
+        lambda: final_in_listing(cluster, b, task_ids) == len(sent),
+        90,
+        "every study final in the registry, recorded by B alone",
+    )
+    cluster.relaunch(a)
+    cluster.wait_for_frontend(a)
+    wait_for(lambda: recorders(cluster) == 2, 60, "both recorders consuming again")
+    client.settle()
+
+    # Both frontends list the same rows, in the same order and the same final states.
+    listed = {name: listing(cluster, name, task_ids) for name in cluster.frontend_names}
+    assert listed[a] == listed[b]
+    doors = {row["task_id"]: row["door"] for row in listed[b]}
+    assert doors == {
+        **{study.task_id: Door.REST.value for study in uploaded},
+        **{study.task_id: Door.AMQP.value for study in queued},
+    }
+    for study in sent:
+        (row,) = [row for row in listed[b] if row["task_id"] == study.task_id]
+        assert row["state"] == StudyState.DONE.value, row
+        expected = ProcessingStatus.SUCCESS if study.kind == "chest" else ProcessingStatus.FAILURE
+        assert row["processing_status"] == expected.value, row
+    # A REST study followed on the frontend that did not take it in: done, with its report.
+    for study in uploaded:
+        status = api_get(cluster, b, f"{API}/{study.task_id}")
+        assert (status["state"], len(status["reports"])) == ("done", 1), status
+    # And the page's worklist: the same rows on both.
+    shown = page_rows(cluster, {study.name for study in sent})
+    assert shown[a] == shown[b]
+    assert sorted(str(row["file"]) for row in shown[b]) == sorted(study.name for study in sent)
+
+    assert_screened(client, queued)
+    seen = Counter({task_id: len(copies) for task_id, copies in client.results.items()})
+    for study in uploaded:  # where the REST user looks: the listing's final rows
+        seen[study.task_id] = sum(
+            row["task_id"] == study.task_id and StudyState(row["state"]).final for row in listed[b]
+        )
+    outcome = count_outcome(
+        "two frontends on two hosts, one PostgreSQL; one killed (-9)",
+        sent,
+        seen,
+        cluster.storage,
+        registry=registry,
+        result_of=lambda task_id: (
+            client.results_of(task_id) or load_result(cluster.storage, task_id)
+        ),
+        note=(
+            f"3 REST uploads through frontend A (broker host), 3 AMQP tasks; A killed (-9) "
+            f"with {final_at_kill} of {len(sent)} recorded, B (host {b}) recorded the rest "
+            "alone; both list the same rows and states (REST listing, worklist page)"
+        ),
     )
     record(outcome, outcomes)
 
