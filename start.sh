@@ -13,6 +13,13 @@
 # PIDs go to <storage>/run, logs to <storage>/logs; ./stop.sh (same --storage) stops
 # exactly what this started. Every port binds to 127.0.0.1.
 #
+# Security (README, "Security"): everything written is its user's alone (umask 077: folders
+# 0700, files 0600); the services use a RabbitMQ account of their own with a random password
+# (<storage>/run/secrets/rabbitmq-password), never guest; a new storage gets a web user
+# `admin` whose password is printed once and saved in <storage>/run/secrets/admin-password.
+# Each service appends its log to <storage>/logs/<service>.log (rotated by size,
+# logging.rotation_mb) and anything else it prints to <service>.out; nothing is truncated.
+#
 # Options (local processes; CTS__* environment variables override the config as usual):
 #   --adapters N              adapter workers (default 2)
 #   --model-repository DIR    python-flavour Triton repository (default model_repository_running)
@@ -25,6 +32,8 @@
 #   --adapter-metrics-port P  default 9410: adapter N serves /metrics on P + N - 1
 #   --dicom-port P            default 11112 (the DICOM listener, AE title dicom.ae_title)
 #   --dicom-metrics-port P    default 9401 (Prometheus /metrics of the DICOM listener)
+#   --broker-guest            let the services use RabbitMQ's guest account (only where no
+#                             account can be made: neither rabbitmqctl nor the management API)
 #
 # Every /metrics endpoint (frontend, adapters, Triton, RabbitMQ's Prometheus plugin on 15692)
 # is listed in <storage>/run/prometheus/*.json for Prometheus' file_sd
@@ -53,8 +62,9 @@ RABBITMQ_PROMETHEUS_PORT=15692
 RABBITMQ_HOST="${CTS__RABBITMQ__HOST:-127.0.0.1}"
 RABBITMQ_PORT="${CTS__RABBITMQ__PORT:-5672}"
 READY_TIMEOUT=900
+BROKER_GUEST=0
 
-usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -73,6 +83,7 @@ while [ $# -gt 0 ]; do
     --dicom-port) DICOM_PORT="$2"; shift ;;
     --dicom-metrics-port) DICOM_METRICS_PORT="$2"; shift ;;
     --ready-timeout) READY_TIMEOUT="$2"; shift ;;
+    --broker-guest) BROKER_GUEST=1 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "start.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -83,6 +94,7 @@ absolute() { case "$1" in /*) echo "$1" ;; *) echo "$ROOT/$1" ;; esac; }
 STORAGE="$(absolute "$STORAGE")"
 MODEL_REPOSITORY="$(absolute "$MODEL_REPOSITORY")"
 RUN_DIR="$STORAGE/run"
+SECRETS_DIR="$RUN_DIR/secrets"
 LOG_DIR="$STORAGE/logs"
 PYTHON="$ROOT/.venv/bin/python"
 [ -x "$PYTHON" ] || PYTHON="$(command -v python3)"
@@ -98,7 +110,11 @@ if [ -z "$MODE" ]; then
   fi
 fi
 
-mkdir -p "$RUN_DIR" "$LOG_DIR"
+# Studies, results, logs and secrets are patient data or keys to them: whatever this script
+# and the services it starts create is their user's alone (the services set it themselves
+# too: services/monitoring/runner.py).
+umask 077
+mkdir -p "$RUN_DIR" "$SECRETS_DIR" "$LOG_DIR"
 if [ -f "$RUN_DIR/stack.env" ]; then
   fail "a stack is already running with storage $STORAGE (stop it with ./stop.sh --storage $STORAGE)"
 fi
@@ -107,6 +123,23 @@ fi
 if [ "$MODE" = "docker" ]; then
   command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 \
     || fail "--remote needs a running Docker engine (docker info failed)"
+  if [ -z "${CTS_RABBITMQ_PASSWORD:-}" ]; then
+    # The broker's account for a compose stack: made once, kept with the storage (the broker
+    # container takes it as its first user when its data volume is new).
+    [ -f "$SECRETS_DIR/rabbitmq-password" ] \
+      || "$PYTHON" -c "import secrets; print(secrets.token_urlsafe(32))" > "$SECRETS_DIR/rabbitmq-password"
+    CTS_RABBITMQ_PASSWORD="$(cat "$SECRETS_DIR/rabbitmq-password")"
+    export CTS_RABBITMQ_PASSWORD CTS_RABBITMQ_USER="${CTS_RABBITMQ_USER:-cts}"
+    say "RabbitMQ account ${CTS_RABBITMQ_USER}: password in $SECRETS_DIR/rabbitmq-password"
+  fi
+  case "${CTS_BIND_ADDRESS:-127.0.0.1}" in
+    127.*|localhost|::1)
+      # The listener's port is published on this host's loopback only: any calling AE title
+      # may send, as on a local listener, unless the caller listed them.
+      if [ -z "${CTS_DICOM_ALLOWED_CALLING_AE_TITLES:-}" ]; then
+        export CTS_DICOM_ALLOW_ANY_CALLING_AE="${CTS_DICOM_ALLOW_ANY_CALLING_AE:-true}"
+      fi ;;
+  esac
   say "docker compose -f $COMPOSE_FILE up -d (adapters: $ADAPTERS)"
   CTS_ADAPTERS="$ADAPTERS" CTS_STORAGE_DIR="$STORAGE" CTS_MODEL_REPOSITORY_DIR="$MODEL_REPOSITORY" \
     CTS_QUEUE_PREFIX="$QUEUE_PREFIX" CTS_FRONTEND_PORT="$FRONTEND_PORT" \
@@ -120,6 +153,28 @@ fi
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 http_ok() { "$PYTHON" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=3)" "$1" >/dev/null 2>&1; }
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# On an existing storage too: the root closed to other users closes everything below it;
+# the logs and the run folder (few files) are closed one by one as well.
+chmod 700 "$STORAGE"
+chmod -R go-rwx "$RUN_DIR" "$LOG_DIR"
+
+# Logs are appended to, never truncated; a file of raw output over logging.rotation_mb is set
+# aside (FILE.1, FILE.2, ... up to logging.keep_files) when its service starts. The services'
+# own <service>.log are rotated by themselves while they run (services/core/logging_setup.py).
+read -r LOG_ROTATE_BYTES LOG_KEEP < <("$PYTHON" -c "from services.core.config import load_settings
+logging = load_settings().logging
+print(int(logging.rotation_mb * 1024 * 1024), logging.keep_files)")
+rotate_if_full() {
+  local file="$1" index
+  [ -f "$file" ] && [ "$(stat -c %s "$file")" -ge "$LOG_ROTATE_BYTES" ] || return 0
+  rm -f "$file.$LOG_KEEP"
+  for ((index = LOG_KEEP - 1; index >= 1; index--)); do
+    if [ -f "$file.$index" ]; then mv "$file.$index" "$file.$((index + 1))"; fi
+  done
+  mv "$file" "$file.1"
+}
+log_to() { rotate_if_full "$1"; printf '%s\n' "$1"; }
 
 # Started processes are cleaned up if a later step fails.
 cleanup_on_failure() {
@@ -163,12 +218,32 @@ if command -v rabbitmq-plugins >/dev/null 2>&1 && [ "$RABBITMQ_HOST" = "127.0.0.
   fi
 fi
 
+# The services' RabbitMQ account: one per stack (named by its queue prefix), a random password
+# saved in the run folder, allowed only the stack's own queues and exchanges. An account given
+# by the caller (CTS__RABBITMQ__USERNAME) is used as it is.
+if [ -n "${CTS__RABBITMQ__USERNAME:-}" ]; then
+  say "RabbitMQ account $CTS__RABBITMQ__USERNAME (given)"
+elif [ "$BROKER_GUEST" = 1 ]; then
+  say "warning: the services use RabbitMQ's guest account (--broker-guest)"
+elif [ "$RABBITMQ_HOST" != 127.0.0.1 ] && [ "$RABBITMQ_HOST" != localhost ]; then
+  fail "RabbitMQ at $RABBITMQ_HOST is not this host's: give the services' account (CTS__RABBITMQ__USERNAME and CTS__RABBITMQ__PASSWORD_FILE)"
+else
+  "$PYTHON" -m services.broker.stack_user --user "$QUEUE_PREFIX" --prefix "$QUEUE_PREFIX" \
+    --password-file "$SECRETS_DIR/rabbitmq-password" --host "$RABBITMQ_HOST" --port "$RABBITMQ_PORT" \
+    >> "$(log_to "$LOG_DIR/rabbitmq-account.log")" 2>&1 \
+    || fail "no RabbitMQ account for the services (see $LOG_DIR/rabbitmq-account.log): run start.sh where rabbitmqctl works (root on the broker's host) or the management API takes guest from 127.0.0.1; or give an account made by the broker's administrator (CTS__RABBITMQ__USERNAME and CTS__RABBITMQ__PASSWORD_FILE); or, on a machine of your own, --broker-guest"
+  printf '%s\n' "$QUEUE_PREFIX" > "$RUN_DIR/rabbitmq-account"  # stop.sh removes the account
+  export CTS__RABBITMQ__USERNAME="$QUEUE_PREFIX"
+  export CTS__RABBITMQ__PASSWORD_FILE="$SECRETS_DIR/rabbitmq-password"
+  say "RabbitMQ account $QUEUE_PREFIX (password in $SECRETS_DIR/rabbitmq-password)"
+fi
+
 # 2. The model repository (python flavour: the wheel's Triton has only the python backend).
 METADATA="$MODEL_REPOSITORY/chest_screening/metadata.json"
 if [ ! -f "$METADATA" ]; then
   say "no model repository in $MODEL_REPOSITORY: building the DEMO repository (seeded weights)"
   "$PYTHON" -m convertation.build_repository --output "$MODEL_REPOSITORY" --flavour python --demo \
-    > "$LOG_DIR/build_repository.log" 2>&1 || fail "building the demo repository failed: see $LOG_DIR/build_repository.log"
+    >> "$(log_to "$LOG_DIR/build_repository.log")" 2>&1 || fail "building the demo repository failed: see $LOG_DIR/build_repository.log"
 fi
 FLAVOUR="$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))['flavour'])" "$METADATA")"
 [ "$FLAVOUR" = "python" ] || fail "$MODEL_REPOSITORY holds the $FLAVOUR flavour; the local Triton serves only the python flavour (build one with --flavour python, or use Docker)"
@@ -187,25 +262,38 @@ export CTS__DICOM__PORT="$DICOM_PORT"
 # The study registry (SQLite under the storage root, or registry.url): at this code's schema
 # before any service opens it (they refuse any other).
 say "study registry: applying its migrations"
-"$PYTHON" -m services.registry upgrade > "$LOG_DIR/registry-upgrade.log" 2>&1 \
-  || fail "the registry could not be upgraded: see $LOG_DIR/registry-upgrade.log"
+REGISTRY_LOG="$(log_to "$LOG_DIR/registry.log")"
+"$PYTHON" -m services.registry upgrade >> "$REGISTRY_LOG" 2>&1 \
+  || fail "the registry could not be upgraded: see $REGISTRY_LOG"
+
+# A new registry's first web user: admin, with a random password shown this once (and kept,
+# 0600, for whoever lost the terminal). Never again once an admin account exists.
+if ! "$PYTHON" -m services.registry users list 2>> "$REGISTRY_LOG" | cut -f1 | grep -qx admin; then
+  "$PYTHON" -c "import secrets; print(secrets.token_urlsafe(18))" > "$SECRETS_DIR/admin-password"
+  "$PYTHON" -m services.registry users add admin --role admin --password-stdin \
+    < "$SECRETS_DIR/admin-password" >> "$REGISTRY_LOG" 2>&1 \
+    || fail "the admin account could not be made: see $REGISTRY_LOG"
+  say "web sign-in: user admin, password $(cat "$SECRETS_DIR/admin-password") (shown this once; kept in $SECRETS_DIR/admin-password)"
+fi
 
 # Each service runs in its own session (setsid): stop.sh can end its whole process group.
+# Its own log lines go to <name>.log (logging.file); whatever else it prints to <name>.out.
 launch() {
   local name="$1"; shift
-  setsid "$@" > "$LOG_DIR/$name.log" 2>&1 < /dev/null &
+  CTS__LOGGING__FILE="$LOG_DIR/$name.log" setsid "$@" >> "$(log_to "$LOG_DIR/$name.out")" 2>&1 < /dev/null &
   echo $! > "$RUN_DIR/$name.pid"
 }
 
 # 3. Triton.
 say "starting Triton (http $TRITON_HTTP_PORT, grpc $TRITON_GRPC_PORT, metrics $TRITON_METRICS_PORT)"
+# Triton's own log: appended by the launcher (--log-file), set aside here when full.
 launch triton "$PYTHON" -m services.triton.local_server --model-repository "$MODEL_REPOSITORY" \
-  --http-port "$TRITON_HTTP_PORT" --grpc-port "$TRITON_GRPC_PORT" --metrics-port "$TRITON_METRICS_PORT" \
+  --log-file "$(log_to "$LOG_DIR/triton.log")" --http-port "$TRITON_HTTP_PORT" --grpc-port "$TRITON_GRPC_PORT" --metrics-port "$TRITON_METRICS_PORT" \
   --ready-timeout "$READY_TIMEOUT"
 deadline=$((SECONDS + READY_TIMEOUT))
 until http_ok "http://127.0.0.1:$TRITON_HTTP_PORT/v2/health/ready"; do
-  alive "$RUN_DIR/triton.pid" || fail "Triton exited: see $LOG_DIR/triton.log"
-  [ $SECONDS -lt $deadline ] || fail "Triton not ready after $READY_TIMEOUT s: see $LOG_DIR/triton.log"
+  alive "$RUN_DIR/triton.pid" || fail "Triton exited: see $LOG_DIR/triton.log and triton.out"
+  [ $SECONDS -lt $deadline ] || fail "Triton not ready after $READY_TIMEOUT s: see $LOG_DIR/triton.log and triton.out"
   sleep 1
 done
 
@@ -228,8 +316,8 @@ say "started $ADAPTERS adapter(s), $ADAPTER_THREADS onnxruntime thread(s) each (
 CTS__METRICS__FRONTEND_PORT="$FRONTEND_METRICS_PORT" launch frontend "$PYTHON" -m services.frontend
 deadline=$((SECONDS + 120))
 until http_ok "http://127.0.0.1:$FRONTEND_PORT/healthz"; do
-  alive "$RUN_DIR/frontend.pid" || fail "the frontend exited: see $LOG_DIR/frontend.log"
-  [ $SECONDS -lt $deadline ] || fail "the frontend did not answer within 120 s: see $LOG_DIR/frontend.log"
+  alive "$RUN_DIR/frontend.pid" || fail "the frontend exited: see $LOG_DIR/frontend.log and frontend.out"
+  [ $SECONDS -lt $deadline ] || fail "the frontend did not answer within 120 s: see $LOG_DIR/frontend.log and frontend.out"
   sleep 1
 done
 
@@ -237,12 +325,12 @@ done
 CTS__METRICS__DICOM_LISTENER_PORT="$DICOM_METRICS_PORT" launch dicom-listener "$PYTHON" -m services.dicom_listener
 deadline=$((SECONDS + 60))
 until "$PYTHON" -m services.dicom_listener.healthcheck "$DICOM_PORT" >/dev/null 2>&1; do
-  alive "$RUN_DIR/dicom-listener.pid" || fail "the DICOM listener exited: see $LOG_DIR/dicom-listener.log"
-  [ $SECONDS -lt $deadline ] || fail "the DICOM listener did not answer a C-ECHO within 60 s: see $LOG_DIR/dicom-listener.log"
+  alive "$RUN_DIR/dicom-listener.pid" || fail "the DICOM listener exited: see $LOG_DIR/dicom-listener.log and dicom-listener.out"
+  [ $SECONDS -lt $deadline ] || fail "the DICOM listener did not answer a C-ECHO within 60 s: see $LOG_DIR/dicom-listener.log and dicom-listener.out"
   sleep 1
 done
 for index in $(seq 1 "$ADAPTERS"); do
-  alive "$RUN_DIR/adapter-$index.pid" || fail "adapter-$index exited: see $LOG_DIR/adapter-$index.log"
+  alive "$RUN_DIR/adapter-$index.pid" || fail "adapter-$index exited: see $LOG_DIR/adapter-$index.log and adapter-$index.out"
 done
 
 # 7. What Prometheus scrapes: one file_sd file per kind of service (a local Prometheus with

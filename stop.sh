@@ -22,6 +22,8 @@ while [ $# -gt 0 ]; do
 done
 case "$STORAGE" in /*) ;; *) STORAGE="$ROOT/$STORAGE" ;; esac
 RUN_DIR="$STORAGE/run"
+PYTHON="$ROOT/.venv/bin/python"
+[ -x "$PYTHON" ] || PYTHON="$(command -v python3)"
 say() { echo "[stop] $*"; }
 
 if [ ! -f "$RUN_DIR/stack.env" ] && ! ls "$RUN_DIR"/*.pid >/dev/null 2>&1; then
@@ -88,6 +90,13 @@ for pid_file in "$RUN_DIR"/*.pid; do
   if [ -f "$pid_file" ]; then stop_service "$pid_file"; fi
 done
 
+# The services' RabbitMQ account goes with them (start.sh makes it again, same password).
+if [ -f "$RUN_DIR/rabbitmq-account" ]; then
+  account="$(cat "$RUN_DIR/rabbitmq-account")"
+  "$PYTHON" -m services.broker.stack_user --user "$account" --remove >/dev/null 2>&1 \
+    || say "warning: the RabbitMQ account $account stays (remove it with rabbitmqctl delete_user)"
+  rm -f "$RUN_DIR/rabbitmq-account"
+fi
 if [ -f "$RUN_DIR/rabbitmq.started" ]; then
   say "stopping RabbitMQ (start.sh started it)"
   rabbitmqctl stop >/dev/null 2>&1 || say "warning: rabbitmqctl stop failed"

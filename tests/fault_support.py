@@ -186,7 +186,8 @@ class LocalStack:
 
     # start / stop ------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self) -> str:
+        """start.sh; what it printed (its standard output)."""
         command = [
             "bash",
             str(PROJECT_ROOT / "start.sh"),
@@ -229,6 +230,7 @@ class LocalStack:
         expected = {"triton", "frontend", "dicom-listener", *self.adapter_names}
         if set(self.services) != expected:
             raise RuntimeError(f"start.sh started {sorted(self.services)}, not {sorted(expected)}")
+        return started.stdout
 
     def stop(self) -> subprocess.CompletedProcess[str]:
         # Thaw anything a failed test left frozen, or stop.sh would wait for it in vain.
@@ -314,7 +316,9 @@ class LocalStack:
         service = self.services[name]
         if self.alive(name):
             raise RuntimeError(f"{name} is still running")
-        log = (self.log_dir / f"{name}.log").open("ab")
+        # As start.sh: the service's own log goes to <name>.log (CTS__LOGGING__FILE, in the
+        # environment read back), whatever else it prints is appended to <name>.out.
+        log = (self.log_dir / f"{name}.out").open("ab")
         try:
             child = subprocess.Popen(
                 service.argv,
@@ -346,7 +350,7 @@ class LocalStack:
 
     def _serving(self, name: str, probe: Callable[[], bool]) -> bool:
         if not self.alive(name):
-            raise AssertionError(f"{name} exited: see {self.log_dir / (name + '.log')}")
+            raise AssertionError(f"{name} exited: see {self.log_dir / name}.log and .out")
         return probe()
 
     def heal(self) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
+from services.core.config import load_settings
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILES = ("compose.local.yaml", "compose.remote.yaml")
 DOCKERFILES = sorted(path.name for path in PROJECT_ROOT.glob("Dockerfile*.yaml"))
@@ -129,17 +131,14 @@ def test_compose_services_ports_health_and_credentials(compose_file: str, tmp_pa
     assert rabbitmq["image"].startswith("rabbitmq:")
     assert "management" in rabbitmq["image"]
     assert rabbitmq["environment"]["RABBITMQ_DEFAULT_USER"] == "screening"
-    assert rabbitmq["environment"]["RABBITMQ_DEFAULT_PASS"] == "s3cret-for-tests"
     for name in ("adapter", "frontend"):
         environment = services[name]["environment"]
         assert environment["CTS__RABBITMQ__USERNAME"] == "screening"
-        assert environment["CTS__RABBITMQ__PASSWORD"] == "s3cret-for-tests"
         assert environment["CTS__RABBITMQ__HOST"] == "rabbitmq"
         mounts = {volume["source"]: volume["target"] for volume in services[name]["volumes"]}
         assert mounts["storage"] == environment["CTS__STORAGE__ROOT"]
         assert mounts["model_repository_running"] == environment["CTS__INFERENCE__MODEL_REPOSITORY"]
     listener = services["dicom-listener"]["environment"]
-    assert listener["CTS__RABBITMQ__PASSWORD"] == "s3cret-for-tests"
     assert listener["CTS__DICOM__PORT"] == "11112"
     assert listener["CTS__DICOM__AE_TITLE"] == "CTS"
     listener_mounts = {
@@ -159,6 +158,56 @@ def test_compose_services_ports_health_and_credentials(compose_file: str, tmp_pa
     )
     assert triton_mount["read_only"] is True
     assert {"storage", "model_repository_running"} <= set(model["volumes"])
+
+
+@pytest.mark.parametrize("compose_file", COMPOSE_FILES)
+def test_the_broker_password_is_a_secret_file_never_an_environment_variable(
+    compose_file: str, tmp_path: Path
+) -> None:
+    """The password reaches every container that talks to RabbitMQ (and RabbitMQ itself) as
+    the secret rabbitmq_password, a file, from CTS_RABBITMQ_PASSWORD of the host: `docker
+    inspect` of a container shows no password, and the services read the file."""
+    model = compose_model(compose_file, EVERYTHING, tmp_path)
+    assert model["secrets"]["rabbitmq_password"]["environment"] == "CTS_RABBITMQ_PASSWORD"
+    assert CREDENTIALS["CTS_RABBITMQ_PASSWORD"] not in json.dumps(model)
+    services = model["services"]
+    for name in ("rabbitmq", "adapter", "frontend", "dicom-listener"):
+        (secret,) = services[name]["secrets"]
+        assert secret == {"source": "rabbitmq_password", "target": "/run/secrets/rabbitmq_password"}
+    for name in ("adapter", "frontend", "dicom-listener"):
+        environment = services[name]["environment"]
+        assert environment["CTS__RABBITMQ__PASSWORD_FILE"] == "/run/secrets/rabbitmq_password"
+        assert "CTS__RABBITMQ__PASSWORD" not in environment
+        # The file the services are told to read is the one compose mounts.
+        settings = load_settings(environ=environment)
+        assert settings.rabbitmq.password_file == Path("/run/secrets/rabbitmq_password")
+    # RabbitMQ takes it as its first user's password when it starts, from the file (`config`
+    # prints compose's escaped form: the container's shell gets one $).
+    entrypoint = " ".join(services["rabbitmq"]["entrypoint"])
+    assert 'RABBITMQ_DEFAULT_PASS="$$(cat /run/secrets/rabbitmq_password)"' in entrypoint
+    assert "exec docker-entrypoint.sh rabbitmq-server" in entrypoint
+    assert "RABBITMQ_DEFAULT_PASS" not in services["rabbitmq"]["environment"]
+    # Services that never reach the broker get no secret.
+    for name in set(services) - {"rabbitmq", "adapter", "frontend", "dicom-listener"}:
+        assert not services[name].get("secrets"), name
+
+
+@pytest.mark.parametrize("compose_file", COMPOSE_FILES)
+def test_the_listener_asks_who_may_send(compose_file: str, tmp_path: Path) -> None:
+    """The listener listens on every address of its container: as configured by default it
+    refuses to start (no allow-list, no allow-any), and the site's list reaches it."""
+    from services.core.errors import ConfigurationError
+    from services.dicom_listener.door import check_door
+
+    listener = compose_model(compose_file, EVERYTHING, tmp_path)["services"]["dicom-listener"]
+    defaults = load_settings(environ=listener["environment"]).dicom
+    with pytest.raises(ConfigurationError, match="allowed_calling_ae_titles"):
+        check_door(defaults)
+    environment = {**EVERYTHING, "CTS_DICOM_ALLOWED_CALLING_AE_TITLES": "[PACS, CT1]"}
+    listener = compose_model(compose_file, environment, tmp_path)["services"]["dicom-listener"]
+    chosen = load_settings(environ=listener["environment"]).dicom
+    assert chosen.allowed_calling_ae_titles == ["PACS", "CT1"]
+    check_door(chosen)
 
 
 def test_local_compose_builds_and_remote_compose_pulls(tmp_path: Path) -> None:
@@ -265,6 +314,7 @@ def test_local_and_remote_stacks_differ_only_in_where_images_and_data_come_from(
     assert set(remote["volumes"]) - set(local["volumes"]) == {"postgres_data"}
     assert set(local["volumes"]) <= set(remote["volumes"])
     assert local["configs"] == remote["configs"]
+    assert local["secrets"] == remote["secrets"]
 
 
 @pytest.mark.parametrize("compose_file", COMPOSE_FILES)

@@ -25,6 +25,7 @@ from services.core.config import Settings, load_settings
 from services.dicom_listener.service import DicomListener
 from services.dicom_listener.studies import BatchState, StudyBook, study_key
 from services.registry import Door, Registry, StudyFilter, StudyState, upgrade_registry
+from services.registry.audit import AuditAction, AuditQuery
 from services.triton.local_server import free_local_ports
 
 CHEST = "chest_ct_lung_dx_a0002"
@@ -283,6 +284,18 @@ def test_late_instances_and_refused_callers(
     refusals = [line for line in lines if "INTRUDER" in line]
     assert refusals
     assert "not allowed" in refusals[0]
+    # Each association is in the registry's audit trail (door_audit.py), the refused one too.
+    registry = Registry.open(listener_settings)
+    try:
+        rows = registry.audit.events(AuditQuery())
+    finally:
+        registry.close()
+    assert [(row.action, row.actor) for row in rows] == [
+        (AuditAction.ASSOCIATION_REFUSED, "INTRUDER"),
+        (AuditAction.ASSOCIATION_ACCEPTED, "MODALITY"),
+        (AuditAction.ASSOCIATION_ACCEPTED, "MODALITY"),
+    ]
+    assert rows[0].detail == "calling AE title not allowed"
     patient = pydicom.dcmread(files[0], stop_before_pixels=True)
     for value in (str(patient.PatientName), str(patient.PatientID), str(patient.StudyInstanceUID)):
         assert not any(value in line for line in lines), "patient data in the listener's log"

@@ -358,3 +358,36 @@ def test_the_cloudnativepg_overlay_points_the_registry_at_its_cluster() -> None:
     # The other Deployments are as in the base.
     for deployment_name in set(deployments) - {*REGISTRY_USERS, *REGISTRY_READERS}:
         assert deployments[deployment_name] == by_kind("Deployment")[deployment_name]
+
+
+def test_the_broker_account_comes_from_the_secret_and_the_listener_asks_who_may_send() -> None:
+    """Every pod that talks to RabbitMQ signs in with the Secret's account (never a literal,
+    never guest); the listener, on the pod's every address, refuses to start until the site
+    lists who may send (README, Security)."""
+    from services.core.errors import ConfigurationError
+    from services.dicom_listener.door import check_door
+
+    secret = by_kind("Secret")["cts-rabbitmq"]["stringData"]
+    assert secret["username"] != "guest"
+    for name in ("adapter", "frontend", "dicom-listener"):
+        spec = _pod(name)["spec"]
+        for container in (*spec.get("initContainers", []), *spec["containers"]):
+            variables = _variables(container)
+            for variable, key in (
+                ("CTS__RABBITMQ__USERNAME", "username"),
+                ("CTS__RABBITMQ__PASSWORD", "password"),
+            ):
+                reference = variables[variable]["valueFrom"]["secretKeyRef"]
+                assert reference == {"name": "cts-rabbitmq", "key": key}, (name, variable)
+    (listener,) = _pod("dicom-listener")["spec"]["containers"]
+    plain = {
+        key: str(value) for key, value in _environment(listener).items() if isinstance(value, str)
+    }
+    dicom = load_settings(environ=plain).dicom
+    assert dicom.host == "0.0.0.0"
+    with pytest.raises(ConfigurationError, match="allowed_calling_ae_titles"):
+        check_door(dicom)
+    listed = load_settings(
+        environ={**plain, "CTS__DICOM__ALLOWED_CALLING_AE_TITLES": "[PACS]"}
+    ).dicom
+    check_door(listed)

@@ -16,9 +16,8 @@ from pathlib import Path
 from services.adapter.consumer import Adapter, default_adapter_id
 from services.adapter.housekeeping import use_own_temp_dir
 from services.core.config import load_settings
-from services.core.logging_setup import configure_logging
 from services.core.process_memory import apply_memory_settings
-from services.monitoring.runner import ServiceRun, run_service
+from services.monitoring.runner import ServiceRun, prepare_process, run_service
 
 
 def _parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = _parse_arguments(argv)
     settings = load_settings(arguments.config)
     settings.inference.backend = arguments.backend
-    configure_logging(settings.logging.level)
+    prepare_process(settings)
     apply_memory_settings(settings.memory)
     adapter = Adapter(
         settings,

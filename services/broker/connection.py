@@ -49,7 +49,7 @@ def connection_parameters(
         host=settings.host,
         port=settings.port,
         virtual_host=settings.virtual_host,
-        credentials=pika.PlainCredentials(settings.username, settings.password),
+        credentials=pika.PlainCredentials(settings.username, settings.current_password()),
         heartbeat=settings.heartbeat_s if heartbeat_s is None else heartbeat_s,
         blocked_connection_timeout=300,
         connection_attempts=1,

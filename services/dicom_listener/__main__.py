@@ -4,7 +4,7 @@ each complete study for screening, and send its structured report back.
 Listens on dicom.host:dicom.port (127.0.0.1:11112) as dicom.ae_title (CTS), answers C-ECHO;
 settings from configs/config.yaml and CTS__DICOM__* overrides (README, "Connect a PACS").
 Exits 2 with the reason when the configuration is wrong (e.g. a destination's secret is
-missing). Stops cleanly on SIGTERM or Ctrl-C; what it has received or still has to send is
+missing, a listener beyond loopback without an allow-list, a TLS file that does not load). Stops cleanly on SIGTERM or Ctrl-C; what it has received or still has to send is
 on disk and goes on after the next start.
 """
 
@@ -19,9 +19,8 @@ from loguru import logger
 
 from services.core.config import load_settings
 from services.core.errors import ConfigurationError
-from services.core.logging_setup import configure_logging
 from services.dicom_listener.service import DicomListener
-from services.monitoring.runner import ServiceRun, run_service
+from services.monitoring.runner import ServiceRun, prepare_process, run_service
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,10 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=None, help="default: configs/config.yaml")
     arguments = parser.parse_args(argv)
     settings = load_settings(arguments.config)
-    configure_logging(settings.logging.level)
+    prepare_process(settings)
     try:
         listener = DicomListener(settings)
-    except ConfigurationError as error:  # e.g. a destination's secret is missing
+    except ConfigurationError as error:  # a missing secret, an open door, a bad certificate
         logger.error("not started: {}", error)
         return 2
 

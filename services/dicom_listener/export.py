@@ -32,6 +32,7 @@ from services.dicom_listener.report_sink import (
     ReportSink,
 )
 from services.dicom_listener.stow_rs_sink import StowRsSink
+from services.dicom_listener.tls import destination_context
 
 IDLE_POLL_S = 2.0  # an idle sender looks at its outbox this often (enqueue also wakes it)
 # (destination, outbox item name, "sent" | "failed", status text, SOPInstanceUID or None)
@@ -41,8 +42,12 @@ DeliveryHook = Callable[[str, str, str, str, str | None], None]
 def create_sink(destination: ReportDestination, settings: DicomSettings) -> ReportSink:
     """The sink for ``destination``'s kind (a new kind of destination is added here)."""
     if isinstance(destination, DimseDestination):
+        context = destination_context(destination, settings.tls) if destination.tls else None
         return DimseSink(
-            destination, calling_ae=settings.ae_title, timeout_s=settings.network_timeout_s
+            destination,
+            calling_ae=settings.ae_title,
+            timeout_s=settings.network_timeout_s,
+            tls_context=context,
         )
     return StowRsSink(destination)
 

@@ -14,6 +14,8 @@ The listener serves them with::
     metrics.study_refused("too_large")       # a study it would not take, by reason
     metrics.report_sent("dimse", delivered=True)  # each SR sent, by destination kind
     metrics.outbox_depth.set(len(outbox))    # reports waiting for a destination
+    metrics.audit_pending.set(n)             # audit rows of the door not yet in the registry
+    metrics.audit_rows_lost.inc()            # an audit row that could not be written at all
 """
 
 from __future__ import annotations
@@ -60,6 +62,16 @@ class ListenerMetrics:
         self.outbox_depth = Gauge(
             "cts_dicom_outbox_depth",
             "Structured reports waiting in the outbox for a destination",
+            registry=registry,
+        )
+        self.audit_pending = Gauge(
+            "cts_dicom_audit_pending",
+            "Audit rows of the DICOM door waiting to be written to the registry",
+            registry=registry,
+        )
+        self.audit_rows_lost = Counter(
+            "cts_dicom_audit_rows_lost",
+            "Audit rows of the DICOM door that could not be written (see the log)",
             registry=registry,
         )
         for result in ("accepted", "rejected"):

@@ -28,11 +28,14 @@ from services.broker.storage import load_result
 from services.core.config import ReportDestination, Settings
 from services.core.errors import ConfigurationError, WorkInterrupted
 from services.core.retry import log_retry, retrying
+from services.dicom_listener.door import check_door
+from services.dicom_listener.door_audit import AUDIT_DIR, DoorAudit
 from services.dicom_listener.export import ReportSender, create_sink
 from services.dicom_listener.metrics import ListenerMetrics, listener_metrics
 from services.dicom_listener.outbox import Outbox, destination_name
 from services.dicom_listener.receiver import StoreReceiver
-from services.dicom_listener.studies import BatchRecord, BatchState, StudyBook
+from services.dicom_listener.studies import DICOM_DIR, BatchRecord, BatchState, StudyBook
+from services.dicom_listener.tls import listener_context
 from services.dicom_listener.uploads_to_pacs import UploadsToPacs, report_position
 from services.registry import Door, Registry, Submission
 from services.registry.records import Delivery
@@ -68,9 +71,12 @@ class DicomListener:
         self.settings = settings
         self.storage_root = settings.storage.root
         dicom = settings.dicom
-        # The destinations first: a wrong one (a missing secret, a folder shared by two)
-        # stops the listener before it touches the storage; so does a registry whose schema
-        # is not this code's.
+        # The door and the destinations first: a door open to the network without an
+        # allow-list, a wrong destination (a missing secret, a folder shared by two) or a TLS
+        # file that does not load stop the listener before it touches the storage; so does
+        # a registry whose schema is not this code's.
+        check_door(dicom)
+        tls_context = listener_context(dicom.tls) if dicom.tls.enabled else None
         check_distinct_outboxes(dicom.destinations)
         sinks = [create_sink(destination, dicom) for destination in dicom.destinations]
         self.registry = registry or Registry.open(settings)
@@ -80,7 +86,15 @@ class DicomListener:
             quiet_s=dicom.study_quiet_seconds,
             max_bytes=dicom.max_study_mb * 1024 * 1024,
         )
-        self.receiver = StoreReceiver(dicom, self.book, self.metrics)
+        self.audit = DoorAudit(
+            self.storage_root / DICOM_DIR / AUDIT_DIR,
+            self.registry,
+            settings.registry.unavailable_backoff,
+            self.metrics,
+        )
+        self.receiver = StoreReceiver(
+            dicom, self.book, self.metrics, self.audit.record, tls_context
+        )
         self.outboxes = [
             Outbox(self.storage_root, destination) for destination in dicom.destinations
         ]
@@ -107,6 +121,7 @@ class DicomListener:
         return self.receiver.port
 
     def start(self) -> None:
+        self.audit.start()
         self.receiver.start()
         for thread in [*self._threads, *self.senders]:
             thread.start()
@@ -116,6 +131,7 @@ class DicomListener:
         self._stop.set()
         for thread in [*self._threads, *self.senders]:
             thread.join(timeout_s)
+        self.audit.stop(timeout_s)  # after the door closed: the last rows are spooled
         self.registry.close()
 
     # -- studies into tasks -----------------------------------------------------------------

@@ -18,9 +18,8 @@ from loguru import logger
 
 from services.core.config import load_settings
 from services.core.errors import ConfigurationError
-from services.core.logging_setup import configure_logging
 from services.frontend.service import FrontendService
-from services.monitoring.runner import ServiceRun, run_service
+from services.monitoring.runner import ServiceRun, prepare_process, run_service
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=None, help="default: configs/config.yaml")
     arguments = parser.parse_args(argv)
     settings = load_settings(arguments.config)
-    configure_logging(settings.logging.level)
+    prepare_process(settings)  # first: before anything is written to the storage
 
     root = settings.storage.root
     # Gradio keeps uploads here until the study is queued (then they are moved next to it,

@@ -1,10 +1,11 @@
 """How every long-running service's entry point runs (the adapter, the frontend, the DICOM
-listener): its log set-up, SIGTERM and Ctrl-C turned into a clean stop, its ``/metrics``
-endpoint, and the endpoint closed however the service ends.
+listener): its files private and its log set-up (``prepare_process``), SIGTERM and Ctrl-C
+turned into a clean stop, its ``/metrics`` endpoint, and the endpoint closed however the
+service ends.
 
     def main(argv=None) -> int:
         settings = load_settings(...)
-        configure_logging(settings.logging.level)
+        prepare_process(settings)      # first: before anything is written to the storage
         service = DicomListener(settings)
         return run_service(
             ServiceRun(name="dicom listener", settings=settings,
@@ -15,6 +16,7 @@ endpoint, and the endpoint closed however the service ends.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -24,9 +26,20 @@ from types import FrameType
 from loguru import logger
 
 from services.core.config import Settings
+from services.core.logging_setup import configure_service_logging
 from services.monitoring.server import serve_metrics
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# What a service writes holds patient data (studies, results, viewers' downloads, the
+# registry, logs): folders 0700, files 0600, for this service's user alone.
+PRIVATE_UMASK = 0o077
+
+
+def prepare_process(settings: Settings) -> None:
+    """The first thing a service process does: every file and folder it creates is its
+    user's alone, and its log goes where ``settings.logging`` says."""
+    os.umask(PRIVATE_UMASK)
+    configure_service_logging(settings.logging)
 
 
 @dataclass
@@ -50,7 +63,10 @@ class ServiceRun:
 
 def run_service(run: ServiceRun, serve: Callable[[threading.Event], object]) -> int:
     """Run ``serve(stop)`` with the stop signals handled and ``/metrics`` served; 0 after it
-    returned (a service that cannot start says why and returns its own code earlier)."""
+    returned (a service that cannot start says why and returns its own code earlier).
+
+    It prepares the process again (idempotent), for an entry point that did not yet."""
+    prepare_process(run.settings)
     for signum in STOP_SIGNALS:
         signal.signal(signum, run.request_stop)
     metrics = serve_metrics(run.settings.metrics, port=run.metrics_port, service=run.name)

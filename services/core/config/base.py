@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 # DICOM Application Entity titles: 1-16 characters, no backslash or control characters.
@@ -20,6 +21,14 @@ class Section(BaseModel):
 def resolve_path(path: Path) -> Path:
     """Relative paths in the config are relative to the project root, not the working directory."""
     return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def _resolve_optional(path: Path | None) -> Path | None:
+    return None if path is None else resolve_path(path)
+
+
+# A file the configuration may name (a secret, a certificate, a log), resolved like every path.
+OptionalPath = Annotated[Path | None, AfterValidator(_resolve_optional)]
 
 
 class Backoff(Section):

@@ -3,13 +3,12 @@ STOW-RS, chosen per destination by ``kind`` (services/dicom_listener/report_sink
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from services.core.config.base import AE_TITLE_PATTERN, Section, resolve_path
+from services.core.config.base import AE_TITLE_PATTERN, OptionalPath, Section
 
 
 class DimseDestination(Section):
@@ -22,6 +21,21 @@ class DimseDestination(Section):
     ae_title: str = Field(pattern=AE_TITLE_PATTERN, description="the PACS's called AE title")
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: bool = Field(
+        False, description="DICOM over TLS (the PACS's TLS port); shows dicom.tls.certificate"
+    )
+    tls_verify: bool = Field(
+        True, description="check the PACS's certificate: signed by a trusted CA, naming host"
+    )
+    tls_ca_bundle: OptionalPath = Field(
+        None, description="PEM of the CAs to trust; null: dicom.tls.ca_bundle, else system CAs"
+    )
+
+    @model_validator(mode="after")
+    def _tls_options_with_tls(self) -> DimseDestination:
+        if self.tls_ca_bundle is not None and not (self.tls and self.tls_verify):
+            raise ValueError("tls_ca_bundle is set but tls or tls_verify is false")
+        return self
 
 
 class HttpCredentials(Section):
@@ -36,14 +50,9 @@ class HttpCredentials(Section):
     secret_env: str | None = Field(
         None, description="name of the environment variable that holds the token or password"
     )
-    secret_file: Path | None = Field(
+    secret_file: OptionalPath = Field(
         None, description="a file that holds the token or password (surrounding spaces dropped)"
     )
-
-    @field_validator("secret_file")
-    @classmethod
-    def _absolute_secret_file(cls, value: Path | None) -> Path | None:
-        return None if value is None else resolve_path(value)
 
     @model_validator(mode="after")
     def _one_secret_and_a_user_for_basic(self) -> HttpCredentials:
@@ -62,7 +71,7 @@ class StowRsDestination(Section):
     url: str = Field(description="the DICOMweb base, e.g. http://pacs:8042/dicom-web")
     credentials: HttpCredentials | None = Field(None, description="null: no authentication")
     tls_verify: bool = Field(True, description="check the server's certificate (https)")
-    tls_ca_bundle: Path | None = Field(
+    tls_ca_bundle: OptionalPath = Field(
         None, description="PEM file of the CA that signed it (a hospital CA); null: system CAs"
     )
     timeout_s: float = Field(30.0, gt=0, description="connect and read timeout of one request")
@@ -82,11 +91,6 @@ class StowRsDestination(Section):
         if parts.port == 0:  # reading .port also refuses a port that is not a number
             raise ValueError("port 0")
         return value.rstrip("/")  # the client appends /studies
-
-    @field_validator("tls_ca_bundle")
-    @classmethod
-    def _absolute_ca_bundle(cls, value: Path | None) -> Path | None:
-        return None if value is None else resolve_path(value)
 
     @model_validator(mode="after")
     def _bundle_only_when_verifying(self) -> StowRsDestination:

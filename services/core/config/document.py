@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
+from services.core.config.base import Backoff, Section
 from services.core.config.loading import DEFAULT_CONFIG_PATH, Settings
 
 YAML_HEADER = """\
@@ -36,6 +37,35 @@ def _yaml_scalar(value: object) -> str:
     )
 
 
+def _is_subsection(annotation: object) -> bool:
+    """A section inside a section (dicom.tls) is written as a block with its own comments;
+    a Backoff stays one line (its three numbers read best together)."""
+    return (
+        isinstance(annotation, type)
+        and issubclass(annotation, Section)
+        and not issubclass(annotation, Backoff)
+    )
+
+
+def _section_lines(section_type: type[BaseModel], indent: str) -> list[str]:
+    lines = []
+    for name, field in section_type.model_fields.items():
+        if _is_subsection(field.annotation):
+            assert isinstance(field.annotation, type)
+            heading = f"{indent}{name}:"
+            if field.description:
+                heading = f"{heading.ljust(COMMENT_COLUMN - 1)} # {field.description}"
+            lines.append(heading)
+            lines.extend(_section_lines(field.annotation, indent + "  "))
+            continue
+        default = field.get_default(call_default_factory=True)
+        entry = f"{indent}{name}: {_yaml_scalar(default)}"
+        if field.description:
+            entry = f"{entry.ljust(COMMENT_COLUMN - 1)} # {field.description}"
+        lines.append(entry)
+    return lines
+
+
 def default_config_yaml() -> str:
     """configs/config.yaml: every setting with its default and its description."""
     lines = [YAML_HEADER.rstrip()]
@@ -45,12 +75,7 @@ def default_config_yaml() -> str:
         assert issubclass(section_type, BaseModel)
         lines.append("")
         lines.append(f"{section_name}:")
-        for name, field in section_type.model_fields.items():
-            default = field.get_default(call_default_factory=True)
-            entry = f"  {name}: {_yaml_scalar(default)}"
-            if field.description:
-                entry = f"{entry.ljust(COMMENT_COLUMN - 1)} # {field.description}"
-            lines.append(entry)
+        lines.extend(_section_lines(section_type, "  "))
     return "\n".join(lines) + "\n"
 
 

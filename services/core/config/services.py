@@ -7,8 +7,15 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from services.core.access import Role
-from services.core.config.base import AE_TITLE_PATTERN, Backoff, Section, resolve_path
+from services.core.config.base import (
+    AE_TITLE_PATTERN,
+    Backoff,
+    OptionalPath,
+    Section,
+    resolve_path,
+)
 from services.core.config.destinations import ReportDestination
+from services.core.config.dicom_tls import DicomTlsSettings
 
 
 class StorageSettings(Section):
@@ -32,6 +39,11 @@ class RabbitMQSettings(Section):
     port: int = 5672
     username: str = Field("guest", description="set CTS__RABBITMQ__USERNAME in deployment")
     password: str = Field("guest", description="set CTS__RABBITMQ__PASSWORD in deployment")
+    password_file: OptionalPath = Field(
+        None,
+        description="a file holding the password (a mounted secret; start.sh writes one), "
+        "read at every connection; set, it replaces password",
+    )
     virtual_host: str = "/"
     prefetch_count: int = Field(1, description="studies an adapter holds at once")
     heartbeat_s: int = 60
@@ -41,6 +53,13 @@ class RabbitMQSettings(Section):
         Backoff(initial_s=0.5, maximum_s=30.0),
         description="waits between attempts to reach the broker (connect, publish)",
     )
+
+    def current_password(self) -> str:
+        """The password to connect with: the file's (read now, so a rotated secret needs no
+        restart; surrounding whitespace dropped), else ``password``."""
+        if self.password_file is None:
+            return self.password
+        return self.password_file.read_text().strip()
 
 
 class OidcSettings(Section):
@@ -116,7 +135,17 @@ class DicomSettings(Section):
         10.0, gt=0, description="a study is complete after this long without a new instance"
     )
     allowed_calling_ae_titles: list[str] = Field(
-        default_factory=list, description="empty: any calling AE title may send studies"
+        default_factory=list,
+        description="the calling AE titles that may associate; empty: any, which a host "
+        "beyond loopback allows only with allow_any_calling_ae",
+    )
+    allow_any_calling_ae: bool = Field(
+        False,
+        description="true: any calling AE title on a host beyond loopback (else the listener "
+        "refuses to start there without allowed_calling_ae_titles)",
+    )
+    tls: DicomTlsSettings = Field(
+        default_factory=DicomTlsSettings, description="DICOM over TLS (README, Security)"
     )
     max_study_mb: int = Field(
         4096, gt=0, description="a larger study is refused (C-STORE Out of Resources)"
@@ -151,7 +180,17 @@ class DicomSettings(Section):
 
 
 class LoggingSettings(Section):
+    """Where a service's log goes: standard error, or a file appended to and rotated by size
+    (start.sh gives each service <storage>/logs/<service>.log; containers log to stderr)."""
+
     level: str = "INFO"
+    file: OptionalPath = Field(
+        None, description="null: standard error; else appended to this file, never truncated"
+    )
+    rotation_mb: float = Field(
+        50.0, gt=0, description="the file is set aside (its name dated) at this size"
+    )
+    keep_files: int = Field(10, ge=1, description="set-aside files kept; older ones are removed")
 
 
 class MetricsSettings(Section):
