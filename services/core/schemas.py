@@ -10,8 +10,10 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-REPORT_SCHEMA_VERSION = 3  # 2: study_date, study_description, accession_number, embedding;
-# 3: identity, failure_kind
+from services.core.quality import QualityFlag
+
+REPORT_SCHEMA_VERSION = 4  # 2: study_date, study_description, accession_number, embedding;
+# 3: identity, failure_kind; 4: quality_flags
 
 # The customer's table (docs/ARCHITECTURE.md, Contracts): these seven columns, in this order, first.
 REPORT_COLUMNS: tuple[str, ...] = (
@@ -188,6 +190,8 @@ class StudyReport(_Model):
     study_description: str | None = None
     accession_number: str | None = None
     warnings: list[str] = Field(default_factory=list)
+    # The classes of the data-quality warnings (services/core/quality.py): chips and filters.
+    quality_flags: list[QualityFlag] = Field(default_factory=list)
     findings: list[FindingResult] = Field(default_factory=list)
     intake: IntakeSummary | None = None
     series_decisions: list[SeriesDecision] = Field(default_factory=list)

@@ -14,6 +14,8 @@ from services.registry.database import upgrade as _upgrade
 from services.registry.records import (
     Door,
     Priority,
+    Review,
+    ReviewSummary,
     StudyFilter,
     StudyPage,
     StudyRecord,
@@ -34,6 +36,8 @@ __all__ = [
     "Priority",
     "Registry",
     "RegistrySchemaError",
+    "Review",
+    "ReviewSummary",
     "StudyFilter",
     "StudyPage",
     "StudyRecord",

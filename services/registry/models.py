@@ -90,6 +90,7 @@ class Study(Base):
         Index("ix_studies_sender", "sender", "received_at"),
         Index("ix_studies_content", "content_sha256"),
         Index("ix_studies_outcome", "outcome", "received_at"),
+        Index("ix_studies_reviewed", "reviewed_at"),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
@@ -141,6 +142,30 @@ class Study(Base):
     patient_sex: Mapped[str | None] = mapped_column(String(8))
     referring_physician_name: Mapped[str | None] = mapped_column(String(LONG_TEXT))
     purged_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # The data-quality flags as ",flag,flag," (a LIKE finds one on any database).
+    quality_flags: Mapped[str] = mapped_column(String(SHORT_TEXT), default="")
+    # The latest review (the reviews table keeps them all).
+    reviewed_by: Mapped[str | None] = mapped_column(String(SHORT_TEXT))
+    reviewed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    review_agrees: Mapped[bool | None] = mapped_column(Boolean)
+
+
+class Review(Base):
+    """A radiologist's reading of a study's result: agreeing with the call or correcting it,
+    the findings they marked present or absent, a comment. Each review is kept; the study's
+    row shows the latest."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (Index("ix_reviews_study", "study_id", "reviewed_at"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    study_id: Mapped[int] = mapped_column(Id, ForeignKey("studies.id", ondelete="CASCADE"))
+    reviewer: Mapped[str] = mapped_column(String(SHORT_TEXT))
+    agrees: Mapped[bool] = mapped_column(Boolean)
+    pathology: Mapped[bool | None] = mapped_column(Boolean)  # the call as the reader makes it
+    findings: Mapped[dict[str, bool]] = mapped_column(JSON, default=dict)  # label -> present
+    comment: Mapped[str] = mapped_column(Text, default="")
+    reviewed_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 class HiddenStudy(Base):

@@ -12,13 +12,17 @@ from sqlalchemy import ColumnElement, exists, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from services.core.outcome import Outcome
+from services.core.quality import QualityFlag
 from services.core.schemas import PatientIdentity
 from services.registry.models import SEARCHED, HiddenStudy, SrDelivery, Study
+from services.registry.models import Review as ReviewRow
 from services.registry.records import (
     Delivery,
     Door,
     Priority,
     ResultFileLink,
+    Review,
+    ReviewSummary,
     StudyFilter,
     StudyPage,
     StudyRecord,
@@ -77,6 +81,14 @@ def to_record(row: Study) -> StudyRecord:
         files=[ResultFileLink(**item) for item in row.files or []],
         content_sha256=row.content_sha256,
         purged_at=row.purged_at,
+        quality_flags=[QualityFlag(name) for name in row.quality_flags.split(",") if name],
+        review=(
+            ReviewSummary(
+                reviewer=row.reviewed_by, reviewed_at=row.reviewed_at, agrees=row.review_agrees
+            )
+            if row.reviewed_by and row.reviewed_at is not None and row.review_agrees is not None
+            else None
+        ),
     )
 
 
@@ -113,6 +125,13 @@ def _conditions(wanted: StudyFilter, dialect: str) -> list[ColumnElement[bool]]:
         conditions.append(Study.outcome.in_([outcome.value for outcome in wanted.outcomes]))
     if wanted.doors:
         conditions.append(Study.door.in_([door.value for door in wanted.doors]))
+    if wanted.quality_flags:
+        conditions.append(
+            or_(*(Study.quality_flags.contains(f",{flag.value},") for flag in wanted.quality_flags))
+        )
+    if wanted.reviewed is not None:
+        reviewed = Study.reviewed_at.is_not(None)
+        conditions.append(reviewed if wanted.reviewed else ~reviewed)
     if wanted.received_from is not None:
         start = datetime.combine(wanted.received_from, time.min, tzinfo=UTC)
         conditions.append(Study.received_at >= start)
@@ -309,3 +328,26 @@ def earlier_reports_with_sr(session: Session, study_instance_uid: str) -> list[t
         if any(name.startswith(prefix) for name in names):
             found.append((task_id, index))
     return found
+
+
+def reviews(session: Session, task_id: str, report_index: int) -> list[Review]:
+    """Every review of the study, oldest first."""
+    rows = session.execute(
+        select(ReviewRow)
+        .join(Study, Study.id == ReviewRow.study_id)
+        .where(Study.task_id == task_id, Study.report_index == report_index)
+        .order_by(ReviewRow.reviewed_at, ReviewRow.id)
+    ).scalars()
+    return [
+        Review(
+            task_id=task_id,
+            report_index=report_index,
+            reviewer=row.reviewer,
+            agrees=row.agrees,
+            pathology=row.pathology,
+            findings=dict(row.findings or {}),
+            comment=row.comment,
+            reviewed_at=row.reviewed_at,
+        )
+        for row in rows
+    ]

@@ -10,6 +10,7 @@ from enum import Enum
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.core.outcome import Outcome
+from services.core.quality import QualityFlag
 from services.core.schemas import PatientIdentity
 
 
@@ -65,6 +66,33 @@ class ResultFileLink(BaseModel):
     description: str = ""
 
 
+class ReviewSummary(BaseModel):
+    """The latest review of a study, as its row shows it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reviewer: str
+    reviewed_at: datetime
+    agrees: bool
+
+
+class Review(BaseModel):
+    """A radiologist's reading of one study's result. ``agrees``: the call stands; else
+    ``pathology`` is the call as the reader makes it. ``findings``: the labels the reader
+    marked present (True) or absent (False); a label not in it was not marked."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task_id: str
+    report_index: int = 0
+    reviewer: str
+    agrees: bool
+    pathology: bool | None = None
+    findings: dict[str, bool] = Field(default_factory=dict)
+    comment: str = Field("", max_length=4000)
+    reviewed_at: datetime | None = None  # set by the registry
+
+
 class StudyRecord(BaseModel):
     """One row of the registry: one study of a task (a task that holds several studies has
     one row each; a task without a result yet has its first row)."""
@@ -106,6 +134,8 @@ class StudyRecord(BaseModel):
     files: list[ResultFileLink] = Field(default_factory=list)
     content_sha256: str | None
     purged_at: datetime | None
+    quality_flags: list[QualityFlag] = Field(default_factory=list)
+    review: ReviewSummary | None = None  # the latest
 
     @property
     def key(self) -> str:
@@ -131,6 +161,8 @@ class StudyFilter(BaseModel):
     sender: str | None = None  # a technologist sees the studies they sent
     hidden_for: str | None = None  # leave out what this viewer hid
     task_id: str | None = None
+    quality_flags: list[QualityFlag] | None = None  # any of these
+    reviewed: bool | None = None  # True: reviewed ones only; False: not reviewed yet
 
 
 class StudyPage(BaseModel):

@@ -37,6 +37,7 @@ from services.registry.database import (
 from services.registry.records import (
     Delivery,
     Door,
+    Review,
     StudyFilter,
     StudyPage,
     StudyRecord,
@@ -103,6 +104,10 @@ class Registry:
     def unhide(self, study_id: int, viewer: str) -> bool:
         return self._write(lambda session, _now: writes.unhide(session, study_id, viewer))
 
+    def record_review(self, review: Review) -> bool:
+        """False when the study is unknown or has no result yet."""
+        return self._write(lambda session, now: writes.record_review(session, review, now))
+
     def record_delivery(self, delivery: Delivery) -> None:
         self._write(lambda session, _now: writes.record_delivery(session, delivery))
 
@@ -162,6 +167,10 @@ class Registry:
     def earlier_reports_with_sr(self, study_instance_uid: str) -> list[tuple[str, int]]:
         with self.reading() as session:
             return reads.earlier_reports_with_sr(session, study_instance_uid)
+
+    def reviews(self, task_id: str, report_index: int = 0) -> list[Review]:
+        with self.reading() as session:
+            return reads.reviews(session, task_id, report_index)
 
     def deliveries(self, task_id: str) -> list[Delivery]:
         with self.reading() as session:

@@ -16,9 +16,12 @@ from sqlalchemy.orm import Session
 
 from services.broker.schemas import StudyProgress, StudyResult, TaskStatus
 from services.core.outcome import study_outcome
+from services.core.quality import QualityFlag
 from services.core.schemas import StudyReport
 from services.registry.models import HiddenStudy, SrDelivery, Study
+from services.registry.models import Review as ReviewRow
 from services.registry.records import Delivery, Door, StudyState, Submission
+from services.registry.records import Review as ReviewInput
 
 IDENTITY_FIELDS = (
     "patient_name",
@@ -159,6 +162,38 @@ def _sibling(first: Study, index: int) -> Study:
     )
 
 
+def flags_column(flags: list[QualityFlag]) -> str:
+    """ ",flag,flag," (sorted, each once): what a LIKE '%,flag,%' finds."""
+    names = sorted({flag.value for flag in flags})
+    return f",{','.join(names)}," if names else ""
+
+
+def record_review(session: Session, review: ReviewInput, now: datetime) -> bool:
+    """Keeps the review and shows it on the study's row; False when there is no such study
+    (or it has no result to review yet)."""
+    row = session.scalar(
+        select(Study).where(
+            Study.task_id == review.task_id, Study.report_index == review.report_index
+        )
+    )
+    if row is None or not StudyState(row.state).final:
+        return False
+    session.add(
+        ReviewRow(
+            study_id=row.id,
+            reviewer=review.reviewer,
+            agrees=review.agrees,
+            pathology=None if review.agrees else review.pathology,
+            findings=dict(review.findings),
+            comment=review.comment,
+            reviewed_at=now,
+        )
+    )
+    row.reviewed_by, row.reviewed_at, row.review_agrees = review.reviewer, now, review.agrees
+    row.updated_at = now
+    return True
+
+
 def apply_report(row: Study, report: StudyReport) -> None:
     row.processing_status = report.processing_status.value
     row.outcome = study_outcome(report).value
@@ -168,6 +203,7 @@ def apply_report(row: Study, report: StudyReport) -> None:
     row.findings = [finding.label for finding in report.findings if finding.positive]
     row.failure_reason = report.failure_reason
     row.warnings = list(report.warnings)
+    row.quality_flags = flags_column(report.quality_flags)
     row.model_version = report.model.version if report.model is not None else None
     row.demo_weights = report.demo_weights
     row.study_instance_uid = report.study_uid
