@@ -103,7 +103,7 @@ def _adapter_task(study: Path, backend: InferenceBackend, settings: Settings) ->
     """The study as an adapter's task (report files and previews included); the storage
     root is the study's folder."""
     from services.adapter.model_server_wait import RetryingBackend
-    from services.adapter.task_runner import run_task
+    from services.adapter.stages import TaskContext, run_task
     from services.broker.schemas import StudyTask
 
     settings.storage.root = study.parent
@@ -111,7 +111,8 @@ def _adapter_task(study: Path, backend: InferenceBackend, settings: Settings) ->
     waiting = RetryingBackend(
         backend, threading.Event(), backoff=settings.inference.model_server_backoff
     )
-    result = run_task(task, backend=waiting, settings=settings, adapter_id="benchmark", attempt=1)
+    context = TaskContext(backend=waiting, settings=settings, adapter_id="benchmark", attempt=1)
+    result = run_task(task, context)
     return screened(result.reports[0], study)
 
 

@@ -52,7 +52,7 @@ from netns_support import (
 from prometheus_client.parser import text_string_to_metric_families
 from stack_support import PROJECT_ROOT, wait_for
 
-from services.broker.schemas import QueueTopology
+from services.broker.schemas import MODEL_STAGE, QueueTopology
 from services.core.config import RabbitMQSettings, load_settings
 from services.registry import Registry, upgrade_registry
 
@@ -369,7 +369,7 @@ class Cluster:
     def wait_for_adapters(self, timeout_s: float = 180.0) -> None:
         count = len(self.adapter_names)
         wait_for(
-            lambda: consumers_of(self.rabbitmq, self.topology.task_queue) == count,
+            lambda: consumers_of(self.rabbitmq, self.topology.presence_queue(MODEL_STAGE)) == count,
             timeout_s,
             f"{count} adapters consuming",
             interval_s=0.5,

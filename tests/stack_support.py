@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from services.broker.connection import connect
-from services.broker.schemas import QueueTopology
+from services.broker.schemas import STAGES, QueueTopology
 from services.core.config import RabbitMQSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,13 @@ def delete_topology(settings: RabbitMQSettings, extra_queues: list[str] = ()) ->
     connection = connect(settings, name="test cleanup", give_up_after_s=10)
     try:
         channel = connection.channel()
-        queues = (topology.task_queue, topology.dead_letter_queue, topology.registry_queue)
+        queues = (
+            *topology.task_lanes(),
+            *topology.model_lanes(),
+            *(topology.presence_queue(stage) for stage in STAGES),
+            topology.dead_letter_queue,
+            topology.registry_queue,
+        )
         for queue in (*queues, *extra_queues):
             channel.queue_delete(queue)
         for exchange in (topology.task_exchange, topology.dead_letter_exchange):

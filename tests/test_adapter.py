@@ -32,6 +32,8 @@ from services.adapter.consumer import Adapter
 from services.adapter.dead_letters import REASON_HEADER
 from services.broker.connection import connect, declare_topology, publish_task
 from services.broker.schemas import (
+    MODEL_STAGE,
+    STAGES,
     QueueTopology,
     StudyProgress,
     StudyResult,
@@ -176,7 +178,7 @@ def wait_until_consuming(settings: Settings) -> None:
         connection = connect(broker, name="test probe", give_up_after_s=10)
         try:
             channel = connection.channel()
-            frame = channel.queue_declare(topology.task_queue, passive=True)
+            frame = channel.queue_declare(topology.presence_queue(MODEL_STAGE), passive=True)
             return frame.method.consumer_count
         except pika.exceptions.ChannelClosedByBroker:
             return 0
@@ -655,7 +657,9 @@ def test_adapter_reconnects_after_the_broker_drops_it(
     try:
         with AdapterInThread(settings, adapter_id=adapter_id):
             wait_until_consuming(settings)
-            assert close_connections_named(f"adapter {adapter_id}") == 1
+            # Each stage has its own connection; both are dropped and both come back.
+            for stage in STAGES:
+                assert close_connections_named(f"adapter {adapter_id} {stage}") == 1
             task_id, relative = upload(settings, studies["chest"])
             client.submit(task_body(task_id, relative, "chest.zip", client.reply_queue))
             result = client.result(task_id)

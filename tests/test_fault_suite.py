@@ -60,7 +60,7 @@ from worklist_page import upload as upload_files
 
 from services.adapter.dead_letters import REASON_HEADER
 from services.broker.connection import connect
-from services.broker.schemas import QueueTopology, TaskStatus
+from services.broker.schemas import MODEL_STAGE, QueueTopology, TaskStatus
 from services.broker.storage import load_result
 from services.core.access import Role
 from services.core.config import RabbitMQSettings, load_settings
@@ -175,7 +175,10 @@ def healthy_stack(stack: LocalStack) -> LocalStack:
     stack.heal()
     topology = QueueTopology(prefix=stack.prefix)
     wait_for(
-        lambda: consumers_of(stack.broker, topology.task_queue) == len(stack.adapter_names),
+        lambda: (
+            consumers_of(stack.broker, topology.presence_queue(MODEL_STAGE))
+            == len(stack.adapter_names)
+        ),
         120,
         "both adapters consuming",
         interval_s=0.5,
@@ -409,7 +412,11 @@ def test_rabbitmq_restart_with_studies_queued_and_in_flight(
             )
             start_rabbitmq()
     # Everyone reconnects: both adapters and the frontend's recorder.
-    wait_for(lambda: consumers_of(stack.broker, topology.task_queue) == 2, 120, "adapters back")
+    wait_for(
+        lambda: consumers_of(stack.broker, topology.presence_queue(MODEL_STAGE)) == 2,
+        120,
+        "adapters back",
+    )
     wait_for(
         lambda: consumers_of(stack.broker, topology.registry_queue) == 1,
         120,

@@ -12,6 +12,8 @@ dead-letter the message. The rules:
   Failure result, dead-lettered for a human;
 * the study ran: its result is stored, published and acked (a study that failed is a
   result too: its Failure rows);
+* the preparation stage prepared studies that need the model: the ModelTask that names them
+  is published (confirmed) to the model lane, then the task is acked;
 * the error policy (services/core/errors.py) decides the rest: RETRY_LATER gives the task
   back (a study missing from the shared storage after a short wait, at most
   max_deliveries times, then a stored Failure result and the dead letters); STOP gives it
@@ -27,6 +29,7 @@ from datetime import datetime
 from enum import Enum
 
 from services.broker.schemas import (
+    ModelTask,
     StudyResult,
     StudyTask,
     TaskStatus,
@@ -57,6 +60,7 @@ class Decision:
     delay_s: float = 0.0  # wait before giving the message back
     stop_adapter: bool = False  # the deployment is broken: stop taking tasks
     note: str = ""  # for the log line; never patient data
+    handoff: ModelTask | None = None  # published to the model stage before the ack
     # Why a dead-lettered message is there: its x-cts-reason header (services/adapter/dead_letters.py).
     reason: str = ""
 
@@ -127,7 +131,7 @@ def on_delivery(
 
 def on_outcome(
     task: StudyTask,
-    outcome: StudyResult | BaseException,
+    outcome: StudyResult | ModelTask | BaseException,
     *,
     attempt: int,
     max_deliveries: int,
@@ -136,6 +140,8 @@ def on_outcome(
     """After the work: its result, or the error that ended it."""
     if isinstance(outcome, StudyResult):
         return Decision(Action.ACK, result=outcome, store=True, note=outcome.status.value)
+    if isinstance(outcome, ModelTask):
+        return Decision(Action.ACK, handoff=outcome, note="prepared: handed to the model stage")
     error = outcome
     policy = policy_of(error)
     if isinstance(error, StudyNotFound):

@@ -19,7 +19,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from services.adapter.dead_letters import publish_dead_letter
 from services.adapter.delivery import Action, Decision
-from services.broker.connection import publish_reply, publish_to_registry
+from services.broker.connection import publish_model_task, publish_reply, publish_to_registry
 from services.broker.errors import PublishError
 from services.broker.schemas import QueueTopology, StudyProgress, StudyTask
 
@@ -50,6 +50,16 @@ def execute_decision(
     """
     if not channel.is_open:
         return False
+    if decision.handoff is not None:
+        try:
+            publish_model_task(channel, topology, decision.handoff)
+        except PublishError as error:
+            # Given back: the next delivery finds the recorded preparation and hands it on.
+            logger.warning(
+                "task {} not handed to the model stage: {}", decision.handoff.task.task_id, error
+            )
+            channel.basic_nack(message.tag, requeue=True)
+            return False
     result = decision.result
     if result is not None:
         try:

@@ -1,37 +1,34 @@
-"""What an adapter does with one task, apart from RabbitMQ: run the pipeline, write the files,
-build the StudyResult. Runs on the adapter's worker thread.
+"""The pieces of an adapter's task apart from RabbitMQ: the pipeline's events (progress, side
+files) and the report files of a finished task. services/adapter/stages.py chains them into
+the preparation and model stages; both run on a stage's worker thread.
 """
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from loguru import logger
 
-from services.adapter.delivery import failed_result
 from services.adapter.progress import (
     STAGE_MESSAGES,
-    WRITING_FRACTION,
     InferenceTimes,
     ModelTicker,
     ProgressCallback,
     study_progress,
 )
 from services.adapter.viewer_data import viewer_stack, write_viewer
-from services.broker.schemas import ResultFile, StudyResult, StudyTask, TaskStatus, utc_now
-from services.broker.storage import relative_to_storage, result_files_dir
+from services.broker.schemas import ResultFile
+from services.broker.storage import relative_to_storage
 from services.core.config import Settings
-from services.core.errors import ErrorPolicy, StudyNotFound, policy_of
 from services.core.inference.base import InferenceBackend
-from services.core.pipeline import EventFanOut, PipelineEvents, PreparedStudy, process_input
+from services.core.pipeline import PipelineEvents, PreparedStudy
 from services.core.previews import write_previews
 from services.core.reports import write_reports
 from services.core.schemas import StudyReport
 from services.core.volume import Volume
 from services.sr.document import EarlierReports, document_context, write_structured_reports
-from services.sr.evidence import EvidenceCollector
+from services.sr.evidence import StudyEvidence
 
 PREVIEWS_DIR = "previews"
 VIEWER_DIR = "viewer"
@@ -151,7 +148,7 @@ def side_file_kind(output_dir: Path, path: Path) -> str:
     return SIDE_FILE_KINDS.get(folder, folder)
 
 
-def _result_files(
+def result_files(
     storage_root: Path, output_dir: Path, reports: list[StudyReport]
 ) -> list[ResultFile]:
     written = write_reports(reports, output_dir)
@@ -174,10 +171,10 @@ def _result_files(
     return files
 
 
-def _structured_report_files(
+def structured_report_files(
     storage_root: Path,
     output_dir: Path,
-    evidence: EvidenceCollector,
+    evidence: list[tuple[StudyReport, StudyEvidence | None]],
     *,
     task_id: str,
     backend: InferenceBackend,
@@ -187,7 +184,7 @@ def _structured_report_files(
     """The studies' DICOM SRs next to the other report files (NIfTI studies have none)."""
     context = document_context(task_id, backend.metadata, settings.inference, earlier_reports)
     try:
-        written = write_structured_reports(evidence.studies, output_dir / SR_DIR, context)
+        written = write_structured_reports(evidence, output_dir / SR_DIR, context)
     except Exception:  # noqa: BLE001 - the reports stand without their SR; the log says why
         logger.exception("task {}: structured reports not written", task_id)
         return []
@@ -199,96 +196,3 @@ def _structured_report_files(
         )
         for path in written
     ]
-
-
-def run_task(
-    task: StudyTask,
-    *,
-    backend: InferenceBackend,
-    settings: Settings,
-    adapter_id: str,
-    attempt: int,
-    progress: ProgressCallback | None = None,
-    inference_times: InferenceTimes | None = None,
-    earlier_reports: EarlierReports | None = None,
-) -> StudyResult:
-    """Screen the task's study and write its files; errors of the study become a FAILED result.
-    ``earlier_reports``: the study registry's earlier SRs of a study, which its new SR supersedes.
-
-    Errors whose policy is not FAILURE_ROW propagate (services/core/errors.py): the study
-    may be fine, and the delivery rules give the task back (services/adapter/delivery.py).
-    """
-    storage_root = settings.storage.root
-    output_dir = result_files_dir(storage_root, task.task_id)
-    started = utc_now()
-    clock = time.perf_counter()
-    events = TaskEvents(
-        progress,
-        output_dir,
-        inference_times=inference_times,
-        spacing_mm=backend.metadata.target_spacing_mm,
-    )
-    evidence = EvidenceCollector()
-    try:
-        study_path = task.resolve_study_path(storage_root)
-        if not study_path.exists():
-            raise StudyNotFound(
-                f"the study {task.study_path!r} is not in the shared storage "
-                "(was it uploaded to the same storage volume?)"
-            )
-        reports = process_input(
-            study_path,
-            backend=backend,
-            settings=settings,
-            display_name=task.original_filename or None,
-            events=EventFanOut(events, evidence),
-        )
-        if not reports:
-            raise RuntimeError("the pipeline returned no report")
-        events.report("writing", WRITING_FRACTION, "writing the report files")
-        files = _result_files(storage_root, output_dir, reports)
-        files.extend(
-            _structured_report_files(
-                storage_root,
-                output_dir,
-                evidence,
-                task_id=task.task_id,
-                backend=backend,
-                settings=settings,
-                earlier_reports=earlier_reports,
-            )
-        )
-        files.extend(
-            ResultFile(
-                kind=side_file_kind(output_dir, path),
-                path=relative_to_storage(storage_root, path),
-            )
-            for path in events.finish()
-        )
-    except Exception as error:
-        if policy_of(error) is not ErrorPolicy.FAILURE_ROW:
-            raise  # the delivery rules decide (the study may be fine)
-        logger.exception("task {} failed", task.task_id)
-        return failed_result(
-            task,
-            f"{type(error).__name__}: {error}",
-            adapter_id=adapter_id,
-            attempt=attempt,
-            started_at=started,
-        )
-    finally:
-        events.finish()
-    return StudyResult(
-        task_id=task.task_id,
-        correlation_id=task.reply_correlation_id,
-        status=TaskStatus.COMPLETED,
-        reports=reports,
-        files=files,
-        original_filename=task.original_filename,
-        study_path=task.study_path,
-        adapter_id=adapter_id,
-        attempt=attempt,
-        started_at=started,
-        finished_at=utc_now(),
-        seconds=time.perf_counter() - clock,
-    )

@@ -18,13 +18,16 @@ from tenacity import stop_when_event_set
 from services.broker.errors import PublishError
 from services.broker.schemas import (
     CONTENT_TYPE,
-    TASK_ROUTING_KEY,
+    PRIORITY_ORDER,
+    STAGES,
+    ModelTask,
     QueueTopology,
     StudyProgress,
     StudyResult,
     StudyTask,
     _Message,
     encode_message,
+    task_routing_key,
 )
 from services.core.config import RabbitMQSettings
 from services.core.retry import log_retry, retrying
@@ -92,10 +95,17 @@ def declare_topology(channel: BlockingChannel, topology: QueueTopology) -> None:
     channel.queue_declare(topology.dead_letter_queue, durable=True)
     channel.queue_bind(topology.dead_letter_queue, topology.dead_letter_exchange)
     channel.exchange_declare(topology.task_exchange, exchange_type="direct", durable=True)
-    channel.queue_declare(
-        topology.task_queue, durable=True, arguments=topology.task_queue_arguments()
-    )
-    channel.queue_bind(topology.task_queue, topology.task_exchange, routing_key=TASK_ROUTING_KEY)
+    for priority in PRIORITY_ORDER:
+        lane = topology.task_lane(priority)
+        channel.queue_declare(lane, durable=True, arguments=topology.task_queue_arguments())
+        channel.queue_bind(lane, topology.task_exchange, routing_key=task_routing_key(priority))
+        # Prepared studies wait for the model here (published by the adapters' preparation
+        # stage through the default exchange); same guarantees as the task lanes.
+        channel.queue_declare(
+            topology.model_lane(priority), durable=True, arguments=topology.task_queue_arguments()
+        )
+    for stage in STAGES:
+        channel.queue_declare(topology.presence_queue(stage), durable=True)
     channel.queue_declare(
         topology.registry_queue, durable=True, arguments=topology.registry_queue_arguments()
     )
@@ -153,14 +163,34 @@ def _publish(
 
 
 def publish_task(channel: BlockingChannel, topology: QueueTopology, task: StudyTask) -> None:
-    """Queue a task (channel must be in confirm mode)."""
+    """Queue a task in its priority's lane (channel must be in confirm mode)."""
     _publish(
         channel,
         exchange=topology.task_exchange,
-        routing_key=TASK_ROUTING_KEY,
+        routing_key=task_routing_key(task.priority),
         body=encode_message(task),
         properties=message_properties(
             task,
+            correlation_id=task.reply_correlation_id,
+            reply_to=task.reply_to,
+            message_id=task.task_id,
+        ),
+        mandatory=True,
+    )
+
+
+def publish_model_task(
+    channel: BlockingChannel, topology: QueueTopology, handoff: ModelTask
+) -> None:
+    """Hand a prepared task to the model stage (its lane by priority; confirmed)."""
+    task = handoff.task
+    _publish(
+        channel,
+        exchange="",
+        routing_key=topology.model_lane(task.priority),
+        body=encode_message(handoff),
+        properties=message_properties(
+            handoff,
             correlation_id=task.reply_correlation_id,
             reply_to=task.reply_to,
             message_id=task.task_id,
@@ -235,14 +265,16 @@ def submit_task(settings: RabbitMQSettings, task: StudyTask, *, name: str = "cts
 
 
 def queued_task_count(settings: RabbitMQSettings) -> int:
-    """Tasks waiting in the task queue (not counting the ones adapters hold)."""
+    """Tasks waiting to be prepared, every lane (not counting the ones adapters hold)."""
     topology = QueueTopology.from_settings(settings)
     connection = connect(settings, name="cts-queue-depth", give_up_after_s=10)
     try:
         channel = connection.channel()
         declare_topology(channel, topology)
-        frame = channel.queue_declare(topology.task_queue, passive=True)
-        return int(frame.method.message_count)
+        return sum(
+            int(channel.queue_declare(lane, passive=True).method.message_count)
+            for lane in topology.task_lanes()
+        )
     finally:
         _close_quietly(connection)
 

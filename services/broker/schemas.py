@@ -8,9 +8,15 @@ file or folder relative to the shared storage root, never the bytes themselves.
 
 Topology (``<p>`` is ``rabbitmq.queue_prefix``, ``cts`` by default)::
 
-    publisher --(routing key "study")--> exchange <p>.tasks (direct, durable)
-        --> queue <p>.tasks (quorum, x-delivery-limit, dead-letters to <p>.dead-letter)
-            --> adapters (manual ack, prefetch_count)
+    publisher --(routing key "study", "study.urgent", "study.stat")--> exchange <p>.tasks
+        (direct, durable) --> the preparation lanes <p>.tasks, <p>.tasks.urgent,
+        <p>.tasks.stat (quorum, x-delivery-limit, dead-letters to <p>.dead-letter)
+            --> adapters' preparation stage (basic.get, most urgent lane first)
+    preparation stage --(default exchange)--> the model lanes <p>.model, <p>.model.urgent,
+        <p>.model.stat (quorum, same arguments): a ModelTask, the prepared study by reference
+            --> adapters' model stage (basic.get, most urgent lane first)
+    queues <p>.adapters.prepare, <p>.adapters.model: never hold a message; every adapter's
+        stage consumes one, so its consumer count is the number of adapters alive per stage
     exchange <p>.dead-letter (fanout) --> queue <p>.tasks.dead-letter (classic, durable)
     adapter --(default exchange, routing key = task.reply_to)--> reply queue of the submitter
         (any durable queue the submitter declared)
@@ -34,7 +40,14 @@ from services.core.schemas import StudyReport
 
 BROKER_SCHEMA_VERSION: Final = 1
 CONTENT_TYPE = "application/json"
-TASK_ROUTING_KEY = "study"
+TASK_ROUTING_KEY = "study"  # routine; the other lanes: "study.<priority>"
+
+
+def task_routing_key(priority: Priority) -> str:
+    return (
+        TASK_ROUTING_KEY if priority is Priority.ROUTINE else f"{TASK_ROUTING_KEY}.{priority.value}"
+    )
+
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -61,6 +74,23 @@ def check_safe_id(value: str) -> str:
     return value
 
 
+class Priority(str, Enum):
+    """How soon a study must be screened; adapters take the more urgent lanes first."""
+
+    ROUTINE = "routine"
+    URGENT = "urgent"
+    STAT = "stat"
+
+
+# The adapter's two stages (services/adapter/stages.py): each consumes its own lanes.
+PREPARE_STAGE: Final = "prepare"
+MODEL_STAGE: Final = "model"
+STAGES: Final = (PREPARE_STAGE, MODEL_STAGE)
+
+# Most urgent first: the order in which a stage looks at its lanes.
+PRIORITY_ORDER: Final = (Priority.STAT, Priority.URGENT, Priority.ROUTINE)
+
+
 class StudyTask(_Message):
     """A request to screen one study (a zip, a folder of DICOM files or one DICOM file)."""
 
@@ -74,6 +104,8 @@ class StudyTask(_Message):
     # Queue that receives progress and the result (default exchange); None: result only stored.
     reply_to: str | None = None
     submitted_by: str | None = None  # free text: frontend id, system name
+    # Which lane the task travels in; a lane is a queue of its own (QueueTopology).
+    priority: Priority = Priority.ROUTINE
 
     @field_validator("task_id")
     @classmethod
@@ -99,6 +131,25 @@ class StudyTask(_Message):
         if not resolved.is_relative_to(root):
             raise ValueError(f"study_path {self.study_path!r} leaves the storage root")
         return resolved
+
+
+class ModelTask(_Message):
+    """A prepared task handed from the preparation stage to the model stage: the study's
+    reports so far, its model inputs and SR evidence are files under ``prepared_path``
+    (services/adapter/handoff.py), never in the message."""
+
+    task: StudyTask
+    prepared_path: str  # relative to the storage root: prepared/<task_id>
+    prepared_by: str = ""  # adapter id
+    prepared_at: datetime = Field(default_factory=utc_now)
+
+    @field_validator("prepared_path")
+    @classmethod
+    def _relative_prepared(cls, value: str) -> str:
+        path = PurePosixPath(value)
+        if not value or path.is_absolute() or ".." in path.parts or "\\" in value:
+            raise ValueError("prepared_path must be a relative path inside the storage root")
+        return path.as_posix()
 
 
 class StudyProgress(_Message):
@@ -154,6 +205,7 @@ class StudyResult(_Message):
 
 MESSAGE_TYPES: dict[str, type[_Message]] = {
     "StudyTask": StudyTask,
+    "ModelTask": ModelTask,
     "StudyProgress": StudyProgress,
     "StudyResult": StudyResult,
 }
@@ -200,7 +252,29 @@ class QueueTopology(BaseModel):
 
     @property
     def task_queue(self) -> str:
+        """The routine preparation lane (the name every earlier publisher used)."""
         return f"{self.prefix}.tasks"
+
+    def task_lane(self, priority: Priority) -> str:
+        if priority is Priority.ROUTINE:
+            return self.task_queue
+        return f"{self.task_queue}.{priority.value}"
+
+    def model_lane(self, priority: Priority) -> str:
+        base = f"{self.prefix}.model"
+        return base if priority is Priority.ROUTINE else f"{base}.{priority.value}"
+
+    def task_lanes(self) -> list[str]:
+        """The preparation lanes, most urgent first."""
+        return [self.task_lane(priority) for priority in PRIORITY_ORDER]
+
+    def model_lanes(self) -> list[str]:
+        """The model lanes, most urgent first."""
+        return [self.model_lane(priority) for priority in PRIORITY_ORDER]
+
+    def presence_queue(self, stage: str) -> str:
+        """Consumed (never filled) by each adapter running ``stage``: adapters alive."""
+        return f"{self.prefix}.adapters.{check_safe_id(stage)}"
 
     @property
     def dead_letter_exchange(self) -> str:

@@ -137,6 +137,11 @@ class EvidenceCollector(PipelineEvents):
         if evidence is not None:
             self._pending[study_index] = evidence
 
+    def take(self, study_index: int) -> StudyEvidence | None:
+        """The evidence of a study that leaves this process unfinished (the adapter's
+        preparation stage hands it to the model stage)."""
+        return self._pending.pop(study_index, None)
+
     def study_finished(self, report: StudyReport, *, study_index: int, n_studies: int) -> None:
         evidence = self._pending.pop(study_index, None)
         if evidence is not None and evidence.study_uid != report.study_uid:

@@ -32,6 +32,7 @@ from services.core.config.pipeline import (
     SeriesSelectionSettings,
 )
 from services.core.config.services import (
+    AdapterSettings,
     DicomSettings,
     FrontendSettings,
     LoggingSettings,
@@ -46,6 +47,7 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "ENV_PREFIX",
     "PROJECT_ROOT",
+    "AdapterSettings",
     "Backoff",
     "ChestCheckSettings",
     "DicomSettings",

@@ -36,6 +36,7 @@ from services.core.config.pipeline import (
     SeriesSelectionSettings,
 )
 from services.core.config.services import (
+    AdapterSettings,
     DicomSettings,
     FrontendSettings,
     LoggingSettings,
@@ -66,6 +67,7 @@ class Settings(BaseSettings):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     rabbitmq: RabbitMQSettings = Field(default_factory=RabbitMQSettings)
+    adapter: AdapterSettings = Field(default_factory=AdapterSettings)
     frontend: FrontendSettings = Field(default_factory=FrontendSettings)
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -48,6 +49,12 @@ class RabbitMQSettings(Section):
     prefetch_count: int = Field(1, description="studies an adapter holds at once")
     heartbeat_s: int = 60
     max_deliveries: int = Field(3, description="then a Failure result and the dead letters")
+    poll_interval_s: float = Field(
+        0.25,
+        gt=0,
+        le=5,
+        description="an idle adapter stage asks its lanes (most urgent first) this often",
+    )
     max_queue_depth: int = Field(200, description="uploads are refused above this")
     reconnect_backoff: Backoff = Field(
         Backoff(initial_s=0.5, maximum_s=30.0),
@@ -124,6 +131,29 @@ class FrontendSettings(Section):
         return self
 
 
+PriorityName = Literal["routine", "urgent", "stat"]
+StageName = Literal["prepare", "model"]
+STAGE_NAMES: tuple[StageName, ...] = ("prepare", "model")
+
+
+class AdapterSettings(Section):
+    """The adapter's stages: preparation (intake up to the model input; refusals answered
+    there) and model. Both by default; a site may run them as separate deployments."""
+
+    stages: list[StageName] = Field(
+        default_factory=lambda: list(STAGE_NAMES),
+        min_length=1,
+        description="the stages this adapter runs (prepare, model)",
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _no_repeats(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("a stage is named twice")
+        return value
+
+
 class DicomSettings(Section):
     """Hospital integration over DICOM: the listener (python -m services.dicom_listener)
     receives studies by C-STORE and sends each study's structured report back."""
@@ -161,6 +191,11 @@ class DicomSettings(Section):
         description="waits between sends of an SR to a destination that is down",
     )
     network_timeout_s: float = Field(30.0, gt=0, description="DIMSE and network timeouts")
+    calling_ae_priorities: dict[str, PriorityName] = Field(
+        default_factory=dict,
+        description="priority of the studies each calling AE title sends, e.g. {ER_CT: stat}; "
+        "the study's RequestedProcedurePriority (STAT, HIGH) raises it, never lowers it",
+    )
     send_uploads_to_pacs: bool = Field(
         False,
         description="also send the SRs of web and REST uploads to the destinations "

@@ -122,7 +122,7 @@ def process_input(
         report = prepared.report
         if prepared.model_input is not None:
             events.model_input_ready(prepared)
-            report = _infer_and_finish(prepared, prepared.model_input, backend, thresholds, events)
+            report = infer_and_finish(prepared, prepared.model_input, backend, thresholds, events)
             prepared.model_input = None  # the 221 MB input is not needed any more
         # Every row says whether this deployment's model is a demo, Failure rows too.
         report.demo_weights = metadata.demo
@@ -138,7 +138,7 @@ def process_input(
     return reports
 
 
-def _infer_and_finish(
+def infer_and_finish(
     prepared: PreparedStudy,
     model_input: ModelInput,
     backend: InferenceBackend,

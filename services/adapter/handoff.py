@@ -1,0 +1,120 @@
+"""What the preparation stage leaves for the model stage: ``storage/prepared/<task_id>/``.
+
+The folder holds one ``studyN.npy`` model input per study that needs the model and
+``handoff.json`` (a :class:`PreparedTask`): every study's report so far, which input file is
+its own, the SR evidence read while the source files existed (pydicom's JSON form), the side
+files (previews, viewer) already written, and when the task started. ``handoff.json`` is
+written last and atomically: a folder without it is an unfinished preparation, prepared
+again on the next delivery. The model stage removes the folder once the task's result is
+stored (a redelivery after that republishes the stored result and never needs it).
+
+The shared storage already holds the upload with its patient identity; the evidence here
+is the same data, under a folder named by the task id only.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from pydicom.dataset import Dataset
+
+from services.broker.schemas import ModelTask, StudyTask, check_safe_id
+from services.broker.storage import relative_to_storage, write_atomically
+from services.core.arrays import ModelInput
+from services.core.schemas import StudyReport
+from services.sr.evidence import StudyEvidence
+
+PREPARED_DIR = "prepared"
+HANDOFF_FILE = "handoff.json"
+
+
+class PreparedEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    report: StudyReport  # final when input_file is None, else waiting for the model's fields
+    index: int
+    n_studies: int
+    input_file: str | None = None  # name of the .npy model input in the folder
+    evidence: list[dict[str, Any]] | None = None  # the SR's source instances (pydicom JSON)
+
+
+class PreparedTask(BaseModel):
+    """The preparation stage's record of one task, complete once written."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: str
+    entries: list[PreparedEntry] = Field(default_factory=list)
+    side_files: list[str] = Field(default_factory=list)  # relative to the storage root
+    started_at: datetime
+    prepare_seconds: float
+    prepared_by: str = ""
+
+
+def prepared_dir(storage_root: Path, task_id: str) -> Path:
+    return Path(storage_root) / PREPARED_DIR / check_safe_id(task_id)
+
+
+def save_model_input(folder: Path, index: int, model_input: ModelInput) -> str:
+    """The study's model input as ``study<index+1>.npy`` (written whole, then renamed: a
+    reader never sees half a file); returns the file's name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"study{index + 1}.npy"
+    partial = folder / f".{name}.partial"
+    with partial.open("wb") as handle:
+        np.save(handle, model_input, allow_pickle=False)
+    partial.replace(folder / name)
+    return name
+
+
+def load_model_input(folder: Path, name: str) -> ModelInput:
+    array = np.load(folder / Path(name).name, allow_pickle=False)
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def evidence_to_json(evidence: StudyEvidence | None) -> list[dict[str, Any]] | None:
+    if evidence is None:
+        return None
+    return [instance.to_json_dict() for instance in evidence.instances]
+
+
+def evidence_from_json(items: list[dict[str, Any]] | None) -> StudyEvidence | None:
+    if not items:
+        return None
+    return StudyEvidence(tuple(Dataset.from_json(item) for item in items))
+
+
+def write_handoff(storage_root: Path, prepared: PreparedTask) -> Path:
+    folder = prepared_dir(storage_root, prepared.task_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / HANDOFF_FILE
+    write_atomically(path, prepared.model_dump_json().encode("utf-8"))
+    return path
+
+
+def read_handoff(storage_root: Path, task_id: str) -> PreparedTask | None:
+    """The task's complete preparation, or None (never prepared, or still unfinished)."""
+    path = prepared_dir(storage_root, task_id) / HANDOFF_FILE
+    try:
+        return PreparedTask.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+def model_task(storage_root: Path, task: StudyTask, prepared: PreparedTask) -> ModelTask:
+    return ModelTask(
+        task=task,
+        prepared_path=relative_to_storage(
+            storage_root, prepared_dir(storage_root, prepared.task_id)
+        ),
+        prepared_by=prepared.prepared_by,
+    )
+
+
+def remove_prepared(storage_root: Path, task_id: str) -> None:
+    shutil.rmtree(prepared_dir(storage_root, task_id), ignore_errors=True)

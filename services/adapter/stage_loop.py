@@ -1,0 +1,357 @@
+"""One stage of the adapter on its own RabbitMQ connection: take messages from the stage's
+lanes, most urgent first, work each on a worker thread and execute the delivery rules'
+decision (services/adapter/delivery.py): store the result once, publish it (or hand the
+prepared task to the model stage), then ack, give back or dead-letter the message.
+
+Lanes: RabbitMQ 3.10's quorum queues have no message priorities (4.0 brought them) and a
+consumer subscribed to several queues is fed from whichever queue delivers first. So the
+stage does not subscribe to its lanes: whenever it has room (``prefetch_count``) it asks
+them with ``basic.get`` in order, STAT, urgent, routine, and takes the first message found;
+idle, it asks again every ``rabbitmq.poll_interval_s``. A message is never taken before the
+stage can work it, so nothing waits prefetched (and a quorum queue counts every message
+given back as a delivery). Each stage also consumes its presence queue, which never holds a
+message: the broker's consumer count there is the adapters alive, and a killed adapter's
+consumer disappears with its connection.
+
+Threads: this loop owns the pika connection (heartbeats keep flowing while a study takes
+minutes); each message is worked on a worker thread, which hands its decision back with
+``connection.add_callback_threadsafe``. When the connection drops while studies are in
+progress, their workers finish and store first; the stage takes messages again only when
+they are done, so it never holds more studies than ``prefetch_count``.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pika
+import pika.exceptions
+from loguru import logger
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+
+from services.adapter import delivery
+from services.adapter.delivery import Action, Decision
+from services.adapter.execute import Delivery, execute_decision, send_progress
+from services.broker.connection import CONNECTION_ERRORS, connect, declare_topology, delivery_count
+from services.broker.schemas import (
+    MessageError,
+    ModelTask,
+    StudyProgress,
+    StudyResult,
+    StudyTask,
+    decode_message,
+)
+from services.broker.storage import load_result
+from services.core.errors import WorkInterrupted
+
+Work = Callable[[Any, int, Callable[[str, float, str], None]], "StudyResult | ModelTask"]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What a stage takes and does: its lanes (most urgent first), its message type, the
+    work (message, attempt, progress -> result or hand-off) and what follows a stored
+    result (the model stage removes the prepared files)."""
+
+    name: str
+    lanes: list[str]
+    message_type: type[StudyTask] | type[ModelTask]
+    work: Work
+    after_result: Callable[[str], None] = lambda task_id: None
+
+
+def task_of(message: StudyTask | ModelTask) -> StudyTask:
+    return message.task if isinstance(message, ModelTask) else message
+
+
+class StageLoop:
+    """One stage's connection, its lanes and its worker threads; ``owner`` is the Adapter
+    (settings, storage, topology, metrics, stop flag, health file, result storing)."""
+
+    def __init__(self, owner: Any, spec: StageSpec) -> None:
+        self.owner = owner
+        self.spec = spec
+        self._in_flight: set[int] = set()  # delivery tags being worked (I/O thread only)
+        self._workers: set[threading.Thread] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until the adapter stops; a lost connection is reconnected with backoff."""
+        try:
+            self.owner.serve_reconnecting(self._serve)
+        except WorkInterrupted:
+            pass  # stopped while waiting to reconnect
+        except CONNECTION_ERRORS:
+            pass  # stopped after a failed attempt
+
+    def _serve(self) -> None:
+        if self._wait_for_workers():
+            self._consume()
+
+    def _wait_for_workers(self) -> bool:
+        """Let the studies of a lost connection finish (and store their results) before
+        taking new ones; False if the adapter is stopping meanwhile."""
+        self._workers = {worker for worker in self._workers if worker.is_alive()}
+        while self._workers:
+            for worker in list(self._workers):
+                worker.join(1.0)
+                if not worker.is_alive():
+                    self._workers.discard(worker)
+            self.owner.health.touch()
+            if self.owner.stopping:
+                return False
+        return True
+
+    # -- the I/O loop ------------------------------------------------------------------------
+
+    def _consume(self) -> None:
+        owner = self.owner
+        settings = owner.settings.rabbitmq
+        connection = connect(
+            settings, name=f"adapter {owner.adapter_id} {self.spec.name}", stop=owner.stop_event
+        )
+        self._in_flight.clear()
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            declare_topology(channel, owner.topology)
+            channel.basic_qos(prefetch_count=1)
+            # Presence only: the queue never holds a message (any that came is dropped).
+            presence = channel.basic_consume(
+                owner.topology.presence_queue(self.spec.name),
+                lambda ch, method, _p, _b: ch.basic_ack(method.delivery_tag),
+            )
+            logger.info(
+                "adapter {} {} stage taking {} (most urgent first, {} at once)",
+                owner.adapter_id,
+                self.spec.name,
+                ", ".join(self.spec.lanes),
+                settings.prefetch_count,
+            )
+            while not owner.stopping:
+                while len(self._in_flight) < settings.prefetch_count and not owner.stopping:
+                    if not self._take_next(connection, channel):
+                        break
+                connection.process_data_events(time_limit=settings.poll_interval_s)
+                owner.health.touch()
+            if channel.is_open:
+                channel.basic_cancel(presence)
+            self._drain(connection)
+        finally:
+            try:
+                if connection.is_open:
+                    connection.close()  # unacked deliveries go back to their lanes
+            except CONNECTION_ERRORS:
+                pass
+
+    def _take_next(self, connection: BlockingConnection, channel: BlockingChannel) -> bool:
+        """The first message of the most urgent lane that has one; False if all are empty."""
+        for lane in self.spec.lanes:
+            method, properties, body = channel.basic_get(lane)
+            if method is not None:
+                self._on_message(connection, channel, method, properties, body)
+                return True
+        return False
+
+    def _drain(self, connection: BlockingConnection) -> None:
+        """On stop: take nothing more; let the work in progress finish (up to the drain
+        timeout), else it goes back to its lane with the connection."""
+        deadline = time.monotonic() + self.owner.drain_timeout_s
+        while self._in_flight and time.monotonic() < deadline:
+            connection.process_data_events(time_limit=0.5)
+        if self._in_flight:
+            logger.warning(
+                "{} stage stopping with {} task(s) unfinished: given back",
+                self.spec.name,
+                len(self._in_flight),
+            )
+
+    def _on_message(
+        self,
+        connection: BlockingConnection,
+        channel: BlockingChannel,
+        method: Any,
+        properties: pika.BasicProperties,
+        body: bytes,
+    ) -> None:
+        owner = self.owner
+        message = Delivery(method.delivery_tag, properties, body)
+        expected = self.spec.message_type
+        try:
+            decoded = decode_message(body, expected, type_name=properties.type or expected.__name__)
+        except MessageError as error:
+            # The reason is logged, not the body: it may hold anything.
+            logger.error("dead-lettering a malformed message ({} bytes): {}", len(body), error)
+            decision = delivery.on_malformed(
+                body,
+                error,
+                correlation_id=properties.correlation_id,
+                message_id=properties.message_id,
+                adapter_id=owner.adapter_id,
+            )
+            self._execute(channel, decision, message, reply_to=properties.reply_to)
+            return
+        task = task_of(decoded)
+        message = replace(message, attempt=delivery_count(properties) + 1)
+        early = delivery.on_delivery(
+            task,
+            attempt=message.attempt,
+            max_deliveries=owner.topology.max_deliveries,
+            stored=load_result(owner.storage_root, task.task_id),
+            adapter_id=owner.adapter_id,
+        )
+        if early is not None:
+            logger.info("task {}: {}", task.task_id, early.note)
+            decision = self._store(early, task.task_id)
+            republished = early.action is Action.ACK
+            self._execute(
+                channel,
+                decision,
+                message,
+                reply_to=task.reply_to,
+                task=task,
+                republished=republished,
+            )
+            return
+        logger.info(
+            "task {} received by the {} stage (attempt {}, {})",
+            task.task_id,
+            self.spec.name,
+            message.attempt,
+            task.priority.value,
+        )
+        self._in_flight.add(message.tag)
+        self._send_progress(channel, task, "started", 0.0, f"adapter {owner.adapter_id}")
+        worker = threading.Thread(
+            target=self._work,
+            args=(connection, channel, decoded, message),
+            name=f"{self.spec.name}-{task.task_id[:8]}",
+            daemon=True,
+        )
+        self._workers.add(worker)
+        worker.start()
+
+    def _store(self, decision: Decision, task_id: str) -> Decision:
+        stored = self.owner.store(decision)
+        if stored.result is not None and decision.store:
+            self.spec.after_result(task_id)
+        return stored
+
+    # -- the worker thread -------------------------------------------------------------------
+
+    def _work(
+        self,
+        connection: BlockingConnection,
+        channel: BlockingChannel,
+        decoded: StudyTask | ModelTask,
+        message: Delivery,
+    ) -> None:
+        owner = self.owner
+        task = task_of(decoded)
+
+        def send(stage: str, fraction: float, text: str) -> None:
+            callback = functools.partial(self._send_progress, channel, task, stage, fraction, text)
+            self._call_on_io_thread(connection, callback)
+
+        outcome: StudyResult | ModelTask | BaseException
+        owner.metrics.in_progress.inc()
+        try:
+            outcome = self.spec.work(decoded, message.attempt, send)
+        except Exception as error:  # noqa: BLE001 - the delivery rules decide what it means
+            if not isinstance(error, WorkInterrupted):
+                logger.opt(exception=error).warning("task {} ended with an error", task.task_id)
+            outcome = error
+        finally:
+            owner.metrics.in_progress.dec()
+        if isinstance(outcome, StudyResult):
+            owner.metrics.result_computed(outcome)
+        decision = delivery.on_outcome(
+            task,
+            outcome,
+            attempt=message.attempt,
+            max_deliveries=owner.topology.max_deliveries,
+            adapter_id=owner.adapter_id,
+        )
+        # Stored before it is published and acked: if this process dies in between, the
+        # redelivered task finds the result and republishes it.
+        decision = self._store(decision, task.task_id)
+        if decision.delay_s:
+            owner.stop_event.wait(decision.delay_s)  # a stop gives it back at once
+        logger.info(
+            "task {} ({} stage): {} ({})",
+            task.task_id,
+            self.spec.name,
+            decision.action.value,
+            decision.note,
+        )
+        if decision.stop_adapter:
+            logger.error("stopping the adapter: {}", decision.note)
+            owner.request_stop()
+        self._call_on_io_thread(
+            connection,
+            functools.partial(
+                self._execute, channel, decision, message, reply_to=task.reply_to, task=task
+            ),
+        )
+
+    def _call_on_io_thread(
+        self, connection: BlockingConnection, callback: Callable[[], None]
+    ) -> None:
+        try:
+            connection.add_callback_threadsafe(callback)
+        except (pika.exceptions.ConnectionWrongStateError, *CONNECTION_ERRORS) as error:
+            # The connection is gone: the broker redelivers the message; a stored result
+            # (or a recorded preparation) is sent on from storage then.
+            logger.warning("connection closed before the outcome could be sent: {}", error)
+
+    # -- back on the I/O thread --------------------------------------------------------------
+
+    def _execute(
+        self,
+        channel: BlockingChannel,
+        decision: Decision,
+        message: Delivery,
+        *,
+        reply_to: str | None,
+        task: StudyTask | None = None,
+        republished: bool = False,
+    ) -> None:
+        owner = self.owner
+        self._in_flight.discard(message.tag)
+        executed = channel.is_open  # else the broker gives the message to another delivery
+        finished = execute_decision(
+            channel,
+            decision,
+            message,
+            topology=owner.topology,
+            adapter_id=owner.adapter_id,
+            reply_to=reply_to,
+            correlation_id=task.reply_correlation_id if task else None,
+        )
+        if executed and decision.handoff is None:
+            owner.metrics.task_finished(decision, republished=republished)
+        if finished and task is not None and decision.handoff is None:
+            owner.count_processed()
+
+    def _send_progress(
+        self, channel: BlockingChannel, task: StudyTask, stage: str, fraction: float, text: str
+    ) -> None:
+        send_progress(
+            channel,
+            self.owner.topology,
+            task,
+            StudyProgress(
+                task_id=task.task_id,
+                correlation_id=task.reply_correlation_id,
+                stage=stage,
+                fraction=fraction,
+                message=text,
+                adapter_id=self.owner.adapter_id,
+            ),
+        )

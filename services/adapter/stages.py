@@ -1,0 +1,296 @@
+"""The adapter's two stages of a task, apart from RabbitMQ.
+
+* :func:`prepare_task` (the preparation stage): intake, series selection, the chest check,
+  the volume and the model input of every study. A task none of whose studies needs the
+  model (refused, unreadable, not a chest CT) is finished here: its result never waits
+  behind the model's backlog. Otherwise the prepared studies are left on the shared storage
+  (services/adapter/handoff.py) and a :class:`ModelTask` names them.
+* :func:`finish_model_task` (the model stage): the model on each prepared input, then the
+  report files, SRs and the result.
+
+:func:`run_task` chains both in one thread (the benchmarks' stack-free path). Errors of a
+study become a FAILED result; errors whose policy is not FAILURE_ROW propagate and the
+delivery rules decide (services/adapter/delivery.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from loguru import logger
+
+from services.adapter.delivery import failed_result
+from services.adapter.handoff import (
+    PreparedEntry,
+    PreparedTask,
+    evidence_from_json,
+    evidence_to_json,
+    load_model_input,
+    model_task,
+    prepared_dir,
+    read_handoff,
+    save_model_input,
+    write_handoff,
+)
+from services.adapter.progress import WRITING_FRACTION, InferenceTimes, ProgressCallback
+from services.adapter.task_runner import (
+    TaskEvents,
+    result_files,
+    side_file_kind,
+    structured_report_files,
+)
+from services.broker.schemas import (
+    ModelTask,
+    ResultFile,
+    StudyResult,
+    StudyTask,
+    TaskStatus,
+    utc_now,
+)
+from services.broker.storage import relative_to_storage, result_files_dir
+from services.core.config import Settings
+from services.core.errors import ErrorPolicy, StudyNotFound, policy_of
+from services.core.findings import resolve_thresholds
+from services.core.inference.base import InferenceBackend
+from services.core.pipeline import EventFanOut, PreparedStudy, prepare_studies
+from services.core.pipeline import preprocessing_target as target_of
+from services.core.pipeline.run import infer_and_finish
+from services.core.schemas import StudyReport
+from services.sr.document import EarlierReports
+from services.sr.evidence import EvidenceCollector, StudyEvidence
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What both stages need besides the task."""
+
+    backend: InferenceBackend
+    settings: Settings
+    adapter_id: str
+    attempt: int
+    progress: ProgressCallback | None = None
+    inference_times: InferenceTimes | None = None
+    earlier_reports: EarlierReports | None = None
+
+
+def prepare_task(task: StudyTask, context: TaskContext) -> StudyResult | ModelTask:
+    """The task's result when no study needs the model, else its hand-off to the model stage.
+    A task prepared before (its delivery was given back after the hand-off was recorded) is
+    handed off again, not prepared twice."""
+    storage_root = context.settings.storage.root
+    earlier = read_handoff(storage_root, task.task_id)
+    if earlier is not None:
+        return model_task(storage_root, task, earlier)
+    started = utc_now()
+    clock = time.perf_counter()
+    output_dir = result_files_dir(storage_root, task.task_id)
+    backend = context.backend
+    events = TaskEvents(
+        context.progress,
+        output_dir,
+        inference_times=context.inference_times,
+        spacing_mm=backend.metadata.target_spacing_mm,
+    )
+    evidence = EvidenceCollector()
+    entries: list[PreparedEntry] = []
+    try:
+        study_path = task.resolve_study_path(storage_root)
+        if not study_path.exists():
+            raise StudyNotFound(
+                f"the study {task.study_path!r} is not in the shared storage "
+                "(was it uploaded to the same storage volume?)"
+            )
+        folder = prepared_dir(storage_root, task.task_id)
+        for prepared in prepare_studies(
+            study_path,
+            settings=context.settings,
+            target=target_of(backend.metadata),
+            display_name=task.original_filename or None,
+            events=EventFanOut(events, evidence),
+            body_part_model=backend.body_part_model,
+        ):
+            entries.append(_prepared_entry(prepared, folder, events, evidence, backend))
+        if not entries:
+            raise RuntimeError("the pipeline returned no report")
+        if not any(entry.input_file for entry in entries):
+            reports = [entry.report for entry in entries]
+            files = _finish_files(task, context, reports, evidence.studies, events)
+            return _completed(task, context, reports, files, started, time.perf_counter() - clock)
+        side_files = [relative_to_storage(storage_root, path) for path in events.finish()]
+        record = PreparedTask(
+            task_id=task.task_id,
+            entries=entries,
+            side_files=side_files,
+            started_at=started,
+            prepare_seconds=round(time.perf_counter() - clock, 4),
+            prepared_by=context.adapter_id,
+        )
+        write_handoff(storage_root, record)
+        return model_task(storage_root, task, record)
+    except Exception as error:  # noqa: BLE001 - re-raised unless its policy is FAILURE_ROW
+        return _failed_or_raise(task, context, error, started)
+    finally:
+        events.finish()
+
+
+def _prepared_entry(
+    prepared: PreparedStudy,
+    folder: Path,
+    events: TaskEvents,
+    evidence: EvidenceCollector,
+    backend: InferenceBackend,
+) -> PreparedEntry:
+    report = prepared.report
+    report.demo_weights = backend.metadata.demo
+    if prepared.model_input is None:
+        # Finished here: a refused or failed study never waits for the model.
+        events.study_finished(report, study_index=prepared.index, n_studies=prepared.n_studies)
+        evidence.study_finished(report, study_index=prepared.index, n_studies=prepared.n_studies)
+        return PreparedEntry(report=report, index=prepared.index, n_studies=prepared.n_studies)
+    events.model_input_ready(prepared)
+    name = save_model_input(folder, prepared.index, prepared.model_input)
+    prepared.model_input = None  # 221 MB: on disk now, not held through the next study
+    return PreparedEntry(
+        report=report,
+        index=prepared.index,
+        n_studies=prepared.n_studies,
+        input_file=name,
+        evidence=evidence_to_json(evidence.take(prepared.index)),
+    )
+
+
+def finish_model_task(handoff: ModelTask, context: TaskContext) -> StudyResult:
+    """The model on every prepared study of the task, then its files and result."""
+    task = handoff.task
+    storage_root = context.settings.storage.root
+    started = utc_now()
+    clock = time.perf_counter()
+    backend = context.backend
+    events = TaskEvents(
+        context.progress,
+        result_files_dir(storage_root, task.task_id),
+        inference_times=context.inference_times,
+    )
+    try:
+        record = read_handoff(storage_root, task.task_id)
+        if record is None:
+            raise StudyNotFound(f"the prepared study {handoff.prepared_path!r} is not in storage")
+        started = record.started_at
+        thresholds = resolve_thresholds(backend.metadata, context.settings.inference)
+        folder = prepared_dir(storage_root, task.task_id)
+        reports: list[StudyReport] = []
+        pairs: list[tuple[StudyReport, StudyEvidence | None]] = []
+        for entry in record.entries:
+            report = entry.report
+            if entry.input_file is not None:
+                study = PreparedStudy(
+                    report=report,
+                    model_input=None,
+                    index=entry.index,
+                    n_studies=entry.n_studies,
+                    shared_seconds=0.0,
+                    stage_seconds=dict(report.stage_seconds),
+                )
+                model_input = load_model_input(folder, entry.input_file)
+                report = infer_and_finish(study, model_input, backend, thresholds, events)
+                report.demo_weights = backend.metadata.demo
+                events.study_finished(report, study_index=entry.index, n_studies=entry.n_studies)
+            reports.append(report)
+            pairs.append((report, evidence_from_json(entry.evidence)))
+        files = _finish_files(task, context, reports, pairs, events)
+        files.extend(
+            ResultFile(
+                kind=side_file_kind(
+                    result_files_dir(storage_root, task.task_id), storage_root / path
+                ),
+                path=path,
+            )
+            for path in record.side_files
+        )
+        seconds = record.prepare_seconds + time.perf_counter() - clock
+        return _completed(task, context, reports, files, started, seconds)
+    except Exception as error:  # noqa: BLE001 - re-raised unless its policy is FAILURE_ROW
+        return _failed_or_raise(task, context, error, started)
+    finally:
+        events.finish()
+
+
+def run_task(task: StudyTask, context: TaskContext) -> StudyResult:
+    """Both stages in this thread (no broker between them)."""
+    outcome = prepare_task(task, context)
+    if isinstance(outcome, StudyResult):
+        return outcome
+    return finish_model_task(outcome, context)
+
+
+def _finish_files(
+    task: StudyTask,
+    context: TaskContext,
+    reports: list[StudyReport],
+    evidence: list[tuple[StudyReport, StudyEvidence | None]],
+    events: TaskEvents,
+) -> list[ResultFile]:
+    storage_root = context.settings.storage.root
+    output_dir = result_files_dir(storage_root, task.task_id)
+    events.report("writing", WRITING_FRACTION, "writing the report files")
+    files = result_files(storage_root, output_dir, reports)
+    files.extend(
+        structured_report_files(
+            storage_root,
+            output_dir,
+            evidence,
+            task_id=task.task_id,
+            backend=context.backend,
+            settings=context.settings,
+            earlier_reports=context.earlier_reports,
+        )
+    )
+    files.extend(
+        ResultFile(
+            kind=side_file_kind(output_dir, path), path=relative_to_storage(storage_root, path)
+        )
+        for path in events.finish()
+    )
+    return files
+
+
+def _completed(
+    task: StudyTask,
+    context: TaskContext,
+    reports: list[StudyReport],
+    files: list[ResultFile],
+    started: datetime,
+    seconds: float,
+) -> StudyResult:
+    return StudyResult(
+        task_id=task.task_id,
+        correlation_id=task.reply_correlation_id,
+        status=TaskStatus.COMPLETED,
+        reports=reports,
+        files=files,
+        original_filename=task.original_filename,
+        study_path=task.study_path,
+        adapter_id=context.adapter_id,
+        attempt=context.attempt,
+        started_at=started,
+        finished_at=utc_now(),
+        seconds=seconds,
+    )
+
+
+def _failed_or_raise(
+    task: StudyTask, context: TaskContext, error: Exception, started: datetime
+) -> StudyResult:
+    if policy_of(error) is not ErrorPolicy.FAILURE_ROW:
+        raise error  # the delivery rules decide (the study may be fine)
+    logger.opt(exception=error).error("task {} failed", task.task_id)
+    return failed_result(
+        task,
+        f"{type(error).__name__}: {error}",
+        adapter_id=context.adapter_id,
+        attempt=context.attempt,
+        started_at=started,
+    )
