@@ -1,0 +1,162 @@
+"""Triage-grade queueing against the real broker and Triton: a study that will be refused is
+answered by the preparation stage whatever waits for the model, and a STAT study goes before
+the routine ones still waiting, in both stages' lanes.
+
+Ordering is made certain rather than raced: an adapter that runs only the preparation stage
+leaves every prepared study waiting in the model lanes (no model stage exists yet), and an
+adapter that runs only the model stage is started once the lanes are filled.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import test_adapter
+from stack_support import wait_for
+from test_adapter import Client, upload
+
+from services.adapter.consumer import Adapter
+from services.adapter.handoff import prepared_dir
+from services.broker.connection import declare_topology, publish_task
+from services.broker.schemas import (
+    Priority,
+    QueueTopology,
+    StudyProgress,
+    StudyResult,
+    StudyTask,
+    TaskStatus,
+)
+from services.core.config import AdapterSettings, Settings
+from services.core.schemas import ProcessingStatus
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton, pytest.mark.slow]
+
+# test_adapter's module fixtures: the tiny repository on a Triton of this module's own.
+tiny_repository = test_adapter.tiny_repository
+triton = test_adapter.triton
+studies = test_adapter.studies
+settings = test_adapter.settings
+
+
+@contextmanager
+def adapter_running(settings: Settings, adapter_id: str, stages: list[str]) -> Iterator[Adapter]:
+    stage_settings = AdapterSettings.model_validate({"stages": stages})
+    staged = settings.model_copy(update={"adapter": stage_settings})
+    adapter = Adapter(staged, adapter_id=adapter_id, drain_timeout_s=10)
+    thread = threading.Thread(target=adapter.run, daemon=True)
+    thread.start()
+    try:
+        yield adapter
+    finally:
+        adapter.request_stop()
+        thread.join(30)
+
+
+def submit(client: Client, settings: Settings, study: Path, name: str, priority: Priority) -> str:
+    task_id, relative = upload(settings, study)
+    task = StudyTask(
+        task_id=task_id,
+        study_path=relative,
+        original_filename=name,
+        reply_to=client.reply_queue,
+        priority=priority,
+    )
+    publish_task(client.channel, QueueTopology.from_settings(settings.rabbitmq), task)
+    return task_id
+
+
+def waiting_in(client: Client, queues: list[str]) -> int:
+    return sum(
+        client.channel.queue_declare(queue, passive=True).method.message_count for queue in queues
+    )
+
+
+def results_in_order(client: Client) -> list[str]:
+    client.poll()
+    return [message.task_id for message in client.messages if isinstance(message, StudyResult)]
+
+
+def started_order(client: Client) -> list[str]:
+    client.poll()
+    return [
+        message.task_id
+        for message in client.messages
+        if isinstance(message, StudyProgress) and message.stage == "started"
+    ]
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[Client]:
+    client = Client(settings)
+    declare_topology(client.channel, QueueTopology.from_settings(settings.rabbitmq))
+    yield client
+    client.close()
+
+
+def test_a_refusal_overtakes_studies_waiting_for_the_model(
+    settings: Settings, studies: dict[str, Path], client: Client
+) -> None:
+    topology = QueueTopology.from_settings(settings.rabbitmq)
+    chests = [
+        submit(client, settings, studies["chest"], f"chest-{n}.zip", Priority.ROUTINE)
+        for n in range(3)
+    ]
+    head = submit(client, settings, studies["head"], "head.zip", Priority.ROUTINE)
+    with adapter_running(settings, "prepare-only", ["prepare"]):
+        refused = client.result(head)
+        # Every chest CT is prepared and waits for the model; none has a result yet.
+        wait_for(
+            lambda: waiting_in(client, topology.model_lanes()) == len(chests),
+            90,
+            "the chest CTs waiting in the model lane",
+        )
+        assert results_in_order(client) == [head]
+    assert refused.status is TaskStatus.COMPLETED
+    assert refused.reports[0].processing_status is ProcessingStatus.FAILURE
+    assert "chest" in (refused.reports[0].failure_reason or "").lower()
+    assert refused.adapter_id == "prepare-only"
+    assert not prepared_dir(settings.storage.root, head).exists()  # nothing left for the model
+    assert all((prepared_dir(settings.storage.root, c) / "handoff.json").is_file() for c in chests)
+
+    with adapter_running(settings, "model-only", ["model"]):
+        finished = [client.result(task_id) for task_id in chests]
+    assert [result.status for result in finished] == [TaskStatus.COMPLETED] * len(chests)
+    assert all(r.reports[0].processing_status is ProcessingStatus.SUCCESS for r in finished)
+    assert all(r.reports[0].probability_of_pathology is not None for r in finished)
+    assert {r.adapter_id for r in finished} == {"model-only"}
+    # The model stage leaves no prepared input behind (221 MB each at full size).
+    assert not any(prepared_dir(settings.storage.root, c).exists() for c in chests)
+    assert sorted(results_in_order(client)) == sorted([head, *chests])  # one result each
+
+
+def test_a_stat_study_behind_ten_routine_ones_is_served_first(
+    settings: Settings, studies: dict[str, Path], client: Client
+) -> None:
+    topology = QueueTopology.from_settings(settings.rabbitmq)
+    routine = [
+        submit(client, settings, studies["chest"], f"routine-{n}.zip", Priority.ROUTINE)
+        for n in range(10)
+    ]
+    stat = submit(client, settings, studies["chest"], "stat.zip", Priority.STAT)
+    assert waiting_in(client, [topology.task_lane(Priority.STAT)]) == 1
+
+    with adapter_running(settings, "prepare-only", ["prepare"]) as preparer:
+        wait_for(
+            lambda: waiting_in(client, topology.model_lanes()) == 11,
+            240,
+            "every study prepared",
+        )
+        assert preparer.processed == 0  # hand-offs are not results
+    # The preparation stage took the STAT task first (its lane is asked first).
+    assert started_order(client)[0] == stat
+    assert waiting_in(client, [topology.model_lane(Priority.STAT)]) == 1
+    with adapter_running(settings, "model-only", ["model"]):
+        first = wait_for(lambda: results_in_order(client) or None, 90, "the first result")
+        assert first[0] == stat
+        # The routine ones follow, each once.
+        wait_for(lambda: len(results_in_order(client)) == 11, 240, "every result")
+    assert sorted(results_in_order(client)) == sorted([stat, *routine])
