@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from stack_support import delete_topology
 
 from services.broker.connection import connect, declare_topology
-from services.broker.schemas import QueueTopology, StudyTask
+from services.broker.schemas import Priority, QueueTopology, StudyTask
 from services.core.access import Role
 from services.core.config import Settings, load_settings
 from services.frontend.server import build_server
@@ -55,14 +55,16 @@ def study_zip(fixtures_dir: Path, target: Path, count: int = 3) -> Path:
     return target
 
 
-def queued_tasks(settings: Settings) -> list[StudyTask]:
+def queued_tasks(settings: Settings, priority: Priority = Priority.ROUTINE) -> list[StudyTask]:
+    """The tasks waiting in the lane of ``priority`` (taken off it)."""
     topology = QueueTopology.from_settings(settings.rabbitmq)
     connection = connect(settings.rabbitmq, name="test rest tasks", give_up_after_s=10)
     tasks = []
+    lane = topology.task_lane(priority)
     try:
         channel = connection.channel()
         declare_topology(channel, topology)
-        while (message := channel.basic_get(topology.task_queue, auto_ack=True))[0] is not None:
+        while (message := channel.basic_get(lane, auto_ack=True))[0] is not None:
             tasks.append(StudyTask.model_validate_json(message[2]))
     finally:
         connection.close()
@@ -95,6 +97,31 @@ def test_an_upload_becomes_a_task_and_answers_its_status(
     # Nothing is left behind in the API's incoming folder.
     incoming = settings.storage.root / "frontend" / "incoming-api"
     assert not incoming.exists() or not any(incoming.iterdir())
+
+
+def test_a_stat_upload_travels_in_the_stat_lane(
+    settings: Settings, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    upload = study_zip(fixtures_dir, tmp_path / "emergency.zip")
+    with client_for(settings) as client:
+        answer = client.post(
+            "/studies",
+            headers=AUTH,
+            files={"file": ("emergency.zip", upload.read_bytes())},
+            data={"priority": "stat"},
+        )
+        assert answer.status_code == 202, answer.text
+        wrong = client.post(
+            "/studies",
+            headers=AUTH,
+            files={"file": ("emergency.zip", upload.read_bytes())},
+            data={"priority": "yesterday"},
+        )
+        assert wrong.status_code == 422
+    assert queued_tasks(settings) == []  # nothing in the routine lane
+    (task,) = queued_tasks(settings, Priority.STAT)
+    assert task.task_id == answer.json()["task_id"]
+    assert task.priority is Priority.STAT
 
 
 def test_a_dicom_file_without_a_suffix_is_recognised(

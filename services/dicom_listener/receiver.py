@@ -32,6 +32,7 @@ from services.dicom_listener.contexts import (
 )
 from services.dicom_listener.door_audit import door_entry
 from services.dicom_listener.metrics import ListenerMetrics
+from services.dicom_listener.priority import requested_priority
 from services.dicom_listener.studies import StudyBook
 from services.registry.audit import AuditAction, AuditEntry
 
@@ -201,7 +202,9 @@ class StoreReceiver:
         if not study_uid or not sop_instance_uid:
             logger.warning("C-STORE from {}: an instance without study or instance UID", calling)
             return CANNOT_UNDERSTAND
-        slot = self.book.begin_instance(study_uid, sop_instance_uid, calling, len(encoded))
+        slot = self.book.begin_instance(
+            study_uid, sop_instance_uid, calling, len(encoded), requested_priority(dataset)
+        )
         if slot is None:  # the study is over dicom.max_study_mb: refused when it closes
             return OUT_OF_RESOURCES
         stored = False

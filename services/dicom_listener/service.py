@@ -85,6 +85,7 @@ class DicomListener:
             self.storage_root,
             quiet_s=dicom.study_quiet_seconds,
             max_bytes=dicom.max_study_mb * 1024 * 1024,
+            priorities=dicom.calling_ae_priorities,
         )
         self.audit = DoorAudit(
             self.storage_root / DICOM_DIR / AUDIT_DIR,

@@ -22,6 +22,7 @@ import hashlib
 import shutil
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -31,9 +32,10 @@ from loguru import logger
 from pydantic import BaseModel, ConfigDict
 from pydicom.filereader import read_file_meta_info
 
-from services.broker.schemas import StudyTask, new_task_id, utc_now
+from services.broker.schemas import Priority, StudyTask, new_task_id, utc_now
 from services.broker.storage import write_atomically
 from services.dicom_listener.contexts import is_image
+from services.dicom_listener.priority import more_urgent, study_priority
 
 DICOM_DIR = "dicom"
 STUDIES_DIR = "studies"
@@ -65,6 +67,8 @@ class BatchRecord(BaseModel):
     oversized: bool = False
     reason: str | None = None
     task: StudyTask | None = None
+    # The most urgent RequestedProcedurePriority of its instances (services/dicom_listener/priority.py).
+    requested_priority: Priority | None = None
 
     @property
     def late(self) -> bool:
@@ -114,8 +118,16 @@ class InstanceSlot:
 class StudyBook:
     """Every batch of the listener (thread-safe): receiving ones in memory, all on disk."""
 
-    def __init__(self, storage_root: Path, *, quiet_s: float, max_bytes: int) -> None:
+    def __init__(
+        self,
+        storage_root: Path,
+        *,
+        quiet_s: float,
+        max_bytes: int,
+        priorities: Mapping[str, str] | None = None,
+    ) -> None:
         self.storage_root = Path(storage_root)
+        self.priorities = dict(priorities or {})  # calling AE title -> priority
         self.directory = self.storage_root / DICOM_DIR / STUDIES_DIR
         self.directory.mkdir(parents=True, exist_ok=True)
         self.quiet_s = quiet_s
@@ -174,7 +186,12 @@ class StudyBook:
     # -- receiving --------------------------------------------------------------------------
 
     def begin_instance(
-        self, study_uid: str, sop_instance_uid: str, calling_ae: str, size: int
+        self,
+        study_uid: str,
+        sop_instance_uid: str,
+        calling_ae: str,
+        size: int,
+        requested: Priority | None = None,
     ) -> InstanceSlot | None:
         """A slot for an instance of ``size`` bytes, or None when its study would pass
         ``max_bytes`` (the study is then refused as a whole when it closes)."""
@@ -184,6 +201,11 @@ class StudyBook:
             if batch is None:
                 batch = self._open_batch(key, calling_ae)
             record = batch.record
+            if requested is not None:
+                known = record.requested_priority
+                record.requested_priority = (
+                    requested if known is None else more_urgent(known, requested)
+                )
             path = self.folder(record.task_id) / instance_file_name(sop_instance_uid)
             replaces = path.exists()
             if record.bytes + size > self.max_bytes:
@@ -266,6 +288,9 @@ class StudyBook:
                 original_filename=describe(record),
                 reply_to=None,  # the result is read from storage (results/<task_id>.json)
                 submitted_by=f"{SUBMITTED_BY} {'(late instances)' if record.late else ''}".strip(),
+                priority=study_priority(
+                    record.calling_ae, record.requested_priority, self.priorities
+                ),
             )
             logger.info(
                 "study {} complete: task {} ({} instances, {} images{})",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from loguru import logger
 
 from services.broker.connection import connect, declare_topology
-from services.broker.schemas import QueueTopology
+from services.broker.schemas import MODEL_STAGE, QueueTopology
 from services.core.config import RabbitMQSettings
 
 QUEUE_STATUS_MAX_AGE_S = 3.0  # one broker round trip per few seconds, not per page refresh
@@ -26,8 +26,8 @@ QUEUE_STATUS_MAX_AGE_S = 3.0  # one broker round trip per few seconds, not per p
 
 @dataclass(frozen=True)
 class QueueStatus:
-    waiting: int  # tasks ready in the queue
-    workers: int  # adapters consuming it
+    waiting: int  # tasks waiting to be prepared, every lane
+    workers: int  # adapters alive (their model stage's presence)
 
 
 def read_queue_status(settings: RabbitMQSettings) -> QueueStatus:
@@ -38,8 +38,13 @@ def read_queue_status(settings: RabbitMQSettings) -> QueueStatus:
     try:
         channel = connection.channel()
         declare_topology(channel, topology)
-        frame = channel.queue_declare(topology.task_queue, passive=True)
-        return QueueStatus(int(frame.method.message_count), int(frame.method.consumer_count))
+        waiting = sum(
+            int(channel.queue_declare(lane, passive=True).method.message_count)
+            for lane in topology.task_lanes()
+        )
+        # Every adapter's model stage consumes its presence queue: the adapters alive.
+        presence = channel.queue_declare(topology.presence_queue(MODEL_STAGE), passive=True)
+        return QueueStatus(waiting, int(presence.method.consumer_count))
     finally:
         if connection.is_open:
             connection.close()

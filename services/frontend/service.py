@@ -21,7 +21,14 @@ from loguru import logger
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.broker.connection import submit_task
-from services.broker.schemas import QueueTopology, StudyResult, StudyTask, TaskStatus, utc_now
+from services.broker.schemas import (
+    Priority,
+    QueueTopology,
+    StudyResult,
+    StudyTask,
+    TaskStatus,
+    utc_now,
+)
 from services.broker.storage import load_result, upload_dir
 from services.core.access import Principal
 from services.core.config import Settings
@@ -96,9 +103,17 @@ class FrontendService:
 
     # -- uploads ---------------------------------------------------------------------------
 
-    def submit_uploads(self, viewer: str, sender: str | None, files: list[Path]) -> SubmitOutcome:
+    def submit_uploads(
+        self,
+        viewer: str,
+        sender: str | None,
+        files: list[Path],
+        *,
+        priority: Priority = Priority.ROUTINE,
+    ) -> SubmitOutcome:
         """Each archive or NIfTI file becomes one task; loose DICOM files of one upload become
-        one task together.
+        one task together. ``priority``: the lane its tasks travel in (the page's STAT
+        toggle passes Priority.STAT); a STAT or urgent task is taken before routine ones.
 
         Queued files are moved (not copied) into storage: no second copy of patient data stays
         in the upload folder. Refused files stay where they are, for a retry. An upload whose
@@ -125,7 +140,7 @@ class FrontendService:
             outcome.refused.append(REGISTRY_UNAVAILABLE)
             return outcome
         if groups:
-            self._queue_groups(groups, outcome, door=Door.UPLOAD, sender=sender)
+            self._queue_groups(groups, outcome, door=Door.UPLOAD, sender=sender, priority=priority)
         self.metrics.uploads.inc(len(outcome.submitted))
         self.metrics.duplicates.inc(len(outcome.screened_before))
         return outcome
@@ -141,7 +156,14 @@ class FrontendService:
         logger.info("upload of task {}'s bytes again: not queued", earlier.task_id)
         outcome.screened_before.append((name, earlier))
 
-    def queue_upload(self, path: Path, *, door: Door, sender: str | None) -> SubmitOutcome:
+    def queue_upload(
+        self,
+        path: Path,
+        *,
+        door: Door,
+        sender: str | None,
+        priority: Priority = Priority.ROUTINE,
+    ) -> SubmitOutcome:
         """One upload without a browser (the REST API): the UI's checks and queue limit, no
         search for earlier uploads (an integrator's resubmission is a new task)."""
         outcome = SubmitOutcome()
@@ -151,7 +173,7 @@ class FrontendService:
             self.metrics.refusal(reason)
         if plan.groups:
             groups = [(group, content_sha256(group)) for group in plan.groups]
-            self._queue_groups(groups, outcome, door=door, sender=sender)
+            self._queue_groups(groups, outcome, door=door, sender=sender, priority=priority)
         self.metrics.uploads.inc(len(outcome.submitted))
         return outcome
 
@@ -162,6 +184,7 @@ class FrontendService:
         *,
         door: Door,
         sender: str | None,
+        priority: Priority,
     ) -> None:
         """Queue every group, or none when the broker is unreachable or the queue is full."""
         try:
@@ -182,7 +205,9 @@ class FrontendService:
             )
             return
         for group, digest in groups:
-            record = self._submit_group(group, digest, outcome, door=door, sender=sender)
+            record = self._submit_group(
+                group, digest, outcome, door=door, sender=sender, priority=priority
+            )
             if record is not None:
                 outcome.submitted.append(record)
 
@@ -194,6 +219,7 @@ class FrontendService:
         *,
         door: Door,
         sender: str | None,
+        priority: Priority,
     ) -> StudyRecord | None:
         """Store the files, record the task, publish it; None (and a refusal) on failure."""
         task_id = uuid.uuid4().hex
@@ -207,6 +233,7 @@ class FrontendService:
             original_filename=original,
             submitted_at=now,
             submitted_by=self.instance_id,
+            priority=priority,
         )
         submission = Submission(
             task_id=task_id,

@@ -6,10 +6,10 @@ from datetime import date
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from services.broker.schemas import StudyResult
+from services.broker.schemas import Priority, StudyResult
 from services.core.access import Permission, Principal
 from services.core.intake.collect import ArchiveKind, FileKind, archive_kind, classify_file
 from services.core.intake.tar_archive import GZIP_MAGIC
@@ -92,7 +92,9 @@ def receive_upload(service: FrontendService, file: UploadFile, folder: Path) -> 
     return path
 
 
-def queue_upload(service: FrontendService, path: Path, sender: str) -> str:
+def queue_upload(
+    service: FrontendService, path: Path, sender: str, priority: Priority = Priority.ROUTINE
+) -> str:
     """The task id of the queued upload; 413, 429 or 503 when it cannot be queued."""
     settings = service.settings
     plan = plan_uploads([path], settings)
@@ -110,7 +112,7 @@ def queue_upload(service: FrontendService, path: Path, sender: str) -> str:
         raise api_error(
             429, f"the processing queue is full ({waiting} studies waiting, limit {limit})"
         )
-    outcome = service.queue_upload(path, door=Door.REST, sender=sender)
+    outcome = service.queue_upload(path, door=Door.REST, sender=sender, priority=priority)
     if not outcome.submitted:
         raise api_error(503, " ".join(outcome.refused) or "the study could not be queued")
     return outcome.submitted[0].task_id
@@ -145,11 +147,15 @@ def file_links(task_id: str, result: StudyResult) -> list[FileLink]:
 def submit_study(
     call: Call,
     file: Annotated[UploadFile, File(description="a zip, tar(.gz), NIfTI or DICOM file")],
+    priority: Annotated[
+        Priority,
+        Form(description="routine, urgent or stat: more urgent studies are screened first"),
+    ] = Priority.ROUTINE,
 ) -> JSONResponse:
     folder = call.service.storage_root / INCOMING_DIR / uuid.uuid4().hex
     try:
         received = receive_upload(call.service, file, folder)
-        task_id = queue_upload(call.service, received, call.principal.name)
+        task_id = queue_upload(call.service, received, call.principal.name, priority)
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # what was queued was moved away
     call.audit(AuditAction.UPLOAD, task_id=task_id, detail=received.name[:200])
