@@ -59,6 +59,7 @@ from worklist_page import (
 from worklist_page import upload as upload_files
 
 from services.adapter.dead_letters import REASON_HEADER
+from services.adapter.handoff import read_handoff
 from services.broker.connection import connect
 from services.broker.schemas import MODEL_STAGE, QueueTopology, TaskStatus
 from services.broker.storage import load_result
@@ -404,11 +405,15 @@ def test_rabbitmq_restart_with_studies_queued_and_in_flight(
         )
         with rabbitmq_restarted(stack.broker) as start_rabbitmq:
             stack.thaw("triton")
-            # The studies in flight finish while the broker is down: stored, not yet sent.
+            # The studies in flight (in the preparation stage, inside the chest check's model
+            # request) finish preparing while the broker is down: their hand-offs to the model
+            # stage are recorded in storage, not yet sent.
             wait_for(
-                lambda: sum(load_result(stack.storage, s.task_id) is not None for s in sent) == 4,
+                lambda: (
+                    sum(read_handoff(stack.storage, s.task_id) is not None for s in sent[2:]) == 2
+                ),
                 60,
-                "the two chests in flight finished and stored",
+                "the two chests in flight prepared and recorded",
             )
             start_rabbitmq()
     # Everyone reconnects: both adapters and the frontend's recorder.
@@ -435,7 +440,7 @@ def test_rabbitmq_restart_with_studies_queued_and_in_flight(
         result_of=client.results_of,
         note=(
             "2 results waited in the durable reply queue over the restart; the 2 studies in "
-            "flight finished while it was down and were republished from storage"
+            "flight were prepared while it was down and handed on from storage"
         ),
     )
     assert_nothing_lost_or_duplicated(outcome, outcomes)
