@@ -106,13 +106,16 @@ def read_handoff(storage_root: Path, task_id: str) -> PreparedTask | None:
         return None
 
 
-def model_task(storage_root: Path, task: StudyTask, prepared: PreparedTask) -> ModelTask:
+def model_task(
+    storage_root: Path, task: StudyTask, prepared: PreparedTask, *, attempt: int
+) -> ModelTask:
     return ModelTask(
         task=task,
         prepared_path=relative_to_storage(
             storage_root, prepared_dir(storage_root, prepared.task_id)
         ),
         prepared_by=prepared.prepared_by,
+        prepare_attempt=attempt,
     )
 
 

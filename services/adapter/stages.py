@@ -16,7 +16,7 @@ delivery rules decide (services/adapter/delivery.py).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -83,7 +83,7 @@ def prepare_task(task: StudyTask, context: TaskContext) -> StudyResult | ModelTa
     storage_root = context.settings.storage.root
     earlier = read_handoff(storage_root, task.task_id)
     if earlier is not None:
-        return model_task(storage_root, task, earlier)
+        return model_task(storage_root, task, earlier, attempt=context.attempt)
     started = utc_now()
     clock = time.perf_counter()
     output_dir = result_files_dir(storage_root, task.task_id)
@@ -129,7 +129,7 @@ def prepare_task(task: StudyTask, context: TaskContext) -> StudyResult | ModelTa
             prepared_by=context.adapter_id,
         )
         write_handoff(storage_root, record)
-        return model_task(storage_root, task, record)
+        return model_task(storage_root, task, record, attempt=context.attempt)
     except Exception as error:  # noqa: BLE001 - re-raised unless its policy is FAILURE_ROW
         return _failed_or_raise(task, context, error, started)
     finally:
@@ -165,6 +165,7 @@ def _prepared_entry(
 def finish_model_task(handoff: ModelTask, context: TaskContext) -> StudyResult:
     """The model on every prepared study of the task, then its files and result."""
     task = handoff.task
+    context = replace(context, attempt=max(context.attempt, handoff.prepare_attempt))
     storage_root = context.settings.storage.root
     started = utc_now()
     clock = time.perf_counter()

@@ -142,6 +142,9 @@ class ModelTask(_Message):
     prepared_path: str  # relative to the storage root: prepared/<task_id>
     prepared_by: str = ""  # adapter id
     prepared_at: datetime = Field(default_factory=utc_now)
+    # The preparation's delivery number: a result says how often its task was handed out in
+    # the stage that needed most deliveries (an adapter killed while preparing shows as 2).
+    prepare_attempt: int = Field(default=1, ge=1)
 
     @field_validator("prepared_path")
     @classmethod
