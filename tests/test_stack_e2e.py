@@ -48,7 +48,8 @@ pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton, pytest.mark.browser, pyt
 
 LAPTOP = {"width": 1280, "height": 800}
 HOSTILE = "<img src=x onerror=alert(1)>"
-FAILURE_RED = "rgb(176, 0, 32)"  # the Failure badge (services/frontend/static/badges.css)
+FAILED_RED = "rgb(176, 0, 32)"  # the Failed badge (services/frontend/static/badges.css)
+NOT_ANALYSED_GREY = "rgb(84, 110, 122)"  # the Not analysed badge: out of scope, never red
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -193,7 +194,6 @@ def test_stack_from_start_to_stop(
                 add_account(stack_settings, reader, Role.RADIOLOGIST)
             sign_in_page(page, f"http://127.0.0.1:{frontend_port}", "reader-a")
             expect(page.locator("#demo-banner")).to_contain_text("DEMO WEIGHTS")
-            expect(page.locator("#guide")).to_contain_text("The worklist")  # first visit
 
             upload(page, [chest, head, mr, broken], "Queued 4 studies")
             wait_for(
@@ -211,13 +211,15 @@ def test_stack_from_start_to_stop(
             by_file: dict[str, list[dict[str, object]]] = {}
             for row in rows:
                 by_file.setdefault(str(row["file"]), []).append(row)
-            # Badges: the call for the chest, Failure (never "done") with its reason for the rest.
+            # Badges: the call for the chest; out of scope (head, MR) is grey "Not analysed",
+            # unreadable data red "Failed", each with its reason (never "done").
             assert {row["badge_text"] for row in by_file["chest.zip"]} <= {"PATHOLOGY", "NORMAL"}
             assert len(by_file["chest.zip"]) == 1
             reasons = {"head.zip": "not a chest CT", "mr.zip": "modality MR", "broken.zip": "zip"}
+            badges = {"head.zip": "Not analysed", "mr.zip": "Not analysed", "broken.zip": "Failed"}
             for name, reason in reasons.items():
                 (row,) = by_file[name]
-                assert row["badge_text"] == "Failure", row
+                assert row["badge_text"] == badges[name], row
                 assert reason in str(row["what"]), row
             assert all("done" not in str(row["badge_text"]).lower() for row in rows)
             # DICOM text is shown as text: the hostile description is literal, no element made.
@@ -225,12 +227,15 @@ def test_stack_from_start_to_stop(
             assert page.locator("#worklist img").count() == 0
             (chest_row,) = by_file["chest.zip"]
             assert chest_row["date"] == "2007-04-25"
-            # At 1280x800 the worklist and each failure's reason are on screen, in red.
+            # At 1280x800 the worklist and each reason are on screen: Failed in red, Not
+            # analysed in grey.
+            colours = {"Failed": FAILED_RED, "Not analysed": NOT_ANALYSED_GREY}
             for name in reasons:
                 reason = page.locator(f'#worklist tr[data-key="{by_file[name][0]["key"]}"] .c-what')
                 expect(reason).to_be_in_viewport()
                 badge = page.locator(f'#worklist tr[data-key="{by_file[name][0]["key"]}"] .badge')
-                assert badge.evaluate("node => getComputedStyle(node).color") == FAILURE_RED
+                colour = badge.evaluate("node => getComputedStyle(node).color")
+                assert colour == colours[badges[name]], (name, colour)
             page.screenshot(path=str(tmp_path / "worklist.png"))
 
             # Click to open the refused head CT: its series is in the viewer, so a reader
@@ -280,7 +285,7 @@ def test_stack_from_start_to_stop(
             xlsx = download_all(page, tmp_path / "downloaded.xlsx")
 
             # A reload (same browser) shows the same worklist and reopens the last study;
-            # the guide stays closed after the first visit.
+            # the guide stays closed (the worklist needs the height).
             page.reload()
             wait_for(lambda: len(worklist_rows(page)) == 4, 30, "the worklist after a reload")
             assert sorted(map(str, worklist_rows(page))) == sorted(map(str, rows))
