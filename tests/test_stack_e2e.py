@@ -18,12 +18,21 @@ from pathlib import Path
 import openpyxl
 import pydicom
 import pytest
-from playwright.sync_api import Dialog, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Dialog, Page, ViewportSize, expect, sync_playwright
 from stack_support import (
     PROJECT_ROOT,
     delete_topology,
     wait_for,
     zip_directory,
+)
+from triage_page import (
+    SIZES,
+    notifications,
+    pathology_arrives,
+    record_notifications,
+    review,
+    screenshot,
+    turn_alerts_on,
 )
 from web_support import add_account, sign_in_page
 from worklist_page import (
@@ -38,15 +47,16 @@ from worklist_page import (
 from services.broker.connection import connect
 from services.broker.schemas import QueueTopology
 from services.core.access import Role
-from services.core.config import RabbitMQSettings, load_settings
+from services.core.config import RabbitMQSettings, Settings, load_settings
 from services.core.schemas import REPORT_COLUMNS
 from services.registry import Door, Registry, StudyFilter
+from services.registry.audit import AuditAction, AuditQuery
 from services.registry.database import database_url
 from services.triton.local_server import free_local_ports
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton, pytest.mark.browser, pytest.mark.slow]
 
-LAPTOP = {"width": 1280, "height": 800}
+LAPTOP: ViewportSize = {"width": 1280, "height": 800}
 HOSTILE = "<img src=x onerror=alert(1)>"
 FAILED_RED = "rgb(176, 0, 32)"  # the Failed badge (services/frontend/static/badges.css)
 NOT_ANALYSED_GREY = "rgb(84, 110, 122)"  # the Not analysed badge: out of scope, never red
@@ -111,6 +121,111 @@ def canvas_pixels(page: Page) -> str:
 
 def viewer_state(page: Page) -> dict[str, str]:
     return page.locator("#study-view .vw").evaluate("node => ({...node.dataset})")
+
+
+def shift_at_size(
+    browser: Browser,
+    url: str,
+    registry: Registry,
+    storage: Path,
+    folder: Path,
+    size: ViewportSize,
+    *,
+    chest: str,
+    head: str,
+    first: bool,
+) -> None:
+    """One screen size of the shift: identity, the list's height, an alert, screenshots; the
+    first size also records the review."""
+    context = browser.new_context(viewport=size)
+    record_notifications(context, url)
+    page = context.new_page()
+    sign_in_page(page, url, "reader-a")
+    wait_for(lambda: len(worklist_rows(page)) >= 3, 30, "the worklist")
+    row = page.locator(f'#worklist tr[data-key="{chest}"]')
+    # Identity for a radiologist (the fixture's PatientName, family part upper case).
+    expect(row.locator(".c-patient")).to_contain_text("LUNG_DX-A0002")
+    expect(row.locator(".c-patient")).to_contain_text("53 y F")
+    # The list fills the window: its bottom edge is the window's.
+    bottom = page.locator("#worklist .wl-scroll").evaluate(
+        "node => node.getBoundingClientRect().bottom"
+    )
+    assert size["height"] - 40 < bottom <= size["height"], bottom
+    turn_alerts_on(page)
+    arrival = f"alert{uuid.uuid4().hex[:12]}"
+    pathology_arrives(registry, storage, arrival)
+    wait_for(lambda: bool(notifications(page)), 30, "a notification of the new PATHOLOGY")
+    assert notifications(page)[0]["title"] == "New PATHOLOGY result"
+    assert "Arrival" not in notifications(page)[0]["body"]  # no identity on a lock screen
+    assert re.match(r"\(\d+\) Chest CT screening", page.title()), page.title()
+    screenshot(page, folder, "worklist")
+    row.click()
+    expect(page.locator("#study-view .sv-patient")).to_contain_text("LUNG_DX-A0002")
+    expect(page.locator("#study-view .vw")).to_have_attribute("data-ready", "1", timeout=15_000)
+    page.locator("#study-view").scroll_into_view_if_needed()
+    screenshot(page, folder, "study")
+    if first:
+        # Disagree with the model's call, whichever the demo weights made.
+        model_call = row.get_attribute("data-badge")
+        call = "false" if model_call == "pathology" else "true"
+        review(page, agrees=False, call=call, finding="Lung nodule", comment="see S4")
+        expect(row.locator(".c-review")).to_contain_text("disagreed · reader-a")
+    page.locator(f'#worklist tr[data-key="{head}"]').click()
+    expect(page.locator("#study-view .sv-call")).to_contain_text("Not analysed")
+    expect(page.locator("#study-view .vw")).to_have_attribute("data-ready", "1", timeout=15_000)
+    page.locator("#study-view [data-preset=brain]").click()
+    screenshot(page, folder, "refused-study")
+    context.close()
+
+
+def triage_shift(
+    browser: Browser,
+    url: str,
+    settings: Settings,
+    folder: Path,
+    *,
+    chest: str,
+    head: str,
+) -> None:
+    """A radiologist's shift on the real stack, at both screen sizes: the patient in the row
+    and the header, a review recorded and audited, a notification when a PATHOLOGY result
+    arrives; a technologist is refused another's study; screenshots for the README."""
+    chest_task = chest.split(":")[0]
+    add_account(settings, "tech-1", Role.TECHNOLOGIST)
+    registry = Registry.open(settings)
+    try:
+        for index, size in enumerate(SIZES):
+            shift_at_size(
+                browser,
+                url,
+                registry,
+                settings.storage.root,
+                folder,
+                size,
+                chest=chest,
+                head=head,
+                first=index == 0,
+            )
+        (review_row,) = registry.reviews(chest_task)
+        assert review_row.agrees is False
+        assert review_row.pathology is not None
+        assert review_row.findings == {"Lung nodule": True}
+        assert review_row.comment == "see S4"
+        audited = registry.audit.events(
+            AuditQuery(actions=(AuditAction.REVIEW,), task_id=chest_task)
+        )
+        assert [entry.actor for entry in audited] == ["reader-a"]
+        # A technologist sees only the studies they sent: none of reader-a's, and the files
+        # of one are refused.
+        technologist = browser.new_context(viewport=SIZES[0]).new_page()
+        sign_in_page(technologist, url, "tech-1")
+        technologist.wait_for_timeout(2000)  # a refresh or two
+        assert worklist_rows(technologist) == []
+        refused = technologist.request.get(f"{url}/files/{chest_task}/report.json")
+        assert refused.status == 403
+        technologist.context.close()
+    finally:
+        registry.close()
 
 
 def test_stack_from_start_to_stop(
@@ -231,8 +346,10 @@ def test_stack_from_start_to_stop(
             # analysed in grey.
             colours = {"Failed": FAILED_RED, "Not analysed": NOT_ANALYSED_GREY}
             for name in reasons:
-                reason = page.locator(f'#worklist tr[data-key="{by_file[name][0]["key"]}"] .c-what')
-                expect(reason).to_be_in_viewport()
+                reason_cell = page.locator(
+                    f'#worklist tr[data-key="{by_file[name][0]["key"]}"] .c-what'
+                )
+                expect(reason_cell).to_be_in_viewport()
                 badge = page.locator(f'#worklist tr[data-key="{by_file[name][0]["key"]}"] .badge')
                 colour = badge.evaluate("node => getComputedStyle(node).color")
                 assert colour == colours[badges[name]], (name, colour)
@@ -301,6 +418,14 @@ def test_stack_from_start_to_stop(
             other = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
             sign_in_page(other, f"http://127.0.0.1:{frontend_port}", "reader-b")
             wait_for(lambda: len(worklist_rows(other)) == 4, 30, "another viewer's full list")
+            triage_shift(
+                browser,
+                f"http://127.0.0.1:{frontend_port}",
+                stack_settings,
+                tmp_path,
+                chest=str(chest_row["key"]),
+                head=str(by_file["head.zip"][0]["key"]),
+            )
             browser.close()
         assert [dialog.split(":")[0] for dialog in dialogs] == ["confirm"]  # no alert ran
 

@@ -46,6 +46,9 @@ function tone() {
 }
 
 function noteArrivals(rows) {
+  // The component's first value is a placeholder; the studies listed in the first value
+  // from the server are the baseline, not arrivals.
+  if (!props.value || !props.value.time_zone) return;
   const waiting = rows.filter((row) => row.badge === "pathology" && !row.reviewed);
   document.title = (waiting.length ? "(" + waiting.length + ") " : "") + PAGE_TITLE;
   const keys = new Set(waiting.map((row) => row.key));
