@@ -27,6 +27,7 @@ from services.core.errors import ErrorPolicy, StudyNotFound, policy_of
 from services.core.inference.base import InferenceBackend
 from services.core.pipeline import EventFanOut, PipelineEvents, PreparedStudy, process_input
 from services.core.previews import write_previews
+from services.core.quality import QualityFlag
 from services.core.reports import write_reports
 from services.core.schemas import StudyReport
 from services.core.volume import Volume
@@ -145,6 +146,20 @@ class TaskEvents(PipelineEvents):
         return written
 
 
+LATE_INSTANCES_WARNING = (
+    "late images: they arrived after the study's earlier images were screened; this result "
+    "is of the late images only"
+)
+
+
+def mark_late_instances(reports: list[StudyReport]) -> None:
+    """The warning and flag of a task of late images (StudyTask.late_instances): the
+    listener knows it, the pipeline cannot see it in the images."""
+    for report in reports:
+        report.warnings.append(LATE_INSTANCES_WARNING)
+        report.quality_flags.append(QualityFlag.LATE_INSTANCES)
+
+
 def side_file_kind(output_dir: Path, path: Path) -> str:
     """ "preview" or "viewer", by the folder under the task's output folder."""
     folder = path.relative_to(output_dir).parts[0]
@@ -245,6 +260,8 @@ def run_task(
         )
         if not reports:
             raise RuntimeError("the pipeline returned no report")
+        if task.late_instances:
+            mark_late_instances(reports)
         events.report("writing", WRITING_FRACTION, "writing the report files")
         files = _result_files(storage_root, output_dir, reports)
         files.extend(

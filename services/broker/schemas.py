@@ -74,6 +74,10 @@ class StudyTask(_Message):
     # Queue that receives progress and the result (default exchange); None: result only stored.
     reply_to: str | None = None
     submitted_by: str | None = None  # free text: frontend id, system name
+    # Images of a study that arrived after its earlier part was screened (the DICOM
+    # listener's part 2, 3...): the result covers them only. Optional, so a task without it
+    # still reads; the schema version stays 1.
+    late_instances: bool = False
 
     @field_validator("task_id")
     @classmethod

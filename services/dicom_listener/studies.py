@@ -266,6 +266,7 @@ class StudyBook:
                 original_filename=describe(record),
                 reply_to=None,  # the result is read from storage (results/<task_id>.json)
                 submitted_by=f"{SUBMITTED_BY} {'(late instances)' if record.late else ''}".strip(),
+                late_instances=record.late,
             )
             logger.info(
                 "study {} complete: task {} ({} instances, {} images{})",
