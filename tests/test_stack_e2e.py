@@ -25,6 +25,7 @@ from stack_support import (
     wait_for,
     zip_directory,
 )
+from test_quality_flags import gapped_chest
 from triage_page import (
     SIZES,
     notifications,
@@ -134,6 +135,7 @@ def shift_at_size(
     chest: str,
     head: str,
     first: bool,
+    gapped: Path,
 ) -> None:
     """One screen size of the shift: identity, the list's height, an alert, screenshots; the
     first size also records the review."""
@@ -165,6 +167,9 @@ def shift_at_size(
     page.locator("#study-view").scroll_into_view_if_needed()
     screenshot(page, folder, "study")
     if first:
+        interpolated_slices_are_marked(page, gapped)
+        row.click()
+        expect(page.locator("#study-view .sv-patient")).to_contain_text("LUNG_DX-A0002")
         # Disagree with the model's call, whichever the demo weights made.
         model_call = row.get_attribute("data-badge")
         call = "false" if model_call == "pathology" else "true"
@@ -178,11 +183,34 @@ def shift_at_size(
     context.close()
 
 
+def interpolated_slices_are_marked(page: Page, gapped: Path) -> None:
+    """The chest without two slices: a chip in its row, the slices marked in the viewer."""
+    upload(page, [gapped], "Queued 1 study")
+    wait_for(lambda: finished_rows(page, {"gapped.zip"}) == 1, 120, "the gapped chest screened")
+    (listed,) = worklist_rows(page, {"gapped.zip"})
+    assert "interpolated" in str(listed["quality"]), listed
+    page.locator(f'#worklist tr[data-key="{listed["key"]}"]').click()
+    viewer = page.locator("#study-view .vw")
+    expect(viewer).to_have_attribute("data-ready", "1", timeout=15_000)
+    expect(viewer).to_have_attribute("data-interpolated", "2")
+    ticks = page.locator("#study-view .vw-tick")
+    expect(ticks).to_have_count(2)
+    first_filled = int(str(ticks.first.get_attribute("title")).split()[1].rstrip(":")) - 1
+    page.locator("#study-view .vw-slice").evaluate(
+        "(input, index) => { input.value = String(index);"
+        " input.dispatchEvent(new Event('input')); }",
+        first_filled,
+    )
+    expect(page.locator("#study-view .vw-filled")).to_be_visible()
+    expect(viewer).to_have_attribute("data-slice-interpolated", "1")
+
+
 def triage_shift(
     browser: Browser,
     url: str,
     settings: Settings,
     folder: Path,
+    fixtures_dir: Path,
     *,
     chest: str,
     head: str,
@@ -192,6 +220,9 @@ def triage_shift(
     arrives; a technologist is refused another's study; screenshots for the README."""
     chest_task = chest.split(":")[0]
     add_account(settings, "tech-1", Role.TECHNOLOGIST)
+    gapped = zip_directory(
+        gapped_chest(fixtures_dir, folder / "gapped_chest"), folder / "upload" / "gapped.zip"
+    )
     registry = Registry.open(settings)
     try:
         for index, size in enumerate(SIZES):
@@ -205,6 +236,7 @@ def triage_shift(
                 chest=chest,
                 head=head,
                 first=index == 0,
+                gapped=gapped,
             )
         (review_row,) = registry.reviews(chest_task)
         assert review_row.agrees is False
@@ -423,6 +455,7 @@ def test_stack_from_start_to_stop(
                 f"http://127.0.0.1:{frontend_port}",
                 stack_settings,
                 tmp_path,
+                fixtures_dir,
                 chest=str(chest_row["key"]),
                 head=str(by_file["head.zip"][0]["key"]),
             )

@@ -11,23 +11,24 @@ from typing import Any
 
 import gradio as gr
 from loguru import logger
+from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.core.access import Permission, Principal, PrincipalKind
 from services.frontend import study_access, views, worklist_rows
+from services.frontend.api.models import ReviewRequest
 from services.frontend.auth.access import OPEN_PRINCIPAL, AccessControl
 from services.frontend.auth.gate import client_address, principal_of
 from services.frontend.files import file_url
 from services.frontend.queue_status import QueuePlace
+from services.frontend.reviews import record_review
 from services.frontend.service import FrontendService
 from services.frontend.sessions import is_session_token, new_session_token
 from services.frontend.site_time import SiteClock
-from services.frontend.study_access import may_see, sender_name, viewer_name
+from services.frontend.study_access import StudyRefused, may_see, sender_name, viewer_name
 from services.frontend.study_view import study_view
-from services.registry import Review, StudyRecord
+from services.registry import StudyRecord
 from services.registry.audit import AuditAction
-
-REVIEW_COMMENT_CHARACTERS = 4000
 
 
 def signature(value: object) -> str:
@@ -235,44 +236,26 @@ class PageActions:
         event: gr.EventData,
         request: gr.Request,
     ) -> Any:
-        """A radiologist's review from the study view: recorded, audited, the view redrawn."""
+        """A radiologist's review from the study view (services/frontend/reviews.py checks,
+        keeps and audits it, as for the REST API); the page redrawn."""
         principal = self.principal(request)
         data = event._data if isinstance(event._data, dict) else {}
         parsed = views.parse_row_key(data.get("key"))
-        record = self.service.registry.study(*parsed) if parsed is not None else None
-        if (
-            parsed is None
-            or record is None
-            or not principal.may(Permission.REVIEW)
-            or not may_see(principal, record)
-        ):
-            raise gr.Error("This study cannot be reviewed by you.")
-        findings = data.get("findings") if isinstance(data.get("findings"), dict) else {}
-        pathology = data.get("pathology")
-        review = Review(
-            task_id=parsed[0],
-            report_index=parsed[1],
-            reviewer=principal.name,
-            agrees=bool(data.get("agrees")),
-            pathology=pathology if isinstance(pathology, bool) else None,
-            findings={
-                str(label): bool(value)
-                for label, value in (findings or {}).items()
-                if isinstance(value, bool)
-            },
-            comment=str(data.get("comment") or "")[:REVIEW_COMMENT_CHARACTERS],
-        )
-        if not self.service.registry.record_review(review):
-            raise gr.Error("This study has no result to review yet.")
-        verdict = "agrees" if review.agrees else "disagrees"
-        self.access.audit(
-            principal,
-            AuditAction.REVIEW,
-            self.client(request),
-            task_id=parsed[0],
-            study_instance_uid=record.study_instance_uid,
-            detail=verdict,
-        )
+        if parsed is None:
+            raise gr.Error("No study to review.")
+        try:
+            wanted = ReviewRequest(
+                report_index=parsed[1],
+                agrees=data.get("agrees"),
+                pathology=data.get("pathology"),
+                findings=data.get("findings") or {},
+                comment=str(data.get("comment") or ""),
+            )
+            record_review(self.access, principal, self.client(request), parsed[0], wanted)
+        except ValidationError as error:
+            raise gr.Error(f"The review was not recorded: {error.errors()[0]['msg']}") from None
+        except StudyRefused as refusal:
+            raise gr.Error(f"The review was not recorded: {refusal.reason}") from None
         return self.refresh(token, key, {**(shown or {}), "worklist": "", "study": ""}, request)
 
     def _study_uid(self, task_id: str, index: int) -> str | None:

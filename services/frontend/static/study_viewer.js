@@ -2,7 +2,9 @@
 // Wheel, slider or arrow keys: slices; Ctrl+wheel: zoom; left-drag: pan; double-click: fit;
 // right-drag: window/level. Positions are in millimetres from the first voxel of the series
 // as shown (head end, anterior, patient right). Slices the adapter filled by interpolation
-// (viewer data "interpolated_slices", axial indices) are marked on the image and the slider.
+// (viewer data "interpolated_slices" along "interpolated_axis" of the display array) are
+// marked: a red label and slider ticks in the plane that cuts them, red edges on the rows or
+// columns they make in the other planes.
 const stage = $(".vw-stage");
 const sliceMarks = $(".vw-slice-marks");
 
@@ -26,6 +28,10 @@ function message(value) {
 
 function interpolated() {
   return new Set((view.meta && view.meta.interpolated_slices) || []);
+}
+
+function interpolatedAxis() {
+  return (view.meta && view.meta.interpolated_axis) || 0;
 }
 
 async function showViewer(study) {
@@ -76,7 +82,7 @@ function planeSize(plane) {
 
 function drawSliceMarks() {
   sliceMarks.replaceChildren();
-  const marked = view.plane === "axial" ? Array.from(interpolated()) : [];
+  const marked = PLANES[view.plane].axes[2] === interpolatedAxis() ? Array.from(interpolated()) : [];
   const slices = planeSize(view.plane).slices;
   for (const index of marked) {
     const tick = make("span", "vw-tick");
@@ -154,18 +160,20 @@ function draw() {
   const codes = view.codes;
   const planeStride = rows * columns;
   const filled = interpolated();
+  const [rowsAxis, columnsAxis, sliceAxis] = PLANES[plane].axes;
+  const markRows = rowsAxis === interpolatedAxis();
+  const markColumns = columnsAxis === interpolatedAxis();
   let out = 0;
   for (let r = 0; r < size.rows; r++) {
-    // In coronal and sagittal planes an image row is an axial slice: interpolated rows get a
-    // red edge on both sides.
-    const markedRow = plane !== "axial" && filled.has(r);
+    const markedRow = markRows && filled.has(r);
     for (let c = 0; c < size.columns; c++) {
       let offset;
       if (plane === "axial") offset = index * planeStride + r * columns + c;
       else if (plane === "coronal") offset = r * planeStride + index * columns + c;
       else offset = r * planeStride + c * columns + index;
       const grey = lut[codes[offset]];
-      const edge = markedRow && (c < 3 || c >= size.columns - 3);
+      const edge = (markedRow && (c < 3 || c >= size.columns - 3)) ||
+        (markColumns && filled.has(c) && (r < 3 || r >= size.rows - 3));
       pixels[out] = edge ? 229 : grey;
       pixels[out + 1] = edge ? 57 : grey;
       pixels[out + 2] = edge ? 53 : grey;
@@ -175,10 +183,9 @@ function draw() {
   }
   context.putImageData(image, 0, 0);
   placeCanvas(size);
-  const sliceAxis = PLANES[plane].axes[2];
   const name = plane.charAt(0).toUpperCase() + plane.slice(1);
   const position = (index * meta.spacing_mm[sliceAxis]).toFixed(1);
-  const isFilled = plane === "axial" && filled.has(index);
+  const isFilled = sliceAxis === interpolatedAxis() && filled.has(index);
   text($(".vw-info"), name + " " + (index + 1) + "/" + size.slices + " · " + position + " mm · W " + view.width + " L " + view.level +
     (view.zoom > 1 ? " · ×" + view.zoom.toFixed(1) : ""));
   const badge = $(".vw-filled");

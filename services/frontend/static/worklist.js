@@ -15,6 +15,9 @@ const scroller = element.querySelector(".wl-scroll");
 const dropHint = element.querySelector(".wl-drop");
 const headers = Array.from(element.querySelectorAll("th[data-sort]"));
 const state = { sortKey: "urgency", direction: 1, selected: localStorage.getItem(SELECTED_KEY), reopened: false };
+// A link to one study (a webhook's "/?study=<task id>"): it opens once it is listed.
+const linked = new URLSearchParams(window.location.search).get("study");
+if (linked && /^[A-Za-z0-9_.-]+(:\d+)?$/.test(linked)) state.selected = linked.includes(":") ? linked : linked + ":0";
 const SEARCHED = ["file", "finding", "status", "detail", "date", "description", "accession", "badge_text",
   "patient", "patient_id", "review", "call_note"];
 
