@@ -51,7 +51,7 @@ def notifications(page: Page) -> list[dict[str, str]]:
 def turn_alerts_on(page: Page) -> None:
     button = page.locator("#worklist .wl-alerts-button")
     button.click()
-    expect(page.locator("#worklist")).to_have_attribute("data-alerts", "notify")
+    expect(button).to_have_text("Alerts: on")
 
 
 def review(
@@ -68,6 +68,12 @@ def review(
     if comment:
         form.locator(".sv-review-comment").fill(comment)
     form.locator(".sv-review-save").click()
+
+
+def show_study(page: Page) -> None:
+    """The study view at the top of the window, as a reader who opened it sees it."""
+    page.locator("#study-view .sv-head").evaluate("node => node.scrollIntoView({block: 'start'})")
+    page.wait_for_timeout(300)
 
 
 def screenshot(page: Page, folder: Path, name: str) -> Path:
