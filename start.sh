@@ -188,6 +188,10 @@ trap cleanup_on_failure EXIT
 printf 'MODE=local\nQUEUE_PREFIX=%s\n' "$QUEUE_PREFIX" > "$RUN_DIR/stack.env"
 
 # 1. RabbitMQ (the system server): started only if it is down, and then remembered.
+# The system server's files are not the stack's: written with the system's usual mode
+# (rabbitmq-plugins rewrites /etc/rabbitmq/enabled_plugins as root; under umask 077 the
+# broker's own user could no longer read it and would not start again).
+umask 022
 if ! port_open "$RABBITMQ_HOST" "$RABBITMQ_PORT"; then
   case "$RABBITMQ_HOST" in
     127.0.0.1|localhost) ;;
@@ -217,6 +221,7 @@ if command -v rabbitmq-plugins >/dev/null 2>&1 && [ "$RABBITMQ_HOST" = "127.0.0.
       || say "warning: could not enable rabbitmq_prometheus (not root?); no queue metrics"
   fi
 fi
+umask 077
 
 # The services' RabbitMQ account: one per stack (named by its queue prefix), a random password
 # saved in the run folder, allowed only the stack's own queues and exchanges. An account given

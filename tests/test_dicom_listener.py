@@ -70,6 +70,7 @@ def test_a_quiet_study_becomes_one_task_by_reference(tmp_path: Path, fixtures_di
         f"{header.SOPInstanceUID}.dcm" for _path, header in instances
     )
     assert not record.late
+    assert not record.task.late_instances
     assert "late" not in record.task.original_filename
     assert book.close_due(time.time() + 60) == []  # closed once
     assert [item.task_id for item in book.in_state(BatchState.CLOSED)] == [record.task_id]
@@ -115,6 +116,7 @@ def test_instances_after_completion_are_a_new_flagged_task(
     assert late.instances == 1
     assert "late instances" in late.task.original_filename
     assert "late" in (late.task.submitted_by or "")
+    assert late.task.late_instances  # the adapter flags its reports: late_instances
 
 
 def test_a_study_over_the_size_limit_is_refused_and_removed(

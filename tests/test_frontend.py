@@ -25,7 +25,7 @@ from services.broker.schemas import (
 )
 from services.core.config import Settings, load_settings
 from services.core.schemas import FindingResult, ProcessingStatus, StudyReport
-from services.frontend import views
+from services.frontend import worklist_rows
 from services.frontend.service import FrontendService
 from services.registry import Door, StudyState, upgrade_registry
 
@@ -193,11 +193,11 @@ def test_what_the_adapters_report_reaches_the_registry(
         first: StudyState.DONE,
         second: StudyState.FAILED,
     }
-    worklist = views.worklist(records)
+    worklist = worklist_rows.worklist(records).model_dump(mode="json")
     by_file = {row["file"]: row for row in worklist["rows"]}
     assert by_file["a.zip"]["badge_text"] == "PATHOLOGY"  # P 0.75 over the threshold
     assert by_file["a.zip"]["probability"] == 0.75
-    assert by_file["b.zip"]["badge_text"] == "Failure"  # never "done"
+    assert by_file["b.zip"]["badge_text"] == "Failed"  # never "done"
     assert by_file["b.zip"]["status"] == "not a chest CT: no lungs"
     assert [row["file"] for row in worklist["rows"]] == ["a.zip", "b.zip"]  # urgency order
     assert service.demo_weights_in_use(records)
@@ -254,5 +254,5 @@ def test_queued_studies_know_their_place_in_the_queue(
     places = service.queue_places()
     assert [places[record.task_id].ahead for record in outcome.submitted] == [0, 1, 2]
     assert {place.workers for place in places.values()} == {0}  # no adapter consumes it
-    rows = views.worklist(service.worklist_records(VIEWER), places)["rows"]
-    assert {row["status"] for row in rows} == {"waiting: no worker is connected to the queue"}
+    rows = worklist_rows.worklist(service.worklist_records(VIEWER), places).rows
+    assert {row.status for row in rows} == {"waiting: no worker is connected to the queue"}

@@ -7,8 +7,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from services.broker.schemas import QueueTopology, ResultFile, StudyResult, TaskStatus
-from services.core.schemas import FindingResult, IntakeSummary, ProcessingStatus, StudyReport
-from services.frontend import views
+from services.core.schemas import (
+    FailureKind,
+    FindingResult,
+    IntakeSummary,
+    ProcessingStatus,
+    StudyReport,
+)
+from services.frontend import views, worklist_rows
 from services.frontend.queue_status import (
     QueueMonitor,
     QueuePlace,
@@ -24,6 +30,11 @@ from services.registry import Door, StudyRecord, StudyState
 from services.registry.models import Study
 from services.registry.reads import to_record
 from services.registry.writes import apply_report
+
+
+def listed(records: list[StudyRecord], places: dict[str, QueuePlace] | None = None) -> dict:
+    """The worklist as the page receives it (the typed model, dumped to JSON values)."""
+    return worklist_rows.worklist(records, places).model_dump(mode="json")
 
 
 def test_file_names_and_ids_are_safe() -> None:
@@ -123,7 +134,13 @@ def test_every_study_gets_a_badge_failures_look_like_failures() -> None:
     records = [
         record("chest.zip", success(0.81)),
         record("clear.zip", success(0.12, uid="9.9", positives=0)),
-        record("head.zip", failure("not a chest CT: the images do not show lungs")),
+        record(
+            "head.zip",
+            failure(
+                "not a chest CT: the images do not show lungs",
+                failure_kind=FailureKind.NOT_ANALYSED,
+            ),
+        ),
         record(
             "crashed.zip", failure("given up after 3 attempts"), state=StudyState.FAILED, minute=1
         ),
@@ -131,39 +148,47 @@ def test_every_study_gets_a_badge_failures_look_like_failures() -> None:
         record("later.zip", state=StudyState.QUEUED, task_id="later"),
     ]
     places = {"later": QueuePlace(ahead=2, workers=2, expected_wait_s=40.0)}
-    worklist = views.worklist(records, places)
+    worklist = listed(records, places)
     rows = {row["file"]: row for row in worklist["rows"]}
     assert rows["chest.zip"]["badge_text"] == "PATHOLOGY"
     assert rows["chest.zip"]["finding"] == "Cancer"
     assert rows["clear.zip"]["badge_text"] == "NORMAL"
     assert rows["clear.zip"]["finding"] == ""
-    for name in ("head.zip", "crashed.zip"):
-        assert rows[name]["badge"] == "failure"
-        assert rows[name]["badge_text"] == "Failure"
+    # Out of scope is grey "Not analysed"; an error is red "Failed".
+    assert (rows["head.zip"]["badge"], rows["head.zip"]["badge_text"]) == (
+        "not_analysed",
+        "Not analysed",
+    )
+    assert (rows["crashed.zip"]["badge"], rows["crashed.zip"]["badge_text"]) == (
+        "failed",
+        "Failed",
+    )
     assert rows["head.zip"]["status"] == "not a chest CT: the images do not show lungs"
     assert rows["crashed.zip"]["status"] == "given up after 3 attempts"
     assert rows["busy.zip"]["fraction"] == 0.62
     assert rows["busy.zip"]["status"] == "inference (62%)"
     assert rows["later.zip"]["status"] == "2 ahead in the queue, result in about 40 s"
     assert "done" not in {row["badge_text"].lower() for row in worklist["rows"]}
-    # Most urgent first: PATHOLOGY, Failure (newest first), NORMAL, processing, queued.
+    # Triage order: unreviewed PATHOLOGY, unreviewed NORMAL, Failed, in flight (processing
+    # before queued), Not analysed.
     assert [row["badge"] for row in worklist["rows"]] == [
         "pathology",
-        "failure",
-        "failure",
         "normal",
+        "failed",
         "processing",
         "queued",
+        "not_analysed",
     ]
-    assert [row["file"] for row in worklist["rows"]][1] == "crashed.zip"
     assert worklist["counts"] == {
         "pathology": 1,
-        "failure": 2,
         "normal": 1,
+        "failed": 1,
+        "not_analysed": 1,
         "processing": 1,
         "queued": 1,
     }
-    assert views.summary_text(worklist["counts"]).startswith("1 PATHOLOGY · 2 Failure")
+    assert worklist["unreviewed_pathology"] == 1
+    assert worklist_rows.summary_text(worklist["counts"]).startswith("1 PATHOLOGY · 1 NORMAL")
     # DICOM text is carried as it is (the page sets it as text); never turned into markup here.
     assert rows["chest.zip"]["description"] == HOSTILE
 
@@ -175,11 +200,11 @@ def test_pathology_rows_sort_by_probability_and_studies_of_one_upload_get_one_ro
         record("two studies.zip", success(0.97, uid="4.4"), task_id=task),
         record("two studies.zip", failure("no CT series: modality MR"), task_id=task, index=1),
     ]
-    rows = views.worklist(records)["rows"]
+    rows = listed(records)["rows"]
     assert [row["file"] for row in rows] == [
         "two studies.zip (study 1 of 2)",
         "low.zip",
-        "two studies.zip (study 2 of 2)",
+        "two studies.zip (study 2 of 2)",  # Failed: after the calls
     ]
     assert views.parse_row_key(rows[2]["key"]) == (task, 1)
     assert views.parse_row_key("nonsense") is None
@@ -192,7 +217,7 @@ def test_other_uploads_of_one_study_are_flagged() -> None:
         record("chest-rezipped.zip", success(0.3, uid="1.2.3"), minute=7),
         record("other.zip", success(0.3, uid="7.7.7"), minute=8),
     ]
-    rows = {row["file"]: row for row in views.worklist(records)["rows"]}
+    rows = {row["file"]: row for row in listed(records)["rows"]}
     assert rows["chest-rezipped.zip"]["flags"] == [
         "same study (StudyInstanceUID) as chest.zip, other files"
     ]
@@ -216,7 +241,7 @@ def test_queue_places_follow_the_registry_order_and_the_wait_uses_recent_duratio
         record(f"q{index}.zip", state=StudyState.QUEUED, minute=index, task_id=f"q{index}")
         for index in range(3)
     ]
-    rows = views.worklist(queued, queue_places(["q0", "q1", "q2"], QueueStatus(3, 1), 30.0))
+    rows = listed(queued, queue_places(["q0", "q1", "q2"], QueueStatus(3, 1), 30.0))
     # In the worklist the queue reads in its own order: the next one first.
     assert [row["task_id"] for row in rows["rows"]] == ["q0", "q1", "q2"]
 
@@ -294,7 +319,7 @@ def test_the_study_view_reads_like_a_report(tmp_path: Path) -> None:
         (earlier.key, "NORMAL")
     ]
 
-    mr = failure("no CT series: modality MR")
+    mr = failure("no CT series: modality MR", failure_kind=FailureKind.NOT_ANALYSED)
     refused_row = record("mr.zip", mr)
     refused = study_view(
         refused_row,
@@ -305,8 +330,8 @@ def test_the_study_view_reads_like_a_report(tmp_path: Path) -> None:
         file_url=lambda path: None,
         read_json=lambda path: None,
     )
-    assert refused["badge_text"] == "Failure"
-    assert refused["call"] == "Failure: no CT series: modality MR"
+    assert refused["badge_text"] == "Not analysed"
+    assert refused["call"] == "Not analysed: no CT series: modality MR"
     assert refused["viewer"] is None
     assert "could be read as a volume" in refused["viewer_missing"]
 
@@ -315,6 +340,8 @@ def test_upload_messages_are_text_not_markup() -> None:
     assert views.markdown_text("<b>x</b> [a](b).zip") == (
         "&lt;b&gt;x&lt;/b&gt; \\[a\\]\\(b\\)\\.zip"
     )
+    # Quotes stay quotes: an entity such as &#x27; would show as text once its "#" is escaped.
+    assert views.markdown_text("Ivanov's <1>.zip") == "Ivanov's &lt;1&gt;\\.zip"
 
 
 def test_the_same_bytes_are_the_same_upload(tmp_path: Path) -> None:
@@ -332,7 +359,7 @@ def test_a_long_reason_keeps_its_words_in_the_row_and_its_numbers_in_the_tooltip
         "not a chest CT: the images do not show lungs across the series (lungs on 6 of 37 "
         "evaluated slices (16%, 24 mm), about 42 ml of lung (a chest needs 30% of slices))"
     )
-    row = views.worklist([record("head.zip", failure(reason))])["rows"][0]
+    row = listed([record("head.zip", failure(reason))])["rows"][0]
     assert row["status"] == "not a chest CT: the images do not show lungs across the series"
     assert row["detail"] == reason
     assert views.short_reason("no CT series: modality MR") == "no CT series: modality MR"

@@ -183,6 +183,7 @@ def test_the_schema_is_served_and_says_how_to_authenticate(settings: Settings) -
         "/studies",  # GET lists, POST submits
         "/studies/{task_id}",
         "/studies/{task_id}/files/{kind}",
+        "/studies/{task_id}/reviews",  # GET lists, POST records a review
     }
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
     kinds = schema["paths"]["/studies/{task_id}/files/{kind}"]["get"]["parameters"]

@@ -18,12 +18,23 @@ from pathlib import Path
 import openpyxl
 import pydicom
 import pytest
-from playwright.sync_api import Dialog, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Dialog, Page, ViewportSize, expect, sync_playwright
 from stack_support import (
     PROJECT_ROOT,
     delete_topology,
     wait_for,
     zip_directory,
+)
+from test_quality_flags import gapped_chest
+from triage_page import (
+    SIZES,
+    notifications,
+    pathology_arrives,
+    record_notifications,
+    review,
+    screenshot,
+    show_study,
+    turn_alerts_on,
 )
 from web_support import add_account, sign_in_page
 from worklist_page import (
@@ -38,17 +49,19 @@ from worklist_page import (
 from services.broker.connection import connect
 from services.broker.schemas import QueueTopology
 from services.core.access import Role
-from services.core.config import RabbitMQSettings, load_settings
+from services.core.config import RabbitMQSettings, Settings, load_settings
 from services.core.schemas import REPORT_COLUMNS
 from services.registry import Door, Registry, StudyFilter
+from services.registry.audit import AuditAction, AuditQuery
 from services.registry.database import database_url
 from services.triton.local_server import free_local_ports
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton, pytest.mark.browser, pytest.mark.slow]
 
-LAPTOP = {"width": 1280, "height": 800}
+LAPTOP: ViewportSize = {"width": 1280, "height": 800}
 HOSTILE = "<img src=x onerror=alert(1)>"
-FAILURE_RED = "rgb(176, 0, 32)"  # the Failure badge (services/frontend/static/badges.css)
+FAILED_RED = "rgb(176, 0, 32)"  # the Failed badge (services/frontend/static/badges.css)
+NOT_ANALYSED_GREY = "rgb(84, 110, 122)"  # the Not analysed badge: out of scope, never red
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -110,6 +123,143 @@ def canvas_pixels(page: Page) -> str:
 
 def viewer_state(page: Page) -> dict[str, str]:
     return page.locator("#study-view .vw").evaluate("node => ({...node.dataset})")
+
+
+def shift_at_size(
+    browser: Browser,
+    url: str,
+    registry: Registry,
+    storage: Path,
+    folder: Path,
+    size: ViewportSize,
+    *,
+    chest: str,
+    head: str,
+    first: bool,
+    gapped: Path,
+) -> None:
+    """One screen size of the shift: identity, the list's height, an alert, screenshots; the
+    first size also records the review."""
+    context = browser.new_context(viewport=size)
+    record_notifications(context, url)
+    page = context.new_page()
+    sign_in_page(page, url, "reader-a")
+    wait_for(lambda: len(worklist_rows(page)) >= 3, 30, "the worklist")
+    row = page.locator(f'#worklist tr[data-key="{chest}"]')
+    # Identity for a radiologist (the fixture's PatientName, family part upper case).
+    expect(row.locator(".c-patient")).to_contain_text("LUNG_DX-A0002")
+    expect(row.locator(".c-patient")).to_contain_text("53 y F")
+    # The list fills the window: its bottom edge is the window's.
+    bottom = page.locator("#worklist .wl-scroll").evaluate(
+        "node => node.getBoundingClientRect().bottom"
+    )
+    assert size["height"] - 40 < bottom <= size["height"], bottom
+    turn_alerts_on(page)
+    arrival = f"alert{uuid.uuid4().hex[:12]}"
+    pathology_arrives(registry, storage, arrival)
+    wait_for(lambda: bool(notifications(page)), 30, "a notification of the new PATHOLOGY")
+    assert notifications(page)[0]["title"] == "New PATHOLOGY result"
+    assert "Arrival" not in notifications(page)[0]["body"]  # no identity on a lock screen
+    assert re.match(r"\(\d+\) Chest CT screening", page.title()), page.title()
+    screenshot(page, folder, "worklist")
+    row.click()
+    expect(page.locator("#study-view .sv-patient")).to_contain_text("LUNG_DX-A0002")
+    expect(page.locator("#study-view .vw")).to_have_attribute("data-ready", "1", timeout=15_000)
+    show_study(page)
+    screenshot(page, folder, "study")
+    if first:
+        interpolated_slices_are_marked(page, gapped)
+        row.click()
+        expect(page.locator("#study-view .sv-patient")).to_contain_text("LUNG_DX-A0002")
+        # Disagree with the model's call, whichever the demo weights made.
+        model_call = row.get_attribute("data-badge")
+        call = "false" if model_call == "pathology" else "true"
+        review(page, agrees=False, call=call, finding="Lung nodule", comment="see S4")
+        expect(row.locator(".c-review")).to_contain_text("disagreed · reader-a")
+    page.locator(f'#worklist tr[data-key="{head}"]').click()
+    expect(page.locator("#study-view .sv-call")).to_contain_text("Not analysed")
+    expect(page.locator("#study-view .vw")).to_have_attribute("data-ready", "1", timeout=15_000)
+    page.locator("#study-view [data-preset=brain]").click()
+    show_study(page)
+    screenshot(page, folder, "refused-study")
+    context.close()
+
+
+def interpolated_slices_are_marked(page: Page, gapped: Path) -> None:
+    """The chest without two slices: a chip in its row, the slices marked in the viewer."""
+    upload(page, [gapped], "Queued 1 study")
+    wait_for(lambda: finished_rows(page, {"gapped.zip"}) == 1, 120, "the gapped chest screened")
+    (listed,) = worklist_rows(page, {"gapped.zip"})
+    assert "interpolated" in str(listed["quality"]), listed
+    page.locator(f'#worklist tr[data-key="{listed["key"]}"]').click()
+    viewer = page.locator("#study-view .vw")
+    expect(viewer).to_have_attribute("data-ready", "1", timeout=15_000)
+    expect(viewer).to_have_attribute("data-interpolated", "2")
+    ticks = page.locator("#study-view .vw-tick")
+    expect(ticks).to_have_count(2)
+    first_filled = int(str(ticks.first.get_attribute("title")).split()[1].rstrip(":")) - 1
+    page.locator("#study-view .vw-slice").evaluate(
+        "(input, index) => { input.value = String(index);"
+        " input.dispatchEvent(new Event('input')); }",
+        first_filled,
+    )
+    expect(page.locator("#study-view .vw-filled")).to_be_visible()
+    expect(viewer).to_have_attribute("data-slice-interpolated", "1")
+
+
+def triage_shift(
+    browser: Browser,
+    url: str,
+    settings: Settings,
+    folder: Path,
+    fixtures_dir: Path,
+    *,
+    chest: str,
+    head: str,
+) -> None:
+    """A radiologist's shift on the real stack, at both screen sizes: the patient in the row
+    and the header, a review recorded and audited, a notification when a PATHOLOGY result
+    arrives; a technologist is refused another's study; screenshots for the README."""
+    chest_task = chest.split(":")[0]
+    add_account(settings, "tech-1", Role.TECHNOLOGIST)
+    gapped = zip_directory(
+        gapped_chest(fixtures_dir, folder / "gapped_chest"), folder / "upload" / "gapped.zip"
+    )
+    registry = Registry.open(settings)
+    try:
+        for index, size in enumerate(SIZES):
+            shift_at_size(
+                browser,
+                url,
+                registry,
+                settings.storage.root,
+                folder,
+                size,
+                chest=chest,
+                head=head,
+                first=index == 0,
+                gapped=gapped,
+            )
+        (review_row,) = registry.reviews(chest_task)
+        assert review_row.agrees is False
+        assert review_row.pathology is not None
+        assert review_row.findings == {"Lung nodule": True}
+        assert review_row.comment == "see S4"
+        audited = registry.audit.events(
+            AuditQuery(actions=(AuditAction.REVIEW,), task_id=chest_task)
+        )
+        assert [entry.actor for entry in audited] == ["reader-a"]
+        # A technologist sees only the studies they sent: none of reader-a's, and the files
+        # of one are refused.
+        technologist = browser.new_context(viewport=SIZES[0]).new_page()
+        sign_in_page(technologist, url, "tech-1")
+        technologist.wait_for_timeout(2000)  # a refresh or two
+        assert worklist_rows(technologist) == []
+        refused = technologist.request.get(f"{url}/files/{chest_task}/report.json")
+        assert refused.status == 403
+        technologist.context.close()
+    finally:
+        registry.close()
 
 
 def test_stack_from_start_to_stop(
@@ -174,6 +324,11 @@ def test_stack_from_start_to_stop(
     dialogs: list[str] = []
     try:
         assert start.returncode == 0, start.stdout + start.stderr
+        # The system broker's plugin list stays readable by its own user (start.sh enables
+        # plugins as root under its umask 077 otherwise, and the next broker start fails).
+        plugins = Path("/etc/rabbitmq/enabled_plugins")
+        if plugins.exists():
+            assert plugins.stat().st_mode & 0o044, oct(plugins.stat().st_mode)
         assert f"http://127.0.0.1:{frontend_port}" in start.stdout
         assert set(pids) == {"triton", "adapter-1", "adapter-2", "frontend", "dicom-listener"}
         assert consumer_count(broker) == 2  # both adapters consume the task queue
@@ -193,7 +348,6 @@ def test_stack_from_start_to_stop(
                 add_account(stack_settings, reader, Role.RADIOLOGIST)
             sign_in_page(page, f"http://127.0.0.1:{frontend_port}", "reader-a")
             expect(page.locator("#demo-banner")).to_contain_text("DEMO WEIGHTS")
-            expect(page.locator("#guide")).to_contain_text("The worklist")  # first visit
 
             upload(page, [chest, head, mr, broken], "Queued 4 studies")
             wait_for(
@@ -211,13 +365,15 @@ def test_stack_from_start_to_stop(
             by_file: dict[str, list[dict[str, object]]] = {}
             for row in rows:
                 by_file.setdefault(str(row["file"]), []).append(row)
-            # Badges: the call for the chest, Failure (never "done") with its reason for the rest.
+            # Badges: the call for the chest; out of scope (head, MR) is grey "Not analysed",
+            # unreadable data red "Failed", each with its reason (never "done").
             assert {row["badge_text"] for row in by_file["chest.zip"]} <= {"PATHOLOGY", "NORMAL"}
             assert len(by_file["chest.zip"]) == 1
             reasons = {"head.zip": "not a chest CT", "mr.zip": "modality MR", "broken.zip": "zip"}
+            badges = {"head.zip": "Not analysed", "mr.zip": "Not analysed", "broken.zip": "Failed"}
             for name, reason in reasons.items():
                 (row,) = by_file[name]
-                assert row["badge_text"] == "Failure", row
+                assert row["badge_text"] == badges[name], row
                 assert reason in str(row["what"]), row
             assert all("done" not in str(row["badge_text"]).lower() for row in rows)
             # DICOM text is shown as text: the hostile description is literal, no element made.
@@ -225,12 +381,17 @@ def test_stack_from_start_to_stop(
             assert page.locator("#worklist img").count() == 0
             (chest_row,) = by_file["chest.zip"]
             assert chest_row["date"] == "2007-04-25"
-            # At 1280x800 the worklist and each failure's reason are on screen, in red.
+            # At 1280x800 the worklist and each reason are on screen: Failed in red, Not
+            # analysed in grey.
+            colours = {"Failed": FAILED_RED, "Not analysed": NOT_ANALYSED_GREY}
             for name in reasons:
-                reason = page.locator(f'#worklist tr[data-key="{by_file[name][0]["key"]}"] .c-what')
-                expect(reason).to_be_in_viewport()
+                reason_cell = page.locator(
+                    f'#worklist tr[data-key="{by_file[name][0]["key"]}"] .c-what'
+                )
+                expect(reason_cell).to_be_in_viewport()
                 badge = page.locator(f'#worklist tr[data-key="{by_file[name][0]["key"]}"] .badge')
-                assert badge.evaluate("node => getComputedStyle(node).color") == FAILURE_RED
+                colour = badge.evaluate("node => getComputedStyle(node).color")
+                assert colour == colours[badges[name]], (name, colour)
             page.screenshot(path=str(tmp_path / "worklist.png"))
 
             # Click to open the refused head CT: its series is in the viewer, so a reader
@@ -280,7 +441,7 @@ def test_stack_from_start_to_stop(
             xlsx = download_all(page, tmp_path / "downloaded.xlsx")
 
             # A reload (same browser) shows the same worklist and reopens the last study;
-            # the guide stays closed after the first visit.
+            # the guide stays closed (the worklist needs the height).
             page.reload()
             wait_for(lambda: len(worklist_rows(page)) == 4, 30, "the worklist after a reload")
             assert sorted(map(str, worklist_rows(page))) == sorted(map(str, rows))
@@ -296,6 +457,15 @@ def test_stack_from_start_to_stop(
             other = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
             sign_in_page(other, f"http://127.0.0.1:{frontend_port}", "reader-b")
             wait_for(lambda: len(worklist_rows(other)) == 4, 30, "another viewer's full list")
+            triage_shift(
+                browser,
+                f"http://127.0.0.1:{frontend_port}",
+                stack_settings,
+                tmp_path,
+                fixtures_dir,
+                chest=str(chest_row["key"]),
+                head=str(by_file["head.zip"][0]["key"]),
+            )
             browser.close()
         assert [dialog.split(":")[0] for dialog in dialogs] == ["confirm"]  # no alert ran
 
@@ -330,8 +500,10 @@ def test_stack_from_start_to_stop(
             recorded = registry.list_studies(StudyFilter()).items
         finally:
             registry.close()
-        assert sorted(record.original_filename for record in recorded) == sorted(table)
-        assert {record.door for record in recorded} == {Door.UPLOAD}
+        uploaded = [record.original_filename for record in recorded if record.door is Door.UPLOAD]
+        # The shift's own: the gapped chest it uploaded, the two PATHOLOGY arrivals "from the PACS".
+        assert sorted(uploaded) == sorted([*table, "gapped.zip"])
+        assert sum(record.door is Door.DICOM for record in recorded) == len(SIZES)
     finally:
         stop = subprocess.run(
             ["bash", str(PROJECT_ROOT / "stop.sh"), "--storage", str(storage)],

@@ -9,7 +9,7 @@ from playwright.sync_api import Page, expect
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-FINISHED_BADGES = ("pathology", "normal", "failure")
+FINISHED_BADGES = ("pathology", "normal", "failed", "not_analysed")
 
 _ROWS_SCRIPT = """
 () => Array.from(document.querySelectorAll('#worklist tbody tr')).map((tr) => ({
@@ -18,9 +18,14 @@ _ROWS_SCRIPT = """
   badge_text: tr.querySelector('.badge').textContent,
   probability: tr.querySelector('.c-prob').textContent,
   what: tr.querySelector('.c-what').innerText,
-  date: tr.querySelector('.c-date').textContent,
-  description: tr.querySelector('.c-desc').textContent,
+  date: tr.querySelector('.c-study .wl-line').textContent,
+  description: tr.querySelector('.c-study .wl-sub').textContent,
+  patient: tr.querySelector('.c-patient').innerText,
   accession: tr.querySelector('.c-acc').textContent,
+  received: tr.querySelector('.c-time').textContent,
+  turnaround: tr.querySelector('.c-tat').textContent,
+  review: tr.querySelector('.c-review').textContent,
+  quality: Array.from(tr.querySelectorAll('.wl-chip')).map((chip) => chip.dataset.flag),
   file: tr.querySelector('.c-file').textContent,
   flags: Array.from(tr.querySelectorAll('.wl-flag')).map((flag) => flag.textContent),
 }))
@@ -39,12 +44,9 @@ def finished_rows(page: Page, files: set[str] | None = None) -> int:
 
 
 def upload(page: Page, files: list[Path], expected_message: str) -> None:
-    """Choose files, wait until they are on the server, press the button."""
-    page.locator("#uploads input[type=file]").set_input_files([str(path) for path in files])
-    # The files must be on the server before the button sends their paths.
-    expect(page.locator("#uploads table tr")).to_have_count(len(files), timeout=30_000)
-    page.locator("#submit").click()
-    expect(page.locator("#upload-message")).to_contain_text(expected_message, timeout=30_000)
+    """Pick files with "Add studies…": they are sent as soon as they are on the server."""
+    page.locator("#tool-bar input[type=file]").set_input_files([str(path) for path in files])
+    expect(page.locator("#upload-message")).to_contain_text(expected_message, timeout=60_000)
 
 
 def download_all(page: Page, target: Path) -> Path:

@@ -38,6 +38,7 @@ from services.adapter.handoff import (
 from services.adapter.progress import WRITING_FRACTION, InferenceTimes, ProgressCallback
 from services.adapter.task_runner import (
     TaskEvents,
+    mark_late_instances,
     result_files,
     side_file_kind,
     structured_report_files,
@@ -236,6 +237,8 @@ def _finish_files(
 ) -> list[ResultFile]:
     storage_root = context.settings.storage.root
     output_dir = result_files_dir(storage_root, task.task_id)
+    if task.late_instances:
+        mark_late_instances(reports)
     events.report("writing", WRITING_FRACTION, "writing the report files")
     files = result_files(storage_root, output_dir, reports)
     files.extend(

@@ -24,6 +24,7 @@ from services.core.config import Settings
 from services.core.inference.base import InferenceBackend
 from services.core.pipeline import PipelineEvents, PreparedStudy
 from services.core.previews import write_previews
+from services.core.quality import QualityFlag
 from services.core.reports import write_reports
 from services.core.schemas import StudyReport
 from services.core.volume import Volume
@@ -140,6 +141,20 @@ class TaskEvents(PipelineEvents):
             except (OSError, ValueError) as error:  # side files never fail a study
                 logger.warning("side file not written: {}", error)
         return written
+
+
+LATE_INSTANCES_WARNING = (
+    "late images: they arrived after the study's earlier images were screened; this result "
+    "is of the late images only"
+)
+
+
+def mark_late_instances(reports: list[StudyReport]) -> None:
+    """The warning and flag of a task of late images (StudyTask.late_instances): the
+    listener knows it, the pipeline cannot see it in the images."""
+    for report in reports:
+        report.warnings.append(LATE_INSTANCES_WARNING)
+        report.quality_flags.append(QualityFlag.LATE_INSTANCES)
 
 
 def side_file_kind(output_dir: Path, path: Path) -> str:

@@ -32,7 +32,7 @@ import numpy as np
 from services.core.arrays import Float32Array, Float64Array, FloatArray, HuVolume, UInt8Array
 from services.core.volume import Volume
 
-VIEWER_FORMAT_VERSION = 1
+VIEWER_FORMAT_VERSION = 2  # 2: interpolated_axis, interpolated_slices
 # HU at the knots of the code table and the code each knot gets (linear in between).
 CODE_KNOTS_HU = (-1024.0, -900.0, -200.0, 300.0, 1500.0, 3072.0)
 CODE_KNOTS = (0.0, 4.0, 92.0, 217.0, 247.0, 255.0)
@@ -154,6 +154,10 @@ class ViewerStack:
     spacing_mm: tuple[float, float, float]
     source_shape: tuple[int, int, int]
     factors: tuple[int, int, int]  # in the display frame
+    # The display axis the series' slices stack along (0 for an axial series) and the
+    # indices along it that hold an interpolated slice (in whole or in part of a block).
+    interpolated_axis: int = 0
+    interpolated_slices: tuple[int, ...] = ()
 
     def metadata(self, data_file: str) -> dict[str, object]:
         return {
@@ -166,6 +170,8 @@ class ViewerStack:
             "codes_hu": [round(float(value), 2) for value in codes_hu()],
             "source_shape": list(self.source_shape),
             "block_factors": list(self.factors),
+            "interpolated_axis": self.interpolated_axis,
+            "interpolated_slices": list(self.interpolated_slices),
         }
 
 
@@ -179,7 +185,8 @@ def viewer_stack(volume: Volume) -> ViewerStack:
         limits[axis] = MAX_SLICES if display == 0 else MAX_IN_PLANE
     in_plane = tuple(frame.source_axis[1:])
     margin = tuple(round(CROP_MARGIN_MM / max(step, 1e-6)) for step in spacing)
-    cropped = hu[tuple(body_bounds(hu, in_plane, margin))]
+    bounds = body_bounds(hu, in_plane, margin)
+    cropped = hu[tuple(bounds)]
     factors = block_factors(cropped.shape, spacing, tuple(limits))
     averaged = block_mean(cropped, factors)
     oriented = np.transpose(averaged, frame.source_axis)
@@ -195,7 +202,32 @@ def viewer_stack(volume: Volume) -> ViewerStack:
         ),
         source_shape=volume.shape,
         factors=(factors[first], factors[second], factors[third]),
+        interpolated_axis=frame.source_axis.index(0),
+        interpolated_slices=displayed_slices(
+            volume.interpolated_slices, frame, bounds[0], factors[0], codes.shape
+        ),
     )
+
+
+def displayed_slices(
+    slices: tuple[int, ...],
+    frame: DisplayFrame,
+    kept: slice,
+    factor: int,
+    shape: tuple[int, ...],
+) -> tuple[int, ...]:
+    """The display indices, along the axis the volume's axis 0 became, of the blocks that
+    hold any of ``slices`` (volume axis 0 indices): the crop ``kept`` of that axis, its
+    block ``factor`` and the flip of the display frame applied."""
+    display = frame.source_axis.index(0)
+    size = int(shape[display])
+    start = kept.start or 0
+    found = set()
+    for index in slices:
+        block = (index - start) // factor
+        if index >= start and block < size:
+            found.add(size - 1 - block if frame.flipped[display] else block)
+    return tuple(sorted(found))
 
 
 def write_viewer(stack: ViewerStack, directory: Path, prefix: str) -> list[Path]:

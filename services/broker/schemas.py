@@ -106,6 +106,10 @@ class StudyTask(_Message):
     submitted_by: str | None = None  # free text: frontend id, system name
     # Which lane the task travels in; a lane is a queue of its own (QueueTopology).
     priority: Priority = Priority.ROUTINE
+    # Images of a study that arrived after its earlier part was screened (the DICOM
+    # listener's part 2, 3...): the result covers them only. Optional, so a task without it
+    # still reads; the schema version stays 1.
+    late_instances: bool = False
 
     @field_validator("task_id")
     @classmethod

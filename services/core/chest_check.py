@@ -161,9 +161,9 @@ def body_part_regression_evidence(
             "the verdict uses the tags and lung_air"
         ]
     if evidence.demo:
-        return evidence, [
-            f"body-part regression (DEMO weights, not used for the verdict): {evidence.summary}"
-        ]
+        # Information, not a data-quality problem: the report keeps the evidence (labelled
+        # DEMO in the study view) and the warnings stay about the data.
+        return evidence, []
     lines = [f"body-part regression: {evidence.summary}"]
     if not regression_decides(evidence):
         lines[0] += "; the verdict uses the tags and lung_air"

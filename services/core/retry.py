@@ -94,3 +94,13 @@ def retrying(
         before_sleep=before_sleep,
         reraise=True,
     )
+
+
+def backoff_delay(backoff: Backoff, failures: int) -> float:
+    """The wait after the ``failures``-th failed attempt, as :func:`retrying` waits (the same
+    tenacity formula): for a retry whose schedule is kept on disk or in a database, so that
+    a restart goes on where it stopped instead of looping in memory."""
+    state = RetryCallState(retry_object=Retrying(), fn=None, args=(), kwargs={})
+    state.attempt_number = max(1, failures)
+    wait = wait_exponential(multiplier=backoff.initial_s, min=0, max=backoff.maximum_s)
+    return float(wait(state))

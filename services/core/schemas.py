@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.core.quality import QualityFlag
 
-REPORT_SCHEMA_VERSION = 4  # 2: study_date, study_description, accession_number, embedding;
-# 3: identity, failure_kind; 4: quality_flags
+REPORT_SCHEMA_VERSION = 5  # 2: study_date, study_description, accession_number, embedding;
+# 3: identity, failure_kind; 4: quality_flags; 5: quality.flags, quality.interpolated_slices
 
 # The customer's table (docs/ARCHITECTURE.md, Contracts): these seven columns, in this order, first.
 REPORT_COLUMNS: tuple[str, ...] = (
@@ -91,6 +91,11 @@ class QualityReport(_Model):
     patient_position: str | None = None
     convolution_kernel: str | None = None
     transfer_syntax: str | None = None
+    # The classes of this series' data-quality warnings (copied to StudyReport.quality_flags).
+    flags: list[QualityFlag] = Field(default_factory=list)
+    # Slices of the volume (its axis 0, feet or head first as stacked) filled by
+    # interpolation between acquired neighbours.
+    interpolated_slices: list[int] = Field(default_factory=list)
 
 
 class BodyPartEvidence(_Model):

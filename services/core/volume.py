@@ -23,6 +23,8 @@ class Volume:
     slice_normal: LpsVector  # (3,) LPS direction of increasing slice index
     spacing_mm: tuple[float, float, float]  # (between slices, between rows, between columns)
     origin_mm: LpsVector  # (3,) LPS position of voxel [0, 0, 0]
+    # Slices (axis 0) blended from their neighbours, not acquired: the viewer marks them.
+    interpolated_slices: tuple[int, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -291,6 +291,7 @@ class StudyBook:
                 priority=study_priority(
                     record.calling_ae, record.requested_priority, self.priorities
                 ),
+                late_instances=record.late,
             )
             logger.info(
                 "study {} complete: task {} ({} instances, {} images{})",

@@ -1,41 +1,29 @@
-"""The Gradio page: a worklist first (upload, triage, open), then the study view with its slice
-viewer. The worklist and the study view are gr.HTML components fed with plain data (views.py,
-study_view.py) and drawn by their own scripts (static/*.js), which show every value as text.
+"""The Gradio page: a compact bar (add studies, alerts, download), the worklist filling the
+window, then the study view with its slice viewer. The worklist and the study view are gr.HTML
+components fed with typed rows (worklist_rows.py) and plain data (study_view.py) and drawn by
+their own scripts (static/*.js), which show every value as text. What each event does is in
+page_actions.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import gradio as gr
-from loguru import logger
-from sqlalchemy.exc import SQLAlchemyError
 
-from services.core.access import Permission, Principal, PrincipalKind
-from services.frontend import study_access, views
-from services.frontend.auth.access import OPEN_PRINCIPAL, AccessControl
-from services.frontend.auth.gate import client_address, principal_of
-from services.frontend.files import file_url
-from services.frontend.queue_status import QueuePlace
+from services.frontend import views
+from services.frontend.auth.access import AccessControl
+from services.frontend.page_actions import PageActions
 from services.frontend.service import FrontendService
-from services.frontend.sessions import is_session_token, new_session_token
-from services.frontend.study_access import may_see, sender_name, viewer_name
-from services.frontend.study_view import study_view
 from services.frontend.uploads import UPLOAD_FILE_TYPES
-from services.registry import StudyRecord
-from services.registry.audit import AuditAction
+from services.frontend.worklist_rows import BADGE_TEXT_BY_VALUE
 
 REFRESH_SECONDS = 1.0  # a study a PACS sends shows within a second or two
 SESSION_STORAGE_KEY = "cts-session"
-GUIDE_STORAGE_KEY = "cts-guide-seen"
 STATIC = Path(__file__).parent / "static"
 UPLOAD_HINT = (
-    "Add studies: **.zip** or **.tar(.gz)** of DICOM files, **.nii(.gz)** volumes, "
-    "or the **.dcm** files of one series."
+    "**.zip** or **.tar(.gz)** of DICOM files, **.nii(.gz)** volumes, or the **.dcm** files "
+    "of one series; or drop them onto the worklist."
 )
 
 
@@ -46,265 +34,18 @@ def asset(name: str) -> str:
 PAGE_CSS = asset("page.css")
 
 
-def signature(value: object) -> str:
-    """A short fingerprint of what a component shows: redraw only when it changed."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-class NotSignedIn(Exception):
-    """An event without a principal: the gate lets none through, so this is a bug."""
-
-
-class PageActions:
-    """What the page's events do, over one FrontendService; each method is one event, and
-    each asks who is asking (the gate put the principal on the request)."""
-
-    def __init__(self, service: FrontendService, access: AccessControl) -> None:
-        self.service = service
-        self.access = access
-        # Result files never change once written: cached per path.
-        self.read_json = lru_cache(maxsize=256)(self._read_json)
-
-    def _read_json(self, relative: str) -> dict[str, Any] | None:
-        path = self.service.file_path(relative)
-        if path is None:
-            return None
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return document if isinstance(document, dict) else None
-
-    def principal(self, request: gr.Request | None) -> Principal:
-        if not self.access.sign_in_required:
-            return OPEN_PRINCIPAL
-        connection = getattr(request, "request", None)
-        principal = principal_of(connection) if connection is not None else None
-        if principal is None:
-            raise NotSignedIn("an event without a signed-in user")
-        return principal
-
-    def client(self, request: gr.Request | None) -> str | None:
-        connection = getattr(request, "request", None)
-        return client_address(connection) if connection is not None else None
-
-    def file_url(self, relative: str) -> str | None:
-        return file_url(relative) if self.service.file_path(relative) is not None else None
-
-    def records(self, principal: Principal, token: str | None) -> list[StudyRecord]:
-        if principal.kind is PrincipalKind.OPEN and not is_session_token(token):
-            return []
-        return self.service.worklist_for(principal, token)
-
-    def study_of(
-        self,
-        principal: Principal,
-        records: list[StudyRecord],
-        key: str | None,
-        places: dict[str, QueuePlace],
-    ) -> dict[str, Any] | None:
-        parsed = views.parse_row_key(key)
-        if parsed is None:
-            return None
-        task_id, index = parsed
-        siblings = [record for record in records if record.task_id == task_id]
-        if not siblings:  # not on the list (hidden, older): a patient's other study, say
-            siblings = [
-                study_access.shown(record, principal)
-                for record in self.service.registry.task_studies(task_id)
-                if may_see(principal, record)
-            ]
-        record = next((r for r in siblings if r.report_index == index), None)
-        if record is None:
-            return None
-        identity = record.identity
-        patient = (
-            [
-                study_access.shown(other, principal)
-                for other in self.service.registry.patient_studies(
-                    identity.patient_id, identity.issuer_of_patient_id
-                )
-                if may_see(principal, other)
-            ]
-            if identity is not None and identity.patient_id
-            else []
-        )
-        files = principal.may(Permission.SEE_IDENTITY)  # admin: the row, not the files
-        return study_view(
-            record,
-            self.service.result(task_id) if record.state.final and files else None,
-            n_studies=len(siblings),
-            place=places.get(task_id),
-            patient_studies=patient,
-            file_url=self.file_url,
-            read_json=self.read_json,
-        )
-
-    def ensure_session(
-        self, token: str | None, guide_seen: bool | None, request: gr.Request
-    ) -> tuple[Any, ...]:
-        principal = self.principal(request)
-        token = token if is_session_token(token) else new_session_token()
-        self.access.audit(principal, AuditAction.LIST, self.client(request), detail="worklist")
-        # The guide is open on the first visit only.
-        return (
-            token,
-            True,
-            gr.update(open=not guide_seen),
-            views.user_bar(principal, sign_in=self.access.sign_in_required),
-        )
-
-    def submit(
-        self, token: str | None, files: list[str] | None, request: gr.Request
-    ) -> tuple[Any, ...]:
-        principal = self.principal(request)
-        if not principal.may(Permission.UPLOAD):
-            return "Your role does not send studies.", gr.skip(), gr.skip()
-        if not is_session_token(token):
-            return "The page is still starting; please try again in a second.", gr.skip(), gr.skip()
-        outcome = self.service.submit_uploads(
-            viewer_name(principal, token),
-            sender_name(principal),
-            [Path(path) for path in files or []],
-        )
-        for record in outcome.submitted:
-            self.access.audit(
-                principal,
-                AuditAction.UPLOAD,
-                self.client(request),
-                task_id=record.task_id,
-                detail=record.original_filename[:200],
-            )
-        # Clear the picker once the files are taken, keep it if everything was refused; the
-        # guide makes room for the worklist.
-        taken = outcome.submitted or outcome.screened_before
-        return (
-            views.markdown_text(outcome.message),
-            None if taken else gr.skip(),
-            gr.update(open=False) if taken else gr.skip(),
-        )
-
-    def refresh(
-        self,
-        token: str | None,
-        key: str | None,
-        shown: dict[str, str] | None,
-        request: gr.Request,
-    ) -> tuple[Any, ...]:
-        principal = self.principal(request)
-        shown = dict(shown or {})
-        try:
-            records = self.records(principal, token)
-            places = self.service.queue_places()
-            study = self.study_of(principal, records, key, places)
-        except SQLAlchemyError as error:
-            # The registry's database is away (restarting): the page keeps what it shows.
-            logger.warning("worklist not refreshed: {}", type(error).__name__)
-            return (gr.skip(),) * 4 + (shown,)
-        finished = any(record.state.final for record in records)
-        drawn = {
-            "worklist": views.worklist(records, places),
-            "study": study,
-            "xlsx": finished and principal.may(Permission.SEE_IDENTITY),
-        }
-        redraw = {name for name, value in drawn.items() if changed(shown, name, value)}
-        updates = {name: value if name in redraw else gr.skip() for name, value in drawn.items()}
-        download = gr.skip()
-        if "xlsx" in redraw:
-            browser = token if principal.kind is PrincipalKind.OPEN else None
-            download = views.download_all_link(bool(drawn["xlsx"]), browser)
-        return (
-            gr.update(visible=self.service.demo_weights_in_use(records)),
-            updates["worklist"],
-            updates["study"],
-            download,
-            shown,
-        )
-
-    def open_study(
-        self,
-        token: str | None,
-        shown: dict[str, str] | None,
-        event: gr.EventData,
-        request: gr.Request,
-    ) -> Any:
-        principal = self.principal(request)
-        key = event_key(event)
-        study = self.study_of(
-            principal, self.records(principal, token), key, self.service.queue_places()
-        )
-        parsed = views.parse_row_key(key)
-        if study is not None and parsed is not None:
-            self.access.audit(
-                principal,
-                AuditAction.VIEW_STUDY,
-                self.client(request),
-                task_id=parsed[0],
-                study_instance_uid=self._study_uid(*parsed),
-            )
-        shown = {**(shown or {}), "study": signature(study)}
-        return (key if study else None), study, shown
-
-    def _study_uid(self, task_id: str, index: int) -> str | None:
-        record = self.service.registry.study(task_id, index)
-        return record.study_instance_uid if record is not None else None
-
-    def remove_study(
-        self,
-        token: str | None,
-        key: str | None,
-        shown: dict[str, str] | None,
-        event: gr.EventData,
-        request: gr.Request,
-    ) -> Any:
-        principal = self.principal(request)
-        removed = views.parse_row_key(event_key(event))
-        if (
-            removed is not None
-            and (is_session_token(token) or principal.kind is not PrincipalKind.OPEN)
-            and self.service.hide(viewer_name(principal, token), *removed)
-        ):
-            self.access.audit(principal, AuditAction.HIDE, self.client(request), task_id=removed[0])
-        selected = views.parse_row_key(key)
-        if selected is not None and removed is not None and selected == removed:
-            key = None
-        return (key, *self.refresh(token, key, {**(shown or {}), "worklist": ""}, request))
-
-
-def changed(shown: dict[str, str], name: str, value: object) -> bool:
-    """Whether ``value`` differs from what the page shows; notes its fingerprint in ``shown``."""
-    fingerprint = signature(value)
-    previous = shown.get(name)
-    shown[name] = fingerprint
-    return previous != fingerprint
-
-
-def event_key(event: gr.EventData) -> str | None:
-    """The row key a worklist event carries."""
-    data = event._data
-    key = data.get("key") if isinstance(data, dict) else None
-    return key if isinstance(key, str) else None
-
-
 def build_app(service: FrontendService, access: AccessControl) -> gr.Blocks:
     actions = PageActions(service, access)
     with gr.Blocks(title="Chest CT screening", delete_cache=(3600, 86400)) as app:
         session = gr.BrowserState(
             None, storage_key=SESSION_STORAGE_KEY, secret=service.browser_state_secret()
         )
-        guide_seen = gr.BrowserState(
-            False, storage_key=GUIDE_STORAGE_KEY, secret=service.browser_state_secret()
-        )
         selected = gr.State(None)
         shown = gr.State({})
         if not access.sign_in_required:
             gr.HTML(views.SIGN_IN_OFF_BANNER_HTML, elem_id="sign-in-off-banner")
-        with gr.Row(equal_height=True):
-            gr.Markdown(
-                "# Chest CT screening\nP(pathology), 20 findings and data-quality warnings "
-                "per study, most urgent first.",
-                elem_id="page-title",
-            )
+        with gr.Row(equal_height=True, elem_id="top-bar"):
+            gr.Markdown("# Chest CT screening", elem_id="page-title")
             banner = gr.HTML(
                 views.DEMO_BANNER_HTML,
                 visible=service.demo_weights_in_use(),
@@ -317,36 +58,43 @@ def build_app(service: FrontendService, access: AccessControl) -> gr.Blocks:
                 js_on_load=asset("user_bar.js"),
                 elem_id="user-bar",
             )
-        with gr.Accordion("How to use", open=False, elem_id="guide") as guide:
-            gr.Markdown(views.GUIDE)
-        with gr.Row(equal_height=True):
-            uploads = gr.File(
-                label="Studies",
-                show_label=False,
+        with gr.Row(equal_height=True, elem_id="tool-bar"):
+            # One click: the files picked (or dropped onto the worklist) are sent at once.
+            uploads = gr.UploadButton(
+                "Add studies…",
                 file_count="multiple",
                 file_types=UPLOAD_FILE_TYPES,
+                variant="primary",
                 elem_id="uploads",
-                height=130,
-                scale=5,
+                scale=0,
+                min_width=150,
             )
-            with gr.Column(scale=3, elem_id="submit-column"):
-                submit_button = gr.Button("Screen the studies", variant="primary", elem_id="submit")
+            with gr.Column(scale=6, min_width=300):
                 upload_message = gr.Markdown(UPLOAD_HINT, elem_id="upload-message")
             download_all = gr.HTML(
-                views.download_all_link(False, None), elem_id="download-all-box", scale=2
+                views.download_all_link(False, None),
+                elem_id="download-all-box",
+                scale=0,
+                min_width=170,
             )
+        # Closed: at 1280x800 the worklist needs the height (one line says where help is).
+        with gr.Accordion("How to use", open=False, elem_id="guide") as guide:
+            gr.Markdown(views.GUIDE)
         worklist = gr.HTML(
-            {"rows": [], "counts": {}, "badges": views.BADGE_TEXT_BY_VALUE},
+            {"rows": [], "counts": {}, "badges": BADGE_TEXT_BY_VALUE},
             html_template=asset("worklist.html"),
             css_template=asset("badges.css") + asset("worklist.css"),
-            js_on_load=asset("worklist.js"),
+            js_on_load=asset("worklist_alerts.js") + asset("worklist.js"),
             elem_id="worklist",
         )
         study = gr.HTML(
             None,
             html_template=asset("study.html"),
             css_template=asset("badges.css") + asset("study.css"),
-            js_on_load=asset("study.js"),
+            js_on_load="".join(
+                asset(name)
+                for name in ("study.js", "study_viewer.js", "study_review.js", "study_start.js")
+            ),
             elem_id="study-view",
         )
         timer = gr.Timer(REFRESH_SECONDS)
@@ -354,10 +102,10 @@ def build_app(service: FrontendService, access: AccessControl) -> gr.Blocks:
         refresh_outputs = [banner, worklist, study, download_all, shown]
         app.load(
             actions.ensure_session,
-            inputs=[session, guide_seen],
-            outputs=[session, guide_seen, guide, user_bar],
+            inputs=[session],
+            outputs=[session, user_bar],
         ).then(actions.refresh, inputs=[session, selected, shown], outputs=refresh_outputs)
-        submit_button.click(
+        uploads.upload(
             actions.submit, inputs=[session, uploads], outputs=[upload_message, uploads, guide]
         ).then(actions.refresh, inputs=[session, selected, shown], outputs=refresh_outputs)
         timer.tick(
@@ -376,6 +124,12 @@ def build_app(service: FrontendService, access: AccessControl) -> gr.Blocks:
             actions.remove_study,
             inputs=[session, selected, shown],
             outputs=[selected, *refresh_outputs],
+            show_progress="hidden",
+        )
+        study.study_review(
+            actions.review,
+            inputs=[session, selected, shown],
+            outputs=refresh_outputs,
             show_progress="hidden",
         )
     return app

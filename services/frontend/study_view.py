@@ -7,23 +7,34 @@ Every value is shown as text by the page (services/frontend/static/study.js).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from services.broker.schemas import StudyResult
-from services.core.schemas import ChestCheckEvidence, IntakeSummary, StudyReport
+from services.core.quality import QUALITY_FLAG_TEXT
+from services.core.schemas import ChestCheckEvidence, IntakeSummary, SeriesDecision, StudyReport
 from services.frontend.queue_status import QueuePlace
+from services.frontend.site_time import SiteClock
 from services.frontend.views import (
-    BADGE_TEXT,
-    Badge,
     display_name,
     failure_reason,
     progress_text,
     queue_text,
-    record_badge,
     short_reason,
 )
-from services.registry.records import StudyRecord
+from services.frontend.worklist_rows import (
+    BADGE_TEXT,
+    Badge,
+    age_sex_text,
+    call_note,
+    duration_text,
+    patient_text,
+    record_badge,
+    turnaround_seconds,
+)
+from services.registry.records import Review, StudyRecord
 
 FileUrl = Callable[[str], str | None]  # storage-relative path -> URL the browser can fetch
 ReadJson = Callable[[str], dict[str, Any] | None]  # storage-relative path -> its JSON document
@@ -76,8 +87,8 @@ def call_line(record: StudyRecord, place: QueuePlace | None) -> tuple[Badge, str
         return badge, f"Queued: {queue_text(place)}"
     if badge is Badge.PROCESSING:
         return badge, f"Processing: {progress_text(record)}"
-    if badge is Badge.FAILURE:
-        return badge, f"Failure: {short_reason(failure_reason(record))}"
+    if badge in (Badge.FAILED, Badge.NOT_ANALYSED):
+        return badge, f"{BADGE_TEXT[badge]}: {short_reason(failure_reason(record))}"
     probability = record.probability_of_pathology or 0.0
     line = f"{BADGE_TEXT[badge]}: P(pathology) {probability:.3f}"
     if badge is Badge.PATHOLOGY and record.most_dangerous_finding:
@@ -170,18 +181,74 @@ def quality_numbers(report: StudyReport) -> list[list[str]]:
     return numbers
 
 
-def identity(record: StudyRecord, report: StudyReport | None) -> list[list[str]]:
+def patient_lines(record: StudyRecord, clock: SiteClock) -> list[list[str]]:
+    """The header's patient and study: empty for a role not allowed the identity."""
+    identity = record.identity
+    if identity is None:
+        return []
+    lines = [
+        ["patient", patient_text(identity) or "—"],
+        ["patient ID", identity.patient_id or "—"],
+        ["birth date", identity.patient_birth_date or "—"],
+        ["age, sex", age_sex_text(identity) or "—"],
+        ["accession number", record.accession_number or "—"],
+    ]
+    when = " ".join(part for part in (record.study_date, identity.study_time) if part)
+    lines.append(["study date and time", when or "—"])
+    if identity.referring_physician_name:
+        lines.append(["referring physician", identity.referring_physician_name.replace("^", " ")])
+    return lines
+
+
+def identity(record: StudyRecord, report: StudyReport | None, clock: SiteClock) -> list[list[str]]:
     fields = [["file", record.original_filename], ["received by", _door_text(record)]]
     if report is not None:
         fields += [
             ["study date", report.study_date or "—"],
             ["description", report.study_description or "—"],
-            ["accession number", report.accession_number or "—"],
+            ["accession number", record.accession_number or "—"],
             ["StudyInstanceUID", report.study_uid or "—"],
             ["SeriesInstanceUID (analysed)", report.series_uid or "—"],
         ]
-    fields.append(["received", record.received_at.strftime("%Y-%m-%d %H:%M UTC")])
+    fields.append(["received", clock.full(record.received_at)])
+    if record.finished_at is not None and record.state.final:
+        fields.append(["result", clock.full(record.finished_at)])
+    turnaround = turnaround_seconds(record)
+    if turnaround is not None:
+        fields.append(["turnaround", duration_text(turnaround)])
     return fields
+
+
+def review_lines(reviews: list[Review], clock: SiteClock) -> list[dict[str, Any]]:
+    """Every review of the study, newest first."""
+    return [
+        {
+            "who": review.reviewer,
+            "when": clock.full(review.reviewed_at) if review.reviewed_at else "",
+            "verdict": "agrees with the call"
+            if review.agrees
+            else "disagrees: "
+            + (
+                "PATHOLOGY"
+                if review.pathology
+                else "NORMAL"
+                if review.pathology is False
+                else "call"
+            ),
+            "findings": [
+                f"{label}: {'present' if present else 'absent'}"
+                for label, present in sorted(review.findings.items())
+            ],
+            "comment": review.comment,
+        }
+        for review in sorted(
+            reviews, key=lambda item: item.reviewed_at or record_time_zero(), reverse=True
+        )
+    ]
+
+
+def record_time_zero() -> datetime:
+    return datetime.min.replace(tzinfo=UTC)
 
 
 DOOR_TEXT = {
@@ -206,6 +273,7 @@ def other_studies(record: StudyRecord, studies: list[StudyRecord]) -> list[dict[
             "key": other.key,
             "date": other.study_date or other.received_at.strftime("%Y-%m-%d"),
             "badge": record_badge(other).value,
+            "reviewed": other.review is not None,
             "badge_text": BADGE_TEXT[record_badge(other)],
             "description": other.study_description or "",
             "finding": other.most_dangerous_finding or "",
@@ -257,6 +325,22 @@ def study_files(
     return previews, downloads
 
 
+def download_name(record: StudyRecord, name: str) -> str:
+    """A per-study name for a downloaded file (every task names its xlsx output.xlsx)."""
+    stem = re.sub(r"[^\w.-]+", "_", record.original_filename.rsplit(".", 1)[0]).strip("._")
+    return f"{stem or 'study'}-{record.report_index + 1}-{name}"
+
+
+def series_text(decision: SeriesDecision) -> str:
+    number = (
+        f"series {decision.series_number}"
+        if decision.series_number is not None
+        else "a series without a number"
+    )
+    text = f"{number} ({decision.modality or 'modality not given'}, {decision.n_images} images)"
+    return text + (f" '{decision.description}'" if decision.description else "")
+
+
 def study_view(
     record: StudyRecord,
     result: StudyResult | None,
@@ -266,24 +350,33 @@ def study_view(
     patient_studies: list[StudyRecord],
     file_url: FileUrl,
     read_json: ReadJson,
+    clock: SiteClock | None = None,
+    reviews: list[Review] | None = None,
+    may_review: bool = False,
 ) -> dict[str, Any]:
     """Everything the study view shows, as plain data."""
+    clock = clock or SiteClock()
     index = record.report_index
     reports = result.reports if result is not None else []
     report = reports[index] if index < len(reports) else None
     badge, line = call_line(record, place)
     previews, downloads = study_files(result, index, file_url)
+    for item in downloads:
+        item["name"] = download_name(record, item["name"])
+    positives = len(record.findings) if badge in (Badge.PATHOLOGY, Badge.NORMAL) else 0
     document: dict[str, Any] = {
         "key": record.key,
         "title": display_name(record, n_studies),
         "badge": badge.value,
         "badge_text": BADGE_TEXT[badge],
         "call": line,
+        "call_note": call_note(badge, positives),
         # The whole reason when the call shows it shortened (its numbers in parentheses).
         "call_detail": "",
         "fraction": round(record.progress, 3) if badge is Badge.PROCESSING else None,
-        "flags": [],
-        "identity": identity(record, report),
+        "flags": [QUALITY_FLAG_TEXT[flag] for flag in record.quality_flags],
+        "patient": patient_lines(record, clock),
+        "identity": identity(record, report, clock),
         "findings": findings_list(report) if report is not None else [],
         "warnings": [split_headline(text) for text in (report.warnings if report else [])],
         "notes": intake_notes(report.intake if report else None),
@@ -293,9 +386,7 @@ def study_view(
         "quality": quality_numbers(report) if report else [],
         "series": [
             {
-                "text": f"series {decision.series_number if decision.series_number is not None else '?'}"
-                f" ({decision.modality or '?'}, {decision.n_images} images)"
-                + (f" '{decision.description}'" if decision.description else ""),
+                "text": series_text(decision),
                 "selected": decision.selected,
                 "reason": decision.reason,
             }
@@ -307,8 +398,12 @@ def study_view(
         "previews": previews,
         "downloads": downloads,
         "patient_studies": other_studies(record, patient_studies),
+        "reviews": review_lines(reviews or [], clock),
+        # A review needs a result of the model or a refusal to agree with.
+        "may_review": may_review and record.state.final,
+        "finding_labels": [item["label"] for item in findings_list(report)] if report else [],
     }
-    if badge is Badge.FAILURE:
+    if badge in (Badge.FAILED, Badge.NOT_ANALYSED):
         reason = failure_reason(record)
         if short_reason(reason) != reason:
             document["call_detail"] = reason

@@ -1,42 +1,40 @@
-"""Pure functions from registry rows to what the worklist shows: one row per study, as plain
-data.
+"""Pure pieces of the page that are not the worklist's rows (worklist_rows.py) or the study
+view (study_view.py): the guide, the banners, the user bar, the download link, texts for a
+study's state and for upload messages.
 
 The page renders every value as text (services/frontend/static/*.js sets textContent, never
-innerHTML): DICOM headers and file names are not trusted. The rows are sorted by urgency:
-PATHOLOGY first (most probable first), then Failure (a study that was not screened may hide
-anything), then NORMAL, then studies in progress and in the queue.
+innerHTML): DICOM headers and file names are not trusted.
 """
 
 from __future__ import annotations
 
 import html
 import math
-from collections import defaultdict
-from enum import Enum
-from typing import Any
 
 from services.core.access import Permission, Principal, PrincipalKind
 from services.core.reports import DEMO_NOTICE
-from services.core.schemas import StudyReport
 from services.frontend.queue_status import QueuePlace
-from services.registry.records import StudyRecord, StudyState
+from services.registry.records import StudyRecord
 
 GUIDE = """
-1. **Add studies**: a **.zip** or **.tar** / **.tar.gz** of a study's DICOM files (an archive
-   holding several studies gives one row per study), a **.nii** / **.nii.gz** volume, or the
-   loose **.dcm** files of one series (screened together as one study). Then press
-   **Screen the studies**.
+1. **Add studies** with **Add studies** or by dropping files onto the worklist: a **.zip** or
+   **.tar** / **.tar.gz** of a study's DICOM files (an archive holding several studies gives
+   one row per study), a **.nii** / **.nii.gz** volume, or the loose **.dcm** files of one
+   series.
 2. **The worklist** is the department's: every study, whatever brought it (this page, the
-   REST API, the PACS over DICOM), the most urgent first: **PATHOLOGY**, then **Failure**
-   (not screened: the reason is in the row), then **NORMAL**, then studies in progress and in
-   the queue (with their place in line). Click a column title to sort, type in the filter box
-   to narrow the list, click a row to open the study; ✕ takes a row off *your* list only.
-3. **A study** shows the call, the findings above their thresholds first, the data-quality
-   warnings, the chest-CT check, the patient's other studies and a slice viewer of the series
-   that was read (a refused series too): scroll with the mouse wheel or the slider, switch
-   plane, pick a window (lung, mediastinum, bone) or drag with the right mouse button for
-   window/level.
-4. **Download all** gives the xlsx of every finished study on your list.
+   REST API, the PACS over DICOM), in triage order: unreviewed **PATHOLOGY** (most probable
+   first), unreviewed **NORMAL**, **Failed** (red: unreadable data or an error, the reason in
+   the row), studies in progress and in the queue, **Not analysed** (grey: not a chest CT,
+   with the reason), then the reviewed studies. Chips name data-quality problems; click one
+   to list the studies that have it. Click a column title to sort, type in the filter box,
+   click a row to open the study; ✕ takes a row off *your* list only.
+3. **A study** shows the patient, the call, the findings above their thresholds first, the
+   data-quality warnings, the chest-CT check, the patient's other studies and a slice viewer
+   (wheel or slider: slices; plane and window buttons; right-drag: window/level; Ctrl+wheel:
+   zoom; drag: pan; slices filled by interpolation are marked). **Review** records that you
+   read it: agree or disagree with the call, mark findings, add a comment.
+4. The tab's title counts the unreviewed PATHOLOGY studies; **Alerts** asks the browser to
+   notify you (and optionally beep) when a new one arrives. **Download all** gives the xlsx.
 
 A file that was screened before is not screened again: the upload says so and its row is
 shown. **Demo weights**: the probabilities mean nothing.
@@ -91,24 +89,6 @@ def download_all_link(enabled: bool, browser_token: str | None) -> str:
     )
 
 
-class Badge(str, Enum):
-    PATHOLOGY = "pathology"
-    FAILURE = "failure"
-    NORMAL = "normal"
-    PROCESSING = "processing"
-    QUEUED = "queued"
-
-
-BADGE_TEXT = {
-    Badge.PATHOLOGY: "PATHOLOGY",
-    Badge.FAILURE: "Failure",
-    Badge.NORMAL: "NORMAL",
-    Badge.PROCESSING: "Processing",
-    Badge.QUEUED: "Queued",
-}
-URGENCY = {badge: rank for rank, badge in enumerate(Badge)}  # the order above
-
-
 def row_key(task_id: str, index: int) -> str:
     return f"{task_id}:{index}"
 
@@ -118,23 +98,6 @@ def parse_row_key(value: object) -> tuple[str, int] | None:
         return None
     task_id, _, index = value.partition(":")
     return (task_id, int(index)) if task_id and index.isdigit() else None
-
-
-def report_badge(report: StudyReport) -> Badge:
-    if not report.succeeded:
-        return Badge.FAILURE
-    return Badge.PATHOLOGY if report.pathology == 1 else Badge.NORMAL
-
-
-def record_badge(record: StudyRecord) -> Badge:
-    """The outcome of a registry row, in the worklist's words."""
-    if record.state is StudyState.QUEUED:
-        return Badge.QUEUED
-    if record.state is StudyState.PROCESSING:
-        return Badge.PROCESSING
-    if record.state is StudyState.FAILED or record.processing_status != "Success":
-        return Badge.FAILURE
-    return Badge.PATHOLOGY if record.pathology else Badge.NORMAL
 
 
 def failure_reason(record: StudyRecord) -> str:
@@ -182,119 +145,13 @@ def display_name(record: StudyRecord, n_studies: int) -> str:
     return name
 
 
-def worklist_row(
-    record: StudyRecord, *, n_studies: int = 1, place: QueuePlace | None = None
-) -> dict[str, Any]:
-    """One worklist row: plain values only (the page shows them as text)."""
-    received = record.received_at
-    row: dict[str, Any] = {
-        "key": record.key,
-        "task_id": record.task_id,
-        "file": display_name(record, n_studies),
-        "submitted": received.strftime("%Y-%m-%d %H:%M"),
-        "submitted_ts": received.timestamp(),
-        "door": record.door.value,
-        "probability": None,
-        "finding": record.most_dangerous_finding or "",
-        "positives": len(record.findings),
-        "date": record.study_date or "",
-        "description": record.study_description or "",
-        "accession": record.accession_number or "",
-        "status": "",
-        "detail": "",  # the whole text when "status" is shortened
-        "fraction": None,
-        "flags": [],
-    }
-    badge = record_badge(record)
-    if badge is Badge.QUEUED:
-        row["status"] = queue_text(place)
-    elif badge is Badge.PROCESSING:
-        row["status"] = progress_text(record)
-        row["fraction"] = round(record.progress, 3)
-    elif badge is Badge.FAILURE:
-        row["detail"] = failure_reason(record)
-        row["status"] = short_reason(row["detail"])
-    elif record.findings:
-        row["status"] = f"{len(record.findings)} finding(s) above threshold"
-    if record.probability_of_pathology is not None:
-        row["probability"] = round(record.probability_of_pathology, 3)
-    row["badge"] = badge.value
-    row["badge_text"] = BADGE_TEXT[badge]
-    row["urgency"] = URGENCY[badge]
-    return row
-
-
-def _same_study_flags(rows: list[dict[str, Any]], uids: dict[str, str]) -> None:
-    """Flag different uploads of one study (same StudyInstanceUID, other files)."""
-    by_uid: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        uid = uids.get(row["key"])
-        if uid:
-            by_uid[uid].append(row)
-    for group in by_uid.values():
-        if len({row["task_id"] for row in group}) < 2:
-            continue
-        for row in group:
-            others = sorted(
-                {other["file"] for other in group if other["task_id"] != row["task_id"]}
-            )
-            row["flags"].append(
-                "same study (StudyInstanceUID) as " + ", ".join(others) + ", other files"
-            )
-
-
-IN_FLIGHT = (Badge.PROCESSING.value, Badge.QUEUED.value)
-
-
-def sort_by_urgency(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """PATHOLOGY (most probable first), Failure, NORMAL: newest first; then processing and
-    queued studies in the order they will finish (oldest first)."""
-
-    def key(row: dict[str, Any]) -> tuple[int, float, float]:
-        probability = row["probability"] if row["probability"] is not None else 0.0
-        when = row["submitted_ts"] if row["badge"] in IN_FLIGHT else -row["submitted_ts"]
-        return (row["urgency"], -probability, when)
-
-    return sorted(rows, key=key)
-
-
-def worklist(
-    records: list[StudyRecord], places: dict[str, QueuePlace] | None = None
-) -> dict[str, Any]:
-    """What the worklist component shows: rows in urgency order and counts per badge."""
-    places = places or {}
-    studies_per_task: dict[str, int] = defaultdict(int)
-    for record in records:
-        studies_per_task[record.task_id] += 1
-    rows = []
-    uids: dict[str, str] = {}
-    for record in records:
-        row = worklist_row(
-            record, n_studies=studies_per_task[record.task_id], place=places.get(record.task_id)
-        )
-        rows.append(row)
-        if record.study_instance_uid:
-            uids[row["key"]] = record.study_instance_uid
-    _same_study_flags(rows, uids)
-    counts = {badge.value: sum(row["badge"] == badge.value for row in rows) for badge in Badge}
-    return {"rows": sort_by_urgency(rows), "counts": counts, "badges": BADGE_TEXT_BY_VALUE}
-
-
-BADGE_TEXT_BY_VALUE = {badge.value: text for badge, text in BADGE_TEXT.items()}
-
-
-def summary_text(counts: dict[str, int]) -> str:
-    parts = [
-        f"{counts[badge.value]} {BADGE_TEXT[badge]}" for badge in Badge if counts.get(badge.value)
-    ]
-    return " · ".join(parts) if parts else "no studies yet"
-
-
 _MARKDOWN_SPECIAL = "\\`*_{}[]()#+-.!|>~"
 
 
 def markdown_text(text: str) -> str:
     """Text shown through gr.Markdown as it is: HTML and Markdown characters escaped (file
     names come from the user's disk)."""
-    escaped = html.escape(text, quote=True)
+    # Quotes stay as they are: an entity such as &#x27; would have its "#" escaped below and
+    # show as text.
+    escaped = html.escape(text, quote=False)
     return "".join("\\" + char if char in _MARKDOWN_SPECIAL else char for char in escaped)

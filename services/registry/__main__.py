@@ -5,6 +5,7 @@
     purge [--dry-run]         apply registry.retention_days: images and identity of old studies
     record                    record what the adapters report (as the frontend does, for a
                               deployment whose frontends set registry.record_results: false)
+    export-reviews OUT_DIR    the reviews as training labels and embeddings (review_export.py)
     users ... | keys ... | audit ...
                               accounts, API keys and the audit trail (admin_commands.py)
 
@@ -43,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     purge = commands.add_parser("purge", help="apply registry.retention_days")
     purge.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
     commands.add_parser("record", help="record the adapters' reports until stopped")
+    export = commands.add_parser(
+        "export-reviews", help="labels.csv and embeddings.parquet for training train"
+    )
+    export.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     admin_commands.add_parsers(commands)
     return parser
 
@@ -96,6 +101,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return admin_commands.run(arguments, registry)
             finally:
                 registry.close()
+        if arguments.command == "export-reviews":
+            from services.registry.registry import Registry
+            from services.registry.review_export import export_reviews
+
+            registry = Registry.open(settings)
+            try:
+                exported = export_reviews(registry, settings.storage.root, arguments.out_dir)
+            finally:
+                registry.close()
+            print(exported.summary())
+            return 0
         if arguments.command == "import-storage":
             from services.registry.import_storage import import_storage
 

@@ -266,3 +266,27 @@ class AuditEvent(Base):
     study_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
     client: Mapped[str | None] = mapped_column(String(SHORT_TEXT))
     detail: Mapped[str] = mapped_column(String(LONG_TEXT), default="")
+
+
+class WebhookNotification(Base):
+    """A notification of a study's first result to one webhook, from the transaction that
+    recorded the result until it was delivered or given up (services/registry/outbox.py).
+    The body is what is sent, signed at each attempt with the webhook's current key."""
+
+    __tablename__ = "webhook_outbox"
+    __table_args__ = (
+        UniqueConstraint("task_id", "report_index", "url", name="uq_webhook_outbox_target"),
+        Index("ix_webhook_outbox_due", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(String(UID_LENGTH))
+    report_index: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str] = mapped_column(String(LONG_TEXT))
+    body: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16))  # pending | sent | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    next_attempt_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    last_error: Mapped[str] = mapped_column(String(LONG_TEXT), default="")
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)

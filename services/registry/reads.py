@@ -81,7 +81,7 @@ def to_record(row: Study) -> StudyRecord:
         files=[ResultFileLink(**item) for item in row.files or []],
         content_sha256=row.content_sha256,
         purged_at=row.purged_at,
-        quality_flags=[QualityFlag(name) for name in row.quality_flags.split(",") if name],
+        quality_flags=[QualityFlag(name) for name in (row.quality_flags or "").split(",") if name],
         review=(
             ReviewSummary(
                 reviewer=row.reviewed_by, reviewed_at=row.reviewed_at, agrees=row.review_agrees

@@ -14,6 +14,7 @@ runs one on its own. Several recorders share the queue.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from loguru import logger
 from pika.adapters.blocking_connection import BlockingChannel
@@ -24,6 +25,7 @@ from services.broker.consumer import Disposition, QueueConsumer, Report
 from services.broker.schemas import QueueTopology, StudyResult
 from services.core.config import Settings
 from services.registry.registry import Registry
+from services.registry.webhooks import WebhookSender, notifications_of
 
 RECORDER_PREFETCH = 20
 
@@ -40,6 +42,13 @@ class RegistryRecorder:
         self._on_result = on_result  # told of each result recorded for the first time
         self.topology = QueueTopology.from_settings(settings.rabbitmq)
         self.recorded = 0  # messages written (tests and logs)
+        # notifications.webhooks: the messages join the outbox with the result, and a sender
+        # thread delivers them (services/registry/webhooks.py).
+        notifications = settings.notifications
+        self._notifications = (
+            partial(notifications_of, notifications) if notifications.webhooks else None
+        )
+        self.webhooks = WebhookSender(notifications, registry) if notifications.webhooks else None
         self.consumer = QueueConsumer(
             settings.rabbitmq,
             self._declare,
@@ -56,7 +65,8 @@ class RegistryRecorder:
     def record(self, report: Report) -> Disposition:
         try:
             if isinstance(report, StudyResult):
-                if self.registry.record_result(report) and self._on_result is not None:
+                first = self.registry.record_result(report, self._notifications)
+                if first and self._on_result is not None:
                     self._on_result(report)
             else:
                 self.registry.record_progress(report)
@@ -72,6 +82,10 @@ class RegistryRecorder:
 
     def start(self) -> None:
         self.consumer.start()
+        if self.webhooks is not None:
+            self.webhooks.start()
 
     def stop(self) -> None:
         self.consumer.stop()
+        if self.webhooks is not None:
+            self.webhooks.stop()

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from services.broker.schemas import StudyProgress, StudyResult
 from services.core.config import Settings
-from services.registry import reads, writes
+from services.registry import outbox, reads, writes
 from services.registry.account_book import AccountBook, AuditTrail
 from services.registry.database import (
     check_schema,
@@ -34,6 +34,7 @@ from services.registry.database import (
     describe,
     session_factory,
 )
+from services.registry.outbox import NewNotification, WebhookOutbox
 from services.registry.records import (
     Delivery,
     Door,
@@ -65,6 +66,7 @@ class Registry:
             check_schema(self._read_engine)
         self.accounts = AccountBook(self._write, self.reading)
         self.audit = AuditTrail(self._write, self.reading)
+        self.outbox = WebhookOutbox(self._write, self.reading)
 
     @classmethod
     def open(cls, settings: Settings, *, check: bool = True) -> Registry:
@@ -95,8 +97,21 @@ class Registry:
     def record_progress(self, progress: StudyProgress) -> bool:
         return self._write(lambda session, now: writes.record_progress(session, progress, now))
 
-    def record_result(self, result: StudyResult) -> bool:
-        return self._write(lambda session, now: writes.record_result(session, result, now))
+    def record_result(
+        self,
+        result: StudyResult,
+        notifications: Callable[[StudyResult], list[NewNotification]] | None = None,
+    ) -> bool:
+        """True when this is the task's first result; then ``notifications`` (the webhooks'
+        messages of it) join the outbox in the same transaction."""
+
+        def change(session: Session, now: datetime) -> bool:
+            first = writes.record_result(session, result, now)
+            if first and notifications is not None:
+                outbox.add(session, notifications(result), now)
+            return first
+
+        return self._write(change)
 
     def hide(self, study_id: int, viewer: str) -> bool:
         return self._write(lambda session, now: writes.hide(session, study_id, viewer, now))

@@ -6,7 +6,7 @@ Environment variables override any leaf (``CTS__<SECTION>__<KEY>=value``, see lo
 Relative paths are relative to the project root.
 
 The rooms: ``base.py`` (strict sections, paths, the Backoff of every retry), ``pipeline.py``
-(the screening), ``services.py`` (the edges), ``destinations.py`` (where SRs go), ``loading.py`` (file + environment),
+(the screening), ``services.py`` (the edges), ``destinations.py`` (where SRs go), ``notifications.py`` (webhooks), ``loading.py`` (file + environment),
 ``document.py`` (the generated YAML).
 """
 
@@ -23,6 +23,7 @@ from services.core.config.loading import (
     Settings,
     load_settings,
 )
+from services.core.config.notifications import NotificationSettings, Webhook
 from services.core.config.pipeline import (
     ChestCheckSettings,
     InferenceSettings,
@@ -59,6 +60,7 @@ __all__ = [
     "LoggingSettings",
     "MemorySettings",
     "MetricsSettings",
+    "NotificationSettings",
     "QualitySettings",
     "RabbitMQSettings",
     "RegistrySettings",
@@ -67,5 +69,6 @@ __all__ = [
     "Settings",
     "StorageSettings",
     "StowRsDestination",
+    "Webhook",
     "load_settings",
 ]

@@ -27,6 +27,7 @@ from pydantic_settings import (
 from pydantic_settings.sources.utils import parse_env_vars
 
 from services.core.config.base import PROJECT_ROOT
+from services.core.config.notifications import NotificationSettings
 from services.core.config.pipeline import (
     ChestCheckSettings,
     InferenceSettings,
@@ -74,6 +75,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     memory: MemorySettings = Field(default_factory=MemorySettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    notifications: NotificationSettings = Field(default_factory=NotificationSettings)
 
     @classmethod
     def settings_customise_sources(

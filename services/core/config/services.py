@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -103,6 +104,9 @@ class FrontendSettings(Section):
     failed_sign_in_delay_s: float = Field(
         0.5, ge=0, description="the answer to a failed sign-in waits this, doubling per failure"
     )
+    time_zone: str = Field(
+        "UTC", description="the page shows times in this IANA time zone, e.g. Europe/Berlin"
+    )
     tls_certificate: Path | None = Field(None, description="PEM; with tls_key: HTTPS only")
     tls_key: Path | None = None
     oidc: OidcSettings | None = None
@@ -118,6 +122,17 @@ class FrontendSettings(Section):
                 "README, Security)"
             )
         return values
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r} (an IANA name such as Europe/Berlin)"
+            ) from None
+        return value
 
     @field_validator("tls_certificate", "tls_key")
     @classmethod

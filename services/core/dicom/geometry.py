@@ -246,3 +246,13 @@ def regular_grid(positions_mm: PositionsMm, spacing_mm: float) -> tuple[Int64Arr
     lower = np.where(at_upper, lower + 1, lower)
     weights = np.where(at_upper | (np.abs(targets - positions[lower]) < snap), 0.0, weights)
     return lower.astype(np.int64), weights
+
+
+def interpolated_indices(stack: StackAnalysis) -> list[int]:
+    """The slices of the built volume that are blends of two acquired slices, not acquired
+    ones (the grid positions of ``regular_grid`` that land on no source slice): missing
+    slices filled in, and every off-grid slice of an unevenly spaced series."""
+    if stack.regular:
+        return []
+    _sources, weights = regular_grid(stack.positions_mm, stack.spacing_mm)
+    return [int(index) for index in np.flatnonzero(weights != 0.0)]

@@ -102,6 +102,7 @@ class SeriesSelection:
     selected: Series | None
     decisions: list[SeriesDecision] = field(default_factory=list)
     failure_reason: str | None = None
+    usable: int = 0  # series that passed every rule: more than one means one was chosen
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,9 @@ def select_series(study: Study, settings: SeriesSelectionSettings) -> SeriesSele
             decisions.append(_decision(series, False, rejections[series.series_uid].reason))
         else:
             decisions.append(_decision(series, False, why_not_preferred(series, chosen, settings)))
-    return SeriesSelection(selected=chosen, decisions=decisions, failure_reason=None)
+    return SeriesSelection(
+        selected=chosen, decisions=decisions, failure_reason=None, usable=len(eligible)
+    )
 
 
 # --- the rules, in order: the first that fails rejects the series --------------------------

@@ -21,6 +21,7 @@ from services.core.dicom.objects import Instance, Series, Study
 from services.core.dicom.pixel_data import read_hu, transfer_syntax_name
 from services.core.dicom.values import float_or_none, int_or_none, tag_value
 from services.core.errors import SeriesDataError
+from services.core.quality import QualityFlag
 from services.core.schemas import QualityReport
 from services.core.volume import Volume
 
@@ -71,7 +72,7 @@ def load_volume(
     tilt = geometry.stacking_tilt_degrees(kept[0].position, kept[-1].position, shared.normal)
     tilt_tag = float_or_none(tag_value(kept[0].header, "GantryDetectorTilt"))
 
-    warnings = _quality_warnings(series, stack, tilt, tilt_tag, len(instances))
+    warnings, flags = _quality_warnings(series, stack, tilt, tilt_tag, len(instances))
     too_large = series_size_error(
         shared.rows, shared.columns, max(stack.n_slices, stack.expected_slices), max_voxels
     )
@@ -99,6 +100,7 @@ def load_volume(
             "assumed slope 1 and intercept 0 (values may not be Hounsfield units)"
         )
     spacing = stack.grid_spacing_mm
+    interpolated = geometry.interpolated_indices(stack)
     volume = Volume(
         hu=hu,
         row_cosine=shared.row_cosine,
@@ -106,6 +108,7 @@ def load_volume(
         slice_normal=shared.normal,
         spacing_mm=(float(spacing), shared.pixel_spacing[0], shared.pixel_spacing[1]),
         origin_mm=np.asarray(kept[0].position, dtype=np.float64),
+        interpolated_slices=tuple(interpolated),
     )
     header = kept[0].header
     report = QualityReport(
@@ -127,6 +130,8 @@ def load_volume(
         patient_position=series.patient_position or None,
         convolution_kernel=series.convolution_kernel or None,
         transfer_syntax=transfer_syntax_name(header),
+        flags=flags,
+        interpolated_slices=interpolated,
     )
     logger.info(
         "volume {} from {} images: spacing {:.2f} mm, {} warnings",
@@ -272,8 +277,11 @@ def _quality_warnings(
     tilt: float,
     tilt_tag: float | None,
     n_images: int,
-) -> list[str]:
+) -> tuple[list[str], list[QualityFlag]]:
+    """The warnings in words and, beside each that a reader should see at a glance, its
+    flag (services/core/quality.py)."""
     warnings: list[str] = []
+    flags: list[QualityFlag] = []
     if series.series_uid_missing:
         warnings.append("the images have no SeriesInstanceUID: a derived identifier is reported")
     if stack.duplicate_positions:
@@ -282,12 +290,14 @@ def _quality_warnings(
             f"({stack.n_slices} of {n_images} images used)"
         )
     if stack.missing_slices:
+        flags.append(QualityFlag.INTERPOLATED)
         warnings.append(
             f"{stack.missing_slices} missing slices ({stack.missing_percent:.1f}% of "
             f"{stack.expected_slices} expected positions at {stack.spacing_mm:.2f} mm): "
             "filled by linear interpolation between neighbours"
         )
     if stack.uneven:
+        flags.append(QualityFlag.UNEVEN_SPACING)
         warnings.append(
             f"uneven slice spacing: {stack.uneven_gaps} gaps off the nominal "
             f"{stack.spacing_mm:.2f} mm (range {stack.gaps_mm.min():.2f}-"
@@ -297,11 +307,12 @@ def _quality_warnings(
         tag_text = (
             f"; GantryDetectorTilt tag {tilt_tag:+.1f} degrees" if tilt_tag is not None else ""
         )
+        flags.append(QualityFlag.GANTRY_TILT)
         warnings.append(
             f"gantry tilt: the slices stack at {tilt:.1f} degrees to their normal{tag_text}; "
             "the volume is sheared by that angle (not corrected)"
         )
-    return warnings
+    return warnings, flags
 
 
 def header_duplicate_notes(study: Study) -> list[str]:

@@ -31,6 +31,7 @@ from services.core.nifti.study import prepare_nifti_study
 from services.core.pipeline.events import NO_EVENTS, PipelineEvents, StageClock
 from services.core.pipeline.failures import failure_report, not_chest_reason
 from services.core.preprocessing import PreprocessingTarget, preprocess_volume, to_model_input
+from services.core.quality import QualityFlag
 from services.core.schemas import FailureKind, IntakeSummary, ProcessingStatus, StudyReport
 
 WORK_DIR_PREFIX = "cts-intake-"
@@ -239,6 +240,14 @@ def _prepare_one_study(
         return report, None
     series = selection.selected
     report.series_uid = series.series_uid
+    if selection.usable > 1:
+        # Another usable series may show what this one does not: the reader should know.
+        number = series.series_number if series.series_number is not None else "?"
+        warnings.append(
+            f"{selection.usable} usable series in the study: series {number} was read "
+            "(the series list says why)"
+        )
+        report.quality_flags.append(QualityFlag.SERIES_CHOSEN)
 
     with clock.stage("volume"):
         try:
@@ -253,6 +262,7 @@ def _prepare_one_study(
             return report, None
     report.quality = quality
     warnings.extend(volume_warnings)
+    report.quality_flags.extend(quality.flags)
     clock.events.volume_loaded(volume, study_index=clock.study_index, n_studies=clock.n_studies)
 
     with clock.stage("chest_check"):

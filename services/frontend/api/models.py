@@ -4,10 +4,19 @@ from datetime import datetime
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from services.core.labels import FINDING_LABELS
+from services.core.quality import QualityFlag
 from services.core.schemas import StudyReport
-from services.registry.records import Door, Priority, StudyRecord, StudyState
+from services.registry.records import (
+    Door,
+    Priority,
+    Review,
+    ReviewSummary,
+    StudyRecord,
+    StudyState,
+)
 
 API_PREFIX = "/api/v1"  # where the frontend mounts the API
 MEDIA_TYPES = {
@@ -79,6 +88,8 @@ class StudyItem(BaseModel):
     findings: list[str]
     failure_reason: str | None
     demo_weights: bool | None
+    quality_flags: list[QualityFlag] = []  # the data-quality classes (services/core/quality.py)
+    review: ReviewSummary | None = None  # the latest review: who, when, agreed or not
 
     @classmethod
     def of(cls, record: StudyRecord, status_url: str) -> "StudyItem":
@@ -108,6 +119,8 @@ class StudyItem(BaseModel):
             findings=record.findings,
             failure_reason=record.failure_reason,
             demo_weights=record.demo_weights,
+            quality_flags=record.quality_flags,
+            review=record.review,
         )
 
 
@@ -126,3 +139,48 @@ COMMON_ERRORS = error_responses(
     (404, "no such task or file"),
     (422, "invalid request"),
 )
+
+
+class ReviewRequest(BaseModel):
+    """A radiologist's reading of one study of a task. ``agrees``: the call stands. Otherwise
+    ``pathology`` is the call as the reader makes it (left out: the opposite of the model's).
+    ``findings``: labels of services/core/labels.py marked present (true) or absent (false);
+    a label left out was not marked."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    report_index: int = Field(0, ge=0, le=10_000)
+    agrees: bool
+    pathology: bool | None = None
+    findings: dict[str, bool] = Field(default_factory=dict, max_length=len(FINDING_LABELS))
+    comment: str = Field("", max_length=4000)
+
+    @field_validator("findings")
+    @classmethod
+    def _known_findings(cls, findings: dict[str, bool]) -> dict[str, bool]:
+        unknown = sorted(set(findings) - set(FINDING_LABELS))
+        if unknown:
+            raise ValueError(f"unknown finding(s): {', '.join(unknown)}")
+        return findings
+
+
+class ReviewItem(BaseModel):
+    """One kept review, as the registry holds it."""
+
+    task_id: str
+    report_index: int
+    reviewer: str
+    agrees: bool
+    pathology: bool | None  # the reader's call when they disagree
+    findings: dict[str, bool]
+    comment: str
+    reviewed_at: datetime
+
+    @classmethod
+    def of(cls, review: Review) -> "ReviewItem":
+        assert review.reviewed_at is not None  # the registry sets it when it keeps a review
+        return cls(**review.model_dump(exclude={"reviewed_at"}), reviewed_at=review.reviewed_at)
+
+
+class ReviewList(BaseModel):
+    items: list[ReviewItem]  # oldest first; the last one is the study row's

@@ -13,6 +13,7 @@ from services.broker.schemas import Priority, StudyResult
 from services.core.access import Permission, Principal
 from services.core.intake.collect import ArchiveKind, FileKind, archive_kind, classify_file
 from services.core.intake.tar_archive import GZIP_MAGIC
+from services.core.quality import QualityFlag
 from services.core.schemas import StudyReport
 from services.frontend.api.dependencies import Call, FileRecords, TaskRecords, may_upload
 from services.frontend.api.errors import api_error
@@ -22,6 +23,9 @@ from services.frontend.api.models import (
     MEDIA_TYPES,
     FileKindName,
     FileLink,
+    ReviewItem,
+    ReviewList,
+    ReviewRequest,
     StudyItem,
     StudyList,
     StudyStatus,
@@ -30,8 +34,9 @@ from services.frontend.api.models import (
 )
 from services.frontend.metrics import Refusal
 from services.frontend.queue_status import read_queue_status
+from services.frontend.reviews import record_review, reviews_of
 from services.frontend.service import FrontendService
-from services.frontend.study_access import shown, visible
+from services.frontend.study_access import StudyRefused, shown, visible
 from services.frontend.uploads import plan_uploads, safe_file_name
 from services.frontend.views import failure_reason, progress_text, queue_text
 from services.registry import Door, StudyFilter, StudyState
@@ -179,6 +184,10 @@ def list_studies(
     received_from: Annotated[date | None, Query(description="YYYY-MM-DD, inclusive")] = None,
     received_to: Annotated[date | None, Query(description="YYYY-MM-DD, inclusive")] = None,
     q: Annotated[str | None, Query(max_length=200, description="free text")] = None,
+    reviewed: Annotated[bool | None, Query(description="false: not reviewed yet")] = None,
+    quality_flag: Annotated[
+        list[QualityFlag] | None, Query(description="any of these data-quality flags")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> StudyList:
@@ -194,6 +203,8 @@ def list_studies(
         received_from=received_from,
         received_to=received_to,
         text=q,
+        reviewed=reviewed,
+        quality_flags=quality_flag,
     )
     try:
         page = call.service.registry.list_studies(
@@ -302,6 +313,41 @@ def delete_study(
         study_instance_uid=records[0].study_instance_uid,
     )
     return Response(status_code=204)
+
+
+@router.post(
+    "/{task_id}/reviews",
+    status_code=201,
+    response_model=ReviewItem,
+    responses=COMMON_ERRORS
+    | error_responses(
+        (403, "the role may not review, or the study is not the caller's"),
+        (409, "the study has no result yet"),
+    ),
+)
+def review_study(call: Call, task_id: str, body: ReviewRequest) -> ReviewItem:
+    """Mark a study reviewed: agree with its call or correct it (the call, findings marked
+    present or absent), with a comment. Every review is kept; the study's row shows the
+    latest. Only a role with the ``review`` permission (radiologist)."""
+    try:
+        return record_review(call.access, call.principal, call.client, task_id, body, door="rest")
+    except StudyRefused as refusal:
+        raise api_error(refusal.status, refusal.reason) from None
+
+
+@router.get("/{task_id}/reviews", response_model=ReviewList, responses=COMMON_ERRORS)
+def study_reviews(
+    call: Call,
+    task_id: str,
+    report_index: Annotated[int, Query(ge=0, le=10_000)] = 0,
+) -> ReviewList:
+    """The study's reviews, oldest first, for anyone who may see the study."""
+    try:
+        items = reviews_of(call.access, call.principal, call.client, task_id, report_index)
+    except StudyRefused as refusal:
+        raise api_error(refusal.status, refusal.reason) from None
+    call.audit(AuditAction.VIEW_STUDY, task_id=task_id, detail=f"rest reviews {report_index}")
+    return ReviewList(items=items)
 
 
 FILE_ACTIONS = {

@@ -17,7 +17,8 @@ const PLANES = {
   coronal: { axes: [0, 2, 1], marks: ["S", "I", "R", "L"] },
   sagittal: { axes: [0, 1, 2], marks: ["S", "I", "A", "P"] },
 };
-const STAGE_PIXELS = 440;
+const STAGE_MARGIN = 16; // pixels between the image and the stage's edge
+const ZOOM_LIMITS = [1, 8];
 const $ = (selector) => element.querySelector(selector);
 const viewerRoot = $(".vw");
 const canvas = $(".vw-canvas");
@@ -25,7 +26,7 @@ const sliceInput = $(".vw-slice");
 const widthInput = $(".vw-width");
 const levelInput = $(".vw-level");
 const cache = new Map(); // data URL -> Promise of the codes
-const view = { plane: "axial", slice: {}, width: 1500, level: -600, preset: "lung", codes: null, meta: null, url: null };
+const view = { plane: "axial", slice: {}, width: 1500, level: -600, preset: "lung", codes: null, meta: null, url: null, zoom: 1, panX: 0, panY: 0 };
 
 function text(node, value) {
   node.textContent = value == null ? "" : String(value);
@@ -157,6 +158,16 @@ function fill() {
   text($(".sv-title"), study.title);
   text($(".sv-call"), study.call);
   $(".sv-call").className = "sv-call call-" + study.badge;
+  const patient = $(".sv-patient");
+  patient.replaceChildren();
+  for (const [label, value] of study.patient || []) {
+    const pair = make("div");
+    pair.appendChild(make("dt", null, label));
+    pair.appendChild(make("dd", null, value));
+    patient.appendChild(pair);
+  }
+  text($(".sv-call-note"), study.call_note);
+  $(".sv-call-note").hidden = !study.call_note;
   text($(".sv-call-detail"), study.call_detail);
   $(".sv-call-detail").hidden = !study.call_detail;
   const progress = $(".sv-progress");
@@ -165,7 +176,7 @@ function fill() {
   const flags = $(".sv-flags");
   flags.replaceChildren();
   if (study.demo) flags.appendChild(make("div", "sv-flag sv-demo", "Demo weights: these probabilities mean nothing."));
-  for (const flag of study.flags) flags.appendChild(make("div", "sv-flag", flag));
+  for (const flag of study.flags) flags.appendChild(make("div", "sv-flag", "data quality: " + flag));
   fillFindings(study);
   fillWarnings(study);
   fillChestCheck(study);
@@ -178,199 +189,7 @@ function fill() {
   $(".sv-quality").hidden = !study.quality.length && !study.series.length;
   table($(".sv-identity table"), study.identity);
   fillFiles(study);
+  fillReview(study);
   showViewer(study);
 }
 
-// -- the viewer ---------------------------------------------------------------------------
-
-async function loadCodes(url) {
-  if (!cache.has(url)) {
-    cache.set(url, (async () => {
-      const response = await fetch(url, { credentials: "same-origin" });
-      if (!response.ok) throw new Error("the viewer data did not load (HTTP " + response.status + ")");
-      const inflated = response.body.pipeThrough(new DecompressionStream("deflate"));
-      return new Uint8Array(await new Response(inflated).arrayBuffer());
-    })());
-  }
-  return cache.get(url);
-}
-
-function message(value) {
-  const node = $(".vw-message");
-  text(node, value);
-  node.hidden = !value;
-}
-
-async function showViewer(study) {
-  const data = study.viewer;
-  viewerRoot.classList.toggle("vw-none", !data);
-  if (!data) {
-    viewerRoot.dataset.ready = "0";
-    view.codes = null;
-    view.meta = null;
-    view.url = null;
-    canvas.hidden = true;
-    message(study.viewer_missing || "No images to show.");
-    return;
-  }
-  if (view.url === data.url && view.codes) return; // the same study, refreshed
-  view.url = data.url;
-  view.meta = data;
-  view.codes = null;
-  view.slice = {};
-  canvas.hidden = true;
-  message("Loading the images…");
-  viewerRoot.dataset.ready = "0";
-  try {
-    const codes = await loadCodes(data.url);
-    if (view.url !== data.url) return; // another study was opened meanwhile
-    const [slices, rows, columns] = data.shape;
-    if (codes.length !== slices * rows * columns) throw new Error("the viewer data has the wrong size");
-    view.codes = codes;
-    message("");
-    canvas.hidden = false;
-    setPlane(view.plane);
-    viewerRoot.dataset.ready = "1";
-  } catch (error) {
-    message(String(error.message || error));
-  }
-}
-
-function planeSize(plane) {
-  const [rowsAxis, columnsAxis, sliceAxis] = PLANES[plane].axes;
-  const shape = view.meta.shape;
-  return { rows: shape[rowsAxis], columns: shape[columnsAxis], slices: shape[sliceAxis] };
-}
-
-function setPlane(plane) {
-  view.plane = plane;
-  const size = planeSize(plane);
-  if (view.slice[plane] == null) view.slice[plane] = Math.floor(size.slices / 2);
-  sliceInput.max = String(size.slices - 1);
-  sliceInput.value = String(view.slice[plane]);
-  for (const button of element.querySelectorAll("[data-plane]")) button.classList.toggle("active", button.dataset.plane === plane);
-  const marks = PLANES[plane].marks;
-  for (const [index, name] of ["top", "bottom", "left", "right"].entries()) text($(".vw-" + name), marks[index]);
-  draw();
-}
-
-function setSlice(index) {
-  if (!view.codes) return;
-  const size = planeSize(view.plane);
-  view.slice[view.plane] = Math.max(0, Math.min(size.slices - 1, index));
-  sliceInput.value = String(view.slice[view.plane]);
-  draw();
-}
-
-function setWindow(width, level, preset) {
-  view.width = Math.max(1, Math.round(width));
-  view.level = Math.round(level);
-  view.preset = preset || "";
-  widthInput.value = String(view.width);
-  levelInput.value = String(view.level);
-  for (const button of element.querySelectorAll("[data-preset]")) button.classList.toggle("active", button.dataset.preset === view.preset);
-  draw();
-}
-
-function draw() {
-  viewerRoot.dataset.plane = view.plane;
-  viewerRoot.dataset.width = String(view.width);
-  viewerRoot.dataset.level = String(view.level);
-  if (!view.codes) return;
-  const meta = view.meta;
-  const [, rows, columns] = meta.shape;
-  const plane = view.plane;
-  const size = planeSize(plane);
-  const index = view.slice[plane];
-  viewerRoot.dataset.slice = String(index);
-  const low = view.level - view.width / 2;
-  const lut = new Uint8ClampedArray(256);
-  for (let code = 0; code < 256; code++) lut[code] = ((meta.codes_hu[code] - low) / view.width) * 255;
-  canvas.width = size.columns;
-  canvas.height = size.rows;
-  const context = canvas.getContext("2d");
-  const image = context.createImageData(size.columns, size.rows);
-  const pixels = image.data;
-  const codes = view.codes;
-  const planeStride = rows * columns;
-  let out = 0;
-  for (let r = 0; r < size.rows; r++) {
-    for (let c = 0; c < size.columns; c++) {
-      let offset;
-      if (plane === "axial") offset = index * planeStride + r * columns + c;
-      else if (plane === "coronal") offset = r * planeStride + index * columns + c;
-      else offset = r * planeStride + c * columns + index;
-      const grey = lut[codes[offset]];
-      pixels[out] = grey;
-      pixels[out + 1] = grey;
-      pixels[out + 2] = grey;
-      pixels[out + 3] = 255;
-      out += 4;
-    }
-  }
-  context.putImageData(image, 0, 0);
-  // Shown in millimetres: a coronal plane of 3 mm slabs is not squashed.
-  const [rowsAxis, columnsAxis] = PLANES[plane].axes;
-  const heightMm = size.rows * meta.spacing_mm[rowsAxis];
-  const widthMm = size.columns * meta.spacing_mm[columnsAxis];
-  const scale = STAGE_PIXELS / Math.max(heightMm, widthMm);
-  canvas.style.width = Math.round(widthMm * scale) + "px";
-  canvas.style.height = Math.round(heightMm * scale) + "px";
-  const name = plane.charAt(0).toUpperCase() + plane.slice(1);
-  text($(".vw-info"), name + " " + (index + 1) + "/" + size.slices + " · W " + view.width + " L " + view.level);
-}
-
-for (const button of element.querySelectorAll("[data-plane]")) {
-  button.addEventListener("click", () => view.codes && setPlane(button.dataset.plane));
-}
-for (const button of element.querySelectorAll("[data-preset]")) {
-  button.addEventListener("click", () => {
-    const preset = PRESETS[button.dataset.preset];
-    setWindow(preset.width, preset.level, button.dataset.preset);
-  });
-}
-sliceInput.addEventListener("input", () => setSlice(Number(sliceInput.value)));
-widthInput.addEventListener("input", () => setWindow(Number(widthInput.value), view.level, ""));
-levelInput.addEventListener("input", () => setWindow(view.width, Number(levelInput.value), ""));
-const stage = $(".vw-stage");
-stage.tabIndex = 0;
-stage.addEventListener("wheel", (event) => {
-  if (!view.codes) return;
-  event.preventDefault();
-  setSlice(view.slice[view.plane] + (event.deltaY > 0 ? 1 : -1));
-}, { passive: false });
-stage.addEventListener("keydown", (event) => {
-  const steps = { ArrowDown: 1, ArrowUp: -1, PageDown: 10, PageUp: -10 };
-  if (view.codes && event.key in steps) {
-    event.preventDefault();
-    setSlice(view.slice[view.plane] + steps[event.key]);
-  }
-});
-let drag = null;
-stage.addEventListener("contextmenu", (event) => event.preventDefault());
-stage.addEventListener("mousedown", (event) => {
-  if (event.button === 2) drag = { x: event.clientX, y: event.clientY, width: view.width, level: view.level };
-});
-window.addEventListener("mousemove", (event) => {
-  if (drag) setWindow(drag.width + (event.clientX - drag.x) * 4, drag.level + (event.clientY - drag.y) * 2, "");
-});
-window.addEventListener("mouseup", () => { drag = null; });
-$(".sv-back").addEventListener("click", () => {
-  const list = document.getElementById("worklist");
-  if (list) list.scrollIntoView({ behavior: "smooth", block: "start" });
-});
-
-setWindow(PRESETS.lung.width, PRESETS.lung.level, "lung");
-fill();
-watch("value", () => {
-  fill();
-  // A study the user opened comes into view; a refresh, or the study reopened after a page
-  // reload, leaves the page where it is (the worklist stays above the fold).
-  if (props.value && element.dataset.shown !== props.value.key) {
-    element.dataset.shown = props.value.key;
-    if (document.body.dataset.ctsOpenedByUser === "1") {
-      element.scrollIntoView({ behavior: "smooth", block: "start" });
-    }
-  }
-  delete document.body.dataset.ctsOpenedByUser;
-});
