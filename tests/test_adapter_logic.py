@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from services.adapter.delivery import unreadable_task_id
+from services.adapter.handoff import sweep_prepared
 from services.adapter.housekeeping import (
     abandoned_regions,
     sweep_shared_memory,
@@ -23,7 +24,7 @@ from services.adapter.housekeeping import (
 )
 from services.adapter.model_server_wait import RetryingBackend
 from services.broker.schemas import StudyResult, StudyTask, TaskStatus
-from services.broker.storage import load_result, store_result_once
+from services.broker.storage import HANDOFF_FILE, load_result, prepared_dir, store_result_once
 from services.core.config import Backoff
 from services.core.errors import ModelServerUnavailable, ModelServerWaitExceeded, WorkInterrupted
 from services.core.inference.base import ModelOutputs
@@ -217,6 +218,23 @@ def test_an_adapter_keeps_its_temporary_files_apart_and_dead_ones_are_swept(
         assert not (tmp_path / "cts-adapter-222").exists()
     finally:
         tempfile.tempdir = before
+
+
+def test_prepared_folders_of_finished_tasks_are_swept(tmp_path: Path) -> None:
+    """An adapter killed between storing a result and removing the task's prepared folder
+    leaves the model inputs behind; the housekeeping sweep removes them, and only them."""
+    for task_id in ("finished", "waiting", "half-prepared"):
+        folder = prepared_dir(tmp_path, task_id)
+        folder.mkdir(parents=True)
+        (folder / "study0.npy").write_bytes(b"model input")
+    (prepared_dir(tmp_path, "waiting") / HANDOFF_FILE).write_text("{}")
+    store_result_once(tmp_path, StudyResult(task_id="finished", status=TaskStatus.COMPLETED))
+    assert sweep_prepared(tmp_path) == ["finished"]
+    assert not prepared_dir(tmp_path, "finished").exists()
+    # Waiting for the model, or prepared again on its next delivery: both are kept.
+    assert prepared_dir(tmp_path, "waiting").exists()
+    assert prepared_dir(tmp_path, "half-prepared").exists()
+    assert sweep_prepared(tmp_path / "no-storage-yet") == []
 
 
 def test_the_first_stored_result_of_a_task_stays_its_only_result(tmp_path: Path) -> None:

@@ -104,7 +104,10 @@ class Adapter:
         threading.Thread(
             target=sweep_leftovers_forever,
             args=(self._stop, self.settings.inference.triton_url),
-            kwargs={"shared_memory": getattr(backend, "transport", None) == "shared_memory"},
+            kwargs={
+                "shared_memory": getattr(backend, "transport", None) == "shared_memory",
+                "storage_root": self.storage_root,
+            },
             name="sweep",
             daemon=True,
         ).start()

@@ -20,17 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
 from pydicom.dataset import Dataset
 
-from services.broker.schemas import ModelTask, StudyTask, check_safe_id
-from services.broker.storage import relative_to_storage, write_atomically
+from services.broker.schemas import ModelTask, StudyTask
+from services.broker.storage import (
+    HANDOFF_FILE,
+    PREPARED_DIR,
+    prepared_dir,
+    relative_to_storage,
+    result_json_path,
+    write_atomically,
+)
 from services.core.arrays import ModelInput
 from services.core.schemas import StudyReport
 from services.sr.evidence import StudyEvidence
-
-PREPARED_DIR = "prepared"
-HANDOFF_FILE = "handoff.json"
 
 
 class PreparedEntry(BaseModel):
@@ -54,10 +59,6 @@ class PreparedTask(BaseModel):
     started_at: datetime
     prepare_seconds: float
     prepared_by: str = ""
-
-
-def prepared_dir(storage_root: Path, task_id: str) -> Path:
-    return Path(storage_root) / PREPARED_DIR / check_safe_id(task_id)
 
 
 def save_model_input(folder: Path, index: int, model_input: ModelInput) -> str:
@@ -121,3 +122,25 @@ def model_task(
 
 def remove_prepared(storage_root: Path, task_id: str) -> None:
     shutil.rmtree(prepared_dir(storage_root, task_id), ignore_errors=True)
+
+
+def sweep_prepared(storage_root: Path) -> list[str]:
+    """Remove the prepared folders of tasks whose result is stored; returns their task ids.
+
+    The model stage removes a task's folder right after storing its result, but an adapter
+    killed in between, or a task given up in its preparation (its FAILED result stored by
+    the delivery rules), leaves the folder: the model inputs, 221 MB each. A stored result
+    is final (services/broker/storage.py), so nothing reads the folder again.
+    """
+    try:
+        names = [path.name for path in (Path(storage_root) / PREPARED_DIR).iterdir()]
+    except OSError:
+        return []
+    removed = []
+    for name in sorted(names):
+        if result_json_path(storage_root, name).exists():
+            shutil.rmtree(Path(storage_root) / PREPARED_DIR / name, ignore_errors=True)
+            removed.append(name)
+    if removed:
+        logger.warning("removed the prepared folders of {} finished task(s)", len(removed))
+    return removed

@@ -16,7 +16,11 @@ An adapter killed mid-study (kill -9, the OOM killer) runs none of its clean-up:
   after a kill it stays (RAM: 221 MB for a full-size input) and may stay registered in
   Triton, which then keeps it mapped.
 
-Every adapter sweeps both when it starts and then every minute, for owners whose process is
+* **the prepared folders** (``storage/prepared/<task_id>/``, services/adapter/handoff.py)
+  of tasks whose result is stored: the model stage removes them after storing, a kill in
+  between leaves them.
+
+Every adapter sweeps these when it starts and then every minute, for owners whose process is
 gone. The owner's pid is read from the name, which is sound where the adapters that share
 the temp folder and /dev/shm also share the process ids: one host or one container (the
 local stack of start.sh; the compose files give each adapter its own /tmp and use gRPC).
@@ -36,6 +40,8 @@ from pathlib import Path
 import tritonclient.grpc as grpcclient
 from loguru import logger
 from tritonclient.utils import InferenceServerException
+
+from services.adapter.handoff import sweep_prepared
 
 HEALTH_INTERVAL_S = 5.0
 SHM_DIR = Path("/dev/shm")
@@ -66,12 +72,17 @@ class HealthFile:
             self._last = now
 
 
-def sweep_leftovers_forever(stop: threading.Event, triton_url: str, *, shared_memory: bool) -> None:
+def sweep_leftovers_forever(
+    stop: threading.Event, triton_url: str, *, shared_memory: bool, storage_root: Path | None = None
+) -> None:
     """Now and every SWEEP_INTERVAL_S until ``stop``: remove what adapters killed mid-study
-    left behind (their unpacked studies; their shared memory when this adapter uses it)."""
+    left behind (their unpacked studies; their shared memory when this adapter uses it; the
+    prepared folders of finished tasks on the shared storage)."""
     while True:
         try:
             sweep_temp_dirs(temp_base())
+            if storage_root is not None:
+                sweep_prepared(storage_root)
             if shared_memory:
                 sweep_shared_memory(triton_url)
         except Exception:  # noqa: BLE001 - housekeeping must never stop the adapter

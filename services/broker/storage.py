@@ -3,6 +3,8 @@
     <root>/uploads/<task_id>/<file>      what a frontend received (tasks point here)
     <root>/results/<task_id>.json        the StudyResult, exactly as sent to reply_to
     <root>/results/<task_id>/            output.xlsx, warnings_and_errors.txt, json/, previews/
+    <root>/prepared/<task_id>/handoff.json  a prepared task for the model stage
+                                         (services/adapter/handoff.py)
 
 A result file is written atomically (temporary file + rename): a reader sees the whole
 document or none, and its presence means the task is finished (adapters republish it
@@ -18,10 +20,12 @@ import os
 import tempfile
 from pathlib import Path
 
-from services.broker.schemas import StudyResult
+from services.broker.schemas import StudyResult, check_safe_id
 
 UPLOADS_DIR = "uploads"
 RESULTS_DIR = "results"
+PREPARED_DIR = "prepared"
+HANDOFF_FILE = "handoff.json"
 
 
 def result_json_path(storage_root: Path, task_id: str) -> Path:
@@ -30,6 +34,15 @@ def result_json_path(storage_root: Path, task_id: str) -> Path:
 
 def result_files_dir(storage_root: Path, task_id: str) -> Path:
     return Path(storage_root) / RESULTS_DIR / task_id
+
+
+def prepared_dir(storage_root: Path, task_id: str) -> Path:
+    return Path(storage_root) / PREPARED_DIR / check_safe_id(task_id)
+
+
+def handoff_path(storage_root: Path, task_id: str) -> Path:
+    """Present once the task's preparation is complete (written last, atomically)."""
+    return prepared_dir(storage_root, task_id) / HANDOFF_FILE
 
 
 def upload_dir(storage_root: Path, task_id: str) -> Path:
