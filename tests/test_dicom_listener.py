@@ -173,11 +173,13 @@ def queued_tasks(settings: Settings) -> list[StudyTask]:
     try:
         channel = connection.channel()
         declare_topology(channel, topology)
-        while True:
-            method, _properties, body = channel.basic_get(topology.task_queue, auto_ack=True)
-            if method is None:
-                return tasks
-            tasks.append(StudyTask.model_validate_json(body))
+        for lane in topology.task_lanes():  # every priority's lane
+            while True:
+                method, _properties, body = channel.basic_get(lane, auto_ack=True)
+                if method is None:
+                    break
+                tasks.append(StudyTask.model_validate_json(body))
+        return tasks
     except pika.exceptions.AMQPError:
         raise
     finally:
@@ -211,6 +213,8 @@ def test_storescu_study_becomes_one_task_across_a_listener_restart(
 ) -> None:
     echoscu = require_tool("echoscu", "dcmtk")
     files = sorted((fixtures_dir / CHEST).iterdir())
+    # The emergency department's scanner: its studies are urgent, in the registry too.
+    listener_settings.dicom.calling_ae_priorities = {"MODALITY": "urgent"}
     listener = DicomListener(listener_settings)
     listener.start()
     try:
@@ -256,6 +260,7 @@ def test_storescu_study_becomes_one_task_across_a_listener_restart(
     assert (record.task_id, record.door, record.sender) == (task.task_id, Door.DICOM, "MODALITY")
     assert record.state is StudyState.QUEUED
     assert record.original_filename == task.original_filename
+    assert task.priority.value == record.priority.value == "urgent"
 
 
 @pytest.mark.rabbitmq

@@ -16,6 +16,7 @@ from stack_support import delete_topology, wait_for
 
 from services.broker.connection import connect, declare_topology, publish_to_registry
 from services.broker.schemas import (
+    Priority,
     QueueTopology,
     StudyProgress,
     StudyResult,
@@ -251,8 +252,16 @@ def test_queued_studies_know_their_place_in_the_queue(
         None,
         [make_zip(tmp_path / f"s{index}.zip", size=100 + index) for index in range(3)],
     )
+    # The page's STAT toggle: recorded with the study, and first in the order adapters take.
+    stat = service.submit_uploads(
+        VIEWER, None, [make_zip(tmp_path / "emergency.zip", size=99)], priority=Priority.STAT
+    )
+    (stat_record,) = stat.submitted
+    assert stat_record.priority.value == "stat"
     places = service.queue_places()
-    assert [places[record.task_id].ahead for record in outcome.submitted] == [0, 1, 2]
+    assert places[stat_record.task_id].ahead == 0
+    assert [places[record.task_id].ahead for record in outcome.submitted] == [1, 2, 3]
     assert {place.workers for place in places.values()} == {0}  # no adapter consumes it
+    assert {place.expected_wait_s for place in places.values()} == {None}
     rows = worklist_rows.worklist(service.worklist_records(VIEWER), places).rows
     assert {row.status for row in rows} == {"waiting: no worker is connected to the queue"}

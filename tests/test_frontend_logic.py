@@ -19,16 +19,17 @@ from services.frontend.queue_status import (
     QueueMonitor,
     QueuePlace,
     QueueStatus,
-    expected_wait_s,
     queue_places,
 )
 from services.frontend.service import frontend_instance_id
 from services.frontend.sessions import is_session_token, new_session_token
 from services.frontend.study_view import study_view
 from services.frontend.uploads import content_sha256, safe_file_name
+from services.frontend.wait_estimate import Pending, Where
 from services.registry import Door, StudyRecord, StudyState
 from services.registry.models import Study
 from services.registry.reads import to_record
+from services.registry.records import Priority, StageTimes
 from services.registry.writes import apply_report
 
 
@@ -227,21 +228,21 @@ def test_other_uploads_of_one_study_are_flagged() -> None:
     assert rows["other.zip"]["flags"] == []
 
 
-def test_queue_places_follow_the_registry_order_and_the_wait_uses_recent_durations() -> None:
-    assert expected_wait_s(3, 2, 20.0) == 40.0  # rounds: 3 // 2 + 1
-    assert expected_wait_s(3, 0, 20.0) is None
-    assert expected_wait_s(3, 2, None) is None
-    places = queue_places(["a", "b", "c"], QueueStatus(waiting=3, workers=1), 30.0)
+def test_queue_places_follow_the_lanes_order_and_the_wait_the_measured_stage_times() -> None:
+    times = StageTimes(prepare_s=5.0, model_s=30.0, samples=3)
+    tasks = [Pending(task, Priority.ROUTINE, Where.QUEUED) for task in "abc"]
+    places = queue_places(tasks, QueueStatus(waiting=3, workers=1), times)
     assert [places[task].ahead for task in "abc"] == [0, 1, 2]
-    assert [places[task].expected_wait_s for task in "abc"] == [30.0, 60.0, 90.0]
-    assert queue_places(["a"], None, 30.0) == {}  # broker down: no guess
-    assert views.queue_text(places["a"]) == "next in line, result in about 30 s"
+    assert [places[task].expected_wait_s for task in "abc"] == [35.0, 65.0, 95.0]
+    assert queue_places(tasks, None, times) == {}  # broker down: no guess
+    assert views.queue_text(places["a"]) == "next in line, result in about 35 s"
     assert views.queue_text(None) == "waiting for a free worker"
     queued = [
         record(f"q{index}.zip", state=StudyState.QUEUED, minute=index, task_id=f"q{index}")
         for index in range(3)
     ]
-    rows = listed(queued, queue_places(["q0", "q1", "q2"], QueueStatus(3, 1), 30.0))
+    order = [Pending(f"q{index}", Priority.ROUTINE, Where.QUEUED) for index in range(3)]
+    rows = listed(queued, queue_places(order, QueueStatus(3, 1), times))
     # In the worklist the queue reads in its own order: the next one first.
     assert [row["task_id"] for row in rows["rows"]] == ["q0", "q1", "q2"]
 

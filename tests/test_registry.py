@@ -28,6 +28,7 @@ from services.registry import (
 )
 from services.registry.audit import ActorKind, AuditAction, AuditQuery
 from services.registry.database import alembic_config, create_registry_engine
+from services.registry.records import Priority, StageTimes
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 
@@ -133,6 +134,36 @@ def test_a_task_goes_from_queued_to_its_result_once(registry: Registry) -> None:
     again = registry.study("t1")
     assert again == done
     assert len(registry.task_studies("t1")) == 1
+
+
+def test_the_unfinished_tasks_and_the_measured_stage_times(registry: Registry) -> None:
+    """What the expected waits are computed from (services/frontend/wait_estimate.py)."""
+    assert registry.stage_times() == StageTimes()  # nothing measured yet
+    for index, (prepare, model) in enumerate([(4.0, 30.0), (6.0, 50.0), (2.0, None)]):
+        task_id = f"done{index}"
+        registry.record_submission(submission(task_id))
+        measured = result(task_id).model_copy(
+            update={"prepare_seconds": prepare, "model_seconds": model}
+        )
+        registry.record_result(measured)
+    registry.record_result(result("from-before"))  # an older result, without stage times
+    times = registry.stage_times()
+    assert (times.prepare_s, times.model_s, times.samples) == (5.0, 40.0, 3)
+    assert times.model_share == 2 / 3  # the third was refused in its preparation
+    registry.record_submission(submission("later", at=T0 + timedelta(seconds=2)))
+    registry.record_submission(
+        submission("stat", at=T0 + timedelta(seconds=3), priority=Priority.STAT)
+    )
+    registry.record_submission(submission("first", at=T0 + timedelta(seconds=1)))
+    registry.record_progress(progress("first", "reading", 0.1))
+    pending = registry.pipeline_tasks()
+    assert [(task.task_id, task.state, task.priority) for task in pending] == [
+        ("first", StudyState.PROCESSING, Priority.ROUTINE),
+        ("later", StudyState.QUEUED, Priority.ROUTINE),
+        ("stat", StudyState.QUEUED, Priority.STAT),
+    ]
+    assert pending[0].stage == "reading"
+    assert pending[0].started_at == T0
 
 
 def test_a_task_of_several_studies_has_a_row_each(registry: Registry) -> None:

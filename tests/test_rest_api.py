@@ -111,6 +111,11 @@ def test_a_stat_upload_travels_in_the_stat_lane(
             data={"priority": "stat"},
         )
         assert answer.status_code == 202, answer.text
+        # Recorded with the study: the registry's row (and so the wait estimate) knows it.
+        listed = client.get("/studies", headers=AUTH).json()["items"]
+        assert [(item["task_id"], item["priority"]) for item in listed] == [
+            (answer.json()["task_id"], "stat")
+        ]
         wrong = client.post(
             "/studies",
             headers=AUTH,

@@ -119,7 +119,10 @@ def prepare_task(task: StudyTask, context: TaskContext) -> StudyResult | ModelTa
         if not any(entry.input_file for entry in entries):
             reports = [entry.report for entry in entries]
             files = _finish_files(task, context, reports, evidence.studies, events)
-            return _completed(task, context, reports, files, started, time.perf_counter() - clock)
+            seconds = time.perf_counter() - clock
+            return _completed(
+                task, context, reports, files, started, seconds, prepare_seconds=seconds
+            )
         side_files = [relative_to_storage(storage_root, path) for path in events.finish()]
         record = PreparedTask(
             task_id=task.task_id,
@@ -212,8 +215,17 @@ def finish_model_task(handoff: ModelTask, context: TaskContext) -> StudyResult:
             )
             for path in record.side_files
         )
-        seconds = record.prepare_seconds + time.perf_counter() - clock
-        return _completed(task, context, reports, files, started, seconds)
+        model_seconds = time.perf_counter() - clock
+        return _completed(
+            task,
+            context,
+            reports,
+            files,
+            started,
+            record.prepare_seconds + model_seconds,
+            prepare_seconds=record.prepare_seconds,
+            model_seconds=model_seconds,
+        )
     except Exception as error:  # noqa: BLE001 - re-raised unless its policy is FAILURE_ROW
         return _failed_or_raise(task, context, error, started)
     finally:
@@ -268,6 +280,9 @@ def _completed(
     files: list[ResultFile],
     started: datetime,
     seconds: float,
+    *,
+    prepare_seconds: float,
+    model_seconds: float | None = None,
 ) -> StudyResult:
     return StudyResult(
         task_id=task.task_id,
@@ -282,6 +297,8 @@ def _completed(
         started_at=started,
         finished_at=utc_now(),
         seconds=seconds,
+        prepare_seconds=round(prepare_seconds, 4),
+        model_seconds=None if model_seconds is None else round(model_seconds, 4),
     )
 
 

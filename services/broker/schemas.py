@@ -205,6 +205,11 @@ class StudyResult(_Message):
     started_at: datetime | None = None
     finished_at: datetime = Field(default_factory=utc_now)
     seconds: float = 0.0  # wall time of the task in the adapter
+    # The two stages' own times (services/adapter/stages.py), for the wait estimates
+    # (services/frontend/wait_estimate.py); model_seconds is None when no study needed the model.
+    # Optional, so an older result still reads; the schema version stays 1.
+    prepare_seconds: float | None = None
+    model_seconds: float | None = None
 
     def files_of_kind(self, kind: str) -> list[ResultFile]:
         return [item for item in self.files if item.kind == kind]

@@ -39,6 +39,7 @@ from services.dicom_listener.tls import listener_context
 from services.dicom_listener.uploads_to_pacs import UploadsToPacs, report_position
 from services.registry import Door, Registry, Submission
 from services.registry.records import Delivery
+from services.registry.records import Priority as RecordedPriority
 
 TICK_S = 0.5  # how often quiet studies are closed and results looked for
 SR_KIND = "sr"
@@ -155,6 +156,7 @@ class DicomListener:
             sender=record.calling_ae,
             original_filename=task.original_filename if task else f"DICOM from {record.calling_ae}",
             study_path=task.study_path if task else "",
+            priority=RecordedPriority(task.priority.value) if task else RecordedPriority.ROUTINE,
             received_at=record.opened_at,
             queued_at=utc_now(),
         )

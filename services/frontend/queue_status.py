@@ -1,10 +1,10 @@
 """Where a queued study stands: tasks ahead of it and an expected wait.
 
-The registry knows every queued task of every door in the order it was queued (tasks leave
-the queue in that order: FIFO), so a queued task's place is the number of tasks queued
-before it that are still waiting. RabbitMQ tells how many adapters consume the queue. The
-expected wait is the number of rounds the adapters need for the tasks ahead and this one,
-times the median duration of recent studies (from the registry).
+The registry knows every unfinished task of every door in the order it was queued; each
+stage takes its most urgent lane first, first in first out within a lane, so a queued task's
+place is the number of queued tasks before it in that order. RabbitMQ tells how many
+adapters work each stage (their presence queues' consumers). The expected wait comes from
+the measured stage times of recent results (services/frontend/wait_estimate.py).
 """
 
 from __future__ import annotations
@@ -14,12 +14,23 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 
 from loguru import logger
 
 from services.broker.connection import connect, declare_topology
-from services.broker.schemas import MODEL_STAGE, QueueTopology
+from services.broker.schemas import MODEL_STAGE, PREPARE_STAGE, QueueTopology
+from services.broker.storage import handoff_path
 from services.core.config import RabbitMQSettings
+from services.frontend.wait_estimate import (
+    Pending,
+    Where,
+    Workers,
+    estimate_waits,
+    priority_order,
+)
+from services.registry.records import PipelineTask, Priority, StageTimes, StudyState
 
 QUEUE_STATUS_MAX_AGE_S = 3.0  # one broker round trip per few seconds, not per page refresh
 
@@ -28,6 +39,7 @@ QUEUE_STATUS_MAX_AGE_S = 3.0  # one broker round trip per few seconds, not per p
 class QueueStatus:
     waiting: int  # tasks waiting to be prepared, every lane
     workers: int  # adapters alive (their model stage's presence)
+    preparers: int | None = None  # adapters' preparation stages alive; None: as workers
 
 
 def read_queue_status(settings: RabbitMQSettings) -> QueueStatus:
@@ -44,7 +56,10 @@ def read_queue_status(settings: RabbitMQSettings) -> QueueStatus:
         )
         # Every adapter's model stage consumes its presence queue: the adapters alive.
         presence = channel.queue_declare(topology.presence_queue(MODEL_STAGE), passive=True)
-        return QueueStatus(waiting, int(presence.method.consumer_count))
+        preparing = channel.queue_declare(topology.presence_queue(PREPARE_STAGE), passive=True)
+        return QueueStatus(
+            waiting, int(presence.method.consumer_count), int(preparing.method.consumer_count)
+        )
     finally:
         if connection.is_open:
             connection.close()
@@ -81,30 +96,49 @@ class QueueMonitor:
 
 @dataclass(frozen=True)
 class QueuePlace:
-    ahead: int  # tasks queued before this one and still waiting
-    workers: int  # adapters consuming the queue
+    ahead: int  # queued tasks before this one in the order the adapters take them
+    workers: int  # adapters alive
     expected_wait_s: float | None  # until its result, roughly; None when unknown
 
 
 def queue_places(
-    order: list[str], status: QueueStatus | None, typical_s: float | None
+    tasks: list[Pending], status: QueueStatus | None, times: StageTimes
 ) -> dict[str, QueuePlace]:
-    """The place of each task of ``order`` (queued tasks, first queued first); empty when
-    the broker cannot be asked how many adapters work."""
+    """The place and expected wait of each queued task of ``tasks`` (every unfinished task,
+    first queued first); empty when the broker cannot be asked how many adapters work."""
     if status is None:
         return {}
+    preparers = status.workers if status.preparers is None else status.preparers
+    waits = estimate_waits(tasks, Workers(prepare=preparers, model=status.workers), times)
+    queued = priority_order([task for task in tasks if task.where is Where.QUEUED])
     return {
-        task_id: QueuePlace(
-            ahead=ahead,
-            workers=status.workers,
-            expected_wait_s=expected_wait_s(ahead, status.workers, typical_s),
+        task.task_id: QueuePlace(
+            ahead=ahead, workers=status.workers, expected_wait_s=waits.get(task.task_id)
         )
-        for ahead, task_id in enumerate(order)
+        for ahead, task in enumerate(queued)
     }
 
 
-def expected_wait_s(ahead: int, workers: int, typical_s: float | None) -> float | None:
-    """Seconds until a task with ``ahead`` tasks before it is done; None when unknown."""
-    if typical_s is None or workers <= 0:
-        return None
-    return (ahead // workers + 1) * typical_s
+# The progress stages the model stage reports (services/adapter/stages.py: its "started",
+# then the pipeline's inference, findings and the writing of the files).
+MODEL_PROGRESS_STAGES = frozenset({"started", "inference", "findings", "writing", "retrying"})
+
+
+def pending_tasks(rows: list[PipelineTask], storage_root: Path, now: datetime) -> list[Pending]:
+    """Where each unfinished task is: queued; being prepared; prepared (the preparation's
+    hand-off record is on the shared storage) and waiting for the model, or in it."""
+    tasks = []
+    for row in rows:
+        where = Where.QUEUED
+        elapsed = 0.0
+        if row.state is StudyState.PROCESSING:
+            if not handoff_path(storage_root, row.task_id).exists():
+                where = Where.PREPARING
+                started = row.started_at or now
+                elapsed = max((now - started).total_seconds(), 0.0)
+            elif row.stage in MODEL_PROGRESS_STAGES:
+                where = Where.IN_MODEL
+            else:
+                where = Where.PREPARED
+        tasks.append(Pending(row.task_id, Priority(row.priority.value), where, elapsed))
+    return tasks

@@ -35,13 +35,21 @@ from services.core.config import Settings
 from services.core.model_metadata import read_metadata
 from services.core.reports import write_xlsx
 from services.frontend.metrics import FrontendMetrics, Refusal, frontend_metrics
-from services.frontend.queue_status import QueueMonitor, QueuePlace, queue_places, read_queue_status
+from services.frontend.queue_status import (
+    QueueMonitor,
+    QueuePlace,
+    pending_tasks,
+    queue_places,
+    read_queue_status,
+)
 from services.frontend.sessions import browser_state_secret, downloads_dir
 from services.frontend.study_access import shown, viewer_name, visible
 from services.frontend.task_view import SubmitOutcome
 from services.frontend.uploads import content_sha256, is_zip_group, plan_uploads, safe_file_name
 from services.registry import Door, Registry, StudyFilter, StudyRecord, Submission
 from services.registry.recorder import RegistryRecorder
+from services.registry.records import Priority as RecordedPriority
+from services.registry.records import StudyState
 
 RESULT_CACHE_SECONDS = 300.0
 RESULT_CACHE_ENTRIES = 2000
@@ -242,6 +250,7 @@ class FrontendService:
             original_filename=original,
             study_path=task.study_path,
             content_sha256=digest,
+            priority=RecordedPriority(priority.value),
             received_at=now,
             queued_at=now,
         )
@@ -308,10 +317,14 @@ class FrontendService:
         return self.registry.list_studies(wanted, limit=WORKLIST_ROWS).items
 
     def queue_places(self) -> dict[str, QueuePlace]:
-        order = self.registry.queued_order()
-        if not order:
+        """Each queued study's place in the order the adapters take them and its expected
+        wait, re-estimated on every call from the queue as it is now (the worklist's
+        refresh and the REST API read it; services/frontend/wait_estimate.py)."""
+        rows = self.registry.pipeline_tasks()
+        if not any(row.state is StudyState.QUEUED for row in rows):
             return {}  # no broker round trip when nothing waits
-        return queue_places(order, self.queue.status(), self.registry.typical_study_seconds())
+        tasks = pending_tasks(rows, self.storage_root, utc_now())
+        return queue_places(tasks, self.queue.status(), self.registry.stage_times())
 
     def hide(self, viewer: str, task_id: str, report_index: int) -> bool:
         """Take a study off this viewer's worklist (everyone else still sees it)."""

@@ -113,6 +113,10 @@ class Study(Base):
     queued_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # The adapter's stage times of the result (None before it, and model_seconds None when no
+    # study needed the model): what the expected waits are measured from.
+    prepare_seconds: Mapped[float | None] = mapped_column(Float)
+    model_seconds: Mapped[float | None] = mapped_column(Float)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
     # What came out (a summary: the full report stays a file).
     processing_status: Mapped[str | None] = mapped_column(String(16))

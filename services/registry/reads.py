@@ -19,10 +19,12 @@ from services.registry.models import Review as ReviewRow
 from services.registry.records import (
     Delivery,
     Door,
+    PipelineTask,
     Priority,
     ResultFileLink,
     Review,
     ReviewSummary,
+    StageTimes,
     StudyFilter,
     StudyPage,
     StudyRecord,
@@ -250,35 +252,47 @@ def deliveries(session: Session, task_id: str) -> list[Delivery]:
     ]
 
 
-def queued_order(session: Session, *, limit: int = 10_000) -> list[str]:
-    """The task ids still waiting in the queue, first queued first."""
+def pipeline_tasks(session: Session, *, limit: int = 10_000) -> list[PipelineTask]:
+    """The tasks not finished yet (queued or processing), first queued first."""
     rows = session.execute(
-        select(Study.task_id)
-        .where(Study.report_index == 0, Study.state == StudyState.QUEUED.value)
+        select(Study.task_id, Study.priority, Study.state, Study.stage, Study.started_at)
+        .where(
+            Study.report_index == 0,
+            Study.state.in_([StudyState.QUEUED.value, StudyState.PROCESSING.value]),
+        )
         .order_by(Study.queued_at, Study.id)
         .limit(limit)
     )
-    return [task_id for (task_id,) in rows]
-
-
-def typical_study_seconds(session: Session, *, recent: int = 20) -> float | None:
-    """The median time from start to result of the most recent finished tasks."""
-    rows = session.execute(
-        select(Study.started_at, Study.finished_at)
-        .where(
-            Study.report_index == 0,
-            Study.state == StudyState.DONE.value,
-            Study.started_at.is_not(None),
-            Study.finished_at.is_not(None),
+    return [
+        PipelineTask(
+            task_id=task_id,
+            priority=Priority(priority),
+            state=StudyState(state),
+            stage=stage,
+            started_at=started_at,
         )
-        .order_by(Study.finished_at.desc())
-        .limit(recent)
-    )
-    seconds = [
-        (finished - started).total_seconds() for started, finished in rows if finished and started
+        for task_id, priority, state, stage, started_at in rows
     ]
-    seconds = [value for value in seconds if value > 0]
-    return statistics.median(seconds) if seconds else None
+
+
+def stage_times(session: Session, *, recent: int = 20) -> StageTimes:
+    """The median preparation (of tasks the model screened) and model times of the most
+    recent results that measured them, and the share of those that needed the model."""
+    rows = session.execute(
+        select(Study.prepare_seconds, Study.model_seconds)
+        .where(Study.report_index == 0, Study.prepare_seconds.is_not(None))
+        .order_by(Study.finished_at.desc(), Study.id.desc())
+        .limit(recent)
+    ).all()
+    if not rows:
+        return StageTimes()
+    modelled = [(prepare, model) for prepare, model in rows if prepare is not None and model]
+    return StageTimes(
+        prepare_s=statistics.median([p for p, _ in modelled]) if modelled else None,
+        model_s=statistics.median([m for _, m in modelled]) if modelled else None,
+        model_share=len(modelled) / len(rows),
+        samples=len(rows),
+    )
 
 
 def tasks_without_delivery(

@@ -184,3 +184,26 @@ class Delivery(BaseModel):
     state: str  # pending | sent | failed
     status: str = ""
     updated_at: datetime
+
+
+class PipelineTask(BaseModel):
+    """A task not finished yet (queued or processing), as the wait estimates read it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: str
+    priority: Priority
+    state: StudyState  # QUEUED or PROCESSING
+    stage: str | None = None  # the adapter's last progress stage
+    started_at: datetime | None = None  # its first progress
+
+
+class StageTimes(BaseModel):
+    """The two stages' times of recent results (medians); None where no result measured it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prepare_s: float | None = None  # tasks that went on to the model
+    model_s: float | None = None
+    model_share: float = 1.0  # of recent tasks, those that needed the model
+    samples: int = 0

@@ -38,7 +38,9 @@ from services.registry.outbox import NewNotification, WebhookOutbox
 from services.registry.records import (
     Delivery,
     Door,
+    PipelineTask,
     Review,
+    StageTimes,
     StudyFilter,
     StudyPage,
     StudyRecord,
@@ -163,13 +165,13 @@ class Registry:
         with self.reading() as session:
             return reads.earlier_upload(session, content_sha256)
 
-    def queued_order(self) -> list[str]:
+    def pipeline_tasks(self) -> list[PipelineTask]:
         with self.reading() as session:
-            return reads.queued_order(session)
+            return reads.pipeline_tasks(session)
 
-    def typical_study_seconds(self) -> float | None:
+    def stage_times(self) -> StageTimes:
         with self.reading() as session:
-            return reads.typical_study_seconds(session)
+            return reads.stage_times(session)
 
     def tasks_without_delivery(
         self, *, doors: list[Door], destination: str, since: datetime, limit: int = 50

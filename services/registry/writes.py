@@ -132,6 +132,8 @@ def record_result(session: Session, result: StudyResult, now: datetime) -> bool:
         row.attempt = result.attempt
         row.started_at = result.started_at or row.started_at
         row.finished_at = result.finished_at
+        row.prepare_seconds = result.prepare_seconds
+        row.model_seconds = result.model_seconds
         row.updated_at = now
         row.original_filename = row.original_filename or result.original_filename
         row.study_path = row.study_path or result.study_path
