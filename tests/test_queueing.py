@@ -1,6 +1,7 @@
 """Triage-grade queueing against the real broker and Triton: a study that will be refused is
-answered by the preparation stage whatever waits for the model, and a STAT study goes before
-the routine ones still waiting, in both stages' lanes.
+answered by the preparation stage whatever waits for the model, a STAT study goes before
+the routine ones still waiting, in both stages' lanes, and an adapter killed inside the model
+stage leaves exactly one result.
 
 Ordering is made certain rather than raced: an adapter that runs only the preparation stage
 leaves every prepared study waiting in the model lanes (no model stage exists yet), and an
@@ -9,6 +10,10 @@ adapter that runs only the model stage is started once the lanes are filled.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,12 +22,13 @@ from pathlib import Path
 import pytest
 import test_adapter
 from stack_support import wait_for
-from test_adapter import Client, upload
+from test_adapter import PROJECT_ROOT, Client, upload
 
 from services.adapter.consumer import Adapter
 from services.adapter.handoff import prepared_dir
 from services.broker.connection import declare_topology, publish_task
 from services.broker.schemas import (
+    PREPARE_STAGE,
     Priority,
     QueueTopology,
     StudyProgress,
@@ -30,8 +36,10 @@ from services.broker.schemas import (
     StudyTask,
     TaskStatus,
 )
+from services.broker.storage import load_result
 from services.core.config import AdapterSettings, Settings
 from services.core.schemas import ProcessingStatus
+from services.triton.local_server import LocalTritonServer
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton, pytest.mark.slow]
 
@@ -160,3 +168,82 @@ def test_a_stat_study_behind_ten_routine_ones_is_served_first(
         # The routine ones follow, each once.
         wait_for(lambda: len(results_in_order(client)) == 11, 240, "every result")
     assert sorted(results_in_order(client)) == sorted([stat, *routine])
+
+
+def test_an_adapter_killed_inside_the_model_stage_leaves_exactly_one_result(
+    settings: Settings,
+    studies: dict[str, Path],
+    client: Client,
+    triton: LocalTritonServer,
+    tmp_path: Path,
+) -> None:
+    """kill -9 of an adapter process while its model stage holds the prepared study (its
+    model request hangs on a frozen Triton): the broker gives the ModelTask to another
+    adapter, which finishes it once; the prepared folder is still there for it."""
+    topology = QueueTopology.from_settings(settings.rabbitmq)
+    log = (tmp_path / "victim.log").open("wb")  # read when the victim does not come up
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "services.adapter", "--adapter-id", "model-victim"],
+        cwd=PROJECT_ROOT,
+        env={
+            **os.environ,
+            "CTS__STORAGE__ROOT": str(settings.storage.root),
+            "CTS__RABBITMQ__QUEUE_PREFIX": settings.rabbitmq.queue_prefix,
+            # The queues' arguments must match the ones this test declared.
+            "CTS__RABBITMQ__MAX_DELIVERIES": str(settings.rabbitmq.max_deliveries),
+            "CTS__INFERENCE__MODEL_REPOSITORY": str(settings.inference.model_repository),
+            "CTS__INFERENCE__TRITON_URL": settings.inference.triton_url,
+            "CTS__ADAPTER__STAGES": '["model"]',
+        },
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    # The preparation asks Triton nothing (no body-part regression), so it works while
+    # Triton is frozen; the model stage's request cannot.
+    preparing = settings.model_copy(deep=True)
+    preparing.chest_check.body_part_regression = False
+    assert triton.pid is not None
+    try:
+        test_adapter.wait_until_consuming(settings)  # the victim's model stage is up
+        with adapter_running(preparing, "prepare-only", ["prepare"]):
+            presence = topology.presence_queue(PREPARE_STAGE)
+            wait_for(
+                lambda: client.channel.queue_declare(presence, passive=True).method.consumer_count,
+                60,
+                "the preparation stage up (its backend checked while Triton answers)",
+            )
+            os.kill(triton.pid, signal.SIGSTOP)
+            try:
+                task_id = submit(client, settings, studies["chest"], "chest.zip", Priority.ROUTINE)
+
+                def in_model_request() -> bool:
+                    client.poll()
+                    return any(
+                        isinstance(message, StudyProgress)
+                        and message.task_id == task_id
+                        and message.adapter_id == "model-victim"
+                        and message.stage == "inference"
+                        for message in client.messages
+                    )
+
+                wait_for(in_model_request, 120, "the victim inside the model request")
+                victim.kill()  # kill -9
+                victim.wait(30)
+            finally:
+                os.kill(triton.pid, signal.SIGCONT)
+        assert (prepared_dir(settings.storage.root, task_id) / "handoff.json").is_file()
+        assert waiting_in(client, topology.task_lanes()) == 0  # not prepared again
+        with adapter_running(settings, "model-survivor", ["model"]):
+            result = client.result(task_id, timeout_s=120)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait(30)
+        log.close()
+    assert result.status is TaskStatus.COMPLETED
+    assert result.reports[0].processing_status is ProcessingStatus.SUCCESS
+    assert result.adapter_id == "model-survivor"
+    assert result.attempt == 2  # the broker's redelivery of the ModelTask, not a copy
+    assert results_in_order(client) == [task_id]  # exactly one result
+    assert load_result(settings.storage.root, task_id) == result
+    assert not prepared_dir(settings.storage.root, task_id).exists()
