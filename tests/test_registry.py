@@ -14,6 +14,7 @@ from alembic import command
 from registry_support import BACKEND_PARAMETERS, open_registry, registry_url, sqlite_url
 from sqlalchemy import text
 
+from services.broker.schemas import Priority as BrokerPriority
 from services.broker.schemas import StudyProgress, StudyResult, TaskStatus
 from services.broker.storage import store_result
 from services.core.config import Settings, load_settings
@@ -181,11 +182,16 @@ def test_a_task_of_several_studies_has_a_row_each(registry: Registry) -> None:
 def test_a_task_no_door_recorded_is_registered_from_what_the_adapter_says(
     registry: Registry,
 ) -> None:
-    registry.record_progress(progress("amqp-task", "started", 0.0))
+    # Its lane comes with its progress (StudyProgress.priority).
+    started = progress("amqp-task", "started", 0.0).model_copy(
+        update={"priority": BrokerPriority.URGENT}
+    )
+    registry.record_progress(started)
     registry.record_result(result("amqp-task"))
     row = registry.study("amqp-task")
     assert row is not None
     assert row.door is Door.AMQP
+    assert row.priority is Priority.URGENT
     assert row.original_filename == "amqp-task.zip"
     assert row.state is StudyState.DONE
 

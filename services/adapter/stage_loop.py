@@ -353,5 +353,6 @@ class StageLoop:
                 fraction=fraction,
                 message=text,
                 adapter_id=self.owner.adapter_id,
+                priority=task.priority,
             ),
         )

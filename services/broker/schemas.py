@@ -169,6 +169,9 @@ class StudyProgress(_Message):
     message: str = ""
     adapter_id: str = ""
     at: datetime = Field(default_factory=utc_now)
+    # The task's lane: a task no door recorded (published by another system) is registered
+    # from its first progress, with its priority. Optional: the schema version stays 1.
+    priority: Priority | None = None
 
 
 class TaskStatus(str, Enum):

@@ -20,7 +20,7 @@ from services.core.quality import QualityFlag
 from services.core.schemas import StudyReport
 from services.registry.models import HiddenStudy, SrDelivery, Study
 from services.registry.models import Review as ReviewRow
-from services.registry.records import Delivery, Door, StudyState, Submission
+from services.registry.records import Delivery, Door, Priority, StudyState, Submission
 from services.registry.records import Review as ReviewInput
 
 IDENTITY_FIELDS = (
@@ -71,13 +71,15 @@ def _task_rows(session: Session, task_id: str) -> dict[int, Study]:
     return {row.report_index: row for row in rows}
 
 
-def _unknown_task(task_id: str, at: datetime, now: datetime) -> Study:
+def _unknown_task(
+    task_id: str, at: datetime, now: datetime, priority: str = Priority.ROUTINE.value
+) -> Study:
     """A task no door recorded (published to RabbitMQ by another system)."""
     return Study(
         task_id=task_id,
         report_index=0,
         door=Door.AMQP.value,
-        priority="routine",
+        priority=priority,
         original_filename="",
         study_path="",
         state=StudyState.QUEUED.value,
@@ -96,7 +98,8 @@ def record_progress(session: Session, progress: StudyProgress, now: datetime) ->
     rows = _task_rows(session, progress.task_id)
     first = rows.get(0)
     if first is None:
-        first = _unknown_task(progress.task_id, progress.at, now)
+        priority = progress.priority.value if progress.priority else Priority.ROUTINE.value
+        first = _unknown_task(progress.task_id, progress.at, now, priority)
         session.add(first)
     elif StudyState(first.state).final:
         return False
