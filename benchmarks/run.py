@@ -33,7 +33,7 @@ from loguru import logger
 from benchmarks import encoder as enc
 from benchmarks import machine_rows as rows_of
 from benchmarks import precision_rows as precision
-from benchmarks import registry, stack
+from benchmarks import queueing, registry, stack
 from benchmarks.embedded import benchmark_settings, fresh_process_rows, model_input_of
 from benchmarks.measure import machine, table_row
 from benchmarks.stages import StudyResult, TimedBackend, benchmark_study
@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (arguments.no_stack or arguments.no_cold_start):
         rows += rows_of.triton_load_rows(repository)
     rows += _stack_rows(arguments, study, host.logical_cores)
+    if not arguments.no_stack:
+        print("queueing: refusals, STAT and wait estimates under a backlog ...", flush=True)
+        rows += queueing.queueing_rows()
 
     header = [
         f"- date: {started:%Y-%m-%d %H:%M %Z}",

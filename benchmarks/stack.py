@@ -34,7 +34,13 @@ from benchmarks.measure import busy_share, cpu_times, local_triton, summary, tre
 from benchmarks.studies import STUDY_300, ensure_studies
 from convertation.build_cli import demo_build_command
 from services.broker.connection import connect, declare_topology, publish_task
-from services.broker.schemas import QueueTopology, StudyResult, StudyTask, decode_message
+from services.broker.schemas import (
+    STAGES,
+    QueueTopology,
+    StudyResult,
+    StudyTask,
+    decode_message,
+)
 from services.core.config import Settings, load_settings
 from services.core.inference.onnxruntime_backend import OnnxRuntimeBackend
 from services.core.process_memory import apply_memory_settings
@@ -132,7 +138,15 @@ class _StackClient:
     def close(self) -> None:
         if not self.channel.is_open:
             return  # the broker went away: nothing left to delete through this connection
-        for queue in (self.topology.task_queue, self.topology.dead_letter_queue, self.reply_queue):
+        topology = self.topology
+        for queue in (
+            *topology.task_lanes(),
+            *topology.model_lanes(),
+            *(topology.presence_queue(stage) for stage in STAGES),
+            topology.registry_queue,
+            topology.dead_letter_queue,
+            self.reply_queue,
+        ):
             self.channel.queue_delete(queue)
         self.channel.exchange_delete(self.topology.task_exchange)
         self.channel.exchange_delete(self.topology.dead_letter_exchange)
