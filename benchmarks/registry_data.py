@@ -466,8 +466,7 @@ def row_columns(study: SyntheticStudy) -> dict[str, Any]:
         "findings": [],
         "warnings": [],
         "files": [item.model_dump() for item in result_files(study)],
-        # The model's default, written out: a None in a bulk insert is a NULL, not the default.
-        "quality_flags": "",
+        "quality_flags": "",  # the column's default: no flag until a result says one
     }
     if study.report is not None:
         # apply_report only sets attributes: a plain namespace takes them without the ORM's

@@ -441,8 +441,9 @@ def test_schemathesis_finds_no_server_error(frontend: str, folder: Path) -> None
         cwd=folder,
     )
     assert completed.returncode == 0, completed.stdout[-6000:] + completed.stderr[-2000:]
-    # list, submit, status, file, delete (refused: the key is a radiologist's)
-    assert "Tested: 5" in completed.stdout, completed.stdout[-3000:]
+    # list, submit, status, file, delete (refused: the key is a radiologist's), a study's
+    # reviews and a new review
+    assert "Tested: 7" in completed.stdout, completed.stdout[-3000:]
 
 
 def new_study_copy(source: Path, target: Path, seed: str) -> str:

@@ -163,6 +163,7 @@ def shift_at_size(
     assert re.match(r"\(\d+\) Chest CT screening", page.title()), page.title()
     screenshot(page, folder, "worklist")
     row.click()
+    expect(page.locator("#study-view .sv-title")).to_have_text("chest.zip")
     expect(page.locator("#study-view .sv-patient")).to_contain_text("LUNG_DX-A0002")
     expect(page.locator("#study-view .vw")).to_have_attribute("data-ready", "1", timeout=15_000)
     show_study(page)
@@ -170,7 +171,8 @@ def shift_at_size(
     if first:
         interpolated_slices_are_marked(page, gapped)
         row.click()
-        expect(page.locator("#study-view .sv-patient")).to_contain_text("LUNG_DX-A0002")
+        # The gapped chest is the same patient: wait for this study, not just the name.
+        expect(page.locator("#study-view .sv-title")).to_have_text("chest.zip")
         # Disagree with the model's call, whichever the demo weights made.
         model_call = row.get_attribute("data-badge")
         call = "false" if model_call == "pathology" else "true"

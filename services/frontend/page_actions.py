@@ -26,6 +26,7 @@ from services.frontend.service import FrontendService
 from services.frontend.sessions import is_session_token, new_session_token
 from services.frontend.site_time import SiteClock
 from services.frontend.study_access import StudyRefused, may_see, sender_name, viewer_name
+from services.frontend.study_models import StudyDocument
 from services.frontend.study_view import study_view
 from services.registry import StudyRecord
 from services.registry.audit import AuditAction
@@ -88,7 +89,7 @@ class PageActions:
         records: list[StudyRecord],
         key: str | None,
         places: dict[str, QueuePlace],
-    ) -> dict[str, Any] | None:
+    ) -> StudyDocument | None:
         parsed = views.parse_row_key(key)
         if parsed is None:
             return None

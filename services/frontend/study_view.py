@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from services.broker.schemas import StudyResult
@@ -17,6 +16,16 @@ from services.core.quality import QUALITY_FLAG_TEXT
 from services.core.schemas import ChestCheckEvidence, IntakeSummary, SeriesDecision, StudyReport
 from services.frontend.queue_status import QueuePlace
 from services.frontend.site_time import SiteClock
+from services.frontend.study_header import identity, patient_lines, review_lines
+from services.frontend.study_models import (
+    ChestCheckLines,
+    Download,
+    FindingLine,
+    Headline,
+    OtherStudy,
+    Preview,
+    StudyDocument,
+)
 from services.frontend.views import (
     display_name,
     failure_reason,
@@ -27,12 +36,8 @@ from services.frontend.views import (
 from services.frontend.worklist_rows import (
     BADGE_TEXT,
     Badge,
-    age_sex_text,
     call_note,
-    duration_text,
-    patient_text,
     record_badge,
-    turnaround_seconds,
 )
 from services.registry.records import Review, StudyRecord
 
@@ -54,7 +59,7 @@ EVIDENCE_LABELS = {
 TAG_VERDICTS = {True: "say chest", False: "say another body part", None: "name no body part"}
 
 
-def split_headline(text: str) -> dict[str, str]:
+def split_headline(text: str) -> Headline:
     """ "gantry tilt: the slices stack at 18.5 degrees ..." -> headline and its numbers."""
     head, separator, rest = text.partition(": ")
     if not separator or len(head) > 80:
@@ -96,7 +101,7 @@ def call_line(record: StudyRecord, place: QueuePlace | None) -> tuple[Badge, str
     return badge, line
 
 
-def findings_list(report: StudyReport) -> list[dict[str, Any]]:
+def findings_list(report: StudyReport) -> list[FindingLine]:
     """Above threshold first (most probable first), then the rest."""
     ordered = sorted(report.findings, key=lambda f: (not f.positive, -f.probability))
     return [
@@ -110,7 +115,7 @@ def findings_list(report: StudyReport) -> list[dict[str, Any]]:
     ]
 
 
-def chest_check_lines(evidence: ChestCheckEvidence) -> dict[str, Any]:
+def chest_check_lines(evidence: ChestCheckEvidence) -> ChestCheckLines:
     """The verdict (its reason holds the image summary), both halves in words, the numbers."""
     numbers = [
         [EVIDENCE_LABELS.get(key, key.replace("_", " ")), _number_text(key, value)]
@@ -181,92 +186,7 @@ def quality_numbers(report: StudyReport) -> list[list[str]]:
     return numbers
 
 
-def patient_lines(record: StudyRecord, clock: SiteClock) -> list[list[str]]:
-    """The header's patient and study: empty for a role not allowed the identity."""
-    identity = record.identity
-    if identity is None:
-        return []
-    lines = [
-        ["patient", patient_text(identity) or "—"],
-        ["patient ID", identity.patient_id or "—"],
-        ["birth date", identity.patient_birth_date or "—"],
-        ["age, sex", age_sex_text(identity) or "—"],
-        ["accession number", record.accession_number or "—"],
-    ]
-    when = " ".join(part for part in (record.study_date, identity.study_time) if part)
-    lines.append(["study date and time", when or "—"])
-    if identity.referring_physician_name:
-        lines.append(["referring physician", identity.referring_physician_name.replace("^", " ")])
-    return lines
-
-
-def identity(record: StudyRecord, report: StudyReport | None, clock: SiteClock) -> list[list[str]]:
-    fields = [["file", record.original_filename], ["received by", _door_text(record)]]
-    if report is not None:
-        fields += [
-            ["study date", report.study_date or "—"],
-            ["description", report.study_description or "—"],
-            ["accession number", record.accession_number or "—"],
-            ["StudyInstanceUID", report.study_uid or "—"],
-            ["SeriesInstanceUID (analysed)", report.series_uid or "—"],
-        ]
-    fields.append(["received", clock.full(record.received_at)])
-    if record.finished_at is not None and record.state.final:
-        fields.append(["result", clock.full(record.finished_at)])
-    turnaround = turnaround_seconds(record)
-    if turnaround is not None:
-        fields.append(["turnaround", duration_text(turnaround)])
-    return fields
-
-
-def review_lines(reviews: list[Review], clock: SiteClock) -> list[dict[str, Any]]:
-    """Every review of the study, newest first."""
-    return [
-        {
-            "who": review.reviewer,
-            "when": clock.full(review.reviewed_at) if review.reviewed_at else "",
-            "verdict": "agrees with the call"
-            if review.agrees
-            else "disagrees: "
-            + (
-                "PATHOLOGY"
-                if review.pathology
-                else "NORMAL"
-                if review.pathology is False
-                else "call"
-            ),
-            "findings": [
-                f"{label}: {'present' if present else 'absent'}"
-                for label, present in sorted(review.findings.items())
-            ],
-            "comment": review.comment,
-        }
-        for review in sorted(
-            reviews, key=lambda item: item.reviewed_at or record_time_zero(), reverse=True
-        )
-    ]
-
-
-def record_time_zero() -> datetime:
-    return datetime.min.replace(tzinfo=UTC)
-
-
-DOOR_TEXT = {
-    "upload": "the web page",
-    "rest": "the REST API",
-    "dicom": "DICOM",
-    "amqp": "RabbitMQ",
-    "batch": "the batch",
-    "import": "an import of earlier results",
-}
-
-
-def _door_text(record: StudyRecord) -> str:
-    text = DOOR_TEXT.get(record.door.value, record.door.value)
-    return f"{text} ({record.sender})" if record.sender else text
-
-
-def other_studies(record: StudyRecord, studies: list[StudyRecord]) -> list[dict[str, Any]]:
+def other_studies(record: StudyRecord, studies: list[StudyRecord]) -> list[OtherStudy]:
     """The patient's other studies (same PatientID and issuer): date, call, how to open."""
     return [
         {
@@ -304,19 +224,19 @@ def viewer_data(
 
 def study_files(
     result: StudyResult | None, index: int, file_url: FileUrl
-) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+) -> tuple[list[Preview], list[Download]]:
     """(previews of the model input, downloads) with their URLs."""
     if result is None:
         return [], []
     prefix = f"study{index + 1}_"
-    previews = []
+    previews: list[Preview] = []
     for item in result.files_of_kind("preview"):
         name = item.path.rsplit("/", 1)[-1]
         url = file_url(item.path)
         if name.startswith(prefix) and url:
             caption = name[len(prefix) :].removesuffix(".png").replace("_", " at ") + "%"
             previews.append({"url": url, "caption": caption})
-    downloads = [
+    downloads: list[Download] = [
         {"url": url, "name": item.path.rsplit("/", 1)[-1], "kind": kind}
         for kind in ("xlsx", "warnings")
         for item in result.files_of_kind(kind)
@@ -353,8 +273,8 @@ def study_view(
     clock: SiteClock | None = None,
     reviews: list[Review] | None = None,
     may_review: bool = False,
-) -> dict[str, Any]:
-    """Everything the study view shows, as plain data."""
+) -> StudyDocument:
+    """Everything the study view shows (its shape: study_models.StudyDocument)."""
     clock = clock or SiteClock()
     index = record.report_index
     reports = result.reports if result is not None else []
@@ -364,7 +284,7 @@ def study_view(
     for item in downloads:
         item["name"] = download_name(record, item["name"])
     positives = len(record.findings) if badge in (Badge.PATHOLOGY, Badge.NORMAL) else 0
-    document: dict[str, Any] = {
+    document: StudyDocument = {
         "key": record.key,
         "title": display_name(record, n_studies),
         "badge": badge.value,
