@@ -41,7 +41,7 @@ from services.broker.schemas import (
     TaskStatus,
     decode_message,
 )
-from services.broker.storage import load_result, result_json_path, store_result
+from services.broker.storage import DELIVERED_MARK, load_result, result_json_path, store_result
 from services.core.config import Backoff, Settings, load_settings
 from services.core.inference.onnxruntime_backend import OnnxRuntimeBackend
 from services.core.inference.triton_backend import TritonBackend
@@ -413,7 +413,9 @@ def test_stored_result_is_republished_not_recomputed(
     finally:
         client.close()
     assert result == earlier
-    assert not (settings.storage.root / "results" / task_id).exists()  # nothing recomputed
+    # Nothing recomputed: no report file, only the mark that the result was delivered.
+    files = settings.storage.root / "results" / task_id
+    assert [path.name for path in files.iterdir()] == [DELIVERED_MARK]
 
 
 def test_task_that_killed_its_workers_is_failed_and_dead_lettered(

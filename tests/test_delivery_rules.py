@@ -7,6 +7,7 @@ tests/test_fault_suite.py; here every branch is pinned down on its own.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pika
 import pytest
@@ -30,6 +31,7 @@ from services.adapter.delivery import (
 )
 from services.broker.errors import MessageError, PublishError
 from services.broker.schemas import StudyResult, StudyTask, TaskStatus
+from services.broker.storage import mark_delivered, was_delivered
 from services.core.errors import (
     ConfigurationError,
     ErrorPolicy,
@@ -95,6 +97,28 @@ def test_a_stored_result_is_republished_not_recomputed(task: StudyTask) -> None:
     assert decision.action is Action.ACK
     assert decision.result is stored
     assert not decision.store
+
+
+def test_a_result_delivered_before_is_acked_not_sent_again(task: StudyTask, tmp_path: Path) -> None:
+    """A broker restart can lose the ack of a task whose result the broker had confirmed:
+    the redelivery acks it without a second reply (the chaos soak's duplicate)."""
+    stored = completed(task)
+    mark_delivered(tmp_path, task.task_id, "cts.replies.frontend-a")
+    assert was_delivered(tmp_path, task.task_id, "cts.replies.frontend-a")
+    # Another submitter of the same task still gets the stored result.
+    assert not was_delivered(tmp_path, task.task_id, "cts.replies.frontend-b")
+    assert not was_delivered(tmp_path, "0" * 32, "cts.replies.frontend-a")
+    decision = on_delivery(
+        task,
+        attempt=2,
+        max_deliveries=MAX_DELIVERIES,
+        stored=stored,
+        adapter_id="a",
+        delivered=True,
+    )
+    assert decision is not None
+    assert decision.action is Action.ACK
+    assert decision.result is None  # nothing published again
 
 
 def test_a_fresh_task_is_worked_on(task: StudyTask) -> None:

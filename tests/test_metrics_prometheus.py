@@ -22,7 +22,7 @@ import yaml
 from fault_support import LocalStack, StackPorts, TaskClient, ensure_rabbitmq_running
 from stack_support import PROJECT_ROOT, delete_topology, wait_for, zip_directory
 
-from services.broker.schemas import QueueTopology, TaskStatus
+from services.broker.schemas import PREPARE_STAGE, QueueTopology, TaskStatus
 from services.broker.storage import load_result
 from services.triton.local_server import free_local_ports
 
@@ -230,8 +230,10 @@ def test_prometheus_scrapes_every_endpoint_and_sees_the_study(
             f'rabbitmq_detailed_queue_messages_ready{{queue="{topology.task_queue}"}}'
         )
         assert depth == 0.0
+        # Adapters alive: each one's preparation stage consumes the presence queue (the
+        # lanes themselves are read with basic.get).
         consumers = prometheus.value(
-            f'rabbitmq_detailed_queue_consumers{{queue="{topology.task_queue}"}}'
+            f'rabbitmq_detailed_queue_consumers{{queue="{topology.presence_queue(PREPARE_STAGE)}"}}'
         )
         assert consumers == 2.0
 

@@ -47,7 +47,7 @@ from worklist_page import (
 )
 
 from services.broker.connection import connect
-from services.broker.schemas import QueueTopology
+from services.broker.schemas import PREPARE_STAGE, QueueTopology
 from services.core.access import Role
 from services.core.config import RabbitMQSettings, Settings, load_settings
 from services.core.schemas import REPORT_COLUMNS
@@ -83,8 +83,9 @@ def consumer_count(settings: RabbitMQSettings) -> int:
     connection = connect(settings, name="e2e probe", give_up_after_s=10)
     try:
         channel = connection.channel()
+        # The lanes are read with basic.get: each adapter's stages consume a presence queue.
         return channel.queue_declare(
-            QueueTopology.from_settings(settings).task_queue, passive=True
+            QueueTopology.from_settings(settings).presence_queue(PREPARE_STAGE), passive=True
         ).method.consumer_count
     finally:
         connection.close()
@@ -188,11 +189,17 @@ def shift_at_size(
 
 
 def interpolated_slices_are_marked(page: Page, gapped: Path) -> None:
-    """The chest without two slices: a chip in its row, the slices marked in the viewer."""
-    upload(page, [gapped], "Queued 1 study")
+    """The chest without two slices, sent as STAT: a chip in its row, the slices marked in
+    the viewer."""
+    page.locator("#stat input").check()
+    upload(page, [gapped], "STAT: Queued 1 study")
+    expect(page.locator("#stat input")).not_to_be_checked()  # the next upload is routine
     wait_for(lambda: finished_rows(page, {"gapped.zip"}) == 1, 120, "the gapped chest screened")
     (listed,) = worklist_rows(page, {"gapped.zip"})
     assert "interpolated" in str(listed["quality"]), listed
+    expect(page.locator(f'#worklist tr[data-key="{listed["key"]}"]')).to_have_class(
+        re.compile(r"\bstat\b")
+    )
     page.locator(f'#worklist tr[data-key="{listed["key"]}"]').click()
     viewer = page.locator("#study-view .vw")
     expect(viewer).to_have_attribute("data-ready", "1", timeout=15_000)
@@ -333,7 +340,7 @@ def test_stack_from_start_to_stop(
             assert plugins.stat().st_mode & 0o044, oct(plugins.stat().st_mode)
         assert f"http://127.0.0.1:{frontend_port}" in start.stdout
         assert set(pids) == {"triton", "adapter-1", "adapter-2", "frontend", "dicom-listener"}
-        assert consumer_count(broker) == 2  # both adapters consume the task queue
+        assert consumer_count(broker) == 2  # both adapters are alive (their preparation stages)
 
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

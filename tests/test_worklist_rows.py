@@ -22,6 +22,7 @@ from services.frontend.worklist_rows import (
     worklist,
 )
 from services.registry import ReviewSummary, StudyRecord, StudyState
+from services.registry.records import Priority
 
 
 def finished(row: StudyRecord, *, after_s: float) -> StudyRecord:
@@ -128,3 +129,12 @@ def test_today_shows_the_time_and_other_days_the_date() -> None:
     now = datetime.now(UTC)
     assert len(clock.short(now)) == len("12:34:56")
     assert clock.short(now - timedelta(days=3)).count("-") == 2
+
+
+def test_studies_in_flight_are_listed_as_the_adapters_take_them() -> None:
+    routine = record("routine.zip", state=StudyState.QUEUED, task_id="a", minute=0)
+    stat = record("stat.zip", state=StudyState.QUEUED, task_id="b", minute=5).model_copy(
+        update={"priority": Priority.STAT}
+    )
+    assert [row.file for row in worklist([routine, stat]).rows] == ["stat.zip", "routine.zip"]
+    assert worklist([stat]).rows[0].priority == "stat"

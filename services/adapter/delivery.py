@@ -115,8 +115,12 @@ def on_delivery(
     max_deliveries: int,
     stored: StudyResult | None,
     adapter_id: str,
+    delivered: bool = False,
 ) -> Decision | None:
-    """Before any work; None means "screen the study"."""
+    """Before any work; None means "screen the study". ``delivered``: the stored result was
+    confirmed to the registry and the submitter before (only the ack was lost)."""
+    if stored is not None and delivered:
+        return Decision(Action.ACK, note="its result was delivered before: acked, not sent again")
     if stored is not None:
         return Decision(Action.ACK, result=stored, note="already has a stored result: republished")
     if attempt > max_deliveries:

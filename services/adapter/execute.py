@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import pika
 from loguru import logger
@@ -22,6 +23,7 @@ from services.adapter.delivery import Action, Decision
 from services.broker.connection import publish_model_task, publish_reply, publish_to_registry
 from services.broker.errors import PublishError
 from services.broker.schemas import QueueTopology, StudyProgress, StudyTask
+from services.broker.storage import mark_delivered
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ def execute_decision(
     adapter_id: str,
     reply_to: str | None,
     correlation_id: str | None,
+    storage_root: Path | None = None,
 ) -> bool:
     """Publish the decision's result, then ack, give back or dead-letter the message.
 
@@ -79,6 +82,16 @@ def execute_decision(
         except PublishError as error:
             # The submitter's queue is gone; a stored result stays in storage for it.
             logger.warning("result of task {} not delivered: {}", result.task_id, error)
+            delivered = False
+        else:
+            delivered = True
+    else:
+        delivered = result is not None
+    if delivered and storage_root is not None and result is not None:
+        # Both copies confirmed: should the ack below be lost (a broker restart, a cut
+        # link), the redelivered task is acked without sending the result twice.
+        with contextlib.suppress(OSError):
+            mark_delivered(storage_root, result.task_id, reply_to)
     if decision.action is Action.REQUEUE:
         channel.basic_nack(message.tag, requeue=True)
         return False

@@ -46,7 +46,7 @@ from services.broker.schemas import (
     StudyTask,
     decode_message,
 )
-from services.broker.storage import load_result
+from services.broker.storage import load_result, was_delivered
 from services.core.errors import WorkInterrupted
 
 Work = Callable[[Any, int, Callable[[str, float, str], None]], "StudyResult | ModelTask"]
@@ -205,6 +205,7 @@ class StageLoop:
             max_deliveries=owner.topology.max_deliveries,
             stored=load_result(owner.storage_root, task.task_id),
             adapter_id=owner.adapter_id,
+            delivered=was_delivered(owner.storage_root, task.task_id, task.reply_to),
         )
         if early is not None:
             logger.info("task {}: {}", task.task_id, early.note)
@@ -333,6 +334,7 @@ class StageLoop:
             adapter_id=owner.adapter_id,
             reply_to=reply_to,
             correlation_id=task.reply_correlation_id if task else None,
+            storage_root=owner.storage_root,
         )
         if executed and decision.handoff is None:
             owner.metrics.task_finished(decision, republished=republished)

@@ -36,6 +36,29 @@ def result_files_dir(storage_root: Path, task_id: str) -> Path:
     return Path(storage_root) / RESULTS_DIR / task_id
 
 
+DELIVERED_MARK = ".delivered"
+
+
+def delivered_mark_path(storage_root: Path, task_id: str) -> Path:
+    """Present once the broker confirmed the task's result to the registry's queue and to the
+    submitter named in it: a later delivery of the same task to the same submitter (its ack
+    was lost with a connection) is acked without sending the result again."""
+    return result_files_dir(storage_root, check_safe_id(task_id)) / DELIVERED_MARK
+
+
+def mark_delivered(storage_root: Path, task_id: str, reply_to: str | None) -> None:
+    write_atomically(delivered_mark_path(storage_root, task_id), (reply_to or "").encode())
+
+
+def was_delivered(storage_root: Path, task_id: str, reply_to: str | None) -> bool:
+    """Whether the result went to this submitter before (another submitter of the same task
+    still gets it)."""
+    try:
+        return delivered_mark_path(storage_root, task_id).read_bytes() == (reply_to or "").encode()
+    except OSError:
+        return False
+
+
 def prepared_dir(storage_root: Path, task_id: str) -> Path:
     return Path(storage_root) / PREPARED_DIR / check_safe_id(task_id)
 

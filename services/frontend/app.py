@@ -59,6 +59,15 @@ def build_app(service: FrontendService, access: AccessControl) -> gr.Blocks:
                 elem_id="user-bar",
             )
         with gr.Row(equal_height=True, elem_id="tool-bar"):
+            # Ticked before the files are picked: they go ahead of the routine queue.
+            stat = gr.Checkbox(
+                False,
+                label="STAT",
+                elem_id="stat",
+                scale=0,
+                min_width=80,
+                container=False,
+            )
             # One click: the files picked (or dropped onto the worklist) are sent at once.
             uploads = gr.UploadButton(
                 "Add studies…",
@@ -106,7 +115,9 @@ def build_app(service: FrontendService, access: AccessControl) -> gr.Blocks:
             outputs=[session, user_bar],
         ).then(actions.refresh, inputs=[session, selected, shown], outputs=refresh_outputs)
         uploads.upload(
-            actions.submit, inputs=[session, uploads], outputs=[upload_message, uploads, guide]
+            actions.submit,
+            inputs=[session, uploads, stat],
+            outputs=[upload_message, uploads, guide, stat],
         ).then(actions.refresh, inputs=[session, selected, shown], outputs=refresh_outputs)
         timer.tick(
             actions.refresh,

@@ -14,6 +14,7 @@ from loguru import logger
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
+from services.broker.schemas import Priority
 from services.core.access import Permission, Principal, PrincipalKind
 from services.frontend import study_access, views, worklist_rows
 from services.frontend.api.models import ReviewRequest
@@ -138,17 +139,26 @@ class PageActions:
         return token, views.user_bar(principal, sign_in=self.access.sign_in_required)
 
     def submit(
-        self, token: str | None, files: list[str] | None, request: gr.Request
+        self, token: str | None, files: list[str] | None, stat: bool | None, request: gr.Request
     ) -> tuple[Any, ...]:
+        """The files picked or dropped, sent at once; STAT goes ahead of the routine queue
+        (the box is cleared afterwards: the next upload is routine unless ticked again)."""
         principal = self.principal(request)
         if not principal.may(Permission.UPLOAD):
-            return "Your role does not send studies.", gr.skip(), gr.skip()
+            return "Your role does not send studies.", gr.skip(), gr.skip(), gr.skip()
         if not is_session_token(token):
-            return "The page is still starting; please try again in a second.", gr.skip(), gr.skip()
+            return (
+                "The page is still starting; please try again in a second.",
+                gr.skip(),
+                gr.skip(),
+                gr.skip(),
+            )
+        priority = Priority.STAT if stat else Priority.ROUTINE
         outcome = self.service.submit_uploads(
             viewer_name(principal, token),
             sender_name(principal),
             [Path(path) for path in files or []],
+            priority=priority,
         )
         for record in outcome.submitted:
             self.access.audit(
@@ -156,14 +166,16 @@ class PageActions:
                 AuditAction.UPLOAD,
                 self.client(request),
                 task_id=record.task_id,
-                detail=record.original_filename[:200],
+                detail=f"{priority.value}: {record.original_filename[:200]}",
             )
         # The guide makes room for the worklist once something is taken.
         taken = outcome.submitted or outcome.screened_before
+        message = ("STAT: " if stat and outcome.submitted else "") + outcome.message
         return (
-            views.markdown_text(outcome.message),
+            views.markdown_text(message),
             None,
             gr.update(open=False) if taken else gr.skip(),
+            False,
         )
 
     def refresh(

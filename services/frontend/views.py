@@ -20,7 +20,7 @@ GUIDE = """
 1. **Add studies** with **Add studies** or by dropping files onto the worklist: a **.zip** or
    **.tar** / **.tar.gz** of a study's DICOM files (an archive holding several studies gives
    one row per study), a **.nii** / **.nii.gz** volume, or the loose **.dcm** files of one
-   series.
+   series. Tick **STAT** first for an emergency: it goes ahead of the routine queue.
 2. **The worklist** is the department's: every study, whatever brought it (this page, the
    REST API, the PACS over DICOM), in triage order: unreviewed **PATHOLOGY** (most probable
    first), unreviewed **NORMAL**, **Failed** (red: unreadable data or an error, the reason in

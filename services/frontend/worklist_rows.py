@@ -39,6 +39,7 @@ from services.frontend.views import (
 from services.registry.records import StudyRecord, StudyState
 
 TURNAROUND_WINDOW = timedelta(hours=1)
+PRIORITY_ORDER = {"stat": 0, "urgent": 1, "routine": 2}  # the lanes, taken in this order
 FLAG_ORDER = list(
     QualityFlag
 )  # chips in the enum's order, whatever order they were stored in  # the header's median turnaround looks this far back
@@ -284,11 +285,13 @@ def worklist_row(
 
 def sort_for_triage(rows: list[WorklistRow]) -> list[WorklistRow]:
     """The module's default order; in each group the most probable first, newest first, and
-    studies in flight in the order they will finish (oldest first)."""
+    studies in flight in the order the adapters take them (STAT, urgent, routine; oldest
+    first)."""
 
-    def key(row: WorklistRow) -> tuple[int, float, float]:
-        when = row.received_ts if row.rank is Rank.IN_FLIGHT else -row.received_ts
-        return (row.rank.value, -(row.probability or 0.0), when)
+    def key(row: WorklistRow) -> tuple[int, int, float, float]:
+        if row.rank is Rank.IN_FLIGHT:  # as the adapters take them: most urgent, then oldest
+            return (row.rank.value, PRIORITY_ORDER.get(row.priority, 2), 0.0, row.received_ts)
+        return (row.rank.value, 0, -(row.probability or 0.0), -row.received_ts)
 
     return sorted(rows, key=key)
 

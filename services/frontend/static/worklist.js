@@ -126,7 +126,7 @@ function drawRow(row) {
   tr.dataset.key = row.key;
   tr.dataset.badge = row.badge;
   tr.className = "wl-row row-" + row.badge + (row.key === state.selected ? " selected" : "") +
-    (row.reviewed ? " reviewed" : "") + (row.priority === "stat" ? " stat" : "");
+    (row.reviewed ? " reviewed" : "") + (row.priority !== "routine" ? " " + row.priority : "");
   tr.tabIndex = 0;
   const status = cell(tr, "c-status", "");
   const badge = line(status, "badge badge-" + row.badge + (row.reviewed ? " reviewed" : ""), row.badge_text);
