@@ -3,13 +3,30 @@
 # Chromium, the Prometheus binary and the DICOM peers (Orthanc with its DICOMweb plugin, DCMTK, dicom3tools).
 set -euo pipefail
 
-if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
-  echo "[services] starting RabbitMQ"
-  rabbitmq-server -detached
+rabbitmq_listens() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
+if ! rabbitmq_listens; then
+  # The broker's own user must read its plugin list, or no start succeeds
+  # (cannot_read_enabled_plugins_file): a root umask of 077 once left it 0600.
+  [ -f /etc/rabbitmq/enabled_plugins ] && chmod a+r /etc/rabbitmq/enabled_plugins
+  # A node whose application was stopped (rabbitmqctl stop_app, e.g. a fault test cut off
+  # before it restored the broker) keeps its name, so a second rabbitmq-server cannot start:
+  # that node is given its application back instead.
+  if timeout 30 rabbitmqctl -q ping >/dev/null 2>&1; then
+    echo "[services] RabbitMQ's node runs without its application: starting it"
+    timeout 60 rabbitmqctl -q start_app >/dev/null || true
+  else
+    echo "[services] starting RabbitMQ"
+    rabbitmq-server -detached
+  fi
   for _ in $(seq 1 60); do
-    (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && break
+    rabbitmq_listens && break
     sleep 1
   done
+  # Every broker test would fail one by one for the better part of an hour otherwise.
+  rabbitmq_listens || {
+    echo "[services] RabbitMQ did not come up on 127.0.0.1:5672 (see /var/log/rabbitmq/)" >&2
+    exit 1
+  }
 fi
 
 if ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
@@ -27,6 +44,10 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
     (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null && break
     sleep 1
   done
+  (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null || {
+    echo "[services] PostgreSQL did not come up on 127.0.0.1:5432 (see /var/log/postgresql/)" >&2
+    exit 1
+  }
 fi
 
 if ! command -v prometheus >/dev/null 2>&1; then
