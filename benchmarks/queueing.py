@@ -3,7 +3,8 @@ one adapter with both stages, RabbitMQ on 127.0.0.1:5672), every baseline in the
 
 * refusals behind chest CTs: ``chests`` chest CTs queued, then refusals (a head CT, an MR,
   a broken archive, in turn); each refusal's latency against the same refusal alone, its
-  own preparation time (the adapter's clock) and a chest CT alone;
+  own preparation time (the adapter's clock), a chest CT alone, and the same backlog on a
+  stack with ``adapter.check_first`` off (a stack of its own, started first);
 * STAT behind routine: ``routine`` routine chest CTs queued, then one STAT chest CT; where
   its result comes among theirs and its latency against theirs;
 * wait estimates: once all of them are queued, each one's expected wait from
@@ -71,6 +72,8 @@ class QueueingNumbers:
     refusal_alone_s: float  # median over the kinds
     refusal_prepare_s: float  # the adapter's preparation time of the refusals behind (median)
     refusals_behind_s: list[float]
+    # The same backlog with adapter.check_first off (each task prepared in full when taken).
+    refusals_behind_unchecked_s: list[float]
     routine: int
     stat_latency_s: float
     stat_place: int  # 0: its result came first of the burst
@@ -143,7 +146,7 @@ class Reestimates:
             if task_id not in self.finished
         ]
         tasks = pending_tasks(rows, self.storage, datetime.now(UTC))
-        waits = estimate_waits(tasks, Workers(prepare=1, model=1), self.times)
+        waits = estimate_waits(tasks, Workers(prepare=1, model=1), self.times, check_first=True)
         self.made += [(task_id, now, wait) for task_id, wait in waits.items()]
 
     def errors(self) -> list[float]:
@@ -188,39 +191,66 @@ def alone(client: _StackClient, study: Path) -> Arrival:
 
 
 def stage_times(results: list[StudyResult]) -> StageTimes:
-    """What the registry's stage_times would say of these results (services/registry)."""
+    """What the registry's stage_times would say of these results (services/registry), the
+    chests' model share left at 1 (the burst is all chests)."""
     modelled = [r for r in results if r.prepare_seconds is not None and r.model_seconds]
+    refused = [r for r in results if r.prepare_seconds is not None and not r.model_seconds]
     return StageTimes(
         prepare_s=statistics.median(r.prepare_seconds or 0.0 for r in modelled),
         model_s=statistics.median(r.model_seconds or 0.0 for r in modelled),
+        check_s=statistics.median(r.prepare_seconds or 0.0 for r in refused) if refused else None,
         model_share=1.0,
         samples=len(modelled),
     )
 
 
+def backlog_with_refusals(
+    client: _StackClient, chest: Path, kinds: list[Path], chests: int, refusals: int
+) -> tuple[list[Arrival], list[Arrival]]:
+    """``chests`` chest CTs queued, then ``refusals`` refusals (the kinds in turn): the
+    refusals' and the chests' arrivals."""
+    submitted = {}
+    for _ in range(chests):
+        submitted[submit(client, chest)] = time.perf_counter()
+    refusal_ids = set()
+    for index in range(refusals):
+        task_id = submit(client, kinds[index % len(kinds)])
+        submitted[task_id] = time.perf_counter()
+        refusal_ids.add(task_id)
+    backlog = wait_all(client, submitted)
+    behind = [a for a in backlog if a.task_id in refusal_ids]
+    return behind, [a for a in backlog if a.task_id not in refusal_ids]
+
+
+def unchecked_refusals(chest: Path, repository: Path, chests: int, refusals: int) -> list[float]:
+    """The refusals' latencies behind the same backlog on a stack whose adapter prepares
+    every task in full when it takes it (adapter.check_first off: the design before)."""
+    overrides = {"CTS__ADAPTER__CHECK_FIRST": "false"}
+    with (
+        tempfile.TemporaryDirectory(prefix="cts-bench-queueing-") as folder,
+        running_stack(chest, repository, adapters=1, overrides=overrides) as client,
+    ):
+        kinds = refused_studies(Path(folder))
+        behind, _ = backlog_with_refusals(client, chest, kinds, chests, refusals)
+    return [a.latency_s for a in behind]
+
+
 def measure(
     chest: Path, repository: Path, chests: int, refusals: int, routine: int
 ) -> QueueingNumbers:
+    unchecked = unchecked_refusals(chest, repository, chests, refusals)
     with (
         tempfile.TemporaryDirectory(prefix="cts-bench-queueing-") as folder,
         running_stack(chest, repository, adapters=1) as client,
     ):
         kinds = refused_studies(Path(folder))
         chest_alone = alone(client, chest)
-        refusal_alone = [alone(client, kind).latency_s for kind in kinds]
-        measured = [chest_alone.result]
+        refusals_alone = [alone(client, kind) for kind in kinds]
+        refusal_alone = [arrival.latency_s for arrival in refusals_alone]
+        measured = [chest_alone.result, *(arrival.result for arrival in refusals_alone)]
         # Refusals behind a backlog of chest CTs.
-        submitted = {}
-        for _ in range(chests):
-            submitted[submit(client, chest)] = time.perf_counter()
-        refusal_ids = set()
-        for index in range(refusals):
-            task_id = submit(client, kinds[index % len(kinds)])
-            submitted[task_id] = time.perf_counter()
-            refusal_ids.add(task_id)
-        backlog = wait_all(client, submitted)
-        behind = [a for a in backlog if a.task_id in refusal_ids]
-        measured += [a.result for a in backlog if a.task_id not in refusal_ids]
+        behind, chest_arrivals = backlog_with_refusals(client, chest, kinds, chests, refusals)
+        measured += [a.result for a in chest_arrivals] + [a.result for a in behind]
         # STAT behind routine, and the wait estimates of them all once queued.
         submitted = {}
         order = []
@@ -231,7 +261,7 @@ def measure(
             order.append((task_id, priority))
         times = stage_times(measured)
         pending = [Pending(t, RecordedPriority(p.value), Where.QUEUED) for t, p in order]
-        estimates = estimate_waits(pending, Workers(prepare=1, model=1), times)
+        estimates = estimate_waits(pending, Workers(prepare=1, model=1), times, check_first=True)
         watcher = Reestimates(order, times, client.storage)
         burst = wait_all(client, submitted, watcher=watcher)
         stat_id = order[-1][0]
@@ -247,6 +277,7 @@ def measure(
         refusal_alone_s=statistics.median(refusal_alone),
         refusal_prepare_s=statistics.median(a.result.prepare_seconds or 0.0 for a in behind),
         refusals_behind_s=[a.latency_s for a in behind],
+        refusals_behind_unchecked_s=unchecked,
         routine=routine,
         stat_latency_s=stat.latency_s,
         stat_place=[a.task_id for a in burst].index(stat_id),
@@ -298,10 +329,13 @@ def rows_of(label: str, n: QueueingNumbers) -> list[str]:
         f"{len(behind)} refusals queued behind {n.chests} chest CTs; latency median "
         f"{statistics.median(behind):.2f} s, slowest {max(behind):.2f} s"
     )
+    unchecked = n.refusals_behind_unchecked_s
     baselines = (
         f"same run: the refusal alone {n.refusal_alone_s:.2f} s (its preparation "
-        f"{n.refusal_prepare_s:.2f} s), a chest CT alone {n.chest_alone_s:.2f} s; before: "
-        f"{ISSUE_BEFORE}; {label}; goal: its own preparation plus a few seconds"
+        f"{n.refusal_prepare_s:.2f} s), a chest CT alone {n.chest_alone_s:.2f} s; "
+        f"adapter.check_first off (every task prepared in full when taken): median "
+        f"{statistics.median(unchecked):.2f} s, slowest {max(unchecked):.2f} s; before the two "
+        f"stages: {ISSUE_BEFORE}; {label}; goal: its own preparation plus a few seconds"
     )
     slowest_extra = f"+{max(behind) - n.refusal_alone_s:.2f} s over alone"
     routine = statistics.median(n.routine_latencies_s)

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,7 +140,7 @@ class _StackClient:
             return  # the broker went away: nothing left to delete through this connection
         topology = self.topology
         for queue in (
-            *topology.task_lanes(),
+            *topology.waiting_lanes(),
             *topology.model_lanes(),
             *(topology.presence_queue(stage) for stage in STAGES),
             topology.registry_queue,
@@ -154,9 +154,12 @@ class _StackClient:
 
 
 @contextmanager
-def running_stack(study: Path, repository: Path, adapters: int) -> Iterator[_StackClient]:
+def running_stack(
+    study: Path, repository: Path, adapters: int, overrides: Mapping[str, str] | None = None
+) -> Iterator[_StackClient]:
     """A local Triton and ``adapters`` adapter processes on free ports with a private queue
-    prefix and storage folder, warmed up (one task per adapter); removed on exit."""
+    prefix and storage folder, warmed up (one task per adapter); removed on exit.
+    ``overrides``: further CTS__ settings of the adapters."""
     with (
         tempfile.TemporaryDirectory(prefix="cts-bench-stack-", dir=study.parent) as folder,
         ExitStack() as stack,
@@ -175,6 +178,7 @@ def running_stack(study: Path, repository: Path, adapters: int) -> Iterator[_Sta
             "CTS__LOGGING__LEVEL": "WARNING",
             # What start.sh gives each adapter: the host's cores shared among the adapters.
             "CTS__INFERENCE__ONNX_INTRA_OP_THREADS": str(threads_per_adapter(adapters)),
+            **(overrides or {}),
         }
         spawned = time.perf_counter()
         processes = [

@@ -48,7 +48,7 @@ def delete_topology(settings: RabbitMQSettings, extra_queues: list[str] = ()) ->
     try:
         channel = connection.channel()
         queues = (
-            *topology.task_lanes(),
+            *topology.waiting_lanes(),
             *topology.model_lanes(),
             *(topology.presence_queue(stage) for stage in STAGES),
             topology.dead_letter_queue,

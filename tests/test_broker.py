@@ -69,7 +69,7 @@ def delete_everything(settings: RabbitMQSettings, reply_ids: list[str]) -> None:
     connection = connect(settings, name="test cleanup", give_up_after_s=10)
     try:
         channel = connection.channel()
-        queues = [topology.task_queue, topology.dead_letter_queue]
+        queues = [*topology.waiting_lanes(), *topology.model_lanes(), topology.dead_letter_queue]
         queues += [topology.reply_queue(reply_id) for reply_id in reply_ids]
         for queue in queues:
             channel.queue_delete(queue)

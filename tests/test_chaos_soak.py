@@ -313,7 +313,8 @@ def test_chaos_soak_loses_and_duplicates_nothing(
 
     # Nothing left in the work queue; the dead letters are exactly the tasks given up on.
     queues = cluster.broker.queues()
-    assert queues[cluster.topology.task_queue][:2] == (0, 0), queues
+    for lane in (*cluster.topology.waiting_lanes(), *cluster.topology.model_lanes()):
+        assert queues.get(lane, (0, 0))[:2] == (0, 0), (lane, queues)
     dead_letters = queues.get(cluster.topology.dead_letter_queue, (0, 0, 0))[0]
     assert dead_letters == len(given_up), (dead_letters, [s.name for s in given_up])
     assert queues[f"{cluster.prefix}.replies.chaos"][:2] == (0, 0)

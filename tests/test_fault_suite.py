@@ -59,7 +59,7 @@ from worklist_page import (
 from worklist_page import upload as upload_files
 
 from services.adapter.dead_letters import REASON_HEADER
-from services.adapter.handoff import read_handoff
+from services.adapter.handoff import kept_intake_dir, read_check, read_handoff
 from services.broker.connection import connect
 from services.broker.schemas import MODEL_STAGE, QueueTopology, TaskStatus
 from services.broker.storage import load_result
@@ -232,6 +232,12 @@ def assert_nothing_lost_or_duplicated(outcome: Outcome, outcomes: list[Outcome])
     assert outcome.results == outcome.sent
 
 
+def recorded_in_storage(storage: Path, task_id: str) -> bool:
+    """A preparation stage's work on the task, finished and recorded: the prepared study's
+    hand-off to the model stage, or a passed check first."""
+    return read_handoff(storage, task_id) is not None or read_check(storage, task_id) is not None
+
+
 def wait_for_adapters_in_inference(client: TaskClient, sent: list[SentStudy], count: int) -> dict:
     """{adapter id: task id} once ``count`` adapters have started a model request.
 
@@ -336,7 +342,10 @@ def test_adapter_killed_mid_study_is_redelivered_and_finished_by_another(
         victim_task = holders[victim]
         victim_pid = stack.pid(victim)
         victim_temp = Path(tempfile.gettempdir()) / f"cts-adapter-{victim_pid}"
-        assert list(victim_temp.glob("cts-intake-*/files/*"))  # its study, unpacked
+        # Its study, unpacked: in its own temporary folder, or, checked first while others
+        # waited, kept in the task's prepared folder for the full preparation.
+        kept = kept_intake_dir(stack.storage, victim_task) / "files"
+        assert list(victim_temp.glob("cts-intake-*/files/*")) or list(kept.rglob("*"))
         stack.kill(victim)  # kill -9 while its study waits for the model
     client.wait_for_results(sent, RESULT_TIMEOUT_S)
     client.settle()
@@ -406,14 +415,13 @@ def test_rabbitmq_restart_with_studies_queued_and_in_flight(
         with rabbitmq_restarted(stack.broker) as start_rabbitmq:
             stack.thaw("triton")
             # The studies in flight (in the preparation stage, inside the chest check's model
-            # request) finish preparing while the broker is down: their hand-offs to the model
-            # stage are recorded in storage, not yet sent.
+            # request) finish their stage while the broker is down: their hand-offs to the
+            # model stage, or (checked first while others waited) their passed checks, are
+            # recorded in storage, not yet sent.
             wait_for(
-                lambda: (
-                    sum(read_handoff(stack.storage, s.task_id) is not None for s in sent[2:]) == 2
-                ),
+                lambda: sum(recorded_in_storage(stack.storage, s.task_id) for s in sent[2:]) == 2,
                 60,
-                "the two chests in flight prepared and recorded",
+                "the two chests in flight prepared or checked, and recorded",
             )
             start_rabbitmq()
     # Everyone reconnects: both adapters and the frontend's recorder.
@@ -440,7 +448,7 @@ def test_rabbitmq_restart_with_studies_queued_and_in_flight(
         result_of=client.results_of,
         note=(
             "2 results waited in the durable reply queue over the restart; the 2 studies in "
-            "flight were prepared while it was down and handed on from storage"
+            "flight were checked while it was down and handed on from storage"
         ),
     )
     assert_nothing_lost_or_duplicated(outcome, outcomes)

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
+from services.broker.schemas import Priority, QueueTopology
 from services.core.config import load_settings
 from services.core.inference.triton_transport import url_host
 
@@ -235,15 +236,21 @@ def test_the_pods_are_wired_to_each_other() -> None:
 def test_keda_scales_the_adapters_on_the_task_queue() -> None:
     scaled = by_kind("ScaledObject")["adapter"]["spec"]
     assert scaled["scaleTargetRef"]["name"] in by_kind("Deployment")
-    (trigger,) = scaled["triggers"]
     prefix = by_kind("ConfigMap")["cts-config"]["data"]["CTS__RABBITMQ__QUEUE_PREFIX"]
-    assert trigger["type"] == "rabbitmq"
-    assert trigger["metadata"]["queueName"] == f"{prefix}.tasks"
-    assert trigger["metadata"]["mode"] == "QueueLength"
-    authentication = by_kind("TriggerAuthentication")[trigger["authenticationRef"]["name"]]
-    (reference,) = authentication["spec"]["secretTargetRef"]
-    assert reference["parameter"] == "host"  # KEDA's name for the AMQP URL
-    assert reference["key"] in by_kind("Secret")[reference["name"]]["stringData"]
+    topology = QueueTopology(prefix=prefix)
+    # Each routine lane of work still to do: under a backlog, checked tasks gather in the
+    # preparation lane and prepared ones in the model lane, not in the task lane.
+    routine = Priority.ROUTINE
+    lanes = [topology.task_lane(routine), topology.preparation_lane(routine)]
+    lanes.append(topology.model_lane(routine))
+    assert [trigger["metadata"]["queueName"] for trigger in scaled["triggers"]] == lanes
+    for trigger in scaled["triggers"]:
+        assert trigger["type"] == "rabbitmq"
+        assert trigger["metadata"]["mode"] == "QueueLength"
+        authentication = by_kind("TriggerAuthentication")[trigger["authenticationRef"]["name"]]
+        (reference,) = authentication["spec"]["secretTargetRef"]
+        assert reference["parameter"] == "host"  # KEDA's name for the AMQP URL
+        assert reference["key"] in by_kind("Secret")[reference["name"]]["stringData"]
     assert 1 <= scaled["minReplicaCount"] < scaled["maxReplicaCount"]
     # A scale-down must let the study in progress finish (SIGTERM, drain, give back).
     grace = _pod("adapter")["spec"]["terminationGracePeriodSeconds"]

@@ -54,7 +54,7 @@ from stack_support import PROJECT_ROOT, wait_for, zip_directory
 from web_support import PASSWORD, sign_in_page
 from worklist_page import CHROMIUM, CHROMIUM_ARGS, finished_rows, worklist_rows
 
-from services.adapter.handoff import read_handoff
+from services.adapter.handoff import read_check, read_handoff
 from services.broker.schemas import TaskStatus
 from services.broker.storage import load_result
 from services.core.access import Role
@@ -196,8 +196,13 @@ def stage_of(client: TaskClient, adapter: str, task_id: str) -> str | None:
 
 
 def recorded(storage: Path, task_id: str) -> bool:
-    """The task's stage finished in storage: its result, or its prepared study's hand-off."""
-    return load_result(storage, task_id) is not None or read_handoff(storage, task_id) is not None
+    """The task's stage finished in storage: its result, its prepared study's hand-off, or
+    its passed check first (taken while others waited)."""
+    return (
+        load_result(storage, task_id) is not None
+        or read_handoff(storage, task_id) is not None
+        or read_check(storage, task_id) is not None
+    )
 
 
 def assert_screened(client: TaskClient, sent: list[SentStudy]) -> None:
@@ -271,7 +276,8 @@ def test_adapter_host_cut_off_from_the_broker_mid_study(
         cluster.hosts[victim].block(cluster.broker_host)
     try:
         # Triton is back: the cut-off adapter finishes its stage and records it in storage
-        # (the result, or the prepared study's hand-off), but cannot send it on.
+        # (the result, the prepared study's hand-off, or its passed check), but cannot send
+        # it on.
         wait_for(lambda: recorded(cluster.storage, victim_task), 60, "the victim's work recorded")
         # The broker notices the silence (heartbeats), gives the task to the survivor, which
         # finds the record and sends it on: the stored result, or the hand-off to the model.

@@ -48,6 +48,15 @@ def test_each_priority_has_its_own_lane_in_each_stage() -> None:
     topology = QueueTopology(prefix="site")
     assert topology.task_lanes() == ["site.tasks.stat", "site.tasks.urgent", "site.tasks"]
     assert topology.model_lanes() == ["site.model.stat", "site.model.urgent", "site.model"]
+    # Per priority, new tasks (their cheap checks) before checked ones (their preparation).
+    assert topology.preparation_stage_lanes() == [
+        "site.tasks.stat",
+        "site.prepare.stat",
+        "site.tasks.urgent",
+        "site.prepare.urgent",
+        "site.tasks",
+        "site.prepare",
+    ]
     assert task_routing_key(Priority.ROUTINE) == "study"  # earlier publishers keep working
     assert task_routing_key(Priority.STAT) == "study.stat"
     task = StudyTask(study_path="uploads/a/b.zip", original_filename="b.zip")

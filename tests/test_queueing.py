@@ -21,14 +21,15 @@ from pathlib import Path
 
 import pytest
 import test_adapter
-from stack_support import wait_for
+from stack_support import wait_for, zip_directory
 from test_adapter import PROJECT_ROOT, Client, upload
 
 from services.adapter.consumer import Adapter
-from services.adapter.handoff import prepared_dir
+from services.adapter.handoff import kept_intake_dir, prepared_dir
 from services.broker.connection import declare_topology, publish_task
 from services.broker.schemas import (
     PREPARE_STAGE,
+    WAITING_FOR_PREPARATION,
     Priority,
     QueueTopology,
     StudyProgress,
@@ -139,6 +140,69 @@ def test_a_refusal_overtakes_studies_waiting_for_the_model(
     # The model stage leaves no prepared input behind (221 MB each at full size).
     assert not any(prepared_dir(settings.storage.root, c).exists() for c in chests)
     assert sorted(results_in_order(client)) == sorted([head, *chests])  # one result each
+
+
+def test_refusals_behind_chest_cts_are_answered_before_any_full_preparation(
+    settings: Settings,
+    studies: dict[str, Path],
+    client: Client,
+    fixtures_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Three chest CTs queued, then a head CT (refused by its images), an MR (not CT) and a
+    broken archive: the preparation stage checks each chest only as far as is cheap while
+    the others wait, so the three refusals come before the first chest's full preparation;
+    the chests are then prepared first in, first out, each once."""
+    topology = QueueTopology.from_settings(settings.rabbitmq)
+    chests = [
+        submit(client, settings, studies["chest"], f"chest-{n}.zip", Priority.ROUTINE)
+        for n in range(3)
+    ]
+    mr = zip_directory(fixtures_dir / "mr_brain_t1", tmp_path / "mr.zip")
+    broken = tmp_path / "broken.zip"
+    broken.write_bytes(studies["chest"].read_bytes()[:5000])  # cut off: not a readable zip
+    refusals = [
+        submit(client, settings, studies["head"], "head.zip", Priority.ROUTINE),
+        submit(client, settings, mr, "mr.zip", Priority.ROUTINE),
+        submit(client, settings, broken, "broken.zip", Priority.ROUTINE),
+    ]
+    with adapter_running(settings, "prepare-only", ["prepare"]):
+        wait_for(
+            lambda: waiting_in(client, topology.model_lanes()) == len(chests),
+            120,
+            "the chest CTs prepared",
+        )
+    client.poll()
+    events = [
+        (message.task_id, message.stage if isinstance(message, StudyProgress) else "result")
+        for message in client.messages
+    ]
+    for chest in chests:
+        # Taken, checked, put in the preparation lane; taken again and prepared once.
+        turns = [
+            stage
+            for task_id, stage in events
+            if task_id == chest and stage in ("started", WAITING_FOR_PREPARATION)
+        ]
+        assert turns == ["started", WAITING_FOR_PREPARATION, "started"]
+    full_preparations = [
+        [index for index, event in enumerate(events) if event == (chest, "started")][1]
+        for chest in chests
+    ]
+    results = {task_id: index for index, (task_id, stage) in enumerate(events) if stage == "result"}
+    assert sorted(results) == sorted(refusals)  # the chests wait for the model
+    assert max(results.values()) < min(full_preparations)
+    assert full_preparations == sorted(full_preparations)  # first in, first out
+    for task_id in refusals:
+        report = client.result(task_id).reports[0]
+        assert report.processing_status is ProcessingStatus.FAILURE
+        assert report.failure_reason
+    assert waiting_in(client, topology.preparation_lanes()) == 0
+    storage = settings.storage.root
+    # What the checks unpacked was used by the preparations and removed; refusals keep nothing.
+    assert not any(kept_intake_dir(storage, chest).exists() for chest in chests)
+    assert all((prepared_dir(storage, chest) / "handoff.json").is_file() for chest in chests)
+    assert not any(prepared_dir(storage, task_id).exists() for task_id in refusals)
 
 
 def test_a_stat_study_behind_ten_routine_ones_is_served_first(

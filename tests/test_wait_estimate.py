@@ -3,9 +3,19 @@ queue_status.queue_places): pure logic over the registry's measured stage times.
 
 from __future__ import annotations
 
-from services.frontend.queue_status import QueueStatus, queue_places
-from services.frontend.wait_estimate import Pending, Where, Workers, estimate_waits
-from services.registry.records import Priority, StageTimes
+from datetime import UTC, datetime
+from pathlib import Path
+
+from services.broker.schemas import WAITING_FOR_PREPARATION
+from services.frontend.queue_status import QueueStatus, pending_tasks, queue_places
+from services.frontend.wait_estimate import (
+    CHECK_SHARE_OF_PREPARATION,
+    Pending,
+    Where,
+    Workers,
+    estimate_waits,
+)
+from services.registry.records import PipelineTask, Priority, StageTimes, StudyState
 
 TIMES = StageTimes(prepare_s=10.0, model_s=40.0, model_share=1.0, samples=20)
 ROUTINE, STAT = Priority.ROUTINE, Priority.STAT
@@ -76,3 +86,59 @@ def test_no_estimate_without_measurements_or_adapters() -> None:
     assert places["q"].expected_wait_s is None
     assert places["q"].workers == 0
     assert queue_places(tasks, None, TIMES) == {}  # broker down: no guess
+
+
+CHECKED_TIMES = TIMES.model_copy(update={"check_s": 4.0})
+
+
+def test_checking_first_a_burst_is_checked_before_it_is_prepared() -> None:
+    tasks = [queued(f"q{i}") for i in range(3)]
+    waits = estimate_waits(tasks, Workers(1, 1), CHECKED_TIMES, check_first=True)
+    # Checked at 4, 8, 12 (each while others wait), then prepared for the rest of their
+    # 10 s (ready at 18, 24, 30); the model ends them at 58, 98, 138.
+    assert waits == {"q0": 58.0, "q1": 98.0, "q2": 138.0}
+    assert estimate_waits(tasks, Workers(1, 1), CHECKED_TIMES) == {
+        "q0": 50.0,
+        "q1": 90.0,
+        "q2": 130.0,
+    }
+
+
+def test_a_new_study_is_checked_before_the_checked_ones_are_prepared() -> None:
+    tasks = [Pending("c", ROUTINE, Where.CHECKED), queued("n"), queued("s", STAT)]
+    waits = estimate_waits(tasks, Workers(1, 1), CHECKED_TIMES, check_first=True)
+    # The STAT study waits for nothing of its priority: prepared at once (0-10, model
+    # 10-50). Then n is checked (10-14) since c waits, c is prepared (14-20, model 50-90),
+    # n after it (20-26, model 90-130).
+    assert waits == {"s": 50.0, "c": 90.0, "n": 130.0}
+
+
+def test_without_a_timed_refusal_a_check_is_a_share_of_a_preparation() -> None:
+    tasks = [queued("q0"), queued("q1")]
+    waits = estimate_waits(tasks, Workers(1, 1), TIMES, check_first=True)
+    check = TIMES.prepare_s * CHECK_SHARE_OF_PREPARATION
+    assert check == 4.0
+    # q0 checked (0-4) while q1 waits; q1 checked (4-8) while q0 waits checked (first in,
+    # first out); q0 prepared (8-14, model 14-54), q1 (14-20, model 54-94).
+    assert waits == {"q0": 54.0, "q1": 94.0}
+
+
+def test_a_checked_study_is_placed_in_the_line(tmp_path: Path) -> None:
+    rows = [
+        PipelineTask(
+            task_id="c",
+            priority=ROUTINE,
+            state=StudyState.PROCESSING,
+            stage=WAITING_FOR_PREPARATION,
+        ),
+        PipelineTask(task_id="q", priority=ROUTINE, state=StudyState.QUEUED),
+    ]
+    tasks = pending_tasks(rows, tmp_path, datetime.now(UTC))
+    assert [task.where for task in tasks] == [Where.CHECKED, Where.QUEUED]
+    places = queue_places(
+        tasks, QueueStatus(waiting=2, workers=1, preparers=1), CHECKED_TIMES, check_first=True
+    )
+    assert [places[task].ahead for task in ("c", "q")] == [0, 1]
+    # q is checked (0-4) while c waits; c is prepared (4-10, model 10-50), then q.
+    assert places["c"].expected_wait_s == 50.0
+    assert places["q"].expected_wait_s == 90.0

@@ -2,7 +2,10 @@
 
 * the **preparation stage** takes StudyTasks from the task lanes: intake, series selection,
   the chest check, the volume and the model input (services/adapter/stages.py). A task whose
-  studies are all refused gets its result here; the others are handed to the model lanes;
+  studies are all refused gets its result here; the others are handed to the model lanes.
+  While more tasks wait, a new one is checked first (``adapter.check_first``): if it passes,
+  it waits in its preparation lane, which the stage takes after that priority's task lane,
+  so that no refusal waits behind another study's full preparation;
 * the **model stage** takes ModelTasks from the model lanes: the model, the reports, the SRs.
 
 Each stage runs its own connection and I/O loop (services/adapter/stage_loop.py), so a
@@ -39,6 +42,7 @@ from services.broker.connection import CONNECTION_ERRORS
 from services.broker.schemas import (
     MODEL_STAGE,
     PREPARE_STAGE,
+    PRIORITY_ORDER,
     ModelTask,
     QueueTopology,
     StudyResult,
@@ -140,7 +144,20 @@ class Adapter:
         topology = self.topology
         specs = {
             PREPARE_STAGE: StageSpec(
-                PREPARE_STAGE, topology.task_lanes(), StudyTask, self._prepare
+                PREPARE_STAGE,
+                topology.preparation_stage_lanes(),
+                StudyTask,
+                self._prepare,
+                check_first_lanes=(
+                    {
+                        topology.task_lane(priority): topology.preparation_lane(priority)
+                        for priority in PRIORITY_ORDER
+                    }
+                    if self.settings.adapter.check_first
+                    else {}
+                ),
+                # A stored result is final: what a check kept for the preparation is not needed.
+                after_result=lambda task_id: remove_prepared(self.storage_root, task_id),
             ),
             MODEL_STAGE: StageSpec(
                 MODEL_STAGE,
@@ -208,12 +225,20 @@ class Adapter:
         )
 
     def _prepare(
-        self, task: StudyTask, attempt: int, send: Callable[[str, float, str], None]
-    ) -> StudyResult | ModelTask:
-        return prepare_task(task, self._context(attempt, send))
+        self,
+        task: StudyTask,
+        attempt: int,
+        send: Callable[[str, float, str], None],
+        check_first: bool,
+    ) -> StudyResult | ModelTask | StudyTask:
+        return prepare_task(task, self._context(attempt, send), check_first=check_first)
 
     def _finish(
-        self, handoff: ModelTask, attempt: int, send: Callable[[str, float, str], None]
+        self,
+        handoff: ModelTask,
+        attempt: int,
+        send: Callable[[str, float, str], None],
+        _check_first: bool,
     ) -> StudyResult:
         return finish_model_task(handoff, self._context(attempt, send))
 

@@ -14,6 +14,8 @@ dead-letter the message. The rules:
   result too: its Failure rows);
 * the preparation stage prepared studies that need the model: the ModelTask that names them
   is published (confirmed) to the model lane, then the task is acked;
+* the preparation stage checked a task first and none of its studies was refused: the task
+  is published (confirmed) to its preparation lane, then the message is acked;
 * the error policy (services/core/errors.py) decides the rest: RETRY_LATER gives the task
   back (a study missing from the shared storage after a short wait, at most
   max_deliveries times, then a stored Failure result and the dead letters); STOP gives it
@@ -60,7 +62,9 @@ class Decision:
     delay_s: float = 0.0  # wait before giving the message back
     stop_adapter: bool = False  # the deployment is broken: stop taking tasks
     note: str = ""  # for the log line; never patient data
-    handoff: ModelTask | None = None  # published to the model stage before the ack
+    # Published before the ack: a ModelTask to the model stage, a checked StudyTask to its
+    # preparation lane.
+    handoff: ModelTask | StudyTask | None = None
     # Why a dead-lettered message is there: its x-cts-reason header (services/adapter/dead_letters.py).
     reason: str = ""
 
@@ -135,7 +139,7 @@ def on_delivery(
 
 def on_outcome(
     task: StudyTask,
-    outcome: StudyResult | ModelTask | BaseException,
+    outcome: StudyResult | ModelTask | StudyTask | BaseException,
     *,
     attempt: int,
     max_deliveries: int,
@@ -146,6 +150,8 @@ def on_outcome(
         return Decision(Action.ACK, result=outcome, store=True, note=outcome.status.value)
     if isinstance(outcome, ModelTask):
         return Decision(Action.ACK, handoff=outcome, note="prepared: handed to the model stage")
+    if isinstance(outcome, StudyTask):
+        return Decision(Action.ACK, handoff=outcome, note="checked: put in its preparation lane")
     error = outcome
     policy = policy_of(error)
     if isinstance(error, StudyNotFound):

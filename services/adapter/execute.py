@@ -20,9 +20,14 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from services.adapter.dead_letters import publish_dead_letter
 from services.adapter.delivery import Action, Decision
-from services.broker.connection import publish_model_task, publish_reply, publish_to_registry
+from services.broker.connection import (
+    publish_for_preparation,
+    publish_model_task,
+    publish_reply,
+    publish_to_registry,
+)
 from services.broker.errors import PublishError
-from services.broker.schemas import QueueTopology, StudyProgress, StudyTask
+from services.broker.schemas import ModelTask, QueueTopology, StudyProgress, StudyTask
 from services.broker.storage import mark_delivered
 
 
@@ -53,16 +58,11 @@ def execute_decision(
     """
     if not channel.is_open:
         return False
-    if decision.handoff is not None:
-        try:
-            publish_model_task(channel, topology, decision.handoff)
-        except PublishError as error:
-            # Given back: the next delivery finds the recorded preparation and hands it on.
-            logger.warning(
-                "task {} not handed to the model stage: {}", decision.handoff.task.task_id, error
-            )
-            channel.basic_nack(message.tag, requeue=True)
-            return False
+    if decision.handoff is not None and not _hand_on(channel, topology, decision.handoff):
+        # Given back: the next delivery finds the recorded preparation and hands it on (or
+        # checks the task again).
+        channel.basic_nack(message.tag, requeue=True)
+        return False
     result = decision.result
     if result is not None:
         try:
@@ -147,3 +147,19 @@ def send_progress(
             correlation_id=task.reply_correlation_id,
             persistent=False,
         )
+
+
+def _hand_on(
+    channel: BlockingChannel, topology: QueueTopology, handoff: ModelTask | StudyTask
+) -> bool:
+    """Publish a prepared task to its model lane, a checked one to its preparation lane."""
+    try:
+        if isinstance(handoff, ModelTask):
+            publish_model_task(channel, topology, handoff)
+        else:
+            publish_for_preparation(channel, topology, handoff)
+    except PublishError as error:
+        task_id = handoff.task.task_id if isinstance(handoff, ModelTask) else handoff.task_id
+        logger.warning("task {} not handed on: {}", task_id, error)
+        return False
+    return True

@@ -8,6 +8,10 @@ written last and atomically: a folder without it is an unfinished preparation, p
 again on the next delivery. The model stage removes the folder once the task's result is
 stored (a redelivery after that republishes the stored result and never needs it).
 
+A task checked first and waiting in a preparation lane has a folder here too, before its
+preparation: ``intake/`` (the input its check unpacked, used again by the preparation and
+removed after it) and ``check.json`` (the check's time).
+
 The shared storage already holds the upload with its patient identity; the evidence here
 is the same data, under a folder named by the task id only.
 """
@@ -37,6 +41,10 @@ from services.core.arrays import ModelInput
 from services.core.schemas import StudyReport
 from services.sr.evidence import StudyEvidence
 
+# A task checked first (services/adapter/stages.py) and waiting for its full preparation:
+KEPT_INTAKE_DIR = "intake"  # its unpacked input (services/core/intake/kept.py)
+CHECK_FILE = "check.json"  # how long its check took
+
 
 class PreparedEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -58,6 +66,7 @@ class PreparedTask(BaseModel):
     side_files: list[str] = Field(default_factory=list)  # relative to the storage root
     started_at: datetime
     prepare_seconds: float
+    check_seconds: float | None = None  # of prepare_seconds: the task's check first
     prepared_by: str = ""
 
 
@@ -122,6 +131,36 @@ def model_task(
 
 def remove_prepared(storage_root: Path, task_id: str) -> None:
     shutil.rmtree(prepared_dir(storage_root, task_id), ignore_errors=True)
+
+
+def kept_intake_dir(storage_root: Path, task_id: str) -> Path:
+    """Where a task checked first keeps its unpacked input for its full preparation."""
+    return prepared_dir(storage_root, task_id) / KEPT_INTAKE_DIR
+
+
+class CheckRecord(BaseModel):
+    """A task's check first, passed: what its full preparation counts in."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seconds: float  # counted in the preparation's time, which the wait estimates read
+    attempt: int  # the delivery that checked it: the preparation's deliveries count on
+
+
+def record_check(storage_root: Path, task_id: str, record: CheckRecord) -> None:
+    path = prepared_dir(storage_root, task_id) / CHECK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, record.model_dump_json().encode("utf-8"))
+
+
+def read_check(storage_root: Path, task_id: str) -> CheckRecord | None:
+    """The task's passed check, or None (not checked first, or never passed)."""
+    try:
+        return CheckRecord.model_validate_json(
+            (prepared_dir(storage_root, task_id) / CHECK_FILE).read_bytes()
+        )
+    except FileNotFoundError:
+        return None
 
 
 def sweep_prepared(storage_root: Path) -> list[str]:

@@ -26,7 +26,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pika
@@ -39,6 +39,7 @@ from services.adapter.delivery import Action, Decision
 from services.adapter.execute import Delivery, execute_decision, send_progress
 from services.broker.connection import CONNECTION_ERRORS, connect, declare_topology, delivery_count
 from services.broker.schemas import (
+    WAITING_FOR_PREPARATION,
     MessageError,
     ModelTask,
     StudyProgress,
@@ -49,20 +50,26 @@ from services.broker.schemas import (
 from services.broker.storage import load_result, was_delivered
 from services.core.errors import WorkInterrupted
 
-Work = Callable[[Any, int, Callable[[str, float, str], None]], "StudyResult | ModelTask"]
+Work = Callable[
+    [Any, int, Callable[[str, float, str], None], bool], "StudyResult | ModelTask | StudyTask"
+]
 
 
 @dataclass(frozen=True)
 class StageSpec:
     """What a stage takes and does: its lanes (most urgent first), its message type, the
-    work (message, attempt, progress -> result or hand-off) and what follows a stored
-    result (the model stage removes the prepared files)."""
+    work (message, attempt, progress, check first -> result or hand-off) and what follows
+    a stored result (the model stage removes the prepared files).
+
+    ``check_first_lanes``: lanes whose message is only checked first while more wait behind
+    it (in the same lane, or in the lane named, where checked tasks of its priority wait)."""
 
     name: str
     lanes: list[str]
     message_type: type[StudyTask] | type[ModelTask]
     work: Work
     after_result: Callable[[str], None] = lambda task_id: None
+    check_first_lanes: dict[str, str] = field(default_factory=dict)
 
 
 def task_of(message: StudyTask | ModelTask) -> StudyTask:
@@ -155,9 +162,21 @@ class StageLoop:
         for lane in self.spec.lanes:
             method, properties, body = channel.basic_get(lane)
             if method is not None:
-                self._on_message(connection, channel, method, properties, body)
+                check_first = self._others_wait(channel, lane, method)
+                self._on_message(connection, channel, method, properties, body, check_first)
                 return True
         return False
+
+    def _others_wait(self, channel: BlockingChannel, lane: str, method: Any) -> bool:
+        """Whether a task taken from ``lane`` is only checked first: more tasks of its
+        priority wait, new ones behind it or checked ones before it (first in, first out)."""
+        checked_lane = self.spec.check_first_lanes.get(lane)
+        if checked_lane is None:
+            return False
+        if int(method.message_count) > 0:  # what basic.get left in the lane
+            return True
+        waiting = channel.queue_declare(checked_lane, passive=True).method.message_count
+        return int(waiting) > 0
 
     def _drain(self, connection: BlockingConnection) -> None:
         """On stop: take nothing more; let the work in progress finish (up to the drain
@@ -179,6 +198,7 @@ class StageLoop:
         method: Any,
         properties: pika.BasicProperties,
         body: bytes,
+        check_first: bool = False,
     ) -> None:
         owner = self.owner
         message = Delivery(method.delivery_tag, properties, body)
@@ -231,7 +251,7 @@ class StageLoop:
         self._send_progress(channel, task, "started", 0.0, f"adapter {owner.adapter_id}")
         worker = threading.Thread(
             target=self._work,
-            args=(connection, channel, decoded, message),
+            args=(connection, channel, decoded, message, check_first),
             name=f"{self.spec.name}-{task.task_id[:8]}",
             daemon=True,
         )
@@ -252,6 +272,7 @@ class StageLoop:
         channel: BlockingChannel,
         decoded: StudyTask | ModelTask,
         message: Delivery,
+        check_first: bool,
     ) -> None:
         owner = self.owner
         task = task_of(decoded)
@@ -260,10 +281,10 @@ class StageLoop:
             callback = functools.partial(self._send_progress, channel, task, stage, fraction, text)
             self._call_on_io_thread(connection, callback)
 
-        outcome: StudyResult | ModelTask | BaseException
+        outcome: StudyResult | ModelTask | StudyTask | BaseException
         owner.metrics.in_progress.inc()
         try:
-            outcome = self.spec.work(decoded, message.attempt, send)
+            outcome = self.spec.work(decoded, message.attempt, send, check_first)
         except Exception as error:  # noqa: BLE001 - the delivery rules decide what it means
             if not isinstance(error, WorkInterrupted):
                 logger.opt(exception=error).warning("task {} ended with an error", task.task_id)
@@ -272,6 +293,8 @@ class StageLoop:
             owner.metrics.in_progress.dec()
         if isinstance(outcome, StudyResult):
             owner.metrics.result_computed(outcome)
+        elif isinstance(outcome, StudyTask):
+            send(WAITING_FOR_PREPARATION, 0.0, "checked; waiting for its preparation")
         decision = delivery.on_outcome(
             task,
             outcome,

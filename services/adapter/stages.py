@@ -4,7 +4,10 @@
   the volume and the model input of every study. A task none of whose studies needs the
   model (refused, unreadable, not a chest CT) is finished here: its result never waits
   behind the model's backlog. Otherwise the prepared studies are left on the shared storage
-  (services/adapter/handoff.py) and a :class:`ModelTask` names them.
+  (services/adapter/handoff.py) and a :class:`ModelTask` names them. While other tasks
+  wait, a new task is first checked only as far as is cheap (``check_first``): a refusal
+  is answered at once, a task that passes goes to the preparation lane and is prepared in
+  full after the waiting tasks are checked (their refusals never wait behind it).
 * :func:`finish_model_task` (the model stage): the model on each prepared input, then the
   report files, SRs and the result.
 
@@ -15,6 +18,7 @@ delivery rules decide (services/adapter/delivery.py).
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -24,14 +28,18 @@ from loguru import logger
 
 from services.adapter.delivery import failed_result
 from services.adapter.handoff import (
+    CheckRecord,
     PreparedEntry,
     PreparedTask,
     evidence_from_json,
     evidence_to_json,
+    kept_intake_dir,
     load_model_input,
     model_task,
     prepared_dir,
+    read_check,
     read_handoff,
+    record_check,
     save_model_input,
     write_handoff,
 )
@@ -56,7 +64,14 @@ from services.core.config import Settings
 from services.core.errors import ErrorPolicy, StudyNotFound, policy_of
 from services.core.findings import resolve_thresholds
 from services.core.inference.base import InferenceBackend
-from services.core.pipeline import EventFanOut, PreparedStudy, prepare_studies
+from services.core.intake.kept import INTAKE_RECORD
+from services.core.pipeline import (
+    CheckFirst,
+    EventFanOut,
+    PreparationDeferred,
+    PreparedStudy,
+    prepare_studies,
+)
 from services.core.pipeline import preprocessing_target as target_of
 from services.core.pipeline.run import infer_and_finish
 from services.core.schemas import StudyReport
@@ -77,14 +92,30 @@ class TaskContext:
     earlier_reports: EarlierReports | None = None
 
 
-def prepare_task(task: StudyTask, context: TaskContext) -> StudyResult | ModelTask:
+def prepare_task(
+    task: StudyTask, context: TaskContext, *, check_first: bool = False
+) -> StudyResult | ModelTask | StudyTask:
     """The task's result when no study needs the model, else its hand-off to the model stage.
     A task prepared before (its delivery was given back after the hand-off was recorded) is
-    handed off again, not prepared twice."""
+    handed off again, not prepared twice.
+
+    ``check_first`` (other tasks are waiting): the task is checked only as far as is cheap
+    (services/core/pipeline/prepare.py, CheckFirst); a task none of whose studies is refused
+    there comes back as it is, for the preparation lane."""
     storage_root = context.settings.storage.root
     earlier = read_handoff(storage_root, task.task_id)
     if earlier is not None:
         return model_task(storage_root, task, earlier, attempt=context.attempt)
+    # A check keeps the unpacked input for the full preparation (its intake is not repeated),
+    # its time (counted in the preparation's) and its delivery (the deliveries count on).
+    intake_dir = kept_intake_dir(storage_root, task.task_id)
+    keep_intake = check_first or (intake_dir / INTAKE_RECORD).is_file()
+    check = read_check(storage_root, task.task_id)
+    if check is not None and check_first:
+        return task  # checked before (its hand-on to the preparation lane was lost)
+    checked_s = check.seconds if check is not None else 0.0
+    if check is not None:
+        context = replace(context, attempt=max(context.attempt, check.attempt))
     started = utc_now()
     clock = time.perf_counter()
     output_dir = result_files_dir(storage_root, task.task_id)
@@ -112,6 +143,10 @@ def prepare_task(task: StudyTask, context: TaskContext) -> StudyResult | ModelTa
             display_name=task.original_filename or None,
             events=EventFanOut(events, evidence),
             body_part_model=backend.body_part_model,
+            check_first=(
+                CheckFirst(context.settings.adapter.check_first_max_voxels) if check_first else None
+            ),
+            kept_intake_dir=intake_dir if keep_intake else None,
         ):
             entries.append(_prepared_entry(prepared, folder, events, evidence, backend))
         if not entries:
@@ -119,9 +154,16 @@ def prepare_task(task: StudyTask, context: TaskContext) -> StudyResult | ModelTa
         if not any(entry.input_file for entry in entries):
             reports = [entry.report for entry in entries]
             files = _finish_files(task, context, reports, evidence.studies, events)
-            seconds = time.perf_counter() - clock
+            seconds = time.perf_counter() - clock + checked_s
             return _completed(
-                task, context, reports, files, started, seconds, prepare_seconds=seconds
+                task,
+                context,
+                reports,
+                files,
+                started,
+                seconds,
+                prepare_seconds=seconds,
+                check_seconds=checked_s or None,
             )
         side_files = [relative_to_storage(storage_root, path) for path in events.finish()]
         record = PreparedTask(
@@ -129,11 +171,18 @@ def prepare_task(task: StudyTask, context: TaskContext) -> StudyResult | ModelTa
             entries=entries,
             side_files=side_files,
             started_at=started,
-            prepare_seconds=round(time.perf_counter() - clock, 4),
+            prepare_seconds=round(time.perf_counter() - clock + checked_s, 4),
+            check_seconds=checked_s or None,
             prepared_by=context.adapter_id,
         )
         write_handoff(storage_root, record)
+        shutil.rmtree(intake_dir, ignore_errors=True)  # the model inputs are all it needs now
         return model_task(storage_root, task, record, attempt=context.attempt)
+    except PreparationDeferred:
+        passed = CheckRecord(seconds=round(time.perf_counter() - clock, 4), attempt=context.attempt)
+        record_check(storage_root, task.task_id, passed)
+        logger.info("task {}: checked; its preparation waits its turn", task.task_id)
+        return task
     except Exception as error:  # noqa: BLE001 - re-raised unless its policy is FAILURE_ROW
         return _failed_or_raise(task, context, error, started)
     finally:
@@ -224,6 +273,7 @@ def finish_model_task(handoff: ModelTask, context: TaskContext) -> StudyResult:
             started,
             record.prepare_seconds + model_seconds,
             prepare_seconds=record.prepare_seconds,
+            check_seconds=record.check_seconds,
             model_seconds=model_seconds,
         )
     except Exception as error:  # noqa: BLE001 - re-raised unless its policy is FAILURE_ROW
@@ -237,6 +287,7 @@ def run_task(task: StudyTask, context: TaskContext) -> StudyResult:
     outcome = prepare_task(task, context)
     if isinstance(outcome, StudyResult):
         return outcome
+    assert isinstance(outcome, ModelTask)  # only check_first returns the task itself
     return finish_model_task(outcome, context)
 
 
@@ -283,6 +334,7 @@ def _completed(
     *,
     prepare_seconds: float,
     model_seconds: float | None = None,
+    check_seconds: float | None = None,
 ) -> StudyResult:
     return StudyResult(
         task_id=task.task_id,
@@ -299,6 +351,7 @@ def _completed(
         seconds=seconds,
         prepare_seconds=round(prepare_seconds, 4),
         model_seconds=None if model_seconds is None else round(model_seconds, 4),
+        check_seconds=None if check_seconds is None else round(check_seconds, 4),
     )
 
 

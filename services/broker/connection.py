@@ -99,11 +99,13 @@ def declare_topology(channel: BlockingChannel, topology: QueueTopology) -> None:
         lane = topology.task_lane(priority)
         channel.queue_declare(lane, durable=True, arguments=topology.task_queue_arguments())
         channel.queue_bind(lane, topology.task_exchange, routing_key=task_routing_key(priority))
-        # Prepared studies wait for the model here (published by the adapters' preparation
-        # stage through the default exchange); same guarantees as the task lanes.
-        channel.queue_declare(
-            topology.model_lane(priority), durable=True, arguments=topology.task_queue_arguments()
-        )
+        # Checked tasks wait for their preparation, prepared studies for the model here
+        # (published by the preparation stage through the default exchange); same
+        # guarantees as the task lanes.
+        for later_lane in (topology.preparation_lane(priority), topology.model_lane(priority)):
+            channel.queue_declare(
+                later_lane, durable=True, arguments=topology.task_queue_arguments()
+            )
     for stage in STAGES:
         channel.queue_declare(topology.presence_queue(stage), durable=True)
     channel.queue_declare(
@@ -179,18 +181,31 @@ def publish_task(channel: BlockingChannel, topology: QueueTopology, task: StudyT
     )
 
 
+def publish_for_preparation(
+    channel: BlockingChannel, topology: QueueTopology, task: StudyTask
+) -> None:
+    """Put a checked task in its priority's preparation lane (confirmed)."""
+    _publish_to_lane(channel, topology.preparation_lane(task.priority), task, task)
+
+
 def publish_model_task(
     channel: BlockingChannel, topology: QueueTopology, handoff: ModelTask
 ) -> None:
     """Hand a prepared task to the model stage (its lane by priority; confirmed)."""
-    task = handoff.task
+    _publish_to_lane(channel, topology.model_lane(handoff.task.priority), handoff, handoff.task)
+
+
+def _publish_to_lane(
+    channel: BlockingChannel, lane: str, message: StudyTask | ModelTask, task: StudyTask
+) -> None:
+    """An adapter's hand-on from one stage's lane to another's (default exchange)."""
     _publish(
         channel,
         exchange="",
-        routing_key=topology.model_lane(task.priority),
-        body=encode_message(handoff),
+        routing_key=lane,
+        body=encode_message(message),
         properties=message_properties(
-            handoff,
+            message,
             correlation_id=task.reply_correlation_id,
             reply_to=task.reply_to,
             message_id=task.task_id,
@@ -273,7 +288,7 @@ def queued_task_count(settings: RabbitMQSettings) -> int:
         declare_topology(channel, topology)
         return sum(
             int(channel.queue_declare(lane, passive=True).method.message_count)
-            for lane in topology.task_lanes()
+            for lane in topology.waiting_lanes()
         )
     finally:
         _close_quietly(connection)

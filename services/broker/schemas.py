@@ -9,9 +9,13 @@ file or folder relative to the shared storage root, never the bytes themselves.
 Topology (``<p>`` is ``rabbitmq.queue_prefix``, ``cts`` by default)::
 
     publisher --(routing key "study", "study.urgent", "study.stat")--> exchange <p>.tasks
-        (direct, durable) --> the preparation lanes <p>.tasks, <p>.tasks.urgent,
-        <p>.tasks.stat (quorum, x-delivery-limit, dead-letters to <p>.dead-letter)
+        (direct, durable) --> the task lanes <p>.tasks, <p>.tasks.urgent, <p>.tasks.stat
+        (quorum, x-delivery-limit, dead-letters to <p>.dead-letter)
             --> adapters' preparation stage (basic.get, most urgent lane first)
+    preparation stage, while other tasks wait (check first) --(default exchange)--> the
+        preparation lanes <p>.prepare, <p>.prepare.urgent, <p>.prepare.stat (quorum, same
+        arguments): a StudyTask that passed its cheap checks and waits for its full
+        preparation; the stage takes each priority's task lane before its preparation lane
     preparation stage --(default exchange)--> the model lanes <p>.model, <p>.model.urgent,
         <p>.model.stat (quorum, same arguments): a ModelTask, the prepared study by reference
             --> adapters' model stage (basic.get, most urgent lane first)
@@ -89,6 +93,9 @@ STAGES: Final = (PREPARE_STAGE, MODEL_STAGE)
 
 # Most urgent first: the order in which a stage looks at its lanes.
 PRIORITY_ORDER: Final = (Priority.STAT, Priority.URGENT, Priority.ROUTINE)
+
+# The progress stage of a task that passed its cheap checks and waits in a preparation lane.
+WAITING_FOR_PREPARATION: Final = "waiting_for_preparation"
 
 
 class StudyTask(_Message):
@@ -213,6 +220,9 @@ class StudyResult(_Message):
     # Optional, so an older result still reads; the schema version stays 1.
     prepare_seconds: float | None = None
     model_seconds: float | None = None
+    # Of prepare_seconds, the check first of a task taken while others waited (None: it was
+    # prepared at once).
+    check_seconds: float | None = None
 
     def files_of_kind(self, kind: str) -> list[ResultFile]:
         return [item for item in self.files if item.kind == kind]
@@ -279,9 +289,31 @@ class QueueTopology(BaseModel):
         base = f"{self.prefix}.model"
         return base if priority is Priority.ROUTINE else f"{base}.{priority.value}"
 
+    def preparation_lane(self, priority: Priority) -> str:
+        """Where a checked task waits for its full preparation (services/adapter/stages.py)."""
+        base = f"{self.prefix}.prepare"
+        return base if priority is Priority.ROUTINE else f"{base}.{priority.value}"
+
     def task_lanes(self) -> list[str]:
-        """The preparation lanes, most urgent first."""
+        """The lanes the doors publish to, most urgent first."""
         return [self.task_lane(priority) for priority in PRIORITY_ORDER]
+
+    def preparation_lanes(self) -> list[str]:
+        """The checked tasks' lanes, most urgent first."""
+        return [self.preparation_lane(priority) for priority in PRIORITY_ORDER]
+
+    def preparation_stage_lanes(self) -> list[str]:
+        """What the preparation stage takes, in order: per priority, most urgent first, the
+        new tasks (their cheap checks) before the checked ones (their full preparation)."""
+        return [
+            lane
+            for priority in PRIORITY_ORDER
+            for lane in (self.task_lane(priority), self.preparation_lane(priority))
+        ]
+
+    def waiting_lanes(self) -> list[str]:
+        """Every lane whose tasks are not prepared yet."""
+        return [*self.task_lanes(), *self.preparation_lanes()]
 
     def model_lanes(self) -> list[str]:
         """The model lanes, most urgent first."""

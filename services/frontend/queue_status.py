@@ -20,7 +20,12 @@ from pathlib import Path
 from loguru import logger
 
 from services.broker.connection import connect, declare_topology
-from services.broker.schemas import MODEL_STAGE, PREPARE_STAGE, QueueTopology
+from services.broker.schemas import (
+    MODEL_STAGE,
+    PREPARE_STAGE,
+    WAITING_FOR_PREPARATION,
+    QueueTopology,
+)
 from services.broker.storage import handoff_path
 from services.core.config import RabbitMQSettings
 from services.frontend.wait_estimate import (
@@ -52,7 +57,7 @@ def read_queue_status(settings: RabbitMQSettings) -> QueueStatus:
         declare_topology(channel, topology)
         waiting = sum(
             int(channel.queue_declare(lane, passive=True).method.message_count)
-            for lane in topology.task_lanes()
+            for lane in topology.waiting_lanes()
         )
         # Every adapter's model stage consumes its presence queue: the adapters alive.
         presence = channel.queue_declare(topology.presence_queue(MODEL_STAGE), passive=True)
@@ -94,6 +99,9 @@ class QueueMonitor:
             return self._status
 
 
+WAITING = (Where.QUEUED, Where.CHECKED)  # not being prepared yet: they have a place
+
+
 @dataclass(frozen=True)
 class QueuePlace:
     ahead: int  # queued tasks before this one in the order the adapters take them
@@ -102,15 +110,21 @@ class QueuePlace:
 
 
 def queue_places(
-    tasks: list[Pending], status: QueueStatus | None, times: StageTimes
+    tasks: list[Pending],
+    status: QueueStatus | None,
+    times: StageTimes,
+    *,
+    check_first: bool = False,
 ) -> dict[str, QueuePlace]:
     """The place and expected wait of each queued task of ``tasks`` (every unfinished task,
-    first queued first); empty when the broker cannot be asked how many adapters work."""
+    first queued first); empty when the broker cannot be asked how many adapters work.
+    ``check_first``: the adapters' ``adapter.check_first``."""
     if status is None:
         return {}
     preparers = status.workers if status.preparers is None else status.preparers
-    waits = estimate_waits(tasks, Workers(prepare=preparers, model=status.workers), times)
-    queued = priority_order([task for task in tasks if task.where is Where.QUEUED])
+    workers = Workers(prepare=preparers, model=status.workers)
+    waits = estimate_waits(tasks, workers, times, check_first=check_first)
+    queued = priority_order([task for task in tasks if task.where in WAITING])
     return {
         task.task_id: QueuePlace(
             ahead=ahead, workers=status.workers, expected_wait_s=waits.get(task.task_id)
@@ -125,13 +139,16 @@ MODEL_PROGRESS_STAGES = frozenset({"started", "inference", "findings", "writing"
 
 
 def pending_tasks(rows: list[PipelineTask], storage_root: Path, now: datetime) -> list[Pending]:
-    """Where each unfinished task is: queued; being prepared; prepared (the preparation's
-    hand-off record is on the shared storage) and waiting for the model, or in it."""
+    """Where each unfinished task is: queued (in a task lane, or checked and waiting in a
+    preparation lane); being prepared; prepared (the preparation's hand-off record is on the
+    shared storage) and waiting for the model, or in it."""
     tasks = []
     for row in rows:
         where = Where.QUEUED
         elapsed = 0.0
-        if row.state is StudyState.PROCESSING:
+        if row.state is StudyState.PROCESSING and row.stage == WAITING_FOR_PREPARATION:
+            where = Where.CHECKED
+        elif row.state is StudyState.PROCESSING:
             if not handoff_path(storage_root, row.task_id).exists():
                 where = Where.PREPARING
                 started = row.started_at or now

@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from services.broker.connection import submit_task
 from services.broker.schemas import (
+    WAITING_FOR_PREPARATION,
     Priority,
     QueueTopology,
     StudyResult,
@@ -321,10 +322,17 @@ class FrontendService:
         wait, re-estimated on every call from the queue as it is now (the worklist's
         refresh and the REST API read it; services/frontend/wait_estimate.py)."""
         rows = self.registry.pipeline_tasks()
-        if not any(row.state is StudyState.QUEUED for row in rows):
+        if not any(
+            row.state is StudyState.QUEUED or row.stage == WAITING_FOR_PREPARATION for row in rows
+        ):
             return {}  # no broker round trip when nothing waits
         tasks = pending_tasks(rows, self.storage_root, utc_now())
-        return queue_places(tasks, self.queue.status(), self.registry.stage_times())
+        return queue_places(
+            tasks,
+            self.queue.status(),
+            self.registry.stage_times(),
+            check_first=self.settings.adapter.check_first,
+        )
 
     def hide(self, viewer: str, task_id: str, report_index: int) -> bool:
         """Take a study off this viewer's worklist (everyone else still sees it)."""

@@ -11,10 +11,11 @@ from __future__ import annotations
 import html
 import math
 
+from services.broker.schemas import WAITING_FOR_PREPARATION
 from services.core.access import Permission, Principal, PrincipalKind
 from services.core.reports import DEMO_NOTICE
 from services.frontend.queue_status import QueuePlace
-from services.registry.records import StudyRecord
+from services.registry.records import StudyRecord, StudyState
 
 GUIDE = """
 1. **Add studies** with **Add studies** or by dropping files onto the worklist: a **.zip** or
@@ -119,6 +120,14 @@ def minutes_text(seconds: float) -> str:
     if seconds < 90:
         return f"about {max(5, 5 * math.ceil(seconds / 5)):.0f} s"
     return f"about {math.ceil(seconds / 60)} min"
+
+
+def waits_in_line(record: StudyRecord) -> bool:
+    """Queued, or checked first and waiting in a preparation lane: either has a place in
+    the line (services/frontend/queue_status.py)."""
+    return record.state is StudyState.QUEUED or (
+        record.state is StudyState.PROCESSING and record.stage == WAITING_FOR_PREPARATION
+    )
 
 
 def queue_text(place: QueuePlace | None) -> str:

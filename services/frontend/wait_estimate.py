@@ -13,22 +13,30 @@ model screened, the model stage, the share of studies that needed it). A study a
 occupies the model for ``model_share`` of a model run on average (it may be refused); the
 study itself is expected to need the model, so its wait is the time until its model run
 ends. A refused study gets its result sooner; nothing promises later than the estimate.
+With the adapters checking first (``adapter.check_first``), a burst is checked before it is
+prepared: each new task costs a check (the median preparation of recent refusals, which
+stop where a check stops) and its preparation later costs the rest.
 It is recomputed on every read (the worklist's refresh), so it follows the queue.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 
 from services.registry.records import Priority, StageTimes
 
 RANK = {Priority.STAT: 0, Priority.URGENT: 1, Priority.ROUTINE: 2}  # the lanes' order
+# A check's share of a full preparation while no refusal has been timed: the intake and
+# headers of a 300-slice chest CT, 0.77 s of its 1.87 s (benchmarks/README.md, stage rows).
+CHECK_SHARE_OF_PREPARATION = 0.4
 
 
 class Where(str, Enum):
-    QUEUED = "queued"  # in a preparation lane
+    QUEUED = "queued"  # in a task lane, not checked yet
+    CHECKED = "checked"  # checked first, waiting in a preparation lane
     PREPARING = "preparing"
     PREPARED = "prepared"  # in a model lane
     IN_MODEL = "in_model"
@@ -56,13 +64,20 @@ def priority_order(tasks: list[Pending]) -> list[Pending]:
     return sorted(tasks, key=lambda task: RANK[task.priority])
 
 
-def estimate_waits(tasks: list[Pending], workers: Workers, times: StageTimes) -> dict[str, float]:
+def estimate_waits(
+    tasks: list[Pending], workers: Workers, times: StageTimes, *, check_first: bool = False
+) -> dict[str, float]:
     """Seconds until each task's result if it needs the model (tasks in the model included);
     empty when nothing is measured yet or no adapter works the model stage. Tasks still to
-    be prepared get no estimate while no adapter prepares."""
+    be prepared get no estimate while no adapter prepares. ``check_first``: the adapters'
+    setting (a task taken while others of its priority wait is checked first)."""
     if times.prepare_s is None or times.model_s is None or workers.model <= 0:
         return {}
     prepare_s, model_s = times.prepare_s, times.model_s
+    check_s = None
+    if check_first:
+        check_s = times.check_s or prepare_s * CHECK_SHARE_OF_PREPARATION
+        check_s = min(check_s, prepare_s)  # a preparation's time includes its check
     ahead_cost = model_s * times.model_share  # a study ahead may be refused
     # When each adapter's model stage is free again; a run in progress is half done on average.
     model_free = [0.0] * max(workers.model - _count(tasks, Where.IN_MODEL), 0)
@@ -70,13 +85,15 @@ def estimate_waits(tasks: list[Pending], workers: Workers, times: StageTimes) ->
     heapq.heapify(model_free)
     # Model work: (ready at, lane rank, queued order, task id, cost while ahead of others).
     ready: list[tuple[float, int, int, str, float]] = []
-    prepared_at = _prepare(tasks, workers.prepare, prepare_s)
+    prepared_at = _prepare(tasks, workers.prepare, prepare_s, check_s)
     for order, task in enumerate(tasks):
         if task.where is Where.PREPARED:
             ready.append((0.0, RANK[task.priority], order, task.task_id, model_s))
         elif task.task_id in prepared_at:
+            # A checked study passed its checks: it will most likely need the model.
+            cost = model_s if task.where is Where.CHECKED else ahead_cost
             ready.append(
-                (prepared_at[task.task_id], RANK[task.priority], order, task.task_id, ahead_cost)
+                (prepared_at[task.task_id], RANK[task.priority], order, task.task_id, cost)
             )
     waits = {task.task_id: model_s / 2 for task in tasks if task.where is Where.IN_MODEL}
     waits.update(_run_model(ready, model_free, model_s))
@@ -87,8 +104,13 @@ def _count(tasks: list[Pending], where: Where) -> int:
     return sum(1 for task in tasks if task.where is where)
 
 
-def _prepare(tasks: list[Pending], prepare_workers: int, prepare_s: float) -> dict[str, float]:
-    """When each task being or to be prepared is ready for the model."""
+def _prepare(
+    tasks: list[Pending], prepare_workers: int, prepare_s: float, check_s: float | None
+) -> dict[str, float]:
+    """When each task being or to be prepared is ready for the model. The preparation stage
+    takes, most urgent priority first, its new tasks before its checked ones; with
+    ``check_s`` (checking first), a new task is only checked while others of its priority
+    wait, and goes to the back of its priority's checked tasks."""
     if prepare_workers <= 0:
         return {}
     free = [0.0] * prepare_workers
@@ -98,10 +120,28 @@ def _prepare(tasks: list[Pending], prepare_workers: int, prepare_s: float) -> di
             start = heapq.heappop(free)
             done[task.task_id] = start + max(prepare_s - task.elapsed_s, 0.0)
             heapq.heappush(free, done[task.task_id])
-    for task in priority_order([task for task in tasks if task.where is Where.QUEUED]):
-        start = heapq.heappop(free)
-        done[task.task_id] = start + prepare_s
-        heapq.heappush(free, done[task.task_id])
+    new = {rank: deque[str]() for rank in RANK.values()}
+    checked = {rank: deque[str]() for rank in RANK.values()}
+    for task in tasks:
+        if task.where is Where.QUEUED:
+            new[RANK[task.priority]].append(task.task_id)
+        elif task.where is Where.CHECKED:
+            checked[RANK[task.priority]].append(task.task_id)
+    after_check = prepare_s if check_s is None else prepare_s - check_s
+    for rank in sorted(RANK.values()):
+        while new[rank] or checked[rank]:
+            start = heapq.heappop(free)
+            if new[rank]:
+                task_id = new[rank].popleft()
+                if check_s is not None and (new[rank] or checked[rank]):
+                    checked[rank].append(task_id)
+                    heapq.heappush(free, start + check_s)
+                    continue
+                done[task_id] = start + prepare_s
+            else:
+                task_id = checked[rank].popleft()
+                done[task_id] = start + after_check
+            heapq.heappush(free, done[task_id])
     return done
 
 

@@ -35,6 +35,7 @@ from services.frontend.views import (
     progress_text,
     queue_text,
     short_reason,
+    waits_in_line,
 )
 from services.registry.records import StudyRecord, StudyState
 
@@ -130,7 +131,7 @@ class Worklist(BaseModel):
 
 def record_badge(record: StudyRecord) -> Badge:
     """The outcome of a registry row, in the worklist's words."""
-    if record.state is StudyState.QUEUED:
+    if waits_in_line(record):
         return Badge.QUEUED
     if record.state is StudyState.PROCESSING:
         return Badge.PROCESSING

@@ -117,6 +117,7 @@ class Study(Base):
     # study needed the model): what the expected waits are measured from.
     prepare_seconds: Mapped[float | None] = mapped_column(Float)
     model_seconds: Mapped[float | None] = mapped_column(Float)
+    check_seconds: Mapped[float | None] = mapped_column(Float)  # of prepare_seconds: a check
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
     # What came out (a summary: the full report stays a file).
     processing_status: Mapped[str | None] = mapped_column(String(16))

@@ -276,20 +276,25 @@ def pipeline_tasks(session: Session, *, limit: int = 10_000) -> list[PipelineTas
 
 
 def stage_times(session: Session, *, recent: int = 20) -> StageTimes:
-    """The median preparation (of tasks the model screened) and model times of the most
-    recent results that measured them, and the share of those that needed the model."""
+    """The median preparation (of tasks the model screened), model and check times of the
+    most recent results that measured them, and the share of those that needed the model."""
     rows = session.execute(
-        select(Study.prepare_seconds, Study.model_seconds)
+        select(Study.prepare_seconds, Study.model_seconds, Study.check_seconds)
         .where(Study.report_index == 0, Study.prepare_seconds.is_not(None))
         .order_by(Study.finished_at.desc(), Study.id.desc())
         .limit(recent)
     ).all()
     if not rows:
         return StageTimes()
-    modelled = [(prepare, model) for prepare, model in rows if prepare is not None and model]
+    modelled = [(prepare, model) for prepare, model, _ in rows if prepare is not None and model]
+    # A check's time: measured where tasks were checked first, else a refusal's preparation
+    # (it stops about where a check stops).
+    checks = [check for _, _, check in rows if check is not None]
+    checks = checks or [prepare for prepare, model, _ in rows if prepare is not None and not model]
     return StageTimes(
         prepare_s=statistics.median([p for p, _ in modelled]) if modelled else None,
         model_s=statistics.median([m for _, m in modelled]) if modelled else None,
+        check_s=statistics.median(checks) if checks else None,
         model_share=len(modelled) / len(rows),
         samples=len(rows),
     )

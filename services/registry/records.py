@@ -205,5 +205,7 @@ class StageTimes(BaseModel):
 
     prepare_s: float | None = None  # tasks that went on to the model
     model_s: float | None = None
+    # A check first (services/adapter/stages.py): measured, else a refusal's preparation.
+    check_s: float | None = None
     model_share: float = 1.0  # of recent tasks, those that needed the model
     samples: int = 0

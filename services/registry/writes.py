@@ -137,6 +137,7 @@ def record_result(session: Session, result: StudyResult, now: datetime) -> bool:
         row.finished_at = result.finished_at
         row.prepare_seconds = result.prepare_seconds
         row.model_seconds = result.model_seconds
+        row.check_seconds = result.check_seconds
         row.updated_at = now
         row.original_filename = row.original_filename or result.original_filename
         row.study_path = row.study_path or result.study_path

@@ -161,6 +161,19 @@ class AdapterSettings(Section):
         description="the stages this adapter runs (prepare, model)",
     )
 
+    check_first: bool = Field(
+        True,
+        description="while other tasks wait, the preparation stage checks each new task "
+        "only as far as is cheap and puts one that passes in a preparation lane, so that "
+        "every waiting refusal is answered before the next full preparation",
+    )
+    check_first_max_voxels: int = Field(
+        50_000_000,
+        ge=0,
+        description="checking first, a CT series up to this many voxels (about 190 slices "
+        "of 512x512) also gets its volume and chest check; a larger one only its headers",
+    )
+
     @field_validator("stages")
     @classmethod
     def _no_repeats(cls, value: list[str]) -> list[str]:

@@ -8,6 +8,8 @@ events.py: what the pipeline announces while it works; failures.py: Failure rows
 from services.core.pipeline.events import STAGES, EventFanOut, PipelineEvents
 from services.core.pipeline.prepare import (
     WORK_DIR_PREFIX,
+    CheckFirst,
+    PreparationDeferred,
     PreparedStudy,
     log_name,
     prepare_studies,
@@ -18,8 +20,10 @@ from services.core.pipeline.run import finish_study, model_info, process_input
 __all__ = [
     "STAGES",
     "WORK_DIR_PREFIX",
+    "CheckFirst",
     "EventFanOut",
     "PipelineEvents",
+    "PreparationDeferred",
     "PreparedStudy",
     "finish_study",
     "log_name",

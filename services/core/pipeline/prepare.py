@@ -20,12 +20,20 @@ from services.core.arrays import ModelInput
 from services.core.chest_check import BodyPartRegressionModel, check_chest
 from services.core.config import Settings
 from services.core.dicom.headers import read_studies
-from services.core.dicom.objects import Study
+from services.core.dicom.objects import Series, Study
 from services.core.dicom.series_selection import select_series
 from services.core.dicom.study_identity import patient_identity, study_identity
 from services.core.dicom.volume_builder import header_duplicate_notes, load_volume
-from services.core.errors import ErrorPolicy, IntakeError, StudyError, policy_of, reason_of
+from services.core.errors import (
+    ErrorPolicy,
+    IntakeError,
+    ScreeningError,
+    StudyError,
+    policy_of,
+    reason_of,
+)
 from services.core.intake import NiftiFile, collect_dicom_files
+from services.core.intake.kept import kept_intake
 from services.core.model_metadata import ModelMetadata
 from services.core.nifti.study import prepare_nifti_study
 from services.core.pipeline.events import NO_EVENTS, PipelineEvents, StageClock
@@ -53,6 +61,34 @@ class PreparedStudy:
         return self.model_input is not None
 
 
+@dataclass(frozen=True)
+class CheckFirst:
+    """Check each study only as far as is cheap, then stop before the costly work (the
+    adapter asks this while other tasks wait: their refusals should not wait behind this
+    task's preparation). A CT series of at most ``max_checked_voxels`` gets its volume and
+    chest check now, so a small study that is not a chest is refused here; a larger one
+    stops after its headers. Other modalities always go on: the first verdict rule refuses
+    them without a costly step."""
+
+    max_checked_voxels: int
+
+
+class PreparationDeferred(ScreeningError):
+    """A study passed the checks of :class:`CheckFirst`: its full preparation comes later.
+    Ends :func:`prepare_studies` (its work directory is removed); not a failure."""
+
+    policy = ErrorPolicy.RETRY_LATER
+
+
+def series_voxels(series: Series) -> int:
+    """Voxels of a series from its headers: images x rows x columns (x frames)."""
+    header = series.first_header
+    frames = int(getattr(header, "NumberOfFrames", 1) or 1)
+    rows = int(getattr(header, "Rows", 0) or 0)
+    columns = int(getattr(header, "Columns", 0) or 0)
+    return series.n_images * frames * rows * columns
+
+
 def preprocessing_target(metadata: ModelMetadata) -> PreprocessingTarget:
     return PreprocessingTarget(
         shape=metadata.target_shape,
@@ -74,12 +110,16 @@ def prepare_studies(
     display_name: str | None = None,
     events: PipelineEvents = NO_EVENTS,
     body_part_model: BodyPartRegressionModel | None = None,
+    check_first: CheckFirst | None = None,
+    kept_intake_dir: Path | None = None,
 ) -> Iterator[PreparedStudy]:
     """Yield every study of one input, up to its model input; at least one item per input.
 
     ``body_part_model`` is the backend's body-part regression network for the chest check
-    (None: tags and lung_air only). Errors whose policy is not FAILURE_ROW
-    (services/core/errors.py) propagate.
+    (None: tags and lung_air only). With ``check_first``, the first DICOM study that passes
+    its cheap checks raises :class:`PreparationDeferred`. ``kept_intake_dir``: the input is
+    unpacked there and kept (services/core/intake/kept.py), or an intake kept there before
+    is used. Errors whose policy is not FAILURE_ROW (services/core/errors.py) propagate.
     """
     input_path = Path(input_path)
     name = display_name or str(input_path)
@@ -89,7 +129,11 @@ def prepare_studies(
         clock = StageClock(events)
         try:
             with clock.stage("intake"):
-                intake = collect_dicom_files(input_path, work_dir / "files", settings.intake)
+                intake = (
+                    collect_dicom_files(input_path, work_dir / "files", settings.intake)
+                    if kept_intake_dir is None
+                    else kept_intake(input_path, kept_intake_dir, settings.intake)
+                )
             with clock.stage("headers"):
                 dicom_studies = read_studies(intake.dicom_files, intake.summary)
             # Each NIfTI file is one study of its own (services/core/nifti/study.py).
@@ -145,6 +189,7 @@ def prepare_studies(
                     target=target,
                     clock=study_clock,
                     body_part_model=body_part_model,
+                    check_first=check_first,
                 )
             except Exception as error:
                 if policy_of(error) is not ErrorPolicy.FAILURE_ROW:
@@ -199,6 +244,7 @@ def _prepare_one_study(
     target: PreprocessingTarget,
     clock: StageClock,
     body_part_model: BodyPartRegressionModel | None = None,
+    check_first: CheckFirst | None = None,
 ) -> tuple[StudyReport, ModelInput | None]:
     """Selection, volume, chest check and preprocessing of one study."""
     if isinstance(study, NiftiFile):
@@ -248,6 +294,12 @@ def _prepare_one_study(
             "(the series list says why)"
         )
         report.quality_flags.append(QualityFlag.SERIES_CHOSEN)
+    if (
+        check_first is not None
+        and series.modality == "CT"
+        and series_voxels(series) > check_first.max_checked_voxels
+    ):
+        raise PreparationDeferred("a large CT series: its volume comes with its preparation")
 
     with clock.stage("volume"):
         try:
@@ -275,6 +327,8 @@ def _prepare_one_study(
         report.failure_reason = not_chest_reason(evidence.reason)
         report.failure_kind = FailureKind.NOT_ANALYSED
         return report, None
+    if check_first is not None:
+        raise PreparationDeferred("a chest CT: its preprocessing comes with its preparation")
 
     with clock.stage("preprocessing"):
         model_input = to_model_input(preprocess_volume(volume, target))

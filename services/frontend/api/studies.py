@@ -38,7 +38,7 @@ from services.frontend.reviews import record_review, reviews_of
 from services.frontend.service import FrontendService
 from services.frontend.study_access import StudyRefused, shown, visible
 from services.frontend.uploads import plan_uploads, safe_file_name
-from services.frontend.views import failure_reason, progress_text, queue_text
+from services.frontend.views import failure_reason, progress_text, queue_text, waits_in_line
 from services.registry import Door, StudyFilter, StudyState
 from services.registry.audit import AuditAction
 from services.registry.reads import BadCursor
@@ -236,7 +236,7 @@ def study_status(
         study_instance_uid=first.study_instance_uid,
     )
     result = service.result(task_id) if first.state.final else None
-    if first.state is StudyState.QUEUED:
+    if waits_in_line(first):
         message = queue_text(service.queue_places().get(task_id))
     elif first.state is StudyState.PROCESSING:
         message = progress_text(first)
