@@ -24,7 +24,7 @@ from services.core.config import Settings
 from services.core.intake import FileKind, classify_file, collect_dicom_files
 from services.core.nifti import load_nifti_volume, nifti_version
 from services.core.nifti.ct_rate import CtRateMetadataError, read_ct_rate_metadata
-from services.core.pipeline import prepare_studies
+from services.core.pipeline import CheckFirst, PreparationDeferred, prepare_studies
 from services.core.preprocessing import PreprocessingTarget, preprocess_volume
 
 CHEST = "chest_ct_lung_dx_a0002"
@@ -226,3 +226,17 @@ def test_ct_rate_metadata_errors_name_the_problem(tmp_path: Path) -> None:
         read_ct_rate_metadata(not_a_number)
     with pytest.raises(CtRateMetadataError, match="cannot be read"):
         read_ct_rate_metadata(tmp_path / "absent.csv")
+
+
+def test_a_nifti_chest_checked_first_stops_before_preprocessing(chest_nifti: Path) -> None:
+    """The adapter's check first (services/core/pipeline/prepare.py): a NIfTI volume is read
+    whole for its chest check, then its preparation waits its turn."""
+    with pytest.raises(PreparationDeferred, match="preprocessing"):
+        list(
+            prepare_studies(
+                chest_nifti,
+                settings=Settings(),
+                target=FULL_TARGET,
+                check_first=CheckFirst(max_checked_voxels=0),
+            )
+        )

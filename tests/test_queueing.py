@@ -199,8 +199,8 @@ def test_refusals_behind_chest_cts_are_answered_before_any_full_preparation(
         assert report.failure_reason
     assert waiting_in(client, topology.preparation_lanes()) == 0
     storage = settings.storage.root
-    # What the checks unpacked was used by the preparations and removed; refusals keep nothing.
-    assert not any(kept_intake_dir(storage, chest).exists() for chest in chests)
+    # What the checks unpacked stays until the results are stored; refusals keep nothing.
+    assert all((kept_intake_dir(storage, chest) / "intake.json").is_file() for chest in chests)
     assert all((prepared_dir(storage, chest) / "handoff.json").is_file() for chest in chests)
     assert not any(prepared_dir(storage, task_id).exists() for task_id in refusals)
 

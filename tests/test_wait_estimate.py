@@ -142,3 +142,31 @@ def test_a_checked_study_is_placed_in_the_line(tmp_path: Path) -> None:
     # q is checked (0-4) while c waits; c is prepared (4-10, model 10-50), then q.
     assert places["c"].expected_wait_s == 50.0
     assert places["q"].expected_wait_s == 90.0
+
+
+def test_a_check_still_running_is_not_yet_in_its_lane() -> None:
+    """Three adapters, two new studies: the first is checked (0-4) while the second waits;
+    the second finds nothing else waiting (the first is still being checked) and is prepared
+    at once (0-10); the first is prepared after its check (4-10)."""
+    waits = estimate_waits(
+        [queued("a"), queued("b")], Workers(3, 3), CHECKED_TIMES, check_first=True
+    )
+    assert waits == {"a": 50.0, "b": 50.0}
+
+
+def test_under_a_flood_checked_studies_are_prepared_between_the_checks() -> None:
+    """Once ``max_checked_waiting`` checked studies wait, one of them is prepared before the
+    next new one is checked: the first result does not wait for every check of the flood."""
+    tasks = [queued(f"q{i}") for i in range(5)]
+
+    def waits(limit: int) -> dict[str, float]:
+        return estimate_waits(
+            tasks, Workers(1, 1), CHECKED_TIMES, check_first=True, max_checked_waiting=limit
+        )
+
+    # Limit 2: q0, q1 checked (0-8), q0 prepared (8-14, model 14-54), q2 checked, q1
+    # prepared (18-24), ...
+    assert waits(2)["q0"] == 54.0
+    # Limit 8: all five checked first (0-20), q0 prepared (20-26, model 26-66).
+    assert waits(8)["q0"] == 66.0
+    assert waits(2)["q4"] <= waits(8)["q4"]

@@ -9,9 +9,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from test_frontend_logic import NOW, failure, record, success
 
+from services.broker.schemas import WAITING_FOR_PREPARATION
 from services.core.config import load_settings
 from services.core.quality import QualityFlag
 from services.core.schemas import FailureKind, PatientIdentity
+from services.frontend.queue_status import QueuePlace
 from services.frontend.site_time import SiteClock
 from services.frontend.worklist_rows import (
     Badge,
@@ -138,3 +140,18 @@ def test_studies_in_flight_are_listed_as_the_adapters_take_them() -> None:
     )
     assert [row.file for row in worklist([routine, stat]).rows] == ["stat.zip", "routine.zip"]
     assert worklist([stat]).rows[0].priority == "stat"
+
+
+def test_a_study_checked_first_waits_in_line_with_its_place() -> None:
+    """A study the adapter checked while others waited is in a preparation lane: the row
+    says Queued with its place and wait, not "processing"."""
+    checked = record("checked.zip", state=StudyState.PROCESSING, task_id="c", minute=0)
+    checked = checked.model_copy(update={"stage": WAITING_FOR_PREPARATION, "progress": 0.0})
+    working = record("working.zip", state=StudyState.PROCESSING, task_id="w", minute=1)
+    working = working.model_copy(update={"stage": "volume", "progress": 0.4})
+    place = QueuePlace(ahead=1, workers=1, expected_wait_s=95.0)
+    rows = {row.file: row for row in worklist([checked, working], {"c": place}).rows}
+    assert rows["checked.zip"].badge is Badge.QUEUED
+    assert rows["checked.zip"].status == "1 ahead in the queue, result in about 2 min"
+    assert rows["working.zip"].badge is Badge.PROCESSING
+    assert rows["working.zip"].status == "volume (40%)"

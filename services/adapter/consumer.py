@@ -30,7 +30,7 @@ from tenacity import RetryCallState, stop_when_event_set
 
 from services.adapter import delivery
 from services.adapter.delivery import Decision
-from services.adapter.handoff import remove_prepared
+from services.adapter.handoff import read_check, remove_prepared
 from services.adapter.housekeeping import HealthFile, sweep_leftovers_forever
 from services.adapter.metrics import WAIT_BROKER, AdapterMetrics, MeteredBackend, adapter_metrics
 from services.adapter.model_server_wait import RetryingBackend
@@ -158,6 +158,8 @@ class Adapter:
                 ),
                 # A stored result is final: what a check kept for the preparation is not needed.
                 after_result=lambda task_id: remove_prepared(self.storage_root, task_id),
+                checked_first_at=self.settings.adapter.check_first_max_waiting,
+                earlier_attempts=self._attempts_before_preparation,
             ),
             MODEL_STAGE: StageSpec(
                 MODEL_STAGE,
@@ -168,6 +170,14 @@ class Adapter:
             ),
         }
         return [specs[name] for name in self.settings.adapter.stages]
+
+    def _attempts_before_preparation(self, lane: str, task_id: str) -> int:
+        """A checked task's deliveries before the one whose check passed: its first delivery
+        from a preparation lane goes on as that one (the task lane's count goes on)."""
+        if lane not in self.topology.preparation_lanes():
+            return 0
+        check = read_check(self.storage_root, task_id)
+        return 0 if check is None else check.attempt - 1
 
     def _serve_stages(self) -> None:
         """Each stage on a thread and connection of its own: a refusal is prepared and

@@ -14,8 +14,9 @@ dead-letter the message. The rules:
   result too: its Failure rows);
 * the preparation stage prepared studies that need the model: the ModelTask that names them
   is published (confirmed) to the model lane, then the task is acked;
-* the preparation stage checked a task first and none of its studies was refused: the task
-  is published (confirmed) to its preparation lane, then the message is acked;
+* the preparation stage checked a task first and a study of it passed (the first that does
+  ends the check): the task is published (confirmed) to its preparation lane, then the
+  message is acked;
 * the error policy (services/core/errors.py) decides the rest: RETRY_LATER gives the task
   back (a study missing from the shared storage after a short wait, at most
   max_deliveries times, then a stored Failure result and the dead letters); STOP gives it

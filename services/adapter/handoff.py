@@ -9,8 +9,8 @@ again on the next delivery. The model stage removes the folder once the task's r
 stored (a redelivery after that republishes the stored result and never needs it).
 
 A task checked first and waiting in a preparation lane has a folder here too, before its
-preparation: ``intake/`` (the input its check unpacked, used again by the preparation and
-removed after it) and ``check.json`` (the check's time).
+preparation: ``intake/`` (the input its check unpacked, used again by the preparation) and
+``check.json`` (the check's time and delivery); both go with the folder.
 
 The shared storage already holds the upload with its patient identity; the evidence here
 is the same data, under a folder named by the task id only.

@@ -62,7 +62,11 @@ class StageSpec:
     a stored result (the model stage removes the prepared files).
 
     ``check_first_lanes``: lanes whose message is only checked first while more wait behind
-    it (in the same lane, or in the lane named, where checked tasks of its priority wait)."""
+    it (in the same lane, or in the lane named, where checked tasks of its priority wait).
+    ``checked_first_at``: once this many wait in a checked lane, it is asked before its task
+    lane (results keep coming under a flood of new tasks). ``earlier_attempts`` (lane, task
+    id): deliveries a task had before it came to this lane, so that the delivery limit
+    counts them all (a checked task's check)."""
 
     name: str
     lanes: list[str]
@@ -70,6 +74,8 @@ class StageSpec:
     work: Work
     after_result: Callable[[str], None] = lambda task_id: None
     check_first_lanes: dict[str, str] = field(default_factory=dict)
+    checked_first_at: int = 1
+    earlier_attempts: Callable[[str, str], int] = lambda lane, task_id: 0
 
 
 def task_of(message: StudyTask | ModelTask) -> StudyTask:
@@ -159,13 +165,26 @@ class StageLoop:
 
     def _take_next(self, connection: BlockingConnection, channel: BlockingChannel) -> bool:
         """The first message of the most urgent lane that has one; False if all are empty."""
-        for lane in self.spec.lanes:
+        for lane in self._lanes_in_turn(channel):
             method, properties, body = channel.basic_get(lane)
             if method is not None:
                 check_first = self._others_wait(channel, lane, method)
-                self._on_message(connection, channel, method, properties, body, check_first)
+                self._on_message(
+                    connection, channel, method, properties, body, lane, check_first=check_first
+                )
                 return True
         return False
+
+    def _lanes_in_turn(self, channel: BlockingChannel) -> list[str]:
+        """The lanes in the order to ask them now: the spec's, but a priority's checked
+        tasks before its new ones once ``checked_first_at`` of them wait."""
+        lanes = list(self.spec.lanes)
+        for task_lane, checked_lane in self.spec.check_first_lanes.items():
+            waiting = channel.queue_declare(checked_lane, passive=True).method.message_count
+            if int(waiting) >= self.spec.checked_first_at:
+                first, second = lanes.index(task_lane), lanes.index(checked_lane)
+                lanes[first], lanes[second] = lanes[second], lanes[first]
+        return lanes
 
     def _others_wait(self, channel: BlockingChannel, lane: str, method: Any) -> bool:
         """Whether a task taken from ``lane`` is only checked first: more tasks of its
@@ -198,6 +217,8 @@ class StageLoop:
         method: Any,
         properties: pika.BasicProperties,
         body: bytes,
+        lane: str,
+        *,
         check_first: bool = False,
     ) -> None:
         owner = self.owner
@@ -218,7 +239,8 @@ class StageLoop:
             self._execute(channel, decision, message, reply_to=properties.reply_to)
             return
         task = task_of(decoded)
-        message = replace(message, attempt=delivery_count(properties) + 1)
+        earlier = self.spec.earlier_attempts(lane, task.task_id)
+        message = replace(message, attempt=delivery_count(properties) + 1 + earlier)
         early = delivery.on_delivery(
             task,
             attempt=message.attempt,

@@ -18,7 +18,6 @@ delivery rules decide (services/adapter/delivery.py).
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -176,7 +175,8 @@ def prepare_task(
             prepared_by=context.adapter_id,
         )
         write_handoff(storage_root, record)
-        shutil.rmtree(intake_dir, ignore_errors=True)  # the model inputs are all it needs now
+        # The kept intake stays until the result is stored: a second delivery of the task
+        # may be reading it (a copy left in the task lane by a lost ack).
         return model_task(storage_root, task, record, attempt=context.attempt)
     except PreparationDeferred:
         passed = CheckRecord(seconds=round(time.perf_counter() - clock, 4), attempt=context.attempt)

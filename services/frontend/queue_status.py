@@ -29,6 +29,7 @@ from services.broker.schemas import (
 from services.broker.storage import handoff_path
 from services.core.config import RabbitMQSettings
 from services.frontend.wait_estimate import (
+    CHECKED_WAITING_LIMIT,
     Pending,
     Where,
     Workers,
@@ -115,15 +116,18 @@ def queue_places(
     times: StageTimes,
     *,
     check_first: bool = False,
+    max_checked_waiting: int = CHECKED_WAITING_LIMIT,
 ) -> dict[str, QueuePlace]:
     """The place and expected wait of each queued task of ``tasks`` (every unfinished task,
     first queued first); empty when the broker cannot be asked how many adapters work.
-    ``check_first``: the adapters' ``adapter.check_first``."""
+    ``check_first``, ``max_checked_waiting``: the adapters' settings (adapter.check_first*)."""
     if status is None:
         return {}
     preparers = status.workers if status.preparers is None else status.preparers
     workers = Workers(prepare=preparers, model=status.workers)
-    waits = estimate_waits(tasks, workers, times, check_first=check_first)
+    waits = estimate_waits(
+        tasks, workers, times, check_first=check_first, max_checked_waiting=max_checked_waiting
+    )
     queued = priority_order([task for task in tasks if task.where in WAITING])
     return {
         task.task_id: QueuePlace(

@@ -332,6 +332,7 @@ class FrontendService:
             self.queue.status(),
             self.registry.stage_times(),
             check_first=self.settings.adapter.check_first,
+            max_checked_waiting=self.settings.adapter.check_first_max_waiting,
         )
 
     def hide(self, viewer: str, task_id: str, report_index: int) -> bool:

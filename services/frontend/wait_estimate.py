@@ -29,6 +29,7 @@ from enum import Enum
 from services.registry.records import Priority, StageTimes
 
 RANK = {Priority.STAT: 0, Priority.URGENT: 1, Priority.ROUTINE: 2}  # the lanes' order
+CHECKED_WAITING_LIMIT = 8  # adapter.check_first_max_waiting's default
 # A check's share of a full preparation while no refusal has been timed: the intake and
 # headers of a 300-slice chest CT, 0.77 s of its 1.87 s (benchmarks/README.md, stage rows).
 CHECK_SHARE_OF_PREPARATION = 0.4
@@ -65,12 +66,17 @@ def priority_order(tasks: list[Pending]) -> list[Pending]:
 
 
 def estimate_waits(
-    tasks: list[Pending], workers: Workers, times: StageTimes, *, check_first: bool = False
+    tasks: list[Pending],
+    workers: Workers,
+    times: StageTimes,
+    *,
+    check_first: bool = False,
+    max_checked_waiting: int = CHECKED_WAITING_LIMIT,
 ) -> dict[str, float]:
     """Seconds until each task's result if it needs the model (tasks in the model included);
     empty when nothing is measured yet or no adapter works the model stage. Tasks still to
-    be prepared get no estimate while no adapter prepares. ``check_first``: the adapters'
-    setting (a task taken while others of its priority wait is checked first)."""
+    be prepared get no estimate while no adapter prepares. ``check_first`` and
+    ``max_checked_waiting``: the adapters' settings (adapter.check_first*)."""
     if times.prepare_s is None or times.model_s is None or workers.model <= 0:
         return {}
     prepare_s, model_s = times.prepare_s, times.model_s
@@ -85,7 +91,7 @@ def estimate_waits(
     heapq.heapify(model_free)
     # Model work: (ready at, lane rank, queued order, task id, cost while ahead of others).
     ready: list[tuple[float, int, int, str, float]] = []
-    prepared_at = _prepare(tasks, workers.prepare, prepare_s, check_s)
+    prepared_at = _prepare(tasks, workers.prepare, prepare_s, check_s, max_checked_waiting)
     for order, task in enumerate(tasks):
         if task.where is Where.PREPARED:
             ready.append((0.0, RANK[task.priority], order, task.task_id, model_s))
@@ -105,12 +111,17 @@ def _count(tasks: list[Pending], where: Where) -> int:
 
 
 def _prepare(
-    tasks: list[Pending], prepare_workers: int, prepare_s: float, check_s: float | None
+    tasks: list[Pending],
+    prepare_workers: int,
+    prepare_s: float,
+    check_s: float | None,
+    max_checked_waiting: int = CHECKED_WAITING_LIMIT,
 ) -> dict[str, float]:
     """When each task being or to be prepared is ready for the model. The preparation stage
     takes, most urgent priority first, its new tasks before its checked ones; with
     ``check_s`` (checking first), a new task is only checked while others of its priority
-    wait, and goes to the back of its priority's checked tasks."""
+    wait, and goes to the back of its priority's checked tasks; once ``max_checked_waiting``
+    checked ones wait, one of them is prepared before the next new one is checked."""
     if prepare_workers <= 0:
         return {}
     free = [0.0] * prepare_workers
@@ -121,26 +132,30 @@ def _prepare(
             done[task.task_id] = start + max(prepare_s - task.elapsed_s, 0.0)
             heapq.heappush(free, done[task.task_id])
     new = {rank: deque[str]() for rank in RANK.values()}
-    checked = {rank: deque[str]() for rank in RANK.values()}
+    checked = {rank: deque[tuple[float, str]]() for rank in RANK.values()}  # (in its lane at, id)
     for task in tasks:
         if task.where is Where.QUEUED:
             new[RANK[task.priority]].append(task.task_id)
         elif task.where is Where.CHECKED:
-            checked[RANK[task.priority]].append(task.task_id)
+            checked[RANK[task.priority]].append((0.0, task.task_id))
     after_check = prepare_s if check_s is None else prepare_s - check_s
     for rank in sorted(RANK.values()):
         while new[rank] or checked[rank]:
             start = heapq.heappop(free)
-            if new[rank]:
+            in_lane = sum(1 for at, _ in checked[rank] if at <= start)
+            if new[rank] and in_lane < max_checked_waiting:
                 task_id = new[rank].popleft()
-                if check_s is not None and (new[rank] or checked[rank]):
-                    checked[rank].append(task_id)
+                # Checked first while others of its priority wait: new ones, or checked ones
+                # already in their lane (a check still running is not in its lane yet).
+                others = bool(new[rank]) or in_lane > 0
+                if check_s is not None and others:
+                    checked[rank].append((start + check_s, task_id))
                     heapq.heappush(free, start + check_s)
                     continue
                 done[task_id] = start + prepare_s
             else:
-                task_id = checked[rank].popleft()
-                done[task_id] = start + after_check
+                in_lane_at, task_id = checked[rank].popleft()
+                done[task_id] = max(start, in_lane_at) + after_check
             heapq.heappush(free, done[task_id])
     return done
 
@@ -151,7 +166,7 @@ def _run_model(
     """Each free model stage takes the most urgent prepared task (first prepared first within
     a lane), waiting for the next one to be prepared when none is."""
     upcoming = sorted(ready)  # by the time each is ready
-    waiting: list[tuple[int, int, str, float]] = []  # (rank, order, task id, cost)
+    waiting: list[tuple[int, int, str, float, float]] = []  # (rank, order, id, cost, ready at)
     ends: dict[str, float] = {}
     next_index = 0
     while next_index < len(upcoming) or waiting:
@@ -159,10 +174,11 @@ def _run_model(
         if not waiting and upcoming[next_index][0] > now:
             now = upcoming[next_index][0]  # idle until the next one is prepared
         while next_index < len(upcoming) and upcoming[next_index][0] <= now:
-            _, rank, order, task_id, cost = upcoming[next_index]
-            heapq.heappush(waiting, (rank, order, task_id, cost))
+            ready_at, rank, order, task_id, cost = upcoming[next_index]
+            heapq.heappush(waiting, (rank, order, task_id, cost, ready_at))
             next_index += 1
-        _, _, task_id, cost = heapq.heappop(waiting)
-        ends[task_id] = now + model_s  # its own run is a whole one
-        heapq.heappush(free, now + cost)
+        _, _, task_id, cost, ready_at = heapq.heappop(waiting)
+        start = max(now, ready_at)  # another model stage saw it prepared later than now
+        ends[task_id] = start + model_s  # its own run is a whole one
+        heapq.heappush(free, start + cost)
     return ends

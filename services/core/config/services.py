@@ -173,6 +173,13 @@ class AdapterSettings(Section):
         description="checking first, a CT series up to this many voxels (about 190 slices "
         "of 512x512) also gets its volume and chest check; a larger one only its headers",
     )
+    check_first_max_waiting: int = Field(
+        8,
+        ge=1,
+        description="once this many checked tasks of a priority wait for their preparation, "
+        "the stage prepares one of them before it checks the next new one, so that results "
+        "keep coming while studies arrive faster than they are checked",
+    )
 
     @field_validator("stages")
     @classmethod

@@ -3,8 +3,9 @@
 The adapter's preparation stage may check a task first and prepare it in full later, maybe
 on another host (services/adapter/stages.py): the files the check unpacked stay in a folder
 of the task's own on the shared storage, with this record of what the intake found, so the
-full preparation does not unpack the input again. Paths are written relative to that folder
-or to the input folder: another host may mount the shared storage elsewhere.
+full preparation does not unpack the input again; the folder goes with the task's prepared
+folder once its result is stored. Paths are written relative to that folder or to the input
+folder: another host may mount the shared storage elsewhere.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Final
 
@@ -25,15 +27,28 @@ _IN_KEPT, _IN_INPUT, _ELSEWHERE = "kept", "input", "absolute"
 
 
 def kept_intake(input_path: Path, kept_dir: Path, limits: IntakeSettings) -> IntakeResult:
-    """The intake recorded in ``kept_dir``, else a new one unpacked and recorded there."""
+    """The intake kept in ``kept_dir``, else a new one unpacked and kept there.
+
+    Two adapters may work the same task at once (one cut off from the broker while the
+    broker gives the task to another): each unpacks into a folder of its own, which is
+    renamed to ``kept_dir`` whole, record included; the later one finds it there and uses
+    it. A kept intake is never changed, so nobody reads a folder being written or removed.
+    """
     record = kept_dir / INTAKE_RECORD
     if record.is_file():
         return _load(record, input_path, kept_dir)
-    # What an intake cut off (its process killed) had unpacked: unpacked again, whole.
-    shutil.rmtree(kept_dir / UNPACKED_DIR, ignore_errors=True)
-    intake = collect_dicom_files(input_path, kept_dir / UNPACKED_DIR, limits)
-    _save(record, intake, input_path, kept_dir)
-    return intake
+    own = kept_dir.with_name(f"{kept_dir.name}.{uuid.uuid4().hex[:12]}.partial")
+    try:
+        intake = collect_dicom_files(input_path, own / UNPACKED_DIR, limits)
+        _save(own / INTAKE_RECORD, intake, input_path, own)
+        try:
+            os.rename(own, kept_dir)  # atomic; refused when another one is there already
+        except OSError:
+            if not record.is_file():
+                raise
+    finally:
+        shutil.rmtree(own, ignore_errors=True)  # gone after the rename, or a loser's copy
+    return _load(record, input_path, kept_dir)
 
 
 def _where(path: Path, input_path: Path, kept_dir: Path) -> list[str]:

@@ -11,6 +11,7 @@ resumes by them) and differ between files.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from services.core.arrays import ModelInput
@@ -74,8 +75,11 @@ def prepare_nifti_study(
     target: PreprocessingTarget,
     clock: StageClock,
     body_part_model: BodyPartRegressionModel | None = None,
+    before_preprocessing: Callable[[], None] | None = None,
 ) -> tuple[StudyReport, ModelInput | None]:
-    """The report so far and the model input of one NIfTI (None when the study failed)."""
+    """The report so far and the model input of one NIfTI (None when the study failed).
+    ``before_preprocessing`` is called once the study passed its chest check (it may raise:
+    the pipeline's check first stops there)."""
     report = StudyReport(
         path_to_study=display_name,
         processing_status=ProcessingStatus.FAILURE,
@@ -102,6 +106,8 @@ def prepare_nifti_study(
         report.failure_reason = evidence.reason  # starts with "not a chest CT", as everywhere
         report.failure_kind = FailureKind.NOT_ANALYSED
         return report, None
+    if before_preprocessing is not None:
+        before_preprocessing()
 
     with clock.stage("preprocessing"):
         model_input = to_model_input(preprocess_volume(volume, target))

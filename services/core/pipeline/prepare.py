@@ -68,7 +68,8 @@ class CheckFirst:
     task's preparation). A CT series of at most ``max_checked_voxels`` gets its volume and
     chest check now, so a small study that is not a chest is refused here; a larger one
     stops after its headers. Other modalities always go on: the first verdict rule refuses
-    them without a costly step."""
+    them without a costly step. A NIfTI volume (read whole to know what it is) stops after
+    its chest check."""
 
     max_checked_voxels: int
 
@@ -78,6 +79,10 @@ class PreparationDeferred(ScreeningError):
     Ends :func:`prepare_studies` (its work directory is removed); not a failure."""
 
     policy = ErrorPolicy.RETRY_LATER
+
+
+def _defer_nifti() -> None:
+    raise PreparationDeferred("a chest CT volume: its preprocessing comes with its preparation")
 
 
 def series_voxels(series: Series) -> int:
@@ -256,6 +261,7 @@ def _prepare_one_study(
             target=target,
             clock=clock,
             body_part_model=body_part_model,
+            before_preprocessing=None if check_first is None else _defer_nifti,
         )
     report = StudyReport(
         path_to_study=display_name,
