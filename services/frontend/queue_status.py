@@ -103,6 +103,13 @@ class QueueMonitor:
 WAITING = (Where.QUEUED, Where.CHECKED)  # not being prepared yet: they have a place
 
 
+def in_line(state: StudyState, stage: str | None) -> bool:
+    """Queued, or checked first and waiting in a preparation lane: either has a place."""
+    return state is StudyState.QUEUED or (
+        state is StudyState.PROCESSING and stage == WAITING_FOR_PREPARATION
+    )
+
+
 @dataclass(frozen=True)
 class QueuePlace:
     ahead: int  # queued tasks before this one in the order the adapters take them
@@ -150,7 +157,7 @@ def pending_tasks(rows: list[PipelineTask], storage_root: Path, now: datetime) -
     for row in rows:
         where = Where.QUEUED
         elapsed = 0.0
-        if row.state is StudyState.PROCESSING and row.stage == WAITING_FOR_PREPARATION:
+        if row.state is StudyState.PROCESSING and in_line(row.state, row.stage):
             where = Where.CHECKED
         elif row.state is StudyState.PROCESSING:
             if not handoff_path(storage_root, row.task_id).exists():

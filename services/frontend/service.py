@@ -22,7 +22,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from services.broker.connection import submit_task
 from services.broker.schemas import (
-    WAITING_FOR_PREPARATION,
     Priority,
     QueueTopology,
     StudyResult,
@@ -39,6 +38,7 @@ from services.frontend.metrics import FrontendMetrics, Refusal, frontend_metrics
 from services.frontend.queue_status import (
     QueueMonitor,
     QueuePlace,
+    in_line,
     pending_tasks,
     queue_places,
     read_queue_status,
@@ -50,7 +50,6 @@ from services.frontend.uploads import content_sha256, is_zip_group, plan_uploads
 from services.registry import Door, Registry, StudyFilter, StudyRecord, Submission
 from services.registry.recorder import RegistryRecorder
 from services.registry.records import Priority as RecordedPriority
-from services.registry.records import StudyState
 
 RESULT_CACHE_SECONDS = 300.0
 RESULT_CACHE_ENTRIES = 2000
@@ -322,9 +321,7 @@ class FrontendService:
         wait, re-estimated on every call from the queue as it is now (the worklist's
         refresh and the REST API read it; services/frontend/wait_estimate.py)."""
         rows = self.registry.pipeline_tasks()
-        if not any(
-            row.state is StudyState.QUEUED or row.stage == WAITING_FOR_PREPARATION for row in rows
-        ):
+        if not any(in_line(row.state, row.stage) for row in rows):
             return {}  # no broker round trip when nothing waits
         tasks = pending_tasks(rows, self.storage_root, utc_now())
         return queue_places(

@@ -11,11 +11,10 @@ from __future__ import annotations
 import html
 import math
 
-from services.broker.schemas import WAITING_FOR_PREPARATION
 from services.core.access import Permission, Principal, PrincipalKind
 from services.core.reports import DEMO_NOTICE
-from services.frontend.queue_status import QueuePlace
-from services.registry.records import StudyRecord, StudyState
+from services.frontend.queue_status import QueuePlace, in_line
+from services.registry.records import StudyRecord
 
 GUIDE = """
 1. **Add studies** with **Add studies** or by dropping files onto the worklist: a **.zip** or
@@ -125,9 +124,7 @@ def minutes_text(seconds: float) -> str:
 def waits_in_line(record: StudyRecord) -> bool:
     """Queued, or checked first and waiting in a preparation lane: either has a place in
     the line (services/frontend/queue_status.py)."""
-    return record.state is StudyState.QUEUED or (
-        record.state is StudyState.PROCESSING and record.stage == WAITING_FOR_PREPARATION
-    )
+    return in_line(record.state, record.stage)
 
 
 def queue_text(place: QueuePlace | None) -> str:
