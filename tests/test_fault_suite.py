@@ -44,7 +44,8 @@ from fault_support import (
     queue_state,
     rabbitmq_restarted,
 )
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import Error as PlaywrightError
+from playwright.sync_api import Page, sync_playwright
 from registry_support import postgres_database
 from sqlalchemy.engine import URL
 from stack_support import delete_topology, wait_for, zip_directory
@@ -236,6 +237,19 @@ def recorded_in_storage(storage: Path, task_id: str) -> bool:
     """A preparation stage's work on the task, finished and recorded: the prepared study's
     hand-off to the model stage, or a passed check first."""
     return read_handoff(storage, task_id) is not None or read_check(storage, task_id) is not None
+
+
+def reload_as_a_person_would(page: Page, attempts: int = 3) -> None:
+    """Reload the page; a reload the browser aborts (net::ERR_ABORTED, seen once in CI just
+    after the frontend came back) is tried again a second later, as a person would."""
+    for attempt in range(1, attempts + 1):
+        try:
+            page.reload()
+            return
+        except PlaywrightError as error:
+            if "ERR_ABORTED" not in str(error) or attempt == attempts:
+                raise
+            page.wait_for_timeout(1000)
 
 
 def wait_for_adapters_in_inference(client: TaskClient, sent: list[SentStudy], count: int) -> dict:
@@ -596,7 +610,7 @@ def test_frontend_restart_keeps_every_result_on_the_page(
                 "every result stored while the frontend is down",
             )
             stack.launch("frontend")
-            page.reload()
+            reload_as_a_person_would(page)
             wait_for(
                 lambda: finished_rows(page, set(names)) == 5,
                 60,
