@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from registry_support import BACKEND_PARAMETERS, open_registry, registry_url, sqlite_url
+from registry_support import (
+    BACKEND_PARAMETERS,
+    open_registry,
+    registry_url,
+    sqlite_url,
+    task_submission,
+)
 from sqlalchemy import text
 
 from services.broker.schemas import Priority as BrokerPriority
@@ -44,15 +50,7 @@ def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registr
 
 
 def submission(task_id: str, *, at: datetime = T0, door: Door = Door.UPLOAD, **kw) -> Submission:
-    return Submission(
-        task_id=task_id,
-        door=door,
-        original_filename=f"{task_id}.zip",
-        study_path=f"uploads/{task_id}/{task_id}.zip",
-        received_at=at,
-        queued_at=at,
-        **kw,
-    )
+    return task_submission(task_id, at=at, door=door, **kw)
 
 
 def report(
