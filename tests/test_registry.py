@@ -23,8 +23,9 @@ from sqlalchemy import text
 from services.broker.schemas import Priority as BrokerPriority
 from services.broker.schemas import StudyProgress, StudyResult, TaskStatus
 from services.broker.storage import store_result
-from services.core.config import Settings, load_settings
+from services.core.config import DimseDestination, Settings, load_settings
 from services.core.schemas import FindingResult, PatientIdentity, ProcessingStatus, StudyReport
+from services.dicom_listener.outbox import Outbox
 from services.registry import (
     Door,
     Registry,
@@ -35,7 +36,7 @@ from services.registry import (
 )
 from services.registry.audit import ActorKind, AuditAction, AuditQuery
 from services.registry.database import alembic_config, create_registry_engine
-from services.registry.records import Priority, StageTimes
+from services.registry.records import Delivery, Priority, StageTimes
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 
@@ -404,13 +405,53 @@ def settings_for(tmp_path: Path, **registry_options: object) -> Settings:
     return settings
 
 
-def test_the_command_upgrades_imports_and_purges(tmp_path: Path) -> None:
+def outbox_with_reports(root: Path, tmp_path: Path) -> list[Outbox]:
+    """The DICOM listener's outboxes of two destinations holding SRs of both tasks (each
+    copy carries the patient's name): old-task's first SR sent to the PACS (a note in sent/)
+    and refused by the archive (failed/: the copy and a note), its second waiting for the
+    archive; new-task's waiting for the PACS."""
+    outboxes = [
+        Outbox(root, DimseDestination(ae_title="PACS", host="127.0.0.1", port=104)),
+        Outbox(root, DimseDestination(ae_title="ARCHIVE", host="127.0.0.1", port=11112)),
+    ]
+    pacs, archive = outboxes
+    reports = tmp_path / "sr"
+    reports.mkdir()
+    for number in (1, 2):
+        (reports / f"study_{number:04d}_0123456789ab.dcm").write_bytes(b"DICM Doe^Jane")
+    first, second = sorted(reports.iterdir())
+    for outbox in outboxes:
+        assert outbox.enqueue("old-task", first)
+    pacs.mark_sent(pacs.pending()[0], "0x0000")
+    archive.mark_failed(archive.pending()[0], "refused")
+    assert archive.enqueue("old-task", second)
+    assert pacs.enqueue("new-task", first)
+    return outboxes
+
+
+def outbox_files(root: Path) -> list[str]:
+    return sorted(
+        str(path.relative_to(root / "dicom" / "outbox"))
+        for path in (root / "dicom" / "outbox").rglob("*")
+        if path.is_file()
+    )
+
+
+@pytest.mark.parametrize("backend", PARAMETERS)
+def test_the_command_upgrades_imports_and_purges(backend: str, tmp_path: Path) -> None:
+    """The SQLite file of the storage root by default, or the real PostgreSQL by its URL."""
     from services.registry.__main__ import main
 
     settings = settings_for(tmp_path, retention_days=30)
     root = settings.storage.root
     config = tmp_path / "config.yaml"
-    config.write_text(f"storage:\n  root: {root}\nregistry:\n  retention_days: 30\n")
+    with registry_url(backend, tmp_path / "database", upgraded=False) as url:
+        database = "" if backend == "sqlite" else f"  url: {url.render_as_string(False)}\n"
+        config.write_text(f"storage:\n  root: {root}\nregistry:\n  retention_days: 30\n{database}")
+        purge_with_the_command(main, config, root, tmp_path)
+
+
+def purge_with_the_command(main, config: Path, root: Path, tmp_path: Path) -> None:
     old, recent = result("old-task"), result("new-task")
     recent = recent.model_copy(update={"started_at": datetime.now(UTC)})
     for stored in (old, recent):
@@ -418,6 +459,19 @@ def test_the_command_upgrades_imports_and_purges(tmp_path: Path) -> None:
         (root / "uploads" / stored.task_id).mkdir(parents=True)
         (root / "uploads" / stored.task_id / "x.dcm").write_bytes(b"DICM")
         (root / "results" / stored.task_id / "viewer").mkdir(parents=True)
+    outboxes = outbox_with_reports(root, tmp_path)
+    pacs, archive = (outbox.name for outbox in outboxes)
+    in_outbox = outbox_files(root)
+    sr = "study_0001_0123456789ab"
+    assert in_outbox == sorted(
+        [
+            f"{pacs}/sent/old-task_{sr}.json",
+            f"{archive}/failed/old-task_{sr}.dcm",
+            f"{archive}/failed/old-task_{sr}.json",
+            f"{archive}/old-task_study_0002_0123456789ab.dcm",
+            f"{pacs}/new-task_{sr}.dcm",
+        ]
+    )
     assert main(["--config", str(config), "upgrade"]) == 0
     assert main(["--config", str(config), "import-storage"]) == 0
     assert main(["--config", str(config), "import-storage"]) == 0  # idempotent
@@ -427,16 +481,32 @@ def test_the_command_upgrades_imports_and_purges(tmp_path: Path) -> None:
             "new-task",
             "old-task",
         ]
+        registry.record_delivery(
+            Delivery(
+                task_id="old-task",
+                report_index=0,
+                destination=pacs,
+                sop_instance_uid="2.25.1234",
+                state="sent",
+                updated_at=T0,
+            )
+        )
         assert main(["--config", str(config), "purge", "--dry-run"]) == 0
         untouched = registry.study("old-task")
         assert untouched is not None
         assert untouched.identity is not None
+        assert outbox_files(root) == in_outbox
         assert main(["--config", str(config), "purge"]) == 0
         purged = registry.study("old-task")
         kept = registry.study("new-task")
         trail = registry.audit.events(AuditQuery(actions=(AuditAction.PURGE,)))
+        (delivery,) = registry.deliveries("old-task")
     finally:
         registry.close()
+    # Every outbox item of the purged task is gone (the copies carried the patient's name);
+    # the recent task's SR still waits for the PACS.
+    assert outbox_files(root) == [f"{pacs}/new-task_{sr}.dcm"]
+    assert (delivery.state, delivery.sop_instance_uid) == ("sent", None)
     assert [(entry.task_id, entry.actor_kind) for entry in trail] == [
         ("old-task", ActorKind.SYSTEM)
     ]

@@ -275,3 +275,5 @@ def blank_task(
         row.files = []
         row.purged_at = now
         row.updated_at = now
+    for delivery in session.scalars(select(SrDelivery).where(SrDelivery.task_id == task_id)):
+        delivery.sop_instance_uid = None  # a UID the PACS files the patient's SR under
