@@ -4,6 +4,7 @@ importing a storage root and retention."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -37,6 +38,7 @@ from services.registry import (
 from services.registry.audit import ActorKind, AuditAction, AuditQuery
 from services.registry.database import alembic_config, create_registry_engine
 from services.registry.records import Delivery, Priority, StageTimes
+from services.registry.retention import BLANKED
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 
@@ -395,6 +397,49 @@ def test_the_sqlite_file_is_private(tmp_path: Path) -> None:
     database = Path(url.database or "")
     assert database.stat().st_mode & 0o777 == 0o600
     assert database.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_blanking_a_task_takes_its_uids_and_accession_everywhere(registry: Registry) -> None:
+    """What a purge or a deletion does to the registry: the study rows lose the identity,
+    the SRs' deliveries their SOP Instance UIDs, and a webhook's message the accession number
+    it was to carry (the rest of the message stays)."""
+    from functools import partial
+
+    from services.core.config import NotificationSettings, Webhook
+    from services.registry.webhooks import notifications_of
+
+    webhooks = NotificationSettings(
+        webhooks=[
+            Webhook(url="https://ris.example/hook", secret="s", include_accession_number=True),  # type: ignore[arg-type]
+            Webhook(url="https://chat.example/hook", secret="s"),  # type: ignore[arg-type]
+        ]
+    )
+    registry.record_submission(submission("gone"))
+    registry.record_result(result("gone"), partial(notifications_of, webhooks))
+    registry.record_delivery(
+        Delivery(
+            task_id="gone",
+            report_index=0,
+            destination="PACS@127.0.0.1_104",
+            sop_instance_uid="2.25.99",
+            state="sent",
+            updated_at=T0,
+        )
+    )
+    before = {item.url: json.loads(item.body) for item in registry.outbox.of_task("gone")}
+    assert before["https://ris.example/hook"]["accession_number"] == "ACC-9"
+    registry.blank_task("gone", purged_name="(purged)", fields=BLANKED)
+    row = registry.study("gone")
+    assert row is not None
+    assert (row.identity, row.accession_number, row.study_instance_uid) == (None, None, None)
+    (delivery,) = registry.deliveries("gone")
+    assert (delivery.state, delivery.sop_instance_uid) == ("sent", None)
+    after = {item.url: json.loads(item.body) for item in registry.outbox.of_task("gone")}
+    assert after["https://ris.example/hook"] == {
+        **before["https://ris.example/hook"],
+        "accession_number": None,
+    }
+    assert after["https://chat.example/hook"] == before["https://chat.example/hook"]
 
 
 def settings_for(tmp_path: Path, **registry_options: object) -> Settings:
