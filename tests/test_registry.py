@@ -5,6 +5,9 @@ importing a storage root and retention."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -24,7 +27,7 @@ from sqlalchemy import text
 from services.broker.schemas import Priority as BrokerPriority
 from services.broker.schemas import StudyProgress, StudyResult, TaskStatus
 from services.broker.storage import store_result
-from services.core.config import DimseDestination, Settings, load_settings
+from services.core.config import PROJECT_ROOT, DimseDestination, Settings, load_settings
 from services.core.schemas import FindingResult, PatientIdentity, ProcessingStatus, StudyReport
 from services.dicom_listener.outbox import Outbox
 from services.registry import (
@@ -336,6 +339,44 @@ def test_a_service_refuses_a_schema_other_than_its_own(backend: str, tmp_path: P
         engine.dispose()
         with pytest.raises(RegistrySchemaError, match="newer than this code"):
             Registry(url)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("service", ["services.dicom_listener", "services.frontend"])
+@pytest.mark.parametrize("backend", PARAMETERS)
+def test_a_service_exits_2_saying_why_on_a_newer_schema(
+    backend: str, service: str, tmp_path: Path
+) -> None:
+    """The DICOM listener and the frontend, started as a deployment starts them, on a database
+    a newer version of the code has upgraded: exit status 2 and the reason in the log."""
+    with registry_url(backend, tmp_path / "database") as url:
+        engine = create_registry_engine(url)
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+        engine.dispose()
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            f"storage: {{root: {tmp_path / 'storage'}}}\n"
+            "metrics: {enabled: false}\n"
+            f"registry: {{url: '{url.render_as_string(hide_password=False)}'}}\n"
+        )
+        environment = {
+            key: value
+            for key, value in os.environ.items()
+            if key != "CTS_CONFIG" and not key.startswith("CTS__")
+        }
+        completed = subprocess.run(
+            [sys.executable, "-m", service, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env={**environment, "PYTHONPATH": str(PROJECT_ROOT)},
+            cwd=PROJECT_ROOT,
+        )
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    assert "not started" in completed.stderr
+    assert "has schema 9999, newer than this code" in completed.stderr
+    assert "Traceback" not in completed.stderr
 
 
 @pytest.mark.parametrize("backend", PARAMETERS)
