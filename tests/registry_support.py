@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import psycopg
@@ -15,7 +16,7 @@ from alembic import command
 from preconditions import missing_precondition
 from sqlalchemy.engine import URL
 
-from services.registry import Registry
+from services.registry import Door, Registry, Submission
 from services.registry.database import alembic_config
 
 POSTGRES_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
@@ -80,3 +81,19 @@ def open_registry(backend: str, folder: Path) -> Iterator[Registry]:
             yield opened
         finally:
             opened.close()
+
+
+def task_submission(task_id: str, *, at: datetime, door: Door, **fields: object) -> Submission:
+    """A task of ``door`` as its door records it (an upload's file names), received and
+    queued at ``at``."""
+    return Submission.model_validate(
+        {
+            "task_id": task_id,
+            "door": door,
+            "original_filename": f"{task_id}.zip",
+            "study_path": f"uploads/{task_id}/{task_id}.zip",
+            "received_at": at,
+            "queued_at": at,
+            **fields,
+        }
+    )

@@ -1,5 +1,6 @@
 """The README says what the code does: the permissions table of "Security" is the one in
-services/core/access.py, and the public paths it names are the gate's."""
+services/core/access.py, the public paths it names are the gate's, and "The study registry"
+names every table of the registry's schema and the worklist's refresh as the code has them."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import re
 
 from services.core.access import PERMISSIONS, Permission, Role
 from services.core.config import PROJECT_ROOT
+from services.frontend.app import REFRESH_SECONDS
 from services.frontend.auth.gate import PUBLIC_PATHS
+from services.registry.models import Base
 
 README = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -42,3 +45,13 @@ def test_the_public_paths_are_the_ones_the_readme_names() -> None:
     for path in ("/sign-in", "/healthz"):
         assert path in PUBLIC_PATHS
         assert f"`{path}`" in section
+
+
+def test_the_registry_section_names_every_table_and_the_refresh() -> None:
+    table = README.split("<!-- registry tables:", 1)[1].split("<!-- /registry tables -->", 1)[0]
+    documented = re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.MULTILINE)
+    assert sorted(documented) == sorted([*Base.metadata.tables, "alembic_version"])
+    section = README.split("### The study registry", 1)[1].split("\n### ", 1)[0]
+    assert REFRESH_SECONDS == 1.0
+    assert "the page asks every second" in section
+    assert "`REFRESH_SECONDS`" in section

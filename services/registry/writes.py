@@ -9,6 +9,7 @@ between two writers of one task ends in one IntegrityError, retried by the calle
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 from sqlalchemy import select
@@ -18,11 +19,12 @@ from services.broker.schemas import StudyProgress, StudyResult, TaskStatus
 from services.core.outcome import study_outcome
 from services.core.quality import QualityFlag
 from services.core.schemas import StudyReport
-from services.registry.models import HiddenStudy, SrDelivery, Study
+from services.registry.models import HiddenStudy, SrDelivery, Study, WebhookNotification
 from services.registry.models import Review as ReviewRow
 from services.registry.records import Delivery, Door, Priority, StudyState, Submission
 from services.registry.records import Review as ReviewInput
 
+ACCESSION_KEY = "accession_number"  # of a webhook's message (services/registry/webhooks.py)
 IDENTITY_FIELDS = (
     "patient_name",
     "patient_id",
@@ -275,3 +277,12 @@ def blank_task(
         row.files = []
         row.purged_at = now
         row.updated_at = now
+    for delivery in session.scalars(select(SrDelivery).where(SrDelivery.task_id == task_id)):
+        delivery.sop_instance_uid = None  # a UID the PACS files the patient's SR under
+    # A webhook's message holds the accession number when its receiver asked for it.
+    notifications = select(WebhookNotification).where(WebhookNotification.task_id == task_id)
+    for notification in session.scalars(notifications):
+        body = json.loads(notification.body)
+        if body.get(ACCESSION_KEY) is not None:
+            body[ACCESSION_KEY] = None
+            notification.body = json.dumps(body, separators=(",", ":"))
