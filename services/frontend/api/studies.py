@@ -15,7 +15,14 @@ from services.core.intake.collect import ArchiveKind, FileKind, archive_kind, cl
 from services.core.intake.tar_archive import GZIP_MAGIC
 from services.core.quality import QualityFlag
 from services.core.schemas import StudyReport
-from services.frontend.api.dependencies import Call, FileRecords, TaskRecords, may_upload
+from services.frontend.api.dependencies import (
+    Call,
+    FileRecords,
+    TaskRecords,
+    may_delete,
+    may_review,
+    may_upload,
+)
 from services.frontend.api.errors import api_error
 from services.frontend.api.models import (
     API_PREFIX,
@@ -291,6 +298,7 @@ def study_file(
 @router.delete(
     "/{task_id}",
     status_code=204,
+    dependencies=[Depends(may_delete)],
     responses=COMMON_ERRORS | error_responses((403, "the role may not delete studies")),
 )
 def delete_study(
@@ -301,8 +309,6 @@ def delete_study(
     """Remove a finished task's files and its patient's identity for everyone (an
     administrator's correction: a wrong patient, a study sent by mistake). Its row keeps the
     times and the call, named "(deleted)"."""
-    if not call.principal.may(Permission.DELETE):
-        raise api_error(403, f"the role {call.principal.role.value} does not delete studies")
     if not records[0].state.final:
         raise api_error(409, "the task is still queued or processing; delete it when it ends")
     delete_task(call.service.settings, call.service.registry, task_id)
@@ -318,6 +324,7 @@ def delete_study(
 @router.post(
     "/{task_id}/reviews",
     status_code=201,
+    dependencies=[Depends(may_review)],
     response_model=ReviewItem,
     responses=COMMON_ERRORS
     | error_responses(
