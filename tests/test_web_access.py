@@ -444,7 +444,7 @@ def test_each_rest_action_writes_one_audit_row(
 ) -> None:
     name = frontend.add_user(f"auditor-{uuid.uuid4().hex[:6]}", Role.RADIOLOGIST)
     task_id, result = finished_study(frontend, sender="someone")
-    upload = tmp_path / "study.zip"
+    upload = tmp_path / "Testpatient_Alice_1950-01-01.zip"  # names are what people type
     with zipfile.ZipFile(upload, "w") as archive:  # under the test's 1 MB limit
         first = sorted((fixtures_dir / "chest_ct_lung_dx_a0002").iterdir())[0]
         archive.write(first, arcname=first.name)
@@ -454,7 +454,7 @@ def test_each_rest_action_writes_one_audit_row(
         for kind in ("json", "sr", "xlsx"):
             assert client.get(f"/api/v1/studies/{task_id}/files/{kind}").status_code == 200
         assert client.get(f"/files/{task_id}/viewer/study1.bin").status_code == 200
-        sent = client.post("/api/v1/studies", files={"file": ("study.zip", upload.read_bytes())})
+        sent = client.post("/api/v1/studies", files={"file": (upload.name, upload.read_bytes())})
         assert sent.status_code == 202, sent.text
         assert client.post("/sign-out").status_code == 200
     rows = frontend.registry.audit.events(AuditQuery(actor=name))
@@ -473,6 +473,10 @@ def test_each_rest_action_writes_one_audit_row(
     assert rows[2].study_instance_uid == result.reports[0].study_uid
     assert all(row.client == "127.0.0.1" for row in rows)
     assert all(PATIENT_NAME not in row.model_dump_json() for row in rows)
+    # The upload's row: its task, door and size; never the file's name (the trail is kept).
+    assert rows[7].task_id == sent.json()["task_id"]
+    assert rows[7].detail == f"rest upload, routine, {upload.stat().st_size} bytes"
+    assert all("Testpatient" not in row.model_dump_json() for row in rows)
 
 
 def test_an_administrator_deletes_a_study_and_reads_the_trail(

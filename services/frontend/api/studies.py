@@ -44,7 +44,11 @@ from services.frontend.queue_status import read_queue_status
 from services.frontend.reviews import record_review, reviews_of
 from services.frontend.service import FrontendService
 from services.frontend.study_access import StudyRefused, shown, visible
-from services.frontend.uploads import plan_uploads, safe_file_name
+from services.frontend.uploads import (
+    plan_uploads,
+    safe_file_name,
+    upload_audit_detail,
+)
 from services.frontend.views import failure_reason, progress_text, queue_text, waits_in_line
 from services.registry import Door, StudyFilter, StudyState
 from services.registry.audit import AuditAction
@@ -167,10 +171,15 @@ def submit_study(
     folder = call.service.storage_root / INCOMING_DIR / uuid.uuid4().hex
     try:
         received = receive_upload(call.service, file, folder)
+        size = received.stat().st_size
         task_id = queue_upload(call.service, received, call.principal.name, priority)
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # what was queued was moved away
-    call.audit(AuditAction.UPLOAD, task_id=task_id, detail=received.name[:200])
+    call.audit(
+        AuditAction.UPLOAD,
+        task_id=task_id,
+        detail=upload_audit_detail("rest", priority.value, size),
+    )
     status_url = f"{STUDIES_PATH}/{task_id}"
     return JSONResponse(
         TaskAccepted(task_id=task_id, status_url=status_url).model_dump(),
