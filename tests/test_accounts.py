@@ -4,6 +4,7 @@ the real PostgreSQL; the ``users``, ``keys`` and ``audit`` commands."""
 from __future__ import annotations
 
 import csv
+import getpass
 import io
 import json
 import subprocess
@@ -13,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from registry_support import BACKEND_PARAMETERS, open_registry
+from registry_support import BACKEND_PARAMETERS, open_registry, registry_url
 from sqlalchemy import text
 from sqlalchemy.exc import DatabaseError
 
@@ -249,3 +250,57 @@ def test_the_commands_manage_users_and_keys_and_export_the_trail(
     assert none_yet.stdout.strip().splitlines() == [
         "time,actor,actor_kind,action,task_id,study_instance_uid,client,detail"
     ]
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMETERS)
+def test_each_account_change_writes_one_audit_row_naming_its_target(
+    backend: str, tmp_path: Path
+) -> None:
+    """disable, enable, reset-password, set-role and keys revoke: one row each, written with
+    the change (actor: who ran the command; action; the target in its detail); a refused
+    change writes none."""
+    with registry_url(backend, tmp_path) as url:
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            f"storage:\n  root: {tmp_path / 'storage'}\n"
+            f"registry:\n  url: '{url.render_as_string(hide_password=False)}'\n"
+        )
+        for setup, stdin in (
+            (["users", "add", "jdoe", "--role", "radiologist", "--password-stdin"], PASSWORD),
+            (["keys", "add", "ris", "--role", "technologist"], ""),
+        ):
+            done = run_command(setup, config, stdin=stdin + "\n")
+            assert done.returncode == 0, done.stderr
+        registry = Registry(url)
+        try:
+            changes = [
+                (["users", "disable", "jdoe"], AuditAction.USER_DISABLED, "jdoe"),
+                (["users", "enable", "jdoe"], AuditAction.USER_ENABLED, "jdoe"),
+                (["users", "reset-password", "jdoe"], AuditAction.PASSWORD_RESET, "jdoe"),
+                (
+                    ["users", "set-role", "jdoe", "--role", "admin"],
+                    AuditAction.ROLE_CHANGED,
+                    "jdoe admin",
+                ),
+                (["keys", "revoke", "ris"], AuditAction.KEY_REVOKED, "ris"),
+                (["users", "disable", "nobody"], None, ""),  # refused: no row
+                (["keys", "revoke", "nothing"], None, ""),
+            ]
+            for arguments, action, target in changes:
+                before = len(registry.audit.events(AuditQuery()))
+                ran = run_command(arguments, config, stdin="a new long password\n")
+                rows = registry.audit.events(AuditQuery())[before:]
+                if action is None:
+                    assert ran.returncode == 2, arguments
+                    assert rows == [], arguments
+                    continue
+                assert ran.returncode == 0, ran.stderr
+                assert [(row.action, row.detail) for row in rows] == [(action, target)], arguments
+                assert rows[0].actor == getpass.getuser()
+                assert rows[0].actor_kind is ActorKind.SYSTEM
+            user = registry.accounts.user("jdoe")
+            assert user is not None
+            assert (user.role, user.disabled) == (Role.ADMIN, False)
+            assert registry.accounts.api_keys()[0].revoked_at is not None
+        finally:
+            registry.close()

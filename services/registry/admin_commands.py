@@ -119,21 +119,21 @@ def _users(arguments: argparse.Namespace, registry: Registry) -> int:
         return 0
     if arguments.action == "reset-password":
         password, made = _password(arguments.password_stdin)
-        book.reset_password(name, password)
-        registry.audit.record(_console_entry(AuditAction.PASSWORD_RESET, name))
+        book.reset_password(
+            name, password, audited=_console_entry(AuditAction.PASSWORD_RESET, name)
+        )
         print(f"password of {name} reset; its sessions are signed out")
         if made:
             print(f"password (shown once): {password}")
         return 0
     if arguments.action == "set-role":
-        book.set_role(name, Role(arguments.role))
-        registry.audit.record(_console_entry(AuditAction.ROLE_CHANGED, f"{name} {arguments.role}"))
+        entry = _console_entry(AuditAction.ROLE_CHANGED, f"{name} {arguments.role}")
+        book.set_role(name, Role(arguments.role), audited=entry)
         print(f"{name} is now {arguments.role}")
         return 0
     disable = arguments.action == "disable"
-    book.set_disabled(name, disable)
     action = AuditAction.USER_DISABLED if disable else AuditAction.USER_ENABLED
-    registry.audit.record(_console_entry(action, name))
+    book.set_disabled(name, disable, audited=_console_entry(action, name))
     print(f"{name} {'disabled and signed out' if disable else 'enabled'}")
     return 0
 
@@ -148,8 +148,8 @@ def _keys(arguments: argparse.Namespace, registry: Registry) -> int:
             print(f"{held.name}\t{held.role.value}\t{state}\tlast used {used}")
         return 0
     if arguments.action == "revoke":
-        book.revoke_key(arguments.name)
-        registry.audit.record(_console_entry(AuditAction.KEY_REVOKED, arguments.name))
+        entry = _console_entry(AuditAction.KEY_REVOKED, arguments.name)
+        book.revoke_key(arguments.name, audited=entry)
         print(f"key {arguments.name} revoked")
         return 0
     key = book.add_key(arguments.name, Role(arguments.role))
