@@ -160,6 +160,7 @@ class PageActions:
             sender_name(principal),
             [Path(path) for path in files or []],
             priority=priority,
+            principal=principal,
         )
         for record in outcome.submitted:
             self.access.audit(
@@ -174,7 +175,7 @@ class PageActions:
                 ),
             )
         # The guide makes room for the worklist once something is taken.
-        taken = outcome.submitted or outcome.screened_before
+        taken = outcome.submitted or outcome.screened_before or outcome.screened_elsewhere
         message = ("STAT: " if stat and outcome.submitted else "") + outcome.message
         return (
             views.markdown_text(message),
