@@ -57,8 +57,12 @@ class AccountBook:
         self._write = write
         self._reading = reading
 
-    def add_user(self, name: str, role: Role, *, password: str | None) -> UserAccount:
-        return self._write(lambda s, now: accounts.add_user(s, name, role, password, now))
+    def add_user(
+        self, name: str, role: Role, *, password: str | None, audited: AuditEntry | None = None
+    ) -> UserAccount:
+        return self._write(
+            with_audit(lambda s, now: accounts.add_user(s, name, role, password, now), audited)
+        )
 
     def users(self) -> list[UserAccount]:
         with self._reading() as session:
