@@ -93,8 +93,8 @@ class AccountBook:
     def oidc_sign_in(self, name: str, role: Role) -> SignIn:
         return self._write(lambda s, now: accounts.oidc_sign_in(s, name, role, now))
 
-    def add_key(self, name: str, role: Role) -> str:
-        return self._write(lambda s, now: accounts.add_key(s, name, role, now))
+    def add_key(self, name: str, role: Role, *, audited: AuditEntry | None = None) -> str:
+        return self._write(with_audit(lambda s, now: accounts.add_key(s, name, role, now), audited))
 
     def api_keys(self) -> list[KeyAccount]:
         with self._reading() as session:

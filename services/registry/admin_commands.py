@@ -123,8 +123,8 @@ def _users(arguments: argparse.Namespace, registry: Registry) -> int:
         return _first_admin(arguments, registry)
     if arguments.action == "add":
         password, made = (None, False) if arguments.oidc else _password(arguments.password_stdin)
-        book.add_user(name, Role(arguments.role), password=password)
-        registry.audit.record(_console_entry(AuditAction.USER_ADDED, f"{name} {arguments.role}"))
+        entry = _console_entry(AuditAction.USER_ADDED, f"{name} {arguments.role}")
+        book.add_user(name, Role(arguments.role), password=password, audited=entry)
         print(f"user {name} added ({arguments.role})")
         if made:
             print(f"password (shown once): {password}")
@@ -195,9 +195,8 @@ def _keys(arguments: argparse.Namespace, registry: Registry) -> int:
         book.revoke_key(arguments.name, audited=entry)
         print(f"key {arguments.name} revoked")
         return 0
-    key = book.add_key(arguments.name, Role(arguments.role))
-    detail = f"{arguments.name} {arguments.role}"
-    registry.audit.record(_console_entry(AuditAction.KEY_ADDED, detail))
+    entry = _console_entry(AuditAction.KEY_ADDED, f"{arguments.name} {arguments.role}")
+    key = book.add_key(arguments.name, Role(arguments.role), audited=entry)
     print(f"key {arguments.name} added ({arguments.role}); it is shown once, below:")
     print(key)
     return 0
