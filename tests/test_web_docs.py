@@ -55,3 +55,28 @@ def test_the_registry_section_names_every_table_and_the_refresh() -> None:
     assert REFRESH_SECONDS == 1.0
     assert "the page asks every second" in section
     assert "`REFRESH_SECONDS`" in section
+
+
+def test_every_published_port_has_its_row_in_the_ports_table() -> None:
+    """Each port a compose file publishes, and the remote stack's database, is in "Ports and
+    who may use them" with what guards it."""
+    table = README.split("### Ports and who may use them", 1)[1].split("\n#", 1)[0]
+    first_cells = [line.split("|")[1] for line in table.splitlines() if line.startswith("| ")]
+    published = {
+        int(port)
+        for name in ("compose.base.yaml", "compose.local.yaml", "compose.remote.yaml")
+        for port in re.findall(
+            r'- "\$\{CTS_BIND_ADDRESS:-127\.0\.0\.1\}:\$\{CTS_\w+_PORT:-(\d+)\}:\d+"',
+            (PROJECT_ROOT / name).read_text(encoding="utf-8"),
+        )
+    }
+    assert {9090, 3000, 7860, 11112} <= published  # the pattern still reads the files
+    for port in published | {5432}:
+        assert any(re.search(rf"\b{port}\b", cell) or covers(cell, port) for cell in first_cells), (
+            port
+        )
+
+
+def covers(cell: str, port: int) -> bool:
+    """A row of a range of ports ("8000-8002")."""
+    return any(int(low) <= port <= int(high) for low, high in re.findall(r"(\d+)-(\d+)", cell))
