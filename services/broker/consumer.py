@@ -19,14 +19,13 @@ from typing import Any
 import pika
 from loguru import logger
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
-from tenacity import stop_when_event_set
 
 from services.broker.connection import CONNECTION_ERRORS, connect, declare_reply_queue
 from services.broker.errors import MessageError
 from services.broker.schemas import QueueTopology, StudyProgress, StudyResult, decode_message
 from services.core.config import Backoff, RabbitMQSettings
 from services.core.errors import WorkInterrupted
-from services.core.retry import log_retry, retrying
+from services.core.retry import log_retry, retrying_until_stopped
 
 PROCESS_EVENTS_S = 0.5  # how often the consumer looks at its stop flag and pause
 
@@ -78,11 +77,10 @@ class QueueConsumer(threading.Thread):
         backoff = self._settings.reconnect_backoff
         while not self._stop_event.is_set():
             try:
-                retrying(
+                retrying_until_stopped(
+                    self._stop_event,
                     retry_on=CONNECTION_ERRORS,
                     backoff=backoff,
-                    stop_event=self._stop_event,
-                    stop=stop_when_event_set(self._stop_event),
                     before_sleep=log_retry(f"the {self.name} RabbitMQ connection"),
                 )(self._consume)
             except WorkInterrupted:

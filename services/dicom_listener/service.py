@@ -19,7 +19,6 @@ from pathlib import Path
 
 from loguru import logger
 from sqlalchemy.exc import SQLAlchemyError
-from tenacity import stop_when_event_set
 
 from services.broker.connection import CONNECTION_ERRORS, submit_task
 from services.broker.errors import PublishError
@@ -27,7 +26,7 @@ from services.broker.schemas import StudyTask, utc_now
 from services.broker.storage import load_result
 from services.core.config import ReportDestination, Settings
 from services.core.errors import ConfigurationError, WorkInterrupted
-from services.core.retry import log_retry, retrying
+from services.core.retry import log_retry, retrying_until_stopped
 from services.dicom_listener.door import check_door
 from services.dicom_listener.door_audit import AUDIT_DIR, DoorAudit
 from services.dicom_listener.export import ReportSender, create_sink
@@ -164,11 +163,10 @@ class DicomListener:
     def _record(self, record: BatchRecord) -> bool:
         """The study in the registry before its task is published (retrying while the database
         is away); False when stopping."""
-        attempt = retrying(
+        attempt = retrying_until_stopped(
+            self._stop,
             retry_on=REGISTRY_ERRORS,
             backoff=self.settings.registry.unavailable_backoff,
-            stop_event=self._stop,
-            stop=stop_when_event_set(self._stop),
             before_sleep=log_retry("recording a received study in the registry"),
         )
         try:
@@ -202,11 +200,10 @@ class DicomListener:
         """Publish a closed batch's task (retrying while the broker is away); False when
         stopping."""
         assert record.task is not None
-        attempt = retrying(
+        attempt = retrying_until_stopped(
+            self._stop,
             retry_on=PUBLISH_ERRORS,
             backoff=self.settings.rabbitmq.reconnect_backoff,
-            stop_event=self._stop,
-            stop=stop_when_event_set(self._stop),
             before_sleep=log_retry("publishing a received study"),
         )
         try:
