@@ -276,7 +276,7 @@ def submit_task(settings: RabbitMQSettings, task: StudyTask, *, name: str = "cts
         declare_topology(channel, topology)
         publish_task(channel, topology, task)
     finally:
-        _close_quietly(connection)
+        close_quietly(connection)
 
 
 def queued_task_count(settings: RabbitMQSettings) -> int:
@@ -291,10 +291,11 @@ def queued_task_count(settings: RabbitMQSettings) -> int:
             for lane in topology.waiting_lanes()
         )
     finally:
-        _close_quietly(connection)
+        close_quietly(connection)
 
 
-def _close_quietly(connection: BlockingConnection) -> None:
+def close_quietly(connection: BlockingConnection) -> None:
+    """Close a connection that may be lost already: the broker being away is not an error."""
     try:
         if connection.is_open:
             connection.close()

@@ -18,9 +18,14 @@ from typing import Any
 
 import pika
 from loguru import logger
-from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+from pika.adapters.blocking_connection import BlockingChannel
 
-from services.broker.connection import CONNECTION_ERRORS, connect, declare_reply_queue
+from services.broker.connection import (
+    CONNECTION_ERRORS,
+    close_quietly,
+    connect,
+    declare_reply_queue,
+)
 from services.broker.errors import MessageError
 from services.broker.schemas import QueueTopology, StudyProgress, StudyResult, decode_message
 from services.core.config import Backoff, RabbitMQSettings
@@ -115,7 +120,7 @@ class QueueConsumer(threading.Thread):
             )
         finally:
             self._consumer_tag = None
-            _close(connection)
+            close_quietly(connection)
 
     def _start_consuming(self, channel: BlockingChannel) -> None:
         assert self.queue_name is not None
@@ -192,11 +197,3 @@ class ReplyListener(QueueConsumer):
             name=name,
         )
         self.queue_name = topology.reply_queue(frontend_id)
-
-
-def _close(connection: BlockingConnection) -> None:
-    try:
-        if connection.is_open:
-            connection.close()
-    except CONNECTION_ERRORS:
-        pass
