@@ -16,21 +16,13 @@ import threading
 from loguru import logger
 
 from services.dicom_listener.service import DicomListener
-from services.monitoring.runner import (
-    CONFIGURATION_ERROR_EXIT,
-    ServiceRun,
-    run_service,
-    service_settings,
-    started_or_refused,
-)
+from services.monitoring.runner import ServiceRun, run_service, service_settings, started_or_exit
 
 
 def main(argv: list[str] | None = None) -> int:
     settings = service_settings("python -m services.dicom_listener", __doc__, argv)
-    # A missing secret, an open door, a bad certificate: refused.
-    listener = started_or_refused(lambda: DicomListener(settings))
-    if listener is None:
-        return CONFIGURATION_ERROR_EXIT
+    # A missing secret, an open door, a bad certificate: refused, exit 2.
+    listener = started_or_exit(lambda: DicomListener(settings))
 
     def serve(stop: threading.Event) -> None:
         listener.start()

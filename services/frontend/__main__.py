@@ -15,13 +15,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from loguru import logger
 
 from services.frontend.service import FrontendService
-from services.monitoring.runner import (
-    CONFIGURATION_ERROR_EXIT,
-    ServiceRun,
-    run_service,
-    service_settings,
-    started_or_refused,
-)
+from services.monitoring.runner import ServiceRun, run_service, service_settings, started_or_exit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,10 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_TEMP_DIR", str(root / "frontend" / "incoming"))
     from services.frontend.server import WebServer, build_server
 
-    # E.g. the registry's schema is not this code's: refused.
-    service = started_or_refused(lambda: FrontendService(settings))
-    if service is None:
-        return CONFIGURATION_ERROR_EXIT
+    # E.g. the registry's schema is not this code's: refused, exit 2.
+    service = started_or_exit(lambda: FrontendService(settings))
     app, _access = build_server(service)
 
     def serve(stop: threading.Event) -> None:

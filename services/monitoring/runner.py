@@ -5,9 +5,7 @@ service ends.
 
     def main(argv=None) -> int:
         settings = service_settings("python -m services.dicom_listener", __doc__, argv)
-        service = started_or_refused(lambda: DicomListener(settings))
-        if service is None:
-            return CONFIGURATION_ERROR_EXIT
+        service = started_or_exit(lambda: DicomListener(settings))  # exit 2 if refused
         return run_service(
             ServiceRun(name="dicom listener", settings=settings,
                        metrics_port=settings.metrics.dicom_listener_port),
@@ -61,14 +59,14 @@ def service_settings(prog: str, description: str | None, argv: list[str] | None)
     return settings
 
 
-def started_or_refused(build: Callable[[], Service]) -> Service | None:
-    """``build()``, or None once a configuration it refuses is logged (the caller returns
-    CONFIGURATION_ERROR_EXIT)."""
+def started_or_exit(build: Callable[[], Service]) -> Service:
+    """``build()``; a configuration it refuses is logged and the process exits with
+    CONFIGURATION_ERROR_EXIT (SystemExit, as argparse exits on a wrong argument)."""
     try:
         return build()
     except ConfigurationError as error:
         logger.error("not started: {}", error)
-        return None
+        raise SystemExit(CONFIGURATION_ERROR_EXIT) from error
 
 
 @dataclass
