@@ -83,10 +83,16 @@ class MatchedData:
     unmatched_label_keys: list[str]
 
 
-def read_embeddings(path: Path) -> EmbeddingTable:
+def _existing_file(path: Path, kind: str) -> Path:
+    """``path`` as a Path, when it names a file (else the user is told which ``kind``)."""
     path = Path(path)
     if not path.is_file():
-        raise TrainingInputError(f"embeddings file not found: {path}")
+        raise TrainingInputError(f"{kind} file not found: {path}")
+    return path
+
+
+def read_embeddings(path: Path) -> EmbeddingTable:
+    path = _existing_file(path, "embeddings")
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as error:
@@ -149,9 +155,7 @@ def _embedding_matrix(column: pa.ChunkedArray, file_name: str) -> NDArray[np.flo
 
 
 def read_labels(path: Path) -> LabelTable:
-    path = Path(path)
-    if not path.is_file():
-        raise TrainingInputError(f"labels file not found: {path}")
+    path = _existing_file(path, "labels")
     try:
         frame = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
