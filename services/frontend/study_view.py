@@ -37,6 +37,7 @@ from services.frontend.worklist_rows import (
     BADGE_TEXT,
     Badge,
     call_note,
+    has_call,
     record_badge,
 )
 from services.registry.records import Review, StudyRecord
@@ -315,7 +316,10 @@ def study_view(
         "previews": previews,
         "downloads": downloads,
         "patient_studies": other_studies(record, patient_studies),
-        "reviews": review_lines(reviews or [], clock),
+        "reviews": review_lines(reviews or [], clock, badge),
+        # Agree with the model's call, or, where it made none (Not analysed, Failed), confirm
+        # the outcome or make one's own call.
+        "has_call": has_call(badge),
         # A review needs a result of the model or a refusal to agree with.
         "may_review": may_review and record.state.final,
         "finding_labels": [item["label"] for item in findings_list(report)] if report else [],
