@@ -89,6 +89,21 @@ def screenshot(page: Page, folder: Path, name: str) -> Path:
 def pathology_arrives(registry: Registry, storage: Path, task_id: str) -> None:
     """A PATHOLOGY result recorded in the stack's registry as an adapter's reply would be
     (the tiny demo model's call on the fixtures is whatever its seeded weights say)."""
+    report = StudyReport(
+        path_to_study=task_id,
+        study_uid=f"1.2.826.0.1.3680043.10.{int(datetime.now(UTC).timestamp())}",
+        probability_of_pathology=0.93,
+        pathology=1,
+        processing_status=ProcessingStatus.SUCCESS,
+        most_dangerous_pathology_type="Lung nodule",
+        identity=PatientIdentity(patient_name="Arrival^Alert", patient_id="PID-ALERT"),
+        demo_weights=True,
+    )
+    result_arrives(registry, storage, task_id, report)
+
+
+def result_arrives(registry: Registry, storage: Path, task_id: str, report: StudyReport) -> None:
+    """A study sent by the PACS, recorded with its result ``report`` as an adapter's reply."""
     now = datetime.now(UTC)
     registry.record_submission(
         Submission(
@@ -100,16 +115,6 @@ def pathology_arrives(registry: Registry, storage: Path, task_id: str) -> None:
             received_at=now,
             queued_at=now,
         )
-    )
-    report = StudyReport(
-        path_to_study=task_id,
-        study_uid=f"1.2.826.0.1.3680043.10.{int(now.timestamp())}",
-        probability_of_pathology=0.93,
-        pathology=1,
-        processing_status=ProcessingStatus.SUCCESS,
-        most_dangerous_pathology_type="Lung nodule",
-        identity=PatientIdentity(patient_name="Arrival^Alert", patient_id="PID-ALERT"),
-        demo_weights=True,
     )
     result = StudyResult(
         task_id=task_id, status=TaskStatus.COMPLETED, reports=[report], finished_at=now
