@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -70,10 +71,29 @@ def review(
     form.locator(".sv-review-save").click()
 
 
+# True once the page has not scrolled for 200 ms (a smooth scroll has ended).
+SCROLL_SETTLED = """
+() => new Promise((done) => {
+  const before = window.scrollY;
+  setTimeout(() => done(window.scrollY === before), 200);
+})
+"""
+
+
+def scroll_settled(page: Page, timeout_s: float = 10.0) -> None:
+    """Waits until the page stops scrolling (page.evaluate awaits the check's promise)."""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(SCROLL_SETTLED) and time.monotonic() < deadline:
+        pass
+
+
 def show_study(page: Page) -> None:
-    """The study view at the top of the window, as a reader who opened it sees it."""
+    """The study view at the top of the window, as a reader who opened it sees it: after the
+    smooth scroll that opening it started (Chromium carries a smooth scroll on past an instant
+    one made during it, to the page's end)."""
+    scroll_settled(page)
     page.locator("#study-view .sv-head").evaluate("node => node.scrollIntoView({block: 'start'})")
-    page.wait_for_timeout(300)
+    scroll_settled(page)
 
 
 def screenshot(page: Page, folder: Path, name: str) -> Path:
