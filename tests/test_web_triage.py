@@ -112,6 +112,14 @@ def test_the_screen_fits_and_a_refused_study_is_confirmed_not_agreed_with(
             label = f"{size['width']}x{size['height']}"
             page.screenshot(path=str(tmp_path / f"worklist-{label}.png"))
             assert page.evaluate(TRUNCATED_HEADERS) == [], label
+            # Sorted by any column, its label stays whole too (the arrow takes no width).
+            for header in page.locator("#worklist th[data-sort]").all():
+                header.click()
+                assert page.evaluate(TRUNCATED_HEADERS) == [], (label, header.text_content())
+            page.locator('#worklist th[data-sort="urgency"]').click()
+            expect(page.locator('#worklist th[data-sort="urgency"]')).to_have_attribute(
+                "data-direction", "▲"
+            )
             assert inside_window(page, "#download-all"), label
             assert inside_window(page, "#worklist .wl-alerts"), label
             chest_row.click()
