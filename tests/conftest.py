@@ -44,3 +44,12 @@ def tiny_model_repository(tmp_path_factory) -> Path:
     if completed.returncode != 0:
         pytest.fail(f"building the tiny model repository failed:\n{completed.stderr[-4000:]}")
     return repository
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium for a module's browser tests (tests/worklist_page.py)."""
+    from worklist_page import chromium
+
+    with chromium() as launched:
+        yield launched

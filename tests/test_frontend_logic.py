@@ -15,6 +15,7 @@ from services.core.schemas import (
     StudyReport,
 )
 from services.frontend import views, worklist_rows
+from services.frontend.download_names import download_name
 from services.frontend.queue_status import (
     QueueMonitor,
     QueuePlace,
@@ -312,6 +313,9 @@ def test_the_study_view_reads_like_a_report(tmp_path: Path) -> None:
         {"url": f"file=results/{task}/previews/study1_axial_50.png", "caption": "axial at 50%"}
     ]
     assert view["downloads"][0]["kind"] == "xlsx"
+    # Named by the study date, accession and task, as the file route's header names it.
+    assert view["downloads"][0]["name"] == download_name([row], "output.xlsx")
+    assert view["downloads"][0]["name"].endswith(f"_task-{task[:8]}_report.xlsx")
     assert ["description", HOSTILE] in view["identity"]
     assert ["received by", "the web page"] in view["identity"]
     assert view["demo"] is True
@@ -335,6 +339,26 @@ def test_the_study_view_reads_like_a_report(tmp_path: Path) -> None:
     assert refused["call"] == "Not analysed: no CT series: modality MR"
     assert refused["viewer"] is None
     assert "could be read as a volume" in refused["viewer_missing"]
+
+
+def test_download_names_carry_date_accession_and_task_never_identity() -> None:
+    row = record("Doe^Jane CT.zip", success(0.8, positives=1))
+    dated = row.model_copy(
+        update={"study_date": "2007-04-25", "accession_number": 'A/12 "3"; x\r\n'}
+    )
+    task = row.task_id[:8]
+    assert download_name([dated], "output.xlsx") == (
+        f"chest-ct_2007-04-25_A-12-3-x_task-{task}_report.xlsx"
+    )
+    assert download_name([dated], "warnings_and_errors.txt").endswith("_warnings.txt")
+    assert download_name([dated], "study1_sr.dcm").endswith(f"_task-{task}_study1_sr.dcm")
+    # The file name the sender gave (it may name the patient) is never part of it.
+    assert "Doe" not in download_name([dated], "output.xlsx")
+    # Two studies of a task with different accessions: the task alone names their files.
+    other = dated.model_copy(update={"report_index": 1, "accession_number": "B7"})
+    assert download_name([dated, other], "output.xlsx") == (
+        f"chest-ct_2007-04-25_task-{task}_report.xlsx"
+    )
 
 
 def test_upload_messages_are_text_not_markup() -> None:

@@ -34,6 +34,7 @@ from services.registry import (
     Door,
     Registry,
     RegistrySchemaError,
+    Review,
     StudyFilter,
     StudyState,
     Submission,
@@ -387,6 +388,40 @@ def test_the_migrations_go_down_and_up_again(backend: str, tmp_path: Path) -> No
         command.downgrade(config, "base")
         command.upgrade(config, "head")
         Registry(url).close()
+
+
+@pytest.mark.parametrize("backend", PARAMETERS)
+def test_a_review_s_call_reaches_the_rows_reviewed_before_0009(
+    backend: str, tmp_path: Path
+) -> None:
+    """0009 puts the latest review's call on the study's row; rows reviewed before it take it
+    from the reviews table."""
+    with registry_url(backend, tmp_path) as url:
+        opened = Registry(url)
+        try:
+            opened.record_submission(submission("seen"))
+            opened.record_result(result("seen", report()))
+            opened.record_review(Review(task_id="seen", reviewer="dr.a", agrees=True))
+            corrected = Review(task_id="seen", reviewer="dr.b", agrees=False, pathology=False)
+            opened.record_review(corrected)
+        finally:
+            opened.close()
+        # Back to 0008 without the downgrade, whose table rebuild on SQLite would take the
+        # reviews with it (ON DELETE CASCADE): the column dropped in place.
+        engine = create_registry_engine(url)
+        with engine.begin() as connection:
+            connection.execute(text("ALTER TABLE studies DROP COLUMN review_pathology"))
+            connection.execute(text("UPDATE alembic_version SET version_num = '0008'"))
+        engine.dispose()
+        command.upgrade(alembic_config(url), "head")
+        opened = Registry(url)
+        try:
+            row = opened.study("seen")
+        finally:
+            opened.close()
+    assert row is not None
+    assert row.review is not None
+    assert (row.review.reviewer, row.review.agrees, row.review.pathology) == ("dr.b", False, False)
 
 
 def test_the_free_text_search_ignores_case_and_takes_wildcards_literally(

@@ -49,7 +49,7 @@ def test_every_review_is_kept_and_the_latest_is_on_the_row(registry: Registry) -
     row = registry.study("t1")
     assert row is not None
     assert row.review is not None
-    assert (row.review.reviewer, row.review.agrees) == ("dr.b", False)
+    assert (row.review.reviewer, row.review.agrees, row.review.pathology) == ("dr.b", False, False)
 
 
 def test_a_study_without_a_result_cannot_be_reviewed(registry: Registry) -> None:

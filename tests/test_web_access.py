@@ -322,6 +322,31 @@ def test_study_files_and_the_rest_api_answer_by_role(
         assert client.get(f"/gradio_api/file={absolute}").status_code in (403, 404)
 
 
+def test_a_study_file_downloads_under_its_task_and_accession_never_the_patient(
+    frontend: WebFrontend, people: dict[str, str], study: tuple[str, Any]
+) -> None:
+    """Every task stores output.xlsx; the header (which a browser follows over the link's
+    download attribute) names the file by accession and task, without identity."""
+    task_id, result = study
+    expected = f"chest-ct_ACC-WEB-1_task-{task_id[:8]}_"
+    with signed_in_client(frontend, people["radiologist"]) as client:
+        for path in (
+            f"/files/{task_id}/{result_file(result, 'xlsx')}",
+            f"/files/{task_id}/{result_file(result, 'sr')}",
+            f"/api/v1/studies/{task_id}/files/xlsx",
+        ):
+            answer = client.get(path)
+            assert answer.status_code == 200, path
+            disposition = answer.headers["content-disposition"]
+            assert disposition.startswith("attachment;"), disposition
+            assert f'filename="{expected}' in disposition, disposition
+            for identity in ("Testpatient", "Alice", "PID-WEB-1"):
+                assert identity not in disposition, disposition
+        # Images stay inline, for the page to show.
+        preview = client.get(f"/files/{task_id}/{result_file(result, 'preview')}")
+        assert "content-disposition" not in preview.headers
+
+
 def test_the_page_lists_by_role_without_identity_for_the_administrator(
     frontend: WebFrontend, people: dict[str, str], study: tuple[str, Any]
 ) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import uuid
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,21 +18,21 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from oidc_provider_mock import User, run_server_in_thread
-from playwright.sync_api import Browser, expect, sync_playwright
-from stack_support import delete_topology, wait_for
+from playwright.sync_api import Browser, expect
+from stack_support import wait_for
 from web_support import (
     PASSWORD,
     finished_study,
     sign_in_page,
     try_sign_in,
     web_frontend,
+    web_test_settings,
 )
-from worklist_page import CHROMIUM, CHROMIUM_ARGS, worklist_rows
+from worklist_page import worklist_rows
 
 from services.core.access import Role
-from services.core.config import Settings, load_settings
+from services.core.config import Settings
 from services.core.config.services import OidcSettings
-from services.registry import upgrade_registry
 from services.registry.audit import AuditAction, AuditQuery
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.browser]
@@ -42,21 +41,8 @@ SIZES = ((1280, 800), (1920, 1080))
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Iterator[Settings]:
-    settings = load_settings(environ={})
-    settings.storage.root = tmp_path / "storage"
-    settings.rabbitmq.queue_prefix = f"test-signin-{uuid.uuid4().hex[:10]}"
-    settings.metrics.enabled = False
-    upgrade_registry(settings)
-    yield settings
-    delete_topology(settings.rabbitmq)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
+    with web_test_settings(tmp_path, "signin") as settings:
+        yield settings
 
 
 def small_zip(path: Path) -> Path:
@@ -91,6 +77,12 @@ def test_a_radiologist_signs_in_works_the_list_and_signs_out(
         expect(page.locator("#upload-message")).to_contain_text("Queued 1 study", timeout=30_000)
         row.click()
         expect(page.locator("#study-view")).to_contain_text("PATHOLOGY", timeout=30_000)
+        # The study's report table downloads under its accession and task, not output.xlsx.
+        with page.expect_download() as study_file:
+            page.locator("#study-view .sv-download").first.click()
+        assert study_file.value.suggested_filename == (
+            f"chest-ct_ACC-WEB-1_task-{task_id[:8]}_screening.xlsx"
+        )
         with page.expect_download() as download:
             page.locator("#download-all").click()
         assert download.value.suggested_filename.startswith("chest-ct-worklist-")

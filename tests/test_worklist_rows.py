@@ -31,8 +31,10 @@ def finished(row: StudyRecord, *, after_s: float) -> StudyRecord:
     return row.model_copy(update={"finished_at": row.received_at + timedelta(seconds=after_s)})
 
 
-def reviewed(row: StudyRecord, *, agrees: bool = True) -> StudyRecord:
-    summary = ReviewSummary(reviewer="dr.grey", reviewed_at=NOW, agrees=agrees)
+def reviewed(
+    row: StudyRecord, *, agrees: bool = True, pathology: bool | None = None
+) -> StudyRecord:
+    summary = ReviewSummary(reviewer="dr.grey", reviewed_at=NOW, agrees=agrees, pathology=pathology)
     return row.model_copy(update={"review": summary})
 
 
@@ -64,6 +66,29 @@ def test_reviewed_studies_sink_below_every_unreviewed_one() -> None:
     seen = listed.rows[-1]
     assert seen.reviewed
     assert seen.review.startswith("agreed · dr.grey · ")
+
+
+def test_a_reviewed_row_says_what_the_reader_decided() -> None:
+    """The corrected call, not only "disagreed"; a study without a call (Not analysed,
+    Failed) is confirmed or given the reader's own call, never "agreed" with."""
+    head = record("head.zip", failure("not a chest CT", failure_kind=FailureKind.NOT_ANALYSED))
+    rows = [
+        reviewed(record("a.zip", success(0.9)), agrees=False, pathology=False),
+        reviewed(head),
+        reviewed(
+            record("mr.zip", failure("no CT series", failure_kind=FailureKind.NOT_ANALYSED)),
+            agrees=False,
+            pathology=True,
+        ),
+        reviewed(record("broken.zip", failure("intake failed: not a zip"))),
+    ]
+    said = {row.file: row.review.split(" · ")[0] for row in worklist(rows).rows}
+    assert said == {
+        "a.zip": "disagreed: NORMAL",
+        "head.zip": "confirmed Not analysed",
+        "mr.zip": "own call: PATHOLOGY",
+        "broken.zip": "confirmed Failed",
+    }
 
 
 def test_identity_reads_as_a_person_and_is_absent_without_the_right() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -70,10 +71,29 @@ def review(
     form.locator(".sv-review-save").click()
 
 
+# True once the page has not scrolled for 200 ms (a smooth scroll has ended).
+SCROLL_SETTLED = """
+() => new Promise((done) => {
+  const before = window.scrollY;
+  setTimeout(() => done(window.scrollY === before), 200);
+})
+"""
+
+
+def scroll_settled(page: Page, timeout_s: float = 10.0) -> None:
+    """Waits until the page stops scrolling (page.evaluate awaits the check's promise)."""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(SCROLL_SETTLED) and time.monotonic() < deadline:
+        pass
+
+
 def show_study(page: Page) -> None:
-    """The study view at the top of the window, as a reader who opened it sees it."""
+    """The study view at the top of the window, as a reader who opened it sees it: after the
+    smooth scroll that opening it started (Chromium carries a smooth scroll on past an instant
+    one made during it, to the page's end)."""
+    scroll_settled(page)
     page.locator("#study-view .sv-head").evaluate("node => node.scrollIntoView({block: 'start'})")
-    page.wait_for_timeout(300)
+    scroll_settled(page)
 
 
 def screenshot(page: Page, folder: Path, name: str) -> Path:
@@ -89,6 +109,21 @@ def screenshot(page: Page, folder: Path, name: str) -> Path:
 def pathology_arrives(registry: Registry, storage: Path, task_id: str) -> None:
     """A PATHOLOGY result recorded in the stack's registry as an adapter's reply would be
     (the tiny demo model's call on the fixtures is whatever its seeded weights say)."""
+    report = StudyReport(
+        path_to_study=task_id,
+        study_uid=f"1.2.826.0.1.3680043.10.{int(datetime.now(UTC).timestamp())}",
+        probability_of_pathology=0.93,
+        pathology=1,
+        processing_status=ProcessingStatus.SUCCESS,
+        most_dangerous_pathology_type="Lung nodule",
+        identity=PatientIdentity(patient_name="Arrival^Alert", patient_id="PID-ALERT"),
+        demo_weights=True,
+    )
+    result_arrives(registry, storage, task_id, report)
+
+
+def result_arrives(registry: Registry, storage: Path, task_id: str, report: StudyReport) -> None:
+    """A study sent by the PACS, recorded with its result ``report`` as an adapter's reply."""
     now = datetime.now(UTC)
     registry.record_submission(
         Submission(
@@ -100,16 +135,6 @@ def pathology_arrives(registry: Registry, storage: Path, task_id: str) -> None:
             received_at=now,
             queued_at=now,
         )
-    )
-    report = StudyReport(
-        path_to_study=task_id,
-        study_uid=f"1.2.826.0.1.3680043.10.{int(now.timestamp())}",
-        probability_of_pathology=0.93,
-        pathology=1,
-        processing_status=ProcessingStatus.SUCCESS,
-        most_dangerous_pathology_type="Lung nodule",
-        identity=PatientIdentity(patient_name="Arrival^Alert", patient_id="PID-ALERT"),
-        demo_weights=True,
     )
     result = StudyResult(
         task_id=task_id, status=TaskStatus.COMPLETED, reports=[report], finished_at=now

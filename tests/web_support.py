@@ -16,15 +16,16 @@ from pathlib import Path
 import httpx
 from fastapi import FastAPI
 from playwright.sync_api import Page
+from stack_support import delete_topology
 
 from services.broker.schemas import ResultFile, StudyResult, TaskStatus
 from services.broker.storage import store_result
 from services.core.access import Role
-from services.core.config import Settings
+from services.core.config import Settings, load_settings
 from services.core.schemas import PatientIdentity, ProcessingStatus, StudyReport
 from services.frontend.server import WebServer, build_server
 from services.frontend.service import FrontendService
-from services.registry import Door, Registry, Submission
+from services.registry import Door, Registry, Submission, upgrade_registry
 
 PASSWORD = "a long enough password"
 PATIENT_NAME = "Testpatient^Alice"
@@ -60,6 +61,21 @@ def add_account(settings: Settings, name: str, role: Role) -> str:
     finally:
         registry.close()
     return name
+
+
+@contextmanager
+def web_test_settings(folder: Path, name: str) -> Iterator[Settings]:
+    """Settings of a test's own frontend: storage (and its SQLite registry) in ``folder``,
+    queues of its own on the shared RabbitMQ (deleted afterwards), no metrics port."""
+    settings = load_settings(environ={})
+    settings.storage.root = folder / "storage"
+    settings.rabbitmq.queue_prefix = f"test-{name}-{uuid.uuid4().hex[:10]}"
+    settings.metrics.enabled = False
+    upgrade_registry(settings)
+    try:
+        yield settings
+    finally:
+        delete_topology(settings.rabbitmq)
 
 
 @contextmanager

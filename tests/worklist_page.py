@@ -3,13 +3,27 @@ Not a test module."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 FINISHED_BADGES = ("pathology", "normal", "failed", "not_analysed")
+
+
+@contextmanager
+def chromium() -> Iterator[Browser]:
+    """The system's headless Chromium, closed afterwards."""
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
 
 _ROWS_SCRIPT = """
 () => Array.from(document.querySelectorAll('#worklist tbody tr')).map((tr) => ({

@@ -17,6 +17,7 @@ from services.broker.storage import RESULTS_DIR
 from services.core.access import Permission, Principal
 from services.frontend.auth.access import AccessControl
 from services.frontend.auth.gate import client_address, principal_of
+from services.frontend.download_names import download_name
 from services.frontend.service import FrontendService
 from services.frontend.study_access import (
     StudyRefused,
@@ -95,7 +96,7 @@ def build_files_router(service: FrontendService, access: AccessControl) -> APIRo
         return FileResponse(
             path,
             media_type=media,
-            filename=None if inline else path.name,
+            filename=None if inline else download_name(records, path.name),
             headers={"cache-control": "private, no-store", "x-content-type-options": "nosniff"},
         )
 

@@ -131,6 +131,7 @@ class PageActions:
             clock=self.clock,
             reviews=reviews,
             may_review=principal.may(Permission.REVIEW),
+            task_records=siblings,
         )
 
     def ensure_session(self, token: str | None, request: gr.Request) -> tuple[Any, ...]:

@@ -9,9 +9,11 @@ from services.core.schemas import StudyReport
 from services.frontend.site_time import SiteClock
 from services.frontend.study_models import ReviewLine
 from services.frontend.worklist_rows import (
+    Badge,
     age_sex_text,
     duration_text,
     patient_text,
+    review_verdict,
     turnaround_seconds,
 )
 from services.registry.records import Review, StudyRecord
@@ -55,22 +57,13 @@ def identity(record: StudyRecord, report: StudyReport | None, clock: SiteClock) 
     return fields
 
 
-def review_lines(reviews: list[Review], clock: SiteClock) -> list[ReviewLine]:
-    """Every review of the study, newest first."""
+def review_lines(reviews: list[Review], clock: SiteClock, badge: Badge) -> list[ReviewLine]:
+    """Every review of the study, newest first, each saying what the reader decided."""
     return [
         {
             "who": review.reviewer,
             "when": clock.full(review.reviewed_at) if review.reviewed_at else "",
-            "verdict": "agrees with the call"
-            if review.agrees
-            else "disagrees: "
-            + (
-                "PATHOLOGY"
-                if review.pathology
-                else "NORMAL"
-                if review.pathology is False
-                else "call"
-            ),
+            "verdict": review_verdict(badge, review.agrees, review.pathology),
             "findings": [
                 f"{label}: {'present' if present else 'absent'}"
                 for label, present in sorted(review.findings.items())

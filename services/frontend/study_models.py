@@ -88,5 +88,6 @@ class StudyDocument(TypedDict):
     patient_studies: list[OtherStudy]
     reviews: list[ReviewLine]
     may_review: bool
+    has_call: bool  # False: Not analysed or Failed, nothing to agree or disagree with
     finding_labels: list[str]
     viewer_missing: NotRequired[str]

@@ -7,13 +7,13 @@ Every value is shown as text by the page (services/frontend/static/study.js).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 from services.broker.schemas import StudyResult
 from services.core.quality import QUALITY_FLAG_TEXT
 from services.core.schemas import ChestCheckEvidence, IntakeSummary, SeriesDecision, StudyReport
+from services.frontend.download_names import download_name
 from services.frontend.queue_status import QueuePlace
 from services.frontend.site_time import SiteClock
 from services.frontend.study_header import identity, patient_lines, review_lines
@@ -37,6 +37,7 @@ from services.frontend.worklist_rows import (
     BADGE_TEXT,
     Badge,
     call_note,
+    has_call,
     record_badge,
 )
 from services.registry.records import Review, StudyRecord
@@ -245,12 +246,6 @@ def study_files(
     return previews, downloads
 
 
-def download_name(record: StudyRecord, name: str) -> str:
-    """A per-study name for a downloaded file (every task names its xlsx output.xlsx)."""
-    stem = re.sub(r"[^\w.-]+", "_", record.original_filename.rsplit(".", 1)[0]).strip("._")
-    return f"{stem or 'study'}-{record.report_index + 1}-{name}"
-
-
 def series_text(decision: SeriesDecision) -> str:
     number = (
         f"series {decision.series_number}"
@@ -273,8 +268,11 @@ def study_view(
     clock: SiteClock | None = None,
     reviews: list[Review] | None = None,
     may_review: bool = False,
+    task_records: list[StudyRecord] | None = None,
 ) -> StudyDocument:
-    """Everything the study view shows (its shape: study_models.StudyDocument)."""
+    """Everything the study view shows (its shape: study_models.StudyDocument).
+    ``task_records``: the studies of the record's task (its files are the task's; they name
+    its downloads), the record alone by default."""
     clock = clock or SiteClock()
     index = record.report_index
     reports = result.reports if result is not None else []
@@ -282,7 +280,7 @@ def study_view(
     badge, line = call_line(record, place)
     previews, downloads = study_files(result, index, file_url)
     for item in downloads:
-        item["name"] = download_name(record, item["name"])
+        item["name"] = download_name(task_records or [record], item["name"])
     positives = len(record.findings) if badge in (Badge.PATHOLOGY, Badge.NORMAL) else 0
     document: StudyDocument = {
         "key": record.key,
@@ -318,7 +316,10 @@ def study_view(
         "previews": previews,
         "downloads": downloads,
         "patient_studies": other_studies(record, patient_studies),
-        "reviews": review_lines(reviews or [], clock),
+        "reviews": review_lines(reviews or [], clock, badge),
+        # Agree with the model's call, or, where it made none (Not analysed, Failed), confirm
+        # the outcome or make one's own call.
+        "has_call": has_call(badge),
         # A review needs a result of the model or a refusal to agree with.
         "may_review": may_review and record.state.final,
         "finding_labels": [item["label"] for item in findings_list(report)] if report else [],

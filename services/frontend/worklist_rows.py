@@ -210,12 +210,33 @@ def turnaround_seconds(record: StudyRecord) -> float | None:
     return max(0.0, (record.finished_at - record.received_at).total_seconds())
 
 
+CALL_WORDS = {True: "PATHOLOGY", False: "NORMAL"}
+
+
+def has_call(badge: Badge) -> bool:
+    """A study the model made a call on; Not analysed and Failed have none to agree with."""
+    return badge in (Badge.PATHOLOGY, Badge.NORMAL)
+
+
+def review_verdict(badge: Badge, agrees: bool, pathology: bool | None) -> str:
+    """What the reader decided, as the row says it: "agreed", "disagreed: NORMAL"; on a study
+    without a call, "confirmed Not analysed" or the reader's own "call: PATHOLOGY"."""
+    call = CALL_WORDS.get(pathology) if pathology is not None else None
+    if has_call(badge):
+        if agrees:
+            return "agreed"
+        return f"disagreed: {call}" if call else "disagreed"
+    if agrees:
+        return f"confirmed {BADGE_TEXT[badge]}"
+    return f"own call: {call}" if call else "own call"
+
+
 def review_text(record: StudyRecord, clock: SiteClock) -> str:
     review = record.review
     if review is None:
         return ""
-    verb = "agreed" if review.agrees else "disagreed"
-    return f"{verb} · {review.reviewer} · {clock.short(review.reviewed_at)}"
+    verdict = review_verdict(record_badge(record), review.agrees, review.pathology)
+    return f"{verdict} · {review.reviewer} · {clock.short(review.reviewed_at)}"
 
 
 def status_of(record: StudyRecord, badge: Badge, place: QueuePlace | None) -> tuple[str, str]:

@@ -153,6 +153,7 @@ class Study(Base):
     reviewed_by: Mapped[str | None] = mapped_column(String(SHORT_TEXT))
     reviewed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     review_agrees: Mapped[bool | None] = mapped_column(Boolean)
+    review_pathology: Mapped[bool | None] = mapped_column(Boolean)  # the reader's call, if other
 
 
 class Review(Base):

@@ -86,7 +86,10 @@ def to_record(row: Study) -> StudyRecord:
         quality_flags=[QualityFlag(name) for name in (row.quality_flags or "").split(",") if name],
         review=(
             ReviewSummary(
-                reviewer=row.reviewed_by, reviewed_at=row.reviewed_at, agrees=row.review_agrees
+                reviewer=row.reviewed_by,
+                reviewed_at=row.reviewed_at,
+                agrees=row.review_agrees,
+                pathology=row.review_pathology,
             )
             if row.reviewed_by and row.reviewed_at is not None and row.review_agrees is not None
             else None

@@ -74,6 +74,7 @@ class ReviewSummary(BaseModel):
     reviewer: str
     reviewed_at: datetime
     agrees: bool
+    pathology: bool | None = None  # the call the reader made when they disagreed
 
 
 class Review(BaseModel):

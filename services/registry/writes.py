@@ -206,6 +206,7 @@ def record_review(session: Session, review: ReviewInput, now: datetime) -> bool:
         )
     )
     row.reviewed_by, row.reviewed_at, row.review_agrees = review.reviewer, now, review.agrees
+    row.review_pathology = None if review.agrees else review.pathology
     row.updated_at = now
     return True
 

@@ -39,6 +39,7 @@ from services.frontend.api.models import (
     TaskAccepted,
     error_responses,
 )
+from services.frontend.download_names import download_name
 from services.frontend.metrics import Refusal
 from services.frontend.queue_status import read_queue_status
 from services.frontend.reviews import record_review, reviews_of
@@ -301,7 +302,9 @@ def study_file(
         study_instance_uid=records[0].study_instance_uid,
         detail=f"rest {kind.value} {index}",
     )
-    return FileResponse(path, media_type=MEDIA_TYPES[kind.value], filename=path.name)
+    return FileResponse(
+        path, media_type=MEDIA_TYPES[kind.value], filename=download_name(records, path.name)
+    )
 
 
 @router.delete(

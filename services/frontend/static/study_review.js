@@ -1,9 +1,12 @@
 // -- the review -----------------------------------------------------------------------------
 // A radiologist records their reading: agree with the call, or disagree (their call, and
-// optionally each finding present or absent), with a comment. Sent as the "study_review"
-// event (services/frontend/page_actions.py), which checks the role and writes the audit.
+// optionally each finding present or absent), with a comment. A study without a call (Not
+// analysed, Failed) is confirmed as it is, or given the reader's own call. Sent as the
+// "study_review" event (services/frontend/page_actions.py), which checks the role and writes
+// the audit.
 const reviewForm = $(".sv-review-form");
-const reviewState = { key: null, agrees: null };
+const reviewCall = $(".sv-review-pathology");
+const reviewState = { key: null, agrees: null, opposite: "" };
 
 function fillReview(study) {
   const list = $(".sv-reviews");
@@ -20,7 +23,13 @@ function fillReview(study) {
   if (reviewState.key === study.key) return; // a refresh keeps what is being typed
   reviewState.key = study.key;
   reviewState.agrees = null;
+  // Disagreeing with a call starts from the other call; without a call the reader picks one.
+  reviewState.opposite = study.badge === "pathology" ? "false" : study.badge === "normal" ? "true" : "";
   reviewForm.reset();
+  text($(".sv-agree"), study.has_call ? "Agree with the call" : "Confirm: " + study.badge_text);
+  text($(".sv-disagree"), study.has_call ? "Disagree" : "Make my own call");
+  text($(".sv-review-call").firstChild, study.has_call ? "My call: " : "Call: ");
+  $(".sv-review-findings").hidden = !(study.finding_labels || []).length;
   const findings = $(".sv-review-findings div");
   findings.replaceChildren();
   for (const label of study.finding_labels || []) {
@@ -43,15 +52,18 @@ function showChoice() {
     button.classList.toggle("active", reviewState.agrees !== null && button.dataset.agrees === (reviewState.agrees ? "1" : "0"));
   }
   $(".sv-review-more").hidden = reviewState.agrees !== false;
-  $(".sv-review-save").disabled = reviewState.agrees === null;
+  // A disagreement names the reader's call.
+  $(".sv-review-save").disabled = reviewState.agrees === null || (reviewState.agrees === false && !reviewCall.value);
 }
 
 for (const button of reviewForm.querySelectorAll("[data-agrees]")) {
   button.addEventListener("click", () => {
     reviewState.agrees = button.dataset.agrees === "1";
+    if (!reviewState.agrees && !reviewCall.value) reviewCall.value = reviewState.opposite;
     showChoice();
   });
 }
+reviewCall.addEventListener("change", showChoice);
 reviewForm.addEventListener("submit", (event) => {
   event.preventDefault();
   if (reviewState.agrees === null || !props.value) return;
@@ -61,7 +73,7 @@ reviewForm.addEventListener("submit", (event) => {
       if (choice.value) findings[choice.dataset.label] = choice.value === "true";
     }
   }
-  const call = $(".sv-review-pathology").value;
+  const call = reviewCall.value;
   trigger("study_review", {
     key: props.value.key,
     agrees: reviewState.agrees,

@@ -70,6 +70,12 @@ function open(key) {
 }
 
 function openByUser(key) {
+  const view = document.getElementById("study-view");
+  if (key === state.selected && view && view.dataset.shownKey === key) {
+    // Open already (the reader scrolled back up): the study view comes into sight again.
+    view.scrollIntoView({ behavior: "smooth", block: "start" });
+    return;
+  }
   document.body.dataset.ctsOpenedByUser = "1"; // the study view scrolls into sight
   open(key);
 }
