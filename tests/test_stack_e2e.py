@@ -14,6 +14,7 @@ import re
 import subprocess
 import uuid
 from pathlib import Path
+from urllib.parse import quote
 
 import openpyxl
 import pydicom
@@ -165,7 +166,7 @@ def shift_at_size(
     if first:
         # Before the first pictures: a STAT study with interpolated slices and a review, so
         # that both sizes show the list as a shift has it.
-        interpolated_slices_are_marked(page, gapped)
+        interpolated_slices_are_marked(page, gapped, chest)
         row.click()
         # The gapped chest is the same patient: wait for this study, not just the name.
         expect(page.locator("#study-view .sv-title")).to_have_text("chest.zip")
@@ -195,9 +196,9 @@ def shift_at_size(
     context.close()
 
 
-def interpolated_slices_are_marked(page: Page, gapped: Path) -> None:
+def interpolated_slices_are_marked(page: Page, gapped: Path, chest: str) -> None:
     """The chest without two slices, sent as STAT: a chip in its row, the slices marked in
-    the viewer."""
+    the viewer; the study view lists the same patient's chest CT, which its link opens."""
     page.locator("#stat input").check()
     upload(page, [gapped], "STAT: Queued 1 study")
     expect(page.locator("#stat input")).not_to_be_checked()  # the next upload is routine
@@ -221,6 +222,14 @@ def interpolated_slices_are_marked(page: Page, gapped: Path) -> None:
     )
     expect(page.locator("#study-view .vw-filled")).to_be_visible()
     expect(viewer).to_have_attribute("data-slice-interpolated", "1")
+    earlier = page.locator(f'#study-view .sv-others a[href="?study={quote(chest, safe="")}"]')
+    expect(earlier).to_have_count(1)
+    earlier.click()
+    # The link reloads the page with ?study=: the chest opens, and lists the gapped one.
+    expect(page.locator("#study-view .sv-title")).to_have_text("chest.zip", timeout=30_000)
+    expect(
+        page.locator(f'#study-view .sv-others a[href="?study={quote(listed["key"], safe="")}"]')
+    ).to_have_count(1)
 
 
 def triage_shift(

@@ -146,6 +146,25 @@ function fillFiles(study) {
   }
 }
 
+// The patient's other studies (same PatientID and issuer), newest first: each opens in
+// this page through the worklist's ?study= link. DICOM strings are set as text.
+function fillOthers(study) {
+  const others = study.patient_studies || [];
+  const list = $(".sv-others ul");
+  list.replaceChildren();
+  $(".sv-others").hidden = !others.length;
+  for (const other of others) {
+    const item = make("li");
+    const link = make("a", "sv-other", other.date || "no date");
+    link.href = "?study=" + encodeURIComponent(other.key);
+    item.appendChild(link);
+    item.appendChild(make("span", "badge badge-" + other.badge, other.badge_text));
+    const details = [other.finding, other.description, other.reviewed ? "reviewed" : ""].filter(Boolean);
+    if (details.length) item.appendChild(make("span", "sv-other-detail", details.join(" · ")));
+    list.appendChild(item);
+  }
+}
+
 function fill() {
   const study = props.value;
   $(".sv-empty").hidden = !!study;
@@ -189,6 +208,7 @@ function fill() {
   $(".sv-quality").hidden = !study.quality.length && !study.series.length;
   table($(".sv-identity table"), study.identity);
   fillFiles(study);
+  fillOthers(study);
   fillReview(study);
   showViewer(study);
 }
