@@ -92,64 +92,63 @@ def _phantom_case(tmp_path: Path, phantom, **tags) -> tuple[Study, Series, Volum
     return _load(paths)
 
 
-def test_lungs_but_tags_say_head_is_accepted_with_the_conflict(phantoms, tmp_path: Path) -> None:
-    study, series, volume = _phantom_case(
-        tmp_path,
-        phantoms["chest"],
-        body_part="HEAD",
-        study_description="CT HEAD",
-        series_description="Head 4.0",
-        protocol_name="ROUTINE",
-    )
+NO_TAGS = {"body_part": "", "study_description": "", "protocol_name": ""}
+
+
+@pytest.mark.parametrize(
+    ("phantom", "tags", "verdicts", "reason_start", "reason_part"),
+    [
+        pytest.param(
+            "chest",
+            {
+                "body_part": "HEAD",
+                "study_description": "CT HEAD",
+                "series_description": "Head 4.0",
+                "protocol_name": "ROUTINE",
+            },
+            (True, False, True),
+            "chest CT by image:",
+            "conflict: the tags say BodyPartExamined HEAD, StudyDescription 'CT HEAD'",
+            id="lungs but tags say head: accepted with the conflict",
+        ),
+        pytest.param(
+            "head",
+            {"body_part": "CHEST", "study_description": "CT CHEST"},
+            (False, True, False),
+            "not a chest CT: the tags say chest but the images do not show lungs",
+            "",
+            id="tags say chest but no lungs: refused",
+        ),
+        pytest.param(
+            "chest",
+            NO_TAGS | {"series_description": "Series 2"},
+            (True, None, True),
+            "chest CT by image:",
+            "",
+            id="no tags but lungs: accepted",
+        ),
+        pytest.param(
+            "chest",
+            {
+                "body_part": "",
+                "study_description": "КТ органов грудной клетки",  # noqa: RUF001 - Russian on purpose
+                "series_description": "Лёгкие 4.0",
+            },
+            (True, True, True),
+            "chest CT: the tags say chest",
+            "",
+            id="a Russian description counts as chest",
+        ),
+    ],
+)
+def test_tags_and_images_of_a_phantom_give_the_verdict(
+    phantoms, tmp_path: Path, phantom: str, tags, verdicts, reason_start: str, reason_part: str
+) -> None:
+    study, series, volume = _phantom_case(tmp_path, phantoms[phantom], **tags)
     evidence = check_chest(study, series, volume, SETTINGS)
-    assert evidence.is_chest
-    assert evidence.metadata_verdict is False
-    assert evidence.image_verdict is True
-    assert (
-        "conflict: the tags say BodyPartExamined HEAD, StudyDescription 'CT HEAD'"
-        in evidence.reason
-    )
-
-
-def test_tags_say_chest_but_no_lungs_is_refused(phantoms, tmp_path: Path) -> None:
-    study, series, volume = _phantom_case(
-        tmp_path, phantoms["head"], body_part="CHEST", study_description="CT CHEST"
-    )
-    evidence = check_chest(study, series, volume, SETTINGS)
-    assert not evidence.is_chest
-    assert evidence.metadata_verdict is True
-    assert evidence.image_verdict is False
-    assert evidence.reason.startswith(
-        "not a chest CT: the tags say chest but the images do not show lungs"
-    )
-
-
-def test_no_tags_but_lungs_is_accepted(phantoms, tmp_path: Path) -> None:
-    study, series, volume = _phantom_case(
-        tmp_path,
-        phantoms["chest"],
-        body_part="",
-        study_description="",
-        series_description="Series 2",
-        protocol_name="",
-    )
-    evidence = check_chest(study, series, volume, SETTINGS)
-    assert evidence.is_chest
-    assert evidence.metadata_verdict is None
-    assert evidence.reason.startswith("chest CT by image:")
-
-
-def test_russian_description_counts_as_chest(phantoms, tmp_path: Path) -> None:
-    study, series, volume = _phantom_case(
-        tmp_path,
-        phantoms["chest"],
-        body_part="",
-        study_description="КТ органов грудной клетки",  # noqa: RUF001 - Russian on purpose
-        series_description="Лёгкие 4.0",
-    )
-    evidence = check_chest(study, series, volume, SETTINGS)
-    assert evidence.metadata_verdict is True
-    assert evidence.is_chest
+    assert (evidence.is_chest, evidence.metadata_verdict, evidence.image_verdict) == verdicts
+    assert evidence.reason.startswith(reason_start)
+    assert reason_part in evidence.reason
 
 
 # --- the detector on hand-made volumes ------------------------------------------------------
