@@ -6,15 +6,14 @@ in Chromium by test_stack_e2e.py.)
 
 from __future__ import annotations
 
-import uuid
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from stack_support import delete_topology, wait_for
+from stack_support import stack_settings, take_tasks, wait_for
 
-from services.broker.connection import connect, declare_topology, publish_to_registry
+from services.broker.connection import connect, publish_to_registry
 from services.broker.schemas import (
     Priority,
     QueueTopology,
@@ -22,13 +21,12 @@ from services.broker.schemas import (
     StudyResult,
     StudyTask,
     TaskStatus,
-    decode_message,
 )
-from services.core.config import Settings, load_settings
+from services.core.config import Settings
 from services.core.schemas import FindingResult, ProcessingStatus, StudyReport
 from services.frontend import worklist_rows
 from services.frontend.service import FrontendService
-from services.registry import Door, StudyState, upgrade_registry
+from services.registry import Door, StudyState
 
 pytestmark = pytest.mark.rabbitmq
 VIEWER = "browser:test"
@@ -36,15 +34,10 @@ VIEWER = "browser:test"
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Iterator[Settings]:
-    settings = load_settings(environ={})
-    settings.storage.root = tmp_path / "storage"
-    settings.rabbitmq.queue_prefix = f"test-frontend-{uuid.uuid4().hex[:10]}"
-    settings.rabbitmq.max_queue_depth = 3
-    settings.frontend.max_upload_mb = 1
-    settings.metrics.enabled = False
-    upgrade_registry(settings)
-    yield settings
-    delete_topology(settings.rabbitmq)
+    with stack_settings(tmp_path / "storage", "frontend") as settings:
+        settings.rabbitmq.max_queue_depth = 3
+        settings.frontend.max_upload_mb = 1
+        yield settings
 
 
 @pytest.fixture
@@ -61,22 +54,8 @@ def make_zip(path: Path, size: int = 100) -> Path:
 
 
 def queued_tasks(settings: Settings) -> list[StudyTask]:
-    topology = QueueTopology.from_settings(settings.rabbitmq)
-    connection = connect(settings.rabbitmq, name="test reader", give_up_after_s=10)
-    tasks = []
-    try:
-        channel = connection.channel()
-        declare_topology(channel, topology)
-        while True:
-            method, properties, body = channel.basic_get(topology.task_queue)
-            if method is None:
-                break
-            tasks.append(decode_message(body, type_name=properties.type))
-        connection.close()  # unacked: they go back to the queue
-    finally:
-        if connection.is_open:
-            connection.close()
-    return tasks
+    """The tasks the uploads put in the routine lane (taken off it)."""
+    return take_tasks(settings.rabbitmq, Priority.ROUTINE)
 
 
 def test_uploads_are_recorded_then_queued(

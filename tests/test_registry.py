@@ -7,11 +7,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import pytest
 from alembic import command
 from registry_support import BACKEND_PARAMETERS, open_registry, registry_url, sqlite_url
+from registry_support import submission as queued_submission
 from sqlalchemy import text
 
 from services.broker.schemas import Priority as BrokerPriority
@@ -25,7 +27,6 @@ from services.registry import (
     RegistrySchemaError,
     StudyFilter,
     StudyState,
-    Submission,
 )
 from services.registry.audit import ActorKind, AuditAction, AuditQuery
 from services.registry.database import alembic_config, create_registry_engine
@@ -43,16 +44,7 @@ def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registr
         yield opened
 
 
-def submission(task_id: str, *, at: datetime = T0, door: Door = Door.UPLOAD, **kw) -> Submission:
-    return Submission(
-        task_id=task_id,
-        door=door,
-        original_filename=f"{task_id}.zip",
-        study_path=f"uploads/{task_id}/{task_id}.zip",
-        received_at=at,
-        queued_at=at,
-        **kw,
-    )
+submission = partial(queued_submission, at=T0)
 
 
 def report(

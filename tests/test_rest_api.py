@@ -5,7 +5,6 @@ The API end to end, with an adapter and the served schema, is in test_hospital_i
 
 from __future__ import annotations
 
-import uuid
 import zipfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -13,15 +12,14 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from stack_support import delete_topology
+from stack_support import stack_settings, take_tasks
 
-from services.broker.connection import connect, declare_topology
-from services.broker.schemas import Priority, QueueTopology, StudyTask
+from services.broker.schemas import Priority, StudyTask
 from services.core.access import Role
-from services.core.config import Settings, load_settings
+from services.core.config import Settings
 from services.frontend.server import build_server
 from services.frontend.service import FrontendService
-from services.registry import Door, Registry, Submission, upgrade_registry
+from services.registry import Door, Registry, Submission
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -30,17 +28,12 @@ AUTH: dict[str, str] = {}  # the test's API key, made by the settings fixture
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Iterator[Settings]:
-    settings = load_settings(environ={})
-    settings.storage.root = tmp_path / "storage"
-    settings.rabbitmq.queue_prefix = f"test-rest-{uuid.uuid4().hex[:10]}"
-    settings.metrics.enabled = False
-    upgrade_registry(settings)
-    registry = Registry.open(settings)
-    key = registry.accounts.add_key("ris", Role.RADIOLOGIST)
-    registry.close()
-    AUTH["Authorization"] = f"Bearer {key}"
-    yield settings
-    delete_topology(settings.rabbitmq)
+    with stack_settings(tmp_path / "storage", "rest") as settings:
+        registry = Registry.open(settings)
+        key = registry.accounts.add_key("ris", Role.RADIOLOGIST)
+        registry.close()
+        AUTH["Authorization"] = f"Bearer {key}"
+        yield settings
 
 
 def client_for(settings: Settings) -> TestClient:
@@ -57,18 +50,7 @@ def study_zip(fixtures_dir: Path, target: Path, count: int = 3) -> Path:
 
 def queued_tasks(settings: Settings, priority: Priority = Priority.ROUTINE) -> list[StudyTask]:
     """The tasks waiting in the lane of ``priority`` (taken off it)."""
-    topology = QueueTopology.from_settings(settings.rabbitmq)
-    connection = connect(settings.rabbitmq, name="test rest tasks", give_up_after_s=10)
-    tasks = []
-    lane = topology.task_lane(priority)
-    try:
-        channel = connection.channel()
-        declare_topology(channel, topology)
-        while (message := channel.basic_get(lane, auto_ack=True))[0] is not None:
-            tasks.append(StudyTask.model_validate_json(message[2]))
-    finally:
-        connection.close()
-    return tasks
+    return take_tasks(settings.rabbitmq, priority)
 
 
 def test_an_upload_becomes_a_task_and_answers_its_status(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import uuid
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from oidc_provider_mock import User, run_server_in_thread
 from playwright.sync_api import Browser, expect, sync_playwright
-from stack_support import delete_topology, wait_for
+from stack_support import stack_settings, wait_for
 from web_support import (
     PASSWORD,
     finished_study,
@@ -31,9 +30,8 @@ from web_support import (
 from worklist_page import CHROMIUM, CHROMIUM_ARGS, worklist_rows
 
 from services.core.access import Role
-from services.core.config import Settings, load_settings
+from services.core.config import Settings
 from services.core.config.services import OidcSettings
-from services.registry import upgrade_registry
 from services.registry.audit import AuditAction, AuditQuery
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.browser]
@@ -42,13 +40,8 @@ SIZES = ((1280, 800), (1920, 1080))
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Iterator[Settings]:
-    settings = load_settings(environ={})
-    settings.storage.root = tmp_path / "storage"
-    settings.rabbitmq.queue_prefix = f"test-signin-{uuid.uuid4().hex[:10]}"
-    settings.metrics.enabled = False
-    upgrade_registry(settings)
-    yield settings
-    delete_topology(settings.rabbitmq)
+    with stack_settings(tmp_path / "storage", "signin") as settings:
+        yield settings
 
 
 @pytest.fixture(scope="module")

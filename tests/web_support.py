@@ -14,8 +14,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from playwright.sync_api import Page
+from registry_support import submission
 
 from services.broker.schemas import ResultFile, StudyResult, TaskStatus
 from services.broker.storage import store_result
@@ -24,7 +26,7 @@ from services.core.config import Settings
 from services.core.schemas import PatientIdentity, ProcessingStatus, StudyReport
 from services.frontend.server import WebServer, build_server
 from services.frontend.service import FrontendService
-from services.registry import Door, Registry, Submission
+from services.registry import Door, Registry
 
 PASSWORD = "a long enough password"
 PATIENT_NAME = "Testpatient^Alice"
@@ -77,6 +79,14 @@ def web_frontend(settings: Settings) -> Iterator[WebFrontend]:
     finally:
         server.stop()
         service.stop()
+
+
+@pytest.fixture(scope="module")
+def module_frontend(settings: Settings) -> Iterator[WebFrontend]:
+    """The web server over the test module's ``settings`` fixture, shared by the module's tests:
+    a module takes it as its ``frontend`` fixture with ``frontend = module_frontend``."""
+    with web_frontend(settings) as running:
+        yield running
 
 
 def sign_in_form_token(page_text: str) -> str:
@@ -164,17 +174,7 @@ def finished_study(
         original_filename=f"{task_id}.zip",
         finished_at=now,
     )
-    frontend.registry.record_submission(
-        Submission(
-            task_id=task_id,
-            door=door,
-            sender=sender,
-            original_filename=f"{task_id}.zip",
-            study_path=f"uploads/{task_id}/{task_id}.zip",
-            received_at=now,
-            queued_at=now,
-        )
-    )
+    frontend.registry.record_submission(submission(task_id, at=now, door=door, sender=sender))
     store_result(root, result)
     frontend.registry.record_result(result)
     return task_id, result
