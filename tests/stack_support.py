@@ -9,12 +9,15 @@ import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import pytest
 
 from services.broker.connection import connect, declare_topology
 from services.broker.schemas import STAGES, Priority, QueueTopology, StudyTask, decode_message
 from services.core.config import RabbitMQSettings, Settings, load_settings
 from services.registry import upgrade_registry
+from services.triton.local_server import LocalTritonServer, free_local_ports
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -99,3 +102,28 @@ def take_tasks(settings: RabbitMQSettings, priority: Priority | None = None) -> 
     finally:
         connection.close()
     return tasks
+
+
+def triton_server(
+    repository: Path, log_file: Path, ports: tuple[int, int, int] | None = None, **options: Any
+) -> LocalTritonServer:
+    """A tritonserver of ``repository`` (not started) on ``ports``: (http, grpc, metrics), free
+    ones when None; ``options`` as LocalTritonServer's."""
+    http, grpc, metrics = ports or free_local_ports(3)
+    return LocalTritonServer(
+        repository,
+        http_port=http,
+        grpc_port=grpc,
+        metrics_port=metrics,
+        log_file=log_file,
+        **options,
+    )
+
+
+@pytest.fixture(scope="module")
+def module_triton(tiny_model_repository: Path, tmp_path_factory) -> Iterator[LocalTritonServer]:
+    """A tritonserver serving the tiny model repository, one for each test module that takes it
+    as a fixture of its own (``triton = module_triton``)."""
+    log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
+    with triton_server(tiny_model_repository, log) as server:
+        yield server
