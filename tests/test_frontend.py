@@ -19,7 +19,6 @@ from services.broker.schemas import (
     QueueTopology,
     StudyProgress,
     StudyResult,
-    StudyTask,
     TaskStatus,
 )
 from services.core.config import Settings
@@ -53,11 +52,6 @@ def make_zip(path: Path, size: int = 100) -> Path:
     return path
 
 
-def queued_tasks(settings: Settings) -> list[StudyTask]:
-    """The tasks the uploads put in the routine lane (taken off it)."""
-    return take_tasks(settings.rabbitmq, Priority.ROUTINE)
-
-
 def test_uploads_are_recorded_then_queued(
     settings: Settings, service: FrontendService, tmp_path: Path
 ) -> None:
@@ -73,7 +67,7 @@ def test_uploads_are_recorded_then_queued(
         "second.zip",
         "slice1.dcm (+1 files)",
     ]
-    tasks = {task.task_id: task for task in queued_tasks(settings)}
+    tasks = {task.task_id: task for task in take_tasks(settings.rabbitmq, Priority.ROUTINE)}
     assert set(tasks) == {record.task_id for record in outcome.submitted}
     for submitted in outcome.submitted:
         task = tasks[submitted.task_id]
@@ -111,7 +105,7 @@ def test_full_queue_and_oversized_files_are_refused(
     too_many = service.submit_uploads(VIEWER, None, studies)  # 4 > max_queue_depth 3
     assert too_many.submitted == []
     assert "queue is full" in too_many.message
-    assert queued_tasks(settings) == []
+    assert take_tasks(settings.rabbitmq, Priority.ROUTINE) == []
     assert service.worklist_records(VIEWER) == []  # nothing recorded either
     assert len(service.submit_uploads(VIEWER, None, studies[:3]).submitted) == 3
     refused = service.submit_uploads(VIEWER, None, studies[3:])
@@ -206,7 +200,8 @@ def test_a_file_screened_before_is_not_queued_again(
     assert "already screened" in second.message
     assert "not recomputed" in second.message
     assert not copy.exists()  # the earlier copy is in storage; this one is not kept
-    assert [task.task_id for task in queued_tasks(settings)] == [original.task_id]
+    (queued,) = take_tasks(settings.rabbitmq, Priority.ROUTINE)
+    assert queued.task_id == original.task_id
     assert [record.task_id for record in service.worklist_records(VIEWER)] == [original.task_id]
 
 
