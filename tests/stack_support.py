@@ -3,6 +3,8 @@ waiting, broker clean-up. Not a test module."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 import zipfile
@@ -127,3 +129,17 @@ def module_triton(tiny_model_repository: Path, tmp_path_factory) -> Iterator[Loc
     log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
     with triton_server(tiny_model_repository, log) as server:
         yield server
+
+
+def start_service(
+    module: str, environment: dict[str, str], *arguments: str, **options: Any
+) -> subprocess.Popen:
+    """``python -m <module> ARGUMENTS`` of this project as its own process, with this interpreter
+    and ``environment``, stdin closed; ``options`` as Popen's (stdout, stderr...)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *arguments],
+        env=environment,
+        cwd=PROJECT_ROOT,
+        stdin=subprocess.DEVNULL,
+        **options,
+    )

@@ -27,7 +27,7 @@ from orthanc_support import ARCHIVE_PASSWORD, ARCHIVE_USER, Orthanc, dicomweb_ar
 from playwright.sync_api import sync_playwright
 from pydicom.uid import generate_uid
 from sr_support import dciodvfy_errors, read_screening_sr, require_tool
-from stack_support import delete_topology, module_triton, wait_for, zip_directory
+from stack_support import delete_topology, module_triton, start_service, wait_for, zip_directory
 from web_support import PASSWORD, sign_in_page
 from worklist_page import CHROMIUM, CHROMIUM_ARGS
 
@@ -322,13 +322,7 @@ def frontend(settings: Settings, adapter: Adapter, folder: Path) -> Iterator[str
         }
     )
     log = (folder / "frontend.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.frontend"],
-        env=environment,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
+    process = start_service("services.frontend", environment, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 
     def serving() -> bool:
