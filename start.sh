@@ -16,7 +16,8 @@
 # Security (README, "Security"): everything written is its user's alone (umask 077: folders
 # 0700, files 0600); the services use a RabbitMQ account of their own with a random password
 # (<storage>/run/secrets/rabbitmq-password), never guest; a new storage gets a web user
-# `admin` whose password is printed once and saved in <storage>/run/secrets/admin-password.
+# `admin` whose password is printed once and saved in <storage>/run/secrets/admin-password
+# (never replaced; with compose, made in the frontend container, or the command printed).
 # Each service appends its log to <storage>/logs/<service>.log (rotated by size,
 # logging.rotation_mb) and anything else it prints to <service>.out; nothing is truncated.
 #
@@ -45,6 +46,7 @@ cd "$ROOT"
 
 MODE=""
 COMPOSE_FILE="compose.local.yaml"
+FRONTEND_CONTAINER="chest-ct-screening-frontend-1"  # both compose files' project: chest-ct-screening
 ADAPTERS=2
 MODEL_REPOSITORY="${CTS__INFERENCE__MODEL_REPOSITORY:-model_repository_running}"
 STORAGE="${CTS__STORAGE__ROOT:-storage}"
@@ -64,7 +66,7 @@ RABBITMQ_PORT="${CTS__RABBITMQ__PORT:-5672}"
 READY_TIMEOUT=900
 BROKER_GUEST=0
 
-usage() { sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,41p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -146,6 +148,20 @@ if [ "$MODE" = "docker" ]; then
     docker compose -f "$COMPOSE_FILE" up -d
   printf 'MODE=docker\nCOMPOSE_FILE=%s\n' "$COMPOSE_FILE" > "$RUN_DIR/stack.env"
   say "frontend: http://127.0.0.1:$FRONTEND_PORT   RabbitMQ console: http://127.0.0.1:15672"
+  # The first web user, as on local processes: made in the running frontend container (the
+  # registry's settings are its), the password kept here, 0600, and never replaced.
+  ADMIN_PASSWORD_FILE="$SECRETS_DIR/admin-password"
+  [ -e "$ADMIN_PASSWORD_FILE" ] \
+    || (set -C; "$PYTHON" -c "import secrets; print(secrets.token_urlsafe(18))" > "$ADMIN_PASSWORD_FILE")
+  ADMIN_COMMAND="docker exec -i $FRONTEND_CONTAINER python -m services.registry users first-admin --password-stdin < $ADMIN_PASSWORD_FILE"
+  if FIRST_ADMIN="$(docker exec -i "$FRONTEND_CONTAINER" python -m services.registry users first-admin \
+      --password-stdin < "$ADMIN_PASSWORD_FILE" 2>&1)"; then
+    [ -z "$FIRST_ADMIN" ] \
+      || say "web sign-in: user admin, password $(cat "$ADMIN_PASSWORD_FILE") (kept in $ADMIN_PASSWORD_FILE)"
+  else
+    say "warning: the first web user could not be made yet (${FIRST_ADMIN##*$'\n'})"
+    say "make it, once the frontend runs, with: $ADMIN_COMMAND"
+  fi
   exit 0
 fi
 
@@ -272,14 +288,13 @@ REGISTRY_LOG="$(log_to "$LOG_DIR/registry.log")"
   || fail "the registry could not be upgraded: see $REGISTRY_LOG"
 
 # A new registry's first web user: admin, with a random password shown this once (and kept,
-# 0600, for whoever lost the terminal). Never again once an admin account exists.
-if ! "$PYTHON" -m services.registry users list 2>> "$REGISTRY_LOG" | cut -f1 | grep -qx admin; then
-  "$PYTHON" -c "import secrets; print(secrets.token_urlsafe(18))" > "$SECRETS_DIR/admin-password"
-  "$PYTHON" -m services.registry users add admin --role admin --password-stdin \
-    < "$SECRETS_DIR/admin-password" >> "$REGISTRY_LOG" 2>&1 \
-    || fail "the admin account could not be made: see $REGISTRY_LOG"
-  say "web sign-in: user admin, password $(cat "$SECRETS_DIR/admin-password") (shown this once; kept in $SECRETS_DIR/admin-password)"
-fi
+# 0600, for whoever lost the terminal). Never again once an admin account exists; the
+# registry is asked first (a database that is down stops the start here, nothing written),
+# and a kept password file is never replaced (services/registry/admin_commands.py).
+FIRST_ADMIN="$("$PYTHON" -m services.registry users first-admin \
+  --password-file "$SECRETS_DIR/admin-password" 2>> "$REGISTRY_LOG")" \
+  || fail "the registry could not be asked for its admin account (is its database up?); no password was made or changed: see $REGISTRY_LOG"
+[ -z "$FIRST_ADMIN" ] || say "$FIRST_ADMIN"
 
 # Each service runs in its own session (setsid): stop.sh can end its whole process group.
 # Its own log lines go to <name>.log (logging.file); whatever else it prints to <name>.out.

@@ -43,7 +43,7 @@ from benchmarks.stack import TINY_CONFIG, _StackClient, running_stack
 from benchmarks.studies import CHEST_FIXTURE
 from convertation.build_cli import demo_build_command
 from services.broker.connection import publish_task
-from services.broker.schemas import Priority, StudyProgress, StudyResult, StudyTask, decode_message
+from services.broker.schemas import Priority, StudyProgress, StudyResult, StudyTask
 from services.frontend.queue_status import pending_tasks
 from services.frontend.wait_estimate import Pending, Where, Workers, estimate_waits
 from services.registry.records import PipelineTask, StageTimes, StudyState
@@ -165,22 +165,12 @@ def wait_all(
 ) -> list[Arrival]:
     """Every task's result (refusals included), in the order they arrived."""
     arrivals: list[Arrival] = []
-    deadline = time.monotonic() + timeout_s
-    for method, properties, body in client.channel.consume(
-        client.reply_queue, auto_ack=True, inactivity_timeout=1.0
-    ):
-        if method is not None:
-            message = decode_message(body, type_name=properties.type)
-            if watcher is not None:
-                watcher.seen(message)
-            if isinstance(message, StudyResult) and message.task_id in submitted:
-                start = submitted[message.task_id]
-                arrivals.append(Arrival(message.task_id, start, time.perf_counter(), message))
-        if len(arrivals) == len(submitted):
-            break
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{len(submitted) - len(arrivals)} results did not arrive")
-    client.channel.cancel()
+    for message in client.replies(submitted, timeout_s):
+        if watcher is not None:
+            watcher.seen(message)
+        if isinstance(message, StudyResult) and message.task_id in submitted:
+            start = submitted[message.task_id]
+            arrivals.append(Arrival(message.task_id, start, time.perf_counter(), message))
     return arrivals
 
 

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ from services.broker.connection import connect, declare_topology, publish_task
 from services.broker.schemas import (
     STAGES,
     QueueTopology,
+    StudyProgress,
     StudyResult,
     StudyTask,
     decode_message,
@@ -104,29 +105,40 @@ class _StackClient:
         publish_task(self.channel, self.topology, task)
         return task_id
 
-    def wait(self, task_ids: set[str], timeout_s: float = 600.0) -> dict[str, float]:
-        """perf_counter time at which each task's result arrived.
+    def replies(
+        self, task_ids: Collection[str], timeout_s: float
+    ) -> Iterator[StudyResult | StudyProgress]:
+        """Every message of the reply queue, until a result of each of ``task_ids`` came
+        (TimeoutError after ``timeout_s``).
 
         Results are pushed by the broker to a consumer (no polling: a basic_get loop costs
         the broker and this process CPU that the measured stack would be missing)."""
-        arrived: dict[str, float] = {}
+        waiting = set(task_ids)
         deadline = time.monotonic() + timeout_s
         for method, properties, body in self.channel.consume(
             self.reply_queue, auto_ack=True, inactivity_timeout=1.0
         ):
             if method is not None:
                 message = decode_message(body, type_name=properties.type)
-                if isinstance(message, StudyResult) and message.task_id in task_ids:
-                    report = message.reports[0] if message.reports else None
-                    if report is None or report.processing_status.value != "Success":
-                        raise RuntimeError(f"stack: {message.error or report}")
-                    arrived[message.task_id] = time.perf_counter()
-                    self.results[message.task_id] = message
-            if len(arrived) == len(task_ids):
+                yield message
+                if isinstance(message, StudyResult):
+                    waiting.discard(message.task_id)
+            if not waiting:
                 break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(task_ids) - len(arrived)} results did not arrive")
+                raise TimeoutError(f"{len(waiting)} results did not arrive")
         self.channel.cancel()
+
+    def wait(self, task_ids: set[str], timeout_s: float = 600.0) -> dict[str, float]:
+        """perf_counter time at which each task's result arrived."""
+        arrived: dict[str, float] = {}
+        for message in self.replies(task_ids, timeout_s):
+            if isinstance(message, StudyResult) and message.task_id in task_ids:
+                report = message.reports[0] if message.reports else None
+                if report is None or report.processing_status.value != "Success":
+                    raise RuntimeError(f"stack: {message.error or report}")
+                arrived[message.task_id] = time.perf_counter()
+                self.results[message.task_id] = message
         return arrived
 
     def latency(self) -> tuple[float, StudyResult]:

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from convertation.model_sources import MissingFindings
 from convertation.precision import DEFAULT_MAX_ABS_DIFF, DEFAULT_MIN_COSINE, Precision
 from convertation.triton_config import Flavour
+
+
+def _one_of(default: Enum) -> dict[str, Any]:
+    """The choices of an option that takes a value of ``default``'s enum, and its default."""
+    return {"choices": [member.value for member in type(default)], "default": default.value}
 
 
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -17,9 +24,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Build the Triton model repository (ONNX files, configs, metadata).",
     )
     parser.add_argument("--output", type=Path, required=True, help="repository folder")
-    parser.add_argument(
-        "--flavour", choices=[flavour.value for flavour in Flavour], default=Flavour.PYTHON.value
-    )
+    parser.add_argument("--flavour", **_one_of(Flavour.PYTHON))
     parser.add_argument(
         "--demo", action="store_true", help="seeded weights (meaningless probabilities)"
     )
@@ -35,8 +40,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--missing-findings",
-        choices=[choice.value for choice in MissingFindings],
-        default=MissingFindings.REFUSE.value,
+        **_one_of(MissingFindings.REFUSE),
         help="a trained multilabel head without some deployed findings: refuse (default) or "
         "fill (exported as 0 and marked not assessed: no threshold, no probability shown)",
     )
@@ -60,8 +64,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     precision = parser.add_argument_group("reduced precision (convertation/precision.py)")
     precision.add_argument(
         "--precision",
-        choices=[choice.value for choice in Precision],
-        default=Precision.FP32.value,
+        **_one_of(Precision.FP32),
         help="int8: deployed only if its embedding keeps the tolerance against FP32 on "
         "--parity-volumes; otherwise refused (exit 1) and the FP32 build kept",
     )

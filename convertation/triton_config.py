@@ -14,6 +14,7 @@ the ensemble ``chest_screening`` is the same in all of them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -80,29 +81,54 @@ CONFIG_HEADER = (
 FP32 = pb.TYPE_FP32
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How Triton batches a served model's requests."""
+
+    max_batch_size: int
+    preferred_batches: Sequence[int]
+    queue_delay_us: int
+
+
+ENCODER_BATCHING = Batching(ENCODER_MAX_BATCH, ENCODER_PREFERRED_BATCHES, ENCODER_QUEUE_DELAY_US)
+HEAD_BATCHING = Batching(HEAD_MAX_BATCH, HEAD_PREFERRED_BATCHES, HEAD_QUEUE_DELAY_US)
+BPR_BATCHING = Batching(BPR_MAX_BATCH, BPR_PREFERRED_BATCHES, BPR_QUEUE_DELAY_US)
+
+
 class Flavour(str, Enum):
     PYTHON = "python"
     ONNXRUNTIME = "onnxruntime"
     TENSORRT = "tensorrt"
 
 
+def _input(name: str, dims: Sequence[int]) -> Message:
+    return pb.ModelInput(name=name, data_type=FP32, dims=list(dims))
+
+
+def _output(name: str, dims: Sequence[int]) -> Message:
+    return pb.ModelOutput(name=name, data_type=FP32, dims=list(dims))
+
+
 def _served_model(
     name: str,
     flavour: Flavour,
+    batching: Batching,
     *,
-    max_batch_size: int,
-    preferred_batches: Sequence[int],
-    queue_delay_us: int,
+    tensor_in: tuple[str, Sequence[int]],
+    tensor_out: tuple[str, Sequence[int]],
 ) -> Message:
-    """A non-ensemble model's runtime settings: backend or platform, instances, batching."""
+    """A non-ensemble model: backend or platform, instances, batching, its one input and
+    one output tensor (name, dims; FP32)."""
     config = pb.ModelConfig(
         name=name,
-        max_batch_size=max_batch_size,
+        max_batch_size=batching.max_batch_size,
         dynamic_batching=pb.ModelDynamicBatching(
-            preferred_batch_size=list(preferred_batches),
-            max_queue_delay_microseconds=queue_delay_us,
+            preferred_batch_size=list(batching.preferred_batches),
+            max_queue_delay_microseconds=batching.queue_delay_us,
         ),
     )
+    config.input.append(_input(*tensor_in))
+    config.output.append(_output(*tensor_out))
     # The pytriton wheel's server runs the python flavour on CPU; the native ones target a GPU.
     kind = (
         pb.ModelInstanceGroup.KIND_CPU
@@ -124,14 +150,6 @@ def _served_model(
     return config
 
 
-def _input(name: str, dims: Sequence[int]) -> Message:
-    return pb.ModelInput(name=name, data_type=FP32, dims=list(dims))
-
-
-def _output(name: str, dims: Sequence[int]) -> Message:
-    return pb.ModelOutput(name=name, data_type=FP32, dims=list(dims))
-
-
 def encoder_config(
     flavour: Flavour, target_shape: tuple[int, int, int], embedding_dim: int
 ) -> Message:
@@ -140,12 +158,10 @@ def encoder_config(
     config = _served_model(
         ENCODER_NAME,
         flavour,
-        max_batch_size=ENCODER_MAX_BATCH,
-        preferred_batches=ENCODER_PREFERRED_BATCHES,
-        queue_delay_us=ENCODER_QUEUE_DELAY_US,
+        ENCODER_BATCHING,
+        tensor_in=(VOLUME, volume_dims),
+        tensor_out=(EMBEDDING, (embedding_dim,)),
     )
-    config.input.append(_input(VOLUME, volume_dims))
-    config.output.append(_output(EMBEDDING, (embedding_dim,)))
     warmup = config.model_warmup.add(name=ENCODER_WARMUP_NAME, batch_size=1, count=1)
     # Zero data is valid input and, unlike random data, warms up the same way on every start.
     warmup.inputs[VOLUME].CopyFrom(
@@ -158,30 +174,24 @@ def head_config(
     name: str, flavour: Flavour, embedding_dim: int, output: str, width: int
 ) -> Message:
     """A head: embedding -> ``output`` ``[width]`` probabilities."""
-    config = _served_model(
+    return _served_model(
         name,
         flavour,
-        max_batch_size=HEAD_MAX_BATCH,
-        preferred_batches=HEAD_PREFERRED_BATCHES,
-        queue_delay_us=HEAD_QUEUE_DELAY_US,
+        HEAD_BATCHING,
+        tensor_in=(EMBEDDING, (embedding_dim,)),
+        tensor_out=(output, (width,)),
     )
-    config.input.append(_input(EMBEDDING, (embedding_dim,)))
-    config.output.append(_output(output, (width,)))
-    return config
 
 
 def body_part_regression_config(flavour: Flavour) -> Message:
     """``body_part_regression``: slices ``[1, 128, 128]`` -> one score per slice."""
-    config = _served_model(
+    return _served_model(
         BODY_PART_REGRESSION_NAME,
         flavour,
-        max_batch_size=BPR_MAX_BATCH,
-        preferred_batches=BPR_PREFERRED_BATCHES,
-        queue_delay_us=BPR_QUEUE_DELAY_US,
+        BPR_BATCHING,
+        tensor_in=(SLICES, BPR_SLICE_DIMS),
+        tensor_out=(SCORES, (1,)),
     )
-    config.input.append(_input(SLICES, BPR_SLICE_DIMS))
-    config.output.append(_output(SCORES, (1,)))
-    return config
 
 
 def ensemble_config(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import psycopg
@@ -21,23 +21,6 @@ from services.registry.database import alembic_config
 
 POSTGRES_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
 BACKENDS = ("sqlite", "postgresql")
-
-
-def submission(
-    task_id: str, *, at: datetime | None = None, door: Door = Door.UPLOAD, **kw
-) -> Submission:
-    """A study as a door records it: ``<task_id>.zip`` in uploads/, received and queued ``at``
-    (now when None)."""
-    at = at or datetime.now(UTC)
-    return Submission(
-        task_id=task_id,
-        door=door,
-        original_filename=f"{task_id}.zip",
-        study_path=f"uploads/{task_id}/{task_id}.zip",
-        received_at=at,
-        queued_at=at,
-        **kw,
-    )
 
 
 def sqlite_url(folder: Path) -> URL:
@@ -98,3 +81,19 @@ def open_registry(backend: str, folder: Path) -> Iterator[Registry]:
             yield opened
         finally:
             opened.close()
+
+
+def task_submission(task_id: str, *, at: datetime, door: Door, **fields: object) -> Submission:
+    """A task of ``door`` as its door records it (an upload's file names), received and
+    queued at ``at``."""
+    return Submission.model_validate(
+        {
+            "task_id": task_id,
+            "door": door,
+            "original_filename": f"{task_id}.zip",
+            "study_path": f"uploads/{task_id}/{task_id}.zip",
+            "received_at": at,
+            "queued_at": at,
+            **fields,
+        }
+    )

@@ -4,8 +4,10 @@ the real PostgreSQL; the ``users``, ``keys`` and ``audit`` commands."""
 from __future__ import annotations
 
 import csv
+import getpass
 import io
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,8 +15,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from registry_support import BACKEND_PARAMETERS, open_registry
+from registry_support import BACKEND_PARAMETERS, open_registry, registry_url
 from sqlalchemy import text
+from sqlalchemy.engine import URL
 from sqlalchemy.exc import DatabaseError
 
 from services.core.access import PERMISSIONS, Permission, PrincipalKind, Role, allowed
@@ -249,3 +252,133 @@ def test_the_commands_manage_users_and_keys_and_export_the_trail(
     assert none_yet.stdout.strip().splitlines() == [
         "time,actor,actor_kind,action,task_id,study_instance_uid,client,detail"
     ]
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMETERS)
+def test_each_account_change_writes_one_audit_row_naming_its_target(
+    backend: str, tmp_path: Path
+) -> None:
+    """disable, enable, reset-password, set-role and keys revoke: one row each, written with
+    the change (actor: who ran the command; action; the target in its detail); a refused
+    change writes none."""
+    with registry_url(backend, tmp_path) as url:
+        config = registry_config_for(url, tmp_path)
+        for setup, stdin in (
+            (["users", "add", "jdoe", "--role", "radiologist", "--password-stdin"], PASSWORD),
+            (["keys", "add", "ris", "--role", "technologist"], ""),
+        ):
+            done = run_command(setup, config, stdin=stdin + "\n")
+            assert done.returncode == 0, done.stderr
+        registry = Registry(url)
+        try:
+            changes = [
+                (["users", "disable", "jdoe"], AuditAction.USER_DISABLED, "jdoe"),
+                (["users", "enable", "jdoe"], AuditAction.USER_ENABLED, "jdoe"),
+                (["users", "reset-password", "jdoe"], AuditAction.PASSWORD_RESET, "jdoe"),
+                (
+                    ["users", "set-role", "jdoe", "--role", "admin"],
+                    AuditAction.ROLE_CHANGED,
+                    "jdoe admin",
+                ),
+                (["keys", "revoke", "ris"], AuditAction.KEY_REVOKED, "ris"),
+                (["users", "disable", "nobody"], None, ""),  # refused: no row
+                (["keys", "revoke", "nothing"], None, ""),
+            ]
+            for arguments, action, target in changes:
+                before = len(registry.audit.events(AuditQuery()))
+                ran = run_command(arguments, config, stdin="a new long password\n")
+                rows = registry.audit.events(AuditQuery())[before:]
+                if action is None:
+                    assert ran.returncode == 2, arguments
+                    assert rows == [], arguments
+                    continue
+                assert ran.returncode == 0, ran.stderr
+                assert [(row.action, row.detail) for row in rows] == [(action, target)], arguments
+                assert rows[0].actor == getpass.getuser()
+                assert rows[0].actor_kind is ActorKind.SYSTEM
+            user = registry.accounts.user("jdoe")
+            assert user is not None
+            assert (user.role, user.disabled) == (Role.ADMIN, False)
+            assert registry.accounts.api_keys()[0].revoked_at is not None
+        finally:
+            registry.close()
+
+
+def registry_config_for(url: URL, folder: Path) -> Path:
+    config = folder / "config.yaml"
+    config.write_text(
+        f"storage:\n  root: {folder / 'storage'}\n"
+        f"registry:\n  url: '{url.render_as_string(hide_password=False)}'\n"
+    )
+    return config
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMETERS)
+def test_the_first_admin_is_made_once_and_its_password_file_never_replaced(
+    backend: str, tmp_path: Path
+) -> None:
+    secret = tmp_path / "run" / "secrets" / "admin-password"
+    with registry_url(backend, tmp_path) as url:
+        config = registry_config_for(url, tmp_path)
+        made = run_command(["users", "first-admin", "--password-file", str(secret)], config)
+        assert made.returncode == 0, made.stderr
+        password = secret.read_text().strip()
+        assert secret.stat().st_mode & 0o777 == 0o600
+        assert made.stdout == (
+            f"web sign-in: user admin, password {password} (shown this once; kept in {secret})\n"
+        )
+        again = run_command(["users", "first-admin", "--password-file", str(secret)], config)
+        assert (again.returncode, again.stdout) == (0, "")  # it exists: nothing, not a word
+        assert secret.read_text().strip() == password
+        registry = Registry(url)
+        try:
+            assert registry.accounts.verify_password("admin", password, POLICY).verdict is (
+                SignInVerdict.OK
+            )
+            added = registry.audit.events(AuditQuery(actions=(AuditAction.USER_ADDED,)))
+            assert [row.detail for row in added] == ["admin admin"]
+        finally:
+            registry.close()
+    # A new registry (or a try that failed after the file was written) keeps the file's.
+    (tmp_path / "second").mkdir()
+    with registry_url(backend, tmp_path / "second") as url:
+        config = registry_config_for(url, tmp_path / "second")
+        kept = run_command(["users", "first-admin", "--password-file", str(secret)], config)
+        assert kept.returncode == 0, kept.stderr
+        assert kept.stdout == f"web sign-in: user admin, with the password kept in {secret}\n"
+        assert secret.read_text().strip() == password
+        registry = Registry(url)
+        try:
+            assert registry.accounts.verify_password("admin", password, POLICY).verdict is (
+                SignInVerdict.OK
+            )
+        finally:
+            registry.close()
+
+
+def test_the_first_admin_is_not_tried_while_the_registry_cannot_be_asked(
+    tmp_path: Path,
+) -> None:
+    """The database is away (nothing listens on its port): the command says so and exits 2;
+    a kept password file is left as it was, and none is made."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    away = URL.create(
+        "postgresql+psycopg", username="postgres", host="127.0.0.1", port=port, database="cts"
+    )
+    config = registry_config_for(away, tmp_path)
+    secret = tmp_path / "admin-password"
+    secret.write_text("the admin's kept password\n")
+    for present in (True, False):
+        if not present:
+            secret.unlink()
+        tried = run_command(["users", "first-admin", "--password-file", str(secret)], config)
+        assert tried.returncode == 2
+        assert "the registry cannot be asked" in tried.stderr
+        assert tried.stdout == ""
+        assert secret.exists() is present
+    assert not secret.exists()
+    secret.write_text("the admin's kept password\n")
+    assert run_command(["users", "list"], config).returncode == 2
+    assert secret.read_text() == "the admin's kept password\n"

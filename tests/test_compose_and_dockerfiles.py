@@ -390,3 +390,116 @@ def test_an_external_postgres_replaces_the_bundled_one(tmp_path: Path) -> None:
     services = compose_model("compose.remote.yaml", environment, tmp_path)["services"]
     for name in REGISTRY_USERS:
         assert services[name]["environment"]["CTS__REGISTRY__URL"] == external
+
+
+FAKE_DOCKER = """#!/usr/bin/env bash
+# docker for start.sh's compose branch, without an engine: `compose up` upgrades the test's
+# registry as the registry-upgrade container would; `exec` runs the command as the frontend
+# container would, on that registry.
+echo "$*" >> "$FAKE_DOCKER_LOG"
+case "$1" in
+  info) exit 0 ;;
+  compose) exec "$FAKE_PYTHON" -m services.registry --config "$FAKE_REGISTRY_CONFIG" upgrade ;;
+  exec)
+    [ "$2 $3 $4" = "-i chest-ct-screening-frontend-1 python" ] || exit 125
+    if [ -n "${FAKE_FRONTEND_DOWN:-}" ]; then
+      echo "Error response from daemon: container is not running" >&2; exit 1
+    fi
+    shift 4
+    exec "$FAKE_PYTHON" "$1" "$2" --config "$FAKE_REGISTRY_CONFIG" "${@:3}" ;;
+esac
+exit 125
+"""
+
+
+def test_start_sh_with_compose_makes_the_first_admin_or_says_the_one_command(
+    tmp_path: Path,
+) -> None:
+    """start.sh --remote (a fake docker that runs the real registry commands) makes the web
+    user admin in the frontend container, its password kept 0600 and never replaced; when
+    the container cannot be asked, it prints the one command that makes it."""
+    model = compose_model("compose.remote.yaml", EVERYTHING, tmp_path)
+    assert model["name"] == "chest-ct-screening"  # the container: chest-ct-screening-frontend-1
+    assert "frontend" in model["services"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    docker = bin_dir / "docker"
+    docker.write_text(FAKE_DOCKER)
+    docker.chmod(0o755)
+    storage = tmp_path / "storage"
+    secret = storage / "run" / "secrets" / "admin-password"
+
+    def registry_config(name: str) -> Path:
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(f"storage:\n  root: {tmp_path / name}\n")
+        return config
+
+    def environment(config: Path, **extra: str) -> dict[str, str]:
+        kept = {k: v for k, v in os.environ.items() if not k.startswith("CTS")}
+        return kept | {
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "FAKE_DOCKER_LOG": str(tmp_path / "docker.log"),
+            "FAKE_PYTHON": sys.executable,
+            "FAKE_REGISTRY_CONFIG": str(config),
+            **extra,
+        }
+
+    def start(config: Path, **extra: str) -> subprocess.CompletedProcess[str]:
+        (storage / "run" / "stack.env").unlink(missing_ok=True)  # as ./stop.sh leaves it
+        return subprocess.run(
+            [str(PROJECT_ROOT / "start.sh"), "--remote", "--storage", str(storage)],
+            capture_output=True,
+            text=True,
+            env=environment(config, **extra),
+            cwd=PROJECT_ROOT,
+            timeout=300,
+            check=False,
+        )
+
+    def can_sign_in(config: Path, password: str) -> bool:
+        from services.core.config import load_settings as settings_of
+        from services.registry import Registry
+        from services.registry.accounts import SignInPolicy, SignInVerdict
+
+        registry = Registry.open(settings_of(config))
+        try:
+            policy = SignInPolicy(lockout_after=5, lockout_minutes=15)
+            return registry.accounts.verify_password("admin", password, policy).verdict is (
+                SignInVerdict.OK
+            )
+        finally:
+            registry.close()
+
+    first = registry_config("first")
+    started = start(first)
+    assert started.returncode == 0, started.stderr + started.stdout
+    password = secret.read_text().strip()
+    assert secret.stat().st_mode & 0o777 == 0o600
+    assert f"web sign-in: user admin, password {password} (kept in {secret})" in started.stdout
+    assert can_sign_in(first, password)
+    again = start(first)
+    assert again.returncode == 0, again.stderr
+    assert "web sign-in" not in again.stdout  # it exists: not made, not shown again
+    assert secret.read_text().strip() == password
+
+    # The frontend container cannot be asked: the stack is up, and the one command is printed.
+    second = registry_config("second")
+    down = start(second, FAKE_FRONTEND_DOWN="1")
+    assert down.returncode == 0, down.stderr
+    command = down.stdout.split("make it, once the frontend runs, with: ", 1)[1].splitlines()[0]
+    assert command == (
+        "docker exec -i chest-ct-screening-frontend-1 python -m services.registry users "
+        f"first-admin --password-stdin < {secret}"
+    )
+    assert secret.read_text().strip() == password  # kept, not replaced
+    made = subprocess.run(
+        ["bash", "-c", command],
+        capture_output=True,
+        text=True,
+        env=environment(second),
+        cwd=PROJECT_ROOT,
+        timeout=120,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    assert can_sign_in(second, password)

@@ -21,10 +21,12 @@ from services.broker.schemas import (
     StudyResult,
     TaskStatus,
 )
+from services.core.access import Principal, PrincipalKind, Role
 from services.core.config import Settings
 from services.core.schemas import FindingResult, ProcessingStatus, StudyReport
 from services.frontend import worklist_rows
 from services.frontend.service import FrontendService
+from services.frontend.task_view import SubmitOutcome
 from services.registry import Door, StudyState
 
 pytestmark = pytest.mark.rabbitmq
@@ -203,6 +205,47 @@ def test_a_file_screened_before_is_not_queued_again(
     (queued,) = take_tasks(settings.rabbitmq, Priority.ROUTINE)
     assert queued.task_id == original.task_id
     assert [record.task_id for record in service.worklist_records(VIEWER)] == [original.task_id]
+
+
+def test_a_technologist_sending_anothers_study_again_is_told_what_is_true(
+    settings: Settings, service: FrontendService, tmp_path: Path
+) -> None:
+    """The same bytes from a technologist who may not open the earlier row: not queued, and
+    the message says the result is not on their list and whom to ask, naming nobody."""
+
+    def person(name: str, role: Role) -> Principal:
+        return Principal(name=name, role=role, kind=PrincipalKind.USER)
+
+    def resend(who: Principal) -> SubmitOutcome:
+        copy = tmp_path / who.name / "chest.zip"
+        copy.parent.mkdir()
+        copy.write_bytes(study_bytes)
+        return service.submit_uploads(f"user:{who.name}", who.name, [copy], principal=who)
+
+    sender, other = person("tech1", Role.TECHNOLOGIST), person("tech2", Role.TECHNOLOGIST)
+    study = make_zip(tmp_path / "chest.zip")
+    study_bytes = study.read_bytes()
+    first = service.submit_uploads("user:tech1", "tech1", [study], principal=sender)
+    (original,) = first.submitted
+    again = resend(other)
+    assert again.submitted == []
+    assert again.screened_before == []
+    assert again.screened_elsewhere == ["chest.zip"]
+    assert "already screened" in again.message
+    assert "not on your list" in again.message
+    assert "ask" in again.message
+    assert "row is shown" not in again.message
+    assert "tech1" not in again.message
+    assert f"{original.received_at:%Y-%m-%d}" not in again.message
+    assert original.task_id not in {r.task_id for r in service.worklist_for(other, None)}
+    (queued,) = take_tasks(settings.rabbitmq, Priority.ROUTINE)
+    assert queued.task_id == original.task_id
+    # Whoever may open the earlier row is shown it, as before.
+    for who in (sender, person("rad1", Role.RADIOLOGIST)):
+        shown = resend(who)
+        assert [earlier.task_id for _name, earlier in shown.screened_before] == [original.task_id]
+        assert "its row is shown" in shown.message
+        assert original.task_id in {r.task_id for r in service.worklist_for(who, None)}
 
 
 def test_hiding_is_for_one_viewer(

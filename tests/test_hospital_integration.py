@@ -3,7 +3,11 @@ storescu, the real RabbitMQ broker, an adapter with the tritonserver of the nvid
 wheel serving the tiny demo repository, the DICOM listener, and the frontend process with
 its REST API (checked by schemathesis against the schema it serves). The listener sends
 every SR to two destinations: the PACS by C-STORE and a second Orthanc, a DICOMweb archive
-(plugin orthanc-dicomweb), by STOW-RS with basic authentication."""
+(plugin orthanc-dicomweb), by STOW-RS with basic authentication.
+
+The whole module runs once on each registry database: SQLite under the storage root and the
+real PostgreSQL (tests/registry_support.py); each run has its own PACS, archive and storage,
+and ends by checking that the three doors (the page, REST, DICOM) wrote one registry."""
 
 from __future__ import annotations
 
@@ -26,10 +30,12 @@ import pytest
 from orthanc_support import ARCHIVE_PASSWORD, ARCHIVE_USER, Orthanc, dicomweb_archive
 from playwright.sync_api import sync_playwright
 from pydicom.uid import generate_uid
+from registry_support import BACKEND_PARAMETERS, postgres_database
+from sqlalchemy.engine import URL
 from sr_support import dciodvfy_errors, read_screening_sr, require_tool
 from stack_support import delete_topology, module_triton, start_service, wait_for, zip_directory
 from web_support import PASSWORD, sign_in_page
-from worklist_page import CHROMIUM, CHROMIUM_ARGS
+from worklist_page import CHROMIUM, CHROMIUM_ARGS, upload
 
 from services.adapter.consumer import Adapter
 from services.broker.schemas import StudyResult, TaskStatus
@@ -61,9 +67,21 @@ RESULT_TIMEOUT_S = 240
 triton = module_triton  # a tritonserver of this module's own
 
 
+@pytest.fixture(scope="module", params=BACKEND_PARAMETERS)
+def registry_database(request: pytest.FixtureRequest) -> Iterator[URL | None]:
+    """The registry's database: None for SQLite under the storage root, or a new database on
+    the real PostgreSQL, dropped afterwards."""
+    if request.param == "sqlite":
+        yield None
+        return
+    with postgres_database() as url:
+        yield url
+
+
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("hospital")
+def folder(tmp_path_factory, registry_database: URL | None) -> Path:
+    backend = "sqlite" if registry_database is None else "postgresql"
+    return tmp_path_factory.mktemp(f"hospital-{backend}")
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +105,12 @@ def settings(
     triton: LocalTritonServer,
     orthanc: Orthanc,
     archive: Orthanc,
+    registry_database: URL | None,
 ) -> Iterator[Settings]:
     settings = load_settings(environ={})
     settings.storage.root = folder / "storage"
+    if registry_database is not None:
+        settings.registry.url = registry_database.render_as_string(hide_password=False)
     settings.rabbitmq.queue_prefix = f"test-hospital-{uuid.uuid4().hex[:10]}"
     settings.inference.backend = "triton"
     settings.inference.model_repository = tiny_model_repository
@@ -321,6 +342,8 @@ def frontend(settings: Settings, adapter: Adapter, folder: Path) -> Iterator[str
             "CTS__METRICS__ENABLED": "false",
         }
     )
+    if settings.registry.url is not None:
+        environment["CTS__REGISTRY__URL"] = settings.registry.url
     log = (folder / "frontend.log").open("wb")
     process = start_service("services.frontend", environment, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -501,3 +524,40 @@ def test_a_study_the_pacs_sends_shows_in_every_open_worklist(
             browser.close()
             registry.close()
             listener.stop()
+
+
+@pytest.mark.browser
+def test_the_three_doors_write_one_registry(
+    adapter: Adapter, frontend: str, settings: Settings, fixtures_dir: Path, folder: Path
+) -> None:
+    """After the PACS (DICOM) and the integrator (REST) above, a radiologist uploads a study
+    on the page: the one registry holds each door's studies, each screened, each once."""
+    study_uid = new_study_copy(fixtures_dir / CHEST, folder / "page-upload", "page-study")
+    archive = zip_directory(folder / "page-upload", folder / "page" / "page-upload.zip")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
+            sign_in_page(page, frontend, "radiologist")
+            upload(page, [archive], "Queued 1 study")
+        finally:
+            browser.close()
+    registry = Registry.open(settings)
+    try:
+
+        def uploaded() -> StudyRecord | None:
+            found = registry.list_studies(StudyFilter(study_instance_uid=study_uid)).items
+            return next((row for row in found if row.outcome is not None), None)
+
+        record = wait_for(uploaded, RESULT_TIMEOUT_S, "the page's upload screened", interval_s=0.5)
+        assert record.door is Door.UPLOAD
+        assert record.sender == "radiologist"
+        rows = registry.list_studies(StudyFilter(), limit=500).items
+    finally:
+        registry.close()
+    doors = {row.door for row in rows}
+    assert doors >= {Door.UPLOAD, Door.REST, Door.DICOM}, doors
+    for door in (Door.UPLOAD, Door.REST, Door.DICOM):
+        assert any(row.door is door and row.outcome is not None for row in rows), door
+    keys = [(row.task_id, row.report_index) for row in rows]
+    assert len(keys) == len(set(keys)), "a study recorded twice"

@@ -4,33 +4,44 @@ importing a storage root and retention."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
-from functools import partial
 from pathlib import Path
 
 import pytest
 from alembic import command
-from registry_support import BACKEND_PARAMETERS, open_registry, registry_url, sqlite_url
-from registry_support import submission as queued_submission
+from registry_support import (
+    BACKEND_PARAMETERS,
+    open_registry,
+    registry_url,
+    sqlite_url,
+    task_submission,
+)
 from sqlalchemy import text
 
 from services.broker.schemas import Priority as BrokerPriority
 from services.broker.schemas import StudyProgress, StudyResult, TaskStatus
 from services.broker.storage import store_result
-from services.core.config import Settings, load_settings
+from services.core.config import PROJECT_ROOT, DimseDestination, Settings, load_settings
 from services.core.schemas import FindingResult, PatientIdentity, ProcessingStatus, StudyReport
+from services.dicom_listener.outbox import Outbox
 from services.registry import (
     Door,
     Registry,
     RegistrySchemaError,
     StudyFilter,
     StudyState,
+    Submission,
 )
 from services.registry.audit import ActorKind, AuditAction, AuditQuery
 from services.registry.database import alembic_config, create_registry_engine
-from services.registry.records import Priority, StageTimes
+from services.registry.records import Delivery, Priority, StageTimes
+from services.registry.retention import BLANKED
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 
@@ -44,7 +55,8 @@ def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registr
         yield opened
 
 
-submission = partial(queued_submission, at=T0)
+def submission(task_id: str, *, at: datetime = T0, door: Door = Door.UPLOAD, **kw) -> Submission:
+    return task_submission(task_id, at=at, door=door, **kw)
 
 
 def report(
@@ -329,6 +341,44 @@ def test_a_service_refuses_a_schema_other_than_its_own(backend: str, tmp_path: P
             Registry(url)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("service", ["services.dicom_listener", "services.frontend"])
+@pytest.mark.parametrize("backend", PARAMETERS)
+def test_a_service_exits_2_saying_why_on_a_newer_schema(
+    backend: str, service: str, tmp_path: Path
+) -> None:
+    """The DICOM listener and the frontend, started as a deployment starts them, on a database
+    a newer version of the code has upgraded: exit status 2 and the reason in the log."""
+    with registry_url(backend, tmp_path / "database") as url:
+        engine = create_registry_engine(url)
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+        engine.dispose()
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            f"storage: {{root: {tmp_path / 'storage'}}}\n"
+            "metrics: {enabled: false}\n"
+            f"registry: {{url: '{url.render_as_string(hide_password=False)}'}}\n"
+        )
+        environment = {
+            key: value
+            for key, value in os.environ.items()
+            if key != "CTS_CONFIG" and not key.startswith("CTS__")
+        }
+        completed = subprocess.run(
+            [sys.executable, "-m", service, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env={**environment, "PYTHONPATH": str(PROJECT_ROOT)},
+            cwd=PROJECT_ROOT,
+        )
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    assert "not started" in completed.stderr
+    assert "has schema 9999, newer than this code" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
 @pytest.mark.parametrize("backend", PARAMETERS)
 def test_the_migrations_go_down_and_up_again(backend: str, tmp_path: Path) -> None:
     with registry_url(backend, tmp_path, upgraded=False) as url:
@@ -390,6 +440,49 @@ def test_the_sqlite_file_is_private(tmp_path: Path) -> None:
     assert database.parent.stat().st_mode & 0o777 == 0o700
 
 
+def test_blanking_a_task_takes_its_uids_and_accession_everywhere(registry: Registry) -> None:
+    """What a purge or a deletion does to the registry: the study rows lose the identity,
+    the SRs' deliveries their SOP Instance UIDs, and a webhook's message the accession number
+    it was to carry (the rest of the message stays)."""
+    from functools import partial
+
+    from services.core.config import NotificationSettings, Webhook
+    from services.registry.webhooks import notifications_of
+
+    webhooks = NotificationSettings(
+        webhooks=[
+            Webhook(url="https://ris.example/hook", secret="s", include_accession_number=True),  # type: ignore[arg-type]
+            Webhook(url="https://chat.example/hook", secret="s"),  # type: ignore[arg-type]
+        ]
+    )
+    registry.record_submission(submission("gone"))
+    registry.record_result(result("gone"), partial(notifications_of, webhooks))
+    registry.record_delivery(
+        Delivery(
+            task_id="gone",
+            report_index=0,
+            destination="PACS@127.0.0.1_104",
+            sop_instance_uid="2.25.99",
+            state="sent",
+            updated_at=T0,
+        )
+    )
+    before = {item.url: json.loads(item.body) for item in registry.outbox.of_task("gone")}
+    assert before["https://ris.example/hook"]["accession_number"] == "ACC-9"
+    registry.blank_task("gone", purged_name="(purged)", fields=BLANKED)
+    row = registry.study("gone")
+    assert row is not None
+    assert (row.identity, row.accession_number, row.study_instance_uid) == (None, None, None)
+    (delivery,) = registry.deliveries("gone")
+    assert (delivery.state, delivery.sop_instance_uid) == ("sent", None)
+    after = {item.url: json.loads(item.body) for item in registry.outbox.of_task("gone")}
+    assert after["https://ris.example/hook"] == {
+        **before["https://ris.example/hook"],
+        "accession_number": None,
+    }
+    assert after["https://chat.example/hook"] == before["https://chat.example/hook"]
+
+
 def settings_for(tmp_path: Path, **registry_options: object) -> Settings:
     settings = load_settings(environ={})
     settings.storage.root = tmp_path / "storage"
@@ -398,13 +491,53 @@ def settings_for(tmp_path: Path, **registry_options: object) -> Settings:
     return settings
 
 
-def test_the_command_upgrades_imports_and_purges(tmp_path: Path) -> None:
+def outbox_with_reports(root: Path, tmp_path: Path) -> list[Outbox]:
+    """The DICOM listener's outboxes of two destinations holding SRs of both tasks (each
+    copy carries the patient's name): old-task's first SR sent to the PACS (a note in sent/)
+    and refused by the archive (failed/: the copy and a note), its second waiting for the
+    archive; new-task's waiting for the PACS."""
+    outboxes = [
+        Outbox(root, DimseDestination(ae_title="PACS", host="127.0.0.1", port=104)),
+        Outbox(root, DimseDestination(ae_title="ARCHIVE", host="127.0.0.1", port=11112)),
+    ]
+    pacs, archive = outboxes
+    reports = tmp_path / "sr"
+    reports.mkdir()
+    for number in (1, 2):
+        (reports / f"study_{number:04d}_0123456789ab.dcm").write_bytes(b"DICM Doe^Jane")
+    first, second = sorted(reports.iterdir())
+    for outbox in outboxes:
+        assert outbox.enqueue("old-task", first)
+    pacs.mark_sent(pacs.pending()[0], "0x0000")
+    archive.mark_failed(archive.pending()[0], "refused")
+    assert archive.enqueue("old-task", second)
+    assert pacs.enqueue("new-task", first)
+    return outboxes
+
+
+def outbox_files(root: Path) -> list[str]:
+    return sorted(
+        str(path.relative_to(root / "dicom" / "outbox"))
+        for path in (root / "dicom" / "outbox").rglob("*")
+        if path.is_file()
+    )
+
+
+@pytest.mark.parametrize("backend", PARAMETERS)
+def test_the_command_upgrades_imports_and_purges(backend: str, tmp_path: Path) -> None:
+    """The SQLite file of the storage root by default, or the real PostgreSQL by its URL."""
     from services.registry.__main__ import main
 
     settings = settings_for(tmp_path, retention_days=30)
     root = settings.storage.root
     config = tmp_path / "config.yaml"
-    config.write_text(f"storage:\n  root: {root}\nregistry:\n  retention_days: 30\n")
+    with registry_url(backend, tmp_path / "database", upgraded=False) as url:
+        database = "" if backend == "sqlite" else f"  url: {url.render_as_string(False)}\n"
+        config.write_text(f"storage:\n  root: {root}\nregistry:\n  retention_days: 30\n{database}")
+        purge_with_the_command(main, config, root, tmp_path)
+
+
+def purge_with_the_command(main, config: Path, root: Path, tmp_path: Path) -> None:
     old, recent = result("old-task"), result("new-task")
     recent = recent.model_copy(update={"started_at": datetime.now(UTC)})
     for stored in (old, recent):
@@ -412,6 +545,19 @@ def test_the_command_upgrades_imports_and_purges(tmp_path: Path) -> None:
         (root / "uploads" / stored.task_id).mkdir(parents=True)
         (root / "uploads" / stored.task_id / "x.dcm").write_bytes(b"DICM")
         (root / "results" / stored.task_id / "viewer").mkdir(parents=True)
+    outboxes = outbox_with_reports(root, tmp_path)
+    pacs, archive = (outbox.name for outbox in outboxes)
+    in_outbox = outbox_files(root)
+    sr = "study_0001_0123456789ab"
+    assert in_outbox == sorted(
+        [
+            f"{pacs}/sent/old-task_{sr}.json",
+            f"{archive}/failed/old-task_{sr}.dcm",
+            f"{archive}/failed/old-task_{sr}.json",
+            f"{archive}/old-task_study_0002_0123456789ab.dcm",
+            f"{pacs}/new-task_{sr}.dcm",
+        ]
+    )
     assert main(["--config", str(config), "upgrade"]) == 0
     assert main(["--config", str(config), "import-storage"]) == 0
     assert main(["--config", str(config), "import-storage"]) == 0  # idempotent
@@ -421,16 +567,32 @@ def test_the_command_upgrades_imports_and_purges(tmp_path: Path) -> None:
             "new-task",
             "old-task",
         ]
+        registry.record_delivery(
+            Delivery(
+                task_id="old-task",
+                report_index=0,
+                destination=pacs,
+                sop_instance_uid="2.25.1234",
+                state="sent",
+                updated_at=T0,
+            )
+        )
         assert main(["--config", str(config), "purge", "--dry-run"]) == 0
         untouched = registry.study("old-task")
         assert untouched is not None
         assert untouched.identity is not None
+        assert outbox_files(root) == in_outbox
         assert main(["--config", str(config), "purge"]) == 0
         purged = registry.study("old-task")
         kept = registry.study("new-task")
         trail = registry.audit.events(AuditQuery(actions=(AuditAction.PURGE,)))
+        (delivery,) = registry.deliveries("old-task")
     finally:
         registry.close()
+    # Every outbox item of the purged task is gone (the copies carried the patient's name);
+    # the recent task's SR still waits for the PACS.
+    assert outbox_files(root) == [f"{pacs}/new-task_{sr}.dcm"]
+    assert (delivery.state, delivery.sop_instance_uid) == ("sent", None)
     assert [(entry.task_id, entry.actor_kind) for entry in trail] == [
         ("old-task", ActorKind.SYSTEM)
     ]

@@ -611,3 +611,36 @@ def test_a_refused_report_goes_to_failed_with_its_status(
     assert archive.instance(uid) is None
     assert running.reports("failed") == 1
     assert running.reports("delivered") == 0
+
+
+def test_a_report_purged_while_its_sender_holds_it_is_passed_over(
+    report_document: Dataset, tmp_path: Path
+) -> None:
+    """A purge (another process: services/registry/retention.py) may take a task's outbox
+    item after the sender listed it, or while it is on its way: the sender goes on with the
+    next, and nothing of the task stays in failed/."""
+    from services.registry.retention import purge_task_files
+
+    settings = load_settings(environ={})
+    settings.storage.root = tmp_path / "storage"
+    destination = DimseDestination(ae_title="PACS", host="127.0.0.1", port=free_local_ports(1)[0])
+    outbox = Outbox(settings.storage.root, destination)
+    sender = ReportSender(
+        outbox,
+        create_sink(destination, settings.dicom),
+        settings=settings.dicom,
+        stop_event=threading.Event(),
+        metrics=ListenerMetrics(CollectorRegistry()),
+    )
+    path = report_file(report_document, tmp_path / "reports", "study_0001_0123456789ab")
+    assert outbox.enqueue("task-listed", path)
+    (listed,) = outbox.pending()
+    purge_task_files(settings, "task-listed")
+    assert sender._deliver(listed)  # the sender goes on
+    assert outbox.enqueue("task-sending", path)
+    (sending,) = outbox.pending()
+    purge_task_files(settings, "task-sending")
+    outbox.mark_failed(sending, "refused")  # the destination refused it meanwhile
+    assert outbox.pending() == []
+    assert list((outbox.directory / FAILED_DIR).iterdir()) == []
+    assert list((outbox.directory / SENT_DIR).iterdir()) == []

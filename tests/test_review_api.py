@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
-from registry_support import submission
+from registry_support import task_submission
 from stack_support import stack_settings
 from web_support import PATIENT_NAME, WebFrontend, finished_study, module_frontend, signed_in_client
 
@@ -21,6 +22,7 @@ from services.frontend.api.models import ReviewRequest
 from services.frontend.auth.access import AccessControl
 from services.frontend.reviews import record_review, reviews_of
 from services.frontend.study_access import StudyRefused
+from services.registry import Door
 from services.registry.audit import AuditAction, AuditQuery
 
 pytestmark = pytest.mark.rabbitmq
@@ -51,7 +53,8 @@ def people(frontend: WebFrontend) -> dict[str, str]:
 
 def queued_study(frontend: WebFrontend, sender: str) -> str:
     task_id = uuid.uuid4().hex
-    frontend.registry.record_submission(submission(task_id, sender=sender))
+    submission = task_submission(task_id, at=datetime.now(UTC), door=Door.UPLOAD, sender=sender)
+    frontend.registry.record_submission(submission)
     return task_id
 
 

@@ -10,9 +10,11 @@ import time
 import uuid
 import zipfile
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import gradio as gr
 import httpx
 import pytest
 from stack_support import delete_topology
@@ -30,6 +32,7 @@ from web_support import (
 
 from services.core.access import Principal, PrincipalKind, Role
 from services.core.config import Settings, load_settings
+from services.frontend.api import API_PREFIX
 from services.frontend.auth.gate import PUBLIC_PATHS
 from services.registry import upgrade_registry
 from services.registry.audit import AuditAction, AuditQuery
@@ -149,6 +152,138 @@ def test_every_route_refuses_an_anonymous_caller(
     assert checked > 40  # Gradio's, the REST API's, the files', the admin's routes
 
 
+# Who may reach which family of routes: a signed-in person by session cookie (the page's
+# routes), a system by API key (/api/v1). "technologist" sent the walk's studies, "other
+# technologist" did not. A route of ours missing from ROUTE_FAMILY fails the walk: add it
+# with its family, and it must answer 403 to every role its family leaves out.
+EVERYONE = frozenset({"radiologist", "technologist", "other_technologist", "admin"})
+MAY_REACH: dict[str, frozenset[str]] = {
+    "page": EVERYONE,  # Gradio's page, assets and API: each action checks the role itself
+    "signing": EVERYONE,  # sign-out, the REST API's docs
+    "list": EVERYONE,  # one's worklist (the admin's without identity)
+    "worklist file": EVERYONE - {"admin"},  # it holds identity
+    "study": EVERYONE - {"other_technologist"},  # the admin's without identity
+    "study files": frozenset({"radiologist", "technologist"}),  # identity and pixels
+    "upload": EVERYONE - {"admin"},
+    "review": frozenset({"radiologist"}),
+    "delete": frozenset({"admin"}),
+    "audit": frozenset({"admin"}),
+}
+ROUTES_OF_FAMILY: dict[str, list[str]] = {
+    "signing": ["POST /sign-out", "GET /api/v1/docs/oauth2-redirect"],
+    "list": ["GET /api/v1/studies"],
+    "worklist file": ["GET /worklist.xlsx"],
+    "study": ["GET /api/v1/studies/{task_id}", "GET /api/v1/studies/{task_id}/reviews"],
+    "study files": [
+        "GET /files/{task_id}/{relative:path}",
+        "GET /api/v1/studies/{task_id}/files/{kind}",
+    ],
+    "upload": ["POST /api/v1/studies"],
+    "review": ["POST /api/v1/studies/{task_id}/reviews"],
+    "delete": ["DELETE /api/v1/studies/{task_id}"],
+    "audit": ["GET /admin/audit"],
+}
+ROUTE_FAMILY: dict[tuple[str, str], str] = {
+    (route.split(" ")[0], route.split(" ")[1]): family
+    for family, routes in ROUTES_OF_FAMILY.items()
+    for route in routes
+}
+WALK_ROLES = {
+    "radiologist": Role.RADIOLOGIST,
+    "technologist": Role.TECHNOLOGIST,
+    "other_technologist": Role.TECHNOLOGIST,
+    "admin": Role.ADMIN,
+}
+
+
+def gradio_routes(app: Any) -> set[tuple[str, frozenset[str]]]:
+    """The routes of the Gradio app mounted in the server (its page, assets and API)."""
+    mounts = [
+        route
+        for route in app.routes
+        if isinstance(route, Mount) and isinstance(route.app, gr.routes.App)
+    ]
+    assert len(mounts) == 1, "the Gradio page is mounted once"
+    return set(every_route(mounts))
+
+
+def answer_status(client: httpx.Client, method: str, url: str) -> int:
+    """The answer's status, its body unread (some of Gradio's answers are endless streams);
+    the gate's own refusal of a caller it did not recognise reads as 0."""
+    headers = {"accept": "application/json"}
+    with client.stream(method, url, headers=headers, content=b"{}") as answer:
+        if answer.status_code == 401 and answer.read() == b'{"reason": "sign in first"}':
+            return 0
+        return answer.status_code
+
+
+def test_every_route_answers_each_role_as_the_table_says(
+    frontend: WebFrontend, people: dict[str, str]
+) -> None:
+    page_routes = gradio_routes(frontend.app)
+    ours = {
+        (method, path)
+        for path, methods in set(every_route(list(frontend.app.routes))) - page_routes
+        for method in methods
+        if path not in PUBLIC_PATHS
+    }
+    assert ours - set(ROUTE_FAMILY) == set(), "routes without a family in ROUTE_FAMILY"
+    assert set(ROUTE_FAMILY) - ours == set(), "ROUTE_FAMILY names routes the server lacks"
+    walk = sorted(
+        [(path, method, "page") for path, methods in page_routes for method in methods]
+        + [(path, method, family) for (method, path), family in ROUTE_FAMILY.items()]
+    )
+    keys = {who: f"walk-{who}-{uuid.uuid4().hex[:6]}" for who in WALK_ROLES}
+    secrets = {
+        who: frontend.registry.accounts.add_key(keys[who], role) for who, role in WALK_ROLES.items()
+    }
+    page_study = finished_study(frontend, sender=people["technologist"])
+    rest_study = finished_study(frontend, sender=keys["technologist"])
+    checked = 0
+    with ExitStack() as stack:
+        by_session = {
+            who: stack.enter_context(signed_in_client(frontend, people[who])) for who in WALK_ROLES
+        }
+        by_key = {
+            who: stack.enter_context(
+                httpx.Client(
+                    base_url=frontend.url,
+                    timeout=30,
+                    headers={"authorization": f"Bearer {secrets[who]}"},
+                )
+            )
+            for who in WALK_ROLES
+        }
+        for path, method, family in walk:
+            if method == "WEBSOCKET":
+                continue  # Gradio serves none; the gate names the caller of one all the same
+            rest = path.startswith(API_PREFIX)
+            statuses: dict[str, int] = {}
+            for who in WALK_ROLES:
+                task_id, result = rest_study if rest else page_study
+                if method == "DELETE":  # each role tries on a study of its own to lose
+                    task_id, result = finished_study(frontend, sender=keys["technologist"])
+                url = concrete(path, task_id, result_file(result, "json"))
+                if path == "/sign-out":  # on a session of its own, kept for the walk
+                    with signed_in_client(frontend, people[who]) as leaving:
+                        statuses[who] = answer_status(leaving, method, url)
+                    continue
+                client = by_key[who] if rest else by_session[who]
+                statuses[who] = answer_status(client, method, url)
+            for who, status in statuses.items():
+                assert status != 0, (method, path, who)  # signed in, yet not recognised
+                if who not in MAY_REACH[family]:
+                    assert status == 403, (method, path, who, status)
+                elif family in ("page", "signing"):  # the role makes no difference here
+                    assert len(set(statuses.values())) == 1, (method, path, statuses)
+                else:
+                    assert status != 403, (method, path, who, status)
+                checked += 1
+    assert checked > 4 * 90  # each of 4 callers on Gradio's, the REST API's, our routes
+    # Only the studies an administrator deleted are gone; the walk's own are whole.
+    assert frontend.registry.study(page_study[0]) is not None
+
+
 def test_study_files_and_the_rest_api_answer_by_role(
     frontend: WebFrontend, people: dict[str, str], study: tuple[str, Any]
 ) -> None:
@@ -208,14 +343,14 @@ def test_the_page_lists_by_role_without_identity_for_the_administrator(
 
 def test_an_api_key_works_until_revoked(frontend: WebFrontend, study: tuple[str, Any]) -> None:
     task_id, _ = study
-    key = frontend.registry.accounts.add_key(f"ris-{uuid.uuid4().hex[:6]}", Role.RADIOLOGIST)
+    name = f"ris-{uuid.uuid4().hex[:6]}"
+    key = frontend.registry.accounts.add_key(name, Role.RADIOLOGIST)
     with httpx.Client(base_url=frontend.url, timeout=30) as client:
         bearer = {"authorization": f"Bearer {key}"}
         assert client.get(f"/api/v1/studies/{task_id}", headers=bearer).status_code == 200
         wrong = client.get("/api/v1/studies", headers={"authorization": "Bearer cts_wrong"})
         assert wrong.status_code == 401
         assert wrong.headers["www-authenticate"].startswith("Bearer")
-        name = frontend.registry.accounts.api_keys()[-1].name
         frontend.registry.accounts.revoke_key(name)
         time.sleep(5.5)  # the gate's cache: a revoked key is out within 5 s
         assert client.get("/api/v1/studies", headers=bearer).status_code == 401
@@ -309,7 +444,7 @@ def test_each_rest_action_writes_one_audit_row(
 ) -> None:
     name = frontend.add_user(f"auditor-{uuid.uuid4().hex[:6]}", Role.RADIOLOGIST)
     task_id, result = finished_study(frontend, sender="someone")
-    upload = tmp_path / "study.zip"
+    upload = tmp_path / "Testpatient_Alice_1950-01-01.zip"  # names are what people type
     with zipfile.ZipFile(upload, "w") as archive:  # under the test's 1 MB limit
         first = sorted((fixtures_dir / "chest_ct_lung_dx_a0002").iterdir())[0]
         archive.write(first, arcname=first.name)
@@ -319,7 +454,7 @@ def test_each_rest_action_writes_one_audit_row(
         for kind in ("json", "sr", "xlsx"):
             assert client.get(f"/api/v1/studies/{task_id}/files/{kind}").status_code == 200
         assert client.get(f"/files/{task_id}/viewer/study1.bin").status_code == 200
-        sent = client.post("/api/v1/studies", files={"file": ("study.zip", upload.read_bytes())})
+        sent = client.post("/api/v1/studies", files={"file": (upload.name, upload.read_bytes())})
         assert sent.status_code == 202, sent.text
         assert client.post("/sign-out").status_code == 200
     rows = frontend.registry.audit.events(AuditQuery(actor=name))
@@ -338,6 +473,10 @@ def test_each_rest_action_writes_one_audit_row(
     assert rows[2].study_instance_uid == result.reports[0].study_uid
     assert all(row.client == "127.0.0.1" for row in rows)
     assert all(PATIENT_NAME not in row.model_dump_json() for row in rows)
+    # The upload's row: its task, door and size; never the file's name (the trail is kept).
+    assert rows[7].task_id == sent.json()["task_id"]
+    assert rows[7].detail == f"rest upload, routine, {upload.stat().st_size} bytes"
+    assert all("Testpatient" not in row.model_dump_json() for row in rows)
 
 
 def test_an_administrator_deletes_a_study_and_reads_the_trail(

@@ -79,7 +79,7 @@ def test_a_radiologist_signs_in_works_the_list_and_signs_out(
         expect(row).to_have_count(1, timeout=30_000)
         # The page's own requests (Gradio's upload and queue) pass the CSRF check.
         page.locator("#tool-bar input[type=file]").set_input_files(
-            str(small_zip(tmp_path / "mine.zip"))
+            str(small_zip(tmp_path / "Doe_Jane_1950-01-01.zip"))  # as people name files
         )
         expect(page.locator("#upload-message")).to_contain_text("Queued 1 study", timeout=30_000)
         row.click()
@@ -115,6 +115,9 @@ def test_a_radiologist_signs_in_works_the_list_and_signs_out(
         recorded = frontend.registry.study(str(uploads[0].task_id))
         assert recorded is not None
         assert recorded.sender == name  # the registry knows who sent it
+        # The append-only trail keeps the door and size, never the file's name.
+        assert uploads[0].detail.startswith("page upload, routine, ")
+        assert "Doe_Jane" not in uploads[0].model_dump_json()
 
 
 def test_single_sign_on_with_the_hospital_provider(

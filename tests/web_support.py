@@ -17,7 +17,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from playwright.sync_api import Page
-from registry_support import submission
+from registry_support import task_submission
 
 from services.broker.schemas import ResultFile, StudyResult, TaskStatus
 from services.broker.storage import store_result
@@ -174,7 +174,7 @@ def finished_study(
         original_filename=f"{task_id}.zip",
         finished_at=now,
     )
-    frontend.registry.record_submission(submission(task_id, at=now, door=door, sender=sender))
+    frontend.registry.record_submission(task_submission(task_id, at=now, door=door, sender=sender))
     store_result(root, result)
     frontend.registry.record_result(result)
     return task_id, result

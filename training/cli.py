@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import ValidationError
+
+Options = TypeVar("Options")
 
 EMBED_HELP = """Embed a data set with the screening pipeline and the CT-CLIP encoder.
 
@@ -89,7 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--trials", type=int, default=1, help="optuna trials (1: seed design only)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--val-fraction", type=_fraction, default=0.2, help="default 0.2")
+    train.add_argument(
+        "--val-fraction",
+        dest="validation_fraction",
+        type=_fraction,
+        default=0.2,
+        help="default 0.2",
+    )
     train.add_argument(
         "--test-fraction",
         type=_fraction,
@@ -116,54 +127,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _options(options_class: Callable[..., Options], args: argparse.Namespace) -> Options:
+    """A command's options from its arguments: each argument's dest is the name of an
+    option (a field of the command's options class)."""
+    names = inspect.signature(options_class).parameters
+    return options_class(**{name: getattr(args, name) for name in names})
+
+
 def _run(args: argparse.Namespace) -> None:
     if args.command == "embed":
         from training.embed import EmbedOptions, embed
 
-        embed(
-            EmbedOptions(
-                input=args.input,
-                output=args.output,
-                model_repository=args.model_repository,
-                ct_rate_metadata=args.ct_rate_metadata,
-                config=args.config,
-                backend=args.backend,
-                retry_failures=args.retry_failures,
-            )
-        )
+        embed(_options(EmbedOptions, args))
     elif args.command == "train":
         from training.train import TrainOptions, train
 
-        train(
-            TrainOptions(
-                task=args.task,
-                embeddings=args.embeddings,
-                labels=args.labels,
-                output=args.output,
-                head=args.head,
-                trials=args.trials,
-                seed=args.seed,
-                validation_fraction=args.val_fraction,
-                test_fraction=args.test_fraction,
-                max_epochs=args.max_epochs,
-                patience=args.patience,
-                batch_size=args.batch_size,
-            )
-        )
+        train(_options(TrainOptions, args))
     else:
         from training.evaluate import EvaluateOptions, evaluate
 
-        evaluate(
-            EvaluateOptions(
-                run=args.run,
-                embeddings=args.embeddings,
-                labels=args.labels,
-                output=args.output,
-                target_sensitivity=args.target_sensitivity,
-                seed=args.seed,
-                resamples=args.resamples,
-            )
-        )
+        evaluate(_options(EvaluateOptions, args))
 
 
 def main(argv: list[str] | None = None) -> int:

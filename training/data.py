@@ -16,8 +16,10 @@ from both, so either side may carry the suffix.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -27,6 +29,8 @@ import pyarrow.parquet as pq
 from loguru import logger
 from numpy.typing import NDArray
 from pydantic import BaseModel
+
+Read = TypeVar("Read")
 
 REQUIRED_EMBEDDING_COLUMNS = ("name", "embedding")
 STATUS_COLUMN = "status"
@@ -83,14 +87,28 @@ class MatchedData:
     unmatched_label_keys: list[str]
 
 
-def read_embeddings(path: Path) -> EmbeddingTable:
+def _read_input(
+    path: Path,
+    kind: str,
+    read: Callable[[Path], Read],
+    unreadable: tuple[type[Exception], ...],
+    what: str,
+) -> tuple[Path, Read]:
+    """``read(path)`` of a file the user named: missing (which ``kind``) or unreadable (as
+    ``what``), a one-line TrainingInputError."""
     path = Path(path)
     if not path.is_file():
-        raise TrainingInputError(f"embeddings file not found: {path}")
+        raise TrainingInputError(f"{kind} file not found: {path}")
     try:
-        schema = pq.read_schema(path)
-    except (pa.ArrowInvalid, OSError) as error:
-        raise TrainingInputError(f"{path.name} is not a readable parquet file: {error}") from error
+        return path, read(path)
+    except unreadable as error:
+        raise TrainingInputError(f"{path.name} is not a readable {what}: {error}") from error
+
+
+def read_embeddings(path: Path) -> EmbeddingTable:
+    path, schema = _read_input(
+        path, "embeddings", pq.read_schema, (pa.ArrowInvalid, OSError), "parquet file"
+    )
     missing = [column for column in REQUIRED_EMBEDDING_COLUMNS if column not in schema.names]
     if missing:
         raise TrainingInputError(
@@ -149,13 +167,8 @@ def _embedding_matrix(column: pa.ChunkedArray, file_name: str) -> NDArray[np.flo
 
 
 def read_labels(path: Path) -> LabelTable:
-    path = Path(path)
-    if not path.is_file():
-        raise TrainingInputError(f"labels file not found: {path}")
-    try:
-        frame = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise TrainingInputError(f"{path.name} is not a readable CSV: {error}") from error
+    csv_errors = (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError)
+    path, frame = _read_input(path, "labels", pd.read_csv, csv_errors, "CSV")
     if LABEL_KEY_COLUMN not in frame.columns:
         raise TrainingInputError(
             f"{path.name} lacks column {LABEL_KEY_COLUMN!r} (CT-RATE layout: "

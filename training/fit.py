@@ -46,6 +46,10 @@ MIN_IMPROVEMENT = 1e-4  # validation AUROC gain that resets the early-stopping p
 EPOCH_LOG_EVERY = 10  # every epoch goes to the log file, every tenth also to the console
 
 
+# What a head's architecture (HeadArchitecture) takes of the hyperparameters.
+ARCHITECTURE_FIELDS = {"hidden_sizes", "activation", "dropout", "batch_norm"}
+
+
 class Hyperparameters(BaseModel):
     """What the search varies (architecture, optimisation, regularisation) plus the fixed
     schedule."""
@@ -69,16 +73,13 @@ class Hyperparameters(BaseModel):
         return HeadArchitecture(
             task=task,
             embedding_dim=embedding_dim,
-            hidden_sizes=self.hidden_sizes,
-            activation=self.activation,
-            dropout=self.dropout,
-            batch_norm=self.batch_norm,
             n_outputs=BINARY_LOGITS if task == "binary" else n_labels,
+            **self.model_dump(include=ARCHITECTURE_FIELDS),
         )
 
     def recorded(self) -> dict[str, float | int]:
         """The optimisation settings for ``head.json`` (the architecture is recorded apart)."""
-        return self.model_dump(exclude={"hidden_sizes", "activation", "dropout", "batch_norm"})
+        return self.model_dump(exclude=ARCHITECTURE_FIELDS)
 
 
 DEFAULT_LEARNING_RATE = 1e-3
@@ -89,10 +90,7 @@ def seed_hyperparameters(task: Task, **schedule: int) -> Hyperparameters:
     """The seed heads of docs/ARCHITECTURE.md, Contracts with the default optimiser settings."""
     seed = SEED_BINARY_ARCHITECTURE if task == "binary" else SEED_MULTILABEL_ARCHITECTURE
     return Hyperparameters(
-        hidden_sizes=seed.hidden_sizes,
-        activation=seed.activation,
-        dropout=seed.dropout,
-        batch_norm=seed.batch_norm,
+        **seed.model_dump(include=ARCHITECTURE_FIELDS),
         learning_rate=DEFAULT_LEARNING_RATE,
         focal_gamma=DEFAULT_FOCAL_GAMMA,
         **schedule,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
@@ -37,6 +38,17 @@ def _finish(axes, figure, path: Path, n_curves: int) -> Path:
     return path
 
 
+def _assessed(
+    curves: dict[str, tuple[Labels, Floats]], values: dict[str, float | None]
+) -> Iterator[tuple[str, Labels, Floats, float]]:
+    """Each label's ``targets``, ``scores`` and value, for the labels that have a value (one
+    with a single class in the data has none, and no curve)."""
+    for name, (targets, scores) in curves.items():
+        value = values[name]
+        if value is not None:
+            yield name, targets, scores, value
+
+
 def plot_roc(
     curves: dict[str, tuple[Labels, Floats]],
     aurocs: dict[str, float | None],
@@ -44,11 +56,9 @@ def plot_roc(
 ) -> Path:
     """One ROC curve per label (``targets``, ``scores``), AUROC in the legend."""
     figure, axes = _axes(len(curves))
-    for name, (targets, scores) in curves.items():
-        if aurocs[name] is None:
-            continue
+    for name, targets, scores, auroc in _assessed(curves, aurocs):
         fpr, tpr = roc_curve(targets, scores)
-        axes.plot(fpr, tpr, linewidth=1.2, label=f"{name} (AUROC {aurocs[name]:.3f})")
+        axes.plot(fpr, tpr, linewidth=1.2, label=f"{name} (AUROC {auroc:.3f})")
     axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8, label="chance")
     axes.set(
         xlabel="1 - specificity", ylabel="sensitivity", title="ROC", xlim=(0, 1), ylim=(0, 1.01)
@@ -63,16 +73,14 @@ def plot_precision_recall(
 ) -> Path:
     """One precision-recall curve per label, AUPRC (average precision) in the legend."""
     figure, axes = _axes(len(curves))
-    for name, (targets, scores) in curves.items():
-        if auprcs[name] is None:
-            continue
+    for name, targets, scores, auprc in _assessed(curves, auprcs):
         recall, precision = precision_recall_curve(targets, scores)
         axes.step(
             np.r_[0.0, recall],
             np.r_[precision[0], precision],
             where="post",
             linewidth=1.2,
-            label=f"{name} (AUPRC {auprcs[name]:.3f}, prevalence {targets.mean():.2f})",
+            label=f"{name} (AUPRC {auprc:.3f}, prevalence {targets.mean():.2f})",
         )
     axes.set(
         xlabel="recall", ylabel="precision", title="Precision-recall", xlim=(0, 1), ylim=(0, 1.01)

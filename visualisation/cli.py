@@ -39,22 +39,16 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m visualisation",
         description="Screened studies and their CT-CLIP embeddings in the FiftyOne App.",
     )
-    parser.add_argument(
-        "--results",
-        type=Path,
-        nargs="+",
-        default=[],
-        metavar="DIR",
-        help="batch output folders or the stack's storage/results (every json/*.json below)",
-    )
-    parser.add_argument(
-        "--embeddings",
-        type=Path,
-        nargs="+",
-        default=[],
-        metavar="E.parquet",
-        help="parquet files of `python -m training embed`",
-    )
+    # The two sources of studies, any number of each (at least one of them, checked below).
+    for option, metavar, what in (
+        (
+            "--results",
+            "DIR",
+            "batch output folders or the stack's storage/results (every json/*.json below)",
+        ),
+        ("--embeddings", "E.parquet", "parquet files of `python -m training embed`"),
+    ):
+        parser.add_argument(option, type=Path, nargs="+", default=[], metavar=metavar, help=what)
     parser.add_argument(
         "--labels",
         type=Path,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from loguru import logger
-from tenacity import RetryCallState, stop_when_event_set
+from tenacity import RetryCallState
 
 from services.adapter import delivery
 from services.adapter.delivery import Decision
@@ -53,7 +53,7 @@ from services.core.config import Settings
 from services.core.errors import ModelServerUnavailable, WorkInterrupted
 from services.core.inference import create_backend
 from services.core.inference.base import InferenceBackend
-from services.core.retry import log_retry, retrying
+from services.core.retry import log_retry, retrying, retrying_until_stopped
 
 
 def default_adapter_id() -> str:
@@ -194,11 +194,10 @@ class Adapter:
     def serve_reconnecting(self, serve: Callable[[], None]) -> None:
         """A stage's serve loop, called again after each lost connection (with
         rabbitmq.reconnect_backoff) until the adapter stops."""
-        retrying(
+        retrying_until_stopped(
+            self._stop,
             retry_on=CONNECTION_ERRORS,
             backoff=self.settings.rabbitmq.reconnect_backoff,
-            stop_event=self._stop,
-            stop=stop_when_event_set(self._stop),
             before_sleep=self._before_reconnect,
         )(serve)
 

@@ -133,9 +133,16 @@ def on_delivery(
             f"given up after {max_deliveries} attempts: the adapter stopped or crashed while "
             "processing this study every time"
         )
-        result = failed_result(task, reason, adapter_id=adapter_id, attempt=attempt)
-        return Decision(Action.DEAD_LETTER, result=result, store=True, note=reason, reason=reason)
+        return _given_up(task, reason, note=reason, adapter_id=adapter_id, attempt=attempt)
     return None
+
+
+def _given_up(
+    task: StudyTask, reason: str, *, note: str, adapter_id: str, attempt: int
+) -> Decision:
+    """Dead-lettered for a human with its reason, its Failure result stored (and sent)."""
+    result = failed_result(task, reason, adapter_id=adapter_id, attempt=attempt)
+    return Decision(Action.DEAD_LETTER, result=result, store=True, note=note, reason=reason)
 
 
 def on_outcome(
@@ -162,14 +169,12 @@ def on_outcome(
                 delay_s=MISSING_STUDY_RETRY_DELAY_S,
                 note=f"study not in the shared storage (attempt {attempt}): given back",
             )
-        reason = f"{error} (tried {attempt} times)"
-        result = failed_result(task, reason, adapter_id=adapter_id, attempt=attempt)
-        return Decision(
-            Action.DEAD_LETTER,
-            result=result,
-            store=True,
+        return _given_up(
+            task,
+            f"{error} (tried {attempt} times)",
             note="study not in the shared storage: given up",
-            reason=reason,
+            adapter_id=adapter_id,
+            attempt=attempt,
         )
     if policy is ErrorPolicy.RETRY_LATER:
         what = "the adapter is stopping" if isinstance(error, WorkInterrupted) else repr(error)

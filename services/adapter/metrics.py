@@ -16,7 +16,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import TypeVar
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from services.adapter.delivery import Action, Decision
 from services.broker.schemas import StudyResult, TaskStatus
@@ -24,6 +24,7 @@ from services.core.arrays import Float32Array, ModelInput
 from services.core.body_part.bpr_detector import BodyPartRegressionModel
 from services.core.errors import ModelServerUnavailable
 from services.core.inference.base import InferenceBackend, ModelOutputs
+from services.monitoring.families import MetricFamilies
 
 Result = TypeVar("Result")
 
@@ -63,64 +64,52 @@ def task_outcome(decision: Decision, *, republished: bool = False) -> TaskOutcom
 
 class AdapterMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.tasks = Counter(
-            "cts_adapter_tasks",
-            "Task messages an adapter finished with, by outcome",
-            ["outcome"],
-            registry=registry,
+        families = MetricFamilies(registry)
+        self.tasks = families.counter(
+            "cts_adapter_tasks", "Task messages an adapter finished with, by outcome", "outcome"
         )
-        self.studies = Counter(
+        self.studies = families.counter(
             "cts_adapter_studies",
             "Studies screened, by the report's processing_status (Success / Failure)",
-            ["status"],
-            registry=registry,
+            "status",
         )
-        self.stage_seconds = Histogram(
+        self.stage_seconds = families.histogram(
             "cts_adapter_stage_seconds",
             "Seconds of each pipeline stage of a study (the report's stage_seconds)",
-            ["stage"],
+            "stage",
             buckets=STAGE_BUCKETS,
-            registry=registry,
         )
-        self.task_seconds = Histogram(
+        self.task_seconds = families.histogram(
             "cts_adapter_task_seconds",
             "Seconds from taking a task to its result (the whole input, report files included)",
             buckets=TASK_BUCKETS,
-            registry=registry,
         )
-        self.model_request_seconds = Histogram(
+        self.model_request_seconds = families.histogram(
             "cts_adapter_model_request_seconds",
             "Seconds of one request to the model server (each attempt), by model and outcome",
-            ["model", "outcome"],
+            "model",
+            "outcome",
             buckets=STAGE_BUCKETS,
-            registry=registry,
         )
-        self.model_input_bytes = Counter(
+        self.model_input_bytes = families.counter(
             "cts_adapter_model_input_bytes",
             "Bytes of model input sent to the model server, by transport",
-            ["transport"],
-            registry=registry,
+            "transport",
         )
-        self.model_retries = Counter(
+        self.model_retries = families.counter(
             "cts_adapter_model_server_retries",
             "Model requests retried because the model server was unavailable",
-            registry=registry,
         )
-        self.transient_wait_seconds = Counter(
+        self.transient_wait_seconds = families.counter(
             "cts_adapter_transient_wait_seconds",
             "Seconds spent waiting out a transient error before retrying, by cause",
-            ["cause"],
-            registry=registry,
+            "cause",
         )
-        self.in_progress = Gauge(
-            "cts_adapter_tasks_in_progress",
-            "Tasks this adapter is working on right now",
-            registry=registry,
+        self.in_progress = families.gauge(
+            "cts_adapter_tasks_in_progress", "Tasks this adapter is working on right now"
         )
-        for outcome in TaskOutcome:
-            self.tasks.labels(outcome.value)  # every outcome shows, at 0, from the start
-        for cause in (WAIT_MODEL_SERVER, WAIT_BROKER):
-            self.transient_wait_seconds.labels(cause)
+        families.show_at_zero(self.tasks, [outcome.value for outcome in TaskOutcome])
+        families.show_at_zero(self.transient_wait_seconds, [WAIT_MODEL_SERVER, WAIT_BROKER])
 
     # -- observations ----------------------------------------------------------------------
 

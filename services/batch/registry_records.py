@@ -11,12 +11,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy.engine import make_url
-
 from services.broker.schemas import StudyResult, TaskStatus
 from services.core.schemas import StudyReport
 from services.registry import Door, Registry, RegistrySchemaError, Submission
-from services.registry.database import upgrade
+from services.registry.database import registry_address, upgrade
 
 BATCH_ADAPTER = "batch"
 
@@ -30,7 +28,7 @@ def _who() -> str:
 
 class BatchRecorder:
     def __init__(self, url: str) -> None:
-        address = make_url(url)
+        address = registry_address(url)  # postgresql:// read with psycopg 3, as the stack does
         try:
             self.registry = Registry(address)
         except RegistrySchemaError as error:

@@ -166,18 +166,8 @@ def _publish(
 
 def publish_task(channel: BlockingChannel, topology: QueueTopology, task: StudyTask) -> None:
     """Queue a task in its priority's lane (channel must be in confirm mode)."""
-    _publish(
-        channel,
-        exchange=topology.task_exchange,
-        routing_key=task_routing_key(task.priority),
-        body=encode_message(task),
-        properties=message_properties(
-            task,
-            correlation_id=task.reply_correlation_id,
-            reply_to=task.reply_to,
-            message_id=task.task_id,
-        ),
-        mandatory=True,
+    _publish_for_task(
+        channel, topology.task_exchange, task_routing_key(task.priority), message=task, task=task
     )
 
 
@@ -185,24 +175,34 @@ def publish_for_preparation(
     channel: BlockingChannel, topology: QueueTopology, task: StudyTask
 ) -> None:
     """Put a checked task in its priority's preparation lane (confirmed)."""
-    _publish_to_lane(channel, topology.preparation_lane(task.priority), task, task)
+    _publish_for_task(
+        channel, "", topology.preparation_lane(task.priority), message=task, task=task
+    )
 
 
 def publish_model_task(
     channel: BlockingChannel, topology: QueueTopology, handoff: ModelTask
 ) -> None:
     """Hand a prepared task to the model stage (its lane by priority; confirmed)."""
-    _publish_to_lane(channel, topology.model_lane(handoff.task.priority), handoff, handoff.task)
+    # Like publish_for_preparation, an adapter's hand-on between stage lanes: the lanes are
+    # queues addressed by name on the default exchange ("").
+    lane = topology.model_lane(handoff.task.priority)
+    _publish_for_task(channel, "", lane, message=handoff, task=handoff.task)
 
 
-def _publish_to_lane(
-    channel: BlockingChannel, lane: str, message: StudyTask | ModelTask, task: StudyTask
+def _publish_for_task(
+    channel: BlockingChannel,
+    exchange: str,
+    routing_key: str,
+    message: StudyTask | ModelTask,
+    task: StudyTask,
 ) -> None:
-    """An adapter's hand-on from one stage's lane to another's (default exchange)."""
+    """A message of one task's work (the task, or its hand-on to the model stage): its
+    replies go where the task's go, its message id is the task's (confirmed, mandatory)."""
     _publish(
         channel,
-        exchange="",
-        routing_key=lane,
+        exchange=exchange,
+        routing_key=routing_key,
         body=encode_message(message),
         properties=message_properties(
             message,
@@ -276,7 +276,7 @@ def submit_task(settings: RabbitMQSettings, task: StudyTask, *, name: str = "cts
         declare_topology(channel, topology)
         publish_task(channel, topology, task)
     finally:
-        _close_quietly(connection)
+        close_quietly(connection)
 
 
 def queued_task_count(settings: RabbitMQSettings) -> int:
@@ -291,10 +291,11 @@ def queued_task_count(settings: RabbitMQSettings) -> int:
             for lane in topology.waiting_lanes()
         )
     finally:
-        _close_quietly(connection)
+        close_quietly(connection)
 
 
-def _close_quietly(connection: BlockingConnection) -> None:
+def close_quietly(connection: BlockingConnection) -> None:
+    """Close a connection that may be lost already: the broker being away is not an error."""
     try:
         if connection.is_open:
             connection.close()

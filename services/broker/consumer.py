@@ -18,15 +18,19 @@ from typing import Any
 
 import pika
 from loguru import logger
-from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
-from tenacity import stop_when_event_set
+from pika.adapters.blocking_connection import BlockingChannel
 
-from services.broker.connection import CONNECTION_ERRORS, connect, declare_reply_queue
+from services.broker.connection import (
+    CONNECTION_ERRORS,
+    close_quietly,
+    connect,
+    declare_reply_queue,
+)
 from services.broker.errors import MessageError
 from services.broker.schemas import QueueTopology, StudyProgress, StudyResult, decode_message
 from services.core.config import Backoff, RabbitMQSettings
 from services.core.errors import WorkInterrupted
-from services.core.retry import log_retry, retrying
+from services.core.retry import log_retry, retrying_until_stopped
 
 PROCESS_EVENTS_S = 0.5  # how often the consumer looks at its stop flag and pause
 
@@ -78,11 +82,10 @@ class QueueConsumer(threading.Thread):
         backoff = self._settings.reconnect_backoff
         while not self._stop_event.is_set():
             try:
-                retrying(
+                retrying_until_stopped(
+                    self._stop_event,
                     retry_on=CONNECTION_ERRORS,
                     backoff=backoff,
-                    stop_event=self._stop_event,
-                    stop=stop_when_event_set(self._stop_event),
                     before_sleep=log_retry(f"the {self.name} RabbitMQ connection"),
                 )(self._consume)
             except WorkInterrupted:
@@ -117,7 +120,7 @@ class QueueConsumer(threading.Thread):
             )
         finally:
             self._consumer_tag = None
-            _close(connection)
+            close_quietly(connection)
 
     def _start_consuming(self, channel: BlockingChannel) -> None:
         assert self.queue_name is not None
@@ -194,11 +197,3 @@ class ReplyListener(QueueConsumer):
             name=name,
         )
         self.queue_name = topology.reply_queue(frontend_id)
-
-
-def _close(connection: BlockingConnection) -> None:
-    try:
-        if connection.is_open:
-            connection.close()
-    except CONNECTION_ERRORS:
-        pass

@@ -21,6 +21,7 @@ from tenacity import (
     stop_any,
     stop_before_delay,
     stop_never,
+    stop_when_event_set,
     wait_exponential,
 )
 from tenacity.retry import retry_base
@@ -93,6 +94,24 @@ def retrying(
         sleep=interruptible_sleep(stop_event) if stop_event is not None else time.sleep,
         before_sleep=before_sleep,
         reraise=True,
+    )
+
+
+def retrying_until_stopped(
+    stopping: threading.Event,
+    *,
+    retry_on: RetryOn,
+    backoff: Backoff,
+    before_sleep: Callable[[RetryCallState], None],
+) -> Retrying:
+    """:func:`retrying` in a service that is stopped by ``stopping``: a stop cuts a wait
+    short (WorkInterrupted) and no attempt starts after it (the last error is re-raised)."""
+    return retrying(
+        retry_on=retry_on,
+        backoff=backoff,
+        stop_event=stopping,
+        stop=stop_when_event_set(stopping),
+        before_sleep=before_sleep,
     )
 
 

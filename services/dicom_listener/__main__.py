@@ -10,30 +10,19 @@ on disk and goes on after the next start.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import threading
-from pathlib import Path
 
 from loguru import logger
 
-from services.core.config import load_settings
-from services.core.errors import ConfigurationError
 from services.dicom_listener.service import DicomListener
-from services.monitoring.runner import ServiceRun, prepare_process, run_service
+from services.monitoring.runner import ServiceRun, run_service, service_settings, started_or_exit
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.dicom_listener", description=__doc__)
-    parser.add_argument("--config", type=Path, default=None, help="default: configs/config.yaml")
-    arguments = parser.parse_args(argv)
-    settings = load_settings(arguments.config)
-    prepare_process(settings)
-    try:
-        listener = DicomListener(settings)
-    except ConfigurationError as error:  # a missing secret, an open door, a bad certificate
-        logger.error("not started: {}", error)
-        return 2
+    settings = service_settings("python -m services.dicom_listener", __doc__, argv)
+    # A missing secret, an open door, a bad certificate: refused, exit 2.
+    listener = started_or_exit(lambda: DicomListener(settings))
 
     def serve(stop: threading.Event) -> None:
         listener.start()

@@ -27,13 +27,12 @@ from loguru import logger
 from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from tenacity import stop_when_event_set
 
 from services.broker.schemas import utc_now
 from services.broker.storage import write_atomically
 from services.core.config import Backoff
 from services.core.errors import WorkInterrupted
-from services.core.retry import log_retry, retrying
+from services.core.retry import log_retry, retrying_until_stopped
 from services.dicom_listener.metrics import ListenerMetrics
 from services.registry import Registry
 from services.registry.audit import ActorKind, AuditAction, AuditEntry
@@ -141,11 +140,10 @@ class DoorAudit(threading.Thread):
     def _write(self, entry: AuditEntry) -> bool:
         """Commit one row, retrying while the database is away (WorkInterrupted on stop);
         False when the database refused it."""
-        attempt = retrying(
+        attempt = retrying_until_stopped(
+            self._stopping,
             retry_on=UNAVAILABLE,
             backoff=self.backoff,
-            stop_event=self._stopping,
-            stop=stop_when_event_set(self._stopping),
             before_sleep=log_retry("writing an audit row of the DICOM door"),
         )
         try:

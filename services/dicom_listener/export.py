@@ -90,6 +90,9 @@ class ReportSender(threading.Thread):
         """Send one report; False when the listener is stopping."""
         try:
             document = pydicom.dcmread(item)
+        except FileNotFoundError:
+            logger.info("report {} left the outbox before it was sent (purged)", item.name)
+            return True
         except (OSError, InvalidDicomError, ValueError) as error:
             # An unreadable file is set aside, never a loop of failing sends.
             logger.error("report {} not sent: {}", item.name, type(error).__name__)

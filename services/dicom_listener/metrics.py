@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import functools
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from services.monitoring.families import MetricFamilies
 
 # Every kind of SR destination (services/core/config.py), so that each series exists at 0.
 DESTINATION_KINDS = ("dimse", "stow-rs")
@@ -30,55 +32,39 @@ DESTINATION_KINDS = ("dimse", "stow-rs")
 
 class ListenerMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.associations = Counter(
-            "cts_dicom_associations",
-            "Association requests to the listener, by result",
-            ["result"],
-            registry=registry,
+        families = MetricFamilies(registry)
+        self.associations = families.counter(
+            "cts_dicom_associations", "Association requests to the listener, by result", "result"
         )
-        self.instances = Counter(
-            "cts_dicom_instances_received",
-            "DICOM instances received by C-STORE",
-            registry=registry,
+        self.instances = families.counter(
+            "cts_dicom_instances_received", "DICOM instances received by C-STORE"
         )
-        self.studies = Counter(
-            "cts_dicom_studies_queued",
-            "Complete studies queued for screening",
-            registry=registry,
+        self.studies = families.counter(
+            "cts_dicom_studies_queued", "Complete studies queued for screening"
         )
-        self.refused = Counter(
-            "cts_dicom_studies_refused",
-            "Studies the listener refused, by reason",
-            ["reason"],
-            registry=registry,
+        self.refused = families.counter(
+            "cts_dicom_studies_refused", "Studies the listener refused, by reason", "reason"
         )
-        self.reports = Counter(
+        self.reports = families.counter(
             "cts_dicom_reports_sent",
             "Structured reports sent to a destination, by kind of destination (dimse / "
             "stow-rs) and result (delivered / failed)",
-            ["kind", "result"],
-            registry=registry,
+            "kind",
+            "result",
         )
-        self.outbox_depth = Gauge(
-            "cts_dicom_outbox_depth",
-            "Structured reports waiting in the outbox for a destination",
-            registry=registry,
+        self.outbox_depth = families.gauge(
+            "cts_dicom_outbox_depth", "Structured reports waiting in the outbox for a destination"
         )
-        self.audit_pending = Gauge(
+        self.audit_pending = families.gauge(
             "cts_dicom_audit_pending",
             "Audit rows of the DICOM door waiting to be written to the registry",
-            registry=registry,
         )
-        self.audit_rows_lost = Counter(
+        self.audit_rows_lost = families.counter(
             "cts_dicom_audit_rows_lost",
             "Audit rows of the DICOM door that could not be written (see the log)",
-            registry=registry,
         )
-        for result in ("accepted", "rejected"):
-            self.associations.labels(result)
-        for kind in DESTINATION_KINDS:
-            for result in ("delivered", "failed"):
-                self.reports.labels(kind, result)
+        families.show_at_zero(self.associations, ["accepted", "rejected"])
+        families.show_at_zero(self.reports, DESTINATION_KINDS, ["delivered", "failed"])
 
     def association(self, *, accepted: bool) -> None:
         self.associations.labels("accepted" if accepted else "rejected").inc()

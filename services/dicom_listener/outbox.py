@@ -10,7 +10,8 @@ A report is copied in atomically; after the destination confirmed it (C-STORE or
 STOW-RS) its "sent" marker is written and only then the copy removed, so a restart resends
 nothing that was confirmed. (A stop between the confirm and the marker sends that one
 report again on the next start: the SR's UIDs are derived from the task, so the
-destination receives the same instance and keeps one.)
+destination receives the same instance and keeps one.) A purge of the task
+(services/registry/retention.py) may remove its items at any time, from another process.
 """
 
 from __future__ import annotations
@@ -102,9 +103,14 @@ class Outbox:
         return True
 
     def pending(self) -> list[Path]:
-        """Waiting reports, oldest first."""
-        paths = [path for path in self.directory.glob(f"*{REPORT_SUFFIX}") if path.is_file()]
-        return sorted(paths, key=lambda path: (path.stat().st_mtime, path.name))
+        """Waiting reports, oldest first (one that a purge removes meanwhile left out)."""
+        waiting = []
+        for path in self.directory.glob(f"*{REPORT_SUFFIX}"):
+            try:
+                waiting.append((path.stat().st_mtime, path.name, path))
+            except FileNotFoundError:
+                continue
+        return [path for _mtime, _name, path in sorted(waiting)]
 
     def mark_sent(self, item: Path, status: str) -> None:
         note = DeliveryNote(destination=self.name, at=utc_now().isoformat(), status=status)
@@ -116,7 +122,10 @@ class Outbox:
         failed = self.directory / FAILED_DIR / item.name
         note = DeliveryNote(destination=self.name, at=utc_now().isoformat(), status=status)
         write_atomically(failed.with_suffix(".json"), note.model_dump_json().encode())
-        shutil.move(item, failed)
+        try:
+            shutil.move(item, failed)
+        except FileNotFoundError:  # purged meanwhile (services/registry/retention.py)
+            failed.with_suffix(".json").unlink(missing_ok=True)
 
     def sent_count(self) -> int:
         return sum(1 for _path in (self.directory / SENT_DIR).glob("*.json"))

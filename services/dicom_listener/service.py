@@ -13,21 +13,21 @@ destination is recorded in the registry too (pending, sent, failed); with
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from loguru import logger
 from sqlalchemy.exc import SQLAlchemyError
-from tenacity import stop_when_event_set
 
 from services.broker.connection import CONNECTION_ERRORS, submit_task
 from services.broker.errors import PublishError
 from services.broker.schemas import StudyTask, utc_now
 from services.broker.storage import load_result
-from services.core.config import ReportDestination, Settings
+from services.core.config import Backoff, ReportDestination, Settings
 from services.core.errors import ConfigurationError, WorkInterrupted
-from services.core.retry import log_retry, retrying
+from services.core.retry import log_retry, retrying_until_stopped
 from services.dicom_listener.door import check_door
 from services.dicom_listener.door_audit import AUDIT_DIR, DoorAudit
 from services.dicom_listener.export import ReportSender, create_sink
@@ -45,8 +45,6 @@ TICK_S = 0.5  # how often quiet studies are closed and results looked for
 SR_KIND = "sr"
 PUBLISH_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, PublishError)
 REGISTRY_ERRORS: tuple[type[BaseException], ...] = (SQLAlchemyError,)
-# What ends a publish attempt when the listener stops (the last error, or the wait cut short).
-STOPPED_PUBLISHING: tuple[type[BaseException], ...] = (WorkInterrupted, *PUBLISH_ERRORS)
 
 
 def check_distinct_outboxes(destinations: Sequence[ReportDestination]) -> None:
@@ -163,20 +161,32 @@ class DicomListener:
 
     def _record(self, record: BatchRecord) -> bool:
         """The study in the registry before its task is published (retrying while the database
-        is away); False when stopping."""
-        attempt = retrying(
+        is away); False when stopping (it is recorded on the next start)."""
+        return self._until_done_or_stopped(
+            functools.partial(self.registry.record_submission, self._submission(record)),
             retry_on=REGISTRY_ERRORS,
             backoff=self.settings.registry.unavailable_backoff,
-            stop_event=self._stop,
-            stop=stop_when_event_set(self._stop),
-            before_sleep=log_retry("recording a received study in the registry"),
+            doing="recording a received study in the registry",
         )
+
+    def _until_done_or_stopped(
+        self,
+        work: Callable[[], object],
+        *,
+        retry_on: tuple[type[BaseException], ...],
+        backoff: Backoff,
+        doing: str,
+    ) -> bool:
+        """``work()``, retried on ``retry_on`` while what it needs is away: True once done,
+        False when the listener stops first (the wait cut short, or the last attempt failed)."""
+        attempt = retrying_until_stopped(
+            self._stop, retry_on=retry_on, backoff=backoff, before_sleep=log_retry(doing)
+        )
+        stopped: tuple[type[BaseException], ...] = (WorkInterrupted, *retry_on)
         try:
-            attempt(self.registry.record_submission, self._submission(record))
-        except WorkInterrupted:
-            return False  # stopping; recorded on the next start
-        except REGISTRY_ERRORS:
-            return False  # stopped after a failed attempt
+            attempt(work)
+        except stopped:
+            return False
         return True
 
     def _record_refusal(self, record: BatchRecord) -> None:
@@ -202,16 +212,15 @@ class DicomListener:
         """Publish a closed batch's task (retrying while the broker is away); False when
         stopping."""
         assert record.task is not None
-        attempt = retrying(
+        published = self._until_done_or_stopped(
+            functools.partial(
+                submit_task, self.settings.rabbitmq, record.task, name="dicom-listener"
+            ),
             retry_on=PUBLISH_ERRORS,
             backoff=self.settings.rabbitmq.reconnect_backoff,
-            stop_event=self._stop,
-            stop=stop_when_event_set(self._stop),
-            before_sleep=log_retry("publishing a received study"),
+            doing="publishing a received study",
         )
-        try:
-            attempt(submit_task, self.settings.rabbitmq, record.task, name="dicom-listener")
-        except STOPPED_PUBLISHING:
+        if not published:
             return False  # stopping; the record stays CLOSED and is published on the next start
         self.book.advance(record.task_id, BatchState.PUBLISHED)
         self.metrics.study_queued()

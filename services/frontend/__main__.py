@@ -5,29 +5,22 @@ CTS__FRONTEND__HOST / CTS__FRONTEND__PORT); HTTPS with frontend.tls_certificate/
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import threading
-from pathlib import Path
 
 # No telemetry from a hospital network (and these machines have no internet anyway).
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from loguru import logger
 
-from services.core.config import load_settings
-from services.core.errors import ConfigurationError
 from services.frontend.service import FrontendService
-from services.monitoring.runner import ServiceRun, prepare_process, run_service
+from services.monitoring.runner import ServiceRun, run_service, service_settings, started_or_exit
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.frontend", description=__doc__)
-    parser.add_argument("--config", type=Path, default=None, help="default: configs/config.yaml")
-    arguments = parser.parse_args(argv)
-    settings = load_settings(arguments.config)
-    prepare_process(settings)  # first: before anything is written to the storage
+    # Its process prepared first: before anything is written to the storage.
+    settings = service_settings("python -m services.frontend", __doc__, argv)
 
     root = settings.storage.root
     # Gradio keeps uploads here until the study is queued (then they are moved next to it,
@@ -35,11 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_TEMP_DIR", str(root / "frontend" / "incoming"))
     from services.frontend.server import WebServer, build_server
 
-    try:
-        service = FrontendService(settings)
-    except ConfigurationError as error:  # e.g. the registry's schema is not this code's
-        logger.error("not started: {}", error)
-        return 2
+    # E.g. the registry's schema is not this code's: refused, exit 2.
+    service = started_or_exit(lambda: FrontendService(settings))
     app, _access = build_server(service)
 
     def serve(stop: threading.Event) -> None:

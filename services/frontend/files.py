@@ -14,7 +14,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse
 
 from services.broker.storage import RESULTS_DIR
-from services.core.access import Principal
+from services.core.access import Permission, Principal
 from services.frontend.auth.access import AccessControl
 from services.frontend.auth.gate import client_address, principal_of
 from services.frontend.service import FrontendService
@@ -103,6 +103,8 @@ def build_files_router(service: FrontendService, access: AccessControl) -> APIRo
     def worklist_xlsx(request: Request) -> FileResponse:
         """Every finished study of the caller's worklist, in the customer's table."""
         principal = _principal(request)
+        if not principal.may(Permission.SEE_IDENTITY):  # the table names each patient
+            raise HTTPException(403, f"the role {principal.role.value} does not read study files")
         records = service.worklist_for(principal, browser_token=request.query_params.get("b"))
         records = [record for record in records if may_read_files(principal, record)]
         path = service.xlsx_for(viewer_name(principal, request.query_params.get("b")), records)

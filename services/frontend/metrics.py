@@ -9,9 +9,10 @@ from __future__ import annotations
 import functools
 from enum import Enum
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from services.broker.schemas import StudyResult, utc_now
+from services.monitoring.families import MetricFamilies
 
 # Seconds from the adapter's finished_at to this frontend reading the result: milliseconds
 # normally, minutes when the frontend was down or the broker restarted.
@@ -31,36 +32,26 @@ class Refusal(str, Enum):
 
 class FrontendMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.uploads = Counter(
-            "cts_frontend_uploads",
-            "Uploads queued as tasks",
-            registry=registry,
-        )
-        self.duplicates = Counter(
+        families = MetricFamilies(registry)
+        self.uploads = families.counter("cts_frontend_uploads", "Uploads queued as tasks")
+        self.duplicates = families.counter(
             "cts_frontend_duplicate_uploads",
             "Uploads whose bytes the session had already screened (not queued again)",
-            registry=registry,
         )
-        self.refused = Counter(
-            "cts_frontend_uploads_refused",
-            "Uploads refused, by reason",
-            ["reason"],
-            registry=registry,
+        self.refused = families.counter(
+            "cts_frontend_uploads_refused", "Uploads refused, by reason", "reason"
         )
-        self.results = Counter(
+        self.results = families.counter(
             "cts_frontend_results",
             "Results read from this frontend's reply queue, by task status",
-            ["status"],
-            registry=registry,
+            "status",
         )
-        self.reply_lag_seconds = Histogram(
+        self.reply_lag_seconds = families.histogram(
             "cts_frontend_reply_lag_seconds",
             "Seconds from a result's finished_at (adapter) to this frontend reading it",
             buckets=LAG_BUCKETS,
-            registry=registry,
         )
-        for reason in Refusal:
-            self.refused.labels(reason.value)  # every reason shows, at 0, from the start
+        families.show_at_zero(self.refused, [reason.value for reason in Refusal])
 
     def refusal(self, reason: Refusal, uploads: int = 1) -> None:
         self.refused.labels(reason.value).inc(uploads)

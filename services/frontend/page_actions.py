@@ -29,6 +29,7 @@ from services.frontend.site_time import SiteClock
 from services.frontend.study_access import StudyRefused, may_see, sender_name, viewer_name
 from services.frontend.study_models import StudyDocument
 from services.frontend.study_view import study_view
+from services.frontend.uploads import stored_bytes, upload_audit_detail
 from services.registry import StudyRecord
 from services.registry.audit import AuditAction
 
@@ -159,6 +160,7 @@ class PageActions:
             sender_name(principal),
             [Path(path) for path in files or []],
             priority=priority,
+            principal=principal,
         )
         for record in outcome.submitted:
             self.access.audit(
@@ -166,10 +168,14 @@ class PageActions:
                 AuditAction.UPLOAD,
                 self.client(request),
                 task_id=record.task_id,
-                detail=f"{priority.value}: {record.original_filename[:200]}",
+                detail=upload_audit_detail(
+                    "page",
+                    priority.value,
+                    stored_bytes(self.service.storage_root / record.study_path),
+                ),
             )
         # The guide makes room for the worklist once something is taken.
-        taken = outcome.submitted or outcome.screened_before
+        taken = outcome.submitted or outcome.screened_before or outcome.screened_elsewhere
         message = ("STAT: " if stat and outcome.submitted else "") + outcome.message
         return (
             views.markdown_text(message),

@@ -44,7 +44,7 @@ from services.frontend.queue_status import (
     read_queue_status,
 )
 from services.frontend.sessions import browser_state_secret, downloads_dir
-from services.frontend.study_access import shown, viewer_name, visible
+from services.frontend.study_access import may_see, shown, viewer_name, visible
 from services.frontend.task_view import SubmitOutcome
 from services.frontend.uploads import content_sha256, is_zip_group, plan_uploads, safe_file_name
 from services.registry import Door, Registry, StudyFilter, StudyRecord, Submission
@@ -118,6 +118,7 @@ class FrontendService:
         files: list[Path],
         *,
         priority: Priority = Priority.ROUTINE,
+        principal: Principal | None = None,
     ) -> SubmitOutcome:
         """Each archive or NIfTI file becomes one task; loose DICOM files of one upload become
         one task together. ``priority``: the lane its tasks travel in (the page's STAT
@@ -126,7 +127,8 @@ class FrontendService:
         Queued files are moved (not copied) into storage: no second copy of patient data stays
         in the upload folder. Refused files stay where they are, for a retry. An upload whose
         bytes were screened before (by anyone) is not queued again: its earlier row is shown
-        on the viewer's list, and the file is deleted.
+        on the viewer's list, and the file is deleted. When ``principal`` may not open that
+        row (a technologist, another's study), the message says so and names nobody.
         """
         outcome = SubmitOutcome()
         plan = plan_uploads(files, self.settings)
@@ -143,25 +145,35 @@ class FrontendService:
                 if earlier is None:
                     groups.append((group, digest))
                     continue
-                self._screened_before(viewer, group, earlier, outcome)
+                opens = principal is None or may_see(principal, earlier)
+                self._screened_before(viewer, group, earlier, outcome, opens=opens)
         except SQLAlchemyError:
             outcome.refused.append(REGISTRY_UNAVAILABLE)
             return outcome
         if groups:
             self._queue_groups(groups, outcome, door=Door.UPLOAD, sender=sender, priority=priority)
         self.metrics.uploads.inc(len(outcome.submitted))
-        self.metrics.duplicates.inc(len(outcome.screened_before))
+        self.metrics.duplicates.inc(len(outcome.screened_before) + len(outcome.screened_elsewhere))
         return outcome
 
     def _screened_before(
-        self, viewer: str, group: list[Path], earlier: StudyRecord, outcome: SubmitOutcome
+        self,
+        viewer: str,
+        group: list[Path],
+        earlier: StudyRecord,
+        outcome: SubmitOutcome,
+        *,
+        opens: bool,
     ) -> None:
         name = group[0].name if len(group) == 1 else f"{group[0].name} (+{len(group) - 1} files)"
         for path in group:  # the earlier copy is in storage already
             path.unlink(missing_ok=True)
+        logger.info("upload of task {}'s bytes again: not queued", earlier.task_id)
+        if not opens:  # someone else's study this viewer may not open
+            outcome.screened_elsewhere.append(name)
+            return
         for record in self.registry.task_studies(earlier.task_id):
             self.registry.unhide(record.id, viewer)
-        logger.info("upload of task {}'s bytes again: not queued", earlier.task_id)
         outcome.screened_before.append((name, earlier))
 
     def queue_upload(

@@ -14,6 +14,9 @@ class SubmitOutcome:
     refused: list[str] = field(default_factory=list)  # one line per refused file, with the reason
     # (the file's name, the earlier task's row): the same bytes were screened before.
     screened_before: list[tuple[str, StudyRecord]] = field(default_factory=list)
+    # The file's name: the same bytes were screened before, as a study the viewer may not
+    # open (sent by someone else); the message names neither who nor when.
+    screened_elsewhere: list[str] = field(default_factory=list)
 
     @property
     def message(self) -> str:
@@ -26,6 +29,12 @@ class SubmitOutcome:
             f"{name}: already screened (the same file, received "
             f"{earlier.received_at:%Y-%m-%d %H:%M} UTC): its row is shown, not recomputed"
             for name, earlier in self.screened_before
+        )
+        lines.extend(
+            f"{name}: already screened (the same file was sent before by someone else), so it "
+            "is not screened again and its result is not on your list; a radiologist can open "
+            "it, please ask one"
+            for name in self.screened_elsewhere
         )
         lines.extend(self.refused)
         return (

@@ -114,3 +114,16 @@ def content_sha256(group: list[Path]) -> str:
     if len(digests) == 1:
         return digests[0]
     return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def stored_bytes(path: Path) -> int:
+    """The size of a stored upload: a file, or a folder of files."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
+
+
+def upload_audit_detail(door: str, priority: str, size_bytes: int) -> str:
+    """An upload's audit row: the door, the priority and the size, never the file's name
+    (names can hold a patient's; the trail is append-only and never purged)."""
+    return f"{door} upload, {priority}, {size_bytes} bytes"

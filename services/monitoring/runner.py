@@ -4,9 +4,8 @@ turned into a clean stop, its ``/metrics`` endpoint, and the endpoint closed how
 service ends.
 
     def main(argv=None) -> int:
-        settings = load_settings(...)
-        prepare_process(settings)      # first: before anything is written to the storage
-        service = DicomListener(settings)
+        settings = service_settings("python -m services.dicom_listener", __doc__, argv)
+        service = started_or_exit(lambda: DicomListener(settings))  # exit 2 if refused
         return run_service(
             ServiceRun(name="dicom listener", settings=settings,
                        metrics_port=settings.metrics.dicom_listener_port),
@@ -16,16 +15,20 @@ service ends.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 from loguru import logger
 
-from services.core.config import Settings
+from services.core.config import Settings, load_settings
+from services.core.errors import ConfigurationError
 from services.core.logging_setup import configure_service_logging
 from services.monitoring.server import serve_metrics
 
@@ -33,6 +36,11 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # What a service writes holds patient data (studies, results, viewers' downloads, the
 # registry, logs): folders 0700, files 0600, for this service's user alone.
 PRIVATE_UMASK = 0o077
+# A service that cannot start with its configuration (a missing secret, an open door, a bad
+# certificate, a registry schema that is not this code's) says why and exits with this.
+CONFIGURATION_ERROR_EXIT = 2
+
+Service = TypeVar("Service")
 
 
 def prepare_process(settings: Settings) -> None:
@@ -40,6 +48,25 @@ def prepare_process(settings: Settings) -> None:
     user's alone, and its log goes where ``settings.logging`` says."""
     os.umask(PRIVATE_UMASK)
     configure_service_logging(settings.logging)
+
+
+def service_settings(prog: str, description: str | None, argv: list[str] | None) -> Settings:
+    """The settings of a service whose only argument is ``--config``, its process prepared."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", type=Path, default=None, help="default: configs/config.yaml")
+    settings = load_settings(parser.parse_args(argv).config)
+    prepare_process(settings)
+    return settings
+
+
+def started_or_exit(build: Callable[[], Service]) -> Service:
+    """``build()``; a configuration it refuses is logged and the process exits with
+    CONFIGURATION_ERROR_EXIT (SystemExit, as argparse exits on a wrong argument)."""
+    try:
+        return build()
+    except ConfigurationError as error:
+        logger.error("not started: {}", error)
+        raise SystemExit(CONFIGURATION_ERROR_EXIT) from error
 
 
 @dataclass

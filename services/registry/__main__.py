@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from loguru import logger
+from sqlalchemy.exc import SQLAlchemyError
 
 from services.core.config import load_settings
 from services.core.errors import ConfigurationError
@@ -125,6 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except (ConfigurationError, AccountError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    except SQLAlchemyError as error:  # the database is away: say so on one line
+        print(
+            f"error: the registry cannot be asked ({type(error).__name__}): is its database up?",
+            file=sys.stderr,
+        )
         return USAGE_ERROR
 
 

@@ -37,13 +37,32 @@ class Write(Protocol):
     def __call__(self, change: Callable[[Session, datetime], T], /) -> T: ...
 
 
+def with_audit(
+    change: Callable[[Session, datetime], T], entry: AuditEntry | None
+) -> Callable[[Session, datetime], T]:
+    """The change and its audit row in one transaction: a change is never made without its
+    row, and a refused one (no such user or key) writes none."""
+
+    def both(session: Session, now: datetime) -> T:
+        done = change(session, now)
+        if entry is not None:
+            audit.record(session, entry, now)
+        return done
+
+    return both
+
+
 class AccountBook:
     def __init__(self, write: Write, reading: Read) -> None:
         self._write = write
         self._reading = reading
 
-    def add_user(self, name: str, role: Role, *, password: str | None) -> UserAccount:
-        return self._write(lambda s, now: accounts.add_user(s, name, role, password, now))
+    def add_user(
+        self, name: str, role: Role, *, password: str | None, audited: AuditEntry | None = None
+    ) -> UserAccount:
+        return self._write(
+            with_audit(lambda s, now: accounts.add_user(s, name, role, password, now), audited)
+        )
 
     def users(self) -> list[UserAccount]:
         with self._reading() as session:
@@ -53,14 +72,20 @@ class AccountBook:
         with self._reading() as session:
             return accounts.user(session, name)
 
-    def set_disabled(self, name: str, disabled: bool) -> None:
-        self._write(lambda s, now: accounts.set_disabled(s, name, disabled, now))
+    def set_disabled(self, name: str, disabled: bool, *, audited: AuditEntry | None = None) -> None:
+        self._write(
+            with_audit(lambda s, now: accounts.set_disabled(s, name, disabled, now), audited)
+        )
 
-    def reset_password(self, name: str, password: str) -> None:
-        self._write(lambda s, now: accounts.reset_password(s, name, password, now))
+    def reset_password(
+        self, name: str, password: str, *, audited: AuditEntry | None = None
+    ) -> None:
+        self._write(
+            with_audit(lambda s, now: accounts.reset_password(s, name, password, now), audited)
+        )
 
-    def set_role(self, name: str, role: Role) -> None:
-        self._write(lambda s, now: accounts.set_role(s, name, role, now))
+    def set_role(self, name: str, role: Role, *, audited: AuditEntry | None = None) -> None:
+        self._write(with_audit(lambda s, now: accounts.set_role(s, name, role, now), audited))
 
     def verify_password(self, name: str, password: str, policy: SignInPolicy) -> SignIn:
         return self._write(lambda s, now: accounts.verify_password(s, name, password, policy, now))
@@ -68,15 +93,15 @@ class AccountBook:
     def oidc_sign_in(self, name: str, role: Role) -> SignIn:
         return self._write(lambda s, now: accounts.oidc_sign_in(s, name, role, now))
 
-    def add_key(self, name: str, role: Role) -> str:
-        return self._write(lambda s, now: accounts.add_key(s, name, role, now))
+    def add_key(self, name: str, role: Role, *, audited: AuditEntry | None = None) -> str:
+        return self._write(with_audit(lambda s, now: accounts.add_key(s, name, role, now), audited))
 
     def api_keys(self) -> list[KeyAccount]:
         with self._reading() as session:
             return accounts.api_keys(session)
 
-    def revoke_key(self, name: str) -> None:
-        self._write(lambda s, now: accounts.revoke_key(s, name, now))
+    def revoke_key(self, name: str, *, audited: AuditEntry | None = None) -> None:
+        self._write(with_audit(lambda s, now: accounts.revoke_key(s, name, now), audited))
 
     def key_holder(self, key: str) -> Principal | None:
         return self._write(lambda s, now: accounts.key_holder(s, key, now))

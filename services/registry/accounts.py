@@ -116,15 +116,8 @@ def new_secret() -> str:
 
 
 def _account(row: User) -> UserAccount:
-    return UserAccount(
-        name=row.name,
-        role=Role(row.role),
-        source=UserSource(row.source),
-        disabled=row.disabled,
-        locked_until=row.locked_until,
-        last_sign_in_at=row.last_sign_in_at,
-        created_at=row.created_at,
-    )
+    """The account of a row: its columns of the same names (role and source as enums)."""
+    return UserAccount.model_validate(row, from_attributes=True)
 
 
 def _user(session: Session, name: str) -> User:

@@ -2,6 +2,8 @@
 server's console (an administrator with access to the configuration and the database).
 
     users add NAME --role radiologist|technologist|admin [--password-stdin | --oidc]
+    users first-admin (--password-file FILE | --password-stdin)
+                                       a new registry's user admin (start.sh); else nothing
     users list | users disable NAME | users enable NAME | users reset-password NAME
     users set-role NAME --role ROLE
     keys add NAME --role ROLE          the new key on the last line of output, once
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +30,7 @@ from services.registry.audit import ActorKind, AuditAction, AuditEntry, AuditQue
 from services.registry.registry import Registry
 
 ROLES = [role.value for role in Role]
+FIRST_ADMIN = "admin"
 
 
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -39,6 +43,12 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     how = add.add_mutually_exclusive_group()
     how.add_argument("--password-stdin", action="store_true", help="read the password")
     how.add_argument("--oidc", action="store_true", help="signs in through the OIDC provider")
+    first = users.add_parser("first-admin", help="the user admin, unless one exists")
+    source = first.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--password-file", type=Path, help="kept there (0600): made if absent, never replaced"
+    )
+    source.add_argument("--password-stdin", action="store_true", help="read the password")
     users.add_parser("list", help="every user, with role and state")
     for action, text in (("disable", "sign out and keep out"), ("enable", "let in again")):
         users.add_parser(action, help=text).add_argument("name")
@@ -109,32 +119,65 @@ def _users(arguments: argparse.Namespace, registry: Registry) -> int:
             last = signed_in.isoformat(timespec="seconds") if signed_in else "never"
             print(f"{account.name}\t{account.role.value}\t{account.source.value}\t{state}\t{last}")
         return 0
+    if arguments.action == "first-admin":
+        return _first_admin(arguments, registry)
     if arguments.action == "add":
         password, made = (None, False) if arguments.oidc else _password(arguments.password_stdin)
-        book.add_user(name, Role(arguments.role), password=password)
-        registry.audit.record(_console_entry(AuditAction.USER_ADDED, f"{name} {arguments.role}"))
+        entry = _console_entry(AuditAction.USER_ADDED, f"{name} {arguments.role}")
+        book.add_user(name, Role(arguments.role), password=password, audited=entry)
         print(f"user {name} added ({arguments.role})")
         if made:
             print(f"password (shown once): {password}")
         return 0
     if arguments.action == "reset-password":
         password, made = _password(arguments.password_stdin)
-        book.reset_password(name, password)
-        registry.audit.record(_console_entry(AuditAction.PASSWORD_RESET, name))
+        book.reset_password(
+            name, password, audited=_console_entry(AuditAction.PASSWORD_RESET, name)
+        )
         print(f"password of {name} reset; its sessions are signed out")
         if made:
             print(f"password (shown once): {password}")
         return 0
     if arguments.action == "set-role":
-        book.set_role(name, Role(arguments.role))
-        registry.audit.record(_console_entry(AuditAction.ROLE_CHANGED, f"{name} {arguments.role}"))
+        entry = _console_entry(AuditAction.ROLE_CHANGED, f"{name} {arguments.role}")
+        book.set_role(name, Role(arguments.role), audited=entry)
         print(f"{name} is now {arguments.role}")
         return 0
     disable = arguments.action == "disable"
-    book.set_disabled(name, disable)
     action = AuditAction.USER_DISABLED if disable else AuditAction.USER_ENABLED
-    registry.audit.record(_console_entry(action, name))
+    book.set_disabled(name, disable, audited=_console_entry(action, name))
     print(f"{name} {'disabled and signed out' if disable else 'enabled'}")
+    return 0
+
+
+def _first_admin(arguments: argparse.Namespace, registry: Registry) -> int:
+    """A new registry's first web user, ``admin``; nothing (and no output) once a user of that
+    name exists. The registry is asked first: when it cannot be (its database is down), the
+    command fails (exit 2) before any password is made. A password file is never replaced:
+    one left by an earlier try is the admin's password."""
+    if registry.accounts.user(FIRST_ADMIN) is not None:
+        return 0
+    path: Path | None = arguments.password_file
+    made = False
+    if path is None:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif path.exists():
+        password = path.read_text(encoding="utf-8").strip()
+    else:
+        password, made = new_secret(), True
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            out.write(password + "\n")
+    entry = _console_entry(AuditAction.USER_ADDED, f"{FIRST_ADMIN} {Role.ADMIN.value}")
+    registry.accounts.add_user(FIRST_ADMIN, Role.ADMIN, password=password, audited=entry)
+    if made:
+        print(
+            f"web sign-in: user {FIRST_ADMIN}, password {password} (shown this once; kept in {path})"
+        )
+    elif path is not None:
+        print(f"web sign-in: user {FIRST_ADMIN}, with the password kept in {path}")
+    else:
+        print(f"web sign-in: user {FIRST_ADMIN}, with the password given")
     return 0
 
 
@@ -148,13 +191,12 @@ def _keys(arguments: argparse.Namespace, registry: Registry) -> int:
             print(f"{held.name}\t{held.role.value}\t{state}\tlast used {used}")
         return 0
     if arguments.action == "revoke":
-        book.revoke_key(arguments.name)
-        registry.audit.record(_console_entry(AuditAction.KEY_REVOKED, arguments.name))
+        entry = _console_entry(AuditAction.KEY_REVOKED, arguments.name)
+        book.revoke_key(arguments.name, audited=entry)
         print(f"key {arguments.name} revoked")
         return 0
-    key = book.add_key(arguments.name, Role(arguments.role))
-    detail = f"{arguments.name} {arguments.role}"
-    registry.audit.record(_console_entry(AuditAction.KEY_ADDED, detail))
+    entry = _console_entry(AuditAction.KEY_ADDED, f"{arguments.name} {arguments.role}")
+    key = book.add_key(arguments.name, Role(arguments.role), audited=entry)
     print(f"key {arguments.name} added ({arguments.role}); it is shown once, below:")
     print(key)
     return 0

@@ -128,16 +128,8 @@ def events(session: Session, query: AuditQuery) -> list[AuditEntry]:
 
 
 def _entry(row: AuditEvent) -> AuditEntry:
-    return AuditEntry(
-        at=row.at,
-        actor=row.actor,
-        actor_kind=ActorKind(row.actor_kind),
-        action=AuditAction(row.action),
-        task_id=row.task_id,
-        study_instance_uid=row.study_instance_uid,
-        client=row.client,
-        detail=row.detail,
-    )
+    """The entry of a row: its columns of the same names (actor kind and action as enums)."""
+    return AuditEntry.model_validate(row, from_attributes=True)
 
 
 EXPORT_FIELDS = (

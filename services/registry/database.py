@@ -34,15 +34,21 @@ class RegistrySchemaError(ConfigurationError):
     """The database's schema is not the one this code expects (the message says which way)."""
 
 
+def registry_address(text: str) -> URL:
+    """A registry URL as written by a person. A plain ``postgresql://`` URL (what PostgreSQL
+    operators write into their secrets) is read with psycopg 3, the driver the images carry,
+    whatever SQLAlchemy's default for it (psycopg2 before SQLAlchemy 2.1; not installed)."""
+    url = make_url(text)
+    if url.drivername == "postgresql":
+        url = url.set(drivername="postgresql+psycopg")
+    return url
+
+
 def database_url(settings: Settings) -> URL:
-    """``registry.url``, or the SQLite file under the storage root. A plain ``postgresql://``
-    URL (what PostgreSQL operators write into their secrets) is read with psycopg 3, the
-    driver the images carry."""
+    """``registry.url`` (see ``registry_address``), or the SQLite file under the storage
+    root."""
     if settings.registry.url:
-        url = make_url(settings.registry.url)
-        if url.drivername == "postgresql":
-            url = url.set(drivername="postgresql+psycopg")
-        return url
+        return registry_address(settings.registry.url)
     folder = settings.storage.root / REGISTRY_DIR
     return URL.create("sqlite", database=str(folder / SQLITE_FILE))
 

@@ -205,14 +205,20 @@ class SrDelivery(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
-class User(Base):
-    """A person who signs in: a local account (an argon2 hash) or one of an OIDC provider."""
-
-    __tablename__ = "users"
+class _Principal:
+    """The columns of whoever may act on the registry, a person or a system: a unique name
+    and a role (services/registry/accounts.py, Role)."""
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(SHORT_TEXT), unique=True)
     role: Mapped[str] = mapped_column(String(16))
+
+
+class User(_Principal, Base):
+    """A person who signs in: a local account (an argon2 hash) or one of an OIDC provider."""
+
+    __tablename__ = "users"
+
     source: Mapped[str] = mapped_column(String(16))  # local | oidc
     password_hash: Mapped[str | None] = mapped_column(String(LONG_TEXT))
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -223,14 +229,11 @@ class User(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
-class ApiKey(Base):
+class ApiKey(_Principal, Base):
     """A system's key (an integrator's): only its SHA-256 is kept; the key is shown once."""
 
     __tablename__ = "api_keys"
 
-    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
-    name: Mapped[str] = mapped_column(String(SHORT_TEXT), unique=True)
-    role: Mapped[str] = mapped_column(String(16))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)

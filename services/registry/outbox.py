@@ -66,19 +66,8 @@ def add(session: Session, items: list[NewNotification], now: datetime) -> None:
 
 
 def _notification(row: WebhookNotification) -> Notification:
-    return Notification(
-        id=row.id,
-        task_id=row.task_id,
-        report_index=row.report_index,
-        url=row.url,
-        body=row.body,
-        state=NotificationState(row.state),
-        attempts=row.attempts,
-        created_at=row.created_at,
-        next_attempt_at=row.next_attempt_at,
-        last_error=row.last_error,
-        finished_at=row.finished_at,
-    )
+    """The notification of a row: its columns of the same names (state as an enum)."""
+    return Notification.model_validate(row, from_attributes=True)
 
 
 def claim(session: Session, now: datetime, lease_s: float) -> list[Notification]:

@@ -238,18 +238,7 @@ def deliveries(session: Session, task_id: str) -> list[Delivery]:
         .where(SrDelivery.task_id == task_id)
         .order_by(SrDelivery.report_index, SrDelivery.destination)
     )
-    return [
-        Delivery(
-            task_id=row.task_id,
-            report_index=row.report_index,
-            destination=row.destination,
-            sop_instance_uid=row.sop_instance_uid,
-            state=row.state,
-            status=row.status,
-            updated_at=row.updated_at,
-        )
-        for row in rows
-    ]
+    return [Delivery.model_validate(row, from_attributes=True) for row in rows]
 
 
 def pipeline_tasks(session: Session, *, limit: int = 10_000) -> list[PipelineTask]:

@@ -2,18 +2,22 @@
 
 A task received more than that many days ago (and finished) loses what identifies its
 patient: its uploaded or received DICOM, the slice viewer's data, the previews, the SRs and
-the per-study files (``uploads/<task>``, ``dicom/studies/<task>``, ``results/<task>/``); its
-stored result is rewritten without the identity, the accession number and the file name; its
-registry rows keep the times, the call, the findings and the model version, with the
-identity, the UIDs and the file name blanked (``purged_at`` says when).
+the per-study files (``uploads/<task>``, ``dicom/studies/<task>``, ``results/<task>/``) and
+the DICOM listener's outbox items of its SRs (a copy waiting to be sent or refused, which
+carries the patient's identity, and the notes of where each went); its stored result is
+rewritten without the identity, the accession number and the file name; its registry rows
+keep the times, the call, the findings and the model version, with the identity, the UIDs
+(its SRs' deliveries' too) and the file name blanked (``purged_at`` says when).
 """
 
 from __future__ import annotations
 
 import getpass
+import glob
 import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from loguru import logger
 from sqlalchemy import select
@@ -32,6 +36,11 @@ from services.registry.records import StudyState
 from services.registry.registry import Registry
 from services.registry.writes import IDENTITY_FIELDS
 
+# services/dicom_listener/outbox.py: <root>/dicom/outbox/<destination>/<task>_<SR file>.dcm
+# waiting, failed/ the refused ones (.dcm and a .json note), sent/ a .json note each; an SR
+# file is study_<NNNN>_<hash>.dcm (services/sr/document.sr_file_name).
+DICOM_OUTBOX = Path("dicom") / "outbox"
+OUTBOX_FOLDERS = (".", "failed", "sent")
 PURGED_NAME = "(purged)"
 DELETED_NAME = "(deleted)"
 BLANKED = (
@@ -72,6 +81,18 @@ def due_tasks(registry: Registry, cutoff: datetime) -> list[str]:
         return [task_id for (task_id,) in rows]
 
 
+def outbox_items(root: Path, task_id: str) -> list[Path]:
+    """The task's SRs in every destination's outbox (waiting, refused) and their notes."""
+    pattern = f"{glob.escape(task_id)}_study_[0-9][0-9][0-9][0-9]_*"
+    return [
+        path
+        for destination in sorted((root / DICOM_OUTBOX).glob("*/"))
+        for folder in OUTBOX_FOLDERS
+        for path in sorted((destination / folder).glob(pattern))
+        if path.is_file()
+    ]
+
+
 def purge_task_files(settings: Settings, task_id: str, *, name: str = PURGED_NAME) -> None:
     root = settings.storage.root
     for folder in (
@@ -80,6 +101,8 @@ def purge_task_files(settings: Settings, task_id: str, *, name: str = PURGED_NAM
         result_files_dir(root, task_id),
     ):
         shutil.rmtree(folder, ignore_errors=True)
+    for item in outbox_items(root, task_id):
+        item.unlink(missing_ok=True)
     result = load_result(root, task_id)
     if result is not None:
         reports = [

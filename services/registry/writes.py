@@ -9,7 +9,9 @@ between two writers of one task ends in one IntegrityError, retried by the calle
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -18,11 +20,12 @@ from services.broker.schemas import StudyProgress, StudyResult, TaskStatus
 from services.core.outcome import study_outcome
 from services.core.quality import QualityFlag
 from services.core.schemas import StudyReport
-from services.registry.models import HiddenStudy, SrDelivery, Study
+from services.registry.models import HiddenStudy, SrDelivery, Study, WebhookNotification
 from services.registry.models import Review as ReviewRow
 from services.registry.records import Delivery, Door, Priority, StudyState, Submission
 from services.registry.records import Review as ReviewInput
 
+ACCESSION_KEY = "accession_number"  # of a webhook's message (services/registry/webhooks.py)
 IDENTITY_FIELDS = (
     "patient_name",
     "patient_id",
@@ -44,23 +47,18 @@ def record_submission(session: Session, submission: Submission, now: datetime) -
     if exists is not None:
         return False
     session.add(
-        Study(
+        _queued_row(
+            0,
+            updated_at=now,
             task_id=submission.task_id,
-            report_index=0,
             door=submission.door.value,
             sender=submission.sender,
             priority=submission.priority.value,
             original_filename=submission.original_filename,
             study_path=submission.study_path,
             content_sha256=submission.content_sha256,
-            state=StudyState.QUEUED.value,
-            progress=0.0,
             received_at=submission.received_at,
             queued_at=submission.queued_at,
-            updated_at=now,
-            findings=[],
-            warnings=[],
-            files=[],
         )
     )
     return True
@@ -146,26 +144,38 @@ def record_result(session: Session, result: StudyResult, now: datetime) -> bool:
     return True
 
 
-def _sibling(first: Study, index: int) -> Study:
-    """The row of a task's further study: the task's submission, its own result."""
+# The columns of a task's submission: the same on every row of the task.
+SUBMISSION_COLUMNS = (
+    "task_id",
+    "door",
+    "sender",
+    "priority",
+    "original_filename",
+    "study_path",
+    "content_sha256",
+    "received_at",
+    "queued_at",
+)
+
+
+def _queued_row(report_index: int, *, updated_at: datetime, **submission: Any) -> Study:
+    """A row of a task that waits in line: its submission (SUBMISSION_COLUMNS), no result."""
     return Study(
-        task_id=first.task_id,
-        report_index=index,
-        door=first.door,
-        sender=first.sender,
-        priority=first.priority,
-        original_filename=first.original_filename,
-        study_path=first.study_path,
-        content_sha256=first.content_sha256,
+        report_index=report_index,
         state=StudyState.QUEUED.value,
         progress=0.0,
-        received_at=first.received_at,
-        queued_at=first.queued_at,
-        updated_at=first.updated_at,
+        updated_at=updated_at,
         findings=[],
         warnings=[],
         files=[],
+        **submission,
     )
+
+
+def _sibling(first: Study, index: int) -> Study:
+    """The row of a task's further study: the task's submission, its own result."""
+    submission = {column: getattr(first, column) for column in SUBMISSION_COLUMNS}
+    return _queued_row(index, updated_at=first.updated_at, **submission)
 
 
 def flags_column(flags: list[QualityFlag]) -> str:
@@ -275,3 +285,12 @@ def blank_task(
         row.files = []
         row.purged_at = now
         row.updated_at = now
+    for delivery in session.scalars(select(SrDelivery).where(SrDelivery.task_id == task_id)):
+        delivery.sop_instance_uid = None  # a UID the PACS files the patient's SR under
+    # A webhook's message holds the accession number when its receiver asked for it.
+    notifications = select(WebhookNotification).where(WebhookNotification.task_id == task_id)
+    for notification in session.scalars(notifications):
+        body = json.loads(notification.body)
+        if body.get(ACCESSION_KEY) is not None:
+            body[ACCESSION_KEY] = None
+            notification.body = json.dumps(body, separators=(",", ":"))

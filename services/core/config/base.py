@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -29,6 +30,17 @@ def _resolve_optional(path: Path | None) -> Path | None:
 
 # A file the configuration may name (a secret, a certificate, a log), resolved like every path.
 OptionalPath = Annotated[Path | None, AfterValidator(_resolve_optional)]
+
+
+def http_url_parts(value: str, *, credentials_go: str) -> SplitResult:
+    """The parts of an http:// or https:// URL with a host and no user or password in it
+    (``credentials_go`` says where they go instead); a ValueError otherwise."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("an http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"no credentials in the URL: {credentials_go}")
+    return parts
 
 
 class Backoff(Section):

@@ -4,11 +4,10 @@ STOW-RS, chosen per destination by ``kind`` (services/dicom_listener/report_sink
 from __future__ import annotations
 
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from services.core.config.base import AE_TITLE_PATTERN, OptionalPath, Section
+from services.core.config.base import AE_TITLE_PATTERN, OptionalPath, Section, http_url_parts
 
 
 class DimseDestination(Section):
@@ -79,13 +78,7 @@ class StowRsDestination(Section):
     @field_validator("url")
     @classmethod
     def _plain_http_base(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("an http:// or https:// URL with a host")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError(
-                "no credentials in the URL: use credentials (secret_env or secret_file)"
-            )
+        parts = http_url_parts(value, credentials_go="use credentials (secret_env or secret_file)")
         if parts.query or parts.fragment:
             raise ValueError("the DICOMweb base URL takes no query or fragment")
         if parts.port == 0:  # reading .port also refuses a port that is not a number

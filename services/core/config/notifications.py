@@ -4,11 +4,9 @@ a RIS) and how (services/registry/webhooks.py sends; the registry's outbox keeps
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from services.core.config.base import Backoff, OptionalPath, Section
+from services.core.config.base import Backoff, OptionalPath, Section, http_url_parts
 
 
 class Webhook(Section):
@@ -32,11 +30,7 @@ class Webhook(Section):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("an http:// or https:// URL with a host")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError("no credentials in the URL: the signature authenticates")
+        http_url_parts(value, credentials_go="the signature authenticates")
         return value
 
     @model_validator(mode="after")

@@ -96,6 +96,19 @@ def may_upload(principal: Caller) -> None:
         raise api_error(403, f"the role {principal.role.value} does not send studies")
 
 
+def may_review(call: Call, task_id: str) -> None:
+    """By role, before the body is read: a role that does not review is refused (audited)."""
+    if not call.principal.may(Permission.REVIEW):
+        call.audit(AuditAction.ACCESS_REFUSED, task_id=task_id)
+        raise api_error(403, f"the role {call.principal.role.value} does not review studies")
+
+
+def may_delete(call: Call, task_id: str) -> None:
+    if not call.principal.may(Permission.DELETE):
+        call.audit(AuditAction.ACCESS_REFUSED, task_id=task_id)
+        raise api_error(403, f"the role {call.principal.role.value} does not delete studies")
+
+
 def task_records(task_id: str, call: Call) -> list[StudyRecord]:
     """The task's studies, if the caller may see them: 404 when there is no such task, 403
     when it is not theirs (audited)."""

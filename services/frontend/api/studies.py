@@ -15,7 +15,14 @@ from services.core.intake.collect import ArchiveKind, FileKind, archive_kind, cl
 from services.core.intake.tar_archive import GZIP_MAGIC
 from services.core.quality import QualityFlag
 from services.core.schemas import StudyReport
-from services.frontend.api.dependencies import Call, FileRecords, TaskRecords, may_upload
+from services.frontend.api.dependencies import (
+    Call,
+    FileRecords,
+    TaskRecords,
+    may_delete,
+    may_review,
+    may_upload,
+)
 from services.frontend.api.errors import api_error
 from services.frontend.api.models import (
     API_PREFIX,
@@ -37,7 +44,11 @@ from services.frontend.queue_status import read_queue_status
 from services.frontend.reviews import record_review, reviews_of
 from services.frontend.service import FrontendService
 from services.frontend.study_access import StudyRefused, shown, visible
-from services.frontend.uploads import plan_uploads, safe_file_name
+from services.frontend.uploads import (
+    plan_uploads,
+    safe_file_name,
+    upload_audit_detail,
+)
 from services.frontend.views import failure_reason, progress_text, queue_text, waits_in_line
 from services.registry import Door, StudyFilter, StudyState
 from services.registry.audit import AuditAction
@@ -160,10 +171,15 @@ def submit_study(
     folder = call.service.storage_root / INCOMING_DIR / uuid.uuid4().hex
     try:
         received = receive_upload(call.service, file, folder)
+        size = received.stat().st_size
         task_id = queue_upload(call.service, received, call.principal.name, priority)
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # what was queued was moved away
-    call.audit(AuditAction.UPLOAD, task_id=task_id, detail=received.name[:200])
+    call.audit(
+        AuditAction.UPLOAD,
+        task_id=task_id,
+        detail=upload_audit_detail("rest", priority.value, size),
+    )
     status_url = f"{STUDIES_PATH}/{task_id}"
     return JSONResponse(
         TaskAccepted(task_id=task_id, status_url=status_url).model_dump(),
@@ -291,6 +307,7 @@ def study_file(
 @router.delete(
     "/{task_id}",
     status_code=204,
+    dependencies=[Depends(may_delete)],
     responses=COMMON_ERRORS | error_responses((403, "the role may not delete studies")),
 )
 def delete_study(
@@ -301,8 +318,6 @@ def delete_study(
     """Remove a finished task's files and its patient's identity for everyone (an
     administrator's correction: a wrong patient, a study sent by mistake). Its row keeps the
     times and the call, named "(deleted)"."""
-    if not call.principal.may(Permission.DELETE):
-        raise api_error(403, f"the role {call.principal.role.value} does not delete studies")
     if not records[0].state.final:
         raise api_error(409, "the task is still queued or processing; delete it when it ends")
     delete_task(call.service.settings, call.service.registry, task_id)
@@ -318,6 +333,7 @@ def delete_study(
 @router.post(
     "/{task_id}/reviews",
     status_code=201,
+    dependencies=[Depends(may_review)],
     response_model=ReviewItem,
     responses=COMMON_ERRORS
     | error_responses(
