@@ -35,6 +35,14 @@ def run_batch(
     )
 
 
+def screen_with(
+    repository: Path, inputs: Path, output: Path, **options
+) -> subprocess.CompletedProcess:
+    """The batch screening ``inputs`` into ``output`` with the model repository ``repository``
+    (``options``: as run_batch's)."""
+    return run_batch(inputs, output, "--model-repository", repository, **options)
+
+
 def report_rows(output: Path) -> list[dict]:
     """The rows of OUTPUT/output.xlsx as dictionaries keyed by the header."""
     rows = list(load_workbook(output / "output.xlsx")["report"].iter_rows(values_only=True))

@@ -33,6 +33,8 @@ START_TIMEOUT_S = 30.0
 # loaded, so another plugin installed on the machine cannot change what the tests see.
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 DICOMWEB_ROOT = "/dicom-web/"
+ARCHIVE_USER = "cts"  # the one user of a DICOMweb archive (dicomweb_archive)
+ARCHIVE_PASSWORD = "archive-password"
 
 
 class Orthanc:
@@ -129,6 +131,16 @@ class Orthanc:
         self.stop()
         self.client.close()
 
+    def __enter__(self) -> Orthanc:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *_exception: object) -> None:
+        self.close()
+
     # -- REST -----------------------------------------------------------------------------
 
     def upload_folder(self, folder: Path) -> str:
@@ -195,3 +207,9 @@ class Orthanc:
         answer = self.client.get("/instances")
         answer.raise_for_status()
         return len(answer.json())
+
+
+def dicomweb_archive(folder: Path) -> Orthanc:
+    """A DICOMweb archive: an Orthanc reached over HTTP only, with its DICOMweb plugin, that
+    asks for ARCHIVE_USER's basic credentials."""
+    return Orthanc(folder, dicomweb=True, users={ARCHIVE_USER: ARCHIVE_PASSWORD})

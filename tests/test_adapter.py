@@ -24,6 +24,8 @@ import tritonclient.grpc as grpcclient
 from stack_support import (
     PROJECT_ROOT,
     delete_topology,
+    module_triton,
+    triton_server,
     wait_for,
     zip_directory,
 )
@@ -60,15 +62,7 @@ def tiny_repository(tiny_model_repository: Path) -> Path:
     return tiny_model_repository  # built once per session by conftest.py
 
 
-@pytest.fixture(scope="module")
-def triton(tiny_repository: Path, tmp_path_factory) -> Iterator[LocalTritonServer]:
-    http, grpc, metrics = free_local_ports(3)
-    log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
-    server = LocalTritonServer(
-        tiny_repository, http_port=http, grpc_port=grpc, metrics_port=metrics, log_file=log
-    )
-    with server:
-        yield server
+triton = module_triton  # a tritonserver of this module's own
 
 
 @pytest.fixture(scope="module")
@@ -468,15 +462,9 @@ def test_unavailable_triton_is_waited_for_not_failed(
     """Triton goes away after the adapter started: the study waits (heartbeats continue,
     nothing is redelivered) and completes when a server is back on the same port."""
     # A server of this test's own, so the module's server stays up for the other tests.
-    http, grpc, metrics = free_local_ports(3)
-    settings.inference.triton_url = f"127.0.0.1:{grpc}"
-    server = LocalTritonServer(
-        tiny_repository,
-        http_port=http,
-        grpc_port=grpc,
-        metrics_port=metrics,
-        log_file=tmp_path / "t.log",
-    )
+    ports = free_local_ports(3)
+    settings.inference.triton_url = f"127.0.0.1:{ports[1]}"
+    server = triton_server(tiny_repository, tmp_path / "t.log", ports)
     server.start()
     client = Client(settings)
     try:
@@ -494,13 +482,7 @@ def test_unavailable_triton_is_waited_for_not_failed(
 
             wait_for(retrying, 60, "the adapter to report it is waiting for Triton")
             time.sleep(5)  # > two heartbeat intervals with the worker blocked on Triton
-            server = LocalTritonServer(
-                tiny_repository,
-                http_port=http,
-                grpc_port=grpc,
-                metrics_port=metrics,
-                log_file=tmp_path / "t2.log",
-            )
+            server = triton_server(tiny_repository, tmp_path / "t2.log", ports)
             server.start()
             result = client.result(task_id, timeout_s=120)
     finally:
@@ -581,19 +563,13 @@ def test_triton_backend_registers_its_region_again_after_a_server_restart(
 ) -> None:
     """A restarted server has forgotten the adapter's reused region: the next request
     registers it again instead of failing."""
-    http, grpc, metrics = free_local_ports(3)
+    ports = free_local_ports(3)
     inference = settings.inference.model_copy(
-        update={"triton_url": f"127.0.0.1:{grpc}", "triton_transport": "shared_memory"}
+        update={"triton_url": f"127.0.0.1:{ports[1]}", "triton_transport": "shared_memory"}
     )
 
     def server(log: str) -> LocalTritonServer:
-        return LocalTritonServer(
-            tiny_repository,
-            http_port=http,
-            grpc_port=grpc,
-            metrics_port=metrics,
-            log_file=tmp_path / log,
-        )
+        return triton_server(tiny_repository, tmp_path / log, ports)
 
     shape = (1, 1, *OnnxRuntimeBackend(tiny_repository, settings.inference).metadata.target_shape)
     volume = np.random.default_rng(3).uniform(-1, 1, shape).astype(np.float32)

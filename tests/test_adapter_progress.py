@@ -11,6 +11,7 @@ import pytest
 
 from services.adapter.progress import (
     MAX_MODEL_SHARE,
+    STAGE_PROGRESS,
     InferenceTimes,
     ModelTicker,
     ProgressRelay,
@@ -19,6 +20,7 @@ from services.adapter.progress import (
     study_progress,
 )
 from services.adapter.task_runner import TaskEvents
+from services.core.pipeline.events import STAGES
 from services.core.schemas import ProcessingStatus, StudyReport
 
 
@@ -33,18 +35,11 @@ class Recorder:
 
 
 def test_stages_move_the_bar_forward_study_by_study() -> None:
-    points = [
-        study_progress(stage, index, 2)
-        for index in range(2)
-        for stage in (
-            "selection",
-            "volume",
-            "chest_check",
-            "preprocessing",
-            "inference",
-            "findings",
-        )
-    ]
+    # The pipeline's stages of one study (intake and headers come before the studies are known),
+    # each with its place on the bar.
+    stages = [stage for stage in STAGES if stage not in ("intake", "headers")]
+    assert set(stages) == set(STAGE_PROGRESS)
+    points = [study_progress(stage, index, 2) for index in range(2) for stage in stages]
     assert points == sorted(points)
     assert len(set(points)) == len(points)
     assert points[0] > 0.0

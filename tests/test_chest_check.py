@@ -12,7 +12,7 @@ from services.core.body_part.base import BodyPartDetector, ImageAssessment
 from services.core.chest_check import MetadataAssessment, check_chest, decide
 from services.core.config import ChestCheckSettings, QualitySettings, SeriesSelectionSettings
 from services.core.dicom import Series, Study, load_volume, read_studies, select_series
-from services.core.schemas import IntakeSummary
+from services.core.schemas import ChestCheckEvidence, IntakeSummary
 from services.core.volume import Volume
 from synthetic.sample_studies import chest_phantom, head_phantom, write_ct_series
 
@@ -34,12 +34,15 @@ def _fixture(fixtures_dir: Path, name: str) -> tuple[Study, Series, Volume]:
 # --- real fixtures ------------------------------------------------------------------------
 
 
+def _verdicts(fixtures_dir: Path, name: str) -> tuple[ChestCheckEvidence, tuple[bool | None, ...]]:
+    """The chest check of a fixture, and its (is_chest, metadata, image) verdicts."""
+    evidence = check_chest(*_fixture(fixtures_dir, name), SETTINGS)
+    return evidence, (evidence.is_chest, evidence.metadata_verdict, evidence.image_verdict)
+
+
 def test_chest_fixture_is_a_chest(fixtures_dir: Path) -> None:
-    study, series, volume = _fixture(fixtures_dir, "chest_ct_lung_dx_a0002")
-    evidence = check_chest(study, series, volume, SETTINGS)
-    assert evidence.is_chest
-    assert evidence.metadata_verdict is True
-    assert evidence.image_verdict is True
+    evidence, verdicts = _verdicts(fixtures_dir, "chest_ct_lung_dx_a0002")
+    assert verdicts == (True, True, True)
     assert "chest: BodyPartExamined CHEST" in evidence.metadata_evidence
     assert evidence.image_detector == "lung_air"
     assert evidence.coverage_mm == pytest.approx(240.0)
@@ -51,11 +54,8 @@ def test_chest_fixture_is_a_chest(fixtures_dir: Path) -> None:
 
 
 def test_head_fixture_is_not_a_chest(fixtures_dir: Path) -> None:
-    study, series, volume = _fixture(fixtures_dir, "head_ct_gantry_tilt")
-    evidence = check_chest(study, series, volume, SETTINGS)
-    assert not evidence.is_chest
-    assert evidence.metadata_verdict is False
-    assert evidence.image_verdict is False
+    evidence, verdicts = _verdicts(fixtures_dir, "head_ct_gantry_tilt")
+    assert verdicts == (False, False, False)
     assert "not chest: BodyPartExamined HEAD" in evidence.metadata_evidence
     # Air in the sinuses is enclosed and lung-dense after averaging, but small.
     assert evidence.image_evidence["lung_volume_ml"] < 250
@@ -63,13 +63,10 @@ def test_head_fixture_is_not_a_chest(fixtures_dir: Path) -> None:
 
 
 def test_upper_abdomen_fixture_is_not_a_chest(fixtures_dir: Path) -> None:
-    study, series, volume = _fixture(fixtures_dir, "abdomen_ct_jpeg2000")
-    evidence = check_chest(study, series, volume, SETTINGS)
-    assert not evidence.is_chest
+    evidence, verdicts = _verdicts(fixtures_dir, "abdomen_ct_jpeg2000")
     # PARTIALBODY names no part; the images show a little lung base; the series is short.
-    assert evidence.metadata_verdict is None
+    assert verdicts == (False, None, False)
     assert "BodyPartExamined PARTIALBODY (names no specific part)" in evidence.metadata_evidence
-    assert evidence.image_verdict is False
     assert evidence.coverage_mm == pytest.approx(40.0)
     assert "covers 40 mm along the body axis, less than the 80 mm a chest needs" in evidence.reason
     assert evidence.image_evidence["lung_slices"] < evidence.image_evidence["evaluated_slices"] / 2
@@ -92,64 +89,62 @@ def _phantom_case(tmp_path: Path, phantom, **tags) -> tuple[Study, Series, Volum
     return _load(paths)
 
 
-def test_lungs_but_tags_say_head_is_accepted_with_the_conflict(phantoms, tmp_path: Path) -> None:
-    study, series, volume = _phantom_case(
-        tmp_path,
-        phantoms["chest"],
-        body_part="HEAD",
-        study_description="CT HEAD",
-        series_description="Head 4.0",
-        protocol_name="ROUTINE",
-    )
-    evidence = check_chest(study, series, volume, SETTINGS)
-    assert evidence.is_chest
-    assert evidence.metadata_verdict is False
-    assert evidence.image_verdict is True
-    assert (
-        "conflict: the tags say BodyPartExamined HEAD, StudyDescription 'CT HEAD'"
-        in evidence.reason
-    )
+NO_TAGS = {"body_part": "", "study_description": "", "protocol_name": ""}
 
 
-def test_tags_say_chest_but_no_lungs_is_refused(phantoms, tmp_path: Path) -> None:
-    study, series, volume = _phantom_case(
-        tmp_path, phantoms["head"], body_part="CHEST", study_description="CT CHEST"
-    )
-    evidence = check_chest(study, series, volume, SETTINGS)
-    assert not evidence.is_chest
-    assert evidence.metadata_verdict is True
-    assert evidence.image_verdict is False
-    assert evidence.reason.startswith(
-        "not a chest CT: the tags say chest but the images do not show lungs"
-    )
-
-
-def test_no_tags_but_lungs_is_accepted(phantoms, tmp_path: Path) -> None:
-    study, series, volume = _phantom_case(
-        tmp_path,
-        phantoms["chest"],
-        body_part="",
-        study_description="",
-        series_description="Series 2",
-        protocol_name="",
-    )
-    evidence = check_chest(study, series, volume, SETTINGS)
-    assert evidence.is_chest
-    assert evidence.metadata_verdict is None
-    assert evidence.reason.startswith("chest CT by image:")
-
-
-def test_russian_description_counts_as_chest(phantoms, tmp_path: Path) -> None:
-    study, series, volume = _phantom_case(
-        tmp_path,
-        phantoms["chest"],
-        body_part="",
-        study_description="КТ органов грудной клетки",  # noqa: RUF001 - Russian on purpose
-        series_description="Лёгкие 4.0",
-    )
-    evidence = check_chest(study, series, volume, SETTINGS)
-    assert evidence.metadata_verdict is True
-    assert evidence.is_chest
+@pytest.mark.parametrize(
+    ("phantom", "tags", "verdicts", "reason_start", "reason_part"),
+    [
+        pytest.param(
+            "chest",
+            {
+                "body_part": "HEAD",
+                "study_description": "CT HEAD",
+                "series_description": "Head 4.0",
+                "protocol_name": "ROUTINE",
+            },
+            (True, False, True),
+            "chest CT by image:",
+            "conflict: the tags say BodyPartExamined HEAD, StudyDescription 'CT HEAD'",
+            id="lungs but tags say head: accepted with the conflict",
+        ),
+        pytest.param(
+            "head",
+            {"body_part": "CHEST", "study_description": "CT CHEST"},
+            (False, True, False),
+            "not a chest CT: the tags say chest but the images do not show lungs",
+            "",
+            id="tags say chest but no lungs: refused",
+        ),
+        pytest.param(
+            "chest",
+            NO_TAGS | {"series_description": "Series 2"},
+            (True, None, True),
+            "chest CT by image:",
+            "",
+            id="no tags but lungs: accepted",
+        ),
+        pytest.param(
+            "chest",
+            {
+                "body_part": "",
+                "study_description": "КТ органов грудной клетки",  # noqa: RUF001 - Russian on purpose
+                "series_description": "Лёгкие 4.0",
+            },
+            (True, True, True),
+            "chest CT: the tags say chest",
+            "",
+            id="a Russian description counts as chest",
+        ),
+    ],
+)
+def test_tags_and_images_of_a_phantom_give_the_verdict(
+    phantoms, tmp_path: Path, phantom: str, tags, verdicts, reason_start: str, reason_part: str
+) -> None:
+    evidence = check_chest(*_phantom_case(tmp_path, phantoms[phantom], **tags), SETTINGS)
+    assert (evidence.is_chest, evidence.metadata_verdict, evidence.image_verdict) == verdicts
+    assert evidence.reason.startswith(reason_start)
+    assert reason_part in evidence.reason
 
 
 # --- the detector on hand-made volumes ------------------------------------------------------

@@ -8,23 +8,20 @@ import json
 import shutil
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import pika
 import pydicom
 import pytest
 from loguru import logger
 from sr_support import require_tool
-from stack_support import delete_topology, wait_for
+from stack_support import stack_settings, take_tasks, wait_for
 
-from services.broker.connection import connect, declare_topology
-from services.broker.schemas import QueueTopology, StudyTask
-from services.core.config import Settings, load_settings
+from services.broker.schemas import StudyTask
+from services.core.config import Settings
 from services.dicom_listener.service import DicomListener
 from services.dicom_listener.studies import BatchState, StudyBook, study_key
-from services.registry import Door, Registry, StudyFilter, StudyState, upgrade_registry
+from services.registry import Door, Registry, StudyFilter, StudyState
 from services.registry.audit import AuditAction, AuditQuery
 from services.triton.local_server import free_local_ports
 
@@ -154,36 +151,15 @@ def test_structured_reports_alone_are_not_screened(tmp_path: Path, fixtures_dir:
 
 @pytest.fixture
 def listener_settings(tmp_path: Path) -> Iterator[Settings]:
-    settings = load_settings(environ={})
-    settings.storage.root = tmp_path / "storage"
-    settings.rabbitmq.queue_prefix = f"test-listener-{uuid.uuid4().hex[:10]}"
-    settings.dicom.port = free_local_ports(1)[0]
-    settings.dicom.study_quiet_seconds = QUIET_S
-    settings.metrics.enabled = False
-    upgrade_registry(settings)
-    yield settings
-    delete_topology(settings.rabbitmq)
+    with stack_settings(tmp_path / "storage", "listener") as settings:
+        settings.dicom.port = free_local_ports(1)[0]
+        settings.dicom.study_quiet_seconds = QUIET_S
+        yield settings
 
 
 def queued_tasks(settings: Settings) -> list[StudyTask]:
-    """Take every task waiting in the test's task queue."""
-    topology = QueueTopology.from_settings(settings.rabbitmq)
-    connection = connect(settings.rabbitmq, name="test listener tasks", give_up_after_s=10)
-    tasks = []
-    try:
-        channel = connection.channel()
-        declare_topology(channel, topology)
-        for lane in topology.task_lanes():  # every priority's lane
-            while True:
-                method, _properties, body = channel.basic_get(lane, auto_ack=True)
-                if method is None:
-                    break
-                tasks.append(StudyTask.model_validate_json(body))
-        return tasks
-    except pika.exceptions.AMQPError:
-        raise
-    finally:
-        connection.close()
+    """Take every task waiting in the test's task lanes (every priority's)."""
+    return take_tasks(settings.rabbitmq)
 
 
 def storescu(

@@ -6,31 +6,28 @@ in Chromium by test_stack_e2e.py.)
 
 from __future__ import annotations
 
-import uuid
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from stack_support import delete_topology, wait_for
+from stack_support import stack_settings, take_tasks, wait_for
 
-from services.broker.connection import connect, declare_topology, publish_to_registry
+from services.broker.connection import connect, publish_to_registry
 from services.broker.schemas import (
     Priority,
     QueueTopology,
     StudyProgress,
     StudyResult,
-    StudyTask,
     TaskStatus,
-    decode_message,
 )
 from services.core.access import Principal, PrincipalKind, Role
-from services.core.config import Settings, load_settings
+from services.core.config import Settings
 from services.core.schemas import FindingResult, ProcessingStatus, StudyReport
 from services.frontend import worklist_rows
 from services.frontend.service import FrontendService
 from services.frontend.task_view import SubmitOutcome
-from services.registry import Door, StudyState, upgrade_registry
+from services.registry import Door, StudyState
 
 pytestmark = pytest.mark.rabbitmq
 VIEWER = "browser:test"
@@ -38,15 +35,10 @@ VIEWER = "browser:test"
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Iterator[Settings]:
-    settings = load_settings(environ={})
-    settings.storage.root = tmp_path / "storage"
-    settings.rabbitmq.queue_prefix = f"test-frontend-{uuid.uuid4().hex[:10]}"
-    settings.rabbitmq.max_queue_depth = 3
-    settings.frontend.max_upload_mb = 1
-    settings.metrics.enabled = False
-    upgrade_registry(settings)
-    yield settings
-    delete_topology(settings.rabbitmq)
+    with stack_settings(tmp_path / "storage", "frontend") as settings:
+        settings.rabbitmq.max_queue_depth = 3
+        settings.frontend.max_upload_mb = 1
+        yield settings
 
 
 @pytest.fixture
@@ -60,25 +52,6 @@ def make_zip(path: Path, size: int = 100) -> Path:
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("a.dcm", b"x" * size)
     return path
-
-
-def queued_tasks(settings: Settings) -> list[StudyTask]:
-    topology = QueueTopology.from_settings(settings.rabbitmq)
-    connection = connect(settings.rabbitmq, name="test reader", give_up_after_s=10)
-    tasks = []
-    try:
-        channel = connection.channel()
-        declare_topology(channel, topology)
-        while True:
-            method, properties, body = channel.basic_get(topology.task_queue)
-            if method is None:
-                break
-            tasks.append(decode_message(body, type_name=properties.type))
-        connection.close()  # unacked: they go back to the queue
-    finally:
-        if connection.is_open:
-            connection.close()
-    return tasks
 
 
 def test_uploads_are_recorded_then_queued(
@@ -96,7 +69,7 @@ def test_uploads_are_recorded_then_queued(
         "second.zip",
         "slice1.dcm (+1 files)",
     ]
-    tasks = {task.task_id: task for task in queued_tasks(settings)}
+    tasks = {task.task_id: task for task in take_tasks(settings.rabbitmq, Priority.ROUTINE)}
     assert set(tasks) == {record.task_id for record in outcome.submitted}
     for submitted in outcome.submitted:
         task = tasks[submitted.task_id]
@@ -134,7 +107,7 @@ def test_full_queue_and_oversized_files_are_refused(
     too_many = service.submit_uploads(VIEWER, None, studies)  # 4 > max_queue_depth 3
     assert too_many.submitted == []
     assert "queue is full" in too_many.message
-    assert queued_tasks(settings) == []
+    assert take_tasks(settings.rabbitmq, Priority.ROUTINE) == []
     assert service.worklist_records(VIEWER) == []  # nothing recorded either
     assert len(service.submit_uploads(VIEWER, None, studies[:3]).submitted) == 3
     refused = service.submit_uploads(VIEWER, None, studies[3:])
@@ -229,7 +202,8 @@ def test_a_file_screened_before_is_not_queued_again(
     assert "already screened" in second.message
     assert "not recomputed" in second.message
     assert not copy.exists()  # the earlier copy is in storage; this one is not kept
-    assert [task.task_id for task in queued_tasks(settings)] == [original.task_id]
+    (queued,) = take_tasks(settings.rabbitmq, Priority.ROUTINE)
+    assert queued.task_id == original.task_id
     assert [record.task_id for record in service.worklist_records(VIEWER)] == [original.task_id]
 
 
@@ -264,7 +238,8 @@ def test_a_technologist_sending_anothers_study_again_is_told_what_is_true(
     assert "tech1" not in again.message
     assert f"{original.received_at:%Y-%m-%d}" not in again.message
     assert original.task_id not in {r.task_id for r in service.worklist_for(other, None)}
-    assert [task.task_id for task in queued_tasks(settings)] == [original.task_id]
+    (queued,) = take_tasks(settings.rabbitmq, Priority.ROUTINE)
+    assert queued.task_id == original.task_id
     # Whoever may open the earlier row is shown it, as before.
     for who in (sender, person("rad1", Role.RADIOLOGIST)):
         shown = resend(who)

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from stack_support import PROJECT_ROOT
 
 from convertation.errors import CheckpointError
 from convertation.head.export import (
@@ -30,7 +31,6 @@ from convertation.head.heads import (
 )
 from convertation.onnx_export import run_onnx
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
 
 
@@ -132,46 +132,26 @@ def test_head_loading_names_the_missing_or_misshapen_key(tmp_path, demo_heads):
         load_binary_head(tmp_path / "binary.pt", embedding_dim=32)
 
 
+def export_heads_cli(output: Path, binary: Path, multilabel: Path) -> subprocess.CompletedProcess:
+    """``python -m convertation.head.export`` of the two state dicts into ``output``."""
+    command = [sys.executable, "-m", "convertation.head.export", "--output-dir", str(output)]
+    command += ["--binary-head", str(binary), "--multilabel-head", str(multilabel)]
+    return subprocess.run(
+        command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
 @pytest.mark.slow
 def test_head_cli_exports_both_heads_and_refuses_a_bad_file(tmp_path, demo_heads):
     binary, multilabel = demo_heads
     torch.save(binary.state_dict(), tmp_path / "binary.pt")
     torch.save(multilabel.state_dict(), tmp_path / "multilabel.pt")
-    command = [sys.executable, "-m", "convertation.head.export", "--output-dir"]
-    ok = subprocess.run(
-        [
-            *command,
-            str(tmp_path / "out"),
-            "--binary-head",
-            str(tmp_path / "binary.pt"),
-            "--multilabel-head",
-            str(tmp_path / "multilabel.pt"),
-        ],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    ok = export_heads_cli(tmp_path / "out", tmp_path / "binary.pt", tmp_path / "multilabel.pt")
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "out" / BINARY_FILE).is_file()
     assert (tmp_path / "out" / MULTILABEL_FILE).is_file()
 
     # The heads swapped: the multilabel state dict cannot be a binary head.
-    swapped = subprocess.run(
-        [
-            *command,
-            str(tmp_path / "bad"),
-            "--binary-head",
-            str(tmp_path / "multilabel.pt"),
-            "--multilabel-head",
-            str(tmp_path / "binary.pt"),
-        ],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    swapped = export_heads_cli(tmp_path / "bad", tmp_path / "multilabel.pt", tmp_path / "binary.pt")
     assert swapped.returncode != 0
     assert "shape mismatch for key 'net.0.weight'" in swapped.stderr

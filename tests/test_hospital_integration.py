@@ -27,13 +27,13 @@ import httpx
 import openpyxl
 import pydicom
 import pytest
-from orthanc_support import Orthanc
+from orthanc_support import ARCHIVE_PASSWORD, ARCHIVE_USER, Orthanc, dicomweb_archive
 from playwright.sync_api import sync_playwright
 from pydicom.uid import generate_uid
 from registry_support import BACKEND_PARAMETERS, postgres_database
 from sqlalchemy.engine import URL
 from sr_support import dciodvfy_errors, read_screening_sr, require_tool
-from stack_support import delete_topology, wait_for, zip_directory
+from stack_support import delete_topology, module_triton, start_service, wait_for, zip_directory
 from web_support import PASSWORD, sign_in_page
 from worklist_page import CHROMIUM, CHROMIUM_ARGS, upload
 
@@ -61,20 +61,10 @@ pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton, pytest.mark.slow]
 CHEST = "chest_ct_lung_dx_a0002"
 HEAD = "head_ct_gantry_tilt"
 KEY: dict[str, str] = {}  # the integrator's API key, made by the frontend fixture
-ARCHIVE_USER = "cts"
-ARCHIVE_PASSWORD = "archive-integration-password"
 RESULT_TIMEOUT_S = 240
 
 
-@pytest.fixture(scope="module")
-def triton(tiny_model_repository: Path, tmp_path_factory) -> Iterator[LocalTritonServer]:
-    http, grpc, metrics = free_local_ports(3)
-    log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
-    server = LocalTritonServer(
-        tiny_model_repository, http_port=http, grpc_port=grpc, metrics_port=metrics, log_file=log
-    )
-    with server:
-        yield server
+triton = module_triton  # a tritonserver of this module's own
 
 
 @pytest.fixture(scope="module", params=BACKEND_PARAMETERS)
@@ -97,25 +87,15 @@ def folder(tmp_path_factory, registry_database: URL | None) -> Path:
 @pytest.fixture(scope="module")
 def orthanc(folder: Path) -> Iterator[Orthanc]:
     listener_port = free_local_ports(1)[0]
-    pacs = Orthanc(folder / "orthanc", listener_ae="CTS", listener_port=listener_port)
-    pacs.start()
-    try:
+    with Orthanc(folder / "orthanc", listener_ae="CTS", listener_port=listener_port) as pacs:
         yield pacs
-    finally:
-        pacs.close()
 
 
 @pytest.fixture(scope="module")
 def archive(folder: Path) -> Iterator[Orthanc]:
     """The DICOMweb archive: the second destination, reached by STOW-RS."""
-    server = Orthanc(
-        folder / "dicomweb-archive", dicomweb=True, users={ARCHIVE_USER: ARCHIVE_PASSWORD}
-    )
-    server.start()
-    try:
+    with dicomweb_archive(folder / "dicomweb-archive") as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture(scope="module")
@@ -365,13 +345,7 @@ def frontend(settings: Settings, adapter: Adapter, folder: Path) -> Iterator[str
     if settings.registry.url is not None:
         environment["CTS__REGISTRY__URL"] = settings.registry.url
     log = (folder / "frontend.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.frontend"],
-        env=environment,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
+    process = start_service("services.frontend", environment, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 
     def serving() -> bool:

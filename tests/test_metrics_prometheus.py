@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fault_support import LocalStack, StackPorts, TaskClient, ensure_rabbitmq_running
+from sr_support import require_tool
 from stack_support import PROJECT_ROOT, delete_topology, wait_for, zip_directory
 
 from services.broker.schemas import PREPARE_STAGE, QueueTopology, TaskStatus
@@ -68,13 +69,13 @@ def get_json(url: str) -> dict:
 class Prometheus:
     """The prometheus binary on a free loopback port, with its own data folder."""
 
-    def __init__(self, config: Path, data: Path, log: Path) -> None:
+    def __init__(self, binary: str, config: Path, data: Path, log: Path) -> None:
         (self.port,) = free_local_ports(1)
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = log.open("wb")
         self.process = subprocess.Popen(
             [
-                "prometheus",
+                binary,
                 f"--config.file={config}",
                 f"--storage.tsdb.path={data}",
                 f"--web.listen-address=127.0.0.1:{self.port}",
@@ -117,11 +118,10 @@ def stack(
     tiny_model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalStack]:
     frontend, http, grpc, triton_metrics, frontend_metrics, dicom_metrics = free_local_ports(6)
-    prefix = f"test-metrics-{uuid.uuid4().hex[:10]}"
     local = LocalStack(
         repository=tiny_model_repository,
         storage=tmp_path_factory.mktemp("metrics-stack") / "storage",
-        prefix=prefix,
+        prefix=f"test-metrics-{uuid.uuid4().hex[:10]}",
         ports=StackPorts(frontend, http, grpc, triton_metrics),
         adapters=2,
         extra_arguments=(
@@ -139,7 +139,7 @@ def stack(
         yield local
     finally:
         stopped = local.stop()
-        delete_topology(local.broker, [f"{prefix}.replies.metrics-test"])
+        delete_topology(local.broker, [f"{local.prefix}.replies.metrics-test"])
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert not (local.run_dir / "prometheus").exists()  # stop.sh removes its targets too
 
@@ -158,11 +158,15 @@ def local_scrape_config(storage: Path, target: Path) -> Path:
     return target
 
 
+@pytest.fixture(scope="module")
+def prometheus_binary() -> str:
+    """The prometheus binary (checked before the stack starts: see require_tool)."""
+    return require_tool("prometheus", "prometheus")
+
+
 def test_prometheus_scrapes_every_endpoint_and_sees_the_study(
-    stack: LocalStack, fixtures_dir: Path, tmp_path: Path
+    prometheus_binary: str, stack: LocalStack, fixtures_dir: Path, tmp_path: Path
 ) -> None:
-    if shutil.which("prometheus") is None:
-        pytest.fail("the prometheus binary is missing: scripts/ensure_services.sh installs it")
     topology = QueueTopology(prefix=stack.prefix)
     # A study submitted over AMQP: the adapter counts it, and the frontend counts its result
     # when its recorder writes it into the registry.
@@ -186,7 +190,9 @@ def test_prometheus_scrapes_every_endpoint_and_sees_the_study(
     assert result.status is TaskStatus.COMPLETED
 
     config = local_scrape_config(stack.storage, tmp_path / "prometheus.yml")
-    prometheus = Prometheus(config, tmp_path / "tsdb", tmp_path / "prometheus.log")
+    prometheus = Prometheus(
+        prometheus_binary, config, tmp_path / "tsdb", tmp_path / "prometheus.log"
+    )
     try:
         wait_for(prometheus.ready, 60, "Prometheus ready")
 
@@ -259,10 +265,9 @@ def test_prometheus_scrapes_every_endpoint_and_sees_the_study(
 
 @pytest.mark.parametrize("name", ["prometheus.local.yml", "prometheus.compose.yml"])
 def test_the_repository_scrape_configs_pass_promtool(name: str) -> None:
-    if shutil.which("promtool") is None:
-        pytest.fail("promtool is missing: scripts/ensure_services.sh installs Prometheus")
+    promtool = require_tool("promtool", "prometheus")
     checked = subprocess.run(
-        ["promtool", "check", "config", "--syntax-only", str(MONITORING / name)],
+        [promtool, "check", "config", "--syntax-only", str(MONITORING / name)],
         capture_output=True,
         text=True,
         timeout=60,

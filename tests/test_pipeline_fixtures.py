@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from batch_support import run_batch
-from openpyxl import load_workbook
+from batch_support import report_rows, screen_with
 
 from services.batch.model_input_files import ModelInputSaver
 from services.core.config import InferenceSettings, Settings
@@ -64,19 +63,9 @@ def batch_run(fixtures_dir, tiny_model_repository, tmp_path_factory):
         _zip_as_hospital(fixtures_dir / name, inputs / f"{name}.zip")
     _hostile_archives(inputs, fixtures_dir)
     environment = {**os.environ, "TMPDIR": str(temp)}
-    completed = run_batch(
-        inputs,
-        output,
-        "--model-repository",
-        tiny_model_repository,
-        cwd=cwd,
-        environment=environment,
-    )
-    rows = list(load_workbook(output / "output.xlsx")["report"].iter_rows(values_only=True))
-    header = rows[0]
+    completed = screen_with(tiny_model_repository, inputs, output, cwd=cwd, environment=environment)
     by_input = {}
-    for values in rows[1:]:
-        row = dict(zip(header, values, strict=True))
+    for row in report_rows(output):
         by_input.setdefault(Path(row["path_to_study"]).stem, []).append(row)
     documents = {}
     for path in (output / "json").glob("*.json"):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from batch_support import run_batch
+from batch_support import screen_with
 from corpus import builders
 from corpus.builders import PATIENT_BIRTH_DATE, PATIENT_ID, PATIENT_NAME
 from corpus.kinds import KINDS, SENTINEL, Source
@@ -148,14 +148,7 @@ def debug_run(fixtures_dir: Path, tiny_model_repository: Path, tmp_path_factory)
         TMPDIR=str(temp),
         HOME=str(home),  # anything written to ~/.cache or ~/.config is searched too
     )
-    completed = run_batch(
-        inputs,
-        output,
-        "--model-repository",
-        tiny_model_repository,
-        cwd=cwd,
-        environment=environment,
-    )
+    completed = screen_with(tiny_model_repository, inputs, output, cwd=cwd, environment=environment)
     return {
         "completed": completed,
         "studies": studies,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import test_adapter
-from stack_support import wait_for, zip_directory
-from test_adapter import PROJECT_ROOT, Client, upload
+from stack_support import start_service, wait_for, zip_directory
+from test_adapter import Client, upload
 
 from services.adapter.consumer import Adapter
 from services.adapter.handoff import kept_intake_dir, prepared_dir
@@ -65,7 +64,13 @@ def adapter_running(settings: Settings, adapter_id: str, stages: list[str]) -> I
         thread.join(30)
 
 
-def submit(client: Client, settings: Settings, study: Path, name: str, priority: Priority) -> str:
+def submit(
+    client: Client,
+    settings: Settings,
+    study: Path,
+    name: str,
+    priority: Priority = Priority.ROUTINE,
+) -> str:
     task_id, relative = upload(settings, study)
     task = StudyTask(
         task_id=task_id,
@@ -99,22 +104,23 @@ def started_order(client: Client) -> list[str]:
 
 
 @pytest.fixture
-def client(settings: Settings) -> Iterator[Client]:
+def topology(settings: Settings) -> QueueTopology:
+    return QueueTopology.from_settings(settings.rabbitmq)
+
+
+@pytest.fixture
+def client(settings: Settings, topology: QueueTopology) -> Iterator[Client]:
     client = Client(settings)
-    declare_topology(client.channel, QueueTopology.from_settings(settings.rabbitmq))
+    declare_topology(client.channel, topology)
     yield client
     client.close()
 
 
 def test_a_refusal_overtakes_studies_waiting_for_the_model(
-    settings: Settings, studies: dict[str, Path], client: Client
+    settings: Settings, studies: dict[str, Path], client: Client, topology: QueueTopology
 ) -> None:
-    topology = QueueTopology.from_settings(settings.rabbitmq)
-    chests = [
-        submit(client, settings, studies["chest"], f"chest-{n}.zip", Priority.ROUTINE)
-        for n in range(3)
-    ]
-    head = submit(client, settings, studies["head"], "head.zip", Priority.ROUTINE)
+    chests = [submit(client, settings, studies["chest"], f"chest-{n}.zip") for n in range(3)]
+    head = submit(client, settings, studies["head"], "head.zip")
     with adapter_running(settings, "prepare-only", ["prepare"]):
         refused = client.result(head)
         # Every chest CT is prepared and waits for the model; none has a result yet.
@@ -146,6 +152,7 @@ def test_refusals_behind_chest_cts_are_answered_before_any_full_preparation(
     settings: Settings,
     studies: dict[str, Path],
     client: Client,
+    topology: QueueTopology,
     fixtures_dir: Path,
     tmp_path: Path,
 ) -> None:
@@ -153,18 +160,14 @@ def test_refusals_behind_chest_cts_are_answered_before_any_full_preparation(
     broken archive: the preparation stage checks each chest only as far as is cheap while
     the others wait, so the three refusals come before the first chest's full preparation;
     the chests are then prepared first in, first out, each once."""
-    topology = QueueTopology.from_settings(settings.rabbitmq)
-    chests = [
-        submit(client, settings, studies["chest"], f"chest-{n}.zip", Priority.ROUTINE)
-        for n in range(3)
-    ]
+    chests = [submit(client, settings, studies["chest"], f"chest-{n}.zip") for n in range(3)]
     mr = zip_directory(fixtures_dir / "mr_brain_t1", tmp_path / "mr.zip")
     broken = tmp_path / "broken.zip"
     broken.write_bytes(studies["chest"].read_bytes()[:5000])  # cut off: not a readable zip
     refusals = [
-        submit(client, settings, studies["head"], "head.zip", Priority.ROUTINE),
-        submit(client, settings, mr, "mr.zip", Priority.ROUTINE),
-        submit(client, settings, broken, "broken.zip", Priority.ROUTINE),
+        submit(client, settings, studies["head"], "head.zip"),
+        submit(client, settings, mr, "mr.zip"),
+        submit(client, settings, broken, "broken.zip"),
     ]
     with adapter_running(settings, "prepare-only", ["prepare"]):
         wait_for(
@@ -206,13 +209,9 @@ def test_refusals_behind_chest_cts_are_answered_before_any_full_preparation(
 
 
 def test_a_stat_study_behind_ten_routine_ones_is_served_first(
-    settings: Settings, studies: dict[str, Path], client: Client
+    settings: Settings, studies: dict[str, Path], client: Client, topology: QueueTopology
 ) -> None:
-    topology = QueueTopology.from_settings(settings.rabbitmq)
-    routine = [
-        submit(client, settings, studies["chest"], f"routine-{n}.zip", Priority.ROUTINE)
-        for n in range(10)
-    ]
+    routine = [submit(client, settings, studies["chest"], f"routine-{n}.zip") for n in range(10)]
     stat = submit(client, settings, studies["chest"], "stat.zip", Priority.STAT)
     assert waiting_in(client, [topology.task_lane(Priority.STAT)]) == 1
 
@@ -238,18 +237,17 @@ def test_an_adapter_killed_inside_the_model_stage_leaves_exactly_one_result(
     settings: Settings,
     studies: dict[str, Path],
     client: Client,
+    topology: QueueTopology,
     triton: LocalTritonServer,
     tmp_path: Path,
 ) -> None:
     """kill -9 of an adapter process while its model stage holds the prepared study (its
     model request hangs on a frozen Triton): the broker gives the ModelTask to another
     adapter, which finishes it once; the prepared folder is still there for it."""
-    topology = QueueTopology.from_settings(settings.rabbitmq)
     log = (tmp_path / "victim.log").open("wb")  # read when the victim does not come up
-    victim = subprocess.Popen(
-        [sys.executable, "-m", "services.adapter", "--adapter-id", "model-victim"],
-        cwd=PROJECT_ROOT,
-        env={
+    victim = start_service(
+        "services.adapter",
+        {
             **os.environ,
             "CTS__STORAGE__ROOT": str(settings.storage.root),
             "CTS__RABBITMQ__QUEUE_PREFIX": settings.rabbitmq.queue_prefix,
@@ -259,6 +257,8 @@ def test_an_adapter_killed_inside_the_model_stage_leaves_exactly_one_result(
             "CTS__INFERENCE__TRITON_URL": settings.inference.triton_url,
             "CTS__ADAPTER__STAGES": '["model"]',
         },
+        "--adapter-id",
+        "model-victim",
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -278,7 +278,7 @@ def test_an_adapter_killed_inside_the_model_stage_leaves_exactly_one_result(
             )
             os.kill(triton.pid, signal.SIGSTOP)
             try:
-                task_id = submit(client, settings, studies["chest"], "chest.zip", Priority.ROUTINE)
+                task_id = submit(client, settings, studies["chest"], "chest.zip")
 
                 def in_model_request() -> bool:
                     client.poll()

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import get_args
 
 import pydicom
 import pytest
-from orthanc_support import Orthanc
+from orthanc_support import ARCHIVE_PASSWORD, ARCHIVE_USER, Orthanc, dicomweb_archive
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 from pydicom.dataset import Dataset
@@ -60,8 +60,6 @@ from services.sr.evidence import read_evidence
 from services.triton.local_server import free_local_ports
 
 CHEST = "chest_ct_lung_dx_a0002"
-ARCHIVE_USER = "cts"
-ARCHIVE_PASSWORD = "archive-password"
 PASSWORD_ENV = "CTS_TEST_ARCHIVE_PASSWORD"
 SOP_UID = "2.25.1234"
 OTHER_UID = "2.25.5678"
@@ -470,16 +468,8 @@ def test_a_timeout_and_a_closed_port_mean_try_again(
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Iterator[Orthanc]:
-    server = Orthanc(
-        tmp_path_factory.mktemp("dicomweb-archive"),
-        dicomweb=True,
-        users={ARCHIVE_USER: ARCHIVE_PASSWORD},
-    )
-    server.start()
-    try:
+    with dicomweb_archive(tmp_path_factory.mktemp("dicomweb-archive")) as server:
         yield server
-    finally:
-        server.close()
 
 
 @dataclass
@@ -528,6 +518,22 @@ def report_file(document: Dataset, folder: Path, key: str) -> Path:
     return save(copy, folder / f"{key}.dcm")
 
 
+@pytest.fixture
+def report_to_send(
+    report_document: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., tuple[Path, str]]:
+    """``(key, password=ARCHIVE_PASSWORD) -> (path, SOPInstanceUID)``: a new instance of the
+    report under tmp_path/reports, with ``password`` as the archive's secret in the
+    environment the sender reads it from."""
+
+    def new_report(key: str, password: str = ARCHIVE_PASSWORD) -> tuple[Path, str]:
+        monkeypatch.setenv(PASSWORD_ENV, password)
+        path = report_file(report_document, tmp_path / "reports", key)
+        return path, str(pydicom.dcmread(path).SOPInstanceUID)
+
+    return new_report
+
+
 def save(document: Dataset, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     document.save_as(path, enforce_file_format=True)
@@ -536,14 +542,9 @@ def save(document: Dataset, path: Path) -> Path:
 
 @pytest.mark.slow
 def test_a_report_sent_by_stow_rs_is_filed_by_orthanc(
-    archive: Orthanc,
-    report_document: Dataset,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    archive: Orthanc, report_document: Dataset, report_to_send, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv(PASSWORD_ENV, ARCHIVE_PASSWORD)
-    path = report_file(report_document, tmp_path / "reports", "filed")
-    uid = str(pydicom.dcmread(path).SOPInstanceUID)
+    path, uid = report_to_send("filed")
     running = start_sender(tmp_path / "storage", archive_destination(archive))
     try:
         assert running.outbox.name == f"stowrs_127.0.0.1_{archive.http_port}_dicom-web"
@@ -564,14 +565,9 @@ def test_a_report_sent_by_stow_rs_is_filed_by_orthanc(
 
 @pytest.mark.slow
 def test_a_report_waits_while_the_archive_is_down_and_is_sent_once(
-    archive: Orthanc,
-    report_document: Dataset,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    archive: Orthanc, report_to_send, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv(PASSWORD_ENV, ARCHIVE_PASSWORD)
-    path = report_file(report_document, tmp_path / "reports", "outage")
-    uid = str(pydicom.dcmread(path).SOPInstanceUID)
+    path, uid = report_to_send("outage")
     stored_before = archive.instance_count()
     archive.stop()
     running = start_sender(tmp_path / "storage", archive_destination(archive))
@@ -596,14 +592,9 @@ def test_a_report_waits_while_the_archive_is_down_and_is_sent_once(
 
 @pytest.mark.slow
 def test_a_refused_report_goes_to_failed_with_its_status(
-    archive: Orthanc,
-    report_document: Dataset,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    archive: Orthanc, report_to_send, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv(PASSWORD_ENV, "not-the-password")  # Orthanc answers 401
-    path = report_file(report_document, tmp_path / "reports", "refused")
-    uid = str(pydicom.dcmread(path).SOPInstanceUID)
+    path, uid = report_to_send("refused", password="not-the-password")  # Orthanc answers 401
     running = start_sender(tmp_path / "storage", archive_destination(archive))
     failed = running.outbox.directory / FAILED_DIR
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from openpyxl import load_workbook
+from report_support import screened_report
 
 from services.core.labels import FINDING_LABELS
 from services.core.reports import (
@@ -17,8 +18,6 @@ from services.core.reports import (
 )
 from services.core.schemas import (
     REPORT_COLUMNS,
-    FindingResult,
-    ModelInfo,
     ProcessingStatus,
     StudyReport,
 )
@@ -27,26 +26,7 @@ PATIENT_NAME = "DOE^JANE"
 
 
 def _success(demo: bool = True) -> StudyReport:
-    findings = [
-        FindingResult(label=label, probability=i / 40, threshold=0.5, positive=i / 40 >= 0.5)
-        for i, label in enumerate(FINDING_LABELS)
-    ]
-    return StudyReport(
-        path_to_study=f"incoming/{PATIENT_NAME}.zip",
-        study_uid="1.2.3.4",
-        series_uid="1.2.3.4.5",
-        probability_of_pathology=0.8125,
-        pathology=1,
-        processing_status=ProcessingStatus.SUCCESS,
-        time_of_processing=12.5,
-        most_dangerous_pathology_type="Lymphadenopathy",
-        warnings=["uneven slice spacing"],
-        findings=findings,
-        model=ModelInfo(
-            version="demo-abcdef012345", demo=demo, backend="onnxruntime", flavour="python"
-        ),
-        demo_weights=demo,
-    )
+    return screened_report(demo=demo, path_to_study=f"incoming/{PATIENT_NAME}.zip")
 
 
 def _failure() -> StudyReport:

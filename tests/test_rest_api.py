@@ -5,23 +5,22 @@ The API end to end, with an adapter and the served schema, is in test_hospital_i
 
 from __future__ import annotations
 
-import uuid
 import zipfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
-from stack_support import delete_topology
+from stack_support import stack_settings, take_tasks
 
-from services.broker.connection import connect, declare_topology
-from services.broker.schemas import Priority, QueueTopology, StudyTask
+from services.broker.schemas import Priority, StudyTask
 from services.core.access import Role
-from services.core.config import Settings, load_settings
+from services.core.config import Settings
 from services.frontend.server import build_server
 from services.frontend.service import FrontendService
-from services.registry import Door, Registry, Submission, upgrade_registry
+from services.registry import Door, Registry, Submission
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -30,17 +29,12 @@ AUTH: dict[str, str] = {}  # the test's API key, made by the settings fixture
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Iterator[Settings]:
-    settings = load_settings(environ={})
-    settings.storage.root = tmp_path / "storage"
-    settings.rabbitmq.queue_prefix = f"test-rest-{uuid.uuid4().hex[:10]}"
-    settings.metrics.enabled = False
-    upgrade_registry(settings)
-    registry = Registry.open(settings)
-    key = registry.accounts.add_key("ris", Role.RADIOLOGIST)
-    registry.close()
-    AUTH["Authorization"] = f"Bearer {key}"
-    yield settings
-    delete_topology(settings.rabbitmq)
+    with stack_settings(tmp_path / "storage", "rest") as settings:
+        registry = Registry.open(settings)
+        key = registry.accounts.add_key("ris", Role.RADIOLOGIST)
+        registry.close()
+        AUTH["Authorization"] = f"Bearer {key}"
+        yield settings
 
 
 def client_for(settings: Settings) -> TestClient:
@@ -55,20 +49,15 @@ def study_zip(fixtures_dir: Path, target: Path, count: int = 3) -> Path:
     return target
 
 
+def post_study(client: TestClient, name: str, content: bytes, **form: str) -> httpx.Response:
+    """POST /studies with the test's API key: ``content`` as the file ``name``, ``form`` as the
+    form's other fields."""
+    return client.post("/studies", headers=AUTH, files={"file": (name, content)}, data=form)
+
+
 def queued_tasks(settings: Settings, priority: Priority = Priority.ROUTINE) -> list[StudyTask]:
     """The tasks waiting in the lane of ``priority`` (taken off it)."""
-    topology = QueueTopology.from_settings(settings.rabbitmq)
-    connection = connect(settings.rabbitmq, name="test rest tasks", give_up_after_s=10)
-    tasks = []
-    lane = topology.task_lane(priority)
-    try:
-        channel = connection.channel()
-        declare_topology(channel, topology)
-        while (message := channel.basic_get(lane, auto_ack=True))[0] is not None:
-            tasks.append(StudyTask.model_validate_json(message[2]))
-    finally:
-        connection.close()
-    return tasks
+    return take_tasks(settings.rabbitmq, priority)
 
 
 def test_an_upload_becomes_a_task_and_answers_its_status(
@@ -76,9 +65,7 @@ def test_an_upload_becomes_a_task_and_answers_its_status(
 ) -> None:
     upload = study_zip(fixtures_dir, tmp_path / "chest study.zip")
     with client_for(settings) as client:
-        answer = client.post(
-            "/studies", headers=AUTH, files={"file": ("chest study.zip", upload.read_bytes())}
-        )
+        answer = post_study(client, "chest study.zip", upload.read_bytes())
         assert answer.status_code == 202, answer.text
         task_id = answer.json()["task_id"]
         assert answer.headers["location"] == f"/api/v1/studies/{task_id}"
@@ -102,26 +89,16 @@ def test_an_upload_becomes_a_task_and_answers_its_status(
 def test_a_stat_upload_travels_in_the_stat_lane(
     settings: Settings, fixtures_dir: Path, tmp_path: Path
 ) -> None:
-    upload = study_zip(fixtures_dir, tmp_path / "emergency.zip")
+    upload = study_zip(fixtures_dir, tmp_path / "emergency.zip").read_bytes()
     with client_for(settings) as client:
-        answer = client.post(
-            "/studies",
-            headers=AUTH,
-            files={"file": ("emergency.zip", upload.read_bytes())},
-            data={"priority": "stat"},
-        )
+        answer = post_study(client, "emergency.zip", upload, priority="stat")
         assert answer.status_code == 202, answer.text
         # Recorded with the study: the registry's row (and so the wait estimate) knows it.
         listed = client.get("/studies", headers=AUTH).json()["items"]
         assert [(item["task_id"], item["priority"]) for item in listed] == [
             (answer.json()["task_id"], "stat")
         ]
-        wrong = client.post(
-            "/studies",
-            headers=AUTH,
-            files={"file": ("emergency.zip", upload.read_bytes())},
-            data={"priority": "yesterday"},
-        )
+        wrong = post_study(client, "emergency.zip", upload, priority="yesterday")
         assert wrong.status_code == 422
     assert queued_tasks(settings) == []  # nothing in the routine lane
     (task,) = queued_tasks(settings, Priority.STAT)
@@ -134,9 +111,7 @@ def test_a_dicom_file_without_a_suffix_is_recognised(
 ) -> None:
     source = sorted((fixtures_dir / "head_ct_gantry_tilt").iterdir())[0]
     with client_for(settings) as client:
-        answer = client.post(
-            "/studies", headers=AUTH, files={"file": ("IM0001", source.read_bytes())}
-        )
+        answer = post_study(client, "IM0001", source.read_bytes())
     assert answer.status_code == 202, answer.text
     (task,) = queued_tasks(settings)
     stored = task.resolve_study_path(settings.storage.root)
@@ -150,7 +125,7 @@ def test_every_refusal_is_json_with_a_reason(
     with client_for(settings) as client:
         cases = {
             401: client.post("/studies", files={"file": ("study.zip", upload)}),
-            415: client.post("/studies", headers=AUTH, files={"file": ("a.zip", b"not a zip")}),
+            415: post_study(client, "a.zip", b"not a zip"),
             404: client.get("/studies/no-such-task", headers=AUTH),
             422: client.post("/studies", headers=AUTH, data={"other": "field"}),
         }
@@ -169,13 +144,13 @@ def test_the_ui_limits_apply(settings: Settings, fixtures_dir: Path, tmp_path: P
     assert len(upload) > 1024 * 1024
     settings.frontend.max_upload_mb = 1
     with client_for(settings) as client:
-        too_large = client.post("/studies", headers=AUTH, files={"file": ("study.zip", upload)})
+        too_large = post_study(client, "study.zip", upload)
     assert too_large.status_code == 413
     assert "1 MB limit" in too_large.json()["reason"]
     settings.frontend.max_upload_mb = 2048
     settings.rabbitmq.max_queue_depth = 0
     with client_for(settings) as client:
-        full = client.post("/studies", headers=AUTH, files={"file": ("study.zip", upload)})
+        full = post_study(client, "study.zip", upload)
     assert full.status_code == 429
     assert "queue is full" in full.json()["reason"]
     assert queued_tasks(settings) == []
@@ -218,9 +193,7 @@ def test_the_listing_pages_and_filters_the_registry(
     ]
     with client_for(settings) as client:
         for upload in uploads:
-            answer = client.post(
-                "/studies", headers=AUTH, files={"file": (upload.name, upload.read_bytes())}
-            )
+            answer = post_study(client, upload.name, upload.read_bytes())
             assert answer.status_code == 202, answer.text
         first = client.get("/studies", headers=AUTH, params={"limit": 2}).json()
         second = client.get(

@@ -12,16 +12,17 @@ from typing import Any
 
 import httpx
 import pytest
-from stack_support import delete_topology
-from web_support import PATIENT_NAME, WebFrontend, finished_study, signed_in_client, web_frontend
+from registry_support import task_submission
+from stack_support import stack_settings
+from web_support import PATIENT_NAME, WebFrontend, finished_study, module_frontend, signed_in_client
 
 from services.core.access import Principal, PrincipalKind, Role
-from services.core.config import Settings, load_settings
+from services.core.config import Settings
 from services.frontend.api.models import ReviewRequest
 from services.frontend.auth.access import AccessControl
 from services.frontend.reviews import record_review, reviews_of
 from services.frontend.study_access import StudyRefused
-from services.registry import Door, Submission, upgrade_registry
+from services.registry import Door
 from services.registry.audit import AuditAction, AuditQuery
 
 pytestmark = pytest.mark.rabbitmq
@@ -31,45 +32,29 @@ SECRET_COMMENT = "Testpatient Alice: the nodule is a vessel"
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    settings = load_settings(environ={})
-    settings.storage.root = tmp_path_factory.mktemp("reviews") / "storage"
-    settings.rabbitmq.queue_prefix = f"test-reviews-{uuid.uuid4().hex[:10]}"
-    settings.metrics.enabled = False
-    settings.frontend.failed_sign_in_delay_s = 0.01
-    upgrade_registry(settings)
-    yield settings
-    delete_topology(settings.rabbitmq)
+    with stack_settings(tmp_path_factory.mktemp("reviews") / "storage", "reviews") as settings:
+        settings.frontend.failed_sign_in_delay_s = 0.01
+        yield settings
 
 
-@pytest.fixture(scope="module")
-def frontend(settings: Settings) -> Iterator[WebFrontend]:
-    with web_frontend(settings) as running:
-        yield running
+frontend = module_frontend
 
 
 @pytest.fixture(scope="module")
 def people(frontend: WebFrontend) -> dict[str, str]:
-    return {
-        "radiologist": frontend.add_user("rad-review", Role.RADIOLOGIST),
-        "technologist": frontend.add_user("tech-review", Role.TECHNOLOGIST),
-        "admin": frontend.add_user("admin-review", Role.ADMIN),
+    """A user of each role, keyed by the role."""
+    names = {
+        Role.RADIOLOGIST: "rad-review",
+        Role.TECHNOLOGIST: "tech-review",
+        Role.ADMIN: "admin-review",
     }
+    return {role.value: frontend.add_user(name, role) for role, name in names.items()}
 
 
 def queued_study(frontend: WebFrontend, sender: str) -> str:
     task_id = uuid.uuid4().hex
-    now = datetime.now(UTC)
-    frontend.registry.record_submission(
-        Submission(
-            task_id=task_id,
-            door=Door.UPLOAD,
-            sender=sender,
-            original_filename="queued.zip",
-            study_path=f"uploads/{task_id}/queued.zip",
-            received_at=now,
-            queued_at=now,
-        )
-    )
+    submission = task_submission(task_id, at=datetime.now(UTC), door=Door.UPLOAD, sender=sender)
+    frontend.registry.record_submission(submission)
     return task_id
 
 

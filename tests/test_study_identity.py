@@ -83,15 +83,19 @@ def test_times_are_read_strictly(value: str, expected: str | None) -> None:
 
 def test_the_patient_identity_is_read_as_text_and_bounded() -> None:
     header = Dataset()
-    header.PatientName = "Doe^Jane^^Dr"
-    header.PatientID = " 12345 "
-    header.IssuerOfPatientID = "HOSP-A"
-    header.PatientBirthDate = "19610203"
-    header.PatientAge = "061Y"
-    header.PatientSex = "f"
-    header.StudyTime = "141502.5"
-    header.Modality = "CT"
-    header.ReferringPhysicianName = "Who^" + "x" * 500
+    header.update(
+        {
+            "PatientName": "Doe^Jane^^Dr",
+            "PatientID": " 12345 ",
+            "IssuerOfPatientID": "HOSP-A",
+            "PatientBirthDate": "19610203",
+            "PatientAge": "061Y",
+            "PatientSex": "f",
+            "StudyTime": "141502.5",
+            "Modality": "CT",
+            "ReferringPhysicianName": "Who^" + "x" * 500,
+        }
+    )
     identity = patient_identity(header)
     assert identity is not None
     assert identity.patient_name == "Doe^Jane^^Dr"

@@ -17,6 +17,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
+from stack_support import triton_server
+from test_build_repository import run_chain
 
 from convertation.build_repository import Flavour, build_repository, demo_models
 from services.core.model_metadata import (
@@ -59,16 +61,8 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repository: Path, tmp_path_factory: pytest.TempPathFactory):
-    http, grpc, metrics = free_local_ports(3)
     log_file = tmp_path_factory.mktemp("triton_log") / "tritonserver.log"
-    with LocalTritonServer(
-        repository,
-        http_port=http,
-        grpc_port=grpc,
-        metrics_port=metrics,
-        log_file=log_file,
-        ready_timeout_s=READY_TIMEOUT_S,
-    ) as running:
+    with triton_server(repository, log_file, ready_timeout_s=READY_TIMEOUT_S) as running:
         yield running
 
 
@@ -92,19 +86,7 @@ def test_ensemble_over_grpc_equals_the_onnx_files_run_directly(
     result = grpc_client(server.grpc_url).infer(
         ENSEMBLE_NAME, [request], outputs=outputs, client_timeout=60
     )
-
-    def session(model: str) -> ort.InferenceSession:
-        path = repository / model / "1" / "model.onnx"
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-    (embedding,) = session(ENCODER_NAME).run(None, {"volume": volume})
-    (pathology,) = session(BINARY_HEAD_NAME).run(None, {"embedding": embedding})
-    (findings,) = session(MULTILABEL_HEAD_NAME).run(None, {"embedding": embedding})
-    expected = {
-        "embedding": embedding,
-        "pathology_probability": pathology,
-        "finding_probabilities": findings,
-    }
+    expected = run_chain(repository, volume)
     for name in OUTPUTS:
         served = result.as_numpy(name)
         assert served is not None, name
@@ -171,15 +153,7 @@ def test_a_model_that_cannot_load_fails_the_start_with_its_reason(
     for source in (repository / BINARY_HEAD_NAME / "1").iterdir():
         if source.is_file() and source.name != "model.onnx":  # the python model, no model.onnx
             (broken / BINARY_HEAD_NAME / "1" / source.name).write_bytes(source.read_bytes())
-    http, grpc, metrics = free_local_ports(3)
-    server = LocalTritonServer(
-        broken,
-        http_port=http,
-        grpc_port=grpc,
-        metrics_port=metrics,
-        log_file=tmp_path / "broken.log",
-        ready_timeout_s=READY_TIMEOUT_S,
-    )
+    server = triton_server(broken, tmp_path / "broken.log", ready_timeout_s=READY_TIMEOUT_S)
     with pytest.raises(TritonServerError, match="ONNX file not found"):
         server.start()
     assert not server.is_running()

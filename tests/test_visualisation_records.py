@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from report_support import screened_report
 
 from services.batch.preview_files import PreviewWriter
 from services.core.labels import FINDING_LABELS
@@ -17,8 +18,6 @@ from services.core.previews import study_previews, write_study_previews
 from services.core.reports import json_file_name, study_file_key
 from services.core.schemas import (
     ChestCheckEvidence,
-    FindingResult,
-    ModelInfo,
     ProcessingStatus,
     StudyReport,
 )
@@ -46,21 +45,10 @@ EMBEDDING = [0.6, 0.8, 0.0]
 
 
 def _success(pathology: int = 1) -> StudyReport:
-    findings = [
-        FindingResult(label=label, probability=i / 20, threshold=0.5, positive=i / 20 >= 0.5)
-        for i, label in enumerate(FINDING_LABELS)
-    ]
-    return StudyReport(
+    return screened_report(
+        finding_scale=20,
         path_to_study=f"/data/hospital_a/{PATIENT_NAME}.zip",
-        study_uid="1.2.3.4",
-        series_uid="1.2.3.4.5",
-        probability_of_pathology=0.8125,
         pathology=pathology,
-        processing_status=ProcessingStatus.SUCCESS,
-        time_of_processing=12.5,
-        most_dangerous_pathology_type="Lymphadenopathy",
-        warnings=["uneven slice spacing"],
-        findings=findings,
         chest_check=ChestCheckEvidence(
             is_chest=True,
             reason="chest CT: the tags say chest and the images show lungs",
@@ -68,10 +56,6 @@ def _success(pathology: int = 1) -> StudyReport:
             image_detector="lung_air",
             coverage_mm=240.0,
         ),
-        model=ModelInfo(
-            version="demo-abcdef012345", demo=True, backend="onnxruntime", flavour="python"
-        ),
-        demo_weights=True,
         study_date="2007-04-25",
         embedding=EMBEDDING,
     )

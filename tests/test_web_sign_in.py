@@ -19,14 +19,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from oidc_provider_mock import User, run_server_in_thread
 from playwright.sync_api import Browser, expect
-from stack_support import wait_for
+from stack_support import stack_settings, wait_for
 from web_support import (
     PASSWORD,
     finished_study,
     sign_in_page,
     try_sign_in,
     web_frontend,
-    web_test_settings,
 )
 from worklist_page import worklist_rows
 
@@ -41,7 +40,7 @@ SIZES = ((1280, 800), (1920, 1080))
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Iterator[Settings]:
-    with web_test_settings(tmp_path, "signin") as settings:
+    with stack_settings(tmp_path / "storage", "signin") as settings:
         yield settings
 
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from playwright.sync_api import Browser, Page, expect
+from stack_support import stack_settings
 from triage_page import SIZES, result_arrives, review
 from web_support import (
     WebFrontend,
     finished_study,
     sign_in_page,
     web_frontend,
-    web_test_settings,
 )
 
 from services.adapter.viewer_data import ViewerStack, encode_hu, write_viewer
@@ -41,7 +41,7 @@ TRUNCATED_HEADERS = """
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Iterator[Settings]:
-    with web_test_settings(tmp_path, "triage") as settings:
+    with stack_settings(tmp_path / "storage", "triage") as settings:
         yield settings
 
 

@@ -14,18 +14,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from playwright.sync_api import Page
-from stack_support import delete_topology
+from registry_support import task_submission
 
 from services.broker.schemas import ResultFile, StudyResult, TaskStatus
 from services.broker.storage import store_result
 from services.core.access import Role
-from services.core.config import Settings, load_settings
+from services.core.config import Settings
 from services.core.schemas import PatientIdentity, ProcessingStatus, StudyReport
 from services.frontend.server import WebServer, build_server
 from services.frontend.service import FrontendService
-from services.registry import Door, Registry, Submission, upgrade_registry
+from services.registry import Door, Registry
 
 PASSWORD = "a long enough password"
 PATIENT_NAME = "Testpatient^Alice"
@@ -64,21 +65,6 @@ def add_account(settings: Settings, name: str, role: Role) -> str:
 
 
 @contextmanager
-def web_test_settings(folder: Path, name: str) -> Iterator[Settings]:
-    """Settings of a test's own frontend: storage (and its SQLite registry) in ``folder``,
-    queues of its own on the shared RabbitMQ (deleted afterwards), no metrics port."""
-    settings = load_settings(environ={})
-    settings.storage.root = folder / "storage"
-    settings.rabbitmq.queue_prefix = f"test-{name}-{uuid.uuid4().hex[:10]}"
-    settings.metrics.enabled = False
-    upgrade_registry(settings)
-    try:
-        yield settings
-    finally:
-        delete_topology(settings.rabbitmq)
-
-
-@contextmanager
 def web_frontend(settings: Settings) -> Iterator[WebFrontend]:
     """The web server of one frontend, as python -m services.frontend serves it."""
     settings.frontend.port = free_port()
@@ -93,6 +79,14 @@ def web_frontend(settings: Settings) -> Iterator[WebFrontend]:
     finally:
         server.stop()
         service.stop()
+
+
+@pytest.fixture(scope="module")
+def module_frontend(settings: Settings) -> Iterator[WebFrontend]:
+    """The web server over the test module's ``settings`` fixture, shared by the module's tests:
+    a module takes it as its ``frontend`` fixture with ``frontend = module_frontend``."""
+    with web_frontend(settings) as running:
+        yield running
 
 
 def sign_in_form_token(page_text: str) -> str:
@@ -180,17 +174,7 @@ def finished_study(
         original_filename=f"{task_id}.zip",
         finished_at=now,
     )
-    frontend.registry.record_submission(
-        Submission(
-            task_id=task_id,
-            door=door,
-            sender=sender,
-            original_filename=f"{task_id}.zip",
-            study_path=f"uploads/{task_id}/{task_id}.zip",
-            received_at=now,
-            queued_at=now,
-        )
-    )
+    frontend.registry.record_submission(task_submission(task_id, at=now, door=door, sender=sender))
     store_result(root, result)
     frontend.registry.record_result(result)
     return task_id, result

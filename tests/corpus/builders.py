@@ -201,18 +201,28 @@ def truncate_file(path: Path, keep_fraction: float) -> None:
 # --- non-image and other-modality objects ----------------------------------------------
 
 
+def new_instance(
+    reference: Dataset, seed: str, sop_class: str, modality: str, *, series_number: str
+) -> Dataset:
+    """Instance 1 of ``sop_class`` in a series of its own of the reference's study, its UIDs
+    derived from ``seed`` and the modality."""
+    kind = modality.lower()
+    sop_uid = generate_uid(entropy_srcs=[seed, kind])
+    ds = Dataset()
+    ds.file_meta = file_meta(sop_class, sop_uid)
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.Modality = modality
+    ds.StudyInstanceUID = reference.StudyInstanceUID
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[seed, f"{kind}-series"])
+    ds.SeriesNumber = series_number
+    ds.InstanceNumber = "1"
+    return ds
+
+
 def text_report(reference: Dataset, seed: str) -> Dataset:
     """A Basic Text SR object of the reference's study (no Rows/Columns: not an image)."""
-    sop_uid = generate_uid(entropy_srcs=[seed, "sr"])
-    ds = Dataset()
-    ds.file_meta = file_meta(BASIC_TEXT_SR, sop_uid)
-    ds.SOPClassUID = BASIC_TEXT_SR
-    ds.SOPInstanceUID = sop_uid
-    ds.Modality = "SR"
-    ds.StudyInstanceUID = reference.StudyInstanceUID
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[seed, "sr-series"])
-    ds.SeriesNumber = "900"
-    ds.InstanceNumber = "1"
+    ds = new_instance(reference, seed, BASIC_TEXT_SR, "SR", series_number="900")
     ds.StudyDate = reference.get("StudyDate", "")
     ds.ValueType = "CONTAINER"
     ds.CompletionFlag = "COMPLETE"
@@ -233,17 +243,8 @@ def text_report(reference: Dataset, seed: str) -> Dataset:
 
 def segmentation(reference: Dataset, seed: str, frames: int = 4) -> Dataset:
     """A binary Segmentation object on the reference's grid (an image SOP class, not CT)."""
-    sop_uid = generate_uid(entropy_srcs=[seed, "seg"])
-    ds = Dataset()
-    ds.file_meta = file_meta(SEGMENTATION_STORAGE, sop_uid)
-    ds.SOPClassUID = SEGMENTATION_STORAGE
-    ds.SOPInstanceUID = sop_uid
-    ds.Modality = "SEG"
-    ds.StudyInstanceUID = reference.StudyInstanceUID
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[seed, "seg-series"])
+    ds = new_instance(reference, seed, SEGMENTATION_STORAGE, "SEG", series_number="901")
     ds.FrameOfReferenceUID = reference.get("FrameOfReferenceUID", generate_uid())
-    ds.SeriesNumber = "901"
-    ds.InstanceNumber = "1"
     ds.ImageType = ["DERIVED", "PRIMARY"]
     ds.SegmentationType = "BINARY"
     ds.SamplesPerPixel = 1
@@ -378,50 +379,26 @@ def write_raw_zip(
     return archive
 
 
+# A member as both its local header and its central record describe it: version needed,
+# flags, method, time, date, CRC, sizes and the name's length.
+MEMBER_FIELDS = "HHHHHIIIH"
+
+
+def _member_fields(member: RawMember, name: bytes) -> tuple[int, ...]:
+    flags = member.flags | 0x800  # 0x800: the name is UTF-8
+    sizes = (len(member.payload), member.file_size, len(name))
+    return (member.version_needed, flags, member.method, 0, 0x21, member.crc, *sizes)
+
+
 def _local_header(member: RawMember, name: bytes) -> bytes:
-    return (
-        struct.pack(
-            "<IHHHHHIIIHH",
-            0x04034B50,
-            member.version_needed,
-            member.flags | 0x800,  # 0x800: the name is UTF-8
-            member.method,
-            0,
-            0x21,
-            member.crc,
-            len(member.payload),
-            member.file_size,
-            len(name),
-            0,
-        )
-        + name
-    )
+    fields = _member_fields(member, name)
+    return struct.pack(f"<I{MEMBER_FIELDS}H", 0x04034B50, *fields, 0) + name
 
 
 def _central_record(member: RawMember, name: bytes, offset: int) -> bytes:
-    return (
-        struct.pack(
-            "<IHHHHHHIIIHHHHHII",
-            0x02014B50,
-            20,
-            member.version_needed,
-            member.flags | 0x800,
-            member.method,
-            0,
-            0x21,
-            member.crc,
-            len(member.payload),
-            member.file_size,
-            len(name),
-            0,
-            0,
-            0,
-            0,
-            0,
-            offset,
-        )
-        + name
-    )
+    fields = _member_fields(member, name)
+    trailer = (0, 0, 0, 0, 0, offset)  # extra, comment, disk, attributes, local header offset
+    return struct.pack(f"<IH{MEMBER_FIELDS}HHHHII", 0x02014B50, 20, *fields, *trailer) + name
 
 
 def deflate(data: bytes) -> bytes:
