@@ -406,13 +406,22 @@ def test_a_review_s_call_reaches_the_rows_reviewed_before_0009(
             opened.record_review(corrected)
         finally:
             opened.close()
-        # Back to 0008 without the downgrade, whose table rebuild on SQLite would take the
-        # reviews with it (ON DELETE CASCADE): the column dropped in place.
+        # Down to 0008 and up again: on SQLite the downgrade rebuilds `studies`, which must
+        # not take the reviews and hidden rows with it (ON DELETE CASCADE).
+        opened = Registry(url)
+        try:
+            seen = opened.study("seen")
+            assert seen is not None
+            assert opened.hide(seen.id, "dr.a")
+        finally:
+            opened.close()
+        command.downgrade(alembic_config(url), "0008")
         engine = create_registry_engine(url)
-        with engine.begin() as connection:
-            connection.execute(text("ALTER TABLE studies DROP COLUMN review_pathology"))
-            connection.execute(text("UPDATE alembic_version SET version_num = '0008'"))
+        with engine.connect() as connection:
+            kept = connection.execute(text("SELECT count(*) FROM reviews")).scalar_one()
+            hidden = connection.execute(text("SELECT count(*) FROM hidden_studies")).scalar_one()
         engine.dispose()
+        assert (kept, hidden) == (2, 1)
         command.upgrade(alembic_config(url), "head")
         opened = Registry(url)
         try:
