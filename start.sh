@@ -150,16 +150,29 @@ if [ "$MODE" = "docker" ]; then
   say "frontend: http://127.0.0.1:$FRONTEND_PORT   RabbitMQ console: http://127.0.0.1:15672"
   # The first web user, as on local processes: made in the running frontend container (the
   # registry's settings are its), the password kept here, 0600, and never replaced.
+  # A new password goes to a file of its own first: it becomes the kept one only when it is
+  # the admin's (made now) or may become it (the container could not be asked); an admin that
+  # exists already keeps no file that is not its password. Only standard output is read: a
+  # warning on standard error must not read as "made".
   ADMIN_PASSWORD_FILE="$SECRETS_DIR/admin-password"
-  [ -e "$ADMIN_PASSWORD_FILE" ] \
-    || (set -C; "$PYTHON" -c "import secrets; print(secrets.token_urlsafe(18))" > "$ADMIN_PASSWORD_FILE")
-  ADMIN_COMMAND="docker exec -i $FRONTEND_CONTAINER python -m services.registry users first-admin --password-stdin < $ADMIN_PASSWORD_FILE"
+  PASSWORD_SOURCE="$ADMIN_PASSWORD_FILE"
+  if [ ! -e "$ADMIN_PASSWORD_FILE" ]; then
+    PASSWORD_SOURCE="$ADMIN_PASSWORD_FILE.new"
+    rm -f "$PASSWORD_SOURCE"
+    (set -C; "$PYTHON" -c "import secrets; print(secrets.token_urlsafe(18))" > "$PASSWORD_SOURCE")
+  fi
+  ADMIN_COMMAND="docker exec -i $FRONTEND_CONTAINER python -m services.registry users first-admin --password-stdin < '$ADMIN_PASSWORD_FILE'"
+  ADMIN_ERRORS="$LOG_DIR/first-admin.log"
   if FIRST_ADMIN="$(docker exec -i "$FRONTEND_CONTAINER" python -m services.registry users first-admin \
-      --password-stdin < "$ADMIN_PASSWORD_FILE" 2>&1)"; then
-    [ -z "$FIRST_ADMIN" ] \
-      || say "web sign-in: user admin, password $(cat "$ADMIN_PASSWORD_FILE") (kept in $ADMIN_PASSWORD_FILE)"
+      --password-stdin < "$PASSWORD_SOURCE" 2> "$ADMIN_ERRORS")"; then
+    if [ -n "$FIRST_ADMIN" ]; then
+      [ "$PASSWORD_SOURCE" = "$ADMIN_PASSWORD_FILE" ] || mv -n "$PASSWORD_SOURCE" "$ADMIN_PASSWORD_FILE"
+      say "web sign-in: user admin, password $(cat "$ADMIN_PASSWORD_FILE") (kept in $ADMIN_PASSWORD_FILE)"
+    fi
+    [ "$PASSWORD_SOURCE" = "$ADMIN_PASSWORD_FILE" ] || rm -f "$PASSWORD_SOURCE"
   else
-    say "warning: the first web user could not be made yet (${FIRST_ADMIN##*$'\n'})"
+    [ "$PASSWORD_SOURCE" = "$ADMIN_PASSWORD_FILE" ] || mv -n "$PASSWORD_SOURCE" "$ADMIN_PASSWORD_FILE"
+    say "warning: the first web user could not be made yet ($(tail -n 1 "$ADMIN_ERRORS"))"
     say "make it, once the frontend runs, with: $ADMIN_COMMAND"
   fi
   exit 0

@@ -481,6 +481,15 @@ def test_start_sh_with_compose_makes_the_first_admin_or_says_the_one_command(
     assert again.returncode == 0, again.stderr
     assert "web sign-in" not in again.stdout  # it exists: not made, not shown again
     assert secret.read_text().strip() == password
+    # An admin made by hand, its password file gone: no file that is not its password is left.
+    secret.unlink()
+    by_hand = start(first)
+    assert by_hand.returncode == 0, by_hand.stderr
+    assert "web sign-in" not in by_hand.stdout
+    assert not secret.exists()
+    assert not secret.with_name("admin-password.new").exists()
+    secret.write_text(password + "\n")
+    secret.chmod(0o600)
 
     # The frontend container cannot be asked: the stack is up, and the one command is printed.
     second = registry_config("second")
@@ -489,7 +498,7 @@ def test_start_sh_with_compose_makes_the_first_admin_or_says_the_one_command(
     command = down.stdout.split("make it, once the frontend runs, with: ", 1)[1].splitlines()[0]
     assert command == (
         "docker exec -i chest-ct-screening-frontend-1 python -m services.registry users "
-        f"first-admin --password-stdin < {secret}"
+        f"first-admin --password-stdin < '{secret}'"
     )
     assert secret.read_text().strip() == password  # kept, not replaced
     made = subprocess.run(
