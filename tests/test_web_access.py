@@ -322,13 +322,14 @@ def test_study_files_and_the_rest_api_answer_by_role(
         assert client.get(f"/gradio_api/file={absolute}").status_code in (403, 404)
 
 
-def test_a_study_file_downloads_under_its_task_and_accession_never_the_patient(
+def test_a_study_file_downloads_under_its_task_never_the_patient(
     frontend: WebFrontend, people: dict[str, str], study: tuple[str, Any]
 ) -> None:
     """Every task stores output.xlsx; the header (which a browser follows over the link's
-    download attribute) names the file by accession and task, without identity."""
+    download attribute) names the file by study date and task, without identity or
+    accession number."""
     task_id, result = study
-    expected = f"chest-ct_ACC-WEB-1_task-{task_id[:8]}_"
+    expected = f"chest-ct_task-{task_id[:8]}_"
     with signed_in_client(frontend, people["radiologist"]) as client:
         for path in (
             f"/files/{task_id}/{result_file(result, 'xlsx')}",
@@ -340,7 +341,7 @@ def test_a_study_file_downloads_under_its_task_and_accession_never_the_patient(
             disposition = answer.headers["content-disposition"]
             assert disposition.startswith("attachment;"), disposition
             assert f'filename="{expected}' in disposition, disposition
-            for identity in ("Testpatient", "Alice", "PID-WEB-1"):
+            for identity in ("Testpatient", "Alice", "PID-WEB-1", "ACC-WEB-1"):
                 assert identity not in disposition, disposition
         # Images stay inline, for the page to show.
         preview = client.get(f"/files/{task_id}/{result_file(result, 'preview')}")

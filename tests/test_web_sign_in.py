@@ -76,11 +76,11 @@ def test_a_radiologist_signs_in_works_the_list_and_signs_out(
         expect(page.locator("#upload-message")).to_contain_text("Queued 1 study", timeout=30_000)
         row.click()
         expect(page.locator("#study-view")).to_contain_text("PATHOLOGY", timeout=30_000)
-        # The study's report table downloads under its accession and task, not output.xlsx.
+        # The study's report table downloads under its task, not output.xlsx.
         with page.expect_download() as study_file:
             page.locator("#study-view .sv-download").first.click()
         assert study_file.value.suggested_filename == (
-            f"chest-ct_ACC-WEB-1_task-{task_id[:8]}_screening.xlsx"
+            f"chest-ct_task-{task_id[:8]}_screening.xlsx"
         )
         with page.expect_download() as download:
             page.locator("#download-all").click()

@@ -2,11 +2,12 @@
 the REST API alike: every task writes ``output.xlsx`` and ``warnings_and_errors.txt``, so the
 stored name says nothing once it is in a Downloads folder.
 
-    chest-ct_2007-04-25_ACC-123_task-1a2b3c4d_report.xlsx
+    chest-ct_2007-04-25_task-1a2b3c4d_report.xlsx
 
-The study date and the accession number when the task's studies share one, and the start of
-the task id: what a department files results under, never the patient's name or ID (a file
-name is copied, mailed and listed where identity must not go).
+The study date when the task's studies share one, and the start of the task id; never the
+patient's name or ID, nor the accession number: a file name is copied, mailed and listed
+where identity must not go, and where a purge cannot follow (the registry blanks the
+accession number with the identity, services/registry/retention.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from services.registry.records import StudyRecord
 
 PREFIX = "chest-ct"
 TASK_ID_CHARACTERS = 8
-ACCESSION_CHARACTERS = 32
 # What each of a task's own files is called in a download.
 PLAIN_NAMES = {XLSX_NAME: "report.xlsx", WARNINGS_NAME: "warnings.txt"}
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -41,8 +41,6 @@ def download_name(records: Sequence[StudyRecord], stored_name: str) -> str:
     parts = [PREFIX]
     if date := _shared([record.study_date for record in records]):
         parts.append(_part(date, 10))
-    if accession := _shared([record.accession_number for record in records]):
-        parts.append(_part(accession, ACCESSION_CHARACTERS))
     if records:
         parts.append("task-" + _part(records[0].task_id, TASK_ID_CHARACTERS))
     name = PLAIN_NAMES.get(stored_name, stored_name)
