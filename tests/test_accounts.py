@@ -179,6 +179,22 @@ def test_the_audit_trail_is_append_only_and_filtered(registry: Registry) -> None
         with pytest.raises(DatabaseError, match="append-only"), registry._writes.begin() as s:
             s.execute(text(statement))
     assert len(trail.events(AuditQuery())) == 4
+    # A refusal names what the caller asked for, however long: it is written, bounded to the
+    # column (PostgreSQL would refuse the row, which the trail would then lose).
+    asked = "x" * 500
+    trail.record(
+        AuditEntry(
+            actor="jdoe",
+            actor_kind=ActorKind.USER,
+            action=AuditAction.ACCESS_REFUSED,
+            task_id=asked,
+            study_instance_uid="1." * 200,
+        )
+    )
+    (refused,) = trail.events(AuditQuery(actions=(AuditAction.ACCESS_REFUSED,)))
+    assert refused.task_id == asked[:64]
+    assert refused.study_instance_uid is not None
+    assert len(refused.study_instance_uid) == 64
 
 
 def run_command(

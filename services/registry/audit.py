@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from services.registry.models import AuditEvent
+from services.registry.models import UID_LENGTH, AuditEvent
 
 DETAIL_CHARACTERS = 500  # the column's room; a longer detail is cut, never refused
 
@@ -97,8 +97,11 @@ def record(session: Session, entry: AuditEntry, now: datetime) -> None:
             actor=entry.actor[:128],
             actor_kind=entry.actor_kind.value,
             action=entry.action.value,
-            task_id=entry.task_id,
-            study_instance_uid=entry.study_instance_uid,
+            # Bounded like the columns: a refusal names what the caller asked for, which may
+            # be longer than any real id, and must still be written.
+            task_id=(entry.task_id or None) and entry.task_id[:UID_LENGTH],
+            study_instance_uid=(entry.study_instance_uid or None)
+            and entry.study_instance_uid[:UID_LENGTH],
             client=(entry.client or None) and entry.client[:128],
             detail=entry.detail[:DETAIL_CHARACTERS],
         )
