@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 from urllib.parse import quote
 
@@ -38,6 +39,7 @@ from triage_page import (
     turn_alerts_on,
 )
 from web_support import add_account, sign_in_page
+from webhook_support import Receiver, serving
 from worklist_page import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -61,6 +63,7 @@ pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton, pytest.mark.browser, pyt
 
 LAPTOP: ViewportSize = {"width": 1280, "height": 800}
 HOSTILE = "<img src=x onerror=alert(1)>"
+WEBHOOK_SECRET = "the pager's shared secret"
 FAILED_RED = "rgb(176, 0, 32)"  # the Failed badge (services/frontend/static/badges.css)
 NOT_ANALYSED_GREY = "rgb(84, 110, 122)"  # the Not analysed badge: out of scope, never red
 
@@ -309,6 +312,13 @@ def test_stack_from_start_to_stop(
     prefix = f"test-e2e-{uuid.uuid4().hex[:10]}"
     broker = RabbitMQSettings(queue_prefix=prefix)
     environment = {key: value for key, value in os.environ.items() if not key.startswith("CTS__")}
+    # A paging system: each study's first result is POSTed to it, signed.
+    webhooks = ExitStack()
+    pager = Receiver(WEBHOOK_SECRET)
+    webhook_url = webhooks.enter_context(serving(pager, free_local_ports(1)[0]))
+    environment["CTS__NOTIFICATIONS__WEBHOOKS"] = json.dumps(
+        [{"url": webhook_url, "secret": WEBHOOK_SECRET}]
+    )
 
     start = subprocess.run(
         [
@@ -532,7 +542,23 @@ def test_stack_from_start_to_stop(
         # The shift's own: the gapped chest it uploaded, the two PATHOLOGY arrivals "from the PACS".
         assert sorted(uploaded) == sorted([*table, "gapped.zip"])
         assert sum(record.door is Door.DICOM for record in recorded) == len(SIZES)
+        # The pager was told of the chest's result, signed, with a link and no identity.
+        (chest_task,) = {r.task_id for r in recorded if r.original_filename == "chest.zip"}
+
+        def told() -> dict[str, object] | None:
+            return next((m for m in pager.accepted if m["task_id"] == chest_task), None)
+
+        message = wait_for(told, 60, "the chest's result told to the pager", interval_s=0.2)
+        assert pager.bad_signatures == 0
+        assert message["call"] == chest_row["badge_text"]  # the model's call, as the row had it
+        assert message["demo_weights"] is True
+        assert str(message["link"]).endswith(f"/?study={chest_task}")
+        assert message["accession_number"] is None
+        told_text = json.dumps(pager.accepted)
+        for identity in ("LUNG_DX", "Lung_Dx"):
+            assert identity not in told_text
     finally:
+        webhooks.close()
         stop = subprocess.run(
             ["bash", str(PROJECT_ROOT / "stop.sh"), "--storage", str(storage)],
             cwd=PROJECT_ROOT,

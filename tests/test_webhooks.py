@@ -5,21 +5,17 @@ new sender on the same registry (a restart); one that never answers is given up.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from functools import partial
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from registry_support import open_registry
 from test_registry import report, result, submission
 from web_support import free_port
+from webhook_support import Receiver, serving
 
 from services.core.config import Backoff, NotificationSettings, Settings, Webhook
 from services.registry import Registry
@@ -30,57 +26,6 @@ from services.registry.webhooks import WebhookSender, notifications_of
 SECRET = "a shared webhook secret"
 FILE_SECRET = "another secret, from a file"
 FAST = Backoff(initial_s=0.2, maximum_s=0.4, give_up_after_s=60.0)
-
-
-class Receiver:
-    """A paging system's endpoint: checks the signature, keeps what it accepted, and answers
-    503 to its first ``failures`` requests."""
-
-    def __init__(self, key: str, failures: int = 0) -> None:
-        self.key = key.encode()
-        self.failures = failures
-        self.requests = 0
-        self.accepted: list[dict[str, object]] = []
-        self.bad_signatures = 0
-        self.deliveries: list[str] = []
-
-    def handler(self) -> type[BaseHTTPRequestHandler]:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                expected = "sha256=" + hmac.new(receiver.key, body, hashlib.sha256).hexdigest()
-                receiver.requests += 1
-                if not hmac.compare_digest(expected, self.headers.get("X-CTS-Signature", "")):
-                    receiver.bad_signatures += 1
-                    status = 401
-                elif receiver.requests <= receiver.failures:
-                    status = 503
-                else:
-                    receiver.accepted.append(json.loads(body))
-                    receiver.deliveries.append(self.headers["X-CTS-Delivery"])
-                    status = 204
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *_args: object) -> None:
-                pass
-
-        return Handler
-
-
-@contextmanager
-def serving(receiver: Receiver, port: int) -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", port), receiver.handler())
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}/hooks/ct?token=x"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def wait_for(condition: Callable[[], bool], seconds: float = 20.0) -> None:
