@@ -37,7 +37,8 @@ from fault_support import (
     Outcome,
     consumers_of,
     format_table,
-    group_members,
+    http_ok,
+    process_groups,
     remove_paths,
     triton_leftovers,
 )
@@ -46,6 +47,7 @@ from netns_support import (
     Host,
     Network,
     PostgresNode,
+    start_logged,
     sweep_stale_databases,
     sweep_stale_networks,
 )
@@ -78,14 +80,6 @@ class Service:
     argv: list[str]
     environment: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
-
-
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=3) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 class Cluster:
@@ -193,19 +187,12 @@ class Cluster:
         return service
 
     def _start(self, service: Service) -> None:
-        log = (self.log_dir / f"{service.name}.log").open("ab")
-        try:
-            service.process = subprocess.Popen(
-                service.host.command(service.argv),
-                cwd=PROJECT_ROOT,
-                env=service.environment,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        finally:
-            log.close()
+        service.process = start_logged(
+            service.host.command(service.argv),
+            self.log_dir / f"{service.name}.log",
+            cwd=PROJECT_ROOT,
+            env=service.environment,
+        )
         if service.name.startswith("adapter"):
             # ip netns exec replaces itself with the program: the pid is the adapter's.
             self.adapter_pids.add(service.process.pid)
@@ -235,7 +222,7 @@ class Cluster:
         """kill -9 the service's process group; waits until it is gone."""
         pid = self.pid(name)
         self.signal(name, signal.SIGKILL)
-        wait_for(lambda: not group_members(pid), 30, f"{name} to die")
+        wait_for(lambda: not process_groups({pid}), 30, f"{name} to die")
 
     def terminate(self, name: str, timeout_s: float = 120.0) -> None:
         """SIGTERM (a clean stop: an adapter finishes or gives back its study)."""

@@ -87,8 +87,9 @@ def process_alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
-def group_members(group_id: int) -> list[int]:
-    members = []
+def process_groups(group_ids: set[int]) -> set[int]:
+    """Processes (not zombies) whose process group is one of ``group_ids``."""
+    members = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -96,9 +97,10 @@ def group_members(group_id: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
+        # Fields after the command name (which may hold spaces) start after the last ")".
         fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[2]) == group_id:
-            members.append(int(entry.name))
+        if fields[0] != "Z" and int(fields[2]) in group_ids:
+            members.add(int(entry.name))
     return members
 
 
@@ -253,7 +255,7 @@ class LocalStack:
 
     def leftover_processes(self) -> list[int]:
         """Processes of any service group this stack ever had (tritonserver's stubs too)."""
-        return sorted(pid for group in self.launched_groups for pid in group_members(group))
+        return sorted(process_groups(self.launched_groups))
 
     def pid(self, name: str) -> int:
         return self.services[name].pid
@@ -276,7 +278,7 @@ class LocalStack:
         self._signal_group(service, signal.SIGKILL)
         if service.child is not None:
             service.child.wait(timeout=30)
-        wait_for(lambda: not group_members(service.pid), 30, f"{name} to die")
+        wait_for(lambda: not process_groups({service.pid}), 30, f"{name} to die")
 
     def freeze(self, name: str) -> None:
         self._signal_group(self.services[name], signal.SIGSTOP)
@@ -296,7 +298,7 @@ class LocalStack:
     def crash_triton(self) -> None:
         """kill -9 Triton (server, backend stubs, launcher) and remove what a crash leaves
         behind: the stubs' shared-memory regions and the launcher's backend folder."""
-        leftovers = triton_leftovers(group_members(self.services["triton"].pid))
+        leftovers = triton_leftovers(sorted(process_groups({self.services["triton"].pid})))
         self.kill("triton")
         remove_paths(leftovers)
 
