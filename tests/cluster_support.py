@@ -34,9 +34,7 @@ from pathlib import Path
 
 import yaml
 from fault_support import (
-    Outcome,
     consumers_of,
-    format_table,
     http_ok,
     process_groups,
     remove_paths,
@@ -429,19 +427,3 @@ class Cluster:
 
 def metric(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-class TablePrinter:
-    """Prints a scenario table in pytest's terminal summary (with -q too)."""
-
-    def __init__(self, title: str, outcomes: list[Outcome], measurements: list[str]) -> None:
-        self.title = title
-        self.outcomes = outcomes
-        self.measurements = measurements  # lines printed under the table
-
-    def pytest_terminal_summary(self, terminalreporter) -> None:
-        if not self.outcomes and not self.measurements:
-            return
-        terminalreporter.write_sep("=", self.title)
-        for line in [*format_table(self.outcomes).splitlines(), *self.measurements]:
-            terminalreporter.write_line(line)

@@ -29,13 +29,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import openpyxl
 import pika
 import pika.exceptions
+import pytest
 from pika.adapters.blocking_connection import BlockingChannel
-from stack_support import PROJECT_ROOT, wait_for
+from stack_support import PROJECT_ROOT, wait_for, zip_directory
 
+from services.adapter.handoff import read_check, read_handoff
 from services.broker.connection import CONNECTION_ERRORS, connect
 from services.broker.schemas import (
     QueueTopology,
@@ -46,6 +49,7 @@ from services.broker.schemas import (
 )
 from services.broker.storage import load_result, result_files_dir
 from services.core.config import RabbitMQSettings
+from services.core.schemas import ProcessingStatus
 from services.registry import Registry, StudyRecord, StudyState
 from services.triton.local_server import free_local_ports
 
@@ -450,6 +454,30 @@ def drain_queue(settings: RabbitMQSettings, queue: str) -> list[tuple[pika.Basic
 # -- the submitting system -------------------------------------------------------------------
 
 
+MODEL_REQUEST_STAGES = ("chest_check", "inference")
+STUDY_FIXTURES = {
+    "chest": "chest_ct_lung_dx_a0002",
+    "head": "head_ct_gantry_tilt",
+    # Refused at series selection: no volume, so no model request at all (a head CT asks
+    # Triton's body_part_regression in its chest check).
+    "mr": "mr_brain_t1",
+}
+
+
+def study_zips(fixtures_dir: Path, folder: Path, kinds: tuple[str, ...]) -> dict[str, Path]:
+    """{kind: <folder>/<kind>.zip}, the fixture study of each kind zipped as a customer sends it."""
+    return {
+        kind: zip_directory(fixtures_dir / STUDY_FIXTURES[kind], folder / f"{kind}.zip")
+        for kind in kinds
+    }
+
+
+def prepared_or_checked(storage: Path, task_id: str) -> bool:
+    """A preparation stage's work on the task, finished and recorded: the prepared study's
+    hand-off to the model stage, or a passed check first."""
+    return read_handoff(storage, task_id) is not None or read_check(storage, task_id) is not None
+
+
 @dataclass
 class SentStudy:
     task_id: str
@@ -464,6 +492,7 @@ class TaskClient:
     settings: RabbitMQSettings
     storage: Path
     reply_queue: str
+    submitted_by: str = "fault-suite"
     results: dict[str, list[StudyResult]] = field(default_factory=dict)
     progress: list[StudyProgress] = field(default_factory=list)
     _connection: pika.BlockingConnection | None = None
@@ -507,15 +536,18 @@ class TaskClient:
 
         self._retrying(send)
 
-    def submit(self, study: Path | None, name: str, kind: str) -> SentStudy:
-        """Copy the study into the shared storage (None: a task whose file is missing) and
-        queue its task."""
+    def submit(self, study: Path | None, name: str, kind: str, *, link: bool = False) -> SentStudy:
+        """Copy the study into the shared storage (None: a task whose file is missing; with
+        ``link``, a hard link: hundreds of uploads, one copy) and queue its task."""
         task_id = uuid.uuid4().hex
         relative = f"uploads/{task_id}/{name}"
         if study is not None:
             target = self.storage / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(study, target)
+            if link:
+                os.link(study, target)
+            else:
+                shutil.copyfile(study, target)
         body = {
             "schema_version": 1,
             "task_id": task_id,
@@ -523,7 +555,7 @@ class TaskClient:
             "study_path": relative,
             "original_filename": name,
             "reply_to": self.reply_queue,
-            "submitted_by": "fault-suite",
+            "submitted_by": self.submitted_by,
         }
         self.publish(json.dumps(body).encode(), correlation_id=task_id, message_type="StudyTask")
         return SentStudy(task_id, name, kind)
@@ -565,6 +597,33 @@ class TaskClient:
 
     def result(self, task_id: str) -> StudyResult:
         return self.results[task_id][0]
+
+    def seen(self) -> Counter[str]:
+        """How many results of each task id reached the reply queue."""
+        return Counter({task_id: len(copies) for task_id, copies in self.results.items()})
+
+    def in_model_request(
+        self, sent: list[SentStudy], count: int, timeout_s: float
+    ) -> dict[str, str]:
+        """{adapter id: task id} once ``count`` adapters have started a request to Triton.
+
+        The first request to Triton is the chest check's when the repository serves a
+        body-part regression model (the tests' demo repository does), else the inference's.
+        """
+        ours = {study.task_id for study in sent}
+
+        def holders() -> dict[str, str] | None:
+            self.poll()
+            found = {
+                message.adapter_id: message.task_id
+                for message in self.progress
+                if message.stage in MODEL_REQUEST_STAGES and message.task_id in ours
+            }
+            return found if len(found) >= count else None
+
+        return wait_for(
+            holders, timeout_s, f"{count} adapters inside a model request", interval_s=0.2
+        )
 
     def results_of(self, task_id: str) -> StudyResult | None:
         """The task's first result seen, or None."""
@@ -673,6 +732,53 @@ def count_outcome(
     return Outcome(scenario, len(sent), results, lost, duplicated, note)
 
 
+def assert_screened(client: TaskClient, sent: list[SentStudy]) -> None:
+    """Chests are Success rows, heads are Failure rows 'not a chest CT', MR studies 'no CT
+    series' (not an outage); a poison task only needs its result."""
+    for study in sent:
+        result = client.result(study.task_id)
+        if study.kind == "poison":
+            continue
+        assert result.status is TaskStatus.COMPLETED, (study.name, result.error)
+        report = result.reports[0]
+        why = (study.name, report.failure_reason)
+        if study.kind == "chest":
+            assert report.processing_status is ProcessingStatus.SUCCESS, why
+        else:
+            assert report.processing_status is ProcessingStatus.FAILURE, why
+            expected = "no CT series" if study.kind == "mr" else "not a chest CT"
+            assert expected in (report.failure_reason or ""), why
+
+
+def record_outcome(outcome: Outcome, outcomes: list[Outcome]) -> None:
+    """The scenario's row in the table; nothing lost, nothing duplicated."""
+    outcomes.append(outcome)
+    assert (outcome.lost, outcome.duplicated) == (0, 0), outcome
+    assert outcome.results == outcome.sent
+
+
+def replies_tally(
+    client: TaskClient, registry: Registry, outcomes: list[Outcome]
+) -> Callable[..., Outcome]:
+    """``tally(scenario, sent, note=..., stored_expected=...)``: the scenario counted from the
+    replies ``client`` read, its storage and the registry, and recorded (:func:`record_outcome`)."""
+
+    def tally(scenario: str, sent: list[SentStudy], **options: Any) -> Outcome:
+        outcome = count_outcome(
+            scenario,
+            sent,
+            client.seen(),
+            client.storage,
+            registry=registry,
+            result_of=client.results_of,
+            **options,
+        )
+        record_outcome(outcome, outcomes)
+        return outcome
+
+    return tally
+
+
 def format_table(outcomes: list[Outcome]) -> str:
     header = ["scenario", "studies sent", "results", "lost", "duplicated"]
     rows = [header, *(outcome.cells() for outcome in outcomes)]
@@ -684,6 +790,34 @@ def format_table(outcomes: list[Outcome]) -> str:
             lines.append("-+-".join("-" * width for width in widths))
     notes = [f"  {outcome.scenario}: {outcome.note}" for outcome in outcomes if outcome.note]
     return "\n".join(lines + (["notes:", *notes] if notes else []))
+
+
+class TablePrinter:
+    """Prints a scenario table in pytest's terminal summary (with -q too)."""
+
+    def __init__(self, title: str, outcomes: list[Outcome], measurements: list[str]) -> None:
+        self.title = title
+        self.outcomes = outcomes
+        self.measurements = measurements  # lines printed under the table
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if not self.outcomes and not self.measurements:
+            return
+        terminalreporter.write_sep("=", self.title)
+        for line in [*format_table(self.outcomes).splitlines(), *self.measurements]:
+            terminalreporter.write_line(line)
+
+
+def outcome_table(
+    request: pytest.FixtureRequest, title: str, measurements: list[str] | None = None
+) -> Iterator[list[Outcome]]:
+    """A module fixture's body: the scenarios' rows, printed as a table (with
+    ``measurements`` under it) in the terminal summary and in the captured output."""
+    rows: list[Outcome] = []
+    lines = measurements if measurements is not None else []
+    request.config.pluginmanager.register(TablePrinter(title, rows, lines), f"table-{id(rows)}")
+    yield rows
+    print("\n" + "\n".join([format_table(rows), *lines]))  # also with -s, -rA
 
 
 @contextmanager
