@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -45,10 +46,13 @@ from netns_support import (
     Host,
     Network,
     PostgresNode,
+    netns_unavailable,
+    postgres_unavailable,
     start_logged,
     sweep_stale_databases,
     sweep_stale_networks,
 )
+from preconditions import require
 from prometheus_client.parser import text_string_to_metric_families
 from stack_support import PROJECT_ROOT, wait_for
 
@@ -427,3 +431,24 @@ class Cluster:
 
 def metric(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def started_cluster(
+    workdir: Path, repository: Path, *, adapters: int, name: str
+) -> Iterator[Cluster]:
+    """A module fixture's body: the cluster on ``workdir`` serving ``repository``, with a
+    queue prefix of its own (``test-<name>-...``), started, and stopped after the module.
+    Where this machine cannot host one, the test skips (fails in CI, see preconditions)."""
+    require(netns_unavailable())  # root and iproute2; CI has both
+    require(postgres_unavailable())  # the database host's PostgreSQL; CI has it
+    hosts = Cluster(
+        repository=repository,
+        workdir=workdir,
+        adapters=adapters,
+        prefix=f"test-{name}-{uuid.uuid4().hex[:8]}",
+    )
+    try:
+        hosts.start()
+        yield hosts
+    finally:
+        hosts.stop()

@@ -25,14 +25,13 @@ import signal
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from cluster_support import Cluster
+from cluster_support import Cluster, started_cluster
 from fault_support import (
     Outcome,
     SentStudy,
@@ -44,8 +43,6 @@ from fault_support import (
     study_zips,
     triton_leftovers,
 )
-from netns_support import netns_unavailable, postgres_unavailable
-from preconditions import require
 from stack_support import wait_for
 
 from services.broker.schemas import TaskStatus
@@ -183,19 +180,8 @@ class ChaosMonkey:
 def cluster(
     tiny_model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
-    require(netns_unavailable())  # root and iproute2; CI has both
-    require(postgres_unavailable())  # the database host's PostgreSQL; CI has it
-    hosts = Cluster(
-        repository=tiny_model_repository,
-        workdir=tmp_path_factory.mktemp("chaos"),
-        adapters=ADAPTERS,
-        prefix=f"test-chaos-{uuid.uuid4().hex[:8]}",
-    )
-    try:
-        hosts.start()
-        yield hosts
-    finally:
-        hosts.stop()
+    workdir = tmp_path_factory.mktemp("chaos")
+    yield from started_cluster(workdir, tiny_model_repository, adapters=ADAPTERS, name="chaos")
 
 
 def test_chaos_soak_loses_and_duplicates_nothing(

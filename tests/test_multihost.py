@@ -37,7 +37,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cluster_support import FRONTEND, Cluster, metric
+from cluster_support import FRONTEND, Cluster, metric, started_cluster
 from fault_support import (
     Outcome,
     SentStudy,
@@ -51,9 +51,7 @@ from fault_support import (
     replies_tally,
     study_zips,
 )
-from netns_support import netns_unavailable, postgres_unavailable
 from playwright.sync_api import sync_playwright
-from preconditions import require
 from stack_support import PROJECT_ROOT, wait_for
 from web_support import PASSWORD, sign_in_page
 from worklist_page import CHROMIUM, CHROMIUM_ARGS, finished_rows, worklist_rows
@@ -120,20 +118,9 @@ def repository_with_probe(tiny: Path, target: Path) -> Path:
 def cluster(
     tiny_model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
-    require(netns_unavailable())  # root and iproute2; CI has both
-    require(postgres_unavailable())  # the database host's PostgreSQL; CI has it
     workdir = tmp_path_factory.mktemp("multihost")
-    hosts = Cluster(
-        repository=repository_with_probe(tiny_model_repository, workdir / "repository"),
-        workdir=workdir,
-        adapters=2,
-        prefix=f"test-multihost-{uuid.uuid4().hex[:8]}",
-    )
-    try:
-        hosts.start()
-        yield hosts
-    finally:
-        hosts.stop()
+    repository = repository_with_probe(tiny_model_repository, workdir / "repository")
+    yield from started_cluster(workdir, repository, adapters=2, name="multihost")
 
 
 @pytest.fixture(scope="module")
