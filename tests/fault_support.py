@@ -9,7 +9,9 @@
   shared storage, publishes a StudyTask as plain JSON and reads its own reply queue. It
   reconnects when the broker restarts, and keeps every reply it ever read.
 * :func:`count_outcome` turns what reached the user (replies, or the page) and what is in
-  ``storage/results`` into the suite's table row: sent, results, lost, duplicated.
+  ``storage/results`` into the suite's table row: sent, results, lost, duplicated;
+  :func:`replies_tally` counts and records a scenario from the replies, and
+  :func:`outcome_table` prints the rows (the fault suite, multi-host and chaos soak tests).
 * :func:`restart_rabbitmq` restarts the system RabbitMQ and always leaves it running.
 """
 
