@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -34,10 +35,9 @@ from pathlib import Path
 
 import yaml
 from fault_support import (
-    Outcome,
     consumers_of,
-    format_table,
-    group_members,
+    http_ok,
+    process_groups,
     remove_paths,
     triton_leftovers,
 )
@@ -46,9 +46,13 @@ from netns_support import (
     Host,
     Network,
     PostgresNode,
+    netns_unavailable,
+    postgres_unavailable,
+    start_logged,
     sweep_stale_databases,
     sweep_stale_networks,
 )
+from preconditions import require
 from prometheus_client.parser import text_string_to_metric_families
 from stack_support import PROJECT_ROOT, wait_for
 
@@ -78,14 +82,6 @@ class Service:
     argv: list[str]
     environment: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
-
-
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=3) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 class Cluster:
@@ -193,19 +189,12 @@ class Cluster:
         return service
 
     def _start(self, service: Service) -> None:
-        log = (self.log_dir / f"{service.name}.log").open("ab")
-        try:
-            service.process = subprocess.Popen(
-                service.host.command(service.argv),
-                cwd=PROJECT_ROOT,
-                env=service.environment,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        finally:
-            log.close()
+        service.process = start_logged(
+            service.host.command(service.argv),
+            self.log_dir / f"{service.name}.log",
+            cwd=PROJECT_ROOT,
+            env=service.environment,
+        )
         if service.name.startswith("adapter"):
             # ip netns exec replaces itself with the program: the pid is the adapter's.
             self.adapter_pids.add(service.process.pid)
@@ -235,7 +224,7 @@ class Cluster:
         """kill -9 the service's process group; waits until it is gone."""
         pid = self.pid(name)
         self.signal(name, signal.SIGKILL)
-        wait_for(lambda: not group_members(pid), 30, f"{name} to die")
+        wait_for(lambda: not process_groups({pid}), 30, f"{name} to die")
 
     def terminate(self, name: str, timeout_s: float = 120.0) -> None:
         """SIGTERM (a clean stop: an adapter finishes or gives back its study)."""
@@ -444,17 +433,22 @@ def metric(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-class TablePrinter:
-    """Prints a scenario table in pytest's terminal summary (with -q too)."""
-
-    def __init__(self, title: str, outcomes: list[Outcome], measurements: list[str]) -> None:
-        self.title = title
-        self.outcomes = outcomes
-        self.measurements = measurements  # lines printed under the table
-
-    def pytest_terminal_summary(self, terminalreporter) -> None:
-        if not self.outcomes and not self.measurements:
-            return
-        terminalreporter.write_sep("=", self.title)
-        for line in [*format_table(self.outcomes).splitlines(), *self.measurements]:
-            terminalreporter.write_line(line)
+def started_cluster(
+    workdir: Path, repository: Path, *, adapters: int, name: str
+) -> Iterator[Cluster]:
+    """A module fixture's body: the cluster on ``workdir`` serving ``repository``, with a
+    queue prefix of its own (``test-<name>-...``), started, and stopped after the module.
+    Where this machine cannot host one, the test skips (fails in CI, see preconditions)."""
+    require(netns_unavailable())  # root and iproute2; CI has both
+    require(postgres_unavailable())  # the database host's PostgreSQL; CI has it
+    hosts = Cluster(
+        repository=repository,
+        workdir=workdir,
+        adapters=adapters,
+        prefix=f"test-{name}-{uuid.uuid4().hex[:8]}",
+    )
+    try:
+        hosts.start()
+        yield hosts
+    finally:
+        hosts.stop()

@@ -9,7 +9,9 @@
   shared storage, publishes a StudyTask as plain JSON and reads its own reply queue. It
   reconnects when the broker restarts, and keeps every reply it ever read.
 * :func:`count_outcome` turns what reached the user (replies, or the page) and what is in
-  ``storage/results`` into the suite's table row: sent, results, lost, duplicated.
+  ``storage/results`` into the suite's table row: sent, results, lost, duplicated;
+  :func:`replies_tally` counts and records a scenario from the replies, and
+  :func:`outcome_table` prints the rows (the fault suite, multi-host and chaos soak tests).
 * :func:`restart_rabbitmq` restarts the system RabbitMQ and always leaves it running.
 """
 
@@ -29,13 +31,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import openpyxl
 import pika
 import pika.exceptions
+import pytest
 from pika.adapters.blocking_connection import BlockingChannel
-from stack_support import PROJECT_ROOT, wait_for
+from stack_support import PROJECT_ROOT, wait_for, zip_directory
 
+from services.adapter.handoff import read_check, read_handoff
 from services.broker.connection import CONNECTION_ERRORS, connect
 from services.broker.schemas import (
     QueueTopology,
@@ -46,6 +51,7 @@ from services.broker.schemas import (
 )
 from services.broker.storage import load_result, result_files_dir
 from services.core.config import RabbitMQSettings
+from services.core.schemas import ProcessingStatus
 from services.registry import Registry, StudyRecord, StudyState
 from services.triton.local_server import free_local_ports
 
@@ -87,8 +93,9 @@ def process_alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
-def group_members(group_id: int) -> list[int]:
-    members = []
+def process_groups(group_ids: set[int]) -> set[int]:
+    """Processes (not zombies) whose process group is one of ``group_ids``."""
+    members = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -96,9 +103,10 @@ def group_members(group_id: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
+        # Fields after the command name (which may hold spaces) start after the last ")".
         fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[2]) == group_id:
-            members.append(int(entry.name))
+        if fields[0] != "Z" and int(fields[2]) in group_ids:
+            members.add(int(entry.name))
     return members
 
 
@@ -253,7 +261,7 @@ class LocalStack:
 
     def leftover_processes(self) -> list[int]:
         """Processes of any service group this stack ever had (tritonserver's stubs too)."""
-        return sorted(pid for group in self.launched_groups for pid in group_members(group))
+        return sorted(process_groups(self.launched_groups))
 
     def pid(self, name: str) -> int:
         return self.services[name].pid
@@ -276,7 +284,7 @@ class LocalStack:
         self._signal_group(service, signal.SIGKILL)
         if service.child is not None:
             service.child.wait(timeout=30)
-        wait_for(lambda: not group_members(service.pid), 30, f"{name} to die")
+        wait_for(lambda: not process_groups({service.pid}), 30, f"{name} to die")
 
     def freeze(self, name: str) -> None:
         self._signal_group(self.services[name], signal.SIGSTOP)
@@ -296,7 +304,7 @@ class LocalStack:
     def crash_triton(self) -> None:
         """kill -9 Triton (server, backend stubs, launcher) and remove what a crash leaves
         behind: the stubs' shared-memory regions and the launcher's backend folder."""
-        leftovers = triton_leftovers(group_members(self.services["triton"].pid))
+        leftovers = triton_leftovers(sorted(process_groups({self.services["triton"].pid})))
         self.kill("triton")
         remove_paths(leftovers)
 
@@ -448,6 +456,30 @@ def drain_queue(settings: RabbitMQSettings, queue: str) -> list[tuple[pika.Basic
 # -- the submitting system -------------------------------------------------------------------
 
 
+MODEL_REQUEST_STAGES = ("chest_check", "inference")
+STUDY_FIXTURES = {
+    "chest": "chest_ct_lung_dx_a0002",
+    "head": "head_ct_gantry_tilt",
+    # Refused at series selection: no volume, so no model request at all (a head CT asks
+    # Triton's body_part_regression in its chest check).
+    "mr": "mr_brain_t1",
+}
+
+
+def study_zips(fixtures_dir: Path, folder: Path, kinds: tuple[str, ...]) -> dict[str, Path]:
+    """{kind: <folder>/<kind>.zip}, the fixture study of each kind zipped as a customer sends it."""
+    return {
+        kind: zip_directory(fixtures_dir / STUDY_FIXTURES[kind], folder / f"{kind}.zip")
+        for kind in kinds
+    }
+
+
+def prepared_or_checked(storage: Path, task_id: str) -> bool:
+    """A preparation stage's work on the task, finished and recorded: the prepared study's
+    hand-off to the model stage, or a passed check first."""
+    return read_handoff(storage, task_id) is not None or read_check(storage, task_id) is not None
+
+
 @dataclass
 class SentStudy:
     task_id: str
@@ -462,6 +494,7 @@ class TaskClient:
     settings: RabbitMQSettings
     storage: Path
     reply_queue: str
+    submitted_by: str = "fault-suite"
     results: dict[str, list[StudyResult]] = field(default_factory=dict)
     progress: list[StudyProgress] = field(default_factory=list)
     _connection: pika.BlockingConnection | None = None
@@ -505,15 +538,18 @@ class TaskClient:
 
         self._retrying(send)
 
-    def submit(self, study: Path | None, name: str, kind: str) -> SentStudy:
-        """Copy the study into the shared storage (None: a task whose file is missing) and
-        queue its task."""
+    def submit(self, study: Path | None, name: str, kind: str, *, link: bool = False) -> SentStudy:
+        """Copy the study into the shared storage (None: a task whose file is missing; with
+        ``link``, a hard link: hundreds of uploads, one copy) and queue its task."""
         task_id = uuid.uuid4().hex
         relative = f"uploads/{task_id}/{name}"
         if study is not None:
             target = self.storage / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(study, target)
+            if link:
+                os.link(study, target)
+            else:
+                shutil.copyfile(study, target)
         body = {
             "schema_version": 1,
             "task_id": task_id,
@@ -521,7 +557,7 @@ class TaskClient:
             "study_path": relative,
             "original_filename": name,
             "reply_to": self.reply_queue,
-            "submitted_by": "fault-suite",
+            "submitted_by": self.submitted_by,
         }
         self.publish(json.dumps(body).encode(), correlation_id=task_id, message_type="StudyTask")
         return SentStudy(task_id, name, kind)
@@ -563,6 +599,33 @@ class TaskClient:
 
     def result(self, task_id: str) -> StudyResult:
         return self.results[task_id][0]
+
+    def seen(self) -> Counter[str]:
+        """How many results of each task id reached the reply queue."""
+        return Counter({task_id: len(copies) for task_id, copies in self.results.items()})
+
+    def in_model_request(
+        self, sent: list[SentStudy], count: int, timeout_s: float
+    ) -> dict[str, str]:
+        """{adapter id: task id} once ``count`` adapters have started a request to Triton.
+
+        The first request to Triton is the chest check's when the repository serves a
+        body-part regression model (the tests' demo repository does), else the inference's.
+        """
+        ours = {study.task_id for study in sent}
+
+        def holders() -> dict[str, str] | None:
+            self.poll()
+            found = {
+                message.adapter_id: message.task_id
+                for message in self.progress
+                if message.stage in MODEL_REQUEST_STAGES and message.task_id in ours
+            }
+            return found if len(found) >= count else None
+
+        return wait_for(
+            holders, timeout_s, f"{count} adapters inside a model request", interval_s=0.2
+        )
 
     def results_of(self, task_id: str) -> StudyResult | None:
         """The task's first result seen, or None."""
@@ -671,6 +734,53 @@ def count_outcome(
     return Outcome(scenario, len(sent), results, lost, duplicated, note)
 
 
+def assert_screened(client: TaskClient, sent: list[SentStudy]) -> None:
+    """Chests are Success rows, heads are Failure rows 'not a chest CT', MR studies 'no CT
+    series' (not an outage); a poison task only needs its result."""
+    for study in sent:
+        result = client.result(study.task_id)
+        if study.kind == "poison":
+            continue
+        assert result.status is TaskStatus.COMPLETED, (study.name, result.error)
+        report = result.reports[0]
+        why = (study.name, report.failure_reason)
+        if study.kind == "chest":
+            assert report.processing_status is ProcessingStatus.SUCCESS, why
+        else:
+            assert report.processing_status is ProcessingStatus.FAILURE, why
+            expected = "no CT series" if study.kind == "mr" else "not a chest CT"
+            assert expected in (report.failure_reason or ""), why
+
+
+def record_outcome(outcome: Outcome, outcomes: list[Outcome]) -> None:
+    """The scenario's row in the table; nothing lost, nothing duplicated."""
+    outcomes.append(outcome)
+    assert (outcome.lost, outcome.duplicated) == (0, 0), outcome
+    assert outcome.results == outcome.sent
+
+
+def replies_tally(
+    client: TaskClient, registry: Registry, outcomes: list[Outcome]
+) -> Callable[..., Outcome]:
+    """``tally(scenario, sent, note=..., stored_expected=...)``: the scenario counted from the
+    replies ``client`` read, its storage and the registry, and recorded (:func:`record_outcome`)."""
+
+    def tally(scenario: str, sent: list[SentStudy], **options: Any) -> Outcome:
+        outcome = count_outcome(
+            scenario,
+            sent,
+            client.seen(),
+            client.storage,
+            registry=registry,
+            result_of=client.results_of,
+            **options,
+        )
+        record_outcome(outcome, outcomes)
+        return outcome
+
+    return tally
+
+
 def format_table(outcomes: list[Outcome]) -> str:
     header = ["scenario", "studies sent", "results", "lost", "duplicated"]
     rows = [header, *(outcome.cells() for outcome in outcomes)]
@@ -682,6 +792,34 @@ def format_table(outcomes: list[Outcome]) -> str:
             lines.append("-+-".join("-" * width for width in widths))
     notes = [f"  {outcome.scenario}: {outcome.note}" for outcome in outcomes if outcome.note]
     return "\n".join(lines + (["notes:", *notes] if notes else []))
+
+
+class TablePrinter:
+    """Prints a scenario table in pytest's terminal summary (with -q too)."""
+
+    def __init__(self, title: str, outcomes: list[Outcome], measurements: list[str]) -> None:
+        self.title = title
+        self.outcomes = outcomes
+        self.measurements = measurements  # lines printed under the table
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if not self.outcomes and not self.measurements:
+            return
+        terminalreporter.write_sep("=", self.title)
+        for line in [*format_table(self.outcomes).splitlines(), *self.measurements]:
+            terminalreporter.write_line(line)
+
+
+def outcome_table(
+    request: pytest.FixtureRequest, title: str, measurements: list[str] | None = None
+) -> Iterator[list[Outcome]]:
+    """A module fixture's body: the scenarios' rows, printed as a table (with
+    ``measurements`` under it) in the terminal summary and in the captured output."""
+    rows: list[Outcome] = []
+    lines = measurements if measurements is not None else []
+    request.config.pluginmanager.register(TablePrinter(title, rows, lines), f"table-{id(rows)}")
+    yield rows
+    print("\n" + "\n".join([format_table(rows), *lines]))  # also with -s, -rA
 
 
 @contextmanager

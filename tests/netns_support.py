@@ -72,6 +72,23 @@ def netns_unavailable() -> str | None:
     return None
 
 
+def start_logged(
+    command: list[str], log: Path, *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """``command`` in a session of its own (a process group that can be killed, frozen or
+    thawed as one), reading nothing, its output appended to ``log``."""
+    with log.open("ab") as output:
+        return subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def port_open(address: str, port: int, timeout_s: float = 1.0) -> bool:
     try:
         with socket.create_connection((address, port), timeout=timeout_s):
@@ -236,18 +253,11 @@ class BrokerNode:
         }
 
     def start(self, timeout_s: float = 120.0) -> None:
-        log = (self.base / "server.log").open("ab")
-        try:
-            self.process = subprocess.Popen(
-                self.host.command([str(RABBITMQ_BIN / "rabbitmq-server")]),
-                env=self.environment,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        finally:
-            log.close()
+        self.process = start_logged(
+            self.host.command([str(RABBITMQ_BIN / "rabbitmq-server")]),
+            self.base / "server.log",
+            env=self.environment,
+        )
         wait_for(
             lambda: self._running() and port_open(self.host.address, AMQP_PORT),
             timeout_s,
@@ -460,21 +470,14 @@ class PostgresNode:
             "dynamic_shared_memory_type": "mmap",  # in the data folder, removed with it
         }
         options = [part for key, value in settings.items() for part in ("-c", f"{key}={value}")]
-        log = self.log.open("ab")
-        try:
-            # ip netns exec, then setpriv: each replaces itself, the pid is the postmaster's.
-            self.process = subprocess.Popen(
-                self.host.command(
-                    self._as_postgres([str(self.bin / "postgres"), "-D", str(self.data), *options])
-                ),
-                cwd=self.base,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        finally:
-            log.close()
+        # ip netns exec, then setpriv: each replaces itself, the pid is the postmaster's.
+        self.process = start_logged(
+            self.host.command(
+                self._as_postgres([str(self.bin / "postgres"), "-D", str(self.data), *options])
+            ),
+            self.log,
+            cwd=self.base,
+        )
         self.postmasters.append(self.process.pid)
         wait_for(
             self._accepting,

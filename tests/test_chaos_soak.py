@@ -19,34 +19,31 @@ is never empty for long; the table and the counts are printed at the end).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from cluster_support import Cluster, TablePrinter
+from cluster_support import Cluster, started_cluster
 from fault_support import (
     Outcome,
     SentStudy,
     TaskClient,
     count_outcome,
-    format_table,
+    outcome_table,
     registry_mismatches,
     report_rows,
+    study_zips,
     triton_leftovers,
 )
-from netns_support import netns_unavailable, postgres_unavailable
-from preconditions import require
-from stack_support import wait_for, zip_directory
+from stack_support import wait_for
 
 from services.broker.schemas import TaskStatus
 from services.broker.storage import load_result
@@ -72,11 +69,7 @@ MEASUREMENTS: list[str] = []
 
 @pytest.fixture(scope="module")
 def outcomes(request: pytest.FixtureRequest) -> Iterator[list[Outcome]]:
-    rows: list[Outcome] = []
-    printer = TablePrinter("chaos soak: nothing lost, nothing duplicated", rows, MEASUREMENTS)
-    request.config.pluginmanager.register(printer, f"chaos-table-{id(rows)}")
-    yield rows
-    print("\n" + "\n".join([format_table(rows), *MEASUREMENTS]))
+    yield from outcome_table(request, "chaos soak: nothing lost, nothing duplicated", MEASUREMENTS)
 
 
 @dataclass
@@ -187,52 +180,21 @@ class ChaosMonkey:
 def cluster(
     tiny_model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
-    require(netns_unavailable())  # root and iproute2; CI has both
-    require(postgres_unavailable())  # the database host's PostgreSQL; CI has it
-    hosts = Cluster(
-        repository=tiny_model_repository,
-        workdir=tmp_path_factory.mktemp("chaos"),
-        adapters=ADAPTERS,
-        prefix=f"test-chaos-{uuid.uuid4().hex[:8]}",
-    )
-    try:
-        hosts.start()
-        yield hosts
-    finally:
-        hosts.stop()
-
-
-def submit(client: TaskClient, storage: Path, study: Path, name: str, kind: str) -> SentStudy:
-    """Queue a task whose upload is a hard link of the study (hundreds of uploads, one copy)."""
-    task_id = uuid.uuid4().hex
-    relative = f"uploads/{task_id}/{name}"
-    (storage / relative).parent.mkdir(parents=True)
-    os.link(study, storage / relative)
-    body = {
-        "schema_version": 1,
-        "task_id": task_id,
-        "study_path": relative,
-        "original_filename": name,
-        "reply_to": client.reply_queue,
-        "submitted_by": "chaos-soak",
-    }
-    client.publish(json.dumps(body).encode(), correlation_id=task_id, message_type="StudyTask")
-    return SentStudy(task_id, name, kind)
+    workdir = tmp_path_factory.mktemp("chaos")
+    yield from started_cluster(workdir, tiny_model_repository, adapters=ADAPTERS, name="chaos")
 
 
 def test_chaos_soak_loses_and_duplicates_nothing(
     cluster: Cluster, fixtures_dir: Path, outcomes: list[Outcome]
 ) -> None:
-    zips = {
-        "chest": zip_directory(
-            fixtures_dir / "chest_ct_lung_dx_a0002", cluster.storage / "z" / "c.zip"
-        ),
-        "head": zip_directory(
-            fixtures_dir / "head_ct_gantry_tilt", cluster.storage / "z" / "h.zip"
-        ),
-        "mr": zip_directory(fixtures_dir / "mr_brain_t1", cluster.storage / "z" / "m.zip"),
-    }
-    client = TaskClient(cluster.rabbitmq, cluster.storage, f"{cluster.prefix}.replies.chaos")
+    # In the shared storage: each upload is a hard link of one of these (hundreds, one copy).
+    zips = study_zips(fixtures_dir, cluster.storage / "z", ("chest", "head", "mr"))
+    client = TaskClient(
+        cluster.rabbitmq,
+        cluster.storage,
+        f"{cluster.prefix}.replies.chaos",
+        submitted_by="chaos-soak",
+    )
     client.poll()
     plan = random.Random(SEED).choices(
         [kind for kind, _ in MIX], weights=[weight for _, weight in MIX], k=STUDIES
@@ -249,7 +211,7 @@ def test_chaos_soak_loses_and_duplicates_nothing(
             while spacing_s and time.monotonic() < started + index * spacing_s:
                 client.poll()
                 time.sleep(min(1.0, spacing_s))
-            sent.append(submit(client, cluster.storage, zips[kind], f"{kind}-{index}.zip", kind))
+            sent.append(client.submit(zips[kind], f"{kind}-{index}.zip", kind, link=True))
 
         def all_results() -> bool:
             client.poll()
@@ -267,7 +229,7 @@ def test_chaos_soak_loses_and_duplicates_nothing(
     client.close()
 
     # Exactly one result per task, where the submitter looks and in storage.
-    seen = Counter({task_id: len(copies) for task_id, copies in client.results.items()})
+    seen = client.seen()
     given_up = [
         study
         for study in sent

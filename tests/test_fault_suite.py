@@ -24,7 +24,7 @@ import time
 import uuid
 import zipfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import openpyxl
@@ -35,20 +35,25 @@ from fault_support import (
     SentStudy,
     StackPorts,
     TaskClient,
+    assert_screened,
     consumers_of,
     count_outcome,
     drain_queue,
     ensure_rabbitmq_running,
-    format_table,
+    outcome_table,
     postgres_restarted,
+    prepared_or_checked,
     queue_state,
     rabbitmq_restarted,
+    record_outcome,
+    replies_tally,
+    study_zips,
 )
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, sync_playwright
 from registry_support import postgres_database
 from sqlalchemy.engine import URL
-from stack_support import delete_topology, wait_for, zip_directory
+from stack_support import delete_topology, wait_for
 from web_support import PASSWORD, sign_in_page
 from worklist_page import (
     CHROMIUM,
@@ -60,7 +65,7 @@ from worklist_page import (
 from worklist_page import upload as upload_files
 
 from services.adapter.dead_letters import REASON_HEADER
-from services.adapter.handoff import kept_intake_dir, read_check, read_handoff
+from services.adapter.handoff import kept_intake_dir
 from services.broker.connection import connect
 from services.broker.schemas import MODEL_STAGE, QueueTopology, TaskStatus
 from services.broker.storage import load_result
@@ -80,26 +85,9 @@ RESULT_TIMEOUT_S = 120.0
 # -- the table ------------------------------------------------------------------------------
 
 
-class _TablePrinter:
-    """Prints the scenario table in pytest's terminal summary (with -q too)."""
-
-    def __init__(self, outcomes: list[Outcome]) -> None:
-        self.outcomes = outcomes
-
-    def pytest_terminal_summary(self, terminalreporter) -> None:
-        if not self.outcomes:
-            return
-        terminalreporter.write_sep("=", "fault suite: nothing lost, nothing duplicated")
-        for line in format_table(self.outcomes).splitlines():
-            terminalreporter.write_line(line)
-
-
 @pytest.fixture(scope="module")
 def outcomes(request: pytest.FixtureRequest) -> Iterator[list[Outcome]]:
-    rows: list[Outcome] = []
-    request.config.pluginmanager.register(_TablePrinter(rows), f"fault-suite-table-{id(rows)}")
-    yield rows
-    print("\n" + format_table(rows))  # also in the captured output (-s, -rA)
+    yield from outcome_table(request, "fault suite: nothing lost, nothing duplicated")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -117,14 +105,7 @@ def broker_left_running() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def zips(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("fault-zips")
-    return {
-        "chest": zip_directory(fixtures_dir / "chest_ct_lung_dx_a0002", folder / "chest.zip"),
-        "head": zip_directory(fixtures_dir / "head_ct_gantry_tilt", folder / "head.zip"),
-        # Refused at series selection: no volume, so no model request at all (a head CT
-        # asks Triton's body_part_regression in its chest check).
-        "mr": zip_directory(fixtures_dir / "mr_brain_t1", folder / "mr.zip"),
-    }
+    return study_zips(fixtures_dir, tmp_path_factory.mktemp("fault-zips"), ("chest", "head", "mr"))
 
 
 @pytest.fixture(scope="module")
@@ -203,40 +184,11 @@ def client(healthy_stack: LocalStack) -> Iterator[TaskClient]:
         connection.close()
 
 
-def result_counter(client: TaskClient) -> Counter[str]:
-    return Counter({task_id: len(copies) for task_id, copies in client.results.items()})
-
-
-def assert_screened(client: TaskClient, sent: list[SentStudy]) -> None:
-    """Chests are Success rows, heads are Failure rows 'not a chest CT', MR studies 'no CT
-    series' (not an outage)."""
-    for study in sent:
-        result = client.result(study.task_id)
-        if study.kind == "poison":
-            continue
-        assert result.status is TaskStatus.COMPLETED, (study.name, result.error)
-        report = result.reports[0]
-        if study.kind == "chest":
-            assert report.processing_status is ProcessingStatus.SUCCESS, report.failure_reason
-        else:
-            assert report.processing_status is ProcessingStatus.FAILURE
-            expected = "no CT series" if study.kind == "mr" else "not a chest CT"
-            assert expected in (report.failure_reason or "")
-
-
-MODEL_REQUEST_STAGES = ("chest_check", "inference")
-
-
-def assert_nothing_lost_or_duplicated(outcome: Outcome, outcomes: list[Outcome]) -> None:
-    outcomes.append(outcome)
-    assert (outcome.lost, outcome.duplicated) == (0, 0), outcome
-    assert outcome.results == outcome.sent
-
-
-def recorded_in_storage(storage: Path, task_id: str) -> bool:
-    """A preparation stage's work on the task, finished and recorded: the prepared study's
-    hand-off to the model stage, or a passed check first."""
-    return read_handoff(storage, task_id) is not None or read_check(storage, task_id) is not None
+@pytest.fixture
+def tally(
+    client: TaskClient, registry: Registry, outcomes: list[Outcome]
+) -> Callable[..., Outcome]:
+    return replies_tally(client, registry, outcomes)
 
 
 def reload_as_a_person_would(page: Page, attempts: int = 3) -> None:
@@ -252,26 +204,6 @@ def reload_as_a_person_would(page: Page, attempts: int = 3) -> None:
             page.wait_for_timeout(1000)
 
 
-def wait_for_adapters_in_inference(client: TaskClient, sent: list[SentStudy], count: int) -> dict:
-    """{adapter id: task id} once ``count`` adapters have started a model request.
-
-    The first request to Triton is the chest check's when the repository serves a body-part
-    regression model (the tests' demo repository does), else the inference's.
-    """
-    ours = {study.task_id for study in sent}
-
-    def holders() -> dict[str, str] | None:
-        client.poll()
-        found = {
-            message.adapter_id: message.task_id
-            for message in client.progress
-            if message.stage in MODEL_REQUEST_STAGES and message.task_id in ours
-        }
-        return found if len(found) >= count else None
-
-    return wait_for(holders, 60, f"{count} adapters inside the model request", interval_s=0.2)
-
-
 # -- scenarios --------------------------------------------------------------------------------
 
 
@@ -279,8 +211,7 @@ def test_poison_tasks_are_dead_lettered_with_a_failure_result(
     healthy_stack: LocalStack,
     client: TaskClient,
     zips: dict[str, Path],
-    outcomes: list[Outcome],
-    registry: Registry,
+    tally: Callable[..., Outcome],
 ) -> None:
     stack = healthy_stack
     topology = QueueTopology(prefix=stack.prefix)
@@ -318,28 +249,22 @@ def test_poison_tasks_are_dead_lettered_with_a_failure_result(
     assert reasons[1] == missing.error
     assert queue_state(topology.task_queue).ready == 0
 
-    outcome = count_outcome(
+    tally(
         "poison tasks (malformed JSON, missing study file)",
         sent,
-        result_counter(client),
-        stack.storage,
-        registry=registry,
-        result_of=client.results_of,
         stored_expected=lambda study: study is not sent[1],
         note=(
             "malformed: dead-lettered on the 1st delivery; missing file: "
             f"{missing.attempt} tries, then dead-lettered; both got a Failure result"
         ),
     )
-    assert_nothing_lost_or_duplicated(outcome, outcomes)
 
 
 def test_adapter_killed_mid_study_is_redelivered_and_finished_by_another(
     healthy_stack: LocalStack,
     client: TaskClient,
     zips: dict[str, Path],
-    outcomes: list[Outcome],
-    registry: Registry,
+    tally: Callable[..., Outcome],
 ) -> None:
     stack = healthy_stack
     with stack.frozen("triton"):
@@ -350,7 +275,7 @@ def test_adapter_killed_mid_study_is_redelivered_and_finished_by_another(
             client.submit(zips["chest"], "kill-chest-3.zip", "chest"),
             client.submit(zips["head"], "kill-head-2.zip", "head"),
         ]
-        holders = wait_for_adapters_in_inference(client, sent, 2)
+        holders = client.in_model_request(sent, 2, 60)
         victim = sorted(holders)[0]
         survivor = next(name for name in holders if name != victim)
         victim_task = holders[victim]
@@ -383,24 +308,18 @@ def test_adapter_killed_mid_study_is_redelivered_and_finished_by_another(
         "the killed adapter's leftovers swept",
     )
 
-    outcome = count_outcome(
+    tally(
         "kill -9 an adapter mid-study",
         sent,
-        result_counter(client),
-        stack.storage,
-        registry=registry,
-        result_of=client.results_of,
         note=f"{victim} killed inside the model request; {survivor} finished it (attempt 2)",
     )
-    assert_nothing_lost_or_duplicated(outcome, outcomes)
 
 
 def test_rabbitmq_restart_with_studies_queued_and_in_flight(
     healthy_stack: LocalStack,
     client: TaskClient,
     zips: dict[str, Path],
-    outcomes: list[Outcome],
-    registry: Registry,
+    tally: Callable[..., Outcome],
 ) -> None:
     stack = healthy_stack
     topology = QueueTopology(prefix=stack.prefix)
@@ -433,7 +352,7 @@ def test_rabbitmq_restart_with_studies_queued_and_in_flight(
             # model stage, or (checked first while others waited) their passed checks, are
             # recorded in storage, not yet sent.
             wait_for(
-                lambda: sum(recorded_in_storage(stack.storage, s.task_id) for s in sent[2:]) == 2,
+                lambda: sum(prepared_or_checked(stack.storage, s.task_id) for s in sent[2:]) == 2,
                 60,
                 "the two chests in flight prepared or checked, and recorded",
             )
@@ -453,27 +372,21 @@ def test_rabbitmq_restart_with_studies_queued_and_in_flight(
     client.settle()
 
     assert_screened(client, sent)
-    outcome = count_outcome(
+    tally(
         "restart RabbitMQ (2 in flight, 2 queued)",
         sent,
-        result_counter(client),
-        stack.storage,
-        registry=registry,
-        result_of=client.results_of,
         note=(
             "2 results waited in the durable reply queue over the restart; the 2 studies in "
             "flight were checked while it was down and handed on from storage"
         ),
     )
-    assert_nothing_lost_or_duplicated(outcome, outcomes)
 
 
 def test_triton_down_for_a_minute_mid_run_fails_no_study(
     healthy_stack: LocalStack,
     client: TaskClient,
     zips: dict[str, Path],
-    outcomes: list[Outcome],
-    registry: Registry,
+    tally: Callable[..., Outcome],
 ) -> None:
     stack = healthy_stack
     with stack.frozen("triton"):
@@ -481,7 +394,7 @@ def test_triton_down_for_a_minute_mid_run_fails_no_study(
             *(client.submit(zips["chest"], f"triton-chest-{n}.zip", "chest") for n in range(1, 5)),
             client.submit(zips["head"], "triton-head-1.zip", "head"),
         ]
-        wait_for_adapters_in_inference(client, sent, 2)
+        client.in_model_request(sent, 2, 60)
         stack.crash_triton()  # kill -9 while both adapters wait for it
     outage_started = time.monotonic()
     while time.monotonic() - outage_started < TRITON_OUTAGE_S:
@@ -495,24 +408,19 @@ def test_triton_down_for_a_minute_mid_run_fails_no_study(
     assert len(retrying) >= 2  # both studies in flight waited for the server
     assert_screened(client, sent)  # no Failure row because of the outage
     assert all(client.result(s.task_id).attempt == 1 for s in sent)  # held, not redelivered
-    outcome = count_outcome(
+    tally(
         f"Triton down {TRITON_OUTAGE_S:.0f} s mid-run",
         sent,
-        result_counter(client),
-        stack.storage,
-        registry=registry,
-        result_of=client.results_of,
         note=f"Triton killed (-9) with 2 studies in flight; {len(retrying)} studies retried",
     )
-    assert_nothing_lost_or_duplicated(outcome, outcomes)
 
 
 def test_database_restart_loses_no_registry_row(
     healthy_stack: LocalStack,
     client: TaskClient,
     zips: dict[str, Path],
-    outcomes: list[Outcome],
     registry: Registry,
+    tally: Callable[..., Outcome],
 ) -> None:
     """The registry's PostgreSQL goes away while studies finish: their results wait in the
     registry queue (the recorder gives them back and pauses) and are recorded once it is
@@ -543,16 +451,11 @@ def test_database_restart_loses_no_registry_row(
     client.settle()
 
     assert_screened(client, sent)
-    outcome = count_outcome(
+    tally(
         "restart PostgreSQL (the registry) mid-run",
         sent,
-        result_counter(client),
-        stack.storage,
-        registry=registry,
-        result_of=client.results_of,
         note="3 results stored while the database was down, recorded after it came back",
     )
-    assert_nothing_lost_or_duplicated(outcome, outcomes)
 
 
 def test_frontend_restart_keeps_every_result_on_the_page(
@@ -646,7 +549,7 @@ def test_frontend_restart_keeps_every_result_on_the_page(
         note="2 results shown before the restart, 3 arrived while it was down; page reloaded",
         registry=registry,
     )
-    assert_nothing_lost_or_duplicated(outcome, outcomes)
+    record_outcome(outcome, outcomes)
     assert all(on_page[name] == 1 for name in names), on_page
     assert all(in_report[name] == 1 for name in names), in_report
 

@@ -32,30 +32,30 @@ import urllib.parse
 import urllib.request
 import uuid
 import zipfile
-from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from cluster_support import FRONTEND, Cluster, TablePrinter, metric
+from cluster_support import FRONTEND, Cluster, metric, started_cluster
 from fault_support import (
     Outcome,
     SentStudy,
     TaskClient,
+    assert_screened,
     consumers_of,
     count_outcome,
-    format_table,
+    outcome_table,
+    prepared_or_checked,
+    record_outcome,
+    replies_tally,
+    study_zips,
 )
-from netns_support import netns_unavailable, postgres_unavailable
 from playwright.sync_api import sync_playwright
-from preconditions import require
-from stack_support import PROJECT_ROOT, wait_for, zip_directory
+from stack_support import PROJECT_ROOT, wait_for
 from web_support import PASSWORD, sign_in_page
 from worklist_page import CHROMIUM, CHROMIUM_ARGS, finished_rows, worklist_rows
 
-from services.adapter.handoff import read_check, read_handoff
-from services.broker.schemas import TaskStatus
 from services.broker.storage import load_result
 from services.core.access import Role
 from services.core.schemas import ProcessingStatus
@@ -65,7 +65,6 @@ pytestmark = [pytest.mark.rabbitmq, pytest.mark.triton, pytest.mark.slow]
 
 LINK_CUT_S = 60.0
 RESULT_TIMEOUT_S = 240.0
-MODEL_REQUEST_STAGES = ("chest_check", "inference")
 PROBE_MODEL = "transfer_probe"
 FULL_SIZE_INPUT = (1, 1, 240, 480, 480)  # one study's CT-CLIP input, 221 MB as float32
 TRANSFER_REPEATS = 3
@@ -79,20 +78,12 @@ MEASUREMENTS: list[str] = []  # printed under the table
 
 @pytest.fixture(scope="module")
 def outcomes(request: pytest.FixtureRequest) -> Iterator[list[Outcome]]:
-    rows: list[Outcome] = []
-    printer = TablePrinter("multi-host: nothing lost, nothing duplicated", rows, MEASUREMENTS)
-    request.config.pluginmanager.register(printer, f"multihost-table-{id(rows)}")
-    yield rows
-    print("\n" + "\n".join([format_table(rows), *MEASUREMENTS]))
+    yield from outcome_table(request, "multi-host: nothing lost, nothing duplicated", MEASUREMENTS)
 
 
 @pytest.fixture(scope="module")
 def zips(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("multihost-zips")
-    return {
-        "chest": zip_directory(fixtures_dir / "chest_ct_lung_dx_a0002", folder / "chest.zip"),
-        "head": zip_directory(fixtures_dir / "head_ct_gantry_tilt", folder / "head.zip"),
-    }
+    return study_zips(fixtures_dir, tmp_path_factory.mktemp("multihost-zips"), ("chest", "head"))
 
 
 def repository_with_probe(tiny: Path, target: Path) -> Path:
@@ -127,20 +118,9 @@ def repository_with_probe(tiny: Path, target: Path) -> Path:
 def cluster(
     tiny_model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
-    require(netns_unavailable())  # root and iproute2; CI has both
-    require(postgres_unavailable())  # the database host's PostgreSQL; CI has it
     workdir = tmp_path_factory.mktemp("multihost")
-    hosts = Cluster(
-        repository=repository_with_probe(tiny_model_repository, workdir / "repository"),
-        workdir=workdir,
-        adapters=2,
-        prefix=f"test-multihost-{uuid.uuid4().hex[:8]}",
-    )
-    try:
-        hosts.start()
-        yield hosts
-    finally:
-        hosts.stop()
+    repository = repository_with_probe(tiny_model_repository, workdir / "repository")
+    yield from started_cluster(workdir, repository, adapters=2, name="multihost")
 
 
 @pytest.fixture(scope="module")
@@ -165,24 +145,11 @@ def client(cluster: Cluster) -> Iterator[TaskClient]:
     task_client.close()
 
 
-def seen(client: TaskClient) -> Counter[str]:
-    return Counter({task_id: len(copies) for task_id, copies in client.results.items()})
-
-
-def in_model_request(client: TaskClient, sent: list[SentStudy], count: int) -> dict[str, str]:
-    """{adapter: task} once ``count`` adapters are inside a request to Triton."""
-    ours = {study.task_id for study in sent}
-
-    def holders() -> dict[str, str] | None:
-        client.poll()
-        found = {
-            message.adapter_id: message.task_id
-            for message in client.progress
-            if message.stage in MODEL_REQUEST_STAGES and message.task_id in ours
-        }
-        return found if len(found) >= count else None
-
-    return wait_for(holders, 90, f"{count} adapters inside a model request", interval_s=0.2)
+@pytest.fixture
+def tally(
+    client: TaskClient, registry: Registry, outcomes: list[Outcome]
+) -> Callable[..., Outcome]:
+    return replies_tally(client, registry, outcomes)
 
 
 def stage_of(client: TaskClient, adapter: str, task_id: str) -> str | None:
@@ -198,39 +165,19 @@ def stage_of(client: TaskClient, adapter: str, task_id: str) -> str | None:
 def recorded(storage: Path, task_id: str) -> bool:
     """The task's stage finished in storage: its result, its prepared study's hand-off, or
     its passed check first (taken while others waited)."""
-    return (
-        load_result(storage, task_id) is not None
-        or read_handoff(storage, task_id) is not None
-        or read_check(storage, task_id) is not None
-    )
-
-
-def assert_screened(client: TaskClient, sent: list[SentStudy]) -> None:
-    for study in sent:
-        result = client.result(study.task_id)
-        assert result.status is TaskStatus.COMPLETED, (study.name, result.error)
-        status = result.reports[0].processing_status
-        expected = ProcessingStatus.SUCCESS if study.kind == "chest" else ProcessingStatus.FAILURE
-        assert status is expected, (study.name, result.reports[0].failure_reason)
-
-
-def record(outcome: Outcome, outcomes: list[Outcome]) -> None:
-    outcomes.append(outcome)
-    assert (outcome.lost, outcome.duplicated) == (0, 0), outcome
-    assert outcome.results == outcome.sent
+    return load_result(storage, task_id) is not None or prepared_or_checked(storage, task_id)
 
 
 def test_link_to_triton_cut_for_a_minute(
     cluster: Cluster,
     client: TaskClient,
     zips: dict[str, Path],
-    outcomes: list[Outcome],
-    registry: Registry,
+    tally: Callable[..., Outcome],
 ) -> None:
     with cluster.frozen(cluster.triton_name):
         sent = [client.submit(zips["chest"], f"cut-chest-{n}.zip", "chest") for n in range(4)]
         sent.append(client.submit(zips["head"], "cut-head.zip", "head"))
-        in_model_request(client, sent, 2)
+        client.in_model_request(sent, 2, 90)
         cluster.triton_host.cut()  # both adapters inside a request when the cable goes
     started = time.monotonic()
     try:
@@ -246,29 +193,23 @@ def test_link_to_triton_cut_for_a_minute(
     assert waited == set(cluster.adapter_names)  # both waited through the cut
     assert all(client.result(study.task_id).attempt == 1 for study in sent)  # none given back
     assert_screened(client, sent)
-    outcome = count_outcome(
+    tally(
         f"adapter<->Triton link cut {LINK_CUT_S:.0f} s",
         sent,
-        seen(client),
-        cluster.storage,
-        registry=registry,
-        result_of=client.results_of,
         note="both adapters inside a model request at the cut; they waited and finished",
     )
-    record(outcome, outcomes)
 
 
 def test_adapter_host_cut_off_from_the_broker_mid_study(
     cluster: Cluster,
     client: TaskClient,
     zips: dict[str, Path],
-    outcomes: list[Outcome],
-    registry: Registry,
+    tally: Callable[..., Outcome],
 ) -> None:
     before = {name: cluster.adapter_metrics(name) for name in cluster.adapter_names}
     with cluster.frozen(cluster.triton_name):
         sent = [client.submit(zips["chest"], f"part-chest-{n}.zip", "chest") for n in range(4)]
-        holders = in_model_request(client, sent, 2)
+        holders = client.in_model_request(sent, 2, 90)
         victim, survivor = cluster.adapter_names
         victim_task = holders[victim]
         # Inside Triton in either stage: the chest check's BPR (preparation) or the model.
@@ -296,32 +237,26 @@ def test_adapter_host_cut_off_from_the_broker_mid_study(
         ) - metric(before[survivor], "cts_adapter_tasks_total", outcome="republished")
         assert republished == 1  # the survivor sent the stored result, nothing recomputed
     assert_screened(client, sent)
-    outcome = count_outcome(
+    tally(
         "adapter host cut off from the broker mid-study",
         sent,
-        seen(client),
-        cluster.storage,
-        registry=registry,
-        result_of=client.results_of,
         note=(
             f"{victim} stored its result while cut off; the broker redelivered the task to "
             f"{survivor}, which republished it; the late copy was never sent"
         ),
     )
-    record(outcome, outcomes)
 
 
 def test_triton_host_lost_and_replaced_at_a_new_address(
     cluster: Cluster,
     client: TaskClient,
     zips: dict[str, Path],
-    outcomes: list[Outcome],
-    registry: Registry,
+    tally: Callable[..., Outcome],
 ) -> None:
     with cluster.frozen(cluster.triton_name):
         sent = [client.submit(zips["chest"], f"swap-chest-{n}.zip", "chest") for n in range(3)]
         sent.append(client.submit(zips["head"], "swap-head.zip", "head"))
-        holders = in_model_request(client, sent, 2)
+        holders = client.in_model_request(sent, 2, 90)
         old, new = cluster.replace_triton()
     cluster.wait_for_adapters()
     client.wait_for_results(sent, RESULT_TIMEOUT_S)
@@ -337,31 +272,25 @@ def test_triton_host_lost_and_replaced_at_a_new_address(
     attempts = [client.result(task_id).attempt for task_id in holders.values()]
     assert all(2 <= attempt <= 3 for attempt in attempts), attempts
     assert_screened(client, sent)
-    outcome = count_outcome(
+    tally(
         "Triton host lost, replaced at a new address",
         sent,
-        seen(client),
-        cluster.storage,
-        registry=registry,
-        result_of=client.results_of,
         note=(
             f"Triton {old} -> {new} (config file); adapters restarted (SIGTERM); the 2 studies "
             f"in flight given back and redelivered (attempts {sorted(attempts)})"
         ),
     )
-    record(outcome, outcomes)
 
 
 def test_broker_host_crashes_and_boots_again(
     cluster: Cluster,
     client: TaskClient,
     zips: dict[str, Path],
-    outcomes: list[Outcome],
-    registry: Registry,
+    tally: Callable[..., Outcome],
 ) -> None:
     with cluster.frozen(cluster.triton_name):
         sent = [client.submit(zips["chest"], f"boot-chest-{n}.zip", "chest") for n in range(5)]
-        in_model_request(client, sent, 2)
+        client.in_model_request(sent, 2, 90)
         cluster.crash_broker_host()  # RabbitMQ, epmd and the frontend: kill -9
     # Triton is back: the two studies in flight finish their stage and are recorded in
     # storage (a result, or a prepared study's hand-off) while the broker is down.
@@ -386,19 +315,14 @@ def test_broker_host_crashes_and_boots_again(
         "every frontend's recorder consuming again",
     )
     assert_screened(client, sent)
-    outcome = count_outcome(
+    tally(
         "broker host crashed (kill -9) and booted",
         sent,
-        seen(client),
-        cluster.storage,
-        registry=registry,
-        result_of=client.results_of,
         note=(
             "2 in flight finished their stage while it was down, sent on from storage; "
             "3 queued survived"
         ),
     )
-    record(outcome, outcomes)
 
 
 # -- two frontends, one registry ------------------------------------------------------------------
@@ -583,7 +507,7 @@ def test_two_frontends_on_two_hosts_share_one_registry(
     assert sorted(str(row["file"]) for row in shown[b]) == sorted(study.name for study in sent)
 
     assert_screened(client, queued)
-    seen = Counter({task_id: len(copies) for task_id, copies in client.results.items()})
+    seen = client.seen()
     for study in uploaded:  # where the REST user looks: the listing's final rows
         seen[study.task_id] = sum(
             row["task_id"] == study.task_id and StudyState(row["state"]).final for row in listed[b]
@@ -603,7 +527,7 @@ def test_two_frontends_on_two_hosts_share_one_registry(
             "alone; both list the same rows and states (REST listing, worklist page)"
         ),
     )
-    record(outcome, outcomes)
+    record_outcome(outcome, outcomes)
 
 
 TRANSFER_SCRIPT = """

@@ -20,6 +20,7 @@ from urllib.parse import quote
 import openpyxl
 import pydicom
 import pytest
+from fault_support import process_groups
 from playwright.sync_api import Browser, Dialog, Page, ViewportSize, expect, sync_playwright
 from stack_support import (
     PROJECT_ROOT,
@@ -93,23 +94,6 @@ def consumer_count(settings: RabbitMQSettings) -> int:
         ).method.consumer_count
     finally:
         connection.close()
-
-
-def process_groups(group_ids: set[int]) -> set[int]:
-    """Processes (not zombies) whose process group is one of ``group_ids``."""
-    members = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Fields after the command name (which may hold spaces) start after the last ")".
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[2]) in group_ids:
-            members.add(int(entry.name))
-    return members
 
 
 def hostile_copy(source: Path, target: Path) -> Path:
