@@ -18,6 +18,7 @@ the run (terminal summary).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -191,17 +192,23 @@ def tally(
     return replies_tally(client, registry, outcomes)
 
 
-def reload_as_a_person_would(page: Page, attempts: int = 3) -> None:
-    """Reload the page; a reload the browser aborts (net::ERR_ABORTED, seen once in CI just
-    after the frontend came back) is tried again a second later, as a person would."""
+def open_again_as_a_person_would(page: Page, url: str, attempts: int = 3) -> Page:
+    """The page again once the frontend is back, in a new tab of the same browser (its session
+    cookie and stored choices): the old tab may be in any state after its server died (a
+    reload of it was aborted with net::ERR_ABORTED, and once found it no longer attached), so
+    it is closed. A navigation that fails is tried again a second later, as a person would."""
+    fresh = page.context.new_page()
+    with contextlib.suppress(PlaywrightError):
+        page.close()
     for attempt in range(1, attempts + 1):
         try:
-            page.reload()
-            return
-        except PlaywrightError as error:
-            if "ERR_ABORTED" not in str(error) or attempt == attempts:
+            fresh.goto(url)
+            break
+        except PlaywrightError:
+            if attempt == attempts:
                 raise
-            page.wait_for_timeout(1000)
+            fresh.wait_for_timeout(1000)
+    return fresh
 
 
 # -- scenarios --------------------------------------------------------------------------------
@@ -513,11 +520,11 @@ def test_frontend_restart_keeps_every_result_on_the_page(
                 "every result stored while the frontend is down",
             )
             stack.launch("frontend")
-            reload_as_a_person_would(page)
+            page = open_again_as_a_person_would(page, stack.frontend_url)
             wait_for(
                 lambda: finished_rows(page, set(names)) == 5,
                 60,
-                "all five done after the reload",
+                "all five done on the page opened again",
                 interval_s=0.5,
             )
             shown = [str(row["file"]) for row in worklist_rows(page, set(names))]
@@ -546,7 +553,7 @@ def test_frontend_restart_keeps_every_result_on_the_page(
         sent,
         seen,
         stack.storage,
-        note="2 results shown before the restart, 3 arrived while it was down; page reloaded",
+        note="2 results shown before the restart, 3 arrived while it was down; page opened again",
         registry=registry,
     )
     record_outcome(outcome, outcomes)
