@@ -235,20 +235,8 @@ if ! port_open "$RABBITMQ_HOST" "$RABBITMQ_PORT"; then
   for _ in $(seq 1 60); do port_open "$RABBITMQ_HOST" "$RABBITMQ_PORT" && break; sleep 1; done
   port_open "$RABBITMQ_HOST" "$RABBITMQ_PORT" || fail "RabbitMQ did not come up"
 fi
-if command -v rabbitmq-plugins >/dev/null 2>&1 && [ "$RABBITMQ_HOST" = "127.0.0.1" ]; then
-  if ! rabbitmq-plugins list -e -m 2>/dev/null | grep -qx rabbitmq_management; then
-    say "enabling the RabbitMQ management console (127.0.0.1:15672)"
-    rabbitmqctl eval 'application:set_env(rabbitmq_management, tcp_config, [{ip, "127.0.0.1"}, {port, 15672}], [{persistent, true}]).' >/dev/null 2>&1 || true
-    rabbitmq-plugins enable rabbitmq_management >/dev/null 2>&1 \
-      || say "warning: could not enable rabbitmq_management (not root?); the stack runs without the console"
-  fi
-  if ! rabbitmq-plugins list -e -m 2>/dev/null | grep -qx rabbitmq_prometheus; then
-    say "enabling RabbitMQ's Prometheus plugin (127.0.0.1:$RABBITMQ_PROMETHEUS_PORT/metrics)"
-    # Bound to loopback before it starts (its default is every interface).
-    rabbitmqctl eval "application:set_env(rabbitmq_prometheus, tcp_config, [{ip, \"127.0.0.1\"}, {port, $RABBITMQ_PROMETHEUS_PORT}], [{persistent, true}])." >/dev/null 2>&1 || true
-    rabbitmq-plugins enable rabbitmq_prometheus >/dev/null 2>&1 \
-      || say "warning: could not enable rabbitmq_prometheus (not root?); no queue metrics"
-  fi
+if [ "$RABBITMQ_HOST" = "127.0.0.1" ]; then
+  bash "$ROOT/scripts/rabbitmq_plugins.sh" "$RABBITMQ_PROMETHEUS_PORT" | while IFS= read -r line; do say "$line"; done
 fi
 umask 077
 

@@ -29,6 +29,9 @@ if ! rabbitmq_listens; then
   }
 fi
 
+# The broker tests read the broker's own connection list (to cut one link) from its console.
+bash "$(dirname "${BASH_SOURCE[0]}")/rabbitmq_plugins.sh" | sed 's/^/[services] /'
+
 if ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
   # The registry's tests run on the machine's PostgreSQL too (trust authentication on
   # 127.0.0.1); Debian's cluster is started as its packaging does.

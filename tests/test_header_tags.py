@@ -35,14 +35,16 @@ def _keywords_named_in(path: Path) -> set[str]:
 
 def test_every_tag_the_pipeline_reads_is_parsed():
     core = PROJECT_ROOT / "services" / "core"
+    # The SR's evidence is taken from the same headers (services/sr/evidence.py).
+    evidence = PROJECT_ROOT / "services" / "sr" / "evidence.py"
     named: dict[str, list[str]] = {}
-    for path in sorted(core.rglob("*.py")):
+    for path in [*sorted(core.rglob("*.py")), evidence]:
         for keyword in _keywords_named_in(path):
             named.setdefault(keyword, []).append(path.name)
     missing = {keyword: files for keyword, files in named.items() if keyword not in HEADER_KEYWORDS}
     assert not missing, f"add these to services.core.dicom.headers.HEADER_KEYWORDS: {missing}"
     # The scan is not vacuous: it finds the tags the geometry needs.
-    assert {"ImagePositionPatient", "RescaleSlope", "ProtocolName"} <= set(named)
+    assert {"ImagePositionPatient", "RescaleSlope", "ProtocolName", "SOPInstanceUID"} <= set(named)
 
 
 def test_header_keywords_are_dicom_keywords():

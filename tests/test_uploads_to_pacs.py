@@ -25,7 +25,7 @@ from registry_support import BACKEND_PARAMETERS, registry_url, task_submission
 from stack_support import wait_for
 
 from services.adapter.predecessors import EarlierReports
-from services.adapter.task_runner import structured_report_files
+from services.adapter.task_runner import sr_context, structured_report_files
 from services.broker.schemas import ResultFile, StudyResult, TaskStatus
 from services.broker.storage import result_files_dir, store_result
 from services.core.config import Backoff, DimseDestination, Settings, load_settings
@@ -131,10 +131,7 @@ def finish_task(
             root,
             result_files_dir(root, task_id),
             studies,
-            task_id=task_id,
-            backend=screening.backend,
-            settings=settings,
-            earlier_reports=earlier,
+            sr_context(task_id, screening.backend, settings, earlier),
         )
         result = StudyResult(
             task_id=task_id,

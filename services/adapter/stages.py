@@ -19,6 +19,7 @@ delivery rules decide (services/adapter/delivery.py).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -30,7 +31,6 @@ from services.adapter.handoff import (
     CheckRecord,
     PreparedEntry,
     PreparedTask,
-    evidence_from_json,
     evidence_to_json,
     kept_intake_dir,
     load_model_input,
@@ -44,10 +44,12 @@ from services.adapter.handoff import (
 )
 from services.adapter.progress import WRITING_FRACTION, InferenceTimes, ProgressCallback
 from services.adapter.task_runner import (
+    EarlySkeletons,
     TaskEvents,
     mark_late_instances,
     result_files,
     side_file_kind,
+    sr_context,
     structured_report_files,
 )
 from services.broker.schemas import (
@@ -74,7 +76,7 @@ from services.core.pipeline import (
 from services.core.pipeline import preprocessing_target as target_of
 from services.core.pipeline.run import infer_and_finish
 from services.core.schemas import StudyReport
-from services.sr.document import EarlierReports
+from services.sr.document import DocumentSkeleton, EarlierReports
 from services.sr.evidence import EvidenceCollector, StudyEvidence
 
 
@@ -202,7 +204,13 @@ def _prepared_entry(
         # Finished here: a refused or failed study never waits for the model.
         events.study_finished(report, study_index=prepared.index, n_studies=prepared.n_studies)
         evidence.study_finished(report, study_index=prepared.index, n_studies=prepared.n_studies)
-        return PreparedEntry(report=report, index=prepared.index, n_studies=prepared.n_studies)
+        _report, finished = evidence.studies[-1]  # its SR is written with the task's others
+        return PreparedEntry(
+            report=report,
+            index=prepared.index,
+            n_studies=prepared.n_studies,
+            evidence=evidence_to_json(finished),
+        )
     events.model_input_ready(prepared)
     name = save_model_input(folder, prepared.index, prepared.model_input)
     prepared.model_input = None  # 221 MB: on disk now, not held through the next study
@@ -228,15 +236,19 @@ def finish_model_task(handoff: ModelTask, context: TaskContext) -> StudyResult:
         result_files_dir(storage_root, task.task_id),
         inference_times=context.inference_times,
     )
+    skeletons: EarlySkeletons | None = None
     try:
         record = read_handoff(storage_root, task.task_id)
         if record is None:
             raise StudyNotFound(f"the prepared study {handoff.prepared_path!r} is not in storage")
         started = record.started_at
+        skeletons = EarlySkeletons(
+            [entry.evidence for entry in record.entries],
+            sr_context(task.task_id, backend, context.settings, context.earlier_reports),
+        )
         thresholds = resolve_thresholds(backend.metadata, context.settings.inference)
         folder = prepared_dir(storage_root, task.task_id)
         reports: list[StudyReport] = []
-        pairs: list[tuple[StudyReport, StudyEvidence | None]] = []
         for entry in record.entries:
             report = entry.report
             if entry.input_file is not None:
@@ -253,8 +265,8 @@ def finish_model_task(handoff: ModelTask, context: TaskContext) -> StudyResult:
                 report.demo_weights = backend.metadata.demo
                 events.study_finished(report, study_index=entry.index, n_studies=entry.n_studies)
             reports.append(report)
-            pairs.append((report, evidence_from_json(entry.evidence)))
-        files = _finish_files(task, context, reports, pairs, events)
+        pairs = list(zip(reports, skeletons.evidence(), strict=True))
+        files = _finish_files(task, context, reports, pairs, events, skeletons.skeletons())
         files.extend(
             ResultFile(
                 kind=side_file_kind(
@@ -280,6 +292,8 @@ def finish_model_task(handoff: ModelTask, context: TaskContext) -> StudyResult:
         return _failed_or_raise(task, context, error, started)
     finally:
         events.finish()
+        if skeletons is not None:
+            skeletons.close()
 
 
 def run_task(task: StudyTask, context: TaskContext) -> StudyResult:
@@ -297,6 +311,7 @@ def _finish_files(
     reports: list[StudyReport],
     evidence: list[tuple[StudyReport, StudyEvidence | None]],
     events: TaskEvents,
+    skeletons: Mapping[int, DocumentSkeleton] | None = None,
 ) -> list[ResultFile]:
     storage_root = context.settings.storage.root
     output_dir = result_files_dir(storage_root, task.task_id)
@@ -309,10 +324,8 @@ def _finish_files(
             storage_root,
             output_dir,
             evidence,
-            task_id=task.task_id,
-            backend=context.backend,
-            settings=context.settings,
-            earlier_reports=context.earlier_reports,
+            sr_context(task.task_id, context.backend, context.settings, context.earlier_reports),
+            skeletons,
         )
     )
     files.extend(

@@ -5,11 +5,14 @@ the preparation and model stages; both run on a stage's worker thread.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from loguru import logger
 
+from services.adapter.handoff import evidence_from_json
 from services.adapter.progress import (
     STAGE_MESSAGES,
     InferenceTimes,
@@ -28,7 +31,14 @@ from services.core.quality import QualityFlag
 from services.core.reports import write_reports
 from services.core.schemas import StudyReport
 from services.core.volume import Volume
-from services.sr.document import EarlierReports, document_context, write_structured_reports
+from services.sr.document import (
+    DocumentContext,
+    DocumentSkeleton,
+    EarlierReports,
+    document_context,
+    structured_report_skeleton,
+    write_structured_reports,
+)
 from services.sr.evidence import StudyEvidence
 
 PREVIEWS_DIR = "previews"
@@ -186,20 +196,70 @@ def result_files(
     return files
 
 
+def sr_context(
+    task_id: str, backend: InferenceBackend, settings: Settings, earlier: EarlierReports | None
+) -> DocumentContext:
+    return document_context(task_id, backend.metadata, settings.inference, earlier)
+
+
+class EarlySkeletons:
+    """The SR skeletons of a task's studies (services/sr/document.py), made on a thread of
+    their own from the hand-off's evidence while the model requests are in flight: none of
+    it needs the model's answer."""
+
+    def __init__(
+        self, evidence: Sequence[list[dict[str, Any]] | None], context: DocumentContext
+    ) -> None:
+        self._context = context
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sr-skeleton")
+        # By position in the task's studies (from 1), as write_structured_reports counts.
+        self._evidence = [self._pool.submit(evidence_from_json, items) for items in evidence]
+        self._skeletons = {
+            position: self._pool.submit(self._skeleton, future, position)
+            for position, future in enumerate(self._evidence, start=1)
+        }
+
+    def _skeleton(
+        self, evidence: Future[StudyEvidence | None], position: int
+    ) -> DocumentSkeleton | None:
+        study = evidence.result()
+        if study is None:
+            return None
+        return structured_report_skeleton(study, self._context, instance_number=position)
+
+    def evidence(self) -> list[StudyEvidence | None]:
+        """Each study's evidence (a file that could not be read raises, as it would here)."""
+        return [future.result() for future in self._evidence]
+
+    def skeletons(self) -> dict[int, DocumentSkeleton]:
+        """The skeletons made; one that failed is left out (and made again when its SR is
+        written, where the failure is reported)."""
+        made: dict[int, DocumentSkeleton] = {}
+        for position, future in self._skeletons.items():
+            try:
+                skeleton = future.result()
+            except Exception as error:  # noqa: BLE001 - the SR is made again, or reported there
+                logger.warning("SR skeleton {} not made early: {}", position, type(error).__name__)
+                continue
+            if skeleton is not None:
+                made[position] = skeleton
+        return made
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def structured_report_files(
     storage_root: Path,
     output_dir: Path,
     evidence: list[tuple[StudyReport, StudyEvidence | None]],
-    *,
-    task_id: str,
-    backend: InferenceBackend,
-    settings: Settings,
-    earlier_reports: EarlierReports | None,
+    context: DocumentContext,
+    skeletons: Mapping[int, DocumentSkeleton] | None = None,
 ) -> list[ResultFile]:
     """The studies' DICOM SRs next to the other report files (NIfTI studies have none)."""
-    context = document_context(task_id, backend.metadata, settings.inference, earlier_reports)
+    task_id = context.key
     try:
-        written = write_structured_reports(evidence, output_dir / SR_DIR, context)
+        written = write_structured_reports(evidence, output_dir / SR_DIR, context, skeletons)
     except Exception:  # noqa: BLE001 - the reports stand without their SR; the log says why
         logger.exception("task {}: structured reports not written", task_id)
         return []

@@ -18,7 +18,7 @@ import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from loguru import logger
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -27,7 +27,6 @@ from tqdm import tqdm
 from services.batch.inputs import list_inputs
 from services.batch.model_input_files import ModelInputSaver
 from services.batch.preview_files import PREVIEWS_DIR_NAME, PreviewWriter
-from services.batch.registry_records import BatchRecorder
 from services.core.config import Settings, load_settings
 from services.core.errors import ConfigurationError
 from services.core.findings import resolve_thresholds
@@ -41,6 +40,9 @@ from services.core.reports import write_reports
 from services.core.schemas import StudyReport
 from services.sr.document import document_context, write_structured_reports
 from services.sr.evidence import EvidenceCollector
+
+if TYPE_CHECKING:
+    from services.batch.registry_records import BatchRecorder
 
 USAGE_ERROR = 2
 SR_DIR_NAME = "sr"  # one DICOM structured report per DICOM study
@@ -182,6 +184,10 @@ def _open_backend(settings: Settings) -> InferenceBackend:
 def _open_recorder(url: str | None) -> BatchRecorder | None:
     if not url:
         return None
+    # Here, not at the top: the registry's code (SQLAlchemy, argon2) is 0.3 s of a batch's
+    # cold start, and most runs do not record to a registry.
+    from services.batch.registry_records import BatchRecorder
+
     try:
         return BatchRecorder(url)
     except (ConfigurationError, SQLAlchemyError, ArgumentError) as error:

@@ -7,6 +7,7 @@ means the broker has the message on disk.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -18,6 +19,8 @@ from tenacity import stop_when_event_set
 from services.broker.errors import PublishError
 from services.broker.schemas import (
     CONTENT_TYPE,
+    MODEL_STAGE,
+    PREPARE_STAGE,
     PRIORITY_ORDER,
     STAGES,
     ModelTask,
@@ -169,6 +172,23 @@ def publish_task(channel: BlockingChannel, topology: QueueTopology, task: StudyT
     _publish_for_task(
         channel, topology.task_exchange, task_routing_key(task.priority), message=task, task=task
     )
+    ring_doorbell(channel, topology, PREPARE_STAGE)
+
+
+# Expires on reaching the queue unless a consumer can take it at once (RabbitMQ's TTL 0).
+DOORBELL = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Transient, expiration="0")
+
+
+def ring_doorbell(channel: BlockingChannel, topology: QueueTopology, stage: str) -> None:
+    """Wake an idle adapter of ``stage`` now rather than at its next poll of the lanes
+    (services/adapter/stage_loop.py; up to rabbitmq.poll_interval_s, 0.25 s, per stage of a
+    study): an empty message to the stage's presence queue, which every adapter of the
+    stage consumes and none lets wait there (TTL 0: with no consumer free to take it, it is
+    dropped). Best effort: the lanes are still polled."""
+    with contextlib.suppress(*CONNECTION_ERRORS, pika.exceptions.AMQPError):
+        channel.basic_publish(
+            exchange="", routing_key=topology.presence_queue(stage), body=b"", properties=DOORBELL
+        )
 
 
 def publish_for_preparation(
@@ -178,6 +198,7 @@ def publish_for_preparation(
     _publish_for_task(
         channel, "", topology.preparation_lane(task.priority), message=task, task=task
     )
+    ring_doorbell(channel, topology, PREPARE_STAGE)
 
 
 def publish_model_task(
@@ -188,6 +209,7 @@ def publish_model_task(
     # queues addressed by name on the default exchange ("").
     lane = topology.model_lane(handoff.task.priority)
     _publish_for_task(channel, "", lane, message=handoff, task=handoff.task)
+    ring_doorbell(channel, topology, MODEL_STAGE)
 
 
 def _publish_for_task(

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata as package_metadata
 from pathlib import Path
@@ -179,10 +179,9 @@ def _screening_group(
     report: StudyReport,
     algorithm: hd.sr.AlgorithmIdentification,
     context: DocumentContext,
-    evidence: StudyEvidence,
+    skeleton: DocumentSkeleton,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """The screening's result; its source images are the analysed series' instances."""
-    study_uid = evidence.study_uid
     measurements: list[hd.sr.Measurement] = []
     evaluations = [
         hd.sr.QualitativeEvaluation(cts.DEMO_WEIGHTS, cts.YES if report.demo_weights else cts.NO),
@@ -208,20 +207,15 @@ def _screening_group(
             ),
         )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(context.key, study_uid, "screening"),
+        tracking_identifier=_tracking(context.key, skeleton.evidence.study_uid, "screening"),
         finding_type=cts.SCREENING,
         algorithm_id=algorithm,
         measurements=measurements or None,
         qualitative_evaluations=evaluations,
-        source_images=[
-            hd.sr.SourceImageForMeasurementGroup(
-                referenced_sop_class_uid=instance.SOPClassUID,
-                referenced_sop_instance_uid=instance.SOPInstanceUID,
-            )
-            for instance in evidence.instances
-        ],
     )
     content = group[0].ContentSequence
+    # Where highdicom puts source images (after the evaluations); made with the skeleton.
+    content.extend(skeleton.source_images)
     if not report.succeeded:
         content.append(_text(cts.FAILURE_REASON, report.failure_reason or "unknown reason"))
     if report.demo_weights:
@@ -249,20 +243,20 @@ def _finding_groups(
     ]
 
 
-def build_structured_report(
-    report: StudyReport,
-    evidence: StudyEvidence,
-    context: DocumentContext,
-    *,
-    instance_number: int = 1,
-) -> Dataset:
-    """The SR of one study's report; ``context.key`` makes its UIDs reproducible."""
-    key = context.key
-    study_uid = evidence.study_uid
-    algorithm = _algorithm(report, context)
-    groups = [_screening_group(report, algorithm, context, evidence)]
-    if report.succeeded:
-        groups.extend(_finding_groups(report, algorithm, key, study_uid))
+@dataclass(frozen=True)
+class DocumentSkeleton:
+    """An SR made before the model answers: the study's patient and study modules, its
+    evidence and the screening group's source images. None of them depends on the result,
+    so the adapter makes them while the model request is in flight (with the evidence read
+    from the hand-off: 0.14 s for 300 instances); complete_structured_report adds the result
+    (0.06 s) and writing the file takes 0.13 s."""
+
+    document: hd.sr.Comprehensive3DSR
+    evidence: StudyEvidence
+    source_images: tuple[hd.sr.SourceImageForMeasurementGroup, ...]
+
+
+def _observation_context() -> hd.sr.ObservationContext:
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -272,12 +266,36 @@ def build_structured_report(
             model_name=ALGORITHM_NAME,
         ),
     )
-    content = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=procedure_reported(report),
-        imaging_measurements=groups,
+    return hd.sr.ObservationContext(observer_device_context=observer)
+
+
+def structured_report_skeleton(
+    evidence: StudyEvidence, context: DocumentContext, *, instance_number: int = 1
+) -> DocumentSkeleton:
+    """The parts of a study's SR that do not depend on its result (``context.key`` makes its
+    UIDs reproducible); its content tree is a placeholder until it is completed."""
+    key = context.key
+    study_uid = evidence.study_uid
+    source_images = tuple(
+        hd.sr.SourceImageForMeasurementGroup(
+            referenced_sop_class_uid=instance.SOPClassUID,
+            referenced_sop_instance_uid=instance.SOPInstanceUID,
+        )
+        for instance in evidence.instances
     )
-    description = series_description(report)
+    # Without the source images: highdicom copies and parses the content it is given, which
+    # with 300 of them took half the SR's time. The evidence sequences are made from
+    # ``evidence`` alone, so they are the same.
+    placeholder = hd.sr.MeasurementReport(
+        observation_context=_observation_context(),
+        procedure_reported=cts.CT_CHEST,
+        imaging_measurements=[
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(key, study_uid, "screening"),
+                finding_type=cts.SCREENING,
+            )
+        ],
+    )
     earlier = previous_versions(context, study_uid)
     with warnings.catch_warnings():
         # highdicom warns about odd source values (a one-part PatientName) by quoting them:
@@ -285,7 +303,7 @@ def build_structured_report(
         warnings.simplefilter("ignore")
         document = hd.sr.Comprehensive3DSR(
             evidence=list(evidence.instances),
-            content=content[0],
+            content=placeholder[0],
             series_instance_uid=document_uid(key, study_uid, "series"),
             series_number=SERIES_NUMBER,
             sop_instance_uid=document_uid(key, study_uid, f"instance:{instance_number}"),
@@ -293,14 +311,50 @@ def build_structured_report(
             manufacturer=PRODUCT,
             manufacturer_model_name=ALGORITHM_NAME,
             software_versions=product_version(),
-            series_description=description,
+            series_description=SERIES_DESCRIPTION,
             is_complete=True,
             is_final=False,  # a machine's preliminary result until a radiologist verifies it
             is_verified=False,
             previous_versions=earlier or None,
         )
     document.CodingSchemeIdentificationSequence = [cts.coding_scheme_identification()]
+    return DocumentSkeleton(document=document, evidence=evidence, source_images=source_images)
+
+
+def complete_structured_report(
+    skeleton: DocumentSkeleton, report: StudyReport, context: DocumentContext
+) -> Dataset:
+    """The skeleton's SR with ``report``'s result, for writing: the content tree is made
+    again around the skeleton's source images (its measurement groups, procedure and
+    algorithm: milliseconds), and the series description says the outcome. The evidence is
+    the skeleton's: the result references no other instance. A skeleton is completed once;
+    highdicom's parsed copy of the content (``.content``) stays the placeholder's."""
+    algorithm = _algorithm(report, context)
+    groups = [_screening_group(report, algorithm, context, skeleton)]
+    if report.succeeded:
+        groups.extend(_finding_groups(report, algorithm, context.key, skeleton.evidence.study_uid))
+    content = hd.sr.MeasurementReport(
+        observation_context=_observation_context(),
+        procedure_reported=procedure_reported(report),
+        imaging_measurements=groups,
+    )
+    document = skeleton.document
+    for tag, value in content[0].items():  # the root container, as Comprehensive3DSR takes it
+        document[tag] = value
+    document.SeriesDescription = series_description(report)
     return document
+
+
+def build_structured_report(
+    report: StudyReport,
+    evidence: StudyEvidence,
+    context: DocumentContext,
+    *,
+    instance_number: int = 1,
+) -> Dataset:
+    """The SR of one study's report; ``context.key`` makes its UIDs reproducible."""
+    skeleton = structured_report_skeleton(evidence, context, instance_number=instance_number)
+    return complete_structured_report(skeleton, report, context)
 
 
 def sr_file_name(index: int, evidence: StudyEvidence) -> str:
@@ -312,14 +366,19 @@ def write_structured_reports(
     studies: Sequence[tuple[StudyReport, StudyEvidence | None]],
     folder: Path,
     context: DocumentContext,
+    skeletons: Mapping[int, DocumentSkeleton] | None = None,
 ) -> list[Path]:
     """One SR file per study that has DICOM evidence (NIfTI studies and inputs without a
-    study have none); the paths written."""
+    study have none); the paths written. ``skeletons`` by position in ``studies`` (from 1):
+    made before, each of them used once."""
     written: list[Path] = []
     for index, (report, evidence) in enumerate(studies, start=1):
         if evidence is None:
             continue
-        document = build_structured_report(report, evidence, context, instance_number=index)
+        skeleton = (skeletons or {}).get(index) or structured_report_skeleton(
+            evidence, context, instance_number=index
+        )
+        document = complete_structured_report(skeleton, report, context)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / sr_file_name(index, evidence)
         document.save_as(path, enforce_file_format=True)

@@ -44,6 +44,7 @@ HEADER_KEYWORDS: tuple[str, ...] = (
     "SpecificCharacterSet",  # needed to decode every text value
     "ImageType",
     "SOPClassUID",
+    "SOPInstanceUID",  # what an SR references (services/sr/evidence.py)
     "StudyDate",
     "SeriesDate",
     "StudyTime",
