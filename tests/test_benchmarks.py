@@ -193,6 +193,23 @@ def test_node_arithmetic_from_the_profiled_shapes() -> None:
     assert node_gflop("Conv", [[1, 512, 24, 24, 24]], [1, 512, 24, 24, 24]) == 0.0
 
 
+def test_the_profile_row_states_the_share_s_ceiling_with_the_graph_as_it_is() -> None:
+    """GEMM-type operators 74% of the time at 75% of the peak, the rest 26% counting no
+    arithmetic: at the peak they would take 0.555 of the time, so the share can reach
+    0.555 / (0.555 + 0.26) = 68%, not 85% (issue 24: what proves a target out of reach)."""
+    from benchmarks.machine_rows import profile_row
+
+    peak = 100.0
+    operators = [
+        encoder.OperatorShare("MatMul", seconds=0.74, share=0.74, count=10, gflop=0.75 * 74.0),
+        encoder.OperatorShare("Transpose", seconds=0.26, share=0.26, count=18),
+    ]
+    row = profile_row(operators, peak)
+    assert "= 75% of the peak" in row
+    assert "Transpose 26.0%" in row
+    assert row.rstrip(" |").endswith("(GEMM-type at the peak, the rest as profiled): 68%")
+
+
 @pytest.mark.slow
 def test_the_limit_and_the_profile_on_the_tiny_encoder(tiny_model_repository: Path) -> None:
     from benchmarks.limit import measure_limit
