@@ -497,6 +497,8 @@ class TaskClient:
     submitted_by: str = "fault-suite"
     results: dict[str, list[StudyResult]] = field(default_factory=dict)
     progress: list[StudyProgress] = field(default_factory=list)
+    # The replies taken: one whose ack was lost with the link comes again, redelivered.
+    _taken: set[bytes] = field(default_factory=set)
     _connection: pika.BlockingConnection | None = None
     _channel_handle: BlockingChannel | None = None
 
@@ -569,17 +571,24 @@ class TaskClient:
         return SentStudy(task_id, name, "poison")
 
     def poll(self) -> None:
+        """Take every reply waiting. Acked after it is recorded: with auto-ack, a reply on its
+        way when the broker restarted was gone (the chaos soak once missed one). A
+        redelivered copy of a reply taken before is the same message, not a duplicate."""
+
         def take_all() -> None:
             channel = self._channel()
             while True:
-                method, properties, body = channel.basic_get(self.reply_queue, auto_ack=True)
+                method, properties, body = channel.basic_get(self.reply_queue)
                 if method is None:
                     return
-                message = decode_message(body, type_name=properties.type)
-                if isinstance(message, StudyResult):
-                    self.results.setdefault(message.task_id, []).append(message)
-                else:
-                    self.progress.append(message)
+                if not (method.redelivered and body in self._taken):
+                    self._taken.add(body)
+                    message = decode_message(body, type_name=properties.type)
+                    if isinstance(message, StudyResult):
+                        self.results.setdefault(message.task_id, []).append(message)
+                    else:
+                        self.progress.append(message)
+                channel.basic_ack(method.delivery_tag)
 
         self._retrying(take_all)
 

@@ -59,6 +59,7 @@ def delete_topology(settings: RabbitMQSettings, extra_queues: list[str] = ()) ->
             *topology.waiting_lanes(),
             *topology.model_lanes(),
             *(topology.presence_queue(stage) for stage in STAGES),
+            *(topology.doorbell_queue(stage) for stage in STAGES),
             topology.dead_letter_queue,
             topology.registry_queue,
         )

@@ -412,6 +412,33 @@ def test_stored_result_is_republished_not_recomputed(
     assert [path.name for path in files.iterdir()] == [DELIVERED_MARK]
 
 
+def test_an_idle_adapter_takes_work_when_its_doorbell_rings_not_at_its_next_poll(
+    settings: Settings, studies: dict[str, Path]
+) -> None:
+    """Lanes polled once a minute: the chest's result comes well within that, because
+    publish_task rings the preparation stage's doorbell and the hand-on the model stage's
+    (services/broker/connection.py ring_doorbell, stage_loop.Doorbell)."""
+    settings.rabbitmq.poll_interval_s = 60.0
+    task_id, relative = upload(settings, studies["chest"])
+    client = Client(settings)
+    try:
+        with AdapterInThread(settings):
+            wait_until_consuming(settings)
+            time.sleep(1.0)  # both stages have asked their lanes and wait for the next poll
+            task = StudyTask(
+                task_id=task_id,
+                study_path=relative,
+                original_filename="chest.zip",
+                reply_to=client.reply_queue,
+            )
+            publish_task(client.channel, QueueTopology.from_settings(settings.rabbitmq), task)
+            result = client.result(task_id, timeout_s=40.0)
+    finally:
+        client.close()
+    assert result.status is TaskStatus.COMPLETED
+    assert result.reports[0].processing_status is ProcessingStatus.SUCCESS
+
+
 def test_task_that_killed_its_workers_is_failed_and_dead_lettered(
     settings: Settings, studies: dict[str, Path]
 ) -> None:

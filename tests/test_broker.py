@@ -276,40 +276,41 @@ def test_submit_task_and_queue_depth(settings) -> None:
 
 
 def test_queued_work_rings_its_stage_s_doorbell_and_a_ring_never_waits(settings, channel) -> None:
-    """ring_doorbell (services/broker/connection.py): a new task wakes the adapters'
-    preparation stage and a prepared one their model stage, through the presence queue each
-    stage consumes; with no adapter there, the ring expires and the queue stays empty."""
+    """ring_doorbell (services/broker/connection.py): a new task rings the preparation
+    stage's doorbell and a prepared one the model stage's, to the adapters listening (a
+    stage listens while it has room); with none listening, the ring expires at once."""
     topology = QueueTopology.from_settings(settings)
-    presence = {stage: topology.presence_queue(stage) for stage in (PREPARE_STAGE, MODEL_STAGE)}
+    doorbells = {stage: topology.doorbell_queue(stage) for stage in (PREPARE_STAGE, MODEL_STAGE)}
     task = StudyTask(study_path="uploads/t/study.zip", original_filename="study.zip")
-    publish_task(channel, topology, task)  # no adapter listens
-    for queue in presence.values():
-        assert channel.queue_declare(queue, passive=True).method.message_count == 0
-    adapter = connect(settings, name="test adapter", give_up_after_s=10)
     try:
-        listening = adapter.channel()
-        rings: list[tuple[str, bytes]] = []
-        for stage, queue in presence.items():
-            listening.basic_consume(
-                queue,
-                lambda ch, method, _p, body, stage=stage: (
-                    rings.append((stage, body)),
-                    ch.basic_ack(method.delivery_tag),
-                ),
-            )
-        publish_task(channel, topology, task)
-        publish_model_task(
-            channel, topology, ModelTask(task=task, prepared_path="prepared/t", prepare_attempt=1)
-        )
-        deadline = time.monotonic() + 10
-        while len(rings) < 2 and time.monotonic() < deadline:
-            adapter.process_data_events(time_limit=0.2)
+        publish_task(channel, topology, task)  # no adapter listens
+        for queue in doorbells.values():
+            assert channel.queue_declare(queue, passive=True).method.message_count == 0
+        adapter = connect(settings, name="test adapter", give_up_after_s=10)
+        try:
+            listening = adapter.channel()
+            rings: list[tuple[str, bytes]] = []
+            for stage, queue in doorbells.items():
+                listening.basic_consume(
+                    queue,
+                    lambda _ch, _method, _p, body, stage=stage: rings.append((stage, body)),
+                    auto_ack=True,
+                )
+            publish_task(channel, topology, task)
+            handoff = ModelTask(task=task, prepared_path="prepared/t", prepare_attempt=1)
+            publish_model_task(channel, topology, handoff)
+            deadline = time.monotonic() + 10
+            while len(rings) < 2 and time.monotonic() < deadline:
+                adapter.process_data_events(time_limit=0.2)
+        finally:
+            adapter.close()
+        assert rings == [(PREPARE_STAGE, b""), (MODEL_STAGE, b"")]
+        for queue in doorbells.values():
+            assert channel.queue_declare(queue, passive=True).method.message_count == 0
     finally:
-        adapter.close()
-    assert rings == [(PREPARE_STAGE, b""), (MODEL_STAGE, b"")]
-    for queue in presence.values():
-        assert channel.queue_declare(queue, passive=True).method.message_count == 0
-        channel.queue_delete(queue)
+        for stage in (PREPARE_STAGE, MODEL_STAGE):
+            channel.queue_delete(topology.doorbell_queue(stage))
+            channel.queue_delete(topology.presence_queue(stage))
 
 
 def test_wrong_credentials_fail_fast() -> None:

@@ -86,12 +86,15 @@ class Adapter:
         self.processed = 0  # results published and acked or dead-lettered (tests and logs)
         self.inference_times = InferenceTimes()  # the model's recent durations: progress by time
         self.earlier_reports = EarlierReports(settings)  # what a study's new SR supersedes
+        self._stage_loops: list[StageLoop] = []
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def request_stop(self) -> None:
         """Thread- and signal-safe: stop taking tasks, finish (or give back) the current one."""
         self._stop.set()
+        for loop in self._stage_loops:
+            loop.wake()  # not at its next poll of the lanes
 
     @property
     def stopping(self) -> bool:
@@ -182,9 +185,10 @@ class Adapter:
     def _serve_stages(self) -> None:
         """Each stage on a thread and connection of its own: a refusal is prepared and
         answered while this adapter's model stage waits for the model."""
+        self._stage_loops = [StageLoop(self, spec) for spec in self._stage_specs()]
         threads = [
-            threading.Thread(target=StageLoop(self, spec).run, name=f"stage-{spec.name}")
-            for spec in self._stage_specs()
+            threading.Thread(target=loop.run, name=f"stage-{loop.spec.name}")
+            for loop in self._stage_loops
         ]
         for thread in threads:
             thread.start()

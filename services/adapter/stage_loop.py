@@ -7,8 +7,9 @@ Lanes: RabbitMQ 3.10's quorum queues have no message priorities (4.0 brought the
 consumer subscribed to several queues is fed from whichever queue delivers first. So the
 stage does not subscribe to its lanes: whenever it has room (``prefetch_count``) it asks
 them with ``basic.get`` in order, STAT, urgent, routine, and takes the first message found;
-idle, it asks again every ``rabbitmq.poll_interval_s``. A message is never taken before the
-stage can work it, so nothing waits prefetched (and a quorum queue counts every message
+idle, it asks again every ``rabbitmq.poll_interval_s``, or at once when whoever queued work
+rings the stage's doorbell (consumed only while the stage has room). A message is never
+taken before the stage can work it, so nothing waits prefetched (and a quorum queue counts every message
 given back as a delivery). Each stage also consumes its presence queue, which never holds a
 message: the broker's consumer count there is the adapters alive, and a killed adapter's
 consumer disappears with its connection.
@@ -22,6 +23,7 @@ they are done, so it never holds more studies than ``prefetch_count``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -78,6 +80,27 @@ class StageSpec:
     earlier_attempts: Callable[[str, str], int] = lambda lane, task_id: 0
 
 
+class Doorbell:
+    """The stage's doorbell (services/broker/connection.py, ring_doorbell): consumed while
+    the stage has room for a study, so that a ring ends its wait for the next poll at once;
+    cancelled while it is full, so that rings reach the adapters that can answer them."""
+
+    def __init__(self, channel: BlockingChannel, queue: str) -> None:
+        self._channel = channel
+        self._queue = queue
+        self._consumer: str | None = None
+
+    def listen(self, *, has_room: bool) -> None:
+        if has_room and self._consumer is None:
+            # A ring carries nothing: that it came makes process_data_events return.
+            self._consumer = self._channel.basic_consume(
+                self._queue, lambda _channel, _method, _properties, _body: None, auto_ack=True
+            )
+        elif not has_room and self._consumer is not None:
+            self._channel.basic_cancel(self._consumer)
+            self._consumer = None
+
+
 def task_of(message: StudyTask | ModelTask) -> StudyTask:
     return message.task if isinstance(message, ModelTask) else message
 
@@ -91,6 +114,15 @@ class StageLoop:
         self.spec = spec
         self._in_flight: set[int] = set()  # delivery tags being worked (I/O thread only)
         self._workers: set[threading.Thread] = set()
+        self._connection: BlockingConnection | None = None  # while consuming
+
+    def wake(self) -> None:
+        """From any thread: end the I/O loop's wait now (the adapter is stopping)."""
+        connection = self._connection
+        if connection is None:
+            return
+        with contextlib.suppress(*CONNECTION_ERRORS, pika.exceptions.AMQPError):
+            connection.add_callback_threadsafe(lambda: None)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -130,6 +162,7 @@ class StageLoop:
             settings, name=f"adapter {owner.adapter_id} {self.spec.name}", stop=owner.stop_event
         )
         self._in_flight.clear()
+        self._connection = connection
         try:
             channel = connection.channel()
             channel.confirm_delivery()
@@ -147,16 +180,20 @@ class StageLoop:
                 ", ".join(self.spec.lanes),
                 settings.prefetch_count,
             )
+            doorbell = Doorbell(channel, owner.topology.doorbell_queue(self.spec.name))
             while not owner.stopping:
                 while len(self._in_flight) < settings.prefetch_count and not owner.stopping:
                     if not self._take_next(connection, channel):
                         break
+                doorbell.listen(has_room=len(self._in_flight) < settings.prefetch_count)
                 connection.process_data_events(time_limit=settings.poll_interval_s)
                 owner.health.touch()
             if channel.is_open:
+                doorbell.listen(has_room=False)
                 channel.basic_cancel(presence)
             self._drain(connection)
         finally:
+            self._connection = None
             try:
                 if connection.is_open:
                     connection.close()  # unacked deliveries go back to their lanes

@@ -291,9 +291,11 @@ def finish_model_task(handoff: ModelTask, context: TaskContext) -> StudyResult:
     except Exception as error:  # noqa: BLE001 - re-raised unless its policy is FAILURE_ROW
         return _failed_or_raise(task, context, error, started)
     finally:
-        events.finish()
-        if skeletons is not None:
-            skeletons.close()
+        try:
+            events.finish()
+        finally:
+            if skeletons is not None:
+                skeletons.close()
 
 
 def run_task(task: StudyTask, context: TaskContext) -> StudyResult:

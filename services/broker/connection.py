@@ -111,6 +111,7 @@ def declare_topology(channel: BlockingChannel, topology: QueueTopology) -> None:
             )
     for stage in STAGES:
         channel.queue_declare(topology.presence_queue(stage), durable=True)
+        channel.queue_declare(topology.doorbell_queue(stage), durable=True)
     channel.queue_declare(
         topology.registry_queue, durable=True, arguments=topology.registry_queue_arguments()
     )
@@ -181,13 +182,13 @@ DOORBELL = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Transient, expir
 
 def ring_doorbell(channel: BlockingChannel, topology: QueueTopology, stage: str) -> None:
     """Wake an idle adapter of ``stage`` now rather than at its next poll of the lanes
-    (services/adapter/stage_loop.py; up to rabbitmq.poll_interval_s, 0.25 s, per stage of a
-    study): an empty message to the stage's presence queue, which every adapter of the
-    stage consumes and none lets wait there (TTL 0: with no consumer free to take it, it is
-    dropped). Best effort: the lanes are still polled."""
+    (services/adapter/stage_loop.py; up to rabbitmq.poll_interval_s, 0.25 s, at each of a
+    study's stages): an empty message to the stage's doorbell queue, which an adapter's
+    stage consumes only while it has room for a study. With none free the message is
+    dropped (TTL 0), and the lanes are polled as before. Best effort."""
     with contextlib.suppress(*CONNECTION_ERRORS, pika.exceptions.AMQPError):
         channel.basic_publish(
-            exchange="", routing_key=topology.presence_queue(stage), body=b"", properties=DOORBELL
+            exchange="", routing_key=topology.doorbell_queue(stage), body=b"", properties=DOORBELL
         )
 
 

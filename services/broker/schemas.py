@@ -323,6 +323,11 @@ class QueueTopology(BaseModel):
         """Consumed (never filled) by each adapter running ``stage``: adapters alive."""
         return f"{self.prefix}.adapters.{check_safe_id(stage)}"
 
+    def doorbell_queue(self, stage: str) -> str:
+        """Consumed by each adapter's ``stage`` while it has room for a study; never holds a
+        message (services/broker/connection.py, ring_doorbell)."""
+        return f"{self.prefix}.doorbell.{check_safe_id(stage)}"
+
     @property
     def dead_letter_exchange(self) -> str:
         return f"{self.prefix}.dead-letter"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from loguru import logger
@@ -11,6 +14,19 @@ from loguru import logger
 from services.core.config import LoggingSettings
 
 MEGABYTE = 1024 * 1024
+# warnings.catch_warnings saves and restores the process's filters: two threads inside one
+# at once can restore each other's state, showing warnings a block meant to hide.
+_QUIET_LOCK = threading.Lock()
+
+
+@contextmanager
+def library_warnings_hidden() -> Iterator[None]:
+    """Hide the warnings of the code inside (pydicom's and highdicom's quote header values,
+    a patient's name among them, and patient data stays out of the logs); one thread at a
+    time, so that the adapter's stage threads cannot undo each other's."""
+    with _QUIET_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def configure_logging(level: str, sink: Callable[[Any], None] | Any = sys.stderr) -> None:

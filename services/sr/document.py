@@ -29,7 +29,6 @@ list tells the SRs of a study apart.
 from __future__ import annotations
 
 import uuid
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata as package_metadata
@@ -43,6 +42,7 @@ from pydicom.uid import Comprehensive3DSRStorage
 
 from services.core.config import InferenceSettings
 from services.core.findings import resolve_thresholds
+from services.core.logging_setup import library_warnings_hidden
 from services.core.model_metadata import ModelMetadata
 from services.core.outcome import OUTCOME_WORDS, study_outcome
 from services.core.reports import DEMO_NOTICE
@@ -297,10 +297,9 @@ def structured_report_skeleton(
         ],
     )
     earlier = previous_versions(context, study_uid)
-    with warnings.catch_warnings():
-        # highdicom warns about odd source values (a one-part PatientName) by quoting them:
-        # patient data must not reach the logs, and the values are the PACS's to keep.
-        warnings.simplefilter("ignore")
+    # highdicom warns about odd source values (a one-part PatientName) by quoting them:
+    # patient data must not reach the logs, and the values are the PACS's to keep.
+    with library_warnings_hidden():
         document = hd.sr.Comprehensive3DSR(
             evidence=list(evidence.instances),
             content=placeholder[0],

@@ -7,13 +7,14 @@ instances of the analysed series) is taken from the headers the pipeline read, d
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 from loguru import logger
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from services.core.dicom.objects import Series, Study
+from services.core.logging_setup import library_warnings_hidden
 from services.core.pipeline.events import PipelineEvents
 from services.core.schemas import StudyReport
 
@@ -83,8 +84,7 @@ def read_evidence(series: Series) -> StudyEvidence | None:
     if not str(identification.get("StudyInstanceUID", "")):
         return None
     try:
-        with warnings.catch_warnings():  # pydicom's warnings would quote header values
-            warnings.simplefilter("ignore")
+        with library_warnings_hidden():
             instances = _instances(series, identification)
     except (ValueError, TypeError) as error:  # a value pydicom cannot convert
         logger.warning("SR evidence not read: {}", type(error).__name__)
@@ -94,10 +94,11 @@ def read_evidence(series: Series) -> StudyEvidence | None:
 
 def _instances(series: Series, identification: Dataset) -> list[Dataset]:
     """One evidence item per distinct, referenceable instance of the series."""
-    study = Dataset()  # the same in every item: read once
+    study = Dataset()  # the same in every item: read once, copied from the header
     for keyword in IDENTIFICATION_KEYWORDS:
         if keyword in identification:
-            study.add(identification[keyword])
+            element = identification[keyword]
+            study.add(DataElement(element.tag, element.VR, element.value))
         elif keyword in EMPTY_WHEN_MISSING:
             setattr(study, keyword, "")
     study_elements = {element.tag: element for element in study}
