@@ -5,7 +5,9 @@
   the cached optimised graph (the default), and with ``inference.onnx_graph_cache: false``
   (every start optimises the 725 MB graph again, as before the cache), alternating; the
   first start after the cache is cleared (optimise and save) is timed too. Each run's
-  core-seconds are the child's CPU time.
+  core-seconds, minor page faults and peak resident size are the child's own
+  (``os.wait4``), and a probe measures what a new process pays here to touch fresh memory
+  (seconds per GB): together the part of a cold start that is the machine mapping memory.
 * Triton's model load: a local tritonserver (python flavour) from start to ready, once
   after the cache is cleared (it optimises and saves) and once from the cached graph.
 
@@ -14,9 +16,9 @@ The adapter's first study is measured where the stack starts (`benchmarks.stack`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -39,20 +41,40 @@ def clear_graph_caches(repository: Path) -> int:
     return len(folders)
 
 
-def _children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 @dataclass(frozen=True)
 class ProcessRun:
     wall_s: float
     cpu_s: float
     stages: dict[str, float] = field(default_factory=dict)  # the report's stage clock
+    # The kernel's count of pages the process touched for the first time (its minor page
+    # faults) and its peak resident memory: what a new process pays to map its memory.
+    minor_faults: int = 0
+    peak_rss_gb: float = 0.0
 
     @property
     def pipeline_s(self) -> float:
         return sum(self.stages.values())
+
+
+def _run_child(command: list[str], environment: dict[str, str], log: Path) -> ProcessRun:
+    """Run ``command``, its output to ``log``; wall time and the child's own resource use
+    (``os.wait4``: CPU, minor faults, peak resident size of this child alone)."""
+    with log.open("w") as output:
+        started = time.perf_counter()
+        child = subprocess.Popen(
+            command, cwd=PROJECT_ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT
+        )
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise RuntimeError(f"{command[2:4]} exited {child.returncode}:\n{log.read_text()[-3000:]}")
+    return ProcessRun(
+        wall_s=wall,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        minor_faults=usage.ru_minflt,
+        peak_rss_gb=usage.ru_maxrss * 1024 / 1e9,  # kilobytes on Linux
+    )
 
 
 def batch_once(study: Path, repository: Path, *, graph_cache: bool) -> ProcessRun:
@@ -64,22 +86,44 @@ def batch_once(study: Path, repository: Path, *, graph_cache: bool) -> ProcessRu
         "CTS__LOGGING__LEVEL": "WARNING",
     }
     with tempfile.TemporaryDirectory(prefix="cts-bench-cold-", dir=study.parent) as output:
-        cpu, started = _children_cpu_seconds(), time.perf_counter()
-        completed = subprocess.run(
-            [sys.executable, "-m", "services.batch", str(study), output],
-            cwd=PROJECT_ROOT,
-            env=environment,
-            capture_output=True,
-            text=True,
+        log = Path(output) / "batch.out"
+        run = _run_child(
+            [sys.executable, "-m", "services.batch", str(study), output], environment, log
         )
-        wall = time.perf_counter() - started
-        if completed.returncode != 0 or "1 Success" not in completed.stdout:
-            raise RuntimeError(
-                f"the batch failed:\n{completed.stdout[-2000:]}{completed.stderr[-2000:]}"
-            )
+        if "1 Success" not in log.read_text():
+            raise RuntimeError(f"the batch failed:\n{log.read_text()[-3000:]}")
         (report,) = Path(output).glob("json/*.json")
         stages = json.loads(report.read_text())["stage_seconds"]
-    return ProcessRun(wall, _children_cpu_seconds() - cpu, stages)
+    return dataclasses.replace(run, stages=stages)
+
+
+# A new process fills 1 GiB of fresh memory as the pipeline allocates it (numpy, with the
+# batch's memory policy) and prints the seconds it took.
+FIRST_TOUCH_PROBE = (
+    "import time, numpy as np\n"
+    "from services.core.process_memory import keep_freed_memory\n"
+    "keep_freed_memory()\n"
+    "started = time.perf_counter()\n"
+    "np.ones(2**28, dtype=np.float32)\n"
+    "print(time.perf_counter() - started)\n"
+)
+
+
+def first_touch_seconds_per_gb(runs: int = 3) -> float:
+    """What this machine charges a new process for memory it touches for the first time
+    (the kernel zeroes each page; in a virtual machine the host may have to back it too):
+    seconds per GB, the median of ``runs`` new processes filling 1 GiB."""
+    seconds = []
+    for _ in range(runs):
+        completed = subprocess.run(
+            [sys.executable, "-c", FIRST_TOUCH_PROBE],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        seconds.append(float(completed.stdout.strip()) / (2**30 / 1e9))
+    return statistics.median(seconds)
 
 
 @dataclass
@@ -87,6 +131,7 @@ class BatchColdStart:
     first_start: ProcessRun  # the cache cleared: this start optimises and saves
     cached: list[ProcessRun] = field(default_factory=list)
     uncached: list[ProcessRun] = field(default_factory=list)
+    first_touch_s_per_gb: float = 0.0  # first_touch_seconds_per_gb, after the runs
 
     @staticmethod
     def median_wall(runs: list[ProcessRun]) -> float:
@@ -99,6 +144,14 @@ class BatchColdStart:
     @staticmethod
     def median_stage(runs: list[ProcessRun], stage: str) -> float:
         return statistics.median(run.stages.get(stage, 0.0) for run in runs)
+
+    @staticmethod
+    def median_faults(runs: list[ProcessRun]) -> float:
+        return statistics.median(run.minor_faults for run in runs)
+
+    @staticmethod
+    def median_peak_gb(runs: list[ProcessRun]) -> float:
+        return statistics.median(run.peak_rss_gb for run in runs)
 
     @staticmethod
     def median_outside(runs: list[ProcessRun]) -> float:
@@ -115,6 +168,7 @@ def batch_cold_start(study: Path, repository: Path, rounds: int) -> BatchColdSta
         for cached in (True, False) if number % 2 == 0 else (False, True):
             run = batch_once(study, repository, graph_cache=cached)
             (result.cached if cached else result.uncached).append(run)
+    result.first_touch_s_per_gb = first_touch_seconds_per_gb()
     return result
 
 

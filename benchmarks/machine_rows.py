@@ -115,9 +115,16 @@ def batch_cold_start_rows(
     # No start-up, no first-run cost, nothing written: the study's warm preparation and the
     # warm encoder, one after the other (the model needs the prepared input).
     floor = (warm_preparation_s + warm_encoder_s) / warm_encoder_s
+    # A new process also maps its memory once: its peak resident size at the rate the probe
+    # measured (an estimate: part of the peak is file pages already in memory).
+    peak_gb, per_gb = result.median_peak_gb(result.cached), result.first_touch_s_per_gb
+    floor_mapped = (warm_preparation_s + warm_encoder_s + peak_gb * per_gb) / warm_encoder_s
     located = (
         f"the floor on this machine (warm preparation {warm_preparation_s:.2f} s + warm "
-        f"encoder, nothing else): {floor:.2f}x; "
+        f"encoder, nothing else): {floor:.2f}x; with the first touch of the process's "
+        f"memory ({peak_gb:.2f} GB peak resident, {result.median_faults(result.cached):,.0f} "
+        f"minor page faults; a new process touches fresh memory at {per_gb:.2f} s/GB here): "
+        f"{floor_mapped:.2f}x; "
         f"of the cached runs: before the model (intake .. preprocessing) {prepared:.2f} s, "
         f"inference (waits for the background load, first run) {inference:.2f} s, outside "
         f"the pipeline (imports, start-up, xlsx/SR/previews) "

@@ -260,6 +260,11 @@ def test_a_new_batch_process_is_timed_with_and_without_the_graph_cache(
     for run_ in (result.first_start, *result.cached, *result.uncached):
         assert run_.wall_s > 0
         assert run_.cpu_s > 0
+        # The child's own use (os.wait4), not this process's: it maps its model and arrays.
+        assert run_.minor_faults > 10_000
+        assert run_.peak_rss_gb > 0.1
+        assert run_.stages["inference"] > 0
+    assert result.first_touch_s_per_gb > 0
     # The first start saved every model's optimised graph; clearing removes them again.
     assert cold_start.clear_graph_caches(repository) >= 3
     assert cold_start.clear_graph_caches(repository) == 0
