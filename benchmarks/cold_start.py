@@ -146,12 +146,9 @@ class BatchColdStart:
         return statistics.median(run.stages.get(stage, 0.0) for run in runs)
 
     @staticmethod
-    def median_faults(runs: list[ProcessRun]) -> float:
-        return statistics.median(run.minor_faults for run in runs)
-
-    @staticmethod
-    def median_peak_gb(runs: list[ProcessRun]) -> float:
-        return statistics.median(run.peak_rss_gb for run in runs)
+    def median_of(runs: list[ProcessRun], attribute: str) -> float:
+        """The median of one numeric field of the runs (minor_faults, peak_rss_gb)."""
+        return statistics.median(float(getattr(run, attribute)) for run in runs)
 
     @staticmethod
     def median_outside(runs: list[ProcessRun]) -> float:

@@ -117,12 +117,14 @@ def batch_cold_start_rows(
     floor = (warm_preparation_s + warm_encoder_s) / warm_encoder_s
     # A new process also maps its memory once: its peak resident size at the rate the probe
     # measured (an estimate: part of the peak is file pages already in memory).
-    peak_gb, per_gb = result.median_peak_gb(result.cached), result.first_touch_s_per_gb
+    peak_gb = result.median_of(result.cached, "peak_rss_gb")
+    per_gb = result.first_touch_s_per_gb
+    faults = result.median_of(result.cached, "minor_faults")
     floor_mapped = (warm_preparation_s + warm_encoder_s + peak_gb * per_gb) / warm_encoder_s
     located = (
         f"the floor on this machine (warm preparation {warm_preparation_s:.2f} s + warm "
         f"encoder, nothing else): {floor:.2f}x; with the first touch of the process's "
-        f"memory ({peak_gb:.2f} GB peak resident, {result.median_faults(result.cached):,.0f} "
+        f"memory ({peak_gb:.2f} GB peak resident, {faults:,.0f} "
         f"minor page faults; a new process touches fresh memory at {per_gb:.2f} s/GB here): "
         f"{floor_mapped:.2f}x; "
         f"of the cached runs: before the model (intake .. preprocessing) {prepared:.2f} s, "
