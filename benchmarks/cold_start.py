@@ -5,9 +5,9 @@
   the cached optimised graph (the default), and with ``inference.onnx_graph_cache: false``
   (every start optimises the 725 MB graph again, as before the cache), alternating; the
   first start after the cache is cleared (optimise and save) is timed too. Each run's
-  core-seconds, minor page faults and peak resident size are the child's own
-  (``os.wait4``), and a probe measures what a new process pays here to touch fresh memory
-  (seconds per GB): together the part of a cold start that is the machine mapping memory.
+  core-seconds and minor page faults (pages touched for the first time) are the child's
+  own (``os.wait4``), and a probe measures what one such fault costs a new process here:
+  together the part of a cold start that is the machine mapping fresh memory.
 * Triton's model load: a local tritonserver (python flavour) from start to ready, once
   after the cache is cleared (it optimises and saves) and once from the cached graph.
 
@@ -47,9 +47,9 @@ class ProcessRun:
     cpu_s: float
     stages: dict[str, float] = field(default_factory=dict)  # the report's stage clock
     # The kernel's count of pages the process touched for the first time (its minor page
-    # faults) and its peak resident memory: what a new process pays to map its memory.
+    # faults). Not its peak resident size: for a child forked from a large process (this
+    # one, holding a warm encoder) the kernel reports the parent's size from before exec.
     minor_faults: int = 0
-    peak_rss_gb: float = 0.0
 
     @property
     def pipeline_s(self) -> float:
@@ -58,7 +58,7 @@ class ProcessRun:
 
 def _run_child(command: list[str], environment: dict[str, str], log: Path) -> ProcessRun:
     """Run ``command``, its output to ``log``; wall time and the child's own resource use
-    (``os.wait4``: CPU, minor faults, peak resident size of this child alone)."""
+    (``os.wait4``: CPU and minor faults of this child alone)."""
     with log.open("w") as output:
         started = time.perf_counter()
         child = subprocess.Popen(
@@ -73,7 +73,6 @@ def _run_child(command: list[str], environment: dict[str, str], log: Path) -> Pr
         wall_s=wall,
         cpu_s=usage.ru_utime + usage.ru_stime,
         minor_faults=usage.ru_minflt,
-        peak_rss_gb=usage.ru_maxrss * 1024 / 1e9,  # kilobytes on Linux
     )
 
 
@@ -97,23 +96,26 @@ def batch_once(study: Path, repository: Path, *, graph_cache: bool) -> ProcessRu
     return dataclasses.replace(run, stages=stages)
 
 
-# A new process fills 1 GiB of fresh memory as the pipeline allocates it (numpy, with the
-# batch's memory policy) and prints the seconds it took.
+# A new process fills 1 GiB of fresh memory in 4 KiB pages (numpy's huge-page advice off,
+# the batch's memory policy on) and prints the seconds it took and its minor faults.
 FIRST_TOUCH_PROBE = (
-    "import time, numpy as np\n"
+    "import resource, time, numpy as np\n"
     "from services.core.process_memory import keep_freed_memory\n"
     "keep_freed_memory()\n"
+    "np.core.multiarray._set_madvise_hugepage(False)\n"
+    "faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
     "started = time.perf_counter()\n"
     "np.ones(2**28, dtype=np.float32)\n"
-    "print(time.perf_counter() - started)\n"
+    "seconds = time.perf_counter() - started\n"
+    "print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)\n"
 )
 
 
-def first_touch_seconds_per_gb(runs: int = 3) -> float:
-    """What this machine charges a new process for memory it touches for the first time
-    (the kernel zeroes each page; in a virtual machine the host may have to back it too):
-    seconds per GB, the median of ``runs`` new processes filling 1 GiB."""
-    seconds = []
+def first_touch_seconds_per_fault(runs: int = 3) -> float:
+    """What this machine charges a new process for a page it touches for the first time
+    (the kernel zeroes it; in a virtual machine the host may have to back it too): the
+    median over ``runs`` new processes filling 1 GiB, seconds per minor fault."""
+    per_fault = []
     for _ in range(runs):
         completed = subprocess.run(
             [sys.executable, "-c", FIRST_TOUCH_PROBE],
@@ -122,8 +124,9 @@ def first_touch_seconds_per_gb(runs: int = 3) -> float:
             text=True,
             check=True,
         )
-        seconds.append(float(completed.stdout.strip()) / (2**30 / 1e9))
-    return statistics.median(seconds)
+        seconds, faults = completed.stdout.split()
+        per_fault.append(float(seconds) / max(int(faults), 1))
+    return statistics.median(per_fault)
 
 
 @dataclass
@@ -131,7 +134,7 @@ class BatchColdStart:
     first_start: ProcessRun  # the cache cleared: this start optimises and saves
     cached: list[ProcessRun] = field(default_factory=list)
     uncached: list[ProcessRun] = field(default_factory=list)
-    first_touch_s_per_gb: float = 0.0  # first_touch_seconds_per_gb, after the runs
+    first_touch_s_per_fault: float = 0.0  # first_touch_seconds_per_fault, after the runs
 
     @staticmethod
     def median_wall(runs: list[ProcessRun]) -> float:
@@ -147,7 +150,7 @@ class BatchColdStart:
 
     @staticmethod
     def median_of(runs: list[ProcessRun], attribute: str) -> float:
-        """The median of one numeric field of the runs (minor_faults, peak_rss_gb)."""
+        """The median of one numeric field of the runs (e.g. minor_faults)."""
         return statistics.median(float(getattr(run, attribute)) for run in runs)
 
     @staticmethod
@@ -165,7 +168,7 @@ def batch_cold_start(study: Path, repository: Path, rounds: int) -> BatchColdSta
         for cached in (True, False) if number % 2 == 0 else (False, True):
             run = batch_once(study, repository, graph_cache=cached)
             (result.cached if cached else result.uncached).append(run)
-    result.first_touch_s_per_gb = first_touch_seconds_per_gb()
+    result.first_touch_s_per_fault = first_touch_seconds_per_fault()
     return result
 
 

@@ -115,18 +115,17 @@ def batch_cold_start_rows(
     # No start-up, no first-run cost, nothing written: the study's warm preparation and the
     # warm encoder, one after the other (the model needs the prepared input).
     floor = (warm_preparation_s + warm_encoder_s) / warm_encoder_s
-    # A new process also maps its memory once: its peak resident size at the rate the probe
-    # measured (an estimate: part of the peak is file pages already in memory).
-    peak_gb = result.median_of(result.cached, "peak_rss_gb")
-    per_gb = result.first_touch_s_per_gb
+    # A new process also touches its memory once: its minor faults at the probe's cost per
+    # fault (an estimate: the probe's pages are 4 KiB; numpy's large arrays may be 2 MB).
     faults = result.median_of(result.cached, "minor_faults")
-    floor_mapped = (warm_preparation_s + warm_encoder_s + peak_gb * per_gb) / warm_encoder_s
+    first_touch = faults * result.first_touch_s_per_fault
+    floor_touched = (warm_preparation_s + warm_encoder_s + first_touch) / warm_encoder_s
     located = (
         f"the floor on this machine (warm preparation {warm_preparation_s:.2f} s + warm "
         f"encoder, nothing else): {floor:.2f}x; with the first touch of the process's "
-        f"memory ({peak_gb:.2f} GB peak resident, {faults:,.0f} "
-        f"minor page faults; a new process touches fresh memory at {per_gb:.2f} s/GB here): "
-        f"{floor_mapped:.2f}x; "
+        f"memory ({faults:,.0f} minor page faults x "
+        f"{1e6 * result.first_touch_s_per_fault:.2f} us, what a new process pays here per "
+        f"4 KiB page = {first_touch:.2f} s): {floor_touched:.2f}x; "
         f"of the cached runs: before the model (intake .. preprocessing) {prepared:.2f} s, "
         f"inference (waits for the background load, first run) {inference:.2f} s, outside "
         f"the pipeline (imports, start-up, xlsx/SR/previews) "

@@ -262,9 +262,8 @@ def test_a_new_batch_process_is_timed_with_and_without_the_graph_cache(
         assert run_.cpu_s > 0
         # The child's own use (os.wait4), not this process's: it maps its model and arrays.
         assert run_.minor_faults > 10_000
-        assert run_.peak_rss_gb > 0.1
         assert run_.stages["inference"] > 0
-    assert result.first_touch_s_per_gb > 0
+    assert 0 < result.first_touch_s_per_fault < 1e-3
     # The first start saved every model's optimised graph; clearing removes them again.
     assert cold_start.clear_graph_caches(repository) >= 3
     assert cold_start.clear_graph_caches(repository) == 0
