@@ -19,7 +19,6 @@ delivery rules decide (services/adapter/delivery.py).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -76,7 +75,7 @@ from services.core.pipeline import (
 from services.core.pipeline import preprocessing_target as target_of
 from services.core.pipeline.run import infer_and_finish
 from services.core.schemas import StudyReport
-from services.sr.document import DocumentSkeleton, EarlierReports
+from services.sr.document import EarlierReports
 from services.sr.evidence import EvidenceCollector, StudyEvidence
 
 
@@ -203,8 +202,9 @@ def _prepared_entry(
     if prepared.model_input is None:
         # Finished here: a refused or failed study never waits for the model.
         events.study_finished(report, study_index=prepared.index, n_studies=prepared.n_studies)
-        evidence.study_finished(report, study_index=prepared.index, n_studies=prepared.n_studies)
-        _report, finished = evidence.studies[-1]  # its SR is written with the task's others
+        # Its SR is written with the task's others: here if the whole task ends in this
+        # stage, else by the model stage from the hand-off.
+        finished = evidence.finish(report, prepared.index)
         return PreparedEntry(
             report=report,
             index=prepared.index,
@@ -266,7 +266,7 @@ def finish_model_task(handoff: ModelTask, context: TaskContext) -> StudyResult:
                 events.study_finished(report, study_index=entry.index, n_studies=entry.n_studies)
             reports.append(report)
         pairs = list(zip(reports, skeletons.evidence(), strict=True))
-        files = _finish_files(task, context, reports, pairs, events, skeletons.skeletons())
+        files = _finish_files(task, context, reports, pairs, events, skeletons)
         files.extend(
             ResultFile(
                 kind=side_file_kind(
@@ -313,23 +313,23 @@ def _finish_files(
     reports: list[StudyReport],
     evidence: list[tuple[StudyReport, StudyEvidence | None]],
     events: TaskEvents,
-    skeletons: Mapping[int, DocumentSkeleton] | None = None,
+    early: EarlySkeletons | None = None,
 ) -> list[ResultFile]:
+    """The task's report files and SRs; ``early``: the skeletons made during the model
+    requests, completed with the context they were made with."""
     storage_root = context.settings.storage.root
     output_dir = result_files_dir(storage_root, task.task_id)
     if task.late_instances:
         mark_late_instances(reports)
     events.report("writing", WRITING_FRACTION, "writing the report files")
     files = result_files(storage_root, output_dir, reports)
-    files.extend(
-        structured_report_files(
-            storage_root,
-            output_dir,
-            evidence,
-            sr_context(task.task_id, context.backend, context.settings, context.earlier_reports),
-            skeletons,
-        )
+    document = (
+        early.context
+        if early is not None
+        else sr_context(task.task_id, context.backend, context.settings, context.earlier_reports)
     )
+    skeletons = early.skeletons() if early is not None else None
+    files.extend(structured_report_files(storage_root, output_dir, evidence, document, skeletons))
     files.extend(
         ResultFile(
             kind=side_file_kind(output_dir, path), path=relative_to_storage(storage_root, path)

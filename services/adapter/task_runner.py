@@ -210,7 +210,7 @@ class EarlySkeletons:
     def __init__(
         self, evidence: Sequence[list[dict[str, Any]] | None], context: DocumentContext
     ) -> None:
-        self._context = context
+        self.context = context  # the SRs are completed with the context they were made with
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sr-skeleton")
         # By position in the task's studies (from 1), as write_structured_reports counts.
         self._evidence = [self._pool.submit(evidence_from_json, items) for items in evidence]
@@ -225,7 +225,7 @@ class EarlySkeletons:
         study = evidence.result()
         if study is None:
             return None
-        return structured_report_skeleton(study, self._context, instance_number=position)
+        return structured_report_skeleton(study, self.context, instance_number=position)
 
     def evidence(self) -> list[StudyEvidence | None]:
         """Each study's evidence (a file that could not be read raises, as it would here)."""

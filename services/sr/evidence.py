@@ -145,7 +145,13 @@ class EvidenceCollector(PipelineEvents):
         return self._pending.pop(study_index, None)
 
     def study_finished(self, report: StudyReport, *, study_index: int, n_studies: int) -> None:
+        self.finish(report, study_index)
+
+    def finish(self, report: StudyReport, study_index: int) -> StudyEvidence | None:
+        """Pair a finished report with its study's evidence (added to ``studies``) and
+        return that evidence."""
         evidence = self._pending.pop(study_index, None)
         if evidence is not None and evidence.study_uid != report.study_uid:
             evidence = None  # an input-level failure row, not this study's
         self.studies.append((report, evidence))
+        return evidence
