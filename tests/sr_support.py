@@ -3,11 +3,13 @@ and DICOM-listener tests). Not a test module."""
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydicom
 from preconditions import missing_precondition
 from pydicom.dataset import Dataset
 
@@ -101,3 +103,18 @@ def read_screening_sr(document: Dataset) -> ScreeningSr:
         else:
             result.findings[str(values["Finding"])] = values
     return result
+
+
+CREATION_TIMES = ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime")
+
+
+def without_creation_times(path: Path) -> bytes:
+    """The file's bytes with the moments it was made blanked (two builds differ only there)."""
+    document = pydicom.dcmread(path)
+    for keyword in CREATION_TIMES:
+        setattr(document, keyword, "")
+    for item in document.get("ContributingEquipmentSequence", []):
+        item.ContributionDateTime = ""
+    written = io.BytesIO()
+    document.save_as(written, enforce_file_format=True)
+    return written.getvalue()

@@ -6,14 +6,13 @@ SR, valid for dciodvfy, and each is the SR the batch makes whole in one go."""
 
 from __future__ import annotations
 
-import io
 import zipfile
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from sr_support import dciodvfy_errors, read_screening_sr
+from sr_support import dciodvfy_errors, read_screening_sr, without_creation_times
 
 from services.adapter.handoff import evidence_from_json, read_handoff
 from services.adapter.stages import TaskContext, finish_model_task, prepare_task
@@ -25,20 +24,6 @@ from services.core.schemas import ProcessingStatus
 from services.sr.document import write_structured_reports
 
 pytestmark = pytest.mark.slow
-
-CREATION_TIMES = ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime")
-
-
-def without_creation_times(path: Path) -> bytes:
-    """The file's bytes with the moments it was made blanked (two builds differ only there)."""
-    document = pydicom.dcmread(path)
-    for keyword in CREATION_TIMES:
-        setattr(document, keyword, "")
-    for item in document.get("ContributingEquipmentSequence", []):
-        item.ContributionDateTime = ""
-    written = io.BytesIO()
-    document.save_as(written, enforce_file_format=True)
-    return written.getvalue()
 
 
 def test_each_study_of_a_model_task_gets_its_sr_as_the_batch_makes_it(

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from services.batch.inputs import list_inputs
 from services.batch.model_input_files import ModelInputSaver
 from services.batch.preview_files import PREVIEWS_DIR_NAME, PreviewWriter
+from services.batch.sr_files import StructuredReportFiles
 from services.core.config import Settings, load_settings
 from services.core.errors import ConfigurationError
 from services.core.findings import resolve_thresholds
@@ -38,8 +39,7 @@ from services.core.process_exit import exit_without_teardown
 from services.core.process_memory import apply_memory_settings
 from services.core.reports import write_reports
 from services.core.schemas import StudyReport
-from services.sr.document import document_context, write_structured_reports
-from services.sr.evidence import EvidenceCollector
+from services.sr.document import document_context
 
 if TYPE_CHECKING:
     from services.batch.registry_records import BatchRecorder
@@ -213,9 +213,9 @@ def _screen(
     settings: Settings,
     backend: InferenceBackend,
     recorder: BatchRecorder | None,
-) -> tuple[list[StudyReport], EvidenceCollector]:
+    structured_reports: StructuredReportFiles,
+) -> list[StudyReport]:
     reports: list[StudyReport] = []
-    evidence = EvidenceCollector()  # what each study's SR needs of its source files
     previews = PreviewWriter(
         arguments.output_dir / PREVIEWS_DIR_NAME, spacing_mm=backend.metadata.target_spacing_mm
     )
@@ -229,7 +229,7 @@ def _screen(
                 settings=settings,
                 display_name=str(input_path),
                 events=EventFanOut(
-                    _events(arguments.save_model_input, input_path, previews), evidence
+                    _events(arguments.save_model_input, input_path, previews), structured_reports
                 ),
             )
             if recorder is not None and task is not None:
@@ -237,7 +237,7 @@ def _screen(
             reports.extend(found)
             failed = sum(not report.succeeded for report in reports)
             bar.set_postfix(success=len(reports) - failed, failure=failed)
-    return reports, evidence
+    return reports
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -262,15 +262,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE_ERROR
 
     started = time.perf_counter()
-    sr_context = document_context(uuid.uuid4().hex, backend.metadata, settings.inference)
+    structured_reports = StructuredReportFiles(
+        document_context(uuid.uuid4().hex, backend.metadata, settings.inference)
+    )
     try:
-        reports, evidence = _screen(inputs, arguments, settings, backend, recorder)
+        reports = _screen(inputs, arguments, settings, backend, recorder, structured_reports)
+    except BaseException:
+        structured_reports.close()
+        raise
     finally:
         backend.close()
         if recorder is not None:
             recorder.close()
     write_reports(reports, arguments.output_dir)
-    write_structured_reports(evidence.studies, arguments.output_dir / SR_DIR_NAME, sr_context)
+    structured_reports.write(arguments.output_dir / SR_DIR_NAME)
     print(summary_line(reports, len(inputs), arguments.output_dir, time.perf_counter() - started))
     if log_file is not None:
         print(f"log: {log_file}")

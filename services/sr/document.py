@@ -369,14 +369,14 @@ def write_structured_reports(
 ) -> list[Path]:
     """One SR file per study that has DICOM evidence (NIfTI studies and inputs without a
     study have none); the paths written. ``skeletons`` by position in ``studies`` (from 1):
-    made before, each of them used once."""
+    made before from the same evidence, each of them used once."""
     written: list[Path] = []
     for index, (report, evidence) in enumerate(studies, start=1):
         if evidence is None:
             continue
-        skeleton = (skeletons or {}).get(index) or structured_report_skeleton(
-            evidence, context, instance_number=index
-        )
+        skeleton = (skeletons or {}).get(index)
+        if skeleton is None or skeleton.evidence is not evidence:  # not made for this study
+            skeleton = structured_report_skeleton(evidence, context, instance_number=index)
         document = complete_structured_report(skeleton, report, context)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / sr_file_name(index, evidence)

@@ -139,6 +139,10 @@ class EvidenceCollector(PipelineEvents):
         if evidence is not None:
             self._pending[study_index] = evidence
 
+    def pending(self, study_index: int) -> StudyEvidence | None:
+        """The evidence of a study that is not finished yet (kept until it is)."""
+        return self._pending.get(study_index)
+
     def take(self, study_index: int) -> StudyEvidence | None:
         """The evidence of a study that leaves this process unfinished (the adapter's
         preparation stage hands it to the model stage)."""

@@ -1,0 +1,80 @@
+"""The batch's DICOM SRs (``OUTPUT_DIR/sr``), one per DICOM study.
+
+What an SR needs of its study's source files is gathered while the study is read
+(EvidenceCollector). Most of the document does not depend on the model's answer (the
+patient and study modules, the evidence, the 300 source-image references): that skeleton
+is made on a thread of its own while the model computes, as the adapter's model stage does
+(services/adapter/task_runner.py, EarlySkeletons), and completed when the run ends.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from loguru import logger
+
+from services.core.dicom.objects import Series, Study
+from services.core.pipeline import PipelineEvents, PreparedStudy
+from services.core.schemas import StudyReport
+from services.sr.document import (
+    DocumentContext,
+    DocumentSkeleton,
+    structured_report_skeleton,
+    write_structured_reports,
+)
+from services.sr.evidence import EvidenceCollector
+
+
+class StructuredReportFiles(PipelineEvents):
+    """Gathers every study's evidence, makes its SR skeleton while the model computes, and
+    writes the SRs at the end (``write``)."""
+
+    def __init__(self, context: DocumentContext) -> None:
+        self.context = context
+        self.evidence = EvidenceCollector()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sr-skeleton")
+        self._skeletons: dict[int, Future[DocumentSkeleton]] = {}
+
+    def series_selected(
+        self, study: Study, series: Series | None, *, study_index: int, n_studies: int
+    ) -> None:
+        self.evidence.series_selected(study, series, study_index=study_index, n_studies=n_studies)
+
+    @property
+    def made_early(self) -> list[int]:
+        """The positions (from 1) of the SRs whose skeleton was started during the run."""
+        return sorted(self._skeletons)
+
+    def model_input_ready(self, prepared: PreparedStudy) -> None:
+        study = self.evidence.pending(prepared.index)
+        if study is None:
+            return
+        # Studies finish one after the other (process_input), so this one's place among
+        # the run's SRs is the next.
+        position = len(self.evidence.studies) + 1
+        self._skeletons[position] = self._pool.submit(
+            structured_report_skeleton, study, self.context, instance_number=position
+        )
+
+    def study_finished(self, report: StudyReport, *, study_index: int, n_studies: int) -> None:
+        self.evidence.finish(report, study_index)
+
+    def write(self, folder: Path) -> list[Path]:
+        """Every study's SR in ``folder``; a skeleton that could not be made early is made
+        again there (where its failure is reported)."""
+        made: dict[int, DocumentSkeleton] = {}
+        try:
+            for position, future in self._skeletons.items():
+                try:
+                    made[position] = future.result()
+                except Exception as error:  # noqa: BLE001 - made again below, or reported there
+                    logger.warning(
+                        "SR skeleton {} not made early: {}", position, type(error).__name__
+                    )
+            return write_structured_reports(self.evidence.studies, folder, self.context, made)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,55 @@
+"""The batch's SRs (services/batch/sr_files.py): a study that reaches the model has its SR
+skeleton made on a thread while the model computes; the files written are the SRs made whole
+in one go, and a refused study in the same input gets its SR as before. On the real fixtures
+(a chest CT and a head CT in one archive) and the tiny demo repository."""
+
+from __future__ import annotations
+
+import uuid
+import zipfile
+from pathlib import Path
+
+import pydicom
+import pytest
+from sr_support import dciodvfy_errors, without_creation_times
+
+from services.batch.sr_files import StructuredReportFiles
+from services.core.config import InferenceSettings, Settings
+from services.core.inference.onnxruntime_backend import OnnxRuntimeBackend
+from services.core.pipeline import process_input
+from services.core.schemas import ProcessingStatus
+from services.sr.document import document_context, write_structured_reports
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_batch_s_srs_made_during_the_model_run_equal_those_made_whole(
+    fixtures_dir: Path, tmp_path: Path, tiny_model_repository: Path
+) -> None:
+    archive = tmp_path / "two.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        for fixture in ("head_ct_gantry_tilt", "chest_ct_lung_dx_a0002"):
+            for path in sorted((fixtures_dir / fixture).iterdir()):
+                handle.write(path, arcname=f"{fixture}/{path.name}")
+    settings = Settings()
+    backend = OnnxRuntimeBackend(tiny_model_repository, InferenceSettings(onnx_intra_op_threads=1))
+    try:
+        context = document_context(uuid.uuid4().hex, backend.metadata, settings.inference)
+        files = StructuredReportFiles(context)
+        reports = process_input(archive, backend=backend, settings=settings, events=files)
+    finally:
+        backend.close()
+    statuses = [report.processing_status for report in reports]
+    assert sorted(statuses) == [ProcessingStatus.FAILURE, ProcessingStatus.SUCCESS]
+    # Only the study that reached the model had its skeleton made early, at its place.
+    chest = statuses.index(ProcessingStatus.SUCCESS) + 1
+    assert files.made_early == [chest]
+    written = files.write(tmp_path / "sr")
+    whole = write_structured_reports(files.evidence.studies, tmp_path / "whole", context)
+    assert [path.name for path in written] == [path.name for path in whole]
+    assert len(written) == 2
+    for early, made_whole in zip(written, whole, strict=True):
+        assert dciodvfy_errors(early) == []
+        assert without_creation_times(early) == without_creation_times(made_whole)
+    studies = {str(pydicom.dcmread(path).StudyInstanceUID) for path in written}
+    assert studies == {str(report.study_uid) for report in reports}
