@@ -97,7 +97,9 @@ def batch_once(study: Path, repository: Path, *, graph_cache: bool) -> ProcessRu
 
 
 # A new process fills 1 GiB of fresh memory in 4 KiB pages (numpy's huge-page advice off,
-# the batch's memory policy on) and prints the seconds it took and its minor faults.
+# the batch's memory policy on) and prints the seconds it took and its minor faults. Where
+# transparent huge pages are "always" the heap gets 2 MB pages and a fault costs far more:
+# the cost per fault is then that of a huge page, and the row's estimate too high.
 FIRST_TOUCH_PROBE = (
     "import resource, time, numpy as np\n"
     "from services.core.process_memory import keep_freed_memory\n"

@@ -18,13 +18,21 @@ from services.core.config import InferenceSettings, Settings
 from services.core.inference.onnxruntime_backend import OnnxRuntimeBackend
 from services.core.pipeline import process_input
 from services.core.schemas import ProcessingStatus
-from services.sr.document import document_context, write_structured_reports
+from services.sr import document as sr_document
+from services.sr.document import (
+    DocumentContext,
+    DocumentSkeleton,
+    document_context,
+    structured_report_skeleton,
+    write_structured_reports,
+)
+from services.sr.evidence import StudyEvidence
 
 pytestmark = pytest.mark.slow
 
 
 def test_the_batch_s_srs_made_during_the_model_run_equal_those_made_whole(
-    fixtures_dir: Path, tmp_path: Path, tiny_model_repository: Path
+    fixtures_dir: Path, tmp_path: Path, tiny_model_repository: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     archive = tmp_path / "two.zip"
     with zipfile.ZipFile(archive, "w") as handle:
@@ -44,7 +52,20 @@ def test_the_batch_s_srs_made_during_the_model_run_equal_those_made_whole(
     # Only the study that reached the model had its skeleton made early, at its place.
     chest = statuses.index(ProcessingStatus.SUCCESS) + 1
     assert files.made_early == [chest]
+    # Writing makes again only the skeleton not made early (the head CT's): the chest's is
+    # used, not rebuilt.
+    made_when_written: list[int] = []
+
+    def counted_skeleton(
+        evidence: StudyEvidence, context: DocumentContext, *, instance_number: int = 1
+    ) -> DocumentSkeleton:
+        made_when_written.append(instance_number)
+        return structured_report_skeleton(evidence, context, instance_number=instance_number)
+
+    monkeypatch.setattr(sr_document, "structured_report_skeleton", counted_skeleton)
     written = files.write(tmp_path / "sr")
+    monkeypatch.undo()
+    assert made_when_written == [3 - chest]
     whole = write_structured_reports(files.evidence.studies, tmp_path / "whole", context)
     assert [path.name for path in written] == [path.name for path in whole]
     assert len(written) == 2

@@ -12,10 +12,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # A process that leaves work for the interpreter's exit: an atexit handler, a temporary
 # folder removed by its finaliser, a loguru file sink, a thread that is not a daemon and
-# is still writing, and standard output without a newline (block-buffered into a pipe).
+# is still writing, a thread pool never shut down (its idle worker waits for the
+# interpreter's wake-up), and standard output without a newline (block-buffered into a
+# pipe).
 LEAVES_WORK = textwrap.dedent(
     """
     import atexit, sys, tempfile, threading, time
+    from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
     from loguru import logger
     from services.core.process_exit import exit_without_teardown
@@ -33,6 +36,8 @@ LEAVES_WORK = textwrap.dedent(
         (out / "thread").write_text("done")
 
     threading.Thread(target=slow_writer).start()
+    idle_pool = ThreadPoolExecutor(max_workers=1)
+    idle_pool.submit(lambda: None).result()
     sys.stdout.write("no newline at the end")
     exit_without_teardown(int(sys.argv[2]))
     (out / "after").write_text("must not run")

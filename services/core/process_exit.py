@@ -8,10 +8,11 @@ last file was written, 0.28 s for the imports alone; with ``os._exit`` 0.02 s. F
 batch that is a tenth of its cold start, spent after its work is done.
 
 What the teardown does that matters is done here first, in the order the interpreter
-does it: threads that are not daemons are joined, the ``atexit`` handlers run (temporary
-folders registered with ``weakref.finalize``, the ``logging`` module's handlers), loguru's
-sinks are closed (its log file is flushed), and standard output and error are flushed.
-The multiprocessing module ends its child processes the same way.
+does it: ``threading._shutdown`` (the interpreter's own step: idle thread pools are woken,
+then every thread that is not a daemon is joined, again until none is left), the ``atexit``
+handlers (temporary folders registered with ``weakref.finalize``, the ``logging`` module's
+handlers), loguru's sinks closed (its log file is flushed), and standard output and error
+flushed. The multiprocessing module ends its child processes the same way.
 """
 
 from __future__ import annotations
@@ -29,13 +30,16 @@ UNFLUSHED_OUTPUT_STATUS = 120
 
 
 def _flush_standard_streams() -> bool:
+    """False when standard output could not be written (a closed pipe); a stream closed by
+    the program is skipped, as the interpreter skips it."""
     flushed = True
     for stream in (sys.stdout, sys.stderr):
+        if stream is None or stream.closed:
+            continue
         try:
-            if stream is not None:
-                stream.flush()
-        except (OSError, ValueError):  # a closed pipe or a closed stream
-            flushed = False
+            stream.flush()
+        except OSError:
+            flushed = flushed and stream is not sys.stdout
     return flushed
 
 
@@ -45,11 +49,9 @@ def exit_without_teardown(status: int) -> NoReturn:
     Only for the end of a command's ``__main__``: nothing may run after it, and callers
     that import ``main`` (tests) keep the normal exit.
     """
-    current = threading.current_thread()
-    for thread in threading.enumerate():
-        if thread is not current and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # the handlers the interpreter would run (a private function)
+    # Private, like atexit._run_exitfuncs: the interpreter's own steps, in its order.
+    threading._shutdown()  # type: ignore[attr-defined]
+    atexit._run_exitfuncs()
     logger.remove()  # closes every sink, waiting for queued messages
     if not _flush_standard_streams() and status == 0:
         status = UNFLUSHED_OUTPUT_STATUS

@@ -375,7 +375,11 @@ def write_structured_reports(
         if evidence is None:
             continue
         skeleton = (skeletons or {}).get(index)
-        if skeleton is None or skeleton.evidence is not evidence:  # not made for this study
+        if (
+            skeleton is None
+            or skeleton.evidence is not evidence  # made for another study
+            or skeleton.document.InstanceNumber != index  # or at another place
+        ):
             skeleton = structured_report_skeleton(evidence, context, instance_number=index)
         document = complete_structured_report(skeleton, report, context)
         folder.mkdir(parents=True, exist_ok=True)
