@@ -244,27 +244,3 @@ def test_a_batch_loads_the_registry_s_code_only_to_record_to_it() -> None:
         [sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
     )
     assert completed.stdout.strip() == "[]"
-
-
-def test_a_dicom_library_s_warning_is_logged_without_its_text() -> None:
-    """pydicom's and highdicom's warnings quote header values: the batch logs their kind and
-    source file only (another thread may have restored the filters that hide them)."""
-    from loguru import logger
-
-    from services.batch.__main__ import _log_python_warning
-
-    lines: list[str] = []
-    sink = logger.add(lines.append, level="WARNING", format="{message}")
-    try:
-        _log_python_warning(
-            "Invalid value for VR PN: 'DOE^JANE^^^^'",
-            UserWarning,
-            "/venv/lib/python3.11/site-packages/highdicom/sr/sop.py",
-            100,
-        )
-        _log_python_warning("a numpy warning", RuntimeWarning, "/venv/numpy/core/x.py", 1)
-    finally:
-        logger.remove(sink)
-    assert lines[0].strip() == "UserWarning from sop.py (its text is not logged)"
-    assert "DOE" not in "".join(lines)
-    assert lines[1].strip() == "RuntimeWarning: a numpy warning"

@@ -14,11 +14,10 @@ import argparse
 import sys
 import time
 import uuid
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
 from loguru import logger
 from tqdm import tqdm
@@ -32,7 +31,7 @@ from services.core.errors import ConfigurationError
 from services.core.findings import resolve_thresholds
 from services.core.inference import create_backend
 from services.core.inference.base import InferenceBackend
-from services.core.logging_setup import configure_logging
+from services.core.logging_setup import configure_logging, route_python_warnings_to_log
 from services.core.nifti.ct_rate import read_ct_rate_metadata
 from services.core.pipeline import EventFanOut, PipelineEvents, process_input
 from services.core.process_exit import exit_without_teardown
@@ -47,7 +46,6 @@ if TYPE_CHECKING:
 USAGE_ERROR = 2
 SR_DIR_NAME = "sr"  # one DICOM structured report per DICOM study
 LOG_FILE_NAME = "batch.log"  # in the output folder, when the run shows a progress bar
-DICOM_LIBRARIES = frozenset({"pydicom", "highdicom"})  # packages whose warnings quote headers
 
 
 def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -113,7 +111,7 @@ def _configure_logging(level: str, output_dir: Path) -> Path | None:
 
     Returns the log file, if there is one.
     """
-    warnings.showwarning = _log_python_warning  # library warnings would tear the bar too
+    route_python_warnings_to_log()  # printed, library warnings would tear the bar too
     if not sys.stderr.isatty():
         configure_logging(level)
         return None
@@ -128,24 +126,6 @@ def _configure_logging(level: str, output_dir: Path) -> Path | None:
         backtrace=False,
     )
     return log_file
-
-
-def _log_python_warning(
-    message: Warning | str,
-    category: type[Warning],
-    filename: str,
-    lineno: int,
-    file: TextIO | None = None,
-    line: str | None = None,
-) -> None:
-    if DICOM_LIBRARIES & set(Path(filename).parts):
-        # Their warnings quote header values (a patient's name); the project's own blocks
-        # hide them, but the filters are the process's and another thread may restore them.
-        logger.warning(
-            "{} from {} (its text is not logged)", category.__name__, Path(filename).name
-        )
-        return
-    logger.warning("{}: {}", category.__name__, message)
 
 
 def summary_line(

@@ -7,7 +7,8 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 from loguru import logger
 
@@ -17,6 +18,34 @@ MEGABYTE = 1024 * 1024
 # warnings.catch_warnings saves and restores the process's filters: two threads inside one
 # at once can restore each other's state, showing warnings a block meant to hide.
 _QUIET_LOCK = threading.Lock()
+
+
+# Packages whose warnings quote DICOM header values (a patient's name among them).
+DICOM_LIBRARIES = frozenset({"pydicom", "highdicom"})
+
+
+def log_python_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` of every entry point: a Python warning becomes a log line. A
+    DICOM library's is logged by its kind and file only: the blocks that hide them
+    (``library_warnings_hidden``) change filters that are the whole process's, and another
+    thread, or a library's own ``catch_warnings``, can restore them in the middle."""
+    if DICOM_LIBRARIES & set(Path(filename).parts):
+        logger.warning(
+            "{} from {} (its text is not logged)", category.__name__, Path(filename).name
+        )
+        return
+    logger.warning("{}: {}", category.__name__, message)
+
+
+def route_python_warnings_to_log() -> None:
+    warnings.showwarning = log_python_warning
 
 
 @contextmanager

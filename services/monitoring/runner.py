@@ -29,7 +29,7 @@ from loguru import logger
 
 from services.core.config import Settings, load_settings
 from services.core.errors import ConfigurationError
-from services.core.logging_setup import configure_service_logging
+from services.core.logging_setup import configure_service_logging, route_python_warnings_to_log
 from services.monitoring.server import serve_metrics
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -45,9 +45,11 @@ Service = TypeVar("Service")
 
 def prepare_process(settings: Settings) -> None:
     """The first thing a service process does: every file and folder it creates is its
-    user's alone, and its log goes where ``settings.logging`` says."""
+    user's alone, and its log (Python warnings included) goes where ``settings.logging``
+    says."""
     os.umask(PRIVATE_UMASK)
     configure_service_logging(settings.logging)
+    route_python_warnings_to_log()
 
 
 def service_settings(prog: str, description: str | None, argv: list[str] | None) -> Settings:
