@@ -66,8 +66,40 @@ DEFAULT_GRPC_PORT = 8001
 DEFAULT_METRICS_PORT = 8002
 DEFAULT_READY_TIMEOUT_S = 600.0  # the full demo encoder loads and warms up on CPU for minutes
 LOG_TAIL_CHARS = 4000
+# The python backend's shared memory with each model's stub process (Triton names it).
+PYTHON_BACKEND_REGION = "/dev/shm/triton_python_backend_shm_region_"
 # Triton's glog prefix of an error line, e.g. "E1122 11:09:10.829857 12115 file.cc:692]"
 ERROR_LINE = re.compile(r"^E\d{4} ")
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1] == str(pid):  # state, then the parent's pid
+            children.append(int(stat.parent.name))
+    return children
+
+
+def python_backend_regions(pid: int) -> set[Path]:
+    """The python backend's shared-memory regions (``/dev/shm/<prefix><uuid>``) that process
+    ``pid`` or its children (the model stubs) map, from /proc (none where it cannot be
+    read)."""
+    regions = set()
+    for process in (pid, *_children(pid)):
+        try:
+            maps = Path(f"/proc/{process}/maps").read_text()
+        except OSError:
+            continue
+        for line in maps.splitlines():
+            fields = line.split(maxsplit=5)  # address perms offset device inode path
+            path = fields[5].removesuffix(" (deleted)") if len(fields) == 6 else ""
+            if path.startswith(PYTHON_BACKEND_REGION):
+                regions.add(Path(path))
+    return regions
 
 
 class LocalTritonServer:
@@ -226,7 +258,9 @@ class LocalTritonServer:
         return f"errors in {self.log_file}:\n{summary}\nlast lines:\n{tail}"
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM, wait for a clean exit, SIGKILL after ``timeout_s``; returns the exit code."""
+        """SIGTERM, wait for a clean exit, SIGKILL after ``timeout_s``; returns the exit code.
+        A killed server cannot remove its python backend's shared-memory regions: they are
+        removed here."""
         code = None
         if self._process is not None:
             if self._process.poll() is None:
@@ -235,8 +269,11 @@ class LocalTritonServer:
                     self._process.wait(timeout=timeout_s)
                 except subprocess.TimeoutExpired:
                     logger.warning("tritonserver ignored SIGTERM for {} s: killing it", timeout_s)
+                    regions = python_backend_regions(self._process.pid)
                     self._process.kill()
                     self._process.wait()
+                    for region in regions:
+                        region.unlink(missing_ok=True)
             code = self._process.returncode
             self._process = None
         if self._log_handle is not None:
