@@ -233,6 +233,21 @@ def test_a_run_is_recorded_in_a_registry_when_given_its_url(
     assert "registry cannot be used" in refused.stderr
 
 
+def test_a_batch_starts_loading_its_model_before_it_imports_the_pipeline() -> None:
+    """The batch's entry imports only what opening the model needs; the DICOM, SR and
+    spreadsheet libraries (about 0.6 s) are imported once the load has started, beside it
+    (services/batch/screening.py; issue 24's cold start)."""
+    probe = (
+        "import sys, services.batch.__main__; "
+        "print(sorted({'pydicom', 'highdicom', 'openpyxl', 'SimpleITK', 'nibabel', "
+        "'services.core.pipeline', 'services.batch.screening'} & set(sys.modules)))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+    )
+    assert completed.stdout.strip() == "[]"
+
+
 def test_a_batch_loads_the_registry_s_code_only_to_record_to_it() -> None:
     """SQLAlchemy's models and argon2 are 0.4 s of a batch's cold start (issue 24): the batch
     imports services.registry and SQLAlchemy only for --registry-url (whose tests run it)."""

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import uuid
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,28 +21,19 @@ from loguru import logger
 from tqdm import tqdm
 
 from services.batch.inputs import list_inputs
-from services.batch.model_input_files import ModelInputSaver
-from services.batch.preview_files import PREVIEWS_DIR_NAME, PreviewWriter
-from services.batch.sr_files import StructuredReportFiles
 from services.core.config import Settings, load_settings
 from services.core.errors import ConfigurationError
 from services.core.findings import resolve_thresholds
 from services.core.inference import create_backend
 from services.core.inference.base import InferenceBackend
 from services.core.logging_setup import configure_logging, route_python_warnings_to_log
-from services.core.nifti.ct_rate import read_ct_rate_metadata
-from services.core.pipeline import EventFanOut, PipelineEvents, process_input
 from services.core.process_exit import exit_without_teardown
 from services.core.process_memory import apply_memory_settings
-from services.core.reports import write_reports
-from services.core.schemas import StudyReport
-from services.sr.document import document_context
 
 if TYPE_CHECKING:
     from services.batch.registry_records import BatchRecorder
 
 USAGE_ERROR = 2
-SR_DIR_NAME = "sr"  # one DICOM structured report per DICOM study
 LOG_FILE_NAME = "batch.log"  # in the output folder, when the run shows a progress bar
 
 
@@ -95,6 +84,8 @@ def _settings(arguments: argparse.Namespace) -> Settings:
         )
         settings = settings.model_copy(update={"inference": inference})
     if arguments.ct_rate_metadata is not None:
+        from services.core.nifti.ct_rate import read_ct_rate_metadata  # nibabel: only here
+
         # Read once here: an unusable CSV is a usage error before any study runs.
         read_ct_rate_metadata(arguments.ct_rate_metadata)
         intake = settings.intake.model_copy(
@@ -126,30 +117,6 @@ def _configure_logging(level: str, output_dir: Path) -> Path | None:
         backtrace=False,
     )
     return log_file
-
-
-def summary_line(
-    reports: Sequence[StudyReport], n_inputs: int, output_dir: Path, seconds: float
-) -> str:
-    statuses = Counter(report.processing_status.value for report in reports)
-    demo = (
-        " (DEMO weights: probabilities mean nothing)"
-        if any(r.demo_weights for r in reports)
-        else ""
-    )
-    return (
-        f"{len(reports)} studies from {n_inputs} inputs in {seconds:.1f} s: "
-        f"{statuses.get('Success', 0)} Success, {statuses.get('Failure', 0)} Failure; "
-        f"report {output_dir / 'output.xlsx'}{demo}"
-    )
-
-
-def _events(
-    save_model_input: Path | None, input_path: Path, previews: PreviewWriter
-) -> PipelineEvents:
-    if save_model_input is None:
-        return previews
-    return EventFanOut(previews, ModelInputSaver(save_model_input, input_path))
 
 
 class UsageError(Exception):
@@ -195,39 +162,6 @@ def _checked_inputs(arguments: argparse.Namespace) -> list[Path]:
     return inputs
 
 
-def _screen(
-    inputs: list[Path],
-    arguments: argparse.Namespace,
-    settings: Settings,
-    backend: InferenceBackend,
-    recorder: BatchRecorder | None,
-    structured_reports: StructuredReportFiles,
-) -> list[StudyReport]:
-    reports: list[StudyReport] = []
-    previews = PreviewWriter(
-        arguments.output_dir / PREVIEWS_DIR_NAME, spacing_mm=backend.metadata.target_spacing_mm
-    )
-    # disable=None: no bar unless stderr is a terminal (a bar in a file is one line per update).
-    with tqdm(inputs, desc="studies", unit="input", file=sys.stderr, disable=None) as bar:
-        for input_path in bar:
-            task = recorder.begin(input_path) if recorder is not None else None
-            found = process_input(
-                input_path,
-                backend=backend,
-                settings=settings,
-                display_name=str(input_path),
-                events=EventFanOut(
-                    _events(arguments.save_model_input, input_path, previews), structured_reports
-                ),
-            )
-            if recorder is not None and task is not None:
-                recorder.finish(task[0], input_path, found, task[1])
-            reports.extend(found)
-            failed = sum(not report.succeeded for report in reports)
-            bar.set_postfix(success=len(reports) - failed, failure=failed)
-    return reports
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = _parse_arguments(argv)
     try:
@@ -249,21 +183,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
 
+    # Imported now, with the model loading on its thread: the pipeline's imports (pydicom,
+    # highdicom, openpyxl; about 0.6 s of a cold start) run beside the load, not before it.
+    from services.batch.screening import screen_and_write, summary_line
+
     started = time.perf_counter()
-    structured_reports = StructuredReportFiles(
-        document_context(uuid.uuid4().hex, backend.metadata, settings.inference)
+    reports = screen_and_write(
+        inputs,
+        output_dir=arguments.output_dir,
+        save_model_input=arguments.save_model_input,
+        settings=settings,
+        backend=backend,
+        recorder=recorder,
     )
-    try:
-        reports = _screen(inputs, arguments, settings, backend, recorder, structured_reports)
-    except BaseException:
-        structured_reports.close()
-        raise
-    finally:
-        backend.close()
-        if recorder is not None:
-            recorder.close()
-    write_reports(reports, arguments.output_dir)
-    structured_reports.write(arguments.output_dir / SR_DIR_NAME)
     print(summary_line(reports, len(inputs), arguments.output_dir, time.perf_counter() - started))
     if log_file is not None:
         print(f"log: {log_file}")
