@@ -36,6 +36,7 @@ from services.sr.document import (
     DocumentSkeleton,
     EarlierReports,
     document_context,
+    skeletons_made,
     structured_report_skeleton,
     write_structured_reports,
 )
@@ -232,18 +233,8 @@ class EarlySkeletons:
         return [future.result() for future in self._evidence]
 
     def skeletons(self) -> dict[int, DocumentSkeleton]:
-        """The skeletons made; one that failed is left out (and made again when its SR is
-        written, where the failure is reported)."""
-        made: dict[int, DocumentSkeleton] = {}
-        for position, future in self._skeletons.items():
-            try:
-                skeleton = future.result()
-            except Exception as error:  # noqa: BLE001 - the SR is made again, or reported there
-                logger.warning("SR skeleton {} not made early: {}", position, type(error).__name__)
-                continue
-            if skeleton is not None:
-                made[position] = skeleton
-        return made
+        """The skeletons made (services/sr/document.py, ``skeletons_made``)."""
+        return skeletons_made(self._skeletons)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

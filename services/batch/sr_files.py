@@ -12,14 +12,13 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from loguru import logger
-
 from services.core.dicom.objects import Series, Study
 from services.core.pipeline import PipelineEvents, PreparedStudy
 from services.core.schemas import StudyReport
 from services.sr.document import (
     DocumentContext,
     DocumentSkeleton,
+    skeletons_made,
     structured_report_skeleton,
     write_structured_reports,
 )
@@ -41,11 +40,6 @@ class StructuredReportFiles(PipelineEvents):
     ) -> None:
         self.evidence.series_selected(study, series, study_index=study_index, n_studies=n_studies)
 
-    @property
-    def made_early(self) -> list[int]:
-        """The positions (from 1) of the SRs whose skeleton was started during the run."""
-        return sorted(self._skeletons)
-
     def model_input_ready(self, prepared: PreparedStudy) -> None:
         study = self.evidence.pending(prepared.index)
         if study is None:
@@ -63,15 +57,8 @@ class StructuredReportFiles(PipelineEvents):
     def write(self, folder: Path) -> list[Path]:
         """Every study's SR in ``folder``; a skeleton that could not be made early is made
         again there (where its failure is reported)."""
-        made: dict[int, DocumentSkeleton] = {}
         try:
-            for position, future in self._skeletons.items():
-                try:
-                    made[position] = future.result()
-                except Exception as error:  # noqa: BLE001 - made again below, or reported there
-                    logger.warning(
-                        "SR skeleton {} not made early: {}", position, type(error).__name__
-                    )
+            made = skeletons_made(self._skeletons)
             return write_structured_reports(self.evidence.studies, folder, self.context, made)
         finally:
             self.close()

@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from importlib import metadata as package_metadata
 from pathlib import Path
+from typing import TypeVar
 
 import highdicom as hd
 from highdicom.sr import CodedConcept
+from loguru import logger
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage
@@ -387,3 +390,22 @@ def write_structured_reports(
         document.save_as(path, enforce_file_format=True)
         written.append(path)
     return written
+
+
+# A skeleton made on a thread: some makers give None for a study without DICOM evidence.
+MaybeSkeleton = TypeVar("MaybeSkeleton", DocumentSkeleton, DocumentSkeleton | None)
+
+
+def skeletons_made(futures: Mapping[int, Future[MaybeSkeleton]]) -> dict[int, DocumentSkeleton]:
+    """The skeletons made early, by position, for ``write_structured_reports``: one whose
+    making failed is left out, so that it is made again there, where its error is reported."""
+    made: dict[int, DocumentSkeleton] = {}
+    for position, future in futures.items():
+        try:
+            skeleton = future.result()
+        except Exception as error:  # noqa: BLE001 - made again when written, or reported there
+            logger.warning("SR skeleton {} not made early: {}", position, type(error).__name__)
+            continue
+        if skeleton is not None:
+            made[position] = skeleton
+    return made
