@@ -233,19 +233,40 @@ def test_a_run_is_recorded_in_a_registry_when_given_its_url(
     assert "registry cannot be used" in refused.stderr
 
 
-def test_a_batch_starts_loading_its_model_before_it_imports_the_pipeline() -> None:
-    """The batch's entry imports only what opening the model needs; the DICOM, SR and
-    spreadsheet libraries (about 0.6 s) are imported once the load has started, beside it
+# Runs the batch's main() with its backend replaced by one that notes which of the DICOM,
+# SR and spreadsheet libraries are imported when the backend is opened, then refuses.
+BACKEND_OPENED_PROBE = """
+import sys
+import services.batch.__main__ as entry
+from services.core.errors import ConfigurationError
+
+HEAVY = {"pydicom", "highdicom", "openpyxl", "SimpleITK", "nibabel", "services.core.pipeline",
+         "services.batch.screening"}
+
+def opened(settings):
+    print(sorted(HEAVY & set(sys.modules)))
+    raise ConfigurationError("no model here")
+
+entry.create_backend = opened
+print(entry.main([sys.argv[1], sys.argv[2]]))
+"""
+
+
+def test_a_batch_opens_its_backend_before_it_imports_the_pipeline(tmp_path: Path) -> None:
+    """The embedded backend starts loading its model when it is opened; the DICOM, SR and
+    spreadsheet libraries (about 0.6 s) are imported only after, beside the load
     (services/batch/screening.py; issue 24's cold start)."""
-    probe = (
-        "import sys, services.batch.__main__; "
-        "print(sorted({'pydicom', 'highdicom', 'openpyxl', 'SimpleITK', 'nibabel', "
-        "'services.core.pipeline', 'services.batch.screening'} & set(sys.modules)))"
-    )
+    study = tmp_path / "study.dcm"
+    study.write_bytes(b"not read: the backend is refused first")
     completed = subprocess.run(
-        [sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-c", BACKEND_OPENED_PROBE, str(study), str(tmp_path / "out")],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    assert completed.stdout.strip() == "[]"
+    # Nothing heavy imported when the backend was opened; the refusal is a usage error (2).
+    assert completed.stdout.splitlines()[-2:] == ["[]", "2"]
 
 
 def test_a_batch_loads_the_registry_s_code_only_to_record_to_it() -> None:

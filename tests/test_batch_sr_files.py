@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import uuid
 import zipfile
-from concurrent.futures import Future
 from pathlib import Path
 
 import pydicom
 import pytest
-from loguru import logger
 from sr_support import dciodvfy_errors, without_creation_times
 
 from services.batch.sr_files import StructuredReportFiles
@@ -74,25 +72,3 @@ def test_the_batch_s_srs_made_during_the_model_run_equal_those_made_whole(
         assert without_creation_times(early) == without_creation_times(made_whole)
     studies = {str(pydicom.dcmread(path).StudyInstanceUID) for path in written}
     assert studies == {str(report.study_uid) for report in reports}
-
-
-def test_a_skeleton_that_failed_early_is_left_to_be_made_again_when_written() -> None:
-    """skeletons_made (the batch's and the adapter's early skeletons): a skeleton whose
-    making raised, or a study without DICOM evidence (None), is left out, so that
-    write_structured_reports makes it again, where its error is reported; the warning names
-    the error's kind only (its text may quote header values)."""
-    made, failed, without_evidence = Future(), Future(), Future()
-    skeleton = object()
-    made.set_result(skeleton)
-    failed.set_exception(ValueError("PatientName DOE^JANE cannot be encoded"))
-    without_evidence.set_result(None)
-    messages: list[str] = []
-    sink = logger.add(lambda message: messages.append(str(message)), level="WARNING")
-    try:
-        kept = sr_document.skeletons_made({1: made, 2: failed, 3: without_evidence})
-    finally:
-        logger.remove(sink)
-    assert kept == {1: skeleton}
-    assert len(messages) == 1
-    assert "skeleton 2 not made early: ValueError" in messages[0]
-    assert "DOE" not in messages[0]

@@ -183,19 +183,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
 
-    # Imported now, with the model loading on its thread: the pipeline's imports (pydicom,
-    # highdicom, openpyxl; about 0.6 s of a cold start) run beside the load, not before it.
-    from services.batch.screening import screen_and_write, summary_line
+    try:
+        # Imported now, with the model loading on its thread: the pipeline's imports
+        # (pydicom, highdicom, openpyxl; about 0.6 s) run beside the load, not before it.
+        from services.batch.screening import screen_and_write, summary_line
 
-    started = time.perf_counter()
-    reports = screen_and_write(
-        inputs,
-        output_dir=arguments.output_dir,
-        save_model_input=arguments.save_model_input,
-        settings=settings,
-        backend=backend,
-        recorder=recorder,
-    )
+        started = time.perf_counter()
+        reports = screen_and_write(
+            inputs,
+            output_dir=arguments.output_dir,
+            save_model_input=arguments.save_model_input,
+            settings=settings,
+            backend=backend,
+            recorder=recorder,
+        )
+    finally:
+        backend.close()
+        if recorder is not None:
+            recorder.close()
     print(summary_line(reports, len(inputs), arguments.output_dir, time.perf_counter() - started))
     if log_file is not None:
         print(f"log: {log_file}")

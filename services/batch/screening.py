@@ -60,7 +60,7 @@ def screen_and_write(
     recorder: BatchRecorder | None,
 ) -> list[StudyReport]:
     """Every input through the pipeline, then the report files and the SRs in
-    ``output_dir``. The backend and the recorder are closed once the last study has run."""
+    ``output_dir``. The caller closes the backend and the recorder."""
     structured_reports = StructuredReportFiles(
         document_context(uuid.uuid4().hex, backend.metadata, settings.inference)
     )
@@ -91,10 +91,6 @@ def screen_and_write(
     except BaseException:
         structured_reports.close()
         raise
-    finally:
-        backend.close()
-        if recorder is not None:
-            recorder.close()
     write_reports(reports, output_dir)
     structured_reports.write(output_dir / SR_DIR_NAME)
     return reports
