@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
+from report_support import screened_report
 
 from services.adapter.delivery import unreadable_task_id
 from services.adapter.handoff import sweep_prepared
@@ -23,7 +25,7 @@ from services.adapter.housekeeping import (
     use_own_temp_dir,
 )
 from services.adapter.model_server_wait import RetryingBackend
-from services.broker.schemas import StudyResult, StudyTask, TaskStatus
+from services.broker.schemas import ResultFile, StudyResult, StudyTask, TaskStatus, encode_message
 from services.broker.storage import HANDOFF_FILE, load_result, prepared_dir, store_result_once
 from services.core.config import Backoff
 from services.core.errors import ModelServerUnavailable, ModelServerWaitExceeded, WorkInterrupted
@@ -249,6 +251,32 @@ def test_the_first_stored_result_of_a_task_stays_its_only_result(tmp_path: Path)
     third = StudyResult(task_id="task-2", status=TaskStatus.FAILED, error="x")
     assert store_result_once(tmp_path, third) == third
     assert load_result(tmp_path, "task-2") == third
+
+
+def test_a_result_sent_again_is_the_first_copy_byte_for_byte(tmp_path: Path) -> None:
+    """The first reply is the stored result as computed; a task redelivered after its
+    adapter was killed before the ack republishes the result loaded from storage. A
+    submitter drops the second by its bytes or its task id (services/broker/schemas.py),
+    so the two must be the same bytes: floats, times and every report field round trip."""
+    started = datetime(2026, 12, 6, 4, 28, 29, 298_123, tzinfo=UTC)
+    computed = StudyResult(
+        task_id="task-1",
+        correlation_id="task-1",
+        status=TaskStatus.COMPLETED,
+        reports=[screened_report(time_of_processing=0.1 + 0.2), screened_report(finding_scale=7)],
+        files=[ResultFile(kind="xlsx", path="results/task-1/report.xlsx")],
+        original_filename="chest.zip",
+        adapter_id="adapter-2",
+        started_at=started,
+        finished_at=started + timedelta(seconds=1 / 3),
+        seconds=1 / 3,
+        prepare_seconds=2 / 3,
+        model_seconds=1e-7,
+    )
+    first_reply = encode_message(store_result_once(tmp_path, computed))
+    stored = load_result(tmp_path, "task-1")
+    assert stored is not None
+    assert encode_message(stored) == first_reply
 
 
 def test_an_unreadable_task_is_answered_under_an_id_the_submitter_knows() -> None:

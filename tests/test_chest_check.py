@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.core.body_part import LungAirDetector, available_detectors, create_detector
 from services.core.body_part.base import BodyPartDetector, ImageAssessment
+from services.core.body_part.detectors import available_detectors, create_detector
+from services.core.body_part.lung_air import LungAirDetector
 from services.core.chest_check import MetadataAssessment, check_chest, decide
 from services.core.config import ChestCheckSettings, QualitySettings, SeriesSelectionSettings
 from services.core.dicom import Series, Study, load_volume, read_studies, select_series

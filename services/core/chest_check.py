@@ -41,10 +41,10 @@ from loguru import logger
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from services.core.body_part import create_detector
 from services.core.body_part.base import BodyPartDetector, ImageAssessment
 from services.core.body_part.bpr_detector import BodyPartRegressionModel, BprDetector
 from services.core.body_part.bpr_scores import body_part_label, shows_chest
+from services.core.body_part.detectors import create_detector
 from services.core.config import ChestCheckSettings
 from services.core.dicom.objects import Series, Study
 from services.core.dicom.values import tag_value, text, uid_name

@@ -43,12 +43,12 @@ class FrontendMetrics:
         )
         self.results = families.counter(
             "cts_frontend_results",
-            "Results read from this frontend's reply queue, by task status",
+            "Results this frontend recorded in the study registry (first time only), by task status",
             "status",
         )
         self.reply_lag_seconds = families.histogram(
             "cts_frontend_reply_lag_seconds",
-            "Seconds from a result's finished_at (adapter) to this frontend reading it",
+            "Seconds from a result's finished_at (adapter) to this frontend recording it",
             buckets=LAG_BUCKETS,
         )
         families.show_at_zero(self.refused, [reason.value for reason in Refusal])

@@ -34,7 +34,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from importlib import metadata as package_metadata
 from pathlib import Path
-from typing import TypeVar
 
 import highdicom as hd
 from highdicom.sr import CodedConcept
@@ -393,10 +392,10 @@ def write_structured_reports(
 
 
 # A skeleton made on a thread: some makers give None for a study without DICOM evidence.
-MaybeSkeleton = TypeVar("MaybeSkeleton", DocumentSkeleton, DocumentSkeleton | None)
+SkeletonFuture = Future[DocumentSkeleton] | Future[DocumentSkeleton | None]
 
 
-def skeletons_made(futures: Mapping[int, Future[MaybeSkeleton]]) -> dict[int, DocumentSkeleton]:
+def skeletons_made(futures: Mapping[int, SkeletonFuture]) -> dict[int, DocumentSkeleton]:
     """The skeletons made early, by position, for ``write_structured_reports``: one whose
     making failed is left out, so that it is made again there, where its error is reported."""
     made: dict[int, DocumentSkeleton] = {}

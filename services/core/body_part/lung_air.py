@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import SimpleITK as sitk
 
 from services.core.arrays import BoolArray, Float32Array, Float64Array
 from services.core.body_part.base import ImageAssessment
@@ -147,10 +148,6 @@ def fill_holes_per_slice(mask: BoolArray) -> BoolArray:
         return mask.copy()
     mosaic = np.zeros((n_slices, rows + 1, columns), dtype=np.uint8)
     mosaic[:, :rows, :] = mask
-    # Imported here: this module is imported before a batch starts loading its model, and
-    # SimpleITK (0.1 s) is not needed until the first check.
-    import SimpleITK as sitk
-
     image = sitk.GetImageFromArray(mosaic.reshape(n_slices * (rows + 1), columns))
     filled = sitk.BinaryFillhole(image, fullyConnected=False, foregroundValue=1)
     result = sitk.GetArrayFromImage(filled).reshape(n_slices, rows + 1, columns)

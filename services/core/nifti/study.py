@@ -15,8 +15,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from services.core.arrays import ModelInput
-from services.core.body_part import create_detector
 from services.core.body_part.bpr_detector import BodyPartRegressionModel
+from services.core.body_part.detectors import create_detector
 from services.core.chest_check import (
     MetadataAssessment,
     body_part_regression_evidence,
