@@ -8,6 +8,10 @@
   core-seconds and minor page faults (pages touched for the first time) are the child's
   own (``os.wait4``), and a probe measures what one such fault costs a new process here:
   together the part of a cold start that is the machine mapping fresh memory.
+* Paired with the warm encoder: with ``warm_encoder`` (a session of this process, warm),
+  each round runs it once just before the cached start, so that each cold start has a warm
+  run from the same moment. On a shared host the ratio of medians taken minutes apart moves
+  by more than a change can gain; the overhead of each pair (cold minus warm) moves less.
 * Triton's model load: a local tritonserver (python flavour) from start to ready, once
   after the cache is cleared (it optimises and saves) and once from the cached graph.
 
@@ -25,10 +29,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks import PROJECT_ROOT
+from benchmarks.limit import Timing
 from benchmarks.measure import local_triton
 from services.core.inference.optimised_graphs import CACHE_FOLDER
 
@@ -137,6 +143,29 @@ class BatchColdStart:
     cached: list[ProcessRun] = field(default_factory=list)
     uncached: list[ProcessRun] = field(default_factory=list)
     first_touch_s_per_fault: float = 0.0  # first_touch_seconds_per_fault, after the runs
+    # The warm encoder run just before each cached run (empty without a warm encoder).
+    warm_encoder: list[Timing] = field(default_factory=list)
+
+    def paired_ratios(self) -> list[float]:
+        """Each cached start over the warm encoder run of its round."""
+        return [
+            run.wall_s / warm.wall_s
+            for run, warm in zip(self.cached, self.warm_encoder, strict=True)
+        ]
+
+    def paired_overheads(self) -> list[float]:
+        """Each cached start minus the warm encoder run of its round, seconds."""
+        return [
+            run.wall_s - warm.wall_s
+            for run, warm in zip(self.cached, self.warm_encoder, strict=True)
+        ]
+
+    def paired_cpu_overheads(self) -> list[float]:
+        """Each cached start's core-seconds minus those of its round's warm encoder run:
+        the work of a cold start that is not the encoder's warm run."""
+        return [
+            run.cpu_s - warm.cpu_s for run, warm in zip(self.cached, self.warm_encoder, strict=True)
+        ]
 
     @staticmethod
     def median_wall(runs: list[ProcessRun]) -> float:
@@ -161,13 +190,21 @@ class BatchColdStart:
         return statistics.median(run.wall_s - run.pipeline_s for run in runs)
 
 
-def batch_cold_start(study: Path, repository: Path, rounds: int) -> BatchColdStart:
+def batch_cold_start(
+    study: Path,
+    repository: Path,
+    rounds: int,
+    warm_encoder: Callable[[], Timing] | None = None,
+) -> BatchColdStart:
     """The first start after the cache is cleared, then ``rounds`` of (cached, uncached) in
-    alternating order."""
+    alternating order; ``warm_encoder`` (one warm run, its seconds) is timed just before
+    each cached start."""
     clear_graph_caches(repository)
     result = BatchColdStart(first_start=batch_once(study, repository, graph_cache=True))
     for number in range(rounds):
         for cached in (True, False) if number % 2 == 0 else (False, True):
+            if cached and warm_encoder is not None:
+                result.warm_encoder.append(warm_encoder())
             run = batch_once(study, repository, graph_cache=cached)
             (result.cached if cached else result.uncached).append(run)
     result.first_touch_s_per_fault = first_touch_seconds_per_fault()

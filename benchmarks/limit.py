@@ -107,6 +107,12 @@ def process_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+@dataclass(frozen=True)
+class Timing:
+    wall_s: float
+    cpu_s: float  # this process, all threads
+
+
 @dataclass
 class Timings:
     wall_s: list[float] = field(default_factory=list)

@@ -20,7 +20,6 @@ import argparse
 import datetime as dt
 import gc
 import shlex
-import statistics
 import sys
 import tempfile
 from collections.abc import Callable
@@ -145,19 +144,23 @@ def main(argv: list[str] | None = None) -> int:
     if not arguments.no_precision:
         rows += precision.int8_rows(encoder_path, model_input, settings, arguments.encoder_runs)
     rows += precision.bf16_row() + precision.wire_format_rows(encoder_path, model_input)
-    del model_input
-    gc.collect()
     study = studies[STUDY_300.name]
     if not arguments.no_cold_start:
-        warm = statistics.median(limit.encoder.wall_s)
         # The study's warm preparation, from the pipeline table's rows ("headers" holds the
         # series selection too).
         stages = results[STUDY_300.name].stages
         before_the_model = ("intake", "headers", "volume", "chest check", "preprocessing")
         warm_preparation = sum(stages[row].median_s for row in before_the_model)
         rows += rows_of.batch_cold_start_rows(
-            study, repository, warm, warm_preparation, arguments.cold_rounds
+            study,
+            repository,
+            enc.warm_encoder_timer(encoder_path, model_input),
+            warm_preparation,
+            arguments.cold_rounds,
         )
+        gc.collect()  # the warm session, before the next rows
+    del model_input
+    gc.collect()
     rows += fresh_process_rows(studies, repository, quick=arguments.quick)
     rows += _stack_overhead_rows(arguments, study, repository)
     if not (arguments.no_stack or arguments.no_cold_start):

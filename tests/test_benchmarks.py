@@ -251,12 +251,31 @@ def test_a_new_batch_process_is_timed_with_and_without_the_graph_cache(
     import shutil
 
     from benchmarks import cold_start
+    from benchmarks.encoder import warm_encoder_timer
+    from services.core.inference.onnxruntime_backend import onnx_paths
+    from services.core.model_metadata import ENCODER_NAME, read_metadata
 
     repository = tmp_path / "repository"
     shutil.copytree(tiny_model_repository, repository)
     study = zip_directory(fixtures_dir / "chest_ct_lung_dx_a0002", tmp_path / "chest.zip")
-    result = cold_start.batch_cold_start(study, repository, rounds=1)
-    assert len(result.cached) == len(result.uncached) == 1
+    volume = np.zeros((1, 1, *read_metadata(repository).target_shape), dtype=np.float32)
+    warm_encoder = warm_encoder_timer(onnx_paths(repository)[ENCODER_NAME], volume)
+    result = cold_start.batch_cold_start(study, repository, rounds=2, warm_encoder=warm_encoder)
+    assert len(result.cached) == len(result.uncached) == 2
+    # Each cached start has the warm run timed just before it, in its own round.
+    assert len(result.warm_encoder) == 2
+    assert all(warm.wall_s > 0 and warm.cpu_s > 0 for warm in result.warm_encoder)
+    for run_, warm, ratio, overhead, cpu_overhead in zip(
+        result.cached,
+        result.warm_encoder,
+        result.paired_ratios(),
+        result.paired_overheads(),
+        result.paired_cpu_overheads(),
+        strict=True,
+    ):
+        assert ratio == pytest.approx(run_.wall_s / warm.wall_s)
+        assert overhead == pytest.approx(run_.wall_s - warm.wall_s)
+        assert cpu_overhead == pytest.approx(run_.cpu_s - warm.cpu_s)
     for run_ in (result.first_start, *result.cached, *result.uncached):
         assert run_.wall_s > 0
         assert run_.cpu_s > 0
