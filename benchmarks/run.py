@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         stages = results[STUDY_300.name].stages
         before_the_model = ("intake", "headers", "volume", "chest check", "preprocessing")
         warm_preparation = sum(stages[row].median_s for row in before_the_model)
+        # The warm session lives in this process while the new ones run: they have memory
+        # of their own (a batch peaks at about 2.4 GB resident), and the hosts have plenty.
         rows += rows_of.batch_cold_start_rows(
             study,
             repository,
@@ -158,7 +160,6 @@ def main(argv: list[str] | None = None) -> int:
             warm_preparation,
             arguments.cold_rounds,
         )
-        gc.collect()  # the warm session, before the next rows
     del model_input
     gc.collect()
     rows += fresh_process_rows(studies, repository, quick=arguments.quick)

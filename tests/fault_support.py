@@ -498,9 +498,10 @@ class TaskClient:
     # Each task's distinct results, in the order they came.
     results: dict[str, list[StudyResult]] = field(default_factory=dict)
     progress: list[StudyProgress] = field(default_factory=list)
-    # Copies of a result taken before, byte for byte (services/broker/schemas.py, "At least
-    # once"): a reply whose ack was lost with the link, redelivered by the broker, or a stored
-    # result republished by the adapter that took over from one killed before its ack.
+    # Results an adapter sent again, byte for byte the same as one taken before
+    # (services/broker/schemas.py, "At least once"): a stored result republished by the
+    # adapter that took over a task whose delivered mark was not written. A reply the broker
+    # redelivers because this client's ack was lost is the same message, and not counted.
     repeats: Counter[str] = field(default_factory=Counter)
     _taken: set[bytes] = field(default_factory=set)
     _connection: pika.BlockingConnection | None = None
@@ -576,9 +577,11 @@ class TaskClient:
 
     def poll(self) -> None:
         """Take every reply waiting. Acked after it is recorded: with auto-ack, a reply on its
-        way when the broker restarted was gone (the chaos soak once missed one). A copy of a
-        result taken before, byte for byte, is the same result again, as the contract allows
-        (counted in ``repeats``); a second result that differs is a duplicate."""
+        way when the broker restarted was gone (the chaos soak once missed one). A
+        redelivered copy of a reply taken before is the same message, skipped; a result an
+        adapter sent again, byte for byte, is counted in ``repeats`` (``seen`` counts it, as a
+        duplicate; only the chaos soak, which counts ``distinct``, allows a few); a second
+        result that differs is a duplicate."""
 
         def take_all() -> None:
             channel = self._channel()
@@ -586,6 +589,9 @@ class TaskClient:
                 method, properties, body = channel.basic_get(self.reply_queue)
                 if method is None:
                     return
+                if method.redelivered and body in self._taken:
+                    channel.basic_ack(method.delivery_tag)
+                    continue
                 message = decode_message(body, type_name=properties.type)
                 if not isinstance(message, StudyResult):
                     self.progress.append(message)
@@ -616,6 +622,11 @@ class TaskClient:
         return self.results[task_id][0]
 
     def seen(self) -> Counter[str]:
+        """How many results of each task id reached the reply queue, a result an adapter
+        sent again included (every scenario but the chaos soak expects none)."""
+        return self.distinct() + self.repeats
+
+    def distinct(self) -> Counter[str]:
         """How many distinct results of each task id reached the reply queue."""
         return Counter({task_id: len(copies) for task_id, copies in self.results.items()})
 

@@ -5,6 +5,7 @@ Triton needed; tests/test_adapter.py and tests/test_fault_suite.py run the real 
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import threading
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from report_support import screened_report
 
-from services.adapter.delivery import unreadable_task_id
+from services.adapter.delivery import unreadable_task_id, with_demo_flag
 from services.adapter.handoff import sweep_prepared
 from services.adapter.housekeeping import (
     abandoned_regions,
@@ -30,6 +31,7 @@ from services.broker.storage import HANDOFF_FILE, load_result, prepared_dir, sto
 from services.core.config import Backoff
 from services.core.errors import ModelServerUnavailable, ModelServerWaitExceeded, WorkInterrupted
 from services.core.inference.base import ModelOutputs
+from services.core.schemas import ChestCheckEvidence
 from services.triton.local_server import free_local_ports
 
 QUICK = Backoff(initial_s=0.01, maximum_s=0.01)
@@ -254,16 +256,35 @@ def test_the_first_stored_result_of_a_task_stays_its_only_result(tmp_path: Path)
 
 
 def test_a_result_sent_again_is_the_first_copy_byte_for_byte(tmp_path: Path) -> None:
-    """The first reply is the stored result as computed; a task redelivered after its
-    adapter was killed before the ack republishes the result loaded from storage. A
+    """The first reply is the stored result as computed; a task redelivered without its
+    delivered mark (its adapter killed before it) republishes the result loaded from storage. A
     submitter drops the second by its bytes or its task id (services/broker/schemas.py),
     so the two must be the same bytes: floats, times and every report field round trip."""
     started = datetime(2026, 12, 6, 4, 28, 29, 298_123, tzinfo=UTC)
+    evidence = ChestCheckEvidence(
+        is_chest=True,
+        reason="chest by tags and image",
+        image_verdict=True,
+        image_detector="lung_air",
+        image_evidence={
+            "lung_fraction": 0.1 + 0.2,
+            "scored_slices": 12,
+            "air": 3.0,
+            "part": "chest",
+        },
+        coverage_mm=299.5,
+    )
+    reports = [
+        screened_report(time_of_processing=0.1 + 0.2, chest_check=evidence),
+        screened_report(finding_scale=7),
+    ]
+    # As the model stage makes it: the deployment's demo flag set on every row (model_copy,
+    # which validates nothing), then stored once.
     computed = StudyResult(
         task_id="task-1",
         correlation_id="task-1",
         status=TaskStatus.COMPLETED,
-        reports=[screened_report(time_of_processing=0.1 + 0.2), screened_report(finding_scale=7)],
+        reports=reports,
         files=[ResultFile(kind="xlsx", path="results/task-1/report.xlsx")],
         original_filename="chest.zip",
         adapter_id="adapter-2",
@@ -273,7 +294,8 @@ def test_a_result_sent_again_is_the_first_copy_byte_for_byte(tmp_path: Path) -> 
         prepare_seconds=2 / 3,
         model_seconds=1e-7,
     )
-    first_reply = encode_message(store_result_once(tmp_path, computed))
+    first_reply = encode_message(store_result_once(tmp_path, with_demo_flag(computed, False)))
+    assert [report["demo_weights"] for report in json.loads(first_reply)["reports"]] == [False] * 2
     stored = load_result(tmp_path, "task-1")
     assert stored is not None
     assert encode_message(stored) == first_reply

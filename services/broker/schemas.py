@@ -27,13 +27,15 @@ Topology (``<p>`` is ``rabbitmq.queue_prefix``, ``cts`` by default)::
     adapter --(default exchange, routing key <p>.registry)--> queue <p>.registry (quorum):
         every progress and result, recorded in the study registry (services/registry)
 
-At least once: a result is stored once per task (the first stored wins) and every copy of it
-that is sent is that stored result, byte for byte. An adapter acks a task only after the
-registry's queue and the reply queue confirmed the result, then marks it delivered; one
-killed in the moment between the confirm and the mark cannot be told from one killed just
-before the publish, so the adapter that takes the task over sends the stored result again.
-The registry keeps one per task id (services/registry/writes.py); any other submitter keeps
-the first result of each task id and drops a copy that comes again.
+At least once: a result is stored once per task (the first stored wins), and every copy of
+it that is sent is that stored result (byte for byte while the adapters run one version).
+Once the registry's queue and the reply queue confirmed it, the adapter writes a delivered
+mark (``results/<task_id>/.delivered``) and acks; a redelivered task with the mark is acked
+without sending anything. Without the mark it is sent again: an adapter killed between
+the confirm and the mark cannot be told from one killed just before the publish, and a
+confirm lost in a broker restart or a cut link leaves no mark either. The registry keeps
+one result per task id (services/registry/writes.py); any other submitter keeps the first
+result of each task id and drops a copy that comes again.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ class FrontendMetrics:
         )
         self.results = families.counter(
             "cts_frontend_results",
-            "Results this frontend recorded in the study registry (first time only), by task status",
+            "Results this frontend recorded in the study registry (the first time), by task status",
             "status",
         )
         self.reply_lag_seconds = families.histogram(

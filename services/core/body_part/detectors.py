@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from services.core.body_part.base import BodyPartDetector, ImageAssessment
+from services.core.body_part.base import BodyPartDetector
 from services.core.body_part.lung_air import LungAirDetector
 from services.core.config import ChestCheckSettings
 
@@ -38,12 +38,4 @@ def create_detector(settings: ChestCheckSettings) -> BodyPartDetector:
     return factory(settings)
 
 
-__all__ = [
-    "BodyPartDetector",
-    "DetectorFactory",
-    "ImageAssessment",
-    "LungAirDetector",
-    "available_detectors",
-    "create_detector",
-    "register_detector",
-]
+__all__ = ["DetectorFactory", "available_detectors", "create_detector", "register_detector"]
