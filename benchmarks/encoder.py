@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.embedded import benchmark_settings, model_input_of
-from benchmarks.limit import Timing, Timings, node_gflop
+from benchmarks.limit import Timing, node_gflop, timed_once
 from benchmarks.studies import STUDY_300, ensure_studies
 from services.core.arrays import Embedding, ModelInput
 from services.core.inference.onnxruntime_backend import onnx_paths, session_options
@@ -83,12 +83,7 @@ def warm_encoder_timer(path: Path, volume: ModelInput) -> Callable[[], Timing]:
     session = ort.InferenceSession(str(path), configured_options(), providers=CPU)
     _run(session, volume)
 
-    def timed_run() -> Timing:
-        timings = Timings()
-        timings.timed(lambda: _run(session, volume))
-        return Timing(wall_s=timings.wall_s[0], cpu_s=timings.cpu_s[0])
-
-    return timed_run
+    return lambda: timed_once(lambda: _run(session, volume))
 
 
 @dataclass(frozen=True)

@@ -113,16 +113,21 @@ class Timing:
     cpu_s: float  # this process, all threads
 
 
+def timed_once(call: Callable[[], object]) -> Timing:
+    cpu, started = process_cpu_seconds(), time.perf_counter()
+    call()
+    return Timing(wall_s=time.perf_counter() - started, cpu_s=process_cpu_seconds() - cpu)
+
+
 @dataclass
 class Timings:
     wall_s: list[float] = field(default_factory=list)
     cpu_s: list[float] = field(default_factory=list)
 
     def timed(self, call: Callable[[], object]) -> None:
-        cpu, started = process_cpu_seconds(), time.perf_counter()
-        call()
-        self.wall_s.append(time.perf_counter() - started)
-        self.cpu_s.append(process_cpu_seconds() - cpu)
+        timing = timed_once(call)
+        self.wall_s.append(timing.wall_s)
+        self.cpu_s.append(timing.cpu_s)
 
 
 @dataclass(frozen=True)
