@@ -8,10 +8,16 @@
   core-seconds and minor page faults (pages touched for the first time) are the child's
   own (``os.wait4``), and a probe measures what one such fault costs a new process here:
   together the part of a cold start that is the machine mapping fresh memory.
-* Paired with the warm encoder: with ``warm_encoder`` (a session of this process, warm),
-  each round runs it once just before the cached start, so that each cold start has a warm
-  run from the same moment. On a shared host the ratio of medians taken minutes apart moves
-  by more than a change can gain; the overhead of each pair (cold minus warm) moves less.
+* Paired with the warm encoder: with ``warm_encoder`` (a warm run in a process of its own,
+  benchmarks/warm_encoder.py), each round runs it once just before the cached start, so
+  that each cold start has a warm run from the same moment. On a shared host the ratio of
+  medians taken minutes apart moves by more than a change can gain; the overhead of each
+  pair (cold minus warm) moves less.
+* Every start comes after a pause (``SETTLE_S``) in which nothing runs: these virtual
+  machines hand memory a process frees back to their host about 2 s after it is freed, and
+  a start right after another process exits finds its pages still backed (a one-study
+  batch 6.3-6.9 s back to back, 7.5-7.9 s after 12 s idle, numpy's huge pages on). A batch started
+  by a person meets the machine after such a pause.
 * Triton's model load: a local tritonserver (python flavour) from start to ready, once
   after the cache is cleared (it optimises and saves) and once from the cached graph.
 
@@ -37,6 +43,11 @@ from benchmarks import PROJECT_ROOT
 from benchmarks.limit import Timing
 from benchmarks.measure import local_triton
 from services.core.inference.optimised_graphs import CACHE_FOLDER
+from services.core.process_memory import release_freed_memory
+
+# Longer than the kernel's 2 s delay before it reports freed pages to the host
+# (mm/page_reporting.c), so that no start reuses the pages of the process before it.
+SETTLE_S = 5.0
 
 
 def clear_graph_caches(repository: Path) -> int:
@@ -119,6 +130,17 @@ FIRST_TOUCH_PROBE = (
 )
 
 
+def resident_mib() -> float:
+    """This process's resident size (VmRSS), MiB; 0 where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def first_touch_seconds_per_fault(runs: int = 3) -> float:
     """What this machine charges a new process for a page it touches for the first time
     (the kernel zeroes it; in a virtual machine the host may have to back it too): the
@@ -143,6 +165,9 @@ class BatchColdStart:
     cached: list[ProcessRun] = field(default_factory=list)
     uncached: list[ProcessRun] = field(default_factory=list)
     first_touch_s_per_fault: float = 0.0  # first_touch_seconds_per_fault, after the runs
+    # This process's resident size while the batches ran: what it kept of its earlier work
+    # is handed back first (a process holding GBs slowed a new batch here).
+    resident_mib: float = 0.0
     # The warm encoder run just before each cached run (empty without a warm encoder).
     warm_encoder: list[Timing] = field(default_factory=list)
 
@@ -195,16 +220,23 @@ def batch_cold_start(
     repository: Path,
     rounds: int,
     warm_encoder: Callable[[], Timing] | None = None,
+    settle_s: float = SETTLE_S,
 ) -> BatchColdStart:
     """The first start after the cache is cleared, then ``rounds`` of (cached, uncached) in
     alternating order; ``warm_encoder`` (one warm run, its seconds) is timed just before
-    each cached start."""
+    each cached start. Each start waits ``settle_s`` first, with nothing running."""
     clear_graph_caches(repository)
-    result = BatchColdStart(first_start=batch_once(study, repository, graph_cache=True))
+    release_freed_memory()
+    time.sleep(settle_s)
+    result = BatchColdStart(
+        first_start=batch_once(study, repository, graph_cache=True),
+        resident_mib=resident_mib(),
+    )
     for number in range(rounds):
         for cached in (True, False) if number % 2 == 0 else (False, True):
             if cached and warm_encoder is not None:
                 result.warm_encoder.append(warm_encoder())
+            time.sleep(settle_s)
             run = batch_once(study, repository, graph_cache=cached)
             (result.cached if cached else result.uncached).append(run)
     result.first_touch_s_per_fault = first_touch_seconds_per_fault()

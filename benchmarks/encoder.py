@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.embedded import benchmark_settings, model_input_of
-from benchmarks.limit import Timing, node_gflop, timed_once
+from benchmarks.limit import node_gflop
 from benchmarks.studies import STUDY_300, ensure_studies
 from services.core.arrays import Embedding, ModelInput
 from services.core.inference.onnxruntime_backend import onnx_paths, session_options
@@ -75,15 +75,6 @@ def bare_options() -> ort.SessionOptions:
 def configured_options() -> ort.SessionOptions:
     """The backend's session options (services.core.inference.onnxruntime_backend)."""
     return session_options(0)
-
-
-def warm_encoder_timer(path: Path, volume: ModelInput) -> Callable[[], Timing]:
-    """A session of the backend's options, run once to warm; the callable times one more
-    run. For the cold start's pairs (benchmarks/cold_start.py)."""
-    session = ort.InferenceSession(str(path), configured_options(), providers=CPU)
-    _run(session, volume)
-
-    return lambda: timed_once(lambda: _run(session, volume))
 
 
 @dataclass(frozen=True)

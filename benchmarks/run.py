@@ -37,6 +37,7 @@ from benchmarks.embedded import benchmark_settings, fresh_process_rows, model_in
 from benchmarks.measure import machine, table_row
 from benchmarks.stages import StudyResult, TimedBackend, benchmark_study
 from benchmarks.studies import STUDY_300, STUDY_600, ensure_studies
+from benchmarks.warm_encoder import warm_encoder_in_new_process
 from services.core.arrays import ModelInput
 from services.core.inference.onnxruntime_backend import onnx_paths
 from services.core.model_metadata import ENCODER_NAME, read_metadata
@@ -151,17 +152,24 @@ def main(argv: list[str] | None = None) -> int:
         stages = results[STUDY_300.name].stages
         before_the_model = ("intake", "headers", "volume", "chest check", "preprocessing")
         warm_preparation = sum(stages[row].median_s for row in before_the_model)
-        # The warm session lives in this process while the new ones run: they have memory
-        # of their own (a batch peaks at about 2.4 GB resident), and the hosts have plenty.
-        rows += rows_of.batch_cold_start_rows(
-            study,
-            repository,
-            enc.warm_encoder_timer(encoder_path, model_input),
-            warm_preparation,
-            arguments.cold_rounds,
-        )
-    del model_input
-    gc.collect()
+        # The warm runs happen in processes of their own (benchmarks/warm_encoder.py), which
+        # read the model input from a file: nothing here holds a session or the 221 MB input
+        # while a new batch starts.
+        with tempfile.TemporaryDirectory(prefix="cts-bench-warm-") as folder:
+            volume_file = Path(folder) / "model_input.npy"
+            np.save(volume_file, model_input)
+            del model_input
+            gc.collect()
+            rows += rows_of.batch_cold_start_rows(
+                study,
+                repository,
+                warm_encoder_in_new_process(encoder_path, volume_file),
+                warm_preparation,
+                arguments.cold_rounds,
+            )
+    else:
+        del model_input
+        gc.collect()
     rows += fresh_process_rows(studies, repository, quick=arguments.quick)
     rows += _stack_overhead_rows(arguments, study, repository)
     if not (arguments.no_stack or arguments.no_cold_start):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib
 
 from loguru import logger
 
@@ -48,8 +49,39 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the kernel now (glibc's ``malloc_trim``); False
+    where the C library is not glibc. For a process that kept freed memory and is about to
+    leave the machine to others (the cold-start benchmark before it starts new batches)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def advise_numpy_huge_pages(enabled: bool) -> bool:
+    """Whether numpy advises huge pages for the large arrays it allocates from now on; False
+    where this numpy has no such switch. numpy documents the switch (and its environment
+    variable NUMPY_MADVISE_HUGEPAGE, read only at import) under "Global state"."""
+    # numpy 2 moved the module to numpy._core; 1.26 has both names.
+    for name in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            switch = getattr(importlib.import_module(name), "_set_madvise_hugepage", None)
+        except ImportError:
+            continue
+        if switch is not None:
+            switch(enabled)
+            return True
+    return False
+
+
 def apply_memory_settings(settings: MemorySettings) -> bool:
     """Apply the configured policy at process start; True when freed memory is now kept."""
+    advise_numpy_huge_pages(settings.numpy_huge_pages)
     if not settings.keep_freed_memory:
         return False
     kept = keep_freed_memory()

@@ -120,3 +120,10 @@ class MemorySettings(Section):
     keep_freed_memory: bool = Field(
         True, description="reuse freed memory for the next study (resident size stays at peak)"
     )
+    # numpy asks the kernel for 2 MB pages for every array of 4 MB or more. Where those pages
+    # are costly to find (virtual machines that hand freed memory back to their host), a new
+    # process's first volume and model input took 1.3-1.9 s instead of 0.55 s; later studies
+    # reuse kept memory and run within 5% either way (benchmarks/README.md, "Cold start").
+    numpy_huge_pages: bool = Field(
+        False, description="let numpy ask for transparent huge pages for large arrays"
+    )
