@@ -168,6 +168,7 @@ class BatchColdStart:
     # This process's resident size while the batches ran: what it kept of its earlier work
     # is handed back first (a process holding GBs slowed a new batch here).
     resident_mib: float = 0.0
+    settle_s: float = SETTLE_S  # the pause with nothing running before each start
     # The warm encoder run just before each cached run (empty without a warm encoder).
     warm_encoder: list[Timing] = field(default_factory=list)
 
@@ -231,6 +232,7 @@ def batch_cold_start(
     result = BatchColdStart(
         first_start=batch_once(study, repository, graph_cache=True),
         resident_mib=resident_mib(),
+        settle_s=settle_s,
     )
     for number in range(rounds):
         for cached in (True, False) if number % 2 == 0 else (False, True):

@@ -178,7 +178,7 @@ def batch_cold_start_rows(
             f"{warm_encoder_s:.2f} s); target <= {COLD_START_TARGET}x: {status}",
             f"python -m services.batch in a new process, start to exit; cached optimised "
             f"graph, sessions loading while the study is prepared; each start after "
-            f"{cold_start.SETTLE_S:.0f} s with nothing running, each warm run in a process "
+            f"{result.settle_s:g} s with nothing running, each warm run in a process "
             f"of its own that has exited, this process holding {result.resident_mib:.0f} MiB; "
             f"{rounds} runs each, "
             f"alternating with inference.onnx_graph_cache: false: {uncached:.2f} s "

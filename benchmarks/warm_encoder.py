@@ -3,7 +3,7 @@
 options, runs it once to warm it, times one more run and prints ``{"wall_s", "cpu_s"}``.
 
 Why a process of its own: on these virtual machines a batch that started while another
-process held a warm encoder session (about 2.5 GB) prepared its study and ran its first
+process held a warm encoder session (2.2 GB resident) prepared its study and ran its first
 inference about 3 s slower in all than one that started alone (benchmarks/README.md,
 "Cold start, 2026-12-06 09:30-10:05 UTC"). The pair's warm run therefore ends, and its
 memory is freed, before the batch it is paired with starts.
@@ -11,6 +11,7 @@ memory is freed, before the batch it is paired with starts.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -26,9 +27,17 @@ from services.core.inference.onnxruntime_backend import session_options
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    model, volume_file = (sys.argv[1:] if argv is None else list(argv))[:2]
-    session = ort.InferenceSession(model, session_options(0), providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: np.load(volume_file)}
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.warm_encoder",
+        description="Time one warm run of an encoder model (prints JSON).",
+    )
+    parser.add_argument("model", type=Path, help="the encoder's ONNX file")
+    parser.add_argument("volume", type=Path, help="the model input, saved with numpy.save")
+    arguments = parser.parse_args(argv)
+    session = ort.InferenceSession(
+        str(arguments.model), session_options(0), providers=["CPUExecutionProvider"]
+    )
+    feed = {session.get_inputs()[0].name: np.load(arguments.volume)}
     session.run(None, feed)
     timing = timed_once(lambda: session.run(None, feed))
     print(json.dumps({"wall_s": timing.wall_s, "cpu_s": timing.cpu_s}))
@@ -45,9 +54,14 @@ def warm_encoder_in_new_process(model: Path, volume_file: Path) -> Callable[[], 
             cwd=PROJECT_ROOT,
             capture_output=True,
             text=True,
-            check=True,
+            check=False,
         )
-        measured = json.loads(completed.stdout.splitlines()[-1])
+        lines = completed.stdout.strip().splitlines()
+        if completed.returncode != 0 or not lines:
+            raise RuntimeError(
+                f"the warm encoder run exited {completed.returncode}:\n{completed.stderr[-3000:]}"
+            )
+        measured = json.loads(lines[-1])  # the last line: onnxruntime logs to stderr
         return Timing(wall_s=float(measured["wall_s"]), cpu_s=float(measured["cpu_s"]))
 
     return timed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,11 @@ import pytest
 
 from services.core.config import MemorySettings
 from services.core.process_memory import apply_memory_settings
+
+GLIBC_ON_LINUX = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="needs Linux /proc and glibc",
+)
 
 # Allocates and frees 256 MiB, then reports the resident size before, during and after.
 PROBE = """
@@ -48,7 +54,7 @@ def probe(policy: str) -> dict[str, float]:
     return json.loads(completed.stdout)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux /proc and glibc")
+@GLIBC_ON_LINUX
 def test_freed_memory_is_kept_only_when_configured() -> None:
     kept = probe("keep")
     released = probe("release")
@@ -137,7 +143,7 @@ print(json.dumps({"kept": kept, "after": rss_mib(), "released": released}))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux /proc and glibc")
+@GLIBC_ON_LINUX
 def test_kept_memory_is_handed_back_on_request() -> None:
     # The cold-start benchmark does this before it starts new batches.
     completed = subprocess.run(

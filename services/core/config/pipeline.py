@@ -122,8 +122,9 @@ class MemorySettings(Section):
     )
     # numpy asks the kernel for 2 MB pages for every array of 4 MB or more. Where those pages
     # are costly to find (virtual machines that hand freed memory back to their host), a new
-    # process's first volume and model input took 1.3-1.9 s instead of 0.55 s; later studies
-    # reuse kept memory and run within 5% either way (benchmarks/README.md, "Cold start").
+    # process's first volume and model input took 1.4-1.9 s instead of 0.55 s; later studies
+    # reuse kept memory and gain at most 6% from huge pages (benchmarks/README.md, "Cold
+    # start, 2026-12-06 09:30-10:05 UTC").
     numpy_huge_pages: bool = Field(
         False, description="let numpy ask for transparent huge pages for large arrays"
     )
