@@ -16,8 +16,8 @@
 * Every start comes after a pause (``SETTLE_S``) in which nothing runs: these virtual
   machines hand memory a process frees back to their host about 2 s after it is freed, and
   a start right after another process exits finds its pages still backed (a one-study
-  batch 6.3-6.9 s back to back, 7.5-7.9 s after 12 s idle, numpy's huge pages on). A batch started
-  by a person meets the machine after such a pause.
+  batch 6.3-6.9 s back to back, 7.5-7.9 s after 12 s idle, numpy's huge pages on). A batch
+  started by a person meets the machine after such a pause.
 * Triton's model load: a local tritonserver (python flavour) from start to ready, once
   after the cache is cleared (it optimises and saves) and once from the cached graph.
 
@@ -41,7 +41,7 @@ from pathlib import Path
 
 from benchmarks import PROJECT_ROOT
 from benchmarks.limit import Timing
-from benchmarks.measure import local_triton
+from benchmarks.measure import local_triton, status_mib
 from services.core.inference.optimised_graphs import CACHE_FOLDER
 from services.core.process_memory import release_freed_memory
 
@@ -113,32 +113,22 @@ def batch_once(study: Path, repository: Path, *, graph_cache: bool) -> ProcessRu
     return dataclasses.replace(run, stages=stages)
 
 
-# A new process fills 1 GiB of fresh memory in 4 KiB pages (numpy's huge-page advice off,
-# the batch's memory policy on) and prints the seconds it took and its minor faults. Where
-# transparent huge pages are "always" the heap gets 2 MB pages and a fault costs far more:
-# the cost per fault is then that of a huge page, and the row's estimate too high.
+# A new process fills 1 GiB of fresh memory in 4 KiB pages (the batch's memory policy:
+# freed memory kept, numpy's huge-page advice off) and prints the seconds it took and its
+# minor faults. Where transparent huge pages are "always" the heap gets 2 MB pages and a
+# fault costs far more: the cost per fault is then that of a huge page, and the row's
+# estimate too high.
 FIRST_TOUCH_PROBE = (
     "import resource, time, numpy as np\n"
-    "from services.core.process_memory import keep_freed_memory\n"
-    "keep_freed_memory()\n"
-    "np.core.multiarray._set_madvise_hugepage(False)\n"
+    "from services.core.config import MemorySettings\n"
+    "from services.core.process_memory import apply_memory_settings\n"
+    "apply_memory_settings(MemorySettings())\n"
     "faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
     "started = time.perf_counter()\n"
     "np.ones(2**28, dtype=np.float32)\n"
     "seconds = time.perf_counter() - started\n"
     "print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)\n"
 )
-
-
-def resident_mib() -> float:
-    """This process's resident size (VmRSS), MiB; 0 where /proc is missing."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def first_touch_seconds_per_fault(runs: int = 3) -> float:
@@ -231,7 +221,7 @@ def batch_cold_start(
     time.sleep(settle_s)
     result = BatchColdStart(
         first_start=batch_once(study, repository, graph_cache=True),
-        resident_mib=resident_mib(),
+        resident_mib=status_mib("VmRSS"),
         settle_s=settle_s,
     )
     for number in range(rounds):

@@ -36,13 +36,22 @@ M_ARENA_MAX = -8
 TRIM_THRESHOLD_BYTES = 2**31 - 1  # the largest value mallopt takes
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse; False where the C library is not glibc."""
+def _c_library() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse; False where the C library is not glibc."""
+    libc = _c_library()
+    if libc is None:
         return False
     try:
-        libc = ctypes.CDLL(name)
         return all(
             libc.mallopt(parameter, value)
             for parameter, value in (
@@ -51,7 +60,7 @@ def keep_freed_memory() -> bool:
                 (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
             )
         )
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    except AttributeError:  # not glibc (musl has no mallopt)
         return False
 
 
@@ -59,12 +68,12 @@ def release_freed_memory() -> bool:
     """Hand the heap's free pages back to the kernel now (glibc's ``malloc_trim``); False
     where the C library is not glibc. For a process that kept freed memory and is about to
     leave the machine to others (the cold-start benchmark before it starts new batches)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
+    libc = _c_library()
+    if libc is None:
         return False
     try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):
+        libc.malloc_trim(0)
+    except AttributeError:  # not glibc
         return False
     return True
 
