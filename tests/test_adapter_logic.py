@@ -82,6 +82,7 @@ def test_retrying_backend_waits_through_transient_errors_and_stops_on_request() 
         name = "flaky"
         metadata = None
         body_part_model = None
+        computes_on_this_cpu = False
 
         def __init__(self) -> None:
             self.calls = 0
@@ -115,6 +116,7 @@ class _DownBackend:
     name = "down"
     metadata = None
     body_part_model = None
+    computes_on_this_cpu = False
 
     def infer(self, volume: np.ndarray) -> ModelOutputs:
         raise ModelServerUnavailable("unavailable")

@@ -135,6 +135,7 @@ class _FlakyServer:
     name = "triton"
     metadata = None
     transport = "grpc"
+    computes_on_this_cpu = False
 
     def __init__(self, failures: int) -> None:
         self.failures = {"infer": failures, "scores": failures}

@@ -148,6 +148,7 @@ class MeteredBackend:
         self._metrics = metrics
         self.name = backend.name
         self.metadata = backend.metadata
+        self.computes_on_this_cpu = backend.computes_on_this_cpu
         self.transport: str = getattr(backend, "transport", "in_process")
         model = backend.body_part_model
         self.body_part_model: BodyPartRegressionModel | None = (

@@ -58,6 +58,7 @@ class RetryingBackend:
         self._clock = clock
         self.name = backend.name
         self.metadata = backend.metadata
+        self.computes_on_this_cpu = backend.computes_on_this_cpu
         self.retries = 0
         model = backend.body_part_model
         self.body_part_model: BodyPartRegressionModel | None = (

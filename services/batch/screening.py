@@ -62,7 +62,8 @@ def screen_and_write(
     """Every input through the pipeline, then the report files and the SRs in
     ``output_dir``. The caller closes the backend and the recorder."""
     structured_reports = StructuredReportFiles(
-        document_context(uuid.uuid4().hex, backend.metadata, settings.inference)
+        document_context(uuid.uuid4().hex, backend.metadata, settings.inference),
+        beside_model=not backend.computes_on_this_cpu,
     )
     reports: list[StudyReport] = []
     try:

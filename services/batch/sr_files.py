@@ -5,6 +5,13 @@ What an SR needs of its study's source files is gathered while the study is read
 patient and study modules, the evidence, the 300 source-image references): that skeleton
 is made on a thread of its own while the model computes, as the adapter's model stage does
 (services/adapter/task_runner.py, EarlySkeletons), and completed when the run ends.
+
+Only where the model does not compute on this process's CPU cores: with ONNX Runtime's CPU
+provider both cores are busy with the encoder, and a skeleton made beside it (0.3 core-s,
+pure Python) slows the run by more than it saves at the end. Measured on a one-study batch
+of the 300-slice study, 6 interleaved pairs on a 2-core Xeon: 5.70-6.26 s (median 5.75)
+with the skeletons made at the end, 5.88-6.50 s (median 6.05) made beside the encoder
+(benchmarks/README.md, "Cold start, 2026-12-06 12:30-13:30 UTC").
 """
 
 from __future__ import annotations
@@ -26,11 +33,12 @@ from services.sr.evidence import EvidenceCollector
 
 
 class StructuredReportFiles(PipelineEvents):
-    """Gathers every study's evidence, makes its SR skeleton while the model computes, and
-    writes the SRs at the end (``write``)."""
+    """Gathers every study's evidence, makes its SR skeleton while the model computes
+    (``beside_model``) or at the end, and writes the SRs at the end (``write``)."""
 
-    def __init__(self, context: DocumentContext) -> None:
+    def __init__(self, context: DocumentContext, *, beside_model: bool = True) -> None:
         self.context = context
+        self.beside_model = beside_model
         self.evidence = EvidenceCollector()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sr-skeleton")
         self._skeletons: dict[int, Future[DocumentSkeleton]] = {}
@@ -41,6 +49,8 @@ class StructuredReportFiles(PipelineEvents):
         self.evidence.series_selected(study, series, study_index=study_index, n_studies=n_studies)
 
     def model_input_ready(self, prepared: PreparedStudy) -> None:
+        if not self.beside_model:
+            return
         study = self.evidence.pending(prepared.index)
         if study is None:
             return

@@ -69,12 +69,16 @@ class InferenceBackend(Protocol):
     ``infer`` takes the preprocessed model input, float32 ``[B, 1, D, H, W]``
     with ``(D, H, W) == metadata.target_shape``. ``body_part_model`` is the repository's
     body-part regression network served the same way (None when the repository has none);
-    the pipeline hands it to the chest check.
+    the pipeline hands it to the chest check. ``computes_on_this_cpu``: the model's
+    arithmetic runs on this process's CPU cores (ONNX Runtime's CPU provider), so work on
+    other threads during ``infer`` slows the call by about what it does; the batch then
+    leaves such work until the model has answered (services/batch/sr_files.py).
     """
 
     name: str  # "onnxruntime" | "triton"
     metadata: ModelMetadata
     body_part_model: BodyPartRegressionModel | None
+    computes_on_this_cpu: bool
 
     def infer(self, volume: ModelInput) -> ModelOutputs: ...
 

@@ -131,6 +131,7 @@ class OnnxRuntimeBackend:
         self.metadata: ModelMetadata = read_metadata(self.repository)
         self._settings = settings
         self._providers = _providers()
+        self.computes_on_this_cpu = self._providers == ["CPUExecutionProvider"]
         self.session_starts: dict[str, str] = {}  # model -> cached / saved / uncached
         self._outputs: dict[str, str] = {}
         paths = dict(onnx_paths(self.repository))

@@ -94,6 +94,9 @@ class TritonBackend:
     """The InferenceBackend that sends each batch to Triton's ``chest_screening`` ensemble."""
 
     name = "triton"
+    # Triton computes in a process of its own, on a GPU or on cores this process does not
+    # count: work beside a request is what the request's wait leaves free.
+    computes_on_this_cpu = False
 
     def __init__(
         self, settings: InferenceSettings, *, ready_timeout_s: float | None = None
