@@ -9,9 +9,9 @@ is made on a thread of its own while the model computes, as the adapter's model 
 Only where the model does not compute on this process's CPU cores: with ONNX Runtime's CPU
 provider both cores are busy with the encoder, and a skeleton made beside it (0.3 core-s,
 pure Python) slows the run by more than it saves at the end. Measured on a one-study batch
-of the 300-slice study, 6 interleaved pairs on a 2-core Xeon: 5.70-6.26 s (median 5.75)
-with the skeletons made at the end, 5.88-6.50 s (median 6.05) made beside the encoder
-(benchmarks/README.md, "Cold start, 2026-12-06 12:30-13:30 UTC").
+of the 300-slice study, 8 interleaved pairs on a 2-core Xeon: 5.64-6.27 s (median 5.67)
+with the skeletons made at the end, 5.74-6.59 s (median 5.94) made beside the encoder
+(benchmarks/README.md, "Cold start, 2026-12-06 12:10-12:45 UTC").
 """
 
 from __future__ import annotations
