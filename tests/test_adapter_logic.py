@@ -99,7 +99,9 @@ def test_retrying_backend_waits_through_transient_errors_and_stops_on_request() 
     stop = threading.Event()
     notes: list[str] = []
     flaky = FlakyBackend()
+    flaky.computes_on_this_cpu = True
     retrying = RetryingBackend(flaky, stop, on_retry=notes.append, backoff=QUICK)
+    assert retrying.computes_on_this_cpu  # passed on: the batch's SR timing reads it
     outputs = retrying.infer(np.ones((1, 2), dtype=np.float32))
     assert flaky.calls == 3
     assert retrying.retries == 2

@@ -164,13 +164,16 @@ class _FlakyServer:
 def test_model_requests_are_timed_per_attempt_and_retries_counted_with_their_waits() -> None:
     registry = CollectorRegistry()
     metrics = AdapterMetrics(registry)
-    metered = MeteredBackend(_FlakyServer(failures=2), metrics)
+    server = _FlakyServer(failures=2)
+    server.computes_on_this_cpu = True
+    metered = MeteredBackend(server, metrics)
     backend = RetryingBackend(
         metered,
         threading.Event(),
         backoff=Backoff(initial_s=0.01, maximum_s=0.01),
         on_wait=metrics.model_server_retry,
     )
+    assert backend.computes_on_this_cpu  # passed on through both wrappers
     volume = np.ones((1, 1, 2, 3, 4), np.float32)
     backend.infer(volume)
     assert backend.body_part_model is not None

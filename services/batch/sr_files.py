@@ -6,9 +6,11 @@ patient and study modules, the evidence, the 300 source-image references): that 
 is made on a thread of its own while the model computes, as the adapter's model stage does
 (services/adapter/task_runner.py, EarlySkeletons), and completed when the run ends.
 
-Only where the model does not compute on this process's CPU cores: with ONNX Runtime's CPU
-provider both cores are busy with the encoder, and a skeleton made beside it (0.3 core-s,
-pure Python) slows the run by more than it saves at the end. Measured on a one-study batch
+It does so only where the model does not compute on this process's CPU cores
+(``InferenceBackend.computes_on_this_cpu``). With ONNX Runtime's CPU provider the encoder's
+threads fill every core (on the measured 2-core host), and a skeleton made beside it
+(0.3 core-s, pure Python) slows the run by more than it saves at the end; the skeletons are
+then made when the SRs are written. Measured on a one-study batch
 of the 300-slice study, 8 interleaved pairs on a 2-core Xeon: 5.64-6.27 s (median 5.67)
 with the skeletons made at the end, 5.74-6.59 s (median 5.94) made beside the encoder
 (benchmarks/README.md, "Cold start, 2026-12-06 12:10-12:45 UTC").

@@ -70,9 +70,10 @@ class InferenceBackend(Protocol):
     with ``(D, H, W) == metadata.target_shape``. ``body_part_model`` is the repository's
     body-part regression network served the same way (None when the repository has none);
     the pipeline hands it to the chest check. ``computes_on_this_cpu``: the model's
-    arithmetic runs on this process's CPU cores (ONNX Runtime's CPU provider), so work on
-    other threads during ``infer`` slows the call by about what it does; the batch then
-    leaves such work until the model has answered (services/batch/sr_files.py).
+    arithmetic runs on this process's CPU cores (ONNX Runtime's CPU provider). With its
+    default threads, one per core, work on other threads during ``infer`` then slows the
+    call by about as much as it does, so the batch leaves such work until the model has
+    answered (services/batch/sr_files.py).
     """
 
     name: str  # "onnxruntime" | "triton"

@@ -131,6 +131,9 @@ class OnnxRuntimeBackend:
         self.metadata: ModelMetadata = read_metadata(self.repository)
         self._settings = settings
         self._providers = _providers()
+        # From the providers this onnxruntime offers: one whose CUDA provider cannot start
+        # (no GPU, no CUDA libraries) falls back to the CPU and is still counted as off it;
+        # only where the batch makes its SR skeletons depends on it (services/batch/sr_files.py).
         self.computes_on_this_cpu = self._providers == ["CPUExecutionProvider"]
         self.session_starts: dict[str, str] = {}  # model -> cached / saved / uncached
         self._outputs: dict[str, str] = {}

@@ -94,8 +94,8 @@ class TritonBackend:
     """The InferenceBackend that sends each batch to Triton's ``chest_screening`` ensemble."""
 
     name = "triton"
-    # Triton computes in a process of its own, on a GPU or on cores this process does not
-    # count: work beside a request is what the request's wait leaves free.
+    # The arithmetic is in Triton's process, on a GPU or on CPU cores. Where Triton shares
+    # this host's cores it competes with work beside a request all the same (not measured).
     computes_on_this_cpu = False
 
     def __init__(
