@@ -238,6 +238,7 @@ def test_a_run_is_recorded_in_a_registry_when_given_its_url(
 BACKEND_OPENED_PROBE = """
 import sys
 import services.batch.__main__ as entry
+import services.core.inference as inference
 from services.core.errors import ConfigurationError
 
 HEAVY = {"pydicom", "highdicom", "openpyxl", "SimpleITK", "nibabel", "services.core.pipeline",
@@ -247,7 +248,7 @@ def opened(settings):
     print(sorted(HEAVY & set(sys.modules)))
     raise ConfigurationError("no model here")
 
-entry.create_backend = opened
+inference.create_backend = opened  # the entry imports it when it opens the backend
 print(entry.main([sys.argv[1], sys.argv[2]]))
 """
 

@@ -7,6 +7,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -18,12 +19,24 @@ GLIBC_ON_LINUX = pytest.mark.skipif(
     reason="needs Linux /proc and glibc",
 )
 
-# Allocates and frees 256 MiB, then reports the resident size before, during and after.
+# Allocates and frees 256 MiB on the main thread, then on each of 4 threads in turn (an
+# adapter's studies), and reports the resident size before, during and after each. argv:
+# the policy ("keep" or "release") and whether a thread allocated before it ("late": as
+# a thread started by an import does; "first": the policy first, as the entry points do).
 PROBE = """
 import json, sys, threading
-import numpy as np
+from loguru import logger
 from services.core.config import MemorySettings
 from services.core.process_memory import apply_memory_settings
+
+if sys.argv[2] == "late":
+    early = threading.Thread(target=lambda: bytearray(2**20))
+    early.start()
+    early.join()
+warnings = []
+logger.add(warnings.append, level="WARNING", format="{message}")
+kept = apply_memory_settings(MemorySettings(keep_freed_memory=sys.argv[1] == "keep"))
+import numpy as np
 
 def rss_mib():
     for line in open("/proc/self/status"):
@@ -37,21 +50,29 @@ def allocate_and_free(sizes):
     del block
     sizes.append({"before": before, "during": during, "after": rss_mib()})
 
-kept = apply_memory_settings(MemorySettings(keep_freed_memory=sys.argv[1] == "keep"))
 sizes = []
 allocate_and_free(sizes)  # on the main thread
-worker = threading.Thread(target=allocate_and_free, args=(sizes,))  # as an adapter's study
-worker.start()
-worker.join()
-print(json.dumps({"kept": kept, "main": sizes[0], "thread": sizes[1]}))
+for _ in range(4):  # as an adapter's studies, each on a new thread
+    worker = threading.Thread(target=allocate_and_free, args=(sizes,))
+    worker.start()
+    worker.join()
+print(json.dumps({"kept": kept, "main": sizes[0], "threads": sizes[1:], "warnings": warnings}))
 """
 
 
-def probe(policy: str) -> dict[str, float]:
+def probe(policy: str, order: str = "first") -> dict[str, Any]:
     completed = subprocess.run(
-        [sys.executable, "-c", PROBE, policy], capture_output=True, text=True, check=True
+        [sys.executable, "-c", PROBE, policy, order],
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    return json.loads(completed.stdout)
+    return cast(dict[str, Any], json.loads(completed.stdout))
+
+
+def fresh_mib(sizes: dict[str, float]) -> float:
+    """What an allocation added to the resident size: pages touched for the first time."""
+    return sizes["during"] - sizes["before"]
 
 
 @GLIBC_ON_LINUX
@@ -60,19 +81,50 @@ def test_freed_memory_is_kept_only_when_configured() -> None:
     released = probe("release")
     assert kept["kept"] is True
     assert released["kept"] is False
+    assert kept["warnings"] == released["warnings"] == []
     # Default glibc maps a 256 MiB block freshly for each allocation and gives it back to the
     # kernel when it is freed, on the main thread and on any other.
-    for where in ("main", "thread"):
-        sizes = released[where]
-        assert sizes["during"] - sizes["before"] > 200
+    for sizes in [released["main"], *released["threads"]]:
+        assert fresh_mib(sizes) > 200
         assert sizes["during"] - sizes["after"] > 200
     # With the policy on, the main thread's freed block stays in the process ...
-    assert kept["main"]["during"] - kept["main"]["before"] > 200
+    assert fresh_mib(kept["main"]) > 200
     assert kept["main"]["during"] - kept["main"]["after"] < 16
-    # ... and the next study, on a thread of its own as in the adapter, reuses those pages
-    # instead of touching new ones.
-    assert kept["thread"]["during"] - kept["thread"]["before"] < 16
-    assert kept["thread"]["during"] - kept["thread"]["after"] < 16
+    # ... and every later study, each on a thread of its own as in the adapter, reuses those
+    # pages instead of touching new ones.
+    for sizes in kept["threads"]:
+        assert fresh_mib(sizes) < 16
+        assert sizes["during"] - sizes["after"] < 16
+
+
+@GLIBC_ON_LINUX
+def test_the_policy_after_a_thread_allocated_is_named_in_a_warning() -> None:
+    # That thread's arena stays, and glibc gives it to every later thread: each study maps
+    # its blocks afresh (the adapter did so while it applied the policy after its imports).
+    late = probe("keep", "late")
+    assert late["kept"] is True
+    assert len(late["warnings"]) == 1
+    assert "arena number 2" in late["warnings"][0]
+    for sizes in late["threads"]:
+        assert fresh_mib(sizes) > 200
+
+
+@pytest.mark.parametrize("entry", ["services.adapter.__main__", "services.batch.__main__"])
+def test_the_entry_points_allocate_on_no_other_thread_before_the_memory_policy(
+    entry: str,
+) -> None:
+    # Both apply the policy in main() before they import the pipeline (and numpy).
+    script = (
+        f"import sys, {entry}\n"
+        "from services.core.process_memory import malloc_arenas\n"
+        "print(malloc_arenas(), 'numpy' in sys.modules)"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    arenas, numpy_imported = completed.stdout.split()
+    assert numpy_imported == "False"
+    assert arenas in ("1", "None")  # None: not glibc
 
 
 def test_off_is_a_no_op() -> None:

@@ -13,8 +13,6 @@ import sys
 import threading
 from pathlib import Path
 
-from services.adapter.consumer import Adapter, default_adapter_id
-from services.adapter.housekeeping import use_own_temp_dir
 from services.core.config import load_settings
 from services.core.process_memory import apply_memory_settings
 from services.monitoring.runner import ServiceRun, prepare_process, run_service
@@ -46,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     settings.inference.backend = arguments.backend
     prepare_process(settings)
     apply_memory_settings(settings.memory)
+    # Imported only now: numpy's import starts threads, and the memory policy must come
+    # before any (services/core/process_memory.py).
+    from services.adapter.consumer import Adapter, default_adapter_id
+    from services.adapter.housekeeping import use_own_temp_dir
+
     adapter = Adapter(
         settings,
         adapter_id=arguments.adapter_id or default_adapter_id(),

@@ -24,14 +24,13 @@ from services.batch.inputs import list_inputs
 from services.core.config import Settings, load_settings
 from services.core.errors import ConfigurationError
 from services.core.findings import resolve_thresholds
-from services.core.inference import create_backend
-from services.core.inference.base import InferenceBackend
 from services.core.logging_setup import configure_logging, route_python_warnings_to_log
 from services.core.process_exit import exit_without_teardown
 from services.core.process_memory import apply_memory_settings
 
 if TYPE_CHECKING:
     from services.batch.registry_records import BatchRecorder
+    from services.core.inference.base import InferenceBackend
 
 USAGE_ERROR = 2
 LOG_FILE_NAME = "batch.log"  # in the output folder, when the run shows a progress bar
@@ -124,6 +123,10 @@ class UsageError(Exception):
 
 
 def _open_backend(settings: Settings) -> InferenceBackend:
+    # Imported here, after the memory policy: numpy's import starts threads
+    # (services/core/process_memory.py).
+    from services.core.inference import create_backend
+
     try:
         backend = create_backend(settings)
     except ConfigurationError as error:
