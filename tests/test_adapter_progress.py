@@ -7,8 +7,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from services.adapter import task_runner
 from services.adapter.progress import (
     MAX_MODEL_SHARE,
     STAGE_PROGRESS,
@@ -20,8 +22,10 @@ from services.adapter.progress import (
     study_progress,
 )
 from services.adapter.task_runner import TaskEvents
+from services.adapter.viewer_data import ViewerStack
 from services.core.pipeline.events import STAGES
 from services.core.schemas import ProcessingStatus, StudyReport
+from services.core.volume import Volume
 
 
 class Recorder:
@@ -119,3 +123,36 @@ def test_task_events_measure_the_model_and_report_it_by_time(tmp_path: Path) -> 
     events.stage_started("inference", study_index=0, n_studies=1)
     events.finish()
     assert recorder.messages[-1][2].startswith("running the model: about")
+
+
+def _volume(hu: np.ndarray) -> Volume:
+    return Volume(
+        hu=hu,
+        row_cosine=np.array([1.0, 0.0, 0.0]),
+        column_cosine=np.array([0.0, 1.0, 0.0]),
+        slice_normal=np.array([0.0, 0.0, 1.0]),
+        spacing_mm=(2.0, 1.0, 1.0),
+        origin_mm=np.zeros(3),
+    )
+
+
+def test_the_viewer_data_is_made_beside_the_pipeline_and_never_fails_it(tmp_path: Path) -> None:
+    events = TaskEvents(None, tmp_path)
+    threads: list[str] = []
+    original = task_runner.viewer_stack
+
+    def recorded(volume: Volume) -> ViewerStack:
+        threads.append(threading.current_thread().name)
+        return original(volume)
+
+    hu = np.full((8, 12, 16), -1000.0, dtype=np.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(task_runner, "viewer_stack", recorded)
+        events.volume_loaded(_volume(hu), study_index=0, n_studies=2)
+        # A volume the viewer cannot reduce (not 3-D) is logged, and the other study's files
+        # are still written.
+        events.volume_loaded(_volume(hu[0]), study_index=1, n_studies=2)
+        written = events.finish()
+    assert len(threads) == 2  # both studies' volumes reached the reduction
+    assert all(name.startswith("side-files") for name in threads)
+    assert sorted(path.name for path in written) == ["study1.bin", "study1.json"]
