@@ -17,7 +17,7 @@ import pytest
 from report_support import screened_report
 
 from services.adapter.delivery import unreadable_task_id, with_demo_flag
-from services.adapter.handoff import sweep_prepared
+from services.adapter.handoff import load_model_input, save_model_input, sweep_prepared
 from services.adapter.housekeeping import (
     abandoned_regions,
     sweep_shared_memory,
@@ -243,6 +243,33 @@ def test_prepared_folders_of_finished_tasks_are_swept(tmp_path: Path) -> None:
     assert prepared_dir(tmp_path, "waiting").exists()
     assert prepared_dir(tmp_path, "half-prepared").exists()
     assert sweep_prepared(tmp_path / "no-storage-yet") == []
+
+
+def test_two_preparations_of_one_task_never_write_into_one_file(tmp_path: Path) -> None:
+    """A task redelivered while its first preparation still runs is prepared twice at once:
+    each writer has its own partial file, so the input left is one writer's, whole."""
+    folder = prepared_dir(tmp_path, "twice")
+    inputs = [np.full((1, 1, 64, 256, 256), value, dtype=np.float32) for value in (1.0, 2.0)]
+    barrier = threading.Barrier(len(inputs))
+    errors: list[BaseException] = []
+
+    def prepare(model_input: np.ndarray) -> None:
+        barrier.wait()
+        try:
+            for _ in range(5):
+                save_model_input(folder, 0, model_input)
+        except OSError as error:  # one writer's rename of a file the other had taken
+            errors.append(error)
+
+    writers = [threading.Thread(target=prepare, args=(item,)) for item in inputs]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    assert errors == []
+    written = load_model_input(folder, "study1.npy")
+    assert any(np.array_equal(written, item) for item in inputs)
+    assert sorted(path.name for path in folder.iterdir()) == ["study1.npy"]  # no partial left
 
 
 def test_the_first_stored_result_of_a_task_stays_its_only_result(tmp_path: Path) -> None:

@@ -14,20 +14,10 @@ preparation: ``intake/`` (the input its check unpacked, used again by the prepar
 
 The shared storage already holds the upload with its patient identity; the evidence here
 is the same data, under a folder named by the task id only.
-
-A finished task's model input files are not deleted but moved to ``spare-inputs/`` (at most
-SPARE_INPUTS there), and the next preparation overwrites one in place. A new 221 MB file
-takes fresh pages of the page cache, and on virtual machines that hand freed memory back to
-their host (free page reporting) the first touch of those is slow; an overwritten file keeps
-its pages. Measured on 2026-12-06 (a 2-core EPYC, the adapter's log at DEBUG, 3 s between
-studies): 0.21-0.52 s for a new file, 0.03-0.04 s over a spare. A spare holds a finished
-study's preprocessed images, never its identity, and the sweep deletes those unused for
-SPARE_INPUT_MAX_AGE_S: none outlives the study's own result files.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 import uuid
@@ -47,7 +37,6 @@ from services.broker.storage import (
     prepared_dir,
     relative_to_storage,
     result_json_path,
-    spare_inputs_dir,
     write_atomically,
 )
 from services.core.arrays import ModelInput
@@ -57,9 +46,6 @@ from services.sr.evidence import StudyEvidence
 # A task checked first (services/adapter/stages.py) and waiting for its full preparation:
 KEPT_INTAKE_DIR = "intake"  # its unpacked input (services/core/intake/kept.py)
 CHECK_FILE = "check.json"  # how long its check took
-
-SPARE_INPUTS = 2  # model input files kept for reuse on the storage, for all adapters
-SPARE_INPUT_MAX_AGE_S = 600.0  # a spare unused for longer is deleted by the sweep
 
 
 class PreparedEntry(BaseModel):
@@ -86,79 +72,25 @@ class PreparedTask(BaseModel):
     prepared_by: str = ""
 
 
-def save_model_input(
-    folder: Path, index: int, model_input: ModelInput, *, spares: Path | None = None
-) -> str:
+def save_model_input(folder: Path, index: int, model_input: ModelInput) -> str:
     """The study's model input as ``study<index+1>.npy`` (written whole, then renamed: a
-    reader never sees half a file), over a spare file from ``spares`` when there is one;
-    returns the file's name."""
+    reader never sees half a file); returns the file's name. Each writer has a partial file
+    of its own: two preparations of one task (a redelivery while the first still runs)
+    never write into the same file, and the last complete one wins."""
     folder.mkdir(parents=True, exist_ok=True)
     name = f"study{index + 1}.npy"
-    partial = folder / f".{name}.partial"
+    partial = folder / f".{name}.{uuid.uuid4().hex}.partial"
     started = time.perf_counter()
-    reused = spares is not None and _claim_spare(spares, partial)
-    with partial.open("r+b" if reused else "wb") as handle:
-        np.save(handle, model_input, allow_pickle=False)
-        handle.truncate()  # a spare may have been longer
-    partial.replace(folder / name)
-    logger.debug(
-        "model input written in {:.3f} s ({})",
-        time.perf_counter() - started,
-        "over a spare" if reused else "a new file",
-    )
+    try:
+        with partial.open("wb") as handle:
+            np.save(handle, model_input, allow_pickle=False)
+        partial.replace(folder / name)
+    finally:
+        partial.unlink(missing_ok=True)  # only where the write or the rename failed
+    # Fresh page-cache pages are slow on virtual machines with free page reporting: 0.21-0.52 s
+    # for this file on 2026-12-06's EPYC, 0.03 s over pages freed moments before.
+    logger.debug("model input written in {:.3f} s", time.perf_counter() - started)
     return name
-
-
-def _claim_spare(spares: Path, destination: Path) -> bool:
-    """Move one spare file to ``destination``; False when there is none left."""
-    try:
-        candidates = sorted(spares.iterdir())
-    except OSError:
-        return False
-    for candidate in candidates:
-        try:
-            os.replace(candidate, destination)  # atomic: one adapter alone gets each spare
-        except OSError:  # another adapter took it first
-            continue
-        return True
-    return False
-
-
-def keep_spare_inputs(folder: Path, spares: Path) -> int:
-    """Move the model input files of a finished task's ``folder`` to ``spares`` while it
-    holds fewer than SPARE_INPUTS; returns how many were moved."""
-    try:
-        held = sum(1 for _ in spares.iterdir())
-    except FileNotFoundError:
-        held = 0
-    moved = 0
-    for path in sorted(folder.glob("study*.npy")):
-        if held + moved >= SPARE_INPUTS:
-            break
-        spares.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(path, spares / f"{uuid.uuid4().hex}.npy")
-        except OSError:
-            break
-        moved += 1
-    return moved
-
-
-def sweep_spare_inputs(spares: Path, *, max_age_s: float = SPARE_INPUT_MAX_AGE_S) -> int:
-    """Delete the spares last written more than ``max_age_s`` ago; returns how many."""
-    try:
-        paths = list(spares.iterdir())
-    except OSError:
-        return 0
-    removed = 0
-    for path in paths:
-        try:
-            if time.time() - path.stat().st_mtime > max_age_s:
-                path.unlink()
-                removed += 1
-        except FileNotFoundError:  # claimed meanwhile
-            continue
-    return removed
 
 
 def load_model_input(folder: Path, name: str) -> ModelInput:
@@ -209,9 +141,7 @@ def model_task(
 
 
 def remove_prepared(storage_root: Path, task_id: str) -> None:
-    folder = prepared_dir(storage_root, task_id)
-    keep_spare_inputs(folder, spare_inputs_dir(storage_root))
-    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(prepared_dir(storage_root, task_id), ignore_errors=True)
 
 
 def kept_intake_dir(storage_root: Path, task_id: str) -> Path:
@@ -245,15 +175,13 @@ def read_check(storage_root: Path, task_id: str) -> CheckRecord | None:
 
 
 def sweep_prepared(storage_root: Path) -> list[str]:
-    """Remove the prepared folders of tasks whose result is stored, and the spare input
-    files unused for SPARE_INPUT_MAX_AGE_S; returns the task ids.
+    """Remove the prepared folders of tasks whose result is stored; returns their task ids.
 
     The model stage removes a task's folder right after storing its result, but an adapter
     killed in between, or a task given up in its preparation (its FAILED result stored by
     the delivery rules), leaves the folder: the model inputs, 221 MB each. A stored result
     is final (services/broker/storage.py), so nothing reads the folder again.
     """
-    sweep_spare_inputs(spare_inputs_dir(storage_root))
     try:
         names = [path.name for path in (Path(storage_root) / PREPARED_DIR).iterdir()]
     except OSError:

@@ -59,7 +59,7 @@ from services.broker.schemas import (
     TaskStatus,
     utc_now,
 )
-from services.broker.storage import relative_to_storage, result_files_dir, spare_inputs_dir
+from services.broker.storage import relative_to_storage, result_files_dir
 from services.core.config import Settings
 from services.core.errors import ErrorPolicy, StudyNotFound, policy_of
 from services.core.findings import resolve_thresholds
@@ -136,7 +136,6 @@ def prepare_task(
                 "(was it uploaded to the same storage volume?)"
             )
         folder = prepared_dir(storage_root, task.task_id)
-        spares = spare_inputs_dir(storage_root)
         for prepared in prepare_studies(
             study_path,
             settings=context.settings,
@@ -149,7 +148,7 @@ def prepare_task(
             ),
             kept_intake_dir=intake_dir if keep_intake else None,
         ):
-            entries.append(_prepared_entry(prepared, folder, spares, events, evidence, backend))
+            entries.append(_prepared_entry(prepared, folder, events, evidence, backend))
         if not entries:
             raise RuntimeError("the pipeline returned no report")
         if not any(entry.input_file for entry in entries):
@@ -194,7 +193,6 @@ def prepare_task(
 def _prepared_entry(
     prepared: PreparedStudy,
     folder: Path,
-    spares: Path,
     events: TaskEvents,
     evidence: EvidenceCollector,
     backend: InferenceBackend,
@@ -214,7 +212,7 @@ def _prepared_entry(
             evidence=evidence_to_json(finished),
         )
     events.model_input_ready(prepared)
-    name = save_model_input(folder, prepared.index, prepared.model_input, spares=spares)
+    name = save_model_input(folder, prepared.index, prepared.model_input)
     prepared.model_input = None  # 221 MB: on disk now, not held through the next study
     return PreparedEntry(
         report=report,

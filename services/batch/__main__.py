@@ -82,6 +82,10 @@ def _settings(arguments: argparse.Namespace) -> Settings:
             }
         )
         settings = settings.model_copy(update={"inference": inference})
+    return settings
+
+
+def _with_ct_rate_metadata(settings: Settings, arguments: argparse.Namespace) -> Settings:
     if arguments.ct_rate_metadata is not None:
         from services.core.nifti.ct_rate import read_ct_rate_metadata  # nibabel: only here
 
@@ -169,13 +173,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = _parse_arguments(argv)
     try:
         settings = _settings(arguments)
+        # Before anything imports numpy (nibabel for the CT-RATE table, the backend): the
+        # policy must come before any thread allocates (services/core/process_memory.py).
+        apply_memory_settings(settings.memory)
+        settings = _with_ct_rate_metadata(settings, arguments)
     except Exception as error:  # noqa: BLE001 - a bad config is a usage error with its reason
         print(f"error: invalid configuration: {error}", file=sys.stderr)
         return USAGE_ERROR
     try:
         inputs = _checked_inputs(arguments)
         log_file = _configure_logging(settings.logging.level, arguments.output_dir)
-        apply_memory_settings(settings.memory)
         backend = _open_backend(settings)
         try:
             recorder = _open_recorder(arguments.registry_url)

@@ -5,8 +5,6 @@
     <root>/results/<task_id>/            output.xlsx, warnings_and_errors.txt, json/, previews/
     <root>/prepared/<task_id>/handoff.json  a prepared task for the model stage
                                          (services/adapter/handoff.py)
-    <root>/spare-inputs/<name>.npy       finished tasks' model input files, overwritten by
-                                         the next preparations (services/adapter/handoff.py)
 
 A result file is written atomically (temporary file + rename): a reader sees the whole
 document or none, and its presence means the task is finished (adapters republish it
@@ -27,7 +25,6 @@ from services.broker.schemas import StudyResult, check_safe_id
 UPLOADS_DIR = "uploads"
 RESULTS_DIR = "results"
 PREPARED_DIR = "prepared"
-SPARE_INPUTS_DIR = "spare-inputs"
 HANDOFF_FILE = "handoff.json"
 
 
@@ -64,10 +61,6 @@ def was_delivered(storage_root: Path, task_id: str, reply_to: str | None) -> boo
 
 def prepared_dir(storage_root: Path, task_id: str) -> Path:
     return Path(storage_root) / PREPARED_DIR / check_safe_id(task_id)
-
-
-def spare_inputs_dir(storage_root: Path) -> Path:
-    return Path(storage_root) / SPARE_INPUTS_DIR
 
 
 def handoff_path(storage_root: Path, task_id: str) -> Path:
