@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     logger.remove()
     settings = benchmark_settings(arguments.repository, environ=dict(os.environ))
-    # The batch's and adapters' policy, here after this module's imports: the studies run on
-    # the main thread, whose arena keeps freed memory all the same (process_memory.py).
+    # The batch's and adapters' policy, here after this module's imports: a study's large
+    # arrays are made on the main thread, whose arena keeps freed memory all the same
+    # (process_memory.py); the warning it may log is about the other threads.
     apply_memory_settings(settings.memory)
     settings.inference.backend = "triton" if arguments.triton_url else "onnxruntime"
     if arguments.triton_url:

@@ -329,8 +329,9 @@ def stage_medians(runs: list[dict[str, float]]) -> dict[str, float]:
 def measure_overhead(study: Path, repository: Path, runs: int, workdir: Path) -> dict[str, Any]:
     """One adapter against embedded mode, interleaved (ABBA), located by stage and Triton."""
     settings, backend = _embedded(repository)
-    # The batch's policy, here after this module's imports: the embedded studies run on the
-    # main thread, whose arena keeps freed memory all the same (process_memory.py).
+    # The batch's policy, here after this module's imports: the embedded study's large arrays
+    # are made on the main thread, whose arena keeps freed memory all the same
+    # (process_memory.py); the warning it may log is about the other threads.
     apply_memory_settings(settings.memory)
     output = workdir / "embedded-output"
     run_study(study, backend=backend, settings=settings, output=output)  # warm-up

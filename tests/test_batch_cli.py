@@ -176,6 +176,15 @@ def test_missing_input_and_bad_config_are_usage_errors(
     assert completed.returncode == 2
     assert "usage:" in completed.stderr
 
+    # A CT-RATE table without one of its columns: read after the memory policy, refused before
+    # any study runs.
+    table = tmp_path / "metadata.csv"
+    table.write_text("VolumeName,RescaleSlope,RescaleIntercept,XYSpacing\nx,1,0,[1]\n")
+    completed = _run(fixtures_dir / CHEST, tmp_path / "out", "--ct-rate-metadata", table)
+    assert completed.returncode == 2
+    assert "error: invalid configuration" in completed.stderr
+    assert "ZSpacing" in completed.stderr
+
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMETERS)
 def test_a_run_is_recorded_in_a_registry_when_given_its_url(

@@ -90,7 +90,8 @@ class TaskEvents(PipelineEvents):
         # Reduced, compressed and written on the writer thread, beside the chest check
         # (mostly a wait for the body-part model) rather than before it: 0.04 s for
         # 300x512x512 off the study's path. The pipeline holds the volume until its
-        # preprocessing has ended, so this reference adds no memory at the peak.
+        # preprocessing has ended; this reference usually goes during the chest check, later
+        # only where the writer is still busy with an earlier study's files.
         self._pending.append(
             self._writer.submit(_viewer_files, volume, self._output_dir / VIEWER_DIR, study_index)
         )

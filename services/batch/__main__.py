@@ -173,11 +173,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = _parse_arguments(argv)
     try:
         settings = _settings(arguments)
-        # Before anything imports numpy (nibabel for the CT-RATE table, the backend): the
-        # policy must come before any thread allocates (services/core/process_memory.py).
-        apply_memory_settings(settings.memory)
-        settings = _with_ct_rate_metadata(settings, arguments)
     except Exception as error:  # noqa: BLE001 - a bad config is a usage error with its reason
+        print(f"error: invalid configuration: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    # Before anything imports numpy (nibabel for the CT-RATE table, the backend): the policy
+    # must come before any thread allocates (services/core/process_memory.py).
+    apply_memory_settings(settings.memory)
+    try:
+        settings = _with_ct_rate_metadata(settings, arguments)
+    except Exception as error:  # noqa: BLE001 - an unusable table is a usage error with its reason
         print(f"error: invalid configuration: {error}", file=sys.stderr)
         return USAGE_ERROR
     try:
