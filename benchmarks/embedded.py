@@ -102,6 +102,7 @@ def model_input_of(source: Path, settings: Settings) -> ModelInput:
 def _adapter_task(study: Path, backend: InferenceBackend, settings: Settings) -> StudyReport:
     """The study as an adapter's task (report files and previews included); the storage
     root is the study's folder."""
+    from services.adapter.held_inputs import HeldInputs
     from services.adapter.model_server_wait import RetryingBackend
     from services.adapter.stages import TaskContext, run_task
     from services.broker.schemas import StudyTask
@@ -111,7 +112,14 @@ def _adapter_task(study: Path, backend: InferenceBackend, settings: Settings) ->
     waiting = RetryingBackend(
         backend, threading.Event(), backoff=settings.inference.model_server_backoff
     )
-    context = TaskContext(backend=waiting, settings=settings, adapter_id="benchmark", attempt=1)
+    # One adapter alone: its preparation keeps the model input in memory for its model stage.
+    context = TaskContext(
+        backend=waiting,
+        settings=settings,
+        adapter_id="benchmark",
+        attempt=1,
+        held_inputs=HeldInputs(settings.adapter.held_inputs),
+    )
     result = run_task(task, context)
     return screened(result.reports[0], study)
 

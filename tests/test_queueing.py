@@ -14,20 +14,27 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import pytest
 import test_adapter
+from prometheus_client import CollectorRegistry
 from stack_support import start_service, wait_for, zip_directory
 from test_adapter import Client, upload
 
 from services.adapter.consumer import Adapter
-from services.adapter.handoff import kept_intake_dir, prepared_dir
+from services.adapter.handoff import kept_intake_dir, prepared_dir, read_handoff
+from services.adapter.held_inputs import Handover
+from services.adapter.metrics import AdapterMetrics
+from services.adapter.stage_loop import PRESENCE_COUNT_INTERVAL_S
 from services.broker.connection import declare_topology, publish_task
 from services.broker.schemas import (
     PREPARE_STAGE,
+    STAGES,
     WAITING_FOR_PREPARATION,
     Priority,
     QueueTopology,
@@ -51,10 +58,15 @@ settings = test_adapter.settings
 
 
 @contextmanager
-def adapter_running(settings: Settings, adapter_id: str, stages: list[str]) -> Iterator[Adapter]:
+def adapter_running(
+    settings: Settings,
+    adapter_id: str,
+    stages: list[str],
+    metrics: AdapterMetrics | None = None,
+) -> Iterator[Adapter]:
     stage_settings = AdapterSettings.model_validate({"stages": stages})
     staged = settings.model_copy(update={"adapter": stage_settings})
-    adapter = Adapter(staged, adapter_id=adapter_id, drain_timeout_s=10)
+    adapter = Adapter(staged, adapter_id=adapter_id, drain_timeout_s=10, metrics=metrics)
     thread = threading.Thread(target=adapter.run, daemon=True)
     thread.start()
     try:
@@ -101,6 +113,61 @@ def started_order(client: Client) -> list[str]:
         for message in client.messages
         if isinstance(message, StudyProgress) and message.stage == "started"
     ]
+
+
+def adapter_process(
+    settings: Settings, adapter_id: str, log: IO[bytes], environment: dict[str, str]
+) -> subprocess.Popen:
+    """``python -m services.adapter`` on this test's queues, storage and Triton."""
+    return start_service(
+        "services.adapter",
+        {
+            **os.environ,
+            "CTS__STORAGE__ROOT": str(settings.storage.root),
+            "CTS__RABBITMQ__QUEUE_PREFIX": settings.rabbitmq.queue_prefix,
+            # The queues' arguments must match the ones this test declared.
+            "CTS__RABBITMQ__MAX_DELIVERIES": str(settings.rabbitmq.max_deliveries),
+            "CTS__INFERENCE__MODEL_REPOSITORY": str(settings.inference.model_repository),
+            "CTS__INFERENCE__TRITON_URL": settings.inference.triton_url,
+            **environment,
+        },
+        "--adapter-id",
+        adapter_id,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def chest_in_model_request(
+    client: Client, settings: Settings, studies: dict[str, Path], adapter_id: str
+) -> str:
+    """A chest CT submitted; its task id once ``adapter_id`` sent its model request."""
+    task_id = submit(client, settings, studies["chest"], "chest.zip")
+
+    def in_model_request() -> bool:
+        client.poll()
+        return any(
+            isinstance(message, StudyProgress)
+            and message.task_id == task_id
+            and message.adapter_id == adapter_id
+            and message.stage == "inference"
+            for message in client.messages
+        )
+
+    wait_for(in_model_request, 120, f"{adapter_id} inside the model request")
+    return task_id
+
+
+def assert_finished_once_after_the_kill(
+    client: Client, settings: Settings, result: StudyResult, survivor: str
+) -> None:
+    assert result.status is TaskStatus.COMPLETED
+    assert result.reports[0].processing_status is ProcessingStatus.SUCCESS
+    assert result.adapter_id == survivor
+    assert result.attempt == 2  # the broker's redelivery of the ModelTask, not a copy
+    assert results_in_order(client) == [result.task_id]  # exactly one result
+    assert load_result(settings.storage.root, result.task_id) == result
+    assert not prepared_dir(settings.storage.root, result.task_id).exists()
 
 
 @pytest.fixture
@@ -245,23 +312,7 @@ def test_an_adapter_killed_inside_the_model_stage_leaves_exactly_one_result(
     model request hangs on a frozen Triton): the broker gives the ModelTask to another
     adapter, which finishes it once; the prepared folder is still there for it."""
     log = (tmp_path / "victim.log").open("wb")  # read when the victim does not come up
-    victim = start_service(
-        "services.adapter",
-        {
-            **os.environ,
-            "CTS__STORAGE__ROOT": str(settings.storage.root),
-            "CTS__RABBITMQ__QUEUE_PREFIX": settings.rabbitmq.queue_prefix,
-            # The queues' arguments must match the ones this test declared.
-            "CTS__RABBITMQ__MAX_DELIVERIES": str(settings.rabbitmq.max_deliveries),
-            "CTS__INFERENCE__MODEL_REPOSITORY": str(settings.inference.model_repository),
-            "CTS__INFERENCE__TRITON_URL": settings.inference.triton_url,
-            "CTS__ADAPTER__STAGES": '["model"]',
-        },
-        "--adapter-id",
-        "model-victim",
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    victim = adapter_process(settings, "model-victim", log, {"CTS__ADAPTER__STAGES": '["model"]'})
     # The preparation asks Triton nothing (no body-part regression), so it works while
     # Triton is frozen; the model stage's request cannot.
     preparing = settings.model_copy(deep=True)
@@ -278,19 +329,7 @@ def test_an_adapter_killed_inside_the_model_stage_leaves_exactly_one_result(
             )
             os.kill(triton.pid, signal.SIGSTOP)
             try:
-                task_id = submit(client, settings, studies["chest"], "chest.zip")
-
-                def in_model_request() -> bool:
-                    client.poll()
-                    return any(
-                        isinstance(message, StudyProgress)
-                        and message.task_id == task_id
-                        and message.adapter_id == "model-victim"
-                        and message.stage == "inference"
-                        for message in client.messages
-                    )
-
-                wait_for(in_model_request, 120, "the victim inside the model request")
+                task_id = chest_in_model_request(client, settings, studies, "model-victim")
                 victim.kill()  # kill -9
                 victim.wait(30)
             finally:
@@ -304,10 +343,87 @@ def test_an_adapter_killed_inside_the_model_stage_leaves_exactly_one_result(
             victim.kill()
             victim.wait(30)
         log.close()
-    assert result.status is TaskStatus.COMPLETED
-    assert result.reports[0].processing_status is ProcessingStatus.SUCCESS
-    assert result.adapter_id == "model-survivor"
-    assert result.attempt == 2  # the broker's redelivery of the ModelTask, not a copy
-    assert results_in_order(client) == [task_id]  # exactly one result
-    assert load_result(settings.storage.root, task_id) == result
-    assert not prepared_dir(settings.storage.root, task_id).exists()
+    assert_finished_once_after_the_kill(client, settings, result, "model-survivor")
+
+
+def handovers(registry: CollectorRegistry) -> dict[str, float | None]:
+    """How the model stage got its inputs (``cts_adapter_model_inputs_total``)."""
+    return {
+        handover.value: registry.get_sample_value(
+            "cts_adapter_model_inputs_total", {"handover": handover.value}
+        )
+        for handover in Handover
+    }
+
+
+def test_the_model_input_stays_in_memory_only_while_one_model_stage_is_alive(
+    settings: Settings, studies: dict[str, Path], client: Client
+) -> None:
+    """One adapter: its preparation keeps the input for its own model stage (nothing is
+    written). Two: either model stage may take the task, so the input is written."""
+    alone_metrics, second_metrics = CollectorRegistry(), CollectorRegistry()
+    with adapter_running(settings, "alone", list(STAGES), AdapterMetrics(alone_metrics)) as alone:
+        wait_for(alone.model_stage_alone, 60, "the adapter's model stage counted alone")
+        held = client.result(submit(client, settings, studies["chest"], "held.zip"), 120)
+        assert handovers(alone_metrics) == {"memory": 1.0, "file": 0.0, "prepared_again": 0.0}
+        with adapter_running(
+            settings, "second", list(STAGES), AdapterMetrics(second_metrics)
+        ) as second:
+            wait_for(
+                lambda: not alone.model_stage_alone() and not second.model_stage_alone(),
+                60,
+                "both adapters counting two model stages",
+            )
+            written = client.result(submit(client, settings, studies["chest"], "written.zip"), 120)
+    after = {key: value or 0.0 for key, value in handovers(alone_metrics).items()}
+    for key, value in handovers(second_metrics).items():
+        after[key] += value or 0.0
+    assert after == {"memory": 1.0, "file": 1.0, "prepared_again": 0.0}
+    for result in (held, written):
+        assert result.status is TaskStatus.COMPLETED
+        assert result.reports[0].processing_status is ProcessingStatus.SUCCESS
+    assert written.reports[0].probability_of_pathology == pytest.approx(
+        held.reports[0].probability_of_pathology, abs=1e-6
+    )
+
+
+def test_an_adapter_killed_while_holding_the_model_input_in_memory_leaves_exactly_one_result(
+    settings: Settings,
+    studies: dict[str, Path],
+    client: Client,
+    triton: LocalTritonServer,
+    tmp_path: Path,
+) -> None:
+    """kill -9 of an adapter running both stages, inside the model request of a study whose
+    input only its memory held: the ModelTask goes to the next adapter, which finds the
+    input nowhere, prepares the task again and finishes it once."""
+    log = (tmp_path / "victim.log").open("wb")
+    # Its preparation asks Triton nothing (no body-part regression): it works while Triton
+    # is frozen, and the model request cannot.
+    environment = {"CTS__CHEST_CHECK__BODY_PART_REGRESSION": "false"}
+    victim = adapter_process(settings, "both-victim", log, environment)
+    survivor_metrics = CollectorRegistry()
+    assert triton.pid is not None
+    try:
+        test_adapter.wait_until_consuming(settings)  # the victim's model stage is up
+        time.sleep(2 * PRESENCE_COUNT_INTERVAL_S)  # and has counted itself alone
+        os.kill(triton.pid, signal.SIGSTOP)
+        try:
+            task_id = chest_in_model_request(client, settings, studies, "both-victim")
+            record = read_handoff(settings.storage.root, task_id)
+            assert record is not None
+            assert [entry.input_in_memory for entry in record.entries] == [True]
+            assert not list(prepared_dir(settings.storage.root, task_id).glob("*.npy"))
+            victim.kill()  # kill -9: the input is gone with it
+            victim.wait(30)
+        finally:
+            os.kill(triton.pid, signal.SIGCONT)
+        with adapter_running(settings, "survivor", list(STAGES), AdapterMetrics(survivor_metrics)):
+            result = client.result(task_id, timeout_s=120)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait(30)
+        log.close()
+    assert_finished_once_after_the_kill(client, settings, result, "survivor")
+    assert handovers(survivor_metrics) == {"memory": 1.0, "file": 0.0, "prepared_again": 1.0}

@@ -8,6 +8,10 @@
   so that no refusal waits behind another study's full preparation;
 * the **model stage** takes ModelTasks from the model lanes: the model, the reports, the SRs.
 
+While this adapter's model stage is the only one alive, the preparation keeps each model
+input in memory for it (``adapter.held_inputs``, services/adapter/held_inputs.py) instead of
+writing 221 MB to the storage.
+
 Each stage runs its own connection and I/O loop (services/adapter/stage_loop.py), so a
 study that will be refused is prepared and answered while the same adapter's model stage
 waits for the model: refusals never queue behind the model's backlog. A result is stored
@@ -31,6 +35,7 @@ from tenacity import RetryCallState
 from services.adapter import delivery
 from services.adapter.delivery import Decision
 from services.adapter.handoff import read_check, remove_prepared
+from services.adapter.held_inputs import HeldInputs
 from services.adapter.housekeeping import HealthFile, sweep_leftovers_forever
 from services.adapter.metrics import WAIT_BROKER, AdapterMetrics, MeteredBackend, adapter_metrics
 from services.adapter.model_server_wait import RetryingBackend
@@ -87,6 +92,8 @@ class Adapter:
         self.inference_times = InferenceTimes()  # the model's recent durations: progress by time
         self.earlier_reports = EarlierReports(settings)  # what a study's new SR supersedes
         self._stage_loops: list[StageLoop] = []
+        self._stages_alive: dict[str, int] = {}  # adapters consuming each stage's presence
+        self.held_inputs = HeldInputs(settings.adapter.held_inputs, may_hold=self.model_stage_alone)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -160,7 +167,7 @@ class Adapter:
                     else {}
                 ),
                 # A stored result is final: what a check kept for the preparation is not needed.
-                after_result=lambda task_id: remove_prepared(self.storage_root, task_id),
+                after_result=self._forget_prepared,
                 checked_first_at=self.settings.adapter.check_first_max_waiting,
                 earlier_attempts=self._attempts_before_preparation,
             ),
@@ -169,10 +176,25 @@ class Adapter:
                 topology.model_lanes(),
                 ModelTask,
                 self._finish,
-                after_result=lambda task_id: remove_prepared(self.storage_root, task_id),
+                after_result=self._forget_prepared,
             ),
         }
         return [specs[name] for name in self.settings.adapter.stages]
+
+    def _forget_prepared(self, task_id: str) -> None:
+        remove_prepared(self.storage_root, task_id)
+        self.held_inputs.drop(task_id)
+
+    def note_stage_presence(self, stage: str, adapters_alive: int) -> None:
+        """From a stage's I/O loop: the adapters consuming its presence queue (0: unknown)."""
+        self._stages_alive[stage] = adapters_alive
+
+    def model_stage_alone(self) -> bool:
+        """Whether a ModelTask published now can only be taken by this adapter's model stage
+        (or, should it die, by one started later)."""
+        return (
+            MODEL_STAGE in self.settings.adapter.stages and self._stages_alive.get(MODEL_STAGE) == 1
+        )
 
     def _attempts_before_preparation(self, lane: str, task_id: str) -> int:
         """A checked task's deliveries before the one whose check passed: its first delivery
@@ -235,6 +257,8 @@ class Adapter:
             progress=progress,
             inference_times=self.inference_times,
             earlier_reports=self.earlier_reports,
+            held_inputs=self.held_inputs,
+            on_handover=self.metrics.model_input_handed_over,
         )
 
     def _prepare(

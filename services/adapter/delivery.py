@@ -33,6 +33,7 @@ from enum import Enum
 
 from services.broker.schemas import (
     ModelTask,
+    ResultFile,
     StudyResult,
     StudyTask,
     TaskStatus,
@@ -101,6 +102,39 @@ def failed_result(
         started_at=started_at,
         finished_at=finished,
         seconds=(finished - started_at).total_seconds() if started_at else 0.0,
+    )
+
+
+def completed_result(
+    task: StudyTask,
+    reports: list[StudyReport],
+    files: list[ResultFile],
+    *,
+    adapter_id: str,
+    attempt: int,
+    started: datetime,
+    seconds: float,
+    prepare_seconds: float,
+    model_seconds: float | None = None,
+    check_seconds: float | None = None,
+) -> StudyResult:
+    """The task's result once its pipeline ran (its studies may be Failure rows)."""
+    return StudyResult(
+        task_id=task.task_id,
+        correlation_id=task.reply_correlation_id,
+        status=TaskStatus.COMPLETED,
+        reports=reports,
+        files=files,
+        original_filename=task.original_filename,
+        study_path=task.study_path,
+        adapter_id=adapter_id,
+        attempt=attempt,
+        started_at=started,
+        finished_at=utc_now(),
+        seconds=seconds,
+        prepare_seconds=round(prepare_seconds, 4),
+        model_seconds=None if model_seconds is None else round(model_seconds, 4),
+        check_seconds=None if check_seconds is None else round(check_seconds, 4),
     )
 
 

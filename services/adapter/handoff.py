@@ -1,8 +1,9 @@
 """What the preparation stage leaves for the model stage: ``storage/prepared/<task_id>/``.
 
-The folder holds one ``studyN.npy`` model input per study that needs the model and
-``handoff.json`` (a :class:`PreparedTask`): every study's report so far, which input file is
-its own, the SR evidence read while the source files existed (pydicom's JSON form), the side
+The folder holds one ``studyN.npy`` model input per study that needs the model (unless the
+preparing adapter keeps it in memory for its own model stage, services/adapter/held_inputs.py)
+and ``handoff.json`` (a :class:`PreparedTask`): every study's report so far, which input file
+is its own, the SR evidence read while the source files existed (pydicom's JSON form), the side
 files (previews, viewer) already written, and when the task started. ``handoff.json`` is
 written last and atomically: a folder without it is an unfinished preparation, prepared
 again on the next delivery. The model stage removes the folder once the task's result is
@@ -55,6 +56,7 @@ class PreparedEntry(BaseModel):
     index: int
     n_studies: int
     input_file: str | None = None  # name of the .npy model input in the folder
+    input_in_memory: bool = False  # not written: held by the preparing adapter (prepared_by)
     evidence: list[dict[str, Any]] | None = None  # the SR's source instances (pydicom JSON)
 
 
@@ -72,13 +74,17 @@ class PreparedTask(BaseModel):
     prepared_by: str = ""
 
 
+def model_input_name(index: int) -> str:
+    return f"study{index + 1}.npy"
+
+
 def save_model_input(folder: Path, index: int, model_input: ModelInput) -> str:
     """The study's model input as ``study<index+1>.npy`` (written whole, then renamed: a
     reader never sees half a file); returns the file's name. Each writer has a partial file
     of its own: two preparations of one task (a redelivery while the first still runs)
     never write into the same file, and the last complete one wins."""
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"study{index + 1}.npy"
+    name = model_input_name(index)
     partial = folder / f".{name}.{uuid.uuid4().hex}.partial"
     started = time.perf_counter()
     try:
@@ -93,8 +99,12 @@ def save_model_input(folder: Path, index: int, model_input: ModelInput) -> str:
     return name
 
 
-def load_model_input(folder: Path, name: str) -> ModelInput:
-    array = np.load(folder / Path(name).name, allow_pickle=False)
+def load_model_input(folder: Path, name: str) -> ModelInput | None:
+    """The input written for the model stage; None if there is no such file."""
+    try:
+        array = np.load(folder / Path(name).name, allow_pickle=False)
+    except FileNotFoundError:
+        return None
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
@@ -125,6 +135,12 @@ def read_handoff(storage_root: Path, task_id: str) -> PreparedTask | None:
         return PreparedTask.model_validate_json(path.read_bytes())
     except FileNotFoundError:
         return None
+
+
+def forget_handoff(storage_root: Path, task_id: str) -> None:
+    """The task's preparation is to be done again: its record goes (the kept intake and
+    check stay for it)."""
+    (prepared_dir(storage_root, task_id) / HANDOFF_FILE).unlink(missing_ok=True)
 
 
 def model_task(

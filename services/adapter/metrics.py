@@ -19,6 +19,7 @@ from typing import TypeVar
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from services.adapter.delivery import Action, Decision
+from services.adapter.held_inputs import Handover
 from services.broker.schemas import StudyResult, TaskStatus
 from services.core.arrays import Float32Array, ModelInput
 from services.core.body_part.bpr_detector import BodyPartRegressionModel
@@ -105,11 +106,18 @@ class AdapterMetrics:
             "Seconds spent waiting out a transient error before retrying, by cause",
             "cause",
         )
+        self.model_inputs = families.counter(
+            "cts_adapter_model_inputs",
+            "Model inputs the model stage took, by how they came from the preparation "
+            "(memory, file, prepared_again)",
+            "handover",
+        )
         self.in_progress = families.gauge(
             "cts_adapter_tasks_in_progress", "Tasks this adapter is working on right now"
         )
         families.show_at_zero(self.tasks, [outcome.value for outcome in TaskOutcome])
         families.show_at_zero(self.transient_wait_seconds, [WAIT_MODEL_SERVER, WAIT_BROKER])
+        families.show_at_zero(self.model_inputs, [handover.value for handover in Handover])
 
     # -- observations ----------------------------------------------------------------------
 
@@ -126,6 +134,9 @@ class AdapterMetrics:
 
     def waited(self, cause: str, seconds: float) -> None:
         self.transient_wait_seconds.labels(cause).inc(max(seconds, 0.0))
+
+    def model_input_handed_over(self, handover: Handover) -> None:
+        self.model_inputs.labels(handover.value).inc()
 
     def model_server_retry(self, seconds: float) -> None:
         self.model_retries.inc()

@@ -52,6 +52,10 @@ from services.broker.schemas import (
 from services.broker.storage import load_result, was_delivered
 from services.core.errors import WorkInterrupted
 
+# How often a stage counts the adapters alive in it (the adapter holds model inputs in
+# memory only while its model stage is the only one, services/adapter/held_inputs.py).
+PRESENCE_COUNT_INTERVAL_S = 1.0
+
 Work = Callable[
     [Any, int, Callable[[str, float, str], None], bool], "StudyResult | ModelTask | StudyTask"
 ]
@@ -169,9 +173,9 @@ class StageLoop:
             declare_topology(channel, owner.topology)
             channel.basic_qos(prefetch_count=1)
             # Presence only: the queue never holds a message (any that came is dropped).
+            presence_queue = owner.topology.presence_queue(self.spec.name)
             presence = channel.basic_consume(
-                owner.topology.presence_queue(self.spec.name),
-                lambda ch, method, _p, _b: ch.basic_ack(method.delivery_tag),
+                presence_queue, lambda ch, method, _p, _b: ch.basic_ack(method.delivery_tag)
             )
             logger.info(
                 "adapter {} {} stage taking {} (most urgent first, {} at once)",
@@ -181,7 +185,12 @@ class StageLoop:
                 settings.prefetch_count,
             )
             doorbell = Doorbell(channel, owner.topology.doorbell_queue(self.spec.name))
+            presence_counted = -PRESENCE_COUNT_INTERVAL_S
             while not owner.stopping:
+                if time.monotonic() - presence_counted >= PRESENCE_COUNT_INTERVAL_S:
+                    presence_counted = time.monotonic()
+                    alive = channel.queue_declare(presence_queue, passive=True)
+                    owner.note_stage_presence(self.spec.name, int(alive.method.consumer_count))
                 while len(self._in_flight) < settings.prefetch_count and not owner.stopping:
                     if not self._take_next(connection, channel):
                         break
@@ -194,6 +203,7 @@ class StageLoop:
             self._drain(connection)
         finally:
             self._connection = None
+            owner.note_stage_presence(self.spec.name, 0)  # unknown until it is back
             try:
                 if connection.is_open:
                     connection.close()  # unacked deliveries go back to their lanes

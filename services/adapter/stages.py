@@ -9,7 +9,8 @@
   is answered at once, a task that passes goes to the preparation lane and is prepared in
   full after the waiting tasks are checked (their refusals never wait behind it).
 * :func:`finish_model_task` (the model stage): the model on each prepared input, then the
-  report files, SRs and the result.
+  report files, SRs and the result. An input found neither in this adapter's memory
+  (services/adapter/held_inputs.py) nor on the storage is prepared again here.
 
 :func:`run_task` chains both in one thread (the benchmarks' stack-free path). Errors of a
 study become a FAILED result; errors whose policy is not FAILURE_ROW propagate and the
@@ -19,20 +20,22 @@ delivery rules decide (services/adapter/delivery.py).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
 from loguru import logger
 
-from services.adapter.delivery import failed_result
+from services.adapter.delivery import completed_result, failed_result
 from services.adapter.handoff import (
     CheckRecord,
     PreparedEntry,
     PreparedTask,
     evidence_to_json,
+    forget_handoff,
     kept_intake_dir,
-    load_model_input,
+    model_input_name,
     model_task,
     prepared_dir,
     read_check,
@@ -41,6 +44,7 @@ from services.adapter.handoff import (
     save_model_input,
     write_handoff,
 )
+from services.adapter.held_inputs import Handover, HeldInputs, ModelInputGone, take_model_input
 from services.adapter.progress import WRITING_FRACTION, InferenceTimes, ProgressCallback
 from services.adapter.task_runner import (
     EarlySkeletons,
@@ -56,7 +60,6 @@ from services.broker.schemas import (
     ResultFile,
     StudyResult,
     StudyTask,
-    TaskStatus,
     utc_now,
 )
 from services.broker.storage import relative_to_storage, result_files_dir
@@ -90,6 +93,9 @@ class TaskContext:
     progress: ProgressCallback | None = None
     inference_times: InferenceTimes | None = None
     earlier_reports: EarlierReports | None = None
+    # Model inputs kept in memory between this adapter's stages; None: always on the storage.
+    held_inputs: HeldInputs | None = None
+    on_handover: Callable[[Handover], None] = lambda handover: None  # counted (metrics)
 
 
 def prepare_task(
@@ -148,20 +154,25 @@ def prepare_task(
             ),
             kept_intake_dir=intake_dir if keep_intake else None,
         ):
-            entries.append(_prepared_entry(prepared, folder, events, evidence, backend))
+            entries.append(
+                _prepared_entry(
+                    prepared, folder, events, evidence, backend, task.task_id, context.held_inputs
+                )
+            )
         if not entries:
             raise RuntimeError("the pipeline returned no report")
         if not any(entry.input_file for entry in entries):
             reports = [entry.report for entry in entries]
             files = _finish_files(task, context, reports, evidence.studies, events)
             seconds = time.perf_counter() - clock + checked_s
-            return _completed(
+            return completed_result(
                 task,
-                context,
                 reports,
                 files,
-                started,
-                seconds,
+                adapter_id=context.adapter_id,
+                attempt=context.attempt,
+                started=started,
+                seconds=seconds,
                 prepare_seconds=seconds,
                 check_seconds=checked_s or None,
             )
@@ -196,6 +207,8 @@ def _prepared_entry(
     events: TaskEvents,
     evidence: EvidenceCollector,
     backend: InferenceBackend,
+    task_id: str,
+    held_inputs: HeldInputs | None,
 ) -> PreparedEntry:
     report = prepared.report
     report.demo_weights = backend.metadata.demo
@@ -212,19 +225,42 @@ def _prepared_entry(
             evidence=evidence_to_json(finished),
         )
     events.model_input_ready(prepared)
-    name = save_model_input(folder, prepared.index, prepared.model_input)
-    prepared.model_input = None  # 221 MB: on disk now, not held through the next study
+    name = model_input_name(prepared.index)
+    in_memory = held_inputs is not None and held_inputs.hold(task_id, name, prepared.model_input)
+    if not in_memory:
+        save_model_input(folder, prepared.index, prepared.model_input)
+    prepared.model_input = None  # 221 MB: held or on disk now, not by this loop's next study
     return PreparedEntry(
         report=report,
         index=prepared.index,
         n_studies=prepared.n_studies,
         input_file=name,
+        input_in_memory=in_memory,
         evidence=evidence_to_json(evidence.take(prepared.index)),
     )
 
 
 def finish_model_task(handoff: ModelTask, context: TaskContext) -> StudyResult:
-    """The model on every prepared study of the task, then its files and result."""
+    """The model on every prepared study of the task, then its files and result. An input
+    held by an adapter that is gone (or by another adapter's memory) is prepared again."""
+    try:
+        return _finish_prepared(handoff, context)
+    except ModelInputGone as gone:
+        logger.warning("task {}: {}; preparing it again", handoff.task.task_id, gone)
+    context.on_handover(Handover.PREPARED_AGAIN)
+    forget_handoff(context.settings.storage.root, handoff.task.task_id)
+    outcome = prepare_task(handoff.task, context)
+    if isinstance(outcome, StudyResult):
+        return outcome
+    assert isinstance(outcome, ModelTask)  # only check_first returns the task itself
+    try:
+        return _finish_prepared(outcome, context)
+    except ModelInputGone as gone:  # the input just made is gone: the storage lost it
+        error = StudyNotFound(f"the prepared study's {gone}")
+        return _failed_or_raise(handoff.task, context, error, utc_now())
+
+
+def _finish_prepared(handoff: ModelTask, context: TaskContext) -> StudyResult:
     task = handoff.task
     context = replace(context, attempt=max(context.attempt, handoff.prepare_attempt))
     storage_root = context.settings.storage.root
@@ -260,7 +296,9 @@ def finish_model_task(handoff: ModelTask, context: TaskContext) -> StudyResult:
                     shared_seconds=0.0,
                     stage_seconds=dict(report.stage_seconds),
                 )
-                model_input = load_model_input(folder, entry.input_file)
+                model_input = take_model_input(
+                    context.held_inputs, folder, task.task_id, entry, context.on_handover
+                )
                 report = infer_and_finish(study, model_input, backend, thresholds, events)
                 report.demo_weights = backend.metadata.demo
                 events.study_finished(report, study_index=entry.index, n_studies=entry.n_studies)
@@ -277,17 +315,20 @@ def finish_model_task(handoff: ModelTask, context: TaskContext) -> StudyResult:
             for path in record.side_files
         )
         model_seconds = time.perf_counter() - clock
-        return _completed(
+        return completed_result(
             task,
-            context,
             reports,
             files,
-            started,
-            record.prepare_seconds + model_seconds,
+            adapter_id=context.adapter_id,
+            attempt=context.attempt,
+            started=started,
+            seconds=record.prepare_seconds + model_seconds,
             prepare_seconds=record.prepare_seconds,
             check_seconds=record.check_seconds,
             model_seconds=model_seconds,
         )
+    except ModelInputGone:
+        raise
     except Exception as error:  # noqa: BLE001 - re-raised unless its policy is FAILURE_ROW
         return _failed_or_raise(task, context, error, started)
     finally:
@@ -337,37 +378,6 @@ def _finish_files(
         for path in events.finish()
     )
     return files
-
-
-def _completed(
-    task: StudyTask,
-    context: TaskContext,
-    reports: list[StudyReport],
-    files: list[ResultFile],
-    started: datetime,
-    seconds: float,
-    *,
-    prepare_seconds: float,
-    model_seconds: float | None = None,
-    check_seconds: float | None = None,
-) -> StudyResult:
-    return StudyResult(
-        task_id=task.task_id,
-        correlation_id=task.reply_correlation_id,
-        status=TaskStatus.COMPLETED,
-        reports=reports,
-        files=files,
-        original_filename=task.original_filename,
-        study_path=task.study_path,
-        adapter_id=context.adapter_id,
-        attempt=context.attempt,
-        started_at=started,
-        finished_at=utc_now(),
-        seconds=seconds,
-        prepare_seconds=round(prepare_seconds, 4),
-        model_seconds=None if model_seconds is None else round(model_seconds, 4),
-        check_seconds=None if check_seconds is None else round(check_seconds, 4),
-    )
 
 
 def _failed_or_raise(

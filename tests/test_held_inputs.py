@@ -1,0 +1,150 @@
+"""Model inputs kept in the adapter's memory between its stages (services/adapter/held_inputs.py)
+and the model stage's answer when an input is gone (services/adapter/stages.py): the task is
+prepared again, on the real fixture and the tiny demo repository, and its result is the one
+the input from memory or from the storage gives."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.adapter.handoff import read_handoff, remove_prepared
+from services.adapter.held_inputs import Handover, HeldInputs
+from services.adapter.stages import TaskContext, finish_model_task, prepare_task
+from services.broker.schemas import ModelTask, StudyResult, StudyTask, TaskStatus
+from services.broker.storage import prepared_dir
+from services.core.config import InferenceSettings, Settings
+from services.core.inference.onnxruntime_backend import OnnxRuntimeBackend
+
+
+def _input(value: float) -> np.ndarray:
+    return np.full((2, 3, 4), value, dtype=np.float32)
+
+
+def test_held_inputs_are_taken_once_by_task_and_name() -> None:
+    held = HeldInputs(2)
+    first, second = _input(1.0), _input(2.0)
+    assert held.hold("t1", "study1.npy", first)
+    assert held.hold("t2", "study1.npy", second)
+    assert held.take("t1", "study2.npy") is None  # another study of the task
+    assert held.take("t3", "study1.npy") is None  # another task: never another's input
+    assert held.take("t2", "study1.npy") is second
+    assert held.take("t2", "study1.npy") is None  # taken once
+    assert len(held) == 1
+
+
+def test_a_full_store_or_another_model_stage_means_the_input_is_written() -> None:
+    alone = [True]
+    held = HeldInputs(1, may_hold=lambda: alone[0])
+    assert held.hold("t1", "study1.npy", _input(1.0))
+    assert not held.hold("t2", "study1.npy", _input(2.0))  # full
+    assert held.hold("t1", "study1.npy", _input(3.0))  # the same input again (a redelivery)
+    held.drop("t1")  # its result is stored
+    alone[0] = False  # a second adapter's model stage is alive
+    assert not held.hold("t2", "study1.npy", _input(2.0))
+    assert len(held) == 0
+    assert not HeldInputs(0).hold("t1", "study1.npy", _input(1.0))  # held_inputs: 0
+
+
+def test_an_input_whose_model_stage_never_came_is_dropped_for_a_new_one() -> None:
+    now = [0.0]
+    held = HeldInputs(1, max_age_s=60.0, clock=lambda: now[0])
+    assert held.hold("finished-elsewhere", "study1.npy", _input(1.0))
+    now[0] = 59.0
+    assert not held.hold("t2", "study1.npy", _input(2.0))
+    now[0] = 61.0
+    assert held.hold("t2", "study1.npy", _input(2.0))
+    assert held.take("finished-elsewhere", "study1.npy") is None
+    assert held.take("t2", "study1.npy") is not None
+
+
+@pytest.fixture
+def chest_task(fixtures_dir: Path, tmp_path: Path) -> tuple[Settings, StudyTask]:
+    settings = Settings()
+    root = settings.storage.root = tmp_path / "storage"
+    upload = root / "uploads" / "t1" / "chest"
+    shutil.copytree(fixtures_dir / "chest_ct_lung_dx_a0002", upload)
+    return settings, StudyTask(
+        task_id="t1", study_path="uploads/t1/chest", original_filename="chest"
+    )
+
+
+class _Stages:
+    """One adapter's two stages in this process, its model inputs held as configured."""
+
+    def __init__(self, settings: Settings, backend: OnnxRuntimeBackend, held: HeldInputs | None):
+        self.handovers: list[Handover] = []
+        self.context = TaskContext(
+            backend=backend,
+            settings=settings,
+            adapter_id="a",
+            attempt=1,
+            held_inputs=held,
+            on_handover=self.handovers.append,
+        )
+
+    def prepare(self, task: StudyTask) -> ModelTask:
+        handoff = prepare_task(task, self.context)
+        assert isinstance(handoff, ModelTask)
+        return handoff
+
+    def finish(self, handoff: ModelTask) -> StudyResult:
+        result = finish_model_task(handoff, self.context)
+        assert result.status is TaskStatus.COMPLETED
+        return result
+
+
+@pytest.mark.slow
+def test_an_input_held_in_memory_or_prepared_again_gives_the_result_of_the_written_one(
+    chest_task: tuple[Settings, StudyTask], tiny_model_repository: Path
+) -> None:
+    settings, task = chest_task
+    root = settings.storage.root
+    folder = prepared_dir(root, task.task_id)
+    backend = OnnxRuntimeBackend(tiny_model_repository, InferenceSettings(onnx_intra_op_threads=1))
+    try:
+        # Written to the storage (another model stage alive, or held_inputs 0).
+        written = _Stages(settings, backend, HeldInputs(2, may_hold=lambda: False))
+        by_file = written.finish(written.prepare(task))
+        assert written.handovers == [Handover.FILE]
+        remove_prepared(root, task.task_id)
+
+        # Held: nothing written, and the model stage takes it from memory.
+        held = HeldInputs(2)
+        holding = _Stages(settings, backend, held)
+        handoff = holding.prepare(task)
+        record = read_handoff(root, task.task_id)
+        assert record is not None
+        assert [entry.input_in_memory for entry in record.entries] == [True]
+        assert not list(folder.glob("*.npy"))
+        by_memory = holding.finish(handoff)
+        assert holding.handovers == [Handover.MEMORY]
+        assert len(held) == 0
+        remove_prepared(root, task.task_id)
+
+        # Held by an adapter that is gone: this one prepares the task again, holding the
+        # input itself, or writing it where another model stage is alive.
+        remove_prepared(root, task.task_id)  # as a stored result does
+        handoff = holding.prepare(task)
+        again = [
+            _Stages(settings, backend, HeldInputs(2)),
+            _Stages(settings, backend, HeldInputs(2, may_hold=lambda: False)),
+        ]
+        by_preparing_again = [stages.finish(handoff) for stages in again]
+        assert again[0].handovers == [Handover.PREPARED_AGAIN, Handover.MEMORY]
+        assert again[1].handovers == [Handover.PREPARED_AGAIN, Handover.FILE]
+    finally:
+        backend.close()
+    expected = by_file.reports[0]
+    assert expected.probability_of_pathology is not None
+    for result in [by_memory, *by_preparing_again]:
+        (report,) = result.reports
+        assert report.probability_of_pathology == pytest.approx(
+            expected.probability_of_pathology, abs=1e-6
+        )
+        assert [finding.probability for finding in report.findings] == pytest.approx(
+            [finding.probability for finding in expected.findings], abs=1e-6
+        )
