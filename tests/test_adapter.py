@@ -417,7 +417,7 @@ def test_an_idle_adapter_takes_work_when_its_doorbell_rings_not_at_its_next_poll
 ) -> None:
     """Lanes polled once a minute: the chest's result comes well within that, because
     publish_task rings the preparation stage's doorbell and the hand-on the model stage's
-    (services/broker/connection.py ring_doorbell, stage_loop.Doorbell)."""
+    (services/broker/connection.py: ring_doorbell, Doorbell)."""
     settings.rabbitmq.poll_interval_s = 60.0
     task_id, relative = upload(settings, studies["chest"])
     client = Client(settings)

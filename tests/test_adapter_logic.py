@@ -257,7 +257,7 @@ def test_two_preparations_of_one_task_never_write_into_one_file(tmp_path: Path) 
         barrier.wait()
         try:
             for _ in range(5):
-                save_model_input(folder, 0, model_input)
+                save_model_input(folder, "study1.npy", model_input)
         except Exception as error:  # noqa: BLE001 - every error is asserted below
             errors.append(error)
 

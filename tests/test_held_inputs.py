@@ -1,17 +1,19 @@
 """Model inputs kept in the adapter's memory between its stages (services/adapter/held_inputs.py)
-and the model stage's answer when an input is gone (services/adapter/stages.py): the task is
-prepared again, on the real fixture and the tiny demo repository, and its result is the one
-the input from memory or from the storage gives."""
+and the answer when an input is gone (services/adapter/stages.py): the model stage sends the
+task back to its preparation lane and the preparation prepares it again, on the real fixture
+and the tiny demo repository; its result is the one the input from memory or from the storage
+gives."""
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from services.adapter.handoff import read_handoff, remove_prepared
+from services.adapter.handoff import read_check, read_handoff, remove_prepared
 from services.adapter.held_inputs import Handover, HeldInputs
 from services.adapter.stages import TaskContext, finish_model_task, prepare_task
 from services.broker.schemas import ModelTask, StudyResult, StudyTask, TaskStatus
@@ -24,16 +26,19 @@ def _input(value: float) -> np.ndarray:
     return np.full((2, 3, 4), value, dtype=np.float32)
 
 
-def test_held_inputs_are_taken_once_by_task_and_name() -> None:
+def test_held_inputs_are_found_by_task_and_name_until_their_result_is_stored() -> None:
     held = HeldInputs(2)
     first, second = _input(1.0), _input(2.0)
     assert held.hold("t1", "study1.npy", first)
     assert held.hold("t2", "study1.npy", second)
-    assert held.take("t1", "study2.npy") is None  # another study of the task
-    assert held.take("t3", "study1.npy") is None  # another task: never another's input
-    assert held.take("t2", "study1.npy") is second
-    assert held.take("t2", "study1.npy") is None  # taken once
-    assert len(held) == 1
+    assert held.find("t1", "study2.npy") is None  # another study of the task
+    assert held.find("t3", "study1.npy") is None  # another task: never another's input
+    assert held.find("t2", "study1.npy") is second
+    assert held.find("t2", "study1.npy") is second  # a model request given back finds it again
+    held.drop("t2")  # its result is stored
+    assert held.find("t2", "study1.npy") is None
+    held.drop_finished(lambda task_id: task_id == "t1")  # stored by another adapter
+    assert len(held) == 0
 
 
 def test_a_full_store_or_another_model_stage_means_the_input_is_written() -> None:
@@ -49,16 +54,23 @@ def test_a_full_store_or_another_model_stage_means_the_input_is_written() -> Non
     assert not HeldInputs(0).hold("t1", "study1.npy", _input(1.0))  # held_inputs: 0
 
 
-def test_an_input_whose_model_stage_never_came_is_dropped_for_a_new_one() -> None:
+def test_an_input_held_too_long_is_dropped_whether_or_not_more_are_held() -> None:
     now = [0.0]
-    held = HeldInputs(1, max_age_s=60.0, clock=lambda: now[0])
-    assert held.hold("finished-elsewhere", "study1.npy", _input(1.0))
+    alone = [True]
+    held = HeldInputs(1, max_age_s=60.0, clock=lambda: now[0], may_hold=lambda: alone[0])
+    assert held.hold("taken-elsewhere", "study1.npy", _input(1.0))
     now[0] = 59.0
     assert not held.hold("t2", "study1.npy", _input(2.0))
     now[0] = 61.0
     assert held.hold("t2", "study1.npy", _input(2.0))
-    assert held.take("finished-elsewhere", "study1.npy") is None
-    assert held.take("t2", "study1.npy") is not None
+    assert held.find("taken-elsewhere", "study1.npy") is None
+    now[0] = 122.0
+    alone[0] = False  # a second model stage: nothing more is held, the old still goes
+    assert not held.hold("t3", "study1.npy", _input(3.0))
+    assert len(held) == 0
+    assert held.hold("t4", "study1.npy", _input(4.0)) is False
+    held.drop_finished(lambda task_id: False)
+    assert held.entries() == []
 
 
 @pytest.fixture
@@ -93,7 +105,10 @@ class _Stages:
 
     def finish(self, handoff: ModelTask) -> StudyResult:
         result = finish_model_task(handoff, self.context)
+        assert isinstance(result, StudyResult)
         assert result.status is TaskStatus.COMPLETED
+        if self.context.held_inputs is not None:
+            self.context.held_inputs.drop(handoff.task.task_id)  # as its stored result does
         return result
 
 
@@ -125,17 +140,25 @@ def test_an_input_held_in_memory_or_prepared_again_gives_the_result_of_the_writt
         assert len(held) == 0
         remove_prepared(root, task.task_id)
 
-        # Held by an adapter that is gone: this one prepares the task again, holding the
-        # input itself, or writing it where another model stage is alive.
-        remove_prepared(root, task.task_id)  # as a stored result does
+        # Held by an adapter that is gone: the next one's model stage sends the task back to
+        # its preparation, its deliveries counted on (here the ModelTask's second delivery);
+        # its preparation finds the record's input gone and prepares the task again, holding
+        # the input, or writing it where another model stage is alive.
         handoff = holding.prepare(task)
-        again = [
-            _Stages(settings, backend, HeldInputs(2)),
-            _Stages(settings, backend, HeldInputs(2, may_hold=lambda: False)),
-        ]
-        by_preparing_again = [stages.finish(handoff) for stages in again]
-        assert again[0].handovers == [Handover.PREPARED_AGAIN, Handover.MEMORY]
-        assert again[1].handovers == [Handover.PREPARED_AGAIN, Handover.FILE]
+        by_preparing_again = []
+        for again, handover in (
+            (_Stages(settings, backend, HeldInputs(2)), Handover.MEMORY),
+            (_Stages(settings, backend, HeldInputs(2, may_hold=lambda: False)), Handover.FILE),
+        ):
+            assert finish_model_task(handoff, replace(again.context, attempt=2)) == task
+            check = read_check(root, task.task_id)
+            assert check is not None
+            assert check.attempt == 2
+            handoff = again.prepare(task)
+            result = again.finish(handoff)
+            assert result.attempt == 2
+            assert again.handovers == [Handover.PREPARED_AGAIN, handover]
+            by_preparing_again.append(result)
     finally:
         backend.close()
     expected = by_file.reports[0]

@@ -395,8 +395,9 @@ def test_an_adapter_killed_while_holding_the_model_input_in_memory_leaves_exactl
     tmp_path: Path,
 ) -> None:
     """kill -9 of an adapter running both stages, inside the model request of a study whose
-    input only its memory held: the ModelTask goes to the next adapter, which finds the
-    input nowhere, prepares the task again and finishes it once."""
+    input only its memory held: the ModelTask goes to the next adapter, whose model stage
+    finds the input nowhere and sends the task back to its preparation lane; it is prepared
+    again and finished once, its deliveries counted on."""
     log = (tmp_path / "victim.log").open("wb")
     # Its preparation asks Triton nothing (no body-part regression): it works while Triton
     # is frozen, and the model request cannot.
@@ -426,4 +427,51 @@ def test_an_adapter_killed_while_holding_the_model_input_in_memory_leaves_exactl
             victim.wait(30)
         log.close()
     assert_finished_once_after_the_kill(client, settings, result, "survivor")
-    assert handovers(survivor_metrics) == {"memory": 1.0, "file": 0.0, "prepared_again": 1.0}
+    # Sent back from its model stage, prepared again and taken from memory (or from the
+    # storage, had the survivor still counted the victim's model stage).
+    taken = handovers(survivor_metrics)
+    assert taken["prepared_again"] == 1.0
+    assert (taken["memory"] or 0.0) + (taken["file"] or 0.0) == 1.0
+
+
+def test_an_adapter_that_stops_writes_the_inputs_it_holds_for_the_next_one(
+    settings: Settings, studies: dict[str, Path], client: Client, triton: LocalTritonServer
+) -> None:
+    """A graceful stop (SIGTERM) with two inputs held, one in a model request hanging on a
+    frozen Triton and one waiting in the model lane: both are written to the storage, and
+    the next adapter takes the waiting one from there without preparing it again."""
+    # The preparation asks Triton nothing (no body-part regression): it works while Triton
+    # is frozen.
+    preparing = settings.model_copy(deep=True)
+    preparing.chest_check.body_part_regression = False
+    assert triton.pid is not None
+    frozen = False
+    try:
+        with adapter_running(preparing, "stopping", list(STAGES)) as stopping:
+            wait_for(stopping.model_stage_alone, 60, "the adapter's model stage counted alone")
+            os.kill(triton.pid, signal.SIGSTOP)
+            frozen = True
+            in_request = chest_in_model_request(client, settings, studies, "stopping")
+            waiting = submit(client, settings, studies["chest"], "waiting.zip")
+            wait_for(lambda: len(stopping.held_inputs) == 2, 60, "the second input held")
+        # Leaving the block stopped it: both tasks given back, what it held written.
+        for task_id in (in_request, waiting):
+            folder = prepared_dir(settings.storage.root, task_id)
+            assert [path.name for path in folder.glob("*.npy")] == ["study1.npy"]
+    finally:
+        if frozen:
+            os.kill(triton.pid, signal.SIGCONT)
+    with adapter_running(settings, "next", list(STAGES)):
+        result = client.result(waiting, timeout_s=120)
+        client.result(in_request, timeout_s=120)  # its model request may still finish it
+    assert result.status is TaskStatus.COMPLETED
+    assert result.adapter_id == "next"
+    assert sorted(results_in_order(client)) == sorted([in_request, waiting])  # one each
+    sent_back = [
+        message
+        for message in client.messages
+        if isinstance(message, StudyProgress)
+        and message.task_id == waiting
+        and message.stage == WAITING_FOR_PREPARATION
+    ]
+    assert sent_back == []  # its input came from the storage: not prepared again

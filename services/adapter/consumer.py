@@ -34,7 +34,7 @@ from tenacity import RetryCallState
 
 from services.adapter import delivery
 from services.adapter.delivery import Decision
-from services.adapter.handoff import read_check, remove_prepared
+from services.adapter.handoff import read_check, remove_prepared, save_model_input
 from services.adapter.held_inputs import HeldInputs
 from services.adapter.housekeeping import HealthFile, sweep_leftovers_forever
 from services.adapter.metrics import WAIT_BROKER, AdapterMetrics, MeteredBackend, adapter_metrics
@@ -53,7 +53,12 @@ from services.broker.schemas import (
     StudyResult,
     StudyTask,
 )
-from services.broker.storage import store_result_once
+from services.broker.storage import (
+    handoff_path,
+    prepared_dir,
+    result_json_path,
+    store_result_once,
+)
 from services.core.config import Settings
 from services.core.errors import ModelServerUnavailable, WorkInterrupted
 from services.core.inference import create_backend
@@ -92,7 +97,7 @@ class Adapter:
         self.inference_times = InferenceTimes()  # the model's recent durations: progress by time
         self.earlier_reports = EarlierReports(settings)  # what a study's new SR supersedes
         self._stage_loops: list[StageLoop] = []
-        self._stages_alive: dict[str, int] = {}  # adapters consuming each stage's presence
+        self._model_stages_alive = 0  # adapters consuming the model stage's presence queue
         self.held_inputs = HeldInputs(settings.adapter.held_inputs, may_hold=self.model_stage_alone)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -127,6 +132,7 @@ class Adapter:
         ).start()
         try:
             self._serve_stages()
+            self._write_held_inputs()
         finally:
             backend.close()
             self.earlier_reports.close()
@@ -185,16 +191,32 @@ class Adapter:
         remove_prepared(self.storage_root, task_id)
         self.held_inputs.drop(task_id)
 
-    def note_stage_presence(self, stage: str, adapters_alive: int) -> None:
-        """From a stage's I/O loop: the adapters consuming its presence queue (0: unknown)."""
-        self._stages_alive[stage] = adapters_alive
+    def note_model_stages_alive(self, adapters_alive: int) -> None:
+        """From the model stage's I/O loop, every second: the adapters consuming its presence
+        queue (0: unknown). Held inputs of tasks whose result is stored go."""
+        self._model_stages_alive = adapters_alive
+        self.held_inputs.drop_finished(
+            lambda task_id: result_json_path(self.storage_root, task_id).exists()
+        )
 
     def model_stage_alone(self) -> bool:
         """Whether a ModelTask published now can only be taken by this adapter's model stage
-        (or, should it die, by one started later)."""
+        (or, should it die, by one started later); never while it stops."""
         return (
-            MODEL_STAGE in self.settings.adapter.stages and self._stages_alive.get(MODEL_STAGE) == 1
+            MODEL_STAGE in self.settings.adapter.stages
+            and self._model_stages_alive == 1
+            and not self.stopping
         )
+
+    def _write_held_inputs(self) -> None:
+        """On stop: the inputs still held go to the storage, for the adapter that takes their
+        tasks (each a task prepared and not finished)."""
+        for task_id, name, model_input in self.held_inputs.entries():
+            folder = prepared_dir(self.storage_root, task_id)
+            if handoff_path(self.storage_root, task_id).is_file() and not (folder / name).is_file():
+                save_model_input(folder, name, model_input)
+                logger.info("task {}: its held model input written for the next adapter", task_id)
+            self.held_inputs.drop(task_id)
 
     def _attempts_before_preparation(self, lane: str, task_id: str) -> int:
         """A checked task's deliveries before the one whose check passed: its first delivery
@@ -276,7 +298,7 @@ class Adapter:
         attempt: int,
         send: Callable[[str, float, str], None],
         _check_first: bool,
-    ) -> StudyResult:
+    ) -> StudyResult | StudyTask:
         return finish_model_task(handoff, self._context(attempt, send))
 
     def _store(self, decision: Decision) -> Decision:

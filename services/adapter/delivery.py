@@ -193,7 +193,8 @@ def on_outcome(
     if isinstance(outcome, ModelTask):
         return Decision(Action.ACK, handoff=outcome, note="prepared: handed to the model stage")
     if isinstance(outcome, StudyTask):
-        return Decision(Action.ACK, handoff=outcome, note="checked: put in its preparation lane")
+        # Checked first, or back from the model stage (its model input gone).
+        return Decision(Action.ACK, handoff=outcome, note="put in its preparation lane")
     error = outcome
     policy = policy_of(error)
     if isinstance(error, StudyNotFound):

@@ -78,13 +78,12 @@ def model_input_name(index: int) -> str:
     return f"study{index + 1}.npy"
 
 
-def save_model_input(folder: Path, index: int, model_input: ModelInput) -> str:
-    """The study's model input as ``study<index+1>.npy`` (written whole, then renamed: a
-    reader never sees half a file); returns the file's name. Each writer has a partial file
-    of its own: two preparations of one task (a redelivery while the first still runs)
-    never write into the same file, and the last complete one wins."""
+def save_model_input(folder: Path, name: str, model_input: ModelInput) -> None:
+    """The study's model input as ``name`` (model_input_name: written whole, then renamed, so
+    a reader never sees half a file). Each writer has a partial file of its own: two
+    preparations of one task (a redelivery while the first still runs) never write into
+    the same file, and the last complete one wins."""
     folder.mkdir(parents=True, exist_ok=True)
-    name = model_input_name(index)
     partial = folder / f".{name}.{uuid.uuid4().hex}.partial"
     started = time.perf_counter()
     try:
@@ -96,7 +95,6 @@ def save_model_input(folder: Path, index: int, model_input: ModelInput) -> str:
     # Fresh page-cache pages are slow on virtual machines with free page reporting: 0.21-0.52 s
     # for this file on 2026-12-06's EPYC, 0.03 s over pages freed moments before.
     logger.debug("model input written in {:.3f} s", time.perf_counter() - started)
-    return name
 
 
 def load_model_input(folder: Path, name: str) -> ModelInput | None:
@@ -124,7 +122,14 @@ def write_handoff(storage_root: Path, prepared: PreparedTask) -> Path:
     folder = prepared_dir(storage_root, prepared.task_id)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / HANDOFF_FILE
-    write_atomically(path, prepared.model_dump_json().encode("utf-8"))
+    # input_in_memory only where it is true: the release before it reads every other record.
+    written = {
+        index: {"input_in_memory"}
+        for index, entry in enumerate(prepared.entries)
+        if not entry.input_in_memory
+    }
+    record = prepared.model_dump_json(exclude={"entries": written} if written else None)
+    write_atomically(path, record.encode("utf-8"))
     return path
 
 
@@ -135,12 +140,6 @@ def read_handoff(storage_root: Path, task_id: str) -> PreparedTask | None:
         return PreparedTask.model_validate_json(path.read_bytes())
     except FileNotFoundError:
         return None
-
-
-def forget_handoff(storage_root: Path, task_id: str) -> None:
-    """The task's preparation is to be done again: its record goes (the kept intake and
-    check stay for it)."""
-    (prepared_dir(storage_root, task_id) / HANDOFF_FILE).unlink(missing_ok=True)
 
 
 def model_task(
@@ -166,12 +165,13 @@ def kept_intake_dir(storage_root: Path, task_id: str) -> Path:
 
 
 class CheckRecord(BaseModel):
-    """A task's check first, passed: what its full preparation counts in."""
+    """What a task waiting in its preparation lane brings to its full preparation: its
+    check first (passed), or its send-back from the model stage (its model input gone)."""
 
     model_config = ConfigDict(extra="forbid")
 
     seconds: float  # counted in the preparation's time, which the wait estimates read
-    attempt: int  # the delivery that checked it: the preparation's deliveries count on
+    attempt: int  # the delivery that checked or sent it back: the next ones count on
 
 
 def record_check(storage_root: Path, task_id: str, record: CheckRecord) -> None:

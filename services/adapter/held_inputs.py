@@ -7,11 +7,12 @@ docs/ARCHITECTURE.md) and 0.03 s more to read back: most of what the stack adds 
 
 While this adapter's model stage is the only one alive, the ModelTask that names the input
 can only be taken by that stage, or, should this adapter die, by one that starts later. The
-preparation then keeps the input here instead of writing it; the model stage takes it from
-here. Where the input is neither here nor on disk (its adapter stopped or was killed, or
-another adapter's model stage came up and took the task) the model stage prepares the task
-again (services/adapter/stages.py): slower, never wrong, since the input is a pure function
-of the study on the shared storage.
+preparation then keeps the input here instead of writing it; the model stage reads it from
+here, and it goes when the task's result is stored (or is written to the storage when the
+adapter stops). Where the input is neither here nor on disk (its adapter was killed, or
+another adapter's model stage came up and took the task), the model stage sends the task
+back to its preparation lane, which prepares it again (services/adapter/stages.py): slower,
+never wrong, since the input is a pure function of the study on the shared storage.
 
 Held inputs are keyed by task id and file name, so one task's input can never be read for
 another; an array here is never written into, only dropped.
@@ -28,12 +29,12 @@ from pathlib import Path
 
 from loguru import logger
 
-from services.adapter.handoff import PreparedEntry, load_model_input
+from services.adapter.handoff import PreparedEntry, PreparedTask, load_model_input
 from services.core.arrays import ModelInput
 
-# A held input whose model stage has not come for this long is dropped (its task is
-# prepared again if it does come): the bound on memory held for a task that another
-# adapter finished, or whose ModelTask was dead-lettered.
+# A held input whose result has not been stored for this long is dropped (its task is
+# prepared again if its model stage does come): the bound on memory held for a task whose
+# ModelTask another adapter took.
 HELD_INPUT_MAX_AGE_S = 1800.0
 
 
@@ -42,7 +43,7 @@ class Handover(str, Enum):
 
     MEMORY = "memory"  # held by this adapter's preparation
     FILE = "file"  # read from the shared storage
-    PREPARED_AGAIN = "prepared_again"  # found in neither: the task was prepared again
+    PREPARED_AGAIN = "prepared_again"  # in neither: the task went back to its preparation
 
 
 @dataclass(frozen=True)
@@ -77,20 +78,21 @@ class HeldInputs:
     def hold(self, task_id: str, name: str, model_input: ModelInput) -> bool:
         """Keep the input for this adapter's model stage; False (write it to the storage)
         when another model stage is alive or there is no room."""
-        if self.capacity <= 0 or not self._may_hold():
-            return False
         with self._lock:
             self._drop_stale()
+            if self.capacity <= 0 or not self._may_hold():
+                return False
             key = (task_id, name)
             if key not in self._held and len(self._held) >= self.capacity:
                 return False
             self._held[key] = _Held(model_input, self._clock())
             return True
 
-    def take(self, task_id: str, name: str) -> ModelInput | None:
-        """The held input, no longer held; None if it is not here."""
+    def find(self, task_id: str, name: str) -> ModelInput | None:
+        """The held input (held on until the task's result is stored: a model request given
+        back, e.g. by a stopping adapter, finds it again); None if it is not here."""
         with self._lock:
-            held = self._held.pop((task_id, name), None)
+            held = self._held.get((task_id, name))
         return None if held is None else held.model_input
 
     def drop(self, task_id: str) -> None:
@@ -99,24 +101,50 @@ class HeldInputs:
             for key in [key for key in self._held if key[0] == task_id]:
                 del self._held[key]
 
+    def drop_finished(self, is_finished: Callable[[str], bool]) -> None:
+        """Forget the inputs of tasks ``is_finished`` (by task id; a result another adapter
+        stored) and the ones held too long."""
+        with self._lock:
+            self._drop_stale()
+            for key in [key for key in self._held if is_finished(key[0])]:
+                del self._held[key]
+
+    def entries(self) -> list[tuple[str, str, ModelInput]]:
+        """Every held input: (task id, file name, input)."""
+        with self._lock:
+            return [(key[0], key[1], held.model_input) for key, held in self._held.items()]
+
     def _drop_stale(self) -> None:
         now = self._clock()
-        stale = [key for key, held in self._held.items() if now - held.held_at > self._max_age_s]
-        for key in stale:
-            del self._held[key]
-            logger.warning(
-                "task {}: its model input was held {:.0f} s without its model stage; dropped "
-                "(the task is prepared again if it comes)",
-                key[0],
-                self._max_age_s,
-            )
+        for key, held in list(self._held.items()):
+            if now - held.held_at > self._max_age_s:
+                del self._held[key]
+                logger.warning(
+                    "task {}: its model input was held {:.0f} s without a result; dropped "
+                    "(the task is prepared again if its model stage comes)",
+                    key[0],
+                    now - held.held_at,
+                )
 
 
 class ModelInputGone(Exception):
     """A prepared input is in neither this adapter's memory nor the storage."""
 
 
-def take_model_input(
+def inputs_available(
+    held: HeldInputs | None, folder: Path, task_id: str, record: PreparedTask
+) -> bool:
+    """Whether every model input the record names is in this adapter's memory or in the
+    task's prepared ``folder`` (else the task must be prepared again)."""
+    return all(
+        (held is not None and held.find(task_id, entry.input_file) is not None)
+        or (folder / entry.input_file).is_file()
+        for entry in record.entries
+        if entry.input_file is not None
+    )
+
+
+def read_model_input(
     held: HeldInputs | None,
     folder: Path,
     task_id: str,
@@ -126,7 +154,7 @@ def take_model_input(
     """The entry's input for the model stage: from this adapter's memory, else from the
     task's prepared ``folder``; ModelInputGone where it is in neither."""
     assert entry.input_file is not None
-    model_input = None if held is None else held.take(task_id, entry.input_file)
+    model_input = None if held is None else held.find(task_id, entry.input_file)
     if model_input is not None:
         on_handover(Handover.MEMORY)
         return model_input

@@ -108,8 +108,8 @@ class AdapterMetrics:
         )
         self.model_inputs = families.counter(
             "cts_adapter_model_inputs",
-            "Model inputs the model stage took, by how they came from the preparation "
-            "(memory, file, prepared_again)",
+            "Model inputs the model stage read, by where from (memory, file); prepared_again: "
+            "tasks it sent back to their preparation because an input was gone",
             "handover",
         )
         self.in_progress = families.gauge(

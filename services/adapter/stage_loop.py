@@ -39,8 +39,15 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from services.adapter import delivery
 from services.adapter.delivery import Action, Decision
 from services.adapter.execute import Delivery, execute_decision, send_progress
-from services.broker.connection import CONNECTION_ERRORS, connect, declare_topology, delivery_count
+from services.broker.connection import (
+    CONNECTION_ERRORS,
+    Doorbell,
+    connect,
+    declare_topology,
+    delivery_count,
+)
 from services.broker.schemas import (
+    MODEL_STAGE,
     WAITING_FOR_PREPARATION,
     MessageError,
     ModelTask,
@@ -82,27 +89,6 @@ class StageSpec:
     check_first_lanes: dict[str, str] = field(default_factory=dict)
     checked_first_at: int = 1
     earlier_attempts: Callable[[str, str], int] = lambda lane, task_id: 0
-
-
-class Doorbell:
-    """The stage's doorbell (services/broker/connection.py, ring_doorbell): consumed while
-    the stage has room for a study, so that a ring ends its wait for the next poll at once;
-    cancelled while it is full, so that rings reach the adapters that can answer them."""
-
-    def __init__(self, channel: BlockingChannel, queue: str) -> None:
-        self._channel = channel
-        self._queue = queue
-        self._consumer: str | None = None
-
-    def listen(self, *, has_room: bool) -> None:
-        if has_room and self._consumer is None:
-            # A ring carries nothing: that it came makes process_data_events return.
-            self._consumer = self._channel.basic_consume(
-                self._queue, lambda _channel, _method, _properties, _body: None, auto_ack=True
-            )
-        elif not has_room and self._consumer is not None:
-            self._channel.basic_cancel(self._consumer)
-            self._consumer = None
 
 
 def task_of(message: StudyTask | ModelTask) -> StudyTask:
@@ -185,12 +171,14 @@ class StageLoop:
                 settings.prefetch_count,
             )
             doorbell = Doorbell(channel, owner.topology.doorbell_queue(self.spec.name))
-            presence_counted = -PRESENCE_COUNT_INTERVAL_S
+            counted = -PRESENCE_COUNT_INTERVAL_S
             while not owner.stopping:
-                if time.monotonic() - presence_counted >= PRESENCE_COUNT_INTERVAL_S:
-                    presence_counted = time.monotonic()
+                if self.spec.name == MODEL_STAGE and time.monotonic() - counted >= (
+                    PRESENCE_COUNT_INTERVAL_S
+                ):
+                    counted = time.monotonic()
                     alive = channel.queue_declare(presence_queue, passive=True)
-                    owner.note_stage_presence(self.spec.name, int(alive.method.consumer_count))
+                    owner.note_model_stages_alive(int(alive.method.consumer_count))
                 while len(self._in_flight) < settings.prefetch_count and not owner.stopping:
                     if not self._take_next(connection, channel):
                         break
@@ -203,7 +191,8 @@ class StageLoop:
             self._drain(connection)
         finally:
             self._connection = None
-            owner.note_stage_presence(self.spec.name, 0)  # unknown until it is back
+            if self.spec.name == MODEL_STAGE:
+                owner.note_model_stages_alive(0)  # unknown until it is back
             try:
                 if connection.is_open:
                     connection.close()  # unacked deliveries go back to their lanes
@@ -363,7 +352,8 @@ class StageLoop:
         if isinstance(outcome, StudyResult):
             owner.metrics.result_computed(outcome)
         elif isinstance(outcome, StudyTask):
-            send(WAITING_FOR_PREPARATION, 0.0, "checked; waiting for its preparation")
+            why = "its model input is gone" if isinstance(decoded, ModelTask) else "checked"
+            send(WAITING_FOR_PREPARATION, 0.0, f"{why}; waiting for its preparation")
         decision = delivery.on_outcome(
             task,
             outcome,

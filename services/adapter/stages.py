@@ -33,7 +33,6 @@ from services.adapter.handoff import (
     PreparedEntry,
     PreparedTask,
     evidence_to_json,
-    forget_handoff,
     kept_intake_dir,
     model_input_name,
     model_task,
@@ -44,7 +43,13 @@ from services.adapter.handoff import (
     save_model_input,
     write_handoff,
 )
-from services.adapter.held_inputs import Handover, HeldInputs, ModelInputGone, take_model_input
+from services.adapter.held_inputs import (
+    Handover,
+    HeldInputs,
+    ModelInputGone,
+    inputs_available,
+    read_model_input,
+)
 from services.adapter.progress import WRITING_FRACTION, InferenceTimes, ProgressCallback
 from services.adapter.task_runner import (
     EarlySkeletons,
@@ -103,7 +108,7 @@ def prepare_task(
 ) -> StudyResult | ModelTask | StudyTask:
     """The task's result when no study needs the model, else its hand-off to the model stage.
     A task prepared before (its delivery was given back after the hand-off was recorded) is
-    handed off again, not prepared twice.
+    handed off again, not prepared twice, unless a model input it names is gone.
 
     ``check_first`` (other tasks are waiting): the task is checked only as far as is cheap
     (services/core/pipeline/prepare.py, CheckFirst); a task none of whose studies is refused
@@ -111,7 +116,10 @@ def prepare_task(
     storage_root = context.settings.storage.root
     earlier = read_handoff(storage_root, task.task_id)
     if earlier is not None:
-        return model_task(storage_root, task, earlier, attempt=context.attempt)
+        folder = prepared_dir(storage_root, task.task_id)
+        if inputs_available(context.held_inputs, folder, task.task_id, earlier):
+            return model_task(storage_root, task, earlier, attempt=context.attempt)
+        logger.warning("task {}: a model input it was prepared with is gone", task.task_id)
     # A check keeps the unpacked input for the full preparation (its intake is not repeated),
     # its time (counted in the preparation's) and its delivery (the deliveries count on).
     intake_dir = kept_intake_dir(storage_root, task.task_id)
@@ -228,7 +236,7 @@ def _prepared_entry(
     name = model_input_name(prepared.index)
     in_memory = held_inputs is not None and held_inputs.hold(task_id, name, prepared.model_input)
     if not in_memory:
-        save_model_input(folder, prepared.index, prepared.model_input)
+        save_model_input(folder, name, prepared.model_input)
     prepared.model_input = None  # 221 MB: held or on disk now, not by this loop's next study
     return PreparedEntry(
         report=report,
@@ -240,29 +248,27 @@ def _prepared_entry(
     )
 
 
-def finish_model_task(handoff: ModelTask, context: TaskContext) -> StudyResult:
-    """The model on every prepared study of the task, then its files and result. An input
-    held by an adapter that is gone (or by another adapter's memory) is prepared again."""
+def finish_model_task(handoff: ModelTask, context: TaskContext) -> StudyResult | StudyTask:
+    """The model on every prepared study of the task, then its files and result. A task
+    whose model input is gone (held by an adapter that was killed, or by another adapter's
+    memory) comes back as it is, for its preparation lane: it is prepared again there, in
+    the stage whose memory and turn preparations take, its deliveries counted on."""
+    task = handoff.task
+    context = replace(context, attempt=max(context.attempt, handoff.prepare_attempt))
     try:
         return _finish_prepared(handoff, context)
     except ModelInputGone as gone:
-        logger.warning("task {}: {}; preparing it again", handoff.task.task_id, gone)
+        logger.warning("task {}: {}; back to its preparation lane", task.task_id, gone)
     context.on_handover(Handover.PREPARED_AGAIN)
-    forget_handoff(context.settings.storage.root, handoff.task.task_id)
-    outcome = prepare_task(handoff.task, context)
-    if isinstance(outcome, StudyResult):
-        return outcome
-    assert isinstance(outcome, ModelTask)  # only check_first returns the task itself
-    try:
-        return _finish_prepared(outcome, context)
-    except ModelInputGone as gone:  # the input just made is gone: the storage lost it
-        error = StudyNotFound(f"the prepared study's {gone}")
-        return _failed_or_raise(handoff.task, context, error, utc_now())
+    storage_root = context.settings.storage.root
+    check = read_check(storage_root, task.task_id)
+    seconds = check.seconds if check is not None else 0.0
+    record_check(storage_root, task.task_id, CheckRecord(seconds=seconds, attempt=context.attempt))
+    return task
 
 
 def _finish_prepared(handoff: ModelTask, context: TaskContext) -> StudyResult:
     task = handoff.task
-    context = replace(context, attempt=max(context.attempt, handoff.prepare_attempt))
     storage_root = context.settings.storage.root
     started = utc_now()
     clock = time.perf_counter()
@@ -276,7 +282,7 @@ def _finish_prepared(handoff: ModelTask, context: TaskContext) -> StudyResult:
     try:
         record = read_handoff(storage_root, task.task_id)
         if record is None:
-            raise StudyNotFound(f"the prepared study {handoff.prepared_path!r} is not in storage")
+            raise ModelInputGone("its hand-off record is not in the storage")
         started = record.started_at
         skeletons = EarlySkeletons(
             [entry.evidence for entry in record.entries],
@@ -296,7 +302,7 @@ def _finish_prepared(handoff: ModelTask, context: TaskContext) -> StudyResult:
                     shared_seconds=0.0,
                     stage_seconds=dict(report.stage_seconds),
                 )
-                model_input = take_model_input(
+                model_input = read_model_input(
                     context.held_inputs, folder, task.task_id, entry, context.on_handover
                 )
                 report = infer_and_finish(study, model_input, backend, thresholds, events)
@@ -341,11 +347,18 @@ def _finish_prepared(handoff: ModelTask, context: TaskContext) -> StudyResult:
 
 def run_task(task: StudyTask, context: TaskContext) -> StudyResult:
     """Both stages in this thread (no broker between them)."""
-    outcome = prepare_task(task, context)
-    if isinstance(outcome, StudyResult):
-        return outcome
-    assert isinstance(outcome, ModelTask)  # only check_first returns the task itself
-    return finish_model_task(outcome, context)
+    try:
+        outcome = prepare_task(task, context)
+        if isinstance(outcome, StudyResult):
+            return outcome
+        assert isinstance(outcome, ModelTask)  # only check_first returns the task itself
+        finished = finish_model_task(outcome, context)
+        if isinstance(finished, StudyResult):
+            return finished
+        raise StudyNotFound("the model input prepared moments before is gone")
+    finally:
+        if context.held_inputs is not None:
+            context.held_inputs.drop(task.task_id)
 
 
 def _finish_files(

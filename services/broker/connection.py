@@ -192,10 +192,32 @@ def ring_doorbell(channel: BlockingChannel, topology: QueueTopology, stage: str)
         )
 
 
+class Doorbell:
+    """A stage's doorbell, rung by ring_doorbell: consumed while the stage has room for a
+    study, so that a ring ends its wait for the next poll at once; cancelled while it is
+    full, so that rings reach the adapters that can answer them."""
+
+    def __init__(self, channel: BlockingChannel, queue: str) -> None:
+        self._channel = channel
+        self._queue = queue
+        self._consumer: str | None = None
+
+    def listen(self, *, has_room: bool) -> None:
+        if has_room and self._consumer is None:
+            # A ring carries nothing: that it came makes process_data_events return.
+            self._consumer = self._channel.basic_consume(
+                self._queue, lambda _channel, _method, _properties, _body: None, auto_ack=True
+            )
+        elif not has_room and self._consumer is not None:
+            self._channel.basic_cancel(self._consumer)
+            self._consumer = None
+
+
 def publish_for_preparation(
     channel: BlockingChannel, topology: QueueTopology, task: StudyTask
 ) -> None:
-    """Put a checked task in its priority's preparation lane (confirmed)."""
+    """Put a task in its priority's preparation lane (confirmed): checked first, or back
+    from the model stage because its model input is gone."""
     _publish_for_task(
         channel, "", topology.preparation_lane(task.priority), message=task, task=task
     )
