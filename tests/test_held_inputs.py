@@ -54,23 +54,35 @@ def test_a_full_store_or_another_model_stage_means_the_input_is_written() -> Non
     assert not HeldInputs(0).hold("t1", "study1.npy", _input(1.0))  # held_inputs: 0
 
 
-def test_an_input_held_too_long_is_dropped_whether_or_not_more_are_held() -> None:
+def test_an_input_held_too_long_or_when_all_go_is_written_before_it_is_forgotten() -> None:
     now = [0.0]
     alone = [True]
-    held = HeldInputs(1, max_age_s=60.0, clock=lambda: now[0], may_hold=lambda: alone[0])
+    written: list[tuple[str, str, float]] = []
+
+    def release(task_id: str, name: str, model_input: np.ndarray) -> None:
+        assert held.find(task_id, name) is model_input  # still found while it is written
+        written.append((task_id, name, float(model_input[0, 0, 0])))
+
+    held = HeldInputs(
+        1, max_age_s=60.0, clock=lambda: now[0], may_hold=lambda: alone[0], release=release
+    )
     assert held.hold("taken-elsewhere", "study1.npy", _input(1.0))
     now[0] = 59.0
-    assert not held.hold("t2", "study1.npy", _input(2.0))
+    assert not held.hold("t2", "study1.npy", _input(2.0))  # full
     now[0] = 61.0
-    assert held.hold("t2", "study1.npy", _input(2.0))
+    assert held.hold("t2", "study1.npy", _input(2.0))  # the stale one written, room made
+    assert written == [("taken-elsewhere", "study1.npy", 1.0)]
     assert held.find("taken-elsewhere", "study1.npy") is None
     now[0] = 122.0
-    alone[0] = False  # a second model stage: nothing more is held, the old still goes
+    alone[0] = False  # a second model stage: nothing more is held, the stale one still goes
     assert not held.hold("t3", "study1.npy", _input(3.0))
+    assert written[-1] == ("t2", "study1.npy", 2.0)
     assert len(held) == 0
-    assert held.hold("t4", "study1.npy", _input(4.0)) is False
-    held.drop_finished(lambda task_id: False)
-    assert held.entries() == []
+    alone[0] = True
+    assert held.hold("t4", "study1.npy", _input(4.0))
+    held.release_all()  # the adapter stops
+    assert written[-1] == ("t4", "study1.npy", 4.0)
+    assert len(held) == 0
 
 
 @pytest.fixture
@@ -146,21 +158,28 @@ def test_an_input_held_in_memory_or_prepared_again_gives_the_result_of_the_writt
         # the input, or writing it where another model stage is alive.
         handoff = holding.prepare(task)
         by_preparing_again = []
+        assert handoff.prepare_attempt == 1
         for again, handover in (
             (_Stages(settings, backend, HeldInputs(2)), Handover.MEMORY),
             (_Stages(settings, backend, HeldInputs(2, may_hold=lambda: False)), Handover.FILE),
         ):
             assert finish_model_task(handoff, replace(again.context, attempt=2)) == task
+            # The deliveries spent go on: a study that kills its adapter in the model stage
+            # each time still reaches the delivery limit.
+            spent = handoff.prepare_attempt + 1
             check = read_check(root, task.task_id)
             assert check is not None
-            assert check.attempt == 2
+            assert check.attempt == spent
+            assert read_handoff(root, task.task_id) is None  # waiting for its preparation
             handoff = again.prepare(task)
+            assert handoff.prepare_attempt == spent
             result = again.finish(handoff)
-            assert result.attempt == 2
+            assert result.attempt == spent
             assert again.handovers == [Handover.PREPARED_AGAIN, handover]
             by_preparing_again.append(result)
     finally:
         backend.close()
+    assert [result.attempt for result in by_preparing_again] == [2, 3]
     expected = by_file.reports[0]
     assert expected.probability_of_pathology is not None
     for result in [by_memory, *by_preparing_again]:

@@ -74,6 +74,7 @@ def adapter_running(
     finally:
         adapter.request_stop()
         thread.join(30)
+        assert not thread.is_alive(), f"{adapter_id} did not stop"
 
 
 def submit(

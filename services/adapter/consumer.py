@@ -59,6 +59,7 @@ from services.broker.storage import (
     result_json_path,
     store_result_once,
 )
+from services.core.arrays import ModelInput
 from services.core.config import Settings
 from services.core.errors import ModelServerUnavailable, WorkInterrupted
 from services.core.inference import create_backend
@@ -98,7 +99,11 @@ class Adapter:
         self.earlier_reports = EarlierReports(settings)  # what a study's new SR supersedes
         self._stage_loops: list[StageLoop] = []
         self._model_stages_alive = 0  # adapters consuming the model stage's presence queue
-        self.held_inputs = HeldInputs(settings.adapter.held_inputs, may_hold=self.model_stage_alone)
+        self.held_inputs = HeldInputs(
+            settings.adapter.held_inputs,
+            may_hold=self.model_stage_alone,
+            release=self._write_held_input,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -132,7 +137,7 @@ class Adapter:
         ).start()
         try:
             self._serve_stages()
-            self._write_held_inputs()
+            self.held_inputs.release_all()  # those the preparation held after the model stage
         finally:
             backend.close()
             self.earlier_reports.close()
@@ -193,11 +198,17 @@ class Adapter:
 
     def note_model_stages_alive(self, adapters_alive: int) -> None:
         """From the model stage's I/O loop, every second: the adapters consuming its presence
-        queue (0: unknown). Held inputs of tasks whose result is stored go."""
+        queue (0: unknown). Held inputs of tasks whose result is stored go; once another
+        model stage is alive, the others are written for it (on a thread of their own)."""
+        second_came = adapters_alive > 1 and self._model_stages_alive == 1
         self._model_stages_alive = adapters_alive
         self.held_inputs.drop_finished(
             lambda task_id: result_json_path(self.storage_root, task_id).exists()
         )
+        if second_came and len(self.held_inputs):
+            threading.Thread(
+                target=self.held_inputs.release_all, name="held-inputs", daemon=True
+            ).start()
 
     def model_stage_alone(self) -> bool:
         """Whether a ModelTask published now can only be taken by this adapter's model stage
@@ -208,15 +219,22 @@ class Adapter:
             and not self.stopping
         )
 
-    def _write_held_inputs(self) -> None:
-        """On stop: the inputs still held go to the storage, for the adapter that takes their
-        tasks (each a task prepared and not finished)."""
-        for task_id, name, model_input in self.held_inputs.entries():
-            folder = prepared_dir(self.storage_root, task_id)
-            if handoff_path(self.storage_root, task_id).is_file() and not (folder / name).is_file():
-                save_model_input(folder, name, model_input)
-                logger.info("task {}: its held model input written for the next adapter", task_id)
-            self.held_inputs.drop(task_id)
+    def _write_held_input(self, task_id: str, name: str, model_input: ModelInput) -> None:
+        """A held input to the storage, for whichever model stage takes its task (one whose
+        preparation is recorded and whose result is not stored); never raises: an input not
+        written is prepared again where it is needed."""
+        folder = prepared_dir(self.storage_root, task_id)
+        try:
+            if (
+                not handoff_path(self.storage_root, task_id).is_file()
+                or result_json_path(self.storage_root, task_id).exists()
+                or (folder / name).is_file()
+            ):
+                return
+            save_model_input(folder, name, model_input)
+            logger.info("task {}: its held model input written to the storage", task_id)
+        except OSError as error:
+            logger.warning("task {}: its held model input not written: {}", task_id, error)
 
     def _attempts_before_preparation(self, lane: str, task_id: str) -> int:
         """A checked task's deliveries before the one whose check passed: its first delivery

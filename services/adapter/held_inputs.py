@@ -8,8 +8,8 @@ docs/ARCHITECTURE.md) and 0.03 s more to read back: most of what the stack adds 
 While this adapter's model stage is the only one alive, the ModelTask that names the input
 can only be taken by that stage, or, should this adapter die, by one that starts later. The
 preparation then keeps the input here instead of writing it; the model stage reads it from
-here, and it goes when the task's result is stored (or is written to the storage when the
-adapter stops). Where the input is neither here nor on disk (its adapter was killed, or
+here, and it goes when the task's result is stored. It is written to the storage instead
+when the adapter stops, when a second model stage comes up, or after 30 minutes. Where the input is neither here nor on disk (its adapter was killed, or
 another adapter's model stage came up and took the task), the model stage sends the task
 back to its preparation lane, which prepares it again (services/adapter/stages.py): slower,
 never wrong, since the input is a pure function of the study on the shared storage.
@@ -27,15 +27,16 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from loguru import logger
-
 from services.adapter.handoff import PreparedEntry, PreparedTask, load_model_input
 from services.core.arrays import ModelInput
 
-# A held input whose result has not been stored for this long is dropped (its task is
-# prepared again if its model stage does come): the bound on memory held for a task whose
-# ModelTask another adapter took.
+# A held input whose result has not been stored for this long is written to the storage
+# (``release``) and dropped: the bound on memory held for a task whose ModelTask another
+# adapter took, or that waits behind a long run of more urgent studies.
 HELD_INPUT_MAX_AGE_S = 1800.0
+
+# Where an input held too long goes: (task id, file name, input).
+Release = Callable[[str, str, ModelInput], None]
 
 
 class Handover(str, Enum):
@@ -61,11 +62,13 @@ class HeldInputs:
         capacity: int,
         *,
         may_hold: Callable[[], bool] = lambda: True,
+        release: Release = lambda task_id, name, model_input: None,
         max_age_s: float = HELD_INPUT_MAX_AGE_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.capacity = capacity
         self._may_hold = may_hold
+        self._release = release
         self._max_age_s = max_age_s
         self._clock = clock
         self._lock = threading.Lock()
@@ -78,8 +81,8 @@ class HeldInputs:
     def hold(self, task_id: str, name: str, model_input: ModelInput) -> bool:
         """Keep the input for this adapter's model stage; False (write it to the storage)
         when another model stage is alive or there is no room."""
+        self._release_stale()
         with self._lock:
-            self._drop_stale()
             if self.capacity <= 0 or not self._may_hold():
                 return False
             key = (task_id, name)
@@ -102,29 +105,30 @@ class HeldInputs:
                 del self._held[key]
 
     def drop_finished(self, is_finished: Callable[[str], bool]) -> None:
-        """Forget the inputs of tasks ``is_finished`` (by task id; a result another adapter
-        stored) and the ones held too long."""
+        """Forget the inputs of tasks ``is_finished`` (by task id: a result another adapter
+        stored)."""
         with self._lock:
-            self._drop_stale()
             for key in [key for key in self._held if is_finished(key[0])]:
                 del self._held[key]
 
-    def entries(self) -> list[tuple[str, str, ModelInput]]:
-        """Every held input: (task id, file name, input)."""
-        with self._lock:
-            return [(key[0], key[1], held.model_input) for key, held in self._held.items()]
+    def release_all(self) -> None:
+        """Write every held input to the storage (``release``) and forget it."""
+        self._release_where(lambda held: True)
 
-    def _drop_stale(self) -> None:
+    def _release_stale(self) -> None:
         now = self._clock()
-        for key, held in list(self._held.items()):
-            if now - held.held_at > self._max_age_s:
-                del self._held[key]
-                logger.warning(
-                    "task {}: its model input was held {:.0f} s without a result; dropped "
-                    "(the task is prepared again if its model stage comes)",
-                    key[0],
-                    now - held.held_at,
-                )
+        self._release_where(lambda held: now - held.held_at > self._max_age_s)
+
+    def _release_where(self, chosen: Callable[[_Held], bool]) -> None:
+        with self._lock:
+            leaving = [(key, held) for key, held in self._held.items() if chosen(held)]
+        for (task_id, name), held in leaving:
+            # Written before it is forgotten (a model stage finds it in one or the other),
+            # outside the lock (0.2-0.6 s each).
+            self._release(task_id, name, held.model_input)
+            with self._lock:
+                if self._held.get((task_id, name)) is held:
+                    del self._held[(task_id, name)]
 
 
 class ModelInputGone(Exception):

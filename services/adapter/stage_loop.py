@@ -188,6 +188,9 @@ class StageLoop:
             if channel.is_open:
                 doorbell.listen(has_room=False)
                 channel.basic_cancel(presence)
+            if self.spec.name == MODEL_STAGE:
+                # Before its deliveries go back: the next adapter finds their inputs.
+                owner.held_inputs.release_all()
             self._drain(connection)
         finally:
             self._connection = None

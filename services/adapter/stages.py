@@ -9,8 +9,8 @@
   is answered at once, a task that passes goes to the preparation lane and is prepared in
   full after the waiting tasks are checked (their refusals never wait behind it).
 * :func:`finish_model_task` (the model stage): the model on each prepared input, then the
-  report files, SRs and the result. An input found neither in this adapter's memory
-  (services/adapter/held_inputs.py) nor on the storage is prepared again here.
+  report files, SRs and the result. A task whose input is in neither this adapter's memory
+  (services/adapter/held_inputs.py) nor the storage goes back to its preparation lane.
 
 :func:`run_task` chains both in one thread (the benchmarks' stack-free path). Errors of a
 study become a FAILED result; errors whose policy is not FAILURE_ROW propagate and the
@@ -67,7 +67,7 @@ from services.broker.schemas import (
     StudyTask,
     utc_now,
 )
-from services.broker.storage import relative_to_storage, result_files_dir
+from services.broker.storage import handoff_path, relative_to_storage, result_files_dir
 from services.core.config import Settings
 from services.core.errors import ErrorPolicy, StudyNotFound, policy_of
 from services.core.findings import resolve_thresholds
@@ -254,6 +254,10 @@ def finish_model_task(handoff: ModelTask, context: TaskContext) -> StudyResult |
     memory) comes back as it is, for its preparation lane: it is prepared again there, in
     the stage whose memory and turn preparations take, its deliveries counted on."""
     task = handoff.task
+    # The deliveries spent: the preparation's, then this ModelTask's (a new ModelTask after a
+    # send-back starts its own count at 1, so a study that kills its adapter in the model
+    # stage still reaches the delivery limit).
+    spent = handoff.prepare_attempt + context.attempt - 1
     context = replace(context, attempt=max(context.attempt, handoff.prepare_attempt))
     try:
         return _finish_prepared(handoff, context)
@@ -263,7 +267,10 @@ def finish_model_task(handoff: ModelTask, context: TaskContext) -> StudyResult |
     storage_root = context.settings.storage.root
     check = read_check(storage_root, task.task_id)
     seconds = check.seconds if check is not None else 0.0
-    record_check(storage_root, task.task_id, CheckRecord(seconds=seconds, attempt=context.attempt))
+    record_check(storage_root, task.task_id, CheckRecord(seconds=seconds, attempt=spent))
+    # Its record goes: the queue's view shows it waiting for its preparation, not in the
+    # model; a copy of this ModelTask finding no record is sent back too.
+    handoff_path(storage_root, task.task_id).unlink(missing_ok=True)
     return task
 
 
